@@ -1,0 +1,95 @@
+//! Append-only migrations, tracked by `PRAGMA user_version`. Never edit a released step: add one.
+
+use rusqlite::Connection;
+
+pub const VERSION: i64 = 1;
+
+const STEPS: &[&str] = &[
+    // 1: the initial schema.
+    "
+    CREATE TABLE runs(
+        id          INTEGER PRIMARY KEY,
+        started_at  INTEGER NOT NULL,
+        finished_at INTEGER,
+        command     TEXT NOT NULL,
+        event       TEXT,
+        branch      TEXT,
+        env         TEXT NOT NULL,
+        git_commit  TEXT,
+        pid         INTEGER,
+        host        TEXT,
+        outcome     TEXT,
+        ran INTEGER, fresh INTEGER, restored INTEGER, failed INTEGER, skipped INTEGER, saved_ms INTEGER
+    );
+    CREATE TABLE stage_runs(
+        id          INTEGER PRIMARY KEY,
+        run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        stage       TEXT NOT NULL,
+        env         TEXT NOT NULL,
+        key         BLOB NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT,
+        started_at  INTEGER NOT NULL,
+        duration_ms INTEGER,
+        exit_code   INTEGER,
+        log         BLOB
+    );
+    CREATE INDEX stage_runs_by_key ON stage_runs(stage, key, state);
+    CREATE INDEX stage_runs_by_env ON stage_runs(stage, env, id);
+    CREATE INDEX stage_runs_by_run ON stage_runs(run_id);
+    CREATE TABLE manifests(
+        key  BLOB PRIMARY KEY,
+        data BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outputs(
+        stage_run_id INTEGER NOT NULL REFERENCES stage_runs(id) ON DELETE CASCADE,
+        path         BLOB NOT NULL,
+        kind         TEXT NOT NULL,
+        hash         BLOB,
+        exec         INTEGER NOT NULL DEFAULT 0,
+        target       BLOB,
+        size         INTEGER NOT NULL DEFAULT 0,
+        sensitive    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY(stage_run_id, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX outputs_by_hash ON outputs(hash);
+    CREATE TABLE file_stat(
+        path     BLOB PRIMARY KEY,
+        size     INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL,
+        ino      INTEGER NOT NULL,
+        hash     BLOB NOT NULL
+    ) WITHOUT ROWID;
+    ",
+];
+
+pub enum MigrateError {
+    Newer(i64),
+    Sql(rusqlite::Error),
+}
+
+pub fn migrate(conn: &Connection) -> Result<(), MigrateError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(MigrateError::Sql)?;
+    if current > VERSION {
+        return Err(MigrateError::Newer(current));
+    }
+    if current == VERSION {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(MigrateError::Sql)?;
+    // Re-read under the write lock: a concurrent kkpipe may have migrated meanwhile.
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(MigrateError::Sql)?;
+    let result = (|| {
+        for (i, step) in STEPS.iter().enumerate().skip(current as usize) {
+            conn.execute_batch(step)?;
+            conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    if let Err(e) = result {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(MigrateError::Sql(e));
+    }
+    Ok(())
+}

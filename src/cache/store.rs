@@ -1,0 +1,228 @@
+//! The content-addressed blob store: stage outputs, named by their BLAKE3, under `.kkpipe/blobs/` or, for
+//! sensitive outputs, `.kkpipe/sensitive/blobs/` (0700 directory, 0600 files). Keeping secrets in a
+//! directory of their own lets a CI cache save `.kkpipe/` without them (`!.kkpipe/sensitive`).
+//!
+//! A blob is written to `.kkpipe/tmp/` while it is hashed, then renamed into place, and only then may a
+//! database row point at it, so a crash leaves at worst an orphaned temp file (removed at the next run).
+//! Reads verify the content against the name, so a damaged blob is a miss, never a wrong restore.
+
+use crate::hash::Hash;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+    sensitive_dir: PathBuf,
+    tmp: PathBuf,
+}
+
+pub const SENSITIVE_DIR: &str = "sensitive";
+
+/// Mode of a stored blob: sensitive content is readable by its owner only.
+fn blob_mode(sensitive: bool) -> u32 {
+    if sensitive { 0o600 } else { 0o644 }
+}
+
+impl BlobStore {
+    pub fn new(cache_dir: &Path) -> BlobStore {
+        BlobStore {
+            dir: cache_dir.join("blobs"),
+            sensitive_dir: cache_dir.join(SENSITIVE_DIR).join("blobs"),
+            tmp: cache_dir.join("tmp"),
+        }
+    }
+
+    fn path_in(dir: &Path, h: &Hash) -> PathBuf {
+        let hex = h.to_hex();
+        dir.join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Where a blob of this sensitivity lives.
+    pub fn path_for(&self, h: &Hash, sensitive: bool) -> PathBuf {
+        Self::path_in(if sensitive { &self.sensitive_dir } else { &self.dir }, h)
+    }
+
+    /// Where a blob is, whatever its sensitivity.
+    pub fn path(&self, h: &Hash) -> Option<PathBuf> {
+        [self.path_for(h, false), self.path_for(h, true)].into_iter().find(|p| p.is_file())
+    }
+
+    pub fn has(&self, h: &Hash) -> bool {
+        self.path(h).is_some()
+    }
+
+    pub fn has_in(&self, h: &Hash, sensitive: bool) -> bool {
+        self.path_for(h, sensitive).is_file()
+    }
+
+    fn temp_file(&self, mode: u32) -> io::Result<(fs::File, PathBuf)> {
+        fs::create_dir_all(&self.tmp)?;
+        for _ in 0..16 {
+            let name = format!("blob-{}-{:016x}", std::process::id(), getrandom::u64().unwrap_or(0));
+            let p = self.tmp.join(name);
+            match fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&p) {
+                Ok(f) => return Ok((f, p)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("cannot create a temporary file"))
+    }
+
+    /// Copy `src` into the store, hashing it on the way. Returns its hash and size.
+    pub fn put(&self, src: &Path, sensitive: bool) -> io::Result<(Hash, u64)> {
+        let mut input = fs::File::open(src)?;
+        let (mut out, tmp) = self.temp_file(blob_mode(sensitive))?;
+        let result = (|| {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut size = 0u64;
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+                size += n as u64;
+            }
+            out.flush()?;
+            Ok::<_, io::Error>((Hash(*hasher.finalize().as_bytes()), size))
+        })();
+        drop(out);
+        match result {
+            Ok((hash, size)) => {
+                self.commit(&tmp, &hash, sensitive)?;
+                Ok((hash, size))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Store bytes already in memory (used by cache import after verifying them).
+    pub fn put_bytes(&self, bytes: &[u8], sensitive: bool) -> io::Result<Hash> {
+        let hash = Hash::of(bytes);
+        if self.has_in(&hash, sensitive) {
+            return Ok(hash);
+        }
+        let (mut out, tmp) = self.temp_file(blob_mode(sensitive))?;
+        if let Err(e) = out.write_all(bytes) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        drop(out);
+        self.commit(&tmp, &hash, sensitive)?;
+        Ok(hash)
+    }
+
+    fn commit(&self, tmp: &Path, hash: &Hash, sensitive: bool) -> io::Result<()> {
+        let dest = self.path_for(hash, sensitive);
+        if dest.is_file() {
+            let _ = fs::remove_file(tmp);
+            return Ok(());
+        }
+        let shard = dest.parent().expect("blob has a parent");
+        if sensitive {
+            let top = self.sensitive_dir.parent().expect("sensitive dir has a parent");
+            for d in [top, self.sensitive_dir.as_path()] {
+                if !d.is_dir() {
+                    fs::DirBuilder::new().mode(0o700).create(d)?;
+                }
+            }
+        }
+        fs::create_dir_all(shard)?;
+        fs::rename(tmp, &dest)
+    }
+
+    /// Read a blob fully, verifying its content. `None` when missing or damaged.
+    pub fn read_verified(&self, hash: &Hash) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.path(hash)?).ok()?;
+        (Hash::of(&bytes) == *hash).then_some(bytes)
+    }
+
+    /// Write the blob to `dest` (atomically, via a temp file next to it), with the given mode bits.
+    /// Returns `Ok(false)` when the blob is missing or does not match its name.
+    pub fn restore(&self, hash: &Hash, dest: &Path, mode: u32) -> io::Result<bool> {
+        let Some(path) = self.path(hash) else {
+            return Ok(false);
+        };
+        let mut src = match fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let parent = dest.parent().expect("restore target has a parent");
+        fs::create_dir_all(parent)?;
+        let tmp = parent.join(format!(".kkpipe-restore-{}-{:08x}", std::process::id(), getrandom::u32().unwrap_or(0)));
+        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        let copied = (|| {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = src.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            out.flush()?;
+            Ok::<_, io::Error>(Hash(*hasher.finalize().as_bytes()))
+        })();
+        drop(out);
+        match copied {
+            Ok(h) if h == *hash => {
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+                fs::rename(&tmp, dest)?;
+                Ok(true)
+            }
+            Ok(_) => {
+                let _ = fs::remove_file(&tmp);
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove temp files left by a crashed process. Called with the run lock held.
+    pub fn clean_tmp(&self) {
+        if let Ok(rd) = fs::read_dir(&self.tmp) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Every stored blob: (hash, size, sensitive), for gc, stats and export.
+    pub fn list(&self) -> Vec<(Hash, u64, bool)> {
+        let mut out = Vec::new();
+        for (dir, sensitive) in [(&self.dir, false), (&self.sensitive_dir, true)] {
+            for shard in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let prefix = shard.file_name().to_string_lossy().into_owned();
+                for f in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                    let name = format!("{prefix}{}", f.file_name().to_string_lossy());
+                    if let (Some(h), Ok(m)) = (Hash::from_hex(&name), f.metadata()) {
+                        out.push((h, m.len(), sensitive));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn remove(&self, hash: &Hash, sensitive: bool) -> io::Result<()> {
+        match fs::remove_file(self.path_for(hash, sensitive)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! CI providers: detecting the one we run in (to default `--event`/`--branch` and pick output conventions).
+
+use crate::graph::Event;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Github,
+    Gitlab,
+    Bitbucket,
+}
+
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+            Provider::Bitbucket => "bitbucket",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Provider::Github => "GitHub Actions",
+            Provider::Gitlab => "GitLab CI",
+            Provider::Bitbucket => "Bitbucket Pipelines",
+        }
+    }
+}
+
+/// The provider whose environment we run in, if any.
+pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
+    if env("GITHUB_ACTIONS").as_deref() == Some("true") {
+        Some(Provider::Github)
+    } else if env("GITLAB_CI").is_some() {
+        Some(Provider::Gitlab)
+    } else if env("BITBUCKET_BUILD_NUMBER").is_some() || env("BITBUCKET_COMMIT").is_some() {
+        Some(Provider::Bitbucket)
+    } else {
+        None
+    }
+}
+
+/// The event this CI job runs for, in kkpipe's vocabulary, read from the provider's variables.
+pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Option<Event> {
+    let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
+    match p {
+        Provider::Github => {
+            let name = match nonempty("GITHUB_EVENT_NAME")?.as_str() {
+                "pull_request" | "pull_request_target" => "pull_request",
+                "push" => "push",
+                "schedule" => "schedule",
+                _ => "manual",
+            };
+            let branch = if name == "pull_request" { nonempty("GITHUB_BASE_REF") } else { nonempty("GITHUB_REF_NAME") };
+            Some(Event { name: name.into(), branch })
+        }
+        Provider::Gitlab => {
+            let source = nonempty("CI_PIPELINE_SOURCE").unwrap_or_else(|| "push".into());
+            let name = match source.as_str() {
+                "merge_request_event" | "external_pull_request_event" => "pull_request",
+                "push" => "push",
+                "schedule" => "schedule",
+                _ => "manual",
+            };
+            let branch = if name == "pull_request" {
+                nonempty("CI_MERGE_REQUEST_TARGET_BRANCH_NAME")
+            } else {
+                nonempty("CI_COMMIT_BRANCH")
+            };
+            Some(Event { name: name.into(), branch })
+        }
+        Provider::Bitbucket => {
+            if nonempty("BITBUCKET_PR_ID").is_some() {
+                Some(Event { name: "pull_request".into(), branch: nonempty("BITBUCKET_PR_DESTINATION_BRANCH") })
+            } else {
+                Some(Event { name: "push".into(), branch: nonempty("BITBUCKET_BRANCH") })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn github_pull_request_uses_the_base_branch() {
+        let e = env(&[("GITHUB_ACTIONS", "true"), ("GITHUB_EVENT_NAME", "pull_request"), ("GITHUB_BASE_REF", "main")]);
+        assert_eq!(detect(&e), Some(Provider::Github));
+        assert_eq!(
+            event_from_env(Provider::Github, &e),
+            Some(Event { name: "pull_request".into(), branch: Some("main".into()) })
+        );
+    }
+
+    #[test]
+    fn gitlab_and_bitbucket_pushes() {
+        let g = env(&[("GITLAB_CI", "true"), ("CI_PIPELINE_SOURCE", "push"), ("CI_COMMIT_BRANCH", "main")]);
+        assert_eq!(event_from_env(Provider::Gitlab, &g).unwrap().branch.as_deref(), Some("main"));
+        let b = env(&[("BITBUCKET_BUILD_NUMBER", "7"), ("BITBUCKET_BRANCH", "feature")]);
+        assert_eq!(detect(&b), Some(Provider::Bitbucket));
+        assert_eq!(
+            event_from_env(Provider::Bitbucket, &b),
+            Some(Event { name: "push".into(), branch: Some("feature".into()) })
+        );
+    }
+}

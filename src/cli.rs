@@ -1,0 +1,157 @@
+//! Command-line types. Their doc comments are the `--help` text; keep them and README in step.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Run a KKP delivery pipeline as a content-hashed build graph: stages whose inputs are unchanged since
+/// their last successful run are skipped, locally and in CI.
+#[derive(Debug, Parser)]
+#[command(name = "kkpipe", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// Run as if kkpipe was started in DIR (like `git -C` / `make -C`).
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Print more: -v shows probes and hashing statistics.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print less: only failures, warnings and the summary.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// When to use colours (also honours NO_COLOR).
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every stale stage (or the named stages and what they need) in dependency order.
+    Run(RunArgs),
+    /// Show each stage's state: fresh, stale (with the first reason), never run, failed.
+    Status(StatusArgs),
+    /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository.
+    Init(InitArgs),
+    /// Write the embedded KKP demo repository into DIR and run its pipeline three times (offline; needs
+    /// terraform and python3).
+    Demo(DemoArgs),
+    /// Inspect and maintain the cache in `.kkpipe/`.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// Which event a command is for, and in which deployment environment.
+#[derive(Debug, Clone, Args)]
+pub struct Selection {
+    /// The CI event: pull_request, push, schedule or manual. Default: detected from GitHub Actions, GitLab CI
+    /// or Bitbucket Pipelines variables; outside CI every stage is selected.
+    #[arg(long, value_name = "EVENT")]
+    pub event: Option<String>,
+
+    /// The branch of a push (or the target branch of a pull request). Default: from the CI's variables.
+    #[arg(long, value_name = "BRANCH")]
+    pub branch: Option<String>,
+
+    /// The deployment environment whose ledger deploy stages use (staging, production, ...).
+    #[arg(long = "env", value_name = "NAME", default_value = "default", env = "KKPIPE_ENV")]
+    pub env_name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Stages to run (with everything they need). Default: all stages selected for the event.
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+
+    /// Show what would run and why, without running anything.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+
+    /// Run even if fresh: the named STAGEs, or every selected stage when none is named.
+    #[arg(short, long)]
+    pub force: bool,
+
+    /// Run at most N stages at once. Default: the number of CPUs.
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+
+    /// Start nothing new after the first failure (default: independent stages still run).
+    #[arg(long)]
+    pub fail_fast: bool,
+
+    /// Seconds to wait for another kkpipe run on this repository before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub lock_timeout: u64,
+
+    /// Skip deploy stages' `verify` drift probes on a cache hit.
+    #[arg(long)]
+    pub no_verify: bool,
+
+    /// Print the stored log of stages skipped as fresh.
+    #[arg(long)]
+    pub replay: bool,
+
+    /// Print a JSON report (schema kkpipe.run.v1) on stdout; progress goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Stages to show (with what they need). Default: all.
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+
+    /// Print JSON (schema kkpipe.status.v1).
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The CI provider the repository runs on.
+    #[arg(long, value_enum)]
+    pub ci: crate::ci::Provider,
+
+    /// The cloud the KKP master cluster runs in.
+    #[arg(long, value_enum)]
+    pub cloud: crate::kkp::template::Cloud,
+
+    /// Also manage Route53 records for the KKP endpoints (AWS only).
+    #[arg(long)]
+    pub dns: bool,
+
+    /// Overwrite an existing pipeline.toml.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where to write the demo repository (must be empty or absent). Default: a new temporary directory.
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Delete the cache (database, stored outputs and logs). Workspace files are not touched.
+    Reset,
+}

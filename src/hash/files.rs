@@ -1,0 +1,212 @@
+//! File digests, read at most once per invocation, and not at all when the stat cache vouches for them.
+//!
+//! The stat cache maps a path to (size, mtime, ctime, inode) and the content hash seen with them. It is an
+//! accelerator only: a digest is either read from the file or taken from an entry whose four stat fields all
+//! match, and entries are written only for files whose timestamps are safely older than "now" (git's racy
+//! clean rule): a file modified within the timestamp granularity of its recording could change again without
+//! any stat field moving, so such a file is hashed again next time. Entries copied from another machine
+//! (a restored CI cache) carry other inodes and ctimes, so they simply miss.
+
+use super::walk::{Kind, Stat, Walked};
+use super::{Entry, Error, Hash};
+use crate::relpath::RelPath;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Files at least this large are hashed with BLAKE3's memory-mapped, multi-threaded path. Below it, reading
+/// into a buffer on one thread is faster, and many files are hashed in parallel anyway (docs/performance.md).
+pub const BIG_FILE: u64 = 8 * 1024 * 1024;
+
+/// Timestamps closer than this to "now" are too fresh to vouch for a file's content.
+const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatEntry {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub hash: Hash,
+}
+
+impl StatEntry {
+    fn vouches_for(&self, s: &Stat) -> bool {
+        self.size == s.size && self.mtime_ns == s.mtime_ns && self.ctime_ns == s.ctime_ns && self.ino == s.ino
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub files_hashed: AtomicU64,
+    pub bytes_hashed: AtomicU64,
+    pub stat_hits: AtomicU64,
+}
+
+pub struct FileHasher {
+    root: PathBuf,
+    /// Loaded from the cache; keys are repository-relative path bytes, or absolute paths for tools.
+    known: HashMap<Vec<u8>, StatEntry>,
+    /// This invocation's digests, so a file shared by several stages is read once.
+    memo: Mutex<HashMap<RelPath, (Stat, Hash)>>,
+    new_entries: Mutex<Vec<(Vec<u8>, StatEntry)>>,
+    pub counters: Counters,
+}
+
+impl FileHasher {
+    pub fn new(root: &Path, known: HashMap<Vec<u8>, StatEntry>) -> FileHasher {
+        FileHasher {
+            root: root.to_path_buf(),
+            known,
+            memo: Mutex::new(HashMap::new()),
+            new_entries: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Digest many walked files in parallel, in the order given.
+    pub fn digest_all(&self, files: &[&Walked]) -> Result<Vec<Entry>, Error> {
+        files.par_iter().map(|w| self.digest(w)).collect()
+    }
+
+    pub fn digest(&self, w: &Walked) -> Result<Entry, Error> {
+        match w.kind {
+            Kind::Symlink => {
+                let target = fs::read_link(w.path.under(&self.root)).map_err(|e| Error::read(&w.path, e))?;
+                Ok(Entry::Symlink { target: std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec() })
+            }
+            Kind::File => {
+                let exec = w.stat.exec();
+                if let Some((s, h)) = self.memo.lock().expect("memo").get(&w.path)
+                    && same_content_stat(s, &w.stat)
+                {
+                    return Ok(Entry::File { hash: *h, exec });
+                }
+                let hash = self.content_hash(w.path.as_bytes(), &w.path.under(&self.root), &w.stat, &w.path)?;
+                Ok(Entry::File { hash, exec })
+            }
+        }
+    }
+
+    /// The content hash of a file at `abs`, through the stat cache under `cache_key`.
+    fn content_hash(
+        &self,
+        cache_key: &[u8],
+        abs: &Path,
+        stat: &Stat,
+        shown: &dyn std::fmt::Display,
+    ) -> Result<Hash, Error> {
+        if let Some(e) = self.known.get(cache_key)
+            && e.vouches_for(stat)
+        {
+            self.counters.stat_hits.fetch_add(1, Ordering::Relaxed);
+            self.remember(cache_key, *stat, e.hash);
+            return Ok(e.hash);
+        }
+        let (hash, seen) = hash_file(abs).map_err(|e| match e {
+            HashFailure::Io(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Error::Unstable { path: shown.to_string() }
+            }
+            HashFailure::Io(err) => Error::read(shown, err),
+            HashFailure::Unstable => Error::Unstable { path: shown.to_string() },
+        })?;
+        self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_hashed.fetch_add(seen.size, Ordering::Relaxed);
+        self.remember(cache_key, seen, hash);
+        let racy_before = now_ns() - RACY_WINDOW_NS;
+        if seen.mtime_ns < racy_before && seen.ctime_ns < racy_before {
+            let entry =
+                StatEntry { size: seen.size, mtime_ns: seen.mtime_ns, ctime_ns: seen.ctime_ns, ino: seen.ino, hash };
+            self.new_entries.lock().expect("entries").push((cache_key.to_vec(), entry));
+        }
+        Ok(hash)
+    }
+
+    fn remember(&self, cache_key: &[u8], stat: Stat, hash: Hash) {
+        if let Ok(rel) = RelPath::from_bytes(cache_key)
+            && cache_key.first() != Some(&b'/')
+        {
+            self.memo.lock().expect("memo").insert(rel, (stat, hash));
+        }
+    }
+
+    /// Hash a tool's executable (following symlinks, as exec does), cached by its absolute path.
+    pub fn tool_hash(&self, abs: &Path) -> Result<Hash, Error> {
+        let meta = fs::metadata(abs).map_err(|e| Error::read(abs.display(), e))?;
+        let key = std::os::unix::ffi::OsStrExt::as_bytes(abs.as_os_str()).to_vec();
+        self.content_hash(&key, abs, &Stat::of(&meta), &abs.display())
+    }
+
+    /// Stat cache entries learned in this invocation, for the cache to persist.
+    pub fn take_new_entries(&self) -> Vec<(Vec<u8>, StatEntry)> {
+        std::mem::take(&mut *self.new_entries.lock().expect("entries"))
+    }
+}
+
+fn same_content_stat(a: &Stat, b: &Stat) -> bool {
+    a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+enum HashFailure {
+    Io(std::io::Error),
+    Unstable,
+}
+
+/// Read and hash a regular file, refusing to follow a symlink or block on a FIFO that replaced it since the
+/// walk, and retrying when the file changes underneath (its stat before and after reading differ).
+fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
+    for _ in 0..3 {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(abs)
+            .map_err(HashFailure::Io)?;
+        let meta = f.metadata().map_err(HashFailure::Io)?;
+        if !meta.is_file() {
+            return Err(HashFailure::Io(std::io::Error::other("not a regular file")));
+        }
+        let before = Stat::of(&meta);
+        let mut hasher = blake3::Hasher::new();
+        if before.size >= BIG_FILE {
+            hasher.update_mmap_rayon(abs).map_err(HashFailure::Io)?;
+        } else {
+            let mut buf = [0u8; 64 * 1024];
+            let mut r = &f;
+            loop {
+                let n = r.read(&mut buf).map_err(HashFailure::Io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+        }
+        let after = Stat::of(&f.metadata().map_err(HashFailure::Io)?);
+        if same_content_stat(&before, &after) {
+            return Ok((Hash(*hasher.finalize().as_bytes()), after));
+        }
+    }
+    Err(HashFailure::Unstable)
+}
+
+/// Hash a file by path, with no cache: for outputs and blobs.
+pub fn hash_path(abs: &Path) -> std::io::Result<Hash> {
+    match hash_file(abs) {
+        Ok((h, _)) => Ok(h),
+        Err(HashFailure::Io(e)) => Err(e),
+        Err(HashFailure::Unstable) => Err(std::io::Error::other("file changed while it was hashed")),
+    }
+}

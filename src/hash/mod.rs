@@ -1,0 +1,97 @@
+//! Content identity: walking the inputs, hashing files with BLAKE3 (in parallel, through a stat cache),
+//! and the stage key built from them.
+//!
+//! - [`walk`]: a parallel directory walk that never follows symlinks and skips special files.
+//! - [`select`]: which walked files a stage's globs select.
+//! - [`files`]: file digests, with the stat cache that lets an unchanged file go unread.
+//! - [`key`]: the manifest (structured inputs) and its versioned canonical encoding; the key is its BLAKE3.
+
+pub mod files;
+pub mod key;
+pub mod select;
+pub mod walk;
+
+use std::fmt;
+
+/// A BLAKE3 digest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+
+    pub fn from_hex(s: &str) -> Option<Hash> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hex = std::str::from_utf8(chunk).ok()?;
+            out[i] = u8::from_str_radix(hex, 16).ok()?;
+        }
+        Some(Hash(out))
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<Hash> {
+        <[u8; 32]>::try_from(b).ok().map(Hash)
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.short())
+    }
+}
+
+/// What a path contributes to a key: a regular file's content and executable bit, or a symlink's text
+/// (never its target's content: a link out of the repository must not pull outside files in).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Entry {
+    File { hash: Hash, exec: bool },
+    Symlink { target: Vec<u8> },
+}
+
+impl Entry {
+    /// A short, stable description for messages and JSON.
+    pub fn describe(&self) -> String {
+        match self {
+            Entry::File { hash, exec: false } => hash.to_hex(),
+            Entry::File { hash, exec: true } => format!("{} (executable)", hash.to_hex()),
+            Entry::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read `{path}`: {source}\n  hint: fix the permissions or exclude the path from the stage's inputs")]
+    Read { path: String, source: std::io::Error },
+    #[error("`{path}` kept changing while it was hashed; stop whatever is writing it and run again")]
+    Unstable { path: String },
+}
+
+impl Error {
+    pub(crate) fn read(path: impl fmt::Display, source: std::io::Error) -> Self {
+        Error::Read { path: path.to_string(), source }
+    }
+}

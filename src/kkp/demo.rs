@@ -1,0 +1,47 @@
+//! The demo repository embedded in the binary (fixtures/kkp-demo, see build.rs) and how to lay it out.
+
+use super::template::{self, Cloud, Variant};
+use crate::ci::Provider;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/demo_files.rs"));
+}
+
+/// The demo is a GitHub Actions + AWS + Route53 repository.
+pub const VARIANT: Variant = Variant { ci: Provider::Github, cloud: Cloud::Aws, dns: true };
+
+/// Write the demo repository into `dir` (which must exist and be empty).
+pub fn write_repo(dir: &Path) -> io::Result<()> {
+    for (rel, content, exec) in embedded::FILES {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, content)?;
+        let mode = if *exec { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+    }
+    std::fs::write(dir.join(crate::pipeline::FILE_NAME), template::render(VARIANT))?;
+    Ok(())
+}
+
+/// The stand-in environment of `demo.env`, resolved for a repository at `dir` on top of `path`.
+pub fn environment(dir: &Path, path: &str) -> Vec<(String, String)> {
+    let text = embedded::FILES
+        .iter()
+        .find(|(rel, _, _)| *rel == "demo.env")
+        .map(|(_, c, _)| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            let v = v.trim_matches('"').replace("$KKP_DEMO_DIR", &dir).replace("$PATH", path);
+            (k.to_string(), v)
+        })
+        .collect()
+}

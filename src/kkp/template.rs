@@ -1,0 +1,538 @@
+//! The KKP delivery pipeline as `pipeline.toml` text, for every supported CI provider x cloud (x DNS).
+//!
+//! It reproduces the jobs of the "KKP on Autopilot" repositories (see docs/kkp-pipeline.md): the seed's stage
+//! names and graph, the real commands, the secrets of that provider and cloud as `pass_env`, and precise
+//! inputs. Generated artifacts (plan, terraform output JSON, kubeconfig) are declared outputs that flow to the
+//! stages that consume them; the secret ones are `sensitive`, and those that can be recreated cheaply carry a
+//! `regenerate` command, so a CI cache never has to hold them.
+
+use crate::ci::Provider;
+use std::fmt::Write;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cloud {
+    Aws,
+    Gcp,
+    Azure,
+    Openstack,
+    Vsphere,
+}
+
+impl Cloud {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cloud::Aws => "aws",
+            Cloud::Gcp => "gcp",
+            Cloud::Azure => "azure",
+            Cloud::Openstack => "openstack",
+            Cloud::Vsphere => "vsphere",
+        }
+    }
+
+    /// The `--storageclass` the KKP installer creates for this cloud.
+    pub fn storage_class(self) -> &'static str {
+        match self {
+            Cloud::Aws => "aws",
+            Cloud::Gcp => "gce",
+            Cloud::Azure => "azure",
+            Cloud::Openstack => "openstack",
+            Cloud::Vsphere => "vsphere",
+        }
+    }
+
+    /// The cloud credentials terraform and kubeone read from the environment.
+    pub fn credentials(self) -> &'static [&'static str] {
+        match self {
+            Cloud::Aws => &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+            Cloud::Gcp => &["GOOGLE_CREDENTIALS"],
+            Cloud::Azure => &["ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_SUBSCRIPTION_ID", "ARM_TENANT_ID"],
+            Cloud::Openstack => {
+                &["OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_DOMAIN_NAME", "OS_PROJECT_NAME", "OS_REGION_NAME"]
+            }
+            Cloud::Vsphere => &["VSPHERE_SERVER", "VSPHERE_USER", "VSPHERE_PASSWORD"],
+        }
+    }
+}
+
+pub const ALL_CLOUDS: &[Cloud] = &[Cloud::Aws, Cloud::Gcp, Cloud::Azure, Cloud::Openstack, Cloud::Vsphere];
+
+/// Clouds each provider's templates exist for (the facts in docs/kkp-pipeline.md).
+pub fn supported_clouds(ci: Provider) -> &'static [Cloud] {
+    match ci {
+        Provider::Github => &[Cloud::Aws, Cloud::Gcp, Cloud::Azure],
+        Provider::Gitlab => ALL_CLOUDS,
+        Provider::Bitbucket => &[Cloud::Aws, Cloud::Gcp],
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Unsupported {
+    #[error("{} pipelines support these clouds: {}; `{}` is not one of them", .ci.title(), supported_clouds(*.ci).iter().map(|c| c.name()).collect::<Vec<_>>().join(", "), .cloud.name())]
+    Cloud { ci: Provider, cloud: Cloud },
+    #[error("`--dns` (Route53 records for the KKP endpoints) is supported with `--cloud aws` only, not `{}`", .0.name())]
+    Dns(Cloud),
+}
+
+/// What `kkpipe init` was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    pub ci: Provider,
+    pub cloud: Cloud,
+    pub dns: bool,
+}
+
+impl Variant {
+    pub fn check(self) -> Result<Variant, Unsupported> {
+        if !supported_clouds(self.ci).contains(&self.cloud) {
+            return Err(Unsupported::Cloud { ci: self.ci, cloud: self.cloud });
+        }
+        if self.dns && self.cloud != Cloud::Aws {
+            return Err(Unsupported::Dns(self.cloud));
+        }
+        Ok(self)
+    }
+
+    /// GitHub and Bitbucket keep state in a bucket prepared by a job; GitLab keeps it in GitLab itself.
+    pub fn has_backend_prepare(self) -> bool {
+        self.ci != Provider::Gitlab && matches!(self.cloud, Cloud::Aws | Cloud::Gcp)
+    }
+
+    pub fn tf_dir(self) -> String {
+        format!("terraform/{}", self.cloud.name())
+    }
+
+    /// The stage names this variant has, in pipeline order.
+    pub fn stage_names(self) -> Vec<&'static str> {
+        let mut v = vec!["terraform-kkp-validate"];
+        if self.dns {
+            v.push("terraform-kkp-dns-validate");
+        }
+        if self.has_backend_prepare() {
+            v.push("terraform-backend-prepare");
+        }
+        v.extend(["terraform-plan", "terraform-apply", "kubeone-apply", "kkp-deploy"]);
+        if self.dns {
+            v.push("dns-update");
+        }
+        v.push("flux-bootstrap");
+        v
+    }
+}
+
+/// A declared output: path, sensitive, regenerate command.
+struct Out(String, bool, Option<String>);
+
+struct Stage {
+    name: &'static str,
+    comment: &'static str,
+    kind_deploy: bool,
+    on_pr: bool,
+    dir: Option<String>,
+    run: Vec<String>,
+    inputs: Vec<String>,
+    exclude: Vec<String>,
+    outputs: Vec<Out>,
+    needs: Vec<&'static str>,
+    pass_env: Vec<String>,
+    tools: Vec<&'static str>,
+    verify: Option<String>,
+    retry_needs_if: Option<&'static str>,
+}
+
+impl Stage {
+    fn new(name: &'static str, comment: &'static str) -> Stage {
+        Stage {
+            name,
+            comment,
+            kind_deploy: false,
+            on_pr: false,
+            dir: None,
+            run: Vec::new(),
+            inputs: Vec::new(),
+            exclude: Vec::new(),
+            outputs: Vec::new(),
+            needs: Vec::new(),
+            pass_env: Vec::new(),
+            tools: Vec::new(),
+            verify: None,
+            retry_needs_if: None,
+        }
+    }
+}
+
+/// A TOML basic string.
+fn q(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn list<S: AsRef<str>>(items: &[S]) -> String {
+    format!("[{}]", items.iter().map(|s| q(s.as_ref())).collect::<Vec<_>>().join(", "))
+}
+
+/// Terraform files that decide a root module's behaviour, and never its working files.
+fn tf_inputs(dir: &str) -> Vec<String> {
+    vec![format!(
+        "{dir}/{{*.tf,*.tf.json,*.tfvars,*.tfvars.json,.terraform.lock.hcl,*.sh,*.tpl,*.tftpl,templates/**,modules/**}}"
+    )]
+}
+
+fn tf_exclude() -> Vec<String> {
+    ["**/.terraform/**", "**/*.tfstate", "**/*.tfstate.*", "**/*.tfplan", "**/crash.log", "**/output.json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// `terraform init` for the state backend of this variant.
+fn tf_init(v: Variant) -> String {
+    match v.ci {
+        // GitLab-managed state over the http backend, authenticated with the job token.
+        Provider::Gitlab => "terraform init -input=false -backend-config=\"address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp\" -backend-config=\"lock_address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp/lock\" -backend-config=\"unlock_address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp/lock\" -backend-config=username=gitlab-ci-token -backend-config=\"password=$CI_JOB_TOKEN\" -backend-config=lock_method=POST -backend-config=unlock_method=DELETE -backend-config=retry_wait_min=5".into(),
+        _ => "terraform init -input=false".into(),
+    }
+}
+
+fn backend_env(v: Variant) -> Vec<String> {
+    match v.ci {
+        Provider::Gitlab => vec!["CI_API_V4_URL".into(), "CI_PROJECT_ID".into(), "CI_JOB_TOKEN".into()],
+        _ => Vec::new(),
+    }
+}
+
+fn creds(v: Variant) -> Vec<String> {
+    v.cloud.credentials().iter().map(|s| s.to_string()).collect()
+}
+
+fn stages(v: Variant) -> Vec<Stage> {
+    let tf = v.tf_dir();
+    let dns_dir = format!("{tf}/dns");
+    let mut out = Vec::new();
+
+    let validate = |name, comment, dir: &str| {
+        let mut s = Stage::new(name, comment);
+        s.on_pr = true;
+        s.dir = Some(dir.to_string());
+        s.run = vec![
+            "terraform init -backend=false -input=false".into(),
+            "terraform validate".into(),
+            "terraform fmt -check -diff".into(),
+        ];
+        s.inputs = tf_inputs(dir);
+        s.exclude = tf_exclude();
+        s.tools = vec!["terraform"];
+        s
+    };
+    // `*.tf` does not cross `/`: the DNS module below is a root module of its own, not an input here.
+    out.push(validate("terraform-kkp-validate", "Validate the cluster's terraform module.", &tf));
+    if v.dns {
+        out.push(validate("terraform-kkp-dns-validate", "Validate the Route53 module.", &dns_dir));
+    }
+
+    let mut plan_needs = vec!["terraform-kkp-validate"];
+    if v.has_backend_prepare() {
+        let mut s = Stage::new(
+            "terraform-backend-prepare",
+            "Create the remote state bucket once (the script checks its `bucket-ready` marker first).",
+        );
+        s.kind_deploy = true;
+        s.on_pr = true;
+        s.dir = Some(tf.clone());
+        s.run = vec!["./setup_terraform_backend.sh".into()];
+        s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
+        s.pass_env = creds(v);
+        s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];
+        out.push(s);
+        plan_needs.push("terraform-backend-prepare");
+    }
+
+    let mut plan = Stage::new(
+        "terraform-plan",
+        "Plan against the stored state. The plan holds secrets in clear: sensitive, never exported, never in a CI cache.",
+    );
+    plan.on_pr = true;
+    plan.dir = Some(tf.clone());
+    plan.run = vec![tf_init(v), "terraform plan -input=false -out=plan.tfplan".into()];
+    plan.inputs = tf_inputs(&tf);
+    plan.exclude = tf_exclude();
+    plan.outputs = vec![Out(format!("{tf}/plan.tfplan"), true, None)];
+    plan.needs = plan_needs;
+    plan.pass_env = [creds(v), backend_env(v)].concat();
+    plan.tools = vec!["terraform"];
+    out.push(plan);
+
+    let mut apply = Stage::new(
+        "terraform-apply",
+        "Apply exactly the plan made from the current inputs; terraform refuses a plan made against older state,\n# and kkpipe then replans once (`retry_needs_if`).",
+    );
+    apply.kind_deploy = true;
+    apply.dir = Some(tf.clone());
+    apply.run = vec![
+        tf_init(v),
+        "terraform apply -input=false -auto-approve plan.tfplan".into(),
+        "terraform output -json > output.json".into(),
+    ];
+    apply.inputs = tf_inputs(&tf);
+    apply.exclude = tf_exclude();
+    apply.outputs = vec![Out(
+        format!("{tf}/output.json"),
+        true,
+        Some(format!("{} > /dev/null && terraform output -json > output.json", tf_init(v))),
+    )];
+    apply.needs = vec!["terraform-plan"];
+    apply.pass_env = [creds(v), backend_env(v)].concat();
+    apply.tools = vec!["terraform"];
+    apply.verify = Some(format!(
+        "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color",
+        tf_init(v)
+    ));
+    apply.retry_needs_if = Some("Saved plan is stale");
+    out.push(apply);
+
+    let mut kubeone = Stage::new(
+        "kubeone-apply",
+        "Provision the cluster from terraform's output (needs an ssh-agent holding the nodes' key: SSH_AUTH_SOCK).",
+    );
+    kubeone.kind_deploy = true;
+    kubeone.run = vec![
+        format!("kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -y"),
+        format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > kubeone/kubeconfig"),
+    ];
+    kubeone.inputs = vec!["kubeone".into()];
+    kubeone.outputs = vec![Out(
+        "kubeone/kubeconfig".into(),
+        true,
+        Some(format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > kubeone/kubeconfig")),
+    )];
+    kubeone.needs = vec!["terraform-apply"];
+    kubeone.pass_env = [creds(v), vec!["SSH_AUTH_SOCK".into()]].concat();
+    kubeone.tools = vec!["kubeone"];
+    out.push(kubeone);
+
+    let mut kkp = Stage::new(
+        "kkp-deploy",
+        "Install KKP with the SOPS-decrypted configuration (decrypted into a temporary directory, never into the repo).",
+    );
+    kkp.kind_deploy = true;
+    kkp.run = vec![
+        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" SOPS_AGE_KEY=\"$SOPS_AGE_SECRET_KEY\"".into(),
+        "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
+        "for f in kubermatic-configuration values cluster-issuer; do sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; done".into(),
+        format!(
+            "kubermatic-installer deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
+            v.cloud.storage_class()
+        ),
+        "kubectl apply -f \"$decrypted/cluster-issuer.yaml\"".into(),
+        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}' > kubermatic/ingress-address.txt".into(),
+    ];
+    kkp.inputs = vec!["kubermatic".into()];
+    kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];
+    kkp.needs = vec!["kubeone-apply"];
+    kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
+    kkp.tools = vec!["sops", "kubermatic-installer", "kubectl"];
+    out.push(kkp);
+
+    if v.dns {
+        let mut dns =
+            Stage::new("dns-update", "Register the KKP endpoints in Route53 for the ingress address kkp-deploy found.");
+        dns.kind_deploy = true;
+        dns.dir = Some(dns_dir.clone());
+        dns.run = vec![
+            "terraform init -input=false".into(),
+            format!("terraform apply -input=false -auto-approve {}", dns_var(&dns_dir)),
+        ];
+        dns.inputs = tf_inputs(&dns_dir);
+        dns.exclude = tf_exclude();
+        dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
+        dns.pass_env = creds(v);
+        dns.tools = vec!["terraform"];
+        dns.verify = Some(format!(
+            "terraform init -input=false > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
+            dns_var(&dns_dir)
+        ));
+        out.push(dns);
+    }
+
+    let mut flux = Stage::new(
+        "flux-bootstrap",
+        "Bootstrap Flux, which then reconciles flux/ itself: no stage reads flux/, so Flux's own commits never\n# make anything stale. The probe reruns bootstrap when flux-system/ is missing.",
+    );
+    flux.kind_deploy = true;
+    let common = "--branch=main --path=flux/clusters/master --commit-message-appendix='[ci skip]'";
+    match v.ci {
+        Provider::Github => {
+            flux.run = vec![
+                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GITHUB_TOKEN=\"$TOKEN_GITHUB\"".into(),
+                format!(
+                    "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --token-auth {common}"
+                ),
+            ];
+            flux.pass_env = vec!["TOKEN_GITHUB".into(), "GITHUB_REPOSITORY".into()];
+        }
+        Provider::Gitlab => {
+            flux.run = vec![
+                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
+                format!(
+                    "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --token-auth {common}"
+                ),
+            ];
+            flux.pass_env = vec![
+                "GITLAB_TOKEN".into(),
+                "CI_SERVER_HOST".into(),
+                "CI_PROJECT_NAMESPACE".into(),
+                "CI_PROJECT_NAME".into(),
+            ];
+        }
+        Provider::Bitbucket => {
+            flux.run = vec![
+                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
+                "key=$(mktemp) && trap 'rm -f \"$key\"' EXIT && echo \"$SSH_PRIVATE_KEY\" | base64 -d > \"$key\""
+                    .into(),
+                format!(
+                    "flux bootstrap git --url=\"ssh://git@bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --private-key-file=\"$key\" --silent {common}"
+                ),
+            ];
+            flux.pass_env = vec!["SSH_PRIVATE_KEY".into(), "BITBUCKET_REPO_FULL_NAME".into()];
+        }
+    }
+    flux.needs = vec!["kkp-deploy", "kubeone-apply"];
+    flux.tools = vec!["flux"];
+    flux.verify = Some("test -d flux/clusters/master/flux-system".into());
+    out.push(flux);
+    out
+}
+
+fn dns_var(dns_dir: &str) -> String {
+    let up = dns_dir.split('/').map(|_| "..").collect::<Vec<_>>().join("/");
+    format!("-var \"ingress_hostname=$(cat {up}/kubermatic/ingress-address.txt)\"")
+}
+
+/// The `pipeline.toml` text for a variant.
+pub fn render(v: Variant) -> String {
+    let mut t = String::new();
+    let dns = if v.dns { " --dns" } else { "" };
+    let _ = writeln!(
+        t,
+        "# KKP delivery pipeline for {} on {}{}.\n# Generated by `kkpipe init --ci {} --cloud {}{dns}`; edit freely, see docs/pipeline-toml.md for every key.",
+        v.ci.title(),
+        v.cloud.name(),
+        if v.dns { " with Route53 DNS" } else { "" },
+        v.ci.name(),
+        v.cloud.name()
+    );
+    t.push_str(
+        "#\n# Pull requests to main run validate and plan; pushes to main run every stale stage. Stages rerun when their\n\
+         # own inputs changed since their last successful run (content hashes, not CI path filters). Deploy stages\n\
+         # keep a ledger per environment (`--env`) and rerun when the last apply there differs.\n\n",
+    );
+    t.push_str("[env]\nTF_IN_AUTOMATION = \"1\"\nCHECKPOINT_DISABLE = \"1\"\n");
+    for s in stages(v) {
+        let _ = writeln!(t, "\n# {}", s.comment);
+        let _ = writeln!(t, "[stages.{}]", s.name);
+        if s.kind_deploy {
+            t.push_str("kind = \"deploy\"\n");
+        }
+        let on: &[&str] = if s.on_pr { &["pull_request", "push"] } else { &["push"] };
+        let _ = writeln!(t, "on = {}", list(on));
+        if let Some(d) = &s.dir {
+            let _ = writeln!(t, "dir = {}", q(d));
+        }
+        if s.run.len() == 1 {
+            let _ = writeln!(t, "run = {}", q(&s.run[0]));
+        } else {
+            t.push_str("run = [\n");
+            for l in &s.run {
+                let _ = writeln!(t, "  {},", q(l));
+            }
+            t.push_str("]\n");
+        }
+        if !s.inputs.is_empty() {
+            let _ = writeln!(t, "inputs = {}", list(&s.inputs));
+        }
+        if !s.exclude.is_empty() {
+            let _ = writeln!(t, "exclude = {}", list(&s.exclude));
+        }
+        if !s.outputs.is_empty() {
+            t.push_str("outputs = [\n");
+            for Out(path, sensitive, regen) in &s.outputs {
+                match (sensitive, regen) {
+                    (false, None) => {
+                        let _ = writeln!(t, "  {},", q(path));
+                    }
+                    (_, None) => {
+                        let _ = writeln!(t, "  {{ path = {}, sensitive = true }},", q(path));
+                    }
+                    (_, Some(cmd)) => {
+                        let _ = writeln!(
+                            t,
+                            "  {{ path = {}, sensitive = {sensitive}, regenerate = {} }},",
+                            q(path),
+                            q(cmd)
+                        );
+                    }
+                }
+            }
+            t.push_str("]\n");
+        }
+        if !s.needs.is_empty() {
+            let _ = writeln!(t, "needs = {}", list(&s.needs));
+        }
+        if !s.pass_env.is_empty() {
+            let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
+        }
+        if !s.tools.is_empty() {
+            let _ = writeln!(t, "tools = {}", list(&s.tools));
+        }
+        if let Some(v) = &s.verify {
+            let _ = writeln!(t, "verify = {}", q(v));
+        }
+        if let Some(r) = s.retry_needs_if {
+            let _ = writeln!(t, "retry_needs_if = {}", q(r));
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_combinations_name_the_supported_ones() {
+        let e = Variant { ci: Provider::Bitbucket, cloud: Cloud::Openstack, dns: false }.check().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Bitbucket Pipelines pipelines support these clouds: aws, gcp; `openstack` is not one of them"
+        );
+        let e = Variant { ci: Provider::Gitlab, cloud: Cloud::Gcp, dns: true }.check().unwrap_err();
+        assert!(e.to_string().contains("--cloud aws"));
+    }
+
+    #[test]
+    fn every_supported_variant_parses_as_a_pipeline() {
+        for ci in [Provider::Github, Provider::Gitlab, Provider::Bitbucket] {
+            for &cloud in supported_clouds(ci) {
+                for dns in [false, true] {
+                    let Ok(v) = (Variant { ci, cloud, dns }).check() else {
+                        continue;
+                    };
+                    let text = render(v);
+                    let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{v:?}: {e}\n{text}"));
+                    let names: Vec<&String> = parsed["stages"].as_table().unwrap().keys().collect();
+                    assert_eq!(names, v.stage_names(), "{v:?}");
+                }
+            }
+        }
+    }
+}

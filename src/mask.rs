@@ -1,0 +1,104 @@
+//! Secret masking: stage output is masked before it is printed, stored as a log, or put in JSON.
+//!
+//! Masked: every `pass_env` and `secret_env` value, each line of the content of `sensitive` outputs, and the
+//! base64 form (with and without padding) of each. Limits (documented in docs/secrets.md): values shorter than
+//! [`MIN_LEN`] characters are not masked (they would mask ordinary words); a secret split across lines, or
+//! transformed other than by base64 (hex, URL-encoding, compression), is not recognised.
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use base64::Engine;
+use std::collections::BTreeSet;
+
+pub const MIN_LEN: usize = 4;
+const MASK: &[u8] = b"***";
+
+#[derive(Default)]
+pub struct Masker {
+    secrets: BTreeSet<Vec<u8>>,
+    matcher: Option<AhoCorasick>,
+}
+
+impl Masker {
+    pub fn new() -> Masker {
+        Masker::default()
+    }
+
+    /// Add a secret value (and its base64 forms). Multi-line values are added line by line, because
+    /// output is masked line by line.
+    pub fn add(&mut self, value: &[u8]) {
+        let mut added = false;
+        for part in std::iter::once(value).chain(value.split(|b| *b == b'\n')) {
+            let part = part.strip_suffix(b"\r").unwrap_or(part);
+            let trimmed = part.trim_ascii();
+            if trimmed.len() < MIN_LEN {
+                continue;
+            }
+            for form in [
+                trimmed.to_vec(),
+                base64::engine::general_purpose::STANDARD.encode(trimmed).into_bytes(),
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(trimmed).into_bytes(),
+            ] {
+                added |= self.secrets.insert(form);
+            }
+        }
+        if added {
+            self.rebuild();
+        }
+    }
+
+    fn rebuild(&mut self) {
+        // Longest match first, so a secret's base64 form is masked whole rather than partly.
+        self.matcher = AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&self.secrets).ok();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+    }
+
+    pub fn mask(&self, text: &[u8]) -> Vec<u8> {
+        match &self.matcher {
+            None => text.to_vec(),
+            Some(m) => {
+                let mut out = Vec::with_capacity(text.len());
+                m.replace_all_with_bytes(text, &mut out, |_, _, dst| {
+                    dst.extend_from_slice(MASK);
+                    true
+                });
+                out
+            }
+        }
+    }
+
+    pub fn mask_str(&self, text: &str) -> String {
+        String::from_utf8_lossy(&self.mask(text.as_bytes())).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_value_and_base64() {
+        let mut m = Masker::new();
+        m.add(b"s3cr3t-token");
+        let b64 = base64::engine::general_purpose::STANDARD.encode("s3cr3t-token");
+        let out = m.mask(format!("a s3cr3t-token b {b64} c").as_bytes());
+        assert_eq!(String::from_utf8(out).unwrap(), "a *** b *** c");
+    }
+
+    #[test]
+    fn short_values_are_not_masked() {
+        let mut m = Masker::new();
+        m.add(b"ab");
+        assert!(m.is_empty());
+        assert_eq!(m.mask(b"abc"), b"abc");
+    }
+
+    #[test]
+    fn multi_line_values_mask_each_line() {
+        let mut m = Masker::new();
+        m.add(b"line-one-secret\nline-two-secret\n");
+        assert_eq!(m.mask(b"x line-two-secret"), b"x ***");
+    }
+}

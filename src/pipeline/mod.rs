@@ -1,0 +1,617 @@
+//! `pipeline.toml` -> a validated [`Pipeline`].
+//!
+//! Loading is pure with respect to the cache: every error here is found before `.kkpipe/` is opened, so a bad
+//! pipeline never touches the database. Errors name the file, the line where we can, the stage and the key.
+
+mod raw;
+
+use crate::relpath::RelPath;
+use raw::{RawOutput, RawPipeline, RawStage, StringOrList};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const FILE_NAME: &str = "pipeline.toml";
+
+/// Events a stage may run on. `manual` is a local or dispatched run; `schedule` a cron trigger.
+pub const EVENTS: &[&str] = &["pull_request", "push", "schedule", "manual"];
+const DEFAULT_BRANCHES: &[&str] = &["main"];
+
+/// Patterns that are never inputs: kkpipe's own cache and git's object store.
+const ALWAYS_EXCLUDED: &[&str] = &[".kkpipe/**", ".git/**"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no `{FILE_NAME}` found in `{}` or any parent directory\n  hint: run kkpipe inside a repository that has one, pass `-C DIR`, or create one with `kkpipe init`",
+        start.display()
+    )]
+    NotFound { start: PathBuf },
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}:{line}:{column}: {message}{}", file.display(), stage.as_ref().map(|s| format!(" (in stage `{s}`)")).unwrap_or_default())]
+    Syntax { file: PathBuf, line: usize, column: usize, stage: Option<String>, message: String },
+    #[error("{}: {}{message}", file.display(), place.as_ref().map(|p| format!("{p}: ")).unwrap_or_default())]
+    Invalid { file: PathBuf, place: Option<String>, message: String },
+}
+
+impl Error {
+    fn invalid(file: &Path, place: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        Error::Invalid { file: file.to_path_buf(), place: place.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A check or build: fresh when any successful run with the same key is recorded.
+    Check,
+    /// Changes a live system: fresh only when its key equals the key of the most recent run in the
+    /// environment (a ledger, not a cache), optionally confirmed by a `verify` probe.
+    Deploy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub path: RelPath,
+    /// Never printed, never exported without `--include-sensitive`, stored with mode 0600.
+    pub sensitive: bool,
+    /// A cheap command that recreates the output when it is missing and not in the store.
+    pub regenerate: Option<String>,
+}
+
+/// Glob patterns relative to the repository root, already normalised.
+#[derive(Debug, Clone, Default)]
+pub struct InputSpec {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub description: Option<String>,
+    pub dir: RelPath,
+    pub run: Vec<String>,
+    pub inputs: InputSpec,
+    pub outputs: Vec<Output>,
+    pub needs: Vec<String>,
+    /// Global `[env]` merged with the stage's own `env` (the stage wins). Keyed.
+    pub env: BTreeMap<String, String>,
+    pub pass_env: Vec<String>,
+    pub secret_env: Vec<String>,
+    pub tools: Vec<String>,
+    /// `None`: every event.
+    pub on: Option<Vec<String>>,
+    pub branches: Vec<String>,
+    pub kind: Kind,
+    pub verify: Option<String>,
+    pub retry_needs_if: Option<String>,
+}
+
+impl Stage {
+    pub fn runs_on(&self, event: &str, branch: Option<&str>) -> bool {
+        let on = match &self.on {
+            None => return true,
+            Some(on) => on,
+        };
+        if !on.iter().any(|e| e == event) {
+            return false;
+        }
+        if event != "push" {
+            return true;
+        }
+        match branch {
+            None => true,
+            Some(b) => self.branches.iter().any(|p| branch_matches(p, b)),
+        }
+    }
+
+    pub fn is_deploy(&self) -> bool {
+        self.kind == Kind::Deploy
+    }
+}
+
+/// `*` matches any branch; `prefix/*` any branch below the prefix; anything else literally.
+pub fn branch_matches(pattern: &str, branch: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_suffix('*') {
+        Some(prefix) => branch.starts_with(prefix),
+        None => pattern == branch,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub root: PathBuf,
+    pub file: PathBuf,
+    pub global_inputs: InputSpec,
+    pub stages: Vec<Stage>,
+    index: HashMap<String, usize>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.index.get(name).map(|i| &self.stages[*i])
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+}
+
+/// Walk up from `start` to the first directory holding `pipeline.toml`, like git finds `.git`.
+pub fn discover(start: &Path) -> Result<PathBuf, Error> {
+    let start = std::path::absolute(start).unwrap_or_else(|_| start.to_path_buf());
+    let mut dir = Some(start.as_path());
+    while let Some(d) = dir {
+        if d.join(FILE_NAME).is_file() {
+            return Ok(d.to_path_buf());
+        }
+        dir = d.parent();
+    }
+    Err(Error::NotFound { start })
+}
+
+pub fn load(root: &Path) -> Result<Pipeline, Error> {
+    let file = root.join(FILE_NAME);
+    let text = std::fs::read_to_string(&file).map_err(|source| Error::Read { path: file.clone(), source })?;
+    parse(root, &file, &text)
+}
+
+pub fn parse(root: &Path, file: &Path, text: &str) -> Result<Pipeline, Error> {
+    let raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+    validate(root, file, raw)
+}
+
+fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> Error {
+    let offset = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let mut message = e.message().trim().to_string();
+    if message.contains("untagged enum RawOutput") {
+        message = "an output is a path string or a table like `{ path = \"out/plan\", sensitive = true }`".into();
+    } else if message.contains("untagged enum StringOrList") {
+        message = "`run` must be a string or a list of strings".into();
+    }
+    Error::Syntax { file: file.to_path_buf(), line, column, stage: stage_at(before), message }
+}
+
+/// The stage whose table encloses a byte offset, read from the nearest `[stages.NAME]` header above it.
+fn stage_at(before: &str) -> Option<String> {
+    for line in before.lines().rev() {
+        let l = line.trim();
+        if let Some(header) = l.strip_prefix('[').and_then(|h| h.trim_start_matches('[').split(']').next()) {
+            let header = header.trim();
+            return header
+                .strip_prefix("stages.")
+                .map(|rest| rest.split('.').next().unwrap_or(rest).trim_matches('"').to_string());
+        }
+    }
+    None
+}
+
+fn validate(root: &Path, file: &Path, raw: RawPipeline) -> Result<Pipeline, Error> {
+    let global_env = raw.env;
+    for name in global_env.keys() {
+        check_env_name(file, None, "env", name)?;
+    }
+    let global_inputs = InputSpec {
+        include: normalise_patterns(root, file, None, "pipeline.inputs", &raw.pipeline.inputs)?,
+        exclude: with_always_excluded(normalise_patterns(root, file, None, "pipeline.exclude", &raw.pipeline.exclude)?),
+    };
+
+    let mut stages = Vec::with_capacity(raw.stages.len());
+    let mut index = HashMap::new();
+    for (name, rs) in raw.stages {
+        check_stage_name(file, &name)?;
+        let stage = validate_stage(root, file, &name, rs, &global_env)?;
+        index.insert(name, stages.len());
+        stages.push(stage);
+    }
+    if stages.is_empty() {
+        return Err(Error::invalid(file, None, "no stages defined; add a `[stages.NAME]` table with a `run` command"));
+    }
+
+    for s in &stages {
+        let mut seen = BTreeSet::new();
+        for need in &s.needs {
+            if need == &s.name {
+                return Err(Error::invalid(file, place(&s.name, "needs"), "a stage cannot need itself"));
+            }
+            if !index.contains_key(need) {
+                return Err(Error::invalid(
+                    file,
+                    place(&s.name, "needs"),
+                    format!("unknown stage `{need}`{}", suggest(need, index.keys())),
+                ));
+            }
+            if !seen.insert(need) {
+                return Err(Error::invalid(file, place(&s.name, "needs"), format!("`{need}` is listed twice")));
+            }
+        }
+    }
+    check_outputs_disjoint(file, &stages)?;
+    check_events(file, &stages, &index)?;
+    Ok(Pipeline { root: root.to_path_buf(), file: file.to_path_buf(), global_inputs, stages, index })
+}
+
+fn place(stage: &str, key: &str) -> Option<String> {
+    Some(format!("stage `{stage}`, key `{key}`"))
+}
+
+fn check_stage_name(file: &Path, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            file,
+            Some(format!("stage `{name}`")),
+            "stage names use letters, digits, `-`, `_` and `.`, starting with a letter or digit",
+        ))
+    }
+}
+
+fn check_env_name(file: &Path, stage: Option<&str>, key: &str, name: &str) -> Result<(), Error> {
+    let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        let p = match stage {
+            Some(s) => place(s, key),
+            None => Some(format!("`[{key}]`")),
+        };
+        Err(Error::invalid(file, p, format!("`{name}` is not a valid environment variable name")))
+    }
+}
+
+fn validate_stage(
+    root: &Path,
+    file: &Path,
+    name: &str,
+    rs: RawStage,
+    global_env: &BTreeMap<String, String>,
+) -> Result<Stage, Error> {
+    let run = match rs.run {
+        StringOrList::One(s) => vec![s],
+        StringOrList::Many(v) => v,
+    };
+    if run.is_empty() || run.iter().all(|l| l.trim().is_empty()) {
+        return Err(Error::invalid(file, place(name, "run"), "the command is empty"));
+    }
+
+    let dir = match &rs.dir {
+        None => RelPath::root(),
+        Some(d) => {
+            let p = RelPath::parse(d).map_err(|e| Error::invalid(file, place(name, "dir"), format!("`{d}` {e}")))?;
+            if !p.under(root).is_dir() {
+                return Err(Error::invalid(
+                    file,
+                    place(name, "dir"),
+                    format!("directory `{d}` does not exist in `{}`; create it or fix the path", root.display()),
+                ));
+            }
+            p
+        }
+    };
+
+    let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
+    let exclude = with_always_excluded(normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?);
+
+    let mut outputs = Vec::new();
+    for o in rs.outputs {
+        let (path, sensitive, regenerate) = match o {
+            RawOutput::Path(p) => (p, false, None),
+            RawOutput::Detailed(d) => (d.path, d.sensitive, d.regenerate),
+        };
+        let rel =
+            RelPath::parse(&path).map_err(|e| Error::invalid(file, place(name, "outputs"), format!("`{path}` {e}")))?;
+        if rel.is_root() {
+            return Err(Error::invalid(file, place(name, "outputs"), "the repository root cannot be an output"));
+        }
+        if [".kkpipe", ".git"].iter().any(|d| rel.starts_with(&RelPath::parse(d).expect("static"))) {
+            return Err(Error::invalid(
+                file,
+                place(name, "outputs"),
+                format!("`{path}` is inside `.kkpipe/` or `.git/`, which kkpipe manages itself"),
+            ));
+        }
+        outputs.push(Output { path: rel, sensitive, regenerate });
+    }
+
+    let mut env = global_env.clone();
+    for (k, v) in rs.env {
+        check_env_name(file, Some(name), "env", &k)?;
+        env.insert(k, v);
+    }
+    for (key, list) in [("pass_env", &rs.pass_env), ("secret_env", &rs.secret_env)] {
+        for n in list {
+            check_env_name(file, Some(name), key, n)?;
+            if env.contains_key(n) {
+                return Err(Error::invalid(
+                    file,
+                    place(name, key),
+                    format!(
+                        "`{n}` also has a value in `env`; a variable is either set by the pipeline or taken from the caller"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(n) = rs.pass_env.iter().find(|n| rs.secret_env.contains(n)) {
+        return Err(Error::invalid(
+            file,
+            place(name, "secret_env"),
+            format!("`{n}` is in both `pass_env` and `secret_env`; keep it in one"),
+        ));
+    }
+    for t in &rs.tools {
+        if t.is_empty() || t.contains('/') || t.contains(char::is_whitespace) {
+            return Err(Error::invalid(
+                file,
+                place(name, "tools"),
+                format!("`{t}` is not a command name; list names found on PATH, like \"terraform\""),
+            ));
+        }
+    }
+
+    if let Some(on) = &rs.on {
+        for e in on {
+            if !EVENTS.contains(&e.as_str()) {
+                return Err(Error::invalid(
+                    file,
+                    place(name, "on"),
+                    format!("unknown event `{e}`; known events: {}", EVENTS.join(", ")),
+                ));
+            }
+        }
+    }
+    if rs.branches.is_some() && !rs.on.as_ref().is_none_or(|on| on.iter().any(|e| e == "push")) {
+        return Err(Error::invalid(
+            file,
+            place(name, "branches"),
+            "`branches` filters push events; add \"push\" to `on` or remove `branches`",
+        ));
+    }
+    let branches = rs.branches.unwrap_or_else(|| DEFAULT_BRANCHES.iter().map(|s| s.to_string()).collect());
+
+    let kind = match rs.kind.as_deref() {
+        None | Some("check") => Kind::Check,
+        Some("deploy") => Kind::Deploy,
+        Some(other) => {
+            return Err(Error::invalid(
+                file,
+                place(name, "kind"),
+                format!("unknown kind `{other}`; use \"check\" (the default) or \"deploy\""),
+            ));
+        }
+    };
+    if rs.verify.is_some() && kind != Kind::Deploy {
+        return Err(Error::invalid(
+            file,
+            place(name, "verify"),
+            "a drift probe only makes sense for deploy stages; add `kind = \"deploy\"`",
+        ));
+    }
+    if rs.retry_needs_if.is_some() && rs.needs.is_empty() {
+        return Err(Error::invalid(file, place(name, "retry_needs_if"), "the stage has no `needs` to rerun"));
+    }
+
+    Ok(Stage {
+        name: name.to_string(),
+        description: rs.description,
+        dir,
+        run,
+        inputs: InputSpec { include, exclude },
+        outputs,
+        needs: rs.needs,
+        env,
+        pass_env: rs.pass_env,
+        secret_env: rs.secret_env,
+        tools: rs.tools,
+        on: rs.on,
+        branches,
+        kind,
+        verify: rs.verify,
+        retry_needs_if: rs.retry_needs_if,
+    })
+}
+
+fn with_always_excluded(mut v: Vec<String>) -> Vec<String> {
+    v.extend(ALWAYS_EXCLUDED.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Normalise patterns (`./x` -> `x`), check their glob syntax, and turn a bare existing directory into
+/// `dir/**` ("a bare directory means everything below it").
+fn normalise_patterns(
+    root: &Path,
+    file: &Path,
+    stage: Option<&str>,
+    key: &str,
+    patterns: &[String],
+) -> Result<Vec<String>, Error> {
+    let at = || match stage {
+        Some(s) => place(s, key),
+        None => Some(format!("`{key}`")),
+    };
+    let mut out = Vec::with_capacity(patterns.len());
+    for p in patterns {
+        let trimmed = p.trim();
+        if trimmed.is_empty() {
+            return Err(Error::invalid(file, at(), "empty pattern"));
+        }
+        if trimmed.starts_with('/') {
+            return Err(Error::invalid(
+                file,
+                at(),
+                format!("`{p}` is absolute; patterns are relative to the repository root"),
+            ));
+        }
+        let mut norm = trimmed.trim_start_matches("./").trim_end_matches('/').to_string();
+        if norm.split('/').any(|c| c == "..") {
+            return Err(Error::invalid(
+                file,
+                at(),
+                format!("`{p}` contains `..`; inputs must stay inside the repository"),
+            ));
+        }
+        if norm.is_empty() || norm == "." {
+            norm = "**".to_string();
+        } else if !has_glob_meta(&norm) && root.join(&norm).is_dir() {
+            norm.push_str("/**");
+        }
+        if let Err(e) = globset::GlobBuilder::new(&norm).literal_separator(true).build() {
+            return Err(Error::invalid(file, at(), format!("invalid glob `{p}`: {}", e.kind())));
+        }
+        out.push(norm);
+    }
+    Ok(out)
+}
+
+pub fn has_glob_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+fn check_outputs_disjoint(file: &Path, stages: &[Stage]) -> Result<(), Error> {
+    let mut claimed: Vec<(&RelPath, &str)> = Vec::new();
+    for s in stages {
+        for o in &s.outputs {
+            for (other, owner) in &claimed {
+                if o.path.starts_with(other) || other.starts_with(&o.path) {
+                    let msg = if *owner == s.name {
+                        format!("`{}` overlaps `{}` of the same stage; list it once", o.path, other)
+                    } else {
+                        format!(
+                            "`{}` is also claimed by stage `{owner}` (`{other}`); each output belongs to one stage",
+                            o.path
+                        )
+                    };
+                    return Err(Error::invalid(file, place(&s.name, "outputs"), msg));
+                }
+            }
+            claimed.push((&o.path, &s.name));
+        }
+    }
+    Ok(())
+}
+
+/// A stage selected for an event must find all its `needs` selected for that event too, or a CI run of that
+/// event could never satisfy it.
+fn check_events(file: &Path, stages: &[Stage], index: &HashMap<String, usize>) -> Result<(), Error> {
+    for s in stages {
+        let events: Vec<&str> = match &s.on {
+            None => EVENTS.to_vec(),
+            Some(on) => on.iter().map(String::as_str).collect(),
+        };
+        for need in &s.needs {
+            let n = &stages[index[need]];
+            for e in &events {
+                let branches: Vec<Option<&str>> = if *e == "push" && s.on.is_some() {
+                    s.branches.iter().map(|b| Some(b.as_str())).collect()
+                } else {
+                    vec![None]
+                };
+                for b in branches {
+                    let covered = match (&n.on, b) {
+                        (None, _) => true,
+                        (Some(on), None) => on.iter().any(|x| x == e),
+                        (Some(on), Some(b)) => {
+                            on.iter().any(|x| x == e) && n.branches.iter().any(|nb| nb == b || branch_matches(nb, b))
+                        }
+                    };
+                    if !covered {
+                        let what = match b {
+                            Some(b) => format!("push to `{b}`"),
+                            None => format!("`{e}`"),
+                        };
+                        return Err(Error::invalid(
+                            file,
+                            place(&s.name, "needs"),
+                            format!(
+                                "runs on {what} but needs `{need}`, which does not; add the event to `{need}`'s `on` or remove it from this stage's `on`"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// " (did you mean `x`?)" for near misses.
+pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> String {
+    let best = candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((_, c)) => format!(" (did you mean `{c}`?)"),
+        None => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Pipeline, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        parse(dir.path(), &dir.path().join(FILE_NAME), text)
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_stage() {
+        let err = parse_str("[stages.a]\nrun = \"true\"\n\n[stages.b]\nrun = \"true\"\ninput = [\"x\"]\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(":6:"), "{msg}");
+        assert!(msg.contains("stage `b`"), "{msg}");
+        assert!(msg.contains("input"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_need_suggests() {
+        let err = parse_str("[stages.plan]\nrun = \"true\"\n[stages.apply]\nrun = \"true\"\nneeds = [\"plna\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown stage `plna`") && err.contains("did you mean `plan`"), "{err}");
+    }
+
+    #[test]
+    fn event_needs_must_be_selected_too() {
+        let err = parse_str(
+            "[stages.apply]\nrun = \"true\"\non = [\"push\"]\n[stages.check]\nrun = \"true\"\non = [\"pull_request\"]\nneeds = [\"apply\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("stage `check`") && err.contains("`pull_request`"), "{err}");
+    }
+
+    #[test]
+    fn branch_patterns() {
+        assert!(branch_matches("*", "x"));
+        assert!(branch_matches("release/*", "release/1.2"));
+        assert!(!branch_matches("main", "mainline"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The serde mirror of `pipeline.toml`. Unknown keys are rejected (`deny_unknown_fields`) so a typo such as
+//! `input =` is an error, not a silently ignored setting. Validation happens in `super::validate`.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPipeline {
+    #[serde(default)]
+    pub pipeline: RawSettings,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub stages: IndexMap<String, RawStage>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSettings {
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStage {
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub dir: Option<String>,
+    pub run: StringOrList,
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub outputs: Vec<RawOutput>,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pass_env: Vec<String>,
+    #[serde(default)]
+    pub secret_env: Vec<String>,
+    #[serde(default)]
+    pub tools: Vec<String>,
+    #[serde(default)]
+    pub on: Option<Vec<String>>,
+    #[serde(default)]
+    pub branches: Option<Vec<String>>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub verify: Option<String>,
+    #[serde(default)]
+    pub retry_needs_if: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum StringOrList {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawOutput {
+    Path(String),
+    Detailed(RawOutputDetail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutputDetail {
+    pub path: String,
+    #[serde(default)]
+    pub sensitive: bool,
+    #[serde(default)]
+    pub regenerate: Option<String>,
+}

@@ -1,0 +1,157 @@
+//! Repository-relative paths: the only kind of path that enters a key, the cache or an archive.
+//!
+//! A `RelPath` is raw bytes (Unix file names need not be UTF-8), `/`-separated, never absolute, never
+//! containing `.`, `..` or empty components. Keys therefore never see the checkout location, and an
+//! archive or a pipeline cannot name a file outside the repository.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RelPath(Vec<u8>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelPathError {
+    #[error("is absolute; use a path relative to the repository root")]
+    Absolute,
+    #[error("contains `..`; paths must stay inside the repository")]
+    ParentDir,
+    #[error("contains a NUL byte")]
+    Nul,
+}
+
+impl RelPath {
+    /// The repository root itself.
+    pub fn root() -> Self {
+        RelPath(Vec::new())
+    }
+
+    /// Normalise user-written text (`./a//b/`) into a `RelPath`, refusing anything that could leave the root.
+    pub fn parse(text: &str) -> Result<Self, RelPathError> {
+        Self::from_bytes(text.as_bytes())
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RelPathError> {
+        if bytes.contains(&0) {
+            return Err(RelPathError::Nul);
+        }
+        if bytes.first() == Some(&b'/') {
+            return Err(RelPathError::Absolute);
+        }
+        let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
+        for comp in bytes.split(|b| *b == b'/') {
+            match comp {
+                b"" | b"." => {}
+                b".." => return Err(RelPathError::ParentDir),
+                c => {
+                    if !out.is_empty() {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(c);
+                }
+            }
+        }
+        Ok(RelPath(out))
+    }
+
+    /// `path` below `root`, as a `RelPath` (`None` when it is not below the root).
+    pub fn from_path_under(root: &Path, path: &Path) -> Option<Self> {
+        let rel = path.strip_prefix(root).ok()?;
+        Self::from_bytes(rel.as_os_str().as_bytes()).ok()
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    /// Join one already-valid file name (a directory entry) onto this path.
+    pub fn join_name(&self, name: &[u8]) -> Self {
+        let mut out = Vec::with_capacity(self.0.len() + 1 + name.len());
+        out.extend_from_slice(&self.0);
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(name);
+        RelPath(out)
+    }
+
+    pub fn as_path(&self) -> &Path {
+        Path::new(OsStr::from_bytes(&self.0))
+    }
+
+    /// The absolute location of this path in a checkout rooted at `root`.
+    pub fn under(&self, root: &Path) -> PathBuf {
+        if self.0.is_empty() { root.to_path_buf() } else { root.join(self.as_path()) }
+    }
+
+    /// True when `self` is `other` or lies below it.
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        other.0.is_empty()
+            || (self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+    }
+
+    pub fn parent(&self) -> Option<RelPath> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(match self.0.iter().rposition(|b| *b == b'/') {
+            Some(i) => RelPath(self.0[..i].to_vec()),
+            None => RelPath::root(),
+        })
+    }
+
+    /// Lossy text for messages; keys and the database always use the bytes.
+    pub fn display(&self) -> String {
+        if self.0.is_empty() { ".".to_string() } else { String::from_utf8_lossy(&self.0).into_owned() }
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.display())
+    }
+}
+
+impl serde::Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_and_refuses_escapes() {
+        assert_eq!(RelPath::parse("./a//b/").unwrap().display(), "a/b");
+        assert_eq!(RelPath::parse(".").unwrap(), RelPath::root());
+        assert_eq!(RelPath::parse("/etc"), Err(RelPathError::Absolute));
+        assert_eq!(RelPath::parse("a/../../b"), Err(RelPathError::ParentDir));
+    }
+
+    #[test]
+    fn prefix_is_by_component() {
+        let ab = RelPath::parse("a/b").unwrap();
+        assert!(RelPath::parse("a/b/c").unwrap().starts_with(&ab));
+        assert!(ab.starts_with(&ab));
+        assert!(!RelPath::parse("a/bc").unwrap().starts_with(&ab));
+        assert!(ab.starts_with(&RelPath::root()));
+    }
+}

@@ -1,0 +1,237 @@
+//! Human output: cargo-style status lines, stage output prefixed by the stage name, and the provider's
+//! conventions in CI (GitHub `::group::` and `::error::`, GitLab collapsible sections).
+
+use super::{Event, Sink, StageRow, Summary, format_duration};
+use std::collections::HashMap;
+use std::io::Write;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// Lines stream as they come, prefixed with the stage name.
+    Plain,
+    /// Each stage's output is printed as one `::group::` when it finishes; failures become `::error::`.
+    Github,
+    /// Each stage's output is printed as one collapsed section when it finishes.
+    Gitlab,
+}
+
+pub struct Human {
+    pub color: bool,
+    pub style: Style,
+    pub quiet: bool,
+    pub verbose: bool,
+    /// Write to stderr (when stdout carries JSON).
+    pub to_stderr: bool,
+    buffered: HashMap<String, Vec<Vec<u8>>>,
+    width: usize,
+}
+
+const GREEN: &str = "\x1b[1;32m";
+const YELLOW: &str = "\x1b[1;33m";
+const RED: &str = "\x1b[1;31m";
+const CYAN: &str = "\x1b[1;36m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+impl Human {
+    pub fn new(
+        color: bool,
+        style: Style,
+        quiet: bool,
+        verbose: bool,
+        to_stderr: bool,
+        stage_names: &[String],
+    ) -> Human {
+        let width = stage_names.iter().map(|s| s.len()).max().unwrap_or(8);
+        Human { color, style, quiet, verbose, to_stderr, buffered: HashMap::new(), width }
+    }
+
+    fn write(&self, bytes: &[u8]) {
+        // Ignore EPIPE and friends: a closed pager must not fail the pipeline.
+        if self.to_stderr {
+            let _ = std::io::stderr().lock().write_all(bytes);
+        } else {
+            let _ = std::io::stdout().lock().write_all(bytes);
+        }
+    }
+
+    fn paint(&self, color: &str, text: &str) -> String {
+        if self.color { format!("{color}{text}{RESET}") } else { text.to_string() }
+    }
+
+    /// `   Running terraform-plan: reason`: a right-aligned verb, like cargo.
+    fn status(&self, verb: &str, color: &str, rest: &str) {
+        let line = format!("{} {rest}\n", self.paint(color, &format!("{verb:>9}")));
+        self.write(line.as_bytes());
+    }
+
+    fn prefixed(&self, stage: &str, line: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(line.len() + self.width + 4);
+        let prefix = format!("{stage:<w$} | ", w = self.width);
+        out.extend_from_slice(self.paint(DIM, &prefix).as_bytes());
+        out.extend_from_slice(line);
+        out.push(b'\n');
+        out
+    }
+
+    fn flush_group(&mut self, stage: &str, header: &str, ok: bool) {
+        let lines = self.buffered.remove(stage).unwrap_or_default();
+        let mut out = Vec::new();
+        match self.style {
+            Style::Github => {
+                out.extend_from_slice(format!("::group::{header}\n").as_bytes());
+                for l in &lines {
+                    out.extend_from_slice(l);
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(b"::endgroup::\n");
+            }
+            Style::Gitlab => {
+                let ts = jiff::Timestamp::now().as_second();
+                let id = format!("kkpipe_{}", stage.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+                let collapsed = if ok { "[collapsed=true]" } else { "" };
+                out.extend_from_slice(
+                    format!("\x1b[0Ksection_start:{ts}:{id}{collapsed}\r\x1b[0K{header}\n").as_bytes(),
+                );
+                for l in &lines {
+                    out.extend_from_slice(l);
+                    out.push(b'\n');
+                }
+                out.extend_from_slice(format!("\x1b[0Ksection_end:{ts}:{id}\r\x1b[0K\n").as_bytes());
+            }
+            Style::Plain => {}
+        }
+        self.write(&out);
+    }
+}
+
+impl Sink for Human {
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::Warning(w) => {
+                let line = format!("{} {w}\n", self.paint(YELLOW, "warning:"));
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            }
+            Event::Info(m) => {
+                if !self.quiet {
+                    self.write(format!("{m}\n").as_bytes());
+                }
+            }
+            Event::Fresh { stage, restored, .. } => {
+                if self.quiet {
+                    return;
+                }
+                if restored.is_empty() {
+                    self.status("Fresh", GREEN, stage);
+                } else {
+                    let list = restored.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
+                    self.status("Restored", GREEN, &format!("{stage} (fresh; outputs restored: {list})"));
+                }
+            }
+            Event::Started { stage, reason } => {
+                if !self.quiet {
+                    self.status("Running", CYAN, &format!("{stage}: {reason}"));
+                }
+                if self.style != Style::Plain {
+                    self.buffered.insert(stage.clone(), Vec::new());
+                }
+            }
+            Event::Probing { stage } => {
+                if self.verbose {
+                    self.status("Verifying", CYAN, stage);
+                }
+            }
+            Event::Line { stage, line } => match self.style {
+                Style::Plain => {
+                    if !self.quiet {
+                        let l = self.prefixed(stage, line);
+                        self.write(&l);
+                    }
+                }
+                _ => self.buffered.entry(stage.clone()).or_default().push(line.clone()),
+            },
+            Event::Finished { stage, ok, duration, detail, log } => {
+                let d = format_duration(*duration);
+                let header = match (ok, detail) {
+                    (true, _) => format!("{stage} ({d})"),
+                    (false, Some(x)) => format!("{stage} failed: {x} ({d})"),
+                    (false, None) => format!("{stage} failed ({d})"),
+                };
+                if self.style != Style::Plain {
+                    self.flush_group(stage, &header, *ok);
+                } else if self.quiet && !ok {
+                    // Quiet mode hides output as it streams; show a failing stage's log when it fails.
+                    for l in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        let l = self.prefixed(stage, l);
+                        self.write(&l);
+                    }
+                }
+                if *ok {
+                    if !self.quiet {
+                        self.status("Ok", GREEN, &format!("{stage} ({d})"));
+                    }
+                } else {
+                    self.status("Failed", RED, &header);
+                    if self.style == Style::Github {
+                        self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
+                    }
+                }
+            }
+            Event::Skipped { stage, because } => {
+                if !self.quiet {
+                    self.status("Skipped", YELLOW, &format!("{stage}: {because}"));
+                }
+            }
+            Event::WouldRun { stage, reason } => self.status("Would run", YELLOW, &format!("{stage}: {reason}")),
+            Event::Drift { stage, output } => {
+                self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
+                for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
+                    let l = self.prefixed(stage, l.as_bytes());
+                    self.write(&l);
+                }
+            }
+            Event::Summary(s) => self.write(summary_line(s, self.color).as_bytes()),
+        }
+    }
+
+    fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {}
+}
+
+fn summary_line(s: &Summary, color: bool) -> String {
+    let mut parts = Vec::new();
+    if s.would_run > 0 {
+        parts.push(format!("{} would run", s.would_run));
+    }
+    parts.push(format!("{} ran", s.ran));
+    let fresh = if s.restored > 0 {
+        format!("{} fresh ({} restored)", s.fresh + s.restored, s.restored)
+    } else {
+        format!("{} fresh", s.fresh)
+    };
+    parts.push(fresh);
+    if s.failed > 0 {
+        parts.push(format!("{} failed", s.failed));
+    }
+    if s.skipped > 0 {
+        parts.push(format!("{} skipped", s.skipped));
+    }
+    if s.interrupted > 0 {
+        parts.push(format!("{} interrupted", s.interrupted));
+    }
+    let saved = if s.saved_ms > 0 {
+        format!("; skipping saved ~{}", format_duration(std::time::Duration::from_millis(s.saved_ms)))
+    } else {
+        String::new()
+    };
+    let verb = if s.failed > 0 || s.interrupted > 0 { "Failed" } else { "Finished" };
+    let verb = if color {
+        format!("{}{verb:>9}{RESET}", if s.failed > 0 || s.interrupted > 0 { RED } else { GREEN })
+    } else {
+        format!("{verb:>9}")
+    };
+    format!(
+        "{verb} {} in {}{saved}\n",
+        parts.join(", "),
+        format_duration(std::time::Duration::from_millis(s.duration_ms))
+    )
+}

@@ -1,0 +1,65 @@
+//! Machine-readable output. Every document carries a `schema` id; the schemas are in `docs/schema/` and
+//! described in `docs/json.md`. Adding a field is compatible; renaming or removing one bumps the version.
+
+use super::{Event, Human, Sink, StageRow, Summary};
+use serde::Serialize;
+
+pub const STATUS_SCHEMA: &str = "kkpipe.status.v1";
+pub const RUN_SCHEMA: &str = "kkpipe.run.v1";
+pub const WHY_SCHEMA: &str = "kkpipe.why.v1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventInfo {
+    pub name: String,
+    pub branch: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Context {
+    pub kkpipe_version: &'static str,
+    pub event: Option<EventInfo>,
+    pub env: String,
+}
+
+impl Context {
+    pub fn new(event: Option<&crate::graph::Event>, env: &str) -> Context {
+        Context {
+            kkpipe_version: env!("CARGO_PKG_VERSION"),
+            event: event.map(|e| EventInfo { name: e.name.clone(), branch: e.branch.clone() }),
+            env: env.to_string(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Document<'a> {
+    schema: &'static str,
+    #[serde(flatten)]
+    context: &'a Context,
+    stages: &'a [StageRow],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<&'a Summary>,
+}
+
+pub fn print(schema: &'static str, context: &Context, rows: &[StageRow], summary: Option<&Summary>) {
+    let doc = Document { schema, context, stages: rows, summary };
+    println!("{}", serde_json::to_string_pretty(&doc).expect("serialisable"));
+}
+
+/// `run --json`: human progress goes to stderr, the final report to stdout.
+pub struct Json {
+    pub human: Human,
+    pub context: Context,
+}
+
+impl Sink for Json {
+    fn event(&mut self, e: &Event) {
+        if !matches!(e, Event::Summary(_)) {
+            self.human.event(e);
+        }
+    }
+
+    fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
+        print(RUN_SCHEMA, &self.context, rows, Some(summary));
+    }
+}

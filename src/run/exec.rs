@@ -1,0 +1,170 @@
+//! Running one command: `bash -euo pipefail -c SCRIPT` in its own process group, with a cleared
+//! environment, output streamed line by line (masked) to the scheduler and kept as the log.
+
+use crate::hash::key::SHELL;
+use crate::mask::Masker;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Variables every stage gets from the caller, unkeyed: what a shell needs to work at all. Anything else
+/// must be listed in `env`, `pass_env` or `secret_env`, so the key sees everything a stage depends on.
+pub const BASE_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "TMPDIR"];
+
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub script: String,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// Messages a running command sends to the scheduler thread, which owns all state and all printing.
+pub enum Msg {
+    Spawned { job: usize, pgid: i32 },
+    Line { job: usize, line: Vec<u8> },
+    Exited { job: usize, result: Exit },
+}
+
+#[derive(Debug)]
+pub struct Exit {
+    /// `None` when killed by a signal or when it could not start.
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub spawn_error: Option<String>,
+    pub log: Vec<u8>,
+    pub duration: Duration,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Start `cmd` on a thread of its own; its lines and its exit arrive on `tx`.
+pub fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>) {
+    std::thread::Builder::new()
+        .name(format!("job-{job}"))
+        .spawn(move || {
+            let result = execute(job, &cmd, &masker, &tx);
+            let _ = tx.send(Msg::Exited { job, result });
+        })
+        .expect("spawn a job thread");
+}
+
+fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
+    let start = Instant::now();
+    let mut c = Command::new(SHELL[0]);
+    c.args(&SHELL[1..])
+        .arg(&cmd.script)
+        .current_dir(&cmd.cwd)
+        .env_clear()
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: signals are forwarded to the whole tree, and a terminal's Ctrl-C reaches
+        // kkpipe first, which decides how to stop the stages.
+        .process_group(0);
+    let mut child = match c.spawn() {
+        Ok(ch) => ch,
+        Err(e) => {
+            return Exit {
+                code: None,
+                signal: None,
+                spawn_error: Some(format!("cannot start `{}`: {e}", SHELL[0])),
+                log: Vec::new(),
+                duration: start.elapsed(),
+            };
+        }
+    };
+    let pgid = child.id() as i32;
+    let _ = tx.send(Msg::Spawned { job, pgid });
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let readers: Vec<_> = [
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|stream| {
+        let (tx, log, masker, done) = (tx.clone(), log.clone(), masker.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            pump(job, stream, &tx, &log, &masker);
+            let _ = done.send(());
+        })
+    })
+    .collect();
+    drop(done_tx);
+    let status = child.wait();
+
+    // A background process that inherited the pipes would keep them open forever: give the readers a
+    // moment to drain, then stop the rest of the process group.
+    let mut open = readers.len();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while open > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match done_rx.recv_timeout(left) {
+            Ok(()) => open -= 1,
+            Err(_) => {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+                while open > 0 && done_rx.recv_timeout(Duration::from_secs(5)).is_ok() {
+                    open -= 1;
+                }
+                break;
+            }
+        }
+    }
+    for r in readers {
+        if r.is_finished() {
+            let _ = r.join();
+        }
+    }
+    let log = std::mem::take(&mut *log.lock().expect("log"));
+    match status {
+        Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },
+        Err(e) => Exit {
+            code: None,
+            signal: None,
+            spawn_error: Some(format!("waiting for the stage failed: {e}")),
+            log,
+            duration: start.elapsed(),
+        },
+    }
+}
+
+/// Forward lines (masked) to the scheduler and into the log. Very long lines are cut into pieces so a
+/// binary blob on stdout cannot exhaust memory.
+fn pump(job: usize, stream: Box<dyn Read + Send>, tx: &Sender<Msg>, log: &Mutex<Vec<u8>>, masker: &RwLock<Masker>) {
+    const MAX_LINE: usize = 64 * 1024;
+    let mut r = BufReader::with_capacity(64 * 1024, stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let line = buf[..n].strip_suffix(b"\n").unwrap_or(&buf[..n]);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let masked = masker.read().expect("masker").mask(line);
+        {
+            let mut l = log.lock().expect("log");
+            l.extend_from_slice(&masked);
+            l.push(b'\n');
+        }
+        let _ = tx.send(Msg::Line { job, line: masked });
+    }
+}
+
+/// Send `sig` to a job's whole process group.
+pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+}

@@ -1,0 +1,492 @@
+//! One invocation's view of the repository: the pipeline, its graph, the cache, and the hashing state.
+//! It computes each stage's manifest and decides whether the stage is fresh, for `status`, `run`, `why`
+//! and `verify` alike.
+
+use crate::cache::{Cache, OutputRecord, StageRun, State};
+use crate::fresh::{Diff, Reason};
+use crate::graph::{Event, Graph, Selected};
+use crate::hash::files::FileHasher;
+use crate::hash::key::{DecodeError, FileList, Key, Manifest, SHELL, secret_mac};
+use crate::hash::select::Matcher;
+use crate::hash::walk::{self, Walked};
+use crate::hash::{self, Hash};
+use crate::mask::Masker;
+use crate::pipeline::{Pipeline, Stage};
+use crate::relpath::RelPath;
+use crate::run::outputs::{self, Present};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+/// Whether a stage can be skipped, with what that takes.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Fresh(Hit),
+    Stale(Reason),
+}
+
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub record: StageRun,
+    /// Everything the successful run recorded.
+    pub outputs: Vec<OutputRecord>,
+    /// Missing or modified in the workspace, present in the store.
+    pub restore: Vec<OutputRecord>,
+    /// Missing everywhere, but declared with a `regenerate` command (command, output).
+    pub regenerate: Vec<(String, OutputRecord)>,
+}
+
+impl Hit {
+    pub fn needs_work(&self) -> bool {
+        !self.restore.is_empty() || !self.regenerate.is_empty()
+    }
+}
+
+/// What a stage's evaluation produced: its manifest (when computable) and decision.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub manifest: Option<Manifest>,
+    pub decision: Decision,
+    /// True when an upstream stage was stale, so the key was computed against its last known outputs.
+    pub provisional: bool,
+}
+
+pub struct Session {
+    pub root: PathBuf,
+    pub pipeline: Pipeline,
+    pub graph: Graph,
+    pub cache: Cache,
+    pub event: Option<Event>,
+    pub env_name: String,
+    pub hasher: FileHasher,
+    pub masker: Arc<RwLock<Masker>>,
+    caller_env: HashMap<String, String>,
+    matchers: Vec<Matcher>,
+    global: Matcher,
+    /// The walked input trees, sorted by path.
+    walked: Vec<Walked>,
+    walked_starts: Vec<RelPath>,
+    tools: HashMap<String, Result<(PathBuf, Hash), String>>,
+    secret_key: Option<[u8; 32]>,
+    pub warnings: Vec<String>,
+    warned: HashSet<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hash(#[from] hash::Error),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::Error),
+}
+
+impl Session {
+    pub fn new(
+        pipeline: Pipeline,
+        graph: Graph,
+        cache: Cache,
+        event: Option<Event>,
+        env_name: String,
+        caller_env: HashMap<String, String>,
+    ) -> Result<Session, Error> {
+        let root = pipeline.root.clone();
+        let known = cache.stat_entries()?;
+        let matchers = pipeline
+            .stages
+            .iter()
+            .map(|s| Matcher::new(&s.inputs, s.outputs.iter().map(|o| o.path.clone()).collect()))
+            .collect();
+        let global = Matcher::new(&pipeline.global_inputs, Vec::new());
+        let mut masker = Masker::new();
+        for s in &pipeline.stages {
+            for name in s.pass_env.iter().chain(&s.secret_env) {
+                if let Some(v) = caller_env.get(name) {
+                    masker.add(v.as_bytes());
+                }
+            }
+        }
+        Ok(Session {
+            hasher: FileHasher::new(&root, known),
+            root,
+            pipeline,
+            graph,
+            cache,
+            event,
+            env_name,
+            masker: Arc::new(RwLock::new(masker)),
+            caller_env,
+            matchers,
+            global,
+            walked: Vec::new(),
+            walked_starts: Vec::new(),
+            tools: HashMap::new(),
+            secret_key: None,
+            warnings: Vec::new(),
+            warned: HashSet::new(),
+        })
+    }
+
+    pub fn stage(&self, i: usize) -> &Stage {
+        &self.pipeline.stages[i]
+    }
+
+    pub fn select(&self, targets: &[String]) -> Result<Vec<Selected>, crate::graph::Error> {
+        self.graph.select(&self.pipeline, targets, self.event.as_ref())
+    }
+
+    fn warn_once(&mut self, w: String) {
+        if self.warned.insert(w.clone()) {
+            self.warnings.push(w);
+        }
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// Walk the input trees of `stages` (and the global inputs) once, in parallel.
+    pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
+        let mut starts = self.global.starts();
+        for &i in stages {
+            starts.extend(self.matchers[i].starts());
+        }
+        let mut warnings = Vec::new();
+        let mut walked = walk::walk(&self.root, &starts, &mut warnings)?;
+        walked.sort_by(|a, b| a.path.cmp(&b.path));
+        walked.dedup_by(|a, b| a.path == b.path);
+        self.walked = walked;
+        self.walked_starts = starts;
+        for w in warnings {
+            self.warn_once(w);
+        }
+        Ok(())
+    }
+
+    /// Walk again the trees of one stage (its files may have been written by a stage that just ran).
+    pub fn rewalk(&mut self, i: usize) -> Result<(), Error> {
+        let mut starts = self.matchers[i].starts();
+        starts.extend(self.global.starts());
+        let mut warnings = Vec::new();
+        let fresh = walk::walk(&self.root, &starts, &mut warnings)?;
+        self.walked.retain(|w| !starts.iter().any(|s| w.path.starts_with(s)));
+        self.walked.extend(fresh);
+        self.walked.sort_by(|a, b| a.path.cmp(&b.path));
+        self.walked.dedup_by(|a, b| a.path == b.path);
+        for w in warnings {
+            self.warn_once(w);
+        }
+        Ok(())
+    }
+
+    /// The walked files below `prefix`: a contiguous range, since paths sort bytewise.
+    fn under<'a>(walked: &'a [Walked], prefix: &RelPath) -> &'a [Walked] {
+        if prefix.is_root() {
+            return walked;
+        }
+        let p = prefix.as_bytes();
+        let lo = walked.partition_point(|w| w.path.as_bytes() < p);
+        let mut end_key = p.to_vec();
+        end_key.push(b'/' + 1); // every `prefix/...` sorts before `prefix0`
+        let hi = walked.partition_point(|w| w.path.as_bytes() < end_key.as_slice());
+        &walked[lo..hi]
+    }
+
+    fn files(&self, m: &Matcher) -> Result<(FileList, Vec<usize>), Error> {
+        let mut chosen: BTreeMap<&RelPath, &Walked> = BTreeMap::new();
+        for start in m.starts() {
+            for w in Self::under(&self.walked, &start) {
+                if m.matches(&w.path) {
+                    chosen.insert(&w.path, w);
+                }
+            }
+        }
+        let list: Vec<&Walked> = chosen.values().copied().collect();
+        let digests = self.hasher.digest_all(&list)?;
+        let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
+        // Patterns that select nothing are worth a warning, not an error.
+        let unmatched =
+            (0..m.patterns().len()).filter(|&pi| !files.iter().any(|(p, _)| m.pattern_matches(pi, p))).collect();
+        Ok((files, unmatched))
+    }
+
+    // ------------------------------------------------------------ tools and secrets
+
+    /// Resolve and hash the stage's tools on the caller's PATH. `Err(name)` for the first missing one.
+    pub fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, String> {
+        let names = self.pipeline.stages[i].tools.clone();
+        let mut out = Vec::new();
+        for name in names {
+            if !self.tools.contains_key(&name) {
+                let resolved = match find_on_path(&name, self.caller_env.get("PATH").map(String::as_str)) {
+                    None => Err(name.clone()),
+                    Some(p) => self.hasher.tool_hash(&p).map(|h| (p, h)).map_err(|_| name.clone()),
+                };
+                self.tools.insert(name.clone(), resolved);
+            }
+            match &self.tools[&name] {
+                Ok((_, h)) => out.push((name.clone(), *h)),
+                Err(n) => return Err(n.clone()),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn tool_path(&self, name: &str) -> Option<&Path> {
+        self.tools.get(name).and_then(|r| r.as_ref().ok()).map(|(p, _)| p.as_path())
+    }
+
+    fn secret_key(&mut self) -> Result<[u8; 32], Error> {
+        if let Some(k) = self.secret_key {
+            return Ok(k);
+        }
+        let k = self.cache.secret_key()?;
+        self.secret_key = Some(k);
+        Ok(k)
+    }
+
+    pub fn caller_var(&self, name: &str) -> Option<&String> {
+        self.caller_env.get(name)
+    }
+
+    // ------------------------------------------------------------ manifest
+
+    /// Everything stage `i`'s result may depend on, given the outputs of the stages it needs.
+    /// `Ok(Err(reason))` when the manifest cannot be complete (a tool is missing).
+    pub fn manifest(
+        &mut self,
+        i: usize,
+        needs: &[(String, Vec<OutputRecord>)],
+    ) -> Result<Result<Manifest, Reason>, Error> {
+        let tools = match self.tools(i) {
+            Ok(t) => t,
+            Err(name) => return Ok(Err(Reason::ToolMissing { name })),
+        };
+        let (global_inputs, _) =
+            if self.global.is_empty() { (Vec::new(), Vec::new()) } else { self.files(&self.global)? };
+        let (inputs, unmatched) = self.files(&self.matchers[i])?;
+        let stage = &self.pipeline.stages[i];
+        let unmatched_warnings: Vec<String> = unmatched
+            .iter()
+            .map(|&pi| {
+                format!("stage `{}`: input pattern `{}` matches no file", stage.name, self.matchers[i].patterns()[pi])
+            })
+            .collect();
+        let mut secret_env = Vec::new();
+        let secret_names = stage.secret_env.clone();
+        if !secret_names.is_empty() {
+            let key = self.secret_key()?;
+            for name in &secret_names {
+                let value = self.caller_env.get(name).map(String::as_str).unwrap_or("");
+                secret_env.push((name.clone(), secret_mac(&key, name, value)));
+            }
+            secret_env.sort();
+        }
+        let stage = &self.pipeline.stages[i];
+        let mut needs_files: Vec<(String, FileList)> = needs
+            .iter()
+            .map(|(n, outs)| (n.clone(), outs.iter().map(|o| (o.path.clone(), o.entry.clone())).collect()))
+            .collect();
+        needs_files.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut pass_env = stage.pass_env.clone();
+        pass_env.sort();
+        let mut outputs: Vec<(RelPath, bool)> = stage.outputs.iter().map(|o| (o.path.clone(), o.sensitive)).collect();
+        outputs.sort();
+        let m = Manifest {
+            shell: SHELL.iter().map(|s| s.to_string()).collect(),
+            dir: stage.dir.clone(),
+            run: stage.run.clone(),
+            env: stage.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            secret_env,
+            pass_env,
+            outputs,
+            tools,
+            global_inputs,
+            inputs,
+            needs: needs_files,
+        };
+        for w in unmatched_warnings {
+            self.warn_once(w);
+        }
+        Ok(Ok(m))
+    }
+
+    // ------------------------------------------------------------ decision
+
+    /// Check stages are a cache (any successful run with this key); deploy stages a ledger (the most recent
+    /// run in this environment must be a success with this key).
+    pub fn decide(&self, i: usize, m: &Manifest, key: &Key) -> Result<Decision, Error> {
+        let stage = &self.pipeline.stages[i];
+        let env = stage.is_deploy().then_some(self.env_name.as_str());
+        let hit = if stage.is_deploy() {
+            self.cache.latest_attempt(&stage.name, env)?.filter(|r| r.state == State::Success && r.key == *key)
+        } else {
+            self.cache.success_with_key(&stage.name, key)?
+        };
+        if let Some(record) = hit {
+            let recorded = self.cache.outputs(record.id)?;
+            let mut restore = Vec::new();
+            let mut regenerate = Vec::new();
+            for o in &recorded {
+                if outputs::check(&self.root, o, &self.hasher) == Present::Same {
+                    continue;
+                }
+                if outputs::restorable(o, &self.cache.blobs) {
+                    restore.push(o.clone());
+                } else if let Some(cmd) =
+                    stage.outputs.iter().find(|d| o.path.starts_with(&d.path)).and_then(|d| d.regenerate.clone())
+                {
+                    regenerate.push((cmd, o.clone()));
+                } else {
+                    return Ok(Decision::Stale(Reason::OutputMissing { path: o.path.display() }));
+                }
+            }
+            return Ok(Decision::Fresh(Hit { record, outputs: recorded, restore, regenerate }));
+        }
+        Ok(Decision::Stale(self.explain(i, m, key)?))
+    }
+
+    /// The first reason a stage without a hit must run.
+    fn explain(&self, i: usize, m: &Manifest, key: &Key) -> Result<Reason, Error> {
+        let stage = &self.pipeline.stages[i];
+        let env = stage.is_deploy().then_some(self.env_name.as_str());
+        let last = self.cache.latest_attempt(&stage.name, env)?;
+        let attempt_reason = |r: &StageRun| match r.state {
+            State::Failed => Some(Reason::LastRunFailed { exit_code: r.exit_code }),
+            State::Interrupted | State::Running => Some(Reason::LastRunInterrupted),
+            State::Success => None,
+        };
+        if let Some(l) = &last
+            && l.key == *key
+            && let Some(r) = attempt_reason(l)
+        {
+            return Ok(r);
+        }
+        let Some(base) = self.cache.latest_success(&stage.name, env)? else {
+            if let Some(r) = last.as_ref().and_then(attempt_reason) {
+                return Ok(r);
+            }
+            return Ok(if stage.is_deploy() {
+                Reason::NeverDeployed { env: self.env_name.clone() }
+            } else {
+                Reason::NeverRun
+            });
+        };
+        match self.cache.manifest(&base.key)? {
+            Some(Ok(old)) => Ok(Diff::between(&old, m)
+                .first_reason()
+                .or_else(|| last.as_ref().and_then(attempt_reason))
+                .unwrap_or(Reason::NeverRun)),
+            Some(Err(DecodeError::Version(v))) => Ok(Reason::KeySchemeChanged { old_version: Some(v) }),
+            Some(Err(DecodeError::Corrupt)) | None => Ok(Reason::KeySchemeChanged { old_version: None }),
+        }
+    }
+
+    /// The outputs a stage is known to produce when it is not fresh now: those of its latest success.
+    pub fn last_known_outputs(&self, i: usize) -> Result<Vec<OutputRecord>, Error> {
+        let stage = &self.pipeline.stages[i];
+        let env = stage.is_deploy().then_some(self.env_name.as_str());
+        match self.cache.latest_success(&stage.name, env)? {
+            Some(r) => Ok(self.cache.outputs(r.id)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Evaluate stages without running anything (`status`, `run --dry-run`, `why`, `verify`): each selected
+    /// stage in order, with the outputs of fresh needs, or the last known outputs of stale ones.
+    pub fn evaluate(
+        &mut self,
+        selected: &[Selected],
+        forced: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Evaluation>>, Error> {
+        let n = self.pipeline.stages.len();
+        let chosen: Vec<usize> = (0..n).filter(|&i| selected[i] == Selected::Yes).collect();
+        self.walk(&chosen)?;
+        let mut evals: Vec<Option<Evaluation>> = vec![None; n];
+        for &i in &self.graph.order.clone() {
+            if selected[i] != Selected::Yes {
+                continue;
+            }
+            let mut needs = Vec::new();
+            let mut stale_need = None;
+            for &j in &self.graph.needs[i].clone() {
+                let name = self.pipeline.stages[j].name.clone();
+                match evals[j].as_ref().map(|e| &e.decision) {
+                    Some(Decision::Fresh(h)) => needs.push((name, h.outputs.clone())),
+                    _ => {
+                        stale_need.get_or_insert(name.clone());
+                        needs.push((name, self.last_known_outputs(j)?));
+                    }
+                }
+            }
+            let eval = match self.manifest(i, &needs)? {
+                Err(reason) => Evaluation { manifest: None, decision: Decision::Stale(reason), provisional: false },
+                Ok(m) => {
+                    let key = m.key();
+                    let mut decision =
+                        if forced(i) { Decision::Stale(Reason::Forced) } else { self.decide(i, &m, &key)? };
+                    if let Some(up) = &stale_need {
+                        decision = match decision {
+                            Decision::Fresh(_) | Decision::Stale(Reason::UpstreamOutputsChanged { .. }) => {
+                                Decision::Stale(Reason::UpstreamStale { stage: up.clone() })
+                            }
+                            other => other,
+                        };
+                    }
+                    Evaluation { manifest: Some(m), decision, provisional: stale_need.is_some() }
+                }
+            };
+            evals[i] = Some(eval);
+        }
+        self.persist_stat_cache();
+        Ok(evals)
+    }
+
+    pub fn persist_stat_cache(&self) {
+        self.cache.save_stat_entries(&self.hasher.take_new_entries());
+    }
+
+    /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).
+    pub fn mask_output(&self, o: &OutputRecord) {
+        if !o.sensitive {
+            return;
+        }
+        if let Ok(bytes) = std::fs::read(o.path.under(&self.root))
+            && bytes.len() <= 1 << 20
+        {
+            self.masker.write().expect("masker").add(&bytes);
+        }
+    }
+
+    /// The environment a stage's command sees: the base set, keyed env, and pass/secret env from the caller.
+    pub fn command_env(&self, stage: &Stage) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for name in super::exec::BASE_ENV {
+            if let Some(v) = self.caller_env.get(*name) {
+                env.insert(name.to_string(), v.clone());
+            }
+        }
+        for name in stage.pass_env.iter().chain(&stage.secret_env) {
+            if let Some(v) = self.caller_env.get(name) {
+                env.insert(name.clone(), v.clone());
+            }
+        }
+        for (k, v) in &stage.env {
+            env.insert(k.clone(), v.clone());
+        }
+        env.insert("KKPIPE_STAGE".into(), stage.name.clone());
+        env.into_iter().collect()
+    }
+}
+
+pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in path?.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(name);
+        if let Ok(m) = std::fs::metadata(&candidate)
+            && m.is_file()
+            && m.permissions().mode() & 0o111 != 0
+        {
+            return Some(std::path::absolute(&candidate).unwrap_or(candidate));
+        }
+    }
+    None
+}

@@ -1,0 +1,90 @@
+//! Flags + CI environment -> the settings the core sees. Nothing below this module reads the process
+//! environment or the command line.
+
+use crate::ci::{self, Provider};
+use crate::cli::{Cli, ColorChoice, Selection};
+use crate::error::Error;
+use crate::graph::Event;
+use crate::pipeline::EVENTS;
+use crate::report::Style;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to start looking for pipeline.toml.
+    pub start_dir: PathBuf,
+    pub color: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+    pub provider: Option<Provider>,
+    pub style: Style,
+    pub caller_env: HashMap<String, String>,
+}
+
+impl Settings {
+    pub fn from_cli(cli: &Cli) -> Settings {
+        let caller_env: HashMap<String, String> =
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
+        let provider = ci::detect(&|k| caller_env.get(k).cloned());
+        let color = match cli.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                caller_env.get("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && caller_env.get("TERM").is_none_or(|t| t != "dumb")
+                    && (std::io::stdout().is_terminal() || provider.is_some())
+            }
+        };
+        let style = match provider {
+            Some(Provider::Github) => Style::Github,
+            Some(Provider::Gitlab) => Style::Gitlab,
+            _ => Style::Plain,
+        };
+        Settings {
+            start_dir: cli.dir.clone().unwrap_or_else(|| PathBuf::from(".")),
+            color,
+            quiet: cli.quiet,
+            verbose: cli.verbose > 0,
+            provider,
+            style,
+            caller_env,
+        }
+    }
+
+    /// The event a command is for: explicit flags win over what the CI's variables say.
+    pub fn event(&self, sel: &Selection) -> Result<Option<Event>, Error> {
+        let detected = self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()));
+        let event = match (&sel.event, detected) {
+            (Some(name), _) => {
+                if !EVENTS.contains(&name.as_str()) {
+                    return Err(Error::Usage(format!("unknown event `{name}`; known events: {}", EVENTS.join(", "))));
+                }
+                let branch = sel.branch.clone().or_else(|| {
+                    // An explicit event keeps the CI's branch only when it is the same event.
+                    self.provider
+                        .and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))
+                        .filter(|e| &e.name == name)
+                        .and_then(|e| e.branch)
+                });
+                Some(Event { name: name.clone(), branch })
+            }
+            (None, Some(mut e)) => {
+                if let Some(b) = &sel.branch {
+                    e.branch = Some(b.clone());
+                }
+                Some(e)
+            }
+            (None, None) => {
+                if sel.branch.is_some() {
+                    return Err(Error::Usage(
+                        "`--branch` needs `--event` outside CI (for example `--event push --branch main`)".into(),
+                    ));
+                }
+                None
+            }
+        };
+        Ok(event)
+    }
+}

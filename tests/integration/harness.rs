@@ -1,0 +1,232 @@
+//! A small builder for story-like tests: copy a fixture, run kkpipe, edit files, run again, assert.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kkpipe");
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Variables that change kkpipe's behaviour (CI detection, colours); tests start without them.
+const AMBIENT: &[&str] = &[
+    "GITHUB_ACTIONS",
+    "GITHUB_EVENT_NAME",
+    "GITHUB_REF_NAME",
+    "GITHUB_BASE_REF",
+    "GITHUB_STEP_SUMMARY",
+    "GITLAB_CI",
+    "CI_PIPELINE_SOURCE",
+    "CI_COMMIT_BRANCH",
+    "CI_MERGE_REQUEST_TARGET_BRANCH_NAME",
+    "BITBUCKET_BUILD_NUMBER",
+    "BITBUCKET_COMMIT",
+    "BITBUCKET_BRANCH",
+    "BITBUCKET_PR_ID",
+    "KKPIPE_ENV",
+    "NO_COLOR",
+    "CI",
+];
+
+pub struct Repo {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in walkdir::WalkDir::new(from).follow_links(false) {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(from).unwrap();
+        let dest = to.join(rel);
+        let ft = e.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(e.path()).unwrap(), &dest).unwrap();
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+impl Repo {
+    /// A copy of `fixtures/NAME` in a fresh temp dir.
+    pub fn fixture(name: &str) -> Repo {
+        let r = Repo::empty();
+        copy_tree(&fixtures().join(name), &r.root);
+        r
+    }
+
+    /// The KKP demo repository (fixtures/kkp-demo) with the reference pipeline.toml and the demo's stand-in
+    /// environment (demo.env): stand-in tools first on PATH, fake credentials.
+    pub fn kkp_demo() -> Repo {
+        let mut r = Repo::fixture("kkp-demo");
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml"), r.path("pipeline.toml")).unwrap();
+        let dir = r.root.to_str().unwrap().to_string();
+        for line in r.read("demo.env").lines() {
+            let Some(rest) = line.strip_prefix("export ") else {
+                continue;
+            };
+            let (k, v) = rest.split_once('=').unwrap();
+            let v =
+                v.trim_matches('"').replace("$KKP_DEMO_DIR", &dir).replace("$PATH", &std::env::var("PATH").unwrap());
+            r.set_env(k, &v);
+        }
+        r
+    }
+
+    pub fn empty() -> Repo {
+        let tmp = tempfile::Builder::new().prefix("kkpipe-test-").tempdir().unwrap();
+        let root = tmp.path().join("repo");
+        std::fs::create_dir_all(&root).unwrap();
+        Repo { _tmp: tmp, root, env: Vec::new() }
+    }
+
+    /// A second location inside the same temp dir (for copies and clones).
+    pub fn sibling(&self, name: &str) -> PathBuf {
+        self.root.parent().unwrap().join(name)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> &Self {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+        self
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    pub fn exists(&self, rel: &str) -> bool {
+        self.path(rel).exists()
+    }
+
+    /// Replace the first occurrence of `from` in a file.
+    pub fn edit(&self, rel: &str, from: &str, to: &str) -> &Self {
+        let text = self.read(rel);
+        assert!(text.contains(from), "`{from}` not in {rel}");
+        self.write(rel, &text.replacen(from, to, 1))
+    }
+
+    pub fn set_env(&mut self, k: &str, v: &str) -> &mut Self {
+        self.env.retain(|(x, _)| x != k);
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn cmd_in(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(dir);
+        for k in AMBIENT {
+            c.env_remove(k);
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn kk(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd_in(&self.root, args).output().expect("run kkpipe"))
+    }
+
+    /// `kkpipe run --json ARGS`, asserting the exit code.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut a = vec!["run", "--json"];
+        a.extend_from_slice(args);
+        self.kk(&a)
+    }
+
+    pub fn status_json(&self) -> Value {
+        let r = self.kk(&["status", "--json"]);
+        assert_eq!(r.code, 0, "status failed: {}", r.stderr);
+        r.json()
+    }
+
+    /// The state `status --json` reports for one stage, with its first reason's text.
+    pub fn state_of(&self, stage: &str) -> String {
+        let doc = self.status_json();
+        let s = doc["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).expect("stage");
+        s["state"].as_str().unwrap().to_string()
+    }
+
+    /// Set every file's mtime to now + `secs` (what a fresh checkout does to mtimes).
+    pub fn touch_all(&self, secs: u64) {
+        let t = std::time::SystemTime::now() + std::time::Duration::from_secs(secs);
+        for e in walkdir::WalkDir::new(&self.root) {
+            let e = e.unwrap();
+            if e.file_type().is_file() && !e.path().components().any(|c| c.as_os_str() == ".kkpipe") {
+                let f = std::fs::File::options().write(true).open(e.path()).unwrap();
+                f.set_modified(t).unwrap();
+            }
+        }
+    }
+
+    pub fn db_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.path(".kkpipe/cache.db")).unwrap()
+    }
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+
+    /// Stage names in a `--json` report with the given state.
+    pub fn with_state(&self, state: &str) -> Vec<String> {
+        let doc = self.json();
+        doc["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == state)
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn ran(&self) -> Vec<String> {
+        self.with_state("ran")
+    }
+
+    pub fn reason_of(&self, stage: &str) -> Value {
+        let doc = self.json();
+        doc["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).expect("stage")["reasons"][0].clone()
+    }
+
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "kkpipe failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
