@@ -125,6 +125,16 @@ impl Repo {
         self
     }
 
+    /// A variable as the kkpipe processes of this test see it.
+    pub fn env_var(&self, k: &str) -> String {
+        self.env
+            .iter()
+            .find(|(x, _)| x == k)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(k).ok())
+            .unwrap_or_default()
+    }
+
     pub fn cmd_in(&self, dir: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args).current_dir(dir);

@@ -4,3 +4,4 @@ mod harness;
 
 mod engine;
 mod key_scheme;
+mod kkp;

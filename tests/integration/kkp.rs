@@ -1,0 +1,419 @@
+//! The KKP delivery pipeline: `init` for every provider x cloud, event selection, tools in the key, artifacts
+//! between stages, the real-terraform demo repository, and `kkpipe demo`.
+
+use crate::harness::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+const PROVIDERS: &[&str] = &["github", "gitlab", "bitbucket"];
+const CLOUDS: &[&str] = &["aws", "gcp", "azure", "openstack", "vsphere"];
+
+fn supported(ci: &str, cloud: &str, dns: bool) -> bool {
+    let clouds: &[&str] = match ci {
+        "github" => &["aws", "gcp", "azure"],
+        "gitlab" => CLOUDS,
+        _ => &["aws", "gcp"],
+    };
+    clouds.contains(&cloud) && (!dns || cloud == "aws")
+}
+
+/// A skeleton KKP repository (the directories the stages work in) with `kkpipe init` run in it.
+fn init_repo(ci: &str, cloud: &str, dns: bool) -> Repo {
+    let repo = Repo::empty();
+    for d in [format!("terraform/{cloud}/dns"), "kubeone".into(), "kubermatic".into(), "flux/clusters/master".into()] {
+        std::fs::create_dir_all(repo.path(&d)).unwrap();
+    }
+    let mut args = vec!["init", "--ci", ci, "--cloud", cloud];
+    if dns {
+        args.push("--dns");
+    }
+    repo.kk(&args).ok();
+    repo
+}
+
+fn stage_table(repo: &Repo) -> toml::Table {
+    let doc: toml::Table = toml::from_str(&repo.read("pipeline.toml")).unwrap();
+    doc["stages"].as_table().unwrap().clone()
+}
+
+/// A list of strings from a stage table (empty when the key is absent).
+fn strings(stage: &toml::Value, key: &str) -> Vec<String> {
+    stage
+        .get(key)
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The needs of each stage, as the seed's graph prescribes for a variant.
+fn seed_graph(ci: &str, cloud: &str, dns: bool) -> BTreeMap<String, Vec<String>> {
+    let backend = ci != "gitlab" && (cloud == "aws" || cloud == "gcp");
+    let mut g: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut put = |s: &str, n: &[&str]| {
+        g.insert(s.into(), n.iter().map(|x| x.to_string()).collect());
+    };
+    put("terraform-kkp-validate", &[]);
+    if dns {
+        put("terraform-kkp-dns-validate", &[]);
+        put("dns-update", &["kkp-deploy", "terraform-kkp-dns-validate"]);
+    }
+    if backend {
+        put("terraform-backend-prepare", &[]);
+        put("terraform-plan", &["terraform-kkp-validate", "terraform-backend-prepare"]);
+    } else {
+        put("terraform-plan", &["terraform-kkp-validate"]);
+    }
+    put("terraform-apply", &["terraform-plan"]);
+    put("kubeone-apply", &["terraform-apply"]);
+    put("kkp-deploy", &["kubeone-apply"]);
+    // flux-bootstrap also needs kubeone-apply directly, so the kubeconfig (cluster identity) is in its key.
+    put("flux-bootstrap", &["kkp-deploy", "kubeone-apply"]);
+    g
+}
+
+#[test]
+fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_rest() {
+    for ci in PROVIDERS {
+        for cloud in CLOUDS {
+            for dns in [false, true] {
+                if !supported(ci, cloud, dns) {
+                    let repo = Repo::empty();
+                    let mut args = vec!["init", "--ci", ci, "--cloud", cloud];
+                    if dns {
+                        args.push("--dns");
+                    }
+                    let r = repo.kk(&args);
+                    assert_eq!(r.code, 2, "{ci} {cloud} dns={dns} must be refused: {}", r.all());
+                    assert!(r.stderr.contains("aws"), "the message names the supported ones: {}", r.stderr);
+                    assert!(!repo.exists("pipeline.toml"));
+                    continue;
+                }
+                let repo = init_repo(ci, cloud, dns);
+                let stages = stage_table(&repo);
+                let graph: BTreeMap<String, Vec<String>> =
+                    stages.iter().map(|(name, s)| (name.clone(), strings(s, "needs"))).collect();
+                assert_eq!(graph, seed_graph(ci, cloud, dns), "{ci} {cloud} dns={dns}");
+
+                // The pipeline loads (validation, event consistency) and every stage is reported.
+                let status = repo.kk(&["status", "--json"]).ok().json();
+                assert_eq!(status["stages"].as_array().unwrap().len(), graph.len());
+
+                // Real commands and this provider's / cloud's secrets.
+                let flux = &stages["flux-bootstrap"];
+                let flux_run = strings(flux, "run").join("\n");
+                let bootstrap = match *ci {
+                    "github" => "flux bootstrap github",
+                    "gitlab" => "flux bootstrap gitlab",
+                    _ => "flux bootstrap git ",
+                };
+                assert!(flux_run.contains(bootstrap), "{flux_run}");
+                assert!(flux_run.contains("--path=flux/clusters/master --commit-message-appendix='[ci skip]'"));
+                let token = match *ci {
+                    "github" => "TOKEN_GITHUB",
+                    "gitlab" => "GITLAB_TOKEN",
+                    _ => "SSH_PRIVATE_KEY",
+                };
+                assert!(strings(flux, "pass_env").contains(&token.to_string()));
+                let cred = match *cloud {
+                    "aws" => "AWS_SECRET_ACCESS_KEY",
+                    "gcp" => "GOOGLE_CREDENTIALS",
+                    "azure" => "ARM_CLIENT_SECRET",
+                    "openstack" => "OS_PASSWORD",
+                    _ => "VSPHERE_PASSWORD",
+                };
+                for s in ["terraform-plan", "terraform-apply", "kubeone-apply"] {
+                    assert!(strings(&stages[s], "pass_env").contains(&cred.to_string()), "{s} lacks {cred}");
+                }
+                let plan_run = strings(&stages["terraform-plan"], "run").join("\n");
+                assert!(plan_run.contains("terraform plan -input=false -out=plan.tfplan"));
+                assert_eq!(ci == &"gitlab", plan_run.contains("CI_JOB_TOKEN"), "GitLab-managed state: {plan_run}");
+                let kkp_run = strings(&stages["kkp-deploy"], "run").join("\n");
+                assert!(kkp_run.contains("kubermatic-installer deploy --config"));
+                assert!(kkp_run.contains("sops --decrypt"));
+                let storage = if *cloud == "gcp" { "--storageclass gce" } else { &format!("--storageclass {cloud}") };
+                assert!(kkp_run.contains(storage), "{kkp_run}");
+                // Terraform stages never read working files.
+                let ex = strings(&stages["terraform-plan"], "exclude");
+                for never in ["**/.terraform/**", "**/*.tfstate", "**/*.tfplan"] {
+                    assert!(ex.contains(&never.to_string()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn init_refuses_to_overwrite_without_force() {
+    let repo = init_repo("github", "aws", false);
+    repo.write("pipeline.toml", "# mine\n");
+    let r = repo.kk(&["init", "--ci", "gitlab", "--cloud", "aws"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("already exists") && r.stderr.contains("--force"), "{}", r.stderr);
+    assert_eq!(repo.read("pipeline.toml"), "# mine\n");
+    repo.kk(&["init", "--ci", "gitlab", "--cloud", "aws", "--force"]).ok();
+    assert!(repo.read("pipeline.toml").contains("flux bootstrap gitlab"));
+}
+
+#[test]
+fn the_reference_pipeline_is_what_init_writes_for_github_aws_dns() {
+    let repo = init_repo("github", "aws", true);
+    let reference =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
+    assert_eq!(
+        repo.read("pipeline.toml"),
+        reference,
+        "regenerate it: kkpipe init --ci github --cloud aws --dns --force"
+    );
+}
+
+/// Stages `status --event ...` selects (everything not skipped by the event).
+fn selected(repo: &Repo, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["status", "--json"];
+    a.extend_from_slice(args);
+    let doc = repo.kk(&a).ok().json();
+    doc["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] != "skipped-by-event")
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn event_selection_is_exact_for_every_combination() {
+    for ci in PROVIDERS {
+        for cloud in CLOUDS {
+            for dns in [false, true] {
+                if !supported(ci, cloud, dns) {
+                    continue;
+                }
+                let repo = init_repo(ci, cloud, dns);
+                let all: Vec<String> = stage_table(&repo).keys().cloned().collect();
+                let mut pr = vec!["terraform-kkp-validate".to_string()];
+                if dns {
+                    pr.push("terraform-kkp-dns-validate".into());
+                }
+                if *ci != "gitlab" && (*cloud == "aws" || *cloud == "gcp") {
+                    pr.push("terraform-backend-prepare".into());
+                }
+                pr.push("terraform-plan".into());
+                let ctx = format!("{ci} {cloud} dns={dns}");
+                assert_eq!(selected(&repo, &["--event", "pull_request"]), pr, "{ctx}");
+                assert_eq!(selected(&repo, &["--event", "push", "--branch", "main"]), all, "{ctx}");
+                assert!(selected(&repo, &["--event", "push", "--branch", "feature/x"]).is_empty(), "{ctx}");
+                assert_eq!(selected(&repo, &[]), all, "{ctx}: a local run selects every stage");
+                let other = repo.kk(&["run", "--event", "push", "--branch", "feature/x"]).ok();
+                assert!(other.stderr.contains("no stage runs on push to `feature/x`"), "{}", other.stderr);
+            }
+        }
+    }
+}
+
+#[test]
+fn ci_variables_select_the_event_and_an_explicit_flag_wins() {
+    let mut repo = init_repo("github", "aws", false);
+    repo.set_env("GITHUB_ACTIONS", "true")
+        .set_env("GITHUB_EVENT_NAME", "pull_request")
+        .set_env("GITHUB_BASE_REF", "main");
+    assert_eq!(selected(&repo, &[]).len(), 3);
+    assert_eq!(selected(&repo, &["--event", "push", "--branch", "main"]).len(), 7);
+    repo.set_env("GITHUB_EVENT_NAME", "push").set_env("GITHUB_REF_NAME", "feature");
+    assert!(selected(&repo, &[]).is_empty());
+}
+
+// ------------------------------------------------------------------ the demo repository, real terraform
+
+fn serial(repo: &Repo, dir: &str) -> i64 {
+    let state: Value = serde_json::from_str(&repo.read(&format!("{dir}/terraform.tfstate"))).unwrap();
+    state["serial"].as_i64().unwrap()
+}
+
+fn push(repo: &Repo) -> Run {
+    repo.run(&["--event", "push", "--branch", "main"]).ok()
+}
+
+#[test]
+fn the_demo_repository_applies_once_then_skips_everything() {
+    let repo = Repo::kkp_demo();
+    let first = push(&repo);
+    assert_eq!(first.ran().len(), 9, "{}", first.stderr);
+    let state: Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
+    assert_eq!(state["resources"].as_array().unwrap().len(), 3, "vpc, control plane, load balancer");
+    let serials = (serial(&repo, "terraform/aws"), serial(&repo, "terraform/aws/dns"));
+
+    let second = push(&repo);
+    assert!(second.ran().is_empty(), "{}", second.stderr);
+    assert_eq!((serial(&repo, "terraform/aws"), serial(&repo, "terraform/aws/dns")), serials, "no apply happened");
+}
+
+#[test]
+fn editing_tfvars_reruns_terraform_and_what_consumes_changed_outputs() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    // The instance type is not in terraform's outputs: kubeone stays fresh.
+    repo.edit("terraform/aws/terraform.tfvars", "\"t3.large\"", "\"t3.xlarge\"");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["terraform-kkp-validate", "terraform-plan", "terraform-apply"]);
+    assert!(repo.read("terraform/aws/terraform.tfstate").contains("t3.xlarge"));
+    // The control plane size is: kubeone reruns; its kubeconfig is unchanged, so KKP stays fresh.
+    repo.edit("terraform/aws/terraform.tfvars", "control_plane_vm_count = 3", "control_plane_vm_count = 2");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["terraform-kkp-validate", "terraform-plan", "terraform-apply", "kubeone-apply"]);
+    assert_eq!(r.reason_of("kubeone-apply")["kind"], "upstream-outputs-changed");
+    assert_eq!(r.reason_of("kubeone-apply")["paths"][0], "terraform/aws/output.json");
+}
+
+#[test]
+fn a_comment_in_a_tf_file_does_not_reach_kubeone_kkp_or_flux() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    repo.edit(
+        "terraform/aws/main.tf",
+        "# Infrastructure of the KKP master cluster.",
+        "# Infrastructure of the KKP master cluster (reviewed).",
+    );
+    let r = push(&repo);
+    let ran = r.ran();
+    assert!(
+        ran.contains(&"terraform-kkp-validate".to_string()) && ran.contains(&"terraform-plan".to_string()),
+        "{ran:?}"
+    );
+    for s in ["kubeone-apply", "kkp-deploy", "dns-update", "flux-bootstrap"] {
+        assert!(!ran.contains(&s.to_string()), "{s} must stay fresh: {ran:?}");
+    }
+}
+
+#[test]
+fn editing_kubermatic_values_reruns_only_kkp_deploy() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    repo.edit("kubermatic/values.yaml", "replicaCount: 2", "replicaCount: 3");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["kkp-deploy"]);
+    assert_eq!(r.reason_of("kkp-deploy")["path"], "kubermatic/values.yaml");
+}
+
+#[test]
+fn flux_commits_never_make_anything_stale() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    repo.write("flux/clusters/master/flux-system/gotk-extra.yaml", "# Flux's own commit\n");
+    repo.write("flux/clusters/master/kkp/another-project.yaml", "kind: Project\n");
+    let doc = repo.status_json();
+    for s in doc["stages"].as_array().unwrap() {
+        assert_eq!(s["state"], "fresh", "{s}");
+    }
+}
+
+#[test]
+fn a_new_terraform_binary_makes_exactly_the_terraform_stages_stale() {
+    let mut repo = Repo::kkp_demo();
+    push(&repo);
+    let real = std::process::Command::new("sh").args(["-c", "command -v terraform"]).output().unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    repo.write("wrapper/terraform", &format!("#!/bin/sh\n# a wrapper earlier on PATH\nexec {real} \"$@\"\n"));
+    std::fs::set_permissions(repo.path("wrapper/terraform"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let path = format!("{}:{}", repo.path("wrapper").display(), repo.env_var("PATH"));
+    repo.set_env("PATH", &path);
+    let doc = repo.status_json();
+    for s in doc["stages"].as_array().unwrap() {
+        let name = s["name"].as_str().unwrap();
+        let uses_terraform =
+            ["terraform-kkp-validate", "terraform-kkp-dns-validate", "terraform-plan", "terraform-apply", "dns-update"]
+                .contains(&name);
+        if uses_terraform {
+            assert_eq!(s["reasons"][0]["kind"], "tool-changed", "{name}");
+            assert_eq!(s["reasons"][0]["name"], "terraform", "{name}");
+        } else {
+            assert_ne!(s["reasons"][0]["kind"], "tool-changed", "{name}");
+        }
+    }
+    assert_eq!(repo.state_of("terraform-backend-prepare"), "fresh");
+    let text = repo.kk(&["status"]).ok().stdout;
+    let line = text.lines().find(|l| l.starts_with("terraform-plan ")).unwrap();
+    assert!(line.ends_with("stale: tool `terraform` changed"), "{text}");
+}
+
+#[test]
+fn a_missing_tool_is_an_error_before_anything_runs() {
+    let mut repo = Repo::kkp_demo();
+    let path = repo.env_var("PATH").replace(&format!("{}:", repo.path("bin").display()), "");
+    repo.set_env("PATH", &path);
+    let r = repo.kk(&["run"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stage `kubeone-apply` needs tool `kubeone`, which is not on PATH"), "{}", r.stderr);
+    assert!(!repo.exists("terraform/aws/terraform.tfstate"), "nothing ran");
+}
+
+#[test]
+fn a_plan_made_before_an_edit_is_never_applied() {
+    let repo = Repo::kkp_demo();
+    repo.run(&["terraform-plan"]).ok();
+    let old_plan = std::fs::read(repo.path("terraform/aws/plan.tfplan")).unwrap();
+    repo.edit("terraform/aws/terraform.tfvars", "\"t3.large\"", "\"t3.2xlarge\"");
+    let r = repo.run(&["terraform-apply"]).ok();
+    assert_eq!(r.reason_of("terraform-plan")["path"], "terraform/aws/terraform.tfvars");
+    assert_ne!(std::fs::read(repo.path("terraform/aws/plan.tfplan")).unwrap(), old_plan, "replanned first");
+    assert!(repo.read("terraform/aws/terraform.tfstate").contains("t3.2xlarge"), "the new plan was applied");
+}
+
+#[test]
+fn a_plan_made_against_older_state_is_replanned_not_a_failed_pipeline() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    repo.edit("terraform/aws/terraform.tfvars", "\"t3.large\"", "\"t3.medium\"");
+    repo.run(&["terraform-plan"]).ok();
+    // Someone applies behind kkpipe's back: the saved plan is now stale.
+    let tf = std::process::Command::new("terraform")
+        .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=m5.large"])
+        .current_dir(repo.path("terraform/aws"))
+        .env("TF_IN_AUTOMATION", "1")
+        .output()
+        .unwrap();
+    assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
+    let r = repo.run(&["terraform-apply"]).ok();
+    assert!(r.stdout.contains("Saved plan is stale") || r.stderr.contains("Saved plan is stale"), "{}", r.stderr);
+    assert!(r.stderr.contains("rerunning `terraform-plan` and retrying `terraform-apply` once"), "{}", r.stderr);
+    assert_eq!(r.with_state("ran"), ["terraform-plan", "terraform-apply"]);
+    assert_eq!(r.reason_of("terraform-plan")["kind"], "plan-stale");
+    assert!(repo.read("terraform/aws/terraform.tfstate").contains("t3.medium"));
+}
+
+#[test]
+fn kkpipe_demo_runs_three_pushes_offline() {
+    let repo = Repo::empty();
+    let dir = repo.sibling("demo");
+    let r = repo.kk(&["demo", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.contains("1. first push:  all 9 stages ran"), "{}", r.stdout);
+    assert!(r.stdout.contains("2. no changes:  0 ran, 9 fresh"), "{}", r.stdout);
+    assert!(r.stdout.contains("3. values edit: ran kkp-deploy (8 fresh)"), "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("kkpipe -C {} status", dir.display())), "{}", r.stdout);
+    assert!(dir.join("terraform/aws/terraform.tfstate").is_file());
+    // The written repository carries the reference pipeline.
+    let reference =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
+    assert_eq!(std::fs::read_to_string(dir.join("pipeline.toml")).unwrap(), reference);
+    let again = repo.kk(&["demo", dir.to_str().unwrap()]);
+    assert_eq!(again.code, 2, "a non-empty directory is refused");
+}
+
+#[test]
+fn the_demo_says_how_to_get_terraform_when_it_is_missing() {
+    let mut repo = Repo::empty();
+    let bin = repo.sibling("only-bash");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["bash", "python3", "git"] {
+        if let Some(p) =
+            std::env::split_paths(&std::env::var_os("PATH").unwrap()).map(|d| d.join(tool)).find(|p| p.exists())
+        {
+            std::os::unix::fs::symlink(p, bin.join(tool)).unwrap();
+        }
+    }
+    repo.set_env("PATH", bin.to_str().unwrap());
+    let r = repo.kk(&["demo", repo.sibling("d").to_str().unwrap()]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("`terraform` is not on PATH") && r.stderr.contains("install terraform"), "{}", r.stderr);
+}
