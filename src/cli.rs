@@ -41,6 +41,18 @@ pub enum Command {
     Run(RunArgs),
     /// Show each stage's state: fresh, stale (with the first reason), never run, failed.
     Status(StatusArgs),
+    /// Explain why a stage is stale (or fresh): every difference from its last successful run, and the root cause.
+    Why(WhyArgs),
+    /// Run deploy stages' drift probes (`verify`) without applying anything; exit code 1 when something drifted.
+    Verify(VerifyArgs),
+    /// Print the stage graph with each stage's state, as Mermaid (GitHub markdown) or Graphviz DOT.
+    Graph(GraphArgs),
+    /// Print a stage's stored log: the latest run, or `--run N`.
+    Log(LogArgs),
+    /// List recent runs, or with `--stage` one stage's runs (for a deploy stage: its ledger).
+    History(HistoryArgs),
+    /// Print shell completions for bash, zsh or fish.
+    Completions(CompletionsArgs),
     /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository.
     Init(InitArgs),
     /// Write the embedded KKP demo repository into DIR and run its pipeline three times (offline; needs
@@ -122,6 +134,99 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct WhyArgs {
+    /// The stage to explain.
+    #[arg(value_name = "STAGE")]
+    pub stage: String,
+
+    /// List every changed file (default: the first 20 of each group).
+    #[arg(long)]
+    pub all: bool,
+
+    /// Print JSON (schema kkpipe.why.v1), including the input manifest with each file's BLAKE3.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Deploy stages to probe (with what they need). Default: every selected deploy stage with a `verify`.
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+
+    /// Print a JSON report (schema kkpipe.run.v1) on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seconds to wait for another kkpipe run on this repository before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub lock_timeout: u64,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
+    pub format: GraphFormat,
+
+    /// Stages to show (with what they need). Default: all, or those selected by `--event`.
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// The stage whose log to print.
+    #[arg(value_name = "STAGE")]
+    pub stage: String,
+
+    /// The run (as numbered by `kkpipe history`). Default: the stage's latest run.
+    #[arg(long, value_name = "N")]
+    pub run: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Show one stage's runs: when, outcome, key, commit and event (a deploy stage's ledger).
+    #[arg(long, value_name = "STAGE")]
+    pub stage: Option<String>,
+
+    /// Only runs in this deployment environment.
+    #[arg(long = "env", value_name = "NAME")]
+    pub env_name: Option<String>,
+
+    /// How many entries to show.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub limit: i64,
+
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

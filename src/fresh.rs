@@ -7,12 +7,12 @@
 use crate::hash::Entry;
 use crate::hash::key::Manifest;
 use crate::relpath::RelPath;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
 /// The first reason a stage must run. Serialised (kebab-case `kind`) into `--json` output and the cache.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Reason {
     NeverRun,
@@ -24,6 +24,7 @@ pub enum Reason {
     CommandChanged,
     ShellChanged,
     DirChanged { old: String, new: String },
+    EnvScopeChanged { old: String, new: String },
     EnvChanged { name: String, old: Option<String>, new: Option<String> },
     SecretEnvChanged { name: String },
     PassEnvChanged { added: Vec<String>, removed: Vec<String> },
@@ -41,7 +42,7 @@ pub enum Reason {
     PlanStale { stage: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
     Added,
@@ -80,6 +81,9 @@ impl fmt::Display for Reason {
             Reason::CommandChanged => write!(f, "command changed"),
             Reason::ShellChanged => write!(f, "shell changed"),
             Reason::DirChanged { old, new } => write!(f, "dir changed from `{old}` to `{new}`"),
+            Reason::EnvScopeChanged { old, new } => {
+                write!(f, "made for environment `{old}`, not `{new}` (per_env)")
+            }
             Reason::EnvChanged { name, .. } => write!(f, "env `{name}` changed"),
             Reason::SecretEnvChanged { name } => write!(f, "secret env `{name}` changed"),
             Reason::PassEnvChanged { .. } => write!(f, "pass_env list changed"),
@@ -174,12 +178,19 @@ pub struct NeedChange {
     pub outputs: FileChanges,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandChange {
+    pub old: Vec<String>,
+    pub new: Vec<String>,
+}
+
 /// Every difference between an old and a new manifest, grouped.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Diff {
-    pub command: Option<(Vec<String>, Vec<String>)>,
+    pub command: Option<CommandChange>,
     pub shell: bool,
     pub dir: Option<(String, String)>,
+    pub env_scope: Option<(String, String)>,
     pub env: Vec<EnvChange>,
     pub secret_env: Vec<String>,
     pub pass_env_added: Vec<String>,
@@ -197,11 +208,14 @@ impl Diff {
     pub fn between(old: &Manifest, new: &Manifest) -> Diff {
         let mut d = Diff::default();
         if old.run != new.run {
-            d.command = Some((old.run.clone(), new.run.clone()));
+            d.command = Some(CommandChange { old: old.run.clone(), new: new.run.clone() });
         }
         d.shell = old.shell != new.shell;
         if old.dir != new.dir {
             d.dir = Some((old.dir.display(), new.dir.display()));
+        }
+        if old.env_scope != new.env_scope {
+            d.env_scope = Some((old.env_scope.clone(), new.env_scope.clone()));
         }
         let oe: BTreeMap<_, _> = old.env.iter().cloned().collect();
         let ne: BTreeMap<_, _> = new.env.iter().cloned().collect();
@@ -265,6 +279,9 @@ impl Diff {
         }
         if let Some((old, new)) = &self.dir {
             return Some(Reason::DirChanged { old: old.clone(), new: new.clone() });
+        }
+        if let Some((old, new)) = &self.env_scope {
+            return Some(Reason::EnvScopeChanged { old: old.clone(), new: new.clone() });
         }
         if let Some(e) = self.env.first() {
             return Some(Reason::EnvChanged { name: e.name.clone(), old: e.old.clone(), new: e.new.clone() });

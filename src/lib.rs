@@ -14,7 +14,8 @@
 //! - [`pipeline`]: `pipeline.toml` -> a validated [`pipeline::Pipeline`] (all errors before the cache is touched).
 //! - [`graph`]: topological order, cycles, selection by target and CI event.
 //! - [`hash`]: parallel walk, BLAKE3 file digests through a stat cache, the versioned stage key.
-//! - [`fresh`]: why a stage is stale, by comparing the old and new manifests field by field.
+//! - [`fresh`]: why a stage is stale, by comparing the old and new manifests field by field;
+//!   [`explain`] follows that reason upstream to the root cause (`kkpipe why`).
 //! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache) and the blob store.
 //! - [`run`]: the session (manifests and decisions) and the scheduler that runs stale stages as jobs.
 //! - [`report`]: renders the scheduler's events for people and machines.
@@ -26,6 +27,7 @@ pub mod ci;
 pub mod cli;
 mod commands;
 pub mod error;
+pub mod explain;
 pub mod fresh;
 pub mod graph;
 pub mod hash;

@@ -21,6 +21,8 @@ pub struct Settings {
     pub provider: Option<Provider>,
     pub style: Style,
     pub caller_env: HashMap<String, String>,
+    /// A person is watching a terminal (not CI, not piped, not quiet): live progress is shown.
+    pub interactive: bool,
 }
 
 impl Settings {
@@ -42,7 +44,12 @@ impl Settings {
             Some(Provider::Gitlab) => Style::Gitlab,
             _ => Style::Plain,
         };
+        let interactive = provider.is_none()
+            && !cli.quiet
+            && std::io::stderr().is_terminal()
+            && caller_env.get("CI").is_none_or(|v| v.is_empty() || v == "false");
         Settings {
+            interactive,
             start_dir: cli.dir.clone().unwrap_or_else(|| PathBuf::from(".")),
             color,
             quiet: cli.quiet,

@@ -2,10 +2,11 @@
 
 mod demo;
 mod init;
+mod observe;
 mod status;
 
 use crate::cache::Cache;
-use crate::cli::{CacheCommand, Cli, Command, RunArgs, Selection};
+use crate::cli::{CacheCommand, Cli, Command, RunArgs, Selection, VerifyArgs};
 use crate::error::{Error, exit};
 use crate::graph::Graph;
 use crate::pipeline;
@@ -22,6 +23,16 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
     match &cli.command {
         Command::Run(args) => run_cmd(&settings, args),
         Command::Status(args) => status::status(&settings, args),
+        Command::Why(args) => observe::why(&settings, args),
+        Command::Verify(args) => verify_cmd(&settings, args),
+        Command::Graph(args) => observe::graph(&settings, args),
+        Command::Log(args) => observe::log(&settings, args),
+        Command::History(args) => observe::history(&settings, args),
+        Command::Completions(args) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(args.shell, &mut cmd, "kkpipe", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
         Command::Init(args) => init::init(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),
         Command::Cache(c) => cache_cmd(&settings, c),
@@ -40,7 +51,9 @@ pub(crate) fn open_session(settings: &Settings, sel: &Selection) -> Result<Sessi
     let graph = Graph::build(&p)?;
     let event = settings.event(sel)?;
     let cache = Cache::open(&root)?;
-    Ok(Session::new(p, graph, cache, event, sel.env_name.clone(), settings.caller_env.clone())?)
+    let mut s = Session::new(p, graph, cache, event, sel.env_name.clone(), settings.caller_env.clone())?;
+    s.progress = settings.interactive;
+    Ok(s)
 }
 
 pub(crate) fn human(settings: &Settings, to_stderr: bool, session: &Session) -> Human {
@@ -49,7 +62,11 @@ pub(crate) fn human(settings: &Settings, to_stderr: bool, session: &Session) -> 
 }
 
 fn run_cmd(settings: &Settings, args: &RunArgs) -> Result<u8, Error> {
-    Ok(match run_outcome(settings, args)? {
+    Ok(exit_code(run_outcome(settings, args)?.as_ref()))
+}
+
+fn exit_code(o: Option<&run::Outcome>) -> u8 {
+    match o {
         None => exit::OK,
         Some(o) => match o.interrupted {
             Some(sig) if sig == signal_hook::consts::SIGTERM => exit::SIGTERM,
@@ -57,28 +74,59 @@ fn run_cmd(settings: &Settings, args: &RunArgs) -> Result<u8, Error> {
             None if o.failed => exit::FAILED,
             None => exit::OK,
         },
-    })
+    }
 }
 
 /// `kkpipe run`: `None` when nothing was selected or for a dry run.
 pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<run::Outcome>, Error> {
     let mut s = open_session(settings, &args.selection)?;
-    let selected = s.select(&args.stages)?;
     let force = match (args.force, args.stages.is_empty()) {
         (false, _) => Force::No,
         (true, true) => Force::All,
         (true, false) => Force::Stages(args.stages.clone()),
     };
-    if !selected.contains(&crate::graph::Selected::Yes) {
-        let what = match &s.event {
-            Some(e) => format!("no stage runs on {e}"),
-            None => "no stage selected".into(),
-        };
-        eprintln!("kkpipe: {what}; nothing to do");
+    if args.dry_run {
+        let selected = s.select(&args.stages)?;
+        if nothing_selected(&s, &selected) {
+            return Ok(None);
+        }
+        status::dry_run(settings, &mut s, &selected, &force, args.json)?;
         return Ok(None);
     }
-    if args.dry_run {
-        status::dry_run(settings, &mut s, &selected, &force, args.json)?;
+    let opts = Options {
+        targets: args.stages.clone(),
+        force,
+        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        fail_fast: args.fail_fast,
+        verify: !args.no_verify,
+        replay: args.replay,
+        probe_only: false,
+    };
+    execute(settings, &mut s, &opts, args.json, args.lock_timeout)
+}
+
+fn nothing_selected(s: &Session, selected: &[crate::graph::Selected]) -> bool {
+    if selected.contains(&crate::graph::Selected::Yes) {
+        return false;
+    }
+    let what = match &s.event {
+        Some(e) => format!("no stage runs on {e}"),
+        None => "no stage selected".into(),
+    };
+    eprintln!("kkpipe: {what}; nothing to do");
+    true
+}
+
+/// Run (or probe) the selected stages under the repository's run lock.
+fn execute(
+    settings: &Settings,
+    s: &mut Session,
+    opts: &Options,
+    json: bool,
+    lock_timeout: u64,
+) -> Result<Option<run::Outcome>, Error> {
+    let selected = s.select(&opts.targets)?;
+    if nothing_selected(s, &selected) {
         return Ok(None);
     }
     // A missing tool is an error before anything runs.
@@ -93,28 +141,37 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
             )));
         }
     }
-    let human = human(settings, args.json, &s);
-    let mut sink: Box<dyn Sink> = if args.json {
+    let live = settings.interactive && !json;
+    s.progress = settings.interactive;
+    let human = human(settings, json, s).with_live_progress(live);
+    let mut sink: Box<dyn Sink> = if json {
         Box::new(json::Json { human, context: json::Context::new(s.event.as_ref(), &s.env_name) })
     } else {
         Box::new(human)
     };
-    let _lock = run::lock::acquire(s.cache.dir(), "run", Duration::from_secs(args.lock_timeout), |holder| {
+    let command = if opts.probe_only { "verify" } else { "run" };
+    let _lock = run::lock::acquire(s.cache.dir(), command, Duration::from_secs(lock_timeout), |holder| {
         eprintln!("kkpipe: waiting for the run lock, held by {holder}");
     })?;
     let interrupt = Interrupt::install();
+    if let Some(e) = &s.event {
+        sink.event(&Event::Info(format!("kkpipe: selecting stages for {e} (environment `{}`)", s.env_name)));
+    }
+    Ok(Some(run::run(s, opts, sink.as_mut(), &interrupt)?))
+}
+
+fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
+    let mut s = open_session(settings, &args.selection)?;
     let opts = Options {
         targets: args.stages.clone(),
-        force,
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
-        fail_fast: args.fail_fast,
-        verify: !args.no_verify,
-        replay: args.replay,
+        force: Force::No,
+        jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        fail_fast: false,
+        verify: true,
+        replay: false,
+        probe_only: true,
     };
-    if let Some(e) = &s.event {
-        sink.event(&Event::Info(format!("kkpipe: selecting stages for {e}")));
-    }
-    Ok(Some(run::run(&mut s, &opts, sink.as_mut(), &interrupt)?))
+    Ok(exit_code(execute(settings, &mut s, &opts, args.json, args.lock_timeout)?.as_ref()))
 }
 
 fn cache_cmd(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {

@@ -16,8 +16,8 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Files at least this large are hashed with BLAKE3's memory-mapped, multi-threaded path. Below it, reading
@@ -56,7 +56,7 @@ pub struct FileHasher {
     /// This invocation's digests, so a file shared by several stages is read once.
     memo: Mutex<HashMap<RelPath, (Stat, Hash)>>,
     new_entries: Mutex<Vec<(Vec<u8>, StatEntry)>>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
 }
 
 impl FileHasher {
@@ -66,7 +66,7 @@ impl FileHasher {
             known,
             memo: Mutex::new(HashMap::new()),
             new_entries: Mutex::new(Vec::new()),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
         }
     }
 

@@ -6,7 +6,8 @@
 //! decoding the old manifest and comparing it with the new one, field by field (see `fresh.rs`).
 //!
 //! What goes in, in this order:
-//! 1. the stage definition: shell, `dir`, `run` lines, keyed env (names and values), `secret_env` (names and
+//! 1. the stage definition: shell, `dir`, `run` lines, the deployment environment's name for `per_env` stages
+//!    (empty otherwise), keyed env (names and values), `secret_env` (names and
 //!    an HMAC of each value under a per-repository key: never the value, never a bare hash), `pass_env`
 //!    names (not values), declared outputs (path, sensitive), tools (name, content hash of the executable);
 //! 2. the global inputs: relative `/`-separated path, then content hash and executable bit, or link text;
@@ -37,6 +38,8 @@ pub struct Manifest {
     pub shell: Vec<String>,
     pub dir: RelPath,
     pub run: Vec<String>,
+    /// The `--env` name for `per_env` stages; empty for the others (shared across environments).
+    pub env_scope: String,
     pub env: Vec<(String, String)>,
     pub secret_env: Vec<(String, Hash)>,
     pub pass_env: Vec<String>,
@@ -82,6 +85,7 @@ impl Manifest {
         e.list(&self.shell, |e, s| e.str(s));
         e.bytes(self.dir.as_bytes());
         e.list(&self.run, |e, s| e.str(s));
+        e.str(&self.env_scope);
         e.list(&self.env, |e, (k, v)| {
             e.str(k);
             e.str(v);
@@ -122,6 +126,7 @@ impl Manifest {
             shell: d.list(|d| d.string())?,
             dir: RelPath::from_bytes(d.bytes()?).map_err(|_| DecodeError::Corrupt)?,
             run: d.list(|d| d.string())?,
+            env_scope: d.string()?,
             env: d.list(|d| Ok((d.string()?, d.string()?)))?,
             secret_env: d.list(|d| Ok((d.string()?, d.hash()?)))?,
             pass_env: d.list(|d| d.string())?,
@@ -244,6 +249,7 @@ mod tests {
             shell: SHELL.iter().map(|s| s.to_string()).collect(),
             dir: RelPath::parse("terraform/aws").unwrap(),
             run: vec!["terraform validate".into()],
+            env_scope: String::new(),
             env: vec![("TF_IN_AUTOMATION".into(), "1".into())],
             secret_env: vec![("TF_VAR_password".into(), secret_mac(&[7; 32], "TF_VAR_password", "hunter2"))],
             pass_env: vec!["AWS_ACCESS_KEY_ID".into()],
@@ -277,6 +283,7 @@ mod tests {
             Box::new(|m| m.shell.push("-x".into())),
             Box::new(|m| m.dir = RelPath::parse("terraform").unwrap()),
             Box::new(|m| m.run[0].push(' ')),
+            Box::new(|m| m.env_scope = "production".into()),
             Box::new(|m| m.env[0].1 = "0".into()),
             Box::new(|m| m.secret_env[0].1 = secret_mac(&[7; 32], "TF_VAR_password", "hunter3")),
             Box::new(|m| m.pass_env.clear()),

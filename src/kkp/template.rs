@@ -126,6 +126,7 @@ struct Stage {
     name: &'static str,
     comment: &'static str,
     kind_deploy: bool,
+    per_env: bool,
     on_pr: bool,
     dir: Option<String>,
     run: Vec<String>,
@@ -145,6 +146,7 @@ impl Stage {
             name,
             comment,
             kind_deploy: false,
+            per_env: false,
             on_pr: false,
             dir: None,
             run: Vec::new(),
@@ -259,9 +261,10 @@ fn stages(v: Variant) -> Vec<Stage> {
 
     let mut plan = Stage::new(
         "terraform-plan",
-        "Plan against the stored state. The plan holds secrets in clear: sensitive, never exported, never in a CI cache.",
+        "Plan against the environment's state (so it is keyed per `--env`). The plan holds secrets in clear:\n# sensitive, never exported, never in a CI cache.",
     );
     plan.on_pr = true;
+    plan.per_env = true;
     plan.dir = Some(tf.clone());
     plan.run = vec![tf_init(v), "terraform plan -input=false -out=plan.tfplan".into()];
     plan.inputs = tf_inputs(&tf);
@@ -442,6 +445,9 @@ pub fn render(v: Variant) -> String {
         let _ = writeln!(t, "[stages.{}]", s.name);
         if s.kind_deploy {
             t.push_str("kind = \"deploy\"\n");
+        }
+        if s.per_env {
+            t.push_str("per_env = true\n");
         }
         let on: &[&str] = if s.on_pr { &["pull_request", "push"] } else { &["push"] };
         let _ = writeln!(t, "on = {}", list(on));

@@ -84,6 +84,8 @@ pub struct Stage {
     pub on: Option<Vec<String>>,
     pub branches: Vec<String>,
     pub kind: Kind,
+    /// Keyed by the deployment environment (`--env`): the result depends on that environment's live state.
+    pub per_env: bool,
     pub verify: Option<String>,
     pub retry_needs_if: Option<String>,
 }
@@ -418,6 +420,7 @@ fn validate_stage(
         on: rs.on,
         branches,
         kind,
+        per_env: rs.per_env,
         verify: rs.verify,
         retry_needs_if: rs.retry_needs_if,
     })

@@ -56,6 +56,8 @@ pub(crate) struct RawStage {
     #[serde(default)]
     pub kind: Option<String>,
     #[serde(default)]
+    pub per_env: bool,
+    #[serde(default)]
     pub verify: Option<String>,
     #[serde(default)]
     pub retry_needs_if: Option<String>,

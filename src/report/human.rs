@@ -24,6 +24,8 @@ pub struct Human {
     pub to_stderr: bool,
     buffered: HashMap<String, Vec<Vec<u8>>>,
     width: usize,
+    /// The live "running: ..." line, on a terminal only.
+    live: Option<indicatif::ProgressBar>,
 }
 
 const GREEN: &str = "\x1b[1;32m";
@@ -43,15 +45,29 @@ impl Human {
         stage_names: &[String],
     ) -> Human {
         let width = stage_names.iter().map(|s| s.len()).max().unwrap_or(8);
-        Human { color, style, quiet, verbose, to_stderr, buffered: HashMap::new(), width }
+        Human { color, style, quiet, verbose, to_stderr, buffered: HashMap::new(), width, live: None }
+    }
+
+    /// Show which stages are running on a line that stays under the output (terminals only).
+    pub fn with_live_progress(mut self, enabled: bool) -> Human {
+        if enabled && self.style == Style::Plain && !self.quiet {
+            self.live = Some(super::progress::running_bar());
+        }
+        self
     }
 
     fn write(&self, bytes: &[u8]) {
         // Ignore EPIPE and friends: a closed pager must not fail the pipeline.
-        if self.to_stderr {
-            let _ = std::io::stderr().lock().write_all(bytes);
-        } else {
-            let _ = std::io::stdout().lock().write_all(bytes);
+        let out = || {
+            if self.to_stderr {
+                let _ = std::io::stderr().lock().write_all(bytes);
+            } else {
+                let _ = std::io::stdout().lock().write_all(bytes);
+            }
+        };
+        match &self.live {
+            Some(bar) => bar.suspend(out),
+            None => out(),
         }
     }
 
@@ -110,7 +126,13 @@ impl Sink for Human {
         match e {
             Event::Warning(w) => {
                 let line = format!("{} {w}\n", self.paint(YELLOW, "warning:"));
-                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+                let write = || {
+                    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+                };
+                match &self.live {
+                    Some(bar) => bar.suspend(write),
+                    None => write(),
+                }
             }
             Event::Info(m) => {
                 if !self.quiet {
@@ -190,15 +212,39 @@ impl Sink for Human {
                     self.write(&l);
                 }
             }
-            Event::Summary(s) => self.write(summary_line(s, self.color).as_bytes()),
+            Event::Summary(s) => {
+                if let Some(bar) = self.live.take() {
+                    bar.finish_and_clear();
+                }
+                self.write(summary_line(s, self.color).as_bytes())
+            }
         }
     }
 
-    fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {}
+    fn tick(&mut self, running: &[(String, std::time::Duration)]) {
+        if let Some(bar) = &self.live {
+            if running.is_empty() {
+                bar.set_message("");
+            } else {
+                let list: Vec<String> = running.iter().map(|(n, d)| format!("{n} ({})", format_duration(*d))).collect();
+                bar.set_message(format!("running: {}", list.join(", ")));
+            }
+        }
+    }
+
+    fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {
+        if let Some(bar) = self.live.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn summary_line(s: &Summary, color: bool) -> String {
     let mut parts = Vec::new();
+    if s.verified > 0 || s.drifted > 0 {
+        parts.push(format!("{} in sync", s.verified));
+        parts.push(format!("{} drifted", s.drifted));
+    }
     if s.would_run > 0 {
         parts.push(format!("{} would run", s.would_run));
     }
@@ -223,12 +269,9 @@ fn summary_line(s: &Summary, color: bool) -> String {
     } else {
         String::new()
     };
-    let verb = if s.failed > 0 || s.interrupted > 0 { "Failed" } else { "Finished" };
-    let verb = if color {
-        format!("{}{verb:>9}{RESET}", if s.failed > 0 || s.interrupted > 0 { RED } else { GREEN })
-    } else {
-        format!("{verb:>9}")
-    };
+    let bad = s.failed > 0 || s.interrupted > 0 || s.drifted > 0;
+    let verb = if bad { "Failed" } else { "Finished" };
+    let verb = if color { format!("{}{verb:>9}{RESET}", if bad { RED } else { GREEN }) } else { format!("{verb:>9}") };
     format!(
         "{verb} {} in {}{saved}\n",
         parts.join(", "),

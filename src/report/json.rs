@@ -59,6 +59,10 @@ impl Sink for Json {
         }
     }
 
+    fn tick(&mut self, running: &[(String, std::time::Duration)]) {
+        self.human.tick(running);
+    }
+
     fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
         print(RUN_SCHEMA, &self.context, rows, Some(summary));
     }

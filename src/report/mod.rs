@@ -3,6 +3,7 @@
 
 mod human;
 pub mod json;
+pub mod progress;
 
 use crate::fresh::Reason;
 use crate::pipeline::Kind;
@@ -30,6 +31,8 @@ pub enum StageState {
     Interrupted,
     /// `run --dry-run`: would run.
     WouldRun,
+    /// `verify`: the drift probe says the live system no longer matches the last apply.
+    Drifted,
 }
 
 impl StageState {
@@ -45,6 +48,7 @@ impl StageState {
             StageState::Skipped => "skipped",
             StageState::Interrupted => "interrupted",
             StageState::WouldRun => "would run",
+            StageState::Drifted => "drifted",
         }
     }
 }
@@ -98,6 +102,9 @@ pub struct Summary {
     pub skipped: usize,
     pub interrupted: usize,
     pub would_run: usize,
+    /// `verify`: stages whose probe ran and found the live system in sync / drifted.
+    pub verified: usize,
+    pub drifted: usize,
     pub duration_ms: u64,
     /// Sum of the recorded durations of stages that were skipped as fresh.
     pub saved_ms: u64,
@@ -120,6 +127,8 @@ pub enum Event {
 
 pub trait Sink {
     fn event(&mut self, e: &Event);
+    /// Called about every 50 ms while stages run, with each running stage and how long it has run.
+    fn tick(&mut self, _running: &[(String, Duration)]) {}
     /// Called once at the end of `run`/`verify` with every stage's row.
     fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {}
 }

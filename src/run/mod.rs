@@ -46,6 +46,8 @@ pub struct Options {
     pub verify: bool,
     /// Print the stored log of stages skipped as fresh.
     pub replay: bool,
+    /// `kkpipe verify`: run deploy stages' drift probes, never a stage.
+    pub probe_only: bool,
 }
 
 /// The signal number that asked us to stop, set from a signal handler.
@@ -84,6 +86,7 @@ enum JobKind {
 }
 
 struct Active {
+    started: Instant,
     pgid: Option<i32>,
     kind: JobKind,
     manifest: Manifest,
@@ -95,11 +98,39 @@ struct Active {
 
 #[derive(Clone)]
 enum Done {
-    Fresh { outputs: Vec<OutputRecord>, restored: Vec<String>, recorded_ms: i64, saved_ms: i64, key: Key },
-    Ran { outputs: Vec<OutputRecord>, duration: Duration, key: Key, reason: Reason },
-    Failed { duration: Duration, key: Option<Key>, reason: Option<Reason> },
+    Fresh {
+        outputs: Vec<OutputRecord>,
+        restored: Vec<String>,
+        recorded_ms: i64,
+        saved_ms: i64,
+        key: Key,
+    },
+    Ran {
+        outputs: Vec<OutputRecord>,
+        duration: Duration,
+        key: Key,
+        reason: Reason,
+    },
+    Failed {
+        duration: Duration,
+        key: Option<Key>,
+        reason: Option<Reason>,
+    },
     Skipped(String),
-    Interrupted { key: Key, reason: Reason },
+    Interrupted {
+        key: Key,
+        reason: Reason,
+    },
+    /// `verify`: stale, so there is no apply to compare the live system with.
+    NotVerified {
+        key: Key,
+        reason: Reason,
+    },
+    /// `verify`: the probe found drift.
+    Drifted {
+        key: Key,
+        output: String,
+    },
 }
 
 enum Slot {
@@ -122,6 +153,8 @@ struct Scheduler<'a> {
     retried: HashSet<usize>,
     replan: HashMap<usize, String>,
     stopping: Option<String>,
+    /// Stages whose drift probe ran and passed.
+    verified: HashSet<usize>,
 }
 
 /// Run the selected stages. The caller holds the run lock.
@@ -136,7 +169,7 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
         sink.event(&Event::Warning(w));
     }
     let meta = RunMeta {
-        command: "run".into(),
+        command: if opts.probe_only { "verify" } else { "run" }.into(),
         event: s.event.as_ref().map(|e| e.name.clone()),
         branch: s.event.as_ref().and_then(|e| e.branch.clone()),
         env: s.env_name.clone(),
@@ -159,6 +192,7 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
         retried: HashSet::new(),
         replan: HashMap::new(),
         stopping: None,
+        verified: HashSet::new(),
     };
     let interrupted = sch.drive(&rx, interrupt)?;
     for w in std::mem::take(&mut sch.s.warnings) {
@@ -166,12 +200,12 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
     }
     let (rows, mut summary) = sch.rows(&selected);
     summary.duration_ms = start.elapsed().as_millis() as u64;
-    let failed = summary.failed > 0 || interrupted.is_some();
+    let failed = summary.failed > 0 || summary.drifted > 0 || interrupted.is_some();
     let counts = RunCounts {
         ran: summary.ran as i64,
         fresh: summary.fresh as i64,
         restored: summary.restored as i64,
-        failed: summary.failed as i64,
+        failed: (summary.failed + summary.drifted) as i64,
         skipped: summary.skipped as i64,
         saved_ms: summary.saved_ms as i64,
     };
@@ -197,7 +231,7 @@ impl Active {
         hit: Option<Hit>,
         restored: Vec<String>,
     ) -> Active {
-        Active { pgid: None, kind, manifest, reason, hit, restored }
+        Active { started: Instant::now(), pgid: None, kind, manifest, reason, hit, restored }
     }
 }
 
@@ -248,6 +282,13 @@ impl Scheduler<'_> {
             if self.active_count() == 0 {
                 break;
             }
+            let running: Vec<(String, Duration)> = (0..self.slots.len())
+                .filter_map(|i| match &self.slots[i] {
+                    Slot::Active(a) => Some((self.name(i), a.started.elapsed())),
+                    _ => None,
+                })
+                .collect();
+            self.sink.tick(&running);
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(msg) => self.handle(msg, signalled.is_some())?,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -300,6 +341,8 @@ impl Scheduler<'_> {
                     Slot::Done(Done::Interrupted { .. }) => {
                         format!("needs `{}`, which was interrupted", self.name(j))
                     }
+                    Slot::Done(Done::NotVerified { .. }) => format!("needs `{}`, which is stale", self.name(j)),
+                    Slot::Done(Done::Drifted { .. }) => format!("needs `{}`, which drifted", self.name(j)),
                     _ => format!("needs `{}`, which did not run", self.name(j)),
                 };
                 self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
@@ -421,6 +464,11 @@ impl Scheduler<'_> {
 
     fn launch_stage(&mut self, i: usize, manifest: Manifest, reason: Reason) -> Result<(), Error> {
         let stage = self.s.stage(i).clone();
+        if self.opts.probe_only {
+            self.sink.event(&Event::Skipped { stage: stage.name.clone(), because: format!("not verified: {reason}") });
+            self.slots[i] = Slot::Done(Done::NotVerified { key: manifest.key(), reason });
+            return Ok(());
+        }
         let reason_json = serde_json::to_string(&reason).unwrap_or_default();
         let row = self.s.cache.start_stage(self.run_id, &stage.name, &self.s.env_name, &manifest, &reason_json)?;
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });
@@ -615,11 +663,16 @@ impl Scheduler<'_> {
         exit: Exit,
     ) -> Result<(), Error> {
         if exit.success() {
+            self.verified.insert(i);
             self.finish_fresh(i, &manifest, hit, restored);
             return Ok(());
         }
         let output = String::from_utf8_lossy(&exit.log).into_owned();
         self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
+        if self.opts.probe_only {
+            self.slots[i] = Slot::Done(Done::Drifted { key: manifest.key(), output });
+            return Ok(());
+        }
         self.launch_stage(i, manifest, Reason::Drift { output })
     }
 
@@ -675,6 +728,9 @@ impl Scheduler<'_> {
                         } else {
                             sum.restored += 1;
                         }
+                        if self.verified.contains(&i) {
+                            sum.verified += 1;
+                        }
                         sum.saved_ms += (*saved_ms).max(0) as u64;
                     }
                     Done::Ran { duration, key, reason, .. } => {
@@ -700,6 +756,18 @@ impl Scheduler<'_> {
                         row.key = Some(key.to_string());
                         row.reasons = vec![reason.clone()];
                         sum.interrupted += 1;
+                    }
+                    Done::NotVerified { key, reason } => {
+                        row.state = StageState::Stale;
+                        row.key = Some(key.to_string());
+                        row.reasons = vec![reason.clone()];
+                        row.note = Some("not verified: stale".into());
+                    }
+                    Done::Drifted { key, output } => {
+                        row.state = StageState::Drifted;
+                        row.key = Some(key.to_string());
+                        row.reasons = vec![Reason::Drift { output: output.clone() }];
+                        sum.drifted += 1;
                     }
                 },
                 _ => sum.skipped += 1,

@@ -70,6 +70,8 @@ pub struct Session {
     secret_key: Option<[u8; 32]>,
     pub warnings: Vec<String>,
     warned: HashSet<String>,
+    /// Show a spinner while hashing many files (set on a terminal).
+    pub progress: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,7 @@ impl Session {
             secret_key: None,
             warnings: Vec::new(),
             warned: HashSet::new(),
+            progress: false,
         })
     }
 
@@ -199,6 +202,11 @@ impl Session {
             }
         }
         let list: Vec<&Walked> = chosen.values().copied().collect();
+        let _spinner = crate::report::progress::HashProgress::start(
+            self.progress && list.len() >= 2000,
+            "hashing inputs",
+            self.hasher.counters.clone(),
+        );
         let digests = self.hasher.digest_all(&list)?;
         let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
         // Patterns that select nothing are worth a warning, not an error.
@@ -294,6 +302,7 @@ impl Session {
             shell: SHELL.iter().map(|s| s.to_string()).collect(),
             dir: stage.dir.clone(),
             run: stage.run.clone(),
+            env_scope: if stage.per_env { self.env_name.clone() } else { String::new() },
             env: stage.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             secret_env,
             pass_env,

@@ -188,6 +188,40 @@ impl Repo {
     }
 }
 
+/// A tool scripts/test installs into target/test-tools (check-jsonschema, pydot, mermaid).
+pub fn test_tool(rel: &str) -> PathBuf {
+    let dir = std::env::var_os("KKPIPE_TEST_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools"));
+    let p = dir.join(rel);
+    assert!(p.exists(), "{} is missing: run the suite with scripts/test, which installs the test tools", p.display());
+    p
+}
+
+/// Validate JSON text against a schema file with check-jsonschema.
+pub fn check_schema(schema: &Path, json_text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("doc.json");
+    std::fs::write(&doc, json_text).unwrap();
+    let out = Command::new(test_tool("venv/bin/check-jsonschema"))
+        .arg("--schemafile")
+        .arg(schema)
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} does not validate:\n{}{}\n{json_text}",
+        schema.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn schema(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schema").join(name)
+}
+
 pub struct Run {
     pub code: i32,
     pub stdout: String,

@@ -16,10 +16,10 @@ fn keys_of_the_tiny_fixture_are_pinned() {
         .map(|s| (s["name"].as_str().unwrap().to_string(), s["key"].as_str().unwrap().to_string()))
         .collect();
     let expected = [
-        ("lint", "2fbe013d0ac94efc0a41cb99f385d23f52effa45a0876aa706226686ca5889d4"),
-        ("plan", "b6f36b66ed3d3858ef8871c1cb0cac52d1e2037737ad1a18b630f931d7c56ffa"),
-        ("apply", "a3393332ed7f17948e342b232e38b96bf19b3bf7f5be4a35c66f33acd966e705"),
-        ("docs", "8c786be68bada7ebd615b3e988637f4c441a95bc9fabde960ece23c91c8ff09d"),
+        ("lint", "13e624e23cf28bb3b6df08d3d4aa9f59e105269d51f0750f8e37020b8d64471e"),
+        ("plan", "4d442ca2262d34aa4b981d845d429160c996c9ef6c46a340313e269204ac162b"),
+        ("apply", "16424aeea083bcd7c16f06f8d2c139cdb49bf0b96660e4291a951f32832d0749"),
+        ("docs", "50413a9dc27838a519b801dd624557b1801d6e60883dd5f1740ea5bd85ebd34d"),
     ];
     let expected: Vec<(String, String)> = expected.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
     assert_eq!(keys, expected);

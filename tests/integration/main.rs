@@ -2,6 +2,8 @@
 
 mod harness;
 
+mod deploy;
 mod engine;
+mod explain;
 mod key_scheme;
 mod kkp;

@@ -1,0 +1,241 @@
+//! Deploy semantics: the per-environment ledger, drift probes, plan binding and the run lock.
+
+use crate::harness::*;
+
+fn push(repo: &Repo, extra: &[&str]) -> Run {
+    let mut a = vec!["--event", "push", "--branch", "main"];
+    a.extend_from_slice(extra);
+    repo.run(&a).ok()
+}
+
+fn instance_type(repo: &Repo) -> String {
+    let state: serde_json::Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
+    let cp = state["resources"].as_array().unwrap().iter().find(|r| r["name"] == "control_plane").unwrap();
+    cp["instances"][0]["attributes"]["input"]["value"]["instance_type"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn deploying_a_then_b_then_a_deploys_three_times_and_the_ledger_shows_it() {
+    let repo = Repo::kkp_demo();
+    push(&repo, &[]);
+    repo.edit("terraform/aws/terraform.tfvars", "\"t3.large\"", "\"t3.xlarge\"");
+    let b = push(&repo, &[]);
+    assert!(b.ran().contains(&"terraform-apply".to_string()));
+    assert_eq!(instance_type(&repo), "t3.xlarge");
+
+    // Back to A: the plan for A is a cache hit (a check stage), but the apply is a ledger: the last apply
+    // was B, so A is applied again. The restored plan for A was made against older state; terraform
+    // refuses it and kkpipe replans once.
+    repo.edit("terraform/aws/terraform.tfvars", "\"t3.xlarge\"", "\"t3.large\"");
+    let a = push(&repo, &[]);
+    assert!(a.ran().contains(&"terraform-apply".to_string()), "{}", a.stderr);
+    assert_eq!(instance_type(&repo), "t3.large");
+
+    let ledger = repo.kk(&["history", "--stage", "terraform-apply", "--json"]).ok().json();
+    let entries = ledger.as_array().unwrap();
+    let successes: Vec<&serde_json::Value> = entries.iter().filter(|e| e["state"] == "success").collect();
+    // (The keys differ: each apply's key includes the plan it applied, and A was replanned.)
+    assert_eq!(successes.len(), 3, "{ledger:#}");
+    for e in successes {
+        assert_eq!(e["event"], "push");
+        assert_eq!(e["branch"], "main");
+        assert_eq!(e["env"], "default");
+    }
+    let text = repo.kk(&["history", "--stage", "terraform-apply"]).ok().stdout;
+    assert!(text.lines().count() >= 4, "{text}");
+}
+
+#[test]
+fn a_ledger_is_not_a_cache_a_b_a_applies_a_again() {
+    let repo = slow_deploy();
+    repo.run(&[]).ok();
+    repo.write("config/app.yaml", "replicas: 2\n");
+    repo.run(&[]).ok();
+    repo.write("config/app.yaml", "replicas: 1\n");
+    let again = repo.run(&[]).ok();
+    assert_eq!(again.ran(), ["deploy"], "a plain cache would call A a hit");
+    assert_eq!(again.reason_of("deploy")["kind"], "input-changed");
+    assert_eq!(repo.read("applies.log"), "applied\napplied\napplied\n");
+    let ledger = repo.kk(&["history", "--stage", "deploy", "--json"]).ok().json();
+    let keys: Vec<&str> = ledger.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap()).collect();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys[0], keys[2], "newest first: A, B, A");
+    assert_ne!(keys[0], keys[1]);
+    // A failed deploy also counts: the next run deploys again even with unchanged inputs.
+    repo.edit("pipeline.toml", "\"sleep 2\", ", "\"test -e go\", ");
+    repo.write("config/app.yaml", "replicas: 3\n");
+    assert_eq!(repo.run(&[]).code, 1);
+    repo.write("go", "");
+    let retried = repo.run(&[]).ok();
+    assert_eq!(retried.reason_of("deploy")["kind"], "last-run-failed");
+}
+
+#[test]
+fn the_ledger_records_the_commit_when_in_git() {
+    let repo = Repo::kkp_demo();
+    let git = |args: &[&str]| {
+        let o = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .current_dir(&repo.root)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        String::from_utf8(o.stdout).unwrap()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "initial"]);
+    let head = git(&["rev-parse", "HEAD"]).trim().to_string();
+    push(&repo, &[]);
+    let ledger = repo.kk(&["history", "--stage", "kkp-deploy", "--json"]).ok().json();
+    assert_eq!(ledger[0]["git_commit"], head.as_str());
+    let text = repo.kk(&["history", "--stage", "kkp-deploy"]).ok().stdout;
+    assert!(text.contains(&head[..10]), "{text}");
+}
+
+#[test]
+fn environments_keep_separate_ledgers() {
+    let repo = Repo::kkp_demo();
+    let staging = push(&repo, &["--env", "staging"]);
+    assert_eq!(staging.ran().len(), 9);
+    // Production has never been deployed: every deploy stage runs; check stages are a shared cache.
+    let production = push(&repo, &["--env", "production"]);
+    let ran = production.ran();
+    for s in
+        ["terraform-backend-prepare", "terraform-apply", "kubeone-apply", "kkp-deploy", "dns-update", "flux-bootstrap"]
+    {
+        assert!(ran.contains(&s.to_string()), "{s} must deploy to production: {ran:?}");
+    }
+    assert!(!ran.contains(&"terraform-kkp-validate".to_string()), "check stages are a shared cache");
+    // The plan is `per_env`: production gets a plan of its own.
+    assert_eq!(production.reason_of("terraform-plan")["kind"], "env-scope-changed");
+    assert_eq!(production.reason_of("kkp-deploy")["kind"], "never-deployed");
+    assert_eq!(production.reason_of("kkp-deploy")["env"], "production");
+    assert!(push(&repo, &["--env", "staging"]).ran().is_empty());
+    assert!(push(&repo, &["--env", "production"]).ran().is_empty());
+    let staging_ledger = repo.kk(&["history", "--stage", "kkp-deploy", "--env", "staging", "--json"]).ok().json();
+    assert_eq!(staging_ledger.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
+    let repo = Repo::kkp_demo();
+    push(&repo, &[]);
+    let clean = repo.kk(&["verify", "--json"]).ok();
+    assert_eq!(clean.json()["summary"]["verified"], 3, "terraform-apply, dns-update, flux-bootstrap");
+    assert_eq!(clean.json()["summary"]["drifted"], 0);
+
+    // Change the live state behind kkpipe's back.
+    let tf = std::process::Command::new("terraform")
+        .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=c5.large"])
+        .current_dir(repo.path("terraform/aws"))
+        .output()
+        .unwrap();
+    assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
+    let serial_before: serde_json::Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
+
+    let drift = repo.kk(&["verify", "--json"]);
+    assert_eq!(drift.code, 1, "{}", drift.all());
+    assert_eq!(drift.with_state("drifted"), ["terraform-apply"]);
+    assert!(drift.stderr.contains("terraform-apply: drift detected by verify"), "{}", drift.stderr);
+    let serial_after: serde_json::Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
+    assert_eq!(serial_before["serial"], serial_after["serial"], "verify applies nothing");
+    assert_eq!(instance_type(&repo), "c5.large");
+
+    let repair = push(&repo, &[]);
+    assert!(repair.ran().contains(&"terraform-apply".to_string()), "{}", repair.stderr);
+    assert_eq!(instance_type(&repo), "t3.large");
+    let clean = repo.kk(&["verify"]).ok();
+    assert!(clean.stdout.contains("3 in sync, 0 drifted"), "{}", clean.stdout);
+}
+
+#[test]
+fn flux_bootstrap_reruns_when_flux_system_is_missing() {
+    let repo = Repo::kkp_demo();
+    push(&repo, &[]);
+    std::fs::remove_dir_all(repo.path("flux/clusters/master/flux-system")).unwrap();
+    let r = push(&repo, &[]);
+    assert_eq!(r.ran(), ["flux-bootstrap"]);
+    assert_eq!(r.reason_of("flux-bootstrap")["kind"], "drift");
+    assert!(repo.exists("flux/clusters/master/flux-system/gotk-sync.yaml"));
+    assert!(push(&repo, &[]).ran().is_empty());
+}
+
+/// A pipeline whose deploy stage takes a while and records each apply.
+fn slow_deploy() -> Repo {
+    let repo = Repo::empty();
+    repo.write("config/app.yaml", "replicas: 1\n").write(
+        "pipeline.toml",
+        r#"
+[stages.deploy]
+kind = "deploy"
+run = ["sleep 2", "echo applied >> applies.log"]
+inputs = ["config"]
+"#,
+    );
+    repo
+}
+
+#[test]
+fn concurrent_runs_never_apply_twice() {
+    let repo = slow_deploy();
+    let spawn = || {
+        repo.cmd_in(&repo.root, &["run", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = spawn();
+    let (a, b) = (Run::from(first.wait_with_output().unwrap()), Run::from(second.wait_with_output().unwrap()));
+    let (a, b) = (a.ok(), b.ok());
+    assert_eq!(repo.read("applies.log"), "applied\n", "exactly one apply");
+    assert_eq!(a.ran(), ["deploy"]);
+    assert!(b.ran().is_empty(), "the second run waited, then found the stage fresh");
+    assert!(b.stderr.contains("waiting for the run lock, held by `kkpipe run` (pid "), "{}", b.stderr);
+}
+
+#[test]
+fn a_run_that_cannot_get_the_lock_in_time_names_the_holder() {
+    let repo = slow_deploy();
+    let first = repo.cmd_in(&repo.root, &["run"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let second = repo.kk(&["run", "--lock-timeout", "0"]);
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success());
+    assert_eq!(second.code, 4, "{}", second.all());
+    let host = nix_hostname();
+    assert!(
+        second.stderr.contains(&format!("held by `kkpipe run` (pid {} on {host}", first_pid(&second.stderr))),
+        "{}",
+        second.stderr
+    );
+    assert!(second.stderr.contains("--lock-timeout"), "{}", second.stderr);
+    assert_eq!(repo.read("applies.log"), "applied\n");
+}
+
+fn first_pid(text: &str) -> String {
+    text.split("(pid ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("?").to_string()
+}
+
+fn nix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn status_why_and_log_work_while_a_run_holds_the_lock() {
+    let repo = slow_deploy();
+    repo.run(&[]).ok();
+    repo.write("config/app.yaml", "replicas: 2\n");
+    let run = repo.cmd_in(&repo.root, &["run"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = repo.kk(&["status"]).ok();
+    assert!(status.stdout.contains("deploy"), "{}", status.stdout);
+    repo.kk(&["why", "deploy"]).ok();
+    repo.kk(&["log", "deploy"]).ok();
+    repo.kk(&["history"]).ok();
+    assert!(run.wait_with_output().unwrap().status.success());
+}
