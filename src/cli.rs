@@ -53,8 +53,12 @@ pub enum Command {
     History(HistoryArgs),
     /// Print shell completions for bash, zsh or fish.
     Completions(CompletionsArgs),
-    /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository.
+    /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository,
+    /// with the provider's CI file.
     Init(InitArgs),
+    /// Write the CI provider's file (.github/workflows/kkp.yaml, .gitlab-ci.yml or bitbucket-pipelines.yml)
+    /// for this pipeline.
+    Ci(CiArgs),
     /// Write the embedded KKP demo repository into DIR and run its pipeline three times (offline; needs
     /// terraform and python3).
     Demo(DemoArgs),
@@ -230,6 +234,21 @@ pub struct CompletionsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CiArgs {
+    /// The CI provider.
+    #[arg(value_enum)]
+    pub provider: crate::ci::Provider,
+
+    /// Print the file instead of writing it.
+    #[arg(long)]
+    pub stdout: bool,
+
+    /// Overwrite an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct InitArgs {
     /// The CI provider the repository runs on.
     #[arg(long, value_enum)]
@@ -243,7 +262,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub dns: bool,
 
-    /// Overwrite an existing pipeline.toml.
+    /// Overwrite an existing pipeline.toml (and CI file).
     #[arg(long)]
     pub force: bool,
 }
@@ -257,6 +276,47 @@ pub struct DemoArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
+    /// Write the cache entries behind the current hits (records, outputs, logs) into one archive (tar + zstd),
+    /// path-independent, for another checkout or CI runner. Sensitive outputs are left out unless asked.
+    Export {
+        /// The archive to write.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Include sensitive outputs (plans, kubeconfigs, terraform output JSON) and the HMAC key. Never for a
+        /// CI cache that pull requests from forks can read.
+        #[arg(long)]
+        include_sensitive: bool,
+        #[command(flatten)]
+        selection: Selection,
+    },
+    /// Merge an archive made by `cache export` into this cache, keeping every local entry. The archive is
+    /// untrusted: anything odd rejects it whole, and the local cache is left as it was.
+    Import {
+        /// The archive to read.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Seconds to wait for a running kkpipe on this repository.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        lock_timeout: u64,
+    },
+    /// Remove what the latest runs do not need (docs/ci.md, "Cache size"). Runs automatically every 20 runs.
+    Gc {
+        /// Shrink stored outputs below this size (K, M, G), oldest first. Default 1G.
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Remove successful runs older than this, unless they are a stage's latest. Default 30.
+        #[arg(long, value_name = "DAYS")]
+        max_age: Option<u64>,
+        /// Successful runs kept per stage (and environment), besides the latest. Default 5.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+    },
+    /// Show what the cache holds: runs, stage runs, manifests, stored outputs and their size.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete the cache (database, stored outputs and logs). Workspace files are not touched.
     Reset,
 }

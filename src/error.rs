@@ -28,6 +28,8 @@ pub enum Error {
     Input(#[from] crate::hash::Error),
     #[error(transparent)]
     Lock(#[from] crate::run::lock::Error),
+    #[error(transparent)]
+    Archive(#[from] crate::cache::archive::Error),
     #[error("{0}")]
     Usage(String),
     #[error("{context}: {source}")]
@@ -50,6 +52,8 @@ impl Error {
             Error::Cache(_) => exit::CACHE,
             Error::Lock(crate::run::lock::Error::Timeout { .. }) => exit::LOCKED,
             Error::Lock(_) => exit::CACHE,
+            Error::Archive(crate::cache::archive::Error::Rejected { .. }) => exit::USAGE,
+            Error::Archive(_) => exit::CACHE,
             Error::Io { .. } => exit::FAILED,
         }
     }

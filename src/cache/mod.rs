@@ -10,6 +10,8 @@
 //! A stage run row is inserted as `running` *before* the stage starts and becomes `success` only in the
 //! transaction that also records its outputs: an interrupted or killed run can never look fresh.
 
+pub mod archive;
+pub mod gc;
 mod schema;
 pub mod store;
 
@@ -28,7 +30,7 @@ pub use store::BlobStore;
 
 pub const DIR_NAME: &str = ".kkpipe";
 pub const DB_NAME: &str = "cache.db";
-const SECRET_KEY_NAME: &str = "sensitive/secret.key";
+pub(crate) const SECRET_KEY_NAME: &str = "sensitive/secret.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -158,7 +160,12 @@ impl Cache {
             let _ = fs::write(dir.join(".gitignore"), "# created by kkpipe: the cache is local state\n*\n");
         }
         let db_path = dir.join(DB_NAME);
+        let new = !db_path.exists();
         let conn = Connection::open(&db_path).map_err(|e| classify(&db_path, e))?;
+        if new {
+            // Before anything is written: lets gc give space back with `PRAGMA incremental_vacuum`.
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(|e| classify(&db_path, e))?;
+        }
         let cache = Cache { blobs: BlobStore::new(&dir), dir, db_path, conn };
         cache.configure()?;
         schema::migrate(&cache.conn).map_err(|e| match e {
@@ -225,6 +232,12 @@ impl Cache {
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| Error::Other(format!("no randomness for the secret key: {e}")))?;
+        self.write_secret_key(&key)?;
+        Ok(key)
+    }
+
+    pub(crate) fn write_secret_key(&self, key: &[u8; 32]) -> Result<()> {
+        let path = self.dir.join(SECRET_KEY_NAME);
         let tmp = self.dir.join(format!("{SECRET_KEY_NAME}.{}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let sensitive = self.dir.join(store::SENSITIVE_DIR);
@@ -232,12 +245,11 @@ impl Cache {
                 fs::DirBuilder::new().mode(0o700).create(&sensitive)?;
             }
             let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(&key)?;
+            f.write_all(key)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
         };
-        write().map_err(|e| Error::Write { path: path.clone(), detail: e.to_string() })?;
-        Ok(key)
+        write().map_err(|e| Error::Write { path: path.clone(), detail: e.to_string() })
     }
 
     // ---------------------------------------------------------------- stat cache
@@ -362,7 +374,8 @@ impl Cache {
 
     fn one_stage_run(&self, where_clause: &str, p: impl rusqlite::Params) -> Result<Option<StageRun>> {
         let sql =
-            format!("SELECT {} FROM stage_runs WHERE {where_clause} ORDER BY id DESC LIMIT 1", Self::STAGE_RUN_COLS);
+            // Newest by start time: imported runs keep their original times and never overtake newer local ones.
+            format!("SELECT {} FROM stage_runs WHERE {where_clause} ORDER BY started_at DESC, id DESC LIMIT 1", Self::STAGE_RUN_COLS);
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         stmt.query_row(p, Self::stage_run_row).optional().map_err(|e| self.err(e))
     }
@@ -395,7 +408,7 @@ impl Cache {
     /// Stage runs of one stage, newest first (the deploy ledger and `kkpipe log --run`).
     pub fn stage_history(&self, stage: &str, env: Option<&str>, limit: i64) -> Result<Vec<(StageRun, RunRow)>> {
         let sql = format!(
-            "SELECT {}, {} FROM stage_runs s JOIN runs r ON r.id = s.run_id WHERE s.stage=?1 AND (?2 IS NULL OR s.env=?2) ORDER BY s.id DESC LIMIT ?3",
+            "SELECT {}, {} FROM stage_runs s JOIN runs r ON r.id = s.run_id WHERE s.stage=?1 AND (?2 IS NULL OR s.env=?2) ORDER BY s.started_at DESC, s.id DESC LIMIT ?3",
             Self::STAGE_RUN_COLS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
             RUN_COLS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
         );
@@ -493,6 +506,37 @@ impl Cache {
         let data: Option<Option<Vec<u8>>> =
             stmt.query_row([stage_run_id], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
         Ok(data.flatten().map(|d| zstd::decode_all(&d[..]).unwrap_or_default()))
+    }
+
+    /// Event, branch and commit of every run, for export.
+    pub fn run_meta(&self) -> Result<HashMap<i64, RunMeta>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, command, event, branch, env, git_commit FROM runs")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    RunMeta {
+                        command: r.get(1)?,
+                        event: r.get(2)?,
+                        branch: r.get(3)?,
+                        env: r.get(4)?,
+                        git_commit: r.get(5)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<HashMap<_, _>>>().map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn write_tx<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        self.write(f)
     }
 
     pub fn runs(&self, limit: i64) -> Result<Vec<RunRow>> {

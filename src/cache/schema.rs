@@ -34,8 +34,9 @@ const STEPS: &[&str] = &[
         exit_code   INTEGER,
         log         BLOB
     );
-    CREATE INDEX stage_runs_by_key ON stage_runs(stage, key, state);
-    CREATE INDEX stage_runs_by_env ON stage_runs(stage, env, id);
+    CREATE INDEX stage_runs_by_key ON stage_runs(stage, key, state, started_at);
+    CREATE INDEX stage_runs_by_env ON stage_runs(stage, env, started_at);
+    CREATE INDEX stage_runs_by_stage ON stage_runs(stage, started_at);
     CREATE INDEX stage_runs_by_run ON stage_runs(run_id);
     CREATE TABLE manifests(
         key  BLOB PRIMARY KEY,
@@ -53,6 +54,10 @@ const STEPS: &[&str] = &[
         PRIMARY KEY(stage_run_id, path)
     ) WITHOUT ROWID;
     CREATE INDEX outputs_by_hash ON outputs(hash);
+    CREATE TABLE meta(
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
     CREATE TABLE file_stat(
         path     BLOB PRIMARY KEY,
         size     INTEGER NOT NULL,

@@ -1,4 +1,7 @@
-//! CI providers: detecting the one we run in (to default `--event`/`--branch` and pick output conventions).
+//! CI providers: detecting the one we run in (to default `--event`/`--branch` and pick output conventions),
+//! and generating their CI files ([`files`]).
+
+pub mod files;
 
 use crate::graph::Event;
 

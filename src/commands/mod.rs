@@ -34,6 +34,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
             Ok(exit::OK)
         }
         Command::Init(args) => init::init(&settings, args),
+        Command::Ci(args) => init::ci(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),
         Command::Cache(c) => cache_cmd(&settings, c),
     }
@@ -143,7 +144,14 @@ fn execute(
     }
     let live = settings.interactive && !json;
     s.progress = settings.interactive;
-    let human = human(settings, json, s).with_live_progress(live);
+    let title = match &s.event {
+        Some(e) => format!("{e} (environment `{}`)", s.env_name),
+        None => format!("local run (environment `{}`)", s.env_name),
+    };
+    let summary_file = (settings.provider == Some(crate::ci::Provider::Github))
+        .then(|| settings.caller_env.get("GITHUB_STEP_SUMMARY").filter(|f| !f.is_empty()).map(std::path::PathBuf::from))
+        .flatten();
+    let human = human(settings, json, s).with_live_progress(live).with_step_summary(summary_file, title);
     let mut sink: Box<dyn Sink> = if json {
         Box::new(json::Json { human, context: json::Context::new(s.event.as_ref(), &s.env_name) })
     } else {
@@ -176,24 +184,125 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
 
 fn cache_cmd(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
     let root = root(settings)?;
+    let lock = |cache: &Cache, command: &str, secs: u64| {
+        run::lock::acquire(cache.dir(), command, Duration::from_secs(secs), |holder| {
+            eprintln!("kkpipe: waiting for the run lock, held by {holder}");
+        })
+    };
     match c {
+        CacheCommand::Export { file, include_sensitive, selection } => {
+            let mut s = open_session(settings, selection)?;
+            // The hits of the current state, and every stage's latest success (per environment).
+            let mut runs = s.cache.live_stage_runs()?;
+            let all = s.select(&[])?;
+            let everything: Vec<crate::graph::Selected> = all.iter().map(|_| crate::graph::Selected::Yes).collect();
+            match s.evaluate(&everything, &|_| false) {
+                Ok(evals) => {
+                    for e in evals.iter().flatten() {
+                        if let crate::run::session::Decision::Fresh(hit) = &e.decision
+                            && !runs.iter().any(|r| r.id == hit.record.id)
+                        {
+                            runs.push(hit.record.clone());
+                        }
+                    }
+                }
+                Err(e) => eprintln!("warning: exporting the latest runs only: {e}"),
+            }
+            runs.sort_by_key(|r| r.id);
+            let report = crate::cache::archive::export(&s.cache, &runs, file, *include_sensitive)?;
+            eprintln!(
+                "kkpipe: exported {} stage runs and {} stored outputs ({:.1} MB) to `{}`{}",
+                report.entries,
+                report.blobs,
+                report.bytes as f64 / 1e6,
+                file.display(),
+                if report.sensitive_left_out > 0 {
+                    format!(
+                        "; left out {} sensitive outputs (`--include-sensitive` adds them)",
+                        report.sensitive_left_out
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(exit::OK)
+        }
+        CacheCommand::Import { file, lock_timeout } => {
+            let cache = Cache::open(&root)?;
+            let _lock = lock(&cache, "cache import", *lock_timeout)?;
+            let report = crate::cache::archive::import(&cache, file)?;
+            eprintln!(
+                "kkpipe: imported {} stage runs ({} already here) and {} stored outputs from `{}`",
+                report.entries,
+                report.skipped_existing,
+                report.blobs,
+                file.display()
+            );
+            Ok(exit::OK)
+        }
+        CacheCommand::Gc { max_size, max_age, keep } => {
+            let cache = Cache::open(&root)?;
+            let _lock = lock(&cache, "cache gc", 600)?;
+            let mut policy = crate::cache::gc::Policy::default();
+            if let Some(s) = max_size {
+                policy.max_size = crate::cache::gc::parse_size(s).map_err(Error::Usage)?;
+            }
+            if let Some(d) = max_age {
+                policy.max_age_days = *d;
+            }
+            if let Some(k) = keep {
+                policy.keep_per_stage = *k;
+            }
+            let before = cache.stats()?;
+            let r = cache.gc(&policy, &root)?;
+            let after = cache.stats()?;
+            eprintln!(
+                "kkpipe: removed {} stage runs, {} runs, {} manifests and {} stored outputs ({:.1} MB); the cache now holds {} stage runs and {:.1} MB of outputs (was {:.1} MB)",
+                r.stage_runs_removed,
+                r.runs_removed,
+                r.manifests_removed,
+                r.blobs_removed,
+                r.bytes_freed as f64 / 1e6,
+                after.stage_runs,
+                (after.blob_bytes + after.sensitive_bytes) as f64 / 1e6,
+                (before.blob_bytes + before.sensitive_bytes) as f64 / 1e6,
+            );
+            Ok(exit::OK)
+        }
+        CacheCommand::Stats { json } => {
+            if !Cache::exists(&root) {
+                eprintln!("kkpipe: no cache at `{}` yet", Cache::dir_of(&root).display());
+                return Ok(exit::OK);
+            }
+            let s = Cache::open(&root)?.stats()?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s).expect("serialisable"));
+            } else {
+                println!("runs:            {}", s.runs);
+                println!(
+                    "stage runs:      {} ({} successful, {} failed or interrupted)",
+                    s.stage_runs, s.successful, s.failed
+                );
+                println!("manifests:       {}", s.manifests);
+                println!("stored outputs:  {} ({:.1} MB)", s.blobs, s.blob_bytes as f64 / 1e6);
+                println!("sensitive:       {} ({:.1} MB)", s.sensitive_blobs, s.sensitive_bytes as f64 / 1e6);
+                println!("stat cache:      {} files", s.stat_entries);
+                println!("database:        {:.1} MB", s.database_bytes as f64 / 1e6);
+            }
+            Ok(exit::OK)
+        }
         CacheCommand::Reset => {
             let dir = Cache::dir_of(&root);
             if dir.exists() {
-                let cache = Cache::open(&root).ok();
-                // Hold the run lock while deleting, so no run is writing (a corrupt cache cannot be opened,
-                // but then nothing can be running against it either).
-                let _lock = cache.as_ref().map(|c| {
-                    run::lock::acquire(c.dir(), "cache reset", Duration::from_secs(10), |holder| {
-                        eprintln!("kkpipe: waiting for the run lock, held by {holder}");
-                    })
-                });
-                if let Some(Err(e)) = _lock {
-                    return Err(e.into());
-                }
-                drop(cache);
+                // Hold the run lock while deleting, so no run is writing. A corrupt database cannot be opened,
+                // but then no run can be using it either.
+                let held = match Cache::open(&root) {
+                    Ok(cache) => Some(lock(&cache, "cache reset", 10)?),
+                    Err(_) => None,
+                };
                 std::fs::remove_dir_all(&dir)
                     .map_err(|e| Error::io(format!("cannot remove `{}`", dir.display()), e))?;
+                drop(held);
                 eprintln!("kkpipe: removed `{}`", dir.display());
             } else {
                 eprintln!("kkpipe: no cache at `{}`", dir.display());

@@ -92,12 +92,10 @@ pub fn rows(
                 match &e.decision {
                     Decision::Fresh(hit) => {
                         row.state = if hit.needs_work() { StageState::Restored } else { StageState::Fresh };
-                        row.restored = hit
-                            .restore
-                            .iter()
-                            .map(|o| o.path.display())
-                            .chain(hit.regenerate.iter().map(|(_, o)| o.path.display()))
-                            .collect();
+                        row.restored = hit.restore.iter().map(|o| o.path.display()).collect();
+                        if !hit.unavailable.is_empty() {
+                            row.note = Some(crate::report::unavailable_note(&hit.unavailable));
+                        }
                         row.recorded_at = Some(timestamp(hit.record.started_at));
                         row.duration_ms = hit.record.duration_ms;
                     }
@@ -152,6 +150,9 @@ fn print_table(settings: &Settings, s: &Session, rows: &[StageRow]) {
                     .duration_ms
                     .map(|d| format!("took {}", format_duration(std::time::Duration::from_millis(d.max(0) as u64))));
                 let mut bits: Vec<String> = when.into_iter().chain(took).collect();
+                if let Some(note) = &r.note {
+                    bits.push(note.clone());
+                }
                 if !r.restored.is_empty() {
                     bits.push(format!(
                         "outputs to restore: {}",

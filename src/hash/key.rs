@@ -51,7 +51,7 @@ pub struct Manifest {
 }
 
 /// A stage key: BLAKE3 of the manifest's canonical encoding.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
 pub struct Key(pub super::Hash);
 
 impl std::fmt::Display for Key {

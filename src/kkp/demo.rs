@@ -24,7 +24,13 @@ pub fn write_repo(dir: &Path) -> io::Result<()> {
         let mode = if *exec { 0o755 } else { 0o644 };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
     }
-    std::fs::write(dir.join(crate::pipeline::FILE_NAME), template::render(VARIANT))?;
+    let text = template::render(VARIANT);
+    let file = dir.join(crate::pipeline::FILE_NAME);
+    std::fs::write(&file, &text)?;
+    let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(std::io::Error::other)?;
+    let ci = dir.join(crate::ci::files::file_name(VARIANT.ci));
+    std::fs::create_dir_all(ci.parent().expect("CI files live in a directory"))?;
+    std::fs::write(ci, crate::ci::files::render(&pipeline, VARIANT.ci))?;
     Ok(())
 }
 

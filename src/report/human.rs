@@ -26,6 +26,8 @@ pub struct Human {
     width: usize,
     /// The live "running: ..." line, on a terminal only.
     live: Option<indicatif::ProgressBar>,
+    /// GitHub Actions: `$GITHUB_STEP_SUMMARY`, where a markdown table of the run is appended, and its title.
+    step_summary: Option<(std::path::PathBuf, String)>,
 }
 
 const GREEN: &str = "\x1b[1;32m";
@@ -45,7 +47,23 @@ impl Human {
         stage_names: &[String],
     ) -> Human {
         let width = stage_names.iter().map(|s| s.len()).max().unwrap_or(8);
-        Human { color, style, quiet, verbose, to_stderr, buffered: HashMap::new(), width, live: None }
+        Human {
+            color,
+            style,
+            quiet,
+            verbose,
+            to_stderr,
+            buffered: HashMap::new(),
+            width,
+            live: None,
+            step_summary: None,
+        }
+    }
+
+    /// Append a markdown summary of the run to this file when it finishes (GitHub's job summary).
+    pub fn with_step_summary(mut self, file: Option<std::path::PathBuf>, title: String) -> Human {
+        self.step_summary = file.map(|f| (f, title));
+        self
     }
 
     /// Show which stages are running on a line that stays under the output (terminals only).
@@ -232,11 +250,64 @@ impl Sink for Human {
         }
     }
 
-    fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {
+    fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
         if let Some(bar) = self.live.take() {
             bar.finish_and_clear();
         }
+        if let Some((file, title)) = &self.step_summary {
+            let md = markdown_summary(title, rows, summary);
+            let appended = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(file)
+                .and_then(|mut f| f.write_all(md.as_bytes()));
+            if let Err(e) = appended {
+                let _ = writeln!(std::io::stderr(), "warning: cannot write the job summary `{}`: {e}", file.display());
+            }
+        }
     }
+}
+
+/// The job summary: one row per stage (ran / fresh / restored / failed, duration, why) and the totals.
+pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
+    use std::fmt::Write as _;
+    let mut t = format!("### kkpipe: {title}\n\n| stage | result | duration | why |\n|---|---|---:|---|\n");
+    for r in rows {
+        let icon = match r.state {
+            super::StageState::Ran => "🔄",
+            super::StageState::Fresh | super::StageState::Restored => "✅",
+            super::StageState::Failed | super::StageState::Interrupted | super::StageState::Drifted => "❌",
+            _ => "⏭️",
+        };
+        let dur = r
+            .duration_ms
+            .map(|d| format_duration(std::time::Duration::from_millis(d.max(0) as u64)))
+            .unwrap_or_default();
+        let dur = match r.state {
+            super::StageState::Fresh | super::StageState::Restored if !dur.is_empty() => format!("{dur} saved"),
+            _ => dur,
+        };
+        let why = match (r.reasons.first(), &r.note) {
+            (Some(reason), _) => reason.to_string(),
+            (None, Some(note)) => note.clone(),
+            (None, None) if !r.restored.is_empty() => format!("outputs restored: {}", r.restored.join(", ")),
+            _ => String::new(),
+        };
+        let _ = writeln!(t, "| `{}` | {icon} {} | {dur} | {} |", r.name, r.state.word(), why.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        t,
+        "\n**{} ran, {} fresh ({} restored), {} failed, {} skipped** in {}; skipping saved ~{}.\n",
+        s.ran,
+        s.fresh + s.restored,
+        s.restored,
+        s.failed,
+        s.skipped,
+        format_duration(std::time::Duration::from_millis(s.duration_ms)),
+        format_duration(std::time::Duration::from_millis(s.saved_ms))
+    );
+    let _ = writeln!(t, "```mermaid\n{}```\n", super::graph::mermaid(rows));
+    t
 }
 
 fn summary_line(s: &Summary, color: bool) -> String {

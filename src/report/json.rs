@@ -64,6 +64,7 @@ impl Sink for Json {
     }
 
     fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
+        self.human.finish(rows, summary);
         print(RUN_SCHEMA, &self.context, rows, Some(summary));
     }
 }

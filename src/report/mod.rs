@@ -1,6 +1,7 @@
 //! Events -> what the user sees. The scheduler emits typed [`Event`]s; a renderer turns them into human
 //! lines (plain, GitHub Actions or GitLab CI conventions) or into JSON. Both consume the same stream.
 
+pub mod graph;
 mod human;
 pub mod json;
 pub mod progress;
@@ -131,6 +132,12 @@ pub trait Sink {
     fn tick(&mut self, _running: &[(String, Duration)]) {}
     /// Called once at the end of `run`/`verify` with every stage's row.
     fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {}
+}
+
+/// The note on a fresh stage whose outputs are in no cache (sensitive ones, on a fresh CI runner).
+pub fn unavailable_note(unavailable: &[crate::cache::OutputRecord]) -> String {
+    let list: Vec<String> = unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
+    format!("not in this cache, made only if a stage that needs them runs: {}", list.join(", "))
 }
 
 pub fn format_duration(d: Duration) -> String {

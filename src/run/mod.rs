@@ -100,6 +100,8 @@ struct Active {
 enum Done {
     Fresh {
         outputs: Vec<OutputRecord>,
+        /// Recorded outputs that are in no cache (see `Hit::unavailable`).
+        unavailable: Vec<OutputRecord>,
         restored: Vec<String>,
         recorded_ms: i64,
         saved_ms: i64,
@@ -155,6 +157,10 @@ struct Scheduler<'a> {
     stopping: Option<String>,
     /// Stages whose drift probe ran and passed.
     verified: HashSet<usize>,
+    /// Fresh stages whose unavailable outputs a dependent needs: regenerate them, or rerun the stage.
+    materialize: HashSet<usize>,
+    /// Stages whose regenerate command failed once (and waited for their needs' outputs).
+    regenerate_retried: HashSet<usize>,
 }
 
 /// Run the selected stages. The caller holds the run lock.
@@ -193,6 +199,8 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
         replan: HashMap::new(),
         stopping: None,
         verified: HashSet::new(),
+        materialize: HashSet::new(),
+        regenerate_retried: HashSet::new(),
     };
     let interrupted = sch.drive(&rx, interrupt)?;
     for w in std::mem::take(&mut sch.s.warnings) {
@@ -218,6 +226,9 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
     };
     sch.s.cache.finish_run(run_id, outcome, &counts)?;
     sch.s.persist_stat_cache();
+    if let Err(e) = sch.s.cache.auto_gc(&sch.s.root) {
+        sch.sink.event(&Event::Warning(format!("automatic cache gc failed: {e}")));
+    }
     sch.sink.event(&Event::Summary(summary.clone()));
     sch.sink.finish(&rows, &summary);
     Ok(Outcome { rows, summary, failed, interrupted })
@@ -318,6 +329,14 @@ impl Scheduler<'_> {
 
     /// Start every waiting stage whose needs are done, up to the job limit; skip those whose needs failed.
     fn start_ready(&mut self) -> Result<(), Error> {
+        // Starting a stage can send earlier ones back to wait (materializing their outputs): pass again until
+        // a pass starts nothing.
+        while self.start_ready_pass()? {}
+        Ok(())
+    }
+
+    fn start_ready_pass(&mut self) -> Result<bool, Error> {
+        let mut progress = false;
         for i in self.s.graph.order.clone() {
             if !matches!(self.slots[i], Slot::Waiting) {
                 continue;
@@ -351,12 +370,13 @@ impl Scheduler<'_> {
             }
             if ready && self.active_count() < self.opts.jobs.max(1) {
                 self.start(i)?;
+                progress = true;
                 if self.stopping.is_some() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
-        Ok(())
+        Ok(progress)
     }
 
     fn start(&mut self, i: usize) -> Result<(), Error> {
@@ -402,7 +422,8 @@ impl Scheduler<'_> {
         }
     }
 
-    /// A hit: restore outputs, regenerate what cannot be restored, probe deploys for drift, or finish.
+    /// A hit: restore outputs, probe deploys for drift, or finish. Outputs that are in no cache are made
+    /// only when a stage that needs them runs (`materialize`).
     fn on_hit(&mut self, i: usize, manifest: Manifest, mut hit: Hit) -> Result<(), Error> {
         let root = self.s.root.clone();
         let mut restored = Vec::new();
@@ -418,11 +439,16 @@ impl Scheduler<'_> {
             self.s.mask_output(o);
         }
         let stage = self.s.stage(i).clone();
-        if !hit.regenerate.is_empty() {
-            let script = hit.regenerate.iter().map(|(cmd, _)| cmd.as_str()).collect::<Vec<_>>().join("\n");
+        if self.materialize.contains(&i) && !hit.unavailable.is_empty() {
+            let first = hit.unavailable[0].path.display();
+            let Some(script) = self.s.regenerate_script(i, &hit.unavailable) else {
+                self.materialize.remove(&i);
+                return self.launch_stage(i, manifest, Reason::OutputMissing { path: first });
+            };
+            let list: Vec<String> = hit.unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
             self.sink.event(&Event::Info(format!(
-                "   Regenerating {} output(s) of `{}` (not in the cache)",
-                hit.regenerate.len(),
+                "Regenerating {} of `{}` (not in the cache; a stage that needs it runs)",
+                list.join(", "),
                 stage.name
             )));
             return self.spawn(i, script, Active::new(JobKind::Regenerate, manifest, None, Some(hit), restored));
@@ -455,6 +481,7 @@ impl Scheduler<'_> {
         });
         self.slots[i] = Slot::Done(Done::Fresh {
             outputs: hit.outputs,
+            unavailable: hit.unavailable,
             restored,
             recorded_ms: hit.record.started_at,
             saved_ms,
@@ -462,8 +489,30 @@ impl Scheduler<'_> {
         });
     }
 
+    /// Before stage `i` runs (or regenerates), every output of its needs must be in the workspace. Needs with
+    /// outputs in no cache are sent back to be materialized, and `i` waits for them. Returns whether all are there.
+    fn needs_available(&mut self, i: usize) -> bool {
+        let mut ok = true;
+        for j in self.s.graph.needs[i].clone() {
+            if let Slot::Done(Done::Fresh { unavailable, .. }) = &self.slots[j]
+                && !unavailable.is_empty()
+            {
+                self.slots[j] = Slot::Waiting;
+                self.materialize.insert(j);
+                ok = false;
+            }
+        }
+        if !ok {
+            self.slots[i] = Slot::Waiting;
+        }
+        ok
+    }
+
     fn launch_stage(&mut self, i: usize, manifest: Manifest, reason: Reason) -> Result<(), Error> {
         let stage = self.s.stage(i).clone();
+        if !self.opts.probe_only && !self.needs_available(i) {
+            return Ok(());
+        }
         if self.opts.probe_only {
             self.sink.event(&Event::Skipped { stage: stage.name.clone(), because: format!("not verified: {reason}") });
             self.slots[i] = Slot::Done(Done::NotVerified { key: manifest.key(), reason });
@@ -684,11 +733,18 @@ impl Scheduler<'_> {
         mut restored: Vec<String>,
         exit: Exit,
     ) -> Result<(), Error> {
-        let regenerated: Vec<OutputRecord> = std::mem::take(&mut hit.regenerate).into_iter().map(|(_, o)| o).collect();
+        let regenerated: Vec<OutputRecord> = std::mem::take(&mut hit.unavailable);
         if !exit.success() {
+            // The command may read outputs of the stages it needs that are not there either (a kubeconfig is
+            // made from terraform's output): materialize those, then try once more.
+            if self.regenerate_retried.insert(i) && !self.needs_available(i) {
+                return Ok(());
+            }
+            self.materialize.remove(&i);
             let path = regenerated.first().map(|o| o.path.display()).unwrap_or_default();
             return self.launch_stage(i, manifest, Reason::OutputMissing { path });
         }
+        self.materialize.remove(&i);
         for o in &regenerated {
             if outputs::check(&self.s.root, o, &self.s.hasher) != outputs::Present::Same {
                 return self.launch_stage(i, manifest, Reason::OutputRegeneratedDiffers { path: o.path.display() });
@@ -717,8 +773,11 @@ impl Scheduler<'_> {
                 (Selected::NotRequested, _) => continue,
                 (Selected::SkippedByEvent, _) => row.state = StageState::SkippedByEvent,
                 (_, Slot::Done(d)) => match d {
-                    Done::Fresh { restored, recorded_ms, saved_ms, key, .. } => {
+                    Done::Fresh { restored, unavailable, recorded_ms, saved_ms, key, .. } => {
                         row.state = if restored.is_empty() { StageState::Fresh } else { StageState::Restored };
+                        if !unavailable.is_empty() {
+                            row.note = Some(crate::report::unavailable_note(unavailable));
+                        }
                         row.key = Some(key.to_string());
                         row.restored = restored.clone();
                         row.duration_ms = Some(*saved_ms);

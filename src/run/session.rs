@@ -32,13 +32,14 @@ pub struct Hit {
     pub outputs: Vec<OutputRecord>,
     /// Missing or modified in the workspace, present in the store.
     pub restore: Vec<OutputRecord>,
-    /// Missing everywhere, but declared with a `regenerate` command (command, output).
-    pub regenerate: Vec<(String, OutputRecord)>,
+    /// Missing from the workspace and the store, but sensitive (deliberately kept out of shared caches) or
+    /// regenerable: made only when a stage that needs them has to run (by `regenerate`, or by rerunning).
+    pub unavailable: Vec<OutputRecord>,
 }
 
 impl Hit {
     pub fn needs_work(&self) -> bool {
-        !self.restore.is_empty() || !self.regenerate.is_empty()
+        !self.restore.is_empty()
     }
 }
 
@@ -333,24 +334,39 @@ impl Session {
         if let Some(record) = hit {
             let recorded = self.cache.outputs(record.id)?;
             let mut restore = Vec::new();
-            let mut regenerate = Vec::new();
+            let mut unavailable = Vec::new();
             for o in &recorded {
                 if outputs::check(&self.root, o, &self.hasher) == Present::Same {
                     continue;
                 }
                 if outputs::restorable(o, &self.cache.blobs) {
                     restore.push(o.clone());
-                } else if let Some(cmd) =
-                    stage.outputs.iter().find(|d| o.path.starts_with(&d.path)).and_then(|d| d.regenerate.clone())
-                {
-                    regenerate.push((cmd, o.clone()));
+                } else if o.sensitive || self.regenerate_command(stage, o).is_some() {
+                    unavailable.push(o.clone());
                 } else {
                     return Ok(Decision::Stale(Reason::OutputMissing { path: o.path.display() }));
                 }
             }
-            return Ok(Decision::Fresh(Hit { record, outputs: recorded, restore, regenerate }));
+            return Ok(Decision::Fresh(Hit { record, outputs: recorded, restore, unavailable }));
         }
         Ok(Decision::Stale(self.explain(i, m, key)?))
+    }
+
+    fn regenerate_command(&self, stage: &Stage, o: &OutputRecord) -> Option<String> {
+        stage.outputs.iter().find(|d| o.path.starts_with(&d.path)).and_then(|d| d.regenerate.clone())
+    }
+
+    /// One script recreating all `missing` outputs of stage `i`, when every one has a `regenerate` command.
+    pub fn regenerate_script(&self, i: usize, missing: &[OutputRecord]) -> Option<String> {
+        let stage = self.stage(i);
+        let mut cmds: Vec<String> = Vec::new();
+        for o in missing {
+            let cmd = self.regenerate_command(stage, o)?;
+            if !cmds.contains(&cmd) {
+                cmds.push(cmd);
+            }
+        }
+        Some(cmds.join("\n"))
     }
 
     /// The first reason a stage without a hit must run.

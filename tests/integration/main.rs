@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod ci;
 mod deploy;
 mod engine;
 mod explain;

@@ -1,0 +1,435 @@
+//! Moving a cache between machines: `kkpipe cache export FILE` / `kkpipe cache import FILE`.
+//!
+//! An archive is a zstd-compressed tar of `kkpipe-cache/archive.json` (the stage runs it carries, with their
+//! outputs, as path-independent records), `manifests/<key>` (each run's structured inputs), `blobs/<blake3>`
+//! (output contents) and `logs/<n>`. Sensitive outputs and the HMAC key travel only with `--include-sensitive`.
+//!
+//! Import treats the archive as untrusted. Everything is read into a temporary directory outside the cache
+//! and checked before the first write: entry names (no absolute paths, no `..`, no links or devices), sizes,
+//! the schema version, every blob and manifest against its hash, every path in the records. Only then are
+//! blobs stored and rows inserted (in one transaction), so a rejected archive leaves the local cache as it was.
+//! Local entries are never replaced: an imported run that is already there is skipped.
+
+use super::{Cache, OutputRecord, StageRun, State};
+use crate::hash::key::{Key, Manifest};
+use crate::hash::{Entry, Hash};
+use crate::relpath::RelPath;
+use rusqlite::params;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::Path;
+
+pub const FORMAT: &str = "kkpipe-cache-archive";
+pub const SCHEMA: u32 = 1;
+const ROOT: &str = "kkpipe-cache";
+/// No single entry may be larger than this (a plan or chart bundle is far smaller).
+pub const MAX_ENTRY: u64 = 2 << 30;
+/// Nor the archive, decompressed.
+pub const MAX_TOTAL: u64 = 16 << 30;
+const MAX_ENTRIES: usize = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the archive `{}`: {source}", path.display())]
+    Read { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot write the archive `{}`: {source}", path.display())]
+    Write { path: std::path::PathBuf, source: std::io::Error },
+    #[error("rejected the archive `{}`: {why}\n  hint: the local cache was not changed; only import archives made by `kkpipe cache export`", path.display())]
+    Rejected { path: std::path::PathBuf, why: String },
+    #[error(transparent)]
+    Cache(#[from] super::Error),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Document {
+    format: String,
+    schema: u32,
+    kkpipe_version: String,
+    created_at: String,
+    include_sensitive: bool,
+    entries: Vec<ArchiveEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArchiveEntry {
+    stage: String,
+    env: String,
+    key: String,
+    started_at: i64,
+    duration_ms: Option<i64>,
+    exit_code: Option<i64>,
+    reason: Option<String>,
+    event: Option<String>,
+    branch: Option<String>,
+    git_commit: Option<String>,
+    outputs: Vec<ArchiveOutput>,
+    log: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArchiveOutput {
+    path: String,
+    /// Hex BLAKE3 for files; absent for symlinks.
+    hash: Option<String>,
+    exec: bool,
+    /// Link text for symlinks.
+    target: Option<String>,
+    size: u64,
+    sensitive: bool,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ExportReport {
+    pub entries: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub sensitive_left_out: usize,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ImportReport {
+    pub entries: usize,
+    pub skipped_existing: usize,
+    pub blobs: usize,
+}
+
+fn rel_string(p: &RelPath) -> Result<String, String> {
+    String::from_utf8(p.as_bytes().to_vec()).map_err(|_| format!("output path `{p}` is not UTF-8"))
+}
+
+/// Write `runs` (with their outputs) into a new archive at `file`.
+pub fn export(cache: &Cache, runs: &[StageRun], file: &Path, include_sensitive: bool) -> Result<ExportReport, Error> {
+    let werr = |source| Error::Write { path: file.to_path_buf(), source };
+    let mut report = ExportReport::default();
+    let mut entries = Vec::new();
+    let mut blobs: BTreeMap<Hash, bool> = BTreeMap::new();
+    let mut manifests: BTreeSet<Key> = BTreeSet::new();
+    let mut logs: Vec<(String, Vec<u8>)> = Vec::new();
+    let meta = cache.run_meta()?;
+    for r in runs {
+        let outs = cache.outputs(r.id)?;
+        let mut outputs = Vec::new();
+        for o in &outs {
+            let (hash, target) = match &o.entry {
+                Entry::File { hash, .. } => {
+                    if o.sensitive && !include_sensitive {
+                        report.sensitive_left_out += 1;
+                    } else if cache.blobs.has(hash) {
+                        blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
+                    }
+                    (Some(hash.to_hex()), None)
+                }
+                Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
+            };
+            outputs.push(ArchiveOutput {
+                path: rel_string(&o.path).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })?,
+                hash,
+                exec: matches!(o.entry, Entry::File { exec: true, .. }),
+                target,
+                size: o.size,
+                sensitive: o.sensitive,
+            });
+        }
+        manifests.insert(r.key);
+        let log = cache.log(r.id)?.filter(|l| !l.is_empty()).map(|l| {
+            let name = format!("{}", logs.len());
+            logs.push((name.clone(), l));
+            name
+        });
+        let run = meta.get(&r.run_id);
+        entries.push(ArchiveEntry {
+            stage: r.stage.clone(),
+            env: r.env.clone(),
+            key: r.key.to_string(),
+            started_at: r.started_at,
+            duration_ms: r.duration_ms,
+            exit_code: r.exit_code,
+            reason: r.reason.clone(),
+            event: run.and_then(|m| m.event.clone()),
+            branch: run.and_then(|m| m.branch.clone()),
+            git_commit: run.and_then(|m| m.git_commit.clone()),
+            outputs,
+            log,
+        });
+    }
+    report.entries = entries.len();
+    let doc = Document {
+        format: FORMAT.into(),
+        schema: SCHEMA,
+        kkpipe_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: jiff::Timestamp::now().to_string(),
+        include_sensitive,
+        entries,
+    };
+    let tmp = file.with_extension("partial");
+    let out = std::fs::File::create(&tmp).map_err(werr)?;
+    let result = (|| -> std::io::Result<()> {
+        let enc = zstd::Encoder::new(out, 3)?;
+        let mut tar = tar::Builder::new(enc);
+        tar.mode(tar::HeaderMode::Deterministic);
+        let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o600);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("{ROOT}/{name}"), bytes)
+        };
+        add("archive.json", &serde_json::to_vec_pretty(&doc).expect("serialisable"))?;
+        for key in &manifests {
+            if let Some(Ok(m)) = cache.manifest(key).map_err(std::io::Error::other)? {
+                add(&format!("manifests/{key}"), &m.encode())?;
+            }
+        }
+        for hash in blobs.keys() {
+            if let Some(bytes) = cache.blobs.read_verified(hash) {
+                report.blobs += 1;
+                report.bytes += bytes.len() as u64;
+                add(&format!("blobs/{hash}"), &bytes)?;
+            }
+        }
+        for (name, bytes) in &logs {
+            add(&format!("logs/{name}"), bytes)?;
+        }
+        if include_sensitive && let Ok(key) = cache.secret_key() {
+            add("secret.key", &key)?;
+        }
+        let enc = tar.into_inner()?;
+        let mut f = enc.finish()?;
+        f.flush()?;
+        f.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(werr(e));
+    }
+    std::fs::rename(&tmp, file).map_err(werr)?;
+    Ok(report)
+}
+
+/// The checked content of an archive, before anything is written.
+struct Checked {
+    doc: Document,
+    manifests: BTreeMap<Key, Vec<u8>>,
+    blobs: BTreeMap<Hash, Vec<u8>>,
+    logs: BTreeMap<String, Vec<u8>>,
+    secret_key: Option<[u8; 32]>,
+}
+
+fn read_checked(file: &Path) -> Result<Checked, Error> {
+    let reject = |why: String| Error::Rejected { path: file.to_path_buf(), why };
+    let f = std::fs::File::open(file).map_err(|source| Error::Read { path: file.to_path_buf(), source })?;
+    let dec = zstd::Decoder::new(f).map_err(|e| reject(format!("not a zstd stream: {e}")))?;
+    // Count decompressed bytes: a small archive cannot make us write unbounded data.
+    let mut tar = tar::Archive::new(dec.take(MAX_TOTAL + 1));
+    let mut doc: Option<Document> = None;
+    let mut manifests = BTreeMap::new();
+    let mut blobs = BTreeMap::new();
+    let mut logs = BTreeMap::new();
+    let mut secret_key = None;
+    let mut count = 0usize;
+    let entries = tar.entries().map_err(|e| reject(format!("not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| reject(format!("damaged tar archive: {e}")))?;
+        count += 1;
+        if count > MAX_ENTRIES {
+            return Err(reject(format!("more than {MAX_ENTRIES} entries")));
+        }
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8(raw).map_err(|_| reject("an entry name is not UTF-8".into()))?;
+        if name.starts_with('/') {
+            return Err(reject(format!("entry `{name}` has an absolute path")));
+        }
+        if name.split('/').any(|c| c == "..") {
+            return Err(reject(format!("entry `{name}` contains `..`")));
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if !kind.is_file() {
+            let what = if kind.is_symlink() || kind.is_hard_link() { "a link" } else { "not a regular file" };
+            return Err(reject(format!("entry `{name}` is {what}; archives hold regular files only")));
+        }
+        let size = entry.header().size().map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+        if size > MAX_ENTRY {
+            return Err(reject(format!("entry `{name}` is {size} bytes, more than the {MAX_ENTRY}-byte limit")));
+        }
+        let Some(rest) = name.strip_prefix(&format!("{ROOT}/")) else {
+            return Err(reject(format!("unexpected entry `{name}` outside `{ROOT}/`")));
+        };
+        let mut bytes = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+        if bytes.len() as u64 != size {
+            return Err(reject(format!("entry `{name}` is truncated")));
+        }
+        match rest.split_once('/') {
+            None if rest == "archive.json" => {
+                let d: Document = serde_json::from_slice(&bytes).map_err(|e| reject(format!("archive.json: {e}")))?;
+                if d.format != FORMAT {
+                    return Err(reject(format!("format `{}` is not `{FORMAT}`", d.format)));
+                }
+                if d.schema != SCHEMA {
+                    return Err(reject(format!(
+                        "archive schema {} is not supported (this kkpipe reads schema {SCHEMA}); upgrade kkpipe",
+                        d.schema
+                    )));
+                }
+                doc = Some(d);
+            }
+            None if rest == "secret.key" => {
+                secret_key = Some(
+                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| reject("secret.key is not 32 bytes".into()))?,
+                );
+            }
+            Some(("manifests", hex)) => {
+                let key = Hash::from_hex(hex).map(Key).ok_or_else(|| reject(format!("bad manifest name `{name}`")))?;
+                if Hash::of(&bytes) != key.0 {
+                    return Err(reject(format!("manifest `{hex}` does not match its hash")));
+                }
+                Manifest::decode(&bytes).map_err(|e| reject(format!("manifest `{hex}` cannot be decoded ({e:?})")))?;
+                manifests.insert(key, bytes);
+            }
+            Some(("blobs", hex)) => {
+                let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
+                if Hash::of(&bytes) != hash {
+                    return Err(reject(format!("blob `{hex}` does not match its hash (damaged or tampered with)")));
+                }
+                blobs.insert(hash, bytes);
+            }
+            Some(("logs", n)) if !n.is_empty() && !n.contains('/') => {
+                logs.insert(n.to_string(), bytes);
+            }
+            _ => return Err(reject(format!("unexpected entry `{name}`"))),
+        }
+    }
+    let doc = doc.ok_or_else(|| reject("no archive.json: not a kkpipe cache archive".into()))?;
+    for e in &doc.entries {
+        let key = Hash::from_hex(&e.key).map(Key).ok_or_else(|| reject(format!("stage `{}`: bad key", e.stage)))?;
+        if !manifests.contains_key(&key) {
+            return Err(reject(format!("stage `{}`: its manifest is missing", e.stage)));
+        }
+        if e.stage.is_empty() || e.env.is_empty() {
+            return Err(reject("an entry has no stage or environment".into()));
+        }
+        for o in &e.outputs {
+            RelPath::parse(&o.path).ok().filter(|p| !p.is_root() && p.as_bytes() == o.path.as_bytes()).ok_or_else(
+                || reject(format!("stage `{}`: output path `{}` is not a clean relative path", e.stage, o.path)),
+            )?;
+            match (&o.hash, &o.target) {
+                // A blob may be absent (left out as sensitive, or collected before the export): the output
+                // is then unavailable on this side and its stage reruns when it is needed.
+                (Some(h), None) => {
+                    Hash::from_hex(h).ok_or_else(|| reject(format!("output `{}`: bad hash", o.path)))?;
+                }
+                (None, Some(_)) => {}
+                _ => return Err(reject(format!("output `{}`: neither a file nor a link", o.path))),
+            }
+        }
+        if let Some(l) = &e.log
+            && !logs.contains_key(l)
+        {
+            return Err(reject(format!("stage `{}`: its log is missing", e.stage)));
+        }
+    }
+    Ok(Checked { doc, manifests, blobs, logs, secret_key })
+}
+
+/// Merge an archive into the local cache. The caller holds the run lock.
+pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
+    let c = read_checked(file)?;
+    let mut report = ImportReport::default();
+    // Blobs first (temp file + rename each), then the rows that point at them, in one transaction.
+    let sensitive: BTreeSet<Hash> = c
+        .doc
+        .entries
+        .iter()
+        .flat_map(|e| e.outputs.iter())
+        .filter(|o| o.sensitive)
+        .filter_map(|o| o.hash.as_deref().and_then(Hash::from_hex))
+        .collect();
+    for (hash, bytes) in &c.blobs {
+        cache
+            .blobs
+            .put_bytes(bytes, sensitive.contains(hash))
+            .map_err(|e| super::Error::Write { path: cache.dir().join("blobs"), detail: e.to_string() })?;
+        report.blobs += 1;
+    }
+    if let Some(key) = c.secret_key
+        && !cache.dir().join(super::SECRET_KEY_NAME).exists()
+    {
+        cache.write_secret_key(&key)?;
+    }
+    let (imported, skipped) = cache.write_tx(|conn| {
+        let mut imported = 0;
+        let mut skipped = 0;
+        for e in &c.doc.entries {
+            let key = Hash::from_hex(&e.key).expect("checked");
+            let exists: bool = conn
+                .prepare_cached(
+                    "SELECT EXISTS(SELECT 1 FROM stage_runs WHERE stage=?1 AND env=?2 AND key=?3 AND state='success' AND started_at=?4)",
+                )?
+                .query_row(params![e.stage, e.env, &key.0[..], e.started_at], |r| r.get(0))?;
+            if exists {
+                skipped += 1;
+                continue;
+            }
+            let manifest = zstd::encode_all(&c.manifests[&Key(key)][..], 3).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            conn.prepare_cached("INSERT OR IGNORE INTO manifests(key, data) VALUES (?1, ?2)")?.execute(params![&key.0[..], manifest])?;
+            conn.prepare_cached(
+                "INSERT INTO runs(started_at, finished_at, command, event, branch, env, git_commit, outcome, ran, fresh, restored, failed, skipped, saved_ms) VALUES (?1, ?2, 'import', ?3, ?4, ?5, ?6, 'ok', 0, 0, 0, 0, 0, 0)",
+            )?
+            .execute(params![e.started_at, e.started_at + e.duration_ms.unwrap_or(0), e.event, e.branch, e.env, e.git_commit])?;
+            let run_id = conn.last_insert_rowid();
+            let log = match &e.log {
+                Some(l) => Some(zstd::encode_all(&c.logs[l][..], 3).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?),
+                None => None,
+            };
+            conn.prepare_cached(
+                "INSERT INTO stage_runs(run_id, stage, env, key, state, reason, started_at, duration_ms, exit_code, log) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            )?
+            .execute(params![
+                run_id,
+                e.stage,
+                e.env,
+                &key.0[..],
+                State::Success.as_str(),
+                e.reason,
+                e.started_at,
+                e.duration_ms,
+                e.exit_code,
+                log
+            ])?;
+            let sr = conn.last_insert_rowid();
+            let mut ins = conn.prepare_cached(
+                "INSERT INTO outputs(stage_run_id, path, kind, hash, exec, target, size, sensitive) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+            )?;
+            for o in &e.outputs {
+                let (kind, hash) = match &o.hash {
+                    Some(h) => ("file", Some(Hash::from_hex(h).expect("checked").0.to_vec())),
+                    None => ("symlink", None),
+                };
+                ins.execute(params![sr, o.path.as_bytes(), kind, hash, o.exec, o.target.as_deref().map(str::as_bytes), o.size as i64, o.sensitive])?;
+            }
+            imported += 1;
+        }
+        Ok((imported, skipped))
+    })?;
+    report.entries = imported;
+    report.skipped_existing = skipped;
+    Ok(report)
+}
+
+impl OutputRecord {
+    /// For `cache stats` and gc: the blob a record needs, if any.
+    pub fn blob(&self) -> Option<Hash> {
+        match self.entry {
+            Entry::File { hash, .. } => Some(hash),
+            Entry::Symlink { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! `kkpipe ci github|gitlab|bitbucket`: the provider's CI file for a pipeline.
+//!
+//! One job per event runs `kkpipe run`; kkpipe schedules the stages inside it, and each stage is a
+//! `::group::` (GitHub) / collapsible section (GitLab) in the job log. Why one job and not one per stage: a
+//! CI cache is restored and saved per job, and stages hand outputs (plan, kubeconfig) to each other; one
+//! process sees the whole graph, restores the cache once, skips exactly what is fresh and saves what ran,
+//! even when a stage failed. See docs/ci.md.
+//!
+//! Everything is derived from the pipeline: pull requests run the stages whose `on` has `pull_request`,
+//! pushes to the branches of `push` stages run the rest; every `pass_env` / `secret_env` name that is not
+//! the provider's own variable is wired from the provider's secret store; tools listed in `tools` are
+//! installed; deploy stages make the job serialised (GitHub `concurrency`, GitLab `resource_group`,
+//! Bitbucket `deployment`).
+
+use super::Provider;
+use crate::pipeline::Pipeline;
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+/// Where each provider expects its file.
+pub fn file_name(p: Provider) -> &'static str {
+    match p {
+        Provider::Github => ".github/workflows/kkp.yaml",
+        Provider::Gitlab => ".gitlab-ci.yml",
+        Provider::Bitbucket => "bitbucket-pipelines.yml",
+    }
+}
+
+/// Versions the generated file installs; change them in the file, they are plain variables there.
+const VERSIONS: &[(&str, &str)] = &[
+    ("KKPIPE_VERSION", env!("CARGO_PKG_VERSION")),
+    ("TERRAFORM_VERSION", "1.11.4"),
+    ("KUBEONE_VERSION", "1.8.0"),
+    ("KKP_VERSION", "2.25.0"),
+    ("SOPS_VERSION", "3.7.1"),
+    ("KUBECTL_VERSION", "1.30.5"),
+    ("FLUX_VERSION", "2.3.0"),
+];
+
+/// Shell lines installing a tool on a Linux amd64 runner (`$SUDO` is `sudo` where needed).
+fn install(tool: &str) -> Option<&'static str> {
+    Some(match tool {
+        "terraform" => {
+            "curl -fsSLo /tmp/tf.zip \"https://releases.hashicorp.com/terraform/${TERRAFORM_VERSION}/terraform_${TERRAFORM_VERSION}_linux_amd64.zip\" && $SUDO unzip -o -q /tmp/tf.zip -d /usr/local/bin terraform"
+        }
+        "kubeone" => {
+            "curl -fsSLo /tmp/kubeone.zip \"https://github.com/kubermatic/kubeone/releases/download/v${KUBEONE_VERSION}/kubeone_${KUBEONE_VERSION}_linux_amd64.zip\" && $SUDO unzip -o -q /tmp/kubeone.zip -d /usr/local/bin kubeone"
+        }
+        "kubermatic-installer" => {
+            "mkdir -p \"$HOME/kkp\" && curl -fsSL \"https://github.com/kubermatic/kubermatic/releases/download/v${KKP_VERSION}/kubermatic-ce-v${KKP_VERSION}-linux-amd64.tar.gz\" | tar -xz -C \"$HOME/kkp\" && $SUDO ln -sf \"$HOME/kkp/kubermatic-installer\" /usr/local/bin/kubermatic-installer"
+        }
+        "sops" => {
+            "$SUDO curl -fsSLo /usr/local/bin/sops \"https://github.com/getsops/sops/releases/download/v${SOPS_VERSION}/sops-v${SOPS_VERSION}.linux.amd64\" && $SUDO chmod +x /usr/local/bin/sops"
+        }
+        "kubectl" => {
+            "$SUDO curl -fsSLo /usr/local/bin/kubectl \"https://dl.k8s.io/release/v${KUBECTL_VERSION}/bin/linux/amd64/kubectl\" && $SUDO chmod +x /usr/local/bin/kubectl"
+        }
+        "flux" => {
+            "curl -fsSL \"https://github.com/fluxcd/flux2/releases/download/v${FLUX_VERSION}/flux_${FLUX_VERSION}_linux_amd64.tar.gz\" | $SUDO tar -xz -C /usr/local/bin flux"
+        }
+        "aws" => {
+            "command -v aws > /dev/null || { curl -fsSLo /tmp/awscli.zip https://awscli.amazonaws.com/awscli-exe-linux-x86_64.zip && unzip -q -o /tmp/awscli.zip -d /tmp && $SUDO /tmp/aws/install; }"
+        }
+        "gsutil" | "gcloud" => {
+            "command -v gsutil > /dev/null || { curl -fsSL https://sdk.cloud.google.com | bash -s -- --disable-prompts --install-dir=\"$HOME\" > /dev/null && $SUDO ln -sf \"$HOME/google-cloud-sdk/bin/\"* /usr/local/bin/; }"
+        }
+        _ => return None,
+    })
+}
+
+/// Variables the provider sets itself (not secrets).
+fn provided(p: Provider, name: &str) -> bool {
+    match p {
+        Provider::Github => name.starts_with("GITHUB_") || name.starts_with("RUNNER_"),
+        Provider::Gitlab => name.starts_with("CI_") || name.starts_with("GITLAB_USER_"),
+        Provider::Bitbucket => name.starts_with("BITBUCKET_"),
+    }
+}
+
+struct Facts {
+    pr_stages: Vec<String>,
+    push_branches: Vec<String>,
+    secrets: Vec<String>,
+    tools: Vec<String>,
+    ssh_agent: bool,
+    deploys: bool,
+}
+
+fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
+    let mut pr_stages = Vec::new();
+    let mut branches = BTreeSet::new();
+    let mut secrets = BTreeSet::new();
+    let mut tools = BTreeSet::new();
+    let mut ssh_agent = false;
+    let mut deploys = false;
+    for s in &pipeline.stages {
+        if s.runs_on("pull_request", None) {
+            pr_stages.push(s.name.clone());
+        }
+        if s.on.as_ref().is_none_or(|on| on.iter().any(|e| e == "push")) {
+            branches.extend(s.branches.iter().cloned());
+        }
+        for name in s.pass_env.iter().chain(&s.secret_env) {
+            if name == "SSH_AUTH_SOCK" {
+                ssh_agent = true;
+            } else if !provided(p, name) {
+                secrets.insert(name.clone());
+            }
+        }
+        tools.extend(s.tools.iter().cloned());
+        deploys |= s.is_deploy();
+    }
+    if ssh_agent {
+        secrets.insert("SSH_PRIVATE_KEY".into());
+    }
+    Facts {
+        pr_stages,
+        push_branches: branches.into_iter().collect(),
+        secrets: secrets.into_iter().collect(),
+        tools: tools.into_iter().collect(),
+        ssh_agent,
+        deploys,
+    }
+}
+
+fn header(p: Provider, f: &Facts) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "# {} for the KKP delivery pipeline: generated by `kkpipe ci {}` from pipeline.toml.",
+        p.title(),
+        p.name()
+    );
+    t.push_str("# kkpipe decides from content hashes what runs: pull requests run the stages whose `on` lists\n");
+    let _ = writeln!(t, "# pull_request ({}); pushes run every stale stage.", f.pr_stages.join(", "));
+    t.push_str("# The kkpipe cache is restored before and saved after every run, failed ones included; sensitive\n");
+    t.push_str("# outputs (plans, kubeconfigs, terraform output) are never cached. See docs/ci.md.\n");
+    if !f.secrets.is_empty() {
+        let _ = writeln!(t, "# Secrets this pipeline reads: {}.", f.secrets.join(", "));
+    }
+    t
+}
+
+/// Shell lines that install kkpipe (into `.kkpipe-bin/`, cached by version) and the pipeline's tools.
+fn install_lines(f: &Facts) -> Vec<String> {
+    let mut lines = vec![
+        "SUDO=$(command -v sudo || true)".to_string(),
+        "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\"".to_string(),
+        "command -v kkpipe > /dev/null || cargo install --locked --root .kkpipe-bin kkpipe --version \"$KKPIPE_VERSION\"".to_string(),
+    ];
+    for tool in &f.tools {
+        match install(tool) {
+            Some(cmd) => lines.push(cmd.to_string()),
+            None => {
+                lines.push(format!("command -v {tool} > /dev/null || {{ echo \"install {tool} here\" >&2; exit 1; }}"))
+            }
+        }
+    }
+    lines
+}
+
+fn versions(f: &Facts) -> Vec<(&'static str, &'static str)> {
+    let wanted = |var: &str| match var {
+        "KKPIPE_VERSION" => true,
+        "TERRAFORM_VERSION" => f.tools.iter().any(|t| t == "terraform"),
+        "KUBEONE_VERSION" => f.tools.iter().any(|t| t == "kubeone"),
+        "KKP_VERSION" => f.tools.iter().any(|t| t == "kubermatic-installer"),
+        "SOPS_VERSION" => f.tools.iter().any(|t| t == "sops"),
+        "KUBECTL_VERSION" => f.tools.iter().any(|t| t == "kubectl"),
+        "FLUX_VERSION" => f.tools.iter().any(|t| t == "flux"),
+        _ => false,
+    };
+    VERSIONS.iter().copied().filter(|(k, _)| wanted(k)).collect()
+}
+
+/// A YAML double-quoted string.
+fn yq(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+fn block(t: &mut String, indent: &str, lines: &[String]) {
+    for l in lines {
+        let _ = writeln!(t, "{indent}{l}");
+    }
+}
+
+pub fn render(pipeline: &Pipeline, p: Provider) -> String {
+    let f = facts(pipeline, p);
+    match p {
+        Provider::Github => github(&f),
+        Provider::Gitlab => gitlab(&f),
+        Provider::Bitbucket => bitbucket(&f),
+    }
+}
+
+fn github(f: &Facts) -> String {
+    let mut t = header(Provider::Github, f);
+    t.push_str(
+        "# Each stage's output is a collapsible group; failures are annotations; the job summary has a table of\n",
+    );
+    t.push_str(
+        "# the stages and the graph. No path filters: a required check must always report, and a failed deploy\n",
+    );
+    t.push_str("# is retried on the next push whatever it touches (Flux's `[ci skip]` commits do not trigger it).\n");
+    t.push_str("name: kkp\n\non:\n  pull_request:\n    branches: [main]\n");
+    let _ = writeln!(t, "  push:\n    branches: [{}]", f.push_branches.join(", "));
+    t.push_str("  workflow_dispatch: {}\n\n");
+    if f.deploys {
+        t.push_str("# One run per ref at a time: deploy stages are never applied by two runs at once.\n");
+        t.push_str("concurrency:\n  group: kkp-${{ github.ref }}\n  cancel-in-progress: false\n\n");
+    }
+    t.push_str("permissions:\n  contents: read\n\nenv:\n");
+    for (k, v) in versions(f) {
+        let _ = writeln!(t, "  {k}: {}", yq(v));
+    }
+    t.push_str("\njobs:\n  kkp:\n    name: kkp pipeline\n    runs-on: ubuntu-latest\n    steps:\n");
+    t.push_str("      - uses: actions/checkout@v4\n");
+    t.push_str("      - name: Cache the kkpipe binary\n        uses: actions/cache@v4\n        with:\n");
+    t.push_str("          path: .kkpipe-bin\n          key: kkpipe-bin-${{ runner.os }}-${{ env.KKPIPE_VERSION }}\n");
+    t.push_str("      - name: Install kkpipe and the pipeline's tools\n        run: |\n");
+    block(&mut t, "          ", &install_lines(f));
+    t.push_str("          echo \"$PWD/.kkpipe-bin/bin\" >> \"$GITHUB_PATH\"\n");
+    t.push_str("      # Cache keys are immutable: a new key per run, restored from this ref's latest or main's.\n");
+    t.push_str("      # Pull-request caches are invisible to main. Sensitive outputs are never in the cache.\n");
+    t.push_str("      - name: Restore the kkpipe cache\n        uses: actions/cache/restore@v4\n        with:\n");
+    t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
+    t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
+    t.push_str("          restore-keys: |\n            kkpipe-${{ github.ref_name }}-\n            kkpipe-main-\n");
+    if f.ssh_agent {
+        t.push_str("      - name: Start an ssh-agent with the nodes' key\n        uses: webfactory/ssh-agent@v0.9.0\n");
+        t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
+    }
+    t.push_str("      - name: kkpipe run\n        run: kkpipe run\n");
+    let env: Vec<&String> = f.secrets.iter().filter(|s| *s != "SSH_PRIVATE_KEY").collect();
+    if !env.is_empty() {
+        t.push_str("        env:\n");
+        for s in env {
+            let _ = writeln!(t, "          {s}: ${{{{ secrets.{s} }}}}");
+        }
+    }
+    t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
+    t.push_str("        uses: actions/cache/save@v4\n        with:\n");
+    t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
+    t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
+    t
+}
+
+fn gitlab(f: &Facts) -> String {
+    let mut t = header(Provider::Gitlab, f);
+    t.push_str("# CI/CD variables reach the job as environment variables: define the secrets above as masked,\n");
+    t.push_str("# protected variables. Each stage's output is a collapsible section of the job log.\n");
+    t.push_str("workflow:\n  rules:\n");
+    t.push_str("    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\" && $CI_MERGE_REQUEST_TARGET_BRANCH_NAME == \"main\"\n");
+    for b in &f.push_branches {
+        let _ = writeln!(t, "    - if: $CI_PIPELINE_SOURCE == \"push\" && $CI_COMMIT_BRANCH == {}", yq(b));
+    }
+    t.push_str("    - if: $CI_PIPELINE_SOURCE == \"web\"\n\nstages:\n  - kkp\n\nvariables:\n");
+    for (k, v) in versions(f) {
+        let _ = writeln!(t, "  {k}: {}", yq(v));
+    }
+    t.push_str("\n.kkpipe:\n  stage: kkp\n  image: rust:1-bookworm\n");
+    t.push_str(
+        "  # The cache holds a `kkpipe cache export` archive (no sensitive outputs), saved even when a stage fails.\n",
+    );
+    t.push_str("  # Merge-request pipelines fall back to the default branch's cache.\n");
+    t.push_str(
+        "  cache:\n    - key: kkpipe-$CI_COMMIT_REF_SLUG\n      fallback_keys:\n        - kkpipe-$CI_DEFAULT_BRANCH\n",
+    );
+    t.push_str("      paths:\n        - .kkpipe-ci/\n      when: always\n");
+    t.push_str("    - key: kkpipe-bin-$KKPIPE_VERSION\n      paths:\n        - .kkpipe-bin/\n");
+    t.push_str("  before_script:\n");
+    let mut before =
+        vec!["apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null".to_string()];
+    before.extend(install_lines(f));
+    if f.ssh_agent {
+        before
+            .push("eval \"$(ssh-agent -s)\" && echo \"$SSH_PRIVATE_KEY\" | tr -d '\\r' | ssh-add - > /dev/null".into());
+    }
+    before.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
+    for l in before {
+        let _ = writeln!(t, "    - {}", yq(&l));
+    }
+    t.push_str("  script:\n    - kkpipe run\n");
+    t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
+    t.push_str("kkp:merge-request:\n  extends: .kkpipe\n  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n\n");
+    t.push_str("kkp:push:\n  extends: .kkpipe\n");
+    if f.deploys {
+        t.push_str("  # One deploying job at a time.\n  resource_group: kkp-$CI_COMMIT_REF_SLUG\n");
+    }
+    t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"push\" || $CI_PIPELINE_SOURCE == \"web\"\n");
+    t
+}
+
+fn bitbucket(f: &Facts) -> String {
+    let mut t = header(Provider::Bitbucket, f);
+    t.push_str("# Repository variables reach the step as environment variables (SSH_PRIVATE_KEY base64-encoded).\n");
+    t.push_str(
+        "# Bitbucket saves caches only after a successful step, so the run step records kkpipe's exit code and\n",
+    );
+    t.push_str(
+        "# succeeds (its cache is saved, failed runs included); the next step fails the pipeline if a stage failed.\n",
+    );
+    t.push_str("# Caches are limited to 1 GB and expire after 7 days: the archive is kept below 800 MB.\n");
+    t.push_str("image: rust:1-bookworm\n\ndefinitions:\n  caches:\n    kkpipe: .kkpipe-ci\n    kkpipe-bin: .kkpipe-bin\n  steps:\n");
+    t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n          - kkpipe-bin\n        script:\n");
+    let mut script =
+        vec!["apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null".to_string()];
+    for (k, v) in versions(f) {
+        script.push(format!("export {k}={}", yq(v)));
+    }
+    script.extend(install_lines(f));
+    if f.ssh_agent {
+        script.push("eval \"$(ssh-agent -s)\" && echo \"$SSH_PRIVATE_KEY\" | base64 -d | ssh-add - > /dev/null".into());
+    }
+    script.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
+    script.push("mkdir -p kkpipe-result && code=0 && kkpipe run || code=$?".into());
+    script.push("echo \"$code\" > kkpipe-result/exit-code".into());
+    script.push(
+        "kkpipe cache gc --max-size 800M && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
+    );
+    for l in script {
+        let _ = writeln!(t, "          - {}", yq(&l));
+    }
+    t.push_str("        artifacts:\n          - kkpipe-result/**\n");
+    t.push_str("    - step: &kkpipe-result\n        name: kkp result\n        script:\n");
+    t.push_str("          - \"test \\\"$(cat kkpipe-result/exit-code)\\\" = 0 || { echo 'a kkpipe stage failed: see the kkp pipeline step'; exit 1; }\"\n\n");
+    t.push_str("pipelines:\n  pull-requests:\n    \"**\":\n      - step: *kkpipe-run\n      - step: *kkpipe-result\n  branches:\n");
+    for b in &f.push_branches {
+        let _ = writeln!(t, "    {}:\n      - step:\n          <<: *kkpipe-run", yq(b));
+        if f.deploys {
+            t.push_str("          # Bitbucket runs one deployment to an environment at a time.\n          deployment: production\n");
+        }
+        t.push_str("      - step: *kkpipe-result\n");
+    }
+    t
+}

@@ -1,0 +1,412 @@
+//! CI: generated provider files against the providers' schemas, cache export/import between checkouts,
+//! hostile archives, cache size bounds, and the providers' output conventions.
+
+use crate::harness::*;
+use std::path::{Path, PathBuf};
+
+const PROVIDERS: &[(&str, &str, &str)] = &[
+    ("github", ".github/workflows/kkp.yaml", "vendor.github-workflows"),
+    ("gitlab", ".gitlab-ci.yml", "vendor.gitlab-ci"),
+    ("bitbucket", "bitbucket-pipelines.yml", "vendor.bitbucket-pipelines"),
+];
+
+fn builtin_schema(name: &str, file: &Path) {
+    let out = std::process::Command::new(test_tool("venv/bin/check-jsonschema"))
+        .args(["--builtin-schema", name])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} does not validate against {name}:\n{}{}\n{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(file).unwrap_or_default()
+    );
+}
+
+#[test]
+fn every_generated_ci_file_validates_against_its_providers_schema() {
+    let clouds = ["aws", "gcp", "azure", "openstack", "vsphere"];
+    let mut checked = 0;
+    for (ci, file, schema_name) in PROVIDERS {
+        for cloud in clouds {
+            for dns in [false, true] {
+                let repo = Repo::empty();
+                std::fs::create_dir_all(repo.path(&format!("terraform/{cloud}/dns"))).unwrap();
+                let mut args = vec!["init", "--ci", ci, "--cloud", cloud];
+                if dns {
+                    args.push("--dns");
+                }
+                if repo.kk(&args).code != 0 {
+                    continue; // unsupported combination (tested in kkp.rs)
+                }
+                builtin_schema(schema_name, &repo.path(file));
+                let text = repo.read(file);
+                assert!(text.contains("kkpipe run"), "{text}");
+                assert!(
+                    !text.contains(".kkpipe/sensitive\n") || text.contains("!.kkpipe/sensitive"),
+                    "never cache secrets"
+                );
+                // `kkpipe ci` writes the same file as `init` did.
+                assert_eq!(repo.kk(&["ci", ci, "--stdout"]).ok().stdout, text);
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 + 1 + 5 + 1 + 2 + 1, "every supported combination");
+}
+
+#[test]
+fn generated_files_wire_secrets_serialise_deploys_and_save_the_cache_after_failures() {
+    let repo = Repo::kkp_demo();
+    let gh = repo.kk(&["ci", "github", "--stdout"]).ok().stdout;
+    for secret in ["AWS_SECRET_ACCESS_KEY", "SOPS_AGE_SECRET_KEY", "TOKEN_GITHUB"] {
+        assert!(gh.contains(&format!("{secret}: ${{{{ secrets.{secret} }}}}")), "{secret}:\n{gh}");
+    }
+    assert!(!gh.contains("secrets.GITHUB_REPOSITORY"), "the provider sets GITHUB_REPOSITORY itself");
+    assert!(gh.contains("ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}"));
+    assert!(gh.contains("concurrency:\n  group: kkp-${{ github.ref }}"));
+    assert!(gh.contains("if: always()\n        uses: actions/cache/save@v4"));
+    assert!(gh.contains("!.kkpipe/sensitive"));
+    assert!(!gh.contains("paths:"), "no path filter may skip a required check");
+
+    let gl = repo.kk(&["ci", "gitlab", "--stdout"]).ok().stdout;
+    assert!(gl.contains("resource_group:") && gl.contains("when: always") && gl.contains("fallback_keys:"), "{gl}");
+    assert!(gl.contains("kkpipe cache export .kkpipe-ci/cache.tar.zst"));
+    let bb = repo.kk(&["ci", "bitbucket", "--stdout"]).ok().stdout;
+    assert!(bb.contains("deployment: production") && bb.contains("kkpipe-result/exit-code"), "{bb}");
+    assert!(bb.contains("--max-size 800M"), "{bb}");
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new("git")
+        .args(["-c", "user.name=ci", "-c", "user.email=ci@example.invalid", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Repository A after a first push, committed (Flux's own commit included) and cloned to B. B gets what
+/// lives outside the repository in real life: terraform's state (a remote backend) and the "live system".
+fn checkout_a_and_clone_b() -> (Repo, PathBuf) {
+    let a = Repo::kkp_demo();
+    git(&a.root, &["init", "-q"]);
+    git(&a.root, &["add", "-A"]);
+    git(&a.root, &["commit", "-q", "-m", "initial"]);
+    a.run(&["--event", "push", "--branch", "main"]).ok();
+    git(&a.root, &["add", "-A"]);
+    git(&a.root, &["commit", "-q", "-m", "Add Flux sync manifests [ci skip]"]);
+    let b = a.sibling("runner/work/b");
+    std::fs::create_dir_all(b.parent().unwrap()).unwrap();
+    git(a.root.parent().unwrap(), &["clone", "-q", a.root.to_str().unwrap(), b.to_str().unwrap()]);
+    for state in ["terraform/aws/terraform.tfstate", "terraform/aws/dns/terraform.tfstate"] {
+        std::fs::copy(a.path(state), b.join(state)).unwrap();
+    }
+    copy_tree(&a.path(".demo-cloud"), &b.join(".demo-cloud"));
+    (a, b)
+}
+
+fn in_b(a: &Repo, b: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut c = a.cmd_in(b, args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    // demo.env's paths point into A; the stand-ins in B keep their state in B.
+    let path = a.env_var("PATH").replace(a.path("bin").to_str().unwrap(), b.join("bin").to_str().unwrap());
+    c.env("PATH", path).env("SSH_AUTH_SOCK", b.join(".demo-cloud/ssh-agent.sock"));
+    Run::from(c.output().unwrap())
+}
+
+const GITHUB_PUSH: &[(&str, &str)] =
+    &[("GITHUB_ACTIONS", "true"), ("GITHUB_EVENT_NAME", "push"), ("GITHUB_REF_NAME", "main")];
+
+#[test]
+fn a_fresh_ci_checkout_with_the_imported_cache_skips_everything_unchanged() {
+    let (a, b) = checkout_a_and_clone_b();
+    let archive = a.sibling("cache.tar.zst");
+    a.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    in_b(&a, &b, &[], &["cache", "import", archive.to_str().unwrap()]).ok();
+
+    let summary_file = a.sibling("step-summary.md");
+    let mut env = GITHUB_PUSH.to_vec();
+    env.push(("GITHUB_STEP_SUMMARY", summary_file.to_str().unwrap()));
+    let r = in_b(&a, &b, &env, &["run", "--json"]).ok();
+    assert!(r.ran().is_empty(), "nothing reruns on a fresh checkout:\n{}", r.stderr);
+    assert_eq!(r.with_state("restored"), ["kkp-deploy"]);
+    assert_eq!(r.json()["summary"]["restored"], 1);
+    assert_eq!(
+        std::fs::read(b.join("kubermatic/ingress-address.txt")).unwrap(),
+        std::fs::read(a.path("kubermatic/ingress-address.txt")).unwrap(),
+        "declared non-sensitive outputs come back byte-identical"
+    );
+    assert!(!b.join("terraform/aws/plan.tfplan").exists(), "sensitive outputs are not in the archive");
+    let md = std::fs::read_to_string(&summary_file).unwrap();
+    assert!(md.contains("| `kkp-deploy` | ✅ restored |") && md.contains("0 ran, 9 fresh (1 restored)"), "{md}");
+    assert!(md.contains("```mermaid\nflowchart LR"), "{md}");
+
+    // One kubermatic edit: only kkp-deploy runs; the kubeconfig it needs is regenerated, not re-provisioned.
+    let values = b.join("kubermatic/values.yaml");
+    let text = std::fs::read_to_string(&values).unwrap().replace("replicaCount: 2", "replicaCount: 4");
+    std::fs::write(&values, text).unwrap();
+    let r = in_b(&a, &b, GITHUB_PUSH, &["run", "--json"]).ok();
+    assert_eq!(r.ran(), ["kkp-deploy"], "{}", r.stderr);
+    assert!(r.stderr.contains("Regenerating `kubeone/kubeconfig`"), "{}", r.stderr);
+}
+
+#[test]
+fn caching_the_kkpipe_directory_directly_works_too() {
+    let (a, b) = checkout_a_and_clone_b();
+    // What the GitHub workflow caches: `.kkpipe` without `.kkpipe/sensitive`.
+    copy_tree(&a.path(".kkpipe"), &b.join(".kkpipe"));
+    std::fs::remove_dir_all(b.join(".kkpipe/sensitive")).unwrap();
+    let r = in_b(&a, &b, GITHUB_PUSH, &["run", "--json"]).ok();
+    assert!(r.ran().is_empty(), "{}", r.stderr);
+    assert_eq!(r.with_state("restored"), ["kkp-deploy"]);
+}
+
+#[test]
+fn pull_request_variables_select_only_the_pull_request_stages() {
+    let (a, b) = checkout_a_and_clone_b();
+    let archive = a.sibling("cache.tar.zst");
+    a.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    in_b(&a, &b, &[], &["cache", "import", archive.to_str().unwrap()]).ok();
+    let pr = [
+        ("GITHUB_ACTIONS", "true"),
+        ("GITHUB_EVENT_NAME", "pull_request"),
+        ("GITHUB_BASE_REF", "main"),
+        ("GITHUB_REF_NAME", "7/merge"),
+    ];
+    std::fs::write(
+        b.join("terraform/aws/terraform.tfvars"),
+        std::fs::read_to_string(b.join("terraform/aws/terraform.tfvars")).unwrap().replace("t3.large", "t3.xlarge"),
+    )
+    .unwrap();
+    let r = in_b(&a, &b, &pr, &["run", "--json"]).ok();
+    let considered: Vec<String> = r.json()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] != "skipped-by-event")
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        considered,
+        ["terraform-kkp-validate", "terraform-kkp-dns-validate", "terraform-backend-prepare", "terraform-plan"]
+    );
+    assert_eq!(r.ran(), ["terraform-kkp-validate", "terraform-plan"]);
+    assert!(r.all().contains("selecting stages for pull_request (branch `main`)"), "{}", r.all());
+}
+
+#[test]
+fn an_export_holds_no_sensitive_output_unless_asked() {
+    let repo = Repo::kkp_demo();
+    repo.run(&[]).ok();
+    let cluster: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/cluster.json")).unwrap();
+    let token = cluster["token"].as_str().unwrap().to_string();
+    assert!(repo.read("kubeone/kubeconfig").contains(&token), "the kubeconfig holds the cluster token");
+    let archive_text = |file: &Path| -> String {
+        let raw = zstd::decode_all(std::fs::File::open(file).unwrap()).unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let plain = repo.sibling("plain.tar.zst");
+    let r = repo.kk(&["cache", "export", plain.to_str().unwrap()]).ok();
+    assert!(r.stderr.contains("left out 3 sensitive outputs"), "{}", r.stderr);
+    assert_eq!(archive_text(&plain).matches(&token).count(), 0);
+    let with = repo.sibling("with.tar.zst");
+    repo.kk(&["cache", "export", "--include-sensitive", with.to_str().unwrap()]).ok();
+    assert!(archive_text(&with).contains(&token), "the check can find it when it is there");
+}
+
+/// Write a zstd-compressed tar with raw, unchecked entries (as an attacker could).
+fn hostile(file: &Path, entries: &[(&str, tar::EntryType, u64, &[u8])]) {
+    let mut raw: Vec<u8> = Vec::new();
+    for (name, kind, size, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let n = name.as_bytes();
+        h.as_gnu_mut().unwrap().name[..n.len()].copy_from_slice(n);
+        h.set_size(*size);
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        if kind.is_symlink() {
+            h.set_link_name("../../../../etc/passwd").unwrap();
+        }
+        h.set_cksum();
+        raw.extend_from_slice(h.as_bytes());
+        raw.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        raw.extend(std::iter::repeat_n(0u8, pad));
+    }
+    raw.extend(std::iter::repeat_n(0u8, 1024));
+    std::fs::write(file, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+}
+
+#[test]
+fn hostile_archives_are_rejected_and_the_local_cache_is_unchanged() {
+    let repo = Repo::fixture("tiny");
+    repo.run(&[]).ok();
+    let good = repo.sibling("good.tar.zst");
+    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let doc = {
+        let raw = zstd::decode_all(std::fs::File::open(&good).unwrap()).unwrap();
+        let mut ar = tar::Archive::new(&raw[..]);
+        let mut text = String::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().ends_with("archive.json") {
+                std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            }
+        }
+        text
+    };
+    let newer = doc.replace("\"schema\": 1", "\"schema\": 99");
+    let blob = b"real content";
+    let wrong_name = format!("kkpipe-cache/blobs/{}", blake3::hash(b"other content").to_hex());
+    type RawEntry = (String, tar::EntryType, u64, Vec<u8>);
+    let cases: Vec<(&str, Vec<RawEntry>, &str)> = vec![
+        (
+            "absolute",
+            vec![("/etc/kkpipe-cache/archive.json".into(), tar::EntryType::Regular, 2, b"{}".to_vec())],
+            "absolute path",
+        ),
+        (
+            "dotdot",
+            vec![("kkpipe-cache/../../evil".into(), tar::EntryType::Regular, 2, b"{}".to_vec())],
+            "contains `..`",
+        ),
+        ("symlink", vec![("kkpipe-cache/blobs/link".into(), tar::EntryType::Symlink, 0, vec![])], "is a link"),
+        (
+            "hash",
+            vec![(wrong_name, tar::EntryType::Regular, blob.len() as u64, blob.to_vec())],
+            "does not match its hash",
+        ),
+        (
+            "schema",
+            vec![("kkpipe-cache/archive.json".into(), tar::EntryType::Regular, newer.len() as u64, newer.into_bytes())],
+            "schema 99 is not supported",
+        ),
+        ("oversized", vec![("kkpipe-cache/blobs/huge".into(), tar::EntryType::Regular, 3 << 30, vec![])], "limit"),
+        ("not-kkpipe", vec![("README".into(), tar::EntryType::Regular, 2, b"hi".to_vec())], "outside `kkpipe-cache/`"),
+    ];
+    let db_before = repo.db_bytes();
+    let blobs_before = listing(&repo.path(".kkpipe"));
+    for (name, entries, expect) in cases {
+        let file = repo.sibling(&format!("{name}.tar.zst"));
+        let e: Vec<(&str, tar::EntryType, u64, &[u8])> =
+            entries.iter().map(|(n, k, s, d)| (n.as_str(), *k, *s, d.as_slice())).collect();
+        hostile(&file, &e);
+        let r = repo.kk(&["cache", "import", file.to_str().unwrap()]);
+        assert_eq!(r.code, 2, "{name}: {}", r.all());
+        assert!(r.stderr.contains("rejected the archive") && r.stderr.contains(expect), "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("the local cache was not changed"), "{}", r.stderr);
+        assert_eq!(repo.db_bytes(), db_before, "{name}: the database changed");
+        assert_eq!(listing(&repo.path(".kkpipe")), blobs_before, "{name}: the store changed");
+    }
+    // A damaged (truncated) real archive.
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = repo.sibling("cut.tar.zst");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_eq!(repo.kk(&["cache", "import", cut.to_str().unwrap()]).code, 2);
+    assert_eq!(repo.db_bytes(), db_before);
+    // And the good one merges without losing anything.
+    let r = repo.kk(&["cache", "import", good.to_str().unwrap()]).ok();
+    assert!(r.stderr.contains("imported 0 stage runs (4 already here)"), "{}", r.stderr);
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && !e.file_name().to_string_lossy().starts_with("cache.db"))
+        .map(|e| e.path().strip_prefix(dir).unwrap().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_hundred_runs_then_gc_stay_within_the_documented_bound() {
+    let repo = Repo::empty();
+    repo.write("input.txt", "0\n").write(
+        "pipeline.toml",
+        r#"
+[stages.build]
+run = "mkdir -p out && for i in $(seq 64); do cat input.txt; done > out/artifact.txt && head -c 4096 /dev/urandom >> out/artifact.txt"
+inputs = ["input.txt"]
+outputs = ["out"]
+[stages.check]
+run = "wc -c out/artifact.txt"
+needs = ["build"]
+"#,
+    );
+    for n in 1..=200 {
+        repo.write("input.txt", &format!("{n}\n"));
+        let r = repo.kk(&["run", "-q"]);
+        assert_eq!(r.code, 0, "run {n}: {}", r.all());
+    }
+    let before = repo.kk(&["cache", "stats", "--json"]).ok().json();
+    repo.kk(&["cache", "gc"]).ok();
+    let after = repo.kk(&["cache", "stats", "--json"]).ok().json();
+    // The bound (docs/ci.md): per stage its latest success and latest attempt plus 5 more successful runs.
+    let per_stage = 1 + 5;
+    assert!(after["stage_runs"].as_i64().unwrap() <= 2 * per_stage, "{after}");
+    assert!(after["blobs"].as_u64().unwrap() <= per_stage as u64, "{after}");
+    assert!(after["runs"].as_i64().unwrap() <= 200, "{after}");
+    assert!(after["database_bytes"].as_u64().unwrap() < 2 << 20, "{after}");
+    assert!(before["stage_runs"].as_i64().unwrap() < 200, "automatic gc kept it bounded during the runs: {before}");
+    // The latest runs are still hits.
+    assert!(repo.run(&[]).ok().ran().is_empty());
+    let mut small = repo.kk(&["cache", "gc", "--max-size", "1K"]);
+    small = small.ok();
+    assert!(small.stderr.contains("removed"), "{}", small.stderr);
+    let tiny = repo.kk(&["cache", "stats", "--json"]).ok().json();
+    assert!(tiny["blobs"].as_u64().unwrap() <= 1, "only the latest output is kept: {tiny}");
+}
+
+#[test]
+fn ci_output_follows_each_providers_conventions() {
+    let mut repo = Repo::fixture("tiny");
+    repo.edit("terraform/main.tf", "resource \"terraform_data\"", "resourse \"terraform_data\"");
+    repo.set_env("GITHUB_ACTIONS", "true").set_env("GITHUB_EVENT_NAME", "push").set_env("GITHUB_REF_NAME", "main");
+    let gh = repo.kk(&["run"]);
+    assert_eq!(gh.code, 1);
+    assert!(gh.stdout.contains("::group::docs (") && gh.stdout.contains("::endgroup::"), "{}", gh.stdout);
+    assert!(gh.stdout.contains("::error title=kkpipe::lint failed: exit code 1"), "{}", gh.stdout);
+
+    let mut repo = Repo::fixture("tiny");
+    repo.set_env("GITLAB_CI", "true").set_env("CI_PIPELINE_SOURCE", "push").set_env("CI_COMMIT_BRANCH", "main");
+    let gl = repo.kk(&["run"]).ok();
+    assert!(
+        gl.stdout.contains("section_start:") && gl.stdout.contains(":kkpipe_plan[collapsed=true]"),
+        "{}",
+        gl.stdout
+    );
+    assert!(gl.stdout.contains("section_end:"), "{}", gl.stdout);
+
+    let mut repo = Repo::fixture("tiny");
+    repo.set_env("BITBUCKET_BUILD_NUMBER", "12").set_env("BITBUCKET_BRANCH", "main");
+    let bb = repo.kk(&["run"]).ok();
+    let plain = strip_ansi(&bb.stdout);
+    assert!(plain.contains("plan  | planned in test mode"), "plain lines on Bitbucket: {plain}");
+    assert!(bb.all().contains("selecting stages for push to `main`"), "{}", bb.all());
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
