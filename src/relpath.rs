@@ -146,6 +146,26 @@ mod tests {
         assert_eq!(RelPath::parse("a/../../b"), Err(RelPathError::ParentDir));
     }
 
+    proptest::proptest! {
+        /// Whatever a user writes, a parsed path never leaves the root.
+        #[test]
+        fn parsed_paths_never_escape_the_root(text in "(/|\\./|\\.\\./|[ab]{1,2}/|\\.|[ab]{1,2}){0,8}") {
+            if let Ok(p) = RelPath::parse(&text) {
+                let bytes = p.as_bytes();
+                proptest::prop_assert!(bytes.first() != Some(&b'/'));
+                for comp in bytes.split(|b| *b == b'/') {
+                    proptest::prop_assert!(comp != b".." && comp != b"." && (comp.is_empty() == p.is_root()));
+                }
+                let root = std::path::Path::new("/repo/root");
+                proptest::prop_assert!(p.under(root).starts_with(root));
+                // Normalisation is idempotent.
+                proptest::prop_assert_eq!(RelPath::from_bytes(bytes).unwrap(), p);
+            } else {
+                proptest::prop_assert!(text.starts_with('/') || text.split('/').any(|c| c == ".."));
+            }
+        }
+    }
+
     #[test]
     fn prefix_is_by_component() {
         let ab = RelPath::parse("a/b").unwrap();

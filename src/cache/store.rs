@@ -159,8 +159,8 @@ impl BlobStore {
         };
         let parent = dest.parent().expect("restore target has a parent");
         fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(".kkpipe-restore-{}-{:08x}", std::process::id(), getrandom::u32().unwrap_or(0)));
-        let mut out = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        // Written in `.kkpipe/tmp` (cleaned at the next run if we are killed), then renamed into place.
+        let (mut out, tmp) = self.temp_file(mode)?;
         let copied = (|| {
             let mut hasher = blake3::Hasher::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -179,7 +179,17 @@ impl BlobStore {
         match copied {
             Ok(h) if h == *hash => {
                 fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-                fs::rename(&tmp, dest)?;
+                if let Err(e) = fs::rename(&tmp, dest) {
+                    // `.kkpipe` on another filesystem than the output (EXDEV): copy next to it instead.
+                    let _ = fs::remove_file(&tmp);
+                    if e.raw_os_error() != Some(nix::libc::EXDEV) {
+                        return Err(e);
+                    }
+                    let near = parent.join(format!(".kkpipe-restore-{}", std::process::id()));
+                    fs::copy(self.path(hash).expect("present"), &near)?;
+                    fs::set_permissions(&near, fs::Permissions::from_mode(mode))?;
+                    fs::rename(&near, dest)?;
+                }
                 Ok(true)
             }
             Ok(_) => {

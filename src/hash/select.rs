@@ -1,5 +1,6 @@
 //! Which files a stage's `inputs`/`exclude` globs select, and where the walk has to start for them.
 
+use super::walk::Walked;
 use crate::pipeline::{InputSpec, has_glob_meta};
 use crate::relpath::RelPath;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
@@ -62,6 +63,32 @@ impl Matcher {
     }
 }
 
+/// The walked files (sorted by path, deduplicated) that `m` selects, sorted and without duplicates. Only the
+/// ranges below each pattern's literal prefix are matched, so a stage reading `terraform/aws/**` costs nothing
+/// for the other 50,000 files of a monorepo.
+pub fn select<'a>(walked: &'a [Walked], m: &Matcher) -> Vec<&'a Walked> {
+    let mut chosen: Vec<&Walked> = Vec::new();
+    for start in m.starts() {
+        chosen.extend(under(walked, &start).iter().filter(|w| m.matches(&w.path)));
+    }
+    chosen.sort_by(|a, b| a.path.cmp(&b.path));
+    chosen.dedup_by(|a, b| a.path == b.path);
+    chosen
+}
+
+/// The walked files at or below `prefix`: a contiguous range, since paths sort bytewise.
+fn under<'a>(walked: &'a [Walked], prefix: &RelPath) -> &'a [Walked] {
+    if prefix.is_root() {
+        return walked;
+    }
+    let p = prefix.as_bytes();
+    let lo = walked.partition_point(|w| w.path.as_bytes() < p);
+    let mut end = p.to_vec();
+    end.push(b'/' + 1); // every `prefix/...` sorts before `prefix0`
+    let hi = walked.partition_point(|w| w.path.as_bytes() < end.as_slice());
+    &walked[lo..hi]
+}
+
 /// The leading components of a pattern that contain no glob syntax: `terraform/aws/**` -> `terraform/aws`.
 pub fn literal_prefix(pattern: &str) -> RelPath {
     let mut lit = Vec::new();
@@ -101,6 +128,51 @@ mod tests {
         assert!(m.matches(&RelPath::parse("terraform/main.tf").unwrap()));
         assert!(!m.matches(&RelPath::parse("terraform/.terraform/providers/x").unwrap()));
         assert!(!m.matches(&RelPath::parse("terraform/plan.tfplan").unwrap()));
+    }
+
+    use super::super::walk::{Kind, Stat};
+    use proptest::prelude::*;
+
+    fn walked(paths: &[String]) -> Vec<Walked> {
+        let stat = Stat { size: 0, mtime_ns: 0, ctime_ns: 0, ino: 0, mode: 0o644 };
+        let mut v: Vec<Walked> = paths
+            .iter()
+            .filter_map(|p| RelPath::parse(p).ok().filter(|r| !r.is_root()))
+            .map(|path| Walked { path, kind: Kind::File, stat })
+            .collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v.dedup_by(|a, b| a.path == b.path);
+        v
+    }
+
+    fn component() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-c]{1,2}", Just("tf".to_string()), Just("a.tf".to_string()), Just("b-c".to_string())]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(component(), 1..5).prop_map(|c| c.join("/"))
+    }
+
+    fn pattern() -> impl Strategy<Value = String> {
+        let part = prop_oneof![component(), Just("*".to_string()), Just("**".to_string()), Just("*.tf".to_string())];
+        prop::collection::vec(part, 1..4).prop_map(|c| c.join("/"))
+    }
+
+    proptest! {
+        /// Selection equals "every walked path the globs match", sorted, each once, whatever the patterns.
+        #[test]
+        fn selection_is_exactly_the_matching_paths_sorted_and_unique(
+            paths in prop::collection::vec(path(), 0..40),
+            include in prop::collection::vec(pattern(), 1..4),
+            exclude in prop::collection::vec(pattern(), 0..2),
+        ) {
+            let w = walked(&paths);
+            let m = Matcher::new(&InputSpec { include, exclude }, vec![]);
+            let got: Vec<&RelPath> = select(&w, &m).into_iter().map(|w| &w.path).collect();
+            let want: Vec<&RelPath> = w.iter().map(|w| &w.path).filter(|p| m.matches(p)).collect();
+            prop_assert_eq!(&got, &want);
+            prop_assert!(got.windows(2).all(|p| p[0] < p[1]), "sorted and unique");
+        }
     }
 
     #[test]

@@ -611,6 +611,36 @@ mod tests {
         assert!(err.contains("stage `check`") && err.contains("`pull_request`"), "{err}");
     }
 
+    proptest::proptest! {
+        /// Loading never panics, whatever the text: it is a pipeline or an error that renders (the same
+        /// property `fuzz/fuzz_targets/pipeline_toml.rs` checks with coverage guidance).
+        #[test]
+        fn loading_never_panics(pieces in proptest::collection::vec(proptest::prop_oneof![
+            proptest::strategy::Just("[stages.a]\n".to_string()),
+            proptest::strategy::Just("[stages.b]\n".to_string()),
+            proptest::strategy::Just("[pipeline]\n".to_string()),
+            proptest::strategy::Just("[env]\n".to_string()),
+            proptest::strategy::Just("run = \"true\"\n".to_string()),
+            proptest::strategy::Just("needs = [\"a\", \"b\"]\n".to_string()),
+            proptest::strategy::Just("inputs = [\"**/*.tf\", \"x/[\"]\n".to_string()),
+            proptest::strategy::Just("outputs = [{ path = \"../x\" }, \"o\"]\n".to_string()),
+            proptest::strategy::Just("on = [\"push\"]\nbranches = [\"*\"]\n".to_string()),
+            proptest::strategy::Just("kind = \"deploy\"\nverify = \"true\"\n".to_string()),
+            "[a-z_.\\[\\]=\"{},\n ]{0,12}",
+            ".{0,8}",
+        ], 0..12)) {
+            let text: String = pieces.concat();
+            match parse_str(&text) {
+                Ok(p) => {
+                    let _ = crate::graph::Graph::build(&p).map_err(|e| e.to_string());
+                }
+                Err(e) => {
+                    let _ = e.to_string();
+                }
+            }
+        }
+    }
+
     #[test]
     fn branch_patterns() {
         assert!(branch_matches("*", "x"));

@@ -180,29 +180,8 @@ impl Session {
         Ok(())
     }
 
-    /// The walked files below `prefix`: a contiguous range, since paths sort bytewise.
-    fn under<'a>(walked: &'a [Walked], prefix: &RelPath) -> &'a [Walked] {
-        if prefix.is_root() {
-            return walked;
-        }
-        let p = prefix.as_bytes();
-        let lo = walked.partition_point(|w| w.path.as_bytes() < p);
-        let mut end_key = p.to_vec();
-        end_key.push(b'/' + 1); // every `prefix/...` sorts before `prefix0`
-        let hi = walked.partition_point(|w| w.path.as_bytes() < end_key.as_slice());
-        &walked[lo..hi]
-    }
-
     fn files(&self, m: &Matcher) -> Result<(FileList, Vec<usize>), Error> {
-        let mut chosen: BTreeMap<&RelPath, &Walked> = BTreeMap::new();
-        for start in m.starts() {
-            for w in Self::under(&self.walked, &start) {
-                if m.matches(&w.path) {
-                    chosen.insert(&w.path, w);
-                }
-            }
-        }
-        let list: Vec<&Walked> = chosen.values().copied().collect();
+        let list = crate::hash::select::select(&self.walked, m);
         let _spinner = crate::report::progress::HashProgress::start(
             self.progress && list.len() >= 2000,
             "hashing inputs",

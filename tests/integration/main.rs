@@ -8,3 +8,4 @@ mod engine;
 mod explain;
 mod key_scheme;
 mod kkp;
+mod reliability;
