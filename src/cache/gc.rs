@@ -77,7 +77,7 @@ impl Cache {
             successful: count("SELECT COUNT(*) FROM stage_runs WHERE state='success'")?,
             failed: count("SELECT COUNT(*) FROM stage_runs WHERE state IN ('failed', 'interrupted')")?,
             manifests: count("SELECT COUNT(*) FROM manifests")?,
-            stat_entries: count("SELECT COUNT(*) FROM file_stat")?,
+            stat_entries: crate::hash::files::decode_snapshot(&self.stat_snapshot()?).len() as i64,
             ..Stats::default()
         };
         for (_, size, sensitive) in self.blobs.list() {
@@ -239,26 +239,18 @@ impl Cache {
 
     /// Stat-cache entries for files that no longer exist.
     fn prune_stat_cache(&self, root: &Path) -> Result<usize> {
-        let mut gone: Vec<Vec<u8>> = Vec::new();
-        {
-            let mut stmt = self.conn().prepare("SELECT path FROM file_stat").map_err(|e| self.err(e))?;
-            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(|e| self.err(e))?;
-            for r in rows {
-                let p = r.map_err(|e| self.err(e))?;
-                let path = std::path::PathBuf::from(std::ffi::OsStr::new(std::str::from_utf8(&p).unwrap_or("\0")));
-                let abs = if p.first() == Some(&b'/') { path } else { root.join(path) };
-                if std::fs::symlink_metadata(&abs).is_err() {
-                    gone.push(p);
-                }
-            }
+        use std::os::unix::ffi::OsStrExt;
+        let mut map = crate::hash::files::decode_snapshot(&self.stat_snapshot()?);
+        let before = map.len();
+        map.retain(|p, _| {
+            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(p));
+            let abs = if p.first() == Some(&b'/') { path.to_path_buf() } else { root.join(path) };
+            std::fs::symlink_metadata(abs).is_ok()
+        });
+        if map.len() != before {
+            self.save_stat_snapshot(&crate::hash::files::encode_snapshot(&map));
         }
-        self.write_tx(|c| {
-            let mut del = c.prepare_cached("DELETE FROM file_stat WHERE path=?1")?;
-            for p in &gone {
-                del.execute([p])?;
-            }
-            Ok(gone.len())
-        })
+        Ok(before - map.len())
     }
 
     fn last_run_id(&self) -> Result<i64> {

@@ -15,7 +15,6 @@ pub mod gc;
 mod schema;
 pub mod store;
 
-use crate::hash::files::StatEntry;
 use crate::hash::key::{DecodeError, Key, Manifest};
 use crate::hash::{Entry, Hash};
 use crate::relpath::RelPath;
@@ -254,48 +253,20 @@ impl Cache {
 
     // ---------------------------------------------------------------- stat cache
 
-    pub fn stat_entries(&self) -> Result<HashMap<Vec<u8>, StatEntry>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT path, size, mtime_ns, ctime_ns, ino, hash FROM file_stat")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                let hash: Vec<u8> = r.get(5)?;
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    StatEntry {
-                        size: r.get::<_, i64>(1)? as u64,
-                        mtime_ns: r.get(2)?,
-                        ctime_ns: r.get(3)?,
-                        ino: r.get::<_, i64>(4)? as u64,
-                        hash: Hash::from_slice(&hash).unwrap_or_default(),
-                    },
-                ))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = HashMap::new();
-        for r in rows {
-            let (k, v) = r.map_err(|e| self.err(e))?;
-            out.insert(k, v);
-        }
-        Ok(out)
+    /// The stat cache snapshot (see `hash::files::encode_snapshot`), empty when there is none.
+    pub fn stat_snapshot(&self) -> Result<Vec<u8>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT data FROM stat_snapshot WHERE id = 1").map_err(|e| self.err(e))?;
+        let data: Option<Vec<u8>> = stmt.query_row([], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        Ok(data.unwrap_or_default())
     }
 
-    /// Persist stat cache entries. Best effort by design: the stat cache only saves work, so a busy or
+    /// Store the stat cache snapshot. Best effort by design: the stat cache only saves work, so a busy or
     /// read-only database just means the files are hashed again next time.
-    pub fn save_stat_entries(&self, entries: &[(Vec<u8>, StatEntry)]) {
-        if entries.is_empty() {
-            return;
-        }
+    pub fn save_stat_snapshot(&self, bytes: &[u8]) {
         let _ = self.conn.busy_timeout(Duration::from_millis(500));
         let _ = self.write(|c| {
-            let mut stmt = c.prepare_cached(
-                "INSERT OR REPLACE INTO file_stat(path, size, mtime_ns, ctime_ns, ino, hash) VALUES (?1,?2,?3,?4,?5,?6)",
-            )?;
-            for (k, e) in entries {
-                stmt.execute(params![k, e.size as i64, e.mtime_ns, e.ctime_ns, e.ino as i64, &e.hash.0[..]])?;
-            }
+            c.prepare_cached("INSERT OR REPLACE INTO stat_snapshot(id, data) VALUES (1, ?1)")?.execute([bytes])?;
             Ok(())
         });
         let _ = self.conn.busy_timeout(Duration::from_secs(30));

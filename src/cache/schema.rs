@@ -58,14 +58,10 @@ const STEPS: &[&str] = &[
         name  TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) WITHOUT ROWID;
-    CREATE TABLE file_stat(
-        path     BLOB PRIMARY KEY,
-        size     INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        ctime_ns INTEGER NOT NULL,
-        ino      INTEGER NOT NULL,
-        hash     BLOB NOT NULL
-    ) WITHOUT ROWID;
+    CREATE TABLE stat_snapshot(
+        id   INTEGER PRIMARY KEY CHECK (id = 1),
+        data BLOB NOT NULL
+    );
     ",
 ];
 

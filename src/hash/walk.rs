@@ -12,6 +12,7 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::sync::Mutex;
 
 /// The `lstat` fields that decide whether a file can have changed (git's rule, minus uid/gid).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,24 +53,29 @@ pub struct Walked {
     pub stat: Stat,
 }
 
-/// Files found below one start, and warnings about what was skipped.
-type Found = (Vec<Walked>, Vec<String>);
+/// The files below one walk start, in no particular order (directories are read in parallel).
+#[derive(Debug, Clone, Default)]
+pub struct Group {
+    pub start: RelPath,
+    pub files: Vec<Walked>,
+}
 
 /// Directories never descended into: kkpipe's cache and git's store.
 const PRUNED: &[&[u8]] = &[b".kkpipe", b".git"];
 
-/// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks.
-/// Missing starts contribute nothing (the caller warns about patterns that match nothing).
-pub fn walk(root: &Path, starts: &[RelPath], warnings: &mut Vec<String>) -> Result<Vec<Walked>, Error> {
+/// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
+/// start. Starts below another start are walked once, as part of it. Missing starts contribute nothing (the
+/// caller warns about patterns that match nothing).
+pub fn walk(root: &Path, starts: &[RelPath], warnings: &mut Vec<String>) -> Result<Vec<Group>, Error> {
     let starts = minimal_starts(starts);
-    let results: Vec<Result<Found, Error>> = starts.par_iter().map(|s| walk_start(root, s)).collect();
-    let mut out = Vec::new();
-    for r in results {
-        let (files, warns) = r?;
-        out.extend(files);
-        warnings.extend(warns);
+    let found: Vec<Result<(Group, Vec<String>), Error>> = starts.par_iter().map(|s| walk_start(root, s)).collect();
+    let mut groups = Vec::with_capacity(found.len());
+    for r in found {
+        let (g, w) = r?;
+        groups.push(g);
+        warnings.extend(w);
     }
-    Ok(out)
+    Ok(groups)
 }
 
 /// Drop starts that lie below another start, so no file is walked twice.
@@ -86,21 +92,32 @@ fn minimal_starts(starts: &[RelPath]) -> Vec<RelPath> {
     out
 }
 
-fn walk_start(root: &Path, start: &RelPath) -> Result<Found, Error> {
+fn walk_start(root: &Path, start: &RelPath) -> Result<(Group, Vec<String>), Error> {
     let abs = start.under(root);
     let meta = match fs::symlink_metadata(&abs) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Group { start: start.clone(), files: Vec::new() }, Vec::new()));
+        }
         Err(e) => return Err(Error::read(start, e)),
     };
-    let mut files = Vec::new();
-    let mut warnings = Vec::new();
+    let out = Mutex::new((Vec::new(), Vec::new()));
     if meta.is_dir() {
-        walk_dir(root, start.clone(), &mut files, &mut warnings)?;
+        rayon::scope(|scope| walk_dir(scope, root, start.clone(), &out));
     } else {
+        let mut files = Vec::new();
+        let mut warnings = Vec::new();
         classify(start.clone(), &meta, &mut files, &mut warnings);
+        let mut found = out.lock().expect("walk");
+        found.0.extend(files);
+        found.1.extend(warnings.into_iter().map(Ok));
     }
-    Ok((files, warnings))
+    let (files, mut errors_and_warnings): (Vec<Walked>, Vec<Result<String, Error>>) = out.into_inner().expect("walk");
+    let mut warnings = Vec::new();
+    for w in errors_and_warnings.drain(..) {
+        warnings.push(w?);
+    }
+    Ok((Group { start: start.clone(), files }, warnings))
 }
 
 fn classify(path: RelPath, meta: &fs::Metadata, files: &mut Vec<Walked>, warnings: &mut Vec<String>) {
@@ -125,44 +142,51 @@ fn classify(path: RelPath, meta: &fs::Metadata, files: &mut Vec<Walked>, warning
     files.push(Walked { path, kind, stat: Stat::of(meta) });
 }
 
-fn walk_dir(root: &Path, dir: RelPath, files: &mut Vec<Walked>, warnings: &mut Vec<String>) -> Result<(), Error> {
-    let abs = dir.under(root);
-    let rd = fs::read_dir(&abs).map_err(|e| Error::read(&dir, e))?;
-    let mut subdirs = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|e| Error::read(&dir, e))?;
-        let name = entry.file_name();
-        let name = name.as_bytes();
-        let path = dir.join_name(name);
-        // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
-        let meta = match entry.metadata() {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
-            Err(e) => return Err(Error::read(&path, e)),
-        };
-        if meta.is_dir() {
-            if !(dir.is_root() && PRUNED.contains(&name)) {
-                subdirs.push(path);
+/// Files found so far, and warnings or the first error (kept in order as results).
+type Found = Mutex<(Vec<Walked>, Vec<Result<String, Error>>)>;
+
+/// Read one directory, add its files to `out` in one batch, and spawn a task per subdirectory.
+fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s Found) {
+    let mut files = Vec::new();
+    let mut warnings = Vec::new();
+    let mut failure = None;
+    match fs::read_dir(dir.under(root)) {
+        Err(e) => failure = Some(Error::read(&dir, e)),
+        Ok(rd) => {
+            for entry in rd {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        failure = Some(Error::read(&dir, e));
+                        break;
+                    }
+                };
+                let name = entry.file_name();
+                let name = name.as_bytes();
+                let path = dir.join_name(name);
+                // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
+                    Err(e) => {
+                        failure = Some(Error::read(&path, e));
+                        break;
+                    }
+                };
+                if meta.is_dir() {
+                    if !(dir.is_root() && PRUNED.contains(&name)) {
+                        scope.spawn(move |s| walk_dir(s, root, path, out));
+                    }
+                } else {
+                    classify(path, &meta, &mut files, &mut warnings);
+                }
             }
-        } else {
-            classify(path, &meta, files, warnings);
         }
     }
-    if subdirs.len() == 1 {
-        return walk_dir(root, subdirs.pop().expect("one"), files, warnings);
+    let mut found = out.lock().expect("walk");
+    found.0.append(&mut files);
+    found.1.extend(warnings.into_iter().map(Ok));
+    if let Some(e) = failure {
+        found.1.push(Err(e));
     }
-    let nested: Vec<Result<Found, Error>> = subdirs
-        .into_par_iter()
-        .map(|d| {
-            let mut f = Vec::new();
-            let mut w = Vec::new();
-            walk_dir(root, d, &mut f, &mut w).map(|()| (f, w))
-        })
-        .collect();
-    for r in nested {
-        let (f, w) = r?;
-        files.extend(f);
-        warnings.extend(w);
-    }
-    Ok(())
 }

@@ -171,6 +171,7 @@ pub fn run(s: &mut Session, opts: &Options, sink: &mut dyn Sink, interrupt: &Int
     s.cache.mark_interrupted_leftovers()?;
     s.cache.blobs.clean_tmp();
     s.walk(&chosen)?;
+    s.prefetch_inputs(&chosen)?;
     for w in std::mem::take(&mut s.warnings) {
         sink.event(&Event::Warning(w));
     }

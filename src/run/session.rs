@@ -8,7 +8,7 @@ use crate::graph::{Event, Graph, Selected};
 use crate::hash::files::FileHasher;
 use crate::hash::key::{DecodeError, FileList, Key, Manifest, SHELL, secret_mac};
 use crate::hash::select::Matcher;
-use crate::hash::walk::{self, Walked};
+use crate::hash::walk::{self, Group};
 use crate::hash::{self, Hash};
 use crate::mask::Masker;
 use crate::pipeline::{Pipeline, Stage};
@@ -64,15 +64,16 @@ pub struct Session {
     caller_env: HashMap<String, String>,
     matchers: Vec<Matcher>,
     global: Matcher,
-    /// The walked input trees, sorted by path.
-    walked: Vec<Walked>,
-    walked_starts: Vec<RelPath>,
+    /// The walked input trees, one group per walk start.
+    walked: Vec<Group>,
     tools: HashMap<String, Result<(PathBuf, Hash), String>>,
     secret_key: Option<[u8; 32]>,
     pub warnings: Vec<String>,
     warned: HashSet<String>,
     /// Show a spinner while hashing many files (set on a terminal).
     pub progress: bool,
+    /// Input lists computed ahead, in parallel, for stages whose trees are unchanged since the walk.
+    inputs_ahead: HashMap<usize, Inputs>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +94,7 @@ impl Session {
         caller_env: HashMap<String, String>,
     ) -> Result<Session, Error> {
         let root = pipeline.root.clone();
-        let known = cache.stat_entries()?;
+        let snapshot = cache.stat_snapshot()?;
         let matchers = pipeline
             .stages
             .iter()
@@ -109,7 +110,7 @@ impl Session {
             }
         }
         Ok(Session {
-            hasher: FileHasher::new(&root, known),
+            hasher: FileHasher::new(&root, snapshot),
             root,
             pipeline,
             graph,
@@ -121,12 +122,12 @@ impl Session {
             matchers,
             global,
             walked: Vec::new(),
-            walked_starts: Vec::new(),
             tools: HashMap::new(),
             secret_key: None,
             warnings: Vec::new(),
             warned: HashSet::new(),
             progress: false,
+            inputs_ahead: HashMap::new(),
         })
     }
 
@@ -153,11 +154,8 @@ impl Session {
             starts.extend(self.matchers[i].starts());
         }
         let mut warnings = Vec::new();
-        let mut walked = walk::walk(&self.root, &starts, &mut warnings)?;
-        walked.sort_by(|a, b| a.path.cmp(&b.path));
-        walked.dedup_by(|a, b| a.path == b.path);
-        self.walked = walked;
-        self.walked_starts = starts;
+        self.walked = walk::walk(&self.root, &starts, &mut warnings)?;
+        self.inputs_ahead.clear();
         for w in warnings {
             self.warn_once(w);
         }
@@ -170,29 +168,33 @@ impl Session {
         starts.extend(self.global.starts());
         let mut warnings = Vec::new();
         let fresh = walk::walk(&self.root, &starts, &mut warnings)?;
-        self.walked.retain(|w| !starts.iter().any(|s| w.path.starts_with(s)));
+        self.inputs_ahead.clear();
+        for g in &mut self.walked {
+            g.files.retain(|w| !fresh.iter().any(|f| w.path.starts_with(&f.start)));
+        }
         self.walked.extend(fresh);
-        self.walked.sort_by(|a, b| a.path.cmp(&b.path));
-        self.walked.dedup_by(|a, b| a.path == b.path);
         for w in warnings {
             self.warn_once(w);
         }
         Ok(())
     }
 
-    fn files(&self, m: &Matcher) -> Result<(FileList, Vec<usize>), Error> {
-        let list = crate::hash::select::select(&self.walked, m);
-        let _spinner = crate::report::progress::HashProgress::start(
-            self.progress && list.len() >= 2000,
-            "hashing inputs",
-            self.hasher.counters.clone(),
-        );
-        let digests = self.hasher.digest_all(&list)?;
-        let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
-        // Patterns that select nothing are worth a warning, not an error.
-        let unmatched =
-            (0..m.patterns().len()).filter(|&pi| !files.iter().any(|(p, _)| m.pattern_matches(pi, p))).collect();
-        Ok((files, unmatched))
+    /// Compute the input lists of `stages` in parallel (each stage's files are also hashed in parallel), for
+    /// `manifest` to use while the workspace is unchanged.
+    pub fn prefetch_inputs(&mut self, stages: &[usize]) -> Result<(), Error> {
+        use rayon::prelude::*;
+        let (walked, hasher, progress, matchers) = (&self.walked, &self.hasher, self.progress, &self.matchers);
+        let lists: Vec<Result<(usize, Inputs), Error>> =
+            stages.par_iter().map(|&i| Ok((i, files(walked, hasher, progress, &matchers[i])?))).collect();
+        for r in lists {
+            let (i, l) = r?;
+            self.inputs_ahead.insert(i, l);
+        }
+        Ok(())
+    }
+
+    fn files(&self, m: &Matcher) -> Result<Inputs, Error> {
+        files(&self.walked, &self.hasher, self.progress, m)
     }
 
     // ------------------------------------------------------------ tools and secrets
@@ -250,7 +252,10 @@ impl Session {
         };
         let (global_inputs, _) =
             if self.global.is_empty() { (Vec::new(), Vec::new()) } else { self.files(&self.global)? };
-        let (inputs, unmatched) = self.files(&self.matchers[i])?;
+        let (inputs, unmatched) = match self.inputs_ahead.remove(&i) {
+            Some(ahead) => ahead,
+            None => self.files(&self.matchers[i])?,
+        };
         let stage = &self.pipeline.stages[i];
         let unmatched_warnings: Vec<String> = unmatched
             .iter()
@@ -404,6 +409,7 @@ impl Session {
         let n = self.pipeline.stages.len();
         let chosen: Vec<usize> = (0..n).filter(|&i| selected[i] == Selected::Yes).collect();
         self.walk(&chosen)?;
+        self.prefetch_inputs(&chosen)?;
         let mut evals: Vec<Option<Evaluation>> = vec![None; n];
         for &i in &self.graph.order.clone() {
             if selected[i] != Selected::Yes {
@@ -444,8 +450,29 @@ impl Session {
         Ok(evals)
     }
 
+    /// Save what this invocation learned into the stat cache, forgetting then files that are gone from the
+    /// trees it walked (`cache gc` prunes the rest). A no-op status writes, and scans, nothing.
     pub fn persist_stat_cache(&self) {
-        self.cache.save_stat_entries(&self.hasher.take_new_entries());
+        let new = self.hasher.take_new_entries();
+        if new.is_empty() {
+            return;
+        }
+        let known = self.hasher.known();
+        let seen: HashSet<&[u8]> = self.walked.iter().flat_map(|g| g.files.iter().map(|w| w.path.as_bytes())).collect();
+        let gone: Vec<&Vec<u8>> = known
+            .keys()
+            .filter(|p| p.first() != Some(&b'/') && !seen.contains(p.as_slice()))
+            .filter(|p| {
+                let Ok(rel) = RelPath::from_bytes(p) else { return true };
+                self.walked.iter().any(|g| rel.starts_with(&g.start))
+            })
+            .collect();
+        let mut map = known.clone();
+        for p in gone {
+            map.remove(p);
+        }
+        map.extend(new);
+        self.cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(&map));
     }
 
     /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).
@@ -493,4 +520,23 @@ pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// A stage's digested input files, and the indices of its include patterns that matched nothing.
+type Inputs = (FileList, Vec<usize>);
+
+/// The files `m` selects from the walk, digested, and the include patterns that matched nothing.
+fn files(walked: &[Group], hasher: &FileHasher, progress: bool, m: &Matcher) -> Result<Inputs, Error> {
+    let list = crate::hash::select::select(walked, m);
+    let _spinner = crate::report::progress::HashProgress::start(
+        progress && list.len() >= 2000,
+        "hashing inputs",
+        hasher.counters.clone(),
+    );
+    let digests = hasher.digest_all(&list)?;
+    let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
+    // Patterns that select nothing are worth a warning, not an error.
+    let unmatched =
+        (0..m.patterns().len()).filter(|&pi| !files.iter().any(|(p, _)| m.pattern_matches(pi, p))).collect();
+    Ok((files, unmatched))
 }

@@ -161,6 +161,9 @@ fn pid_alive(pid: i32) -> bool {
 
 fn interrupted_by(signal: &str, code: i32, stage_cmd: &str) {
     let repo = Repo::empty();
+    // Slow while `slow` exists (the interrupted run), quick afterwards (the rerun).
+    let stage_cmd = format!("if [ -e slow ]; then {stage_cmd}; fi; touch done.txt");
+    repo.write("slow", "");
     repo.write("pipeline.toml", &format!("[stages.long]\nrun = {stage_cmd:?}\noutputs = [\"done.txt\"]\n[stages.after]\nrun = \"true\"\nneeds = [\"long\"]\n"));
     let child = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -182,23 +185,24 @@ fn interrupted_by(signal: &str, code: i32, stage_cmd: &str) {
     let status = repo.status_json();
     assert_eq!(status["stages"][0]["state"], "failed");
     assert_eq!(status["stages"][0]["reasons"][0]["kind"], "last-run-interrupted");
+    std::fs::remove_file(repo.path("slow")).unwrap();
     let r = repo.run(&[]).ok();
     assert_eq!(r.ran(), ["long", "after"], "the interrupted stage is stale next time");
 }
 
 #[test]
 fn sigint_during_a_long_stage_stops_it_and_exits_130() {
-    interrupted_by("INT", 130, "echo $$ > stage.pid; sleep 2; touch done.txt");
+    interrupted_by("INT", 130, "echo $$ > stage.pid; sleep 30");
 }
 
 #[test]
 fn sigterm_exits_143() {
-    interrupted_by("TERM", 143, "echo $$ > stage.pid; sleep 2; touch done.txt");
+    interrupted_by("TERM", 143, "echo $$ > stage.pid; sleep 30");
 }
 
 #[test]
 fn a_stage_that_ignores_the_signal_is_killed_after_the_grace_period() {
-    interrupted_by("INT", 130, "trap '' INT TERM; echo $$ > stage.pid; sleep 60; touch done.txt");
+    interrupted_by("INT", 130, "trap '' INT TERM; echo $$ > stage.pid; sleep 60");
 }
 
 // ------------------------------------------------------------------ hostile and odd input files

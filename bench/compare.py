@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Time kkpipe against its peers, side by side in one run, on the trees of make-tree.py.
+
+    compare.py KKPIPE WORK [small|large|all] [--runs N]
+
+For each tree: kkpipe `status` with an empty cache (cold), with everything fresh (no-op), after touching
+every file (mtimes only, as in a fresh CI checkout) and after editing one file; `b3sum` over the same files
+(one process per core, and one process); `git status`; and, when installed, go-task and turbo fully cached
+reruns. Prints median and min-max wall time, peak RSS (from wait4), and each target ratio of issue 7.
+Each command runs `runs` times after one warm-up; the page cache is warm throughout.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+KKPIPE, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+WHICH = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("-") else "all"
+RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 7
+TOPS = ["kubeone", "kubermatic", "terraform", "flux"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sh(cmd, cwd, check=True):
+    return subprocess.run(cmd, shell=True, cwd=cwd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def timed(cmd, cwd):
+    """Wall seconds and peak RSS (MB) of one run of `cmd` (through bash, whose own RSS is small)."""
+    start = time.perf_counter()
+    p = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: `{cmd}` failed in {cwd}: {p.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def measure(name, cmd, cwd, prepare=None, runs=RUNS):
+    if prepare:
+        sh(prepare, cwd)
+    timed(cmd, cwd)  # warm-up
+    walls, rss = [], []
+    for _ in range(runs):
+        if prepare:
+            sh(prepare, cwd)
+        w, r = timed(cmd, cwd)
+        walls.append(w)
+        rss.append(r)
+    row = {"name": name, "median": statistics.median(walls), "min": min(walls), "max": max(walls), "rss_mb": max(rss), "runs": runs}
+    print(f"  {name:<34} {fmt(row['median']):>9}  ({fmt(row['min'])}-{fmt(row['max'])})  peak {row['rss_mb']:.0f} MB", file=sys.stderr)
+    return row
+
+
+def fmt(s):
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def setup_tree(preset):
+    tree = os.path.join(WORK, "trees", preset)
+    if not os.path.isdir(os.path.join(tree, ".git")):
+        os.makedirs(os.path.dirname(tree), exist_ok=True)
+        subprocess.run([sys.executable, os.path.join(HERE, "make-tree.py"), tree, preset], check=True)
+    shutil.copy(os.path.join(HERE, "pipeline.toml"), os.path.join(tree, "pipeline.toml"))
+    with open(os.path.join(tree, ".git", "info", "exclude"), "w") as f:
+        f.write("pipeline.toml\n.kkpipe/\nTaskfile.yml\n.task/\nturbo.json\npackage.json\n.turbo/\nnode_modules/\n")
+    return tree
+
+
+def peers(tree, runs):
+    rows = []
+    if shutil.which("task"):
+        with open(os.path.join(tree, "Taskfile.yml"), "w") as f:
+            f.write("version: '3'\ntasks:\n  all:\n    deps: [" + ", ".join(TOPS) + "]\n")
+            for t in TOPS:
+                f.write(f"  {t}:\n    method: checksum\n    sources: ['{t}/**/*']\n    cmds: ['true']\n")
+        sh("task all", tree)
+        rows.append(measure("go-task no-op (checksum)", "task all", tree, runs=runs))
+    else:
+        print("  (go-task not installed: skipped)", file=sys.stderr)
+    if shutil.which("turbo"):
+        with open(os.path.join(tree, "package.json"), "w") as f:
+            json.dump({"name": "bench", "private": True, "packageManager": "npm@10.0.0", "scripts": {"check": "true"}}, f)
+        with open(os.path.join(tree, "turbo.json"), "w") as f:
+            json.dump({"tasks": {"//#check": {"inputs": [f"{t}/**" for t in TOPS], "outputs": []}}}, f)
+        env = "TURBO_TELEMETRY_DISABLED=1 DO_NOT_TRACK=1 TURBO_NO_UPDATE_NOTIFIER=1"
+        sh(f"{env} turbo run check --output-logs=none", tree)
+        rows.append(measure("turbo fully cached rerun", f"env {env} turbo run check --output-logs=none", tree, runs=runs))
+    else:
+        print("  (turbo not installed: skipped)", file=sys.stderr)
+    return rows
+
+
+def bench(preset):
+    tree = setup_tree(preset)
+    runs = RUNS if preset == "small" else max(3, RUNS // 2)
+    files = "find " + " ".join(TOPS) + " -type f -print0"
+    print(f"\n{preset}: {tree}", file=sys.stderr)
+    rows = {}
+    k = KKPIPE
+    rows["cold"] = measure("kkpipe status, empty cache", f"{k} -q status", tree, prepare="rm -rf .kkpipe", runs=runs)
+    sh(f"{k} -q run", tree)
+    sh("sleep 2.1", tree)  # let the files' timestamps age past the racy window, then record them
+    sh(f"{k} -q status", tree)
+    rows["noop"] = measure("kkpipe status, no-op", f"{k} -q status", tree, runs=runs)
+    rows["touch"] = measure("kkpipe status, every file touched", f"{k} -q status", tree,
+                            prepare=f"{files} | xargs -0 touch", runs=runs)
+    sh("sleep 2.1", tree)
+    sh(f"{k} -q run", tree)
+    sh(f"{k} -q status", tree)
+    one = subprocess.run(f"{files} | head -z -n 1", shell=True, cwd=tree, capture_output=True).stdout.rstrip(b"\0").decode()
+    rows["edit"] = measure("kkpipe status, one file edited", f"{k} -q status", tree,
+                           prepare=f"echo edit >> '{one}'", runs=runs)
+    ncpu = os.cpu_count() or 2
+    if shutil.which("b3sum"):
+        rows["b3sum_par"] = measure(f"b3sum, {ncpu} processes", f"bash -c \"{files} | xargs -0 -P{ncpu} -n 1000 b3sum --num-threads 1 > /dev/null\"", tree, runs=runs)
+        rows["b3sum_seq"] = measure("b3sum, one process", f"bash -c \"{files} | xargs -0 b3sum > /dev/null\"", tree, runs=runs)
+    rows["git"] = measure("git status --porcelain", "git status --porcelain", tree, runs=runs)
+    for r in peers(tree, runs):
+        rows[r["name"]] = r
+    return rows
+
+
+def ratio(a, b):
+    return a["median"] / b["median"]
+
+
+def main():
+    results = {}
+    for preset in (["small", "large"] if WHICH == "all" else [WHICH]):
+        results[preset] = bench(preset)
+    lines = ["| figure | target | measured |", "|---|---|---|"]
+
+    def add(figure, target, value, limit):
+        ok = "ok" if value <= limit else "MISSED"
+        lines.append(f"| {figure} | {target} | {value:.2f} ({ok}) |")
+
+    if "large" in results:
+        L = results["large"]
+        add("LARGE no-op `status` / `git status`", "<= 1.0", ratio(L["noop"], L["git"]), 1.0)
+        if "b3sum_par" in L:
+            b3 = min(L["b3sum_par"], L["b3sum_seq"], key=lambda r: r["median"])
+            add("LARGE cold `status` / `b3sum` (faster variant)", "<= 1.15", ratio(L["cold"], b3), 1.15)
+            add("LARGE every file touched / `b3sum`", "<= 1.2", ratio(L["touch"], b3), 1.2)
+        add("LARGE one file edited / LARGE no-op", "<= 1.2", ratio(L["edit"], L["noop"]), 1.2)
+        if "turbo fully cached rerun" in L:
+            add("LARGE no-op / turbo fully cached rerun", "<= 0.2", ratio(L["noop"], L["turbo fully cached rerun"]), 0.2)
+        if "go-task no-op (checksum)" in L:
+            add("LARGE no-op / go-task no-op", "<= 0.3", ratio(L["noop"], L["go-task no-op (checksum)"]), 0.3)
+        peak = max(r["rss_mb"] for n, r in L.items() if n in ("cold", "noop", "touch", "edit"))
+        lines.append(f"| peak RSS of kkpipe on LARGE | <= 150 MB | {peak:.0f} MB ({'ok' if peak <= 150 else 'MISSED'}) |")
+    if "small" in results:
+        S = results["small"]
+        add("SMALL no-op `status` / `git status`", "<= 3", ratio(S["noop"], S["git"]), 3.0)
+        lines.append(f"| SMALL no-op `status` | ~15 ms | {S['noop']['median'] * 1000:.1f} ms |")
+    print("\n".join(lines))
+    print("\nmedians:")
+    for preset, rows in results.items():
+        for r in rows.values():
+            print(f"  {preset:<5} {r['name']:<34} {fmt(r['median']):>9}  ({fmt(r['min'])}-{fmt(r['max'])}, {r['runs']} runs)  peak {r['rss_mb']:.0f} MB")
+    with open(os.path.join(WORK, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+main()
