@@ -8,9 +8,18 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct RelPath(Vec<u8>);
+/// Shared bytes: a path is walked once and then referred to by the walk, the stat cache and every manifest
+/// that lists it, so a clone is a reference count, not a copy.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(Arc<[u8]>);
+
+impl Default for RelPath {
+    fn default() -> Self {
+        RelPath::root()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelPathError {
@@ -25,7 +34,7 @@ pub enum RelPathError {
 impl RelPath {
     /// The repository root itself.
     pub fn root() -> Self {
-        RelPath(Vec::new())
+        RelPath(Arc::from(&[][..]))
     }
 
     /// Normalise user-written text (`./a//b/`) into a `RelPath`, refusing anything that could leave the root.
@@ -53,7 +62,7 @@ impl RelPath {
                 }
             }
         }
-        Ok(RelPath(out))
+        Ok(RelPath(Arc::from(out)))
     }
 
     /// `path` below `root`, as a `RelPath` (`None` when it is not below the root).
@@ -70,19 +79,20 @@ impl RelPath {
         &self.0
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.0
-    }
-
     /// Join one already-valid file name (a directory entry) onto this path.
     pub fn join_name(&self, name: &[u8]) -> Self {
-        let mut out = Vec::with_capacity(self.0.len() + 1 + name.len());
-        out.extend_from_slice(&self.0);
-        if !out.is_empty() {
-            out.push(b'/');
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        out.extend_from_slice(name);
-        RelPath(out)
+        SCRATCH.with_borrow_mut(|out| {
+            out.clear();
+            out.extend_from_slice(&self.0);
+            if !out.is_empty() {
+                out.push(b'/');
+            }
+            out.extend_from_slice(name);
+            RelPath(Arc::from(&out[..]))
+        })
     }
 
     pub fn as_path(&self) -> &Path {
@@ -105,7 +115,7 @@ impl RelPath {
             return None;
         }
         Some(match self.0.iter().rposition(|b| *b == b'/') {
-            Some(i) => RelPath(self.0[..i].to_vec()),
+            Some(i) => RelPath(Arc::from(&self.0[..i])),
             None => RelPath::root(),
         })
     }

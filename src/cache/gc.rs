@@ -77,7 +77,7 @@ impl Cache {
             successful: count("SELECT COUNT(*) FROM stage_runs WHERE state='success'")?,
             failed: count("SELECT COUNT(*) FROM stage_runs WHERE state IN ('failed', 'interrupted')")?,
             manifests: count("SELECT COUNT(*) FROM manifests")?,
-            stat_entries: crate::hash::files::decode_snapshot(&self.stat_snapshot()?).len() as i64,
+            stat_entries: crate::hash::files::snapshot_entries(&self.stat_snapshot()?).len() as i64,
             ..Stats::default()
         };
         for (_, size, sensitive) in self.blobs.list() {
@@ -240,17 +240,19 @@ impl Cache {
     /// Stat-cache entries for files that no longer exist.
     fn prune_stat_cache(&self, root: &Path) -> Result<usize> {
         use std::os::unix::ffi::OsStrExt;
-        let mut map = crate::hash::files::decode_snapshot(&self.stat_snapshot()?);
-        let before = map.len();
-        map.retain(|p, _| {
+        let bytes = self.stat_snapshot()?;
+        let mut entries = crate::hash::files::snapshot_entries(&bytes);
+        let before = entries.len();
+        entries.retain(|(p, _)| {
             let path = std::path::Path::new(std::ffi::OsStr::from_bytes(p));
             let abs = if p.first() == Some(&b'/') { path.to_path_buf() } else { root.join(path) };
             std::fs::symlink_metadata(abs).is_ok()
         });
-        if map.len() != before {
-            self.save_stat_snapshot(&crate::hash::files::encode_snapshot(&map));
+        let removed = before - entries.len();
+        if removed > 0 {
+            self.save_stat_snapshot(&crate::hash::files::encode_snapshot(entries));
         }
-        Ok(before - map.len())
+        Ok(removed)
     }
 
     fn last_run_id(&self) -> Result<i64> {

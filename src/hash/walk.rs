@@ -60,15 +60,27 @@ pub struct Group {
     pub files: Vec<Walked>,
 }
 
+/// A callback for each file found.
+pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
+
 /// Directories never descended into: kkpipe's cache and git's store.
 const PRUNED: &[&[u8]] = &[b".kkpipe", b".git"];
 
 /// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
 /// start. Starts below another start are walked once, as part of it. Missing starts contribute nothing (the
 /// caller warns about patterns that match nothing).
-pub fn walk(root: &Path, starts: &[RelPath], warnings: &mut Vec<String>) -> Result<Vec<Group>, Error> {
+///
+/// `on_file` sees every file as soon as it is found, on the walking thread: hashing can start while
+/// directories are still being read.
+pub fn walk(
+    root: &Path,
+    starts: &[RelPath],
+    warnings: &mut Vec<String>,
+    on_file: &OnFile<'_>,
+) -> Result<Vec<Group>, Error> {
     let starts = minimal_starts(starts);
-    let found: Vec<Result<(Group, Vec<String>), Error>> = starts.par_iter().map(|s| walk_start(root, s)).collect();
+    let found: Vec<Result<(Group, Vec<String>), Error>> =
+        starts.par_iter().map(|s| walk_start(root, s, on_file)).collect();
     let mut groups = Vec::with_capacity(found.len());
     for r in found {
         let (g, w) = r?;
@@ -92,7 +104,7 @@ fn minimal_starts(starts: &[RelPath]) -> Vec<RelPath> {
     out
 }
 
-fn walk_start(root: &Path, start: &RelPath) -> Result<(Group, Vec<String>), Error> {
+fn walk_start(root: &Path, start: &RelPath, on_file: &OnFile<'_>) -> Result<(Group, Vec<String>), Error> {
     let abs = start.under(root);
     let meta = match fs::symlink_metadata(&abs) {
         Ok(m) => m,
@@ -103,11 +115,12 @@ fn walk_start(root: &Path, start: &RelPath) -> Result<(Group, Vec<String>), Erro
     };
     let out = Mutex::new((Vec::new(), Vec::new()));
     if meta.is_dir() {
-        rayon::scope(|scope| walk_dir(scope, root, start.clone(), &out));
+        rayon::scope(|scope| walk_dir(scope, root, start.clone(), &out, on_file));
     } else {
         let mut files = Vec::new();
         let mut warnings = Vec::new();
         classify(start.clone(), &meta, &mut files, &mut warnings);
+        files.iter().for_each(on_file);
         let mut found = out.lock().expect("walk");
         found.0.extend(files);
         found.1.extend(warnings.into_iter().map(Ok));
@@ -146,7 +159,7 @@ fn classify(path: RelPath, meta: &fs::Metadata, files: &mut Vec<Walked>, warning
 type Found = Mutex<(Vec<Walked>, Vec<Result<String, Error>>)>;
 
 /// Read one directory, add its files to `out` in one batch, and spawn a task per subdirectory.
-fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s Found) {
+fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s Found, on_file: &'s OnFile<'s>) {
     let mut files = Vec::new();
     let mut warnings = Vec::new();
     let mut failure = None;
@@ -175,7 +188,7 @@ fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s
                 };
                 if meta.is_dir() {
                     if !(dir.is_root() && PRUNED.contains(&name)) {
-                        scope.spawn(move |s| walk_dir(s, root, path, out));
+                        scope.spawn(move |s| walk_dir(s, root, path, out, on_file));
                     }
                 } else {
                     classify(path, &meta, &mut files, &mut warnings);
@@ -183,6 +196,7 @@ fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s
             }
         }
     }
+    files.iter().for_each(on_file);
     let mut found = out.lock().expect("walk");
     found.0.append(&mut files);
     found.1.extend(warnings.into_iter().map(Ok));

@@ -8,7 +8,7 @@ use crate::graph::{Event, Graph, Selected};
 use crate::hash::files::FileHasher;
 use crate::hash::key::{DecodeError, FileList, Key, Manifest, SHELL, secret_mac};
 use crate::hash::select::Matcher;
-use crate::hash::walk::{self, Group};
+use crate::hash::walk::{self, Group, Walked};
 use crate::hash::{self, Hash};
 use crate::mask::Masker;
 use crate::pipeline::{Pipeline, Stage};
@@ -154,7 +154,10 @@ impl Session {
             starts.extend(self.matchers[i].starts());
         }
         let mut warnings = Vec::new();
-        self.walked = walk::walk(&self.root, &starts, &mut warnings)?;
+        let (hasher, matchers, global) = (&self.hasher, &self.matchers, &self.global);
+        let wanted = |p: &RelPath| global.matches(p) || stages.iter().any(|&i| matchers[i].matches(p));
+        // Files the stat cache cannot vouch for (once it is decoded) are hashed while the walk goes on.
+        self.walked = walk::walk(&self.root, &starts, &mut warnings, &|w| hasher.prehash(w, wanted))?;
         self.inputs_ahead.clear();
         for w in warnings {
             self.warn_once(w);
@@ -167,7 +170,7 @@ impl Session {
         let mut starts = self.matchers[i].starts();
         starts.extend(self.global.starts());
         let mut warnings = Vec::new();
-        let fresh = walk::walk(&self.root, &starts, &mut warnings)?;
+        let fresh = walk::walk(&self.root, &starts, &mut warnings, &|_| {})?;
         self.inputs_ahead.clear();
         for g in &mut self.walked {
             g.files.retain(|w| !fresh.iter().any(|f| w.path.starts_with(&f.start)));
@@ -184,6 +187,13 @@ impl Session {
     pub fn prefetch_inputs(&mut self, stages: &[usize]) -> Result<(), Error> {
         use rayon::prelude::*;
         let (walked, hasher, progress, matchers) = (&self.walked, &self.hasher, self.progress, &self.matchers);
+        // Big files first, one at a time for all the stages together (see `FileHasher::hash_big`).
+        let big: Vec<&Walked> = walked
+            .iter()
+            .flat_map(|g| g.files.iter())
+            .filter(|w| crate::hash::files::is_big(w) && stages.iter().any(|&i| matchers[i].matches(&w.path)))
+            .collect();
+        hasher.hash_big(&big)?;
         let lists: Vec<Result<(usize, Inputs), Error>> =
             stages.par_iter().map(|&i| Ok((i, files(walked, hasher, progress, &matchers[i])?))).collect();
         for r in lists {
@@ -457,22 +467,21 @@ impl Session {
         if new.is_empty() {
             return;
         }
-        let known = self.hasher.known();
         let seen: HashSet<&[u8]> = self.walked.iter().flat_map(|g| g.files.iter().map(|w| w.path.as_bytes())).collect();
-        let gone: Vec<&Vec<u8>> = known
-            .keys()
-            .filter(|p| p.first() != Some(&b'/') && !seen.contains(p.as_slice()))
-            .filter(|p| {
-                let Ok(rel) = RelPath::from_bytes(p) else { return true };
-                self.walked.iter().any(|g| rel.starts_with(&g.start))
-            })
-            .collect();
-        let mut map = known.clone();
-        for p in gone {
-            map.remove(p);
+        let gone = |p: &[u8]| {
+            p.first() != Some(&b'/')
+                && !seen.contains(p)
+                && RelPath::from_bytes(p).is_ok_and(|rel| self.walked.iter().any(|g| rel.starts_with(&g.start)))
+        };
+        let mut merged: HashMap<&[u8], crate::hash::files::StatEntry> =
+            crate::hash::files::snapshot_entries(self.hasher.snapshot())
+                .into_iter()
+                .filter(|(p, _)| !gone(p))
+                .collect();
+        for (p, e) in &new {
+            merged.insert(p, *e);
         }
-        map.extend(new);
-        self.cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(&map));
+        self.cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(merged));
     }
 
     /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).

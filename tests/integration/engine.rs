@@ -397,3 +397,21 @@ fn the_kkp_repository_runs_with_real_terraform_and_then_is_fresh() {
     assert!(second.ran().is_empty(), "{}", second.stderr);
     assert_eq!(second.with_state("fresh").len(), 9);
 }
+
+#[test]
+fn a_file_rewritten_within_the_same_second_with_the_same_size_is_still_detected() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.s]\nrun = \"cat in.txt > out.txt\"\ninputs = [\"in.txt\"]\noutputs = [\"out.txt\"]\n",
+    );
+    repo.write("in.txt", "aaaa");
+    let mtime = std::fs::metadata(repo.path("in.txt")).unwrap().modified().unwrap();
+    repo.run(&[]).ok();
+    // Same size, and the very same mtime: only the content tells the files apart.
+    repo.write("in.txt", "bbbb");
+    std::fs::File::options().write(true).open(repo.path("in.txt")).unwrap().set_modified(mtime).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["s"]);
+    assert_eq!(repo.read("out.txt"), "bbbb");
+}
