@@ -165,7 +165,11 @@ fn execute(
     if let Some(e) = &s.event {
         sink.event(&Event::Info(format!("kkpipe: selecting stages for {e} (environment `{}`)", s.env_name)));
     }
-    Ok(Some(run::run(s, opts, sink.as_mut(), &interrupt)?))
+    let outcome = run::run(s, opts, sink.as_mut(), &interrupt)?;
+    if settings.verbose {
+        eprintln!("kkpipe: {}", s.hashing_summary());
+    }
+    Ok(Some(outcome))
 }
 
 fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {

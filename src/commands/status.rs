@@ -20,6 +20,9 @@ pub fn status(settings: &Settings, args: &StatusArgs) -> Result<u8, Error> {
         eprintln!("warning: {w}");
     }
     let rows = rows(&s, &selected, &evals, false)?;
+    if settings.verbose {
+        eprintln!("kkpipe: {}", s.hashing_summary());
+    }
     if args.json {
         json::print(json::STATUS_SCHEMA, &json::Context::new(s.event.as_ref(), &s.env_name), &rows, None);
     } else {

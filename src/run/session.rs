@@ -484,6 +484,18 @@ impl Session {
         self.cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(merged));
     }
 
+    /// For `-v`: how much was read, and how much the stat cache saved.
+    pub fn hashing_summary(&self) -> String {
+        use std::sync::atomic::Ordering;
+        let c = &self.hasher.counters;
+        format!(
+            "hashed {} files ({:.1} MB); the stat cache vouched for {} more",
+            c.files_hashed.load(Ordering::Relaxed),
+            c.bytes_hashed.load(Ordering::Relaxed) as f64 / 1e6,
+            c.stat_hits.load(Ordering::Relaxed)
+        )
+    }
+
     /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).
     pub fn mask_output(&self, o: &OutputRecord) {
         if !o.sensitive {
