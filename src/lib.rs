@@ -20,7 +20,8 @@
 //! - [`run`]: the session (manifests and decisions) and the scheduler that runs stale stages as jobs.
 //! - [`report`]: renders the scheduler's events for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
-//! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers.
+//! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
+//! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].
 
 pub mod cache;
 pub mod ci;

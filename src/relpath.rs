@@ -110,16 +110,6 @@ impl RelPath {
             || (self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
     }
 
-    pub fn parent(&self) -> Option<RelPath> {
-        if self.0.is_empty() {
-            return None;
-        }
-        Some(match self.0.iter().rposition(|b| *b == b'/') {
-            Some(i) => RelPath(Arc::from(&self.0[..i])),
-            None => RelPath::root(),
-        })
-    }
-
     /// Lossy text for messages; keys and the database always use the bytes.
     pub fn display(&self) -> String {
         if self.0.is_empty() { ".".to_string() } else { String::from_utf8_lossy(&self.0).into_owned() }

@@ -10,7 +10,7 @@
 //! blobs stored and rows inserted (in one transaction), so a rejected archive leaves the local cache as it was.
 //! Local entries are never replaced: an imported run that is already there is skipped.
 
-use super::{Cache, OutputRecord, StageRun, State};
+use super::{Cache, StageRun, State};
 use crate::hash::key::{Key, Manifest};
 use crate::hash::{Entry, Hash};
 use crate::relpath::RelPath;
@@ -422,14 +422,4 @@ pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
     report.entries = imported;
     report.skipped_existing = skipped;
     Ok(report)
-}
-
-impl OutputRecord {
-    /// For `cache stats` and gc: the blob a record needs, if any.
-    pub fn blob(&self) -> Option<Hash> {
-        match self.entry {
-            Entry::File { hash, .. } => Some(hash),
-            Entry::Symlink { .. } => None,
-        }
-    }
 }

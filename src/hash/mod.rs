@@ -71,17 +71,6 @@ pub enum Entry {
     Symlink { target: Vec<u8> },
 }
 
-impl Entry {
-    /// A short, stable description for messages and JSON.
-    pub fn describe(&self) -> String {
-        match self {
-            Entry::File { hash, exec: false } => hash.to_hex(),
-            Entry::File { hash, exec: true } => format!("{} (executable)", hash.to_hex()),
-            Entry::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read `{path}`: {source}\n  hint: fix the permissions or exclude the path from the stage's inputs")]

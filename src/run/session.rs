@@ -230,10 +230,6 @@ impl Session {
         Ok(out)
     }
 
-    pub fn tool_path(&self, name: &str) -> Option<&Path> {
-        self.tools.get(name).and_then(|r| r.as_ref().ok()).map(|(p, _)| p.as_path())
-    }
-
     fn secret_key(&mut self) -> Result<[u8; 32], Error> {
         if let Some(k) = self.secret_key {
             return Ok(k);
@@ -241,10 +237,6 @@ impl Session {
         let k = self.cache.secret_key()?;
         self.secret_key = Some(k);
         Ok(k)
-    }
-
-    pub fn caller_var(&self, name: &str) -> Option<&String> {
-        self.caller_env.get(name)
     }
 
     // ------------------------------------------------------------ manifest

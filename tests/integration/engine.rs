@@ -334,6 +334,18 @@ fn invalid_globs_outputs_and_dirs_are_rejected() {
 }
 
 #[test]
+fn a_stage_whose_needs_do_not_run_on_its_event_is_rejected() {
+    rejects(
+        "[stages.apply]\nrun = \"true\"\non = [\"push\"]\n[stages.preview]\nrun = \"true\"\non = [\"pull_request\"]\nneeds = [\"apply\"]\n",
+        &["stage `preview`", "runs on `pull_request` but needs `apply`, which does not"],
+    );
+    rejects(
+        "[stages.apply]\nrun = \"true\"\non = [\"push\"]\n[stages.notify]\nrun = \"true\"\non = [\"push\"]\nbranches = [\"release\"]\nneeds = [\"apply\"]\n",
+        &["stage `notify`", "push to `release`"],
+    );
+}
+
+#[test]
 fn a_glob_that_matches_nothing_is_a_warning_not_an_error() {
     let repo = Repo::fixture("tiny");
     repo.edit("pipeline.toml", "inputs = [\"docs/*.md\"]", "inputs = [\"docs/*.md\", \"docs/*.rst\"]");
@@ -414,4 +426,15 @@ fn a_file_rewritten_within_the_same_second_with_the_same_size_is_still_detected(
     let r = repo.run(&[]).ok();
     assert_eq!(r.ran(), ["s"]);
     assert_eq!(repo.read("out.txt"), "bbbb");
+}
+
+#[test]
+fn replay_prints_the_stored_log_of_fresh_stages() {
+    let repo = Repo::fixture("tiny");
+    repo.run(&[]).ok();
+    let quiet = repo.kk(&["run"]).ok();
+    assert!(!quiet.stdout.contains("planned in test mode"), "{}", quiet.stdout);
+    let replayed = repo.kk(&["run", "--replay"]).ok();
+    assert!(replayed.stdout.contains("plan  | planned in test mode"), "{}", replayed.stdout);
+    assert!(replayed.stdout.contains("0 ran, 4 fresh"), "{}", replayed.stdout);
 }
