@@ -79,6 +79,15 @@ pub struct Outcome {
     pub interrupted: Option<i32>,
 }
 
+/// How a stage run ended, for the cache.
+struct End {
+    row: i64,
+    duration: Duration,
+    code: Option<i32>,
+    log: Vec<u8>,
+    outputs: Vec<OutputRecord>,
+}
+
 enum JobKind {
     Stage { row: i64 },
     Probe,
@@ -591,53 +600,28 @@ impl Scheduler<'_> {
     ) -> Result<(), Error> {
         let stage = self.s.stage(i).clone();
         let key = manifest.key();
-        let mut log = exit.log.clone();
-        if exit.success() {
+        let mut end = End { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
+        if exit.code == Some(0) {
             match outputs::collect(&self.s.root, &stage.outputs, &self.s.cache.blobs) {
                 Ok(outs) => {
                     for o in &outs {
                         self.s.mask_output(o);
                     }
-                    self.s.cache.finish_stage(
-                        row,
-                        State::Success,
-                        exit.duration.as_millis() as i64,
-                        exit.code,
-                        &log,
-                        &outs,
-                    )?;
-                    self.sink.event(&Event::Finished {
-                        stage: stage.name.clone(),
-                        ok: true,
-                        duration: exit.duration,
-                        detail: None,
-                        log: Vec::new(),
-                    });
+                    end.outputs = outs.clone();
+                    self.conclude(i, State::Success, end, None)?;
                     self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
                     return Ok(());
                 }
                 Err(e) => {
-                    log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
-                    return self.record_failure(i, row, key, reason, exit.duration, Some(0), log, Some(e.to_string()));
+                    // Exit code 0 without its declared outputs is still a failure.
+                    end.log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
+                    end.code = Some(1);
+                    return self.fail(i, key, reason, end, e.to_string());
                 }
             }
         }
         if interrupted {
-            self.s.cache.finish_stage(
-                row,
-                State::Interrupted,
-                exit.duration.as_millis() as i64,
-                exit.code,
-                &log,
-                &[],
-            )?;
-            self.sink.event(&Event::Finished {
-                stage: stage.name.clone(),
-                ok: false,
-                duration: exit.duration,
-                detail: Some("interrupted".into()),
-                log: Vec::new(),
-            });
+            self.conclude(i, State::Interrupted, end, Some("interrupted".into()))?;
             self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
             return Ok(());
         }
@@ -649,17 +633,10 @@ impl Scheduler<'_> {
         };
         if let Some(pattern) = stage.retry_needs_if.clone()
             && !self.retried.contains(&i)
-            && String::from_utf8_lossy(&log).contains(&pattern)
+            && String::from_utf8_lossy(&end.log).contains(&pattern)
         {
-            self.s.cache.finish_stage(row, State::Failed, exit.duration.as_millis() as i64, exit.code, &log, &[])?;
+            self.conclude(i, State::Failed, end, Some(format!("{detail}; output says \"{pattern}\"")))?;
             self.retried.insert(i);
-            self.sink.event(&Event::Finished {
-                stage: stage.name.clone(),
-                ok: false,
-                duration: exit.duration,
-                detail: Some(format!("{detail}; output says \"{pattern}\"")),
-                log: Vec::new(),
-            });
             let needs = self.s.graph.needs[i].clone();
             let names: Vec<String> = needs.iter().map(|&j| format!("`{}`", self.name(j))).collect();
             self.sink.event(&Event::Info(format!(
@@ -675,28 +652,22 @@ impl Scheduler<'_> {
             self.slots[i] = Slot::Waiting;
             return Ok(());
         }
-        self.record_failure(i, row, key, reason, exit.duration, exit.code, log, Some(detail))
+        self.fail(i, key, reason, end, detail)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record_failure(
-        &mut self,
-        i: usize,
-        row: i64,
-        key: Key,
-        reason: Reason,
-        duration: Duration,
-        code: Option<i32>,
-        log: Vec<u8>,
-        detail: Option<String>,
-    ) -> Result<(), Error> {
-        // A failed stage whose exit was 0 (its declared output was missing) is still a failure.
-        let code = match code {
-            Some(0) => Some(1),
-            c => c,
-        };
-        self.s.cache.finish_stage(row, State::Failed, duration.as_millis() as i64, code, &log, &[])?;
-        self.sink.event(&Event::Finished { stage: self.name(i), ok: false, duration, detail, log });
+    /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
+    /// log is shown again in quiet mode.
+    fn conclude(&mut self, i: usize, state: State, end: End, detail: Option<String>) -> Result<(), Error> {
+        let ok = state == State::Success;
+        self.s.cache.finish_stage(end.row, state, end.duration.as_millis() as i64, end.code, &end.log, &end.outputs)?;
+        let log = if ok || state == State::Interrupted { Vec::new() } else { end.log };
+        self.sink.event(&Event::Finished { stage: self.name(i), ok, duration: end.duration, detail, log });
+        Ok(())
+    }
+
+    fn fail(&mut self, i: usize, key: Key, reason: Reason, end: End, detail: String) -> Result<(), Error> {
+        let duration = end.duration;
+        self.conclude(i, State::Failed, end, Some(detail))?;
         self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(key), reason: Some(reason) });
         if self.opts.fail_fast && self.stopping.is_none() {
             self.stopping = Some("not started: a stage failed and --fail-fast is set".into());
