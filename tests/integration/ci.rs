@@ -11,19 +11,7 @@ const PROVIDERS: &[(&str, &str, &str)] = &[
 ];
 
 fn builtin_schema(name: &str, file: &Path) {
-    let out = std::process::Command::new(test_tool("venv/bin/check-jsonschema"))
-        .args(["--builtin-schema", name])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{} does not validate against {name}:\n{}{}\n{}",
-        file.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(file).unwrap_or_default()
-    );
+    check_jsonschema(&["--builtin-schema".as_ref(), name.as_ref()], file);
 }
 
 #[test]

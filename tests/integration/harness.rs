@@ -203,18 +203,19 @@ pub fn check_schema(schema: &Path, json_text: &str) {
     let dir = tempfile::tempdir().unwrap();
     let doc = dir.path().join("doc.json");
     std::fs::write(&doc, json_text).unwrap();
-    let out = Command::new(test_tool("venv/bin/check-jsonschema"))
-        .arg("--schemafile")
-        .arg(schema)
-        .arg(&doc)
-        .output()
-        .unwrap();
+    check_jsonschema(&["--schemafile".as_ref(), schema.as_os_str()], &doc);
+}
+
+/// Run check-jsonschema with `args` on `file`, failing the test with its report and the file.
+pub fn check_jsonschema(args: &[&std::ffi::OsStr], file: &Path) {
+    let out = Command::new(test_tool("venv/bin/check-jsonschema")).args(args).arg(file).output().unwrap();
     assert!(
         out.status.success(),
-        "{} does not validate:\n{}{}\n{json_text}",
-        schema.display(),
+        "{} does not validate ({args:?}):\n{}{}\n{}",
+        file.display(),
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(file).unwrap_or_default()
     );
 }
 
