@@ -64,17 +64,12 @@ impl Settings {
     pub fn event(&self, sel: &Selection) -> Result<Option<Event>, Error> {
         let detected = self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()));
         let event = match (&sel.event, detected) {
-            (Some(name), _) => {
+            (Some(name), detected) => {
                 if !EVENTS.contains(&name.as_str()) {
                     return Err(Error::Usage(format!("unknown event `{name}`; known events: {}", EVENTS.join(", "))));
                 }
-                let branch = sel.branch.clone().or_else(|| {
-                    // An explicit event keeps the CI's branch only when it is the same event.
-                    self.provider
-                        .and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))
-                        .filter(|e| &e.name == name)
-                        .and_then(|e| e.branch)
-                });
+                // An explicit event keeps the CI's branch only when it is the same event.
+                let branch = sel.branch.clone().or_else(|| detected.filter(|e| &e.name == name).and_then(|e| e.branch));
                 Some(Event { name: name.clone(), branch })
             }
             (None, Some(mut e)) => {

@@ -245,6 +245,9 @@ fn github(f: &Facts) -> String {
     t
 }
 
+/// What the `rust:1-bookworm` image lacks for installing terraform, cloning, and the SSH agent.
+const APT_PACKAGES: &str = "apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null";
+
 fn gitlab(f: &Facts) -> String {
     let mut t = header(Provider::Gitlab, f);
     t.push_str("# CI/CD variables reach the job as environment variables: define the secrets above as masked,\n");
@@ -269,8 +272,7 @@ fn gitlab(f: &Facts) -> String {
     t.push_str("      paths:\n        - .kkpipe-ci/\n      when: always\n");
     t.push_str("    - key: kkpipe-bin-$KKPIPE_VERSION\n      paths:\n        - .kkpipe-bin/\n");
     t.push_str("  before_script:\n");
-    let mut before =
-        vec!["apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null".to_string()];
+    let mut before = vec![APT_PACKAGES.to_string()];
     before.extend(install_lines(f));
     if f.ssh_agent {
         before
@@ -303,8 +305,7 @@ fn bitbucket(f: &Facts) -> String {
     t.push_str("# Caches are limited to 1 GB and expire after 7 days: the archive is kept below 800 MB.\n");
     t.push_str("image: rust:1-bookworm\n\ndefinitions:\n  caches:\n    kkpipe: .kkpipe-ci\n    kkpipe-bin: .kkpipe-bin\n  steps:\n");
     t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n          - kkpipe-bin\n        script:\n");
-    let mut script =
-        vec!["apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null".to_string()];
+    let mut script = vec![APT_PACKAGES.to_string()];
     for (k, v) in versions(f) {
         script.push(format!("export {k}={}", yq(v)));
     }

@@ -158,9 +158,7 @@ fn execute(
         Box::new(human)
     };
     let command = if opts.probe_only { "verify" } else { "run" };
-    let _lock = run::lock::acquire(s.cache.dir(), command, Duration::from_secs(lock_timeout), |holder| {
-        eprintln!("kkpipe: waiting for the run lock, held by {holder}");
-    })?;
+    let _lock = lock(&s.cache, command, lock_timeout)?;
     let interrupt = Interrupt::install();
     if let Some(e) = &s.event {
         sink.event(&Event::Info(format!("kkpipe: selecting stages for {e} (environment `{}`)", s.env_name)));
@@ -170,6 +168,13 @@ fn execute(
         eprintln!("kkpipe: {}", s.hashing_summary());
     }
     Ok(Some(outcome))
+}
+
+/// Takes the repository's run lock, telling the user whom they are waiting for.
+fn lock(cache: &Cache, command: &str, timeout_secs: u64) -> Result<run::lock::RunLock, run::lock::Error> {
+    run::lock::acquire(cache.dir(), command, Duration::from_secs(timeout_secs), |holder| {
+        eprintln!("kkpipe: waiting for the run lock, held by {holder}");
+    })
 }
 
 fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
@@ -188,11 +193,6 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
 
 fn cache_cmd(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
     let root = root(settings)?;
-    let lock = |cache: &Cache, command: &str, secs: u64| {
-        run::lock::acquire(cache.dir(), command, Duration::from_secs(secs), |holder| {
-            eprintln!("kkpipe: waiting for the run lock, held by {holder}");
-        })
-    };
     match c {
         CacheCommand::Export { file, include_sensitive, selection } => {
             let mut s = open_session(settings, selection)?;

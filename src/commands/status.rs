@@ -39,11 +39,7 @@ pub fn dry_run(
     as_json: bool,
 ) -> Result<u8, Error> {
     let names: Vec<String> = s.pipeline.stages.iter().map(|st| st.name.clone()).collect();
-    let forced = |i: usize| match force {
-        Force::No => false,
-        Force::All => true,
-        Force::Stages(list) => list.contains(&names[i]),
-    };
+    let forced = |i: usize| force.includes(&names[i]);
     let evals = s.evaluate(selected, &forced)?;
     for w in std::mem::take(&mut s.warnings) {
         eprintln!("warning: {w}");

@@ -114,14 +114,6 @@ impl StatIndex {
     pub fn get(&self, path: &[u8]) -> Option<&StatEntry> {
         self.map.get(&std::hash::BuildHasher::hash_one(&self.seed, path))
     }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
 }
 
 /// Keys that are hashes already.
@@ -236,10 +228,6 @@ impl FileHasher {
             new_tools: Mutex::new(Vec::new()),
             counters: Arc::new(Counters::default()),
         }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// Digest many walked files in the order given: big ones first, one at a time on all cores, then the
@@ -392,6 +380,35 @@ enum HashFailure {
 
 /// Read and hash a regular file, refusing to follow a symlink or block on a FIFO that replaced it since the
 /// walk, and retrying when the file changes underneath (its stat before and after reading differ).
+/// Read `f` to its end in `chunk`-sized pieces into one buffer per thread, reused (allocating and zeroing one
+/// per file costs more than hashing it), each piece hashed on this thread or, `parallel`, on all cores.
+fn hash_read(f: &fs::File, chunk: usize, hasher: &mut blake3::Hasher, parallel: bool) -> std::io::Result<()> {
+    BUFFER.with_borrow_mut(|buf| {
+        if buf.len() < chunk {
+            buf.resize(chunk, 0);
+        }
+        let mut r = f;
+        loop {
+            let mut filled = 0;
+            while filled < chunk {
+                let n = r.read(&mut buf[filled..chunk])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if parallel {
+                hasher.update_rayon(&buf[..filled]);
+            } else {
+                hasher.update(&buf[..filled]);
+            }
+            if filled < chunk {
+                return Ok(());
+            }
+        }
+    })
+}
+
 fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
     for _ in 0..3 {
         let f = fs::OpenOptions::new()
@@ -408,43 +425,9 @@ fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
         if before.size >= BIG_FILE && before.size <= MAP_LIMIT {
             hasher.update_mmap_rayon(abs).map_err(HashFailure::Io)?;
         } else if before.size > MAP_LIMIT {
-            BUFFER.with_borrow_mut(|buf| -> Result<(), HashFailure> {
-                if buf.len() < BIG_CHUNK {
-                    buf.resize(BIG_CHUNK, 0);
-                }
-                let mut r = &f;
-                loop {
-                    let mut filled = 0;
-                    while filled < BIG_CHUNK {
-                        let n = r.read(&mut buf[filled..BIG_CHUNK]).map_err(HashFailure::Io)?;
-                        if n == 0 {
-                            break;
-                        }
-                        filled += n;
-                    }
-                    if filled == 0 {
-                        break;
-                    }
-                    hasher.update_rayon(&buf[..filled]);
-                }
-                Ok(())
-            })?;
+            hash_read(&f, BIG_CHUNK, &mut hasher, true).map_err(HashFailure::Io)?;
         } else {
-            // One buffer per thread, reused: allocating (and zeroing) one per file costs more than hashing it.
-            BUFFER.with_borrow_mut(|buf| -> Result<(), HashFailure> {
-                if buf.len() < SMALL_CHUNK {
-                    buf.resize(SMALL_CHUNK, 0);
-                }
-                let mut r = &f;
-                loop {
-                    let n = r.read(&mut buf[..SMALL_CHUNK]).map_err(HashFailure::Io)?;
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buf[..n]);
-                }
-                Ok(())
-            })?;
+            hash_read(&f, SMALL_CHUNK, &mut hasher, false).map_err(HashFailure::Io)?;
         }
         let after = Stat::of(&f.metadata().map_err(HashFailure::Io)?);
         if same_content_stat(&before, &after) {
@@ -452,13 +435,4 @@ fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
         }
     }
     Err(HashFailure::Unstable)
-}
-
-/// Hash a file by path, with no cache: for outputs and blobs.
-pub fn hash_path(abs: &Path) -> std::io::Result<Hash> {
-    match hash_file(abs) {
-        Ok((h, _)) => Ok(h),
-        Err(HashFailure::Io(e)) => Err(e),
-        Err(HashFailure::Unstable) => Err(std::io::Error::other("file changed while it was hashed")),
-    }
 }

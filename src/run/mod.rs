@@ -36,6 +36,16 @@ pub enum Force {
     Stages(Vec<String>),
 }
 
+impl Force {
+    pub fn includes(&self, stage: &str) -> bool {
+        match self {
+            Force::No => false,
+            Force::All => true,
+            Force::Stages(list) => list.iter().any(|s| s == stage),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub targets: Vec<String>,
@@ -262,11 +272,7 @@ impl Scheduler<'_> {
     }
 
     fn forced(&self, i: usize) -> bool {
-        match &self.opts.force {
-            Force::No => false,
-            Force::All => true,
-            Force::Stages(list) => list.contains(&self.s.stage(i).name),
-        }
+        self.opts.force.includes(&self.s.stage(i).name)
     }
 
     fn active_count(&self) -> usize {

@@ -1,9 +1,9 @@
 //! Declared outputs: stored in the blob store after a successful run, checked and restored on a hit.
 
 use crate::cache::{BlobStore, OutputRecord};
+use crate::hash::Entry;
 use crate::hash::files::FileHasher;
 use crate::hash::walk::{Kind, Stat, Walked};
-use crate::hash::{Entry, Hash};
 use crate::pipeline::Output;
 use crate::relpath::RelPath;
 use std::fs;
@@ -139,13 +139,5 @@ pub fn restorable(rec: &OutputRecord, blobs: &BlobStore) -> bool {
     match &rec.entry {
         Entry::Symlink { .. } => true,
         Entry::File { hash, .. } => blobs.has(hash),
-    }
-}
-
-/// The content hash of a file output, if it is a file.
-pub fn file_hash(rec: &OutputRecord) -> Option<Hash> {
-    match rec.entry {
-        Entry::File { hash, .. } => Some(hash),
-        Entry::Symlink { .. } => None,
     }
 }
