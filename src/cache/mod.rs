@@ -2,7 +2,8 @@
 //!
 //! - `cache.db`: runs, stage runs (key, state, timing, masked log), manifests (the structured inputs behind
 //!   each key), outputs of successful stage runs, and the stat cache. WAL mode, an explicit busy timeout,
-//!   writes in `BEGIN IMMEDIATE` transactions, migrations on `PRAGMA user_version` (append-only).
+//!   writes in `BEGIN IMMEDIATE` transactions, migrations on `PRAGMA user_version` (append-only). A new
+//!   database is built aside and linked into place, so concurrent first runs never see it half set up.
 //! - `blobs/`: outputs by BLAKE3, see [`store`]. A row pointing at a blob is committed only after the blob.
 //! - `sensitive/`: sensitive output blobs and `secret.key`, 32 random bytes (mode 0600) keying the HMAC of
 //!   `secret_env` values. Kept apart so a CI cache can save `.kkpipe/` without them.
@@ -159,20 +160,13 @@ impl Cache {
             let _ = fs::write(dir.join(".gitignore"), "# created by kkpipe: the cache is local state\n*\n");
         }
         let db_path = dir.join(DB_NAME);
-        let new = !db_path.exists();
-        let conn = Connection::open(&db_path).map_err(|e| classify(&db_path, e))?;
-        if new {
-            // Before anything is written: lets gc give space back with `PRAGMA incremental_vacuum`.
-            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(|e| classify(&db_path, e))?;
+        if !db_path.exists() {
+            create_db(&db_path)?;
         }
+        let conn = Connection::open(&db_path).map_err(|e| classify(&db_path, e))?;
         let cache = Cache { blobs: BlobStore::new(&dir), dir, db_path, conn };
         cache.configure()?;
-        schema::migrate(&cache.conn).map_err(|e| match e {
-            schema::MigrateError::Newer(found) => {
-                Error::NewerSchema { path: cache.db_path.clone(), found, supported: schema::VERSION }
-            }
-            schema::MigrateError::Sql(e) => classify(&cache.db_path, e),
-        })?;
+        migrate(&cache.conn, &cache.db_path)?;
         Ok(cache)
     }
 
@@ -553,6 +547,40 @@ fn ensure_dir(dir: &Path) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
         Err(e) => Err(Error::Dir { path: dir.to_path_buf(), source: e }),
     }
+}
+
+/// Build a new database beside `db_path` and link it into place. Two first runs racing to set up the same
+/// file fail: switching a database to WAL returns SQLITE_BUSY without waiting. Built aside, every kkpipe
+/// opens either no database or a complete one (WAL and `auto_vacuum` are recorded in the file itself).
+fn create_db(db_path: &Path) -> Result<()> {
+    let tmp = db_path.with_file_name(format!("{DB_NAME}.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let built = (|| {
+        let conn = Connection::open(&tmp).map_err(|e| classify(&tmp, e))?;
+        // Before anything is written: lets gc give space back with `PRAGMA incremental_vacuum`.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(|e| classify(&tmp, e))?;
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())).map_err(|e| classify(&tmp, e))?;
+        migrate(&conn, &tmp)
+        // Closing checkpoints the WAL into the file and removes `-wal`/`-shm`.
+    })();
+    // A hard link never replaces: when another kkpipe linked its database first, that one is used.
+    let linked = built.and_then(|()| match fs::hard_link(&tmp, db_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(Error::Write { path: db_path.to_path_buf(), detail: e.to_string() })
+        }
+        _ => Ok(()),
+    });
+    let _ = fs::remove_file(&tmp);
+    linked
+}
+
+fn migrate(conn: &Connection, db_path: &Path) -> Result<()> {
+    schema::migrate(conn).map_err(|e| match e {
+        schema::MigrateError::Newer(found) => {
+            Error::NewerSchema { path: db_path.to_path_buf(), found, supported: schema::VERSION }
+        }
+        schema::MigrateError::Sql(e) => classify(db_path, e),
+    })
 }
 
 /// Map SQLite failures to errors a user can act on; never "database is locked" verbatim.

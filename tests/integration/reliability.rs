@@ -136,6 +136,37 @@ fn two_simultaneous_runs_equal_one_sequential_run() {
 }
 
 #[test]
+fn first_runs_started_together_share_one_new_cache() {
+    // Six kkpipes on a repository without a cache: each must open a complete database, not fail as busy.
+    for attempt in 0..10 {
+        let repo = Repo::empty();
+        repo.write("pipeline.toml", "[stages.gen]\nrun = \"echo hi > out.txt\"\noutputs = [\"out.txt\"]\n");
+        let start = std::sync::Barrier::new(6);
+        let runs: Vec<Run> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut cmd = repo.cmd_in(&repo.root, &["run", "--json"]);
+                        start.wait();
+                        Run::from(cmd.output().unwrap())
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let ran: usize = runs.into_iter().map(|r| r.ok().ran().len()).sum();
+        assert_eq!(ran, 1, "attempt {attempt}: the stage ran once across all six runs");
+        let leftovers: Vec<_> = std::fs::read_dir(repo.path(".kkpipe"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cache.db.new"))
+            .collect();
+        assert!(leftovers.is_empty(), "attempt {attempt}: {leftovers:?}");
+        check_invariants(&repo, &format!("attempt {attempt}"));
+    }
+}
+
+#[test]
 fn parallel_stages_keep_their_outputs_and_logs_apart() {
     let repo = Repo::empty();
     let mut toml = String::new();
