@@ -28,6 +28,7 @@ pub mod ci;
 pub mod cli;
 mod commands;
 pub mod error;
+pub mod evaluate;
 pub mod explain;
 pub mod fresh;
 pub mod graph;
@@ -38,6 +39,7 @@ pub mod pipeline;
 pub mod relpath;
 pub mod report;
 pub mod run;
+pub mod session;
 pub mod settings;
 
 use clap::Parser;

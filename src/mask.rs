@@ -23,9 +23,36 @@ impl Masker {
         Masker::default()
     }
 
+    /// A masker for every `pass_env` and `secret_env` value the pipeline's stages receive from the caller.
+    pub fn for_pipeline(
+        p: &crate::pipeline::Pipeline,
+        caller_env: &std::collections::HashMap<String, String>,
+    ) -> Masker {
+        let mut m = Masker::new();
+        let values =
+            p.stages.iter().flat_map(|s| s.pass_env.iter().chain(&s.secret_env)).filter_map(|n| caller_env.get(n));
+        m.add_all(values.map(|v| v.as_bytes()));
+        m
+    }
+
     /// Add a secret value (and its base64 forms). Multi-line values are added line by line, because
     /// output is masked line by line.
     pub fn add(&mut self, value: &[u8]) {
+        self.add_all([value]);
+    }
+
+    /// Add many values, building the matcher once.
+    pub fn add_all<'v>(&mut self, values: impl IntoIterator<Item = &'v [u8]>) {
+        let mut added = false;
+        for value in values {
+            added |= self.insert(value);
+        }
+        if added {
+            self.rebuild();
+        }
+    }
+
+    fn insert(&mut self, value: &[u8]) -> bool {
         let mut added = false;
         for part in std::iter::once(value).chain(value.split(|b| *b == b'\n')) {
             let part = part.strip_suffix(b"\r").unwrap_or(part);
@@ -41,9 +68,7 @@ impl Masker {
                 added |= self.secrets.insert(form);
             }
         }
-        if added {
-            self.rebuild();
-        }
+        added
     }
 
     fn rebuild(&mut self) {

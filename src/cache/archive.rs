@@ -10,7 +10,9 @@
 //! blobs stored and rows inserted (in one transaction), so a rejected archive leaves the local cache as it was.
 //! Local entries are never replaced: an imported run that is already there is skipped.
 
-use super::{Cache, StageRun, State};
+use super::records::{self, End, NewAttempt};
+use super::{Cache, RunMeta, RunOutcome};
+use crate::fresh::{Attempt, History, OutputRecord, State, StoredReason};
 use crate::hash::key::{Key, Manifest};
 use crate::hash::{Entry, Hash};
 use crate::relpath::RelPath;
@@ -102,7 +104,7 @@ fn rel_string(p: &RelPath) -> Result<String, String> {
 }
 
 /// Write `runs` (with their outputs) into a new archive at `file`.
-pub fn export(cache: &Cache, runs: &[StageRun], file: &Path, include_sensitive: bool) -> Result<ExportReport, Error> {
+pub fn export(cache: &Cache, runs: &[Attempt], file: &Path, include_sensitive: bool) -> Result<ExportReport, Error> {
     let werr = |source| Error::Write { path: file.to_path_buf(), source };
     let mut report = ExportReport::default();
     let mut entries = Vec::new();
@@ -111,7 +113,7 @@ pub fn export(cache: &Cache, runs: &[StageRun], file: &Path, include_sensitive: 
     let mut logs: Vec<(String, Vec<u8>)> = Vec::new();
     let meta = cache.run_meta()?;
     for r in runs {
-        let outs = cache.outputs(r.id)?;
+        let outs = cache.outputs_of(r.id)?;
         let mut outputs = Vec::new();
         for o in &outs {
             let (hash, target) = match &o.entry {
@@ -148,7 +150,7 @@ pub fn export(cache: &Cache, runs: &[StageRun], file: &Path, include_sensitive: 
             started_at: r.started_at,
             duration_ms: r.duration_ms,
             exit_code: r.exit_code,
-            reason: r.reason.clone(),
+            reason: r.reason.as_ref().map(StoredReason::to_stored),
             event: run.and_then(|m| m.event.clone()),
             branch: run.and_then(|m| m.branch.clone()),
             git_commit: run.and_then(|m| m.git_commit.clone()),
@@ -339,6 +341,56 @@ fn read_checked(file: &Path) -> Result<Checked, Error> {
     Ok(Checked { doc, manifests, blobs, logs, secret_key })
 }
 
+/// The same successful run, imported before (or exported from here).
+fn already_here(conn: &rusqlite::Connection, e: &ArchiveEntry, key: &Key) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS(SELECT 1 FROM stage_runs WHERE stage=?1 AND env=?2 AND key=?3 AND state='success' AND started_at=?4)",
+    )?
+    .query_row(params![e.stage, e.env, &key.0.0[..], e.started_at], |r| r.get(0))
+}
+
+/// One archive entry as a finished run with one successful stage run, through the cache's one write API.
+fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Checked) -> rusqlite::Result<()> {
+    let meta = RunMeta {
+        command: "import".into(),
+        event: e.event.clone(),
+        branch: e.branch.clone(),
+        env: e.env.clone(),
+        git_commit: e.git_commit.clone(),
+    };
+    let finished = e.started_at + e.duration_ms.unwrap_or(0);
+    let run_id = records::insert_run(conn, &meta, e.started_at, Some((finished, RunOutcome::Ok)))?;
+    let outputs: Vec<OutputRecord> = e.outputs.iter().map(ArchiveOutput::record).collect();
+    let log = e.log.as_ref().map(|l| &c.logs[l][..]).unwrap_or_default();
+    records::insert_attempt(
+        conn,
+        &NewAttempt {
+            run_id,
+            stage: &e.stage,
+            env: &e.env,
+            key,
+            manifest: &c.manifests[&key],
+            state: State::Success,
+            reason: e.reason.as_deref(),
+            started_at: e.started_at,
+            end: Some(End { duration_ms: e.duration_ms.unwrap_or(0), exit_code: e.exit_code, log, outputs: &outputs }),
+        },
+    )?;
+    Ok(())
+}
+
+impl ArchiveOutput {
+    /// The record this (checked) archive output stands for.
+    fn record(&self) -> OutputRecord {
+        let entry = match (&self.hash, &self.target) {
+            (Some(h), _) => Entry::File { hash: Hash::from_hex(h).expect("checked"), exec: self.exec },
+            (None, target) => Entry::Symlink { target: target.clone().unwrap_or_default().into_bytes() },
+        };
+        let path = RelPath::parse(&self.path).expect("checked");
+        OutputRecord { path, entry, size: self.size, sensitive: self.sensitive }
+    }
+}
+
 /// Merge an archive into the local cache. The caller holds the run lock.
 pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
     let c = read_checked(file)?;
@@ -356,7 +408,7 @@ pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
         cache
             .blobs
             .put_bytes(bytes, sensitive.contains(hash))
-            .map_err(|e| super::Error::Write { path: cache.dir().join("blobs"), detail: e.to_string() })?;
+            .map_err(|e| super::Error::Write { path: cache.dir().join("blobs"), source: e.into() })?;
         report.blobs += 1;
     }
     if let Some(key) = c.secret_key
@@ -368,53 +420,12 @@ pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
         let mut imported = 0;
         let mut skipped = 0;
         for e in &c.doc.entries {
-            let key = Hash::from_hex(&e.key).expect("checked");
-            let exists: bool = conn
-                .prepare_cached(
-                    "SELECT EXISTS(SELECT 1 FROM stage_runs WHERE stage=?1 AND env=?2 AND key=?3 AND state='success' AND started_at=?4)",
-                )?
-                .query_row(params![e.stage, e.env, &key.0[..], e.started_at], |r| r.get(0))?;
-            if exists {
+            let key = Key(Hash::from_hex(&e.key).expect("checked"));
+            if already_here(conn, e, &key)? {
                 skipped += 1;
                 continue;
             }
-            let manifest = zstd::encode_all(&c.manifests[&Key(key)][..], 3).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            conn.prepare_cached("INSERT OR IGNORE INTO manifests(key, data) VALUES (?1, ?2)")?.execute(params![&key.0[..], manifest])?;
-            conn.prepare_cached(
-                "INSERT INTO runs(started_at, finished_at, command, event, branch, env, git_commit, outcome, ran, fresh, restored, failed, skipped, saved_ms) VALUES (?1, ?2, 'import', ?3, ?4, ?5, ?6, 'ok', 0, 0, 0, 0, 0, 0)",
-            )?
-            .execute(params![e.started_at, e.started_at + e.duration_ms.unwrap_or(0), e.event, e.branch, e.env, e.git_commit])?;
-            let run_id = conn.last_insert_rowid();
-            let log = match &e.log {
-                Some(l) => Some(zstd::encode_all(&c.logs[l][..], 3).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?),
-                None => None,
-            };
-            conn.prepare_cached(
-                "INSERT INTO stage_runs(run_id, stage, env, key, state, reason, started_at, duration_ms, exit_code, log) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
-            )?
-            .execute(params![
-                run_id,
-                e.stage,
-                e.env,
-                &key.0[..],
-                State::Success.as_str(),
-                e.reason,
-                e.started_at,
-                e.duration_ms,
-                e.exit_code,
-                log
-            ])?;
-            let sr = conn.last_insert_rowid();
-            let mut ins = conn.prepare_cached(
-                "INSERT INTO outputs(stage_run_id, path, kind, hash, exec, target, size, sensitive) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
-            )?;
-            for o in &e.outputs {
-                let (kind, hash) = match &o.hash {
-                    Some(h) => ("file", Some(Hash::from_hex(h).expect("checked").0.to_vec())),
-                    None => ("symlink", None),
-                };
-                ins.execute(params![sr, o.path.as_bytes(), kind, hash, o.exec, o.target.as_deref().map(str::as_bytes), o.size as i64, o.sensitive])?;
-            }
+            insert_entry(conn, e, key, &c)?;
             imported += 1;
         }
         Ok((imported, skipped))

@@ -99,7 +99,7 @@ impl Cache {
     fn rows(&self) -> Result<Vec<Row>> {
         let mut stmt = self
             .conn()
-            .prepare("SELECT id, stage, env, state, started_at FROM stage_runs WHERE state != 'running' ORDER BY started_at DESC, id DESC")
+            .prepare("SELECT id, stage, env, state, started_at FROM stage_runs WHERE state != 'running' ORDER BY seq DESC, id DESC")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -107,7 +107,7 @@ impl Cache {
                     id: r.get(0)?,
                     stage: r.get(1)?,
                     env: r.get(2)?,
-                    success: r.get::<_, String>(3)? == "success",
+                    success: r.get::<_, String>(3)? == crate::fresh::State::Success.as_str(),
                     started_at: r.get(4)?,
                 })
             })
@@ -282,12 +282,12 @@ impl Cache {
     }
 
     /// Every stage run the next run's decisions depend on (for export): see [`Self::essential`].
-    pub fn live_stage_runs(&self) -> Result<Vec<super::StageRun>> {
+    pub fn live_stage_runs(&self) -> Result<Vec<crate::fresh::Attempt>> {
         let rows = self.rows()?;
         let mut out = Vec::new();
         for id in Self::essential(&rows) {
             if let Some(r) = self.stage_run(id)?
-                && r.state == super::State::Success
+                && r.state == crate::fresh::State::Success
             {
                 out.push(r);
             }

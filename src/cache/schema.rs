@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 1;
+pub const VERSION: i64 = 2;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -62,6 +62,13 @@ const STEPS: &[&str] = &[
         id   INTEGER PRIMARY KEY CHECK (id = 1),
         data BLOB NOT NULL
     );
+    ",
+    // 2: attempts are ordered by a local per-stage sequence, never by a clock.
+    "
+    ALTER TABLE stage_runs ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE stage_runs SET seq = (SELECT COUNT(*) FROM stage_runs o WHERE o.stage = stage_runs.stage AND (o.started_at < stage_runs.started_at OR (o.started_at = stage_runs.started_at AND o.id <= stage_runs.id)));
+    CREATE INDEX stage_runs_by_seq ON stage_runs(stage, seq);
+    CREATE INDEX stage_runs_by_env_seq ON stage_runs(stage, env, seq);
     ",
 ];
 

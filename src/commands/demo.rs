@@ -7,7 +7,7 @@ use crate::error::{Error, exit};
 use crate::kkp::demo;
 use crate::report::format_duration;
 use crate::run::Outcome;
-use crate::run::session::find_on_path;
+use crate::session::find_on_path;
 use crate::settings::Settings;
 use std::path::Path;
 use std::time::Duration;
@@ -34,17 +34,16 @@ pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
             if d.exists() && std::fs::read_dir(d).map(|mut r| r.next().is_some()).unwrap_or(true) {
                 return Err(Error::Usage(format!("`{}` exists and is not empty; pick a new directory", d.display())));
             }
-            std::fs::create_dir_all(d).map_err(|e| Error::io(format!("cannot create `{}`", d.display()), e))?;
+            std::fs::create_dir_all(d).map_err(|e| Error::io("create", d, e))?;
             std::path::absolute(d).unwrap_or_else(|_| d.clone())
         }
         None => tempfile::Builder::new()
             .prefix("kkpipe-demo-")
             .tempdir()
-            .map_err(|e| Error::io("cannot create a temporary directory", e))?
+            .map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?
             .keep(),
     };
-    demo::write_repo(&dir)
-        .map_err(|e| Error::io(format!("cannot write the demo repository to `{}`", dir.display()), e))?;
+    demo::write_repo(&dir).map_err(|(path, e)| Error::io("write", &path, e))?;
     let git = find_on_path("git", Some(&path_var)).is_some();
     if git {
         git_commit(&dir, "KKP GitOps repository (kkpipe demo)");
@@ -82,9 +81,9 @@ pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
     );
     let second = must(run_outcome(&s, &args)?)?;
     let values = dir.join("kubermatic/values.yaml");
-    let text = std::fs::read_to_string(&values).map_err(|e| Error::io("cannot read kubermatic/values.yaml", e))?;
+    let text = std::fs::read_to_string(&values).map_err(|e| Error::io("read", &values, e))?;
     std::fs::write(&values, text.replacen("replicaCount: 2", "replicaCount: 3", 1))
-        .map_err(|e| Error::io("cannot edit kubermatic/values.yaml", e))?;
+        .map_err(|e| Error::io("write", &values, e))?;
     if git {
         git_commit(&dir, "Scale the nginx ingress controller to 3 replicas");
     }

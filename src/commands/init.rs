@@ -31,10 +31,11 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let pipeline = crate::pipeline::parse(dir, &file, &text).or_else(|e| match e {
         // Without the repository layout, `dir` checks fail: derive the CI file from a layout-free copy.
         crate::pipeline::Error::Invalid { .. } => {
-            let scratch = tempfile::tempdir().map_err(|e| Error::io("cannot create a temporary directory", e))?;
+            let scratch =
+                tempfile::tempdir().map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?;
             for d in [v.tf_dir(), format!("{}/dns", v.tf_dir())] {
-                std::fs::create_dir_all(scratch.path().join(d))
-                    .map_err(|e| Error::io("cannot create a directory", e))?;
+                let d = scratch.path().join(d);
+                std::fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
             }
             Ok(crate::pipeline::parse(scratch.path(), &file, &text)?)
         }
@@ -54,9 +55,9 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
 
 fn write(path: &Path, text: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("cannot create `{}`", parent.display()), e))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
     }
-    std::fs::write(path, text).map_err(|e| Error::io(format!("cannot write `{}`", path.display()), e))
+    std::fs::write(path, text).map_err(|e| Error::io("write", path, e))
 }
 
 /// `kkpipe ci PROVIDER`: the provider's file for the pipeline of this repository.

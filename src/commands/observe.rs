@@ -1,26 +1,26 @@
 //! Read-only views: `why`, `graph`, `log`, `history`. None takes the run lock: they work during a run.
 
-use super::{open_session, root};
+use super::{Opened, root};
 use crate::cache::Cache;
 use crate::cli::{GraphArgs, GraphFormat, HistoryArgs, LogArgs, WhyArgs};
 use crate::error::{Error, exit};
 use crate::explain;
-use crate::report::{StageRow, StageState, age, format_duration, json, timestamp};
+use crate::report::{StageRow, StageState, age, format_duration, history, json, timestamp};
 use crate::settings::Settings;
-use std::fmt::Write as _;
 use std::io::Write;
 use std::time::Duration;
 
 pub fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
-    let mut s = open_session(settings, &args.selection)?;
-    let selected = s.select(std::slice::from_ref(&args.stage))?;
-    let i = s.pipeline.index_of(&args.stage).expect("selected, so known");
-    let evals = s.evaluate(&selected, &|_| false)?;
-    for w in std::mem::take(&mut s.warnings) {
+    let o = Opened::open(settings, &args.selection)?;
+    let selected = o.cx().select(std::slice::from_ref(&args.stage))?;
+    let i = o.pipeline.index_of(&args.stage).expect("selected, so known");
+    let mut session = o.session(settings)?;
+    let evals = crate::evaluate::all(o.cx(), &mut session, &o.cache, &selected, &|_| false)?;
+    for w in session.take_warnings() {
         eprintln!("warning: {w}");
     }
-    let x = explain::explain(&s, &evals, i)?;
-    let masker = s.masker.read().expect("masker");
+    let x = explain::explain(o.cx(), &o.cache, &evals, i)?;
+    let masker = o.masker(settings);
     if args.json {
         #[derive(serde::Serialize)]
         struct Doc<'a> {
@@ -30,27 +30,22 @@ pub fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
             #[serde(flatten)]
             explanation: &'a explain::Explanation,
         }
-        let doc = Doc {
-            schema: json::WHY_SCHEMA,
-            context: json::Context::new(s.event.as_ref(), &s.env_name),
-            explanation: &x,
-        };
+        let doc =
+            Doc { schema: json::WHY_SCHEMA, context: json::Context::new(o.event.as_ref(), &o.env), explanation: &x };
         let text = serde_json::to_string_pretty(&doc).expect("serialisable");
         println!("{}", masker.mask_str(&text));
     } else {
         let limit = if args.all { None } else { Some(20) };
-        print!("{}", explain::render(&x, limit, &|t| masker.mask_str(t)));
+        print!("{}", crate::report::why::render(&x, limit, &|t| masker.mask_str(t)));
     }
     Ok(exit::OK)
 }
 
 pub fn graph(settings: &Settings, args: &GraphArgs) -> Result<u8, Error> {
-    let mut s = open_session(settings, &args.selection)?;
-    let selected = s.select(&args.stages)?;
-    let evals = s.evaluate(&selected, &|_| false)?;
-    let rows: Vec<StageRow> = super::status::rows(&s, &selected, &evals, false)?
+    let o = Opened::open(settings, &args.selection)?;
+    let rows: Vec<StageRow> = super::status::status_rows(settings, &o, &args.stages)?
         .into_iter()
-        .filter(|r| s.event.is_none() || r.state != StageState::SkippedByEvent)
+        .filter(|r| o.event.is_none() || r.state != StageState::SkippedByEvent)
         .collect();
     let text = match args.format {
         GraphFormat::Mermaid => crate::report::graph::mermaid(&rows),
@@ -111,102 +106,16 @@ pub fn history(settings: &Settings, args: &HistoryArgs) -> Result<u8, Error> {
         }
         return Ok(exit::OK);
     };
-    let mut out = String::new();
-    match &args.stage {
+    let text = match &args.stage {
         Some(stage) => {
             let rows = cache.stage_history(stage, args.env_name.as_deref(), args.limit)?;
-            if args.json {
-                let items: Vec<serde_json::Value> = rows
-                    .iter()
-                    .map(|(sr, r)| {
-                        serde_json::json!({
-                            "run": sr.run_id, "stage": sr.stage, "env": sr.env, "state": sr.state,
-                            "at": timestamp(sr.started_at), "duration_ms": sr.duration_ms, "exit_code": sr.exit_code,
-                            "key": sr.key.to_string(), "git_commit": r.git_commit, "event": r.event, "branch": r.branch,
-                            "reason": sr.reason.as_deref().and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&items).expect("serialisable"));
-                return Ok(exit::OK);
-            }
-            let _ = writeln!(
-                out,
-                "{:>5}  {:<20}  {:<11}  {:<12}  {:<10}  {:<8}  {:<18}  {:>8}  reason",
-                "run", "when", "state", "key", "commit", "env", "event", "took"
-            );
-            for (sr, r) in &rows {
-                let reason = sr
-                    .reason
-                    .as_deref()
-                    .and_then(|t| serde_json::from_str::<crate::fresh::Reason>(t).ok())
-                    .map(|x| x.to_string())
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "{:>5}  {:<20}  {:<11}  {:<12}  {:<10}  {:<8}  {:<18}  {:>8}  {reason}",
-                    sr.run_id,
-                    timestamp(sr.started_at),
-                    format!("{:?}", sr.state).to_lowercase(),
-                    &sr.key.to_string()[..12],
-                    r.git_commit.as_deref().map(|c| &c[..c.len().min(10)]).unwrap_or("-"),
-                    sr.env,
-                    event_text(r.event.as_deref(), r.branch.as_deref()),
-                    sr.duration_ms.map(|d| format_duration(Duration::from_millis(d.max(0) as u64))).unwrap_or_default(),
-                );
-            }
-            if rows.is_empty() {
-                let _ = writeln!(out, "(no recorded run of `{stage}`)");
-            }
+            if args.json { history::stage_json(&rows) + "\n" } else { history::stage_table(stage, &rows) }
         }
         None => {
             let runs = cache.runs(args.limit)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&runs).expect("serialisable"));
-                return Ok(exit::OK);
-            }
-            let _ = writeln!(
-                out,
-                "{:>5}  {:<20}  {:<7}  {:<18}  {:<8}  {:<10}  {:>4} {:>5} {:>8} {:>6}  {:>8}  saved",
-                "run", "when", "command", "event", "env", "commit", "ran", "fresh", "restored", "failed", "took"
-            );
-            for r in &runs {
-                let took = r
-                    .finished_at
-                    .map(|f| format_duration(Duration::from_millis((f - r.started_at).max(0) as u64)))
-                    .unwrap_or_else(|| "-".into());
-                let _ = writeln!(
-                    out,
-                    "{:>5}  {:<20}  {:<7}  {:<18}  {:<8}  {:<10}  {:>4} {:>5} {:>8} {:>6}  {:>8}  {}{}",
-                    r.id,
-                    timestamp(r.started_at),
-                    r.command,
-                    event_text(r.event.as_deref(), r.branch.as_deref()),
-                    r.env,
-                    r.git_commit.as_deref().map(|c| &c[..c.len().min(10)]).unwrap_or("-"),
-                    r.counts.ran,
-                    r.counts.fresh,
-                    r.counts.restored,
-                    r.counts.failed,
-                    took,
-                    format_duration(Duration::from_millis(r.counts.saved_ms.max(0) as u64)),
-                    match r.outcome.as_deref() {
-                        None => "  (running or killed)".to_string(),
-                        Some("ok") => String::new(),
-                        Some(o) => format!("  ({o})"),
-                    }
-                );
-            }
+            if args.json { history::runs_json(&runs) + "\n" } else { history::runs_table(&runs) }
         }
-    }
-    print!("{out}");
+    };
+    print!("{text}");
     Ok(exit::OK)
-}
-
-fn event_text(event: Option<&str>, branch: Option<&str>) -> String {
-    match (event, branch) {
-        (Some(e), Some(b)) => format!("{e} {b}"),
-        (Some(e), None) => e.to_string(),
-        _ => "local".into(),
-    }
 }

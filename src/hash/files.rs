@@ -288,17 +288,19 @@ impl FileHasher {
         Ok((hash, seen, seen.mtime_ns < racy_before && seen.ctime_ns < racy_before))
     }
 
-    /// Hash a tool's executable (following symlinks, as exec does), cached by its absolute path.
+    /// Hash a tool's executable: the file that runs, with symlinks followed (as exec does), cached by that
+    /// file's absolute path.
     pub fn tool_hash(&self, abs: &Path) -> Result<Hash, Error> {
-        let meta = fs::metadata(abs).map_err(|e| Error::read(abs.display(), e))?;
-        let key = std::os::unix::ffi::OsStrExt::as_bytes(abs.as_os_str()).to_vec();
+        let real = fs::canonicalize(abs).map_err(|e| Error::read(abs.display(), e))?;
+        let meta = fs::metadata(&real).map_err(|e| Error::read(real.display(), e))?;
+        let key = std::os::unix::ffi::OsStrExt::as_bytes(real.as_os_str()).to_vec();
         let stat = Stat::of(&meta);
         if let Some(e) = self.known().get(&key)
             && e.vouches_for(&stat)
         {
             return Ok(e.hash);
         }
-        let (hash, seen, record) = self.hash_now(abs, &abs.display())?;
+        let (hash, seen, record) = self.hash_now(&real, &real.display())?;
         if record {
             let entry =
                 StatEntry { size: seen.size, mtime_ns: seen.mtime_ns, ctime_ns: seen.ctime_ns, ino: seen.ino, hash };

@@ -60,6 +60,20 @@ impl std::fmt::Display for Key {
     }
 }
 
+/// A manifest with its key, computed once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Keyed {
+    pub manifest: Manifest,
+    pub key: Key,
+}
+
+impl Keyed {
+    pub fn new(manifest: Manifest) -> Keyed {
+        let key = manifest.key();
+        Keyed { manifest, key }
+    }
+}
+
 /// The MAC that stands for a secret env value in a key: BLAKE3 in keyed mode under the repository's key.
 pub fn secret_mac(repo_key: &[u8; 32], name: &str, value: &str) -> Hash {
     let mut h = blake3::Hasher::new_keyed(repo_key);
@@ -143,7 +157,7 @@ impl Manifest {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     Version(u64),
     Corrupt,

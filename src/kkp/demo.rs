@@ -4,7 +4,7 @@ use super::template::{self, Cloud, Variant};
 use crate::ci::Provider;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/demo_files.rs"));
@@ -13,25 +13,25 @@ mod embedded {
 /// The demo is a GitHub Actions + AWS + Route53 repository.
 pub const VARIANT: Variant = Variant { ci: Provider::Github, cloud: Cloud::Aws, dns: true };
 
-/// Write the demo repository into `dir` (which must exist and be empty).
-pub fn write_repo(dir: &Path) -> io::Result<()> {
-    for (rel, content, exec) in embedded::FILES {
-        let path = dir.join(rel);
+/// Write the demo repository into `dir` (which must exist and be empty). An error names the path it is about.
+pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
+    let write = |path: &Path, content: &[u8], mode: u32| -> Result<(), (PathBuf, io::Error)> {
+        let at = |e| (path.to_path_buf(), e);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+            std::fs::create_dir_all(parent).map_err(|e| (parent.to_path_buf(), e))?;
         }
-        std::fs::write(&path, content)?;
-        let mode = if *exec { 0o755 } else { 0o644 };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+        std::fs::write(path, content).map_err(at)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(at)
+    };
+    for (rel, content, exec) in embedded::FILES {
+        write(&dir.join(rel), content, if *exec { 0o755 } else { 0o644 })?;
     }
     let text = template::render(VARIANT);
     let file = dir.join(crate::pipeline::FILE_NAME);
-    std::fs::write(&file, &text)?;
-    let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(std::io::Error::other)?;
+    write(&file, text.as_bytes(), 0o644)?;
+    let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(|e| (file.clone(), io::Error::other(e)))?;
     let ci = dir.join(crate::ci::files::file_name(VARIANT.ci));
-    std::fs::create_dir_all(ci.parent().expect("CI files live in a directory"))?;
-    std::fs::write(ci, crate::ci::files::render(&pipeline, VARIANT.ci))?;
-    Ok(())
+    write(&ci, crate::ci::files::render(&pipeline, VARIANT.ci).as_bytes(), 0o644)
 }
 
 /// The stand-in environment of `demo.env`, resolved for a repository at `dir` on top of `path`.

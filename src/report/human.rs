@@ -28,6 +28,8 @@ pub struct Human {
     live: Option<indicatif::ProgressBar>,
     /// GitHub Actions: `$GITHUB_STEP_SUMMARY`, where a markdown table of the run is appended, and its title.
     step_summary: Option<(std::path::PathBuf, String)>,
+    /// `run --dry-run`: the summary says what would run.
+    pub dry_run: bool,
 }
 
 const GREEN: &str = "\x1b[1;32m";
@@ -57,6 +59,7 @@ impl Human {
             width,
             live: None,
             step_summary: None,
+            dry_run: false,
         }
     }
 
@@ -222,7 +225,7 @@ impl Sink for Human {
                     self.status("Skipped", YELLOW, &format!("{stage}: {because}"));
                 }
             }
-            Event::WouldRun { stage, reason } => self.status("Would run", YELLOW, &format!("{stage}: {reason}")),
+            Event::WouldRun { stage, masked, .. } => self.status("Would run", YELLOW, &format!("{stage}: {masked}")),
             Event::Drift { stage, output } => {
                 self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
                 for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
@@ -234,8 +237,14 @@ impl Sink for Human {
                 if let Some(bar) = self.live.take() {
                     bar.finish_and_clear();
                 }
-                self.write(summary_line(s, self.color).as_bytes())
+                let line = if s.would_run > 0 || self.dry_run {
+                    format!("{}\n", super::status::dry_run_line(s))
+                } else {
+                    summary_line(s, self.color)
+                };
+                self.write(line.as_bytes())
             }
+            Event::Report { rows, summary } => self.report(rows, summary),
         }
     }
 
@@ -249,8 +258,10 @@ impl Sink for Human {
             }
         }
     }
+}
 
-    fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
+impl Human {
+    fn report(&mut self, rows: &[StageRow], summary: &Summary) {
         if let Some(bar) = self.live.take() {
             bar.finish_and_clear();
         }

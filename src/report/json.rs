@@ -54,17 +54,17 @@ pub struct Json {
 
 impl Sink for Json {
     fn event(&mut self, e: &Event) {
-        if !matches!(e, Event::Summary(_)) {
-            self.human.event(e);
+        match e {
+            Event::Summary(_) => {}
+            Event::Report { rows, summary } => {
+                self.human.event(e);
+                print(RUN_SCHEMA, &self.context, rows, Some(summary));
+            }
+            _ => self.human.event(e),
         }
     }
 
     fn tick(&mut self, running: &[(String, std::time::Duration)]) {
         self.human.tick(running);
-    }
-
-    fn finish(&mut self, rows: &[StageRow], summary: &Summary) {
-        self.human.finish(rows, summary);
-        print(RUN_SCHEMA, &self.context, rows, Some(summary));
     }
 }

@@ -2,11 +2,14 @@
 //! lines (plain, GitHub Actions or GitLab CI conventions) or into JSON. Both consume the same stream.
 
 pub mod graph;
+pub mod history;
 mod human;
 pub mod json;
 pub mod progress;
+pub mod status;
+pub mod why;
 
-use crate::fresh::Reason;
+use crate::fresh::{Decision, Reason};
 use crate::pipeline::Kind;
 use serde::Serialize;
 use std::time::Duration;
@@ -37,6 +40,18 @@ pub enum StageState {
 }
 
 impl StageState {
+    /// The one mapping from a decision to what a user sees. `dry_run`: a stage that must run "would run".
+    pub fn of(d: &Decision, dry_run: bool) -> StageState {
+        match d {
+            Decision::Fresh(_) => StageState::Fresh,
+            Decision::Restore(..) => StageState::Restored,
+            Decision::Run(_) if dry_run => StageState::WouldRun,
+            Decision::Run(Reason::NeverRun | Reason::NeverDeployed { .. }) => StageState::NeverRun,
+            Decision::Run(Reason::LastRunFailed { .. } | Reason::LastRunInterrupted) => StageState::Failed,
+            Decision::Run(_) => StageState::Stale,
+        }
+    }
+
     pub fn word(self) -> &'static str {
         match self {
             StageState::Fresh => "fresh",
@@ -115,27 +130,59 @@ pub struct Summary {
 pub enum Event {
     Warning(String),
     Info(String),
-    Fresh { stage: String, restored: Vec<String>, saved: Duration },
-    Started { stage: String, reason: Reason },
-    Probing { stage: String },
-    Line { stage: String, line: Vec<u8> },
-    Finished { stage: String, ok: bool, duration: Duration, detail: Option<String>, log: Vec<u8> },
-    Skipped { stage: String, because: String },
-    WouldRun { stage: String, reason: Reason },
-    Drift { stage: String, output: String },
+    Fresh {
+        stage: String,
+        restored: Vec<String>,
+        saved: Duration,
+    },
+    Started {
+        stage: String,
+        reason: Reason,
+    },
+    Probing {
+        stage: String,
+    },
+    Line {
+        stage: String,
+        line: Vec<u8>,
+    },
+    Finished {
+        stage: String,
+        ok: bool,
+        duration: Duration,
+        detail: Option<String>,
+        log: Vec<u8>,
+    },
+    Skipped {
+        stage: String,
+        because: String,
+    },
+    /// `run --dry-run`; `masked`: the reason's text with secrets masked.
+    WouldRun {
+        stage: String,
+        reason: Reason,
+        masked: String,
+    },
+    Drift {
+        stage: String,
+        output: String,
+    },
     Summary(Summary),
+    /// The last event of `run`, `verify` and `run --dry-run`: every stage's row.
+    Report {
+        rows: Vec<StageRow>,
+        summary: Summary,
+    },
 }
 
 pub trait Sink {
     fn event(&mut self, e: &Event);
     /// Called about every 50 ms while stages run, with each running stage and how long it has run.
     fn tick(&mut self, _running: &[(String, Duration)]) {}
-    /// Called once at the end of `run`/`verify` with every stage's row.
-    fn finish(&mut self, _rows: &[StageRow], _summary: &Summary) {}
 }
 
 /// The note on a fresh stage whose outputs are in no cache (sensitive ones, on a fresh CI runner).
-pub fn unavailable_note(unavailable: &[crate::cache::OutputRecord]) -> String {
+pub fn unavailable_note(unavailable: &[crate::fresh::OutputRecord]) -> String {
     let list: Vec<String> = unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
     format!("not in this cache, made only if a stage that needs them runs: {}", list.join(", "))
 }

@@ -3,6 +3,8 @@
 
 use crate::hash::key::SHELL;
 use crate::mask::Masker;
+use crate::pipeline::Stage;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -15,6 +17,29 @@ use std::time::{Duration, Instant};
 /// must be listed in `env`, `pass_env` or `secret_env`, so the key sees everything a stage depends on.
 pub const BASE_ENV: &[&str] =
     &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "TMPDIR"];
+
+/// The environment a stage's command sees: the base set from the caller, keyed `env`, `pass_env` and
+/// `secret_env` from the caller, and kkpipe's own `KKPIPE_STAGE` and `KKPIPE_ENV` (the deployment
+/// environment; a check stage that reads it should be `per_env`).
+pub fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for name in BASE_ENV {
+        if let Some(v) = caller.get(*name) {
+            env.insert(name.to_string(), v.clone());
+        }
+    }
+    for name in stage.pass_env.iter().chain(&stage.secret_env) {
+        if let Some(v) = caller.get(name) {
+            env.insert(name.clone(), v.clone());
+        }
+    }
+    for (k, v) in &stage.env {
+        env.insert(k.clone(), v.clone());
+    }
+    env.insert("KKPIPE_STAGE".into(), stage.name.clone());
+    env.insert("KKPIPE_ENV".into(), env_name.to_string());
+    env.into_iter().collect()
+}
 
 #[derive(Debug, Clone)]
 pub struct Spec {

@@ -1,6 +1,7 @@
 //! Declared outputs: stored in the blob store after a successful run, checked and restored on a hit.
 
-use crate::cache::{BlobStore, OutputRecord};
+use crate::cache::BlobStore;
+use crate::fresh::{OutputRecord, Present, Workspace};
 use crate::hash::Entry;
 use crate::hash::files::FileHasher;
 use crate::hash::walk::{Kind, Stat, Walked};
@@ -78,12 +79,21 @@ fn store_one(
     Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive }))
 }
 
-/// What the workspace holds for one recorded output.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Present {
-    Same,
-    Differs,
-    Missing,
+/// The workspace and the blob store of one checkout, for the decision.
+pub struct Disk<'a> {
+    pub root: &'a Path,
+    pub hasher: &'a FileHasher,
+    pub blobs: &'a BlobStore,
+}
+
+impl Workspace for Disk<'_> {
+    fn present(&self, output: &OutputRecord) -> Present {
+        check(self.root, output, self.hasher)
+    }
+
+    fn stored(&self, output: &OutputRecord) -> bool {
+        restorable(output, self.blobs)
+    }
 }
 
 pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {

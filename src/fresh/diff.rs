@@ -1,127 +1,15 @@
-//! Why a stage is stale, computed by comparing manifests, never guessed.
+//! What changed between two manifests, computed field by field, never guessed.
 //!
 //! As cargo does with fingerprints, the old manifest (the last successful run's, or the deploy ledger's) and
 //! the new one are compared field by field in a fixed order; [`Diff::first_reason`] is the one line `status`
 //! prints, and the whole [`Diff`] is what `kkpipe why` explains.
 
+use super::{Change, Reason};
 use crate::hash::Entry;
 use crate::hash::key::Manifest;
 use crate::relpath::RelPath;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
-use std::fmt;
-
-/// The first reason a stage must run. Serialised (kebab-case `kind`) into `--json` output and the cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Reason {
-    NeverRun,
-    NeverDeployed { env: String },
-    LastRunFailed { exit_code: Option<i64> },
-    LastRunInterrupted,
-    Forced,
-    KeySchemeChanged { old_version: Option<u64> },
-    CommandChanged,
-    ShellChanged,
-    DirChanged { old: String, new: String },
-    EnvScopeChanged { old: String, new: String },
-    EnvChanged { name: String, old: Option<String>, new: Option<String> },
-    SecretEnvChanged { name: String },
-    PassEnvChanged { added: Vec<String>, removed: Vec<String> },
-    OutputsDeclared,
-    ToolChanged { name: String },
-    ToolMissing { name: String },
-    GlobalInputChanged { path: String, change: Change, more: usize },
-    InputChanged { path: String, change: Change, more: usize },
-    NeedsChanged,
-    UpstreamOutputsChanged { stage: String, paths: Vec<String> },
-    UpstreamStale { stage: String },
-    OutputMissing { path: String },
-    OutputRegeneratedDiffers { path: String },
-    Drift { output: String },
-    PlanStale { stage: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Change {
-    Added,
-    Removed,
-    Modified,
-}
-
-impl fmt::Display for Change {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Change::Added => "added",
-            Change::Removed => "removed",
-            Change::Modified => "modified",
-        })
-    }
-}
-
-fn more(n: usize) -> String {
-    if n == 0 { String::new() } else { format!(" (and {n} more)") }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Reason::NeverRun => write!(f, "never run"),
-            Reason::NeverDeployed { env } => write!(f, "never deployed to environment `{env}`"),
-            Reason::LastRunFailed { exit_code: Some(c) } => {
-                write!(f, "last run failed (exit code {c})")
-            }
-            Reason::LastRunFailed { exit_code: None } => write!(f, "last run failed"),
-            Reason::LastRunInterrupted => write!(f, "last run was interrupted"),
-            Reason::Forced => write!(f, "forced"),
-            Reason::KeySchemeChanged { .. } => {
-                write!(f, "recorded by a kkpipe with another key scheme")
-            }
-            Reason::CommandChanged => write!(f, "command changed"),
-            Reason::ShellChanged => write!(f, "shell changed"),
-            Reason::DirChanged { old, new } => write!(f, "dir changed from `{old}` to `{new}`"),
-            Reason::EnvScopeChanged { old, new } => {
-                write!(f, "made for environment `{old}`, not `{new}` (per_env)")
-            }
-            Reason::EnvChanged { name, .. } => write!(f, "env `{name}` changed"),
-            Reason::SecretEnvChanged { name } => write!(f, "secret env `{name}` changed"),
-            Reason::PassEnvChanged { .. } => write!(f, "pass_env list changed"),
-            Reason::OutputsDeclared => write!(f, "declared outputs changed"),
-            Reason::ToolChanged { name } => write!(f, "tool `{name}` changed"),
-            Reason::ToolMissing { name } => write!(f, "tool `{name}` not found on PATH"),
-            Reason::GlobalInputChanged { path, change, more: n } => {
-                write!(f, "global input `{path}` {change}{}", more(*n))
-            }
-            Reason::InputChanged { path, change, more: n } => write!(f, "input `{path}` {change}{}", more(*n)),
-            Reason::NeedsChanged => write!(f, "needs changed"),
-            Reason::UpstreamOutputsChanged { stage, paths } => match paths.first() {
-                Some(p) => write!(f, "stage `{stage}` produced different outputs (`{p}`{})", more(paths.len() - 1)),
-                None => write!(f, "stage `{stage}` produced different outputs"),
-            },
-            Reason::UpstreamStale { stage } => {
-                write!(f, "needs `{stage}`, which is stale (reruns only if its outputs change)")
-            }
-            Reason::OutputMissing { path } => {
-                write!(f, "output `{path}` missing and not in the cache")
-            }
-            Reason::OutputRegeneratedDiffers { path } => {
-                write!(f, "output `{path}` was regenerated with different content")
-            }
-            Reason::Drift { output } => {
-                let first = output.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-                if first.is_empty() {
-                    write!(f, "drift detected by verify")
-                } else {
-                    write!(f, "drift detected by verify: {first}")
-                }
-            }
-            Reason::PlanStale { stage } => {
-                write!(f, "the saved plan of `{stage}` was stale; replanned")
-            }
-        }
-    }
-}
 
 /// Added / removed / modified paths between two file lists.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -341,11 +229,5 @@ mod tests {
         new.run = vec!["b".into()];
         assert_eq!(Diff::between(&old, &new).first_reason(), Some(Reason::CommandChanged));
         assert!(Diff::between(&old, &old).is_empty());
-    }
-
-    #[test]
-    fn reason_text_is_actionable() {
-        let r = Reason::InputChanged { path: "terraform/aws/main.tf".into(), change: Change::Modified, more: 2 };
-        assert_eq!(r.to_string(), "input `terraform/aws/main.tf` modified (and 2 more)");
     }
 }

@@ -1,0 +1,829 @@
+//! The scheduler.
+//!
+//! One thread (the caller's) owns all state: it decides which stage is ready, makes its manifest when its
+//! needs are done (their outputs are part of it), asks [`fresh::decide`] what to do, restores or probes fresh
+//! stages, and starts stale ones as jobs on threads of their own, bounded by `-j`. Jobs report back by
+//! message (`exec::Msg`). A failed stage is an outcome, not an error: its dependents are skipped,
+//! independent stages go on. If the scheduler itself fails or panics, the running stages are stopped
+//! (see [`Scheduler`]'s `Drop`).
+
+use super::exec::{self, Exit, Msg};
+use super::{Env, Error, Options, Outcome};
+use crate::cache::outputs::{self, Disk};
+use crate::cache::{End, RunCounts, RunMeta, RunOutcome};
+use crate::evaluate::{self, Context};
+use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
+use crate::graph::Selected;
+use crate::hash::key::{Key, Keyed};
+use crate::report::{Event, Sink, StageRow, StageState, Summary};
+use crate::session::Session;
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Grace period between forwarding SIGINT/SIGTERM to the stages and killing them.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
+
+/// What a job is doing, with what it needs when it ends.
+enum Job {
+    /// The stage's own command; `row` is its `running` stage run.
+    Stage { row: i64, reason: Reason },
+    /// A deploy stage's drift probe on a hit.
+    Probe { hit: Hit },
+    /// Recreating outputs that are in no cache.
+    Regenerate { hit: Hit },
+}
+
+struct Active {
+    started: Instant,
+    pgid: Option<i32>,
+    job: Job,
+    keyed: Keyed,
+    /// Outputs already put back from the store before a probe or regeneration started.
+    restored: Vec<String>,
+    /// A signal asked us to stop while this job ran: even a clean exit is then an interrupted run.
+    signalled: bool,
+}
+
+#[derive(Clone)]
+enum Done {
+    Fresh {
+        outputs: Vec<OutputRecord>,
+        /// Recorded outputs that are in no cache (see `Hit::unavailable`).
+        unavailable: Vec<OutputRecord>,
+        restored: Vec<String>,
+        recorded_ms: i64,
+        saved_ms: i64,
+        key: Key,
+    },
+    Ran {
+        outputs: Vec<OutputRecord>,
+        duration: Duration,
+        key: Key,
+        reason: Reason,
+    },
+    Failed {
+        duration: Duration,
+        key: Option<Key>,
+        reason: Reason,
+    },
+    Skipped(String),
+    Interrupted {
+        key: Key,
+        reason: Reason,
+    },
+    /// `verify`: stale, so there is no apply to compare the live system with.
+    NotVerified {
+        key: Key,
+        reason: Reason,
+    },
+    /// `verify`: the probe found drift.
+    Drifted {
+        key: Key,
+        output: String,
+    },
+}
+
+enum Slot {
+    Idle,
+    Waiting,
+    Active(Box<Active>),
+    Done(Done),
+}
+
+struct Scheduler<'a, 's> {
+    cx: Context<'a>,
+    s: &'a mut Session<'s>,
+    env: &'a Env<'a>,
+    opts: &'a Options,
+    sink: &'a mut dyn Sink,
+    slots: Vec<Slot>,
+    run_id: i64,
+    next_job: usize,
+    jobs: HashMap<usize, usize>,
+    tx: mpsc::Sender<Msg>,
+    /// A stage ran or outputs were restored: inputs must be walked again before the next manifest.
+    workspace_changed: bool,
+    retried: HashSet<usize>,
+    replan: HashMap<usize, String>,
+    stopping: Option<String>,
+    /// Stages whose drift probe ran and passed.
+    verified: HashSet<usize>,
+    /// Fresh stages whose unavailable outputs a dependent needs: regenerate them, or rerun the stage.
+    materialize: HashSet<usize>,
+    /// Stages whose regenerate command failed once (and waited for their needs' outputs).
+    regenerate_retried: HashSet<usize>,
+}
+
+/// Run the selected stages. The caller holds the run lock.
+pub(super) fn run(
+    cx: Context<'_>,
+    s: &mut Session<'_>,
+    env: &Env<'_>,
+    opts: &Options,
+    sink: &mut dyn Sink,
+    interrupt: &super::Interrupt,
+) -> Result<Outcome, Error> {
+    let start = Instant::now();
+    let selected = cx.select(&opts.targets)?;
+    let chosen: Vec<usize> = (0..selected.len()).filter(|&i| selected[i] == Selected::Yes).collect();
+    env.cache.mark_interrupted_leftovers()?;
+    env.cache.blobs.clean_tmp();
+    s.walk(&chosen)?;
+    for w in s.take_warnings() {
+        sink.event(&Event::Warning(w));
+    }
+    let meta = RunMeta {
+        command: if opts.probe_only { "verify" } else { "run" }.into(),
+        event: cx.event.map(|e| e.name.as_str().to_string()),
+        branch: cx.event.and_then(|e| e.branch.clone()),
+        env: cx.env.to_string(),
+        git_commit: super::git_head(&cx.pipeline.root),
+    };
+    let run_id = env.cache.begin_run(&meta)?;
+    let (tx, rx) = mpsc::channel();
+    let slots =
+        (0..selected.len()).map(|i| if selected[i] == Selected::Yes { Slot::Waiting } else { Slot::Idle }).collect();
+    let mut sch = Scheduler {
+        cx,
+        s,
+        env,
+        opts,
+        sink,
+        slots,
+        run_id,
+        next_job: 0,
+        jobs: HashMap::new(),
+        tx,
+        workspace_changed: false,
+        retried: HashSet::new(),
+        replan: HashMap::new(),
+        stopping: None,
+        verified: HashSet::new(),
+        materialize: HashSet::new(),
+        regenerate_retried: HashSet::new(),
+    };
+    let interrupted = sch.drive(&rx, interrupt)?;
+    sch.finish(&selected, start, interrupted)
+}
+
+impl Drop for Scheduler<'_, '_> {
+    /// On an internal error or a panic, no stage may keep running on its own: stop them all. Their rows stay
+    /// `running` and are marked interrupted by the next run (or below, on an error).
+    fn drop(&mut self) {
+        let active: Vec<(Option<i32>, Option<i64>)> = self
+            .slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Active(a) => Some((a.pgid, if let Job::Stage { row, .. } = a.job { Some(row) } else { None })),
+                _ => None,
+            })
+            .collect();
+        if active.is_empty() {
+            return;
+        }
+        for (pgid, _) in &active {
+            if let Some(pgid) = pgid {
+                exec::signal_group(*pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        for (_, row) in active {
+            if let Some(row) = row {
+                let _ = self.env.cache.finish_stage(row, State::Interrupted, &End::empty());
+            }
+        }
+    }
+}
+
+impl Scheduler<'_, '_> {
+    fn name(&self, i: usize) -> String {
+        self.cx.pipeline.stages[i].name.clone()
+    }
+
+    fn active_count(&self) -> usize {
+        self.slots.iter().filter(|s| matches!(s, Slot::Active(_))).count()
+    }
+
+    /// Record the run's end, persist what was learned, report.
+    fn finish(self, selected: &[Selected], start: Instant, interrupted: Option<i32>) -> Result<Outcome, Error> {
+        for w in self.s.take_warnings() {
+            self.sink.event(&Event::Warning(w));
+        }
+        let (rows, mut summary) = self.rows(selected);
+        summary.duration_ms = start.elapsed().as_millis() as u64;
+        let failed = summary.failed > 0 || summary.drifted > 0 || interrupted.is_some();
+        let counts = RunCounts {
+            ran: summary.ran as i64,
+            fresh: summary.fresh as i64,
+            restored: summary.restored as i64,
+            failed: (summary.failed + summary.drifted) as i64,
+            skipped: summary.skipped as i64,
+            saved_ms: summary.saved_ms as i64,
+        };
+        let outcome = match (interrupted, failed) {
+            (Some(_), _) => RunOutcome::Interrupted,
+            (None, true) => RunOutcome::Failed,
+            (None, false) => RunOutcome::Ok,
+        };
+        let cache = self.env.cache;
+        cache.finish_run(self.run_id, outcome, &counts)?;
+        self.s.persist_stat_cache(cache);
+        if let Err(e) = cache.auto_gc(&self.cx.pipeline.root) {
+            self.sink.event(&Event::Warning(format!("automatic cache gc failed: {e}")));
+        }
+        self.sink.event(&Event::Summary(summary.clone()));
+        self.sink.event(&Event::Report { rows: rows.clone(), summary: summary.clone() });
+        Ok(Outcome { rows, summary, failed, interrupted })
+    }
+
+    fn drive(&mut self, rx: &mpsc::Receiver<Msg>, interrupt: &super::Interrupt) -> Result<Option<i32>, Error> {
+        let mut signalled: Option<(i32, Instant)> = None;
+        let mut killed = false;
+        loop {
+            if let Some(sig) = interrupt.signal()
+                && signalled.is_none()
+            {
+                signalled = Some((sig, Instant::now()));
+                self.stop_for_signal(sig);
+            }
+            if let Some((_, at)) = signalled
+                && !killed
+                && at.elapsed() > INTERRUPT_GRACE
+            {
+                self.signal_all(nix::sys::signal::Signal::SIGKILL);
+                killed = true;
+            }
+            if self.stopping.is_none() {
+                self.start_ready()?;
+            }
+            if self.active_count() == 0 {
+                break;
+            }
+            let running: Vec<(String, Duration)> = (0..self.slots.len())
+                .filter_map(|i| match &self.slots[i] {
+                    Slot::Active(a) => Some((self.name(i), a.started.elapsed())),
+                    _ => None,
+                })
+                .collect();
+            self.sink.tick(&running);
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(msg) => self.handle(msg)?,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let why = self.stopping.clone().unwrap_or_default();
+        for i in 0..self.slots.len() {
+            if matches!(self.slots[i], Slot::Waiting) {
+                self.slots[i] = Slot::Done(Done::Skipped(why.clone()));
+                let stage = self.name(i);
+                self.sink.event(&Event::Skipped { stage, because: why.clone() });
+            }
+        }
+        Ok(signalled.map(|(s, _)| s))
+    }
+
+    /// SIGINT/SIGTERM: start nothing new, forward the signal to every running stage, and remember that each
+    /// was signalled (a stage that then exits 0 stopped early: interrupted, never a success).
+    fn stop_for_signal(&mut self, sig: i32) {
+        self.stopping = Some("run interrupted".into());
+        let name = if sig == signal_hook::consts::SIGTERM { "SIGTERM" } else { "SIGINT" };
+        self.sink.event(&Event::Info(format!(
+            "kkpipe: {name} received: stopping running stages (waiting up to {}s)",
+            INTERRUPT_GRACE.as_secs()
+        )));
+        for slot in &mut self.slots {
+            if let Slot::Active(a) = slot {
+                a.signalled = true;
+            }
+        }
+        let forwarded = nix::sys::signal::Signal::try_from(sig).unwrap_or(nix::sys::signal::Signal::SIGTERM);
+        self.signal_all(forwarded);
+    }
+
+    fn signal_all(&self, sig: nix::sys::signal::Signal) {
+        for slot in &self.slots {
+            if let Slot::Active(a) = slot
+                && let Some(pgid) = a.pgid
+            {
+                exec::signal_group(pgid, sig);
+            }
+        }
+    }
+
+    /// Start every waiting stage whose needs are done, up to the job limit; skip those whose needs failed.
+    fn start_ready(&mut self) -> Result<(), Error> {
+        // Starting a stage can send earlier ones back to wait (materializing their outputs): pass again until
+        // a pass starts nothing.
+        while self.start_ready_pass()? {}
+        Ok(())
+    }
+
+    /// Why stage `i` cannot start, if a stage it needs ended without outputs; `None` when none did.
+    fn blocked(&self, i: usize) -> Option<String> {
+        let j = self.cx.graph.needs[i].iter().copied().find(
+            |&j| matches!(&self.slots[j], Slot::Done(d) if !matches!(d, Done::Fresh { .. } | Done::Ran { .. })),
+        )?;
+        let what = match &self.slots[j] {
+            Slot::Done(Done::Failed { .. }) => "failed",
+            Slot::Done(Done::Interrupted { .. }) => "was interrupted",
+            Slot::Done(Done::NotVerified { .. }) => "is stale",
+            Slot::Done(Done::Drifted { .. }) => "drifted",
+            _ => "did not run",
+        };
+        Some(format!("needs `{}`, which {what}", self.name(j)))
+    }
+
+    fn start_ready_pass(&mut self) -> Result<bool, Error> {
+        let mut progress = false;
+        for i in self.cx.graph.order.clone() {
+            if !matches!(self.slots[i], Slot::Waiting) {
+                continue;
+            }
+            if let Some(because) = self.blocked(i) {
+                self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
+                self.sink.event(&Event::Skipped { stage: self.name(i), because });
+                continue;
+            }
+            let ready = self.cx.graph.needs[i].iter().all(|&j| matches!(self.slots[j], Slot::Done(_)));
+            if ready && self.active_count() < self.opts.jobs.max(1) {
+                self.start(i)?;
+                progress = true;
+                if self.stopping.is_some() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Make stage `i`'s manifest from its needs' outputs, decide, and act on the decision.
+    fn start(&mut self, i: usize) -> Result<(), Error> {
+        if self.workspace_changed {
+            self.s.rewalk(i)?;
+        }
+        let needs: Vec<(String, Vec<OutputRecord>)> = self.cx.graph.needs[i]
+            .iter()
+            .map(|&j| {
+                let outs = match &self.slots[j] {
+                    Slot::Done(Done::Fresh { outputs, .. } | Done::Ran { outputs, .. }) => outputs.clone(),
+                    _ => Vec::new(),
+                };
+                (self.name(j), outs)
+            })
+            .collect();
+        let must_run = match self.replan.remove(&i) {
+            Some(dependent) => Some(Reason::PlanStale { stage: dependent }),
+            None => self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced),
+        };
+        match evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run, None)? {
+            evaluate::Step::NoManifest(reason) => {
+                // A tool is missing or unreadable: the stage cannot even be keyed.
+                self.sink.event(&Event::Finished {
+                    stage: self.name(i),
+                    ok: false,
+                    duration: Duration::ZERO,
+                    detail: Some(reason.to_string()),
+                    log: Vec::new(),
+                });
+                self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key: None, reason });
+                Ok(())
+            }
+            evaluate::Step::Decided(keyed, Decision::Run(reason)) => self.launch_stage(i, keyed, reason),
+            evaluate::Step::Decided(keyed, Decision::Fresh(hit)) => self.on_hit(i, keyed, hit, Vec::new()),
+            evaluate::Step::Decided(keyed, Decision::Restore(hit, restore)) => self.on_hit(i, keyed, hit, restore),
+        }
+    }
+
+    /// Something observed while acting on a hit (drift, an output that could not be restored or
+    /// regenerated) means the stage must run after all: asked of the decision like everything else.
+    fn run_after_all(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        let disk = Disk { root: &self.cx.pipeline.root, hasher: self.s.hasher(), blobs: &self.env.cache.blobs };
+        let q = Query {
+            stage: &self.cx.pipeline.stages[i],
+            env: self.cx.env,
+            inputs: Ok(&keyed),
+            must_run: Some(reason),
+            stale_upstream: None,
+        };
+        match fresh::decide(&q, self.env.cache, &disk)? {
+            Decision::Run(reason) => self.launch_stage(i, keyed, reason),
+            Decision::Fresh(hit) | Decision::Restore(hit, _) => self.finish_fresh(i, &keyed, hit, Vec::new()),
+        }
+    }
+
+    /// A hit: restore outputs, probe deploys for drift, or finish. Outputs that are in no cache are made
+    /// only when a stage that needs them runs (`materialize`).
+    fn on_hit(&mut self, i: usize, keyed: Keyed, hit: Hit, restore: Vec<OutputRecord>) -> Result<(), Error> {
+        let mut restored = Vec::new();
+        for o in restore {
+            self.workspace_changed = true;
+            match outputs::restore(&self.cx.pipeline.root, &o, &self.env.cache.blobs) {
+                Ok(true) => restored.push(o.path.display()),
+                _ => return self.run_after_all(i, keyed, Reason::OutputMissing { path: o.path.display() }),
+            }
+        }
+        for o in &hit.outputs {
+            self.mask_output(o);
+        }
+        let stage = self.cx.pipeline.stages[i].clone();
+        if self.materialize.contains(&i) && !hit.unavailable.is_empty() {
+            let first = hit.unavailable[0].path.display();
+            let Some(script) = regenerate_script(&stage, &hit.unavailable) else {
+                self.materialize.remove(&i);
+                return self.run_after_all(i, keyed, Reason::OutputMissing { path: first });
+            };
+            let list: Vec<String> = hit.unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
+            self.sink.event(&Event::Info(format!(
+                "Regenerating {} of `{}` (not in the cache; a stage that needs it runs)",
+                list.join(", "),
+                stage.name
+            )));
+            return self.spawn(i, script, Job::Regenerate { hit }, keyed, restored);
+        }
+        if stage.is_deploy()
+            && self.opts.verify
+            && let Some(probe) = stage.verify.clone()
+        {
+            self.sink.event(&Event::Probing { stage: stage.name.clone() });
+            return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
+        }
+        self.finish_fresh(i, &keyed, hit, restored)
+    }
+
+    fn finish_fresh(&mut self, i: usize, keyed: &Keyed, hit: Hit, restored: Vec<String>) -> Result<(), Error> {
+        let stage = self.name(i);
+        let saved_ms = hit.record.duration_ms.unwrap_or(0);
+        if self.opts.replay
+            && let Some(log) = self.env.cache.log(hit.record.id)?
+        {
+            for line in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                self.sink.event(&Event::Line { stage: stage.clone(), line: line.to_vec() });
+            }
+        }
+        self.sink.event(&Event::Fresh {
+            stage,
+            restored: restored.clone(),
+            saved: Duration::from_millis(saved_ms.max(0) as u64),
+        });
+        self.slots[i] = Slot::Done(Done::Fresh {
+            outputs: hit.outputs,
+            unavailable: hit.unavailable,
+            restored,
+            recorded_ms: hit.record.started_at,
+            saved_ms,
+            key: keyed.key,
+        });
+        Ok(())
+    }
+
+    /// Before stage `i` runs (or regenerates), every output of its needs must be in the workspace. Needs with
+    /// outputs in no cache are sent back to be materialized, and `i` waits for them. Returns whether all are there.
+    fn needs_available(&mut self, i: usize) -> bool {
+        let mut ok = true;
+        for j in self.cx.graph.needs[i].clone() {
+            if let Slot::Done(Done::Fresh { unavailable, .. }) = &self.slots[j]
+                && !unavailable.is_empty()
+            {
+                self.slots[j] = Slot::Waiting;
+                self.materialize.insert(j);
+                ok = false;
+            }
+        }
+        if !ok {
+            self.slots[i] = Slot::Waiting;
+        }
+        ok
+    }
+
+    fn launch_stage(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        let stage = self.cx.pipeline.stages[i].clone();
+        if self.opts.probe_only {
+            self.sink.event(&Event::Skipped { stage: stage.name.clone(), because: format!("not verified: {reason}") });
+            self.slots[i] = Slot::Done(Done::NotVerified { key: keyed.key, reason });
+            return Ok(());
+        }
+        if !self.needs_available(i) {
+            return Ok(());
+        }
+        let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
+        self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });
+        self.spawn(i, stage.run.join("\n"), Job::Stage { row, reason }, keyed, Vec::new())
+    }
+
+    fn spawn(&mut self, i: usize, script: String, job: Job, keyed: Keyed, restored: Vec<String>) -> Result<(), Error> {
+        let stage = &self.cx.pipeline.stages[i];
+        let id = self.next_job;
+        self.next_job += 1;
+        self.jobs.insert(id, i);
+        let spec = exec::Spec {
+            script,
+            cwd: stage.dir.under(&self.cx.pipeline.root),
+            env: exec::stage_env(stage, self.env.caller_env, self.cx.env),
+        };
+        exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
+        let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };
+        self.slots[i] = Slot::Active(Box::new(active));
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: Msg) -> Result<(), Error> {
+        match msg {
+            Msg::Spawned { job, pgid } => {
+                if let Some(&i) = self.jobs.get(&job)
+                    && let Slot::Active(a) = &mut self.slots[i]
+                {
+                    a.pgid = Some(pgid);
+                }
+            }
+            Msg::Line { job, line } => {
+                // Probe and regenerate output is kept for the drift report, not streamed.
+                if let Some(&i) = self.jobs.get(&job)
+                    && matches!(&self.slots[i], Slot::Active(a) if matches!(a.job, Job::Stage { .. }))
+                {
+                    self.sink.event(&Event::Line { stage: self.name(i), line });
+                }
+            }
+            Msg::Exited { job, result } => {
+                let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
+                let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::Waiting) else { return Ok(()) };
+                let a = *a;
+                match a.job {
+                    Job::Stage { row, reason } => {
+                        self.workspace_changed = true;
+                        self.stage_exited(i, row, a.keyed, reason, result, a.signalled)?;
+                    }
+                    Job::Probe { hit } => self.probe_exited(i, a.keyed, hit, a.restored, result)?,
+                    Job::Regenerate { hit } => {
+                        self.workspace_changed = true;
+                        self.regenerate_exited(i, a.keyed, hit, a.restored, result)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_exited(
+        &mut self,
+        i: usize,
+        row: i64,
+        keyed: Keyed,
+        reason: Reason,
+        exit: Exit,
+        signalled: bool,
+    ) -> Result<(), Error> {
+        let key = keyed.key;
+        let mut ended = Ended { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
+        if signalled {
+            // Stopped by our signal, whatever its exit code: its outputs may be partial.
+            self.conclude(i, State::Interrupted, ended, Some("interrupted".into()))?;
+            self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
+            return Ok(());
+        }
+        if ended.code == Some(0) {
+            let stage = &self.cx.pipeline.stages[i];
+            return match outputs::collect(&self.cx.pipeline.root, &stage.outputs, &self.env.cache.blobs) {
+                Ok(outs) => {
+                    for o in &outs {
+                        self.mask_output(o);
+                    }
+                    ended.outputs = outs.clone();
+                    self.conclude(i, State::Success, ended, None)?;
+                    self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
+                    Ok(())
+                }
+                Err(e) => {
+                    // Exit code 0 without its declared outputs is still a failure.
+                    ended.log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
+                    ended.code = Some(1);
+                    self.fail(i, key, reason, ended, e.to_string())
+                }
+            };
+        }
+        let detail = match (exit.code, exit.signal, &exit.spawn_error) {
+            (_, _, Some(e)) => e.clone(),
+            (Some(c), _, _) => format!("exit code {c}"),
+            (None, Some(s), _) => format!("killed by signal {s}"),
+            _ => "failed".into(),
+        };
+        if self.retry_needs(i, &ended.log) {
+            let pattern = self.cx.pipeline.stages[i].retry_needs_if.clone().unwrap_or_default();
+            return self.conclude(i, State::Failed, ended, Some(format!("{detail}; output says \"{pattern}\"")));
+        }
+        self.fail(i, key, reason, ended, detail)
+    }
+
+    /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its
+    /// needs and then the stage, once. Returns whether that was arranged.
+    fn retry_needs(&mut self, i: usize, log: &[u8]) -> bool {
+        let stage = self.cx.pipeline.stages[i].clone();
+        let Some(pattern) = stage.retry_needs_if.clone() else { return false };
+        if self.retried.contains(&i) || !String::from_utf8_lossy(log).contains(&pattern) {
+            return false;
+        }
+        self.retried.insert(i);
+        let needs = self.cx.graph.needs[i].clone();
+        let names: Vec<String> = needs.iter().map(|&j| format!("`{}`", self.name(j))).collect();
+        self.sink.event(&Event::Info(format!(
+            "kkpipe: `{}` reported \"{pattern}\": rerunning {} and retrying `{}` once",
+            stage.name,
+            names.join(", "),
+            stage.name
+        )));
+        for j in needs {
+            self.slots[j] = Slot::Waiting;
+            self.replan.insert(j, stage.name.clone());
+        }
+        self.slots[i] = Slot::Waiting;
+        true
+    }
+
+    /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
+    /// log is shown again in quiet mode.
+    fn conclude(&mut self, i: usize, state: State, e: Ended, detail: Option<String>) -> Result<(), Error> {
+        let ok = state == State::Success;
+        let end = End {
+            duration_ms: e.duration.as_millis() as i64,
+            exit_code: e.code.map(i64::from),
+            log: &e.log,
+            outputs: &e.outputs,
+        };
+        self.env.cache.finish_stage(e.row, state, &end)?;
+        let log = if ok || state == State::Interrupted { Vec::new() } else { e.log };
+        self.sink.event(&Event::Finished { stage: self.name(i), ok, duration: e.duration, detail, log });
+        Ok(())
+    }
+
+    fn fail(&mut self, i: usize, key: Key, reason: Reason, e: Ended, detail: String) -> Result<(), Error> {
+        let duration = e.duration;
+        self.conclude(i, State::Failed, e, Some(detail))?;
+        self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(key), reason });
+        if self.opts.fail_fast && self.stopping.is_none() {
+            self.stopping = Some("not started: a stage failed and --fail-fast is set".into());
+        }
+        Ok(())
+    }
+
+    fn probe_exited(
+        &mut self,
+        i: usize,
+        keyed: Keyed,
+        hit: Hit,
+        restored: Vec<String>,
+        exit: Exit,
+    ) -> Result<(), Error> {
+        if exit.success() {
+            self.verified.insert(i);
+            return self.finish_fresh(i, &keyed, hit, restored);
+        }
+        let output = String::from_utf8_lossy(&exit.log).into_owned();
+        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
+        if self.opts.probe_only {
+            self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
+            return Ok(());
+        }
+        self.run_after_all(i, keyed, Reason::Drift { output })
+    }
+
+    fn regenerate_exited(
+        &mut self,
+        i: usize,
+        keyed: Keyed,
+        mut hit: Hit,
+        mut restored: Vec<String>,
+        exit: Exit,
+    ) -> Result<(), Error> {
+        let regenerated: Vec<OutputRecord> = std::mem::take(&mut hit.unavailable);
+        if !exit.success() {
+            // The command may read outputs of the stages it needs that are not there either (a kubeconfig is
+            // made from terraform's output): materialize those, then try once more.
+            if self.regenerate_retried.insert(i) && !self.needs_available(i) {
+                return Ok(());
+            }
+            self.materialize.remove(&i);
+            let path = regenerated.first().map(|o| o.path.display()).unwrap_or_default();
+            return self.run_after_all(i, keyed, Reason::OutputMissing { path });
+        }
+        self.materialize.remove(&i);
+        for o in &regenerated {
+            if outputs::check(&self.cx.pipeline.root, o, self.s.hasher()) != Present::Same {
+                let path = o.path.display();
+                return self.run_after_all(i, keyed, Reason::OutputRegeneratedDiffers { path });
+            }
+            self.mask_output(o);
+        }
+        restored.extend(regenerated.iter().map(|o| o.path.display()));
+        let stage = self.cx.pipeline.stages[i].clone();
+        if stage.is_deploy()
+            && self.opts.verify
+            && let Some(probe) = stage.verify.clone()
+        {
+            return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
+        }
+        self.finish_fresh(i, &keyed, hit, restored)
+    }
+
+    /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).
+    fn mask_output(&self, o: &OutputRecord) {
+        if !o.sensitive {
+            return;
+        }
+        if let Ok(bytes) = std::fs::read(o.path.under(&self.cx.pipeline.root))
+            && bytes.len() <= 1 << 20
+        {
+            self.env.masker.write().expect("masker").add(&bytes);
+        }
+    }
+
+    fn rows(&self, selected: &[Selected]) -> (Vec<StageRow>, Summary) {
+        let mut rows = Vec::new();
+        let mut sum = Summary::default();
+        for &i in &self.cx.graph.order {
+            let stage = &self.cx.pipeline.stages[i];
+            let mut row = StageRow::new(stage, StageState::Skipped);
+            match (&selected[i], &self.slots[i]) {
+                (Selected::NotRequested, _) => continue,
+                (Selected::SkippedByEvent, _) => row.state = StageState::SkippedByEvent,
+                (_, Slot::Done(d)) => done_row(d, &mut row, &mut sum, self.verified.contains(&i)),
+                _ => sum.skipped += 1,
+            }
+            rows.push(row);
+        }
+        (rows, sum)
+    }
+}
+
+/// A finished stage's row, and its count in the summary.
+fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary, verified: bool) {
+    let (state, key, reason) = match d {
+        Done::Fresh { restored, unavailable, recorded_ms, saved_ms, key, .. } => {
+            if !unavailable.is_empty() {
+                row.note = Some(crate::report::unavailable_note(unavailable));
+            }
+            row.restored = restored.clone();
+            row.duration_ms = Some(*saved_ms);
+            row.recorded_at = Some(crate::report::timestamp(*recorded_ms));
+            if restored.is_empty() {
+                sum.fresh += 1;
+            } else {
+                sum.restored += 1;
+            }
+            sum.verified += usize::from(verified);
+            sum.saved_ms += (*saved_ms).max(0) as u64;
+            let state = if restored.is_empty() { StageState::Fresh } else { StageState::Restored };
+            (state, Some(*key), None)
+        }
+        Done::Ran { duration, key, reason, .. } => {
+            row.duration_ms = Some(duration.as_millis() as i64);
+            sum.ran += 1;
+            (StageState::Ran, Some(*key), Some(reason.clone()))
+        }
+        Done::Failed { duration, key, reason } => {
+            row.duration_ms = Some(duration.as_millis() as i64);
+            sum.failed += 1;
+            (StageState::Failed, *key, Some(reason.clone()))
+        }
+        Done::Skipped(because) => {
+            row.note = Some(because.clone());
+            sum.skipped += 1;
+            (StageState::Skipped, None, None)
+        }
+        Done::Interrupted { key, reason } => {
+            sum.interrupted += 1;
+            (StageState::Interrupted, Some(*key), Some(reason.clone()))
+        }
+        Done::NotVerified { key, reason } => {
+            row.note = Some("not verified: stale".into());
+            (StageState::Stale, Some(*key), Some(reason.clone()))
+        }
+        Done::Drifted { key, output } => {
+            sum.drifted += 1;
+            (StageState::Drifted, Some(*key), Some(Reason::Drift { output: output.clone() }))
+        }
+    };
+    row.state = state;
+    row.key = key.map(|k| k.to_string());
+    row.reasons = reason.into_iter().collect();
+}
+
+/// How a stage run ended, before it is recorded.
+struct Ended {
+    row: i64,
+    duration: Duration,
+    code: Option<i32>,
+    log: Vec<u8>,
+    outputs: Vec<OutputRecord>,
+}
+
+/// One script recreating all `missing` outputs of a stage, when every one has a `regenerate` command.
+fn regenerate_script(stage: &crate::pipeline::Stage, missing: &[OutputRecord]) -> Option<String> {
+    let mut cmds: Vec<&str> = Vec::new();
+    for o in missing {
+        let cmd = fresh::regenerate_command(stage, o)?;
+        if !cmds.contains(&cmd) {
+            cmds.push(cmd);
+        }
+    }
+    Some(cmds.join("\n"))
+}

@@ -1,0 +1,334 @@
+//! What is on disk now: one invocation's walk of the input trees, file digests (through the stat cache),
+//! resolved tools and secret MACs, turned into each stage's [`Manifest`]. It decides nothing (that is
+//! `fresh`) and writes nothing but the stat cache (`persist_stat_cache`).
+
+use crate::cache::Cache;
+use crate::fresh::{OutputRecord, Reason};
+use crate::hash::files::FileHasher;
+use crate::hash::key::{FileList, Keyed, Manifest, SHELL, secret_mac};
+use crate::hash::select::Matcher;
+use crate::hash::walk::{self, Group, Walked};
+use crate::hash::{self, Hash};
+use crate::pipeline::Pipeline;
+use crate::relpath::RelPath;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// Why a tool cannot be keyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolError {
+    NotFound { name: String },
+    Unreadable { name: String, path: PathBuf, error: String },
+}
+
+impl ToolError {
+    pub fn name(&self) -> &str {
+        match self {
+            ToolError::NotFound { name } | ToolError::Unreadable { name, .. } => name,
+        }
+    }
+}
+
+pub struct Session<'a> {
+    root: &'a Path,
+    pipeline: &'a Pipeline,
+    caller_env: &'a HashMap<String, String>,
+    /// The deployment environment: part of `per_env` stages' manifests.
+    env_name: &'a str,
+    hasher: FileHasher,
+    matchers: Vec<Matcher>,
+    global: Matcher,
+    /// The walked input trees, one group per walk start.
+    walked: Vec<Group>,
+    tools: HashMap<String, Result<Hash, ToolError>>,
+    secret_key: Option<[u8; 32]>,
+    warnings: Vec<String>,
+    warned: HashSet<String>,
+    /// Show a spinner while hashing many files (on a terminal).
+    progress: bool,
+    /// Input lists computed ahead, in parallel, for stages whose trees are unchanged since the walk.
+    inputs_ahead: HashMap<usize, Inputs>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hash(#[from] hash::Error),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::Error),
+}
+
+impl<'a> Session<'a> {
+    /// `snapshot`: the stored stat cache; `secret_key`: the HMAC key for `secret_env` values, when a stage
+    /// has any.
+    pub fn new(
+        pipeline: &'a Pipeline,
+        caller_env: &'a HashMap<String, String>,
+        env_name: &'a str,
+        snapshot: Vec<u8>,
+        secret_key: Option<[u8; 32]>,
+        progress: bool,
+    ) -> Session<'a> {
+        let matchers = pipeline
+            .stages
+            .iter()
+            .map(|s| Matcher::new(&s.inputs, s.outputs.iter().map(|o| o.path.clone()).collect()))
+            .collect();
+        Session {
+            root: &pipeline.root,
+            hasher: FileHasher::new(&pipeline.root, snapshot),
+            pipeline,
+            caller_env,
+            env_name,
+            matchers,
+            global: Matcher::new(&pipeline.global_inputs, Vec::new()),
+            walked: Vec::new(),
+            tools: HashMap::new(),
+            secret_key,
+            warnings: Vec::new(),
+            warned: HashSet::new(),
+            progress,
+            inputs_ahead: HashMap::new(),
+        }
+    }
+
+    fn warn_once(&mut self, w: String) {
+        if self.warned.insert(w.clone()) {
+            self.warnings.push(w);
+        }
+    }
+
+    /// Warnings found so far (patterns matching nothing, special files skipped), each once.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
+
+    // ------------------------------------------------------------ inputs
+
+    /// Walk the input trees of `stages` (and the global inputs) once, in parallel, and digest their inputs
+    /// ahead, in parallel too.
+    pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
+        let mut starts = self.global.starts();
+        for &i in stages {
+            starts.extend(self.matchers[i].starts());
+        }
+        let mut warnings = Vec::new();
+        let (hasher, matchers, global) = (&self.hasher, &self.matchers, &self.global);
+        let wanted = |p: &RelPath| global.matches(p) || stages.iter().any(|&i| matchers[i].matches(p));
+        // Files the stat cache cannot vouch for (once it is decoded) are hashed while the walk goes on.
+        self.walked = walk::walk(self.root, &starts, &mut warnings, &|w| hasher.prehash(w, wanted))?;
+        self.inputs_ahead.clear();
+        for w in warnings {
+            self.warn_once(w);
+        }
+        self.prefetch_inputs(stages)
+    }
+
+    /// Walk again the trees of one stage (its files may have been written or restored since the walk).
+    pub fn rewalk(&mut self, i: usize) -> Result<(), Error> {
+        let mut starts = self.matchers[i].starts();
+        starts.extend(self.global.starts());
+        let mut warnings = Vec::new();
+        let fresh = walk::walk(self.root, &starts, &mut warnings, &|_| {})?;
+        self.inputs_ahead.clear();
+        for g in &mut self.walked {
+            g.files.retain(|w| !fresh.iter().any(|f| w.path.starts_with(&f.start)));
+        }
+        self.walked.extend(fresh);
+        for w in warnings {
+            self.warn_once(w);
+        }
+        Ok(())
+    }
+
+    /// Compute the input lists of `stages` in parallel (each stage's files are also hashed in parallel), for
+    /// `manifest` to use while the workspace is unchanged.
+    fn prefetch_inputs(&mut self, stages: &[usize]) -> Result<(), Error> {
+        use rayon::prelude::*;
+        let (walked, hasher, progress, matchers) = (&self.walked, &self.hasher, self.progress, &self.matchers);
+        // Big files first, one at a time for all the stages together (see `FileHasher::hash_big`).
+        let big: Vec<&Walked> = walked
+            .iter()
+            .flat_map(|g| g.files.iter())
+            .filter(|w| crate::hash::files::is_big(w) && stages.iter().any(|&i| matchers[i].matches(&w.path)))
+            .collect();
+        hasher.hash_big(&big)?;
+        let lists: Vec<Result<(usize, Inputs), Error>> =
+            stages.par_iter().map(|&i| Ok((i, files(walked, hasher, progress, &matchers[i])?))).collect();
+        for r in lists {
+            let (i, l) = r?;
+            self.inputs_ahead.insert(i, l);
+        }
+        Ok(())
+    }
+
+    /// The digest of a recorded output as the workspace holds it now (for `fresh::Workspace`).
+    pub fn hasher(&self) -> &FileHasher {
+        &self.hasher
+    }
+
+    // ------------------------------------------------------------ tools
+
+    /// The PATH a stage's commands see: its own `env` may set one.
+    fn stage_path(&self, i: usize) -> Option<&str> {
+        let stage = &self.pipeline.stages[i];
+        stage.env.get("PATH").or_else(|| self.caller_env.get("PATH")).map(String::as_str)
+    }
+
+    /// Resolve and hash stage `i`'s tools on the PATH its commands see, following symlinks to the file that
+    /// runs (Debian's `/usr/bin/python3`, Homebrew, alternatives).
+    pub fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, ToolError> {
+        let mut out = Vec::new();
+        for name in &self.pipeline.stages[i].tools {
+            let cache_key = format!("{}\0{}", self.stage_path(i).unwrap_or(""), name);
+            if !self.tools.contains_key(&cache_key) {
+                let resolved = match find_on_path(name, self.stage_path(i)) {
+                    None => Err(ToolError::NotFound { name: name.clone() }),
+                    Some(p) => self.hasher.tool_hash(&p).map_err(|e| ToolError::Unreadable {
+                        name: name.clone(),
+                        path: p.clone(),
+                        error: e.to_string(),
+                    }),
+                };
+                self.tools.insert(cache_key.clone(), resolved);
+            }
+            out.push((name.clone(), self.tools[&cache_key].clone()?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ manifest
+
+    /// Everything stage `i`'s result may depend on, given the outputs of the stages it needs.
+    /// `Ok(Err(reason))` when the manifest cannot be complete (a tool is missing or unreadable).
+    pub fn manifest(
+        &mut self,
+        i: usize,
+        needs: &[(String, Vec<OutputRecord>)],
+    ) -> Result<Result<Keyed, Reason>, Error> {
+        let tools = match self.tools(i) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(Reason::ToolMissing { name: e.name().to_string() })),
+        };
+        let global_inputs = if self.global.is_empty() {
+            Vec::new()
+        } else {
+            files(&self.walked, &self.hasher, self.progress, &self.global)?.0
+        };
+        let (inputs, unmatched) = match self.inputs_ahead.remove(&i) {
+            Some(ahead) => ahead,
+            None => files(&self.walked, &self.hasher, self.progress, &self.matchers[i])?,
+        };
+        let stage = &self.pipeline.stages[i];
+        for pi in unmatched {
+            let w =
+                format!("stage `{}`: input pattern `{}` matches no file", stage.name, self.matchers[i].patterns()[pi]);
+            self.warn_once(w);
+        }
+        let mut secret_env = Vec::new();
+        if !stage.secret_env.is_empty() {
+            let key = self.secret_key.expect("a secret key is given when a stage has secret_env");
+            for name in &stage.secret_env {
+                let value = self.caller_env.get(name).map(String::as_str).unwrap_or("");
+                secret_env.push((name.clone(), secret_mac(&key, name, value)));
+            }
+            secret_env.sort();
+        }
+        let mut needs: Vec<(String, FileList)> = needs
+            .iter()
+            .map(|(n, outs)| (n.clone(), outs.iter().map(|o| (o.path.clone(), o.entry.clone())).collect()))
+            .collect();
+        needs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut pass_env = stage.pass_env.clone();
+        pass_env.sort();
+        let mut outputs: Vec<(RelPath, bool)> = stage.outputs.iter().map(|o| (o.path.clone(), o.sensitive)).collect();
+        outputs.sort();
+        Ok(Ok(Keyed::new(Manifest {
+            shell: SHELL.iter().map(|s| s.to_string()).collect(),
+            dir: stage.dir.clone(),
+            run: stage.run.clone(),
+            env_scope: if stage.per_env { self.env_name.to_string() } else { String::new() },
+            env: stage.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            secret_env,
+            pass_env,
+            outputs,
+            tools,
+            global_inputs,
+            inputs,
+            needs,
+        })))
+    }
+
+    // ------------------------------------------------------------ stat cache
+
+    /// Save what this invocation learned into the stat cache, forgetting then files that are gone from the
+    /// trees it walked (`cache gc` prunes the rest). A no-op status writes, and scans, nothing.
+    pub fn persist_stat_cache(&self, cache: &Cache) {
+        let new = self.hasher.take_new_entries();
+        if new.is_empty() {
+            return;
+        }
+        let seen: HashSet<&[u8]> = self.walked.iter().flat_map(|g| g.files.iter().map(|w| w.path.as_bytes())).collect();
+        let gone = |p: &[u8]| {
+            p.first() != Some(&b'/')
+                && !seen.contains(p)
+                && RelPath::from_bytes(p).is_ok_and(|rel| self.walked.iter().any(|g| rel.starts_with(&g.start)))
+        };
+        let mut merged: HashMap<&[u8], crate::hash::files::StatEntry> =
+            crate::hash::files::snapshot_entries(self.hasher.snapshot())
+                .into_iter()
+                .filter(|(p, _)| !gone(p))
+                .collect();
+        for (p, e) in &new {
+            merged.insert(p, *e);
+        }
+        cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(merged));
+    }
+
+    /// For `-v`: how much was read, and how much the stat cache saved.
+    pub fn hashing_summary(&self) -> String {
+        use std::sync::atomic::Ordering;
+        let c = &self.hasher.counters;
+        format!(
+            "hashed {} files ({:.1} MB); the stat cache vouched for {} more",
+            c.files_hashed.load(Ordering::Relaxed),
+            c.bytes_hashed.load(Ordering::Relaxed) as f64 / 1e6,
+            c.stat_hits.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// The first executable file named `name` in a `PATH` value.
+pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in path?.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(name);
+        if let Ok(m) = std::fs::metadata(&candidate)
+            && m.is_file()
+            && m.permissions().mode() & 0o111 != 0
+        {
+            return Some(std::path::absolute(&candidate).unwrap_or(candidate));
+        }
+    }
+    None
+}
+
+/// A stage's digested input files, and the indices of its include patterns that matched nothing.
+type Inputs = (FileList, Vec<usize>);
+
+/// The files `m` selects from the walk, digested, and the include patterns that matched nothing.
+fn files(walked: &[Group], hasher: &FileHasher, progress: bool, m: &Matcher) -> Result<Inputs, Error> {
+    let list = crate::hash::select::select(walked, m);
+    let _spinner = crate::report::progress::HashProgress::start(
+        progress && list.len() >= 2000,
+        "hashing inputs",
+        hasher.counters.clone(),
+    );
+    let digests = hasher.digest_all(&list)?;
+    let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
+    // Patterns that select nothing are worth a warning, not an error.
+    let unmatched =
+        (0..m.patterns().len()).filter(|&pi| !files.iter().any(|(p, _)| m.pattern_matches(pi, p))).collect();
+    Ok((files, unmatched))
+}
