@@ -1,7 +1,7 @@
 //! The stage DAG: a stable topological order, cycle errors that print the cycle, and selection
 //! (make-like targets plus everything they need, filtered by the CI event).
 
-use crate::pipeline::{Pipeline, suggest};
+use crate::pipeline::{Pipeline, Trigger, suggest};
 use std::collections::BTreeSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,14 +23,14 @@ pub struct Graph {
 /// The CI event a run is for. A local run without `--event` selects every stage (make-like).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    pub name: String,
+    pub name: Trigger,
     pub branch: Option<String>,
 }
 
 impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.branch {
-            Some(b) if self.name == "push" => write!(f, "push to `{b}`"),
+            Some(b) if self.name == Trigger::Push => write!(f, "push to `{b}`"),
             Some(b) => write!(f, "{} (branch `{b}`)", self.name),
             None => write!(f, "{}", self.name),
         }
@@ -102,7 +102,7 @@ impl Graph {
             .map(|i| {
                 if !requested[i] {
                     Selected::NotRequested
-                } else if event.is_some_and(|e| !p.stages[i].runs_on(&e.name, e.branch.as_deref())) {
+                } else if event.is_some_and(|e| !p.stages[i].runs_on(e.name, e.branch.as_deref())) {
                     Selected::SkippedByEvent
                 } else {
                     Selected::Yes

@@ -1,24 +1,25 @@
 //! kkpipe runs an infrastructure delivery pipeline as a content-hashed build graph.
 //!
-//! The data flow, and where each step lives:
+//! The data flow, and where each step lives (docs/architecture.md has the whole map):
 //!
 //! ```text
 //! pipeline.toml --pipeline--> Pipeline --graph--> ordered, selected stages
-//!      for each ready stage (run/):
-//!        inputs --hash/walk+files--> file digests (stat cache) --hash/key--> Manifest -> Key
-//!        Key --cache--> hit?  fresh: restore outputs (cache/store), skip      (fresh.rs says why not)
-//!                             stale: run (run/exec), store outputs, record key + manifest + log
-//!      events --report--> human lines | JSON | CI conventions
+//!   --session--> per stage: walk + BLAKE3 digests (stat cache) + tools + secret MACs -> Manifest -> Key
+//!   --fresh::decide(stage, manifest, History, Workspace)--> Fresh | Restore(outputs) | Run(reason)
+//!   --run--> restore / probe / run the command (run/exec), record the attempt (cache)
+//!   --report--> events -> human lines | JSON | CI conventions
 //! ```
 //!
 //! - [`pipeline`]: `pipeline.toml` -> a validated [`pipeline::Pipeline`] (all errors before the cache is touched).
 //! - [`graph`]: topological order, cycles, selection by target and CI event.
 //! - [`hash`]: parallel walk, BLAKE3 file digests through a stat cache, the versioned stage key.
-//! - [`fresh`]: why a stage is stale, by comparing the old and new manifests field by field;
-//!   [`explain`] follows that reason upstream to the root cause (`kkpipe why`).
-//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache) and the blob store.
-//! - [`run`]: the session (manifests and decisions) and the scheduler that runs stale stages as jobs.
-//! - [`report`]: renders the scheduler's events for people and machines.
+//! - [`session`]: what is on disk now: inputs, hashing, tools, secrets -> each stage's manifest.
+//! - [`fresh`]: **the decision**, the one place that says fresh / restore / run and why, over a
+//!   [`fresh::History`] (the cache, or a test double); [`explain`] follows a reason to its root cause.
+//! - [`evaluate`]: the shared manifest -> decide step, and evaluating stages without running them.
+//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache; one write API), blobs, restore.
+//! - [`run`]: the scheduler that runs stale stages as jobs, and the run lock.
+//! - [`report`]: renders events and rows for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].

@@ -5,7 +5,7 @@ use crate::ci::{self, Provider};
 use crate::cli::{Cli, ColorChoice, Selection};
 use crate::error::Error;
 use crate::graph::Event;
-use crate::pipeline::EVENTS;
+use crate::pipeline::Trigger;
 use crate::report::Style;
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -64,13 +64,13 @@ impl Settings {
     pub fn event(&self, sel: &Selection) -> Result<Option<Event>, Error> {
         let detected = self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()));
         let event = match (&sel.event, detected) {
-            (Some(name), detected) => {
-                if !EVENTS.contains(&name.as_str()) {
-                    return Err(Error::Usage(format!("unknown event `{name}`; known events: {}", EVENTS.join(", "))));
-                }
+            (Some(text), detected) => {
+                let name = Trigger::parse(text).ok_or_else(|| {
+                    Error::Usage(format!("unknown event `{text}`; known events: {}", Trigger::known()))
+                })?;
                 // An explicit event keeps the CI's branch only when it is the same event.
-                let branch = sel.branch.clone().or_else(|| detected.filter(|e| &e.name == name).and_then(|e| e.branch));
-                Some(Event { name: name.clone(), branch })
+                let branch = sel.branch.clone().or_else(|| detected.filter(|e| e.name == name).and_then(|e| e.branch));
+                Some(Event { name, branch })
             }
             (None, Some(mut e)) => {
                 if let Some(b) = &sel.branch {

@@ -107,39 +107,56 @@ fn rel_string(p: &RelPath) -> Result<String, String> {
 pub fn export(cache: &Cache, runs: &[Attempt], file: &Path, include_sensitive: bool) -> Result<ExportReport, Error> {
     let werr = |source| Error::Write { path: file.to_path_buf(), source };
     let mut report = ExportReport::default();
+    let (entries, contents) = collect(cache, runs, file, include_sensitive, &mut report)?;
+    report.entries = entries.len();
+    let doc = Document {
+        format: FORMAT.into(),
+        schema: SCHEMA,
+        kkpipe_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: jiff::Timestamp::now().to_string(),
+        include_sensitive,
+        entries,
+    };
+    let tmp = file.with_extension("partial");
+    let out = std::fs::File::create(&tmp).map_err(werr)?;
+    if let Err(e) = write_tar(cache, out, &doc, &contents, &mut report) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(werr(e));
+    }
+    std::fs::rename(&tmp, file).map_err(werr)?;
+    Ok(report)
+}
+
+/// What an export writes next to `archive.json`, gathered from the cache before the tar is started.
+struct Contents {
+    /// The blobs to carry, each with whether any output holding it is sensitive.
+    blobs: BTreeMap<Hash, bool>,
+    manifests: BTreeSet<Key>,
+    /// `logs/<name>` entries, named by their position.
+    logs: Vec<(String, Vec<u8>)>,
+}
+
+/// The archive records of `runs` and the contents they refer to; counts left-out sensitive outputs in `report`.
+fn collect(
+    cache: &Cache,
+    runs: &[Attempt],
+    file: &Path,
+    include_sensitive: bool,
+    report: &mut ExportReport,
+) -> Result<(Vec<ArchiveEntry>, Contents), Error> {
     let mut entries = Vec::new();
-    let mut blobs: BTreeMap<Hash, bool> = BTreeMap::new();
-    let mut manifests: BTreeSet<Key> = BTreeSet::new();
-    let mut logs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut contents = Contents { blobs: BTreeMap::new(), manifests: BTreeSet::new(), logs: Vec::new() };
     let meta = cache.run_meta()?;
     for r in runs {
         let outs = cache.outputs_of(r.id)?;
         let mut outputs = Vec::new();
         for o in &outs {
-            let (hash, target) = match &o.entry {
-                Entry::File { hash, .. } => {
-                    if o.sensitive && !include_sensitive {
-                        report.sensitive_left_out += 1;
-                    } else if cache.blobs.has(hash) {
-                        blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
-                    }
-                    (Some(hash.to_hex()), None)
-                }
-                Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
-            };
-            outputs.push(ArchiveOutput {
-                path: rel_string(&o.path).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })?,
-                hash,
-                exec: matches!(o.entry, Entry::File { exec: true, .. }),
-                target,
-                size: o.size,
-                sensitive: o.sensitive,
-            });
+            outputs.push(archive_output(cache, o, file, include_sensitive, report, &mut contents.blobs)?);
         }
-        manifests.insert(r.key);
+        contents.manifests.insert(r.key);
         let log = cache.log(r.id)?.filter(|l| !l.is_empty()).map(|l| {
-            let name = format!("{}", logs.len());
-            logs.push((name.clone(), l));
+            let name = format!("{}", contents.logs.len());
+            contents.logs.push((name.clone(), l));
             name
         });
         let run = meta.get(&r.run_id);
@@ -158,59 +175,83 @@ pub fn export(cache: &Cache, runs: &[Attempt], file: &Path, include_sensitive: b
             log,
         });
     }
-    report.entries = entries.len();
-    let doc = Document {
-        format: FORMAT.into(),
-        schema: SCHEMA,
-        kkpipe_version: env!("CARGO_PKG_VERSION").into(),
-        created_at: jiff::Timestamp::now().to_string(),
-        include_sensitive,
-        entries,
+    Ok((entries, contents))
+}
+
+/// One output's record, noting in `blobs` the content to carry (unless it is sensitive and left out).
+fn archive_output(
+    cache: &Cache,
+    o: &OutputRecord,
+    file: &Path,
+    include_sensitive: bool,
+    report: &mut ExportReport,
+    blobs: &mut BTreeMap<Hash, bool>,
+) -> Result<ArchiveOutput, Error> {
+    let (hash, target) = match &o.entry {
+        Entry::File { hash, .. } => {
+            if o.sensitive && !include_sensitive {
+                report.sensitive_left_out += 1;
+            } else if cache.blobs.has(hash) {
+                blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
+            }
+            (Some(hash.to_hex()), None)
+        }
+        Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
     };
-    let tmp = file.with_extension("partial");
-    let out = std::fs::File::create(&tmp).map_err(werr)?;
-    let result = (|| -> std::io::Result<()> {
-        let enc = zstd::Encoder::new(out, 3)?;
-        let mut tar = tar::Builder::new(enc);
-        tar.mode(tar::HeaderMode::Deterministic);
-        let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o600);
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_cksum();
-            tar.append_data(&mut h, format!("{ROOT}/{name}"), bytes)
-        };
-        add("archive.json", &serde_json::to_vec_pretty(&doc).expect("serialisable"))?;
-        for key in &manifests {
-            if let Some(Ok(m)) = cache.manifest(key).map_err(std::io::Error::other)? {
-                add(&format!("manifests/{key}"), &m.encode())?;
-            }
+    Ok(ArchiveOutput {
+        path: rel_string(&o.path).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })?,
+        hash,
+        exec: matches!(o.entry, Entry::File { exec: true, .. }),
+        target,
+        size: o.size,
+        sensitive: o.sensitive,
+    })
+}
+
+/// Write the zstd-compressed tar to `out` and sync it; counts the blobs written in `report`.
+fn write_tar(
+    cache: &Cache,
+    out: std::fs::File,
+    doc: &Document,
+    contents: &Contents,
+    report: &mut ExportReport,
+) -> std::io::Result<()> {
+    let enc = zstd::Encoder::new(out, 3)?;
+    let mut tar = tar::Builder::new(enc);
+    tar.mode(tar::HeaderMode::Deterministic);
+    let mut add = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o600);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("{ROOT}/{name}"), bytes)
+    };
+    add("archive.json", &serde_json::to_vec_pretty(doc).expect("serialisable"))?;
+    for key in &contents.manifests {
+        if let Some(Ok(m)) = cache.manifest(key).map_err(std::io::Error::other)? {
+            add(&format!("manifests/{key}"), &m.encode())?;
         }
-        for hash in blobs.keys() {
-            if let Some(bytes) = cache.blobs.read_verified(hash) {
-                report.blobs += 1;
-                report.bytes += bytes.len() as u64;
-                add(&format!("blobs/{hash}"), &bytes)?;
-            }
-        }
-        for (name, bytes) in &logs {
-            add(&format!("logs/{name}"), bytes)?;
-        }
-        if include_sensitive && let Ok(key) = cache.secret_key() {
-            add("secret.key", &key)?;
-        }
-        let enc = tar.into_inner()?;
-        let mut f = enc.finish()?;
-        f.flush()?;
-        f.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(werr(e));
     }
-    std::fs::rename(&tmp, file).map_err(werr)?;
-    Ok(report)
+    for hash in contents.blobs.keys() {
+        if let Some(bytes) = cache.blobs.read_verified(hash) {
+            report.blobs += 1;
+            report.bytes += bytes.len() as u64;
+            add(&format!("blobs/{hash}"), &bytes)?;
+        }
+    }
+    for (name, bytes) in &contents.logs {
+        add(&format!("logs/{name}"), bytes)?;
+    }
+    if doc.include_sensitive
+        && let Ok(key) = cache.secret_key()
+    {
+        add("secret.key", &key)?;
+    }
+    let enc = tar.into_inner()?;
+    let mut f = enc.finish()?;
+    f.flush()?;
+    f.sync_all()
 }
 
 /// The checked content of an archive, before anything is written.
@@ -222,94 +263,144 @@ struct Checked {
     secret_key: Option<[u8; 32]>,
 }
 
+/// What the tar entries read so far hold, checked one by one.
+#[derive(Default)]
+struct Parts {
+    doc: Option<Document>,
+    manifests: BTreeMap<Key, Vec<u8>>,
+    blobs: BTreeMap<Hash, Vec<u8>>,
+    logs: BTreeMap<String, Vec<u8>>,
+    secret_key: Option<[u8; 32]>,
+}
+
+/// One regular file of the archive: its name checked, its content read.
+struct TarFile {
+    /// The whole entry name, for messages.
+    name: String,
+    /// The name below `kkpipe-cache/`.
+    rest: String,
+    bytes: Vec<u8>,
+}
+
+/// Read and check the whole archive at `file`, writing nothing.
 fn read_checked(file: &Path) -> Result<Checked, Error> {
     let reject = |why: String| Error::Rejected { path: file.to_path_buf(), why };
     let f = std::fs::File::open(file).map_err(|source| Error::Read { path: file.to_path_buf(), source })?;
     let dec = zstd::Decoder::new(f).map_err(|e| reject(format!("not a zstd stream: {e}")))?;
     // Count decompressed bytes: a small archive cannot make us write unbounded data.
     let mut tar = tar::Archive::new(dec.take(MAX_TOTAL + 1));
-    let mut doc: Option<Document> = None;
-    let mut manifests = BTreeMap::new();
-    let mut blobs = BTreeMap::new();
-    let mut logs = BTreeMap::new();
-    let mut secret_key = None;
+    let mut parts = Parts::default();
     let mut count = 0usize;
     let entries = tar.entries().map_err(|e| reject(format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| reject(format!("damaged tar archive: {e}")))?;
+        let entry = entry.map_err(|e| reject(format!("damaged tar archive: {e}")))?;
         count += 1;
         if count > MAX_ENTRIES {
             return Err(reject(format!("more than {MAX_ENTRIES} entries")));
         }
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8(raw).map_err(|_| reject("an entry name is not UTF-8".into()))?;
-        if name.starts_with('/') {
-            return Err(reject(format!("entry `{name}` has an absolute path")));
-        }
-        if name.split('/').any(|c| c == "..") {
-            return Err(reject(format!("entry `{name}` contains `..`")));
-        }
-        let kind = entry.header().entry_type();
-        if kind.is_dir() {
-            continue;
-        }
-        if !kind.is_file() {
-            let what = if kind.is_symlink() || kind.is_hard_link() { "a link" } else { "not a regular file" };
-            return Err(reject(format!("entry `{name}` is {what}; archives hold regular files only")));
-        }
-        let size = entry.header().size().map_err(|e| reject(format!("entry `{name}`: {e}")))?;
-        if size > MAX_ENTRY {
-            return Err(reject(format!("entry `{name}` is {size} bytes, more than the {MAX_ENTRY}-byte limit")));
-        }
-        let Some(rest) = name.strip_prefix(&format!("{ROOT}/")) else {
-            return Err(reject(format!("unexpected entry `{name}` outside `{ROOT}/`")));
-        };
-        let mut bytes = Vec::with_capacity(size as usize);
-        entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
-        if bytes.len() as u64 != size {
-            return Err(reject(format!("entry `{name}` is truncated")));
-        }
-        match rest.split_once('/') {
-            None if rest == "archive.json" => {
-                let d: Document = serde_json::from_slice(&bytes).map_err(|e| reject(format!("archive.json: {e}")))?;
-                if d.format != FORMAT {
-                    return Err(reject(format!("format `{}` is not `{FORMAT}`", d.format)));
-                }
-                if d.schema != SCHEMA {
-                    return Err(reject(format!(
-                        "archive schema {} is not supported (this kkpipe reads schema {SCHEMA}); upgrade kkpipe",
-                        d.schema
-                    )));
-                }
-                doc = Some(d);
-            }
-            None if rest == "secret.key" => {
-                secret_key = Some(
-                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| reject("secret.key is not 32 bytes".into()))?,
-                );
-            }
-            Some(("manifests", hex)) => {
-                let key = Hash::from_hex(hex).map(Key).ok_or_else(|| reject(format!("bad manifest name `{name}`")))?;
-                if Hash::of(&bytes) != key.0 {
-                    return Err(reject(format!("manifest `{hex}` does not match its hash")));
-                }
-                Manifest::decode(&bytes).map_err(|e| reject(format!("manifest `{hex}` cannot be decoded ({e:?})")))?;
-                manifests.insert(key, bytes);
-            }
-            Some(("blobs", hex)) => {
-                let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
-                if Hash::of(&bytes) != hash {
-                    return Err(reject(format!("blob `{hex}` does not match its hash (damaged or tampered with)")));
-                }
-                blobs.insert(hash, bytes);
-            }
-            Some(("logs", n)) if !n.is_empty() && !n.contains('/') => {
-                logs.insert(n.to_string(), bytes);
-            }
-            _ => return Err(reject(format!("unexpected entry `{name}`"))),
+        if let Some(f) = read_entry(entry, &reject)? {
+            add_part(&mut parts, f, &reject)?;
         }
     }
+    let Parts { doc, manifests, blobs, logs, secret_key } = parts;
     let doc = doc.ok_or_else(|| reject("no archive.json: not a kkpipe cache archive".into()))?;
+    check_document(&doc, &manifests, &logs, &reject)?;
+    Ok(Checked { doc, manifests, blobs, logs, secret_key })
+}
+
+/// Check one tar entry's name, type and size and read it; `None` for a directory, which is skipped.
+fn read_entry<R: Read>(
+    mut entry: tar::Entry<'_, R>,
+    reject: &impl Fn(String) -> Error,
+) -> Result<Option<TarFile>, Error> {
+    let raw = entry.path_bytes().into_owned();
+    let name = String::from_utf8(raw).map_err(|_| reject("an entry name is not UTF-8".into()))?;
+    if name.starts_with('/') {
+        return Err(reject(format!("entry `{name}` has an absolute path")));
+    }
+    if name.split('/').any(|c| c == "..") {
+        return Err(reject(format!("entry `{name}` contains `..`")));
+    }
+    let kind = entry.header().entry_type();
+    if kind.is_dir() {
+        return Ok(None);
+    }
+    if !kind.is_file() {
+        let what = if kind.is_symlink() || kind.is_hard_link() { "a link" } else { "not a regular file" };
+        return Err(reject(format!("entry `{name}` is {what}; archives hold regular files only")));
+    }
+    let size = entry.header().size().map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+    if size > MAX_ENTRY {
+        return Err(reject(format!("entry `{name}` is {size} bytes, more than the {MAX_ENTRY}-byte limit")));
+    }
+    let Some(rest) = name.strip_prefix(&format!("{ROOT}/")) else {
+        return Err(reject(format!("unexpected entry `{name}` outside `{ROOT}/`")));
+    };
+    let rest = rest.to_string();
+    let mut bytes = Vec::with_capacity(size as usize);
+    entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+    if bytes.len() as u64 != size {
+        return Err(reject(format!("entry `{name}` is truncated")));
+    }
+    Ok(Some(TarFile { name, rest, bytes }))
+}
+
+/// File one read entry under what it is (document, key, manifest, blob, log), checking its content.
+fn add_part(parts: &mut Parts, f: TarFile, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
+    let TarFile { name, rest, bytes } = f;
+    match rest.split_once('/') {
+        None if rest == "archive.json" => {
+            parts.doc = Some(parse_document(&bytes, reject)?);
+        }
+        None if rest == "secret.key" => {
+            parts.secret_key =
+                Some(<[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| reject("secret.key is not 32 bytes".into()))?);
+        }
+        Some(("manifests", hex)) => {
+            let key = Hash::from_hex(hex).map(Key).ok_or_else(|| reject(format!("bad manifest name `{name}`")))?;
+            if Hash::of(&bytes) != key.0 {
+                return Err(reject(format!("manifest `{hex}` does not match its hash")));
+            }
+            Manifest::decode(&bytes).map_err(|e| reject(format!("manifest `{hex}` cannot be decoded ({e:?})")))?;
+            parts.manifests.insert(key, bytes);
+        }
+        Some(("blobs", hex)) => {
+            let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
+            if Hash::of(&bytes) != hash {
+                return Err(reject(format!("blob `{hex}` does not match its hash (damaged or tampered with)")));
+            }
+            parts.blobs.insert(hash, bytes);
+        }
+        Some(("logs", n)) if !n.is_empty() && !n.contains('/') => {
+            parts.logs.insert(n.to_string(), bytes);
+        }
+        _ => return Err(reject(format!("unexpected entry `{name}`"))),
+    }
+    Ok(())
+}
+
+/// `archive.json`, parsed, of the format and schema this kkpipe reads.
+fn parse_document(bytes: &[u8], reject: &impl Fn(String) -> Error) -> Result<Document, Error> {
+    let d: Document = serde_json::from_slice(bytes).map_err(|e| reject(format!("archive.json: {e}")))?;
+    if d.format != FORMAT {
+        return Err(reject(format!("format `{}` is not `{FORMAT}`", d.format)));
+    }
+    if d.schema != SCHEMA {
+        return Err(reject(format!(
+            "archive schema {} is not supported (this kkpipe reads schema {SCHEMA}); upgrade kkpipe",
+            d.schema
+        )));
+    }
+    Ok(d)
+}
+
+/// Check that every record of the document is well-formed and that the manifest and log it names came along.
+fn check_document(
+    doc: &Document,
+    manifests: &BTreeMap<Key, Vec<u8>>,
+    logs: &BTreeMap<String, Vec<u8>>,
+    reject: &impl Fn(String) -> Error,
+) -> Result<(), Error> {
     for e in &doc.entries {
         let key = Hash::from_hex(&e.key).map(Key).ok_or_else(|| reject(format!("stage `{}`: bad key", e.stage)))?;
         if !manifests.contains_key(&key) {
@@ -319,18 +410,7 @@ fn read_checked(file: &Path) -> Result<Checked, Error> {
             return Err(reject("an entry has no stage or environment".into()));
         }
         for o in &e.outputs {
-            RelPath::parse(&o.path).ok().filter(|p| !p.is_root() && p.as_bytes() == o.path.as_bytes()).ok_or_else(
-                || reject(format!("stage `{}`: output path `{}` is not a clean relative path", e.stage, o.path)),
-            )?;
-            match (&o.hash, &o.target) {
-                // A blob may be absent (left out as sensitive, or collected before the export): the output
-                // is then unavailable on this side and its stage reruns when it is needed.
-                (Some(h), None) => {
-                    Hash::from_hex(h).ok_or_else(|| reject(format!("output `{}`: bad hash", o.path)))?;
-                }
-                (None, Some(_)) => {}
-                _ => return Err(reject(format!("output `{}`: neither a file nor a link", o.path))),
-            }
+            check_output(e, o, reject)?;
         }
         if let Some(l) = &e.log
             && !logs.contains_key(l)
@@ -338,7 +418,25 @@ fn read_checked(file: &Path) -> Result<Checked, Error> {
             return Err(reject(format!("stage `{}`: its log is missing", e.stage)));
         }
     }
-    Ok(Checked { doc, manifests, blobs, logs, secret_key })
+    Ok(())
+}
+
+/// Check one output record of entry `e`: a clean relative path, and either a file's hash or a link's target.
+fn check_output(e: &ArchiveEntry, o: &ArchiveOutput, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
+    RelPath::parse(&o.path)
+        .ok()
+        .filter(|p| !p.is_root() && p.as_bytes() == o.path.as_bytes())
+        .ok_or_else(|| reject(format!("stage `{}`: output path `{}` is not a clean relative path", e.stage, o.path)))?;
+    match (&o.hash, &o.target) {
+        // A blob may be absent (left out as sensitive, or collected before the export): the output
+        // is then unavailable on this side and its stage reruns when it is needed.
+        (Some(h), None) => {
+            Hash::from_hex(h).ok_or_else(|| reject(format!("output `{}`: bad hash", o.path)))?;
+        }
+        (None, Some(_)) => {}
+        _ => return Err(reject(format!("output `{}`: neither a file nor a link", o.path))),
+    }
+    Ok(())
 }
 
 /// The same successful run, imported before (or exported from here).

@@ -94,10 +94,10 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     let mut ssh_agent = false;
     let mut deploys = false;
     for s in &pipeline.stages {
-        if s.runs_on("pull_request", None) {
+        if s.runs_on(crate::pipeline::Trigger::PullRequest, None) {
             pr_stages.push(s.name.clone());
         }
-        if s.on.as_ref().is_none_or(|on| on.iter().any(|e| e == "push")) {
+        if s.on.as_ref().is_none_or(|on| on.contains(&crate::pipeline::Trigger::Push)) {
             branches.extend(s.branches.iter().cloned());
         }
         for name in s.pass_env.iter().chain(&s.secret_env) {

@@ -4,6 +4,7 @@
 pub mod files;
 
 use crate::graph::Event;
+use crate::pipeline::Trigger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,34 +51,35 @@ pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Opti
     match p {
         Provider::Github => {
             let name = match nonempty("GITHUB_EVENT_NAME")?.as_str() {
-                "pull_request" | "pull_request_target" => "pull_request",
-                "push" => "push",
-                "schedule" => "schedule",
-                _ => "manual",
+                "pull_request" | "pull_request_target" => Trigger::PullRequest,
+                "push" => Trigger::Push,
+                "schedule" => Trigger::Schedule,
+                _ => Trigger::Manual,
             };
-            let branch = if name == "pull_request" { nonempty("GITHUB_BASE_REF") } else { nonempty("GITHUB_REF_NAME") };
-            Some(Event { name: name.into(), branch })
+            let branch =
+                if name == Trigger::PullRequest { nonempty("GITHUB_BASE_REF") } else { nonempty("GITHUB_REF_NAME") };
+            Some(Event { name, branch })
         }
         Provider::Gitlab => {
             let source = nonempty("CI_PIPELINE_SOURCE").unwrap_or_else(|| "push".into());
             let name = match source.as_str() {
-                "merge_request_event" | "external_pull_request_event" => "pull_request",
-                "push" => "push",
-                "schedule" => "schedule",
-                _ => "manual",
+                "merge_request_event" | "external_pull_request_event" => Trigger::PullRequest,
+                "push" => Trigger::Push,
+                "schedule" => Trigger::Schedule,
+                _ => Trigger::Manual,
             };
-            let branch = if name == "pull_request" {
+            let branch = if name == Trigger::PullRequest {
                 nonempty("CI_MERGE_REQUEST_TARGET_BRANCH_NAME")
             } else {
                 nonempty("CI_COMMIT_BRANCH")
             };
-            Some(Event { name: name.into(), branch })
+            Some(Event { name, branch })
         }
         Provider::Bitbucket => {
             if nonempty("BITBUCKET_PR_ID").is_some() {
-                Some(Event { name: "pull_request".into(), branch: nonempty("BITBUCKET_PR_DESTINATION_BRANCH") })
+                Some(Event { name: Trigger::PullRequest, branch: nonempty("BITBUCKET_PR_DESTINATION_BRANCH") })
             } else {
-                Some(Event { name: "push".into(), branch: nonempty("BITBUCKET_BRANCH") })
+                Some(Event { name: Trigger::Push, branch: nonempty("BITBUCKET_BRANCH") })
             }
         }
     }
@@ -99,7 +101,7 @@ mod tests {
         assert_eq!(detect(&e), Some(Provider::Github));
         assert_eq!(
             event_from_env(Provider::Github, &e),
-            Some(Event { name: "pull_request".into(), branch: Some("main".into()) })
+            Some(Event { name: Trigger::PullRequest, branch: Some("main".into()) })
         );
     }
 
@@ -111,7 +113,7 @@ mod tests {
         assert_eq!(detect(&b), Some(Provider::Bitbucket));
         assert_eq!(
             event_from_env(Provider::Bitbucket, &b),
-            Some(Event { name: "push".into(), branch: Some("feature".into()) })
+            Some(Event { name: Trigger::Push, branch: Some("feature".into()) })
         );
     }
 }

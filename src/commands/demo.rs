@@ -9,65 +9,20 @@ use crate::report::format_duration;
 use crate::run::Outcome;
 use crate::session::find_on_path;
 use crate::settings::Settings;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
     let path_var = settings.caller_env.get("PATH").cloned().unwrap_or_default();
-    for (tool, how) in [
-        (
-            "terraform",
-            "install terraform 1.4 or newer (https://developer.hashicorp.com/terraform/install); the demo runs it for real, offline",
-        ),
-        (
-            "python3",
-            "install Python 3; the demo's stand-ins for kubeone, the KKP installer, sops, kubectl and flux are Python scripts",
-        ),
-        ("bash", "install bash; kkpipe runs stage commands with it"),
-    ] {
-        if find_on_path(tool, Some(&path_var)).is_none() {
-            return Err(Error::Usage(format!("`{tool}` is not on PATH: {how}")));
-        }
-    }
-    let dir = match &args.dir {
-        Some(d) => {
-            if d.exists() && std::fs::read_dir(d).map(|mut r| r.next().is_some()).unwrap_or(true) {
-                return Err(Error::Usage(format!("`{}` exists and is not empty; pick a new directory", d.display())));
-            }
-            std::fs::create_dir_all(d).map_err(|e| Error::io("create", d, e))?;
-            std::path::absolute(d).unwrap_or_else(|_| d.clone())
-        }
-        None => tempfile::Builder::new()
-            .prefix("kkpipe-demo-")
-            .tempdir()
-            .map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?
-            .keep(),
-    };
+    check_tools(&path_var)?;
+    let dir = prepare_dir(args.dir.as_deref())?;
     demo::write_repo(&dir).map_err(|(path, e)| Error::io("write", &path, e))?;
     let git = find_on_path("git", Some(&path_var)).is_some();
     if git {
         git_commit(&dir, "KKP GitOps repository (kkpipe demo)");
     }
-
-    let mut s = settings.clone();
-    s.start_dir = dir.clone();
-    s.provider = None;
-    s.style = crate::report::Style::Plain;
-    for (k, v) in demo::environment(&dir, &path_var) {
-        s.caller_env.insert(k, v);
-    }
-    let args = RunArgs {
-        stages: Vec::new(),
-        dry_run: false,
-        force: false,
-        jobs: None,
-        fail_fast: false,
-        lock_timeout: 60,
-        no_verify: false,
-        replay: false,
-        json: false,
-        selection: Selection { event: Some("push".into()), branch: Some("main".into()), env_name: "default".into() },
-    };
+    let s = demo_settings(settings, &dir, &path_var);
+    let args = push_to_main();
 
     banner(&format!("kkpipe demo: a KKP GitOps repository (GitHub Actions, AWS, Route53) in {}", dir.display()));
     step(
@@ -107,6 +62,73 @@ pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
     println!("  kkpipe run --event push --branch main --dry-run    # after editing terraform/aws/terraform.tfvars");
     println!("  rm -rf {}                  # when done", dir.display());
     Ok(if [&first, &second, &third].iter().any(|o| o.failed) { exit::FAILED } else { exit::OK })
+}
+
+/// Fail early, with how to install it, when a tool the demo pipeline runs is missing.
+fn check_tools(path_var: &str) -> Result<(), Error> {
+    for (tool, how) in [
+        (
+            "terraform",
+            "install terraform 1.4 or newer (https://developer.hashicorp.com/terraform/install); the demo runs it for real, offline",
+        ),
+        (
+            "python3",
+            "install Python 3; the demo's stand-ins for kubeone, the KKP installer, sops, kubectl and flux are Python scripts",
+        ),
+        ("bash", "install bash; kkpipe runs stage commands with it"),
+    ] {
+        if find_on_path(tool, Some(path_var)).is_none() {
+            return Err(Error::Usage(format!("`{tool}` is not on PATH: {how}")));
+        }
+    }
+    Ok(())
+}
+
+/// The directory the demo repository goes into: `--dir` (absent or empty, created), else a new one in the
+/// temporary directory that is kept after the demo.
+fn prepare_dir(dir: Option<&Path>) -> Result<PathBuf, Error> {
+    Ok(match dir {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d).map(|mut r| r.next().is_some()).unwrap_or(true) {
+                return Err(Error::Usage(format!("`{}` exists and is not empty; pick a new directory", d.display())));
+            }
+            std::fs::create_dir_all(d).map_err(|e| Error::io("create", d, e))?;
+            std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf())
+        }
+        None => tempfile::Builder::new()
+            .prefix("kkpipe-demo-")
+            .tempdir()
+            .map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?
+            .keep(),
+    })
+}
+
+/// The caller's settings, pointed at the demo repository with its stand-in tools and fake credentials.
+fn demo_settings(settings: &Settings, dir: &Path, path_var: &str) -> Settings {
+    let mut s = settings.clone();
+    s.start_dir = dir.to_path_buf();
+    s.provider = None;
+    s.style = crate::report::Style::Plain;
+    for (k, v) in demo::environment(dir, path_var) {
+        s.caller_env.insert(k, v);
+    }
+    s
+}
+
+/// `kkpipe run` as a push to main, the same for each of the demo's three runs.
+fn push_to_main() -> RunArgs {
+    RunArgs {
+        stages: Vec::new(),
+        dry_run: false,
+        force: false,
+        jobs: None,
+        fail_fast: false,
+        lock_timeout: 60,
+        no_verify: false,
+        replay: false,
+        json: false,
+        selection: Selection { event: Some("push".into()), branch: Some("main".into()), env_name: "default".into() },
+    }
 }
 
 fn must(o: Option<Outcome>) -> Result<Outcome, Error> {

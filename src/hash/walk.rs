@@ -63,7 +63,7 @@ pub struct Group {
 /// A callback for each file found.
 pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
 
-/// Directories never descended into: kkpipe's cache and git's store.
+/// Never descended into, at any depth: kkpipe's caches and git's stores (a nested project's too).
 const PRUNED: &[&[u8]] = &[b".kkpipe", b".git"];
 
 /// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
@@ -186,10 +186,11 @@ fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s
                         break;
                     }
                 };
+                if PRUNED.contains(&name) {
+                    continue;
+                }
                 if meta.is_dir() {
-                    if !(dir.is_root() && PRUNED.contains(&name)) {
-                        scope.spawn(move |s| walk_dir(s, root, path, out, on_file));
-                    }
+                    scope.spawn(move |s| walk_dir(s, root, path, out, on_file));
                 } else {
                     classify(path, &meta, &mut files, &mut warnings);
                 }

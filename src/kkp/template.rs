@@ -217,76 +217,97 @@ fn creds(v: Variant) -> Vec<String> {
     v.cloud.credentials().iter().map(|s| s.to_string()).collect()
 }
 
+/// Every stage of the variant, in pipeline order.
 fn stages(v: Variant) -> Vec<Stage> {
     let tf = v.tf_dir();
     let dns_dir = format!("{tf}/dns");
     let mut out = Vec::new();
-
-    let validate = |name, comment, dir: &str| {
-        let mut s = Stage::new(name, comment);
-        s.on_pr = true;
-        s.dir = Some(dir.to_string());
-        s.run = vec![
-            "terraform init -backend=false -input=false".into(),
-            "terraform validate".into(),
-            "terraform fmt -check -diff".into(),
-        ];
-        s.inputs = tf_inputs(dir);
-        s.exclude = tf_exclude();
-        s.tools = vec!["terraform"];
-        s
-    };
     // `*.tf` does not cross `/`: the DNS module below is a root module of its own, not an input here.
-    out.push(validate("terraform-kkp-validate", "Validate the cluster's terraform module.", &tf));
+    out.push(validate_stage("terraform-kkp-validate", "Validate the cluster's terraform module.", &tf));
     if v.dns {
-        out.push(validate("terraform-kkp-dns-validate", "Validate the Route53 module.", &dns_dir));
+        out.push(validate_stage("terraform-kkp-dns-validate", "Validate the Route53 module.", &dns_dir));
     }
-
     let mut plan_needs = vec!["terraform-kkp-validate"];
     if v.has_backend_prepare() {
-        let mut s = Stage::new(
-            "terraform-backend-prepare",
-            "Create the remote state bucket once (the script checks its `bucket-ready` marker first).",
-        );
-        s.kind_deploy = true;
-        s.on_pr = true;
-        s.dir = Some(tf.clone());
-        s.run = vec!["./setup_terraform_backend.sh".into()];
-        s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
-        s.pass_env = creds(v);
-        s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];
-        out.push(s);
+        out.push(backend_prepare_stage(v, &tf));
         plan_needs.push("terraform-backend-prepare");
     }
+    out.push(plan_stage(v, &tf, plan_needs));
+    out.push(apply_stage(v, &tf));
+    out.push(kubeone_stage(v, &tf));
+    out.push(kkp_deploy_stage(v));
+    if v.dns {
+        out.push(dns_update_stage(v, &dns_dir));
+    }
+    out.push(flux_bootstrap_stage(v));
+    out
+}
 
+/// A pull-request check that a terraform root module in `dir` initialises, validates and is formatted.
+fn validate_stage(name: &'static str, comment: &'static str, dir: &str) -> Stage {
+    let mut s = Stage::new(name, comment);
+    s.on_pr = true;
+    s.dir = Some(dir.to_string());
+    s.run = vec![
+        "terraform init -backend=false -input=false".into(),
+        "terraform validate".into(),
+        "terraform fmt -check -diff".into(),
+    ];
+    s.inputs = tf_inputs(dir);
+    s.exclude = tf_exclude();
+    s.tools = vec!["terraform"];
+    s
+}
+
+/// The job that creates the remote state bucket, for the variants whose state lives in one.
+fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
+    let mut s = Stage::new(
+        "terraform-backend-prepare",
+        "Create the remote state bucket once (the script checks its `bucket-ready` marker first).",
+    );
+    s.kind_deploy = true;
+    s.on_pr = true;
+    s.dir = Some(tf.to_string());
+    s.run = vec!["./setup_terraform_backend.sh".into()];
+    s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
+    s.pass_env = creds(v);
+    s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];
+    s
+}
+
+/// `terraform plan` against the environment's state; its plan file is a sensitive output.
+fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     let mut plan = Stage::new(
         "terraform-plan",
         "Plan against the environment's state (so it is keyed per `--env`). The plan holds secrets in clear:\n# sensitive, never exported, never in a CI cache.",
     );
     plan.on_pr = true;
     plan.per_env = true;
-    plan.dir = Some(tf.clone());
+    plan.dir = Some(tf.to_string());
     plan.run = vec![tf_init(v), "terraform plan -input=false -out=plan.tfplan".into()];
-    plan.inputs = tf_inputs(&tf);
+    plan.inputs = tf_inputs(tf);
     plan.exclude = tf_exclude();
     plan.outputs = vec![Out(format!("{tf}/plan.tfplan"), true, None)];
-    plan.needs = plan_needs;
+    plan.needs = needs;
     plan.pass_env = [creds(v), backend_env(v)].concat();
     plan.tools = vec!["terraform"];
-    out.push(plan);
+    plan
+}
 
+/// `terraform apply` of the saved plan, writing the output JSON the later stages read; replans when stale.
+fn apply_stage(v: Variant, tf: &str) -> Stage {
     let mut apply = Stage::new(
         "terraform-apply",
         "Apply exactly the plan made from the current inputs; terraform refuses a plan made against older state,\n# and kkpipe then replans once (`retry_needs_if`).",
     );
     apply.kind_deploy = true;
-    apply.dir = Some(tf.clone());
+    apply.dir = Some(tf.to_string());
     apply.run = vec![
         tf_init(v),
         "terraform apply -input=false -auto-approve plan.tfplan".into(),
         "terraform output -json > output.json".into(),
     ];
-    apply.inputs = tf_inputs(&tf);
+    apply.inputs = tf_inputs(tf);
     apply.exclude = tf_exclude();
     apply.outputs = vec![Out(
         format!("{tf}/output.json"),
@@ -301,8 +322,11 @@ fn stages(v: Variant) -> Vec<Stage> {
         tf_init(v)
     ));
     apply.retry_needs_if = Some("Saved plan is stale");
-    out.push(apply);
+    apply
+}
 
+/// `kubeone apply` from terraform's output, producing the cluster's kubeconfig.
+fn kubeone_stage(v: Variant, tf: &str) -> Stage {
     let mut kubeone = Stage::new(
         "kubeone-apply",
         "Provision the cluster from terraform's output (needs an ssh-agent holding the nodes' key: SSH_AUTH_SOCK).",
@@ -321,8 +345,11 @@ fn stages(v: Variant) -> Vec<Stage> {
     kubeone.needs = vec!["terraform-apply"];
     kubeone.pass_env = [creds(v), vec!["SSH_AUTH_SOCK".into()]].concat();
     kubeone.tools = vec!["kubeone"];
-    out.push(kubeone);
+    kubeone
+}
 
+/// The KKP installer run with the SOPS-decrypted configuration; records the ingress address it got.
+fn kkp_deploy_stage(v: Variant) -> Stage {
     let mut kkp = Stage::new(
         "kkp-deploy",
         "Install KKP with the SOPS-decrypted configuration (decrypted into a temporary directory, never into the repo).",
@@ -344,76 +371,84 @@ fn stages(v: Variant) -> Vec<Stage> {
     kkp.needs = vec!["kubeone-apply"];
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
     kkp.tools = vec!["sops", "kubermatic-installer", "kubectl"];
-    out.push(kkp);
+    kkp
+}
 
-    if v.dns {
-        let mut dns =
-            Stage::new("dns-update", "Register the KKP endpoints in Route53 for the ingress address kkp-deploy found.");
-        dns.kind_deploy = true;
-        dns.dir = Some(dns_dir.clone());
-        dns.run = vec![
-            "terraform init -input=false".into(),
-            format!("terraform apply -input=false -auto-approve {}", dns_var(&dns_dir)),
-        ];
-        dns.inputs = tf_inputs(&dns_dir);
-        dns.exclude = tf_exclude();
-        dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
-        dns.pass_env = creds(v);
-        dns.tools = vec!["terraform"];
-        dns.verify = Some(format!(
-            "terraform init -input=false > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
-            dns_var(&dns_dir)
-        ));
-        out.push(dns);
-    }
+/// The Route53 module applied with the ingress address kkp-deploy found (`--dns` only).
+fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
+    let mut dns =
+        Stage::new("dns-update", "Register the KKP endpoints in Route53 for the ingress address kkp-deploy found.");
+    dns.kind_deploy = true;
+    dns.dir = Some(dns_dir.to_string());
+    dns.run = vec![
+        "terraform init -input=false".into(),
+        format!("terraform apply -input=false -auto-approve {}", dns_var(dns_dir)),
+    ];
+    dns.inputs = tf_inputs(dns_dir);
+    dns.exclude = tf_exclude();
+    dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
+    dns.pass_env = creds(v);
+    dns.tools = vec!["terraform"];
+    dns.verify = Some(format!(
+        "terraform init -input=false > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
+        dns_var(dns_dir)
+    ));
+    dns
+}
 
+/// `flux bootstrap` against the repository's own forge, which differs per CI provider.
+fn flux_bootstrap_stage(v: Variant) -> Stage {
     let mut flux = Stage::new(
         "flux-bootstrap",
         "Bootstrap Flux, which then reconciles flux/ itself: no stage reads flux/, so Flux's own commits never\n# make anything stale. The probe reruns bootstrap when flux-system/ is missing.",
     );
     flux.kind_deploy = true;
+    (flux.run, flux.pass_env) = flux_commands(v.ci);
+    flux.needs = vec!["kkp-deploy", "kubeone-apply"];
+    flux.tools = vec!["flux"];
+    flux.verify = Some("test -d flux/clusters/master/flux-system".into());
+    flux
+}
+
+/// The commands and the passed-through variables of `flux bootstrap` for one CI provider.
+fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
     let common = "--branch=main --path=flux/clusters/master --commit-message-appendix='[ci skip]'";
-    match v.ci {
-        Provider::Github => {
-            flux.run = vec![
+    match ci {
+        Provider::Github => (
+            vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GITHUB_TOKEN=\"$TOKEN_GITHUB\"".into(),
                 format!(
                     "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --token-auth {common}"
                 ),
-            ];
-            flux.pass_env = vec!["TOKEN_GITHUB".into(), "GITHUB_REPOSITORY".into()];
-        }
-        Provider::Gitlab => {
-            flux.run = vec![
+            ],
+            vec!["TOKEN_GITHUB".into(), "GITHUB_REPOSITORY".into()],
+        ),
+        Provider::Gitlab => (
+            vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
                 format!(
                     "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --token-auth {common}"
                 ),
-            ];
-            flux.pass_env = vec![
+            ],
+            vec![
                 "GITLAB_TOKEN".into(),
                 "CI_SERVER_HOST".into(),
                 "CI_PROJECT_NAMESPACE".into(),
                 "CI_PROJECT_NAME".into(),
-            ];
-        }
-        Provider::Bitbucket => {
-            flux.run = vec![
+            ],
+        ),
+        Provider::Bitbucket => (
+            vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
                 "key=$(mktemp) && trap 'rm -f \"$key\"' EXIT && echo \"$SSH_PRIVATE_KEY\" | base64 -d > \"$key\""
                     .into(),
                 format!(
                     "flux bootstrap git --url=\"ssh://git@bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --private-key-file=\"$key\" --silent {common}"
                 ),
-            ];
-            flux.pass_env = vec!["SSH_PRIVATE_KEY".into(), "BITBUCKET_REPO_FULL_NAME".into()];
-        }
+            ],
+            vec!["SSH_PRIVATE_KEY".into(), "BITBUCKET_REPO_FULL_NAME".into()],
+        ),
     }
-    flux.needs = vec!["kkp-deploy", "kubeone-apply"];
-    flux.tools = vec!["flux"];
-    flux.verify = Some("test -d flux/clusters/master/flux-system".into());
-    out.push(flux);
-    out
 }
 
 fn dns_var(dns_dir: &str) -> String {
@@ -441,73 +476,85 @@ pub fn render(v: Variant) -> String {
     );
     t.push_str("[env]\nTF_IN_AUTOMATION = \"1\"\nCHECKPOINT_DISABLE = \"1\"\n");
     for s in stages(v) {
-        let _ = writeln!(t, "\n# {}", s.comment);
-        let _ = writeln!(t, "[stages.{}]", s.name);
-        if s.kind_deploy {
-            t.push_str("kind = \"deploy\"\n");
-        }
-        if s.per_env {
-            t.push_str("per_env = true\n");
-        }
-        let on: &[&str] = if s.on_pr { &["pull_request", "push"] } else { &["push"] };
-        let _ = writeln!(t, "on = {}", list(on));
-        if let Some(d) = &s.dir {
-            let _ = writeln!(t, "dir = {}", q(d));
-        }
-        if s.run.len() == 1 {
-            let _ = writeln!(t, "run = {}", q(&s.run[0]));
-        } else {
-            t.push_str("run = [\n");
-            for l in &s.run {
-                let _ = writeln!(t, "  {},", q(l));
-            }
-            t.push_str("]\n");
-        }
-        if !s.inputs.is_empty() {
-            let _ = writeln!(t, "inputs = {}", list(&s.inputs));
-        }
-        if !s.exclude.is_empty() {
-            let _ = writeln!(t, "exclude = {}", list(&s.exclude));
-        }
-        if !s.outputs.is_empty() {
-            t.push_str("outputs = [\n");
-            for Out(path, sensitive, regen) in &s.outputs {
-                match (sensitive, regen) {
-                    (false, None) => {
-                        let _ = writeln!(t, "  {},", q(path));
-                    }
-                    (_, None) => {
-                        let _ = writeln!(t, "  {{ path = {}, sensitive = true }},", q(path));
-                    }
-                    (_, Some(cmd)) => {
-                        let _ = writeln!(
-                            t,
-                            "  {{ path = {}, sensitive = {sensitive}, regenerate = {} }},",
-                            q(path),
-                            q(cmd)
-                        );
-                    }
-                }
-            }
-            t.push_str("]\n");
-        }
-        if !s.needs.is_empty() {
-            let _ = writeln!(t, "needs = {}", list(&s.needs));
-        }
-        if !s.pass_env.is_empty() {
-            let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
-        }
-        if !s.tools.is_empty() {
-            let _ = writeln!(t, "tools = {}", list(&s.tools));
-        }
-        if let Some(v) = &s.verify {
-            let _ = writeln!(t, "verify = {}", q(v));
-        }
-        if let Some(r) = s.retry_needs_if {
-            let _ = writeln!(t, "retry_needs_if = {}", q(r));
-        }
+        render_stage(&mut t, &s);
     }
     t
+}
+
+/// Append one stage's `[stages.NAME]` table, preceded by its comment, writing only the keys it sets.
+fn render_stage(t: &mut String, s: &Stage) {
+    let _ = writeln!(t, "\n# {}", s.comment);
+    let _ = writeln!(t, "[stages.{}]", s.name);
+    if s.kind_deploy {
+        t.push_str("kind = \"deploy\"\n");
+    }
+    if s.per_env {
+        t.push_str("per_env = true\n");
+    }
+    let on: &[&str] = if s.on_pr { &["pull_request", "push"] } else { &["push"] };
+    let _ = writeln!(t, "on = {}", list(on));
+    if let Some(d) = &s.dir {
+        let _ = writeln!(t, "dir = {}", q(d));
+    }
+    render_run(t, &s.run);
+    if !s.inputs.is_empty() {
+        let _ = writeln!(t, "inputs = {}", list(&s.inputs));
+    }
+    if !s.exclude.is_empty() {
+        let _ = writeln!(t, "exclude = {}", list(&s.exclude));
+    }
+    render_outputs(t, &s.outputs);
+    if !s.needs.is_empty() {
+        let _ = writeln!(t, "needs = {}", list(&s.needs));
+    }
+    if !s.pass_env.is_empty() {
+        let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
+    }
+    if !s.tools.is_empty() {
+        let _ = writeln!(t, "tools = {}", list(&s.tools));
+    }
+    if let Some(v) = &s.verify {
+        let _ = writeln!(t, "verify = {}", q(v));
+    }
+    if let Some(r) = s.retry_needs_if {
+        let _ = writeln!(t, "retry_needs_if = {}", q(r));
+    }
+}
+
+/// Append `run`: one string for a single command, else an array with one command per line.
+fn render_run(t: &mut String, run: &[String]) {
+    if run.len() == 1 {
+        let _ = writeln!(t, "run = {}", q(&run[0]));
+    } else {
+        t.push_str("run = [\n");
+        for l in run {
+            let _ = writeln!(t, "  {},", q(l));
+        }
+        t.push_str("]\n");
+    }
+}
+
+/// Append `outputs` (nothing when there are none): plain paths, or inline tables for sensitive or
+/// regenerable ones.
+fn render_outputs(t: &mut String, outputs: &[Out]) {
+    if outputs.is_empty() {
+        return;
+    }
+    t.push_str("outputs = [\n");
+    for Out(path, sensitive, regen) in outputs {
+        match (sensitive, regen) {
+            (false, None) => {
+                let _ = writeln!(t, "  {},", q(path));
+            }
+            (_, None) => {
+                let _ = writeln!(t, "  {{ path = {}, sensitive = true }},", q(path));
+            }
+            (_, Some(cmd)) => {
+                let _ = writeln!(t, "  {{ path = {}, sensitive = {sensitive}, regenerate = {} }},", q(path), q(cmd));
+            }
+        }
+    }
+    t.push_str("]\n");
 }
 
 #[cfg(test)]

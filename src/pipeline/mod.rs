@@ -12,12 +12,49 @@ use std::path::{Path, PathBuf};
 
 pub const FILE_NAME: &str = "pipeline.toml";
 
-/// Events a stage may run on. `manual` is a local or dispatched run; `schedule` a cron trigger.
-pub const EVENTS: &[&str] = &["pull_request", "push", "schedule", "manual"];
+/// The CI events a stage may run on. `manual` is a local or dispatched run; `schedule` a cron trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    PullRequest,
+    Push,
+    Schedule,
+    Manual,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 4] = [Trigger::PullRequest, Trigger::Push, Trigger::Schedule, Trigger::Manual];
+
+    /// The one string form, in `pipeline.toml`, flags, the database and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::PullRequest => "pull_request",
+            Trigger::Push => "push",
+            Trigger::Schedule => "schedule",
+            Trigger::Manual => "manual",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Trigger> {
+        Trigger::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// "pull_request, push, schedule, manual", for messages.
+    pub fn known() -> String {
+        Trigger::ALL.map(Trigger::as_str).join(", ")
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 const DEFAULT_BRANCHES: &[&str] = &["main"];
 
-/// Patterns that are never inputs: kkpipe's own cache and git's object store.
-const ALWAYS_EXCLUDED: &[&str] = &[".kkpipe/**", ".git/**"];
+/// Patterns that are never inputs: kkpipe's caches and git's stores (or a worktree's `.git` file), at any
+/// depth, so a nested project's never leak into a key.
+const ALWAYS_EXCLUDED: &[&str] = &["**/.kkpipe/**", "**/.kkpipe", "**/.git/**", "**/.git"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,10 +77,11 @@ impl Error {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A check or build: fresh when any successful run with the same key is recorded.
+    #[default]
     Check,
     /// Changes a live system: fresh only when its key equals the key of the most recent run in the
     /// environment (a ledger, not a cache), optionally confirmed by a `verify` probe.
@@ -81,7 +119,7 @@ pub struct Stage {
     pub secret_env: Vec<String>,
     pub tools: Vec<String>,
     /// `None`: every event.
-    pub on: Option<Vec<String>>,
+    pub on: Option<Vec<Trigger>>,
     pub branches: Vec<String>,
     pub kind: Kind,
     /// Keyed by the deployment environment (`--env`): the result depends on that environment's live state.
@@ -91,15 +129,15 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn runs_on(&self, event: &str, branch: Option<&str>) -> bool {
+    pub fn runs_on(&self, event: Trigger, branch: Option<&str>) -> bool {
         let on = match &self.on {
             None => return true,
             Some(on) => on,
         };
-        if !on.iter().any(|e| e == event) {
+        if !on.contains(&event) {
             return false;
         }
-        if event != "push" {
+        if event != Trigger::Push {
             return true;
         }
         match branch {
@@ -177,8 +215,19 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> Error {
         message = "an output is a path string or a table like `{ path = \"out/plan\", sensitive = true }`".into();
     } else if message.contains("untagged enum StringOrList") {
         message = "`run` must be a string or a list of strings".into();
+    } else if let Some(v) = unknown_variant(&message, "pull_request") {
+        message = format!("unknown event `{v}`; known events: {}", Trigger::known());
+    } else if let Some(v) = unknown_variant(&message, "deploy") {
+        message = format!("unknown kind `{v}`; use \"check\" (the default) or \"deploy\"");
     }
     Error::Syntax { file: file.to_path_buf(), line, column, stage: stage_at(before), message }
+}
+
+/// serde's "unknown variant `x`, expected ..." for the enum whose variants include `marker`: `x`.
+fn unknown_variant<'m>(message: &'m str, marker: &str) -> Option<&'m str> {
+    let rest = message.strip_prefix("unknown variant `")?;
+    let (value, expected) = rest.split_once('`')?;
+    expected.contains(&format!("`{marker}`")).then_some(value)
 }
 
 /// The stage whose table encloses a byte offset, read from the nearest `[stages.NAME]` header above it.
@@ -280,79 +329,12 @@ fn validate_stage(
     rs: RawStage,
     global_env: &BTreeMap<String, String>,
 ) -> Result<Stage, Error> {
-    let run = match rs.run {
-        StringOrList::One(s) => vec![s],
-        StringOrList::Many(v) => v,
-    };
-    if run.is_empty() || run.iter().all(|l| l.trim().is_empty()) {
-        return Err(Error::invalid(file, place(name, "run"), "the command is empty"));
-    }
-
-    let dir = match &rs.dir {
-        None => RelPath::root(),
-        Some(d) => {
-            let p = RelPath::parse(d).map_err(|e| Error::invalid(file, place(name, "dir"), format!("`{d}` {e}")))?;
-            if !p.under(root).is_dir() {
-                return Err(Error::invalid(
-                    file,
-                    place(name, "dir"),
-                    format!("directory `{d}` does not exist in `{}`; create it or fix the path", root.display()),
-                ));
-            }
-            p
-        }
-    };
-
+    let run = stage_run(file, name, rs.run)?;
+    let dir = stage_dir(root, file, name, rs.dir.as_deref())?;
     let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
     let exclude = with_always_excluded(normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?);
-
-    let mut outputs = Vec::new();
-    for o in rs.outputs {
-        let (path, sensitive, regenerate) = match o {
-            RawOutput::Path(p) => (p, false, None),
-            RawOutput::Detailed(d) => (d.path, d.sensitive, d.regenerate),
-        };
-        let rel =
-            RelPath::parse(&path).map_err(|e| Error::invalid(file, place(name, "outputs"), format!("`{path}` {e}")))?;
-        if rel.is_root() {
-            return Err(Error::invalid(file, place(name, "outputs"), "the repository root cannot be an output"));
-        }
-        if [".kkpipe", ".git"].iter().any(|d| rel.starts_with(&RelPath::parse(d).expect("static"))) {
-            return Err(Error::invalid(
-                file,
-                place(name, "outputs"),
-                format!("`{path}` is inside `.kkpipe/` or `.git/`, which kkpipe manages itself"),
-            ));
-        }
-        outputs.push(Output { path: rel, sensitive, regenerate });
-    }
-
-    let mut env = global_env.clone();
-    for (k, v) in rs.env {
-        check_env_name(file, Some(name), "env", &k)?;
-        env.insert(k, v);
-    }
-    for (key, list) in [("pass_env", &rs.pass_env), ("secret_env", &rs.secret_env)] {
-        for n in list {
-            check_env_name(file, Some(name), key, n)?;
-            if env.contains_key(n) {
-                return Err(Error::invalid(
-                    file,
-                    place(name, key),
-                    format!(
-                        "`{n}` also has a value in `env`; a variable is either set by the pipeline or taken from the caller"
-                    ),
-                ));
-            }
-        }
-    }
-    if let Some(n) = rs.pass_env.iter().find(|n| rs.secret_env.contains(n)) {
-        return Err(Error::invalid(
-            file,
-            place(name, "secret_env"),
-            format!("`{n}` is in both `pass_env` and `secret_env`; keep it in one"),
-        ));
-    }
+    let outputs = rs.outputs.into_iter().map(|o| stage_output(file, name, o)).collect::<Result<Vec<_>, _>>()?;
+    let env = stage_env(file, name, rs.env, &rs.pass_env, &rs.secret_env, global_env)?;
     for t in &rs.tools {
         if t.is_empty() || t.contains('/') || t.contains(char::is_whitespace) {
             return Err(Error::invalid(
@@ -362,38 +344,14 @@ fn validate_stage(
             ));
         }
     }
-
-    if let Some(on) = &rs.on {
-        for e in on {
-            if !EVENTS.contains(&e.as_str()) {
-                return Err(Error::invalid(
-                    file,
-                    place(name, "on"),
-                    format!("unknown event `{e}`; known events: {}", EVENTS.join(", ")),
-                ));
-            }
-        }
-    }
-    if rs.branches.is_some() && !rs.on.as_ref().is_none_or(|on| on.iter().any(|e| e == "push")) {
+    if rs.branches.is_some() && !rs.on.as_ref().is_none_or(|on| on.contains(&Trigger::Push)) {
         return Err(Error::invalid(
             file,
             place(name, "branches"),
             "`branches` filters push events; add \"push\" to `on` or remove `branches`",
         ));
     }
-    let branches = rs.branches.unwrap_or_else(|| DEFAULT_BRANCHES.iter().map(|s| s.to_string()).collect());
-
-    let kind = match rs.kind.as_deref() {
-        None | Some("check") => Kind::Check,
-        Some("deploy") => Kind::Deploy,
-        Some(other) => {
-            return Err(Error::invalid(
-                file,
-                place(name, "kind"),
-                format!("unknown kind `{other}`; use \"check\" (the default) or \"deploy\""),
-            ));
-        }
-    };
+    let kind = rs.kind.unwrap_or_default();
     if rs.verify.is_some() && kind != Kind::Deploy {
         return Err(Error::invalid(
             file,
@@ -404,7 +362,6 @@ fn validate_stage(
     if rs.retry_needs_if.is_some() && rs.needs.is_empty() {
         return Err(Error::invalid(file, place(name, "retry_needs_if"), "the stage has no `needs` to rerun"));
     }
-
     Ok(Stage {
         name: name.to_string(),
         description: rs.description,
@@ -418,12 +375,98 @@ fn validate_stage(
         secret_env: rs.secret_env,
         tools: rs.tools,
         on: rs.on,
-        branches,
+        branches: rs.branches.unwrap_or_else(|| DEFAULT_BRANCHES.iter().map(|s| s.to_string()).collect()),
         kind,
         per_env: rs.per_env,
         verify: rs.verify,
         retry_needs_if: rs.retry_needs_if,
     })
+}
+
+/// `run`: a string or a list of lines, not all blank.
+fn stage_run(file: &Path, name: &str, run: StringOrList) -> Result<Vec<String>, Error> {
+    let run = match run {
+        StringOrList::One(s) => vec![s],
+        StringOrList::Many(v) => v,
+    };
+    if run.iter().all(|l| l.trim().is_empty()) {
+        return Err(Error::invalid(file, place(name, "run"), "the command is empty"));
+    }
+    Ok(run)
+}
+
+/// `dir`: a directory that exists in the repository (the repository root by default).
+fn stage_dir(root: &Path, file: &Path, name: &str, dir: Option<&str>) -> Result<RelPath, Error> {
+    let Some(d) = dir else { return Ok(RelPath::root()) };
+    let p = RelPath::parse(d).map_err(|e| Error::invalid(file, place(name, "dir"), format!("`{d}` {e}")))?;
+    if !p.under(root).is_dir() {
+        return Err(Error::invalid(
+            file,
+            place(name, "dir"),
+            format!("directory `{d}` does not exist in `{}`; create it or fix the path", root.display()),
+        ));
+    }
+    Ok(p)
+}
+
+/// One of `outputs`: a path inside the repository, not the root, not in `.kkpipe/` or `.git/`.
+fn stage_output(file: &Path, name: &str, o: RawOutput) -> Result<Output, Error> {
+    let (path, sensitive, regenerate) = match o {
+        RawOutput::Path(p) => (p, false, None),
+        RawOutput::Detailed(d) => (d.path, d.sensitive, d.regenerate),
+    };
+    let rel =
+        RelPath::parse(&path).map_err(|e| Error::invalid(file, place(name, "outputs"), format!("`{path}` {e}")))?;
+    if rel.is_root() {
+        return Err(Error::invalid(file, place(name, "outputs"), "the repository root cannot be an output"));
+    }
+    if [".kkpipe", ".git"].iter().any(|d| rel.starts_with(&RelPath::parse(d).expect("static"))) {
+        return Err(Error::invalid(
+            file,
+            place(name, "outputs"),
+            format!("`{path}` is inside `.kkpipe/` or `.git/`, which kkpipe manages itself"),
+        ));
+    }
+    Ok(Output { path: rel, sensitive, regenerate })
+}
+
+/// The keyed environment (global `[env]` with the stage's own on top), after checking every name, and that
+/// `pass_env` / `secret_env` names are neither set by the pipeline nor listed twice.
+fn stage_env(
+    file: &Path,
+    name: &str,
+    own: BTreeMap<String, String>,
+    pass_env: &[String],
+    secret_env: &[String],
+    global_env: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, Error> {
+    let mut env = global_env.clone();
+    for (k, v) in own {
+        check_env_name(file, Some(name), "env", &k)?;
+        env.insert(k, v);
+    }
+    for (key, list) in [("pass_env", pass_env), ("secret_env", secret_env)] {
+        for n in list {
+            check_env_name(file, Some(name), key, n)?;
+            if env.contains_key(n) {
+                return Err(Error::invalid(
+                    file,
+                    place(name, key),
+                    format!(
+                        "`{n}` also has a value in `env`; a variable is either set by the pipeline or taken from the caller"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(n) = pass_env.iter().find(|n| secret_env.contains(n)) {
+        return Err(Error::invalid(
+            file,
+            place(name, "secret_env"),
+            format!("`{n}` is in both `pass_env` and `secret_env`; keep it in one"),
+        ));
+    }
+    Ok(env)
 }
 
 fn with_always_excluded(mut v: Vec<String>) -> Vec<String> {
@@ -509,14 +552,14 @@ fn check_outputs_disjoint(file: &Path, stages: &[Stage]) -> Result<(), Error> {
 /// event could never satisfy it.
 fn check_events(file: &Path, stages: &[Stage], index: &HashMap<String, usize>) -> Result<(), Error> {
     for s in stages {
-        let events: Vec<&str> = match &s.on {
-            None => EVENTS.to_vec(),
-            Some(on) => on.iter().map(String::as_str).collect(),
+        let events: Vec<Trigger> = match &s.on {
+            None => Trigger::ALL.to_vec(),
+            Some(on) => on.clone(),
         };
         for need in &s.needs {
             let n = &stages[index[need]];
             for e in &events {
-                let branches: Vec<Option<&str>> = if *e == "push" && s.on.is_some() {
+                let branches: Vec<Option<&str>> = if *e == Trigger::Push && s.on.is_some() {
                     s.branches.iter().map(|b| Some(b.as_str())).collect()
                 } else {
                     vec![None]
@@ -524,9 +567,9 @@ fn check_events(file: &Path, stages: &[Stage], index: &HashMap<String, usize>) -
                 for b in branches {
                     let covered = match (&n.on, b) {
                         (None, _) => true,
-                        (Some(on), None) => on.iter().any(|x| x == e),
+                        (Some(on), None) => on.contains(e),
                         (Some(on), Some(b)) => {
-                            on.iter().any(|x| x == e) && n.branches.iter().any(|nb| nb == b || branch_matches(nb, b))
+                            on.contains(e) && n.branches.iter().any(|nb| nb == b || branch_matches(nb, b))
                         }
                     };
                     if !covered {

@@ -50,11 +50,11 @@ pub(crate) struct RawStage {
     #[serde(default)]
     pub tools: Vec<String>,
     #[serde(default)]
-    pub on: Option<Vec<String>>,
+    pub on: Option<Vec<super::Trigger>>,
     #[serde(default)]
     pub branches: Option<Vec<String>>,
     #[serde(default)]
-    pub kind: Option<String>,
+    pub kind: Option<super::Kind>,
     #[serde(default)]
     pub per_env: bool,
     #[serde(default)]

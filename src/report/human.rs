@@ -145,32 +145,13 @@ impl Human {
 impl Sink for Human {
     fn event(&mut self, e: &Event) {
         match e {
-            Event::Warning(w) => {
-                let line = format!("{} {w}\n", self.paint(YELLOW, "warning:"));
-                let write = || {
-                    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-                };
-                match &self.live {
-                    Some(bar) => bar.suspend(write),
-                    None => write(),
-                }
-            }
+            Event::Warning(w) => self.warning(w),
             Event::Info(m) => {
                 if !self.quiet {
                     self.write(format!("{m}\n").as_bytes());
                 }
             }
-            Event::Fresh { stage, restored, .. } => {
-                if self.quiet {
-                    return;
-                }
-                if restored.is_empty() {
-                    self.status("Fresh", GREEN, stage);
-                } else {
-                    let list = restored.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
-                    self.status("Restored", GREEN, &format!("{stage} (fresh; outputs restored: {list})"));
-                }
-            }
+            Event::Fresh { stage, restored, .. } => self.fresh(stage, restored),
             Event::Started { stage, reason } => {
                 if !self.quiet {
                     self.status("Running", CYAN, &format!("{stage}: {reason}"));
@@ -184,41 +165,9 @@ impl Sink for Human {
                     self.status("Verifying", CYAN, stage);
                 }
             }
-            Event::Line { stage, line } => match self.style {
-                Style::Plain => {
-                    if !self.quiet {
-                        let l = self.prefixed(stage, line);
-                        self.write(&l);
-                    }
-                }
-                _ => self.buffered.entry(stage.clone()).or_default().push(line.clone()),
-            },
+            Event::Line { stage, line } => self.line(stage, line),
             Event::Finished { stage, ok, duration, detail, log } => {
-                let d = format_duration(*duration);
-                let header = match (ok, detail) {
-                    (true, _) => format!("{stage} ({d})"),
-                    (false, Some(x)) => format!("{stage} failed: {x} ({d})"),
-                    (false, None) => format!("{stage} failed ({d})"),
-                };
-                if self.style != Style::Plain {
-                    self.flush_group(stage, &header, *ok);
-                } else if self.quiet && !ok {
-                    // Quiet mode hides output as it streams; show a failing stage's log when it fails.
-                    for l in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                        let l = self.prefixed(stage, l);
-                        self.write(&l);
-                    }
-                }
-                if *ok {
-                    if !self.quiet {
-                        self.status("Ok", GREEN, &format!("{stage} ({d})"));
-                    }
-                } else {
-                    self.status("Failed", RED, &header);
-                    if self.style == Style::Github {
-                        self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
-                    }
-                }
+                self.finished(stage, *ok, *duration, detail.as_deref(), log)
             }
             Event::Skipped { stage, because } => {
                 if !self.quiet {
@@ -226,24 +175,8 @@ impl Sink for Human {
                 }
             }
             Event::WouldRun { stage, masked, .. } => self.status("Would run", YELLOW, &format!("{stage}: {masked}")),
-            Event::Drift { stage, output } => {
-                self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
-                for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
-                    let l = self.prefixed(stage, l.as_bytes());
-                    self.write(&l);
-                }
-            }
-            Event::Summary(s) => {
-                if let Some(bar) = self.live.take() {
-                    bar.finish_and_clear();
-                }
-                let line = if s.would_run > 0 || self.dry_run {
-                    format!("{}\n", super::status::dry_run_line(s))
-                } else {
-                    summary_line(s, self.color)
-                };
-                self.write(line.as_bytes())
-            }
+            Event::Drift { stage, output } => self.drift(stage, output),
+            Event::Summary(s) => self.summary(s),
             Event::Report { rows, summary } => self.report(rows, summary),
         }
     }
@@ -261,6 +194,95 @@ impl Sink for Human {
 }
 
 impl Human {
+    /// A warning goes to stderr whatever the output stream, above the live line.
+    fn warning(&self, w: &str) {
+        let line = format!("{} {w}\n", self.paint(YELLOW, "warning:"));
+        let write = || {
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        };
+        match &self.live {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        }
+    }
+
+    /// `Fresh stage`, or `Restored` with the outputs that were brought back from the cache.
+    fn fresh(&self, stage: &str, restored: &[String]) {
+        if self.quiet {
+            return;
+        }
+        if restored.is_empty() {
+            self.status("Fresh", GREEN, stage);
+        } else {
+            let list = restored.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
+            self.status("Restored", GREEN, &format!("{stage} (fresh; outputs restored: {list})"));
+        }
+    }
+
+    /// A line of stage output: printed now, prefixed (plain style), or kept for the stage's group.
+    fn line(&mut self, stage: &str, line: &[u8]) {
+        match self.style {
+            Style::Plain => {
+                if !self.quiet {
+                    let l = self.prefixed(stage, line);
+                    self.write(&l);
+                }
+            }
+            _ => self.buffered.entry(stage.to_string()).or_default().push(line.to_vec()),
+        }
+    }
+
+    /// A stage's end: its buffered group (or, quiet, a failure's log), then `Ok` or `Failed`.
+    fn finished(&mut self, stage: &str, ok: bool, duration: std::time::Duration, detail: Option<&str>, log: &[u8]) {
+        let d = format_duration(duration);
+        let header = match (ok, detail) {
+            (true, _) => format!("{stage} ({d})"),
+            (false, Some(x)) => format!("{stage} failed: {x} ({d})"),
+            (false, None) => format!("{stage} failed ({d})"),
+        };
+        if self.style != Style::Plain {
+            self.flush_group(stage, &header, ok);
+        } else if self.quiet && !ok {
+            // Quiet mode hides output as it streams; show a failing stage's log when it fails.
+            for l in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let l = self.prefixed(stage, l);
+                self.write(&l);
+            }
+        }
+        if ok {
+            if !self.quiet {
+                self.status("Ok", GREEN, &format!("{stage} ({d})"));
+            }
+        } else {
+            self.status("Failed", RED, &header);
+            if self.style == Style::Github {
+                self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
+            }
+        }
+    }
+
+    /// `Drift` and the first lines of what verify printed.
+    fn drift(&self, stage: &str, output: &str) {
+        self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
+        for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
+            let l = self.prefixed(stage, l.as_bytes());
+            self.write(&l);
+        }
+    }
+
+    /// The closing line, once the live line is gone: what would run (dry run), or the totals.
+    fn summary(&mut self, s: &Summary) {
+        if let Some(bar) = self.live.take() {
+            bar.finish_and_clear();
+        }
+        let line = if s.would_run > 0 || self.dry_run {
+            format!("{}\n", super::status::dry_run_line(s))
+        } else {
+            summary_line(s, self.color)
+        };
+        self.write(line.as_bytes())
+    }
+
     fn report(&mut self, rows: &[StageRow], summary: &Summary) {
         if let Some(bar) = self.live.take() {
             bar.finish_and_clear();

@@ -10,7 +10,7 @@ pub const WHY_SCHEMA: &str = "kkpipe.why.v1";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EventInfo {
-    pub name: String,
+    pub name: crate::pipeline::Trigger,
     pub branch: Option<String>,
 }
 
@@ -25,7 +25,7 @@ impl Context {
     pub fn new(event: Option<&crate::graph::Event>, env: &str) -> Context {
         Context {
             kkpipe_version: env!("CARGO_PKG_VERSION"),
-            event: event.map(|e| EventInfo { name: e.name.clone(), branch: e.branch.clone() }),
+            event: event.map(|e| EventInfo { name: e.name, branch: e.branch.clone() }),
             env: env.to_string(),
         }
     }

@@ -82,8 +82,8 @@ pub fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>
         .expect("spawn a job thread");
 }
 
-fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
-    let start = Instant::now();
+/// The shell running `cmd`'s script: its directory, only its environment, piped output, no input.
+fn command(cmd: &Spec) -> Command {
     let mut c = Command::new(SHELL[0]);
     c.args(&SHELL[1..])
         .arg(&cmd.script)
@@ -96,7 +96,12 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         // Its own process group: signals are forwarded to the whole tree, and a terminal's Ctrl-C reaches
         // kkpipe first, which decides how to stop the stages.
         .process_group(0);
-    let mut child = match c.spawn() {
+    c
+}
+
+fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
+    let start = Instant::now();
+    let mut child = match command(cmd).spawn() {
         Ok(ch) => ch,
         Err(e) => {
             return Exit {
@@ -130,8 +135,24 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     drop(done_tx);
     let status = child.wait();
 
-    // A background process that inherited the pipes would keep them open forever: give the readers a
-    // moment to drain, then stop the rest of the process group.
+    drain(readers, &done_rx, pgid);
+    let log = std::mem::take(&mut *log.lock().expect("log"));
+    match status {
+        Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },
+        Err(e) => Exit {
+            code: None,
+            signal: None,
+            spawn_error: Some(format!("waiting for the stage failed: {e}")),
+            log,
+            duration: start.elapsed(),
+        },
+    }
+}
+
+/// Wait for the reader threads to reach the end of their pipes. A background process that inherited the
+/// pipes would keep them open forever: give the readers a moment to drain, then stop the rest of the
+/// process group.
+fn drain(readers: Vec<std::thread::JoinHandle<()>>, done_rx: &mpsc::Receiver<()>, pgid: i32) {
     let mut open = readers.len();
     let deadline = Instant::now() + Duration::from_secs(2);
     while open > 0 {
@@ -151,17 +172,6 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         if r.is_finished() {
             let _ = r.join();
         }
-    }
-    let log = std::mem::take(&mut *log.lock().expect("log"));
-    match status {
-        Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },
-        Err(e) => Exit {
-            code: None,
-            signal: None,
-            spawn_error: Some(format!("waiting for the stage failed: {e}")),
-            log,
-            duration: start.elapsed(),
-        },
     }
 }
 

@@ -9,3 +9,4 @@ mod explain;
 mod key_scheme;
 mod kkp;
 mod reliability;
+mod trust;

@@ -231,6 +231,12 @@ fn sigterm_exits_143() {
     interrupted_by("TERM", 143, "echo $$ > stage.pid; sleep 30");
 }
 
+/// Tools that stop cleanly on SIGINT exit 0 with partial outputs: that is an interrupted run, never a success.
+#[test]
+fn interrupted_is_never_success_even_when_the_stage_exits_0() {
+    interrupted_by("INT", 130, "trap 'touch done.txt; exit 0' INT TERM; echo $$ > stage.pid; sleep 30 & wait");
+}
+
 #[test]
 fn a_stage_that_ignores_the_signal_is_killed_after_the_grace_period() {
     interrupted_by("INT", 130, "trap '' INT TERM; echo $$ > stage.pid; sleep 60");

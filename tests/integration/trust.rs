@@ -1,0 +1,110 @@
+//! Cache trust: what a stage reads is what is keyed, whichever stages are selected, whatever the checkout.
+
+use crate::harness::*;
+use std::os::unix::fs::PermissionsExt;
+
+/// A nested project's `.kkpipe/` and `.git/` (at any depth) are never inputs: their churn reruns nothing.
+#[test]
+fn a_nested_projects_kkpipe_and_git_are_never_inputs() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.s]\nrun = \"ls -R vendor > listing.txt\"\ninputs = [\"vendor\"]\noutputs = [\"listing.txt\"]\n",
+    );
+    repo.write("vendor/lib/code.tf", "v1\n");
+    repo.write("vendor/lib/.git/HEAD", "ref: refs/heads/main\n");
+    repo.write("vendor/lib/.kkpipe/cache.db", "x");
+    repo.write("vendor/deeper/sub/.git", "gitdir: ../../.git/modules/sub\n");
+    repo.run(&[]).ok();
+    let inputs: Vec<String> = repo.kk(&["why", "s", "--json"]).ok().json()["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(inputs, ["vendor/lib/code.tf"]);
+    repo.write("vendor/lib/.git/HEAD", "ref: refs/heads/other\n");
+    repo.write("vendor/lib/.kkpipe/cache.db", "y");
+    repo.write("vendor/deeper/sub/.git", "gitdir: elsewhere\n");
+    assert!(repo.run(&[]).ok().ran().is_empty());
+    repo.write("vendor/lib/code.tf", "v2\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["s"]);
+}
+
+/// A tool is the file that runs: found on the stage's own PATH when its `env` sets one, and keyed by the
+/// content of a symlink's target (alternatives, Homebrew, Debian's python3).
+#[test]
+fn tools_are_resolved_on_the_stages_own_path_and_followed_through_symlinks() {
+    let repo = Repo::empty();
+    let root = repo.root.to_str().unwrap().to_string();
+    repo.write(
+        "pipeline.toml",
+        &format!(
+            "[stages.s]\nrun = \"mytool > out.txt\"\noutputs = [\"out.txt\"]\ntools = [\"mytool\"]\nenv = {{ PATH = \"{root}/bin:/usr/bin:/bin\" }}\n"
+        ),
+    );
+    for (name, text) in [("v1", "one"), ("v2", "two"), ("v1-copy", "one")] {
+        repo.write(&format!("tools/{name}"), &format!("#!/bin/sh\necho {text}\n"));
+        std::fs::set_permissions(repo.path(&format!("tools/{name}")), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::create_dir_all(repo.path("bin")).unwrap();
+    std::os::unix::fs::symlink("../tools/v1", repo.path("bin/mytool")).unwrap();
+    // Not on the caller's PATH at all: only the stage's PATH has it.
+    assert_eq!(repo.run(&[]).ok().ran(), ["s"]);
+    assert_eq!(repo.read("out.txt"), "one\n");
+    // Retargeted to a file with the same content: the same tool.
+    std::fs::remove_file(repo.path("bin/mytool")).unwrap();
+    std::os::unix::fs::symlink("../tools/v1-copy", repo.path("bin/mytool")).unwrap();
+    assert!(repo.run(&[]).ok().ran().is_empty());
+    // Retargeted to another program: the tool changed.
+    std::fs::remove_file(repo.path("bin/mytool")).unwrap();
+    std::os::unix::fs::symlink("../tools/v2", repo.path("bin/mytool")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["s"]);
+    assert_eq!(r.reason_of("s")["kind"], "tool-changed");
+    assert_eq!(repo.read("out.txt"), "two\n");
+}
+
+/// The deployment environment reaches stages as `KKPIPE_ENV`.
+#[test]
+fn stages_see_the_deployment_environment_as_kkpipe_env() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.d]\nkind = \"deploy\"\nrun = \"echo \\\"$KKPIPE_ENV\\\" > env.txt\"\noutputs = [\"env.txt\"]\n",
+    );
+    repo.run(&["--env", "staging"]).ok();
+    assert_eq!(repo.read("env.txt"), "staging\n");
+    repo.run(&["--env", "production"]).ok();
+    assert_eq!(repo.read("env.txt"), "production\n");
+}
+
+/// An unknown state in the database is an error naming its row (exit 3), never silently another state.
+#[test]
+fn an_unknown_stage_run_state_in_the_database_is_an_error_naming_the_row() {
+    let repo = Repo::fixture("tiny");
+    repo.run(&[]).ok();
+    let conn = rusqlite::Connection::open(repo.path(".kkpipe/cache.db")).unwrap();
+    let id: i64 = conn.query_row("SELECT id FROM stage_runs WHERE stage = 'lint'", [], |r| r.get(0)).unwrap();
+    conn.execute("UPDATE stage_runs SET state = 'sucess' WHERE id = ?1", [id]).unwrap();
+    drop(conn);
+    let r = repo.kk(&["status"]);
+    assert_eq!(r.code, 3, "{}", r.all());
+    assert!(r.stderr.contains(&format!("stage_runs row {id}: state `sucess`")), "{}", r.stderr);
+    assert!(r.stderr.contains("kkpipe cache reset"), "{}", r.stderr);
+}
+
+/// A recorded reason this kkpipe cannot decode is shown as such, not dropped.
+#[test]
+fn an_undecodable_recorded_reason_is_shown_as_such() {
+    let repo = Repo::fixture("tiny");
+    repo.run(&[]).ok();
+    let conn = rusqlite::Connection::open(repo.path(".kkpipe/cache.db")).unwrap();
+    conn.execute("UPDATE stage_runs SET reason = '{\"kind\":\"from-the-future\",\"v\":9}' WHERE stage = 'lint'", [])
+        .unwrap();
+    drop(conn);
+    let text = repo.kk(&["history", "--stage", "lint"]).ok().stdout;
+    assert!(text.contains("cannot read: {\"kind\":\"from-the-future\",\"v\":9}"), "{text}");
+    let json = repo.kk(&["history", "--stage", "lint", "--json"]).ok().json();
+    assert_eq!(json[0]["reason"]["kind"], "unreadable");
+}
