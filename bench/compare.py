@@ -70,11 +70,18 @@ def fmt(s):
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+# `shared-large`: the tree of ../shared/bench/make-tree.sh (another mix of file sizes than make-tree.py's).
+SHARED_MAKE_TREE = os.path.join(HERE, "..", "..", "shared", "bench", "make-tree.sh")
+
+
 def setup_tree(preset):
     tree = os.path.join(WORK, "trees", preset)
     if not os.path.isdir(os.path.join(tree, ".git")):
         os.makedirs(os.path.dirname(tree), exist_ok=True)
-        subprocess.run([sys.executable, os.path.join(HERE, "make-tree.py"), tree, preset], check=True)
+        if preset == "shared-large":
+            subprocess.run(["bash", SHARED_MAKE_TREE, tree, "large"], check=True)
+        else:
+            subprocess.run([sys.executable, os.path.join(HERE, "make-tree.py"), tree, preset], check=True)
     shutil.copy(os.path.join(HERE, "pipeline.toml"), os.path.join(tree, "pipeline.toml"))
     with open(os.path.join(tree, ".git", "info", "exclude"), "w") as f:
         f.write("pipeline.toml\n.kkpipe/\nTaskfile.yml\n.task/\nturbo.json\npackage.json\n.turbo/\nnode_modules/\n")
@@ -151,7 +158,7 @@ def ratio(a, b):
 
 def main():
     results = {}
-    for preset in (["small", "large"] if WHICH == "all" else [WHICH]):
+    for preset in (["small", "large", "shared-large"] if WHICH == "all" else [WHICH]):
         results[preset] = bench(preset)
     lines = ["| figure | target | measured |", "|---|---|---|"]
 

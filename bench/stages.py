@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Cost per stage and per pattern of a no-op run (docs/performance.md, "Cost per stage").
+
+    stages.py KKPIPE WORK [--runs N]
+
+Builds, under WORK/stages: chains of N one-file stages (N = 10, 100, 1000), each needing the one before, and
+1,000 files with 1,000 patterns split over 10 stages; runs each pipeline once, then times no-op
+`kkpipe run` (everything fresh) and `git status --porcelain` on the same tree, alternately. Prints medians and
+the growth per stage, so a change that makes a no-op grow faster than linearly shows.
+"""
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+KKPIPE, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 9
+
+
+def chain(n):
+    text = []
+    for i in range(n):
+        need = f'needs = ["s{i - 1}"]\n' if i else ""
+        text.append(f'[stages.s{i}]\nrun = "true"\ninputs = ["src/f{i}.txt"]\n{need}')
+    return "\n".join(text), [f"src/f{i}.txt" for i in range(n)]
+
+
+def patterns(files=1000, stages=10):
+    per = files // stages
+    text = []
+    for s in range(stages):
+        pats = ", ".join(f'"src/d{s}/f{i}.txt"' for i in range(per))
+        text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{pats}]\n')
+    return "\n".join(text), [f"src/d{s}/f{i}.txt" for s in range(stages) for i in range(per)]
+
+
+def build(name, pipeline, files):
+    root = os.path.join(WORK, "stages", name)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    for f in files:
+        path = os.path.join(root, f)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as out:
+            out.write(f + "\n")
+    with open(os.path.join(root, "pipeline.toml"), "w") as out:
+        out.write(pipeline)
+    subprocess.run("git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm t", shell=True, cwd=root, check=True)
+    with open(os.path.join(root, ".git", "info", "exclude"), "w") as out:
+        out.write(".kkpipe/\n")
+    subprocess.run([KKPIPE, "run", "-q"], cwd=root, check=True, stdout=subprocess.DEVNULL)
+    time.sleep(2.5)  # past the stat cache's racy window, then one run to record every file
+    subprocess.run([KKPIPE, "run", "-q"], cwd=root, check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+def timed(cmd, cwd):
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def compare(root):
+    kk, git = [], []
+    for _ in range(RUNS):
+        kk.append(timed([KKPIPE, "run", "-q"], root))
+        git.append(timed(["git", "status", "--porcelain"], root))
+    return statistics.median(kk), statistics.median(git)
+
+
+def main():
+    rows = []
+    for n in (10, 100, 1000):
+        text, files = chain(n)
+        rows.append((f"{n} stages in a chain", n, *compare(build(f"chain{n}", text, files))))
+    text, files = patterns()
+    rows.append(("1,000 patterns over 10 stages", 10, *compare(build("patterns", text, files))))
+    print(f"{'no-op kkpipe run':<32} {'kkpipe':>9} {'git status':>11} {'per stage':>10}")
+    for name, n, kk, git in rows:
+        print(f"{name:<32} {kk * 1000:>7.1f}ms {git * 1000:>9.1f}ms {kk * 1000 / n:>8.3f}ms")
+
+
+if __name__ == "__main__":
+    main()
