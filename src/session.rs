@@ -328,7 +328,6 @@ fn files(walked: &[Group], hasher: &FileHasher, progress: bool, m: &Matcher) -> 
     let digests = hasher.digest_all(&list)?;
     let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
     // Patterns that select nothing are worth a warning, not an error.
-    let unmatched =
-        (0..m.patterns().len()).filter(|&pi| !files.iter().any(|(p, _)| m.pattern_matches(pi, p))).collect();
+    let unmatched = m.unmatched(files.iter().map(|(p, _)| p));
     Ok((files, unmatched))
 }

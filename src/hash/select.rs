@@ -8,7 +8,6 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 #[derive(Debug, Clone)]
 pub struct Matcher {
     patterns: Vec<String>,
-    singles: Vec<globset::GlobMatcher>,
     include: GlobSet,
     exclude: GlobSet,
     /// The stage's own outputs: a stage never depends on what it writes itself.
@@ -32,7 +31,6 @@ impl Matcher {
         }
         Matcher {
             patterns: spec.include.clone(),
-            singles: spec.include.iter().map(|p| glob(p).compile_matcher()).collect(),
             include: inc.build().expect("validated globs"),
             exclude: exc.build().expect("validated globs"),
             own_outputs,
@@ -55,9 +53,24 @@ impl Matcher {
             && !self.own_outputs.iter().any(|o| path.starts_with(o))
     }
 
-    /// Whether include pattern `i` alone matches `path` (used to warn about patterns matching nothing).
-    pub fn pattern_matches(&self, i: usize, path: &RelPath) -> bool {
-        self.singles[i].is_match(path.as_path())
+    /// The include patterns (by index) that match none of `paths`, to warn about. One set lookup per path,
+    /// no matcher per pattern: a stage with hundreds of patterns costs what one with a few does.
+    pub fn unmatched<'p>(&self, paths: impl Iterator<Item = &'p RelPath>) -> Vec<usize> {
+        let mut hit = vec![false; self.patterns.len()];
+        let mut left = hit.len();
+        let mut found = Vec::new();
+        for p in paths {
+            if left == 0 {
+                break;
+            }
+            self.include.matches_into(p.as_path(), &mut found);
+            for &i in &found {
+                if !std::mem::replace(&mut hit[i], true) {
+                    left -= 1;
+                }
+            }
+        }
+        (0..hit.len()).filter(|&i| !hit[i]).collect()
     }
 
     /// Where a walk must start to see every file the patterns can match: each pattern's literal prefix.
@@ -170,6 +183,14 @@ mod tests {
             prop_assert_eq!(&got, &want);
             prop_assert!(got.windows(2).all(|p| p[0] < p[1]), "sorted and unique");
         }
+    }
+
+    #[test]
+    fn unmatched_names_the_patterns_that_select_nothing() {
+        let m = Matcher::new(&spec(&["a/*.tf", "b/**", "c.txt"], &[]), vec![]);
+        let paths = [RelPath::parse("a/x.tf").unwrap(), RelPath::parse("c.txt").unwrap()];
+        assert_eq!(m.unmatched(paths.iter()), vec![1]);
+        assert_eq!(m.unmatched([].iter()), vec![0, 1, 2]);
     }
 
     #[test]
