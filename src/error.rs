@@ -16,6 +16,9 @@ pub mod exit {
     pub const CACHE: u8 = 3;
     /// Another kkpipe held the run lock for longer than `--lock-timeout`.
     pub const LOCKED: u8 = 4;
+    /// `verify` verified nothing: no selected deploy stage has a `verify` probe and is deployed with its
+    /// current inputs (or no stage was selected). Not success: nothing says the live system is in sync.
+    pub const NOTHING_VERIFIED: u8 = 5;
     /// Interrupted by SIGINT (128 + 2) or SIGTERM (128 + 15).
     pub const SIGINT: u8 = 130;
     pub const SIGTERM: u8 = 143;

@@ -95,6 +95,10 @@ fn input_files(eval: Option<&Evaluation>) -> Vec<InputFile> {
                 executable: false,
                 symlink: Some(String::from_utf8_lossy(target).into_owned()),
             },
+            // Only outputs record directories; inputs are files and links.
+            Entry::Dir { listing } => {
+                InputFile { path: path.display(), blake3: Some(listing.to_hex()), executable: false, symlink: None }
+            }
         })
         .collect()
 }

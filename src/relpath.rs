@@ -80,6 +80,19 @@ impl RelPath {
     }
 
     /// Join one already-valid file name (a directory entry) onto this path.
+    /// The path's names, `[]` for the root.
+    pub fn names(&self) -> Vec<&[u8]> {
+        if self.is_root() { Vec::new() } else { self.as_bytes().split(|&b| b == b'/').collect() }
+    }
+
+    /// The parent and the last name (`a/b/c` -> `a/b`, `c`); the root's is the root and `""`.
+    pub fn split_last(&self) -> (RelPath, &[u8]) {
+        match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => (RelPath(self.0[..i].into()), &self.0[i + 1..]),
+            None => (RelPath::root(), &self.0[..]),
+        }
+    }
+
     pub fn join_name(&self, name: &[u8]) -> Self {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

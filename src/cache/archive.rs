@@ -2,7 +2,8 @@
 //!
 //! An archive is a zstd-compressed tar of `kkpipe-cache/archive.json` (the stage runs it carries, with their
 //! outputs, as path-independent records), `manifests/<key>` (each run's structured inputs), `blobs/<blake3>`
-//! (output contents) and `logs/<n>`. Sensitive outputs and the HMAC key travel only with `--include-sensitive`.
+//! (output contents) and `logs/<n>`. Sensitive outputs and the stored per-repository HMAC key (`secret.key`)
+//! travel only with `--include-sensitive`; a key derived from `KKPIPE_SECRET_KEY` is never stored, so never exported.
 //!
 //! Import treats the archive as untrusted. Everything is read into a temporary directory outside the cache
 //! and checked before the first write: entry names (no absolute paths, no `..`, no links or devices), sizes,
@@ -15,6 +16,7 @@ use super::{Cache, RunMeta, RunOutcome};
 use crate::fresh::{Attempt, History, OutputRecord, State, StoredReason};
 use crate::hash::key::{Key, Manifest};
 use crate::hash::{Entry, Hash};
+use crate::pipeline::Stage;
 use crate::relpath::RelPath;
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
@@ -23,7 +25,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 pub const FORMAT: &str = "kkpipe-cache-archive";
-pub const SCHEMA: u32 = 1;
+/// 2: entries carry every latest attempt (failed and interrupted ones too) with its state and the exporter's
+/// sequence, and outputs record directories. Schema 1 archives (successes only) are still read.
+pub const SCHEMA: u32 = 2;
 const ROOT: &str = "kkpipe-cache";
 /// No single entry may be larger than this (a plan or chart bundle is far smaller).
 pub const MAX_ENTRY: u64 = 2 << 30;
@@ -69,6 +73,16 @@ struct ArchiveEntry {
     git_commit: Option<String>,
     outputs: Vec<ArchiveOutput>,
     log: Option<String>,
+    /// How the attempt ended; schema 1 carried successes only.
+    #[serde(default = "success")]
+    state: String,
+    /// The exporting cache's sequence of this attempt: the order of the ledger, never a clock.
+    #[serde(default)]
+    seq: i64,
+}
+
+fn success() -> String {
+    State::Success.as_str().into()
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +96,9 @@ struct ArchiveOutput {
     target: Option<String>,
     size: u64,
     sensitive: bool,
+    /// A directory of the output; `hash` is then its listing (schema 2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    dir: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -96,6 +113,8 @@ pub struct ExportReport {
 pub struct ImportReport {
     pub entries: usize,
     pub skipped_existing: usize,
+    /// Entries of stages the current pipeline does not have (never restored, so not imported).
+    pub skipped_unknown: usize,
     pub blobs: usize,
 }
 
@@ -173,6 +192,12 @@ fn collect(
             git_commit: run.and_then(|m| m.git_commit.clone()),
             outputs,
             log,
+            // A row still "running" under the export's lock is one whose kkpipe died: interrupted.
+            state: match r.state {
+                State::Running => State::Interrupted.as_str().into(),
+                s => s.as_str().into(),
+            },
+            seq: r.seq,
         });
     }
     Ok((entries, contents))
@@ -197,6 +222,7 @@ fn archive_output(
             (Some(hash.to_hex()), None)
         }
         Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
+        Entry::Dir { listing } => (Some(listing.to_hex()), None),
     };
     Ok(ArchiveOutput {
         path: rel_string(&o.path).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })?,
@@ -205,6 +231,7 @@ fn archive_output(
         target,
         size: o.size,
         sensitive: o.sensitive,
+        dir: matches!(o.entry, Entry::Dir { .. }),
     })
 }
 
@@ -243,8 +270,10 @@ fn write_tar(
     for (name, bytes) in &contents.logs {
         add(&format!("logs/{name}"), bytes)?;
     }
+    // Only the stored per-repository key, and never a new one: a key derived from `KKPIPE_SECRET_KEY` is not
+    // the cache's to export.
     if doc.include_sensitive
-        && let Ok(key) = cache.secret_key()
+        && let Some(key) = cache.stored_secret_key()
     {
         add("secret.key", &key)?;
     }
@@ -385,7 +414,7 @@ fn parse_document(bytes: &[u8], reject: &impl Fn(String) -> Error) -> Result<Doc
     if d.format != FORMAT {
         return Err(reject(format!("format `{}` is not `{FORMAT}`", d.format)));
     }
-    if d.schema != SCHEMA {
+    if !(1..=SCHEMA).contains(&d.schema) {
         return Err(reject(format!(
             "archive schema {} is not supported (this kkpipe reads schema {SCHEMA}); upgrade kkpipe",
             d.schema
@@ -408,6 +437,9 @@ fn check_document(
         }
         if e.stage.is_empty() || e.env.is_empty() {
             return Err(reject("an entry has no stage or environment".into()));
+        }
+        if State::parse(&e.state).is_none_or(|s| s == State::Running) {
+            return Err(reject(format!("stage `{}`: `{}` is not a finished attempt's state", e.stage, e.state)));
         }
         for o in &e.outputs {
             check_output(e, o, reject)?;
@@ -439,12 +471,12 @@ fn check_output(e: &ArchiveEntry, o: &ArchiveOutput, reject: &impl Fn(String) ->
     Ok(())
 }
 
-/// The same successful run, imported before (or exported from here).
+/// The same attempt, imported before (or exported from here).
 fn already_here(conn: &rusqlite::Connection, e: &ArchiveEntry, key: &Key) -> rusqlite::Result<bool> {
     conn.prepare_cached(
-        "SELECT EXISTS(SELECT 1 FROM stage_runs WHERE stage=?1 AND env=?2 AND key=?3 AND state='success' AND started_at=?4)",
+        "SELECT EXISTS(SELECT 1 FROM stage_runs WHERE stage=?1 AND env=?2 AND key=?3 AND state=?4 AND started_at=?5)",
     )?
-    .query_row(params![e.stage, e.env, &key.0.0[..], e.started_at], |r| r.get(0))
+    .query_row(params![e.stage, e.env, &key.0.0[..], e.state, e.started_at], |r| r.get(0))
 }
 
 /// One archive entry as a finished run with one successful stage run, through the cache's one write API.
@@ -457,7 +489,8 @@ fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Che
         git_commit: e.git_commit.clone(),
     };
     let finished = e.started_at + e.duration_ms.unwrap_or(0);
-    let run_id = records::insert_run(conn, &meta, e.started_at, Some((finished, RunOutcome::Ok)))?;
+    let outcome = if e.state == State::Success.as_str() { RunOutcome::Ok } else { RunOutcome::Failed };
+    let run_id = records::insert_run(conn, &meta, e.started_at, Some((finished, outcome)))?;
     let outputs: Vec<OutputRecord> = e.outputs.iter().map(ArchiveOutput::record).collect();
     let log = e.log.as_ref().map(|l| &c.logs[l][..]).unwrap_or_default();
     records::insert_attempt(
@@ -468,7 +501,7 @@ fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Che
             env: &e.env,
             key,
             manifest: &c.manifests[&key],
-            state: State::Success,
+            state: State::parse(&e.state).expect("checked"),
             reason: e.reason.as_deref(),
             started_at: e.started_at,
             end: Some(End { duration_ms: e.duration_ms.unwrap_or(0), exit_code: e.exit_code, log, outputs: &outputs }),
@@ -481,6 +514,7 @@ impl ArchiveOutput {
     /// The record this (checked) archive output stands for.
     fn record(&self) -> OutputRecord {
         let entry = match (&self.hash, &self.target) {
+            (Some(h), _) if self.dir => Entry::Dir { listing: Hash::from_hex(h).expect("checked") },
             (Some(h), _) => Entry::File { hash: Hash::from_hex(h).expect("checked"), exec: self.exec },
             (None, target) => Entry::Symlink { target: target.clone().unwrap_or_default().into_bytes() },
         };
@@ -489,9 +523,37 @@ impl ArchiveOutput {
     }
 }
 
-/// Merge an archive into the local cache. The caller holds the run lock.
-pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
+/// Check every record against the stages of the pipeline it is imported into: a record may only name a
+/// path its stage declares as an output now (see [`OutputRecord::refusal`]). Entries of stages the
+/// pipeline does not have are left out. Returns which entries to import.
+fn confine(c: &Checked, stages: &[Stage], file: &Path) -> Result<Vec<bool>, Error> {
+    let mut wanted = Vec::with_capacity(c.doc.entries.len());
+    for e in &c.doc.entries {
+        let Some(stage) = stages.iter().find(|s| s.name == e.stage) else {
+            wanted.push(false);
+            continue;
+        };
+        for o in &e.outputs {
+            if let Some(why) = o.record().refusal(&stage.outputs) {
+                return Err(Error::Rejected {
+                    path: file.to_path_buf(),
+                    why: format!("stage `{}`, output record `{}`: {why}", e.stage, o.path),
+                });
+            }
+        }
+        wanted.push(true);
+    }
+    Ok(wanted)
+}
+
+/// Merge an archive into the local cache of a repository whose pipeline has `stages`. The caller holds the
+/// run lock.
+///
+/// Imported attempts are placed after every attempt this cache holds, in the archive's own order (its
+/// sequence): importing is learning what happened elsewhere since. Later local attempts come after them.
+pub fn import(cache: &Cache, file: &Path, stages: &[Stage]) -> Result<ImportReport, Error> {
     let c = read_checked(file)?;
+    let wanted = confine(&c, stages, file)?;
     let mut report = ImportReport::default();
     // Blobs first (temp file + rename each), then the rows that point at them, in one transaction.
     let sensitive: BTreeSet<Hash> = c
@@ -517,7 +579,10 @@ pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
     let (imported, skipped) = cache.write_tx(|conn| {
         let mut imported = 0;
         let mut skipped = 0;
-        for e in &c.doc.entries {
+        let mut order: Vec<&ArchiveEntry> =
+            c.doc.entries.iter().zip(&wanted).filter(|(_, w)| **w).map(|(e, _)| e).collect();
+        order.sort_by_key(|e| e.seq);
+        for e in order {
             let key = Key(Hash::from_hex(&e.key).expect("checked"));
             if already_here(conn, e, &key)? {
                 skipped += 1;
@@ -529,6 +594,7 @@ pub fn import(cache: &Cache, file: &Path) -> Result<ImportReport, Error> {
         Ok((imported, skipped))
     })?;
     report.entries = imported;
+    report.skipped_unknown = wanted.iter().filter(|w| !**w).count();
     report.skipped_existing = skipped;
     Ok(report)
 }

@@ -286,11 +286,7 @@ impl Cache {
         let rows = self.rows()?;
         let mut out = Vec::new();
         for id in Self::essential(&rows) {
-            if let Some(r) = self.stage_run(id)?
-                && r.state == crate::fresh::State::Success
-            {
-                out.push(r);
-            }
+            out.extend(self.stage_run(id)?);
         }
         Ok(out)
     }

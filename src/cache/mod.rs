@@ -6,7 +6,8 @@
 //!   database is built aside and linked into place, so concurrent first runs never see it half set up.
 //! - `blobs/`: outputs by BLAKE3, see [`store`]. A row pointing at a blob is committed only after the blob.
 //! - `sensitive/`: sensitive output blobs and `secret.key`, 32 random bytes (mode 0600) keying the HMAC of
-//!   `secret_env` values. Kept apart so a CI cache can save `.kkpipe/` without them.
+//!   `secret_env` values unless `KKPIPE_SECRET_KEY` is set (then the key is derived from that secret and
+//!   never stored). Kept apart so a CI cache can save `.kkpipe/` without them.
 //!
 //! A stage run row is inserted as `running` *before* the stage starts and becomes `success` only in the
 //! transaction that also records its outputs: an interrupted or killed run can never look fresh. Every row
@@ -15,6 +16,7 @@
 pub mod archive;
 pub mod gc;
 pub mod outputs;
+mod place;
 mod records;
 mod schema;
 pub mod store;
@@ -31,6 +33,18 @@ pub use store::BlobStore;
 pub const DIR_NAME: &str = ".kkpipe";
 pub const DB_NAME: &str = "cache.db";
 pub(crate) const SECRET_KEY_NAME: &str = "sensitive/secret.key";
+/// A secret shared by the machines of one repository (a CI secret). When set, the HMAC key of `secret_env`
+/// values is derived from it instead of the random per-repository `secret.key`.
+pub const SECRET_KEY_VAR: &str = "KKPIPE_SECRET_KEY";
+/// The BLAKE3 `derive_key` context for [`shared_secret_key`]; changing it changes every secret_env key.
+const SECRET_KEY_CONTEXT: &str = "kkpipe 2026 secret_env HMAC key v1";
+
+/// The HMAC key for `secret_env` values derived from the value of [`SECRET_KEY_VAR`]: the same on every
+/// machine given the same secret, so their keys match. It is never written anywhere (not to `.kkpipe/`, not
+/// into an export): it exists only in the memory of the process that was given the secret.
+pub fn shared_secret_key(secret: &str) -> [u8; 32] {
+    blake3::derive_key(SECRET_KEY_CONTEXT, secret.as_bytes())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -190,18 +204,21 @@ impl Cache {
         }
     }
 
-    /// The per-repository key for HMACs of secret env values, created (0600) on first use.
+    /// The per-repository key for HMACs of secret env values, created (0600) on first use. Used only when
+    /// [`SECRET_KEY_VAR`] is not set (see [`shared_secret_key`]).
     pub fn secret_key(&self) -> Result<[u8; 32]> {
-        let path = self.dir.join(SECRET_KEY_NAME);
-        if let Ok(bytes) = fs::read(&path)
-            && let Ok(k) = <[u8; 32]>::try_from(bytes.as_slice())
-        {
+        if let Some(k) = self.stored_secret_key() {
             return Ok(k);
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| Error::Other(format!("no randomness for the secret key: {e}")))?;
         self.write_secret_key(&key)?;
         Ok(key)
+    }
+
+    /// The per-repository key if one is stored; never creates one.
+    pub(crate) fn stored_secret_key(&self) -> Option<[u8; 32]> {
+        fs::read(self.dir.join(SECRET_KEY_NAME)).ok().and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
     }
 
     pub(crate) fn write_secret_key(&self, key: &[u8; 32]) -> Result<()> {

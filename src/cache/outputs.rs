@@ -1,5 +1,6 @@
 //! Declared outputs: stored in the blob store after a successful run, checked and restored on a hit.
 
+use super::place;
 use crate::cache::BlobStore;
 use crate::fresh::{OutputRecord, Present, Workspace};
 use crate::hash::Entry;
@@ -7,6 +8,7 @@ use crate::hash::files::FileHasher;
 use crate::hash::walk::{Kind, Stat, Walked};
 use crate::pipeline::Output;
 use crate::relpath::RelPath;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -21,33 +23,53 @@ pub enum Error {
     Store { path: String, source: std::io::Error },
 }
 
-/// Store every declared output of a finished stage (files, directory trees, symlinks) and describe them.
+/// Store every declared output of a finished stage (files, directory trees, symlinks) and describe them;
+/// directories are recorded too (with their entry names), so a restore can put back exactly this tree.
 /// Blobs land before the caller commits the row that points at them.
 pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Vec<OutputRecord>, Error> {
     let mut out = Vec::new();
     for o in declared {
         let abs = o.path.under(root);
         let meta = fs::symlink_metadata(&abs).map_err(|_| Error::Missing(o.path.clone()))?;
-        if meta.is_dir() {
-            for e in walkdir::WalkDir::new(&abs).follow_links(false).sort_by_file_name() {
-                let e = e.map_err(|e| Error::Store { path: o.path.display(), source: e.into() })?;
-                if e.file_type().is_dir() {
-                    continue;
-                }
-                let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
-                let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
-                if let Some(r) = store_one(&rel, e.path(), &m, o.sensitive, blobs)? {
-                    out.push(r);
-                }
-            }
-        } else if let Some(r) = store_one(&o.path, &abs, &meta, o.sensitive, blobs)? {
-            out.push(r);
+        if !meta.is_dir() {
+            out.extend(store_one(&o.path, &abs, &meta, o.sensitive, blobs)?);
+            continue;
         }
+        let mut dirs = Vec::new();
+        let mut inside = Vec::new();
+        for e in walkdir::WalkDir::new(&abs).follow_links(false).sort_by_file_name() {
+            let e = e.map_err(|e| Error::Store { path: o.path.display(), source: e.into() })?;
+            let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
+            if e.file_type().is_dir() {
+                dirs.push(rel);
+                continue;
+            }
+            let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
+            inside.extend(store_one(&rel, e.path(), &m, o.sensitive, blobs)?);
+        }
+        // Each directory's entries: the files and links recorded below it and its subdirectories.
+        let mut children: HashMap<&RelPath, Vec<&[u8]>> = dirs.iter().map(|d| (d, Vec::new())).collect();
+        for p in inside.iter().map(|r| &r.path).chain(dirs.iter().skip(1)) {
+            let (parent, name) = p.split_last();
+            if let Some(names) = children.get_mut(&parent) {
+                names.push(name);
+            }
+        }
+        let recorded: Vec<OutputRecord> = dirs
+            .iter()
+            .map(|d| OutputRecord {
+                path: d.clone(),
+                entry: Entry::Dir { listing: Entry::listing(children[d].iter().copied()) },
+                size: 0,
+                sensitive: o.sensitive,
+            })
+            .collect();
+        out.extend(recorded);
+        out.extend(inside);
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
-
 fn store_one(
     rel: &RelPath,
     abs: &Path,
@@ -106,6 +128,12 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
         Kind::Symlink
     } else if meta.is_file() {
         Kind::File
+    } else if meta.is_dir() {
+        // The same entry names as recorded: a file dropped into an output directory is a difference.
+        let Ok(rd) = fs::read_dir(&abs) else { return Present::Differs };
+        let names: Vec<std::ffi::OsString> = rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
+        let listing = Entry::listing(names.iter().map(|n| n.as_bytes()));
+        return if rec.entry == (Entry::Dir { listing }) { Present::Same } else { Present::Differs };
     } else {
         return Present::Differs;
     };
@@ -117,37 +145,67 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
     }
 }
 
-/// Put a recorded output back into the workspace from the store. `Ok(false)`: the blob is gone.
-pub fn restore(root: &Path, rec: &OutputRecord, blobs: &BlobStore) -> std::io::Result<bool> {
-    let abs = rec.path.under(root);
-    match &rec.entry {
-        Entry::Symlink { target } => {
-            if let Some(p) = abs.parent() {
-                fs::create_dir_all(p)?;
-            }
-            let _ = fs::remove_file(&abs);
-            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &abs)?;
-            Ok(true)
-        }
-        Entry::File { hash, exec } => {
-            if abs.is_dir() {
-                return Err(std::io::Error::other(format!("`{}` is a directory in the workspace", rec.path)));
-            }
-            let mode = match (rec.sensitive, exec) {
-                (true, true) => 0o700,
-                (true, false) => 0o600,
-                (false, true) => 0o755,
-                (false, false) => 0o644,
-            };
-            blobs.restore(hash, &abs, mode)
-        }
-    }
+/// Why a restore stopped (the stage then runs instead).
+#[derive(Debug)]
+pub enum NotRestored {
+    /// The blob is not in the store (or did not verify).
+    Unavailable(RelPath),
+    /// The record may not be written here, or writing it failed.
+    Refused { path: RelPath, why: String },
 }
 
-/// True when every recorded file output can be restored from the store.
+/// Put `write` (records of one hit, missing or different in the workspace) back from the store, exactly:
+/// a recorded directory ends up with exactly the entries `all` (the hit's records) lists. Only paths
+/// inside the stage's current `declared` outputs are written, and never through a symlink (see `place`).
+pub fn restore(
+    root: &Path,
+    declared: &[Output],
+    write: &[OutputRecord],
+    all: &[OutputRecord],
+    blobs: &BlobStore,
+) -> Result<(), NotRestored> {
+    let refused = |path: &RelPath, why: String| NotRestored::Refused { path: path.clone(), why };
+    let top = place::Root::open(root).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
+    for rec in write {
+        if let Some(why) = rec.refusal(declared) {
+            return Err(refused(&rec.path, why));
+        }
+        let output = declared.iter().find(|d| rec.path.starts_with(&d.path)).expect("checked by refusal");
+        // Directories above the declared output must be real ones; from the output down, all is ours.
+        let keep = output.path.names().len().saturating_sub(1);
+        let io = |e: std::io::Error| refused(&rec.path, e.to_string());
+        if let Entry::Dir { .. } = rec.entry {
+            let dir = top.dir(&rec.path, keep).map_err(io)?;
+            let names: HashSet<&[u8]> =
+                all.iter().map(|r| r.path.split_last()).filter(|(p, _)| *p == rec.path).map(|(_, n)| n).collect();
+            place::prune(&dir, &names).map_err(io)?;
+            continue;
+        }
+        let (parent, name) = rec.path.split_last();
+        let dir = top.dir(&parent, keep).map_err(io)?;
+        match &rec.entry {
+            Entry::Symlink { target } => place::write_link(&dir, name, target).map_err(io)?,
+            Entry::File { hash, exec } => {
+                let mode = match (rec.sensitive, exec) {
+                    (true, true) => 0o700,
+                    (true, false) => 0o600,
+                    (false, true) => 0o755,
+                    (false, false) => 0o644,
+                };
+                if !place::write_file(&dir, name, mode, |f| blobs.copy_verified(hash, f)).map_err(io)? {
+                    return Err(NotRestored::Unavailable(rec.path.clone()));
+                }
+            }
+            Entry::Dir { .. } => unreachable!("handled above"),
+        }
+    }
+    Ok(())
+}
+
+/// True when the store can put the record back (links and directories need no blob).
 pub fn restorable(rec: &OutputRecord, blobs: &BlobStore) -> bool {
     match &rec.entry {
-        Entry::Symlink { .. } => true,
+        Entry::Symlink { .. } | Entry::Dir { .. } => true,
         Entry::File { hash, .. } => blobs.has(hash),
     }
 }

@@ -114,13 +114,14 @@ pub(super) fn record_end(c: &Connection, id: i64, state: State, end: &End<'_>) -
         let (kind, hash, exec, target): (&str, Option<&[u8]>, bool, Option<&[u8]>) = match &o.entry {
             Entry::File { hash, exec } => ("file", Some(&hash.0[..]), *exec, None),
             Entry::Symlink { target } => ("symlink", None, false, Some(target)),
+            Entry::Dir { listing } => ("dir", Some(&listing.0[..]), false, None),
         };
         ins.execute(params![id, o.path.as_bytes(), kind, hash, exec, target, o.size as i64, o.sensitive])?;
     }
     Ok(())
 }
 
-const ATTEMPT_COLS: &str = "id, run_id, stage, env, key, state, started_at, duration_ms, exit_code, reason";
+const ATTEMPT_COLS: &str = "id, run_id, stage, env, key, state, started_at, duration_ms, exit_code, reason, seq";
 const RUN_COLS: &str = "id, started_at, finished_at, command, event, branch, env, git_commit, outcome, ran, fresh, restored, failed, skipped, saved_ms";
 
 fn attempt_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<Attempt> {
@@ -141,6 +142,7 @@ fn attempt_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<Attempt> {
         duration_ms: r.get(o + 7)?,
         exit_code: r.get(o + 8)?,
         reason: r.get::<_, Option<String>>(o + 9)?.map(|t| StoredReason::decode(&t)),
+        seq: r.get(o + 10)?,
     })
 }
 
@@ -179,11 +181,11 @@ fn output_at(r: &rusqlite::Row<'_>, id: i64) -> rusqlite::Result<OutputRecord> {
     let kind: String = r.get(1)?;
     let entry = match kind.as_str() {
         "symlink" => Entry::Symlink { target: r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default() },
-        "file" => {
+        "file" | "dir" => {
             let h: Vec<u8> = r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default();
             let hash =
                 Hash::from_slice(&h).ok_or_else(|| bad("outputs", id, "hash", 2, format!("{} bytes", h.len())))?;
-            Entry::File { hash, exec: r.get(3)? }
+            if kind == "dir" { Entry::Dir { listing: hash } } else { Entry::File { hash, exec: r.get(3)? } }
         }
         _ => return Err(bad("outputs", id, "kind", 1, kind)),
     };
@@ -279,7 +281,7 @@ impl Cache {
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![stage, env, limit], |r| Ok((attempt_at(r, 0)?, run_at(r, 10)?)))
+            .query_map(params![stage, env, limit], |r| Ok((attempt_at(r, 0)?, run_at(r, 11)?)))
             .map_err(|e| self.err(e))?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
     }

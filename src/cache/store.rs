@@ -9,7 +9,7 @@
 use crate::hash::Hash;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -76,22 +76,7 @@ impl BlobStore {
     pub fn put(&self, src: &Path, sensitive: bool) -> io::Result<(Hash, u64)> {
         let mut input = fs::File::open(src)?;
         let (mut out, tmp) = self.temp_file(blob_mode(sensitive))?;
-        let result = (|| {
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut size = 0u64;
-            loop {
-                let n = input.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
-                size += n as u64;
-            }
-            out.flush()?;
-            Ok::<_, io::Error>((Hash(*hasher.finalize().as_bytes()), size))
-        })();
+        let result = copy_hashing(&mut input, &mut out);
         drop(out);
         match result {
             Ok((hash, size)) => {
@@ -146,9 +131,9 @@ impl BlobStore {
         (Hash::of(&bytes) == *hash).then_some(bytes)
     }
 
-    /// Write the blob to `dest` (atomically, via a temp file next to it), with the given mode bits.
-    /// Returns `Ok(false)` when the blob is missing or does not match its name.
-    pub fn restore(&self, hash: &Hash, dest: &Path, mode: u32) -> io::Result<bool> {
+    /// Copy a blob into `out`, verifying its content on the way. `Ok(false)` when the blob is missing or
+    /// does not match its name (the caller discards what was written).
+    pub fn copy_verified(&self, hash: &Hash, out: &mut impl Write) -> io::Result<bool> {
         let Some(path) = self.path(hash) else {
             return Ok(false);
         };
@@ -157,50 +142,7 @@ impl BlobStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        let parent = dest.parent().expect("restore target has a parent");
-        fs::create_dir_all(parent)?;
-        // Written in `.kkpipe/tmp` (cleaned at the next run if we are killed), then renamed into place.
-        let (mut out, tmp) = self.temp_file(mode)?;
-        let copied = (|| {
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
-            }
-            out.flush()?;
-            Ok::<_, io::Error>(Hash(*hasher.finalize().as_bytes()))
-        })();
-        drop(out);
-        match copied {
-            Ok(h) if h == *hash => {
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-                if let Err(e) = fs::rename(&tmp, dest) {
-                    // `.kkpipe` on another filesystem than the output (EXDEV): copy next to it instead.
-                    let _ = fs::remove_file(&tmp);
-                    if e.raw_os_error() != Some(nix::libc::EXDEV) {
-                        return Err(e);
-                    }
-                    let near = parent.join(format!(".kkpipe-restore-{}", std::process::id()));
-                    fs::copy(self.path(hash).expect("present"), &near)?;
-                    fs::set_permissions(&near, fs::Permissions::from_mode(mode))?;
-                    fs::rename(&near, dest)?;
-                }
-                Ok(true)
-            }
-            Ok(_) => {
-                let _ = fs::remove_file(&tmp);
-                Ok(false)
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
+        Ok(copy_hashing(&mut src, out)?.0 == *hash)
     }
 
     /// Remove temp files left by a crashed process. Called with the run lock held.
@@ -235,4 +177,22 @@ impl BlobStore {
             _ => Ok(()),
         }
     }
+}
+
+/// Copy `input` to `out`, hashing on the way: the content's hash and size.
+fn copy_hashing(input: &mut impl Read, out: &mut impl Write) -> io::Result<(Hash, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    out.flush()?;
+    Ok((Hash(*hasher.finalize().as_bytes()), size))
 }

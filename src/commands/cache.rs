@@ -15,11 +15,18 @@ pub fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
             export(settings, selection, file, *include_sensitive)
         }
         CacheCommand::Import { file, lock_timeout } => {
-            let cache = Cache::open(&root(settings)?)?;
+            let root = root(settings)?;
+            // Records are checked against the stages' declared outputs, so the pipeline must load.
+            let pipeline = crate::pipeline::load(&root)?;
+            let cache = Cache::open(&root)?;
             let _lock = lock(&cache, "cache import", *lock_timeout)?;
-            let r = crate::cache::archive::import(&cache, file)?;
+            let r = crate::cache::archive::import(&cache, file, &pipeline.stages)?;
+            let unknown = match r.skipped_unknown {
+                0 => String::new(),
+                n => format!("; left out {n} of stages this pipeline does not have"),
+            };
             eprintln!(
-                "kkpipe: imported {} stage runs ({} already here) and {} stored outputs from `{}`",
+                "kkpipe: imported {} stage runs ({} already here{unknown}) and {} stored outputs from `{}`",
                 r.entries,
                 r.skipped_existing,
                 r.blobs,

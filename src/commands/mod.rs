@@ -17,6 +17,7 @@ use crate::report::{Event, Human, Sink, json};
 use crate::run::{self, Force, Interrupt, Options};
 use crate::session::Session;
 use crate::settings::Settings;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -75,7 +76,7 @@ impl Opened {
     /// The view of the workspace for this invocation.
     pub fn session<'a>(&'a self, settings: &'a Settings) -> Result<Session<'a>, Error> {
         let secret_key = match self.pipeline.stages.iter().any(|s| !s.secret_env.is_empty()) {
-            true => Some(self.cache.secret_key()?),
+            true => Some(secret_key(&self.cache, &settings.caller_env)?),
             false => None,
         };
         let snapshot = self.cache.stat_snapshot()?;
@@ -92,6 +93,25 @@ impl Opened {
             Some(e) => format!("{e} (environment `{}`)", self.env),
             None => format!("local run (environment `{}`)", self.env),
         }
+    }
+}
+
+/// The HMAC key for `secret_env` values, the one place it is chosen: derived from `KKPIPE_SECRET_KEY` when the
+/// caller sets it (the same on every machine with that secret; never written), else the repository's own random
+/// key. An empty value (a CI secret that did not reach the job, as on pull requests from forks) counts as unset,
+/// with a warning: stages with `secret_env` then rerun on each fresh runner, which is slow but never wrong.
+fn secret_key(cache: &Cache, caller_env: &HashMap<String, String>) -> Result<[u8; 32], Error> {
+    match caller_env.get(crate::cache::SECRET_KEY_VAR).map(String::as_str) {
+        Some("") => {
+            eprintln!(
+                "warning: `{}` is set but empty; keying secret_env values with this repository's own key instead \
+                 (stages with secret_env rerun on a fresh runner)",
+                crate::cache::SECRET_KEY_VAR
+            );
+            Ok(cache.secret_key()?)
+        }
+        Some(secret) => Ok(crate::cache::shared_secret_key(secret)),
+        None => Ok(cache.secret_key()?),
     }
 }
 
@@ -232,5 +252,32 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
         replay: false,
         probe_only: true,
     };
-    Ok(exit_code(execute(settings, &o, &opts, args.json, args.lock_timeout)?.as_ref()))
+    let outcome = execute(settings, &o, &opts, args.json, args.lock_timeout)?;
+    let code = exit_code(outcome.as_ref());
+    // Drift (1) and interrupts outrank it; a check that checked nothing must not pass for "in sync".
+    if code != exit::OK || outcome.as_ref().is_some_and(|r| r.summary.verified > 0) {
+        return Ok(code);
+    }
+    eprintln!("kkpipe: nothing was verified: {}", nothing_verified(&o.pipeline, outcome.as_ref()));
+    Ok(exit::NOTHING_VERIFIED)
+}
+
+/// Why `verify` probed no stage, in words: nothing selected, no probe, or nothing deployed with these inputs.
+fn nothing_verified(p: &Pipeline, outcome: Option<&run::Outcome>) -> String {
+    let hint = "  hint: `verify` probes the deploy stages with a `verify` command that are deployed with their current \
+                inputs (`kkpipe status` shows which are not)";
+    let Some(o) = outcome else { return format!("no stage selected\n{hint}") };
+    let probed = |name: &str| p.stages.iter().any(|s| s.name == name && s.is_deploy() && s.verify.is_some());
+    let with_probe: Vec<&str> = o
+        .rows
+        .iter()
+        .filter(|r| r.state != crate::report::StageState::SkippedByEvent)
+        .map(|r| r.name.as_str())
+        .filter(|n| probed(n))
+        .collect();
+    if with_probe.is_empty() {
+        return format!("no selected deploy stage has a `verify` probe\n{hint}");
+    }
+    let list: Vec<String> = with_probe.iter().map(|n| format!("`{n}`")).collect();
+    format!("{} not deployed with the current inputs, so not probed\n{hint}", list.join(", "))
 }

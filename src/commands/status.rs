@@ -1,4 +1,5 @@
-//! `kkpipe status` and `kkpipe run --dry-run`: evaluate every selected stage without running anything.
+//! `kkpipe status` and `kkpipe run --dry-run`: evaluate every selected stage without running anything. During
+//! a run (another process holding the run lock), `status` shows the stages it is running as `running`.
 
 use super::{Opened, human};
 use crate::cli::StatusArgs;
@@ -28,7 +29,10 @@ fn evaluated_rows(
     }
     let cx = o.cx();
     let last = |i: usize| o.cache.latest_attempt(&o.pipeline.stages[i].name, cx.ledger_env(i)).ok().flatten();
-    Ok(status::rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last))
+    // A run in progress: the stages it is running are shown as running, with who runs them (never in a dry
+    // run, which says what a run would do).
+    let holder = if dry_run { None } else { crate::run::lock::live_holder(o.cache.dir()) };
+    Ok(status::rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last, holder.as_ref()))
 }
 
 /// Rows of every selected stage, for `status` and `graph`.

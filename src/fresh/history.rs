@@ -4,6 +4,7 @@
 use super::StoredReason;
 use crate::hash::Entry;
 use crate::hash::key::{DecodeError, Key, Manifest};
+use crate::pipeline::Output;
 use crate::relpath::RelPath;
 
 /// How a recorded stage run ended (or that it has not yet). One string form each, in the database and JSON.
@@ -48,6 +49,8 @@ pub struct Attempt {
     pub duration_ms: Option<i64>,
     pub exit_code: Option<i64>,
     pub reason: Option<StoredReason>,
+    /// This cache's order of the stage's attempts (see `cache::records`).
+    pub seq: i64,
 }
 
 /// One output file, link or directory recorded with a successful run.
@@ -57,6 +60,49 @@ pub struct OutputRecord {
     pub entry: Entry,
     pub size: u64,
     pub sensitive: bool,
+}
+
+impl OutputRecord {
+    /// Why this record may not be written into the workspace for a stage that declares `declared` now, or
+    /// `None` when it may: it lies inside one of those outputs, outside `.git` and `.kkpipe`, and a link
+    /// points (read as text, never resolved on disk) to somewhere inside the same output. Whatever an
+    /// archive says, a restore writes nothing else.
+    pub fn refusal(&self, declared: &[Output]) -> Option<String> {
+        let names = self.path.names();
+        if names.iter().any(|n| *n == b".git" || *n == b".kkpipe") {
+            return Some("it is inside `.git` or `.kkpipe`".into());
+        }
+        let Some(d) = declared.iter().find(|d| self.path.starts_with(&d.path)) else {
+            return Some("it is not inside the stage's declared outputs".into());
+        };
+        match &self.entry {
+            Entry::Symlink { target } if link_escapes(&names, target, &d.path.names()) => {
+                Some(format!("it is a link that points out of the output `{}`", d.path))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether a link at `link` (names) with text `target` leads out of the directory `within` (names).
+fn link_escapes(link: &[&[u8]], target: &[u8], within: &[&[u8]]) -> bool {
+    if target.starts_with(b"/") {
+        return true;
+    }
+    let mut at: Vec<&[u8]> = link[..link.len().saturating_sub(1)].to_vec();
+    for c in target.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                if at.len() <= within.len() {
+                    return true;
+                }
+                at.pop();
+            }
+            name => at.push(name),
+        }
+    }
+    at.len() < within.len() || at[..within.len()] != *within
 }
 
 /// The recorded past, as the decision needs it. `env` is `Some` for deploy stages (their ledger is per
@@ -73,4 +119,48 @@ pub trait History {
     fn manifest(&self, key: &Key) -> Result<Option<Result<Manifest, DecodeError>>, Self::Error>;
     /// What a successful attempt recorded as its outputs.
     fn outputs(&self, attempt: &Attempt) -> Result<Vec<OutputRecord>, Self::Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::Hash;
+
+    fn rec(path: &str, entry: Entry) -> OutputRecord {
+        OutputRecord { path: RelPath::parse(path).unwrap(), entry, size: 0, sensitive: false }
+    }
+
+    fn out(path: &str) -> Output {
+        Output { path: RelPath::parse(path).unwrap(), sensitive: false, regenerate: None }
+    }
+
+    fn link(path: &str, target: &str) -> OutputRecord {
+        rec(path, Entry::Symlink { target: target.as_bytes().to_vec() })
+    }
+
+    #[test]
+    fn a_record_may_only_name_paths_inside_the_current_declared_outputs() {
+        let file = |p| rec(p, Entry::File { hash: Hash::of(b"x"), exec: true });
+        let declared = [out("build"), out("plan.tfplan")];
+        assert_eq!(file("build/a.txt").refusal(&declared), None);
+        assert_eq!(file("plan.tfplan").refusal(&declared), None);
+        assert!(file("src/main.tf").refusal(&declared).unwrap().contains("not inside"));
+        assert!(file("build2/a").refusal(&declared).is_some(), "a name prefix is not a directory prefix");
+        assert!(file(".git/hooks/pre-commit").refusal(&[out(".git")]).unwrap().contains("`.git`"));
+        assert!(file("build/.kkpipe/cache.db").refusal(&declared).unwrap().contains("`.kkpipe`"));
+    }
+
+    #[test]
+    fn a_link_record_may_not_point_out_of_its_output() {
+        let declared = [out("build"), out("single")];
+        for ok in ["a.txt", "sub/../a.txt", "./a.txt", ".", "sub/x"] {
+            assert_eq!(link("build/l", ok).refusal(&declared), None, "{ok}");
+        }
+        assert_eq!(link("build/sub/l", "../a.txt").refusal(&declared), None);
+        for bad in ["..", "../x", "/etc/passwd", "../build/a.txt", "sub/../../x"] {
+            assert!(link("build/l", bad).refusal(&declared).is_some(), "{bad}");
+        }
+        // A declared output that is itself a link points out of itself whatever its text.
+        assert!(link("single", "other").refusal(&declared).is_some());
+    }
 }

@@ -133,6 +133,9 @@ fn check_outputs<H: History + ?Sized>(
         if ws.present(o) == Present::Same {
             continue;
         }
+        if let Some(why) = o.refusal(&stage.outputs) {
+            return Ok(Decision::Run(Reason::OutputNotRestored { path: o.path.display(), why }));
+        }
         if ws.stored(o) {
             restore.push(o.clone());
         } else if o.sensitive || regenerate_command(stage, o).is_some() {

@@ -15,30 +15,82 @@ pub const REASON_VERSION: u64 = 1;
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Reason {
     NeverRun,
-    NeverDeployed { env: String },
-    LastRunFailed { exit_code: Option<i64> },
+    NeverDeployed {
+        env: String,
+    },
+    LastRunFailed {
+        exit_code: Option<i64>,
+    },
     LastRunInterrupted,
     Forced,
-    KeySchemeChanged { old_version: Option<u64> },
+    KeySchemeChanged {
+        old_version: Option<u64>,
+    },
     CommandChanged,
     ShellChanged,
-    DirChanged { old: String, new: String },
-    EnvScopeChanged { old: String, new: String },
-    EnvChanged { name: String, old: Option<String>, new: Option<String> },
-    SecretEnvChanged { name: String },
-    PassEnvChanged { added: Vec<String>, removed: Vec<String> },
+    DirChanged {
+        old: String,
+        new: String,
+    },
+    EnvScopeChanged {
+        old: String,
+        new: String,
+    },
+    EnvChanged {
+        name: String,
+        old: Option<String>,
+        new: Option<String>,
+    },
+    SecretEnvChanged {
+        name: String,
+    },
+    PassEnvChanged {
+        added: Vec<String>,
+        removed: Vec<String>,
+    },
     OutputsDeclared,
-    ToolChanged { name: String },
-    ToolMissing { name: String },
-    GlobalInputChanged { path: String, change: Change, more: usize },
-    InputChanged { path: String, change: Change, more: usize },
+    ToolChanged {
+        name: String,
+    },
+    ToolMissing {
+        name: String,
+    },
+    GlobalInputChanged {
+        path: String,
+        change: Change,
+        more: usize,
+    },
+    InputChanged {
+        path: String,
+        change: Change,
+        more: usize,
+    },
     NeedsChanged,
-    UpstreamOutputsChanged { stage: String, paths: Vec<String> },
-    UpstreamStale { stage: String },
-    OutputMissing { path: String },
-    OutputRegeneratedDiffers { path: String },
-    Drift { output: String },
-    PlanStale { stage: String },
+    UpstreamOutputsChanged {
+        stage: String,
+        paths: Vec<String>,
+    },
+    UpstreamStale {
+        stage: String,
+    },
+    OutputMissing {
+        path: String,
+    },
+    /// A recorded output that may not be written back (outside the declared outputs, a link out of its
+    /// output, a symlink in the way) or could not be.
+    OutputNotRestored {
+        path: String,
+        why: String,
+    },
+    OutputRegeneratedDiffers {
+        path: String,
+    },
+    Drift {
+        output: String,
+    },
+    PlanStale {
+        stage: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +155,9 @@ impl fmt::Display for Reason {
             }
             Reason::OutputMissing { path } => {
                 write!(f, "output `{path}` missing and not in the cache")
+            }
+            Reason::OutputNotRestored { path, why } => {
+                write!(f, "output `{path}` was not restored from the cache: {why}")
             }
             Reason::OutputRegeneratedDiffers { path } => {
                 write!(f, "output `{path}` was regenerated with different content")

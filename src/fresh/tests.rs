@@ -32,6 +32,7 @@ impl Memory {
             duration_ms: Some(5),
             exit_code: (state == State::Failed).then_some(3),
             reason: None,
+            seq: id,
         });
         self.manifests.insert(m.key, Ok(m.manifest.clone()));
         self.outputs.insert(id, outputs);

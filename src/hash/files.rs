@@ -413,9 +413,11 @@ fn hash_read(f: &fs::File, chunk: usize, hasher: &mut blake3::Hasher, parallel: 
 
 fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
     for _ in 0..3 {
+        // Links are followed: the walk only hands over in-repository links to regular files (see `walk`).
+        // Non-blocking, so a file swapped for a FIFO since the walk cannot hang the open; checked below.
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(abs)
             .map_err(HashFailure::Io)?;
         let meta = f.metadata().map_err(HashFailure::Io)?;

@@ -193,6 +193,10 @@ impl Enc {
                 self.0.push(b'l');
                 self.bytes(target);
             }
+            Entry::Dir { listing } => {
+                self.0.push(b'd');
+                self.0.extend_from_slice(&listing.0);
+            }
         }
     }
     fn files(&mut self, files: &FileList) {
@@ -246,6 +250,7 @@ impl<'a> Dec<'a> {
         match self.byte()? {
             b'f' => Ok(Entry::File { hash: self.hash()?, exec: self.byte()? != 0 }),
             b'l' => Ok(Entry::Symlink { target: self.bytes()?.to_vec() }),
+            b'd' => Ok(Entry::Dir { listing: self.hash()? }),
             _ => Err(DecodeError::Corrupt),
         }
     }

@@ -63,12 +63,37 @@ impl fmt::Debug for Hash {
     }
 }
 
-/// What a path contributes to a key: a regular file's content and executable bit, or a symlink's text
-/// (never its target's content: a link out of the repository must not pull outside files in).
+/// What a path contributes to a key: a regular file's content and executable bit, or the text of a link
+/// that is not followed (never its target's content: a link out of the repository must not pull outside
+/// files in). Outputs also record their directories, so a restored directory holds exactly what was there.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Entry {
-    File { hash: Hash, exec: bool },
-    Symlink { target: Vec<u8> },
+    File {
+        hash: Hash,
+        exec: bool,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    /// A directory of an output; `listing` hashes its entries' names (see [`Entry::listing`]).
+    Dir {
+        listing: Hash,
+    },
+}
+
+impl Entry {
+    /// The hash of a directory's entry names, sorted: two directories with the same names have the same
+    /// listing (the entries' contents are recorded beside it).
+    pub fn listing<'a>(names: impl IntoIterator<Item = &'a [u8]>) -> Hash {
+        let mut sorted: Vec<&[u8]> = names.into_iter().collect();
+        sorted.sort_unstable();
+        let mut h = blake3::Hasher::new();
+        for n in sorted {
+            h.update(&(n.len() as u64).to_le_bytes());
+            h.update(n);
+        }
+        Hash(*h.finalize().as_bytes())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! Which files a stage's `inputs`/`exclude` globs select, and where the walk has to start for them.
 
-use super::walk::{Group, Walked};
+use super::walk::{Group, Kind, Walked};
 use crate::pipeline::{InputSpec, has_glob_meta};
 use crate::relpath::RelPath;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
@@ -9,6 +9,8 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 pub struct Matcher {
     patterns: Vec<String>,
     include: GlobSet,
+    /// The pattern (index into `patterns`) behind each glob of `include`.
+    owner: Vec<usize>,
     exclude: GlobSet,
     /// The stage's own outputs: a stage never depends on what it writes itself.
     own_outputs: Vec<RelPath>,
@@ -22,8 +24,16 @@ fn glob(p: &str) -> Glob {
 impl Matcher {
     pub fn new(spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
         let mut inc = GlobSetBuilder::new();
-        for p in &spec.include {
+        let mut owner = Vec::new();
+        for (i, p) in spec.include.iter().enumerate() {
             inc.add(glob(p));
+            owner.push(i);
+            // A literal path also means everything below it: a directory that an upstream stage creates
+            // after the pipeline was loaded (an existing one was already written `dir/**`).
+            if !has_glob_meta(p) {
+                inc.add(glob(&format!("{p}/**")));
+                owner.push(i);
+            }
         }
         let mut exc = GlobSetBuilder::new();
         for p in &spec.exclude {
@@ -32,6 +42,7 @@ impl Matcher {
         Matcher {
             patterns: spec.include.clone(),
             include: inc.build().expect("validated globs"),
+            owner,
             exclude: exc.build().expect("validated globs"),
             own_outputs,
         }
@@ -53,6 +64,11 @@ impl Matcher {
             && !self.own_outputs.iter().any(|o| path.starts_with(o))
     }
 
+    /// Excluded by the stage's `exclude` patterns, or one of its own outputs.
+    pub fn excluded(&self, path: &RelPath) -> bool {
+        self.exclude.is_match(path.as_path()) || self.own_outputs.iter().any(|o| path.starts_with(o))
+    }
+
     /// The include patterns (by index) that match none of `paths`, to warn about. One set lookup per path,
     /// no matcher per pattern: a stage with hundreds of patterns costs what one with a few does.
     pub fn unmatched<'p>(&self, paths: impl Iterator<Item = &'p RelPath>) -> Vec<usize> {
@@ -64,8 +80,8 @@ impl Matcher {
                 break;
             }
             self.include.matches_into(p.as_path(), &mut found);
-            for &i in &found {
-                if !std::mem::replace(&mut hit[i], true) {
+            for &g in &found {
+                if !std::mem::replace(&mut hit[self.owner[g]], true) {
                     left -= 1;
                 }
             }
@@ -82,11 +98,20 @@ impl Matcher {
 /// The walked files that `m` selects, sorted by path and without duplicates. Only the groups of the walk
 /// that overlap a pattern's literal prefix are scanned, so a stage reading `terraform/aws/**` costs nothing
 /// for the other 50,000 files of a monorepo.
+///
+/// A link that is not followed and lies on the way to a pattern's prefix (`link` for `link/sub/**`) is
+/// selected too: the stage reads through it, so its link text is part of the key.
 pub fn select<'a>(groups: &'a [Group], m: &Matcher) -> Vec<&'a Walked> {
     let mut chosen: Vec<&Walked> = Vec::new();
     for start in m.starts() {
         for g in groups.iter().filter(|g| start.starts_with(&g.start) || g.start.starts_with(&start)) {
-            chosen.extend(g.files.iter().filter(|w| w.path.starts_with(&start) && m.matches(&w.path)));
+            chosen.extend(g.files.iter().filter(|w| {
+                if w.path.starts_with(&start) {
+                    m.matches(&w.path)
+                } else {
+                    w.kind == Kind::Symlink && start.starts_with(&w.path) && !m.excluded(&w.path)
+                }
+            }));
         }
     }
     chosen.sort_unstable_by(|a, b| a.path.cmp(&b.path));
@@ -135,7 +160,7 @@ mod tests {
         assert!(!m.matches(&RelPath::parse("terraform/plan.tfplan").unwrap()));
     }
 
-    use super::super::walk::{Kind, Stat};
+    use super::super::walk::Stat;
     use proptest::prelude::*;
 
     fn walked(paths: &[String]) -> Vec<Walked> {

@@ -1,9 +1,14 @@
 //! A parallel walk of the input trees.
 //!
 //! Directories are read on rayon's pool (one task per directory, work-stealing), because on a 50,000-file
-//! tree the walk and its `lstat` calls are the floor of a no-op check. Symlinks are never followed, so link
-//! loops and links out of the repository are harmless: they are recorded as links. FIFOs, sockets and
-//! devices are skipped with a warning (opening a FIFO would block).
+//! tree the walk and its `lstat` calls are the floor of a no-op check.
+//!
+//! Symlinks are resolved the way the stage that reads them will: a link to a file or a directory inside the
+//! repository is followed, and what it points to is found under the link's own path (`link/sub/f`), so the
+//! target's content is keyed. A link that leaves the repository, points into `.git`/`.kkpipe`, dangles, or
+//! would lead the walk back into a directory it is already inside (a loop) is not followed: it is found as a
+//! link and its link text is keyed. FIFOs, sockets and devices are skipped with a warning (opening a FIFO
+//! would block).
 
 use super::Error;
 use crate::relpath::RelPath;
@@ -11,7 +16,7 @@ use rayon::prelude::*;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The `lstat` fields that decide whether a file can have changed (git's rule, minus uid/gid).
@@ -42,7 +47,9 @@ impl Stat {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A regular file, or an in-repository link to one (`stat` is then the target's).
     File,
+    /// A link that is not followed: its text is what is keyed.
     Symlink,
 }
 
@@ -66,9 +73,17 @@ pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
 /// Never descended into, at any depth: kkpipe's caches and git's stores (a nested project's too).
 const PRUNED: &[&[u8]] = &[b".kkpipe", b".git"];
 
+/// What the whole walk shares: the root as given and as the kernel resolves it (links are judged against it).
+struct Walk<'a> {
+    root: &'a Path,
+    real_root: PathBuf,
+    on_file: &'a OnFile<'a>,
+}
+
 /// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
-/// start. Starts below another start are walked once, as part of it. Missing starts contribute nothing (the
-/// caller warns about patterns that match nothing).
+/// start. Starts below another start are walked once, as part of it; the result for a start never depends
+/// on which other starts are walked beside it. Missing starts contribute nothing (the caller warns about
+/// patterns that match nothing).
 ///
 /// `on_file` sees every file as soon as it is found, on the walking thread: hashing can start while
 /// directories are still being read.
@@ -78,14 +93,15 @@ pub fn walk(
     warnings: &mut Vec<String>,
     on_file: &OnFile<'_>,
 ) -> Result<Vec<Group>, Error> {
+    let real_root = fs::canonicalize(root).map_err(|e| Error::read(root.display(), e))?;
+    let w = Walk { root, real_root, on_file };
     let starts = minimal_starts(starts);
-    let found: Vec<Result<(Group, Vec<String>), Error>> =
-        starts.par_iter().map(|s| walk_start(root, s, on_file)).collect();
+    let found: Vec<Result<(Group, Vec<String>), Error>> = starts.par_iter().map(|s| w.start(s)).collect();
     let mut groups = Vec::with_capacity(found.len());
     for r in found {
-        let (g, w) = r?;
+        let (g, ws) = r?;
         groups.push(g);
-        warnings.extend(w);
+        warnings.extend(ws);
     }
     Ok(groups)
 }
@@ -104,104 +120,183 @@ fn minimal_starts(starts: &[RelPath]) -> Vec<RelPath> {
     out
 }
 
-fn walk_start(root: &Path, start: &RelPath, on_file: &OnFile<'_>) -> Result<(Group, Vec<String>), Error> {
-    let abs = start.under(root);
-    let meta = match fs::symlink_metadata(&abs) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((Group { start: start.clone(), files: Vec::new() }, Vec::new()));
-        }
-        Err(e) => return Err(Error::read(start, e)),
-    };
-    let out = Mutex::new((Vec::new(), Vec::new()));
-    if meta.is_dir() {
-        rayon::scope(|scope| walk_dir(scope, root, start.clone(), &out, on_file));
-    } else {
-        let mut files = Vec::new();
-        let mut warnings = Vec::new();
-        classify(start.clone(), &meta, &mut files, &mut warnings);
-        files.iter().for_each(on_file);
-        let mut found = out.lock().expect("walk");
-        found.0.extend(files);
-        found.1.extend(warnings.into_iter().map(Ok));
-    }
-    let (files, mut errors_and_warnings): (Vec<Walked>, Vec<Result<String, Error>>) = out.into_inner().expect("walk");
-    let mut warnings = Vec::new();
-    for w in errors_and_warnings.drain(..) {
-        warnings.push(w?);
-    }
-    Ok((Group { start: start.clone(), files }, warnings))
-}
-
-fn classify(path: RelPath, meta: &fs::Metadata, files: &mut Vec<Walked>, warnings: &mut Vec<String>) {
-    let ft = meta.file_type();
-    let kind = if ft.is_file() {
-        Kind::File
-    } else if ft.is_symlink() {
-        Kind::Symlink
-    } else if ft.is_dir() {
-        return;
-    } else {
-        let what = if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        };
-        warnings.push(format!("skipping `{path}`: it is {what}, not a file"));
-        return;
-    };
-    files.push(Walked { path, kind, stat: Stat::of(meta) });
+/// How a symlink is treated (see the module docs).
+enum Link {
+    /// Followed to a file: found under the link's path with the target's `stat`.
+    File(fs::Metadata),
+    /// Followed to a directory; the resolved location of the link's parent, for loop detection below it.
+    Dir(PathBuf),
+    /// Found as a link; with a warning when the user should know why it was not followed.
+    Kept(Option<String>),
 }
 
 /// Files found so far, and warnings or the first error (kept in order as results).
 type Found = Mutex<(Vec<Walked>, Vec<Result<String, Error>>)>;
 
-/// Read one directory, add its files to `out` in one batch, and spawn a task per subdirectory.
-fn walk_dir<'s>(scope: &rayon::Scope<'s>, root: &'s Path, dir: RelPath, out: &'s Found, on_file: &'s OnFile<'s>) {
-    let mut files = Vec::new();
-    let mut warnings = Vec::new();
-    let mut failure = None;
-    match fs::read_dir(dir.under(root)) {
-        Err(e) => failure = Some(Error::read(&dir, e)),
-        Ok(rd) => {
-            for entry in rd {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) => {
-                        failure = Some(Error::read(&dir, e));
-                        break;
-                    }
-                };
-                let name = entry.file_name();
-                let name = name.as_bytes();
-                let path = dir.join_name(name);
-                // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
-                let meta = match entry.metadata() {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
-                    Err(e) => {
-                        failure = Some(Error::read(&path, e));
-                        break;
-                    }
-                };
-                if PRUNED.contains(&name) {
-                    continue;
+impl Walk<'_> {
+    fn start(&self, start: &RelPath) -> Result<(Group, Vec<String>), Error> {
+        let group = |files| Group { start: start.clone(), files };
+        let out: Found = Mutex::new((Vec::new(), Vec::new()));
+        // A start reached through an unfollowed link (`link/sub` with `link` out of the repository) is that
+        // link: the same thing a walk of `link` itself finds.
+        if let Some(kept) = self.kept_link_above(start, &out)? {
+            let mut found = out.into_inner().expect("walk");
+            found.0.push(kept);
+            let warnings = found.1.into_iter().collect::<Result<Vec<_>, _>>()?;
+            (self.on_file)(&found.0[0]);
+            return Ok((group(found.0), warnings));
+        }
+        match fs::symlink_metadata(start.under(self.root)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((group(Vec::new()), Vec::new())),
+            Err(e) => return Err(Error::read(start, e)),
+            Ok(meta) => rayon::scope(|scope| self.entry(scope, start.clone(), meta, &[], &out)),
+        }
+        let (files, results) = out.into_inner().expect("walk");
+        let warnings = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok((group(files), warnings))
+    }
+
+    /// The first link on the way down to `start` that is not followed, as a walked entry.
+    fn kept_link_above(&self, start: &RelPath, out: &Found) -> Result<Option<Walked>, Error> {
+        let mut prefix = RelPath::root();
+        let names = start.names();
+        for name in names.iter().take(names.len().saturating_sub(1)) {
+            prefix = prefix.join_name(name);
+            let meta = match fs::symlink_metadata(prefix.under(self.root)) {
+                Ok(m) => m,
+                Err(_) => return Ok(None),
+            };
+            if !meta.file_type().is_symlink() {
+                continue;
+            }
+            if let Link::Kept(warning) = self.resolve(&prefix, &[]) {
+                out.lock().expect("walk").1.extend(warning.map(Ok));
+                return Ok(Some(Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(&meta) }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One directory entry (or start) found with `lstat` metadata `meta`. `chain`: where the walk followed
+    /// directory links on its way here, resolved.
+    fn entry<'s>(
+        &'s self,
+        scope: &rayon::Scope<'s>,
+        path: RelPath,
+        meta: fs::Metadata,
+        chain: &[PathBuf],
+        out: &'s Found,
+    ) {
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            let chain = chain.to_vec();
+            scope.spawn(move |s| self.dir(s, path, chain, out));
+            return;
+        }
+        let mut warnings = Vec::new();
+        let walked = if ft.is_symlink() {
+            match self.resolve(&path, chain) {
+                Link::File(target) => Some(Walked { path, kind: Kind::File, stat: Stat::of(&target) }),
+                Link::Dir(here) => {
+                    let mut chain = chain.to_vec();
+                    chain.push(here);
+                    scope.spawn(move |s| self.dir(s, path, chain, out));
+                    None
                 }
-                if meta.is_dir() {
-                    scope.spawn(move |s| walk_dir(s, root, path, out, on_file));
+                Link::Kept(warning) => {
+                    warnings.extend(warning);
+                    Some(Walked { path, kind: Kind::Symlink, stat: Stat::of(&meta) })
+                }
+            }
+        } else {
+            classify(path, &meta, &mut warnings)
+        };
+        if let Some(w) = &walked {
+            (self.on_file)(w);
+        }
+        let mut found = out.lock().expect("walk");
+        found.0.extend(walked);
+        found.1.extend(warnings.into_iter().map(Ok));
+    }
+
+    /// Decide whether the link at `path` is followed (module docs). `chain`: directory links followed above.
+    fn resolve(&self, path: &RelPath, chain: &[PathBuf]) -> Link {
+        let abs = path.under(self.root);
+        let target = match fs::canonicalize(&abs) {
+            Ok(t) => t,
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+                return Link::Kept(Some(format!("`{path}` is a symlink loop: not followed, its link text is keyed")));
+            }
+            // Dangling (or unreadable): a state of its own, keyed by its text; creating the target changes it.
+            Err(_) => return Link::Kept(None),
+        };
+        let Ok(inside) = target.strip_prefix(&self.real_root) else {
+            return Link::Kept(Some(format!(
+                "`{path}` links out of the repository: its link text is keyed, not what it points to"
+            )));
+        };
+        if inside.components().any(|c| PRUNED.contains(&c.as_os_str().as_bytes())) {
+            return Link::Kept(None);
+        }
+        match fs::metadata(&target) {
+            Ok(m) if m.is_file() => Link::File(m),
+            Ok(m) if m.is_dir() => {
+                // Following a link to a directory the walk is inside (here, or where an earlier link was
+                // followed) would never end.
+                let here = abs.parent().and_then(|p| fs::canonicalize(p).ok()).unwrap_or_default();
+                if chain.iter().chain([&here]).any(|c| c.starts_with(&target)) {
+                    Link::Kept(Some(format!(
+                        "`{path}` leads back into a directory it is in (a loop): not followed, its link text is keyed"
+                    )))
                 } else {
-                    classify(path, &meta, &mut files, &mut warnings);
+                    Link::Dir(here)
                 }
+            }
+            _ => Link::Kept(None),
+        }
+    }
+
+    /// Read one directory and handle each entry (subdirectories become tasks of their own).
+    fn dir<'s>(&'s self, scope: &rayon::Scope<'s>, dir: RelPath, chain: Vec<PathBuf>, out: &'s Found) {
+        let fail = |e: Error| out.lock().expect("walk").1.push(Err(e));
+        let rd = match fs::read_dir(dir.under(self.root)) {
+            Ok(rd) => rd,
+            Err(e) => return fail(Error::read(&dir, e)),
+        };
+        for entry in rd {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => return fail(Error::read(&dir, e)),
+            };
+            let name = entry.file_name();
+            let name = name.as_bytes();
+            if PRUNED.contains(&name) {
+                continue;
+            }
+            let path = dir.join_name(name);
+            // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
+            match entry.metadata() {
+                Ok(meta) => self.entry(scope, path, meta, &chain, out),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
+                Err(e) => return fail(Error::read(&path, e)),
             }
         }
     }
-    files.iter().for_each(on_file);
-    let mut found = out.lock().expect("walk");
-    found.0.append(&mut files);
-    found.1.extend(warnings.into_iter().map(Ok));
-    if let Some(e) = failure {
-        found.1.push(Err(e));
+}
+
+/// A regular file as a walked entry; FIFOs, sockets and devices are skipped with a warning.
+fn classify(path: RelPath, meta: &fs::Metadata, warnings: &mut Vec<String>) -> Option<Walked> {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        return Some(Walked { path, kind: Kind::File, stat: Stat::of(meta) });
     }
+    let what = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    warnings.push(format!("skipping `{path}`: it is {what}, not a file"));
+    None
 }

@@ -11,7 +11,7 @@ fn colours(state: StageState) -> (&'static str, &'static str, &'static str) {
         StageState::Failed | StageState::Drifted | StageState::Interrupted => ("failed", "#f8d7da", "#dc3545"),
         StageState::NeverRun => ("neverrun", "#e2e3e5", "#6c757d"),
         StageState::SkippedByEvent | StageState::Skipped => ("skipped", "#f8f9fa", "#adb5bd"),
-        StageState::Stale | StageState::WouldRun => ("stale", "#fff3cd", "#e0a800"),
+        StageState::Stale | StageState::WouldRun | StageState::Running => ("stale", "#fff3cd", "#e0a800"),
     }
 }
 

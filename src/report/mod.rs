@@ -37,6 +37,8 @@ pub enum StageState {
     WouldRun,
     /// `verify`: the drift probe says the live system no longer matches the last apply.
     Drifted,
+    /// `status`: a live `kkpipe run` (the run lock's holder) is running the stage now.
+    Running,
 }
 
 impl StageState {
@@ -65,6 +67,7 @@ impl StageState {
             StageState::Interrupted => "interrupted",
             StageState::WouldRun => "would run",
             StageState::Drifted => "drifted",
+            StageState::Running => "running",
         }
     }
 }
@@ -89,6 +92,26 @@ pub struct StageRow {
     /// Why a stage was skipped, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// `status`, for a `running` stage: the process running it (the run lock's holder).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<RunHolder>,
+}
+
+/// Who runs a stage that `status` shows as running: the holder of the repository's run lock.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunHolder {
+    /// `run` or `verify`.
+    pub command: String,
+    pub pid: u32,
+    pub host: String,
+    /// When it took the run lock (RFC 3339).
+    pub since: String,
+}
+
+impl From<&crate::run::lock::Holder> for RunHolder {
+    fn from(h: &crate::run::lock::Holder) -> RunHolder {
+        RunHolder { command: h.command.clone(), pid: h.pid, host: h.host.clone(), since: timestamp(h.since_ms) }
+    }
 }
 
 impl StageRow {
@@ -105,6 +128,7 @@ impl StageRow {
             restored: Vec::new(),
             needs: stage.needs.clone(),
             note: None,
+            holder: None,
         }
     }
 }

@@ -2,13 +2,24 @@
 
 use super::{StageRow, StageState, Summary, age, format_duration, timestamp};
 use crate::evaluate::Evaluation;
-use crate::fresh::{Attempt, Decision, Reason, State};
+use crate::fresh::{Attempt, Decision, Reason, State, StoredReason};
 use crate::graph::{Event, Selected};
 use crate::pipeline::Pipeline;
+use crate::run::lock::Holder;
 use std::io::Write;
 
-/// The row of one evaluated stage. `last`: its latest recorded attempt (shown for stages that must run).
-pub fn row(stage: &crate::pipeline::Stage, eval: &Evaluation, dry_run: bool, last: Option<&Attempt>) -> StageRow {
+/// The row of one evaluated stage. `last`: its latest recorded attempt (shown for stages that must run);
+/// `holder`: the live holder of the run lock, if a run is in progress (`status` only, never a dry run).
+pub fn row(
+    stage: &crate::pipeline::Stage,
+    eval: &Evaluation,
+    dry_run: bool,
+    last: Option<&Attempt>,
+    holder: Option<&Holder>,
+) -> StageRow {
+    if let Some((attempt, holder)) = running_now(last, holder) {
+        return running_row(stage, eval, attempt, holder);
+    }
     let mut row = StageRow::new(stage, StageState::of(&eval.decision, dry_run));
     row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
     match &eval.decision {
@@ -33,7 +44,30 @@ pub fn row(stage: &crate::pipeline::Stage, eval: &Evaluation, dry_run: bool, las
     row
 }
 
-/// Rows in graph order: evaluated stages, and those the event does not select.
+/// The attempt a live run is running now: the stage's latest attempt has no end yet and was started under the
+/// current holder of the run lock. A row left `running` by a killed run has no live holder, or one that
+/// started after it (and marks it interrupted): it stays "last run was interrupted".
+fn running_now<'a>(last: Option<&'a Attempt>, holder: Option<&'a Holder>) -> Option<(&'a Attempt, &'a Holder)> {
+    let (last, holder) = (last?, holder?);
+    (last.state == State::Running && last.started_at >= holder.since_ms).then_some((last, holder))
+}
+
+/// A stage a live run is running: why the run started it, since when, and who runs it.
+fn running_row(stage: &crate::pipeline::Stage, eval: &Evaluation, attempt: &Attempt, holder: &Holder) -> StageRow {
+    let mut row = StageRow::new(stage, StageState::Running);
+    row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
+    if let Some(StoredReason::Known(r)) = &attempt.reason {
+        row.reasons = vec![r.clone()];
+    }
+    if eval.keyed.as_ref().is_some_and(|k| k.key != attempt.key) {
+        row.note = Some("its inputs changed after it started: it will be stale when it ends".into());
+    }
+    row.recorded_at = Some(timestamp(attempt.started_at));
+    row.holder = Some(holder.into());
+    row
+}
+
+/// Rows in graph order: evaluated stages, and those the event does not select. `holder`: see [`row`].
 pub fn rows(
     pipeline: &Pipeline,
     order: &[usize],
@@ -41,13 +75,14 @@ pub fn rows(
     evals: &[Option<Evaluation>],
     dry_run: bool,
     last: &dyn Fn(usize) -> Option<Attempt>,
+    holder: Option<&Holder>,
 ) -> Vec<StageRow> {
     let mut rows = Vec::new();
     for &i in order {
         let stage = &pipeline.stages[i];
         match (selected[i], &evals[i]) {
             (Selected::NotRequested, _) => {}
-            (Selected::Yes, Some(e)) => rows.push(row(stage, e, dry_run, last(i).as_ref())),
+            (Selected::Yes, Some(e)) => rows.push(row(stage, e, dry_run, last(i).as_ref(), holder)),
             _ => rows.push(StageRow::new(stage, StageState::SkippedByEvent)),
         }
     }
@@ -113,6 +148,7 @@ fn detail(r: &StageRow, mask: &dyn Fn(&str) -> String) -> String {
             }
             if bits.is_empty() { String::new() } else { format!(" ({})", bits.join(", ")) }
         }
+        StageState::Running => running_detail(r, mask),
         _ => r
             .reasons
             .first()
@@ -120,4 +156,22 @@ fn detail(r: &StageRow, mask: &dyn Fn(&str) -> String) -> String {
             .map(|x| format!(": {}", mask(&x.to_string())))
             .unwrap_or_default(),
     }
+}
+
+/// ` (started 3s ago by `kkpipe run`, pid 4242 on host): reason`, and the note when its inputs changed since.
+fn running_detail(r: &StageRow, mask: &dyn Fn(&str) -> String) -> String {
+    let started = r
+        .recorded_at
+        .as_ref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(|t| format!("started {} ", age(t.as_millisecond())))
+        .unwrap_or_default();
+    let by = r
+        .holder
+        .as_ref()
+        .map(|h| format!(" ({started}by `kkpipe {}`, pid {} on {})", h.command, h.pid, h.host))
+        .unwrap_or_default();
+    let reason = r.reasons.first().map(|x| format!(": {}", mask(&x.to_string()))).unwrap_or_default();
+    let note = r.note.as_ref().map(|n| format!("; {n}")).unwrap_or_default();
+    format!("{by}{reason}{note}")
 }

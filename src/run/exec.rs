@@ -4,6 +4,7 @@
 use crate::hash::key::SHELL;
 use crate::mask::Masker;
 use crate::pipeline::Stage;
+use crate::run::watchdog;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -101,6 +102,7 @@ fn command(cmd: &Spec) -> Command {
 
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
+    watchdog::start();
     let mut child = match command(cmd).spawn() {
         Ok(ch) => ch,
         Err(e) => {
@@ -114,6 +116,8 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         }
     };
     let pgid = child.id() as i32;
+    // Registered at once, so the group is stopped even if kkpipe is SIGKILLed from here on.
+    let watch = watchdog::watch(pgid);
     let _ = tx.send(Msg::Spawned { job, pgid });
 
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -136,6 +140,8 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     let status = child.wait();
 
     drain(readers, &done_rx, pgid);
+    // Unregistered only now that `drain` may have killed the group's leftovers.
+    drop(watch);
     let log = std::mem::take(&mut *log.lock().expect("log"));
     match status {
         Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },

@@ -5,6 +5,12 @@
 //! the file, so a waiter can say whom it waits for. Because every deploy stage runs under this lock, two
 //! processes can never apply the same deploy stage of the same environment at once. Readers (`status`,
 //! `why`, `log`) take no lock: SQLite's WAL lets them read while a run writes.
+//!
+//! Whether a holder is alive *now* ([`live_holder`], for `status`) is asked of the kernel, never of the
+//! file's content (a killed holder leaves it behind, and its pid may be reused): the holder also holds an
+//! exclusive `flock` on `.kkpipe/run.live`, which a reader probes with a shared try-lock. Probing `run.lock`
+//! itself could make a run that is just starting see it taken (and fail at once with `--lock-timeout 0`);
+//! nothing waits on `run.live` except the holder, for the moment a probe lasts.
 
 use std::fs;
 use std::io::{Read, Seek, Write};
@@ -19,7 +25,12 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+const LOCK_NAME: &str = "run.lock";
+const LIVE_NAME: &str = "run.live";
+
+/// The held run lock; dropping it releases it (`run.live` first, so a live holder always holds `run.lock`).
 pub struct RunLock {
+    _live: fs::File,
     _file: fs::File,
 }
 
@@ -45,10 +56,27 @@ impl std::fmt::Display for Holder {
     }
 }
 
-fn read_holder(path: &Path) -> String {
+fn parse_holder(path: &Path) -> Option<Holder> {
     let mut s = String::new();
-    let _ = fs::File::open(path).and_then(|mut f| f.read_to_string(&mut s));
-    serde_json::from_str::<Holder>(&s).map(|h| h.to_string()).unwrap_or_else(|_| "another kkpipe process".into())
+    fs::File::open(path).and_then(|mut f| f.read_to_string(&mut s)).ok()?;
+    serde_json::from_str::<Holder>(&s).ok()
+}
+
+fn read_holder(path: &Path) -> String {
+    parse_holder(path).map(|h| h.to_string()).unwrap_or_else(|| "another kkpipe process".into())
+}
+
+/// Who holds the run lock of the cache in `cache_dir` right now, if a live process does. Takes no lock that
+/// a run waits for, creates nothing, and works on a read-only cache. `None` also when the holder's record is
+/// unreadable (never the case for a kkpipe that holds the lock: it writes the record before `run.live`).
+pub fn live_holder(cache_dir: &Path) -> Option<Holder> {
+    let live = fs::File::open(cache_dir.join(LIVE_NAME)).ok()?;
+    match live.try_lock_shared() {
+        // Nobody holds it exclusively: no run is in progress. Dropping `live` releases the probe.
+        Ok(()) => None,
+        Err(fs::TryLockError::WouldBlock) => parse_holder(&cache_dir.join(LOCK_NAME)),
+        Err(fs::TryLockError::Error(_)) => None,
+    }
 }
 
 /// Take the lock, waiting up to `timeout`. `on_wait` is told once whom we wait for.
@@ -58,7 +86,7 @@ pub fn acquire(
     timeout: Duration,
     mut on_wait: impl FnMut(&str),
 ) -> Result<RunLock, Error> {
-    let path = cache_dir.join("run.lock");
+    let path = cache_dir.join(LOCK_NAME);
     let io = |source| Error::Io { path: path.clone(), source };
     let mut file =
         fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
@@ -91,5 +119,15 @@ pub fn acquire(
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)?;
-    Ok(RunLock { _file: file })
+    // Marks the holder alive, after its record is complete. Blocks only while a reader's probe lasts.
+    let live_path = cache_dir.join(LIVE_NAME);
+    let live = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&live_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|source| Error::Io { path: live_path, source })?;
+    Ok(RunLock { _live: live, _file: file })
 }

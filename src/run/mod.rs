@@ -4,6 +4,7 @@
 pub mod exec;
 pub mod lock;
 mod scheduler;
+pub mod watchdog;
 
 use crate::cache::Cache;
 use crate::evaluate::Context;

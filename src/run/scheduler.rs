@@ -9,7 +9,7 @@
 
 use super::exec::{self, Exit, Msg};
 use super::{Env, Error, Options, Outcome};
-use crate::cache::outputs::{self, Disk};
+use crate::cache::outputs::{self, Disk, NotRestored};
 use crate::cache::{End, RunCounts, RunMeta, RunOutcome};
 use crate::evaluate::{self, Context};
 use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
@@ -415,14 +415,19 @@ impl Scheduler<'_, '_> {
     /// A hit: restore outputs, probe deploys for drift, or finish. Outputs that are in no cache are made
     /// only when a stage that needs them runs (`materialize`).
     fn on_hit(&mut self, i: usize, keyed: Keyed, hit: Hit, restore: Vec<OutputRecord>) -> Result<(), Error> {
-        let mut restored = Vec::new();
-        for o in restore {
+        if !restore.is_empty() {
             self.workspace_changed = true;
-            match outputs::restore(&self.cx.pipeline.root, &o, &self.env.cache.blobs) {
-                Ok(true) => restored.push(o.path.display()),
-                _ => return self.run_after_all(i, keyed, Reason::OutputMissing { path: o.path.display() }),
+            let declared = &self.cx.pipeline.stages[i].outputs;
+            let root = &self.cx.pipeline.root;
+            if let Err(e) = outputs::restore(root, declared, &restore, &hit.outputs, &self.env.cache.blobs) {
+                let reason = match e {
+                    NotRestored::Unavailable(path) => Reason::OutputMissing { path: path.display() },
+                    NotRestored::Refused { path, why } => Reason::OutputNotRestored { path: path.display(), why },
+                };
+                return self.run_after_all(i, keyed, reason);
             }
         }
+        let restored: Vec<String> = restore.iter().map(|o| o.path.display()).collect();
         for o in &hit.outputs {
             self.mask_output(o);
         }

@@ -250,7 +250,7 @@ fn hostile_archives_are_rejected_and_the_local_cache_is_unchanged() {
         }
         text
     };
-    let newer = doc.replace("\"schema\": 1", "\"schema\": 99");
+    let newer = doc.replace("\"schema\": 2", "\"schema\": 99");
     let blob = b"real content";
     let wrong_name = format!("kkpipe-cache/blobs/{}", blake3::hash(b"other content").to_hex());
     type RawEntry = (String, tar::EntryType, u64, Vec<u8>);

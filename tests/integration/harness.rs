@@ -5,6 +5,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kkpipe");
 
@@ -28,9 +29,20 @@ const AMBIENT: &[&str] = &[
     "BITBUCKET_BRANCH",
     "BITBUCKET_PR_ID",
     "KKPIPE_ENV",
+    "KKPIPE_SECRET_KEY",
     "NO_COLOR",
     "CI",
 ];
+
+/// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour.
+pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).current_dir(dir);
+    for k in AMBIENT {
+        c.env_remove(k);
+    }
+    c
+}
 
 pub struct Repo {
     _tmp: tempfile::TempDir,
@@ -136,11 +148,7 @@ impl Repo {
     }
 
     pub fn cmd_in(&self, dir: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.args(args).current_dir(dir);
-        for k in AMBIENT {
-            c.env_remove(k);
-        }
+        let mut c = kkpipe_in(dir, args);
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -156,6 +164,16 @@ impl Repo {
         let mut a = vec!["run", "--json"];
         a.extend_from_slice(args);
         self.kk(&a)
+    }
+
+    /// The input files `why STAGE --json` lists (path, blake3 or symlink text, executable).
+    pub fn inputs_of(&self, stage: &str) -> Vec<Value> {
+        self.kk(&["why", stage, "--json"]).ok().json()["inputs"].as_array().unwrap().clone()
+    }
+
+    /// Just the paths of [`Repo::inputs_of`].
+    pub fn input_paths(&self, stage: &str) -> Vec<String> {
+        self.inputs_of(stage).iter().map(|f| f["path"].as_str().unwrap().to_string()).collect()
     }
 
     pub fn status_json(&self) -> Value {
@@ -273,5 +291,34 @@ impl Run {
 
     pub fn all(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// `/proc/PID/stat` fields after the command name: state, ppid, pgrp, ...
+pub fn stat(pid: &str) -> Option<(char, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = text.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Exists and has not exited: an exited stage stays a zombie until whoever inherited it reaps it.
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && stat(&pid.to_string()).is_some_and(|(s, _)| !matches!(s, 'Z' | 'X'))
+}
+
+/// Poll `done` every 20 ms for at most `limit`.
+pub fn within(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -244,10 +244,6 @@ fn a_stage_that_ignores_the_signal_is_killed_after_the_grace_period() {
 
 // ------------------------------------------------------------------ hostile and odd input files
 
-fn inputs_of(repo: &Repo, stage: &str) -> Vec<serde_json::Value> {
-    repo.kk(&["why", stage, "--json"]).ok().json()["inputs"].as_array().unwrap().clone()
-}
-
 #[test]
 fn symlink_loops_and_links_out_of_the_repository_are_hashed_as_links() {
     let repo = Repo::empty();
@@ -260,7 +256,7 @@ fn symlink_loops_and_links_out_of_the_repository_are_hashed_as_links() {
     std::os::unix::fs::symlink(&outside, repo.path("in/out")).unwrap();
     std::os::unix::fs::symlink("..", repo.path("in/up")).unwrap();
     repo.run(&[]).ok();
-    let inputs = inputs_of(&repo, "s");
+    let inputs = repo.inputs_of("s");
     let links: Vec<(&str, &str)> =
         inputs.iter().map(|f| (f["path"].as_str().unwrap(), f["symlink"].as_str().unwrap())).collect();
     assert_eq!(links, [("in/a", "b"), ("in/b", "a"), ("in/out", outside.to_str().unwrap()), ("in/up", "..")]);
@@ -309,7 +305,7 @@ fn fifos_and_sockets_are_skipped_with_a_warning_and_never_block() {
     let r = Run::from(child.wait_with_output().unwrap()).ok();
     assert!(r.stderr.contains("skipping `in/pipe`: it is a FIFO"), "{}", r.stderr);
     assert!(r.stderr.contains("skipping `in/agent.sock`: it is a socket"), "{}", r.stderr);
-    let inputs = inputs_of(&repo, "s");
+    let inputs = repo.inputs_of("s");
     assert_eq!(inputs.len(), 1);
 }
 
@@ -451,7 +447,7 @@ fn very_large_files_and_deep_trees_are_inputs_too() {
     }
     repo.write(&format!("{deep}/leaf.txt"), "bottom");
     repo.run(&[]).ok();
-    let inputs = inputs_of(&repo, "s");
+    let inputs = repo.inputs_of("s");
     let big = inputs.iter().find(|f| f["path"] == "big/image.tar").unwrap();
     let zeros = {
         let mut h = blake3::Hasher::new();

@@ -16,13 +16,7 @@ fn a_nested_projects_kkpipe_and_git_are_never_inputs() {
     repo.write("vendor/lib/.kkpipe/cache.db", "x");
     repo.write("vendor/deeper/sub/.git", "gitdir: ../../.git/modules/sub\n");
     repo.run(&[]).ok();
-    let inputs: Vec<String> = repo.kk(&["why", "s", "--json"]).ok().json()["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["path"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(inputs, ["vendor/lib/code.tf"]);
+    assert_eq!(repo.input_paths("s"), ["vendor/lib/code.tf"]);
     repo.write("vendor/lib/.git/HEAD", "ref: refs/heads/other\n");
     repo.write("vendor/lib/.kkpipe/cache.db", "y");
     repo.write("vendor/deeper/sub/.git", "gitdir: elsewhere\n");
@@ -107,4 +101,85 @@ fn an_undecodable_recorded_reason_is_shown_as_such() {
     assert!(text.contains("cannot read: {\"kind\":\"from-the-future\",\"v\":9}"), "{text}");
     let json = repo.kk(&["history", "--stage", "lint", "--json"]).ok().json();
     assert_eq!(json[0]["reason"]["kind"], "unreadable");
+}
+
+/// The inputs `why --json` lists for a stage, as `path -> blake3 or link text`.
+fn keyed_inputs(repo: &Repo, stage: &str) -> Vec<(String, String)> {
+    repo.inputs_of(stage)
+        .iter()
+        .map(|f| {
+            let what = f["blake3"].as_str().or(f["symlink"].as_str()).unwrap_or_default();
+            (f["path"].as_str().unwrap().to_string(), what.to_string())
+        })
+        .collect()
+}
+
+/// Item 3: with `link` (a symlink to a directory) walked whole for one stage, another stage's
+/// `link/sub/**` still finds its files, so its edits are seen whichever stages are selected.
+#[test]
+fn a_walk_start_below_a_symlinked_directory_is_seen_whatever_else_is_selected() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.deep]\nrun = \"cat link/sub/f.txt > deep.out\"\ninputs = [\"link/sub/**\"]\noutputs = [\"deep.out\"]\n\
+         [stages.whole]\nrun = \"ls -R link/ > whole.out\"\ninputs = [\"link\"]\noutputs = [\"whole.out\"]\n",
+    );
+    repo.write("real/sub/f.txt", "v1\n");
+    std::os::unix::fs::symlink("real", repo.path("link")).unwrap();
+    repo.run(&[]).ok();
+    let alone = keyed_inputs(&repo, "deep");
+    assert_eq!(alone.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), ["link/sub/f.txt"]);
+    repo.write("real/sub/f.txt", "v2\n");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["deep", "whole"]);
+    assert_eq!(r.reason_of("deep")["path"], "link/sub/f.txt");
+    assert_eq!(repo.read("deep.out"), "v2\n");
+    // Alone, the same inputs: the key does not depend on the selection.
+    repo.write("real/sub/f.txt", "v3\n");
+    assert_eq!(repo.run(&["deep"]).ok().ran(), ["deep"]);
+    assert!(repo.run(&[]).ok().ran() == ["whole"], "only `whole` was left to rerun");
+}
+
+/// Item 4: a link inside the repository is keyed by what it points to (file or directory); a link out of
+/// the repository keeps its link text and gets one warning; a dangling link is a state of its own; loops are
+/// not followed.
+#[test]
+fn in_repo_symlinks_are_keyed_by_their_target() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.s]\nrun = \"cat in/*.txt in/dir/* > s.out || true\"\ninputs = [\"in\"]\noutputs = [\"s.out\"]\n",
+    );
+    repo.write("targets/a.txt", "A1\n");
+    repo.write("targets/d/x", "X1\n");
+    let outside = repo.sibling("outside.txt");
+    std::fs::write(&outside, "O1").unwrap();
+    std::fs::create_dir_all(repo.path("in")).unwrap();
+    std::os::unix::fs::symlink("../targets/a.txt", repo.path("in/file.txt")).unwrap();
+    std::os::unix::fs::symlink("../targets/d", repo.path("in/dir")).unwrap();
+    std::os::unix::fs::symlink(&outside, repo.path("in/out.txt")).unwrap();
+    std::os::unix::fs::symlink("../targets/missing.txt", repo.path("in/dangling.txt")).unwrap();
+    std::os::unix::fs::symlink(".", repo.path("in/self")).unwrap();
+    let first = repo.run(&[]).ok();
+    let warned = |r: &Run, what: &str| r.stderr.lines().filter(|l| l.contains("warning") && l.contains(what)).count();
+    assert_eq!(warned(&first, "`in/out.txt` links out of the repository"), 1, "{}", first.stderr);
+    assert_eq!(warned(&first, "`in/self`"), 1, "{}", first.stderr);
+    let inputs = keyed_inputs(&repo, "s");
+    let blake = |s: &str| blake3::hash(s.as_bytes()).to_hex().to_string();
+    assert!(inputs.contains(&("in/file.txt".into(), blake("A1\n"))), "{inputs:?}");
+    assert!(inputs.contains(&("in/dir/x".into(), blake("X1\n"))), "{inputs:?}");
+    assert!(inputs.contains(&("in/out.txt".into(), outside.display().to_string())), "{inputs:?}");
+    assert!(inputs.contains(&("in/dangling.txt".into(), "../targets/missing.txt".into())), "{inputs:?}");
+    assert!(inputs.contains(&("in/self".into(), ".".into())), "{inputs:?}");
+    // Editing a target the stage reads through a link reruns it.
+    repo.write("targets/a.txt", "A2\n");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.reason_of("s")["path"], "in/file.txt");
+    repo.write("targets/d/x", "X2\n");
+    assert_eq!(repo.run(&[]).ok().reason_of("s")["path"], "in/dir/x");
+    // Creating the dangling link's target is a change; outside content is not an input.
+    repo.write("targets/missing.txt", "M\n");
+    assert_eq!(repo.run(&[]).ok().reason_of("s")["path"], "in/dangling.txt");
+    std::fs::write(&outside, "O2").unwrap();
+    assert!(repo.run(&[]).ok().ran().is_empty());
 }

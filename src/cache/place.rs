@@ -1,0 +1,174 @@
+//! Writing recorded outputs back into the repository without ever following a link.
+//!
+//! A restore writes what a cache entry (possibly imported from another machine) says. Paths are checked
+//! before (they must lie inside the stage's declared outputs), and here every directory on the way is
+//! opened relative to its parent with `O_NOFOLLOW`, so a symlink planted in the workspace (`out -> ../.git`)
+//! cannot redirect a write: a link above the declared output refuses the restore, one at or below it is
+//! part of the output and is replaced. Files and links are created under a temporary name in their final
+//! directory and renamed over the old entry, which replaces a link instead of writing through it.
+
+use crate::relpath::RelPath;
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{Mode, SFlag, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, symlinkat, unlinkat};
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
+
+/// The repository root, opened once; everything below is reached from it one component at a time.
+pub struct Root(OwnedFd);
+
+fn os(name: &[u8]) -> &OsStr {
+    OsStr::from_bytes(name)
+}
+
+fn io_err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+impl Root {
+    pub fn open(root: &Path) -> io::Result<Root> {
+        // The root itself may be reached through links (`/tmp` on some systems): it is the user's choice.
+        let fd =
+            openat(nix::fcntl::AT_FDCWD, root, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(io_err)?;
+        Ok(Root(fd))
+    }
+
+    /// Open directory `dir`, creating missing directories. The first `keep` names must already be real
+    /// directories (links there refuse the restore); deeper names belong to the output and whatever is in
+    /// their way (a file, a link) is removed.
+    pub fn dir(&self, dir: &RelPath, keep: usize) -> io::Result<OwnedFd> {
+        let mut fd = self.0.try_clone()?;
+        let mut shown = RelPath::root();
+        for (depth, name) in dir.names().into_iter().enumerate() {
+            shown = shown.join_name(name);
+            fd = match openat(&fd, os(name), DIR_FLAGS, Mode::empty()) {
+                Ok(next) => next,
+                Err(Errno::ENOENT) => {
+                    mkdirat(&fd, os(name), Mode::from_bits_truncate(0o755)).map_err(io_err)?;
+                    openat(&fd, os(name), DIR_FLAGS, Mode::empty()).map_err(io_err)?
+                }
+                Err(Errno::ELOOP | Errno::ENOTDIR) if depth >= keep => {
+                    remove(&fd, name)?;
+                    mkdirat(&fd, os(name), Mode::from_bits_truncate(0o755)).map_err(io_err)?;
+                    openat(&fd, os(name), DIR_FLAGS, Mode::empty()).map_err(io_err)?
+                }
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    return Err(io::Error::other(format!(
+                        "`{shown}` is a symlink or not a directory; outputs are only restored through real directories"
+                    )));
+                }
+                Err(e) => return Err(io_err(e)),
+            };
+        }
+        Ok(fd)
+    }
+}
+
+/// A name for a file being written in `dir`, unique in this process.
+fn temp_name() -> Vec<u8> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(".kkpipe-restore-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).into_bytes()
+}
+
+/// Put `fill`'s content at `dir/name` with `mode`, replacing what is there. `fill` returns `false` to give
+/// up (the content is not available), leaving the old entry as it was.
+pub fn write_file(
+    dir: &OwnedFd,
+    name: &[u8],
+    mode: u32,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<bool>,
+) -> io::Result<bool> {
+    let tmp = temp_name();
+    let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = openat(dir, os(&tmp), flags, Mode::from_bits_truncate(0o600)).map_err(io_err)?;
+    let mut file = std::fs::File::from(fd);
+    let done = fill(&mut file).and_then(|ok| {
+        if ok {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        Ok(ok)
+    });
+    drop(file);
+    match done {
+        Ok(true) => replace_with(dir, &tmp, name).map(|()| true),
+        other => {
+            let _ = unlinkat(dir, os(&tmp), UnlinkatFlags::NoRemoveDir);
+            other
+        }
+    }
+}
+
+/// Make `dir/name` a symlink with `target`, replacing what is there.
+pub fn write_link(dir: &OwnedFd, name: &[u8], target: &[u8]) -> io::Result<()> {
+    let tmp = temp_name();
+    symlinkat(os(target), dir, os(&tmp)).map_err(io_err)?;
+    replace_with(dir, &tmp, name)
+}
+
+/// Rename `tmp` over `name` (a directory in the way is removed first: rename cannot replace it).
+fn replace_with(dir: &OwnedFd, tmp: &[u8], name: &[u8]) -> io::Result<()> {
+    if is_dir(dir, name) {
+        remove(dir, name)?;
+    }
+    renameat(dir, os(tmp), dir, os(name)).map_err(|e| {
+        let _ = unlinkat(dir, os(tmp), UnlinkatFlags::NoRemoveDir);
+        io_err(e)
+    })
+}
+
+fn is_dir(dir: &impl AsFd, name: &[u8]) -> bool {
+    fstatat(dir, os(name), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
+}
+
+/// Remove every entry of the open directory `dir` whose name is not in `keep`.
+pub fn prune(dir: &OwnedFd, keep: &HashSet<&[u8]>) -> io::Result<()> {
+    for name in list(dir)? {
+        if !keep.contains(&name[..]) {
+            remove(dir, &name)?;
+        }
+    }
+    Ok(())
+}
+
+/// The entry names of an open directory.
+fn list(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    // A descriptor of its own: a duplicate would share (and move) the directory's read position.
+    let fresh = openat(dir, ".", OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(io_err)?;
+    let d = nix::dir::Dir::from_fd(fresh).map_err(io_err)?;
+    let mut names = Vec::new();
+    for e in d {
+        let e = e.map_err(io_err)?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    Ok(names)
+}
+
+/// Remove `dir/name` whatever it is, never following a link (a directory is emptied first, through
+/// descriptors opened without following links).
+fn remove(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    if is_dir(dir, name) {
+        let sub = openat(dir, os(name), DIR_FLAGS, Mode::empty()).map_err(io_err)?;
+        for n in list(&sub)? {
+            remove(&sub, &n)?;
+        }
+        return unlinkat(dir, os(name), UnlinkatFlags::RemoveDir).map_err(io_err);
+    }
+    match unlinkat(dir, os(name), UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(io_err(e)),
+    }
+}

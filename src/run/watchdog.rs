@@ -1,0 +1,167 @@
+//! The stage watchdog: a small process that stops kkpipe's stages when kkpipe dies, however it dies.
+//!
+//! Stages run in process groups of their own (so a terminal's Ctrl-C reaches kkpipe first), which also means
+//! nothing stops them when kkpipe is SIGKILLed: a killed deploy would keep applying while the next one starts.
+//! So the first stage spawned also starts this binary as `kkpipe __kkpipe-watchdog`, with its stdin a pipe whose
+//! write end only kkpipe holds. kkpipe writes `+PGID` when a stage's group starts and `-PGID` once it is fully
+//! finished; the watchdog keeps that set. When kkpipe exits for any reason (normal exit, panic, internal error,
+//! SIGKILL) the kernel closes the pipe, the watchdog reads EOF and stops every group still registered: SIGTERM,
+//! up to [`GRACE`] for them to go, then SIGKILL. After a normal run the set is empty and it exits at once.
+//!
+//! Why a pipe and not `PR_SET_PDEATHSIG` on each stage: that needs an `unsafe` `pre_exec`, fires when the
+//! spawning *thread* ends (here a short-lived job thread), and reaches only the shell, not the processes it
+//! starts. A pipe's EOF is process-wide, needs no unsafe code, and the watchdog signals the whole group.
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStdin, Command, ExitCode, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The hidden first argument that makes the binary a watchdog (dispatched in `main.rs`, before clap).
+pub const ARG: &str = "__kkpipe-watchdog";
+
+/// How long stages get after SIGTERM before SIGKILL.
+pub const GRACE: Duration = Duration::from_secs(5);
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// The write end of the watchdog's stdin, or `None` if it could not be started. Process-wide: it watches
+/// this process's death. Never closed before exit: closing it is what tells the watchdog to act.
+static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
+
+/// Start the watchdog if it is not running yet. Called before a stage is spawned, so that the stage is
+/// unwatched only between its spawn and its `+PGID` line, not for the time the watchdog takes to start.
+pub fn start() {
+    pipe();
+}
+
+fn pipe() -> Option<&'static Mutex<ChildStdin>> {
+    WATCHDOG
+        .get_or_init(|| match launch() {
+            Ok(stdin) => Some(Mutex::new(stdin)),
+            Err(e) => {
+                eprintln!("warning: cannot start the stage watchdog ({e}): stages would outlive a killed kkpipe");
+                None
+            }
+        })
+        .as_ref()
+}
+
+fn launch() -> std::io::Result<ChildStdin> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(ARG)
+        // std opens the pipe close-on-exec, so stages never inherit the write end (which would hide
+        // kkpipe's death from the watchdog for as long as a stage lives).
+        .stdin(Stdio::piped())
+        // Never holds the caller's stdout/stderr open after kkpipe exits (`$(kkpipe ...)`, CI log pipes).
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: a terminal's Ctrl-C goes to kkpipe, not to the watchdog.
+        .process_group(0)
+        .spawn()?;
+    // The child is never waited for: it outlives us by design and is reaped by whoever inherits it.
+    child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin pipe"))
+}
+
+/// A stage's process group, registered with the watchdog until dropped.
+#[must_use = "the group is unregistered when the guard is dropped"]
+pub struct Watch {
+    pgid: i32,
+}
+
+/// Register `pgid` with the watchdog (starting it if needed); dropping the guard unregisters it. Drop the
+/// guard only once the group is fully finished, leftovers killed.
+pub fn watch(pgid: i32) -> Watch {
+    send('+', pgid);
+    Watch { pgid }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        send('-', self.pgid);
+    }
+}
+
+/// Write errors are ignored: if the watchdog is gone, the run goes on as it would without one (std ignores
+/// SIGPIPE, so a write to a closed pipe is just an error).
+fn send(op: char, pgid: i32) {
+    if let Some(pipe) = pipe() {
+        let mut w = pipe.lock().unwrap_or_else(|e| e.into_inner());
+        // One short write: well under PIPE_BUF, so never split.
+        let _ = w.write_all(format!("{op}{pgid}\n").as_bytes());
+    }
+}
+
+/// The watchdog process: read `+PGID` / `-PGID` lines until EOF, then stop the groups still registered.
+pub fn serve() -> ExitCode {
+    // A count, not a set: a pgid number freed by a finished stage can be reused by a new one before the
+    // old stage's `-` line arrives.
+    let mut groups: HashMap<i32, usize> = HashMap::new();
+    let mut input = std::io::stdin().lock();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match input.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let Some((op, pgid)) = parse(&line) else {
+            continue;
+        };
+        if op == b'+' {
+            *groups.entry(pgid).or_default() += 1;
+        } else if let Some(n) = groups.get_mut(&pgid) {
+            *n -= 1;
+            if *n == 0 {
+                groups.remove(&pgid);
+            }
+        }
+    }
+    stop(groups.into_keys().collect());
+    ExitCode::SUCCESS
+}
+
+/// `+PGID` or `-PGID`. Groups 0 and 1 are refused: `killpg` would signal our own group or every process.
+fn parse(line: &[u8]) -> Option<(u8, i32)> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let (&op, num) = line.split_first()?;
+    let pgid: i32 = std::str::from_utf8(num).ok()?.parse().ok()?;
+    (matches!(op, b'+' | b'-') && pgid > 1).then_some((op, pgid))
+}
+
+/// SIGTERM every group, wait up to [`GRACE`] for them to be gone, SIGKILL the rest.
+fn stop(mut groups: Vec<i32>) {
+    for &g in &groups {
+        let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + GRACE;
+    loop {
+        // Signal 0 only checks: an error (no such group) means every process of the group has exited.
+        groups.retain(|&g| killpg(Pid::from_raw(g), None).is_ok());
+        if groups.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    for g in groups {
+        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn lines_parse_and_dangerous_groups_are_refused() {
+        assert_eq!(parse(b"+1234\n"), Some((b'+', 1234)));
+        assert_eq!(parse(b"-1234"), Some((b'-', 1234)));
+        for bad in [&b"+0\n"[..], b"+1\n", b"+-5\n", b"*12\n", b"+\n", b"\n", b"+12x\n"] {
+            assert_eq!(parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Stage lifetime: no stage outlives kkpipe, however kkpipe ends (the watchdog, src/run/watchdog.rs).
+
+use crate::harness::*;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn proc_pids() -> impl Iterator<Item = String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether any live process is still in process group `pgid` (the stage's shell and all it started).
+fn group_alive(pgid: i32) -> bool {
+    proc_pids().any(|p| stat(&p).is_some_and(|(s, g)| g == pgid && !matches!(s, 'Z' | 'X')))
+}
+
+/// Live watchdogs started by a kkpipe running in `dir` (they inherit its working directory).
+fn watchdogs_in(dir: &Path) -> Vec<String> {
+    let dir = dir.canonicalize().unwrap();
+    proc_pids()
+        .filter(|p| {
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            cmdline.split(|&b| b == 0).any(|a| a == b"__kkpipe-watchdog")
+                && std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c == dir)
+                && stat(p).is_some_and(|(s, _)| !matches!(s, 'Z' | 'X'))
+        })
+        .collect()
+}
+
+/// If the test fails, do not leave the stage's group running for a minute.
+struct KillGroupOnPanic(i32);
+
+impl Drop for KillGroupOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() && group_alive(self.0) {
+            let _ = killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Run `script` as a stage (it writes its shell's pid to `$PID_FILE`, outside the repository, then waits),
+/// SIGKILL kkpipe while it runs, and require the stage's whole process group to be gone within 10 s.
+fn sigkilled_kkpipe_takes_its_stage_along(script: &str) {
+    let repo = Repo::empty();
+    let pid_file = repo.sibling("stage.pid");
+    let stderr_file = repo.sibling("kkpipe.stderr");
+    repo.write(
+        "pipeline.toml",
+        &format!("[stages.long]\nrun = {script:?}\nenv = {{ PID_FILE = {:?} }}\n", pid_file.to_str().unwrap()),
+    );
+    let mut kkpipe = repo
+        .cmd_in(&repo.root, &["run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .unwrap();
+    let stderr = || std::fs::read_to_string(&stderr_file).unwrap_or_default();
+
+    let mut pid = None;
+    let started = within(Duration::from_secs(20), || {
+        pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.strip_suffix('\n')?.parse::<i32>().ok());
+        pid.is_some()
+    });
+    assert!(started, "the stage did not start:\n{}", stderr());
+    let pid = pid.unwrap();
+    let _cleanup = KillGroupOnPanic(pid);
+    assert!(
+        within(Duration::from_secs(20), || !watchdogs_in(&repo.root).is_empty()),
+        "no watchdog is running:\n{}",
+        stderr()
+    );
+
+    // The race is set up: kkpipe is running the stage, whose shell leads a live process group.
+    assert!(kkpipe.try_wait().unwrap().is_none(), "kkpipe ended before it was killed:\n{}", stderr());
+    assert!(alive(pid) && group_alive(pid), "the stage is alive right before kkpipe is killed");
+    kkpipe.kill().unwrap(); // SIGKILL: no handler, no Drop, no cleanup in kkpipe itself.
+    kkpipe.wait().unwrap();
+
+    let gone = within(Duration::from_secs(10), || !alive(pid) && !group_alive(pid));
+    assert!(gone, "stage {pid} (or its group) outlived the SIGKILLed kkpipe:\n{}", stderr());
+    assert!(
+        within(Duration::from_secs(10), || watchdogs_in(&repo.root).is_empty()),
+        "the watchdog lingers after its stages are gone"
+    );
+}
+
+#[test]
+fn stages_die_with_kkpipe_even_on_sigkill() {
+    sigkilled_kkpipe_takes_its_stage_along("echo $$ > \"$PID_FILE\"; sleep 60");
+}
+
+/// SIGTERM is only the polite first step: a stage that ignores it is SIGKILLed after the grace period.
+#[test]
+fn a_stage_that_ignores_sigterm_dies_with_kkpipe_too() {
+    // Ignored before the pid is written, so the kill cannot land before the trap is set.
+    sigkilled_kkpipe_takes_its_stage_along("trap '' TERM; echo $$ > \"$PID_FILE\"; sleep 60");
+}
+
+/// After a normal run there is nothing to stop: the watchdog exits as soon as kkpipe does.
+#[test]
+fn a_normal_run_leaves_no_watchdog_behind() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.s]\nrun = \"echo hi > out.txt\"\noutputs = [\"out.txt\"]\n");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["s"]);
+    assert!(!r.stderr.contains("watchdog"), "{}", r.stderr);
+    assert!(within(Duration::from_secs(5), || watchdogs_in(&repo.root).is_empty()), "a watchdog outlives kkpipe");
+}

@@ -1,0 +1,221 @@
+//! Restores write only a stage's own declared outputs, exactly as recorded; archives carry the ledger.
+
+use crate::harness::*;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// Rewrite `archive.json` of the archive at `from` into a new archive at `to`.
+fn rewrite_archive(from: &Path, to: &Path, edit: impl Fn(&mut Value)) {
+    let raw = zstd::decode_all(std::fs::File::open(from).unwrap()).unwrap();
+    let mut ar = tar::Archive::new(&raw[..]);
+    let mut out = tar::Builder::new(Vec::new());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_path_buf();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        if name.ends_with("archive.json") {
+            let mut doc: Value = serde_json::from_slice(&data).unwrap();
+            edit(&mut doc);
+            data = serde_json::to_vec_pretty(&doc).unwrap();
+        }
+        let mut h = e.header().clone();
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.append(&h, &data[..]).unwrap();
+    }
+    std::fs::write(to, zstd::encode_all(&out.into_inner().unwrap()[..], 3).unwrap()).unwrap();
+}
+
+/// Every path below `dir` (directories with a trailing `/`), without the cache.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| e.file_name() != ".kkpipe")
+        .map(|e| {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(dir).unwrap().display().to_string();
+            if e.file_type().is_dir() { format!("{rel}/") } else { rel }
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+const ONE_OUTPUT: &str = "[stages.build]\nrun = \"mkdir -p out && cat src.txt > out/app.txt\"\ninputs = [\"src.txt\"]\noutputs = [\"out\"]\n";
+
+/// Item 1: an imported record may name only a path inside its stage's current declared outputs: not a git
+/// hook, not a tracked input, not a link out of its output. Import rejects such an archive up front, names
+/// it and the record, and writes nothing.
+#[test]
+fn archives_are_trusted_too_much() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n").write(".git/hooks/README", "hooks\n");
+    repo.run(&[]).ok();
+    let good = repo.sibling("good.tar.zst");
+    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let other = Repo::empty();
+    other.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n").write(".git/hooks/README", "hooks\n");
+    let retarget = |path: &'static str, target: Option<&'static str>| {
+        move |doc: &mut Value| {
+            for o in doc["entries"][0]["outputs"].as_array_mut().unwrap() {
+                if o["path"] == "out/app.txt" {
+                    o["path"] = path.into();
+                    o["exec"] = true.into();
+                    if let Some(t) = target {
+                        o["hash"] = Value::Null;
+                        o["target"] = t.into();
+                    }
+                }
+            }
+        }
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("hook", Box::new(retarget(".git/hooks/pre-commit", None)), "inside `.git` or `.kkpipe`"),
+        ("input", Box::new(retarget("src.txt", None)), "not inside the stage's declared outputs"),
+        ("link-out", Box::new(retarget("out/evil", Some("../../outside"))), "points out of the output `out`"),
+        ("link-abs", Box::new(retarget("out/evil", Some("/etc/passwd"))), "points out of the output `out`"),
+    ];
+    for (name, edit, expect) in cases {
+        let bad = other.sibling(&format!("{name}.tar.zst"));
+        rewrite_archive(&good, &bad, edit);
+        let before = tree(&other.root);
+        let r = other.kk(&["cache", "import", bad.to_str().unwrap()]);
+        assert_eq!(r.code, 2, "{name}: {}", r.all());
+        assert!(r.stderr.contains(&format!("rejected the archive `{}`", bad.display())), "{name}: {}", r.stderr);
+        assert!(r.stderr.contains(expect) && r.stderr.contains("output record"), "{name}: {}", r.stderr);
+        assert_eq!(tree(&other.root), before, "{name}: the import wrote something");
+        // And nothing is restored from it: the stage runs from its own inputs.
+        assert_eq!(other.run(&[]).ok().ran(), ["build"], "{name}");
+        assert!(!other.exists(".git/hooks/pre-commit"));
+        assert_eq!(other.read("src.txt"), "v1\n");
+        std::fs::remove_dir_all(other.path(".kkpipe")).unwrap();
+        std::fs::remove_dir_all(other.path("out")).unwrap();
+    }
+}
+
+/// Item 1, locally: a restore never writes through a symlink planted where a directory on the way to an
+/// output should be; the stage runs instead (here it refuses to, so nothing is written at all).
+#[test]
+fn a_restore_never_writes_through_a_symlink_in_the_workspace() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.build]\nrun = \"test ! -L gen && mkdir -p gen && cat src.txt > gen/app.txt\"\ninputs = [\"src.txt\"]\noutputs = [\"gen/app.txt\"]\n",
+    );
+    repo.write("src.txt", "v1\n");
+    repo.run(&[]).ok();
+    std::fs::remove_dir_all(repo.path("gen")).unwrap();
+    let elsewhere = repo.sibling("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, repo.path("gen")).unwrap();
+    let r = repo.run(&[]);
+    assert_eq!(r.code, 1, "the stage ran (and refused the link): {}", r.all());
+    assert_eq!(r.reason_of("build")["kind"], "output-not-restored", "{}", r.stdout);
+    assert!(r.reason_of("build")["why"].as_str().unwrap().contains("`gen` is a symlink"), "{}", r.stdout);
+    assert!(tree(&elsewhere).is_empty(), "restored through the link: {:?}", tree(&elsewhere));
+    check_schema(&schema("kkpipe.run.v1.json"), &r.stdout);
+}
+
+/// Item 5: after a restore an output directory holds exactly what was recorded (files, links, empty
+/// directories; extra files removed), and a stage that reads the restored outputs sees them.
+#[test]
+fn outputs_are_restored_exactly() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.build]\nrun = \"mkdir -p out/empty out/sub && cat src.txt > out/a.txt && echo b > out/sub/b.txt && ln -sf a.txt out/link && chmod +x out/a.txt\"\n\
+         inputs = [\"src.txt\"]\noutputs = [\"out\"]\n\
+         [stages.use]\nrun = \"ls -R out > use.out && cat out/a.txt >> use.out\"\nneeds = [\"build\"]\ninputs = [\"out/**\"]\noutputs = [\"use.out\"]\n",
+    );
+    repo.write("src.txt", "v1\n");
+    repo.run(&[]).ok();
+    let recorded = tree(&repo.path("out"));
+    assert_eq!(recorded, ["a.txt", "empty/", "link", "sub/", "sub/b.txt"]);
+    let used = repo.read("use.out");
+    // Hand edits: a file dropped in, an empty directory gone, a file changed and its mode dropped.
+    repo.write("out/extra.txt", "junk\n").write("out/sub/more/deep.txt", "junk\n").write("out/a.txt", "edited\n");
+    std::fs::set_permissions(repo.path("out/a.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_dir(repo.path("out/empty")).unwrap();
+    assert_eq!(repo.state_of("build"), "restored");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["build"], "{}", r.stdout);
+    assert!(r.ran().is_empty(), "nothing reruns: {}", r.stdout);
+    assert_eq!(tree(&repo.path("out")), recorded);
+    assert_eq!(repo.read("out/a.txt"), "v1\n");
+    assert_ne!(std::fs::metadata(repo.path("out/a.txt")).unwrap().permissions().mode() & 0o111, 0);
+    assert_eq!(std::fs::read_link(repo.path("out/link")).unwrap().to_str(), Some("a.txt"));
+    assert_eq!(repo.read("use.out"), used);
+    // Lost entirely (`git clean`): restored, and the reader is fresh against the restored files.
+    std::fs::remove_dir_all(repo.path("out")).unwrap();
+    std::fs::remove_file(repo.path("use.out")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["build", "use"], "{}", r.stdout);
+    assert_eq!(tree(&repo.path("out")), recorded);
+    assert!(repo.run(&[]).ok().ran().is_empty());
+}
+
+/// Item 5: a bare directory input that does not exist when the pipeline is loaded still means everything
+/// below it once an upstream stage creates it: a second run reruns nothing.
+#[test]
+fn a_bare_directory_input_created_by_an_upstream_stage_means_everything_below_it() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.gen]\nrun = \"mkdir -p gen && cat src.txt > gen/f.txt\"\ninputs = [\"src.txt\"]\noutputs = [\"gen\"]\n\
+         [stages.read]\nrun = \"cat gen/f.txt > read.out\"\nneeds = [\"gen\"]\ninputs = [\"gen\"]\noutputs = [\"read.out\"]\n",
+    );
+    repo.write("src.txt", "v1\n");
+    assert!(!repo.exists("gen"));
+    assert_eq!(repo.run(&[]).ok().ran(), ["gen", "read"]);
+    assert_eq!(repo.input_paths("read"), ["gen/f.txt"]);
+    let second = repo.run(&[]).ok();
+    assert!(second.ran().is_empty(), "{}", second.stdout);
+}
+
+const DEPLOY: &str = "[stages.deploy]\nkind = \"deploy\"\nrun = \"test ! -e ../fail.flag && cat app.txt >> ../live.log\"\ninputs = [\"app.txt\"]\n";
+
+/// Item 6: an export carries the latest attempt of each deploy, failed ones too, so the runner after a
+/// failed deploy redeploys; imported attempts never outrank later local ones, whatever their clock said.
+#[test]
+fn the_deploy_ledger_survives_moving_runners() {
+    let a = Repo::empty();
+    a.write("pipeline.toml", DEPLOY).write("app.txt", "v1\n");
+    a.run(&[]).ok();
+    // The same inputs, deployed again after a forced run that failed half-way: the live state is unknown.
+    std::fs::write(a.sibling("fail.flag"), "").unwrap();
+    assert_eq!(a.run(&["--force", "deploy"]).code, 1);
+    let archive = a.sibling("a.tar.zst");
+    a.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    std::fs::remove_file(a.sibling("fail.flag")).unwrap();
+
+    let b = Repo::empty();
+    b.write("pipeline.toml", DEPLOY).write("app.txt", "v1\n");
+    b.touch_all(100);
+    b.kk(&["cache", "import", archive.to_str().unwrap()]).ok();
+    let r = b.run(&[]).ok();
+    assert_eq!(r.ran(), ["deploy"], "{}", r.stdout);
+    assert_eq!(r.reason_of("deploy")["kind"], "last-run-failed");
+
+    // A runner whose clock ran ahead: its success of v1 is dated 2100. Here v2 is deployed after the import;
+    // going back to v1 must deploy v1 again.
+    let c = Repo::empty();
+    c.write("pipeline.toml", DEPLOY).write("app.txt", "v1\n");
+    let ahead = c.sibling("ahead.tar.zst");
+    b.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    rewrite_archive(&archive, &ahead, |doc| {
+        for e in doc["entries"].as_array_mut().unwrap() {
+            e["started_at"] = 4_102_444_800_000i64.into();
+        }
+    });
+    c.kk(&["cache", "import", ahead.to_str().unwrap()]).ok();
+    assert!(c.run(&[]).ok().ran().is_empty(), "v1 was deployed (by the other runner)");
+    c.write("app.txt", "v2\n");
+    assert_eq!(c.run(&[]).ok().ran(), ["deploy"]);
+    c.write("app.txt", "v1\n");
+    let back = c.run(&[]).ok();
+    assert_eq!(back.ran(), ["deploy"], "the local v2 deploy is the head of the ledger: {}", back.stdout);
+}
