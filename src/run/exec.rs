@@ -102,7 +102,6 @@ fn command(cmd: &Spec) -> Command {
 
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
-    watchdog::start();
     let mut child = match command(cmd).spawn() {
         Ok(ch) => ch,
         Err(e) => {

@@ -119,6 +119,7 @@ pub fn acquire(
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     file.write_all(text.as_bytes()).map_err(io)?;
+    wait_for_stages(cache_dir, start, timeout, &mut on_wait)?;
     // Marks the holder alive, after its record is complete. Blocks only while a reader's probe lasts.
     let live_path = cache_dir.join(LIVE_NAME);
     let live = fs::OpenOptions::new()
@@ -130,4 +131,34 @@ pub fn acquire(
         .and_then(|f| f.lock().map(|()| f))
         .map_err(|source| Error::Io { path: live_path, source })?;
     Ok(RunLock { _live: live, _file: file })
+}
+
+/// Wait until no watchdog of an earlier, killed run is still stopping its stages (it holds
+/// `stages.lock` until they are gone: see `run::watchdog`), within what is left of `timeout`.
+fn wait_for_stages(
+    cache_dir: &Path,
+    start: std::time::Instant,
+    timeout: Duration,
+    on_wait: &mut impl FnMut(&str),
+) -> Result<(), Error> {
+    let path = cache_dir.join(super::watchdog::LOCK_NAME);
+    let Ok(file) = fs::File::open(&path) else { return Ok(()) }; // no run has spawned a stage here yet
+    let mut told = false;
+    loop {
+        match file.try_lock_shared() {
+            Ok(()) => return Ok(()), // released when `file` is dropped
+            Err(fs::TryLockError::WouldBlock) => {
+                let what = "a killed kkpipe run whose stages are still stopping";
+                if !told {
+                    on_wait(what);
+                    told = true;
+                }
+                if start.elapsed() >= timeout {
+                    return Err(Error::Timeout { path, waited: start.elapsed().as_secs(), holder: what.into() });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::Io { path, source: e }),
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! (see [`Scheduler`]'s `Drop`).
 
 use super::exec::{self, Exit, Msg};
+use super::watchdog;
 use super::{Env, Error, Options, Outcome};
 use crate::cache::outputs::{self, Disk, NotRestored};
 use crate::cache::{End, RunCounts, RunMeta, RunOutcome};
@@ -526,6 +527,7 @@ impl Scheduler<'_, '_> {
             cwd: stage.dir.under(&self.cx.pipeline.root),
             env: exec::stage_env(stage, self.env.caller_env, self.cx.env),
         };
+        watchdog::start(self.env.cache.dir());
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
         let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };
         self.slots[i] = Slot::Active(Box::new(active));

@@ -8,6 +8,11 @@
 //! SIGKILL) the kernel closes the pipe, the watchdog reads EOF and stops every group still registered: SIGTERM,
 //! up to [`GRACE`] for them to go, then SIGKILL. After a normal run the set is empty and it exits at once.
 //!
+//! The watchdog also holds an exclusive `flock` on `.kkpipe/stages.lock` for as long as it lives. The run lock
+//! is released the moment kkpipe dies, but its stages may still be stopping (a tool finishing cleanly on
+//! SIGTERM); the next run takes the run lock and then waits for `stages.lock` (see `lock::acquire`), so it
+//! never starts a deploy while a killed run's stages are still going.
+//!
 //! Why a pipe and not `PR_SET_PDEATHSIG` on each stage: that needs an `unsafe` `pre_exec`, fires when the
 //! spawning *thread* ends (here a short-lived job thread), and reaches only the shell, not the processes it
 //! starts. A pipe's EOF is process-wide, needs no unsafe code, and the watchdog signals the whole group.
@@ -17,6 +22,7 @@ use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{ChildStdin, Command, ExitCode, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -33,38 +39,48 @@ const POLL: Duration = Duration::from_millis(50);
 /// this process's death. Never closed before exit: closing it is what tells the watchdog to act.
 static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
 
-/// Start the watchdog if it is not running yet. Called before a stage is spawned, so that the stage is
-/// unwatched only between its spawn and its `+PGID` line, not for the time the watchdog takes to start.
-pub fn start() {
-    pipe();
+/// The file the watchdog holds locked while it lives, in the cache directory.
+pub const LOCK_NAME: &str = "stages.lock";
+
+/// Start the watchdog for the cache in `cache_dir` if it is not running yet. Called before the first stage
+/// is spawned, so a stage is unwatched only between its spawn and its `+PGID` line, and a run with nothing
+/// to run starts no process.
+pub fn start(cache_dir: &Path) {
+    WATCHDOG.get_or_init(|| match launch(&cache_dir.join(LOCK_NAME)) {
+        Ok(stdin) => Some(Mutex::new(stdin)),
+        Err(e) => {
+            eprintln!("warning: cannot start the stage watchdog ({e}): stages would outlive a killed kkpipe");
+            None
+        }
+    });
 }
 
 fn pipe() -> Option<&'static Mutex<ChildStdin>> {
-    WATCHDOG
-        .get_or_init(|| match launch() {
-            Ok(stdin) => Some(Mutex::new(stdin)),
-            Err(e) => {
-                eprintln!("warning: cannot start the stage watchdog ({e}): stages would outlive a killed kkpipe");
-                None
-            }
-        })
-        .as_ref()
+    WATCHDOG.get().and_then(Option::as_ref)
 }
 
-fn launch() -> std::io::Result<ChildStdin> {
+fn launch(lock: &Path) -> std::io::Result<ChildStdin> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg(ARG)
+        .arg(lock)
         // std opens the pipe close-on-exec, so stages never inherit the write end (which would hide
         // kkpipe's death from the watchdog for as long as a stage lives).
         .stdin(Stdio::piped())
-        // Never holds the caller's stdout/stderr open after kkpipe exits (`$(kkpipe ...)`, CI log pipes).
-        .stdout(Stdio::null())
+        // Its stdout is a pipe to us only (one byte: "locked"), never the caller's: it must not hold
+        // `$(kkpipe ...)` or a CI log pipe open after kkpipe exits.
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         // Its own process group: a terminal's Ctrl-C goes to kkpipe, not to the watchdog.
         .process_group(0)
         .spawn()?;
     // The child is never waited for: it outlives us by design and is reaped by whoever inherits it.
-    child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin pipe"))
+    let mut stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin pipe"))?;
+    // Wait for the watchdog to hold its lock (it answers once it does): a stage never runs before that.
+    let mut ready = [0u8; 1];
+    let mut out = child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
+    std::io::Read::read_exact(&mut out, &mut ready)?;
+    stdin.flush()?;
+    Ok(stdin)
 }
 
 /// A stage's process group, registered with the watchdog until dropped.
@@ -96,8 +112,24 @@ fn send(op: char, pgid: i32) {
     }
 }
 
-/// The watchdog process: read `+PGID` / `-PGID` lines until EOF, then stop the groups still registered.
+/// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE`): lock LOCKFILE, say so on stdout, read
+/// `+PGID` / `-PGID` lines until EOF, then stop the groups still registered and exit (releasing the lock).
 pub fn serve() -> ExitCode {
+    let Some(path) = std::env::args_os().nth(2) else {
+        return ExitCode::FAILURE;
+    };
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .and_then(|f| f.lock().map(|()| f));
+    let Ok(_held) = held else {
+        return ExitCode::FAILURE;
+    };
+    if std::io::stdout().write_all(b"L").and_then(|()| std::io::stdout().flush()).is_err() {
+        return ExitCode::FAILURE;
+    }
     // A count, not a set: a pgid number freed by a finished stage can be reused by a new one before the
     // old stage's `-` line arrives.
     let mut groups: HashMap<i32, usize> = HashMap::new();

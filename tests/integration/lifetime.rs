@@ -111,3 +111,35 @@ fn a_normal_run_leaves_no_watchdog_behind() {
     assert!(!r.stderr.contains("watchdog"), "{}", r.stderr);
     assert!(within(Duration::from_secs(5), || watchdogs_in(&repo.root).is_empty()), "a watchdog outlives kkpipe");
 }
+
+/// The run lock is free the moment kkpipe is SIGKILLed, but its stage may take a while to stop (a tool that
+/// finishes cleanly on SIGTERM). The next run waits for it: two deploys never overlap.
+#[test]
+fn the_next_run_waits_for_the_stages_of_a_killed_run_to_stop() {
+    let repo = Repo::empty();
+    let log = repo.sibling("events.log");
+    let pid_file = repo.sibling("stage.pid");
+    repo.write(
+        "pipeline.toml",
+        &format!(
+            "[stages.old]\nkind = \"deploy\"\nrun = \"trap 'sleep 2; echo old-stopped >> \\\"$LOG\\\"; exit 0' TERM; echo $$ > \\\"$PID_FILE\\\"; sleep 60 & wait\"\n\
+             env = {{ LOG = {log:?}, PID_FILE = {pid:?} }}\n\
+             [stages.new]\nkind = \"deploy\"\nrun = \"echo new-started >> \\\"$LOG\\\"\"\nenv = {{ LOG = {log:?} }}\n",
+            log = log.to_str().unwrap(),
+            pid = pid_file.to_str().unwrap()
+        ),
+    );
+    let mut kkpipe =
+        repo.cmd_in(&repo.root, &["run", "old"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    assert!(within(Duration::from_secs(20), || pid_file.exists()), "the old stage did not start");
+    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let _cleanup = KillGroupOnPanic(pid);
+    kkpipe.kill().unwrap();
+    kkpipe.wait().unwrap();
+    // The old stage is still stopping (its trap takes 2 s) while the next run starts.
+    assert!(alive(pid), "the race is set up: the old stage is still running when the next run starts");
+    let next = repo.kk(&["run", "new"]);
+    assert_eq!(next.code, 0, "{}", next.all());
+    assert!(next.stderr.contains("held by a killed kkpipe run whose stages are still stopping"), "{}", next.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "old-stopped\nnew-started\n");
+}
