@@ -113,6 +113,10 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     if ssh_agent {
         secrets.insert("SSH_PRIVATE_KEY".into());
     }
+    // Shared by every runner, so stages with `secret_env` stay fresh on a fresh runner (docs/secrets.md).
+    if pipeline.stages.iter().any(|s| !s.secret_env.is_empty()) {
+        secrets.insert(crate::cache::SECRET_KEY_VAR.into());
+    }
     Facts {
         pr_stages,
         push_branches: branches.into_iter().collect(),

@@ -55,6 +55,12 @@ pub fn start(cache_dir: &Path) {
     });
 }
 
+/// Whether this process runs a watchdog: then `stages.lock` is held by our own, for our own stages (a process
+/// that runs several pipelines in turn, like `kkpipe demo`, must not wait for itself).
+pub fn ours() -> bool {
+    pipe().is_some()
+}
+
 fn pipe() -> Option<&'static Mutex<ChildStdin>> {
     WATCHDOG.get().and_then(Option::as_ref)
 }
