@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark kkpipe against b3sum, git status, go-task and turbo, side by side in one run (docs/performance.md).
 #
-#   bench/compare.sh [small|large|shared-large|all] [--runs N]
+#   bench/compare.sh [small|large|shared-large|all] [--runs N] [--contended]
 #   python3 bench/stages.py target/release/kkpipe "$WORK"    # no-op cost per stage and per pattern
 #
 # Everything lives under $WORK (default ${TMPDIR:-/tmp}/kkpipe-bench): the trees (made once by make-tree.py;

@@ -69,10 +69,11 @@ impl<'a> Session<'a> {
         secret_key: Option<[u8; 32]>,
         progress: bool,
     ) -> Session<'a> {
+        let mut matchers = crate::hash::select::Matchers::default();
         let matchers = pipeline
             .stages
             .iter()
-            .map(|s| Matcher::new(&s.inputs, s.outputs.iter().map(|o| o.path.clone()).collect()))
+            .map(|s| matchers.matcher(&s.inputs, s.outputs.iter().map(|o| o.path.clone()).collect()))
             .collect();
         Session {
             root: &pipeline.root,

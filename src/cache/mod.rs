@@ -171,6 +171,13 @@ impl Cache {
         self.conn
             .execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(|e| classify(&self.db_path, e))?;
+        // The query planner's stability guarantee: one plan per statement. Without it the bundled SQLite
+        // (built with STAT4) re-prepares a cached statement whenever a bound value changes, which was most of
+        // the cost of a no-op run of a thousand stages.
+        self.conn
+            .set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(|e| classify(&self.db_path, e))?;
+        self.conn.set_prepared_statement_cache_capacity(64);
         Ok(())
     }
 

@@ -4,14 +4,23 @@ use super::walk::{Group, Kind, Walked};
 use crate::pipeline::{InputSpec, has_glob_meta};
 use crate::relpath::RelPath;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Matcher {
     patterns: Vec<String>,
-    include: GlobSet,
-    /// The pattern (index into `patterns`) behind each glob of `include`.
+    /// Patterns without glob syntax, by their bytes (value: index into `patterns`). A literal means the path
+    /// and everything below it (a directory an upstream stage creates after the pipeline was loaded; an
+    /// existing one was already written `dir/**`). Looked up per ancestor, never compiled: a thousand stages
+    /// of literal paths cost no automaton at all.
+    literals: HashMap<Vec<u8>, usize>,
+    /// The other patterns, compiled (`None` when every pattern is literal).
+    globs: Option<GlobSet>,
+    /// The pattern (index into `patterns`) behind each glob of `globs`.
     owner: Vec<usize>,
-    exclude: GlobSet,
+    /// Shared by every stage with the same `exclude` list (most share the always-excluded ones).
+    exclude: Arc<GlobSet>,
     /// The stage's own outputs: a stage never depends on what it writes itself.
     own_outputs: Vec<RelPath>,
 }
@@ -21,31 +30,62 @@ fn glob(p: &str) -> Glob {
     GlobBuilder::new(p).literal_separator(true).backslash_escape(true).build().expect("validated glob")
 }
 
+fn glob_set<'a>(patterns: impl IntoIterator<Item = &'a String>) -> GlobSet {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(glob(p));
+    }
+    b.build().expect("validated globs")
+}
+
+/// Builds matchers, compiling each distinct `exclude` list once.
+#[derive(Default)]
+pub struct Matchers {
+    excludes: HashMap<Vec<String>, Arc<GlobSet>>,
+}
+
+impl Matchers {
+    pub fn matcher(&mut self, spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
+        let exclude = self.excludes.entry(spec.exclude.clone()).or_insert_with(|| Arc::new(glob_set(&spec.exclude)));
+        Matcher::with_exclude(spec, own_outputs, exclude.clone())
+    }
+}
+
 impl Matcher {
     pub fn new(spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
-        let mut inc = GlobSetBuilder::new();
+        Matcher::with_exclude(spec, own_outputs, Arc::new(glob_set(&spec.exclude)))
+    }
+
+    fn with_exclude(spec: &InputSpec, own_outputs: Vec<RelPath>, exclude: Arc<GlobSet>) -> Matcher {
+        let mut literals = HashMap::new();
         let mut owner = Vec::new();
+        let mut globbed = Vec::new();
         for (i, p) in spec.include.iter().enumerate() {
-            inc.add(glob(p));
-            owner.push(i);
-            // A literal path also means everything below it: a directory that an upstream stage creates
-            // after the pipeline was loaded (an existing one was already written `dir/**`).
-            if !has_glob_meta(p) {
-                inc.add(glob(&format!("{p}/**")));
+            if has_glob_meta(p) || p.contains('\\') {
                 owner.push(i);
+                globbed.push(p);
+            } else {
+                literals.entry(p.as_bytes().to_vec()).or_insert(i);
             }
-        }
-        let mut exc = GlobSetBuilder::new();
-        for p in &spec.exclude {
-            exc.add(glob(p));
         }
         Matcher {
             patterns: spec.include.clone(),
-            include: inc.build().expect("validated globs"),
+            literals,
+            globs: (!globbed.is_empty()).then(|| glob_set(globbed)),
             owner,
-            exclude: exc.build().expect("validated globs"),
+            exclude,
             own_outputs,
         }
+    }
+
+    /// The literal pattern that is `path` or one of its ancestors.
+    fn literal(&self, path: &RelPath) -> Option<usize> {
+        if self.literals.is_empty() {
+            return None;
+        }
+        let b = path.as_bytes();
+        let ends = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| i).chain([b.len()]);
+        ends.filter_map(|e| self.literals.get(&b[..e]).copied()).next()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,7 +99,7 @@ impl Matcher {
     pub fn matches(&self, path: &RelPath) -> bool {
         // One candidate for both sets: building it (file name, extension) is half the cost of a match.
         let c = globset::Candidate::new(path.as_path());
-        self.include.is_match_candidate(&c)
+        (self.literal(path).is_some() || self.globs.as_ref().is_some_and(|g| g.is_match_candidate(&c)))
             && !self.exclude.is_match_candidate(&c)
             && !self.own_outputs.iter().any(|o| path.starts_with(o))
     }
@@ -79,9 +119,13 @@ impl Matcher {
             if left == 0 {
                 break;
             }
-            self.include.matches_into(p.as_path(), &mut found);
-            for &g in &found {
-                if !std::mem::replace(&mut hit[self.owner[g]], true) {
+            found.clear();
+            if let Some(g) = &self.globs {
+                g.matches_into(p.as_path(), &mut found);
+            }
+            let globbed = found.iter().map(|&g| self.owner[g]);
+            for i in globbed.chain(self.literal(p)) {
+                if !std::mem::replace(&mut hit[i], true) {
                     left -= 1;
                 }
             }
@@ -207,6 +251,21 @@ mod tests {
             let want: Vec<&RelPath> = w.iter().map(|w| &w.path).filter(|p| m.matches(p)).collect();
             prop_assert_eq!(&got, &want);
             prop_assert!(got.windows(2).all(|p| p[0] < p[1]), "sorted and unique");
+        }
+    }
+
+    proptest! {
+        /// The literal fast path means what the globs `p` and `p/**` mean.
+        #[test]
+        fn a_literal_pattern_matches_itself_and_everything_below_it(
+            paths in prop::collection::vec(path(), 0..40),
+            literal in path(),
+        ) {
+            let m = Matcher::new(&spec(&[&literal], &[]), vec![]);
+            let reference = glob_set(&[literal.clone(), format!("{literal}/**")]);
+            for p in walked(&paths) {
+                prop_assert_eq!(m.matches(&p.path), reference.is_match(p.path.as_path()), "{}", p.path);
+            }
         }
     }
 

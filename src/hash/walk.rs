@@ -149,7 +149,11 @@ impl Walk<'_> {
         match fs::symlink_metadata(start.under(self.root)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((group(Vec::new()), Vec::new())),
             Err(e) => return Err(Error::read(start, e)),
-            Ok(meta) => rayon::scope(|scope| self.entry(scope, start.clone(), meta, &[], &out)),
+            Ok(meta) => rayon::scope(|scope| {
+                let mut batch = Batch::default();
+                self.entry(scope, start.clone(), meta, &[], &out, &mut batch);
+                batch.add_to(&out);
+            }),
         }
         let (files, results) = out.into_inner().expect("walk");
         let warnings = results.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -177,8 +181,8 @@ impl Walk<'_> {
         Ok(None)
     }
 
-    /// One directory entry (or start) found with `lstat` metadata `meta`. `chain`: where the walk followed
-    /// directory links on its way here, resolved.
+    /// One directory entry (or start) found with `lstat` metadata `meta`, added to `batch`; a directory
+    /// becomes a task of its own. `chain`: where the walk followed directory links on its way here, resolved.
     fn entry<'s>(
         &'s self,
         scope: &rayon::Scope<'s>,
@@ -186,6 +190,7 @@ impl Walk<'_> {
         meta: fs::Metadata,
         chain: &[PathBuf],
         out: &'s Found,
+        batch: &mut Batch,
     ) {
         let ft = meta.file_type();
         if ft.is_dir() {
@@ -193,7 +198,6 @@ impl Walk<'_> {
             scope.spawn(move |s| self.dir(s, path, chain, out));
             return;
         }
-        let mut warnings = Vec::new();
         let walked = if ft.is_symlink() {
             match self.resolve(&path, chain) {
                 Link::File(target) => Some(Walked { path, kind: Kind::File, stat: Stat::of(&target) }),
@@ -204,19 +208,17 @@ impl Walk<'_> {
                     None
                 }
                 Link::Kept(warning) => {
-                    warnings.extend(warning);
+                    batch.warnings.extend(warning);
                     Some(Walked { path, kind: Kind::Symlink, stat: Stat::of(&meta) })
                 }
             }
         } else {
-            classify(path, &meta, &mut warnings)
+            classify(path, &meta, &mut batch.warnings)
         };
-        if let Some(w) = &walked {
-            (self.on_file)(w);
+        if let Some(w) = walked {
+            (self.on_file)(&w);
+            batch.files.push(w);
         }
-        let mut found = out.lock().expect("walk");
-        found.0.extend(walked);
-        found.1.extend(warnings.into_iter().map(Ok));
     }
 
     /// Decide whether the link at `path` is followed (module docs). `chain`: directory links followed above.
@@ -256,31 +258,56 @@ impl Walk<'_> {
         }
     }
 
-    /// Read one directory and handle each entry (subdirectories become tasks of their own).
+    /// Read one directory and handle each entry; its files reach `out` in one batch (one lock per directory).
     fn dir<'s>(&'s self, scope: &rayon::Scope<'s>, dir: RelPath, chain: Vec<PathBuf>, out: &'s Found) {
-        let fail = |e: Error| out.lock().expect("walk").1.push(Err(e));
-        let rd = match fs::read_dir(dir.under(self.root)) {
-            Ok(rd) => rd,
-            Err(e) => return fail(Error::read(&dir, e)),
-        };
-        for entry in rd {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => return fail(Error::read(&dir, e)),
-            };
-            let name = entry.file_name();
-            let name = name.as_bytes();
-            if PRUNED.contains(&name) {
-                continue;
-            }
-            let path = dir.join_name(name);
-            // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
-            match entry.metadata() {
-                Ok(meta) => self.entry(scope, path, meta, &chain, out),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
-                Err(e) => return fail(Error::read(&path, e)),
+        let mut batch = Batch::default();
+        match fs::read_dir(dir.under(self.root)) {
+            Err(e) => batch.failure = Some(Error::read(&dir, e)),
+            Ok(rd) => {
+                for entry in rd {
+                    let entry = match entry {
+                        Ok(e) => e,
+                        Err(e) => {
+                            batch.failure = Some(Error::read(&dir, e));
+                            break;
+                        }
+                    };
+                    let name = entry.file_name();
+                    let name = name.as_bytes();
+                    if PRUNED.contains(&name) {
+                        continue;
+                    }
+                    let path = dir.join_name(name);
+                    // DirEntry::metadata is an lstat relative to the open directory: it never follows links.
+                    match entry.metadata() {
+                        Ok(meta) => self.entry(scope, path, meta, &chain, out, &mut batch),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // vanished mid-walk
+                        Err(e) => {
+                            batch.failure = Some(Error::read(&path, e));
+                            break;
+                        }
+                    }
+                }
             }
         }
+        batch.add_to(out);
+    }
+}
+
+/// What one directory contributed, added to the walk's results at once.
+#[derive(Default)]
+struct Batch {
+    files: Vec<Walked>,
+    warnings: Vec<String>,
+    failure: Option<Error>,
+}
+
+impl Batch {
+    fn add_to(self, out: &Found) {
+        let mut found = out.lock().expect("walk");
+        found.0.extend(self.files);
+        found.1.extend(self.warnings.into_iter().map(Ok));
+        found.1.extend(self.failure.map(Err));
     }
 }
 
