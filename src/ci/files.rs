@@ -17,6 +17,41 @@ use crate::pipeline::Pipeline;
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
+/// The forge a stage's `flux bootstrap` pushes to, by the command it runs: `flux bootstrap github` only works
+/// where the repository is on GitHub, and so on.
+fn bootstrap_forge(run: &str) -> Option<Provider> {
+    if run.contains("flux bootstrap github") {
+        Some(Provider::Github)
+    } else if run.contains("flux bootstrap gitlab") {
+        Some(Provider::Gitlab)
+    } else if run.contains("flux bootstrap git ") && run.contains("bitbucket") {
+        Some(Provider::Bitbucket)
+    } else {
+        None
+    }
+}
+
+/// A pipeline made for one forge does not become another's by changing its CI file: the stage that bootstraps
+/// Flux would push to the wrong one. Refused, naming the stage and the way out.
+pub fn check_forge(pipeline: &Pipeline, p: Provider) -> Result<(), String> {
+    for s in &pipeline.stages {
+        if let Some(forge) = bootstrap_forge(&s.run.join("\n"))
+            && forge != p
+        {
+            return Err(format!(
+                "stage `{}` runs `flux bootstrap` for {}, but this CI file is for {}; a pipeline is made for one \
+                 forge\n  hint: `kkpipe init --ci {} --force` writes a pipeline and CI file for {} (or edit the stage)",
+                s.name,
+                forge.title(),
+                p.title(),
+                p.name(),
+                p.title()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where each provider expects its file.
 pub fn file_name(p: Provider) -> &'static str {
     match p {
@@ -32,7 +67,8 @@ const VERSIONS: &[(&str, &str)] = &[
     ("TERRAFORM_VERSION", "1.11.4"),
     ("KUBEONE_VERSION", "1.8.0"),
     ("KKP_VERSION", "2.25.0"),
-    ("SOPS_VERSION", "3.7.1"),
+    // 3.7.2 is the first to read `SOPS_AGE_KEY` (the key the pipeline passes).
+    ("SOPS_VERSION", "3.8.1"),
     ("KUBECTL_VERSION", "1.30.5"),
     ("FLUX_VERSION", "2.3.0"),
 ];
@@ -50,7 +86,8 @@ fn install(tool: &str) -> Option<&'static str> {
             "mkdir -p \"$HOME/kkp\" && curl -fsSL \"https://github.com/kubermatic/kubermatic/releases/download/v${KKP_VERSION}/kubermatic-ce-v${KKP_VERSION}-linux-amd64.tar.gz\" | tar -xz -C \"$HOME/kkp\" && $SUDO ln -sf \"$HOME/kkp/kubermatic-installer\" /usr/local/bin/kubermatic-installer"
         }
         "sops" => {
-            "$SUDO curl -fsSLo /usr/local/bin/sops \"https://github.com/getsops/sops/releases/download/v${SOPS_VERSION}/sops-v${SOPS_VERSION}.linux.amd64\" && $SUDO chmod +x /usr/local/bin/sops"
+            // The release asset is `sops-vX.linux` up to 3.7.x and `sops-vX.linux.amd64` from 3.8.
+            "case \"$SOPS_VERSION\" in 3.[0-7].*) asset=linux ;; *) asset=linux.amd64 ;; esac && $SUDO curl -fsSLo /usr/local/bin/sops \"https://github.com/getsops/sops/releases/download/v${SOPS_VERSION}/sops-v${SOPS_VERSION}.${asset}\" && $SUDO chmod +x /usr/local/bin/sops"
         }
         "kubectl" => {
             "$SUDO curl -fsSLo /usr/local/bin/kubectl \"https://dl.k8s.io/release/v${KUBECTL_VERSION}/bin/linux/amd64/kubectl\" && $SUDO chmod +x /usr/local/bin/kubectl"

@@ -65,6 +65,7 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     let root = super::root(settings)?;
     let p = crate::pipeline::load(&root)?;
     crate::graph::Graph::build(&p)?;
+    files::check_forge(&p, args.provider).map_err(Error::Usage)?;
     let text = files::render(&p, args.provider);
     if args.stdout {
         print!("{text}");

@@ -92,7 +92,10 @@ pub fn log(settings: &Settings, args: &LogArgs) -> Result<u8, Error> {
         timestamp(sr.started_at),
         age(sr.started_at)
     );
-    let log = cache.log(sr.id)?.unwrap_or_default();
+    let mut log = cache.log(sr.id)?.unwrap_or_default();
+    if !settings.color {
+        log = anstream::adapter::strip_bytes(&log).into_vec();
+    }
     let _ = std::io::stdout().lock().write_all(&log);
     Ok(exit::OK)
 }

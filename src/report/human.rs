@@ -219,8 +219,16 @@ impl Human {
         }
     }
 
-    /// A line of stage output: printed now, prefixed (plain style), or kept for the stage's group.
+    /// A line of stage output: printed now, prefixed (plain style), or kept for the stage's group. Tools
+    /// colour their output whatever it is written to (terraform does): without colour, it is taken out.
     fn line(&mut self, stage: &str, line: &[u8]) {
+        let plain;
+        let line = if self.color {
+            line
+        } else {
+            plain = anstream::adapter::strip_bytes(line).into_vec();
+            &plain
+        };
         match self.style {
             Style::Plain => {
                 if !self.quiet {

@@ -60,10 +60,17 @@ fn generated_files_wire_secrets_serialise_deploys_and_save_the_cache_after_failu
     assert!(gh.contains("!.kkpipe/sensitive"));
     assert!(!gh.contains("paths:"), "no path filter may skip a required check");
 
-    let gl = repo.kk(&["ci", "gitlab", "--stdout"]).ok().stdout;
+    // Each provider's file from a pipeline made for it (a GitHub pipeline gets no GitLab file: see below).
+    let made_for = |ci: &str| {
+        let r = Repo::empty();
+        std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+        r.kk(&["init", "--ci", ci, "--cloud", "aws"]).ok();
+        r.kk(&["ci", ci, "--stdout"]).ok().stdout
+    };
+    let gl = made_for("gitlab");
     assert!(gl.contains("resource_group:") && gl.contains("when: always") && gl.contains("fallback_keys:"), "{gl}");
     assert!(gl.contains("kkpipe cache export .kkpipe-ci/cache.tar.zst"));
-    let bb = repo.kk(&["ci", "bitbucket", "--stdout"]).ok().stdout;
+    let bb = made_for("bitbucket");
     assert!(bb.contains("deployment: production") && bb.contains("kkpipe-result/exit-code"), "{bb}");
     assert!(bb.contains("--max-size 800M"), "{bb}");
 }
@@ -397,4 +404,42 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
+}
+
+/// Issue 13, item 9: a pipeline made for GitHub (its Flux stage runs `flux bootstrap github`) is not given a
+/// GitLab or Bitbucket file, which would bootstrap Flux against the wrong forge; the error says the way out.
+#[test]
+fn a_pipeline_made_for_one_forge_gets_no_ci_file_for_another() {
+    let repo = Repo::kkp_demo();
+    for other in ["gitlab", "bitbucket"] {
+        let r = repo.kk(&["ci", other, "--stdout"]);
+        assert_eq!(r.code, 2, "{other}: {}", r.all());
+        assert!(r.stdout.is_empty(), "nothing is printed: {}", r.stdout);
+        assert!(r.stderr.contains("stage `flux-bootstrap` runs `flux bootstrap` for GitHub"), "{}", r.stderr);
+        assert!(r.stderr.contains(&format!("kkpipe init --ci {other} --force")), "{}", r.stderr);
+    }
+    assert!(!repo.exists(".gitlab-ci.yml") && !repo.exists("bitbucket-pipelines.yml"));
+    assert_eq!(repo.kk(&["ci", "github", "--stdout"]).code, 0);
+}
+
+/// Issue 13, item 8: sops is pinned to a version that reads `SOPS_AGE_KEY` (3.7.2+), and its download URL
+/// follows the release's asset name for the version (`.linux` up to 3.7.x, `.linux.amd64` from 3.8).
+#[test]
+fn the_sops_pin_reads_the_age_key_and_its_url_names_the_real_asset() {
+    let repo = Repo::kkp_demo();
+    let gh = repo.kk(&["ci", "github", "--stdout"]).ok().stdout;
+    let pin = gh.lines().find_map(|l| l.trim().strip_prefix("SOPS_VERSION: ")).expect("a sops pin").trim_matches('"');
+    let v: Vec<u32> = pin.split('.').map(|p| p.parse().unwrap()).collect();
+    assert!(v >= vec![3, 7, 2], "sops {pin} does not read SOPS_AGE_KEY");
+    let line = gh.lines().find(|l| l.contains("getsops/sops/releases")).unwrap();
+    // The asset the install line downloads, for the pinned version and for an older one.
+    for (version, asset) in [(pin, if v >= vec![3, 8, 0] { "linux.amd64" } else { "linux" }), ("3.7.3", "linux")] {
+        let script = format!(
+            "SOPS_VERSION={version}; SUDO=echo; curl() {{ echo \"$@\"; }}; {}",
+            line.trim().trim_start_matches("- ").trim_start_matches("run: ")
+        );
+        let out = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("/v{version}/sops-v{version}.{asset}")), "{version}: {text} (from {line})");
+    }
 }

@@ -338,3 +338,19 @@ fn piped_output_has_no_progress_bars_or_colours() {
     let plain = repo.kk(&["--color", "auto", "status"]).ok();
     assert!(!plain.stdout.contains('\u{1b}'));
 }
+
+/// Issue 13, item 14: tools colour their output even into a pipe (terraform does); kkpipe passes colours on
+/// only when it colours its own output (a terminal, a CI log, `--color always`), in the run and in `kkpipe log`.
+#[test]
+fn stage_output_colours_reach_only_a_coloured_output() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.s]\nrun = \"printf '\\\\033[1mbold\\\\033[0m plain\\\\n'\"\n");
+    let piped = repo.kk(&["run"]).ok();
+    assert!(piped.all().contains("bold plain"), "{}", piped.all());
+    assert!(!piped.all().contains('\u{1b}'), "escape codes in piped output: {:?}", piped.all());
+    let log = repo.kk(&["log", "s"]).ok();
+    assert_eq!(log.stdout.trim_end(), "bold plain");
+    let coloured = repo.kk(&["--color", "always", "run", "--force", "s"]).ok();
+    assert!(coloured.all().contains("\u{1b}[1mbold\u{1b}[0m plain"), "{:?}", coloured.all());
+    assert!(repo.kk(&["--color", "always", "log", "s"]).ok().stdout.contains("\u{1b}[1mbold"));
+}
