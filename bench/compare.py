@@ -141,7 +141,7 @@ def bench(preset):
     rows["noop"], rows["git"] = measure("kkpipe status, no-op", f"{k} -q status", tree, runs=runs, against=git)
     touch = f"{files} | xargs -0 touch"
     if have_b3:
-        rows["touch"], _ = measure("kkpipe status, every file touched", f"{k} -q status", tree, touch, runs, b3par)
+        rows["touch"], rows["b3sum_touch"] = measure("kkpipe status, every file touched", f"{k} -q status", tree, touch, runs, b3par)
     else:
         rows["touch"] = measure("kkpipe status, every file touched", f"{k} -q status", tree, prepare=touch, runs=runs)
     sh("sleep 2.1", tree)
@@ -183,7 +183,8 @@ def targets(lines, label, R):
     add("no-op `status` / `git status`", "<= 1.0", ratio(R["noop"], R["git"]), 1.0)
     if "b3sum_par" in R:
         add("cold `status` / `b3sum`", "<= 1.0", ratio(R["cold"], R["b3sum_par"]), 1.0)
-        add("every file touched / `b3sum`", "<= 0.8", ratio(R["touch"], R["b3sum_par"]), 0.8)
+        # Against the b3sum runs alternated with it (the same machine load), not the cold row's.
+        add("every file touched / `b3sum`", "<= 0.8", ratio(R["touch"], R["b3sum_touch"]), 0.8)
     add("one file edited / no-op", "<= 1.2", ratio(R["edit"], R["noop2"]), 1.2)
     if "turbo fully cached rerun" in R:
         add("no-op / turbo fully cached rerun", "<= 0.2", ratio(R["noop"], R["turbo fully cached rerun"]), 0.2)

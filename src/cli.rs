@@ -254,15 +254,17 @@ pub struct InitArgs {
     #[arg(long, value_enum)]
     pub ci: crate::ci::Provider,
 
-    /// The cloud the KKP master cluster runs in.
+    /// The cloud the KKP master cluster runs in. Default: the one whose terraform module directory the
+    /// repository has (`terraform/aws`, `terraform/gce` or `terraform/gcp`, ...), when there is exactly one.
     #[arg(long, value_enum)]
-    pub cloud: crate::kkp::template::Cloud,
+    pub cloud: Option<crate::kkp::template::Cloud>,
 
     /// Also manage Route53 records for the KKP endpoints (AWS only).
     #[arg(long)]
     pub dns: bool,
 
-    /// Overwrite an existing pipeline.toml (and CI file).
+    /// Overwrite an existing pipeline.toml and CI file (the wizard's workflow has the same name as kkpipe's
+    /// GitHub file; init says what it replaces).
     #[arg(long)]
     pub force: bool,
 }

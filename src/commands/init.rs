@@ -3,29 +3,77 @@
 use crate::ci::files;
 use crate::cli::{CiArgs, InitArgs};
 use crate::error::{Error, exit};
-use crate::kkp::template::{self, Variant};
+use crate::kkp::template::{self, Cloud, Variant};
 use crate::pipeline::FILE_NAME;
 use crate::settings::Settings;
 use std::path::Path;
 
+/// The cloud and terraform module directory of the repository in `dir`: the one asked for, or the only one
+/// there is. A module directory that does not exist is an error: the pipeline would plan nothing.
+fn layout(dir: &Path, asked: Option<Cloud>) -> Result<(Cloud, &'static str), Error> {
+    let present = |c: Cloud| c.module_dirs().iter().copied().find(|d| dir.join(d).is_dir());
+    let looked = |clouds: &[Cloud]| {
+        clouds.iter().flat_map(|c| c.module_dirs()).map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ")
+    };
+    if let Some(c) = asked {
+        return present(c).map(|d| (c, d)).ok_or_else(|| {
+            Error::Usage(format!(
+                "no terraform module for `--cloud {}`: looked for {}\n  hint: run `kkpipe init` in a KKP repository \
+                 (the layout the KKP wizard generates: docs/kkp-pipeline.md)",
+                c.name(),
+                looked(&[c])
+            ))
+        });
+    }
+    let found: Vec<(Cloud, &'static str)> =
+        template::ALL_CLOUDS.iter().filter_map(|&c| present(c).map(|d| (c, d))).collect();
+    match found[..] {
+        [one] => Ok(one),
+        [] => Err(Error::Usage(format!(
+            "cannot tell the cloud: none of {} exists\n  hint: run `kkpipe init` in a KKP repository, or pass `--cloud`",
+            looked(template::ALL_CLOUDS)
+        ))),
+        _ => Err(Error::Usage(format!(
+            "cannot tell the cloud: the repository has {}\n  hint: pass `--cloud`",
+            found.iter().map(|(_, d)| format!("`{d}`")).collect::<Vec<_>>().join(" and ")
+        ))),
+    }
+}
+
+/// What an existing file at `path` is, for the message that replaces it (the wizard's workflow says its name).
+fn describe(path: &Path) -> String {
+    let name = std::fs::read_to_string(path).ok().and_then(|t| {
+        t.lines().find_map(|l| l.strip_prefix("name:").map(|n| n.trim().trim_matches(['"', '\'']).to_string()))
+    });
+    match name {
+        Some(n) => format!("`{}` (the workflow \"{n}\")", path.display()),
+        None => format!("`{}`", path.display()),
+    }
+}
+
 pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
-    let v =
-        Variant { ci: args.ci, cloud: args.cloud, dns: args.dns }.check().map_err(|e| Error::Usage(e.to_string()))?;
     let dir = &settings.start_dir;
+    let (cloud, tf) = match args.cloud {
+        // An unsupported combination is refused before the layout is looked at.
+        Some(c) => {
+            Variant::new(args.ci, c, args.dns).check().map_err(|e| Error::Usage(e.to_string()))?;
+            layout(dir, Some(c))?
+        }
+        None => layout(dir, None)?,
+    };
+    let v =
+        Variant { tf, ..Variant::new(args.ci, cloud, args.dns) }.check().map_err(|e| Error::Usage(e.to_string()))?;
+    if args.cloud.is_none() {
+        eprintln!("kkpipe: `{tf}` is there: `--cloud {}`", cloud.name());
+    }
     let file = dir.join(FILE_NAME);
     let ci_file = dir.join(files::file_name(v.ci));
     for f in [&file, &ci_file] {
         if f.exists() && !args.force {
-            return Err(Error::Usage(format!("`{}` already exists; pass `--force` to overwrite it", f.display())));
+            return Err(Error::Usage(format!("{} already exists; pass `--force` to replace it", describe(f))));
         }
     }
-    let tf = dir.join(v.tf_dir());
-    if !tf.is_dir() {
-        eprintln!(
-            "warning: `{}` does not exist; the pipeline expects the KKP repository layout (docs/kkp-pipeline.md)",
-            v.tf_dir()
-        );
-    }
+    let replaced: Vec<String> = [&file, &ci_file].into_iter().filter(|f| f.exists()).map(|f| describe(f)).collect();
     let text = template::render(v);
     // The CI file is generated from the pipeline just written, so the two always agree.
     let pipeline = crate::pipeline::parse(dir, &file, &text).or_else(|e| match e {
@@ -44,6 +92,9 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let ci_text = files::render(&pipeline, v.ci);
     write(&file, &text)?;
     write(&ci_file, &ci_text)?;
+    for r in replaced {
+        eprintln!("kkpipe: replaced {r}");
+    }
     eprintln!(
         "kkpipe: wrote `{}` with stages {}, and `{}`",
         file.display(),

@@ -11,7 +11,7 @@ mod embedded {
 }
 
 /// The demo is a GitHub Actions + AWS + Route53 repository.
-pub const VARIANT: Variant = Variant { ci: Provider::Github, cloud: Cloud::Aws, dns: true };
+pub const VARIANT: Variant = Variant::new(Provider::Github, Cloud::Aws, true);
 
 /// Write the demo repository into `dir` (which must exist and be empty). An error names the path it is about.
 pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {

@@ -29,6 +29,18 @@ impl Cloud {
         }
     }
 
+    /// Where a KKP repository keeps this cloud's terraform module, the wizard's name first: its GCP
+    /// repositories use `terraform/gce` (docs/dev/wizard-facts.md, §1.1).
+    pub const fn module_dirs(self) -> &'static [&'static str] {
+        match self {
+            Cloud::Aws => &["terraform/aws"],
+            Cloud::Gcp => &["terraform/gce", "terraform/gcp"],
+            Cloud::Azure => &["terraform/azure"],
+            Cloud::Openstack => &["terraform/openstack"],
+            Cloud::Vsphere => &["terraform/vsphere"],
+        }
+    }
+
     /// The `--storageclass` the KKP installer creates for this cloud.
     pub fn storage_class(self) -> &'static str {
         match self {
@@ -79,9 +91,16 @@ pub struct Variant {
     pub ci: Provider,
     pub cloud: Cloud,
     pub dns: bool,
+    /// The terraform module directory, one of `cloud.module_dirs()`.
+    pub tf: &'static str,
 }
 
 impl Variant {
+    /// A variant with the cloud's usual module directory (the wizard's name).
+    pub const fn new(ci: Provider, cloud: Cloud, dns: bool) -> Variant {
+        Variant { ci, cloud, dns, tf: cloud.module_dirs()[0] }
+    }
+
     pub fn check(self) -> Result<Variant, Unsupported> {
         if !supported_clouds(self.ci).contains(&self.cloud) {
             return Err(Unsupported::Cloud { ci: self.ci, cloud: self.cloud });
@@ -98,7 +117,7 @@ impl Variant {
     }
 
     pub fn tf_dir(self) -> String {
-        format!("terraform/{}", self.cloud.name())
+        self.tf.to_string()
     }
 
     /// The stage names this variant has, in pipeline order.
@@ -563,12 +582,12 @@ mod tests {
 
     #[test]
     fn unsupported_combinations_name_the_supported_ones() {
-        let e = Variant { ci: Provider::Bitbucket, cloud: Cloud::Openstack, dns: false }.check().unwrap_err();
+        let e = Variant::new(Provider::Bitbucket, Cloud::Openstack, false).check().unwrap_err();
         assert_eq!(
             e.to_string(),
             "Bitbucket Pipelines pipelines support these clouds: aws, gcp; `openstack` is not one of them"
         );
-        let e = Variant { ci: Provider::Gitlab, cloud: Cloud::Gcp, dns: true }.check().unwrap_err();
+        let e = Variant::new(Provider::Gitlab, Cloud::Gcp, true).check().unwrap_err();
         assert!(e.to_string().contains("--cloud aws"));
     }
 
@@ -577,7 +596,7 @@ mod tests {
         for ci in [Provider::Github, Provider::Gitlab, Provider::Bitbucket] {
             for &cloud in supported_clouds(ci) {
                 for dns in [false, true] {
-                    let Ok(v) = (Variant { ci, cloud, dns }).check() else {
+                    let Ok(v) = Variant::new(ci, cloud, dns).check() else {
                         continue;
                     };
                     let text = render(v);

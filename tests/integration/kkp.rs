@@ -417,3 +417,52 @@ fn the_demo_says_how_to_get_terraform_when_it_is_missing() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("`terraform` is not on PATH") && r.stderr.contains("install terraform"), "{}", r.stderr);
 }
+
+/// Issue 13, item 1: `init` reads the repository. The wizard's GCP repositories keep terraform in
+/// `terraform/gce` (docs/dev/wizard-facts.md); the cloud is inferred when the layout says it; the wizard's
+/// workflow (same file name as kkpipe's) is replaced only with `--force`, and init says what it replaced.
+#[test]
+fn init_reads_a_wizard_layout_and_replaces_the_wizards_workflow_only_with_force() {
+    let repo = Repo::empty();
+    repo.write("terraform/gce/main.tf", "# module\n");
+    for d in ["kubeone", "kubermatic", "flux/clusters/master"] {
+        std::fs::create_dir_all(repo.path(d)).unwrap();
+    }
+    let wizard = "name: KKP delivery pipeline with GitOps\non:\n  push:\n    branches: [main]\n";
+    repo.write(".github/workflows/kkp.yaml", wizard);
+    let r = repo.kk(&["init", "--ci", "github"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("the workflow \"KKP delivery pipeline with GitOps\"") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(repo.read(".github/workflows/kkp.yaml"), wizard);
+    assert!(!repo.exists("pipeline.toml"));
+
+    let r = repo.kk(&["init", "--ci", "github", "--force"]).ok();
+    assert!(r.stderr.contains("`terraform/gce` is there: `--cloud gcp`"), "{}", r.stderr);
+    assert!(r.stderr.contains("replaced") && r.stderr.contains("KKP delivery pipeline with GitOps"), "{}", r.stderr);
+    let pipeline = repo.read("pipeline.toml");
+    assert!(pipeline.contains("dir = \"terraform/gce\"") && !pipeline.contains("terraform/gcp"), "{pipeline}");
+    assert!(repo.read(".github/workflows/kkp.yaml").contains("kkpipe run"));
+    assert_eq!(repo.kk(&["status"]).code, 0, "the pipeline loads in this layout");
+}
+
+/// Without the module directory, or with two clouds' modules and no `--cloud`, init refuses and says why.
+#[test]
+fn init_refuses_a_layout_without_the_clouds_module() {
+    let repo = Repo::empty();
+    let r = repo.kk(&["init", "--ci", "github", "--cloud", "gcp"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("looked for `terraform/gce`, `terraform/gcp`"), "{}", r.stderr);
+    let r = repo.kk(&["init", "--ci", "github"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("cannot tell the cloud") && r.stderr.contains("`terraform/aws`"), "{}", r.stderr);
+    std::fs::create_dir_all(repo.path("terraform/aws")).unwrap();
+    std::fs::create_dir_all(repo.path("terraform/gce")).unwrap();
+    let r = repo.kk(&["init", "--ci", "github"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("`terraform/aws` and `terraform/gce`") && r.stderr.contains("--cloud"), "{}", r.stderr);
+    assert!(!repo.exists("pipeline.toml"));
+}
