@@ -68,8 +68,11 @@ impl Settings {
                 let name = Trigger::parse(text).ok_or_else(|| {
                     Error::Usage(format!("unknown event `{text}`; known events: {}", Trigger::known()))
                 })?;
-                // An explicit event keeps the CI's branch only when it is the same event.
-                let branch = sel.branch.clone().or_else(|| detected.filter(|e| e.name == name).and_then(|e| e.branch));
+                // An explicit event keeps the CI's branch when the branch means the same for both: the branch the
+                // job runs on for push, schedule and manual runs (a manual run given `--event push` is a push of
+                // its branch, with the branch filter), the target branch for pull requests.
+                let same_meaning = |e: &Event| (e.name == Trigger::PullRequest) == (name == Trigger::PullRequest);
+                let branch = sel.branch.clone().or_else(|| detected.filter(same_meaning).and_then(|e| e.branch));
                 Some(Event { name, branch })
             }
             (None, Some(mut e)) => {

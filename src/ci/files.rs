@@ -271,7 +271,9 @@ fn github(f: &Facts) -> String {
         t.push_str("      - name: Start an ssh-agent with the nodes' key\n        uses: webfactory/ssh-agent@v0.9.0\n");
         t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
     }
-    t.push_str("      - name: kkpipe run\n        run: kkpipe run\n");
+    // A manual run (`workflow_dispatch`) is a push of the chosen branch: the push stages, with their branch
+    // filter. As the event it is, `manual`, it would select only stages that list it: none in the KKP pipeline.
+    t.push_str("      - name: kkpipe run\n        run: kkpipe run ${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}\n");
     let env: Vec<&String> = f.secrets.iter().filter(|s| *s != "SSH_PRIVATE_KEY").collect();
     if !env.is_empty() {
         t.push_str("        env:\n");
@@ -323,7 +325,8 @@ fn gitlab(f: &Facts) -> String {
     for l in before {
         let _ = writeln!(t, "    - {}", yq(&l));
     }
-    t.push_str("  script:\n    - kkpipe run\n");
+    // A pipeline started from the web UI is a push of its branch (see the GitHub file).
+    t.push_str("  script:\n    - \"if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi\"\n");
     t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
     t.push_str("kkp:merge-request:\n  extends: .kkpipe\n  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n\n");
     t.push_str("kkp:push:\n  extends: .kkpipe\n");

@@ -443,3 +443,44 @@ fn the_sops_pin_reads_the_age_key_and_its_url_names_the_real_asset() {
         assert!(text.contains(&format!("/v{version}/sops-v{version}.{asset}")), "{version}: {text} (from {line})");
     }
 }
+
+/// Issue 13, item 12: a manual run (`workflow_dispatch`, GitLab's web pipelines) used to select no stage (the
+/// KKP stages run on `push`); the generated files run it as a push of its branch.
+#[test]
+fn manual_runs_run_the_push_stages_of_their_branch() {
+    let repo = Repo::kkp_demo();
+    let gh = repo.kk(&["ci", "github", "--stdout"]).ok().stdout;
+    let run = gh.lines().find(|l| l.trim_start().starts_with("run: kkpipe run")).expect("the run step").trim();
+    let expr = "${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}";
+    assert_eq!(run, format!("run: kkpipe run {expr}"), "{gh}");
+    // What the job then does, as GitHub evaluates the expression for each event.
+    for (event, args) in [("workflow_dispatch", vec!["--event", "push"]), ("push", vec![])] {
+        let mut cmd = repo.cmd_in(&repo.root, &["run", "--dry-run", "--json"]);
+        cmd.args(&args).env("GITHUB_ACTIONS", "true").env("GITHUB_EVENT_NAME", event).env("GITHUB_REF_NAME", "main");
+        let r = Run::from(cmd.output().unwrap());
+        assert_eq!(r.code, 0, "{event}: {}", r.all());
+        let would: Vec<String> = r.with_state("would-run");
+        assert!(would.contains(&"kkp-deploy".to_string()), "{event}: {}", r.stdout);
+    }
+    // Without the mapping, a manual event selects nothing: what the old files did.
+    let mut cmd = repo.cmd_in(&repo.root, &["run", "--dry-run"]);
+    cmd.env("GITHUB_ACTIONS", "true").env("GITHUB_EVENT_NAME", "workflow_dispatch").env("GITHUB_REF_NAME", "main");
+    let bare = Run::from(cmd.output().unwrap());
+    assert!(bare.stderr.contains("no stage runs on"), "{}", bare.all());
+    // A manual run of another branch is a push to that branch: it deploys nothing.
+    let mut cmd = repo.cmd_in(&repo.root, &["run", "--dry-run", "--event", "push"]);
+    cmd.env("GITHUB_ACTIONS", "true").env("GITHUB_EVENT_NAME", "workflow_dispatch").env("GITHUB_REF_NAME", "feature");
+    let other = Run::from(cmd.output().unwrap());
+    assert!(other.stderr.contains("no stage runs on"), "{}", other.all());
+
+    let gl = {
+        let r = Repo::empty();
+        std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+        r.kk(&["init", "--ci", "gitlab", "--cloud", "aws"]).ok();
+        r.read(".gitlab-ci.yml")
+    };
+    assert!(
+        gl.contains("if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi"),
+        "{gl}"
+    );
+}
