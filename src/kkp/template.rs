@@ -216,11 +216,17 @@ fn tf_exclude() -> Vec<String> {
         .collect()
 }
 
-/// `terraform init` for the state backend of this variant.
-fn tf_init(v: Variant) -> String {
+/// `terraform init` for the state backend of this variant; `state` names the state (one per module).
+fn tf_init(v: Variant, state: &str) -> String {
     match v.ci {
-        // GitLab-managed state over the http backend, authenticated with the job token.
-        Provider::Gitlab => "terraform init -input=false -backend-config=\"address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp\" -backend-config=\"lock_address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp/lock\" -backend-config=\"unlock_address=$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/kkp/lock\" -backend-config=username=gitlab-ci-token -backend-config=\"password=$CI_JOB_TOKEN\" -backend-config=lock_method=POST -backend-config=unlock_method=DELETE -backend-config=retry_wait_min=5".into(),
+        // GitLab-managed state over the http backend, authenticated with the job token. Every module has a
+        // state of its own (`kkp`, `dns`): a local state file would be lost with the job.
+        Provider::Gitlab => {
+            let url = format!("$CI_API_V4_URL/projects/$CI_PROJECT_ID/terraform/state/{state}");
+            format!(
+                "terraform init -input=false -backend-config=\"address={url}\" -backend-config=\"lock_address={url}/lock\" -backend-config=\"unlock_address={url}/lock\" -backend-config=username=gitlab-ci-token -backend-config=\"password=$CI_JOB_TOKEN\" -backend-config=lock_method=POST -backend-config=unlock_method=DELETE -backend-config=retry_wait_min=5"
+            )
+        }
         _ => "terraform init -input=false".into(),
     }
 }
@@ -303,7 +309,7 @@ fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     plan.on_pr = true;
     plan.per_env = true;
     plan.dir = Some(tf.to_string());
-    plan.run = vec![tf_init(v), "terraform plan -input=false -out=plan.tfplan".into()];
+    plan.run = vec![tf_init(v, "kkp"), "terraform plan -input=false -out=plan.tfplan".into()];
     plan.inputs = tf_inputs(tf);
     plan.exclude = tf_exclude();
     plan.outputs = vec![Out(format!("{tf}/plan.tfplan"), true, None)];
@@ -322,7 +328,7 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
     apply.kind_deploy = true;
     apply.dir = Some(tf.to_string());
     apply.run = vec![
-        tf_init(v),
+        tf_init(v, "kkp"),
         "terraform apply -input=false -auto-approve plan.tfplan".into(),
         "terraform output -json > output.json".into(),
     ];
@@ -331,14 +337,14 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
     apply.outputs = vec![Out(
         format!("{tf}/output.json"),
         true,
-        Some(format!("{} > /dev/null && terraform output -json > output.json", tf_init(v))),
+        Some(format!("{} > /dev/null && terraform output -json > output.json", tf_init(v, "kkp"))),
     )];
     apply.needs = vec!["terraform-plan"];
     apply.pass_env = [creds(v), backend_env(v)].concat();
     apply.tools = vec!["terraform"];
     apply.verify = Some(format!(
         "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color",
-        tf_init(v)
+        tf_init(v, "kkp")
     ));
     apply.retry_needs_if = Some("Saved plan is stale");
     apply
@@ -399,17 +405,15 @@ fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
         Stage::new("dns-update", "Register the KKP endpoints in Route53 for the ingress address kkp-deploy found.");
     dns.kind_deploy = true;
     dns.dir = Some(dns_dir.to_string());
-    dns.run = vec![
-        "terraform init -input=false".into(),
-        format!("terraform apply -input=false -auto-approve {}", dns_var(dns_dir)),
-    ];
+    dns.run = vec![tf_init(v, "dns"), format!("terraform apply -input=false -auto-approve {}", dns_var(dns_dir))];
     dns.inputs = tf_inputs(dns_dir);
     dns.exclude = tf_exclude();
     dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
-    dns.pass_env = creds(v);
+    dns.pass_env = [creds(v), backend_env(v)].concat();
     dns.tools = vec!["terraform"];
     dns.verify = Some(format!(
-        "terraform init -input=false > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
+        "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
+        tf_init(v, "dns"),
         dns_var(dns_dir)
     ));
     dns

@@ -466,3 +466,22 @@ fn init_refuses_a_layout_without_the_clouds_module() {
     assert!(r.stderr.contains("`terraform/aws` and `terraform/gce`") && r.stderr.contains("--cloud"), "{}", r.stderr);
     assert!(!repo.exists("pipeline.toml"));
 }
+
+/// Issue 13, item 7: on GitLab, dns-update keeps its terraform state in GitLab too (a state named `dns`, beside
+/// the cluster's `kkp`), not in a local file that is lost when the job ends.
+#[test]
+fn on_gitlab_the_dns_state_is_gitlab_managed_under_its_own_name() {
+    let repo = init_repo("gitlab", "aws", true);
+    let stages = stage_table(&repo);
+    let run = |name: &str| strings(&stages[name], "run").join("\n");
+    let dns = run("dns-update");
+    assert!(dns.contains("terraform/state/dns\"") && dns.contains("terraform/state/dns/lock\""), "{dns}");
+    assert!(!dns.contains("terraform/state/kkp"), "{dns}");
+    assert!(strings(&stages["dns-update"], "pass_env").contains(&"CI_JOB_TOKEN".to_string()));
+    let verify = stages["dns-update"]["verify"].as_str().unwrap();
+    assert!(verify.contains("terraform/state/dns\""), "the probe reads the same state: {verify}");
+    assert!(run("terraform-plan").contains("terraform/state/kkp\""));
+    // GitHub keeps the backend the module declares.
+    let gh = init_repo("github", "aws", true);
+    assert!(!strings(&stage_table(&gh)["dns-update"], "run").join("\n").contains("backend-config"));
+}
