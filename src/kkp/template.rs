@@ -154,6 +154,8 @@ struct Stage {
     outputs: Vec<Out>,
     needs: Vec<&'static str>,
     pass_env: Vec<String>,
+    /// Keyed settings, each with the comment that documents it in the file.
+    env: Vec<(&'static str, &'static str, &'static str)>,
     tools: Vec<&'static str>,
     verify: Option<String>,
     retry_needs_if: Option<&'static str>,
@@ -174,6 +176,7 @@ impl Stage {
             outputs: Vec::new(),
             needs: Vec::new(),
             pass_env: Vec::new(),
+            env: Vec::new(),
             tools: Vec::new(),
             verify: None,
             retry_needs_if: None,
@@ -427,6 +430,20 @@ fn flux_bootstrap_stage(v: Variant) -> Stage {
     );
     flux.kind_deploy = true;
     (flux.run, flux.pass_env) = flux_commands(v.ci);
+    // `flux bootstrap github|gitlab` needs to know whether the owner is a user or an organisation / group.
+    match v.ci {
+        Provider::Github => flux.env.push((
+            "FLUX_PERSONAL",
+            "true",
+            "\"true\": the repository belongs to a user (as the KKP wizard's do; it passes --personal=true); \"false\" for an organisation's.",
+        )),
+        Provider::Gitlab => flux.env.push((
+            "FLUX_PERSONAL",
+            "false",
+            "\"false\": the project belongs to a group; \"true\" for a project in a user's personal namespace.",
+        )),
+        Provider::Bitbucket => {}
+    }
     flux.needs = vec!["kkp-deploy", "kubeone-apply"];
     flux.tools = vec!["flux"];
     flux.verify = Some("test -d flux/clusters/master/flux-system".into());
@@ -441,7 +458,7 @@ fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
             vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GITHUB_TOKEN=\"$TOKEN_GITHUB\"".into(),
                 format!(
-                    "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --token-auth {common}"
+                    "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --personal=\"$FLUX_PERSONAL\" --token-auth {common}"
                 ),
             ],
             vec!["TOKEN_GITHUB".into(), "GITHUB_REPOSITORY".into()],
@@ -450,7 +467,7 @@ fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
             vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
                 format!(
-                    "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --token-auth {common}"
+                    "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --personal=\"$FLUX_PERSONAL\" --token-auth {common}"
                 ),
             ],
             vec![
@@ -532,6 +549,13 @@ fn render_stage(t: &mut String, s: &Stage) {
     }
     if !s.pass_env.is_empty() {
         let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
+    }
+    if !s.env.is_empty() {
+        for (_, _, why) in &s.env {
+            let _ = writeln!(t, "# {why}");
+        }
+        let vars: Vec<String> = s.env.iter().map(|(k, v, _)| format!("{k} = {}", q(v))).collect();
+        let _ = writeln!(t, "env = {{ {} }}", vars.join(", "));
     }
     if !s.tools.is_empty() {
         let _ = writeln!(t, "tools = {}", list(&s.tools));

@@ -485,3 +485,22 @@ fn on_gitlab_the_dns_state_is_gitlab_managed_under_its_own_name() {
     let gh = init_repo("github", "aws", true);
     assert!(!strings(&stage_table(&gh)["dns-update"], "run").join("\n").contains("backend-config"));
 }
+
+/// Issue 13, item 6: `flux bootstrap github` needs `--personal` for a repository a user owns (the wizard's
+/// are; it passes `--personal=true`). It is the keyed setting `FLUX_PERSONAL` of the flux stage: changing it
+/// reruns only that stage, and a value flux cannot parse fails it as flux would.
+#[test]
+fn flux_bootstrap_says_whether_the_owner_is_a_user() {
+    let repo = Repo::kkp_demo();
+    push(&repo);
+    let stages = stage_table(&repo);
+    let flux = strings(&stages["flux-bootstrap"], "run").join("\n");
+    assert!(flux.contains("--personal=\"$FLUX_PERSONAL\""), "{flux}");
+    assert_eq!(stages["flux-bootstrap"]["env"]["FLUX_PERSONAL"].as_str(), Some("true"));
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"false\"");
+    assert_eq!(push(&repo).ran(), ["flux-bootstrap"]);
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"yes\"");
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("invalid argument \"yes\" for \"--personal\" flag"), "{}", r.all());
+}
