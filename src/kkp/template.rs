@@ -386,12 +386,20 @@ fn kkp_deploy_stage(v: Variant) -> Stage {
     kkp.run = vec![
         "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" SOPS_AGE_KEY=\"$SOPS_AGE_SECRET_KEY\"".into(),
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
-        "for f in kubermatic-configuration values cluster-issuer; do sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; done".into(),
+        // Wizard repositories keep cluster-issuer.yaml as plain YAML (no `sops:` block, which sops refuses
+        // to decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
+        "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done".into(),
         format!(
             "kubermatic-installer deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
             v.cloud.storage_class()
         ),
         "kubectl apply -f \"$decrypted/cluster-issuer.yaml\"".into(),
+        // What the Flux objects in flux/ read, as the wizard's workflow creates it (docs/dev/wizard-facts.md,
+        // §2.1): the Seed's kubeconfig, the HelmReleases' `valuesFrom`, the sops Kustomization's key.
+        "for ns in kubermatic logging monitoring iap; do kubectl create namespace \"$ns\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
+        "kubectl -n kubermatic create secret generic kubeconfig-cluster --from-file=kubeconfig=\"$KUBECONFIG\" --dry-run=client -o yaml | kubectl apply -f -".into(),
+        "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
+        "printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" | kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=/dev/stdin --dry-run=client -o yaml | kubectl apply -f -".into(),
         "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}' > kubermatic/ingress-address.txt".into(),
     ];
     kkp.inputs = vec!["kubermatic".into()];

@@ -84,14 +84,19 @@ pub fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>
 }
 
 /// The shell running `cmd`'s script: its directory, only its environment, piped output, no input.
+/// Run before the script, on its first line (so bash's line numbers in messages stay the script's): wait for
+/// kkpipe's go, which comes once the stage's process group is registered with the watchdog, then give the
+/// script no input. Without the go (kkpipe died in between) the stage exits before doing anything.
+const GATE: &str = "read -r _ || exit 125; exec </dev/null; ";
+
 fn command(cmd: &Spec) -> Command {
     let mut c = Command::new(SHELL[0]);
     c.args(&SHELL[1..])
-        .arg(&cmd.script)
+        .arg(format!("{GATE}{}", cmd.script))
         .current_dir(&cmd.cwd)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group: signals are forwarded to the whole tree, and a terminal's Ctrl-C reaches
@@ -115,8 +120,11 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         }
     };
     let pgid = child.id() as i32;
-    // Registered at once, so the group is stopped even if kkpipe is SIGKILLed from here on.
+    // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies.
     let watch = watchdog::watch(pgid);
+    if let Some(mut go) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut go, b"\n");
+    }
     let _ = tx.send(Msg::Spawned { job, pgid });
 
     let log = Arc::new(Mutex::new(Vec::new()));

@@ -504,3 +504,41 @@ fn flux_bootstrap_says_whether_the_owner_is_a_user() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("invalid argument \"yes\" for \"--personal\" flag"), "{}", r.all());
 }
+
+/// Issue 13, item 5 (in part): wizard repositories keep `kubermatic/cluster-issuer.yaml` as plain YAML, which
+/// `sops --decrypt` refuses ("sops metadata not found"); kkp-deploy applies it as it is and still decrypts the
+/// files sops encrypted.
+#[test]
+fn a_plain_cluster_issuer_is_applied_as_it_is() {
+    let repo = Repo::kkp_demo();
+    let plain = "apiVersion: cert-manager.io/v1\nkind: ClusterIssuer\nmetadata:\n  name: letsencrypt-prod\nspec:\n  acme:\n    email: ops@example.com\n";
+    repo.write("kubermatic/cluster-issuer.yaml", plain);
+    let first = push(&repo);
+    assert!(first.ran().contains(&"kkp-deploy".to_string()), "{}", first.stderr);
+    // The stand-in sops still refuses a file without its metadata: the stage did not ask it to.
+    let direct = std::process::Command::new(repo.path("bin/sops"))
+        .args(["--decrypt", "kubermatic/cluster-issuer.yaml"])
+        .current_dir(&repo.root)
+        .env("SOPS_AGE_KEY", repo.env_var("SOPS_AGE_SECRET_KEY"))
+        .output()
+        .unwrap();
+    assert!(!direct.status.success());
+    assert!(String::from_utf8_lossy(&direct.stderr).contains("sops metadata not found"));
+}
+
+/// Issue 13, item 5 (in part): after the installer, kkp-deploy creates what the Flux objects of a wizard
+/// repository read: `kubeconfig-cluster` (the Seed), `kubermatic-values` in logging, monitoring and iap (the
+/// HelmReleases' `valuesFrom`), `sops-age` (the sops Kustomization), without printing the age key.
+#[test]
+fn kkp_deploy_creates_the_secrets_flux_reads() {
+    let repo = Repo::kkp_demo();
+    let r = push(&repo);
+    let applied: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/applied.json")).unwrap();
+    for object in ["Secret/kubeconfig-cluster", "Secret/kubermatic-values", "Secret/sops-age", "Namespace/iap"] {
+        assert!(applied.get(object).is_some(), "{object} was not applied: {applied}");
+    }
+    let log = repo.kk(&["log", "kkp-deploy"]).ok().stdout;
+    assert!(log.contains("secret/sops-age configured"), "{log}");
+    let key = repo.env_var("SOPS_AGE_SECRET_KEY");
+    assert!(!key.is_empty() && !r.all().contains(&key) && !log.contains(&key), "the age key leaked");
+}
