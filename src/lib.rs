@@ -17,8 +17,10 @@
 //! - [`fresh`]: **the decision**, the one place that says fresh / restore / run and why, over a
 //!   [`fresh::History`] (the cache, or a test double); [`explain`] follows a reason to its root cause.
 //! - [`evaluate`]: the shared manifest -> decide step, and evaluating stages without running them.
-//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache; one write API), blobs, restore.
-//! - [`run`]: the scheduler that runs stale stages as jobs, and the run lock.
+//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache; one write API), blobs, restore
+//!   (only into declared outputs, never through a link).
+//! - [`run`]: the scheduler that runs stale stages as jobs, the watchdog that stops them if kkpipe dies, and
+//!   the run lock.
 //! - [`report`]: renders events and rows for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
