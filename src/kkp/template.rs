@@ -291,12 +291,29 @@ fn validate_stage(name: &'static str, comment: &'static str, dir: &str) -> Stage
 fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
     let mut s = Stage::new(
         "terraform-backend-prepare",
-        "Create the remote state bucket once (the script checks its `bucket-ready` marker first).",
+        "Create the remote state bucket once. The wizard's script is not idempotent (creating an existing bucket\n# fails), so its `bucket-ready` marker is checked first, as the wizard's workflow does; the script is\n# `#!/bin/sh` with `set -o pipefail`, which dash refuses, so it runs with bash.",
     );
     s.kind_deploy = true;
     s.on_pr = true;
     s.dir = Some(tf.to_string());
-    s.run = vec!["./setup_terraform_backend.sh".into()];
+    // The bucket (and the region, for `aws dynamodb create-table`, which the script runs without `--region`)
+    // come from backend.tf, whichever layout the block has.
+    let setting = |key: &str| {
+        format!(
+            "$(grep -o '{key}[[:space:]]*=[[:space:]]*\"[^\"]*\"' backend.tf | head -n 1 | sed 's/.*\"\\(.*\\)\"/\\1/')"
+        )
+    };
+    s.run = match v.cloud {
+        Cloud::Aws => vec![
+            format!("bucket={} region={}", setting("bucket"), setting("region")),
+            "export AWS_DEFAULT_REGION=\"${AWS_DEFAULT_REGION:-${AWS_REGION:-$region}}\"".into(),
+            "if aws s3api head-object --bucket \"$bucket\" --key bucket-ready > /dev/null 2>&1; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
+        ],
+        _ => vec![
+            format!("bucket={}", setting("bucket")),
+            "if gsutil -q stat \"gs://$bucket/bucket-ready\"; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
+        ],
+    };
     s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
     s.pass_env = creds(v);
     s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];

@@ -542,3 +542,36 @@ fn kkp_deploy_creates_the_secrets_flux_reads() {
     let key = repo.env_var("SOPS_AGE_SECRET_KEY");
     assert!(!key.is_empty() && !r.all().contains(&key) && !log.contains(&key), "the age key leaked");
 }
+
+/// Issue 13, item 3 (in part): the wizard's `setup_terraform_backend.sh` is `#!/bin/sh` with `set -euo
+/// pipefail` (dash refuses it), creates the bucket unconditionally and runs `aws dynamodb create-table` without
+/// `--region`. backend-prepare runs it with bash, with the region of backend.tf, and only when the bucket's
+/// `bucket-ready` marker is missing: a fresh runner (no ledger) does not fail on the existing bucket.
+#[test]
+fn backend_prepare_runs_the_wizards_script_once_whatever_the_runner() {
+    let repo = Repo::kkp_demo();
+    let script = "#!/bin/sh\nset -euo pipefail\n\
+        aws s3api create-bucket --bucket kkp-demo-tfstate --create-bucket-configuration LocationConstraint=eu-central-1\n\
+        aws dynamodb create-table --table-name kkp-demo-tflock --attribute-definitions AttributeName=LockID,AttributeType=S \
+        --key-schema AttributeName=LockID,KeyType=HASH --provisioned-throughput ReadCapacityUnits=1,WriteCapacityUnits=1\n\
+        aws s3api put-object --bucket kkp-demo-tfstate --key bucket-ready\n";
+    repo.write("terraform/aws/setup_terraform_backend.sh", script);
+    std::fs::set_permissions(
+        repo.path("terraform/aws/setup_terraform_backend.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // As the wizard's workflow would run it, it fails (dash) or, under bash, fails on a second run.
+    let as_is = std::process::Command::new("./setup_terraform_backend.sh")
+        .current_dir(repo.path("terraform/aws"))
+        .output()
+        .unwrap();
+    assert!(!as_is.status.success(), "dash accepts `set -o pipefail`?");
+    let first = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
+    assert_eq!(first.ran(), ["terraform-backend-prepare"]);
+    // A fresh runner: no ledger, the bucket is there.
+    std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
+    let again = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]);
+    assert_eq!(again.code, 0, "{}", again.all());
+    assert!(again.all().contains("state bucket kkp-demo-tfstate is ready"), "{}", again.all());
+}
