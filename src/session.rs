@@ -5,7 +5,7 @@
 use crate::cache::Cache;
 use crate::fresh::{OutputRecord, Reason};
 use crate::hash::files::FileHasher;
-use crate::hash::key::{FileList, Keyed, Manifest, SHELL, secret_mac};
+use crate::hash::key::{FileList, Keyed, Manifest, SHELL, secret_mac, secret_unset};
 use crate::hash::select::Matcher;
 use crate::hash::walk::{self, Group, Walked};
 use crate::hash::{self, Hash};
@@ -231,8 +231,8 @@ impl<'a> Session<'a> {
         if !stage.secret_env.is_empty() {
             let key = self.secret_key.expect("a secret key is given when a stage has secret_env");
             for name in &stage.secret_env {
-                let value = self.caller_env.get(name).map(String::as_str).unwrap_or("");
-                secret_env.push((name.clone(), secret_mac(&key, name, value)));
+                let value = self.caller_env.get(name).map(String::as_str).filter(|v| !v.is_empty());
+                secret_env.push((name.clone(), value.map_or_else(secret_unset, |v| secret_mac(&key, name, v))));
             }
             secret_env.sort();
         }

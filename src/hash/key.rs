@@ -75,6 +75,12 @@ impl Keyed {
 }
 
 /// The MAC that stands for a secret env value in a key: BLAKE3 in keyed mode under the repository's key.
+/// What an unset (or empty) `secret_env` variable contributes: the same on every runner, whatever its HMAC key,
+/// since there is no secret to hide. A stage whose secret is not set on a fresh runner stays fresh there.
+pub fn secret_unset() -> Hash {
+    Hash::of(b"kkpipe secret_env: unset")
+}
+
 pub fn secret_mac(repo_key: &[u8; 32], name: &str, value: &str) -> Hash {
     let mut h = blake3::Hasher::new_keyed(repo_key);
     put_bytes(&mut h, name.as_bytes());

@@ -154,6 +154,7 @@ struct Stage {
     outputs: Vec<Out>,
     needs: Vec<&'static str>,
     pass_env: Vec<String>,
+    secret_env: Vec<String>,
     /// Keyed settings, each with the comment that documents it in the file.
     env: Vec<(&'static str, &'static str, &'static str)>,
     tools: Vec<&'static str>,
@@ -176,6 +177,7 @@ impl Stage {
             outputs: Vec::new(),
             needs: Vec::new(),
             pass_env: Vec::new(),
+            secret_env: Vec::new(),
             env: Vec::new(),
             tools: Vec::new(),
             verify: None,
@@ -320,6 +322,11 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
     s
 }
 
+/// Wizard repositories set `ssh_public_key_file = "~/.ssh/k8s_rsa.pub"` in terraform.tfvars and read it with
+/// `file()` (docs/dev/wizard-facts.md, §3): put `SSH_PUBLIC_KEY` there first, as the wizard's workflow does.
+/// Only when the variable is set and the tfvars name a file, and never over a file holding another key.
+const SSH_PUBLIC_KEY_FILE: &str = "if [ -n \"${SSH_PUBLIC_KEY:-}\" ]; then f=$(grep -o 'ssh_public_key_file[[:space:]]*=[[:space:]]*\"[^\"]*\"' terraform.tfvars 2> /dev/null | head -n 1 | sed 's/.*\"\\(.*\\)\"/\\1/' || true); f=${f/#\\~/$HOME}; if [ -n \"$f\" ]; then if [ -e \"$f\" ] && [ \"$(cat \"$f\")\" != \"$(printf '%s' \"$SSH_PUBLIC_KEY\")\" ]; then echo \"refusing to overwrite $f, which holds another key: remove it or unset SSH_PUBLIC_KEY\" >&2; exit 1; fi; mkdir -p \"$(dirname \"$f\")\" && printf '%s\\n' \"$SSH_PUBLIC_KEY\" > \"$f\"; fi; fi";
+
 /// `terraform plan` against the environment's state; its plan file is a sensitive output.
 fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     let mut plan = Stage::new(
@@ -329,7 +336,10 @@ fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     plan.on_pr = true;
     plan.per_env = true;
     plan.dir = Some(tf.to_string());
-    plan.run = vec![tf_init(v, "kkp"), "terraform plan -input=false -out=plan.tfplan".into()];
+    plan.run =
+        vec![SSH_PUBLIC_KEY_FILE.into(), tf_init(v, "kkp"), "terraform plan -input=false -out=plan.tfplan".into()];
+    // Keyed (as an HMAC): a new key is a new plan.
+    plan.secret_env = vec!["SSH_PUBLIC_KEY".into()];
     plan.inputs = tf_inputs(tf);
     plan.exclude = tf_exclude();
     plan.outputs = vec![Out(format!("{tf}/plan.tfplan"), true, None)];
@@ -348,6 +358,7 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
     apply.kind_deploy = true;
     apply.dir = Some(tf.to_string());
     apply.run = vec![
+        SSH_PUBLIC_KEY_FILE.into(),
         tf_init(v, "kkp"),
         "terraform apply -input=false -auto-approve plan.tfplan".into(),
         "terraform output -json > output.json".into(),
@@ -361,9 +372,11 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
     )];
     apply.needs = vec!["terraform-plan"];
     apply.pass_env = [creds(v), backend_env(v)].concat();
+    apply.secret_env = vec!["SSH_PUBLIC_KEY".into()];
     apply.tools = vec!["terraform"];
+    // The probe plans too, so it needs the key file as much as plan does.
     apply.verify = Some(format!(
-        "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color",
+        "{SSH_PUBLIC_KEY_FILE}; {} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color",
         tf_init(v, "kkp")
     ));
     apply.retry_needs_if = Some("Saved plan is stale");
@@ -574,6 +587,9 @@ fn render_stage(t: &mut String, s: &Stage) {
     }
     if !s.pass_env.is_empty() {
         let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
+    }
+    if !s.secret_env.is_empty() {
+        let _ = writeln!(t, "secret_env = {}", list(&s.secret_env));
     }
     if !s.env.is_empty() {
         for (_, _, why) in &s.env {

@@ -575,3 +575,38 @@ fn backend_prepare_runs_the_wizards_script_once_whatever_the_runner() {
     assert_eq!(again.code, 0, "{}", again.all());
     assert!(again.all().contains("state bucket kkp-demo-tfstate is ready"), "{}", again.all());
 }
+
+/// Issue 13, item 3 (in part): wizard repositories read the nodes' public key with
+/// `file(var.ssh_public_key_file)`, `~/.ssh/k8s_rsa.pub` in terraform.tfvars; plan and apply (and apply's probe)
+/// write `SSH_PUBLIC_KEY` there first, key on it, and never overwrite a file that holds another key. Real
+/// terraform reads it.
+#[test]
+fn plan_and_apply_put_the_public_key_where_the_module_reads_it() {
+    let mut repo = Repo::kkp_demo();
+    let home = repo.sibling("home");
+    std::fs::create_dir_all(&home).unwrap();
+    repo.set_env("HOME", home.to_str().unwrap());
+    repo.set_env("SSH_PUBLIC_KEY", "ssh-ed25519 AAAAkey1 nodes");
+    let tf = "terraform/aws";
+    repo.write(&format!("{tf}/ssh.tf"), "variable \"ssh_public_key_file\" {\n  type = string\n}\n\nresource \"terraform_data\" \"ssh_key\" {\n  input = file(var.ssh_public_key_file)\n}\n");
+    let tfvars =
+        format!("{}ssh_public_key_file    = \"~/.ssh/k8s_rsa.pub\"\n", repo.read(&format!("{tf}/terraform.tfvars")));
+    repo.write(&format!("{tf}/terraform.tfvars"), &tfvars);
+    let first = push(&repo);
+    assert!(first.ran().contains(&"terraform-apply".to_string()), "{}", first.stderr);
+    assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-ed25519 AAAAkey1 nodes\n");
+    assert!(repo.read(&format!("{tf}/terraform.tfstate")).contains("AAAAkey1"), "terraform read the key");
+    // A new key is a new plan; a fresh runner has no file and gets it back.
+    repo.set_env("SSH_PUBLIC_KEY", "ssh-ed25519 AAAAkey2 nodes");
+    std::fs::remove_file(home.join(".ssh/k8s_rsa.pub")).unwrap();
+    let second = push(&repo);
+    assert!(second.ran().contains(&"terraform-plan".to_string()), "{}", second.stdout);
+    assert_eq!(second.reason_of("terraform-plan")["kind"], "secret-env-changed");
+    assert!(repo.read(&format!("{tf}/terraform.tfstate")).contains("AAAAkey2"));
+    // Someone else's key in the file: refused, the file is left alone.
+    std::fs::write(home.join(".ssh/k8s_rsa.pub"), "ssh-rsa AAAAmine me@laptop\n").unwrap();
+    let r = repo.run(&["--event", "push", "--branch", "main", "--force", "terraform-plan"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.all().contains("refusing to overwrite") && r.all().contains("holds another key"), "{}", r.all());
+    assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-rsa AAAAmine me@laptop\n");
+}
