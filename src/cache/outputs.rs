@@ -48,18 +48,12 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
             inside.extend(store_one(&rel, e.path(), &m, o.sensitive, blobs)?);
         }
         // Each directory's entries: the files and links recorded below it and its subdirectories.
-        let mut children: HashMap<&RelPath, Vec<&[u8]>> = dirs.iter().map(|d| (d, Vec::new())).collect();
-        for p in inside.iter().map(|r| &r.path).chain(dirs.iter().skip(1)) {
-            let (parent, name) = p.split_last();
-            if let Some(names) = children.get_mut(&parent) {
-                names.push(name);
-            }
-        }
+        let children = children(inside.iter().map(|r| &r.path).chain(dirs.iter().skip(1)));
         let recorded: Vec<OutputRecord> = dirs
             .iter()
             .map(|d| OutputRecord {
                 path: d.clone(),
-                entry: Entry::Dir { listing: Entry::listing(children[d].iter().copied()) },
+                entry: Entry::Dir { listing: Entry::listing(children.get(d).into_iter().flatten().copied()) },
                 size: 0,
                 sensitive: o.sensitive,
             })
@@ -70,6 +64,26 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
+/// The names found directly in each directory that holds one of `paths`.
+fn children<'a>(paths: impl Iterator<Item = &'a RelPath>) -> HashMap<RelPath, Vec<&'a [u8]>> {
+    let mut out: HashMap<RelPath, Vec<&[u8]>> = HashMap::new();
+    for p in paths {
+        let (parent, name) = p.split_last();
+        out.entry(parent).or_default().push(name);
+    }
+    out
+}
+
+/// The mode a restored or stored output file gets: a secret's copy is as private as the stored one.
+fn file_mode(sensitive: bool, exec: bool) -> u32 {
+    match (sensitive, exec) {
+        (true, true) => 0o700,
+        (true, false) => 0o600,
+        (false, true) => 0o755,
+        (false, false) => 0o644,
+    }
+}
+
 fn store_one(
     rel: &RelPath,
     abs: &Path,
@@ -95,8 +109,7 @@ fn store_one(
     if sensitive {
         // The workspace copy of a secret is as private as the stored one.
         use std::os::unix::fs::PermissionsExt;
-        let mode = if exec { 0o700 } else { 0o600 };
-        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(mode));
+        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(file_mode(true, exec)));
     }
     Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive }))
 }
@@ -166,37 +179,29 @@ pub fn restore(
 ) -> Result<(), NotRestored> {
     let refused = |path: &RelPath, why: String| NotRestored::Refused { path: path.clone(), why };
     let top = place::Root::open(root).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
+    let children = children(all.iter().map(|r| &r.path));
     for rec in write {
-        if let Some(why) = rec.refusal(declared) {
-            return Err(refused(&rec.path, why));
-        }
-        let output = declared.iter().find(|d| rec.path.starts_with(&d.path)).expect("checked by refusal");
+        let output = rec.confined_to(declared).map_err(|why| refused(&rec.path, why))?;
         // Directories above the declared output must be real ones; from the output down, all is ours.
         let keep = output.path.names().len().saturating_sub(1);
         let io = |e: std::io::Error| refused(&rec.path, e.to_string());
-        if let Entry::Dir { .. } = rec.entry {
-            let dir = top.dir(&rec.path, keep).map_err(io)?;
-            let names: HashSet<&[u8]> =
-                all.iter().map(|r| r.path.split_last()).filter(|(p, _)| *p == rec.path).map(|(_, n)| n).collect();
-            place::prune(&dir, &names).map_err(io)?;
-            continue;
-        }
         let (parent, name) = rec.path.split_last();
-        let dir = top.dir(&parent, keep).map_err(io)?;
         match &rec.entry {
-            Entry::Symlink { target } => place::write_link(&dir, name, target).map_err(io)?,
+            Entry::Dir { .. } => {
+                let dir = top.dir(&rec.path, keep).map_err(io)?;
+                let names: HashSet<&[u8]> = children.get(&rec.path).into_iter().flatten().copied().collect();
+                place::prune(&dir, &names).map_err(io)?;
+            }
+            Entry::Symlink { target } => {
+                place::write_link(&top.dir(&parent, keep).map_err(io)?, name, target).map_err(io)?
+            }
             Entry::File { hash, exec } => {
-                let mode = match (rec.sensitive, exec) {
-                    (true, true) => 0o700,
-                    (true, false) => 0o600,
-                    (false, true) => 0o755,
-                    (false, false) => 0o644,
-                };
+                let dir = top.dir(&parent, keep).map_err(io)?;
+                let mode = file_mode(rec.sensitive, *exec);
                 if !place::write_file(&dir, name, mode, |f| blobs.copy_verified(hash, f)).map_err(io)? {
                     return Err(NotRestored::Unavailable(rec.path.clone()));
                 }
             }
-            Entry::Dir { .. } => unreachable!("handled above"),
         }
     }
     Ok(())

@@ -63,24 +63,29 @@ pub struct OutputRecord {
 }
 
 impl OutputRecord {
-    /// Why this record may not be written into the workspace for a stage that declares `declared` now, or
-    /// `None` when it may: it lies inside one of those outputs, outside `.git` and `.kkpipe`, and a link
-    /// points (read as text, never resolved on disk) to somewhere inside the same output. Whatever an
-    /// archive says, a restore writes nothing else.
-    pub fn refusal(&self, declared: &[Output]) -> Option<String> {
+    /// The declared output (of a stage that declares `declared` now) this record may be written into, or
+    /// why it may not: it must lie inside one of those outputs, outside `.git` and `.kkpipe`, and a link must
+    /// point (read as text, never resolved on disk) to somewhere inside the same output. Whatever an archive
+    /// says, a restore writes nothing else.
+    pub fn confined_to<'d>(&self, declared: &'d [Output]) -> Result<&'d Output, String> {
         let names = self.path.names();
         if names.iter().any(|n| *n == b".git" || *n == b".kkpipe") {
-            return Some("it is inside `.git` or `.kkpipe`".into());
+            return Err("it is inside `.git` or `.kkpipe`".into());
         }
         let Some(d) = declared.iter().find(|d| self.path.starts_with(&d.path)) else {
-            return Some("it is not inside the stage's declared outputs".into());
+            return Err("it is not inside the stage's declared outputs".into());
         };
         match &self.entry {
             Entry::Symlink { target } if link_escapes(&names, target, &d.path.names()) => {
-                Some(format!("it is a link that points out of the output `{}`", d.path))
+                Err(format!("it is a link that points out of the output `{}`", d.path))
             }
-            _ => None,
+            _ => Ok(d),
         }
+    }
+
+    /// Why this record may not be written for a stage that declares `declared`: see [`Self::confined_to`].
+    pub fn refusal(&self, declared: &[Output]) -> Option<String> {
+        self.confined_to(declared).err()
     }
 }
 

@@ -136,16 +136,13 @@ type Found = Mutex<(Vec<Walked>, Vec<Result<String, Error>>)>;
 impl Walk<'_> {
     fn start(&self, start: &RelPath) -> Result<(Group, Vec<String>), Error> {
         let group = |files| Group { start: start.clone(), files };
-        let out: Found = Mutex::new((Vec::new(), Vec::new()));
         // A start reached through an unfollowed link (`link/sub` with `link` out of the repository) is that
         // link: the same thing a walk of `link` itself finds.
-        if let Some(kept) = self.kept_link_above(start, &out)? {
-            let mut found = out.into_inner().expect("walk");
-            found.0.push(kept);
-            let warnings = found.1.into_iter().collect::<Result<Vec<_>, _>>()?;
-            (self.on_file)(&found.0[0]);
-            return Ok((group(found.0), warnings));
+        if let Some((kept, warning)) = self.kept_link_above(start) {
+            (self.on_file)(&kept);
+            return Ok((group(vec![kept]), warning.into_iter().collect()));
         }
+        let out: Found = Mutex::new((Vec::new(), Vec::new()));
         match fs::symlink_metadata(start.under(self.root)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((group(Vec::new()), Vec::new())),
             Err(e) => return Err(Error::read(start, e)),
@@ -161,24 +158,21 @@ impl Walk<'_> {
     }
 
     /// The first link on the way down to `start` that is not followed, as a walked entry.
-    fn kept_link_above(&self, start: &RelPath, out: &Found) -> Result<Option<Walked>, Error> {
+    /// With the warning that says why it was not followed, if any.
+    fn kept_link_above(&self, start: &RelPath) -> Option<(Walked, Option<String>)> {
         let mut prefix = RelPath::root();
         let names = start.names();
         for name in names.iter().take(names.len().saturating_sub(1)) {
             prefix = prefix.join_name(name);
-            let meta = match fs::symlink_metadata(prefix.under(self.root)) {
-                Ok(m) => m,
-                Err(_) => return Ok(None),
-            };
+            let meta = fs::symlink_metadata(prefix.under(self.root)).ok()?;
             if !meta.file_type().is_symlink() {
                 continue;
             }
             if let Link::Kept(warning) = self.resolve(&prefix, &[]) {
-                out.lock().expect("walk").1.extend(warning.map(Ok));
-                return Ok(Some(Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(&meta) }));
+                return Some((Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(&meta) }, warning));
             }
         }
-        Ok(None)
+        None
     }
 
     /// One directory entry (or start) found with `lstat` metadata `meta`, added to `batch`; a directory

@@ -91,24 +91,7 @@ pub fn acquire(
     let mut file =
         fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
     let start = Instant::now();
-    let mut told = false;
-    loop {
-        match file.try_lock() {
-            Ok(()) => break,
-            Err(fs::TryLockError::WouldBlock) => {
-                let holder = read_holder(&path);
-                if !told {
-                    on_wait(&holder);
-                    told = true;
-                }
-                if start.elapsed() >= timeout {
-                    return Err(Error::Timeout { path, waited: start.elapsed().as_secs(), holder });
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-    }
+    wait(&path, start, timeout, &mut on_wait, || file.try_lock(), || read_holder(&path))?;
     let me = Holder {
         pid: std::process::id(),
         host: crate::cache::hostname(),
@@ -137,7 +120,7 @@ pub fn acquire(
 /// `stages.lock` until they are gone: see `run::watchdog`), within what is left of `timeout`.
 fn wait_for_stages(
     cache_dir: &Path,
-    start: std::time::Instant,
+    start: Instant,
     timeout: Duration,
     on_wait: &mut impl FnMut(&str),
 ) -> Result<(), Error> {
@@ -146,22 +129,37 @@ fn wait_for_stages(
         return Ok(());
     }
     let Ok(file) = fs::File::open(&path) else { return Ok(()) }; // no run has spawned a stage here yet
+    // The shared lock is released when `file` is dropped: this only waits.
+    let what = || "a killed kkpipe run whose stages are still stopping".to_string();
+    wait(&path, start, timeout, on_wait, || file.try_lock_shared(), what)
+}
+
+/// Try `lock` until it succeeds or `timeout` (counted from `start`) has passed, telling `on_wait` once whom
+/// we wait for (`holder`).
+fn wait(
+    path: &Path,
+    start: Instant,
+    timeout: Duration,
+    on_wait: &mut impl FnMut(&str),
+    lock: impl Fn() -> Result<(), fs::TryLockError>,
+    holder: impl Fn() -> String,
+) -> Result<(), Error> {
     let mut told = false;
     loop {
-        match file.try_lock_shared() {
-            Ok(()) => return Ok(()), // released when `file` is dropped
+        match lock() {
+            Ok(()) => return Ok(()),
             Err(fs::TryLockError::WouldBlock) => {
-                let what = "a killed kkpipe run whose stages are still stopping";
+                let holder = holder();
                 if !told {
-                    on_wait(what);
+                    on_wait(&holder);
                     told = true;
                 }
                 if start.elapsed() >= timeout {
-                    return Err(Error::Timeout { path, waited: start.elapsed().as_secs(), holder: what.into() });
+                    return Err(Error::Timeout { path: path.to_path_buf(), waited: start.elapsed().as_secs(), holder });
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::Io { path, source: e }),
+            Err(fs::TryLockError::Error(e)) => return Err(Error::Io { path: path.to_path_buf(), source: e }),
         }
     }
 }
