@@ -24,6 +24,11 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
     pub color: ColorChoice,
 
+    /// Use the shared remote (`[remote]` in pipeline.toml) read-only, or not at all. Only lowers what the
+    /// configuration allows (docs/remote.md).
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub remote: Option<crate::remote::Lower>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -65,6 +70,9 @@ pub enum Command {
     /// Inspect and maintain the cache in `.kkpipe/`.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// The shared cache and deploy ledger on an object store (`[remote]`, docs/remote.md).
+    #[command(subcommand)]
+    Remote(RemoteCommand),
 }
 
 /// Which event a command is for, and in which deployment environment.
@@ -277,6 +285,25 @@ pub struct DemoArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Make a signing key pair: the private key is the writers' KKPIPE_SIGNING_KEY secret, the public key goes
+    /// into `[remote] trusted_keys`.
+    Keygen {
+        /// Print `{"private": "...", "public": "ed25519:..."}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the remote's URL, its mode and why, whether the store answers, and what it holds.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        selection: Selection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CacheCommand {
     /// Write the cache entries behind the current hits (records, outputs, logs) into one archive (tar + zstd),
     /// path-independent, for another checkout or CI runner. Sensitive outputs are left out unless asked.
@@ -312,6 +339,14 @@ pub enum CacheCommand {
         /// Successful runs kept per stage (and environment), besides the latest. Default 5.
         #[arg(long, value_name = "N")]
         keep: Option<usize>,
+        /// Collect the remote store instead (needs the writer's KKPIPE_SIGNING_KEY): entries older than
+        /// --max-age days (default 30) that no ledger record names, then blobs no entry names.
+        #[arg(long, conflicts_with_all = ["max_size", "keep"])]
+        remote: bool,
+        /// With --remote: keep unnamed blobs younger than this many hours (a writer uploads blobs before the
+        /// entry that names them). Default 24.
+        #[arg(long, value_name = "HOURS", requires = "remote")]
+        grace_hours: Option<u64>,
     },
     /// Show what the cache holds: runs, stage runs, manifests, stored outputs and their size.
     Stats {

@@ -40,10 +40,12 @@ pub mod kkp;
 pub mod mask;
 pub mod pipeline;
 pub mod relpath;
+pub mod remote;
 pub mod report;
 pub mod run;
 pub mod session;
 pub mod settings;
+pub mod sign;
 
 use clap::Parser;
 

@@ -23,6 +23,8 @@ pub struct Settings {
     pub caller_env: HashMap<String, String>,
     /// A person is watching a terminal (not CI, not piped, not quiet): live progress is shown.
     pub interactive: bool,
+    /// `--remote read-only|off`.
+    pub remote: Option<crate::remote::Lower>,
 }
 
 impl Settings {
@@ -57,6 +59,7 @@ impl Settings {
             provider,
             style,
             caller_env,
+            remote: cli.remote,
         }
     }
 

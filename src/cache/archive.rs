@@ -12,7 +12,7 @@
 //! Local entries are never replaced: an imported run that is already there is skipped.
 
 use super::records::{self, End, NewAttempt};
-use super::{Cache, RunMeta, RunOutcome};
+use super::{Cache, RunMeta};
 use crate::fresh::{Attempt, History, OutputRecord, State, StoredReason};
 use crate::hash::key::{Key, Manifest};
 use crate::hash::{Entry, Hash};
@@ -71,7 +71,7 @@ struct ArchiveEntry {
     event: Option<String>,
     branch: Option<String>,
     git_commit: Option<String>,
-    outputs: Vec<ArchiveOutput>,
+    outputs: Vec<OutputDoc>,
     log: Option<String>,
     /// How the attempt ended; schema 1 carried successes only.
     #[serde(default = "success")]
@@ -85,9 +85,10 @@ fn success() -> String {
     State::Success.as_str().into()
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// An output record in the path-independent form that archives and remote entries carry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ArchiveOutput {
+pub struct OutputDoc {
     path: String,
     /// Hex BLAKE3 for files; absent for symlinks.
     hash: Option<String>,
@@ -211,28 +212,15 @@ fn archive_output(
     include_sensitive: bool,
     report: &mut ExportReport,
     blobs: &mut BTreeMap<Hash, bool>,
-) -> Result<ArchiveOutput, Error> {
-    let (hash, target) = match &o.entry {
-        Entry::File { hash, .. } => {
-            if o.sensitive && !include_sensitive {
-                report.sensitive_left_out += 1;
-            } else if cache.blobs.has(hash) {
-                blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
-            }
-            (Some(hash.to_hex()), None)
+) -> Result<OutputDoc, Error> {
+    if let Entry::File { hash, .. } = &o.entry {
+        if o.sensitive && !include_sensitive {
+            report.sensitive_left_out += 1;
+        } else if cache.blobs.has(hash) {
+            blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
         }
-        Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
-        Entry::Dir { listing } => (Some(listing.to_hex()), None),
-    };
-    Ok(ArchiveOutput {
-        path: rel_string(&o.path).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })?,
-        hash,
-        exec: matches!(o.entry, Entry::File { exec: true, .. }),
-        target,
-        size: o.size,
-        sensitive: o.sensitive,
-        dir: matches!(o.entry, Entry::Dir { .. }),
-    })
+    }
+    OutputDoc::of(o).map_err(|why| Error::Rejected { path: file.to_path_buf(), why })
 }
 
 /// Write the zstd-compressed tar to `out` and sync it; counts the blobs written in `report`.
@@ -454,21 +442,8 @@ fn check_document(
 }
 
 /// Check one output record of entry `e`: a clean relative path, and either a file's hash or a link's target.
-fn check_output(e: &ArchiveEntry, o: &ArchiveOutput, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
-    RelPath::parse(&o.path)
-        .ok()
-        .filter(|p| !p.is_root() && p.as_bytes() == o.path.as_bytes())
-        .ok_or_else(|| reject(format!("stage `{}`: output path `{}` is not a clean relative path", e.stage, o.path)))?;
-    match (&o.hash, &o.target) {
-        // A blob may be absent (left out as sensitive, or collected before the export): the output
-        // is then unavailable on this side and its stage reruns when it is needed.
-        (Some(h), None) => {
-            Hash::from_hex(h).ok_or_else(|| reject(format!("output `{}`: bad hash", o.path)))?;
-        }
-        (None, Some(_)) => {}
-        _ => return Err(reject(format!("output `{}`: neither a file nor a link", o.path))),
-    }
-    Ok(())
+fn check_output(e: &ArchiveEntry, o: &OutputDoc, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
+    o.checked().map(|_| ()).map_err(|why| reject(format!("stage `{}`: {why}", e.stage)))
 }
 
 /// The same attempt, imported before (or exported from here).
@@ -479,7 +454,7 @@ fn already_here(conn: &rusqlite::Connection, e: &ArchiveEntry, key: &Key) -> rus
     .query_row(params![e.stage, e.env, &key.0.0[..], e.state, e.started_at], |r| r.get(0))
 }
 
-/// One archive entry as a finished run with one successful stage run, through the cache's one write API.
+/// One archive entry as a finished run with one stage run, through the cache's one write API.
 fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Checked) -> rusqlite::Result<()> {
     let meta = RunMeta {
         command: "import".into(),
@@ -488,38 +463,74 @@ fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Che
         env: e.env.clone(),
         git_commit: e.git_commit.clone(),
     };
-    let finished = e.started_at + e.duration_ms.unwrap_or(0);
-    let outcome = if e.state == State::Success.as_str() { RunOutcome::Ok } else { RunOutcome::Failed };
-    let run_id = records::insert_run(conn, &meta, e.started_at, Some((finished, outcome)))?;
-    let outputs: Vec<OutputRecord> = e.outputs.iter().map(ArchiveOutput::record).collect();
+    let outputs: Vec<OutputRecord> = e.outputs.iter().map(OutputDoc::record).collect();
     let log = e.log.as_ref().map(|l| &c.logs[l][..]).unwrap_or_default();
-    records::insert_attempt(
-        conn,
-        &NewAttempt {
-            run_id,
-            stage: &e.stage,
-            env: &e.env,
-            key,
-            manifest: &c.manifests[&key],
-            state: State::parse(&e.state).expect("checked"),
-            reason: e.reason.as_deref(),
-            started_at: e.started_at,
-            end: Some(End { duration_ms: e.duration_ms.unwrap_or(0), exit_code: e.exit_code, log, outputs: &outputs }),
-        },
-    )?;
+    let attempt = NewAttempt {
+        run_id: 0,
+        stage: &e.stage,
+        env: &e.env,
+        key,
+        manifest: Some(&c.manifests[&key]),
+        state: State::parse(&e.state).expect("checked"),
+        reason: e.reason.as_deref(),
+        started_at: e.started_at,
+        end: Some(End { duration_ms: e.duration_ms.unwrap_or(0), exit_code: e.exit_code, log, outputs: &outputs }),
+    };
+    records::insert_imported(conn, &meta, attempt)?;
     Ok(())
 }
 
-impl ArchiveOutput {
-    /// The record this (checked) archive output stands for.
-    fn record(&self) -> OutputRecord {
-        let entry = match (&self.hash, &self.target) {
-            (Some(h), _) if self.dir => Entry::Dir { listing: Hash::from_hex(h).expect("checked") },
-            (Some(h), _) => Entry::File { hash: Hash::from_hex(h).expect("checked"), exec: self.exec },
-            (None, target) => Entry::Symlink { target: target.clone().unwrap_or_default().into_bytes() },
+impl OutputDoc {
+    pub fn of(o: &OutputRecord) -> Result<OutputDoc, String> {
+        let (hash, target) = match &o.entry {
+            Entry::File { hash, .. } => (Some(hash.to_hex()), None),
+            Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
+            Entry::Dir { listing } => (Some(listing.to_hex()), None),
         };
-        let path = RelPath::parse(&self.path).expect("checked");
-        OutputRecord { path, entry, size: self.size, sensitive: self.sensitive }
+        Ok(OutputDoc {
+            path: rel_string(&o.path)?,
+            hash,
+            exec: matches!(o.entry, Entry::File { exec: true, .. }),
+            target,
+            size: o.size,
+            sensitive: o.sensitive,
+            dir: matches!(o.entry, Entry::Dir { .. }),
+        })
+    }
+
+    /// The record this stands for, if it is well-formed: a clean relative path, and either a hash (a file's
+    /// content or a directory's listing) or a link's target. A file's blob may be absent on the other side
+    /// (left out as sensitive, or collected before the export): the output is then unavailable there and
+    /// its stage reruns when it is needed.
+    pub fn checked(&self) -> Result<OutputRecord, String> {
+        let path = RelPath::parse(&self.path)
+            .ok()
+            .filter(|p| !p.is_root() && p.as_bytes() == self.path.as_bytes())
+            .ok_or_else(|| format!("output path `{}` is not a clean relative path", self.path))?;
+        let entry = match (&self.hash, &self.target) {
+            (Some(h), None) => {
+                let hash = Hash::from_hex(h).ok_or_else(|| format!("output `{}`: bad hash", self.path))?;
+                match self.dir {
+                    true => Entry::Dir { listing: hash },
+                    false => Entry::File { hash, exec: self.exec },
+                }
+            }
+            (None, Some(t)) => Entry::Symlink { target: t.clone().into_bytes() },
+            _ => return Err(format!("output `{}`: neither a file nor a link", self.path)),
+        };
+        Ok(OutputRecord { path, entry, size: self.size, sensitive: self.sensitive })
+    }
+
+    /// The record of a document that [`OutputDoc::checked`] accepted.
+    fn record(&self) -> OutputRecord {
+        self.checked().expect("checked")
+    }
+
+    /// The blob a file's content is stored as, unless it is sensitive (never shared).
+    pub fn shared_blob(&self) -> Option<Hash> {
+        (!self.sensitive && !self.dir && self.target.is_none())
+            .then(|| self.hash.as_deref().and_then(Hash::from_hex))
+            .flatten()
     }
 }
 

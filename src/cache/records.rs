@@ -35,8 +35,9 @@ pub struct NewAttempt<'a> {
     pub stage: &'a str,
     pub env: &'a str,
     pub key: Key,
-    /// The manifest's canonical encoding.
-    pub manifest: &'a [u8],
+    /// The manifest's canonical encoding (none for a deploy attempt learned from a remote ledger whose
+    /// manifest could not be had).
+    pub manifest: Option<&'a [u8]>,
     pub state: State,
     /// The stored form of the reason (see `fresh::Reason::encode`).
     pub reason: Option<&'a str>,
@@ -90,8 +91,10 @@ pub(super) fn insert_run(
 
 /// Insert a stage run with its manifest (and, when it is over, its end and outputs). Returns its id.
 pub(super) fn insert_attempt(c: &Connection, a: &NewAttempt<'_>) -> rusqlite::Result<i64> {
-    c.prepare_cached("INSERT OR IGNORE INTO manifests(key, data) VALUES (?1, ?2)")?
-        .execute(params![&a.key.0.0[..], compress(a.manifest)?])?;
+    if let Some(m) = a.manifest {
+        c.prepare_cached("INSERT OR IGNORE INTO manifests(key, data) VALUES (?1, ?2)")?
+            .execute(params![&a.key.0.0[..], compress(m)?])?;
+    }
     c.prepare_cached(
         "INSERT INTO stage_runs(run_id, stage, env, key, state, reason, started_at, seq) VALUES (?1,?2,?3,?4,?5,?6,?7, (SELECT COALESCE(MAX(seq), 0) + 1 FROM stage_runs WHERE stage = ?2))",
     )?
@@ -101,6 +104,15 @@ pub(super) fn insert_attempt(c: &Connection, a: &NewAttempt<'_>) -> rusqlite::Re
         record_end(c, id, a.state, end)?;
     }
     Ok(id)
+}
+
+/// A finished attempt learned from elsewhere (an archive, the remote), in a finished run of its own. Returns
+/// the attempt's id.
+pub(super) fn insert_imported(c: &Connection, meta: &RunMeta, mut a: NewAttempt<'_>) -> rusqlite::Result<i64> {
+    let finished = a.started_at + a.end.as_ref().map_or(0, |e| e.duration_ms);
+    let outcome = if a.state == State::Success { RunOutcome::Ok } else { RunOutcome::Failed };
+    a.run_id = insert_run(c, meta, a.started_at, Some((finished, outcome)))?;
+    insert_attempt(c, &a)
 }
 
 /// Record a stage run's end: state, timing, log and, in the same statement group, its outputs.
@@ -244,7 +256,7 @@ impl Cache {
             stage,
             env,
             key: Key(Hash::of(&encoded)),
-            manifest: &encoded,
+            manifest: Some(&encoded),
             state: State::Running,
             reason: Some(&reason),
             started_at: now_ms(),
@@ -257,6 +269,33 @@ impl Cache {
     /// flips the row to its final state.
     pub fn finish_stage(&self, id: i64, state: State, end: &End<'_>) -> Result<()> {
         self.write(|c| record_end(c, id, state, end))
+    }
+
+    /// Record an attempt that happened elsewhere (see [`insert_imported`]).
+    pub fn import_attempt(&self, meta: &RunMeta, a: NewAttempt<'_>) -> Result<i64> {
+        self.write(|c| insert_imported(c, meta, a))
+    }
+
+    /// The sequence of the newest record of `remote`'s ledger for `stage` in `env` known here (0: none).
+    pub fn remote_seen(&self, remote: &str, stage: &str, env: &str) -> Result<u64> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq FROM remote_ledger WHERE remote=?1 AND stage=?2 AND env=?3")
+            .map_err(|e| self.err(e))?;
+        let seq: Option<i64> =
+            stmt.query_row(params![remote, stage, env], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
+        Ok(seq.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Note that the ledger record `seq` is known here (learned, or written by this runner); never goes back.
+    pub fn set_remote_seen(&self, remote: &str, stage: &str, env: &str, seq: u64) -> Result<()> {
+        self.write(|c| {
+            c.prepare_cached(
+                "INSERT INTO remote_ledger(remote, stage, env, seq) VALUES (?1,?2,?3,?4) ON CONFLICT(remote, stage, env) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+            )?
+            .execute(params![remote, stage, env, seq as i64])?;
+            Ok(())
+        })
     }
 
     fn one_attempt(&self, where_clause: &str, p: impl rusqlite::Params) -> Result<Option<Attempt>> {

@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 2;
+pub const VERSION: i64 = 3;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -69,6 +69,16 @@ const STEPS: &[&str] = &[
     UPDATE stage_runs SET seq = (SELECT COUNT(*) FROM stage_runs o WHERE o.stage = stage_runs.stage AND (o.started_at < stage_runs.started_at OR (o.started_at = stage_runs.started_at AND o.id <= stage_runs.id)));
     CREATE INDEX stage_runs_by_seq ON stage_runs(stage, seq);
     CREATE INDEX stage_runs_by_env_seq ON stage_runs(stage, env, seq);
+    ",
+    // 3: the newest record of each shared deploy ledger (per remote) already learned or written here.
+    "
+    CREATE TABLE remote_ledger(
+        remote TEXT NOT NULL,
+        stage  TEXT NOT NULL,
+        env    TEXT NOT NULL,
+        seq    INTEGER NOT NULL,
+        PRIMARY KEY(remote, stage, env)
+    ) WITHOUT ROWID;
     ",
 ];
 

@@ -34,7 +34,10 @@ pub fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
             );
             Ok(exit::OK)
         }
-        CacheCommand::Gc { max_size, max_age, keep } => gc(settings, max_size.as_deref(), *max_age, *keep),
+        CacheCommand::Gc { remote: true, max_age, grace_hours, .. } => {
+            super::remote::gc(settings, *max_age, *grace_hours)
+        }
+        CacheCommand::Gc { max_size, max_age, keep, .. } => gc(settings, max_size.as_deref(), *max_age, *keep),
         CacheCommand::Stats { json } => {
             let root = root(settings)?;
             if !Cache::exists(&root) {

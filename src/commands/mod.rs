@@ -4,6 +4,7 @@ mod cache;
 mod demo;
 mod init;
 mod observe;
+mod remote;
 mod status;
 
 use crate::cache::Cache;
@@ -41,6 +42,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Ci(args) => init::ci(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),
         Command::Cache(c) => cache::cache(&settings, c),
+        Command::Remote(c) => remote::remote(&settings, c),
     }
 }
 
@@ -87,6 +89,28 @@ impl Opened {
         Masker::for_pipeline(&self.pipeline, &settings.caller_env)
     }
 
+    /// The remote this invocation uses (`None`: none configured, or off). Nothing is contacted yet.
+    pub fn remote(&self, settings: &Settings) -> Result<Option<crate::remote::Remote>, Error> {
+        self.open_remote(settings, self.resolve_remote(settings)?)
+    }
+
+    /// Which remote, in which mode, and why; a pull request never writes.
+    pub fn resolve_remote(&self, settings: &Settings) -> Result<crate::remote::Resolved, Error> {
+        let pull_request = self.event.as_ref().is_some_and(|e| e.name == crate::pipeline::Trigger::PullRequest);
+        crate::remote::resolve(self.pipeline.remote.as_ref(), &settings.caller_env, settings.remote, pull_request)
+            .map_err(Error::Usage)
+    }
+
+    pub fn open_remote(
+        &self,
+        settings: &Settings,
+        r: crate::remote::Resolved,
+    ) -> Result<Option<crate::remote::Remote>, Error> {
+        let commit = run::git_head(&self.pipeline.root);
+        crate::remote::Remote::open(r, self.pipeline.remote.as_ref(), &settings.caller_env, commit)
+            .map_err(Error::Usage)
+    }
+
     /// "push to `main` (environment `production`)", or a local run.
     pub fn title(&self) -> String {
         match &self.event {
@@ -130,6 +154,7 @@ fn exit_code(o: Option<&run::Outcome>) -> u8 {
         Some(o) => match o.interrupted {
             Some(sig) if sig == signal_hook::consts::SIGTERM => exit::SIGTERM,
             Some(_) => exit::SIGINT,
+            None if o.locked_out => exit::LOCKED,
             None if o.failed => exit::FAILED,
             None => exit::OK,
         },
@@ -159,6 +184,7 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
         verify: !args.no_verify,
         replay: args.replay,
         probe_only: false,
+        lock_timeout: Duration::from_secs(args.lock_timeout),
     };
     execute(settings, &o, &opts, args.json, args.lock_timeout)
 }
@@ -222,10 +248,12 @@ fn execute(
     if let Some(e) = &o.event {
         sink.event(&Event::Info(format!("kkpipe: selecting stages for {e} (environment `{}`)", o.env)));
     }
+    let remote = o.remote(settings)?;
     let env = run::Env {
         cache: &o.cache,
         caller_env: &settings.caller_env,
         masker: std::sync::Arc::new(std::sync::RwLock::new(o.masker(settings))),
+        remote: remote.as_ref(),
     };
     let outcome = run::run(o.cx(), &mut session, &env, opts, sink.as_mut(), &interrupt)?;
     if settings.verbose {
@@ -251,6 +279,7 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
         verify: true,
         replay: false,
         probe_only: true,
+        lock_timeout: Duration::from_secs(args.lock_timeout),
     };
     let outcome = execute(settings, &o, &opts, args.json, args.lock_timeout)?;
     let code = exit_code(outcome.as_ref());

@@ -8,7 +8,7 @@ use crate::pipeline::Output;
 use crate::relpath::RelPath;
 
 /// How a recorded stage run ended (or that it has not yet). One string form each, in the database and JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Running,

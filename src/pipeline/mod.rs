@@ -168,7 +168,24 @@ pub struct Pipeline {
     pub file: PathBuf,
     pub global_inputs: InputSpec,
     pub stages: Vec<Stage>,
+    /// `[remote]`: the shared cache and deploy ledger (docs/remote.md).
+    pub remote: Option<RemoteSpec>,
     index: HashMap<String, usize>,
+}
+
+/// `[remote]` of pipeline.toml, checked.
+#[derive(Debug, Clone)]
+pub struct RemoteSpec {
+    /// `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX` or `file:///path`; `KKPIPE_REMOTE` overrides it.
+    pub url: Option<String>,
+    /// Public keys whose entries and ledger records are believed.
+    pub trusted_keys: Vec<crate::sign::PublicKey>,
+    /// How long a deploy lease lasts without renewal (`lease_seconds`).
+    pub lease: std::time::Duration,
+}
+
+impl RemoteSpec {
+    pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 }
 
 impl Pipeline {
@@ -201,8 +218,45 @@ pub fn load(root: &Path) -> Result<Pipeline, Error> {
 }
 
 pub fn parse(root: &Path, file: &Path, text: &str) -> Result<Pipeline, Error> {
-    let raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
-    validate(root, file, raw)
+    let mut raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+    let remote = raw.remote.take().map(|r| remote_spec(file, text, r)).transpose()?;
+    let mut p = validate(root, file, raw)?;
+    p.remote = remote;
+    Ok(p)
+}
+
+/// `[remote]`, with each bad value reported at its line.
+fn remote_spec(file: &Path, text: &str, r: raw::RawRemote) -> Result<RemoteSpec, Error> {
+    let at = |span: std::ops::Range<usize>, message: String| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        Error::Syntax { file: file.to_path_buf(), line, column, stage: None, message }
+    };
+    if let Some(u) = &r.url {
+        let ok = url::Url::parse(u.get_ref()).is_ok_and(|p| matches!(p.scheme(), "s3" | "s3a" | "gs" | "file"));
+        if !ok {
+            return Err(at(u.span(), format!("remote.url `{}` is not an s3://, gs:// or file:// URL", u.get_ref())));
+        }
+    }
+    let mut trusted_keys = Vec::new();
+    for k in &r.trusted_keys {
+        let key = crate::sign::PublicKey::parse(k.get_ref()).map_err(|e| {
+            at(
+                k.span(),
+                format!(
+                    "remote.trusted_keys: {e}\n  hint: `kkpipe remote keygen` prints a key pair; list its `public` here"
+                ),
+            )
+        })?;
+        trusted_keys.push(key);
+    }
+    let lease = match r.lease_seconds {
+        Some(0) => return Err(Error::invalid(file, Some("remote".into()), "lease_seconds must be at least 1")),
+        Some(s) => std::time::Duration::from_secs(s),
+        None => RemoteSpec::DEFAULT_LEASE,
+    };
+    Ok(RemoteSpec { url: r.url.map(|u| u.into_inner()), trusted_keys, lease })
 }
 
 fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> Error {
@@ -286,7 +340,7 @@ fn validate(root: &Path, file: &Path, raw: RawPipeline) -> Result<Pipeline, Erro
     }
     check_outputs_disjoint(file, &stages)?;
     check_events(file, &stages, &index)?;
-    Ok(Pipeline { root: root.to_path_buf(), file: file.to_path_buf(), global_inputs, stages, index })
+    Ok(Pipeline { root: root.to_path_buf(), file: file.to_path_buf(), global_inputs, stages, remote: None, index })
 }
 
 fn place(stage: &str, key: &str) -> Option<String> {

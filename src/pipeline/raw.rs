@@ -14,6 +14,19 @@ pub(crate) struct RawPipeline {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub stages: IndexMap<String, RawStage>,
+    #[serde(default)]
+    pub remote: Option<RawRemote>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRemote {
+    #[serde(default)]
+    pub url: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    pub trusted_keys: Vec<toml::Spanned<String>>,
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

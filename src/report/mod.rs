@@ -6,6 +6,7 @@ pub mod history;
 mod human;
 pub mod json;
 pub mod progress;
+pub mod remote;
 pub mod status;
 pub mod why;
 

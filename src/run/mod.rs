@@ -55,6 +55,8 @@ pub struct Options {
     pub replay: bool,
     /// `kkpipe verify`: run deploy stages' drift probes, never a stage.
     pub probe_only: bool,
+    /// How long to wait for another runner's deploy lease on the remote (`--lock-timeout`).
+    pub lock_timeout: std::time::Duration,
 }
 
 /// The signal number that asked us to stop, set from a signal handler.
@@ -84,6 +86,8 @@ pub struct Outcome {
     pub failed: bool,
     /// The signal that interrupted the run, if any.
     pub interrupted: Option<i32>,
+    /// A deploy did not start: another runner held its deploy lease for longer than `--lock-timeout`.
+    pub locked_out: bool,
 }
 
 /// What a run needs besides the session: the cache, the caller's environment, and the masker of the
@@ -92,6 +96,8 @@ pub struct Env<'a> {
     pub cache: &'a Cache,
     pub caller_env: &'a HashMap<String, String>,
     pub masker: Arc<RwLock<Masker>>,
+    /// The shared cache and deploy ledger, when one is configured and not off.
+    pub remote: Option<&'a crate::remote::Remote>,
 }
 
 /// Run the selected stages. The caller holds the run lock.

@@ -16,6 +16,7 @@ use crate::evaluate::{self, Context};
 use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
 use crate::graph::Selected;
 use crate::hash::key::{Key, Keyed};
+use crate::remote::{LeaseGuard, Pulled};
 use crate::report::{Event, Sink, StageRow, StageState, Summary};
 use crate::session::Session;
 use std::collections::{HashMap, HashSet};
@@ -114,6 +115,21 @@ struct Scheduler<'a, 's> {
     materialize: HashSet<usize>,
     /// Stages whose regenerate command failed once (and waited for their needs' outputs).
     regenerate_retried: HashSet<usize>,
+    /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded.
+    leases: HashMap<usize, LeaseGuard>,
+    interrupt: super::Interrupt,
+    /// A deploy did not start because another runner held its lease for longer than `--lock-timeout`.
+    locked_out: bool,
+}
+
+/// What asking the remote changed.
+enum Asked {
+    /// Nothing: act on the decision as it is.
+    Keep,
+    /// The local cache learned something: decide again.
+    Again,
+    /// The stage cannot go on (its deploy lease, a read-only remote); it is done.
+    Done,
 }
 
 /// Run the selected stages. The caller holds the run lock.
@@ -163,7 +179,11 @@ pub(super) fn run(
         verified: HashSet::new(),
         materialize: HashSet::new(),
         regenerate_retried: HashSet::new(),
+        leases: HashMap::new(),
+        interrupt: interrupt.clone(),
+        locked_out: false,
     };
+    sch.learn_ledger(&chosen);
     let interrupted = sch.drive(&rx, interrupt)?;
     sch.finish(&selected, start, interrupted)
 }
@@ -234,7 +254,8 @@ impl Scheduler<'_, '_> {
         }
         self.sink.event(&Event::Summary(summary.clone()));
         self.sink.event(&Event::Report { rows: rows.clone(), summary: summary.clone() });
-        Ok(Outcome { rows, summary, failed, interrupted })
+        let locked_out = self.locked_out;
+        Ok(Outcome { rows, summary, failed, interrupted, locked_out })
     }
 
     fn drive(&mut self, rx: &mpsc::Receiver<Msg>, interrupt: &super::Interrupt) -> Result<Option<i32>, Error> {
@@ -377,7 +398,14 @@ impl Scheduler<'_, '_> {
             Some(dependent) => Some(Reason::PlanStale { stage: dependent }),
             None => self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced),
         };
-        match evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run, None)? {
+        let forced = must_run.is_some();
+        let mut step = evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run.clone(), None)?;
+        match self.ask_remote(i, &step, forced) {
+            Asked::Keep => {}
+            Asked::Again => step = evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run, None)?,
+            Asked::Done => return Ok(()),
+        }
+        match step {
             evaluate::Step::NoManifest(reason) => {
                 // A tool is missing or unreadable: the stage cannot even be keyed.
                 self.sink.event(&Event::Finished {
@@ -394,6 +422,108 @@ impl Scheduler<'_, '_> {
             evaluate::Step::Decided(keyed, Decision::Fresh(hit)) => self.on_hit(i, keyed, hit, Vec::new()),
             evaluate::Step::Decided(keyed, Decision::Restore(hit, restore)) => self.on_hit(i, keyed, hit, restore),
         }
+    }
+
+    /// Deploy stages read the shared ledger before anything is decided (all at once).
+    fn learn_ledger(&mut self, chosen: &[usize]) {
+        let Some(remote) = self.env.remote else { return };
+        let deploys: Vec<&crate::pipeline::Stage> =
+            chosen.iter().map(|&i| &self.cx.pipeline.stages[i]).filter(|s| s.is_deploy()).collect();
+        if !deploys.is_empty() {
+            remote.learn_ledger(self.env.cache, &deploys, self.cx.env);
+        }
+        self.remote_warnings();
+    }
+
+    fn remote_warnings(&mut self) {
+        if let Some(remote) = self.env.remote {
+            for w in remote.take_warnings() {
+                self.sink.event(&Event::Warning(w));
+            }
+        }
+    }
+
+    /// A stage that must run asks the remote first. A check stage: did another runner make this key (then
+    /// it is in the local cache now)? A deploy stage: take its deploy lease, so no other runner deploys it
+    /// in this environment meanwhile, and learn the shared ledger again: the runner we waited for may have
+    /// deployed the same key.
+    fn ask_remote(&mut self, i: usize, step: &evaluate::Step, forced: bool) -> Asked {
+        let Some(remote) = self.env.remote else { return Asked::Keep };
+        let evaluate::Step::Decided(keyed, Decision::Run(reason)) = step else { return Asked::Keep };
+        if self.opts.probe_only {
+            return Asked::Keep;
+        }
+        let stage = &self.cx.pipeline.stages[i];
+        let asked = if !stage.is_deploy() {
+            match !forced && remote.pull(self.env.cache, stage, &keyed.key, self.cx.env) == Pulled::Imported {
+                true => Asked::Again,
+                false => Asked::Keep,
+            }
+        } else if !remote.writable() {
+            let detail = format!(
+                "not deployed: the remote `{}` is read-only ({}), so this deploy would run without the shared \
+                 deploy lease and ledger\n  hint: set {} (trusted jobs only), or pass `--remote off` to deploy \
+                 without them",
+                remote.url,
+                remote.why,
+                crate::remote::SIGNING_KEY_VAR
+            );
+            self.refuse(i, keyed.key, reason.clone(), detail);
+            Asked::Done
+        } else {
+            let name = stage.name.clone();
+            let sink = &mut *self.sink;
+            let interrupt = self.interrupt.clone();
+            let mut waiting = |who: &str| {
+                sink.event(&Event::Info(format!("kkpipe: waiting for the deploy lease of `{name}`, held by {who}")))
+            };
+            match remote
+                .acquire(&name, self.cx.env, self.opts.lock_timeout, &mut waiting, &|| interrupt.signal().is_some())
+            {
+                Ok(lease) => {
+                    if let Some(l) = lease {
+                        self.leases.insert(i, l);
+                    }
+                    remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
+                    Asked::Again
+                }
+                Err(e) => {
+                    self.locked_out = true;
+                    self.refuse(i, keyed.key, reason.clone(), e.to_string());
+                    Asked::Done
+                }
+            }
+        };
+        self.remote_warnings();
+        asked
+    }
+
+    /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
+    fn refuse(&mut self, i: usize, key: Key, reason: Reason, detail: String) {
+        self.sink.event(&Event::Finished {
+            stage: self.name(i),
+            ok: false,
+            duration: Duration::ZERO,
+            detail: Some(detail),
+            log: Vec::new(),
+        });
+        self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key: Some(key), reason });
+    }
+
+    /// Tell the remote how a stage run ended: a success is shared (blobs, then the entry); a deploy's
+    /// attempt goes into the shared ledger, and its lease is released.
+    fn share(&mut self, i: usize, keyed: &Keyed, state: State, outputs: &[OutputRecord], duration: Duration) {
+        let Some(remote) = self.env.remote else { return };
+        let stage = &self.cx.pipeline.stages[i];
+        if state == State::Success {
+            let manifest = keyed.manifest.encode();
+            remote.publish(self.env.cache, stage, &keyed.key, &manifest, outputs, duration.as_millis() as i64);
+        }
+        if stage.is_deploy() {
+            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, state);
+        }
+        self.leases.remove(&i);
+        self.remote_warnings();
     }
 
     /// Something observed while acting on a hit (drift, an output that could not be restored or
@@ -458,6 +588,7 @@ impl Scheduler<'_, '_> {
     }
 
     fn finish_fresh(&mut self, i: usize, keyed: &Keyed, hit: Hit, restored: Vec<String>) -> Result<(), Error> {
+        self.leases.remove(&i);
         let stage = self.name(i);
         let saved_ms = hit.record.duration_ms.unwrap_or(0);
         if self.opts.replay
@@ -513,6 +644,13 @@ impl Scheduler<'_, '_> {
             return Ok(());
         }
         let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
+        if stage.is_deploy()
+            && let Some(remote) = self.env.remote
+        {
+            // Anyone who finds this record without a live lease knows the deploy did not end.
+            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, State::Running);
+            self.remote_warnings();
+        }
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });
         self.spawn(i, stage.run.join("\n"), Job::Stage { row, reason }, keyed, Vec::new())
     }
@@ -584,7 +722,7 @@ impl Scheduler<'_, '_> {
         let mut ended = Ended { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
         if signalled {
             // Stopped by our signal, whatever its exit code: its outputs may be partial.
-            self.conclude(i, State::Interrupted, ended, Some("interrupted".into()))?;
+            self.conclude(i, &keyed, State::Interrupted, ended, Some("interrupted".into()))?;
             self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
             return Ok(());
         }
@@ -596,7 +734,7 @@ impl Scheduler<'_, '_> {
                         self.mask_output(o);
                     }
                     ended.outputs = outs.clone();
-                    self.conclude(i, State::Success, ended, None)?;
+                    self.conclude(i, &keyed, State::Success, ended, None)?;
                     self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
                     Ok(())
                 }
@@ -604,7 +742,7 @@ impl Scheduler<'_, '_> {
                     // Exit code 0 without its declared outputs is still a failure.
                     ended.log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
                     ended.code = Some(1);
-                    self.fail(i, key, reason, ended, e.to_string())
+                    self.fail(i, &keyed, reason, ended, e.to_string())
                 }
             };
         }
@@ -616,9 +754,15 @@ impl Scheduler<'_, '_> {
         };
         if self.retry_needs(i, &ended.log) {
             let pattern = self.cx.pipeline.stages[i].retry_needs_if.clone().unwrap_or_default();
-            return self.conclude(i, State::Failed, ended, Some(format!("{detail}; output says \"{pattern}\"")));
+            return self.conclude(
+                i,
+                &keyed,
+                State::Failed,
+                ended,
+                Some(format!("{detail}; output says \"{pattern}\"")),
+            );
         }
-        self.fail(i, key, reason, ended, detail)
+        self.fail(i, &keyed, reason, ended, detail)
     }
 
     /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its
@@ -648,7 +792,14 @@ impl Scheduler<'_, '_> {
 
     /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
     /// log is shown again in quiet mode.
-    fn conclude(&mut self, i: usize, state: State, e: Ended, detail: Option<String>) -> Result<(), Error> {
+    fn conclude(
+        &mut self,
+        i: usize,
+        keyed: &Keyed,
+        state: State,
+        e: Ended,
+        detail: Option<String>,
+    ) -> Result<(), Error> {
         let ok = state == State::Success;
         let end = End {
             duration_ms: e.duration.as_millis() as i64,
@@ -657,15 +808,16 @@ impl Scheduler<'_, '_> {
             outputs: &e.outputs,
         };
         self.env.cache.finish_stage(e.row, state, &end)?;
+        self.share(i, keyed, state, &e.outputs, e.duration);
         let log = if ok || state == State::Interrupted { Vec::new() } else { e.log };
         self.sink.event(&Event::Finished { stage: self.name(i), ok, duration: e.duration, detail, log });
         Ok(())
     }
 
-    fn fail(&mut self, i: usize, key: Key, reason: Reason, e: Ended, detail: String) -> Result<(), Error> {
+    fn fail(&mut self, i: usize, keyed: &Keyed, reason: Reason, e: Ended, detail: String) -> Result<(), Error> {
         let duration = e.duration;
-        self.conclude(i, State::Failed, e, Some(detail))?;
-        self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(key), reason });
+        self.conclude(i, keyed, State::Failed, e, Some(detail))?;
+        self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(keyed.key), reason });
         if self.opts.fail_fast && self.stopping.is_none() {
             self.stopping = Some("not started: a stage failed and --fail-fast is set".into());
         }

@@ -1,0 +1,135 @@
+//! `kkpipe remote status` and `kkpipe cache gc --remote`: what the store holds, and its retention.
+
+use super::protocol::{self, EntryBody, LedgerBody};
+use super::{Remote, store};
+use crate::cache::now_ms;
+use std::collections::BTreeSet;
+
+/// What `kkpipe remote status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub url: String,
+    pub mode: &'static str,
+    pub why: String,
+    /// `None` when the store answered; else what went wrong.
+    pub error: Option<String>,
+    pub entries: usize,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+    pub ledger: Vec<LedgerRow>,
+    /// Deploy leases held now (not released, not expired).
+    pub leases: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LedgerRow {
+    pub env: String,
+    pub stage: String,
+    pub seq: u64,
+    pub state: String,
+    pub key: String,
+    pub who: String,
+    /// `false`: not signed by a trusted key (ignored by every runner).
+    pub trusted: bool,
+}
+
+pub fn status(r: &Remote) -> Status {
+    let mut s = Status {
+        url: r.url.clone(),
+        mode: r.mode.as_str(),
+        why: r.why.to_string(),
+        error: None,
+        entries: 0,
+        blobs: 0,
+        blob_bytes: 0,
+        ledger: Vec::new(),
+        leases: Vec::new(),
+    };
+    if let Err(e) = fill(r, &mut s) {
+        s.error = Some(e.to_string());
+    }
+    s
+}
+
+fn fill(r: &Remote, s: &mut Status) -> store::Result<()> {
+    let st = r.store();
+    s.entries = st.list("entries")?.len();
+    let blobs = st.list("blobs")?;
+    s.blobs = blobs.len();
+    s.blob_bytes = blobs.iter().map(|b| b.size).sum();
+    for l in st.list("ledger")? {
+        let Some((bytes, _)) = st.get(&l.name)? else { continue };
+        let trusted = protocol::open::<LedgerBody>(&bytes, &r.trusted).is_ok();
+        if let Some(b) = protocol::peek::<LedgerBody>(&bytes) {
+            s.ledger.push(LedgerRow {
+                env: b.env,
+                stage: b.stage,
+                seq: b.seq,
+                state: b.state.as_str().into(),
+                key: b.key,
+                who: b.who,
+                trusted,
+            });
+        }
+    }
+    for l in st.list("leases")? {
+        let Some((bytes, _)) = st.get(&l.name)? else { continue };
+        if let Ok(lease) = serde_json::from_slice::<protocol::Lease>(&bytes)
+            && !lease.released
+            && lease.expires_ms > now_ms()
+        {
+            s.leases.push(format!("{} by {}", l.name.trim_start_matches("leases/"), lease.who));
+        }
+    }
+    Ok(())
+}
+
+/// What `cache gc --remote` removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Collected {
+    pub entries: usize,
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+/// Remove entries older than `max_age_days`, except those a ledger record names (the deployed state stays
+/// restorable), then blobs that no remaining entry or ledger record names and that are older than
+/// `grace_hours` (a concurrent writer uploads blobs before the entry that names them).
+pub fn gc(r: &Remote, max_age_days: u64, grace_hours: u64) -> store::Result<Collected> {
+    let st = r.store();
+    let now = now_ms();
+    let mut named: BTreeSet<String> = BTreeSet::new();
+    let mut deployed: BTreeSet<String> = BTreeSet::new();
+    for l in st.list("ledger")? {
+        if let Some((bytes, _)) = st.get(&l.name)?
+            && let Some(b) = protocol::peek::<LedgerBody>(&bytes)
+        {
+            named.insert(protocol::blob(&b.key));
+            deployed.insert(protocol::entry(&b.stage, &b.key));
+        }
+    }
+    let mut out = Collected::default();
+    let max_age = max_age_days as i64 * 86_400_000;
+    for e in st.list("entries")? {
+        if now - e.modified_ms > max_age && !deployed.contains(&e.name) {
+            st.delete(&e.name)?;
+            out.entries += 1;
+            continue;
+        }
+        if let Some((bytes, _)) = st.get(&e.name)?
+            && let Some(b) = protocol::peek::<EntryBody>(&bytes)
+        {
+            named.insert(protocol::blob(&b.key));
+            named.extend(b.outputs.iter().filter_map(|o| o.shared_blob()).map(|h| protocol::blob(&h.to_hex())));
+        }
+    }
+    let grace = grace_hours as i64 * 3_600_000;
+    for b in st.list("blobs")? {
+        if !named.contains(&b.name) && now - b.modified_ms >= grace {
+            st.delete(&b.name)?;
+            out.blobs += 1;
+            out.bytes += b.size;
+        }
+    }
+    Ok(out)
+}

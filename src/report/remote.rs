@@ -1,0 +1,49 @@
+//! `kkpipe remote keygen|status`, as text or JSON.
+
+use crate::remote::admin::Status;
+use std::fmt::Write;
+
+pub fn keygen(private: &str, public: &str, json: bool) -> String {
+    if json {
+        return format!("{}\n", serde_json::json!({ "private": private, "public": public }));
+    }
+    format!(
+        "private: {private}\npublic:  {public}\n\nStore the private key as the CI secret KKPIPE_SIGNING_KEY of trusted jobs only (never \
+         pull requests), and add the public key to `[remote] trusted_keys` in pipeline.toml.\n"
+    )
+}
+
+pub fn off(why: &str, json: bool) -> String {
+    if json {
+        return format!("{}\n", serde_json::json!({ "url": null, "mode": "off", "why": why }));
+    }
+    format!("remote: off ({why})\n")
+}
+
+pub fn status(s: &Status, json: bool) -> String {
+    if json {
+        return format!("{}\n", serde_json::to_string_pretty(s).expect("serializable"));
+    }
+    let mut t = String::new();
+    let _ = writeln!(t, "remote:  {}", s.url);
+    let _ = writeln!(t, "mode:    {} ({})", s.mode, s.why);
+    match &s.error {
+        Some(e) => {
+            let _ = writeln!(t, "store:   does not answer: {e}");
+            return t;
+        }
+        None => {
+            let _ = writeln!(t, "store:   answers");
+        }
+    }
+    let _ = writeln!(t, "holds:   {} entries, {} blobs ({:.1} MB)", s.entries, s.blobs, s.blob_bytes as f64 / 1e6);
+    for l in &s.ledger {
+        let trust = if l.trusted { "" } else { "  (untrusted signer: ignored)" };
+        let _ =
+            writeln!(t, "ledger:  {} in {}: {} #{} by {}, key {}{trust}", l.stage, l.env, l.state, l.seq, l.who, l.key);
+    }
+    for l in &s.leases {
+        let _ = writeln!(t, "lease:   {l}");
+    }
+    t
+}
