@@ -24,11 +24,6 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
     pub color: ColorChoice,
 
-    /// Use the shared remote (`[remote]` in pipeline.toml) read-only, or not at all. Only lowers what the
-    /// configuration allows (docs/remote.md).
-    #[arg(long, global = true, value_enum, value_name = "MODE")]
-    pub remote: Option<crate::remote::Lower>,
-
     #[command(subcommand)]
     pub command: Command,
 }
@@ -90,6 +85,11 @@ pub struct Selection {
     /// The deployment environment whose ledger deploy stages use (staging, production, ...).
     #[arg(long = "env", value_name = "NAME", default_value = "default", env = "KKPIPE_ENV")]
     pub env_name: String,
+
+    /// Use the shared remote (`[remote]` in pipeline.toml) read-only, or not at all. Only lowers what the
+    /// configuration allows (docs/remote.md).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub remote: Option<crate::remote::Lower>,
 }
 
 #[derive(Debug, Clone, Args)]

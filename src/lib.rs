@@ -6,7 +6,8 @@
 //! pipeline.toml --pipeline--> Pipeline --graph--> ordered, selected stages
 //!   --session--> per stage: walk + BLAKE3 digests (stat cache) + tools + secret MACs -> Manifest -> Key
 //!   --fresh::decide(stage, manifest, History, Workspace)--> Fresh | Restore(outputs) | Run(reason)
-//!   --run--> restore / probe / run the command (run/exec), record the attempt (cache)
+//!      (on Run with a [remote]: learn its signed entry / ledger into the cache, decide again)
+//!   --run--> restore / probe / run the command (run/exec), record the attempt (cache), share it (remote)
 //!   --report--> events -> human lines | JSON | CI conventions
 //! ```
 //!
@@ -21,6 +22,8 @@
 //!   (only into declared outputs, never through a link).
 //! - [`run`]: the scheduler that runs stale stages as jobs, the watchdog that stops them if kkpipe dies, and
 //!   the run lock.
+//! - [`remote`]: the shared cache and deploy ledger on S3, GCS or a directory: signed ([`sign`]) entries
+//!   written create-only, a ledger updated by compare-and-swap, deploy leases. It only feeds the cache.
 //! - [`report`]: renders events and rows for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).

@@ -23,8 +23,6 @@ pub struct Settings {
     pub caller_env: HashMap<String, String>,
     /// A person is watching a terminal (not CI, not piped, not quiet): live progress is shown.
     pub interactive: bool,
-    /// `--remote read-only|off`.
-    pub remote: Option<crate::remote::Lower>,
 }
 
 impl Settings {
@@ -59,7 +57,6 @@ impl Settings {
             provider,
             style,
             caller_env,
-            remote: cli.remote,
         }
     }
 

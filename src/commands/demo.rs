@@ -127,7 +127,12 @@ fn push_to_main() -> RunArgs {
         no_verify: false,
         replay: false,
         json: false,
-        selection: Selection { event: Some("push".into()), branch: Some("main".into()), env_name: "default".into() },
+        selection: Selection {
+            event: Some("push".into()),
+            branch: Some("main".into()),
+            env_name: "default".into(),
+            remote: None,
+        },
     }
 }
 

@@ -59,6 +59,8 @@ pub(crate) struct Opened {
     pub event: Option<CiEvent>,
     pub env: String,
     pub cache: Cache,
+    /// `--remote read-only|off`.
+    pub remote_lower: Option<crate::remote::Lower>,
 }
 
 impl Opened {
@@ -68,7 +70,7 @@ impl Opened {
         let graph = Graph::build(&pipeline)?;
         let event = settings.event(sel)?;
         let cache = Cache::open(&root)?;
-        Ok(Opened { pipeline, graph, event, env: sel.env_name.clone(), cache })
+        Ok(Opened { pipeline, graph, event, env: sel.env_name.clone(), cache, remote_lower: sel.remote })
     }
 
     pub fn cx(&self) -> Context<'_> {
@@ -97,7 +99,7 @@ impl Opened {
     /// Which remote, in which mode, and why; a pull request never writes.
     pub fn resolve_remote(&self, settings: &Settings) -> Result<crate::remote::Resolved, Error> {
         let pull_request = self.event.as_ref().is_some_and(|e| e.name == crate::pipeline::Trigger::PullRequest);
-        crate::remote::resolve(self.pipeline.remote.as_ref(), &settings.caller_env, settings.remote, pull_request)
+        crate::remote::resolve(self.pipeline.remote.as_ref(), &settings.caller_env, self.remote_lower, pull_request)
             .map_err(Error::Usage)
     }
 

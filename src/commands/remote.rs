@@ -33,7 +33,7 @@ pub fn remote(settings: &Settings, c: &RemoteCommand) -> Result<u8, Error> {
 /// `kkpipe cache gc --remote`: only a writer collects (a pull request's job can never delete).
 pub fn gc(settings: &Settings, max_age_days: Option<u64>, grace_hours: Option<u64>) -> Result<u8, Error> {
     // The environment does not matter here; the event does (a pull request's job never deletes).
-    let sel = Selection { event: None, branch: None, env_name: "default".into() };
+    let sel = Selection { event: None, branch: None, env_name: "default".into(), remote: None };
     let Some(r) = Opened::open(settings, &sel)?.remote(settings)? else {
         return Err(Error::Usage("`cache gc --remote`: no remote is configured (or it is off)".into()));
     };

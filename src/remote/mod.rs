@@ -374,7 +374,11 @@ impl Remote {
             State::Failed => State::Failed,
             _ => State::Interrupted,
         };
-        let manifest = self.fetch_blobs(vec![key.0], what).and_then(|mut b| b.pop()).map(|(_, m)| m);
+        // Only for `why`'s comparison: an attempt learned without its manifest still counts.
+        let manifest = match self.store.get(&protocol::blob(&body.key)) {
+            Ok(Some((bytes, _))) if Hash::of(&bytes) == key.0 => Some(bytes),
+            _ => None,
+        };
         let meta = RunMeta {
             command: "remote".into(),
             event: None,
@@ -427,15 +431,8 @@ impl Remote {
                 stage.name
             ));
         }
-        let uploaded = self.store.each(blobs, |s, (h, bytes)| {
-            let name = protocol::blob(&h.to_hex());
-            match s.exists(&name) {
-                Ok(true) => Ok(()),
-                Ok(false) => s.put_if(&name, bytes.expect("checked"), None).map(|_| ()),
-                Err(e) => Err(e),
-            }
-        });
-        if let Some(e) = uploaded.into_iter().find_map(Result::err) {
+        let blobs = blobs.into_iter().map(|(h, b)| (h, b.expect("checked"))).collect();
+        if let Err(e) = self.upload(blobs) {
             return self.failed(&what, e);
         }
         let body = EntryBody {
@@ -454,12 +451,32 @@ impl Remote {
         }
     }
 
+    /// Upload blobs that are not in the store yet (in parallel; create-only, so a concurrent writer's copy of
+    /// the same content is left as it is).
+    fn upload(&self, blobs: Vec<(Hash, Vec<u8>)>) -> Result<(), store::Error> {
+        let uploaded = self.store.each(blobs, |s, (h, bytes)| {
+            let name = protocol::blob(&h.to_hex());
+            match s.exists(&name) {
+                Ok(true) => Ok(()),
+                Ok(false) => s.put_if(&name, bytes, None).map(|_| ()),
+                Err(e) => Err(e),
+            }
+        });
+        uploaded.into_iter().collect()
+    }
+
     /// Record a deploy attempt in the shared ledger by compare-and-swap: one more than the newest record
-    /// (or than what this cache knows, if the record there is not believed).
-    pub fn record(&self, cache: &Cache, stage: &str, env: &str, key: &Key, state: State) {
+    /// (or than what this cache knows, if the record there is not believed). The manifest goes first, so
+    /// other runners can tell what the attempt was.
+    pub fn record(&self, cache: &Cache, stage: &str, env: &str, key: &Key, manifest: &[u8], state: State) {
         let Some(signer) = &self.signer else { return };
         let name = protocol::ledger(env, stage);
         let what = format!("the ledger record of `{stage}` in `{env}`");
+        if state == State::Running
+            && let Err(e) = self.upload(vec![(key.0, manifest.to_vec())])
+        {
+            return self.failed(&what, e);
+        }
         for _ in 0..16 {
             let (current, version) = match self.store.get(&name) {
                 Ok(None) => (0, None),

@@ -456,10 +456,35 @@ impl Scheduler<'_, '_> {
         let stage = &self.cx.pipeline.stages[i];
         let asked = if !stage.is_deploy() {
             match !forced && remote.pull(self.env.cache, stage, &keyed.key, self.cx.env) == Pulled::Imported {
-                true => Asked::Again,
+                true => {
+                    let line = format!("kkpipe: `{}` with these inputs is on the remote `{}`", stage.name, remote.url);
+                    self.sink.event(&Event::Info(line));
+                    Asked::Again
+                }
                 false => Asked::Keep,
             }
-        } else if !remote.writable() {
+        } else {
+            match self.take_lease(i, keyed.key, reason) {
+                true => {
+                    remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
+                    Asked::Again
+                }
+                false => Asked::Done,
+            }
+        };
+        self.remote_warnings();
+        asked
+    }
+
+    /// Before deploy stage `i` runs with a remote: hold its deploy lease (waiting for another runner's, up to
+    /// `--lock-timeout`). Returns whether it may go on; if not, it is done, and why was shown. A store that
+    /// does not answer was warned about and the deploy goes on under the local run lock.
+    fn take_lease(&mut self, i: usize, key: Key, reason: &Reason) -> bool {
+        let Some(remote) = self.env.remote else { return true };
+        if self.leases.contains_key(&i) {
+            return true;
+        }
+        if !remote.writable() {
             let detail = format!(
                 "not deployed: the remote `{}` is read-only ({}), so this deploy would run without the shared \
                  deploy lease and ledger\n  hint: set {} (trusted jobs only), or pass `--remote off` to deploy \
@@ -468,34 +493,31 @@ impl Scheduler<'_, '_> {
                 remote.why,
                 crate::remote::SIGNING_KEY_VAR
             );
-            self.refuse(i, keyed.key, reason.clone(), detail);
-            Asked::Done
-        } else {
-            let name = stage.name.clone();
-            let sink = &mut *self.sink;
-            let interrupt = self.interrupt.clone();
-            let mut waiting = |who: &str| {
-                sink.event(&Event::Info(format!("kkpipe: waiting for the deploy lease of `{name}`, held by {who}")))
-            };
-            match remote
-                .acquire(&name, self.cx.env, self.opts.lock_timeout, &mut waiting, &|| interrupt.signal().is_some())
-            {
-                Ok(lease) => {
-                    if let Some(l) = lease {
-                        self.leases.insert(i, l);
-                    }
-                    remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
-                    Asked::Again
-                }
-                Err(e) => {
-                    self.locked_out = true;
-                    self.refuse(i, keyed.key, reason.clone(), e.to_string());
-                    Asked::Done
-                }
-            }
+            self.refuse(i, key, reason.clone(), detail);
+            return false;
+        }
+        let name = self.name(i);
+        let sink = &mut *self.sink;
+        let interrupt = self.interrupt.clone();
+        let mut waiting = |who: &str| {
+            sink.event(&Event::Info(format!("kkpipe: waiting for the deploy lease of `{name}`, held by {who}")))
         };
+        let taken =
+            remote.acquire(&name, self.cx.env, self.opts.lock_timeout, &mut waiting, &|| interrupt.signal().is_some());
         self.remote_warnings();
-        asked
+        match taken {
+            Ok(lease) => {
+                if let Some(l) = lease {
+                    self.leases.insert(i, l);
+                }
+                true
+            }
+            Err(e) => {
+                self.locked_out = true;
+                self.refuse(i, key, reason.clone(), e.to_string());
+                false
+            }
+        }
     }
 
     /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
@@ -515,12 +537,12 @@ impl Scheduler<'_, '_> {
     fn share(&mut self, i: usize, keyed: &Keyed, state: State, outputs: &[OutputRecord], duration: Duration) {
         let Some(remote) = self.env.remote else { return };
         let stage = &self.cx.pipeline.stages[i];
+        let manifest = keyed.manifest.encode();
         if state == State::Success {
-            let manifest = keyed.manifest.encode();
             remote.publish(self.env.cache, stage, &keyed.key, &manifest, outputs, duration.as_millis() as i64);
         }
         if stage.is_deploy() {
-            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, state);
+            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, &manifest, state);
         }
         self.leases.remove(&i);
         self.remote_warnings();
@@ -643,12 +665,17 @@ impl Scheduler<'_, '_> {
         if !self.needs_available(i) {
             return Ok(());
         }
+        // Also when a hit turned into a run (drift, an output that could not be put back).
+        if stage.is_deploy() && !self.take_lease(i, keyed.key, &reason) {
+            return Ok(());
+        }
         let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
         if stage.is_deploy()
             && let Some(remote) = self.env.remote
         {
             // Anyone who finds this record without a live lease knows the deploy did not end.
-            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, State::Running);
+            let manifest = keyed.manifest.encode();
+            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, &manifest, State::Running);
             self.remote_warnings();
         }
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });

@@ -11,6 +11,7 @@ mod kkp;
 mod lifetime;
 mod oracle;
 mod reliability;
+mod remote;
 mod restore;
 mod secrets_key;
 mod status_running;

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""What the shared remote costs a no-op run (docs/performance.md, "The remote").
+
+    remote.py KKPIPE WEED WORK [--runs N]
+
+Copies the KKP demo repository (fixtures/kkp-demo with the reference pipeline.toml and the demo's stand-in
+environment) to WORK/remote-demo, starts SeaweedFS (`WEED server -s3`) on loopback, runs the push pipeline once
+with the remote (writing its entries and ledger), then times no-op push runs with the remote and with
+`KKPIPE_REMOTE=off`, alternately, and prints the medians and their difference. The issue's budget: at most
+20 ms more with the remote.
+"""
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import json
+
+KKPIPE, WEED, WORK = (os.path.abspath(a) for a in sys.argv[1:4])
+RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 15
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_weed(data):
+    os.makedirs(data, exist_ok=True)
+    ports = [port() for _ in range(8)]
+    s3 = ports[7]
+    args = [WEED, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
+            f"-volume.port.grpc={ports[3]}", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+            f"-filer.localSocket={data}/filer.sock", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={ports[6]}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=10"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{s3}"
+    for _ in range(120):
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", f"{endpoint}/bench"],
+                           capture_output=True, text=True)
+        if r.stdout in ("200", "409"):
+            return proc, endpoint
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit("SeaweedFS did not start")
+
+
+def demo_env(repo):
+    env = dict(os.environ)
+    for line in open(os.path.join(repo, "demo.env")):
+        if line.startswith("export "):
+            k, v = line[len("export "):].strip().split("=", 1)
+            env[k] = v.strip('"').replace("$KKP_DEMO_DIR", repo).replace("$PATH", os.environ["PATH"])
+    return env
+
+
+def main():
+    repo = os.path.join(WORK, "remote-demo")
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "fixtures", "kkp-demo"), repo, symlinks=True)
+    shutil.copy(os.path.join(ROOT, "pipeline.toml"), os.path.join(repo, "pipeline.toml"))
+    keys = json.loads(subprocess.run([KKPIPE, "remote", "keygen", "--json"], capture_output=True, check=True).stdout)
+    with open(os.path.join(repo, "pipeline.toml"), "a") as f:
+        f.write(f'\n[remote]\nurl = "s3://bench/demo"\ntrusted_keys = ["{keys["public"]}"]\n')
+    weed, endpoint = start_weed(os.path.join(WORK, "remote-weed"))
+    try:
+        env = demo_env(repo)
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
+                   AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", KKPIPE_SIGNING_KEY=keys["private"])
+        cmd = [KKPIPE, "run", "-q", "--event", "push", "--branch", "main"]
+        subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+        time.sleep(2.5)  # past the stat cache's racy window
+        subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+        off = dict(env, KKPIPE_REMOTE="off")
+        with_remote, without = [], []
+        for _ in range(RUNS):
+            for sample, e in ((with_remote, env), (without, off)):
+                t = time.perf_counter()
+                r = subprocess.run(cmd, cwd=repo, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                sample.append((time.perf_counter() - t) * 1000)
+                if r.returncode != 0 or "warning" in r.stderr:
+                    sys.exit(f"the no-op run failed or warned:\n{r.stderr}")
+        a, b = statistics.median(with_remote), statistics.median(without)
+        print(f"no-op push run of the KKP demo, {RUNS} runs each, alternating")
+        print(f"  without a remote: {b:7.1f} ms (median)")
+        print(f"  with SeaweedFS:   {a:7.1f} ms (median)")
+        print(f"  difference:       {a - b:+7.1f} ms (budget +20 ms)")
+    finally:
+        weed.kill()
+
+
+main()

@@ -1,0 +1,624 @@
+//! The shared remote (`[remote]`, docs/remote.md) against real object stores on loopback: SeaweedFS and
+//! moto's server (two S3 implementations), and `file://`. Each test runs its scenario on every store.
+//!
+//! The servers come from the test venv that scripts/test installs; each test process starts one of each
+//! (on free ports) and a watcher stops them when the process exits.
+
+use crate::harness::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    File,
+    Seaweed,
+    Moto,
+}
+
+const ALL: [Kind; 3] = [Kind::File, Kind::Seaweed, Kind::Moto];
+const BUCKET: &str = "kkpipe-test";
+
+/// A running S3 server.
+struct Server {
+    endpoint: String,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // SeaweedFS also listens on port + 10000 unless told otherwise; keep clear of that range.
+        if p < 50000 {
+            return p;
+        }
+    }
+}
+
+/// Stop `pid` when this test process exits (the servers must not outlive the suite). The watcher is not
+/// waited for: it ends on its own, after the test process.
+#[allow(clippy::zombie_processes)]
+fn reap_with_us(pid: u32) {
+    let me = std::process::id();
+    Command::new("sh")
+        .args(["-c", &format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; kill {pid} 2>/dev/null")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+}
+
+fn start(kind: Kind, dir: &Path) -> Server {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let s3 = free_port();
+    let mut cmd = match kind {
+        Kind::Seaweed => {
+            let mut c = Command::new(test_tool("venv/bin/weed"));
+            let p: Vec<u16> = (0..7).map(|_| free_port()).collect();
+            c.arg("server").args([
+                format!("-dir={}", dir.display()),
+                "-ip=127.0.0.1".into(),
+                "-ip.bind=127.0.0.1".into(),
+                format!("-master.port={}", p[0]),
+                format!("-master.port.grpc={}", p[1]),
+                format!("-volume.port={}", p[2]),
+                format!("-volume.port.grpc={}", p[3]),
+                format!("-filer.port={}", p[4]),
+                format!("-filer.port.grpc={}", p[5]),
+                format!("-filer.localSocket={}/filer.sock", dir.display()),
+                "-s3".into(),
+                format!("-s3.port={s3}"),
+                format!("-s3.port.grpc={}", p[6]),
+                "-s3.port.iceberg=0".into(),
+                "-s3.port.lance=0".into(),
+                "-master.telemetry=false".into(),
+                "-volume.max=20".into(),
+                "-master.volumeSizeLimitMB=64".into(),
+            ]);
+            c
+        }
+        Kind::Moto => {
+            let mut c = Command::new(test_tool("venv/bin/moto_server"));
+            c.args(["-H", "127.0.0.1", "-p", &s3.to_string()]);
+            c
+        }
+        Kind::File => unreachable!("no server"),
+    };
+    let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
+    reap_with_us(child.id());
+    let endpoint = format!("http://127.0.0.1:{s3}");
+    // Ready when the bucket can be made (SeaweedFS takes a few seconds to elect its master).
+    let ready = within(Duration::from_secs(60), || {
+        http(&endpoint, "PUT", &format!("/{BUCKET}"), b"").is_some_and(|(c, _)| c == 200 || c == 409)
+    });
+    assert!(ready, "{kind:?} did not start:\n{}", std::fs::read_to_string(dir.join("server.log")).unwrap_or_default());
+    Server { endpoint, child }
+}
+
+fn shared_server(kind: Kind) -> &'static str {
+    static SEAWEED: OnceLock<Server> = OnceLock::new();
+    static MOTO: OnceLock<Server> = OnceLock::new();
+    let cell = if kind == Kind::Seaweed { &SEAWEED } else { &MOTO };
+    let s = cell.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("kkpipe-{kind:?}-{}", std::process::id()));
+        start(kind, &dir)
+    });
+    &s.endpoint
+}
+
+/// One plain HTTP/1.0 request (unsigned: both servers let anyone make a bucket on loopback).
+fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let addr = endpoint.strip_prefix("http://").unwrap();
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let status: u16 = String::from_utf8_lossy(&out[..split]).split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, out[split + 4..].to_vec()))
+}
+
+/// A store for one test: its URL, the environment kkpipe needs for it, and direct access to its objects.
+struct Store {
+    url: String,
+    endpoint: Option<String>,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Store {
+    fn new(kind: Kind) -> Store {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        let prefix = format!("t{}", tmp.path().file_name().unwrap().to_string_lossy().replace('.', ""));
+        match kind {
+            Kind::File => Store { url: format!("file://{}", dir.display()), endpoint: None, dir, _tmp: tmp },
+            _ => Store::on(shared_server(kind).to_string(), prefix, tmp),
+        }
+    }
+
+    fn on(endpoint: String, prefix: String, tmp: tempfile::TempDir) -> Store {
+        let url = format!("s3://{BUCKET}/{prefix}");
+        Store { url, endpoint: Some(endpoint), dir: PathBuf::new(), _tmp: tmp }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match &self.endpoint {
+            None => Vec::new(),
+            Some(e) => vec![
+                ("AWS_ENDPOINT_URL", e.clone()),
+                ("AWS_ALLOW_HTTP", "true".into()),
+                ("AWS_ACCESS_KEY_ID", "test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "test".into()),
+                ("AWS_REGION", "us-east-1".into()),
+            ],
+        }
+    }
+
+    fn names(&self, under: &str) -> Vec<String> {
+        if self.endpoint.is_some() {
+            return self.s3().list(under).unwrap().into_iter().map(|l| l.name).collect();
+        }
+        walkdir::WalkDir::new(self.dir.join(under))
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.path().strip_prefix(&self.dir).unwrap().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock") && !n.rsplit('/').next().unwrap().starts_with(".tmp-"))
+            .collect()
+    }
+
+    fn get(&self, name: &str) -> Vec<u8> {
+        match &self.endpoint {
+            None => std::fs::read(self.dir.join(name)).unwrap(),
+            Some(_) => self.s3().get(name).unwrap().expect("the object").0,
+        }
+    }
+
+    /// A signed S3 client (moto refuses anonymous reads and overwrites): kkpipe's store client, used here only
+    /// as an S3 client.
+    fn s3(&self) -> kkpipe::remote::store::Store {
+        let env: std::collections::HashMap<String, String> =
+            self.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        kkpipe::remote::store::open(&url::Url::parse(&self.url).unwrap(), &env).unwrap()
+    }
+
+    /// Overwrite an object behind kkpipe's back (as someone with write access to the bucket).
+    fn tamper(&self, name: &str, bytes: &[u8]) {
+        if self.endpoint.is_none() {
+            return std::fs::write(self.dir.join(name), bytes).unwrap();
+        }
+        let s3 = self.s3();
+        s3.delete(name).unwrap();
+        assert!(s3.put_if(name, bytes.to_vec(), None).unwrap().is_some());
+    }
+}
+
+struct Keys {
+    private: String,
+    public: String,
+}
+
+fn keygen() -> Keys {
+    let r = Run::from(kkpipe_in(Path::new("."), &["remote", "keygen", "--json"]).output().unwrap()).ok();
+    let j = r.json();
+    Keys { private: j["private"].as_str().unwrap().into(), public: j["public"].as_str().unwrap().into() }
+}
+
+const BUILD_AND_DEPLOY: &str = r#"
+[stages.build]
+run = "echo build >> ../ran.log; mkdir -p out; cat src.txt src.txt > out/app.txt; printf 'secret' > out/token"
+inputs = ["src.txt"]
+outputs = ["out/app.txt", { path = "out/token", sensitive = true }]
+
+[stages.deploy]
+kind = "deploy"
+needs = ["build"]
+run = "echo deploy >> ../ran.log; cat out/app.txt >> $DEPLOYED"
+pass_env = ["DEPLOYED"]
+"#;
+
+/// A clone (a runner) of a repository whose pipeline uses `store`, trusting `trusted`, signing with `signer`.
+fn runner(store: &Store, stages: &str, trusted: &[&str], signer: Option<&str>, extra: &str) -> Repo {
+    let mut r = Repo::empty();
+    let keys: Vec<String> = trusted.iter().map(|k| format!("\"{k}\"")).collect();
+    let text = format!("[remote]\nurl = \"{}\"\ntrusted_keys = [{}]\n{extra}\n{stages}", store.url, keys.join(", "));
+    r.write("pipeline.toml", &text);
+    r.write("src.txt", "v1\n");
+    for (k, v) in store.env() {
+        r.set_env(k, &v);
+    }
+    if let Some(k) = signer {
+        r.set_env("KKPIPE_SIGNING_KEY", k);
+    }
+    let deployed = r.sibling("deployed.log");
+    r.set_env("DEPLOYED", deployed.to_str().unwrap());
+    r
+}
+
+fn warnings(r: &Run) -> Vec<String> {
+    r.stderr.lines().filter(|l| l.contains("warning")).map(str::to_string).collect()
+}
+
+#[test]
+fn two_clones_share_hits_byte_for_byte_and_nothing_runs_twice() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+        let first = a.run(&[]).ok();
+        assert_eq!(first.ran(), ["build", "deploy"], "{kind:?}");
+        // The sensitive output never leaves the machine: only the app's bytes and the manifests are blobs.
+        let blobs = store.names("blobs");
+        let token = blake3::hash(b"secret").to_hex().to_string();
+        assert!(!blobs.iter().any(|b| b.ends_with(&token)), "{kind:?}: the sensitive output was uploaded");
+        assert_eq!(store.names("entries").len(), 2, "{kind:?}: {:?}", store.names(""));
+
+        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+        let second = b.run(&[]).ok();
+        assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
+        assert_eq!(second.with_state("restored"), ["build"], "{kind:?}");
+        assert_eq!(second.with_state("fresh"), ["deploy"], "{kind:?}: the shared ledger says it is deployed");
+        assert_eq!(b.read("out/app.txt"), a.read("out/app.txt"));
+        assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
+        assert!(!b.exists("out/token"), "{kind:?}: a sensitive output came from the remote");
+        assert_eq!(std::fs::read_to_string(a.sibling("ran.log")).unwrap(), "build\ndeploy\n");
+        assert!(!b.sibling("ran.log").exists(), "{kind:?}: b ran a stage");
+        assert!(warnings(&second).is_empty(), "{kind:?}: {}", second.stderr);
+    }
+}
+
+#[test]
+fn a_pull_request_run_writes_nothing_even_with_the_signing_key() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let pr = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+        let r = pr.run(&["--event", "pull_request", "build"]).ok();
+        assert_eq!(r.ran(), ["build"], "{kind:?}");
+        assert!(store.names("").is_empty(), "{kind:?}: a pull request wrote {:?}", store.names(""));
+        let status = pr.kk(&["remote", "status", "--event", "pull_request", "--json"]).ok().json();
+        assert_eq!(status["mode"], "read-only");
+        assert_eq!(status["why"], "a pull_request event never writes");
+    }
+}
+
+#[test]
+fn entries_signed_by_an_untrusted_key_are_misses() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let (mallory, k) = (keygen(), keygen());
+        // Mallory can write to the bucket and signs with her own key.
+        let m = runner(&store, BUILD_AND_DEPLOY, &[&mallory.public], Some(&mallory.private), "");
+        m.write("src.txt", "v1\n");
+        m.run(&["build"]).ok();
+        assert_eq!(store.names("entries").len(), 1);
+        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+        let r = b.run(&["build"]).ok();
+        assert_eq!(r.ran(), ["build"], "{kind:?}: an untrusted entry was believed");
+        let w = warnings(&r);
+        assert_eq!(w.len(), 1, "{kind:?}: {}", r.stderr);
+        assert!(w[0].contains("not in `trusted_keys`") && w[0].contains(&store.url), "{}", w[0]);
+    }
+}
+
+#[test]
+fn a_tampered_blob_or_entry_is_a_miss_and_the_right_output_is_made() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+        a.run(&["build"]).ok();
+        let app = blake3::hash(b"v1\nv1\n").to_hex().to_string();
+        store.tamper(&format!("blobs/{app}"), b"rm -rf /\n");
+
+        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+        let r = b.run(&["build"]).ok();
+        assert_eq!(r.ran(), ["build"], "{kind:?}");
+        assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
+        assert!(r.stderr.contains("does not match its BLAKE3"), "{kind:?}: {}", r.stderr);
+
+        // Now the entry: point its output at another path with a valid-looking body but the old signature.
+        let entry = store.names("entries").pop().unwrap();
+        let mut doc: serde_json::Value = serde_json::from_slice(&store.get(&entry)).unwrap();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&b64.decode(doc["body"].as_str().unwrap()).unwrap()).unwrap();
+        body["outputs"][0]["path"] = "pipeline.toml".into();
+        doc["body"] = b64.encode(serde_json::to_vec(&body).unwrap()).into();
+        store.tamper(&entry, &serde_json::to_vec(&doc).unwrap());
+        let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+        let before = c.read("pipeline.toml");
+        let r = c.run(&["build"]).ok();
+        assert_eq!(r.ran(), ["build"], "{kind:?}");
+        assert!(r.stderr.contains("signature does not verify"), "{kind:?}: {}", r.stderr);
+        assert_eq!(c.read("pipeline.toml"), before);
+        assert_eq!(c.read("out/app.txt"), "v1\nv1\n");
+    }
+}
+
+#[test]
+fn a_failed_deploy_on_one_runner_makes_the_next_runner_redeploy() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let stages =
+            BUILD_AND_DEPLOY.replace("echo deploy >> ../ran.log;", "echo deploy >> ../ran.log; test ! -e $FAIL &&");
+        let stages = stages.replace("pass_env = [\"DEPLOYED\"]", "pass_env = [\"DEPLOYED\", \"FAIL\"]");
+        let mut a = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+        let mut b = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+        let fail = a.sibling("fail-now");
+        a.set_env("FAIL", fail.to_str().unwrap());
+        b.set_env("FAIL", b.sibling("fail-now").to_str().unwrap());
+        a.run(&[]).ok();
+        // Runner b deploys the same key again (forced) and fails: the live state is unknown.
+        std::fs::write(b.sibling("fail-now"), "").unwrap();
+        let failed = b.run(&["--force", "deploy"]);
+        assert_eq!(failed.code, 1, "{kind:?}: {}", failed.stderr);
+        // Runner a's own cache says deployed; the shared ledger says the latest attempt failed.
+        let again = a.run(&[]).ok();
+        assert_eq!(again.ran(), ["deploy"], "{kind:?}: {}", again.stderr);
+        assert_eq!(again.reason_of("deploy")["kind"], "last-run-failed", "{kind:?}");
+        let status = a.kk(&["remote", "status", "--json"]).ok().json();
+        let rec = &status["ledger"][0];
+        assert_eq!((rec["state"].as_str(), rec["trusted"].as_bool()), (Some("success"), Some(true)), "{status:#}");
+    }
+}
+
+/// A deploy that takes a while and logs when it starts and ends, to one file shared by the runners.
+fn slow_deploy(seconds: f64) -> String {
+    format!(
+        r#"
+[stages.deploy]
+kind = "deploy"
+run = "echo start $(cat src.txt) >> $DEPLOYED; sleep {seconds}; echo end $(cat src.txt) >> $DEPLOYED"
+inputs = ["src.txt"]
+pass_env = ["DEPLOYED"]
+"#
+    )
+}
+
+#[test]
+fn two_runners_deploying_the_same_stage_at_once_never_overlap() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let a = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
+        let mut b = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
+        b.set_env("DEPLOYED", a.sibling("deployed.log").to_str().unwrap());
+        b.write("src.txt", "v2\n");
+        let log = a.sibling("deployed.log");
+        let first =
+            a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
+        let first = Run::from(first.wait_with_output().unwrap()).ok();
+        assert_eq!(first.ran(), ["deploy"]);
+        assert_eq!(second.ran(), ["deploy"], "{kind:?}: {}", second.stderr);
+        // The race happened: b found a's lease and waited for it.
+        assert!(second.stderr.contains("waiting for the deploy lease of `deploy`"), "{kind:?}: {}", second.stderr);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n", "{kind:?}");
+    }
+}
+
+#[test]
+fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let a = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
+        let mut b = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
+        let log = a.sibling("deployed.log");
+        b.set_env("DEPLOYED", log.to_str().unwrap());
+        let first =
+            a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
+        Run::from(first.wait_with_output().unwrap()).ok();
+        assert!(second.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", second.stderr);
+        assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
+        assert_eq!(second.with_state("fresh"), ["deploy"]);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "{kind:?}");
+    }
+}
+
+#[test]
+fn a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        // Long enough that the lease is still held when the next run asks, even on a loaded machine.
+        let a = runner(&store, &slow_deploy(60.0), &[&k.public], Some(&k.private), "lease_seconds = 6");
+        let mut b = runner(&store, &slow_deploy(0.0), &[&k.public], Some(&k.private), "lease_seconds = 6");
+        let log = a.sibling("deployed.log");
+        b.set_env("DEPLOYED", log.to_str().unwrap());
+        let mut holder = a.cmd_in(&a.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        holder.kill().unwrap(); // SIGKILL: no release, no ledger update
+        holder.wait().unwrap();
+        let started = Instant::now();
+        let next = b.kk(&["run", "--json", "--lock-timeout", "30"]).ok();
+        assert!(next.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", next.stderr);
+        assert_eq!(next.ran(), ["deploy"], "{kind:?}: the dead holder's deploy never ended: deploy again");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(warnings(&next).is_empty(), "{kind:?}: {}", next.stderr);
+        assert!(std::fs::read_to_string(&log).unwrap().ends_with("start v1\nend v1\n"));
+    }
+}
+
+#[test]
+fn eight_concurrent_publishers_of_one_key_leave_one_valid_entry() {
+    for kind in ALL {
+        let store = Store::new(kind);
+        let k = keygen();
+        let gate = tempfile::tempdir().unwrap();
+        // Each runner's build waits until all eight are running, so all eight publish at about the same time.
+        let stages = format!(
+            r#"
+[stages.build]
+run = "touch {gate}/$$; while [ $(ls {gate} | wc -l) -lt 8 ]; do sleep 0.05; done; mkdir -p out; cat src.txt > out/app.txt"
+inputs = ["src.txt"]
+outputs = ["out/app.txt"]
+"#,
+            gate = gate.path().display()
+        );
+        let runners: Vec<Repo> = (0..8).map(|_| runner(&store, &stages, &[&k.public], Some(&k.private), "")).collect();
+        let children: Vec<_> = runners
+            .iter()
+            .map(|r| {
+                r.cmd_in(&r.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+            })
+            .collect();
+        for c in children {
+            let r = Run::from(c.wait_with_output().unwrap()).ok();
+            assert_eq!(r.ran(), ["build"], "{kind:?}");
+        }
+        assert_eq!(std::fs::read_dir(gate.path()).unwrap().count(), 8, "all eight ran at once");
+        assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names("entries"));
+        let ninth = runner(&store, &stages, &[&k.public], None, "");
+        let r = ninth.run(&[]).ok();
+        assert_eq!(r.with_state("restored"), ["build"], "{kind:?}: {}", r.stderr);
+        assert!(warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn a_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
+    for kind in [Kind::Seaweed, Kind::Moto] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut server = start(kind, &tmp.path().join("server"));
+        let store = Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap());
+        let k = keygen();
+        let stages = format!(
+            r#"
+[stages.one]
+run = "mkdir -p out; echo one > out/one; kill -9 {pid} 2> /dev/null || true; sleep 0.5"
+outputs = ["out/one"]
+
+[stages.two]
+needs = ["one"]
+run = "cat out/one > out/two"
+outputs = ["out/two"]
+
+[stages.three]
+kind = "deploy"
+needs = ["two"]
+run = "cat out/two"
+"#,
+            pid = server.child.id()
+        );
+        let r = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+        let run = r.run(&[]);
+        assert!(server.child.try_wait().unwrap().is_some(), "{kind:?}: the store was not killed");
+        assert_eq!(run.code, 0, "{kind:?}: {}", run.stderr);
+        assert_eq!(run.ran(), ["one", "two", "three"]);
+        let w = warnings(&run);
+        assert_eq!(w.len(), 1, "{kind:?}: one warning, naming the remote: {}", run.stderr);
+        assert!(w[0].contains(&store.url) && w[0].contains("did not answer"), "{}", w[0]);
+        // Without a remote the same run exits the same way.
+        let again = r.kk(&["run", "--json", "--remote", "off", "--force"]).ok();
+        assert_eq!(again.ran(), ["one", "two", "three"]);
+    }
+}
+
+#[test]
+fn a_deploy_with_a_read_only_remote_is_refused_not_run_without_the_lease() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let r = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let run = r.run(&[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.ran(), ["build"]);
+    assert!(run.stderr.contains("is read-only (KKPIPE_SIGNING_KEY is not set)"), "{}", run.stderr);
+    assert!(!r.sibling("deployed.log").exists());
+    // `--remote off` is the explicit way to deploy on one's own.
+    let own = r.run(&["--remote", "off"]).ok();
+    assert_eq!(own.ran(), ["deploy"]);
+}
+
+#[test]
+fn remote_configuration_errors_name_the_file_line_and_variable() {
+    let store = Store::new(Kind::File);
+    let r = runner(&store, BUILD_AND_DEPLOY, &["ed25519:bm90IGEga2V5"], None, "");
+    let bad = r.kk(&["status"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("pipeline.toml:3:") && bad.stderr.contains("trusted_keys"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("kkpipe remote keygen"), "{}", bad.stderr);
+
+    let k = keygen();
+    let mut r = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    r.set_env("KKPIPE_SIGNING_KEY", &k.public);
+    let bad = r.kk(&["run"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("KKPIPE_SIGNING_KEY is not a private key"), "{}", bad.stderr);
+    assert!(store.names("").is_empty());
+
+    r.set_env("KKPIPE_SIGNING_KEY", &k.private);
+    r.set_env("KKPIPE_REMOTE", "off");
+    let off = r.kk(&["remote", "status"]).ok();
+    assert_eq!(off.stdout, "remote: off (KKPIPE_REMOTE=off)\n");
+}
+
+#[test]
+fn remote_gc_removes_old_entries_and_unnamed_blobs_but_keeps_what_the_ledger_names() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&[]).ok();
+    a.write("src.txt", "v2\n");
+    a.run(&[]).ok();
+    assert_eq!(store.names("entries").len(), 4);
+    let stray = blake3::hash(b"stray").to_hex().to_string();
+    std::fs::write(store.dir.join(format!("blobs/{stray}")), "stray").unwrap();
+    // Nothing is old yet: only the stray blob goes (with no grace period).
+    a.kk(&["cache", "gc", "--remote", "--grace-hours", "0"]).ok();
+    assert!(!store.names("blobs").iter().any(|b| b.ends_with(&stray)));
+    assert_eq!(store.names("entries").len(), 4);
+    // Every entry is "old" now: all go but the deployed one, and the blobs only they named.
+    let gc = a.kk(&["cache", "gc", "--remote", "--max-age", "0", "--grace-hours", "0"]).ok();
+    assert!(gc.stderr.contains("removed 3 entries"), "{}", gc.stderr);
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    b.write("src.txt", "v2\n");
+    let r = b.run(&["deploy"]).ok();
+    assert!(r.ran().contains(&"build".to_string()), "the v2 build entry was collected");
+    assert_eq!(r.with_state("fresh"), ["deploy"], "the deployed entry stays: {}", r.stderr);
+    // A pull request's job cannot collect, whatever key it holds.
+    let mut pr = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    pr.set_env("GITHUB_ACTIONS", "true").set_env("GITHUB_EVENT_NAME", "pull_request");
+    let refused = pr.kk(&["cache", "gc", "--remote", "--max-age", "0", "--grace-hours", "0"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("read-only here (a pull_request event never writes)"), "{}", refused.stderr);
+    assert_eq!(store.names("entries").len(), 1);
+}
+
+#[test]
+fn a_deploy_lease_held_past_the_lock_timeout_exits_4_without_deploying() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, &slow_deploy(4.0), &[&k.public], Some(&k.private), "");
+    let mut b = runner(&store, &slow_deploy(0.0), &[&k.public], Some(&k.private), "");
+    let log = a.sibling("deployed.log");
+    b.set_env("DEPLOYED", log.to_str().unwrap());
+    b.write("src.txt", "v2\n");
+    let first = a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+    let late = b.kk(&["run", "--json", "--lock-timeout", "1"]);
+    Run::from(first.wait_with_output().unwrap()).ok();
+    assert_eq!(late.code, 4, "{}", late.stderr);
+    assert!(
+        late.stderr.contains("is being deployed by") && late.stderr.contains("raise --lock-timeout"),
+        "{}",
+        late.stderr
+    );
+    assert_eq!(late.with_state("failed"), ["deploy"]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "b deployed without the lease");
+}
