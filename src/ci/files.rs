@@ -69,6 +69,7 @@ const VERSIONS: &[(&str, &str)] = &[
     ("KKP_VERSION", "2.25.0"),
     // 3.7.2 is the first to read `SOPS_AGE_KEY` (the key the pipeline passes).
     ("SOPS_VERSION", "3.8.1"),
+    ("HELM_VERSION", "3.14.4"),
     ("KUBECTL_VERSION", "1.30.5"),
     ("FLUX_VERSION", "2.3.0"),
 ];
@@ -82,12 +83,16 @@ fn install(tool: &str) -> Option<&'static str> {
         "kubeone" => {
             "curl -fsSLo /tmp/kubeone.zip \"https://github.com/kubermatic/kubeone/releases/download/v${KUBEONE_VERSION}/kubeone_${KUBEONE_VERSION}_linux_amd64.zip\" && $SUDO unzip -o -q /tmp/kubeone.zip -d /usr/local/bin kubeone"
         }
+        // The release keeps `charts/` beside the binary; kkp-deploy finds it through the link's target.
         "kubermatic-installer" => {
             "mkdir -p \"$HOME/kkp\" && curl -fsSL \"https://github.com/kubermatic/kubermatic/releases/download/v${KKP_VERSION}/kubermatic-ce-v${KKP_VERSION}-linux-amd64.tar.gz\" | tar -xz -C \"$HOME/kkp\" && $SUDO ln -sf \"$HOME/kkp/kubermatic-installer\" /usr/local/bin/kubermatic-installer"
         }
         "sops" => {
             // The release asset is `sops-vX.linux` up to 3.7.x and `sops-vX.linux.amd64` from 3.8.
             "case \"$SOPS_VERSION\" in 3.[0-7].*) asset=linux ;; *) asset=linux.amd64 ;; esac && $SUDO curl -fsSLo /usr/local/bin/sops \"https://github.com/getsops/sops/releases/download/v${SOPS_VERSION}/sops-v${SOPS_VERSION}.${asset}\" && $SUDO chmod +x /usr/local/bin/sops"
+        }
+        "helm" => {
+            "curl -fsSL \"https://get.helm.sh/helm-v${HELM_VERSION}-linux-amd64.tar.gz\" | tar -xz -C /tmp linux-amd64/helm && $SUDO mv /tmp/linux-amd64/helm /usr/local/bin/helm"
         }
         "kubectl" => {
             "$SUDO curl -fsSLo /usr/local/bin/kubectl \"https://dl.k8s.io/release/v${KUBECTL_VERSION}/bin/linux/amd64/kubectl\" && $SUDO chmod +x /usr/local/bin/kubectl"
@@ -207,6 +212,7 @@ fn versions(f: &Facts) -> Vec<(&'static str, &'static str)> {
         "KUBEONE_VERSION" => f.tools.iter().any(|t| t == "kubeone"),
         "KKP_VERSION" => f.tools.iter().any(|t| t == "kubermatic-installer"),
         "SOPS_VERSION" => f.tools.iter().any(|t| t == "sops"),
+        "HELM_VERSION" => f.tools.iter().any(|t| t == "helm"),
         "KUBECTL_VERSION" => f.tools.iter().any(|t| t == "kubectl"),
         "FLUX_VERSION" => f.tools.iter().any(|t| t == "flux"),
         _ => false,

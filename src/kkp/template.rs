@@ -414,13 +414,20 @@ fn kkp_deploy_stage(v: Variant) -> Stage {
     );
     kkp.kind_deploy = true;
     kkp.run = vec![
-        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" SOPS_AGE_KEY=\"$SOPS_AGE_SECRET_KEY\"".into(),
+        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
+        // A key file, as the wizard's workflow uses: every sops version reads `SOPS_AGE_KEY_FILE`, while
+        // `SOPS_AGE_KEY` is read only from 3.7.2 (docs/dev/wizard-facts.md, §4.4).
+        "(umask 077 && printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" > \"$decrypted/age.agekey\") && export SOPS_AGE_KEY_FILE=\"$decrypted/age.agekey\"".into(),
         // Wizard repositories keep cluster-issuer.yaml as plain YAML (no `sops:` block, which sops refuses
         // to decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
         "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done".into(),
+        // The installer loads its Helm charts from `charts` in the working directory unless told otherwise
+        // (`--charts-directory`, a global flag): use those of the release the installer on PATH was unpacked
+        // from, which keeps `charts/` beside the binary.
+        "charts=\"$(dirname \"$(readlink -f \"$(command -v kubermatic-installer)\")\")/charts\"".into(),
         format!(
-            "kubermatic-installer deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
+            "kubermatic-installer --charts-directory \"$charts\" deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
             v.cloud.storage_class()
         ),
         "kubectl apply -f \"$decrypted/cluster-issuer.yaml\"".into(),
@@ -429,14 +436,15 @@ fn kkp_deploy_stage(v: Variant) -> Stage {
         "for ns in kubermatic logging monitoring iap; do kubectl create namespace \"$ns\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
         "kubectl -n kubermatic create secret generic kubeconfig-cluster --from-file=kubeconfig=\"$KUBECONFIG\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
-        "printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" | kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=/dev/stdin --dry-run=client -o yaml | kubectl apply -f -".into(),
+        "kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=\"$decrypted/age.agekey\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}' > kubermatic/ingress-address.txt".into(),
     ];
     kkp.inputs = vec!["kubermatic".into()];
     kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];
     kkp.needs = vec!["kubeone-apply"];
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
-    kkp.tools = vec!["sops", "kubermatic-installer", "kubectl"];
+    // The installer runs `helm` (from PATH unless `--helm-binary`) for every chart it deploys.
+    kkp.tools = vec!["sops", "kubermatic-installer", "helm", "kubectl"];
     kkp
 }
 

@@ -128,7 +128,10 @@ fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_re
                 assert!(plan_run.contains("terraform plan -input=false -out=plan.tfplan"));
                 assert_eq!(ci == &"gitlab", plan_run.contains("CI_JOB_TOKEN"), "GitLab-managed state: {plan_run}");
                 let kkp_run = strings(&stages["kkp-deploy"], "run").join("\n");
-                assert!(kkp_run.contains("kubermatic-installer deploy --config"));
+                assert!(
+                    kkp_run.contains("kubermatic-installer --charts-directory \"$charts\" deploy --config"),
+                    "{kkp_run}"
+                );
                 assert!(kkp_run.contains("sops --decrypt"));
                 let storage = if *cloud == "gcp" { "--storageclass gce" } else { &format!("--storageclass {cloud}") };
                 assert!(kkp_run.contains(storage), "{kkp_run}");
@@ -239,7 +242,7 @@ fn the_demo_repository_applies_once_then_skips_everything() {
     let first = push(&repo);
     assert_eq!(first.ran().len(), 9, "{}", first.stderr);
     let state: Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
-    assert_eq!(state["resources"].as_array().unwrap().len(), 3, "vpc, control plane, load balancer");
+    assert_eq!(state["resources"].as_array().unwrap().len(), 4, "vpc, control plane, load balancer, deployer key");
     let serials = (serial(&repo, "terraform/aws"), serial(&repo, "terraform/aws/dns"));
 
     let second = push(&repo);
@@ -370,6 +373,7 @@ fn a_plan_made_against_older_state_is_replanned_not_a_failed_pipeline() {
         .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=m5.large"])
         .current_dir(repo.path("terraform/aws"))
         .env("TF_IN_AUTOMATION", "1")
+        .env("HOME", repo.env_var("HOME"))
         .output()
         .unwrap();
     assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
@@ -497,8 +501,17 @@ fn flux_bootstrap_says_whether_the_owner_is_a_user() {
     let flux = strings(&stages["flux-bootstrap"], "run").join("\n");
     assert!(flux.contains("--personal=\"$FLUX_PERSONAL\""), "{flux}");
     assert_eq!(stages["flux-bootstrap"]["env"]["FLUX_PERSONAL"].as_str(), Some("true"));
+    // The demo's repository belongs to a user: flux, told it is an organisation's, fails as the real one does
+    // when it looks the owner up as an organisation.
     repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"false\"");
-    assert_eq!(push(&repo).ran(), ["flux-bootstrap"]);
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["flux-bootstrap"], "only the keyed setting's stage reran");
+    assert!(
+        r.all().contains("organization \"kkp-demo\" not found") && r.all().contains("--personal=true"),
+        "{}",
+        r.all()
+    );
     repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"yes\"");
     let r = repo.run(&["--event", "push", "--branch", "main"]);
     assert_eq!(r.code, 1, "{}", r.all());
@@ -588,10 +601,9 @@ fn plan_and_apply_put_the_public_key_where_the_module_reads_it() {
     repo.set_env("HOME", home.to_str().unwrap());
     repo.set_env("SSH_PUBLIC_KEY", "ssh-ed25519 AAAAkey1 nodes");
     let tf = "terraform/aws";
-    repo.write(&format!("{tf}/ssh.tf"), "variable \"ssh_public_key_file\" {\n  type = string\n}\n\nresource \"terraform_data\" \"ssh_key\" {\n  input = file(var.ssh_public_key_file)\n}\n");
-    let tfvars =
-        format!("{}ssh_public_key_file    = \"~/.ssh/k8s_rsa.pub\"\n", repo.read(&format!("{tf}/terraform.tfvars")));
-    repo.write(&format!("{tf}/terraform.tfvars"), &tfvars);
+    // The fixture is shaped like the wizard's module: tfvars point `file(var.ssh_public_key_file)` there.
+    assert!(repo.read(&format!("{tf}/terraform.tfvars")).contains("ssh_public_key_file    = \"~/.ssh/k8s_rsa.pub\""));
+    assert!(repo.read(&format!("{tf}/main.tf")).contains("file(var.ssh_public_key_file)"));
     let first = push(&repo);
     assert!(first.ran().contains(&"terraform-apply".to_string()), "{}", first.stderr);
     assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-ed25519 AAAAkey1 nodes\n");
@@ -609,4 +621,92 @@ fn plan_and_apply_put_the_public_key_where_the_module_reads_it() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("refusing to overwrite") && r.all().contains("holds another key"), "{}", r.all());
     assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-rsa AAAAmine me@laptop\n");
+}
+
+/// Issue 13, item 15: the stand-ins reject what the real tools reject. kubeone 1.5 (the stand-in's version)
+/// accepts Kubernetes 1.22-1.24 only (kubeone's validation.go), so a manifest asking for 1.30 fails
+/// kubeone-apply with kubeone's own message; the wizard-shaped fixture's v1.23.3 passes.
+#[test]
+fn kubeone_refuses_a_kubernetes_version_it_does_not_support() {
+    let repo = Repo::kkp_demo();
+    assert!(repo.read("kubeone/kubeone.yaml").contains("kubernetes: v1.23.3"));
+    repo.edit("kubeone/kubeone.yaml", "kubernetes: v1.23.3", "kubernetes: v1.30.5");
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["kubeone-apply"]);
+    assert!(r.all().contains("kubernetes version does not satisfy version constraint '<= 1.24'"), "{}", r.all());
+    repo.edit("kubeone/kubeone.yaml", "kubernetes: v1.30.5", "kubernetes: v1.23.3");
+    push(&repo);
+}
+
+/// Issue 13, items 15 and 5: the installer loads its charts from `charts` in the working directory unless
+/// `--charts-directory` (a global flag) says otherwise, and runs `helm` from PATH. kkp-deploy points it at the
+/// charts beside the installer it runs (bin/ is laid out like the unpacked release) and lists `helm` in its
+/// tools; without helm on PATH it fails as the installer does.
+#[test]
+fn kkp_deploy_finds_the_installers_charts_and_needs_helm() {
+    let repo = Repo::kkp_demo();
+    let stages = stage_table(&repo);
+    assert!(strings(&stages["kkp-deploy"], "tools").contains(&"helm".to_string()));
+    let first = push(&repo);
+    assert!(first.ran().contains(&"kkp-deploy".to_string()));
+    let log = repo.kk(&["log", "kkp-deploy"]).ok().stdout;
+    assert!(log.contains("Deploying Helm chart kubermatic-operator"), "{log}");
+    let helm: Value = serde_json::from_str(&repo.read(".demo-cloud/helm.json")).unwrap();
+    assert!(helm.get("kubermatic/kubermatic-operator").is_some(), "{helm}");
+    // As the wizard's workflow runs it from the repository root, without the release's charts, it fails.
+    repo.write("plain-config.yaml", "apiVersion: kubermatic.k8c.io/v1\nkind: KubermaticConfiguration\n");
+    let bare = std::process::Command::new(repo.path("bin/kubermatic-installer"))
+        .args(["deploy", "--config", "plain-config.yaml", "--kubeconfig", "kubeone/kubeconfig"])
+        .current_dir(&repo.root)
+        .env("PATH", repo.env_var("PATH"))
+        .output()
+        .unwrap();
+    assert!(!bare.status.success());
+    let err = String::from_utf8_lossy(&bare.stderr);
+    assert!(err.contains("failed to load Helm chart: open charts/nginx-ingress-controller/Chart.yaml"), "{err}");
+    // A Helm 2 on PATH: a changed tool (kkp-deploy reruns) and the installer's own refusal.
+    repo.write("bin/helm", "#!/bin/sh\n# Helm 2 prints this for Helm 3's template\necho '<no value>'\n");
+    std::fs::set_permissions(repo.path("bin/helm"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["kkp-deploy"]);
+    assert!(r.all().contains("the installer requires Helm >= v3.0.0"), "{}", r.all());
+    // No helm at all: refused before anything runs, naming the stage.
+    std::fs::remove_file(repo.path("bin/helm")).unwrap();
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stage `kkp-deploy` needs tool `helm`, which is not on PATH"), "{}", r.stderr);
+    // The installer itself says the same when it is run without helm.
+    let no_helm = std::process::Command::new(repo.path("bin/kubermatic-installer"))
+        .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
+        .current_dir(&repo.root)
+        .env("PATH", repo.env_var("PATH"))
+        .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&no_helm.stderr);
+    assert!(err.contains("exec: \"helm\": executable file not found in $PATH"), "{err}");
+}
+
+/// Issue 13, items 15 and 8: sops reads `SOPS_AGE_KEY` only from 3.7.2, `SOPS_AGE_KEY_FILE` in every version.
+/// kkp-deploy hands the key over as a file, so a sops 3.7.1 (the version that encrypted the wizard's files)
+/// decrypts too.
+#[test]
+fn kkp_deploy_decrypts_with_a_sops_older_than_3_7_2() {
+    let repo = Repo::kkp_demo();
+    repo.edit("bin/sops", "VERSION = \"3.8.1\"", "VERSION = \"3.7.1\"");
+    let direct = std::process::Command::new(repo.path("bin/sops"))
+        .args(["--decrypt", "kubermatic/values.yaml"])
+        .current_dir(&repo.root)
+        .env("SOPS_AGE_KEY", repo.env_var("SOPS_AGE_SECRET_KEY"))
+        .env("HOME", repo.sibling("nohome"))
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "sops 3.7.1 does not read SOPS_AGE_KEY");
+    assert!(String::from_utf8_lossy(&direct.stderr).contains("SOPS_AGE_KEY is read from sops 3.7.2 on"));
+    let r = push(&repo);
+    assert!(r.ran().contains(&"kkp-deploy".to_string()), "{}", r.stderr);
+    let kkp: Value = serde_json::from_str(&repo.read(".demo-cloud/kkp.json")).unwrap();
+    assert_eq!(kkp["revision"], 1, "the installer got decrypted configuration");
 }
