@@ -74,6 +74,11 @@ const VERSIONS: &[(&str, &str)] = &[
     ("FLUX_VERSION", "2.3.0"),
 ];
 
+/// kkpipe's default for one of the versions the generated files install.
+pub fn default_version(var: &str) -> &'static str {
+    VERSIONS.iter().find(|(k, _)| *k == var).map(|(_, v)| *v).unwrap_or_default()
+}
+
 /// Shell lines installing a tool on a Linux amd64 runner (`$SUDO` is `sudo` where needed).
 fn install(tool: &str) -> Option<&'static str> {
     Some(match tool {
@@ -120,6 +125,8 @@ fn provided(p: Provider, name: &str) -> bool {
 }
 
 struct Facts {
+    /// Versions a stage's `env` pins (kubeone-apply's KUBEONE_VERSION, ...), over the defaults.
+    pins: std::collections::BTreeMap<String, String>,
     pr_stages: Vec<String>,
     push_branches: Vec<String>,
     secrets: Vec<String>,
@@ -135,7 +142,13 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     let mut tools = BTreeSet::new();
     let mut ssh_agent = false;
     let mut deploys = false;
+    let mut pins = std::collections::BTreeMap::new();
     for s in &pipeline.stages {
+        for (k, _) in VERSIONS {
+            if let Some(v) = s.env.get(*k) {
+                pins.insert(k.to_string(), v.clone());
+            }
+        }
         if s.runs_on(crate::pipeline::Trigger::PullRequest, None) {
             pr_stages.push(s.name.clone());
         }
@@ -160,6 +173,7 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         secrets.insert(crate::cache::SECRET_KEY_VAR.into());
     }
     Facts {
+        pins,
         pr_stages,
         push_branches: branches.into_iter().collect(),
         secrets: secrets.into_iter().collect(),
@@ -205,7 +219,7 @@ fn install_lines(f: &Facts) -> Vec<String> {
     lines
 }
 
-fn versions(f: &Facts) -> Vec<(&'static str, &'static str)> {
+fn versions(f: &Facts) -> Vec<(&'static str, String)> {
     let wanted = |var: &str| match var {
         "KKPIPE_VERSION" => true,
         "TERRAFORM_VERSION" => f.tools.iter().any(|t| t == "terraform"),
@@ -217,7 +231,16 @@ fn versions(f: &Facts) -> Vec<(&'static str, &'static str)> {
         "FLUX_VERSION" => f.tools.iter().any(|t| t == "flux"),
         _ => false,
     };
-    VERSIONS.iter().copied().filter(|(k, _)| wanted(k)).collect()
+    VERSIONS
+        .iter()
+        .filter(|(k, _)| wanted(k))
+        .map(|&(k, v)| (k, f.pins.get(k).cloned().unwrap_or_else(|| v.to_string())))
+        .collect()
+}
+
+/// The versions the provider's file for this pipeline installs, by variable name.
+pub fn pinned_versions(pipeline: &Pipeline, p: Provider) -> std::collections::BTreeMap<&'static str, String> {
+    versions(&facts(pipeline, p)).into_iter().collect()
 }
 
 /// A YAML double-quoted string.
@@ -258,7 +281,7 @@ fn github(f: &Facts) -> String {
     }
     t.push_str("permissions:\n  contents: read\n\nenv:\n");
     for (k, v) in versions(f) {
-        let _ = writeln!(t, "  {k}: {}", yq(v));
+        let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
     t.push_str("\njobs:\n  kkp:\n    name: kkp pipeline\n    runs-on: ubuntu-latest\n    steps:\n");
     t.push_str("      - uses: actions/checkout@v4\n");
@@ -308,7 +331,7 @@ fn gitlab(f: &Facts) -> String {
     }
     t.push_str("    - if: $CI_PIPELINE_SOURCE == \"web\"\n\nstages:\n  - kkp\n\nvariables:\n");
     for (k, v) in versions(f) {
-        let _ = writeln!(t, "  {k}: {}", yq(v));
+        let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
     t.push_str("\n.kkpipe:\n  stage: kkp\n  image: rust:1-bookworm\n");
     t.push_str(
@@ -357,7 +380,7 @@ fn bitbucket(f: &Facts) -> String {
     t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n          - kkpipe-bin\n        script:\n");
     let mut script = vec![APT_PACKAGES.to_string()];
     for (k, v) in versions(f) {
-        script.push(format!("export {k}={}", yq(v)));
+        script.push(format!("export {k}={}", yq(&v)));
     }
     script.extend(install_lines(f));
     if f.ssh_agent {

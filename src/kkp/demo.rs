@@ -26,7 +26,7 @@ pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
     for (rel, content, exec) in embedded::FILES {
         write(&dir.join(rel), content, if *exec { 0o755 } else { 0o644 })?;
     }
-    let text = template::render(VARIANT);
+    let text = template::render(VARIANT, &super::versions::pins(dir));
     let file = dir.join(crate::pipeline::FILE_NAME);
     write(&file, text.as_bytes(), 0o644)?;
     let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(|e| (file.clone(), io::Error::other(e)))?;

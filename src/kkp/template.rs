@@ -6,6 +6,7 @@
 //! stages that consume them; the secret ones are `sensitive`, and those that can be recreated cheaply carry a
 //! `regenerate` command, so a CI cache never has to hold them.
 
+use super::versions::Pins;
 use crate::ci::Provider;
 use std::fmt::Write;
 
@@ -156,7 +157,7 @@ struct Stage {
     pass_env: Vec<String>,
     secret_env: Vec<String>,
     /// Keyed settings, each with the comment that documents it in the file.
-    env: Vec<(&'static str, &'static str, &'static str)>,
+    env: Vec<(&'static str, String, String)>,
     tools: Vec<&'static str>,
     verify: Option<String>,
     retry_needs_if: Option<&'static str>,
@@ -248,7 +249,7 @@ fn creds(v: Variant) -> Vec<String> {
 }
 
 /// Every stage of the variant, in pipeline order.
-fn stages(v: Variant) -> Vec<Stage> {
+fn stages(v: Variant, pins: &Pins) -> Vec<Stage> {
     let tf = v.tf_dir();
     let dns_dir = format!("{tf}/dns");
     let mut out = Vec::new();
@@ -264,8 +265,8 @@ fn stages(v: Variant) -> Vec<Stage> {
     }
     out.push(plan_stage(v, &tf, plan_needs));
     out.push(apply_stage(v, &tf));
-    out.push(kubeone_stage(v, &tf));
-    out.push(kkp_deploy_stage(v));
+    out.push(kubeone_stage(v, &tf, pins));
+    out.push(kkp_deploy_stage(v, pins));
     if v.dns {
         out.push(dns_update_stage(v, &dns_dir));
     }
@@ -384,7 +385,7 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
 }
 
 /// `kubeone apply` from terraform's output, producing the cluster's kubeconfig.
-fn kubeone_stage(v: Variant, tf: &str) -> Stage {
+fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     let mut kubeone = Stage::new(
         "kubeone-apply",
         "Provision the cluster from terraform's output (needs an ssh-agent holding the nodes' key: SSH_AUTH_SOCK).",
@@ -403,11 +404,17 @@ fn kubeone_stage(v: Variant, tf: &str) -> Stage {
     kubeone.needs = vec!["terraform-apply"];
     kubeone.pass_env = [creds(v), vec!["SSH_AUTH_SOCK".into()]].concat();
     kubeone.tools = vec!["kubeone"];
+    // The version the CI file installs: kubeone refuses a Kubernetes version its release does not support.
+    kubeone.env.push((
+        "KUBEONE_VERSION",
+        pins.kubeone.version.clone(),
+        format!("The kubeone the CI file installs: {}.", pins.kubeone.why),
+    ));
     kubeone
 }
 
 /// The KKP installer run with the SOPS-decrypted configuration; records the ingress address it got.
-fn kkp_deploy_stage(v: Variant) -> Stage {
+fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
     let mut kkp = Stage::new(
         "kkp-deploy",
         "Install KKP with the SOPS-decrypted configuration (decrypted into a temporary directory, never into the repo).",
@@ -445,6 +452,11 @@ fn kkp_deploy_stage(v: Variant) -> Stage {
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
     // The installer runs `helm` (from PATH unless `--helm-binary`) for every chart it deploys.
     kkp.tools = vec!["sops", "kubermatic-installer", "helm", "kubectl"];
+    kkp.env.push((
+        "KKP_VERSION",
+        pins.kkp.version.clone(),
+        format!("The KKP release the CI file installs: {}.", pins.kkp.why),
+    ));
     kkp
 }
 
@@ -480,13 +492,13 @@ fn flux_bootstrap_stage(v: Variant) -> Stage {
     match v.ci {
         Provider::Github => flux.env.push((
             "FLUX_PERSONAL",
-            "true",
-            "\"true\": the repository belongs to a user (as the KKP wizard's do; it passes --personal=true); \"false\" for an organisation's.",
+            "true".into(),
+            "\"true\": the repository belongs to a user (as the KKP wizard's do; it passes --personal=true); \"false\" for an organisation's.".into(),
         )),
         Provider::Gitlab => flux.env.push((
             "FLUX_PERSONAL",
-            "false",
-            "\"false\": the project belongs to a group; \"true\" for a project in a user's personal namespace.",
+            "false".into(),
+            "\"false\": the project belongs to a group; \"true\" for a project in a user's personal namespace.".into(),
         )),
         Provider::Bitbucket => {}
     }
@@ -542,8 +554,8 @@ fn dns_var(dns_dir: &str) -> String {
     format!("-var \"ingress_hostname=$(cat {up}/kubermatic/ingress-address.txt)\"")
 }
 
-/// The `pipeline.toml` text for a variant.
-pub fn render(v: Variant) -> String {
+/// The `pipeline.toml` text for a variant, with the tool versions the repository needs.
+pub fn render(v: Variant, pins: &Pins) -> String {
     let mut t = String::new();
     let dns = if v.dns { " --dns" } else { "" };
     let _ = writeln!(
@@ -561,7 +573,7 @@ pub fn render(v: Variant) -> String {
          # keep a ledger per environment (`--env`) and rerun when the last apply there differs.\n\n",
     );
     t.push_str("[env]\nTF_IN_AUTOMATION = \"1\"\nCHECKPOINT_DISABLE = \"1\"\n");
-    for s in stages(v) {
+    for s in stages(v, pins) {
         render_stage(&mut t, &s);
     }
     t
@@ -676,7 +688,7 @@ mod tests {
                     let Ok(v) = Variant::new(ci, cloud, dns).check() else {
                         continue;
                     };
-                    let text = render(v);
+                    let text = render(v, &crate::kkp::versions::pins(std::path::Path::new("/nonexistent")));
                     let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{v:?}: {e}\n{text}"));
                     let names: Vec<&String> = parsed["stages"].as_table().unwrap().keys().collect();
                     assert_eq!(names, v.stage_names(), "{v:?}");

@@ -396,10 +396,13 @@ fn kkpipe_demo_runs_three_pushes_offline() {
     assert!(r.stdout.contains("3. values edit: ran kkp-deploy (8 fresh)"), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("kkpipe -C {} status", dir.display())), "{}", r.stdout);
     assert!(dir.join("terraform/aws/terraform.tfstate").is_file());
-    // The written repository carries the reference pipeline.
-    let reference =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("pipeline.toml")).unwrap(), reference);
+    // The written repository carries what `init` writes on the fixture, with the versions the fixture needs.
+    let written = std::fs::read_to_string(dir.join("pipeline.toml")).unwrap();
+    assert_eq!(written, Repo::kkp_demo().read("pipeline.toml"));
+    assert!(
+        written.contains("KUBEONE_VERSION = \"1.5.8\"") && written.contains("KKP_VERSION = \"2.19.2\""),
+        "{written}"
+    );
     let again = repo.kk(&["demo", dir.to_str().unwrap()]);
     assert_eq!(again.code, 2, "a non-empty directory is refused");
 }
@@ -709,4 +712,40 @@ fn kkp_deploy_decrypts_with_a_sops_older_than_3_7_2() {
     assert!(r.ran().contains(&"kkp-deploy".to_string()), "{}", r.stderr);
     let kkp: Value = serde_json::from_str(&repo.read(".demo-cloud/kkp.json")).unwrap();
     assert_eq!(kkp["revision"], 1, "the installer got decrypted configuration");
+}
+
+/// Issue 13, item 8: the kubeone and installer versions come from the repository: the manifest's Kubernetes
+/// v1.23.3 gets kubeone 1.5.8 (1.8 refuses it), the wizard workflow's `VERSION=v2.19.2` the installer 2.19.2
+/// (read before `--force` replaces that workflow), and the CI file installs those. `kkpipe ci` warns when a pin
+/// in pipeline.toml contradicts the repository, and still writes what the pipeline says.
+#[test]
+fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
+    let repo = Repo::kkp_demo();
+    let stages = stage_table(&repo);
+    assert_eq!(stages["kubeone-apply"]["env"]["KUBEONE_VERSION"].as_str(), Some("1.5.8"));
+    assert_eq!(stages["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.2"));
+    let ci = repo.kk(&["ci", "github", "--stdout"]).ok();
+    assert!(
+        ci.stdout.contains("KUBEONE_VERSION: \"1.5.8\"") && ci.stdout.contains("KKP_VERSION: \"2.19.2\""),
+        "{}",
+        ci.stdout
+    );
+    assert!(!ci.stderr.contains("warning"), "{}", ci.stderr);
+
+    repo.edit("pipeline.toml", "KUBEONE_VERSION = \"1.5.8\"", "KUBEONE_VERSION = \"1.8.0\"");
+    repo.edit("pipeline.toml", "KKP_VERSION = \"2.19.2\"", "KKP_VERSION = \"2.25.0\"");
+    let ci = repo.kk(&["ci", "github", "--stdout"]).ok();
+    assert!(ci.stdout.contains("KUBEONE_VERSION: \"1.8.0\""), "the pipeline's pin is what the file installs");
+    assert!(
+        ci.stderr.contains("warning: kubeone 1.8.0 (KUBEONE_VERSION) accepts Kubernetes 1.27-1.30, but `kubeone/kubeone.yaml` asks for v1.23.3; kubeone 1.5.8 does"),
+        "{}",
+        ci.stderr
+    );
+    assert!(ci.stderr.contains("KKP 2.25.0 (KKP_VERSION) is not the repository's 2.19.0"), "{}", ci.stderr);
+
+    // Without a CI file naming the installer, the tag of the charts Flux deploys says the version.
+    let bare = Repo::kkp_wizard("kkp-demo");
+    std::fs::remove_file(bare.path(".github/workflows/kkp.yaml")).unwrap();
+    bare.kk(&["init", "--ci", "github", "--cloud", "aws"]).ok();
+    assert_eq!(stage_table(&bare)["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.0"));
 }
