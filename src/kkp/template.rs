@@ -312,14 +312,18 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
             "export AWS_DEFAULT_REGION=\"${AWS_DEFAULT_REGION:-${AWS_REGION:-$region}}\"".into(),
             "if aws s3api head-object --bucket \"$bucket\" --key bucket-ready > /dev/null 2>&1; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
         ],
+        // gsutil and gcloud do not read GOOGLE_CREDENTIALS (the wizard's workflow has an action log in with it):
+        // activate the service account in a gcloud configuration of this stage's own, gone when it ends.
         _ => vec![
             format!("bucket={}", setting("bucket")),
+            "CLOUDSDK_CONFIG=$(mktemp -d) && export CLOUDSDK_CONFIG && trap 'rm -rf \"$CLOUDSDK_CONFIG\"' EXIT".into(),
+            "(umask 077 && printf '%s' \"$GOOGLE_CREDENTIALS\" > \"$CLOUDSDK_CONFIG/key.json\") && gcloud auth activate-service-account --key-file=\"$CLOUDSDK_CONFIG/key.json\" --quiet".into(),
             "if gsutil -q stat \"gs://$bucket/bucket-ready\"; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
         ],
     };
     s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
     s.pass_env = creds(v);
-    s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];
+    s.tools = if v.cloud == Cloud::Aws { vec!["aws"] } else { vec!["gcloud", "gsutil"] };
     s
 }
 
@@ -327,6 +331,13 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
 /// `file()` (docs/dev/wizard-facts.md, §3): put `SSH_PUBLIC_KEY` there first, as the wizard's workflow does.
 /// Only when the variable is set and the tfvars name a file, and never over a file holding another key.
 const SSH_PUBLIC_KEY_FILE: &str = "if [ -n \"${SSH_PUBLIC_KEY:-}\" ]; then f=$(grep -o 'ssh_public_key_file[[:space:]]*=[[:space:]]*\"[^\"]*\"' terraform.tfvars 2> /dev/null | head -n 1 | sed 's/.*\"\\(.*\\)\"/\\1/' || true); f=${f/#\\~/$HOME}; if [ -n \"$f\" ]; then if [ -e \"$f\" ] && [ \"$(cat \"$f\")\" != \"$(printf '%s' \"$SSH_PUBLIC_KEY\")\" ]; then echo \"refusing to overwrite $f, which holds another key: remove it or unset SSH_PUBLIC_KEY\" >&2; exit 1; fi; mkdir -p \"$(dirname \"$f\")\" && printf '%s\\n' \"$SSH_PUBLIC_KEY\" > \"$f\"; fi; fi";
+
+/// The wizard's GCP module cannot put all control plane nodes behind its load balancer before the cluster
+/// exists: its workflow detects the first run (`terraform output -json kubeone_api` fails), plans it with one
+/// target pool member, and applies once more after kubeone (docs/dev/wizard-facts.md, §2.2). Appended to a
+/// `TF_CLI_ARGS_plan` the pipeline sets, never instead of it; the marker under `.terraform/` (never an
+/// input) tells kubeone-apply to apply again.
+const GCP_FIRST_RUN: &str = "rm -f .terraform/kkpipe-first-run; if ! terraform output -json kubeone_api > /dev/null 2>&1; then echo 'no cluster yet: planning the first run with one target pool member'; export TF_CLI_ARGS_plan=\"${TF_CLI_ARGS_plan:+$TF_CLI_ARGS_plan }-var=control_plane_target_pool_members_count=1\"; touch .terraform/kkpipe-first-run; fi";
 
 /// `terraform plan` against the environment's state; its plan file is a sensitive output.
 fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
@@ -337,8 +348,11 @@ fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     plan.on_pr = true;
     plan.per_env = true;
     plan.dir = Some(tf.to_string());
-    plan.run =
-        vec![SSH_PUBLIC_KEY_FILE.into(), tf_init(v, "kkp"), "terraform plan -input=false -out=plan.tfplan".into()];
+    plan.run = vec![SSH_PUBLIC_KEY_FILE.into(), tf_init(v, "kkp")];
+    if v.cloud == Cloud::Gcp {
+        plan.run.push(GCP_FIRST_RUN.into());
+    }
+    plan.run.push("terraform plan -input=false -out=plan.tfplan".into());
     // Keyed (as an HMAC): a new key is a new plan.
     plan.secret_env = vec!["SSH_PUBLIC_KEY".into()];
     plan.inputs = tf_inputs(tf);
@@ -395,6 +409,13 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
         format!("kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -y"),
         format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > kubeone/kubeconfig"),
     ];
+    if v.cloud == Cloud::Gcp {
+        // The first run's second apply, with the module's own target pool size (see GCP_FIRST_RUN).
+        kubeone.run.push(format!(
+            "if [ -f {tf}/.terraform/kkpipe-first-run ]; then cd {tf} && {{ {SSH_PUBLIC_KEY_FILE}; }} && {} && terraform apply -input=false -auto-approve && rm -f .terraform/kkpipe-first-run; fi",
+            tf_init(v, "kkp")
+        ));
+    }
     kubeone.inputs = vec!["kubeone".into()];
     kubeone.outputs = vec![Out(
         "kubeone/kubeconfig".into(),
@@ -403,7 +424,11 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     )];
     kubeone.needs = vec!["terraform-apply"];
     kubeone.pass_env = [creds(v), vec!["SSH_AUTH_SOCK".into()]].concat();
-    kubeone.tools = vec!["kubeone"];
+    if v.cloud == Cloud::Gcp {
+        kubeone.pass_env.extend(backend_env(v));
+        kubeone.pass_env.push("SSH_PUBLIC_KEY".into());
+    }
+    kubeone.tools = if v.cloud == Cloud::Gcp { vec!["kubeone", "terraform"] } else { vec!["kubeone"] };
     // The version the CI file installs: kubeone refuses a Kubernetes version its release does not support.
     kubeone.env.push((
         "KUBEONE_VERSION",

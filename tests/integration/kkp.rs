@@ -749,3 +749,90 @@ fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
     bare.kk(&["init", "--ci", "github", "--cloud", "aws"]).ok();
     assert_eq!(stage_table(&bare)["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.0"));
 }
+
+/// Issue 13, item 16: on both wizard-shaped fixtures (AWS; GCP with the wizard's `terraform/gce`), with the
+/// wizard's workflow present, `init` (the cloud inferred, the workflow replaced with `--force`) gives a pipeline
+/// whose first push is green with real terraform and the strict stand-ins, and a second push runs nothing.
+#[test]
+fn init_on_wizard_shaped_repositories_then_a_push_is_green_and_the_next_runs_nothing() {
+    for (fixture, tf, stages) in [("kkp-demo", "terraform/aws", 7), ("kkp-gce", "terraform/gce", 7)] {
+        let repo = Repo::kkp_wizard(fixture);
+        assert!(repo.read(".github/workflows/kkp.yaml").contains("name: KKP delivery pipeline with GitOps"));
+        let script = repo.read(&format!("{tf}/setup_terraform_backend.sh"));
+        assert!(script.starts_with("#!/bin/sh") && script.contains("set -euo pipefail"), "{fixture}");
+        assert!(!repo.read("kubermatic/cluster-issuer.yaml").contains("sops:"), "{fixture}: plain issuer");
+        let init = repo.kk(&["init", "--ci", "github", "--force"]).ok();
+        assert!(init.stderr.contains(&format!("`{tf}` is there")), "{}", init.stderr);
+        assert!(init.stderr.contains("replaced") && init.stderr.contains("KKP delivery pipeline with GitOps"));
+        let first = push(&repo);
+        assert_eq!(first.ran().len(), stages, "{fixture}: {}", first.stderr);
+        let second = push(&repo);
+        assert!(second.ran().is_empty(), "{fixture}: {}", second.stderr);
+        assert_eq!(second.json()["summary"]["fresh"], stages, "{fixture}");
+    }
+}
+
+/// The members of the GCE fixture's target pool in terraform's state.
+fn pool_members(repo: &Repo) -> usize {
+    let state: Value = serde_json::from_str(&repo.read("terraform/gce/terraform.tfstate")).unwrap();
+    let pool = state["resources"].as_array().unwrap().iter().find(|r| r["name"] == "control_plane_pool").unwrap();
+    pool["instances"][0]["attributes"]["input"]["value"]["instances"].as_array().unwrap().len()
+}
+
+/// Issue 13, item 4: the wizard's GCP module is planned with one target pool member while the cluster does not
+/// exist yet (`terraform output -json kubeone_api` fails), and applied once more after kubeone with its own
+/// count. A `TF_CLI_ARGS_plan` the pipeline sets still reaches terraform (the first run's `-var` is appended).
+#[test]
+fn the_first_gcp_run_plans_one_target_pool_member_and_applies_again_after_kubeone() {
+    let repo = Repo::kkp_wizard("kkp-gce");
+    repo.kk(&["init", "--ci", "github", "--force"]).ok();
+    repo.edit(
+        "pipeline.toml",
+        "[stages.terraform-plan]\n",
+        "[stages.terraform-plan]\nenv = { TF_CLI_ARGS_plan = \"-var=control_plane_type=n1-standard-4\" }\n",
+    );
+    let first = push(&repo);
+    assert_eq!(first.ran().len(), 7, "{}", first.stderr);
+    let plan = repo.kk(&["log", "terraform-plan"]).ok().stdout;
+    assert!(plan.contains("no cluster yet: planning the first run with one target pool member"), "{plan}");
+    assert!(plan.contains("\"n1-standard-4\""), "the pipeline's TF_CLI_ARGS_plan reached terraform: {plan}");
+    let kubeone = repo.kk(&["log", "kubeone-apply"]).ok().stdout;
+    assert!(kubeone.contains("terraform_data.control_plane_pool: Modifying"), "{kubeone}");
+    assert_eq!(pool_members(&repo), 3, "the second apply put every control plane node behind the load balancer");
+    assert!(!repo.exists("terraform/gce/.terraform/kkpipe-first-run"));
+
+    // Not a first run any more: a new plan keeps the module's count.
+    repo.edit("terraform/gce/terraform.tfvars", "\"n1-standard-2\"", "\"n1-standard-8\"");
+    let r = push(&repo);
+    assert!(r.ran().contains(&"terraform-plan".to_string()), "{}", r.stderr);
+    assert!(!repo.kk(&["log", "terraform-plan"]).ok().stdout.contains("no cluster yet"));
+    assert_eq!(pool_members(&repo), 3);
+}
+
+/// Issue 13, item 3 (rest): gsutil and gcloud do not read `GOOGLE_CREDENTIALS`; backend-prepare activates the
+/// service account in a gcloud configuration of its own (gone after the stage), so the wizard's GCS script and
+/// the bucket-ready probe have credentials, and a fresh runner finds the existing bucket.
+#[test]
+fn gcp_backend_prepare_turns_google_credentials_into_gcloud_credentials() {
+    let repo = Repo::kkp_wizard("kkp-gce");
+    repo.kk(&["init", "--ci", "github", "--force"]).ok();
+    let direct = std::process::Command::new(repo.path("bin/gsutil"))
+        .args(["-q", "stat", "gs://kkp-gce-tfstate/bucket-ready"])
+        .env("PATH", repo.env_var("PATH"))
+        .env("HOME", repo.env_var("HOME"))
+        .env("GOOGLE_CREDENTIALS", repo.env_var("GOOGLE_CREDENTIALS"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&direct.stderr).contains("401 Anonymous caller"),
+        "gsutil alone has no credentials"
+    );
+    let first = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
+    assert_eq!(first.ran(), ["terraform-backend-prepare"]);
+    let log = repo.kk(&["log", "terraform-backend-prepare"]).ok().stdout;
+    assert!(log.contains("Activated service account credentials") && log.contains("Setting up GCS bucket"), "{log}");
+    assert!(!repo.exists(".demo-cloud/home/.config/gcloud"), "no credentials left in the home directory");
+    std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
+    let again = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
+    assert!(again.all().contains("state bucket kkp-gce-tfstate is ready"), "{}", again.all());
+}
