@@ -90,7 +90,7 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         }
         other => Err(Error::from(other)),
     })?;
-    let ci_text = files::render(&pipeline, v.ci);
+    let ci_text = files::render(&pipeline, v.ci, &args.install);
     write(&file, &text)?;
     write(&ci_file, &ci_text)?;
     for r in replaced {
@@ -125,7 +125,7 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
             "kkpipe: warning: {w}\n  hint: set the version in the stage's `env` in {FILE_NAME} (`kkpipe init --force` pins what the repository says)"
         );
     }
-    let text = files::render(&p, args.provider);
+    let text = files::render(&p, args.provider, &args.install);
     if args.stdout {
         print!("{text}");
         return Ok(exit::OK);

@@ -31,7 +31,7 @@ pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
     write(&file, text.as_bytes(), 0o644)?;
     let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(|e| (file.clone(), io::Error::other(e)))?;
     let ci = dir.join(crate::ci::files::file_name(VARIANT.ci));
-    write(&ci, crate::ci::files::render(&pipeline, VARIANT.ci).as_bytes(), 0o644)
+    write(&ci, crate::ci::files::render(&pipeline, VARIANT.ci, &Default::default()).as_bytes(), 0o644)
 }
 
 /// The stand-in environment of `demo.env`, resolved for a repository at `dir` on top of `path`.

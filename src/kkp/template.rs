@@ -560,16 +560,18 @@ fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
                 "CI_PROJECT_NAME".into(),
             ],
         ),
+        // `flux bootstrap git` pushes its manifests, and a Bitbucket access key (SSH) is read-only: it
+        // authenticates over HTTPS with a repository access token that may write (username `x-token-auth`),
+        // read from GIT_PASSWORD (cmd/flux/bootstrap_git.go), which Flux also keeps for its own pulls
+        // (`--token-auth`).
         Provider::Bitbucket => (
             vec![
-                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
-                "key=$(mktemp) && trap 'rm -f \"$key\"' EXIT && echo \"$SSH_PRIVATE_KEY\" | base64 -d > \"$key\""
-                    .into(),
+                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GIT_PASSWORD=\"${FLUX_GIT_TOKEN:-}\"".into(),
                 format!(
-                    "flux bootstrap git --url=\"ssh://git@bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --private-key-file=\"$key\" --silent {common}"
+                    "flux bootstrap git --url=\"https://bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --username=x-token-auth --token-auth --silent {common}"
                 ),
             ],
-            vec!["SSH_PRIVATE_KEY".into(), "BITBUCKET_REPO_FULL_NAME".into()],
+            vec!["FLUX_GIT_TOKEN".into(), "BITBUCKET_REPO_FULL_NAME".into()],
         ),
     }
 }

@@ -111,7 +111,7 @@ fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_re
                 let token = match *ci {
                     "github" => "TOKEN_GITHUB",
                     "gitlab" => "GITLAB_TOKEN",
-                    _ => "SSH_PRIVATE_KEY",
+                    _ => "FLUX_GIT_TOKEN",
                 };
                 assert!(strings(flux, "pass_env").contains(&token.to_string()));
                 let cred = match *cloud {
@@ -835,4 +835,31 @@ fn gcp_backend_prepare_turns_google_credentials_into_gcloud_credentials() {
     std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
     let again = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
     assert!(again.all().contains("state bucket kkp-gce-tfstate is ready"), "{}", again.all());
+}
+
+/// Issue 13, item 6: on Bitbucket, `flux bootstrap git` pushes its manifests, which a (read-only) access key
+/// cannot: it uses HTTPS with a repository access token that may write (`FLUX_GIT_TOKEN`, as GIT_PASSWORD).
+#[test]
+fn bitbucket_flux_bootstrap_pushes_with_a_token_that_can_write() {
+    let mut repo = Repo::kkp_wizard("kkp-demo");
+    repo.kk(&["init", "--ci", "bitbucket", "--cloud", "aws", "--force"]).ok();
+    let flux = strings(&stage_table(&repo)["flux-bootstrap"], "run").join("\n");
+    assert!(
+        flux.contains(
+            "--url=\"https://bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --username=x-token-auth --token-auth"
+        ),
+        "{flux}"
+    );
+    repo.set_env("BITBUCKET_REPO_FULL_NAME", "kkp-demo/gitops");
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["flux-bootstrap"]);
+    assert!(r.all().contains("authentication required"), "{}", r.all());
+    repo.set_env("FLUX_GIT_TOKEN", "bitbucket-repository-access-token");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["flux-bootstrap"], "{}", r.stderr);
+    assert!(
+        repo.read("flux/clusters/master/flux-system/gotk-sync.yaml")
+            .contains("https://bitbucket.org/kkp-demo/gitops.git")
+    );
 }
