@@ -863,3 +863,31 @@ fn bitbucket_flux_bootstrap_pushes_with_a_token_that_can_write() {
             .contains("https://bitbucket.org/kkp-demo/gitops.git")
     );
 }
+
+/// Issue 13, item 2: the secrets the wizard's repositories already hold carry over: the workflow `init`
+/// writes on a wizard-shaped repository reads exactly the wizard's secret names (docs/dev/wizard-facts.md),
+/// plus kkpipe's own `KKPIPE_SECRET_KEY`.
+#[test]
+fn the_wizards_secret_names_carry_over() {
+    for (fixture, cloud) in
+        [("kkp-demo", &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"][..]), ("kkp-gce", &["GOOGLE_CREDENTIALS"][..])]
+    {
+        let repo = Repo::kkp_wizard(fixture);
+        repo.kk(&["init", "--ci", "github", "--force"]).ok();
+        let wf = repo.read(".github/workflows/kkp.yaml");
+        let mut used: Vec<&str> = wf
+            .split("secrets.")
+            .skip(1)
+            .map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut wizard: Vec<&str> =
+            ["SSH_PRIVATE_KEY", "SSH_PUBLIC_KEY", "SOPS_AGE_SECRET_KEY", "TOKEN_GITHUB", "KKPIPE_SECRET_KEY"]
+                .into_iter()
+                .chain(cloud.iter().copied())
+                .collect();
+        wizard.sort_unstable();
+        assert_eq!(used, wizard, "{fixture}:\n{wf}");
+    }
+}
