@@ -469,7 +469,8 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "kubectl -n kubermatic create secret generic kubeconfig-cluster --from-file=kubeconfig=\"$KUBECONFIG\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
         "kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=\"$decrypted/age.agekey\" --dry-run=client -o yaml | kubectl apply -f -".into(),
-        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}' > kubermatic/ingress-address.txt".into(),
+        // An AWS load balancer has a hostname, a GCP one an IP address: whichever the Service has.
+        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}{.status.loadBalancer.ingress[0].ip}' > kubermatic/ingress-address.txt".into(),
     ];
     kkp.inputs = vec!["kubermatic".into()];
     kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];

@@ -800,6 +800,8 @@ fn the_first_gcp_run_plans_one_target_pool_member_and_applies_again_after_kubeon
     assert!(kubeone.contains("terraform_data.control_plane_pool: Modifying"), "{kubeone}");
     assert_eq!(pool_members(&repo), 3, "the second apply put every control plane node behind the load balancer");
     assert!(!repo.exists("terraform/gce/.terraform/kkpipe-first-run"));
+    // A GCP load balancer has an IP address, not a hostname: kkp-deploy records whichever there is.
+    assert!(repo.read("kubermatic/ingress-address.txt").starts_with("198.51.100."), "an empty ingress address");
 
     // Not a first run any more: a new plan keeps the module's count.
     repo.edit("terraform/gce/terraform.tfvars", "\"n1-standard-2\"", "\"n1-standard-8\"");
