@@ -42,14 +42,20 @@ impl Cloud {
         }
     }
 
-    /// The `--storageclass` the KKP installer creates for this cloud.
-    pub fn storage_class(self) -> &'static str {
+    /// The `--storageclass` the KKP installer of version `kkp` creates for this cloud. Up to 2.22 the names are
+    /// `gce`, `aws`, `azure`, ... with no OpenStack or vSphere class (`copy-default` copies the cluster's
+    /// default); from 2.23 they are provider names, `gcp` instead of `gce` (kubermatic/kubermatic
+    /// pkg/install/stack/common/storageclass.go at v2.19.2 ee12c353 and v2.23.0 7d8c9125).
+    pub fn storage_class(self, kkp: &str) -> &'static str {
+        let provider_names = super::versions::at_least(kkp, (2, 23));
         match self {
             Cloud::Aws => "aws",
+            Cloud::Gcp if provider_names => "gcp",
             Cloud::Gcp => "gce",
             Cloud::Azure => "azure",
-            Cloud::Openstack => "openstack",
-            Cloud::Vsphere => "vsphere",
+            Cloud::Openstack if provider_names => "openstack",
+            Cloud::Vsphere if provider_names => "vsphere",
+            Cloud::Openstack | Cloud::Vsphere => "copy-default",
         }
     }
 
@@ -460,7 +466,7 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "charts=\"$(dirname \"$(readlink -f \"$(command -v kubermatic-installer)\")\")/charts\"".into(),
         format!(
             "kubermatic-installer --charts-directory \"$charts\" deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
-            v.cloud.storage_class()
+            v.cloud.storage_class(&pins.kkp.version)
         ),
         "kubectl apply -f \"$decrypted/cluster-issuer.yaml\"".into(),
         // What the Flux objects in flux/ read, as the wizard's workflow creates it (docs/dev/wizard-facts.md,

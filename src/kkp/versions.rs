@@ -53,6 +53,11 @@ fn numbers(v: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch))
 }
 
+/// Whether `version` is `major.minor` or later (an unreadable version counts as later: kkpipe's defaults are).
+pub fn at_least(version: &str, minor: Minor) -> bool {
+    numbers(version).is_none_or(|(a, b, _)| (a, b) >= minor)
+}
+
 /// The first value of `key:` in a YAML text (the wizard's files keep it on one line).
 fn yaml_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| l.trim_start().strip_prefix(key)?.strip_prefix(':').map(str::trim))

@@ -133,8 +133,9 @@ fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_re
                     "{kkp_run}"
                 );
                 assert!(kkp_run.contains("sops --decrypt"));
-                let storage = if *cloud == "gcp" { "--storageclass gce" } else { &format!("--storageclass {cloud}") };
-                assert!(kkp_run.contains(storage), "{kkp_run}");
+                // kkpipe's default KKP (2.25) names storage classes after providers (`gcp`, not 2.22's `gce`).
+                let storage = format!("--storageclass {cloud}");
+                assert!(kkp_run.contains(&storage), "{kkp_run}");
                 // Terraform stages never read working files.
                 let ex = strings(&stages["terraform-plan"], "exclude");
                 for never in ["**/.terraform/**", "**/*.tfstate", "**/*.tfplan"] {
@@ -742,6 +743,12 @@ fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
         ci.stderr
     );
     assert!(ci.stderr.contains("KKP 2.25.0 (KKP_VERSION) is not the repository's 2.19.0"), "{}", ci.stderr);
+
+    // The wizard's KKP 2.19 names GCP's storage class `gce`; 2.23 and later `gcp`.
+    let gce = Repo::kkp_wizard("kkp-gce");
+    gce.kk(&["init", "--ci", "github", "--force"]).ok();
+    let run = strings(&stage_table(&gce)["kkp-deploy"], "run").join("\n");
+    assert!(run.contains("--storageclass gce"), "{run}");
 
     // Without a CI file naming the installer, the tag of the charts Flux deploys says the version.
     let bare = Repo::kkp_wizard("kkp-demo");
