@@ -505,18 +505,25 @@ fn flux_bootstrap_says_whether_the_owner_is_a_user() {
     let flux = strings(&stages["flux-bootstrap"], "run").join("\n");
     assert!(flux.contains("--personal=\"$FLUX_PERSONAL\""), "{flux}");
     assert_eq!(stages["flux-bootstrap"]["env"]["FLUX_PERSONAL"].as_str(), Some("true"));
-    // The demo's repository belongs to a user: flux, told it is an organisation's, fails as the real one does
-    // when it looks the owner up as an organisation.
     repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"false\"");
-    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(push(&repo).ran(), ["flux-bootstrap"], "only the keyed setting's stage reran");
+    // A repository that does not exist yet, owned by a user: without --personal flux creates it under an
+    // organisation of that name, which fails; with it, for the user.
+    let mut repo = repo;
+    repo.set_env("GITHUB_REPOSITORY", "kkp-demo/new-gitops");
+    let r = repo.run(&["--event", "push", "--branch", "main", "--force", "flux-bootstrap"]);
     assert_eq!(r.code, 1, "{}", r.all());
-    assert_eq!(r.with_state("failed"), ["flux-bootstrap"], "only the keyed setting's stage reran");
     assert!(
         r.all().contains("organization \"kkp-demo\" not found") && r.all().contains("--personal=true"),
         "{}",
         r.all()
     );
-    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"yes\"");
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"true\"");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["flux-bootstrap"]);
+    assert!(r.all().contains("repository \"***\" created"), "(GITHUB_REPOSITORY is masked) {}", r.all());
+    assert!(repo.read(".demo-cloud/forge.json").contains("kkp-demo/new-gitops"));
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"yes\"");
     let r = repo.run(&["--event", "push", "--branch", "main"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("invalid argument \"yes\" for \"--personal\" flag"), "{}", r.all());
