@@ -254,6 +254,12 @@ pub struct CiArgs {
     /// Overwrite an existing file.
     #[arg(long)]
     pub force: bool,
+
+    /// Where the CI file gets kkpipe from: `crates[:VERSION]` (crates.io; the default, at this kkpipe's
+    /// version, works only once that version is published there), `git:URL[#REV]` (cargo install from a
+    /// repository), `url:URL` (a release binary, or a .tar.gz holding it).
+    #[arg(long, value_name = "SOURCE", default_value_t)]
+    pub install: crate::ci::install::Install,
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +281,10 @@ pub struct InitArgs {
     /// GitHub file; init says what it replaces).
     #[arg(long)]
     pub force: bool,
+
+    /// Where the CI file gets kkpipe from (see `kkpipe ci --help`).
+    #[arg(long, value_name = "SOURCE", default_value_t)]
+    pub install: crate::ci::install::Install,
 }
 
 #[derive(Debug, Args)]

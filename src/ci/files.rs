@@ -13,6 +13,7 @@
 //! Bitbucket `deployment`).
 
 use super::Provider;
+use super::install::Install;
 use crate::pipeline::Pipeline;
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -63,15 +64,20 @@ pub fn file_name(p: Provider) -> &'static str {
 
 /// Versions the generated file installs; change them in the file, they are plain variables there.
 const VERSIONS: &[(&str, &str)] = &[
-    ("KKPIPE_VERSION", env!("CARGO_PKG_VERSION")),
     ("TERRAFORM_VERSION", "1.11.4"),
     ("KUBEONE_VERSION", "1.8.0"),
     ("KKP_VERSION", "2.25.0"),
     // 3.7.2 is the first to read `SOPS_AGE_KEY` (the key the pipeline passes).
     ("SOPS_VERSION", "3.8.1"),
+    ("HELM_VERSION", "3.14.4"),
     ("KUBECTL_VERSION", "1.30.5"),
     ("FLUX_VERSION", "2.3.0"),
 ];
+
+/// kkpipe's default for one of the versions the generated files install.
+pub fn default_version(var: &str) -> &'static str {
+    VERSIONS.iter().find(|(k, _)| *k == var).map(|(_, v)| *v).unwrap_or_default()
+}
 
 /// Shell lines installing a tool on a Linux amd64 runner (`$SUDO` is `sudo` where needed).
 fn install(tool: &str) -> Option<&'static str> {
@@ -82,12 +88,16 @@ fn install(tool: &str) -> Option<&'static str> {
         "kubeone" => {
             "curl -fsSLo /tmp/kubeone.zip \"https://github.com/kubermatic/kubeone/releases/download/v${KUBEONE_VERSION}/kubeone_${KUBEONE_VERSION}_linux_amd64.zip\" && $SUDO unzip -o -q /tmp/kubeone.zip -d /usr/local/bin kubeone"
         }
+        // The release keeps `charts/` beside the binary; kkp-deploy finds it through the link's target.
         "kubermatic-installer" => {
             "mkdir -p \"$HOME/kkp\" && curl -fsSL \"https://github.com/kubermatic/kubermatic/releases/download/v${KKP_VERSION}/kubermatic-ce-v${KKP_VERSION}-linux-amd64.tar.gz\" | tar -xz -C \"$HOME/kkp\" && $SUDO ln -sf \"$HOME/kkp/kubermatic-installer\" /usr/local/bin/kubermatic-installer"
         }
         "sops" => {
             // The release asset is `sops-vX.linux` up to 3.7.x and `sops-vX.linux.amd64` from 3.8.
             "case \"$SOPS_VERSION\" in 3.[0-7].*) asset=linux ;; *) asset=linux.amd64 ;; esac && $SUDO curl -fsSLo /usr/local/bin/sops \"https://github.com/getsops/sops/releases/download/v${SOPS_VERSION}/sops-v${SOPS_VERSION}.${asset}\" && $SUDO chmod +x /usr/local/bin/sops"
+        }
+        "helm" => {
+            "curl -fsSL \"https://get.helm.sh/helm-v${HELM_VERSION}-linux-amd64.tar.gz\" | tar -xz -C /tmp linux-amd64/helm && $SUDO mv /tmp/linux-amd64/helm /usr/local/bin/helm"
         }
         "kubectl" => {
             "$SUDO curl -fsSLo /usr/local/bin/kubectl \"https://dl.k8s.io/release/v${KUBECTL_VERSION}/bin/linux/amd64/kubectl\" && $SUDO chmod +x /usr/local/bin/kubectl"
@@ -115,7 +125,11 @@ fn provided(p: Provider, name: &str) -> bool {
 }
 
 struct Facts {
+    /// Versions a stage's `env` pins (kubeone-apply's KUBEONE_VERSION, ...), over the defaults.
+    pins: std::collections::BTreeMap<String, String>,
     pr_stages: Vec<String>,
+    /// What the pull-request stages read from the secret store (GitLab's read-only fallbacks).
+    plan_credentials: Vec<String>,
     push_branches: Vec<String>,
     secrets: Vec<String>,
     tools: Vec<String>,
@@ -130,9 +144,19 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     let mut tools = BTreeSet::new();
     let mut ssh_agent = false;
     let mut deploys = false;
+    let mut pins = std::collections::BTreeMap::new();
+    let mut plan_credentials = BTreeSet::new();
     for s in &pipeline.stages {
+        for (k, _) in VERSIONS {
+            if let Some(v) = s.env.get(*k) {
+                pins.insert(k.to_string(), v.clone());
+            }
+        }
         if s.runs_on(crate::pipeline::Trigger::PullRequest, None) {
             pr_stages.push(s.name.clone());
+            plan_credentials.extend(
+                s.pass_env.iter().chain(&s.secret_env).filter(|n| *n != "SSH_AUTH_SOCK" && !provided(p, n)).cloned(),
+            );
         }
         if s.on.as_ref().is_none_or(|on| on.contains(&crate::pipeline::Trigger::Push)) {
             branches.extend(s.branches.iter().cloned());
@@ -155,7 +179,9 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         secrets.insert(crate::cache::SECRET_KEY_VAR.into());
     }
     Facts {
+        pins,
         pr_stages,
+        plan_credentials: plan_credentials.into_iter().collect(),
         push_branches: branches.into_iter().collect(),
         secrets: secrets.into_iter().collect(),
         tools: tools.into_iter().collect(),
@@ -164,7 +190,7 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     }
 }
 
-fn header(p: Provider, f: &Facts) -> String {
+fn header(p: Provider, f: &Facts, kkpipe: &Install) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -179,15 +205,16 @@ fn header(p: Provider, f: &Facts) -> String {
     if !f.secrets.is_empty() {
         let _ = writeln!(t, "# Secrets this pipeline reads: {}.", f.secrets.join(", "));
     }
+    t.push_str(&kkpipe.comment());
     t
 }
 
-/// Shell lines that install kkpipe (into `.kkpipe-bin/`, cached by version) and the pipeline's tools.
-fn install_lines(f: &Facts) -> Vec<String> {
+/// Shell lines that install kkpipe (into `.kkpipe-bin/`, cached per install source) and the pipeline's tools.
+fn install_lines(f: &Facts, kkpipe: &Install) -> Vec<String> {
     let mut lines = vec![
         "SUDO=$(command -v sudo || true)".to_string(),
         "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\"".to_string(),
-        "command -v kkpipe > /dev/null || cargo install --locked --root .kkpipe-bin kkpipe --version \"$KKPIPE_VERSION\"".to_string(),
+        kkpipe.command(),
     ];
     for tool in &f.tools {
         match install(tool) {
@@ -200,18 +227,27 @@ fn install_lines(f: &Facts) -> Vec<String> {
     lines
 }
 
-fn versions(f: &Facts) -> Vec<(&'static str, &'static str)> {
+fn versions(f: &Facts) -> Vec<(&'static str, String)> {
     let wanted = |var: &str| match var {
-        "KKPIPE_VERSION" => true,
         "TERRAFORM_VERSION" => f.tools.iter().any(|t| t == "terraform"),
         "KUBEONE_VERSION" => f.tools.iter().any(|t| t == "kubeone"),
         "KKP_VERSION" => f.tools.iter().any(|t| t == "kubermatic-installer"),
         "SOPS_VERSION" => f.tools.iter().any(|t| t == "sops"),
+        "HELM_VERSION" => f.tools.iter().any(|t| t == "helm"),
         "KUBECTL_VERSION" => f.tools.iter().any(|t| t == "kubectl"),
         "FLUX_VERSION" => f.tools.iter().any(|t| t == "flux"),
         _ => false,
     };
-    VERSIONS.iter().copied().filter(|(k, _)| wanted(k)).collect()
+    VERSIONS
+        .iter()
+        .filter(|(k, _)| wanted(k))
+        .map(|&(k, v)| (k, f.pins.get(k).cloned().unwrap_or_else(|| v.to_string())))
+        .collect()
+}
+
+/// The versions the provider's file for this pipeline installs, by variable name.
+pub fn pinned_versions(pipeline: &Pipeline, p: Provider) -> std::collections::BTreeMap<&'static str, String> {
+    versions(&facts(pipeline, p)).into_iter().collect()
 }
 
 /// A YAML double-quoted string.
@@ -225,17 +261,17 @@ fn block(t: &mut String, indent: &str, lines: &[String]) {
     }
 }
 
-pub fn render(pipeline: &Pipeline, p: Provider) -> String {
+pub fn render(pipeline: &Pipeline, p: Provider, kkpipe: &Install) -> String {
     let f = facts(pipeline, p);
     match p {
-        Provider::Github => github(&f),
-        Provider::Gitlab => gitlab(&f),
-        Provider::Bitbucket => bitbucket(&f),
+        Provider::Github => github(&f, kkpipe),
+        Provider::Gitlab => gitlab(&f, kkpipe),
+        Provider::Bitbucket => bitbucket(&f, kkpipe),
     }
 }
 
-fn github(f: &Facts) -> String {
-    let mut t = header(Provider::Github, f);
+fn github(f: &Facts, kkpipe: &Install) -> String {
+    let mut t = header(Provider::Github, f, kkpipe);
     t.push_str(
         "# Each stage's output is a collapsible group; failures are annotations; the job summary has a table of\n",
     );
@@ -252,14 +288,18 @@ fn github(f: &Facts) -> String {
     }
     t.push_str("permissions:\n  contents: read\n\nenv:\n");
     for (k, v) in versions(f) {
-        let _ = writeln!(t, "  {k}: {}", yq(v));
+        let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
     t.push_str("\njobs:\n  kkp:\n    name: kkp pipeline\n    runs-on: ubuntu-latest\n    steps:\n");
     t.push_str("      - uses: actions/checkout@v4\n");
     t.push_str("      - name: Cache the kkpipe binary\n        uses: actions/cache@v4\n        with:\n");
-    t.push_str("          path: .kkpipe-bin\n          key: kkpipe-bin-${{ runner.os }}-${{ env.KKPIPE_VERSION }}\n");
+    let _ = writeln!(
+        t,
+        "          path: .kkpipe-bin\n          key: kkpipe-bin-${{{{ runner.os }}}}-{}",
+        kkpipe.cache_key()
+    );
     t.push_str("      - name: Install kkpipe and the pipeline's tools\n        run: |\n");
-    block(&mut t, "          ", &install_lines(f));
+    block(&mut t, "          ", &install_lines(f, kkpipe));
     t.push_str("          echo \"$PWD/.kkpipe-bin/bin\" >> \"$GITHUB_PATH\"\n");
     t.push_str("      # Cache keys are immutable: a new key per run, restored from this ref's latest or main's.\n");
     t.push_str("      # Pull-request caches are invisible to main. Sensitive outputs are never in the cache.\n");
@@ -291,8 +331,8 @@ fn github(f: &Facts) -> String {
 /// What the `rust:1-bookworm` image lacks for installing terraform, cloning, and the SSH agent.
 const APT_PACKAGES: &str = "apt-get update -qq && apt-get install -y -qq unzip git openssh-client > /dev/null";
 
-fn gitlab(f: &Facts) -> String {
-    let mut t = header(Provider::Gitlab, f);
+fn gitlab(f: &Facts, kkpipe: &Install) -> String {
+    let mut t = header(Provider::Gitlab, f, kkpipe);
     t.push_str("# CI/CD variables reach the job as environment variables: define the secrets above as masked,\n");
     t.push_str("# protected variables. Each stage's output is a collapsible section of the job log.\n");
     t.push_str("workflow:\n  rules:\n");
@@ -302,7 +342,7 @@ fn gitlab(f: &Facts) -> String {
     }
     t.push_str("    - if: $CI_PIPELINE_SOURCE == \"web\"\n\nstages:\n  - kkp\n\nvariables:\n");
     for (k, v) in versions(f) {
-        let _ = writeln!(t, "  {k}: {}", yq(v));
+        let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
     t.push_str("\n.kkpipe:\n  stage: kkp\n  image: rust:1-bookworm\n");
     t.push_str(
@@ -313,13 +353,16 @@ fn gitlab(f: &Facts) -> String {
         "  cache:\n    - key: kkpipe-$CI_COMMIT_REF_SLUG\n      fallback_keys:\n        - kkpipe-$CI_DEFAULT_BRANCH\n",
     );
     t.push_str("      paths:\n        - .kkpipe-ci/\n      when: always\n");
-    t.push_str("    - key: kkpipe-bin-$KKPIPE_VERSION\n      paths:\n        - .kkpipe-bin/\n");
+    let _ = writeln!(t, "    - key: kkpipe-bin-{}\n      paths:\n        - .kkpipe-bin/", kkpipe.cache_key());
     t.push_str("  before_script:\n");
     let mut before = vec![APT_PACKAGES.to_string()];
-    before.extend(install_lines(f));
+    before.extend(install_lines(f, kkpipe));
     if f.ssh_agent {
-        before
-            .push("eval \"$(ssh-agent -s)\" && echo \"$SSH_PRIVATE_KEY\" | tr -d '\\r' | ssh-add - > /dev/null".into());
+        // Merge-request pipelines from unprotected branches do not get protected variables: no key, no agent
+        // (the stages that need one do not run on merge requests).
+        before.push(
+            "if [ -n \"${SSH_PRIVATE_KEY:-}\" ]; then eval \"$(ssh-agent -s)\" && echo \"$SSH_PRIVATE_KEY\" | tr -d '\\r' | ssh-add - > /dev/null; fi".into(),
+        );
     }
     before.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
     for l in before {
@@ -328,7 +371,26 @@ fn gitlab(f: &Facts) -> String {
     // A pipeline started from the web UI is a push of its branch (see the GitHub file).
     t.push_str("  script:\n    - \"if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi\"\n");
     t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
-    t.push_str("kkp:merge-request:\n  extends: .kkpipe\n  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n\n");
+    t.push_str("kkp:merge-request:\n  extends: .kkpipe\n");
+    if !f.plan_credentials.is_empty() {
+        // Protected variables do not reach merge requests from unprotected branches: plan there with the
+        // read-only credentials of the unprotected `KKP_PLAN_*` variables (docs/ci.md), when the protected ones
+        // are absent.
+        t.push_str("  script:\n");
+        let exports: Vec<String> = f
+            .plan_credentials
+            .iter()
+            .map(|c| {
+                format!(
+                    "if [ -z \"${{{c}:-}}\" ] && [ -n \"${{KKP_PLAN_{c}:-}}\" ]; then export {c}=\"$KKP_PLAN_{c}\"; fi"
+                )
+            })
+            .collect();
+        for l in exports.iter().chain(std::iter::once(&"kkpipe run".to_string())) {
+            let _ = writeln!(t, "    - {}", yq(l));
+        }
+    }
+    t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n\n");
     t.push_str("kkp:push:\n  extends: .kkpipe\n");
     if f.deploys {
         t.push_str("  # One deploying job at a time.\n  resource_group: kkp-$CI_COMMIT_REF_SLUG\n");
@@ -337,8 +399,8 @@ fn gitlab(f: &Facts) -> String {
     t
 }
 
-fn bitbucket(f: &Facts) -> String {
-    let mut t = header(Provider::Bitbucket, f);
+fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
+    let mut t = header(Provider::Bitbucket, f, kkpipe);
     t.push_str("# Repository variables reach the step as environment variables (SSH_PRIVATE_KEY base64-encoded).\n");
     t.push_str(
         "# Bitbucket saves caches only after a successful step, so the run step records kkpipe's exit code and\n",
@@ -347,17 +409,41 @@ fn bitbucket(f: &Facts) -> String {
         "# succeeds (its cache is saved, failed runs included); the next step fails the pipeline if a stage failed.\n",
     );
     t.push_str("# Caches are limited to 1 GB and expire after 7 days: the archive is kept below 800 MB.\n");
-    t.push_str("image: rust:1-bookworm\n\ndefinitions:\n  caches:\n    kkpipe: .kkpipe-ci\n    kkpipe-bin: .kkpipe-bin\n  steps:\n");
-    t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n          - kkpipe-bin\n        script:\n");
+    t.push_str(
+        "# A cache is saved only when none of that name exists, so a cache written once would be imported by every\n",
+    );
+    t.push_str(
+        "# run for a week: after importing it, the step deletes it (atlassian/bitbucket-clear-cache, with the\n",
+    );
+    t.push_str(
+        "# repository variables BITBUCKET_USERNAME and BITBUCKET_APP_PASSWORD) and this run's export is saved,\n",
+    );
+    t.push_str("# for the next run to find. kkpipe itself is cached per install source and this file.\n");
+    t.push_str("image: rust:1-bookworm\n\ndefinitions:\n  caches:\n    kkpipe: .kkpipe-ci\n");
+    let _ = writeln!(
+        t,
+        "    kkpipe-bin-{}:\n      key:\n        files:\n          - bitbucket-pipelines.yml\n      path: .kkpipe-bin\n  steps:",
+        kkpipe.cache_key()
+    );
+    t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n");
+    let _ = writeln!(t, "          - kkpipe-bin-{}\n        script:", kkpipe.cache_key());
     let mut script = vec![APT_PACKAGES.to_string()];
     for (k, v) in versions(f) {
-        script.push(format!("export {k}={}", yq(v)));
+        script.push(format!("export {k}={}", yq(&v)));
     }
-    script.extend(install_lines(f));
+    script.extend(install_lines(f, kkpipe));
     if f.ssh_agent {
         script.push("eval \"$(ssh-agent -s)\" && echo \"$SSH_PRIVATE_KEY\" | base64 -d | ssh-add - > /dev/null".into());
     }
     script.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
+    for l in script.drain(..) {
+        let _ = writeln!(t, "          - {}", yq(&l));
+    }
+    // The blog post "Automatically refresh caches when build dependencies are updated" (bitbucket.org, 2021)
+    // documents this pipe and its variables.
+    t.push_str("          - pipe: atlassian/bitbucket-clear-cache:3.1.1\n            variables:\n");
+    t.push_str("              BITBUCKET_USERNAME: $BITBUCKET_USERNAME\n              BITBUCKET_APP_PASSWORD: $BITBUCKET_APP_PASSWORD\n");
+    t.push_str("              CACHES: [\"kkpipe\"]\n");
     script.push("mkdir -p kkpipe-result && code=0 && kkpipe run || code=$?".into());
     script.push("echo \"$code\" > kkpipe-result/exit-code".into());
     script.push(

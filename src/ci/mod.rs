@@ -2,6 +2,7 @@
 //! and generating their CI files ([`files`]).
 
 pub mod files;
+pub mod install;
 
 use crate::graph::Event;
 use crate::pipeline::Trigger;

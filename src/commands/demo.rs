@@ -27,7 +27,7 @@ pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
     banner(&format!("kkpipe demo: a KKP GitOps repository (GitHub Actions, AWS, Route53) in {}", dir.display()));
     step(
         1,
-        "first push to main: nothing has run yet, so every stage runs (terraform is real; kubeone, the KKP installer, sops, kubectl and flux are stand-ins from bin/)",
+        "first push to main: nothing has run yet, so every stage runs (terraform is real; kubeone, the KKP installer, helm, sops, kubectl, flux and aws are stand-ins from bin/)",
     );
     let first = must(run_outcome(&s, &args)?)?;
     step(
@@ -57,7 +57,10 @@ pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
          kkpipe keys each stage by its inputs and its needs' outputs, not by what ran before it (early cutoff)."
     );
     banner("Continue");
-    println!("  cd {} && . ./demo.env      # stand-in tools on PATH, fake credentials", dir.display());
+    println!(
+        "  cd {} && . ./demo.env      # stand-in tools on PATH, fake credentials, HOME inside the demo",
+        dir.display()
+    );
     println!("  kkpipe -C {} status", dir.display());
     println!("  kkpipe run --event push --branch main --dry-run    # after editing terraform/aws/terraform.tfvars");
     println!("  rm -rf {}                  # when done", dir.display());

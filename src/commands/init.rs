@@ -74,7 +74,8 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         }
     }
     let replaced: Vec<String> = [&file, &ci_file].into_iter().filter(|f| f.exists()).map(|f| describe(f)).collect();
-    let text = template::render(v);
+    // Read before anything is replaced: the wizard's workflow names the installer version.
+    let text = template::render(v, &crate::kkp::versions::pins(dir));
     // The CI file is generated from the pipeline just written, so the two always agree.
     let pipeline = crate::pipeline::parse(dir, &file, &text).or_else(|e| match e {
         // Without the repository layout, `dir` checks fail: derive the CI file from a layout-free copy.
@@ -89,7 +90,7 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         }
         other => Err(Error::from(other)),
     })?;
-    let ci_text = files::render(&pipeline, v.ci);
+    let ci_text = files::render(&pipeline, v.ci, &args.install);
     write(&file, &text)?;
     write(&ci_file, &ci_text)?;
     for r in replaced {
@@ -117,7 +118,14 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     let p = crate::pipeline::load(&root)?;
     crate::graph::Graph::build(&p)?;
     files::check_forge(&p, args.provider).map_err(Error::Usage)?;
-    let text = files::render(&p, args.provider);
+    let pinned = files::pinned_versions(&p, args.provider);
+    let get = |k: &str| pinned.get(k).map(String::as_str);
+    for w in crate::kkp::versions::contradictions(&root, get("KUBEONE_VERSION"), get("KKP_VERSION")) {
+        eprintln!(
+            "kkpipe: warning: {w}\n  hint: set the version in the stage's `env` in {FILE_NAME} (`kkpipe init --force` pins what the repository says)"
+        );
+    }
+    let text = files::render(&p, args.provider, &args.install);
     if args.stdout {
         print!("{text}");
         return Ok(exit::OK);

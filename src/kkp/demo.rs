@@ -26,12 +26,12 @@ pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
     for (rel, content, exec) in embedded::FILES {
         write(&dir.join(rel), content, if *exec { 0o755 } else { 0o644 })?;
     }
-    let text = template::render(VARIANT);
+    let text = template::render(VARIANT, &super::versions::pins(dir));
     let file = dir.join(crate::pipeline::FILE_NAME);
     write(&file, text.as_bytes(), 0o644)?;
     let pipeline = crate::pipeline::parse(dir, &file, &text).map_err(|e| (file.clone(), io::Error::other(e)))?;
     let ci = dir.join(crate::ci::files::file_name(VARIANT.ci));
-    write(&ci, crate::ci::files::render(&pipeline, VARIANT.ci).as_bytes(), 0o644)
+    write(&ci, crate::ci::files::render(&pipeline, VARIANT.ci, &Default::default()).as_bytes(), 0o644)
 }
 
 /// The stand-in environment of `demo.env`, resolved for a repository at `dir` on top of `path`.

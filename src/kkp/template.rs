@@ -6,6 +6,7 @@
 //! stages that consume them; the secret ones are `sensitive`, and those that can be recreated cheaply carry a
 //! `regenerate` command, so a CI cache never has to hold them.
 
+use super::versions::Pins;
 use crate::ci::Provider;
 use std::fmt::Write;
 
@@ -41,14 +42,20 @@ impl Cloud {
         }
     }
 
-    /// The `--storageclass` the KKP installer creates for this cloud.
-    pub fn storage_class(self) -> &'static str {
+    /// The `--storageclass` the KKP installer of version `kkp` creates for this cloud. Up to 2.22 the names are
+    /// `gce`, `aws`, `azure`, ... with no OpenStack or vSphere class (`copy-default` copies the cluster's
+    /// default); from 2.23 they are provider names, `gcp` instead of `gce` (kubermatic/kubermatic
+    /// pkg/install/stack/common/storageclass.go at v2.19.2 ee12c353 and v2.23.0 7d8c9125).
+    pub fn storage_class(self, kkp: &str) -> &'static str {
+        let provider_names = super::versions::at_least(kkp, (2, 23));
         match self {
             Cloud::Aws => "aws",
+            Cloud::Gcp if provider_names => "gcp",
             Cloud::Gcp => "gce",
             Cloud::Azure => "azure",
-            Cloud::Openstack => "openstack",
-            Cloud::Vsphere => "vsphere",
+            Cloud::Openstack if provider_names => "openstack",
+            Cloud::Vsphere if provider_names => "vsphere",
+            Cloud::Openstack | Cloud::Vsphere => "copy-default",
         }
     }
 
@@ -156,7 +163,7 @@ struct Stage {
     pass_env: Vec<String>,
     secret_env: Vec<String>,
     /// Keyed settings, each with the comment that documents it in the file.
-    env: Vec<(&'static str, &'static str, &'static str)>,
+    env: Vec<(&'static str, String, String)>,
     tools: Vec<&'static str>,
     verify: Option<String>,
     retry_needs_if: Option<&'static str>,
@@ -248,7 +255,7 @@ fn creds(v: Variant) -> Vec<String> {
 }
 
 /// Every stage of the variant, in pipeline order.
-fn stages(v: Variant) -> Vec<Stage> {
+fn stages(v: Variant, pins: &Pins) -> Vec<Stage> {
     let tf = v.tf_dir();
     let dns_dir = format!("{tf}/dns");
     let mut out = Vec::new();
@@ -264,8 +271,8 @@ fn stages(v: Variant) -> Vec<Stage> {
     }
     out.push(plan_stage(v, &tf, plan_needs));
     out.push(apply_stage(v, &tf));
-    out.push(kubeone_stage(v, &tf));
-    out.push(kkp_deploy_stage(v));
+    out.push(kubeone_stage(v, &tf, pins));
+    out.push(kkp_deploy_stage(v, pins));
     if v.dns {
         out.push(dns_update_stage(v, &dns_dir));
     }
@@ -311,14 +318,18 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
             "export AWS_DEFAULT_REGION=\"${AWS_DEFAULT_REGION:-${AWS_REGION:-$region}}\"".into(),
             "if aws s3api head-object --bucket \"$bucket\" --key bucket-ready > /dev/null 2>&1; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
         ],
+        // gsutil and gcloud do not read GOOGLE_CREDENTIALS (the wizard's workflow has an action log in with it):
+        // activate the service account in a gcloud configuration of this stage's own, gone when it ends.
         _ => vec![
             format!("bucket={}", setting("bucket")),
+            "CLOUDSDK_CONFIG=$(mktemp -d) && export CLOUDSDK_CONFIG && trap 'rm -rf \"$CLOUDSDK_CONFIG\"' EXIT".into(),
+            "(umask 077 && printf '%s' \"$GOOGLE_CREDENTIALS\" > \"$CLOUDSDK_CONFIG/key.json\") && gcloud auth activate-service-account --key-file=\"$CLOUDSDK_CONFIG/key.json\" --quiet".into(),
             "if gsutil -q stat \"gs://$bucket/bucket-ready\"; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
         ],
     };
     s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
     s.pass_env = creds(v);
-    s.tools = vec![if v.cloud == Cloud::Aws { "aws" } else { "gsutil" }];
+    s.tools = if v.cloud == Cloud::Aws { vec!["aws"] } else { vec!["gcloud", "gsutil"] };
     s
 }
 
@@ -326,6 +337,13 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
 /// `file()` (docs/dev/wizard-facts.md, §3): put `SSH_PUBLIC_KEY` there first, as the wizard's workflow does.
 /// Only when the variable is set and the tfvars name a file, and never over a file holding another key.
 const SSH_PUBLIC_KEY_FILE: &str = "if [ -n \"${SSH_PUBLIC_KEY:-}\" ]; then f=$(grep -o 'ssh_public_key_file[[:space:]]*=[[:space:]]*\"[^\"]*\"' terraform.tfvars 2> /dev/null | head -n 1 | sed 's/.*\"\\(.*\\)\"/\\1/' || true); f=${f/#\\~/$HOME}; if [ -n \"$f\" ]; then if [ -e \"$f\" ] && [ \"$(cat \"$f\")\" != \"$(printf '%s' \"$SSH_PUBLIC_KEY\")\" ]; then echo \"refusing to overwrite $f, which holds another key: remove it or unset SSH_PUBLIC_KEY\" >&2; exit 1; fi; mkdir -p \"$(dirname \"$f\")\" && printf '%s\\n' \"$SSH_PUBLIC_KEY\" > \"$f\"; fi; fi";
+
+/// The wizard's GCP module cannot put all control plane nodes behind its load balancer before the cluster
+/// exists: its workflow detects the first run (`terraform output -json kubeone_api` fails), plans it with one
+/// target pool member, and applies once more after kubeone (docs/dev/wizard-facts.md, §2.2). Appended to a
+/// `TF_CLI_ARGS_plan` the pipeline sets, never instead of it; the marker under `.terraform/` (never an
+/// input) tells kubeone-apply to apply again.
+const GCP_FIRST_RUN: &str = "rm -f .terraform/kkpipe-first-run; if ! terraform output -json kubeone_api > /dev/null 2>&1; then echo 'no cluster yet: planning the first run with one target pool member'; export TF_CLI_ARGS_plan=\"${TF_CLI_ARGS_plan:+$TF_CLI_ARGS_plan }-var=control_plane_target_pool_members_count=1\"; touch .terraform/kkpipe-first-run; fi";
 
 /// `terraform plan` against the environment's state; its plan file is a sensitive output.
 fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
@@ -336,8 +354,11 @@ fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     plan.on_pr = true;
     plan.per_env = true;
     plan.dir = Some(tf.to_string());
-    plan.run =
-        vec![SSH_PUBLIC_KEY_FILE.into(), tf_init(v, "kkp"), "terraform plan -input=false -out=plan.tfplan".into()];
+    plan.run = vec![SSH_PUBLIC_KEY_FILE.into(), tf_init(v, "kkp")];
+    if v.cloud == Cloud::Gcp {
+        plan.run.push(GCP_FIRST_RUN.into());
+    }
+    plan.run.push("terraform plan -input=false -out=plan.tfplan".into());
     // Keyed (as an HMAC): a new key is a new plan.
     plan.secret_env = vec!["SSH_PUBLIC_KEY".into()];
     plan.inputs = tf_inputs(tf);
@@ -384,7 +405,7 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
 }
 
 /// `kubeone apply` from terraform's output, producing the cluster's kubeconfig.
-fn kubeone_stage(v: Variant, tf: &str) -> Stage {
+fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     let mut kubeone = Stage::new(
         "kubeone-apply",
         "Provision the cluster from terraform's output (needs an ssh-agent holding the nodes' key: SSH_AUTH_SOCK).",
@@ -394,6 +415,13 @@ fn kubeone_stage(v: Variant, tf: &str) -> Stage {
         format!("kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -y"),
         format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > kubeone/kubeconfig"),
     ];
+    if v.cloud == Cloud::Gcp {
+        // The first run's second apply, with the module's own target pool size (see GCP_FIRST_RUN).
+        kubeone.run.push(format!(
+            "if [ -f {tf}/.terraform/kkpipe-first-run ]; then cd {tf} && {{ {SSH_PUBLIC_KEY_FILE}; }} && {} && terraform apply -input=false -auto-approve && rm -f .terraform/kkpipe-first-run; fi",
+            tf_init(v, "kkp")
+        ));
+    }
     kubeone.inputs = vec!["kubeone".into()];
     kubeone.outputs = vec![Out(
         "kubeone/kubeconfig".into(),
@@ -402,26 +430,43 @@ fn kubeone_stage(v: Variant, tf: &str) -> Stage {
     )];
     kubeone.needs = vec!["terraform-apply"];
     kubeone.pass_env = [creds(v), vec!["SSH_AUTH_SOCK".into()]].concat();
-    kubeone.tools = vec!["kubeone"];
+    if v.cloud == Cloud::Gcp {
+        kubeone.pass_env.extend(backend_env(v));
+        kubeone.pass_env.push("SSH_PUBLIC_KEY".into());
+    }
+    kubeone.tools = if v.cloud == Cloud::Gcp { vec!["kubeone", "terraform"] } else { vec!["kubeone"] };
+    // The version the CI file installs: kubeone refuses a Kubernetes version its release does not support.
+    kubeone.env.push((
+        "KUBEONE_VERSION",
+        pins.kubeone.version.clone(),
+        format!("The kubeone the CI file installs: {}.", pins.kubeone.why),
+    ));
     kubeone
 }
 
 /// The KKP installer run with the SOPS-decrypted configuration; records the ingress address it got.
-fn kkp_deploy_stage(v: Variant) -> Stage {
+fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
     let mut kkp = Stage::new(
         "kkp-deploy",
         "Install KKP with the SOPS-decrypted configuration (decrypted into a temporary directory, never into the repo).",
     );
     kkp.kind_deploy = true;
     kkp.run = vec![
-        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" SOPS_AGE_KEY=\"$SOPS_AGE_SECRET_KEY\"".into(),
+        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
+        // A key file, as the wizard's workflow uses: every sops version reads `SOPS_AGE_KEY_FILE`, while
+        // `SOPS_AGE_KEY` is read only from 3.7.2 (docs/dev/wizard-facts.md, §4.4).
+        "(umask 077 && printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" > \"$decrypted/age.agekey\") && export SOPS_AGE_KEY_FILE=\"$decrypted/age.agekey\"".into(),
         // Wizard repositories keep cluster-issuer.yaml as plain YAML (no `sops:` block, which sops refuses
         // to decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
         "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done".into(),
+        // The installer loads its Helm charts from `charts` in the working directory unless told otherwise
+        // (`--charts-directory`, a global flag): use those of the release the installer on PATH was unpacked
+        // from, which keeps `charts/` beside the binary.
+        "charts=\"$(dirname \"$(readlink -f \"$(command -v kubermatic-installer)\")\")/charts\"".into(),
         format!(
-            "kubermatic-installer deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
-            v.cloud.storage_class()
+            "kubermatic-installer --charts-directory \"$charts\" deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
+            v.cloud.storage_class(&pins.kkp.version)
         ),
         "kubectl apply -f \"$decrypted/cluster-issuer.yaml\"".into(),
         // What the Flux objects in flux/ read, as the wizard's workflow creates it (docs/dev/wizard-facts.md,
@@ -429,14 +474,21 @@ fn kkp_deploy_stage(v: Variant) -> Stage {
         "for ns in kubermatic logging monitoring iap; do kubectl create namespace \"$ns\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
         "kubectl -n kubermatic create secret generic kubeconfig-cluster --from-file=kubeconfig=\"$KUBECONFIG\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
-        "printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" | kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=/dev/stdin --dry-run=client -o yaml | kubectl apply -f -".into(),
-        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}' > kubermatic/ingress-address.txt".into(),
+        "kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=\"$decrypted/age.agekey\" --dry-run=client -o yaml | kubectl apply -f -".into(),
+        // An AWS load balancer has a hostname, a GCP one an IP address: whichever the Service has.
+        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}{.status.loadBalancer.ingress[0].ip}' > kubermatic/ingress-address.txt".into(),
     ];
     kkp.inputs = vec!["kubermatic".into()];
     kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];
     kkp.needs = vec!["kubeone-apply"];
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
-    kkp.tools = vec!["sops", "kubermatic-installer", "kubectl"];
+    // The installer runs `helm` (from PATH unless `--helm-binary`) for every chart it deploys.
+    kkp.tools = vec!["sops", "kubermatic-installer", "helm", "kubectl"];
+    kkp.env.push((
+        "KKP_VERSION",
+        pins.kkp.version.clone(),
+        format!("The KKP release the CI file installs: {}.", pins.kkp.why),
+    ));
     kkp
 }
 
@@ -472,13 +524,13 @@ fn flux_bootstrap_stage(v: Variant) -> Stage {
     match v.ci {
         Provider::Github => flux.env.push((
             "FLUX_PERSONAL",
-            "true",
-            "\"true\": the repository belongs to a user (as the KKP wizard's do; it passes --personal=true); \"false\" for an organisation's.",
+            "true".into(),
+            "\"true\": the repository belongs to a user (as the KKP wizard's do; it passes --personal=true); \"false\" for an organisation's.".into(),
         )),
         Provider::Gitlab => flux.env.push((
             "FLUX_PERSONAL",
-            "false",
-            "\"false\": the project belongs to a group; \"true\" for a project in a user's personal namespace.",
+            "false".into(),
+            "\"false\": the project belongs to a group; \"true\" for a project in a user's personal namespace.".into(),
         )),
         Provider::Bitbucket => {}
     }
@@ -515,16 +567,18 @@ fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
                 "CI_PROJECT_NAME".into(),
             ],
         ),
+        // `flux bootstrap git` pushes its manifests, and a Bitbucket access key (SSH) is read-only: it
+        // authenticates over HTTPS with a repository access token that may write (username `x-token-auth`),
+        // read from GIT_PASSWORD (cmd/flux/bootstrap_git.go), which Flux also keeps for its own pulls
+        // (`--token-auth`).
         Provider::Bitbucket => (
             vec![
-                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
-                "key=$(mktemp) && trap 'rm -f \"$key\"' EXIT && echo \"$SSH_PRIVATE_KEY\" | base64 -d > \"$key\""
-                    .into(),
+                "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GIT_PASSWORD=\"${FLUX_GIT_TOKEN:-}\"".into(),
                 format!(
-                    "flux bootstrap git --url=\"ssh://git@bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --private-key-file=\"$key\" --silent {common}"
+                    "flux bootstrap git --url=\"https://bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --username=x-token-auth --token-auth --silent {common}"
                 ),
             ],
-            vec!["SSH_PRIVATE_KEY".into(), "BITBUCKET_REPO_FULL_NAME".into()],
+            vec!["FLUX_GIT_TOKEN".into(), "BITBUCKET_REPO_FULL_NAME".into()],
         ),
     }
 }
@@ -534,8 +588,8 @@ fn dns_var(dns_dir: &str) -> String {
     format!("-var \"ingress_hostname=$(cat {up}/kubermatic/ingress-address.txt)\"")
 }
 
-/// The `pipeline.toml` text for a variant.
-pub fn render(v: Variant) -> String {
+/// The `pipeline.toml` text for a variant, with the tool versions the repository needs.
+pub fn render(v: Variant, pins: &Pins) -> String {
     let mut t = String::new();
     let dns = if v.dns { " --dns" } else { "" };
     let _ = writeln!(
@@ -553,7 +607,7 @@ pub fn render(v: Variant) -> String {
          # keep a ledger per environment (`--env`) and rerun when the last apply there differs.\n\n",
     );
     t.push_str("[env]\nTF_IN_AUTOMATION = \"1\"\nCHECKPOINT_DISABLE = \"1\"\n");
-    for s in stages(v) {
+    for s in stages(v, pins) {
         render_stage(&mut t, &s);
     }
     t
@@ -668,7 +722,7 @@ mod tests {
                     let Ok(v) = Variant::new(ci, cloud, dns).check() else {
                         continue;
                     };
-                    let text = render(v);
+                    let text = render(v, &crate::kkp::versions::pins(std::path::Path::new("/nonexistent")));
                     let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{v:?}: {e}\n{text}"));
                     let names: Vec<&String> = parsed["stages"].as_table().unwrap().keys().collect();
                     assert_eq!(names, v.stage_names(), "{v:?}");

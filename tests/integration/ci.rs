@@ -484,3 +484,99 @@ fn manual_runs_run_the_push_stages_of_their_branch() {
         "{gl}"
     );
 }
+
+/// A repository with `init --ci CI --cloud aws` and `extra` arguments, and its CI file.
+fn made_for(ci: &str, extra: &[&str]) -> (Repo, String) {
+    let r = Repo::empty();
+    std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+    let mut args = vec!["init", "--ci", ci, "--cloud", "aws"];
+    args.extend_from_slice(extra);
+    r.kk(&args).ok();
+    let file = PROVIDERS.iter().find(|(p, _, _)| *p == ci).unwrap().1;
+    let text = r.read(file);
+    (r, text)
+}
+
+/// The JSON-quoted script line of a generated file that contains `needle`, as the shell gets it.
+fn script_line(text: &str, needle: &str) -> String {
+    let quoted = text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no `{needle}` in:\n{text}"));
+    let json = quoted.trim_start().trim_start_matches("- ");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+fn bash(script: &str, env: &[(&str, &str)]) -> Run {
+    let mut c = std::process::Command::new("bash");
+    c.args(["-euo", "pipefail", "-c", script]).env_remove("SSH_PRIVATE_KEY").env_remove("AWS_ACCESS_KEY_ID");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Run::from(c.output().unwrap())
+}
+
+/// Issue 13, item 13: the generated files install kkpipe from the source `--install` names, each provider's
+/// file still valid; the default (crates.io at this version) says in the file that it works only once published.
+#[test]
+fn ci_files_install_kkpipe_from_the_source_asked_for() {
+    let (_, default) = made_for("github", &[]);
+    assert!(default.contains("cargo install --locked --root .kkpipe-bin kkpipe --version 0.1.0"), "{default}");
+    assert!(default.contains("which works only once that version is published"), "{default}");
+    let git = "git:https://example.com/kkpipe.git#v0.1.0";
+    for (ci, file, schema_name) in PROVIDERS {
+        let (repo, text) = made_for(ci, &["--install", git]);
+        assert!(
+            text.contains(
+                "cargo install --locked --root .kkpipe-bin --git https://example.com/kkpipe.git --rev v0.1.0 kkpipe"
+            ),
+            "{ci}: {text}"
+        );
+        assert!(!text.contains("--version 0.1.0"), "{ci}");
+        builtin_schema(schema_name, &repo.path(file));
+        let again = repo.kk(&["ci", ci, "--stdout", "--install", git]).ok().stdout;
+        assert_eq!(again, text, "{ci}: `ci` writes what `init` did");
+    }
+    let (_, url) = made_for("gitlab", &["--install", "url:https://example.com/kkpipe-x86_64-linux.tar.gz"]);
+    let line = script_line(&url, "curl -fsSL https://example.com/kkpipe-x86_64-linux");
+    assert!(
+        line.contains("curl -fsSL https://example.com/kkpipe-x86_64-linux.tar.gz | tar -xz -C .kkpipe-bin/bin kkpipe")
+    );
+    // The binary cache is keyed by the source: a new source is a new install, not the cached old binary.
+    let key = |t: &str| t.lines().find(|l| l.contains("key: kkpipe-bin-")).unwrap().to_string();
+    assert_ne!(key(&made_for("gitlab", &[]).1), key(&url));
+    let bad = Repo::empty().kk(&["ci", "github", "--install", "ftp://example.com/kkpipe"]);
+    assert_eq!(bad.code, 2, "{}", bad.all());
+    assert!(bad.stderr.contains("`crates[:VERSION]`, `git:URL[#REV]`, `url:URL`"), "{}", bad.stderr);
+}
+
+/// Issue 13, item 11: merge-request pipelines from unprotected branches get no protected variables. The
+/// before_script starts no ssh-agent without a key (instead of failing the job), and the merge-request job
+/// plans with the unprotected read-only `KKP_PLAN_*` credentials when the protected ones are absent.
+#[test]
+fn gitlab_merge_requests_from_unprotected_branches_plan_with_read_only_credentials() {
+    let (_, gl) = made_for("gitlab", &[]);
+    let agent = script_line(&gl, "ssh-agent");
+    assert!(bash(&agent, &[]).code == 0, "before_script fails without a key: {agent}");
+    let mr = &gl[gl.find("kkp:merge-request:").unwrap()..gl.find("kkp:push:").unwrap()];
+    let export = script_line(mr, "KKP_PLAN_AWS_ACCESS_KEY_ID");
+    let r = bash(&format!("{export}; echo \"$AWS_ACCESS_KEY_ID\""), &[("KKP_PLAN_AWS_ACCESS_KEY_ID", "AKIAREADONLY")]);
+    assert_eq!(r.stdout.trim(), "AKIAREADONLY", "{}", r.all());
+    let r = bash(
+        &format!("{export}; echo \"$AWS_ACCESS_KEY_ID\""),
+        &[("KKP_PLAN_AWS_ACCESS_KEY_ID", "AKIAREADONLY"), ("AWS_ACCESS_KEY_ID", "AKIAPROTECTED")],
+    );
+    assert_eq!(r.stdout.trim(), "AKIAPROTECTED", "the protected variable wins where it exists");
+    assert!(mr.contains("- \"kkpipe run\""), "{mr}");
+    assert!(!gl[gl.find("kkp:push:").unwrap()..].contains("KKP_PLAN_"), "pushes use the protected variables");
+}
+
+/// Issue 13, item 10: a Bitbucket cache is saved only when none of its name exists, so the step deletes the
+/// one it imported (after the import, before the run) and the next run finds this run's export.
+#[test]
+fn bitbucket_replaces_the_ledger_cache_on_every_run() {
+    let (_, bb) = made_for("bitbucket", &[]);
+    let import = bb.find("kkpipe cache import").unwrap();
+    let clear = bb.find("- pipe: atlassian/bitbucket-clear-cache:").expect(&bb);
+    let run = bb.find("kkpipe run || code=$?").unwrap();
+    let export = bb.find("kkpipe cache export").unwrap();
+    assert!(import < clear && clear < run && run < export, "{bb}");
+    assert!(bb[clear..run].contains("CACHES: [\"kkpipe\"]") && bb[clear..run].contains("BITBUCKET_APP_PASSWORD"));
+}

@@ -130,6 +130,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     let tf = std::process::Command::new("terraform")
         .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=c5.large"])
         .current_dir(repo.path("terraform/aws"))
+        .env("HOME", repo.env_var("HOME"))
         .output()
         .unwrap();
     assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));

@@ -84,19 +84,30 @@ impl Repo {
         r
     }
 
-    /// The KKP demo repository (fixtures/kkp-demo) with the reference pipeline.toml and the demo's stand-in
-    /// environment (demo.env): stand-in tools first on PATH, fake credentials.
+    /// The KKP demo repository (fixtures/kkp-demo) with the pipeline `kkpipe demo` gives it (`init --ci github
+    /// --cloud aws --dns --force`, which replaces the wizard's workflow) and the demo's stand-in environment
+    /// (demo.env): stand-in tools first on PATH, fake credentials.
     pub fn kkp_demo() -> Repo {
-        let mut r = Repo::fixture("kkp-demo");
-        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml"), r.path("pipeline.toml")).unwrap();
+        let r = Repo::kkp_wizard("kkp-demo");
+        r.kk(&["init", "--ci", "github", "--cloud", "aws", "--dns", "--force"]).ok();
+        r
+    }
+
+    /// A wizard-shaped KKP fixture as it is before `kkpipe init`, with its stand-in environment (demo.env).
+    pub fn kkp_wizard(fixture: &str) -> Repo {
+        let mut r = Repo::fixture(fixture);
+        if !r.exists("bin") {
+            // One set of stand-ins serves every fixture (fixtures/kkp-gce/README.md).
+            copy_tree(&fixtures().join("kkp-demo/bin"), &r.path("bin"));
+        }
         let dir = r.root.to_str().unwrap().to_string();
         for line in r.read("demo.env").lines() {
             let Some(rest) = line.strip_prefix("export ") else {
                 continue;
             };
             let (k, v) = rest.split_once('=').unwrap();
-            let v =
-                v.trim_matches('"').replace("$KKP_DEMO_DIR", &dir).replace("$PATH", &std::env::var("PATH").unwrap());
+            let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
+            let v = v.replace("$KKP_DEMO_DIR", &dir).replace("$PATH", &std::env::var("PATH").unwrap());
             r.set_env(k, &v);
         }
         r

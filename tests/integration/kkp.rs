@@ -111,7 +111,7 @@ fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_re
                 let token = match *ci {
                     "github" => "TOKEN_GITHUB",
                     "gitlab" => "GITLAB_TOKEN",
-                    _ => "SSH_PRIVATE_KEY",
+                    _ => "FLUX_GIT_TOKEN",
                 };
                 assert!(strings(flux, "pass_env").contains(&token.to_string()));
                 let cred = match *cloud {
@@ -128,10 +128,14 @@ fn init_writes_the_seed_graph_for_every_supported_combination_and_refuses_the_re
                 assert!(plan_run.contains("terraform plan -input=false -out=plan.tfplan"));
                 assert_eq!(ci == &"gitlab", plan_run.contains("CI_JOB_TOKEN"), "GitLab-managed state: {plan_run}");
                 let kkp_run = strings(&stages["kkp-deploy"], "run").join("\n");
-                assert!(kkp_run.contains("kubermatic-installer deploy --config"));
+                assert!(
+                    kkp_run.contains("kubermatic-installer --charts-directory \"$charts\" deploy --config"),
+                    "{kkp_run}"
+                );
                 assert!(kkp_run.contains("sops --decrypt"));
-                let storage = if *cloud == "gcp" { "--storageclass gce" } else { &format!("--storageclass {cloud}") };
-                assert!(kkp_run.contains(storage), "{kkp_run}");
+                // kkpipe's default KKP (2.25) names storage classes after providers (`gcp`, not 2.22's `gce`).
+                let storage = format!("--storageclass {cloud}");
+                assert!(kkp_run.contains(&storage), "{kkp_run}");
                 // Terraform stages never read working files.
                 let ex = strings(&stages["terraform-plan"], "exclude");
                 for never in ["**/.terraform/**", "**/*.tfstate", "**/*.tfplan"] {
@@ -239,7 +243,7 @@ fn the_demo_repository_applies_once_then_skips_everything() {
     let first = push(&repo);
     assert_eq!(first.ran().len(), 9, "{}", first.stderr);
     let state: Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
-    assert_eq!(state["resources"].as_array().unwrap().len(), 3, "vpc, control plane, load balancer");
+    assert_eq!(state["resources"].as_array().unwrap().len(), 4, "vpc, control plane, load balancer, deployer key");
     let serials = (serial(&repo, "terraform/aws"), serial(&repo, "terraform/aws/dns"));
 
     let second = push(&repo);
@@ -370,6 +374,7 @@ fn a_plan_made_against_older_state_is_replanned_not_a_failed_pipeline() {
         .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=m5.large"])
         .current_dir(repo.path("terraform/aws"))
         .env("TF_IN_AUTOMATION", "1")
+        .env("HOME", repo.env_var("HOME"))
         .output()
         .unwrap();
     assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
@@ -392,10 +397,13 @@ fn kkpipe_demo_runs_three_pushes_offline() {
     assert!(r.stdout.contains("3. values edit: ran kkp-deploy (8 fresh)"), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("kkpipe -C {} status", dir.display())), "{}", r.stdout);
     assert!(dir.join("terraform/aws/terraform.tfstate").is_file());
-    // The written repository carries the reference pipeline.
-    let reference =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml")).unwrap();
-    assert_eq!(std::fs::read_to_string(dir.join("pipeline.toml")).unwrap(), reference);
+    // The written repository carries what `init` writes on the fixture, with the versions the fixture needs.
+    let written = std::fs::read_to_string(dir.join("pipeline.toml")).unwrap();
+    assert_eq!(written, Repo::kkp_demo().read("pipeline.toml"));
+    assert!(
+        written.contains("KUBEONE_VERSION = \"1.5.8\"") && written.contains("KKP_VERSION = \"2.19.2\""),
+        "{written}"
+    );
     let again = repo.kk(&["demo", dir.to_str().unwrap()]);
     assert_eq!(again.code, 2, "a non-empty directory is refused");
 }
@@ -498,8 +506,24 @@ fn flux_bootstrap_says_whether_the_owner_is_a_user() {
     assert!(flux.contains("--personal=\"$FLUX_PERSONAL\""), "{flux}");
     assert_eq!(stages["flux-bootstrap"]["env"]["FLUX_PERSONAL"].as_str(), Some("true"));
     repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"false\"");
-    assert_eq!(push(&repo).ran(), ["flux-bootstrap"]);
-    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"yes\"");
+    assert_eq!(push(&repo).ran(), ["flux-bootstrap"], "only the keyed setting's stage reran");
+    // A repository that does not exist yet, owned by a user: without --personal flux creates it under an
+    // organisation of that name, which fails; with it, for the user.
+    let mut repo = repo;
+    repo.set_env("GITHUB_REPOSITORY", "kkp-demo/new-gitops");
+    let r = repo.run(&["--event", "push", "--branch", "main", "--force", "flux-bootstrap"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.all().contains("organization \"kkp-demo\" not found") && r.all().contains("--personal=true"),
+        "{}",
+        r.all()
+    );
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"false\"", "FLUX_PERSONAL = \"true\"");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["flux-bootstrap"]);
+    assert!(r.all().contains("repository \"***\" created"), "(GITHUB_REPOSITORY is masked) {}", r.all());
+    assert!(repo.read(".demo-cloud/forge.json").contains("kkp-demo/new-gitops"));
+    repo.edit("pipeline.toml", "FLUX_PERSONAL = \"true\"", "FLUX_PERSONAL = \"yes\"");
     let r = repo.run(&["--event", "push", "--branch", "main"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("invalid argument \"yes\" for \"--personal\" flag"), "{}", r.all());
@@ -588,10 +612,9 @@ fn plan_and_apply_put_the_public_key_where_the_module_reads_it() {
     repo.set_env("HOME", home.to_str().unwrap());
     repo.set_env("SSH_PUBLIC_KEY", "ssh-ed25519 AAAAkey1 nodes");
     let tf = "terraform/aws";
-    repo.write(&format!("{tf}/ssh.tf"), "variable \"ssh_public_key_file\" {\n  type = string\n}\n\nresource \"terraform_data\" \"ssh_key\" {\n  input = file(var.ssh_public_key_file)\n}\n");
-    let tfvars =
-        format!("{}ssh_public_key_file    = \"~/.ssh/k8s_rsa.pub\"\n", repo.read(&format!("{tf}/terraform.tfvars")));
-    repo.write(&format!("{tf}/terraform.tfvars"), &tfvars);
+    // The fixture is shaped like the wizard's module: tfvars point `file(var.ssh_public_key_file)` there.
+    assert!(repo.read(&format!("{tf}/terraform.tfvars")).contains("ssh_public_key_file    = \"~/.ssh/k8s_rsa.pub\""));
+    assert!(repo.read(&format!("{tf}/main.tf")).contains("file(var.ssh_public_key_file)"));
     let first = push(&repo);
     assert!(first.ran().contains(&"terraform-apply".to_string()), "{}", first.stderr);
     assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-ed25519 AAAAkey1 nodes\n");
@@ -609,4 +632,278 @@ fn plan_and_apply_put_the_public_key_where_the_module_reads_it() {
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.all().contains("refusing to overwrite") && r.all().contains("holds another key"), "{}", r.all());
     assert_eq!(std::fs::read_to_string(home.join(".ssh/k8s_rsa.pub")).unwrap(), "ssh-rsa AAAAmine me@laptop\n");
+}
+
+/// Issue 13, item 15: the stand-ins reject what the real tools reject. kubeone 1.5 (the stand-in's version)
+/// accepts Kubernetes 1.22-1.24 only (kubeone's validation.go), so a manifest asking for 1.30 fails
+/// kubeone-apply with kubeone's own message; the wizard-shaped fixture's v1.23.3 passes.
+#[test]
+fn kubeone_refuses_a_kubernetes_version_it_does_not_support() {
+    let repo = Repo::kkp_demo();
+    assert!(repo.read("kubeone/kubeone.yaml").contains("kubernetes: v1.23.3"));
+    repo.edit("kubeone/kubeone.yaml", "kubernetes: v1.23.3", "kubernetes: v1.30.5");
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["kubeone-apply"]);
+    assert!(r.all().contains("kubernetes version does not satisfy version constraint '<= 1.24'"), "{}", r.all());
+    repo.edit("kubeone/kubeone.yaml", "kubernetes: v1.30.5", "kubernetes: v1.23.3");
+    push(&repo);
+}
+
+/// Issue 13, items 15 and 5: the installer loads its charts from `charts` in the working directory unless
+/// `--charts-directory` (a global flag) says otherwise, and runs `helm` from PATH. kkp-deploy points it at the
+/// charts beside the installer it runs (bin/ is laid out like the unpacked release) and lists `helm` in its
+/// tools; without helm on PATH it fails as the installer does.
+#[test]
+fn kkp_deploy_finds_the_installers_charts_and_needs_helm() {
+    let repo = Repo::kkp_demo();
+    let stages = stage_table(&repo);
+    assert!(strings(&stages["kkp-deploy"], "tools").contains(&"helm".to_string()));
+    let first = push(&repo);
+    assert!(first.ran().contains(&"kkp-deploy".to_string()));
+    let log = repo.kk(&["log", "kkp-deploy"]).ok().stdout;
+    assert!(log.contains("Deploying Helm chart kubermatic-operator"), "{log}");
+    let helm: Value = serde_json::from_str(&repo.read(".demo-cloud/helm.json")).unwrap();
+    assert!(helm.get("kubermatic/kubermatic-operator").is_some(), "{helm}");
+    // As the wizard's workflow runs it from the repository root, without the release's charts, it fails.
+    repo.write("plain-config.yaml", "apiVersion: kubermatic.k8c.io/v1\nkind: KubermaticConfiguration\n");
+    let bare = std::process::Command::new(repo.path("bin/kubermatic-installer"))
+        .args(["deploy", "--config", "plain-config.yaml", "--kubeconfig", "kubeone/kubeconfig"])
+        .current_dir(&repo.root)
+        .env("PATH", repo.env_var("PATH"))
+        .output()
+        .unwrap();
+    assert!(!bare.status.success());
+    let err = String::from_utf8_lossy(&bare.stderr);
+    assert!(err.contains("failed to load Helm chart: open charts/nginx-ingress-controller/Chart.yaml"), "{err}");
+    // A Helm 2 on PATH: a changed tool (kkp-deploy reruns) and the installer's own refusal.
+    repo.write("bin/helm", "#!/bin/sh\n# Helm 2 prints this for Helm 3's template\necho '<no value>'\n");
+    std::fs::set_permissions(repo.path("bin/helm"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["kkp-deploy"]);
+    assert!(r.all().contains("the installer requires Helm >= v3.0.0"), "{}", r.all());
+    // No helm at all: refused before anything runs, naming the stage.
+    std::fs::remove_file(repo.path("bin/helm")).unwrap();
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stage `kkp-deploy` needs tool `helm`, which is not on PATH"), "{}", r.stderr);
+    // The installer itself says the same when it is run without helm.
+    let no_helm = std::process::Command::new(repo.path("bin/kubermatic-installer"))
+        .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
+        .current_dir(&repo.root)
+        .env("PATH", repo.env_var("PATH"))
+        .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&no_helm.stderr);
+    assert!(err.contains("exec: \"helm\": executable file not found in $PATH"), "{err}");
+}
+
+/// Issue 13, items 15 and 8: sops reads `SOPS_AGE_KEY` only from 3.7.2, `SOPS_AGE_KEY_FILE` in every version.
+/// kkp-deploy hands the key over as a file, so a sops 3.7.1 (the version that encrypted the wizard's files)
+/// decrypts too.
+#[test]
+fn kkp_deploy_decrypts_with_a_sops_older_than_3_7_2() {
+    let repo = Repo::kkp_demo();
+    repo.edit("bin/sops", "VERSION = \"3.8.1\"", "VERSION = \"3.7.1\"");
+    let direct = std::process::Command::new(repo.path("bin/sops"))
+        .args(["--decrypt", "kubermatic/values.yaml"])
+        .current_dir(&repo.root)
+        .env("SOPS_AGE_KEY", repo.env_var("SOPS_AGE_SECRET_KEY"))
+        .env("HOME", repo.sibling("nohome"))
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "sops 3.7.1 does not read SOPS_AGE_KEY");
+    assert!(String::from_utf8_lossy(&direct.stderr).contains("SOPS_AGE_KEY is read from sops 3.7.2 on"));
+    let r = push(&repo);
+    assert!(r.ran().contains(&"kkp-deploy".to_string()), "{}", r.stderr);
+    let kkp: Value = serde_json::from_str(&repo.read(".demo-cloud/kkp.json")).unwrap();
+    assert_eq!(kkp["revision"], 1, "the installer got decrypted configuration");
+}
+
+/// Issue 13, item 8: the kubeone and installer versions come from the repository: the manifest's Kubernetes
+/// v1.23.3 gets kubeone 1.5.8 (1.8 refuses it), the wizard workflow's `VERSION=v2.19.2` the installer 2.19.2
+/// (read before `--force` replaces that workflow), and the CI file installs those. `kkpipe ci` warns when a pin
+/// in pipeline.toml contradicts the repository, and still writes what the pipeline says.
+#[test]
+fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
+    let repo = Repo::kkp_demo();
+    let stages = stage_table(&repo);
+    assert_eq!(stages["kubeone-apply"]["env"]["KUBEONE_VERSION"].as_str(), Some("1.5.8"));
+    assert_eq!(stages["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.2"));
+    let ci = repo.kk(&["ci", "github", "--stdout"]).ok();
+    assert!(
+        ci.stdout.contains("KUBEONE_VERSION: \"1.5.8\"") && ci.stdout.contains("KKP_VERSION: \"2.19.2\""),
+        "{}",
+        ci.stdout
+    );
+    assert!(!ci.stderr.contains("warning"), "{}", ci.stderr);
+
+    repo.edit("pipeline.toml", "KUBEONE_VERSION = \"1.5.8\"", "KUBEONE_VERSION = \"1.8.0\"");
+    repo.edit("pipeline.toml", "KKP_VERSION = \"2.19.2\"", "KKP_VERSION = \"2.25.0\"");
+    let ci = repo.kk(&["ci", "github", "--stdout"]).ok();
+    assert!(ci.stdout.contains("KUBEONE_VERSION: \"1.8.0\""), "the pipeline's pin is what the file installs");
+    assert!(
+        ci.stderr.contains("warning: kubeone 1.8.0 (KUBEONE_VERSION) accepts Kubernetes 1.27-1.30, but `kubeone/kubeone.yaml` asks for v1.23.3; kubeone 1.5.8 does"),
+        "{}",
+        ci.stderr
+    );
+    assert!(ci.stderr.contains("KKP 2.25.0 (KKP_VERSION) is not the repository's 2.19.0"), "{}", ci.stderr);
+
+    // The wizard's KKP 2.19 names GCP's storage class `gce`; 2.23 and later `gcp`.
+    let gce = Repo::kkp_wizard("kkp-gce");
+    gce.kk(&["init", "--ci", "github", "--force"]).ok();
+    let run = strings(&stage_table(&gce)["kkp-deploy"], "run").join("\n");
+    assert!(run.contains("--storageclass gce"), "{run}");
+
+    // Without a CI file naming the installer, the tag of the charts Flux deploys says the version.
+    let bare = Repo::kkp_wizard("kkp-demo");
+    std::fs::remove_file(bare.path(".github/workflows/kkp.yaml")).unwrap();
+    bare.kk(&["init", "--ci", "github", "--cloud", "aws"]).ok();
+    assert_eq!(stage_table(&bare)["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.0"));
+}
+
+/// Issue 13, item 16: on both wizard-shaped fixtures (AWS; GCP with the wizard's `terraform/gce`), with the
+/// wizard's workflow present, `init` (the cloud inferred, the workflow replaced with `--force`) gives a pipeline
+/// whose first push is green with real terraform and the strict stand-ins, and a second push runs nothing.
+#[test]
+fn init_on_wizard_shaped_repositories_then_a_push_is_green_and_the_next_runs_nothing() {
+    for (fixture, tf, stages) in [("kkp-demo", "terraform/aws", 7), ("kkp-gce", "terraform/gce", 7)] {
+        let repo = Repo::kkp_wizard(fixture);
+        assert!(repo.read(".github/workflows/kkp.yaml").contains("name: KKP delivery pipeline with GitOps"));
+        let script = repo.read(&format!("{tf}/setup_terraform_backend.sh"));
+        assert!(script.starts_with("#!/bin/sh") && script.contains("set -euo pipefail"), "{fixture}");
+        assert!(!repo.read("kubermatic/cluster-issuer.yaml").contains("sops:"), "{fixture}: plain issuer");
+        let init = repo.kk(&["init", "--ci", "github", "--force"]).ok();
+        assert!(init.stderr.contains(&format!("`{tf}` is there")), "{}", init.stderr);
+        assert!(init.stderr.contains("replaced") && init.stderr.contains("KKP delivery pipeline with GitOps"));
+        let first = push(&repo);
+        assert_eq!(first.ran().len(), stages, "{fixture}: {}", first.stderr);
+        let second = push(&repo);
+        assert!(second.ran().is_empty(), "{fixture}: {}", second.stderr);
+        assert_eq!(second.json()["summary"]["fresh"], stages, "{fixture}");
+    }
+}
+
+/// The members of the GCE fixture's target pool in terraform's state.
+fn pool_members(repo: &Repo) -> usize {
+    let state: Value = serde_json::from_str(&repo.read("terraform/gce/terraform.tfstate")).unwrap();
+    let pool = state["resources"].as_array().unwrap().iter().find(|r| r["name"] == "control_plane_pool").unwrap();
+    pool["instances"][0]["attributes"]["input"]["value"]["instances"].as_array().unwrap().len()
+}
+
+/// Issue 13, item 4: the wizard's GCP module is planned with one target pool member while the cluster does not
+/// exist yet (`terraform output -json kubeone_api` fails), and applied once more after kubeone with its own
+/// count. A `TF_CLI_ARGS_plan` the pipeline sets still reaches terraform (the first run's `-var` is appended).
+#[test]
+fn the_first_gcp_run_plans_one_target_pool_member_and_applies_again_after_kubeone() {
+    let repo = Repo::kkp_wizard("kkp-gce");
+    repo.kk(&["init", "--ci", "github", "--force"]).ok();
+    repo.edit(
+        "pipeline.toml",
+        "[stages.terraform-plan]\n",
+        "[stages.terraform-plan]\nenv = { TF_CLI_ARGS_plan = \"-var=control_plane_type=n1-standard-4\" }\n",
+    );
+    let first = push(&repo);
+    assert_eq!(first.ran().len(), 7, "{}", first.stderr);
+    let plan = repo.kk(&["log", "terraform-plan"]).ok().stdout;
+    assert!(plan.contains("no cluster yet: planning the first run with one target pool member"), "{plan}");
+    assert!(plan.contains("\"n1-standard-4\""), "the pipeline's TF_CLI_ARGS_plan reached terraform: {plan}");
+    let kubeone = repo.kk(&["log", "kubeone-apply"]).ok().stdout;
+    assert!(kubeone.contains("terraform_data.control_plane_pool: Modifying"), "{kubeone}");
+    assert_eq!(pool_members(&repo), 3, "the second apply put every control plane node behind the load balancer");
+    assert!(!repo.exists("terraform/gce/.terraform/kkpipe-first-run"));
+    // A GCP load balancer has an IP address, not a hostname: kkp-deploy records whichever there is.
+    assert!(repo.read("kubermatic/ingress-address.txt").starts_with("198.51.100."), "an empty ingress address");
+
+    // Not a first run any more: a new plan keeps the module's count.
+    repo.edit("terraform/gce/terraform.tfvars", "\"n1-standard-2\"", "\"n1-standard-8\"");
+    let r = push(&repo);
+    assert!(r.ran().contains(&"terraform-plan".to_string()), "{}", r.stderr);
+    assert!(!repo.kk(&["log", "terraform-plan"]).ok().stdout.contains("no cluster yet"));
+    assert_eq!(pool_members(&repo), 3);
+}
+
+/// Issue 13, item 3 (rest): gsutil and gcloud do not read `GOOGLE_CREDENTIALS`; backend-prepare activates the
+/// service account in a gcloud configuration of its own (gone after the stage), so the wizard's GCS script and
+/// the bucket-ready probe have credentials, and a fresh runner finds the existing bucket.
+#[test]
+fn gcp_backend_prepare_turns_google_credentials_into_gcloud_credentials() {
+    let repo = Repo::kkp_wizard("kkp-gce");
+    repo.kk(&["init", "--ci", "github", "--force"]).ok();
+    let direct = std::process::Command::new(repo.path("bin/gsutil"))
+        .args(["-q", "stat", "gs://kkp-gce-tfstate/bucket-ready"])
+        .env("PATH", repo.env_var("PATH"))
+        .env("HOME", repo.env_var("HOME"))
+        .env("GOOGLE_CREDENTIALS", repo.env_var("GOOGLE_CREDENTIALS"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&direct.stderr).contains("401 Anonymous caller"),
+        "gsutil alone has no credentials"
+    );
+    let first = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
+    assert_eq!(first.ran(), ["terraform-backend-prepare"]);
+    let log = repo.kk(&["log", "terraform-backend-prepare"]).ok().stdout;
+    assert!(log.contains("Activated service account credentials") && log.contains("Setting up GCS bucket"), "{log}");
+    assert!(!repo.exists(".demo-cloud/home/.config/gcloud"), "no credentials left in the home directory");
+    std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
+    let again = repo.run(&["--event", "push", "--branch", "main", "terraform-backend-prepare"]).ok();
+    assert!(again.all().contains("state bucket kkp-gce-tfstate is ready"), "{}", again.all());
+}
+
+/// Issue 13, item 6: on Bitbucket, `flux bootstrap git` pushes its manifests, which a (read-only) access key
+/// cannot: it uses HTTPS with a repository access token that may write (`FLUX_GIT_TOKEN`, as GIT_PASSWORD).
+#[test]
+fn bitbucket_flux_bootstrap_pushes_with_a_token_that_can_write() {
+    let mut repo = Repo::kkp_wizard("kkp-demo");
+    repo.kk(&["init", "--ci", "bitbucket", "--cloud", "aws", "--force"]).ok();
+    let flux = strings(&stage_table(&repo)["flux-bootstrap"], "run").join("\n");
+    assert!(
+        flux.contains(
+            "--url=\"https://bitbucket.org/$BITBUCKET_REPO_FULL_NAME.git\" --username=x-token-auth --token-auth"
+        ),
+        "{flux}"
+    );
+    repo.set_env("BITBUCKET_REPO_FULL_NAME", "kkp-demo/gitops");
+    let r = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.with_state("failed"), ["flux-bootstrap"]);
+    assert!(r.all().contains("authentication required"), "{}", r.all());
+    repo.set_env("FLUX_GIT_TOKEN", "bitbucket-repository-access-token");
+    let r = push(&repo);
+    assert_eq!(r.ran(), ["flux-bootstrap"], "{}", r.stderr);
+    assert!(
+        repo.read("flux/clusters/master/flux-system/gotk-sync.yaml")
+            .contains("https://bitbucket.org/kkp-demo/gitops.git")
+    );
+}
+
+/// Issue 13, item 2: the secrets the wizard's repositories already hold carry over: the workflow `init`
+/// writes on a wizard-shaped repository reads exactly the wizard's secret names (docs/dev/wizard-facts.md),
+/// plus kkpipe's own `KKPIPE_SECRET_KEY`.
+#[test]
+fn the_wizards_secret_names_carry_over() {
+    for (fixture, cloud) in
+        [("kkp-demo", &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"][..]), ("kkp-gce", &["GOOGLE_CREDENTIALS"][..])]
+    {
+        let repo = Repo::kkp_wizard(fixture);
+        repo.kk(&["init", "--ci", "github", "--force"]).ok();
+        let wf = repo.read(".github/workflows/kkp.yaml");
+        let mut used: Vec<&str> = wf
+            .split("secrets.")
+            .skip(1)
+            .map(|rest| rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap())
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut wizard: Vec<&str> =
+            ["SSH_PRIVATE_KEY", "SSH_PUBLIC_KEY", "SOPS_AGE_SECRET_KEY", "TOKEN_GITHUB", "KKPIPE_SECRET_KEY"]
+                .into_iter()
+                .chain(cloud.iter().copied())
+                .collect();
+        wizard.sort_unstable();
+        assert_eq!(used, wizard, "{fixture}:\n{wf}");
+    }
 }

@@ -1,0 +1,173 @@
+//! The kubeone and KKP installer versions a repository needs, read from the repository itself, and the
+//! warnings `kkpipe ci` prints when a pipeline's pin contradicts them.
+//!
+//! kubeone refuses a cluster whose Kubernetes version is outside the range its release supports (a hard
+//! validation error), and KKP upgrades one minor version at a time, so neither can be a fixed default: a
+//! wizard repository from 2022 (Kubernetes v1.22/v1.23, KKP v2.19) needs kubeone 1.5 and installer v2.19.
+
+use std::path::Path;
+
+/// The kubeone manifest the pipeline's kubeone-apply stage reads.
+pub const KUBEONE_MANIFEST: &str = "kubeone/kubeone.yaml";
+/// Where the wizard pins the KKP version of the charts Flux deploys.
+pub const KKP_GIT_SOURCE: &str = "flux/clusters/master/kubermatic/kubermatic-git-source.yaml";
+
+/// A `major.minor` version.
+type Minor = (u32, u32);
+
+/// The newest patch release of each kubeone minor version and the Kubernetes minor versions it accepts,
+/// from `pkg/apis/kubeone/validation/validation.go` at each tag (kubermatic/kubeone; e.g. v1.5.8
+/// 28cfd461: ">= 1.22", "<= 1.24"; v1.8.6 5c92917b: ">= 1.27", "<= 1.30"; v1.11.4 2cdd7c51: 1.30-1.33).
+const KUBEONE: &[(&str, Minor, Minor)] = &[
+    ("1.4.14", (1, 20), (1, 23)),
+    ("1.5.8", (1, 22), (1, 24)),
+    ("1.6.6", (1, 24), (1, 26)),
+    ("1.7.6", (1, 25), (1, 27)),
+    ("1.8.6", (1, 27), (1, 30)),
+    ("1.9.2", (1, 29), (1, 31)),
+    ("1.10.4", (1, 30), (1, 32)),
+    ("1.11.4", (1, 30), (1, 33)),
+];
+
+/// A version a pipeline pins, and the sentence saying where it came from (a comment in pipeline.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub version: String,
+    pub why: String,
+}
+
+/// The versions `init` writes into the pipeline for one repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pins {
+    pub kubeone: Pin,
+    pub kkp: Pin,
+}
+
+/// `major.minor[.patch]` of a version string such as `v1.23.3` or `"2.19.2"`.
+fn numbers(v: &str) -> Option<(u32, u32, u32)> {
+    let v = v.trim().trim_matches(['"', '\'']).trim_start_matches('v');
+    let mut it = v.split(['.', '-', '+']).map(|p| p.parse::<u32>());
+    let major = it.next()?.ok()?;
+    let minor = it.next()?.ok()?;
+    let patch = it.next().and_then(Result::ok).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+/// Whether `version` is `major.minor` or later (an unreadable version counts as later: kkpipe's defaults are).
+pub fn at_least(version: &str, minor: Minor) -> bool {
+    numbers(version).is_none_or(|(a, b, _)| (a, b) >= minor)
+}
+
+/// The first value of `key:` in a YAML text (the wizard's files keep it on one line).
+fn yaml_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.trim_start().strip_prefix(key)?.strip_prefix(':').map(str::trim))
+}
+
+/// The Kubernetes version of the repository's kubeone manifest (`versions.kubernetes`).
+pub fn kubernetes(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(KUBEONE_MANIFEST)).ok()?;
+    let v = yaml_value(&text, "kubernetes")?.trim_matches(['"', '\'']);
+    numbers(v).map(|_| v.to_string())
+}
+
+/// The Kubernetes minor versions a kubeone version accepts, when kkpipe knows its minor version.
+fn kubeone_range(kubeone: &str) -> Option<(Minor, Minor)> {
+    let (ma, mi, _) = numbers(kubeone)?;
+    KUBEONE.iter().find(|(v, _, _)| numbers(v).is_some_and(|(a, b, _)| (a, b) == (ma, mi))).map(|&(_, l, h)| (l, h))
+}
+
+/// The newest kubeone release that accepts this Kubernetes version.
+fn kubeone_for(kubernetes: &str) -> Option<&'static str> {
+    let (a, b, _) = numbers(kubernetes)?;
+    KUBEONE.iter().rev().find(|(_, low, high)| *low <= (a, b) && (a, b) <= *high).map(|(v, _, _)| *v)
+}
+
+/// The KKP version the repository says, and where: the installer `VERSION=` of the wizard's workflow, else
+/// the tag of the charts Flux deploys (the wizard's may be a patch release behind). A CI file kkpipe wrote
+/// does not count: its pin is the pipeline's, which this is checked against.
+pub fn kkp(dir: &Path) -> Option<(String, String)> {
+    for ci in [".github/workflows/kkp.yaml", ".github/workflows/kkp.yml", ".gitlab-ci.yml", "bitbucket-pipelines.yml"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(ci)) else { continue };
+        let found = text.lines().find_map(|l| {
+            let l = l.trim().trim_start_matches("- ").trim_start_matches("export ").trim_matches('"');
+            let v = l.strip_prefix("VERSION=")?;
+            let v = v.trim().trim_matches(['"', '\'']).trim_start_matches('v');
+            numbers(v).filter(|(major, _, _)| *major == 2).map(|_| v.to_string())
+        });
+        if let Some(v) = found {
+            return Some((v, format!("the installer version of `{ci}`")));
+        }
+    }
+    let text = std::fs::read_to_string(dir.join(KKP_GIT_SOURCE)).ok()?;
+    let tag = yaml_value(&text, "tag")?.trim_matches(['"', '\'']).trim_start_matches('v');
+    numbers(tag).map(|_| (tag.to_string(), format!("the chart tag of `{KKP_GIT_SOURCE}`")))
+}
+
+/// What `init` pins for the repository in `dir`: what it says, else kkpipe's defaults (said as such).
+pub fn pins(dir: &Path) -> Pins {
+    let default_kubeone = crate::ci::files::default_version("KUBEONE_VERSION");
+    let default_kkp = crate::ci::files::default_version("KKP_VERSION");
+    let kubeone = match kubernetes(dir) {
+        Some(k) => match kubeone_for(&k) {
+            Some(v) => Pin {
+                version: v.into(),
+                why: format!("the newest kubeone that accepts Kubernetes {k} ({KUBEONE_MANIFEST})"),
+            },
+            None => Pin {
+                version: default_kubeone.into(),
+                why: format!(
+                    "kkpipe knows no kubeone release for Kubernetes {k} ({KUBEONE_MANIFEST}): set one that accepts it"
+                ),
+            },
+        },
+        None => Pin {
+            version: default_kubeone.into(),
+            why: format!("kkpipe's default: no `{KUBEONE_MANIFEST}` with a Kubernetes version"),
+        },
+    };
+    let kkp = match kkp(dir) {
+        Some((v, from)) => Pin { version: v, why: format!("from {from}; KKP upgrades one minor version at a time") },
+        None => {
+            Pin { version: default_kkp.into(), why: "kkpipe's default: the repository names no KKP version".into() }
+        }
+    };
+    Pins { kubeone, kkp }
+}
+
+/// Sentences saying where a pinned kubeone or KKP version contradicts the repository in `dir`.
+pub fn contradictions(dir: &Path, kubeone: Option<&str>, kkp_pin: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Some(pin), Some(k)) = (kubeone, kubernetes(dir))
+        && let (Some((low, high)), Some((a, b, _))) = (kubeone_range(pin), numbers(&k))
+        && !(low <= (a, b) && (a, b) <= high)
+    {
+        let fit = kubeone_for(&k).map(|v| format!("; kubeone {v} does")).unwrap_or_default();
+        out.push(format!(
+            "kubeone {pin} (KUBEONE_VERSION) accepts Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}{fit}",
+            low.0, low.1, high.0, high.1
+        ));
+    }
+    if let (Some(pin), Some((v, from))) = (kkp_pin, kkp(dir))
+        && let (Some((a, b, _)), Some((c, d, _))) = (numbers(pin), numbers(&v))
+        && (a, b) != (c, d)
+    {
+        out.push(format!(
+            "KKP {pin} (KKP_VERSION) is not the repository's {v} ({from}); KKP upgrades one minor version at a time"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wizards_kubernetes_versions_get_kubeone_1_5() {
+        assert_eq!(kubeone_for("v1.23.3"), Some("1.5.8"));
+        assert_eq!(kubeone_for("v1.22.6"), Some("1.5.8"));
+        assert_eq!(kubeone_for("1.29.1"), Some("1.9.2"));
+        assert_eq!(kubeone_for("1.19.0"), None);
+        assert_eq!(kubeone_range("1.8.0"), Some(((1, 27), (1, 30))));
+    }
+}
