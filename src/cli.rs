@@ -285,6 +285,16 @@ pub struct InitArgs {
     /// Where the CI file gets kkpipe from (see `kkpipe ci --help`).
     #[arg(long, value_name = "SOURCE", default_value_t)]
     pub install: crate::ci::install::Install,
+
+    /// Share the cache and deploy ledger on this object store (`s3://BUCKET/PREFIX`, `gs://...`, `file://...`):
+    /// writes `[remote]`, and the CI file passes KKPIPE_SIGNING_KEY to pushes only (docs/remote.md).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+
+    /// With --remote: the public key to trust (`ed25519:...`). Default: a new key pair, whose private half is
+    /// printed once, for the CI secret.
+    #[arg(long, value_name = "KEY", requires = "remote")]
+    pub trusted_key: Option<String>,
 }
 
 #[derive(Debug, Args)]

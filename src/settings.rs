@@ -60,9 +60,14 @@ impl Settings {
         }
     }
 
+    /// The event the CI's variables say, whatever the flags say.
+    pub fn ci_event(&self) -> Option<Event> {
+        self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))
+    }
+
     /// The event a command is for: explicit flags win over what the CI's variables say.
     pub fn event(&self, sel: &Selection) -> Result<Option<Event>, Error> {
-        let detected = self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()));
+        let detected = self.ci_event();
         let event = match (&sel.event, detected) {
             (Some(text), detected) => {
                 let name = Trigger::parse(text).ok_or_else(|| {

@@ -21,7 +21,7 @@ mod records;
 mod schema;
 pub mod store;
 
-pub use records::{BadValue, End, NewAttempt};
+pub use records::{BadValue, End, LedgerSeen, NewAttempt};
 use rusqlite::{Connection, OptionalExtension};
 use std::fs;
 use std::io::Write;

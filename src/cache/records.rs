@@ -11,6 +11,16 @@ use crate::hash::{Entry, Hash};
 use crate::relpath::RelPath;
 use rusqlite::{Connection, OptionalExtension, params};
 
+/// What a cache knows of a shared deploy ledger (see [`Cache::remote_seen`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerSeen {
+    /// The newest record learned or written here.
+    pub seq: u64,
+    /// A local attempt came after it that the shared ledger never heard of (deployed with `--remote off`, or
+    /// while the store did not answer).
+    pub unsynced: bool,
+}
+
 /// A value in the database that is none of the values kkpipe writes: reported with its row.
 #[derive(Debug, thiserror::Error)]
 #[error("{table} row {id}: {column} `{value}` is not one kkpipe writes")]
@@ -276,22 +286,28 @@ impl Cache {
         self.write(|c| insert_imported(c, meta, a))
     }
 
-    /// The sequence of the newest record of `remote`'s ledger for `stage` in `env` known here (0: none).
-    pub fn remote_seen(&self, remote: &str, stage: &str, env: &str) -> Result<u64> {
+    /// What this cache knows of `remote`'s ledger for `stage` in `env`: `None` before it has learned or written
+    /// any record there.
+    pub fn remote_seen(&self, remote: &str, stage: &str, env: &str) -> Result<Option<LedgerSeen>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT seq FROM remote_ledger WHERE remote=?1 AND stage=?2 AND env=?3")
+            .prepare_cached(
+                "SELECT r.seq, r.local_seq, (SELECT COALESCE(MAX(seq), 0) FROM stage_runs WHERE stage=?2 AND env=?3) FROM remote_ledger r WHERE r.remote=?1 AND r.stage=?2 AND r.env=?3",
+            )
             .map_err(|e| self.err(e))?;
-        let seq: Option<i64> =
-            stmt.query_row(params![remote, stage, env], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
-        Ok(seq.unwrap_or(0).max(0) as u64)
+        let row: Option<(i64, i64, i64)> = stmt
+            .query_row(params![remote, stage, env], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(row.map(|(seq, synced, latest)| LedgerSeen { seq: seq.max(0) as u64, unsynced: latest > synced }))
     }
 
-    /// Note that the ledger record `seq` is known here (learned, or written by this runner); never goes back.
+    /// Note that the ledger record `seq` is known here (learned, or written by this runner), and that every local
+    /// attempt of the stage in `env` so far is in step with it. The sequence never goes back.
     pub fn set_remote_seen(&self, remote: &str, stage: &str, env: &str, seq: u64) -> Result<()> {
         self.write(|c| {
             c.prepare_cached(
-                "INSERT INTO remote_ledger(remote, stage, env, seq) VALUES (?1,?2,?3,?4) ON CONFLICT(remote, stage, env) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                "INSERT INTO remote_ledger(remote, stage, env, seq, local_seq) VALUES (?1,?2,?3,?4, (SELECT COALESCE(MAX(seq), 0) FROM stage_runs WHERE stage=?2 AND env=?3)) ON CONFLICT(remote, stage, env) DO UPDATE SET seq = MAX(seq, excluded.seq), local_seq = excluded.local_seq",
             )?
             .execute(params![remote, stage, env, seq as i64])?;
             Ok(())

@@ -70,13 +70,15 @@ const STEPS: &[&str] = &[
     CREATE INDEX stage_runs_by_seq ON stage_runs(stage, seq);
     CREATE INDEX stage_runs_by_env_seq ON stage_runs(stage, env, seq);
     ",
-    // 3: the newest record of each shared deploy ledger (per remote) already learned or written here.
+    // 3: the newest record of each shared deploy ledger (per remote) already learned or written here, and the
+    // local attempt it is in step with.
     "
     CREATE TABLE remote_ledger(
-        remote TEXT NOT NULL,
-        stage  TEXT NOT NULL,
-        env    TEXT NOT NULL,
-        seq    INTEGER NOT NULL,
+        remote    TEXT NOT NULL,
+        stage     TEXT NOT NULL,
+        env       TEXT NOT NULL,
+        seq       INTEGER NOT NULL,
+        local_seq INTEGER NOT NULL,
         PRIMARY KEY(remote, stage, env)
     ) WITHOUT ROWID;
     ",

@@ -135,6 +135,8 @@ struct Facts {
     tools: Vec<String>,
     ssh_agent: bool,
     deploys: bool,
+    /// `[remote]` is configured: pushes get KKPIPE_SIGNING_KEY, pull requests never.
+    remote: bool,
 }
 
 fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
@@ -178,6 +180,9 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     if pipeline.stages.iter().any(|s| !s.secret_env.is_empty()) {
         secrets.insert(crate::cache::SECRET_KEY_VAR.into());
     }
+    if pipeline.remote.is_some() {
+        secrets.insert(SIGNING_KEY.into());
+    }
     Facts {
         pins,
         pr_stages,
@@ -187,8 +192,15 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         tools: tools.into_iter().collect(),
         ssh_agent,
         deploys,
+        remote: pipeline.remote.is_some(),
     }
 }
+
+const SIGNING_KEY: &str = crate::remote::SIGNING_KEY_VAR;
+
+/// A pull request's job never holds the remote's signing key (kkpipe would not write on a pull request
+/// anyway; this keeps the key from code a pull request can change).
+const DROP_SIGNING_KEY_ON_PR: &str = "unset KKPIPE_SIGNING_KEY";
 
 fn header(p: Provider, f: &Facts, kkpipe: &Install) -> String {
     let mut t = String::new();
@@ -204,6 +216,11 @@ fn header(p: Provider, f: &Facts, kkpipe: &Install) -> String {
     t.push_str("# outputs (plans, kubeconfigs, terraform output) are never cached. See docs/ci.md.\n");
     if !f.secrets.is_empty() {
         let _ = writeln!(t, "# Secrets this pipeline reads: {}.", f.secrets.join(", "));
+    }
+    if f.remote {
+        t.push_str(
+            "# The shared remote (docs/remote.md): KKPIPE_SIGNING_KEY reaches pushes only; pull requests read.\n",
+        );
     }
     t.push_str(&kkpipe.comment());
     t
@@ -318,7 +335,11 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
     if !env.is_empty() {
         t.push_str("        env:\n");
         for s in env {
-            let _ = writeln!(t, "          {s}: ${{{{ secrets.{s} }}}}");
+            let value = match s == SIGNING_KEY {
+                true => format!("${{{{ github.event_name != 'pull_request' && secrets.{s} || '' }}}}"),
+                false => format!("${{{{ secrets.{s} }}}}"),
+            };
+            let _ = writeln!(t, "          {s}: {value}");
         }
     }
     t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
@@ -372,7 +393,7 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("  script:\n    - \"if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi\"\n");
     t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
     t.push_str("kkp:merge-request:\n  extends: .kkpipe\n");
-    if !f.plan_credentials.is_empty() {
+    if f.remote || !f.plan_credentials.is_empty() {
         // Protected variables do not reach merge requests from unprotected branches: plan there with the
         // read-only credentials of the unprotected `KKP_PLAN_*` variables (docs/ci.md), when the protected ones
         // are absent.
@@ -386,7 +407,8 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
                 )
             })
             .collect();
-        for l in exports.iter().chain(std::iter::once(&"kkpipe run".to_string())) {
+        let drop_key = f.remote.then(|| DROP_SIGNING_KEY_ON_PR.to_string());
+        for l in drop_key.iter().chain(&exports).chain(std::iter::once(&"kkpipe run".to_string())) {
             let _ = writeln!(t, "    - {}", yq(l));
         }
     }
@@ -444,6 +466,10 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("          - pipe: atlassian/bitbucket-clear-cache:3.1.1\n            variables:\n");
     t.push_str("              BITBUCKET_USERNAME: $BITBUCKET_USERNAME\n              BITBUCKET_APP_PASSWORD: $BITBUCKET_APP_PASSWORD\n");
     t.push_str("              CACHES: [\"kkpipe\"]\n");
+    if f.remote {
+        // Secured repository variables reach pull-request pipelines too.
+        script.push(format!("if [ -n \"${{BITBUCKET_PR_ID:-}}\" ]; then {DROP_SIGNING_KEY_ON_PR}; fi"));
+    }
     script.push("mkdir -p kkpipe-result && code=0 && kkpipe run || code=$?".into());
     script.push("echo \"$code\" > kkpipe-result/exit-code".into());
     script.push(

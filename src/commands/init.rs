@@ -75,7 +75,8 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     }
     let replaced: Vec<String> = [&file, &ci_file].into_iter().filter(|f| f.exists()).map(|f| describe(f)).collect();
     // Read before anything is replaced: the wizard's workflow names the installer version.
-    let text = template::render(v, &crate::kkp::versions::pins(dir));
+    let mut text = template::render(v, &crate::kkp::versions::pins(dir));
+    let new_key = remote_table(&mut text, args);
     // The CI file is generated from the pipeline just written, so the two always agree.
     let pipeline = crate::pipeline::parse(dir, &file, &text).or_else(|e| match e {
         // Without the repository layout, `dir` checks fail: derive the CI file from a layout-free copy.
@@ -102,7 +103,35 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         v.stage_names().iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
         ci_file.display()
     );
+    if let Some(k) = new_key {
+        eprintln!(
+            "kkpipe: made a signing key for the remote; pipeline.toml trusts its public half. Store this as the CI \
+             secret KKPIPE_SIGNING_KEY of trusted jobs only (it is written nowhere):"
+        );
+        println!("{}", k.to_text());
+    }
     Ok(exit::OK)
+}
+
+/// `--remote URL`: the `[remote]` table (checked with the rest when the pipeline is parsed). Returns the key
+/// pair it made, if no `--trusted-key` was given.
+fn remote_table(text: &mut String, args: &InitArgs) -> Option<crate::sign::PrivateKey> {
+    let url = args.remote.as_ref()?;
+    let (public, made) = match &args.trusted_key {
+        Some(k) => (k.clone(), None),
+        None => {
+            let k = crate::sign::PrivateKey::generate();
+            (k.public().to_string(), Some(k))
+        }
+    };
+    let quote = |s: &str| toml::Value::String(s.into()).to_string();
+    text.push_str(&format!(
+        "\n# The shared cache and deploy ledger (docs/remote.md). Writers need KKPIPE_SIGNING_KEY; pull requests only read.\n\
+         [remote]\nurl = {}\ntrusted_keys = [{}]\n",
+        quote(url),
+        quote(&public)
+    ));
+    made
 }
 
 fn write(path: &Path, text: &str) -> Result<(), Error> {

@@ -96,9 +96,11 @@ impl Opened {
         self.open_remote(settings, self.resolve_remote(settings)?)
     }
 
-    /// Which remote, in which mode, and why; a pull request never writes.
+    /// Which remote, in which mode, and why; a pull request never writes, not even a pull request's job run
+    /// with `--event push`.
     pub fn resolve_remote(&self, settings: &Settings) -> Result<crate::remote::Resolved, Error> {
-        let pull_request = self.event.as_ref().is_some_and(|e| e.name == crate::pipeline::Trigger::PullRequest);
+        let is_pr = |e: &CiEvent| e.name == crate::pipeline::Trigger::PullRequest;
+        let pull_request = self.event.as_ref().is_some_and(is_pr) || settings.ci_event().as_ref().is_some_and(is_pr);
         crate::remote::resolve(self.pipeline.remote.as_ref(), &settings.caller_env, self.remote_lower, pull_request)
             .map_err(Error::Usage)
     }

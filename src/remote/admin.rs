@@ -26,7 +26,7 @@ pub struct LedgerRow {
     pub env: String,
     pub stage: String,
     pub seq: u64,
-    pub state: String,
+    pub state: crate::fresh::State,
     pub key: String,
     pub who: String,
     /// `false`: not signed by a trusted key (ignored by every runner).
@@ -65,7 +65,7 @@ fn fill(r: &Remote, s: &mut Status) -> store::Result<()> {
                 env: b.env,
                 stage: b.stage,
                 seq: b.seq,
-                state: b.state.as_str().into(),
+                state: b.state,
                 key: b.key,
                 who: b.who,
                 trusted,
@@ -92,26 +92,26 @@ pub struct Collected {
     pub bytes: u64,
 }
 
-/// Remove entries older than `max_age_days`, except those a ledger record names (the deployed state stays
-/// restorable), then blobs that no remaining entry or ledger record names and that are older than
-/// `grace_hours` (a concurrent writer uploads blobs before the entry that names them).
+/// Remove check stages' entries older than `max_age_days`, then blobs that no remaining entry or deploy ledger
+/// record names and that are older than `grace_hours` (a concurrent writer uploads blobs before the entry that
+/// names them, and checks after writing it that they are still there).
 pub fn gc(r: &Remote, max_age_days: u64, grace_hours: u64) -> store::Result<Collected> {
     let st = r.store();
     let now = now_ms();
+    // Blobs a deploy ledger record names: its manifest and, for a success, its outputs (what is deployed).
     let mut named: BTreeSet<String> = BTreeSet::new();
-    let mut deployed: BTreeSet<String> = BTreeSet::new();
     for l in st.list("ledger")? {
         if let Some((bytes, _)) = st.get(&l.name)?
             && let Some(b) = protocol::peek::<LedgerBody>(&bytes)
         {
             named.insert(protocol::blob(&b.key));
-            deployed.insert(protocol::entry(&b.stage, &b.key));
+            named.extend(b.outputs.iter().filter_map(|o| o.shared_blob()).map(|h| protocol::blob(&h.to_hex())));
         }
     }
     let mut out = Collected::default();
     let max_age = max_age_days as i64 * 86_400_000;
     for e in st.list("entries")? {
-        if now - e.modified_ms > max_age && !deployed.contains(&e.name) {
+        if now - e.modified_ms > max_age {
             st.delete(&e.name)?;
             out.entries += 1;
             continue;

@@ -1,9 +1,11 @@
 //! What the store holds, and how each object is checked when it is read back.
 //!
 //! ```text
-//! PREFIX/blobs/<blake3>              contents: output files, directory listings, manifests (by their key)
-//! PREFIX/entries/<stage>/<key>       a signed success of `stage` with `key`: its outputs (create-only)
-//! PREFIX/ledger/<env>/<stage>        the signed latest deploy attempt of `stage` in `env` (compare-and-swap)
+//! PREFIX/blobs/<blake3>              contents: output files, and each attempt's manifest (named by its key)
+//! PREFIX/entries/<stage>/<key>       a check stage's signed success with `key`: its outputs (create-only)
+//! PREFIX/ledger/<env>/<stage>        a deploy stage's signed latest attempt in `env`, with the outputs of a
+//!                                    success (compare-and-swap: a deploy's outputs are live state, so they
+//!                                    belong to the attempt, not to the key)
 //! PREFIX/leases/<env>/<stage>        who deploys `stage` in `env` now, until when (create, then swap)
 //! ```
 //!
@@ -85,6 +87,11 @@ pub struct LedgerBody {
     pub who: String,
     pub at_ms: i64,
     pub commit: Option<String>,
+    /// A success's outputs (none for other states).
+    #[serde(default)]
+    pub outputs: Vec<OutputDoc>,
+    #[serde(default)]
+    pub duration_ms: i64,
 }
 
 impl Signed for LedgerBody {
@@ -172,6 +179,8 @@ mod tests {
             who: "ci".into(),
             at_ms: 1,
             commit: None,
+            outputs: Vec::new(),
+            duration_ms: 0,
         }
     }
 

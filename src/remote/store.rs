@@ -194,8 +194,24 @@ impl Store {
     /// Write `bytes` only if `expected` is the object's version now (`None`: only if there is no object).
     /// Returns the new version, or `None` when another writer was first.
     pub fn put_if(&self, name: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
+        self.call(|b| self.put_if_on(b, name, bytes, expected))
+    }
+
+    /// [`Store::put_if`] even when the store was marked down: a held deploy lease keeps being renewed (and is
+    /// released) for as long as the store may come back.
+    pub fn put_if_always(&self, name: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
+        self.put_if_on(&self.backend, name, bytes, expected)
+    }
+
+    fn put_if_on(
+        &self,
+        b: &Backend,
+        name: &str,
+        bytes: Vec<u8>,
+        expected: Option<&Version>,
+    ) -> Result<Option<Version>> {
         let key = self.key(name);
-        self.call(|b| match b {
+        match b {
             Backend::Object { store, rt } => {
                 let mode = match expected {
                     None => PutMode::Create,
@@ -213,7 +229,7 @@ impl Store {
                 })
             }
             Backend::Dir(root) => dir::put_if(&root.join(key.as_ref()), &bytes, expected),
-        })
+        }
     }
 
     /// Names below `under` (relative to the remote's prefix).

@@ -39,8 +39,16 @@ pub fn status(s: &Status, json: bool) -> String {
     let _ = writeln!(t, "holds:   {} entries, {} blobs ({:.1} MB)", s.entries, s.blobs, s.blob_bytes as f64 / 1e6);
     for l in &s.ledger {
         let trust = if l.trusted { "" } else { "  (untrusted signer: ignored)" };
-        let _ =
-            writeln!(t, "ledger:  {} in {}: {} #{} by {}, key {}{trust}", l.stage, l.env, l.state, l.seq, l.who, l.key);
+        let _ = writeln!(
+            t,
+            "ledger:  {} in {}: {} #{} by {}, key {}{trust}",
+            l.stage,
+            l.env,
+            l.state.as_str(),
+            l.seq,
+            l.who,
+            l.key
+        );
     }
     for l in &s.leases {
         let _ = writeln!(t, "lease:   {l}");

@@ -23,6 +23,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// How long the ledger read at the start of a run stands for the deploys decided after it.
+const LEDGER_FRESH_FOR: Duration = Duration::from_secs(1);
+
 /// Grace period between forwarding SIGINT/SIGTERM to the stages and killing them.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
 
@@ -120,6 +123,17 @@ struct Scheduler<'a, 's> {
     interrupt: super::Interrupt,
     /// A deploy did not start because another runner held its lease for longer than `--lock-timeout`.
     locked_out: bool,
+    /// When the deploy stages' shared ledger was read: a deploy decided later than a moment after that reads
+    /// its record again, so it never acts on what another runner did minutes ago.
+    ledger_read: Instant,
+}
+
+/// How taking a deploy lease went.
+enum Taken {
+    Go,
+    /// Another runner held it: what it did is learned, so the stage is decided again.
+    Waited,
+    Stop,
 }
 
 /// What asking the remote changed.
@@ -182,6 +196,7 @@ pub(super) fn run(
         leases: HashMap::new(),
         interrupt: interrupt.clone(),
         locked_out: false,
+        ledger_read: Instant::now(),
     };
     sch.learn_ledger(&chosen);
     let interrupted = sch.drive(&rx, interrupt)?;
@@ -363,6 +378,7 @@ impl Scheduler<'_, '_> {
                 continue;
             }
             if let Some(because) = self.blocked(i) {
+                self.leases.remove(&i);
                 self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
                 self.sink.event(&Event::Skipped { stage: self.name(i), because });
                 continue;
@@ -399,6 +415,13 @@ impl Scheduler<'_, '_> {
             None => self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced),
         };
         let forced = must_run.is_some();
+        if let Some(remote) = self.env.remote
+            && self.cx.pipeline.stages[i].is_deploy()
+            && self.ledger_read.elapsed() > LEDGER_FRESH_FOR
+        {
+            remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
+            self.remote_warnings();
+        }
         let mut step = evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run.clone(), None)?;
         match self.ask_remote(i, &step, forced) {
             Asked::Keep => {}
@@ -432,6 +455,7 @@ impl Scheduler<'_, '_> {
         if !deploys.is_empty() {
             remote.learn_ledger(self.env.cache, &deploys, self.cx.env);
         }
+        self.ledger_read = Instant::now();
         self.remote_warnings();
     }
 
@@ -465,11 +489,8 @@ impl Scheduler<'_, '_> {
             }
         } else {
             match self.take_lease(i, keyed.key, reason) {
-                true => {
-                    remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
-                    Asked::Again
-                }
-                false => Asked::Done,
+                Taken::Go | Taken::Waited => Asked::Again,
+                Taken::Stop => Asked::Done,
             }
         };
         self.remote_warnings();
@@ -477,12 +498,12 @@ impl Scheduler<'_, '_> {
     }
 
     /// Before deploy stage `i` runs with a remote: hold its deploy lease (waiting for another runner's, up to
-    /// `--lock-timeout`). Returns whether it may go on; if not, it is done, and why was shown. A store that
-    /// does not answer was warned about and the deploy goes on under the local run lock.
-    fn take_lease(&mut self, i: usize, key: Key, reason: &Reason) -> bool {
-        let Some(remote) = self.env.remote else { return true };
+    /// `--lock-timeout`). If it may not go on it is done, and why was shown. A store that does not answer was
+    /// warned about and the deploy goes on under the local run lock, as without a remote.
+    fn take_lease(&mut self, i: usize, key: Key, reason: &Reason) -> Taken {
+        let Some(remote) = self.env.remote else { return Taken::Go };
         if self.leases.contains_key(&i) {
-            return true;
+            return Taken::Go;
         }
         if !remote.writable() {
             let detail = format!(
@@ -494,12 +515,14 @@ impl Scheduler<'_, '_> {
                 crate::remote::SIGNING_KEY_VAR
             );
             self.refuse(i, key, reason.clone(), detail);
-            return false;
+            return Taken::Stop;
         }
         let name = self.name(i);
         let sink = &mut *self.sink;
         let interrupt = self.interrupt.clone();
+        let mut waited = false;
         let mut waiting = |who: &str| {
+            waited = true;
             sink.event(&Event::Info(format!("kkpipe: waiting for the deploy lease of `{name}`, held by {who}")))
         };
         let taken =
@@ -510,12 +533,15 @@ impl Scheduler<'_, '_> {
                 if let Some(l) = lease {
                     self.leases.insert(i, l);
                 }
-                true
+                // The runner we waited for may have deployed: what the ledger says now is news.
+                remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
+                self.remote_warnings();
+                if waited { Taken::Waited } else { Taken::Go }
             }
             Err(e) => {
-                self.locked_out = true;
+                self.locked_out |= matches!(e, crate::remote::LeaseError::Held { .. });
                 self.refuse(i, key, reason.clone(), e.to_string());
-                false
+                Taken::Stop
             }
         }
     }
@@ -538,13 +564,21 @@ impl Scheduler<'_, '_> {
         let Some(remote) = self.env.remote else { return };
         let stage = &self.cx.pipeline.stages[i];
         let manifest = keyed.manifest.encode();
-        if state == State::Success {
-            remote.publish(self.env.cache, stage, &keyed.key, &manifest, outputs, duration.as_millis() as i64);
+        let ms = duration.as_millis() as i64;
+        if !stage.is_deploy() {
+            if state == State::Success {
+                remote.publish(self.env.cache, stage, &keyed.key, &manifest, outputs, ms);
+            }
+        } else {
+            remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
-        if stage.is_deploy() {
-            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, &manifest, state);
+        if self.leases.remove(&i).is_some_and(|l| l.lost()) {
+            self.sink.event(&Event::Warning(format!(
+                "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
+                 may have deployed at the same time (check `kkpipe remote status`)",
+                stage.name, self.cx.env
+            )));
         }
-        self.leases.remove(&i);
         self.remote_warnings();
     }
 
@@ -665,9 +699,17 @@ impl Scheduler<'_, '_> {
         if !self.needs_available(i) {
             return Ok(());
         }
-        // Also when a hit turned into a run (drift, an output that could not be put back).
-        if stage.is_deploy() && !self.take_lease(i, keyed.key, &reason) {
-            return Ok(());
+        // Also when a hit turned into a run (drift, an output that could not be put back). If another runner
+        // held the lease, start over: it may have deployed, and what its deploy left is to be decided on again.
+        if stage.is_deploy() {
+            match self.take_lease(i, keyed.key, &reason) {
+                Taken::Go => {}
+                Taken::Waited => {
+                    self.slots[i] = Slot::Waiting;
+                    return Ok(());
+                }
+                Taken::Stop => return Ok(()),
+            }
         }
         let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
         if stage.is_deploy()
@@ -675,7 +717,7 @@ impl Scheduler<'_, '_> {
         {
             // Anyone who finds this record without a live lease knows the deploy did not end.
             let manifest = keyed.manifest.encode();
-            remote.record(self.env.cache, &stage.name, self.cx.env, &keyed.key, &manifest, State::Running);
+            remote.record(self.env.cache, &stage, self.cx.env, &keyed.key, &manifest, None);
             self.remote_warnings();
         }
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });

@@ -580,3 +580,60 @@ fn bitbucket_replaces_the_ledger_cache_on_every_run() {
     assert!(import < clear && clear < run && run < export, "{bb}");
     assert!(bb[clear..run].contains("CACHES: [\"kkpipe\"]") && bb[clear..run].contains("BITBUCKET_APP_PASSWORD"));
 }
+
+/// Issue 14: `init --remote` writes `[remote]` trusting a new key whose private half it prints once, and every
+/// provider's file hands KKPIPE_SIGNING_KEY to pushes only; the files stay valid.
+#[test]
+fn init_with_a_remote_wires_the_signing_key_into_pushes_only() {
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store.path().display());
+    for (ci, file, schema_name) in PROVIDERS {
+        let r = Repo::empty();
+        std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+        let out = r.kk(&["init", "--ci", ci, "--cloud", "aws", "--remote", &url]).ok();
+        let private = out.stdout.trim().to_string();
+        assert!(private.starts_with("ed25519-private:"), "{}", out.stdout);
+        assert!(out.stderr.contains("KKPIPE_SIGNING_KEY"), "{}", out.stderr);
+        assert!(!r.read("pipeline.toml").contains(&private), "the private key was written");
+        builtin_schema(schema_name, &r.path(file));
+        let text = r.read(file);
+        assert!(text.contains("KKPIPE_SIGNING_KEY"), "{ci}: {text}");
+        // The printed key is the one pipeline.toml trusts: a push would write, signed by a trusted key.
+        let mut w = Repo::empty();
+        copy_tree(&r.root, &w.root);
+        w.set_env("KKPIPE_SIGNING_KEY", &private);
+        let status = w.kk(&["remote", "status", "--json"]).ok();
+        assert_eq!(status.json()["mode"], "read-write");
+        assert!(!status.stderr.contains("not in `[remote] trusted_keys`"), "{}", status.stderr);
+        match *ci {
+            "github" => assert!(
+                text.contains(
+                    "KKPIPE_SIGNING_KEY: ${{ github.event_name != 'pull_request' && secrets.KKPIPE_SIGNING_KEY || '' }}"
+                ),
+                "{text}"
+            ),
+            "gitlab" => {
+                let mr = text.split("kkp:merge-request:").nth(1).unwrap().split("kkp:push:").next().unwrap();
+                assert!(
+                    mr.contains("- \"unset KKPIPE_SIGNING_KEY\"") || mr.contains("- unset KKPIPE_SIGNING_KEY"),
+                    "{mr}"
+                );
+            }
+            _ => {
+                let line = script_line(&text, "unset KKPIPE_SIGNING_KEY");
+                let check = format!("{line}; echo \"key=${{KKPIPE_SIGNING_KEY:-}}\"");
+                let pr = bash(&check, &[("BITBUCKET_PR_ID", "7"), ("KKPIPE_SIGNING_KEY", "k")]).ok();
+                assert_eq!(pr.stdout.trim(), "key=");
+                let push = bash(&check, &[("KKPIPE_SIGNING_KEY", "k")]).ok();
+                assert_eq!(push.stdout.trim(), "key=k");
+            }
+        }
+    }
+    // A bad URL is refused before anything is written.
+    let r = Repo::empty();
+    std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+    let bad = r.kk(&["init", "--ci", "github", "--cloud", "aws", "--remote", "ftp://x/y"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("remote.url"), "{}", bad.stderr);
+    assert!(!r.exists("pipeline.toml"));
+}

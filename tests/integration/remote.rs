@@ -260,7 +260,9 @@ fn two_clones_share_hits_byte_for_byte_and_nothing_runs_twice() {
         let blobs = store.names("blobs");
         let token = blake3::hash(b"secret").to_hex().to_string();
         assert!(!blobs.iter().any(|b| b.ends_with(&token)), "{kind:?}: the sensitive output was uploaded");
-        assert_eq!(store.names("entries").len(), 2, "{kind:?}: {:?}", store.names(""));
+        // The check stage's success is an entry; the deploy's is its ledger record.
+        assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names(""));
+        assert_eq!(store.names("ledger").len(), 1, "{kind:?}: {:?}", store.names(""));
 
         let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
         let second = b.run(&[]).ok();
@@ -576,28 +578,30 @@ fn remote_gc_removes_old_entries_and_unnamed_blobs_but_keeps_what_the_ledger_nam
     a.run(&[]).ok();
     a.write("src.txt", "v2\n");
     a.run(&[]).ok();
-    assert_eq!(store.names("entries").len(), 4);
+    assert_eq!(store.names("entries").len(), 2);
     let stray = blake3::hash(b"stray").to_hex().to_string();
     std::fs::write(store.dir.join(format!("blobs/{stray}")), "stray").unwrap();
     // Nothing is old yet: only the stray blob goes (with no grace period).
     a.kk(&["cache", "gc", "--remote", "--grace-hours", "0"]).ok();
     assert!(!store.names("blobs").iter().any(|b| b.ends_with(&stray)));
-    assert_eq!(store.names("entries").len(), 4);
-    // Every entry is "old" now: all go but the deployed one, and the blobs only they named.
+    assert_eq!(store.names("entries").len(), 2);
+    // Every entry is "old" now: both go, and the blobs only they named; the deploy's ledger record keeps its
+    // manifest.
     let gc = a.kk(&["cache", "gc", "--remote", "--max-age", "0", "--grace-hours", "0"]).ok();
-    assert!(gc.stderr.contains("removed 3 entries"), "{}", gc.stderr);
+    assert!(gc.stderr.contains("removed 2 entries"), "{}", gc.stderr);
+    assert!(!store.names("blobs").iter().any(|b| b.ends_with(&blake3::hash(b"v2\nv2\n").to_hex().to_string())));
     let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
     b.write("src.txt", "v2\n");
     let r = b.run(&["deploy"]).ok();
     assert!(r.ran().contains(&"build".to_string()), "the v2 build entry was collected");
-    assert_eq!(r.with_state("fresh"), ["deploy"], "the deployed entry stays: {}", r.stderr);
+    assert_eq!(r.with_state("fresh"), ["deploy"], "the ledger still says v2 is deployed: {}", r.stderr);
     // A pull request's job cannot collect, whatever key it holds.
     let mut pr = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
     pr.set_env("GITHUB_ACTIONS", "true").set_env("GITHUB_EVENT_NAME", "pull_request");
     let refused = pr.kk(&["cache", "gc", "--remote", "--max-age", "0", "--grace-hours", "0"]);
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(refused.stderr.contains("read-only here (a pull_request event never writes)"), "{}", refused.stderr);
-    assert_eq!(store.names("entries").len(), 1);
+    assert_eq!(store.names("ledger").len(), 1);
 }
 
 #[test]
@@ -621,4 +625,46 @@ fn a_deploy_lease_held_past_the_lock_timeout_exits_4_without_deploying() {
     );
     assert_eq!(late.with_state("failed"), ["deploy"]);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "b deployed without the lease");
+}
+
+#[test]
+fn a_signing_key_that_is_not_trusted_makes_the_remote_read_only() {
+    let store = Store::new(Kind::File);
+    let (k, other) = (keygen(), keygen());
+    let r = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&other.private), "");
+    let status = r.kk(&["remote", "status", "--json"]).ok();
+    assert_eq!(status.json()["mode"], "read-only");
+    assert_eq!(status.json()["why"], "KKPIPE_SIGNING_KEY's public key is not in `[remote] trusted_keys`");
+    let run = r.run(&["build"]).ok();
+    assert!(run.stderr.contains("using the remote") && run.stderr.contains("read-only"), "{}", run.stderr);
+    assert!(store.names("").is_empty(), "an untrusted key wrote {:?}", store.names(""));
+}
+
+#[test]
+fn a_deploy_the_shared_ledger_never_heard_of_is_not_overruled_by_an_older_record() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let stages =
+        BUILD_AND_DEPLOY.replace("echo deploy >> ../ran.log;", "echo deploy >> ../ran.log; test ! -e $FAIL &&");
+    let stages = stages.replace("pass_env = [\"DEPLOYED\"]", "pass_env = [\"DEPLOYED\", \"FAIL\"]");
+    let mut a = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+    let mut b = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+    let fail = a.sibling("fail-now");
+    a.set_env("FAIL", fail.to_str().unwrap());
+    b.set_env("FAIL", b.sibling("fail-now").to_str().unwrap());
+    a.run(&[]).ok();
+    b.write("src.txt", "v2\n");
+    b.run(&[]).ok(); // the ledger: v2 deployed, which a has not seen
+    // a deploys v3 on its own (no remote) and fails: the last thing applied is a failed v3.
+    a.write("src.txt", "v3\n");
+    std::fs::write(&fail, "").unwrap();
+    assert_eq!(a.run(&["--remote", "off"]).code, 1);
+    std::fs::remove_file(&fail).unwrap();
+    // Back on the remote at v2: the ledger's "v2 deployed" predates a's failed v3, so a deploys again.
+    a.write("src.txt", "v2\n");
+    let again = a.run(&[]).ok();
+    assert_eq!(again.ran().last().map(String::as_str), Some("deploy"), "{}", again.stderr);
+    // Now a is in step with the ledger: the next run is a no-op.
+    let next = a.run(&[]).ok();
+    assert!(next.ran().is_empty(), "{}", next.stderr);
 }

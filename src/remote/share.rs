@@ -1,0 +1,395 @@
+//! Learning from the remote, and telling it: check stages' entries, deploy stages' ledger records.
+
+use super::protocol::{self, EntryBody, LedgerBody, Refused};
+use super::{Pulled, Remote, store};
+use crate::cache::archive::OutputDoc;
+use crate::cache::{Cache, End, NewAttempt, RunMeta, now_ms};
+use crate::fresh::{OutputRecord, State};
+use crate::hash::Hash;
+use crate::hash::key::Key;
+use crate::pipeline::Stage;
+
+/// An attempt to learn into the local cache.
+struct Learned<'a> {
+    stage: &'a Stage,
+    env: &'a str,
+    key: Key,
+    state: State,
+    outputs: Vec<OutputRecord>,
+    manifest: Option<Vec<u8>>,
+    started_ms: i64,
+    duration_ms: i64,
+    commit: Option<String>,
+}
+
+impl Remote {
+    /// A local miss of check stage `stage` with `key`: learn the remote's entry for it, if there is a trusted
+    /// one whose every blob verifies and whose every output lies inside the stage's declared outputs.
+    pub fn pull(&self, cache: &Cache, stage: &Stage, key: &Key, env: &str) -> Pulled {
+        let what = format!("the entry of `{}` for key {key}", stage.name);
+        let Some((body, _)) = self.read::<EntryBody>(&protocol::entry(&stage.name, &key.to_string()), &what) else {
+            return Pulled::Miss;
+        };
+        if body.version != protocol::VERSION || body.stage != stage.name || body.key != key.to_string() {
+            self.refused(&what, Refused::Misplaced(format!("`{}` with key {}", body.stage, body.key)));
+            return Pulled::Miss;
+        }
+        let Some((outputs, manifest)) = self.fetch_outputs(cache, stage, key, &body.outputs, &what) else {
+            return Pulled::Miss;
+        };
+        let learned = Learned {
+            stage,
+            env,
+            key: *key,
+            state: State::Success,
+            outputs,
+            manifest: Some(manifest),
+            started_ms: body.created_ms,
+            duration_ms: body.duration_ms,
+            commit: body.commit,
+        };
+        match self.learn(cache, learned) {
+            true => Pulled::Imported,
+            false => Pulled::Miss,
+        }
+    }
+
+    /// The records of `docs`, checked against `stage`'s declared outputs, with their blobs (and the manifest
+    /// named by `key`) downloaded, verified and put into the local store. `None` (warned) if anything is off.
+    fn fetch_outputs(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        key: &Key,
+        docs: &[OutputDoc],
+        what: &str,
+    ) -> Option<(Vec<OutputRecord>, Vec<u8>)> {
+        let mut outputs = Vec::with_capacity(docs.len());
+        for doc in docs {
+            match doc.checked().and_then(|o| o.refusal(&stage.outputs).map_or(Ok(o), Err)) {
+                Ok(o) => outputs.push(o),
+                Err(why) => {
+                    self.refused(what, why);
+                    return None;
+                }
+            }
+        }
+        let mut wanted: Vec<Hash> = docs.iter().filter_map(|d| d.shared_blob()).collect();
+        wanted.push(key.0);
+        wanted.sort_by_key(|h| h.0);
+        wanted.dedup();
+        let mut manifest = None;
+        for (h, bytes) in self.fetch_blobs(wanted, what)? {
+            if let Err(e) = cache.blobs.put_bytes(&bytes, false) {
+                self.warn(format!("cannot store a blob from the remote in the local cache: {e}"));
+                return None;
+            }
+            if h == key.0 {
+                manifest = Some(bytes);
+            }
+        }
+        Some((outputs, manifest.expect("fetched")))
+    }
+
+    /// Download blobs, verifying each against its name. `None` when any is missing or does not verify.
+    fn fetch_blobs(&self, hashes: Vec<Hash>, what: &str) -> Option<Vec<(Hash, Vec<u8>)>> {
+        let got = self.store.each(hashes, |s, h| (h, s.get(&protocol::blob(&h.to_hex()))));
+        let mut out = Vec::with_capacity(got.len());
+        for (h, r) in got {
+            match r {
+                Ok(Some((bytes, _))) if Hash::of(&bytes) == h => out.push((h, bytes)),
+                Ok(Some(_)) => {
+                    self.refused(what, format_args!("its blob {h} does not match its BLAKE3"));
+                    return None;
+                }
+                Ok(None) => {
+                    self.refused(what, format_args!("its blob {h} is missing"));
+                    return None;
+                }
+                Err(e) => {
+                    self.failed(what, e);
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Record what the remote said as a finished attempt of this cache (through its one write API).
+    fn learn(&self, cache: &Cache, l: Learned<'_>) -> bool {
+        let meta =
+            RunMeta { command: "remote".into(), event: None, branch: None, env: l.env.into(), git_commit: l.commit };
+        let attempt = NewAttempt {
+            run_id: 0,
+            stage: &l.stage.name,
+            env: l.env,
+            key: l.key,
+            manifest: l.manifest.as_deref(),
+            state: l.state,
+            reason: None,
+            started_at: l.started_ms,
+            end: Some(End {
+                duration_ms: l.duration_ms,
+                exit_code: (l.state == State::Success).then_some(0),
+                log: &[],
+                outputs: &l.outputs,
+            }),
+        };
+        match cache.import_attempt(&meta, attempt) {
+            Ok(_) => true,
+            Err(e) => {
+                self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Learn the shared ledger's records for deploy `stages` in `env` (read in parallel) that are newer than
+    /// what this cache knows: each becomes the stage's latest attempt here. What cannot be believed as it is
+    /// (not signed by a trusted key, a success whose outputs cannot be had, news while this cache holds
+    /// attempts the ledger never heard of) is learned as interrupted: the live state is unknown, deploy again.
+    pub fn learn_ledger(&self, cache: &Cache, stages: &[&Stage], env: &str) {
+        let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+        let read = self.store.each(names, |s, name| {
+            let r = s.get(&protocol::ledger(env, &name));
+            (name, r)
+        });
+        for ((name, got), stage) in read.into_iter().zip(stages) {
+            let what = format!("the ledger record of `{name}` in `{env}`");
+            let bytes = match got {
+                Ok(Some((bytes, _))) => bytes,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.failed(&what, e);
+                    continue;
+                }
+            };
+            let (body, believed) = match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
+                Ok(body) => (body, true),
+                Err(why) => match protocol::peek::<LedgerBody>(&bytes) {
+                    Some(body) => {
+                        self.warn(format!(
+                            "{what} on the remote `{}` is not believed ({why}): deploying again",
+                            self.url
+                        ));
+                        (body, false)
+                    }
+                    None => {
+                        self.refused(&what, why);
+                        continue;
+                    }
+                },
+            };
+            if body.env != env || body.stage != name || body.version != protocol::VERSION {
+                self.refused(&what, Refused::Misplaced(format!("`{}` in `{}`", body.stage, body.env)));
+                continue;
+            }
+            let seen = match cache.remote_seen(&self.url, &name, env) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.warn(format!("cannot read what this cache knows of the remote: {e}"));
+                    continue;
+                }
+            };
+            if seen.is_some_and(|s| body.seq <= s.seq) {
+                continue;
+            }
+            let in_step = seen.is_none_or(|s| !s.unsynced);
+            if self.learn_record(cache, stage, env, &body, believed && in_step, &what)
+                && let Err(e) = cache.set_remote_seen(&self.url, &name, env, body.seq)
+            {
+                self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+            }
+        }
+    }
+
+    /// One ledger record as the stage's latest attempt here; `as_is`: believed, and nothing local to weigh.
+    fn learn_record(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        env: &str,
+        body: &LedgerBody,
+        as_is: bool,
+        what: &str,
+    ) -> bool {
+        // A key that is no hash stands for "some other attempt": it matches no current key.
+        let key = Hash::from_hex(&body.key).map(Key).unwrap_or(Key(Hash::of(body.key.as_bytes())));
+        let mut l = Learned {
+            stage,
+            env,
+            key,
+            state: State::Interrupted,
+            outputs: Vec::new(),
+            manifest: None,
+            started_ms: body.at_ms,
+            duration_ms: body.duration_ms,
+            commit: body.commit.clone(),
+        };
+        match (as_is, body.state) {
+            (true, State::Success) => {
+                if let Some((outputs, manifest)) = self.fetch_outputs(cache, stage, &key, &body.outputs, what) {
+                    (l.state, l.outputs, l.manifest) = (State::Success, outputs, Some(manifest));
+                }
+            }
+            (true, State::Failed) => l.state = State::Failed,
+            _ => {}
+        }
+        if l.manifest.is_none() {
+            // Only for `why`'s comparison: an attempt learned without its manifest still counts.
+            l.manifest = match self.store.get(&protocol::blob(&key.to_string())) {
+                Ok(Some((bytes, _))) if Hash::of(&bytes) == key.0 => Some(bytes),
+                _ => None,
+            };
+        }
+        self.learn(cache, l)
+    }
+
+    /// Share a check stage's success: blobs first (the manifest and every output that is not sensitive), then
+    /// the entry, create-only (an entry already there, by another writer, is left as it is).
+    pub fn publish(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        key: &Key,
+        manifest: &[u8],
+        outputs: &[OutputRecord],
+        duration_ms: i64,
+    ) {
+        let Some(signer) = &self.signer else { return };
+        let what = format!("the entry of `{}`", stage.name);
+        let Some(docs) = self.upload_outputs(cache, stage, key, manifest, outputs, &what) else { return };
+        let body = EntryBody {
+            version: protocol::VERSION,
+            stage: stage.name.clone(),
+            key: key.to_string(),
+            outputs: docs,
+            duration_ms,
+            commit: self.commit.clone(),
+            who: self.who.clone(),
+            created_ms: now_ms(),
+        };
+        let name = protocol::entry(&stage.name, &key.to_string());
+        let blobs: Vec<Hash> = body.outputs.iter().filter_map(|d| d.shared_blob()).chain([key.0]).collect();
+        if let Err(e) = self.store.put_if(&name, protocol::seal(&body, signer), None) {
+            return self.failed(&what, e);
+        }
+        // A blob that was there already was not uploaded again, so `cache gc --remote` may have judged it
+        // unnamed just before this entry named it: put back any that went.
+        let gone: Vec<(Hash, Vec<u8>)> = blobs
+            .into_iter()
+            .filter(|h| self.store.exists(&protocol::blob(&h.to_hex())).is_ok_and(|e| !e))
+            .filter_map(|h| match h == key.0 {
+                true => Some((h, manifest.to_vec())),
+                false => cache.blobs.read_verified(&h).map(|b| (h, b)),
+            })
+            .collect();
+        if !gone.is_empty()
+            && let Err(e) = self.upload(gone)
+        {
+            self.failed(&what, e);
+        }
+    }
+
+    /// Upload the manifest and the non-sensitive outputs' contents; returns the outputs' records to share.
+    fn upload_outputs(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        key: &Key,
+        manifest: &[u8],
+        outputs: &[OutputRecord],
+        what: &str,
+    ) -> Option<Vec<OutputDoc>> {
+        let docs: Result<Vec<OutputDoc>, String> = outputs.iter().map(OutputDoc::of).collect();
+        let docs = match docs {
+            Ok(d) => d,
+            Err(why) => {
+                self.warn(format!("not sharing `{}` on the remote: {why}", stage.name));
+                return None;
+            }
+        };
+        let mut blobs = vec![(key.0, manifest.to_vec())];
+        for h in docs.iter().filter_map(|d| d.shared_blob()) {
+            let Some(bytes) = cache.blobs.read_verified(&h) else {
+                self.warn(format!(
+                    "not sharing `{}` on the remote: an output is no longer in the local cache",
+                    stage.name
+                ));
+                return None;
+            };
+            blobs.push((h, bytes));
+        }
+        if let Err(e) = self.upload(blobs) {
+            self.failed(what, e);
+            return None;
+        }
+        Some(docs)
+    }
+
+    /// Upload blobs that are not in the store yet (in parallel; create-only, so a concurrent writer's copy of
+    /// the same content is left as it is).
+    fn upload(&self, blobs: Vec<(Hash, Vec<u8>)>) -> Result<(), store::Error> {
+        let uploaded = self.store.each(blobs, |s, (h, bytes)| {
+            let name = protocol::blob(&h.to_hex());
+            match s.exists(&name) {
+                Ok(true) => Ok(()),
+                Ok(false) => s.put_if(&name, bytes, None).map(|_| ()),
+                Err(e) => Err(e),
+            }
+        });
+        uploaded.into_iter().collect()
+    }
+
+    /// Record a deploy attempt in the shared ledger by compare-and-swap: one more than the record there
+    /// (believed or not: the sequence never goes back) and than what this cache knows. Its manifest, and for
+    /// a success its outputs, go up first. Returns whether the ledger has it.
+    pub fn record(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        env: &str,
+        key: &Key,
+        manifest: &[u8],
+        done: Option<(State, &[OutputRecord], i64)>,
+    ) {
+        let Some(signer) = &self.signer else { return };
+        let name = protocol::ledger(env, &stage.name);
+        let what = format!("the ledger record of `{}` in `{env}`", stage.name);
+        let (state, outputs, duration_ms) = done.unwrap_or((State::Running, &[], 0));
+        let shared = if state == State::Success { outputs } else { &[] };
+        let Some(docs) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
+        for _ in 0..16 {
+            let (current, version) = match self.store.get(&name) {
+                Ok(None) => (0, None),
+                Ok(Some((bytes, v))) => (protocol::peek::<LedgerBody>(&bytes).map_or(0, |b| b.seq), Some(v)),
+                Err(e) => return self.failed(&what, e),
+            };
+            let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
+            let body = LedgerBody {
+                version: protocol::VERSION,
+                env: env.into(),
+                stage: stage.name.clone(),
+                seq: current.max(seen) + 1,
+                key: key.to_string(),
+                state,
+                who: self.who.clone(),
+                at_ms: now_ms(),
+                commit: self.commit.clone(),
+                outputs: docs.clone(),
+                duration_ms,
+            };
+            match self.store.put_if(&name, protocol::seal(&body, signer), version.as_ref()) {
+                Ok(Some(_)) => {
+                    if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, body.seq) {
+                        self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+                    }
+                    return;
+                }
+                Ok(None) => continue,
+                Err(e) => return self.failed(&what, e),
+            }
+        }
+        self.warn(format!("could not update {what} on the remote `{}`: too many concurrent writers", self.url));
+    }
+}
