@@ -273,9 +273,14 @@ pub struct InitArgs {
     #[arg(long, value_enum)]
     pub cloud: Option<crate::kkp::template::Cloud>,
 
-    /// Also manage Route53 records for the KKP endpoints (AWS only).
-    #[arg(long)]
+    /// Also manage Route53 records for the KKP endpoints (AWS only), with the terraform module in
+    /// `terraform/aws/dns`. Default: when that module exists.
+    #[arg(long, conflicts_with = "no_dns")]
     pub dns: bool,
+
+    /// Leave the DNS update out even though the repository has a DNS module.
+    #[arg(long)]
+    pub no_dns: bool,
 
     /// Overwrite an existing pipeline.toml and CI file (the wizard's workflow has the same name as kkpipe's
     /// GitHub file; init says what it replaces).

@@ -40,6 +40,25 @@ fn layout(dir: &Path, asked: Option<Cloud>) -> Result<(Cloud, &'static str), Err
     }
 }
 
+/// Whether the pipeline updates DNS: `--dns` needs the module in `TF/dns`; without either flag, a module there
+/// turns it on (when the variant `with_dns` supports DNS at all).
+fn dns_module(dir: &Path, tf: &str, with_dns: Variant, args: &InitArgs) -> Result<bool, Error> {
+    let present = dir.join(tf).join("dns").is_dir();
+    match (args.dns, args.no_dns, present) {
+        (true, _, false) => Err(Error::Usage(format!(
+            "`--dns`: there is no DNS module in `{tf}/dns` for the dns-update stage to apply\n  hint: add the \
+             terraform module there, or leave out `--dns` (the wizard's repositories have none: their DNS records are \
+             updated by hand)"
+        ))),
+        (true, _, true) => Ok(true),
+        (false, false, true) if with_dns.check().is_ok() => {
+            eprintln!("kkpipe: `{tf}/dns` is there: `--dns` (pass `--no-dns` to leave the DNS update out)");
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// What an existing file at `path` is, for the message that replaces it (the wizard's workflow says its name).
 fn describe(path: &Path) -> String {
     let name = std::fs::read_to_string(path).ok().and_then(|t| {
@@ -61,11 +80,11 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         }
         None => layout(dir, None)?,
     };
-    let v =
-        Variant { tf, ..Variant::new(args.ci, cloud, args.dns) }.check().map_err(|e| Error::Usage(e.to_string()))?;
     if args.cloud.is_none() {
         eprintln!("kkpipe: `{tf}` is there: `--cloud {}`", cloud.name());
     }
+    let dns = dns_module(dir, tf, Variant::new(args.ci, cloud, true), args)?;
+    let v = Variant { tf, ..Variant::new(args.ci, cloud, dns) }.check().map_err(|e| Error::Usage(e.to_string()))?;
     let file = dir.join(FILE_NAME);
     let ci_file = dir.join(files::file_name(v.ci));
     for f in [&file, &ci_file] {

@@ -20,7 +20,9 @@ fn supported(ci: &str, cloud: &str, dns: bool) -> bool {
 /// A skeleton KKP repository (the directories the stages work in) with `kkpipe init` run in it.
 fn init_repo(ci: &str, cloud: &str, dns: bool) -> Repo {
     let repo = Repo::empty();
-    for d in [format!("terraform/{cloud}/dns"), "kubeone".into(), "kubermatic".into(), "flux/clusters/master".into()] {
+    // The DNS module only where the pipeline updates DNS (init turns the stage on when the module is there).
+    let module = if dns { format!("terraform/{cloud}/dns") } else { format!("terraform/{cloud}") };
+    for d in [module, "kubeone".into(), "kubermatic".into(), "flux/clusters/master".into()] {
         std::fs::create_dir_all(repo.path(&d)).unwrap();
     }
     let mut args = vec!["init", "--ci", ci, "--cloud", cloud];
@@ -769,7 +771,8 @@ fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
 /// whose first push is green with real terraform and the strict stand-ins, and a second push runs nothing.
 #[test]
 fn init_on_wizard_shaped_repositories_then_a_push_is_green_and_the_next_runs_nothing() {
-    for (fixture, tf, stages) in [("kkp-demo", "terraform/aws", 7), ("kkp-gce", "terraform/gce", 7)] {
+    // The AWS fixture keeps a DNS module (the demo shows the DNS update), which init finds: two stages more.
+    for (fixture, tf, stages) in [("kkp-demo", "terraform/aws", 9), ("kkp-gce", "terraform/gce", 7)] {
         let repo = Repo::kkp_wizard(fixture);
         assert!(repo.read(".github/workflows/kkp.yaml").contains("name: KKP delivery pipeline with GitOps"));
         let script = repo.read(&format!("{tf}/setup_terraform_backend.sh"));
@@ -777,6 +780,7 @@ fn init_on_wizard_shaped_repositories_then_a_push_is_green_and_the_next_runs_not
         assert!(!repo.read("kubermatic/cluster-issuer.yaml").contains("sops:"), "{fixture}: plain issuer");
         let init = repo.kk(&["init", "--ci", "github", "--force"]).ok();
         assert!(init.stderr.contains(&format!("`{tf}` is there")), "{}", init.stderr);
+        assert_eq!(init.stderr.contains(&format!("`{tf}/dns` is there")), stages == 9, "{}", init.stderr);
         assert!(init.stderr.contains("replaced") && init.stderr.contains("KKP delivery pipeline with GitOps"));
         let first = push(&repo);
         assert_eq!(first.ran().len(), stages, "{fixture}: {}", first.stderr);
@@ -906,4 +910,34 @@ fn the_wizards_secret_names_carry_over() {
         wizard.sort_unstable();
         assert_eq!(used, wizard, "{fixture}:\n{wf}");
     }
+}
+
+/// Issue 13, item 1: init reads whether the repository has a DNS module (the wizard's repositories have none).
+#[test]
+fn init_turns_the_dns_update_on_only_where_the_repository_has_a_dns_module() {
+    let has_stage = |r: &Repo| stage_table(r).contains_key("dns-update");
+    let repo = Repo::empty();
+    std::fs::create_dir_all(repo.path("terraform/aws/dns")).unwrap();
+    let r = repo.kk(&["init", "--ci", "github"]).ok();
+    assert!(has_stage(&repo), "{}", r.stderr);
+    assert!(r.stderr.contains("`terraform/aws/dns` is there: `--dns`"), "{}", r.stderr);
+    repo.kk(&["init", "--ci", "github", "--no-dns", "--force"]).ok();
+    assert!(!has_stage(&repo));
+
+    let wizard = Repo::empty();
+    std::fs::create_dir_all(wizard.path("terraform/aws")).unwrap();
+    wizard.kk(&["init", "--ci", "github"]).ok();
+    assert!(!has_stage(&wizard));
+    std::fs::remove_file(wizard.path("pipeline.toml")).unwrap();
+    std::fs::remove_dir_all(wizard.path(".github")).unwrap();
+    let refused = wizard.kk(&["init", "--ci", "github", "--dns"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("no DNS module in `terraform/aws/dns`"), "{}", refused.stderr);
+    assert!(!wizard.exists("pipeline.toml"), "nothing is written");
+
+    // A DNS module where kkpipe has no DNS stage (GCP) is left alone, not an error.
+    let gce = Repo::empty();
+    std::fs::create_dir_all(gce.path("terraform/gce/dns")).unwrap();
+    gce.kk(&["init", "--ci", "github"]).ok();
+    assert!(!has_stage(&gce));
 }
