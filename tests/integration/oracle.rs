@@ -109,11 +109,16 @@ enum Op {
     OutputDelete,
     OutputWipe,
     OutputExtra,
-    Interrupt { kill: bool, trap: bool },
+    Interrupt {
+        kill: bool,
+        trap: bool,
+    },
     FlakyDeploy,
     Drift,
     EnvEdit,
     MoveRunner,
+    /// A new runner with an empty cache (only in a world with a remote: it has what the remote holds).
+    FreshRunner,
     GitClean,
 }
 
@@ -145,6 +150,9 @@ const OPS: &[Op] = &[
     Op::GitClean,
 ];
 
+/// With a shared remote, runners also start over with an empty cache.
+const REMOTE_OPS: &[Op] = &[Op::FreshRunner, Op::FreshRunner, Op::FreshRunner];
+
 struct World {
     top: tempfile::TempDir,
     /// The current runner's checkout.
@@ -156,18 +164,27 @@ struct World {
     runners: usize,
     n: usize,
     log: Vec<String>,
+    /// The signing key of the world's shared remote (`file://`), if it has one: every runner reads and writes
+    /// it, and a runner can move with an empty cache, relying on it alone.
+    key: Option<String>,
 }
 
-fn kk(dir: &Path, live: &Path, ctl: &Path, args: &[&str]) -> std::process::Command {
+/// kkpipe in `dir`; with the shared remote's signing key when the world has one, else with no remote at all
+/// (the run from scratch never has one).
+fn kk(dir: &Path, live: &Path, ctl: &Path, key: Option<&str>, args: &[&str]) -> std::process::Command {
     let mut c = kkpipe_in(dir, args);
     c.env("LIVE", live).env("ORACLE_CTL", ctl);
+    match key {
+        Some(k) => c.env("KKPIPE_SIGNING_KEY", k),
+        None => c.env("KKPIPE_REMOTE", "off"),
+    };
     c
 }
 
-fn run_ok(dir: &Path, live: &Path, ctl: &Path, args: &[&str]) -> Run {
+fn run_ok(dir: &Path, live: &Path, ctl: &Path, key: Option<&str>, args: &[&str]) -> Run {
     let mut a = vec!["run", "--json"];
     a.extend_from_slice(args);
-    Run::from(kk(dir, live, ctl, &a).output().unwrap())
+    Run::from(kk(dir, live, ctl, key, &a).output().unwrap())
 }
 
 /// Entries below `dir` (not followed) of one kind, relative to the repository root `root`, sorted.
@@ -217,7 +234,7 @@ fn set_mtime(p: &Path, t: std::time::SystemTime) {
 }
 
 impl World {
-    fn new() -> World {
+    fn new(remote: bool) -> World {
         let top = tempfile::Builder::new().prefix("kkpipe-oracle-").tempdir().unwrap();
         let work = top.path().join("runner0/repo");
         let ctl = top.path().join("ctl");
@@ -225,8 +242,20 @@ impl World {
         for d in [&work, &ctl, &live] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let w = World { top, work, ctl, live, runners: 0, n: 0, log: Vec::new() };
-        w.write("pipeline.toml", PIPELINE);
+        let mut w = World { top, work, ctl, live, runners: 0, n: 0, log: Vec::new(), key: None };
+        let mut pipeline = PIPELINE.to_string();
+        if remote {
+            let keys = Run::from(kkpipe_in(&w.work, &["remote", "keygen", "--json"]).output().unwrap()).ok().json();
+            let store = w.top.path().join("store");
+            // Short leases: a runner SIGKILLed mid-deploy leaves one behind for the next run to wait out.
+            pipeline.push_str(&format!(
+                "\n[remote]\nurl = \"file://{}\"\ntrusted_keys = [\"{}\"]\nlease_seconds = 2\n",
+                store.display(),
+                keys["public"].as_str().unwrap()
+            ));
+            w.key = Some(keys["private"].as_str().unwrap().to_string());
+        }
+        w.write("pipeline.toml", &pipeline);
         w.write("src/a.txt", "alpha\n");
         w.write("src/b.txt", "bravo\n");
         w.write("src/sub/c.txt", "charlie\n");
@@ -404,6 +433,14 @@ impl World {
                 self.write("pipeline.toml", &format!("{}{v}{}", &text[..start], &text[end..]));
             }
             Op::MoveRunner => self.move_runner(),
+            Op::FreshRunner if self.key.is_some() => {
+                self.runners += 1;
+                let next = self.top.path().join(format!("runner{}/repo", self.runners));
+                copy_sources(&self.work, &next);
+                self.work = next;
+                self.note(format!("a fresh runner {} with an empty cache", self.runners));
+            }
+            Op::FreshRunner => self.move_runner(),
             Op::GitClean => {
                 self.note("git clean: every output lost".into());
                 for d in OUTPUTS {
@@ -422,7 +459,7 @@ impl World {
             std::fs::write(self.ctl.join("trap"), "").unwrap();
         }
         let out = std::fs::File::create(self.top.path().join("interrupted.log")).unwrap();
-        let mut child = kk(&self.work, &self.live, &self.ctl, &["run"])
+        let mut child = kk(&self.work, &self.live, &self.ctl, self.key.as_deref(), &["run"])
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -457,11 +494,11 @@ impl World {
         std::fs::write(self.ctl.join("flaky"), "").unwrap();
         let forced = rng.below(2) == 0;
         let r = if forced {
-            run_ok(&self.work, &self.live, &self.ctl, &["--force", "deploy-blind"])
+            run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &["--force", "deploy-blind"])
         } else {
             let replicas = self.fresh_name("flaky");
             self.write("deploy/config.txt", &format!("replicas={replicas}\n"));
-            run_ok(&self.work, &self.live, &self.ctl, &[])
+            run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[])
         };
         std::fs::remove_file(self.ctl.join("flaky")).unwrap();
         assert_eq!(r.code, 1, "the flaky deploy failed: {}", r.all());
@@ -473,14 +510,18 @@ impl World {
     fn move_runner(&mut self) {
         let archive = self.top.path().join(format!("runner{}.tar.zst", self.runners));
         let r = Run::from(
-            kk(&self.work, &self.live, &self.ctl, &["cache", "export", archive.to_str().unwrap()]).output().unwrap(),
+            kk(&self.work, &self.live, &self.ctl, self.key.as_deref(), &["cache", "export", archive.to_str().unwrap()])
+                .output()
+                .unwrap(),
         );
         assert_eq!(r.code, 0, "export: {}", r.all());
         self.runners += 1;
         let next = self.top.path().join(format!("runner{}/repo", self.runners));
         copy_sources(&self.work, &next);
         let r = Run::from(
-            kk(&next, &self.live, &self.ctl, &["cache", "import", archive.to_str().unwrap()]).output().unwrap(),
+            kk(&next, &self.live, &self.ctl, self.key.as_deref(), &["cache", "import", archive.to_str().unwrap()])
+                .output()
+                .unwrap(),
         );
         assert_eq!(r.code, 0, "import: {}", r.all());
         self.work = next;
@@ -496,7 +537,7 @@ impl World {
                 w.log.join("\n  ")
             )
         };
-        let inc = run_ok(&self.work, &self.live, &self.ctl, &[]);
+        let inc = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
         if inc.code != 0 {
             fail(self, format!("the incremental run failed:\n{}", inc.all()));
         }
@@ -505,7 +546,7 @@ impl World {
         let _ = std::fs::remove_dir_all(self.top.path().join("scratch"));
         copy_sources(&self.work, &scratch);
         std::fs::create_dir_all(&scratch_live).unwrap();
-        let clean = run_ok(&scratch, &scratch_live, &self.ctl, &[]);
+        let clean = run_ok(&scratch, &scratch_live, &self.ctl, None, &[]);
         if clean.code != 0 {
             fail(self, format!("the run from scratch failed:\n{}", clean.all()));
         }
@@ -529,7 +570,7 @@ impl World {
                 ),
             );
         }
-        let again = run_ok(&self.work, &self.live, &self.ctl, &[]);
+        let again = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
         let busy: Vec<String> = ["ran", "restored", "failed"].iter().flat_map(|s| again.with_state(s)).collect();
         if again.code != 0 || !busy.is_empty() {
             fail(self, format!("a second run did something: {busy:?}\n{}", again.all()));
@@ -551,11 +592,16 @@ fn copy_sources(from: &Path, to: &Path) {
 }
 
 fn oracle(seed: u64, steps: usize) {
-    let mut w = World::new();
+    run_oracle(seed, steps, false)
+}
+
+fn run_oracle(seed: u64, steps: usize, remote: bool) {
+    let mut w = World::new(remote);
     let mut rng = Rng(seed);
+    let ops: Vec<Op> = OPS.iter().chain(if remote { REMOTE_OPS } else { &[] }).copied().collect();
     w.check(seed, 0);
     for step in 1..=steps {
-        let op = rng.pick(OPS).unwrap();
+        let op = rng.pick(&ops).unwrap();
         w.apply(op, &mut rng);
         w.check(seed, step);
     }
@@ -594,4 +640,13 @@ fn incremental_runs_leave_what_a_clean_run_leaves_seed_c() {
         return;
     }
     oracle(0xC0FFEE, steps());
+}
+
+/// The same invariant with a shared remote (`file://`) between every runner, including runners that start
+/// with an empty cache: what the remote restores and what its ledger says must leave what a clean run leaves.
+#[test]
+fn incremental_runs_with_a_shared_remote_leave_what_a_clean_run_leaves() {
+    for s in seeds(&[0x5EED]) {
+        run_oracle(s, steps(), true);
+    }
 }
