@@ -1,21 +1,17 @@
 //! The object store, seen synchronously: get, create-only put, compare-and-swap put, list, delete.
 //!
 //! S3 and GCS go through the `object_store` crate on a small tokio runtime built only when a remote is
-//! configured; `file://` is a directory (create-only by `link(2)`, compare-and-swap under `flock`), for tests
-//! and shared disks. Every request is bounded by a timeout; the first failure to reach the store marks it down
-//! for the rest of the invocation, so an unreachable store costs one timeout and one warning, not one per stage.
+//! configured (`object.rs`, the default cargo feature `s3-gcs`); `file://` is a directory (create-only by
+//! `link(2)`, compare-and-swap under `flock`), for tests and shared disks. Every request is bounded by a
+//! timeout; the first failure to reach the store marks it down for the rest of the invocation, so an
+//! unreachable store costs one timeout and one warning, not one per stage.
 
-use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, path::Path as Key};
+#[cfg(feature = "s3-gcs")]
+mod object;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-/// How long one request may take, retries included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,7 +42,8 @@ pub struct Listed {
 }
 
 enum Backend {
-    Object { store: Arc<dyn ObjectStore>, rt: tokio::runtime::Runtime },
+    #[cfg(feature = "s3-gcs")]
+    Object(object::Client),
     Dir(PathBuf),
 }
 
@@ -65,73 +62,23 @@ pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Resul
             prefix.clear();
             Backend::Dir(url.to_file_path().map_err(|_| format!("`{url}` is not a local path"))?)
         }
+        #[cfg(feature = "s3-gcs")]
+        "s3" | "s3a" | "gs" => Backend::Object(object::Client::open(url, env)?),
+        #[cfg(not(feature = "s3-gcs"))]
         "s3" | "s3a" | "gs" => {
-            let client = object_store::ClientOptions::new()
-                .with_timeout(REQUEST_TIMEOUT)
-                .with_connect_timeout(CONNECT_TIMEOUT)
-                .with_allow_http(env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true")));
-            let retry =
-                object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
-            let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?;
-            let store: Arc<dyn ObjectStore> = if url.scheme() == "gs" {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
-                for (k, v) in env.iter().filter(|(k, _)| k.starts_with("GOOGLE_")) {
-                    if let Ok(key) = k.to_ascii_lowercase().parse() {
-                        b = b.with_config(key, v);
-                    }
-                }
-                Arc::new(
-                    b.with_bucket_name(bucket)
-                        .with_client_options(client)
-                        .with_retry(retry)
-                        .build()
-                        .map_err(|e| e.to_string())?,
-                )
-            } else {
-                let mut b = object_store::aws::AmazonS3Builder::new();
-                for (k, v) in env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
-                    if let Ok(key) = k.to_ascii_lowercase().parse() {
-                        b = b.with_config(key, v);
-                    }
-                }
-                Arc::new(
-                    b.with_bucket_name(bucket)
-                        .with_client_options(client)
-                        .with_retry(retry)
-                        .build()
-                        .map_err(|e| e.to_string())?,
-                )
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("kkpipe-remote")
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the remote's runtime: {e}"))?;
-            Backend::Object { store, rt }
+            let _ = env;
+            return Err("this kkpipe was built without S3 and GCS support (the cargo feature `s3-gcs`)".into());
         }
         other => return Err(format!("`{other}://` is not a remote kkpipe knows; use s3://, gs:// or file://")),
     };
     Ok(Store { backend, prefix, down: AtomicBool::new(false) })
 }
 
-fn classify(e: object_store::Error) -> Error {
-    match e {
-        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
-            Error::Unreachable(e.to_string())
-        }
-        e if e.to_string().contains("error sending request") || e.to_string().contains("onnect") => {
-            Error::Unreachable(e.to_string())
-        }
-        e => Error::Refused(e.to_string()),
-    }
-}
-
 impl Store {
-    fn key(&self, name: &str) -> Key {
+    fn key(&self, name: &str) -> String {
         match self.prefix.is_empty() {
-            true => Key::from(name),
-            false => Key::from(format!("{}/{name}", self.prefix)),
+            true => name.to_string(),
+            false => format!("{}/{name}", self.prefix),
         }
     }
 
@@ -139,7 +86,7 @@ impl Store {
         self.down.load(Ordering::Relaxed)
     }
 
-    /// Run one request with the timeout; an unreachable store is marked down.
+    /// Run one request; an unreachable store is marked down.
     fn call<T>(&self, f: impl FnOnce(&Backend) -> Result<T>) -> Result<T> {
         if self.is_down() {
             return Err(Error::Unreachable("the remote did not answer earlier in this run".into()));
@@ -151,43 +98,22 @@ impl Store {
         r
     }
 
-    fn block<T>(rt: &tokio::runtime::Runtime, fut: impl Future<Output = object_store::Result<T>>) -> Result<T> {
-        rt.block_on(async {
-            match tokio::time::timeout(REQUEST_TIMEOUT + CONNECT_TIMEOUT, fut).await {
-                Ok(r) => r.map_err(classify),
-                Err(_) => Err(Error::Unreachable(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
-            }
-        })
-    }
-
     /// An object's bytes and version; `None` when there is none.
     pub fn get(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
         let key = self.key(name);
         self.call(|b| match b {
-            Backend::Object { store, rt } => Self::block(rt, async {
-                let got = match store.get(&key).await {
-                    Ok(g) => g,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                let v = Version { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
-                Ok(Some((got.bytes().await?.to_vec(), v)))
-            }),
-            Backend::Dir(root) => dir::get(&root.join(key.as_ref())),
+            #[cfg(feature = "s3-gcs")]
+            Backend::Object(c) => c.get(&key),
+            Backend::Dir(root) => dir::get(&root.join(&key)),
         })
     }
 
     pub fn exists(&self, name: &str) -> Result<bool> {
         let key = self.key(name);
         self.call(|b| match b {
-            Backend::Object { store, rt } => Self::block(rt, async {
-                match store.head(&key).await {
-                    Ok(_) => Ok(true),
-                    Err(object_store::Error::NotFound { .. }) => Ok(false),
-                    Err(e) => Err(e),
-                }
-            }),
-            Backend::Dir(root) => Ok(root.join(key.as_ref()).exists()),
+            #[cfg(feature = "s3-gcs")]
+            Backend::Object(c) => c.exists(&key),
+            Backend::Dir(root) => Ok(root.join(&key).exists()),
         })
     }
 
@@ -212,23 +138,9 @@ impl Store {
     ) -> Result<Option<Version>> {
         let key = self.key(name);
         match b {
-            Backend::Object { store, rt } => {
-                let mode = match expected {
-                    None => PutMode::Create,
-                    Some(v) => PutMode::Update(UpdateVersion { e_tag: v.e_tag.clone(), version: v.version.clone() }),
-                };
-                let opts = PutOptions { mode, ..Default::default() };
-                Self::block(rt, async {
-                    match store.put_opts(&key, PutPayload::from(bytes), opts).await {
-                        Ok(r) => Ok(Some(Version { e_tag: r.e_tag, version: r.version })),
-                        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
-                            Ok(None)
-                        }
-                        Err(e) => Err(e),
-                    }
-                })
-            }
-            Backend::Dir(root) => dir::put_if(&root.join(key.as_ref()), &bytes, expected),
+            #[cfg(feature = "s3-gcs")]
+            Backend::Object(c) => c.put_if(&key, bytes, expected),
+            Backend::Dir(root) => dir::put_if(&root.join(&key), &bytes, expected),
         }
     }
 
@@ -240,33 +152,18 @@ impl Store {
             false => self.prefix.len() + 1,
         };
         self.call(|b| match b {
-            Backend::Object { store, rt } => Self::block(rt, async {
-                let mut out = Vec::new();
-                let mut s = store.list(Some(&key));
-                while let Some(m) = s.next().await {
-                    let m = m?;
-                    out.push(Listed {
-                        name: m.location.as_ref()[strip..].to_string(),
-                        modified_ms: m.last_modified.timestamp_millis(),
-                        size: m.size,
-                    });
-                }
-                Ok(out)
-            }),
-            Backend::Dir(root) => Ok(dir::list(root, &root.join(key.as_ref()), strip)),
+            #[cfg(feature = "s3-gcs")]
+            Backend::Object(c) => c.list(&key, strip),
+            Backend::Dir(root) => Ok(dir::list(root, &root.join(&key), strip)),
         })
     }
 
     pub fn delete(&self, name: &str) -> Result<()> {
         let key = self.key(name);
         self.call(|b| match b {
-            Backend::Object { store, rt } => Self::block(rt, async {
-                match store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }),
-            Backend::Dir(root) => match std::fs::remove_file(root.join(key.as_ref())) {
+            #[cfg(feature = "s3-gcs")]
+            Backend::Object(c) => c.delete(&key),
+            Backend::Dir(root) => match std::fs::remove_file(root.join(&key)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(Error::Refused(e.to_string())),

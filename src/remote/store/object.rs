@@ -1,0 +1,141 @@
+//! S3 and GCS through the `object_store` crate, driven by a small tokio runtime of its own.
+
+use super::{Error, Listed, Result, Version};
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, path::Path};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long one request may take, retries included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct Client {
+    store: Arc<dyn ObjectStore>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn classify(e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. } => {
+            Error::Unreachable(e.to_string())
+        }
+        e => Error::Refused(e.to_string()),
+    }
+}
+
+impl Client {
+    pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
+        let client = object_store::ClientOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_allow_http(env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true")));
+        let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
+        let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?;
+        // Each store's standard variables, from the caller's environment (not read from the process here).
+        let store: Arc<dyn ObjectStore> = if url.scheme() == "gs" {
+            let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
+            for (k, v) in env.iter().filter(|(k, _)| k.starts_with("GOOGLE_")) {
+                if let Ok(key) = k.to_ascii_lowercase().parse() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
+            Arc::new(b.build().map_err(|e| e.to_string())?)
+        } else {
+            let mut b = object_store::aws::AmazonS3Builder::new();
+            for (k, v) in env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
+                if let Ok(key) = k.to_ascii_lowercase().parse() {
+                    b = b.with_config(key, v);
+                }
+            }
+            let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
+            Arc::new(b.build().map_err(|e| e.to_string())?)
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kkpipe-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the remote's runtime: {e}"))?;
+        Ok(Client { store, rt })
+    }
+
+    fn block<T>(&self, fut: impl Future<Output = object_store::Result<T>>) -> Result<T> {
+        self.rt.block_on(async {
+            match tokio::time::timeout(REQUEST_TIMEOUT + CONNECT_TIMEOUT, fut).await {
+                Ok(r) => r.map_err(classify),
+                Err(_) => Err(Error::Unreachable(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))),
+            }
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>> {
+        let key = Path::from(key);
+        self.block(async {
+            let got = match self.store.get(&key).await {
+                Ok(g) => g,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let v = Version { e_tag: got.meta.e_tag.clone(), version: got.meta.version.clone() };
+            Ok(Some((got.bytes().await?.to_vec(), v)))
+        })
+    }
+
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        let key = Path::from(key);
+        self.block(async {
+            match self.store.head(&key).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Create-only (S3 `If-None-Match: *`, GCS generation 0) or compare-and-swap (ETag, generation).
+    pub fn put_if(&self, key: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
+        let key = Path::from(key);
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(UpdateVersion { e_tag: v.e_tag.clone(), version: v.version.clone() }),
+        };
+        let opts = PutOptions { mode, ..Default::default() };
+        self.block(async {
+            match self.store.put_opts(&key, PutPayload::from(bytes), opts).await {
+                Ok(r) => Ok(Some(Version { e_tag: r.e_tag, version: r.version })),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    pub fn list(&self, under: &str, strip: usize) -> Result<Vec<Listed>> {
+        let key = Path::from(under);
+        self.block(async {
+            let mut out = Vec::new();
+            let mut s = self.store.list(Some(&key));
+            while let Some(m) = s.next().await {
+                let m = m?;
+                out.push(Listed {
+                    name: m.location.as_ref()[strip..].to_string(),
+                    modified_ms: m.last_modified.timestamp_millis(),
+                    size: m.size,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let key = Path::from(key);
+        self.block(async {
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
