@@ -9,6 +9,9 @@ use crate::hash::Hash;
 use crate::hash::key::Key;
 use crate::pipeline::Stage;
 
+/// A blob's name and content.
+type Blob = (Hash, Vec<u8>);
+
 /// An attempt to learn into the local cache.
 struct Learned<'a> {
     stage: &'a Stage,
@@ -115,6 +118,10 @@ impl Remote {
         Some(out)
     }
 
+    fn cache_failed(&self, e: crate::cache::Error) {
+        self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+    }
+
     /// Record what the remote said as a finished attempt of this cache (through its one write API).
     fn learn(&self, cache: &Cache, l: Learned<'_>) -> bool {
         let meta =
@@ -138,7 +145,7 @@ impl Remote {
         match cache.import_attempt(&meta, attempt) {
             Ok(_) => true,
             Err(e) => {
-                self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+                self.cache_failed(e);
                 false
             }
         }
@@ -198,7 +205,7 @@ impl Remote {
             if self.learn_record(cache, stage, env, &body, believed && in_step, &what)
                 && let Err(e) = cache.set_remote_seen(&self.url, &name, env, body.seq)
             {
-                self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+                self.cache_failed(e);
             }
         }
     }
@@ -258,7 +265,7 @@ impl Remote {
     ) {
         let Some(signer) = &self.signer else { return };
         let what = format!("the entry of `{}`", stage.name);
-        let Some(docs) = self.upload_outputs(cache, stage, key, manifest, outputs, &what) else { return };
+        let Some((docs, blobs)) = self.upload_outputs(cache, stage, key, manifest, outputs, &what) else { return };
         let body = EntryBody {
             version: protocol::VERSION,
             stage: stage.name.clone(),
@@ -270,28 +277,16 @@ impl Remote {
             created_ms: now_ms(),
         };
         let name = protocol::entry(&stage.name, &key.to_string());
-        let blobs: Vec<Hash> = body.outputs.iter().filter_map(|d| d.shared_blob()).chain([key.0]).collect();
-        if let Err(e) = self.store.put_if(&name, protocol::seal(&body, signer), None) {
-            return self.failed(&what, e);
-        }
         // A blob that was there already was not uploaded again, so `cache gc --remote` may have judged it
-        // unnamed just before this entry named it: put back any that went.
-        let gone: Vec<(Hash, Vec<u8>)> = blobs
-            .into_iter()
-            .filter(|h| self.store.exists(&protocol::blob(&h.to_hex())).is_ok_and(|e| !e))
-            .filter_map(|h| match h == key.0 {
-                true => Some((h, manifest.to_vec())),
-                false => cache.blobs.read_verified(&h).map(|b| (h, b)),
-            })
-            .collect();
-        if !gone.is_empty()
-            && let Err(e) = self.upload(gone)
-        {
+        // unnamed just before this entry named it: the same upload once more puts back any that went.
+        let uploaded = self.store.put_if(&name, protocol::seal(&body, signer), None).and_then(|_| self.upload(&blobs));
+        if let Err(e) = uploaded {
             self.failed(&what, e);
         }
     }
 
-    /// Upload the manifest and the non-sensitive outputs' contents; returns the outputs' records to share.
+    /// Upload the manifest and the non-sensitive outputs' contents; returns the outputs' records to share and
+    /// the blobs uploaded.
     fn upload_outputs(
         &self,
         cache: &Cache,
@@ -300,7 +295,7 @@ impl Remote {
         manifest: &[u8],
         outputs: &[OutputRecord],
         what: &str,
-    ) -> Option<Vec<OutputDoc>> {
+    ) -> Option<(Vec<OutputDoc>, Vec<Blob>)> {
         let docs: Result<Vec<OutputDoc>, String> = outputs.iter().map(OutputDoc::of).collect();
         let docs = match docs {
             Ok(d) => d,
@@ -320,21 +315,21 @@ impl Remote {
             };
             blobs.push((h, bytes));
         }
-        if let Err(e) = self.upload(blobs) {
+        if let Err(e) = self.upload(&blobs) {
             self.failed(what, e);
             return None;
         }
-        Some(docs)
+        Some((docs, blobs))
     }
 
     /// Upload blobs that are not in the store yet (in parallel; create-only, so a concurrent writer's copy of
     /// the same content is left as it is).
-    fn upload(&self, blobs: Vec<(Hash, Vec<u8>)>) -> Result<(), store::Error> {
-        let uploaded = self.store.each(blobs, |s, (h, bytes)| {
+    fn upload(&self, blobs: &[Blob]) -> Result<(), store::Error> {
+        let uploaded = self.store.each(blobs.iter().collect(), |s, (h, bytes)| {
             let name = protocol::blob(&h.to_hex());
             match s.exists(&name) {
                 Ok(true) => Ok(()),
-                Ok(false) => s.put_if(&name, bytes, None).map(|_| ()),
+                Ok(false) => s.put_if(&name, bytes.clone(), None).map(|_| ()),
                 Err(e) => Err(e),
             }
         });
@@ -358,7 +353,7 @@ impl Remote {
         let what = format!("the ledger record of `{}` in `{env}`", stage.name);
         let (state, outputs, duration_ms) = done.unwrap_or((State::Running, &[], 0));
         let shared = if state == State::Success { outputs } else { &[] };
-        let Some(docs) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
+        let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
         for _ in 0..16 {
             let (current, version) = match self.store.get(&name) {
                 Ok(None) => (0, None),
@@ -382,7 +377,7 @@ impl Remote {
             match self.store.put_if(&name, protocol::seal(&body, signer), version.as_ref()) {
                 Ok(Some(_)) => {
                     if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, body.seq) {
-                        self.warn(format!("cannot record what the remote holds in the local cache: {e}"));
+                        self.cache_failed(e);
                     }
                     return;
                 }

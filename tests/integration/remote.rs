@@ -389,19 +389,30 @@ pass_env = ["DEPLOYED"]
     )
 }
 
+/// Two runners whose deploys log to one shared file (returned too).
+fn two_deployers(store: &Store, k: &Keys, a_stages: &str, b_stages: &str, extra: &str) -> (Repo, Repo, PathBuf) {
+    let a = runner(store, a_stages, &[&k.public], Some(&k.private), extra);
+    let mut b = runner(store, b_stages, &[&k.public], Some(&k.private), extra);
+    let log = a.sibling("deployed.log");
+    b.set_env("DEPLOYED", log.to_str().unwrap());
+    (a, b, log)
+}
+
+/// Start `kkpipe ARGS` in `repo` and return once its deploy has begun (it wrote "start" to `log`).
+fn deploy_started(repo: &Repo, log: &Path, args: &[&str], out: fn() -> Stdio) -> Child {
+    let child = repo.cmd_in(&repo.root, args).stdout(out()).stderr(out()).spawn().unwrap();
+    assert!(within(Duration::from_secs(20), || std::fs::read_to_string(log).is_ok_and(|l| l.contains("start"))));
+    child
+}
+
 #[test]
 fn two_runners_deploying_the_same_stage_at_once_never_overlap() {
     for kind in ALL {
         let store = Store::new(kind);
         let k = keygen();
-        let a = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
-        let mut b = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
-        b.set_env("DEPLOYED", a.sibling("deployed.log").to_str().unwrap());
+        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
         b.write("src.txt", "v2\n");
-        let log = a.sibling("deployed.log");
-        let first =
-            a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
         let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
         let first = Run::from(first.wait_with_output().unwrap()).ok();
         assert_eq!(first.ran(), ["deploy"]);
@@ -417,13 +428,8 @@ fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited(
     for kind in ALL {
         let store = Store::new(kind);
         let k = keygen();
-        let a = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
-        let mut b = runner(&store, &slow_deploy(1.5), &[&k.public], Some(&k.private), "");
-        let log = a.sibling("deployed.log");
-        b.set_env("DEPLOYED", log.to_str().unwrap());
-        let first =
-            a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
+        let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
         let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
         Run::from(first.wait_with_output().unwrap()).ok();
         assert!(second.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", second.stderr);
@@ -439,12 +445,8 @@ fn a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys() {
         let store = Store::new(kind);
         let k = keygen();
         // Long enough that the lease is still held when the next run asks, even on a loaded machine.
-        let a = runner(&store, &slow_deploy(60.0), &[&k.public], Some(&k.private), "lease_seconds = 6");
-        let mut b = runner(&store, &slow_deploy(0.0), &[&k.public], Some(&k.private), "lease_seconds = 6");
-        let log = a.sibling("deployed.log");
-        b.set_env("DEPLOYED", log.to_str().unwrap());
-        let mut holder = a.cmd_in(&a.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(60.0), &slow_deploy(0.0), "lease_seconds = 6");
+        let mut holder = deploy_started(&a, &log, &["run"], Stdio::null);
         holder.kill().unwrap(); // SIGKILL: no release, no ledger update
         holder.wait().unwrap();
         let started = Instant::now();
@@ -608,13 +610,9 @@ fn remote_gc_removes_old_entries_and_unnamed_blobs_but_keeps_what_the_ledger_nam
 fn a_deploy_lease_held_past_the_lock_timeout_exits_4_without_deploying() {
     let store = Store::new(Kind::File);
     let k = keygen();
-    let a = runner(&store, &slow_deploy(4.0), &[&k.public], Some(&k.private), "");
-    let mut b = runner(&store, &slow_deploy(0.0), &[&k.public], Some(&k.private), "");
-    let log = a.sibling("deployed.log");
-    b.set_env("DEPLOYED", log.to_str().unwrap());
+    let (a, b, log) = two_deployers(&store, &k, &slow_deploy(4.0), &slow_deploy(0.0), "");
     b.write("src.txt", "v2\n");
-    let first = a.cmd_in(&a.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    assert!(within(Duration::from_secs(20), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"))));
+    let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
     let late = b.kk(&["run", "--json", "--lock-timeout", "1"]);
     Run::from(first.wait_with_output().unwrap()).ok();
     assert_eq!(late.code, 4, "{}", late.stderr);
