@@ -119,8 +119,12 @@ impl RelPath {
 
     /// True when `self` is `other` or lies below it.
     pub fn starts_with(&self, other: &RelPath) -> bool {
-        other.0.is_empty()
-            || (self.0.starts_with(&other.0) && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+        other.holds(&self.0)
+    }
+
+    /// Whether the repository-relative `path` (as bytes, as the stat cache stores it) is this path or below it.
+    pub fn holds(&self, path: &[u8]) -> bool {
+        self.0.is_empty() || (path.starts_with(&self.0) && (path.len() == self.0.len() || path[self.0.len()] == b'/'))
     }
 
     /// Lossy text for messages; keys and the database always use the bytes.

@@ -263,28 +263,33 @@ impl<'a> Session<'a> {
 
     // ------------------------------------------------------------ stat cache
 
-    /// Save what this invocation learned into the stat cache, forgetting then files that are gone from the
-    /// trees it walked (`cache gc` prunes the rest). A no-op status writes, and scans, nothing.
+    /// Save what this invocation learned into the stat cache. Below the walked starts, the cache then holds
+    /// exactly the files walked (a file gone is forgotten; `cache gc` prunes elsewhere), each with what was
+    /// learned now or else its old entry; elsewhere (outputs, tools) old entries stay unless relearned.
+    /// A no-op status writes, and scans, nothing.
     pub fn persist_stat_cache(&self, cache: &Cache) {
+        use crate::hash::files::{encode_snapshot, snapshot_entries};
         let new = self.hasher.take_new_entries();
         if new.is_empty() {
             return;
         }
-        let seen: HashSet<&[u8]> = self.walked.iter().flat_map(|g| g.files.iter().map(|w| w.path.as_bytes())).collect();
-        let gone = |p: &[u8]| {
-            p.first() != Some(&b'/')
-                && !seen.contains(p)
-                && RelPath::from_bytes(p).is_ok_and(|rel| self.walked.iter().any(|g| rel.starts_with(&g.start)))
-        };
-        let mut merged: HashMap<&[u8], crate::hash::files::StatEntry> =
-            crate::hash::files::snapshot_entries(self.hasher.snapshot())
-                .into_iter()
-                .filter(|(p, _)| !gone(p))
-                .collect();
-        for (p, e) in &new {
-            merged.insert(p, *e);
-        }
-        cache.save_stat_snapshot(&crate::hash::files::encode_snapshot(merged));
+        let known = self.hasher.known();
+        let walked_below = |p: &[u8]| p.first() != Some(&b'/') && self.walked.iter().any(|g| g.start.holds(p));
+        let elsewhere: Vec<(&[u8], _)> = new
+            .files
+            .iter()
+            .map(|(p, e)| (p.as_bytes(), *e))
+            .filter(|(p, _)| !walked_below(p))
+            .chain(new.tools.iter().map(|(p, e)| (p.as_slice(), *e)))
+            .collect();
+        let relearned: HashSet<&[u8]> = elsewhere.iter().map(|(p, _)| *p).collect();
+        let old = snapshot_entries(self.hasher.snapshot());
+        let kept = old.into_iter().filter(|(p, _)| !walked_below(p) && !relearned.contains(p));
+        let walked = self.walked.iter().flat_map(|g| g.files.iter()).filter_map(|w| {
+            let entry = new.files.get(&w.path).or_else(|| known.get(w.path.as_bytes()))?;
+            Some((w.path.as_bytes(), *entry))
+        });
+        cache.save_stat_snapshot(&encode_snapshot(kept.chain(walked).chain(elsewhere.iter().copied())));
     }
 
     /// For `-v`: how much was read, and how much the stat cache saved.

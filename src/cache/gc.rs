@@ -77,7 +77,7 @@ impl Cache {
             successful: count("SELECT COUNT(*) FROM stage_runs WHERE state='success'")?,
             failed: count("SELECT COUNT(*) FROM stage_runs WHERE state IN ('failed', 'interrupted')")?,
             manifests: count("SELECT COUNT(*) FROM manifests")?,
-            stat_entries: crate::hash::files::snapshot_entries(&self.stat_snapshot()?).len() as i64,
+            stat_entries: crate::hash::files::snapshot_entries(&self.stat_snapshot()).len() as i64,
             ..Stats::default()
         };
         for (_, size, sensitive) in self.blobs.list() {
@@ -240,7 +240,7 @@ impl Cache {
     /// Stat-cache entries for files that no longer exist.
     fn prune_stat_cache(&self, root: &Path) -> Result<usize> {
         use std::os::unix::ffi::OsStrExt;
-        let bytes = self.stat_snapshot()?;
+        let bytes = self.stat_snapshot();
         let mut entries = crate::hash::files::snapshot_entries(&bytes);
         let before = entries.len();
         entries.retain(|(p, _)| {

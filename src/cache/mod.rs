@@ -22,7 +22,7 @@ mod schema;
 pub mod store;
 
 pub use records::{BadValue, End, LedgerSeen, NewAttempt};
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -32,6 +32,8 @@ pub use store::BlobStore;
 
 pub const DIR_NAME: &str = ".kkpipe";
 pub const DB_NAME: &str = "cache.db";
+/// The stat cache, a file of its own beside the database (see [`Cache::save_stat_snapshot`]).
+const STAT_CACHE_NAME: &str = "stat-cache";
 pub(crate) const SECRET_KEY_NAME: &str = "sensitive/secret.key";
 /// A secret shared by the machines of one repository (a CI secret). When set, the HMAC key of `secret_env`
 /// values is derived from it instead of the random per-repository `secret.key`.
@@ -246,23 +248,21 @@ impl Cache {
 
     // ---------------------------------------------------------------- stat cache
 
-    /// The stat cache snapshot (see `hash::files::encode_snapshot`), empty when there is none.
-    pub fn stat_snapshot(&self) -> Result<Vec<u8>> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT data FROM stat_snapshot WHERE id = 1").map_err(|e| self.err(e))?;
-        let data: Option<Vec<u8>> = stmt.query_row([], |r| r.get(0)).optional().map_err(|e| self.err(e))?;
-        Ok(data.unwrap_or_default())
+    /// The stat cache snapshot (see `hash::files::encode_snapshot`); empty when there is none, or when it is
+    /// damaged or unreadable (it only saves work: every file is then hashed again).
+    pub fn stat_snapshot(&self) -> Vec<u8> {
+        fs::read(self.dir.join(STAT_CACHE_NAME)).map(crate::hash::files::checked_snapshot).unwrap_or_default()
     }
 
-    /// Store the stat cache snapshot. Best effort by design: the stat cache only saves work, so a busy or
-    /// read-only database just means the files are hashed again next time.
+    /// Store the stat cache snapshot: a file beside the database, replaced by a rename (a 5 MB blob written
+    /// through SQLite's WAL and checkpoint cost 40-75 ms per cold run; the file costs a few). Best effort by
+    /// design: without it the next invocation only hashes more. Not synced: its checksum rejects a torn file.
     pub fn save_stat_snapshot(&self, bytes: &[u8]) {
-        let _ = self.conn.busy_timeout(Duration::from_millis(500));
-        let _ = self.write(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO stat_snapshot(id, data) VALUES (1, ?1)")?.execute([bytes])?;
-            Ok(())
-        });
-        let _ = self.conn.busy_timeout(Duration::from_secs(30));
+        let path = self.dir.join(STAT_CACHE_NAME);
+        let tmp = self.dir.join(format!("{STAT_CACHE_NAME}.{}", std::process::id()));
+        if fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &path)).is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
     }
 
     pub(crate) fn conn(&self) -> &Connection {

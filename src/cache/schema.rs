@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 3;
+pub const VERSION: i64 = 4;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -81,6 +81,10 @@ const STEPS: &[&str] = &[
         local_seq INTEGER NOT NULL,
         PRIMARY KEY(remote, stage, env)
     ) WITHOUT ROWID;
+    ",
+    // 4: the stat cache moved to a file of its own beside the database (`Cache::save_stat_snapshot`).
+    "
+    DROP TABLE stat_snapshot;
     ",
 ];
 

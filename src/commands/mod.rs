@@ -83,7 +83,7 @@ impl Opened {
             true => Some(secret_key(&self.cache, &settings.caller_env)?),
             false => None,
         };
-        let snapshot = self.cache.stat_snapshot()?;
+        let snapshot = self.cache.stat_snapshot();
         Ok(Session::new(&self.pipeline, &settings.caller_env, &self.env, snapshot, secret_key, settings.interactive))
     }
 

@@ -38,13 +38,17 @@ thread_local! {
 /// Timestamps closer than this to "now" are too fresh to vouch for a file's content.
 const RACY_WINDOW_NS: i64 = 2_000_000_000;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"kkstat\x00\x01";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"kkstat\x00\x02";
 const SNAPSHOT_ENTRY: usize = 8 + 8 + 8 + 8 + 32;
+const SNAPSHOT_CHECKSUM: usize = 32;
 
 /// The stat cache is stored as one compact blob of (path, size, mtime, ctime, inode, hash) entries: reading
-/// 50,000 of them takes a few milliseconds, where as many SQLite rows take tens.
+/// 50,000 of them takes a few milliseconds, where as many SQLite rows take tens. It ends in a BLAKE3 of
+/// everything before it, so a torn or damaged file (it is written without `fsync`: it only saves work) is
+/// dropped whole rather than vouching for a file with a wrong hash ([`checked_snapshot`]).
 pub fn encode_snapshot<'a>(entries: impl IntoIterator<Item = (&'a [u8], StatEntry)>) -> Vec<u8> {
-    let mut out = Vec::new();
+    let entries = entries.into_iter();
+    let mut out = Vec::with_capacity(16 + entries.size_hint().0 * (4 + SNAPSHOT_ENTRY + 48) + SNAPSHOT_CHECKSUM);
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(&0u64.to_le_bytes());
     let mut count = 0u64;
@@ -59,13 +63,25 @@ pub fn encode_snapshot<'a>(entries: impl IntoIterator<Item = (&'a [u8], StatEntr
         count += 1;
     }
     out[8..16].copy_from_slice(&count.to_le_bytes());
+    let checksum = blake3::hash(&out);
+    out.extend_from_slice(checksum.as_bytes());
     out
 }
 
-/// The entries of a snapshot, borrowed from it; anything malformed yields none (the stat cache only ever
-/// saves work).
+/// `bytes` as stored, if its checksum holds; otherwise an empty snapshot (every file is hashed again).
+pub fn checked_snapshot(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(body) = bytes.len().checked_sub(SNAPSHOT_CHECKSUM) else { return Vec::new() };
+    if blake3::hash(&bytes[..body]).as_bytes() != &bytes[body..] {
+        return Vec::new();
+    }
+    bytes
+}
+
+/// The entries of a snapshot (as [`checked_snapshot`] passed it), borrowed from it; anything malformed yields
+/// none (the stat cache only ever saves work).
 pub fn snapshot_entries(bytes: &[u8]) -> Vec<(&[u8], StatEntry)> {
     fn parse(b: &[u8]) -> Option<Vec<(&[u8], StatEntry)>> {
+        let b = &b[..b.len().checked_sub(SNAPSHOT_CHECKSUM)?];
         let rest = b.strip_prefix(SNAPSHOT_MAGIC)?;
         let (count, mut rest) = rest.split_at_checked(8)?;
         let count = u64::from_le_bytes(count.try_into().ok()?) as usize;
@@ -159,12 +175,20 @@ mod tests {
         let b = StatEntry { size: 1, mtime_ns: 2, ctime_ns: 3, ino: 4, hash: Hash::of(b"y") };
         let entries: Vec<(&[u8], StatEntry)> = vec![(b"a/b.tf", a), (b"/usr/bin/terraform", b)];
         let enc = encode_snapshot(entries.clone());
+        assert_eq!(checked_snapshot(enc.clone()), enc);
         assert_eq!(snapshot_entries(&enc), entries);
         let index = StatIndex::build(&enc);
         assert_eq!(index.get(b"a/b.tf"), Some(&a));
         assert_eq!(index.get(b"a/c.tf"), None);
         for cut in 0..enc.len() {
             assert!(snapshot_entries(&enc[..cut]).is_empty());
+            assert!(checked_snapshot(enc[..cut].to_vec()).is_empty());
+        }
+        // A flipped bit anywhere (here also in a stored hash, which would otherwise vouch for wrong content).
+        for at in [0, 20, enc.len() - 40, enc.len() - 1] {
+            let mut bad = enc.clone();
+            bad[at] ^= 1;
+            assert!(checked_snapshot(bad).is_empty(), "byte {at}");
         }
     }
 
@@ -184,8 +208,20 @@ mod tests {
         let h = FileHasher::new(dir.path(), Vec::new());
         h.digest(&walked(dir.path(), "old.txt")).unwrap();
         h.digest(&walked(dir.path(), "new.txt")).unwrap();
-        let recorded: Vec<Vec<u8>> = h.take_new_entries().into_iter().map(|(p, _)| p).collect();
-        assert_eq!(recorded, vec![b"old.txt".to_vec()]);
+        let recorded: Vec<RelPath> = h.take_new_entries().files.into_keys().collect();
+        assert_eq!(recorded, vec![RelPath::parse("old.txt").unwrap()]);
+    }
+}
+
+/// What one invocation learned for the stat cache (see [`FileHasher::take_new_entries`]).
+pub struct Learned {
+    pub files: HashMap<RelPath, StatEntry, foldhash::fast::RandomState>,
+    pub tools: Vec<(Vec<u8>, StatEntry)>,
+}
+
+impl Learned {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.tools.is_empty()
     }
 }
 
@@ -265,7 +301,7 @@ impl FileHasher {
                 {
                     return Ok(Entry::File { hash: *h, exec });
                 }
-                let (hash, seen, record) = self.hash_now(&w.path.under(&self.root), &w.path)?;
+                let (hash, seen, record) = self.hash_now(&w.path.under(&self.root), w.stat, &w.path)?;
                 self.memo.lock().expect("memo").insert(w.path.clone(), (seen, hash, record));
                 Ok(Entry::File { hash, exec })
             }
@@ -274,8 +310,8 @@ impl FileHasher {
 
     /// Read and hash a file now. Also says whether the result may enter the stat cache: only when the file's
     /// timestamps are safely older than now (see the module docs).
-    fn hash_now(&self, abs: &Path, shown: &dyn std::fmt::Display) -> Result<(Hash, Stat, bool), Error> {
-        let (hash, seen) = hash_file(abs).map_err(|e| match e {
+    fn hash_now(&self, abs: &Path, stat: Stat, shown: &dyn std::fmt::Display) -> Result<(Hash, Stat, bool), Error> {
+        let (hash, seen) = hash_file(abs, stat).map_err(|e| match e {
             HashFailure::Io(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 Error::Unstable { path: shown.to_string() }
             }
@@ -300,7 +336,7 @@ impl FileHasher {
         {
             return Ok(e.hash);
         }
-        let (hash, seen, record) = self.hash_now(&real, &real.display())?;
+        let (hash, seen, record) = self.hash_now(&real, stat, &real.display())?;
         if record {
             let entry =
                 StatEntry { size: seen.size, mtime_ns: seen.mtime_ns, ctime_ns: seen.ctime_ns, ino: seen.ino, hash };
@@ -314,10 +350,13 @@ impl FileHasher {
         &self.snapshot
     }
 
-    /// Stat cache entries learned in this invocation (and not taken yet), for the cache to persist.
-    pub fn take_new_entries(&self) -> Vec<(Vec<u8>, StatEntry)> {
-        let mut out = std::mem::take(&mut *self.new_tools.lock().expect("tools"));
-        for (path, (seen, hash, record)) in self.memo.lock().expect("memo").iter_mut() {
+    /// Stat cache entries learned in this invocation (and not taken yet), for the cache to persist: repository
+    /// files by path, and tools by absolute path.
+    pub fn take_new_entries(&self) -> Learned {
+        let tools = std::mem::take(&mut *self.new_tools.lock().expect("tools"));
+        let mut memo = self.memo.lock().expect("memo");
+        let mut files = HashMap::with_capacity_and_hasher(memo.len(), Default::default());
+        for (path, (seen, hash, record)) in memo.iter_mut() {
             if std::mem::take(record) {
                 let entry = StatEntry {
                     size: seen.size,
@@ -326,10 +365,10 @@ impl FileHasher {
                     ino: seen.ino,
                     hash: *hash,
                 };
-                out.push((path.as_bytes().to_vec(), entry));
+                files.insert(path.clone(), entry);
             }
         }
-        out
+        Learned { files, tools }
     }
 
     /// Hash a file early, while the walk goes on, when the stat cache (if decoded yet) cannot vouch for it
@@ -380,21 +419,30 @@ enum HashFailure {
     Unstable,
 }
 
-/// Read and hash a regular file, refusing to follow a symlink or block on a FIFO that replaced it since the
-/// walk, and retrying when the file changes underneath (its stat before and after reading differ).
-/// Read `f` to its end in `chunk`-sized pieces into one buffer per thread, reused (allocating and zeroing one
-/// per file costs more than hashing it), each piece hashed on this thread or, `parallel`, on all cores.
-fn hash_read(f: &fs::File, chunk: usize, hasher: &mut blake3::Hasher, parallel: bool) -> std::io::Result<()> {
+/// Read `f` in `chunk`-sized pieces into one buffer per thread, reused (allocating and zeroing one per file
+/// costs more than hashing it), each piece hashed on this thread or, `parallel`, on all cores. Reading stops
+/// at end of file or once `size` bytes are in: the caller's `fstat` afterwards catches a file that grew, so
+/// the read that would only confirm the end (one syscall per file) is skipped.
+fn hash_read(
+    f: &fs::File,
+    size: u64,
+    chunk: usize,
+    hasher: &mut blake3::Hasher,
+    parallel: bool,
+) -> std::io::Result<()> {
     BUFFER.with_borrow_mut(|buf| {
         if buf.len() < chunk {
             buf.resize(chunk, 0);
         }
         let mut r = f;
+        let mut total = 0u64;
         loop {
             let mut filled = 0;
-            while filled < chunk {
+            let mut eof = false;
+            while filled < chunk && total + (filled as u64) < size {
                 let n = r.read(&mut buf[filled..chunk])?;
                 if n == 0 {
+                    eof = true;
                     break;
                 }
                 filled += n;
@@ -404,14 +452,20 @@ fn hash_read(f: &fs::File, chunk: usize, hasher: &mut blake3::Hasher, parallel: 
             } else {
                 hasher.update(&buf[..filled]);
             }
-            if filled < chunk {
+            total += filled as u64;
+            if eof || total >= size {
                 return Ok(());
             }
         }
     })
 }
 
-fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
+/// Read and hash a regular file whose `lstat` the walk saw as `seen`, refusing to follow a symlink or block on
+/// a FIFO that replaced it since, and retrying when it changes underneath: the `fstat` taken after reading
+/// must match what was expected before (the walk's stat, then the previous attempt's). One `open`, `read`,
+/// `fstat` and `close` for a small file, as `b3sum` makes (it makes no `fstat`, but has no walk to trust).
+fn hash_file(abs: &Path, seen: Stat) -> Result<(Hash, Stat), HashFailure> {
+    let mut before = seen;
     for _ in 0..3 {
         // Links are followed: the walk only hands over in-repository links to regular files (see `walk`).
         // Non-blocking, so a file swapped for a FIFO since the walk cannot hang the open; checked below.
@@ -420,23 +474,36 @@ fn hash_file(abs: &Path) -> Result<(Hash, Stat), HashFailure> {
             .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(abs)
             .map_err(HashFailure::Io)?;
-        let meta = f.metadata().map_err(HashFailure::Io)?;
-        if !meta.is_file() {
-            return Err(HashFailure::Io(std::io::Error::other("not a regular file")));
-        }
-        let before = Stat::of(&meta);
         let mut hasher = blake3::Hasher::new();
-        if before.size >= BIG_FILE && before.size <= MAP_LIMIT {
-            hasher.update_mmap_rayon(abs).map_err(HashFailure::Io)?;
-        } else if before.size > MAP_LIMIT {
-            hash_read(&f, BIG_CHUNK, &mut hasher, true).map_err(HashFailure::Io)?;
+        if before.size >= BIG_FILE {
+            // A big file is read in full: make sure first that it still is one (not a device swapped in).
+            let now = Stat::of(&regular(&f)?);
+            if !same_content_stat(&before, &now) {
+                before = now;
+                continue;
+            }
+            if before.size <= MAP_LIMIT {
+                hasher.update_mmap_rayon(abs).map_err(HashFailure::Io)?;
+            } else {
+                hash_read(&f, before.size, BIG_CHUNK, &mut hasher, true).map_err(HashFailure::Io)?;
+            }
         } else {
-            hash_read(&f, SMALL_CHUNK, &mut hasher, false).map_err(HashFailure::Io)?;
+            hash_read(&f, before.size, SMALL_CHUNK, &mut hasher, false).map_err(HashFailure::Io)?;
         }
-        let after = Stat::of(&f.metadata().map_err(HashFailure::Io)?);
+        let after = Stat::of(&regular(&f)?);
         if same_content_stat(&before, &after) {
             return Ok((Hash(*hasher.finalize().as_bytes()), after));
         }
+        before = after;
     }
     Err(HashFailure::Unstable)
+}
+
+/// The metadata of an open file, which must be a regular file.
+fn regular(f: &fs::File) -> Result<fs::Metadata, HashFailure> {
+    let meta = f.metadata().map_err(HashFailure::Io)?;
+    if !meta.is_file() {
+        return Err(HashFailure::Io(std::io::Error::other("not a regular file")));
+    }
+    Ok(meta)
 }

@@ -1,6 +1,6 @@
 //! Which files a stage's `inputs`/`exclude` globs select, and where the walk has to start for them.
 
-use super::walk::{Group, Kind, Walked};
+use super::walk::{Group, Kind, NEVER_INPUTS, Walked};
 use crate::pipeline::{InputSpec, has_glob_meta};
 use crate::relpath::RelPath;
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
@@ -101,12 +101,15 @@ impl Matcher {
         let c = globset::Candidate::new(path.as_path());
         (self.literal(path).is_some() || self.globs.as_ref().is_some_and(|g| g.is_match_candidate(&c)))
             && !self.exclude.is_match_candidate(&c)
+            && !never_input(path)
             && !self.own_outputs.iter().any(|o| path.starts_with(o))
     }
 
-    /// Excluded by the stage's `exclude` patterns, or one of its own outputs.
+    /// Excluded by the stage's `exclude` patterns, one of its own outputs, or never an input.
     pub fn excluded(&self, path: &RelPath) -> bool {
-        self.exclude.is_match(path.as_path()) || self.own_outputs.iter().any(|o| path.starts_with(o))
+        self.exclude.is_match(path.as_path())
+            || never_input(path)
+            || self.own_outputs.iter().any(|o| path.starts_with(o))
     }
 
     /// The include patterns (by index) that match none of `paths`, to warn about. One set lookup per path,
@@ -137,6 +140,11 @@ impl Matcher {
     pub fn starts(&self) -> Vec<RelPath> {
         self.patterns.iter().map(|p| literal_prefix(p)).collect()
     }
+}
+
+/// Whether a path lies in (or is) one of [`NEVER_INPUTS`].
+fn never_input(path: &RelPath) -> bool {
+    path.as_bytes().split(|b| *b == b'/').any(|name| NEVER_INPUTS.contains(&name))
 }
 
 /// The walked files that `m` selects, sorted by path and without duplicates. Only the groups of the walk
@@ -183,6 +191,19 @@ mod tests {
         InputSpec {
             include: inc.iter().map(|s| s.to_string()).collect(),
             exclude: exc.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn kkpipe_and_git_are_never_inputs_at_any_depth_but_only_by_their_whole_name() {
+        for m in [Matcher::new(&spec(&["**"], &[]), vec![]), Matcher::new(&spec(&["sub"], &[]), vec![])] {
+            for never in ["sub/.git/config", "sub/.kkpipe/cache.db", "sub/wt/.git", "sub/.git"] {
+                assert!(!m.matches(&RelPath::parse(never).unwrap()), "{never}");
+                assert!(m.excluded(&RelPath::parse(never).unwrap()), "{never}");
+            }
+            for input in ["sub/.github/ci.yaml", "sub/a.git/b", "sub/.kkpipe-bin/x", "sub/.gitignore"] {
+                assert!(m.matches(&RelPath::parse(input).unwrap()), "{input}");
+            }
         }
     }
 

@@ -70,8 +70,10 @@ pub struct Group {
 /// A callback for each file found.
 pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
 
-/// Never descended into, at any depth: kkpipe's caches and git's stores (a nested project's too).
-const PRUNED: &[&[u8]] = &[b".kkpipe", b".git"];
+/// Never inputs, at any depth: kkpipe's caches and git's stores (or a worktree's `.git` file), so a nested
+/// project's never leak into a key. The walk never descends into them; `select::Matcher` refuses paths
+/// through them (a name check, not a glob: `**/.git/**` would be a regex run on every file).
+pub const NEVER_INPUTS: &[&[u8]] = &[b".kkpipe", b".git"];
 
 /// What the whole walk shares: the root as given and as the kernel resolves it (links are judged against it).
 struct Walk<'a> {
@@ -231,7 +233,7 @@ impl Walk<'_> {
                 "`{path}` links out of the repository: its link text is keyed, not what it points to"
             )));
         };
-        if inside.components().any(|c| PRUNED.contains(&c.as_os_str().as_bytes())) {
+        if inside.components().any(|c| NEVER_INPUTS.contains(&c.as_os_str().as_bytes())) {
             return Link::Kept(None);
         }
         match fs::metadata(&target) {
@@ -268,7 +270,7 @@ impl Walk<'_> {
                     };
                     let name = entry.file_name();
                     let name = name.as_bytes();
-                    if PRUNED.contains(&name) {
+                    if NEVER_INPUTS.contains(&name) {
                         continue;
                     }
                     let path = dir.join_name(name);

@@ -52,10 +52,6 @@ impl std::fmt::Display for Trigger {
 }
 const DEFAULT_BRANCHES: &[&str] = &["main"];
 
-/// Patterns that are never inputs: kkpipe's caches and git's stores (or a worktree's `.git` file), at any
-/// depth, so a nested project's never leak into a key.
-const ALWAYS_EXCLUDED: &[&str] = &["**/.kkpipe/**", "**/.kkpipe", "**/.git/**", "**/.git"];
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -305,7 +301,7 @@ fn validate(root: &Path, file: &Path, raw: RawPipeline) -> Result<Pipeline, Erro
     }
     let global_inputs = InputSpec {
         include: normalise_patterns(root, file, None, "pipeline.inputs", &raw.pipeline.inputs)?,
-        exclude: with_always_excluded(normalise_patterns(root, file, None, "pipeline.exclude", &raw.pipeline.exclude)?),
+        exclude: normalise_patterns(root, file, None, "pipeline.exclude", &raw.pipeline.exclude)?,
     };
 
     let mut stages = Vec::with_capacity(raw.stages.len());
@@ -386,7 +382,7 @@ fn validate_stage(
     let run = stage_run(file, name, rs.run)?;
     let dir = stage_dir(root, file, name, rs.dir.as_deref())?;
     let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
-    let exclude = with_always_excluded(normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?);
+    let exclude = normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?;
     let outputs = rs.outputs.into_iter().map(|o| stage_output(file, name, o)).collect::<Result<Vec<_>, _>>()?;
     let env = stage_env(file, name, rs.env, &rs.pass_env, &rs.secret_env, global_env)?;
     for t in &rs.tools {
@@ -521,11 +517,6 @@ fn stage_env(
         ));
     }
     Ok(env)
-}
-
-fn with_always_excluded(mut v: Vec<String>) -> Vec<String> {
-    v.extend(ALWAYS_EXCLUDED.iter().map(|s| s.to_string()));
-    v
 }
 
 /// Normalise patterns (`./x` -> `x`), check their glob syntax, and turn a bare existing directory into

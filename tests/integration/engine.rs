@@ -438,3 +438,27 @@ fn replay_prints_the_stored_log_of_fresh_stages() {
     assert!(replayed.stdout.contains("plan  | planned in test mode"), "{}", replayed.stdout);
     assert!(replayed.stdout.contains("0 ran, 4 fresh"), "{}", replayed.stdout);
 }
+
+/// The stat cache vouches for file contents, so a damaged one must never be trusted entry by entry: a flipped
+/// bit in a stored hash would make a fresh stage look stale (or, made to order, a stale one look fresh).
+#[test]
+fn a_damaged_stat_cache_is_dropped_whole_and_every_file_hashed_again() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.s]\nrun = \"true\"\ninputs = [\"in.txt\"]\n");
+    repo.write("in.txt", "content");
+    // Past git's racy window, so the file's digest is recorded.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    repo.run(&[]).ok();
+    let vouched = repo.kk(&["-v", "status"]).ok();
+    assert!(vouched.stderr.contains("hashed 0 files"), "{}", vouched.stderr);
+
+    let path = repo.path(".kkpipe/stat-cache");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"in.txt").expect("an entry for in.txt") + 6;
+    bytes[at + 32] ^= 0xff; // the first byte of its stored hash, after size, mtime, ctime and inode
+    std::fs::write(&path, &bytes).unwrap();
+
+    let after = repo.kk(&["-v", "status"]).ok();
+    assert!(after.stderr.contains("hashed 1 files"), "{}", after.stderr);
+    assert_eq!(repo.state_of("s"), "fresh");
+}
