@@ -18,7 +18,7 @@
 //! - [`fresh`]: **the decision**, the one place that says fresh / restore / run and why, over a
 //!   [`fresh::History`] (the cache, or a test double); [`explain`] follows a reason to its root cause.
 //! - [`evaluate`]: the shared manifest -> decide step, and evaluating stages without running them.
-//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs, stat cache; one write API), blobs, restore
+//! - [`cache`]: SQLite (runs, stage runs, manifests, outputs; one write API), the stat-cache file, blobs, restore
 //!   (only into declared outputs, never through a link).
 //! - [`run`]: the scheduler that runs stale stages as jobs, the watchdog that stops them if kkpipe dies, and
 //!   the run lock.

@@ -6,8 +6,8 @@ use crate::cache::Cache;
 use crate::fresh::{OutputRecord, Reason};
 use crate::hash::files::FileHasher;
 use crate::hash::key::{FileList, Keyed, Manifest, SHELL, secret_mac, secret_unset};
-use crate::hash::select::Matcher;
-use crate::hash::walk::{self, Group, Walked};
+use crate::hash::select::{Matcher, Trees};
+use crate::hash::walk::{self, Walked};
 use crate::hash::{self, Hash};
 use crate::pipeline::Pipeline;
 use crate::relpath::RelPath;
@@ -39,7 +39,7 @@ pub struct Session<'a> {
     matchers: Vec<Matcher>,
     global: Matcher,
     /// The walked input trees, one group per walk start.
-    walked: Vec<Group>,
+    walked: Trees,
     tools: HashMap<String, Result<Hash, ToolError>>,
     secret_key: Option<[u8; 32]>,
     warnings: Vec<String>,
@@ -83,7 +83,7 @@ impl<'a> Session<'a> {
             env_name,
             matchers,
             global: Matcher::new(&pipeline.global_inputs, Vec::new()),
-            walked: Vec::new(),
+            walked: Trees::default(),
             tools: HashMap::new(),
             secret_key,
             warnings: Vec::new(),
@@ -109,15 +109,15 @@ impl<'a> Session<'a> {
     /// Walk the input trees of `stages` (and the global inputs) once, in parallel, and digest their inputs
     /// ahead, in parallel too.
     pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
-        let mut starts = self.global.starts();
+        let mut starts = self.global.starts().to_vec();
         for &i in stages {
-            starts.extend(self.matchers[i].starts());
+            starts.extend_from_slice(self.matchers[i].starts());
         }
         let mut warnings = Vec::new();
         let (hasher, matchers, global) = (&self.hasher, &self.matchers, &self.global);
         let wanted = |p: &RelPath| global.matches(p) || stages.iter().any(|&i| matchers[i].matches(p));
         // Files the stat cache cannot vouch for (once it is decoded) are hashed while the walk goes on.
-        self.walked = walk::walk(self.root, &starts, &mut warnings, &|w| hasher.prehash(w, wanted))?;
+        self.walked = Trees::new(walk::walk(self.root, &starts, &mut warnings, &|w| hasher.prehash(w, wanted))?);
         self.inputs_ahead.clear();
         for w in warnings {
             self.warn_once(w);
@@ -127,15 +127,18 @@ impl<'a> Session<'a> {
 
     /// Walk again the trees of one stage (its files may have been written or restored since the walk).
     pub fn rewalk(&mut self, i: usize) -> Result<(), Error> {
-        let mut starts = self.matchers[i].starts();
-        starts.extend(self.global.starts());
+        let mut starts = self.matchers[i].starts().to_vec();
+        starts.extend_from_slice(self.global.starts());
         let mut warnings = Vec::new();
         let fresh = walk::walk(self.root, &starts, &mut warnings, &|_| {})?;
         self.inputs_ahead.clear();
-        for g in &mut self.walked {
+        let mut groups = std::mem::take(&mut self.walked).groups;
+        groups.retain(|g| !fresh.iter().any(|f| g.start.starts_with(&f.start)));
+        for g in &mut groups {
             g.files.retain(|w| !fresh.iter().any(|f| w.path.starts_with(&f.start)));
         }
-        self.walked.extend(fresh);
+        groups.extend(fresh);
+        self.walked = Trees::new(groups);
         for w in warnings {
             self.warn_once(w);
         }
@@ -149,8 +152,7 @@ impl<'a> Session<'a> {
         let (walked, hasher, progress, matchers) = (&self.walked, &self.hasher, self.progress, &self.matchers);
         // Big files first, one at a time for all the stages together (see `FileHasher::hash_big`).
         let big: Vec<&Walked> = walked
-            .iter()
-            .flat_map(|g| g.files.iter())
+            .files()
             .filter(|w| crate::hash::files::is_big(w) && stages.iter().any(|&i| matchers[i].matches(&w.path)))
             .collect();
         hasher.hash_big(&big)?;
@@ -274,7 +276,7 @@ impl<'a> Session<'a> {
             return;
         }
         let known = self.hasher.known();
-        let walked_below = |p: &[u8]| p.first() != Some(&b'/') && self.walked.iter().any(|g| g.start.holds(p));
+        let walked_below = |p: &[u8]| p.first() != Some(&b'/') && self.walked.groups.iter().any(|g| g.start.holds(p));
         let elsewhere: Vec<(&[u8], _)> = new
             .files
             .iter()
@@ -285,7 +287,7 @@ impl<'a> Session<'a> {
         let relearned: HashSet<&[u8]> = elsewhere.iter().map(|(p, _)| *p).collect();
         let old = snapshot_entries(self.hasher.snapshot());
         let kept = old.into_iter().filter(|(p, _)| !walked_below(p) && !relearned.contains(p));
-        let walked = self.walked.iter().flat_map(|g| g.files.iter()).filter_map(|w| {
+        let walked = self.walked.files().filter_map(|w| {
             let entry = new.files.get(&w.path).or_else(|| known.get(w.path.as_bytes()))?;
             Some((w.path.as_bytes(), *entry))
         });
@@ -324,7 +326,7 @@ pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
 type Inputs = (FileList, Vec<usize>);
 
 /// The files `m` selects from the walk, digested, and the include patterns that matched nothing.
-fn files(walked: &[Group], hasher: &FileHasher, progress: bool, m: &Matcher) -> Result<Inputs, Error> {
+fn files(walked: &Trees, hasher: &FileHasher, progress: bool, m: &Matcher) -> Result<Inputs, Error> {
     let list = crate::hash::select::select(walked, m);
     let _spinner = crate::report::progress::HashProgress::start(
         progress && list.len() >= 2000,

@@ -1,9 +1,10 @@
 //! The cache under `.kkpipe/`: a SQLite database of what ran, and a content-addressed blob store of outputs.
 //!
 //! - `cache.db`: runs, stage runs (key, state, timing, masked log), manifests (the structured inputs behind
-//!   each key), outputs of successful stage runs, and the stat cache. WAL mode, an explicit busy timeout,
+//!   each key), outputs of successful stage runs. WAL mode, an explicit busy timeout,
 //!   writes in `BEGIN IMMEDIATE` transactions, migrations on `PRAGMA user_version` (append-only). A new
 //!   database is built aside and linked into place, so concurrent first runs never see it half set up.
+//! - `stat-cache`: the stat cache, one checksummed file ([`Cache::save_stat_snapshot`]).
 //! - `blobs/`: outputs by BLAKE3, see [`store`]. A row pointing at a blob is committed only after the blob.
 //! - `sensitive/`: sensitive output blobs and `secret.key`, 32 random bytes (mode 0600) keying the HMAC of
 //!   `secret_env` values unless `KKPIPE_SECRET_KEY` is set (then the key is derived from that secret and

@@ -16,7 +16,7 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -245,6 +245,9 @@ pub struct FileHasher {
     memo: Mutex<HashMap<RelPath, (Stat, Hash, bool), foldhash::fast::RandomState>>,
     /// Tools hashed in this invocation, to record (keyed by absolute path).
     new_tools: Mutex<Vec<(Vec<u8>, StatEntry)>>,
+    /// Walk threads hashing right now, and how many may (the CPUs: the walk has more threads than that).
+    prehashing: AtomicUsize,
+    prehash_slots: usize,
     pub counters: Arc<Counters>,
 }
 
@@ -262,6 +265,8 @@ impl FileHasher {
             snapshot,
             memo: Mutex::new(HashMap::default()),
             new_tools: Mutex::new(Vec::new()),
+            prehashing: AtomicUsize::new(0),
+            prehash_slots: rayon::current_num_threads(),
             counters: Arc::new(Counters::default()),
         }
     }
@@ -382,7 +387,11 @@ impl FileHasher {
         if known.get(w.path.as_bytes()).is_some_and(|e| e.vouches_for(&w.stat)) || !wanted(&w.path) {
             return;
         }
-        let _ = self.digest(w);
+        // Never more walk threads hashing than there are CPUs; a file left here is hashed after the walk.
+        if self.prehashing.fetch_add(1, Ordering::Relaxed) < self.prehash_slots {
+            let _ = self.digest(w);
+        }
+        self.prehashing.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The stat cache, when its decoding has finished; never waits.

@@ -23,6 +23,8 @@ pub struct Matcher {
     exclude: Arc<GlobSet>,
     /// The stage's own outputs: a stage never depends on what it writes itself.
     own_outputs: Vec<RelPath>,
+    /// Each pattern's literal prefix: where a walk must start to see what it can match.
+    starts: Vec<RelPath>,
 }
 
 fn glob(p: &str) -> Glob {
@@ -69,6 +71,7 @@ impl Matcher {
             }
         }
         Matcher {
+            starts: spec.include.iter().map(|p| literal_prefix(p)).collect(),
             patterns: spec.include.clone(),
             literals,
             globs: (!globbed.is_empty()).then(|| glob_set(globbed)),
@@ -137,8 +140,8 @@ impl Matcher {
     }
 
     /// Where a walk must start to see every file the patterns can match: each pattern's literal prefix.
-    pub fn starts(&self) -> Vec<RelPath> {
-        self.patterns.iter().map(|p| literal_prefix(p)).collect()
+    pub fn starts(&self) -> &[RelPath] {
+        &self.starts
     }
 }
 
@@ -148,27 +151,102 @@ fn never_input(path: &RelPath) -> bool {
 }
 
 /// The walked files that `m` selects, sorted by path and without duplicates. Only the groups of the walk
-/// that overlap a pattern's literal prefix are scanned, so a stage reading `terraform/aws/**` costs nothing
-/// for the other 50,000 files of a monorepo.
+/// that overlap a pattern's literal prefix are scanned (found through `index`, never by trying every group
+/// against every pattern), so a stage reading `terraform/aws/**` costs nothing for the other 50,000 files of
+/// a monorepo, and a thousand literal patterns cost a thousand lookups.
 ///
 /// A link that is not followed and lies on the way to a pattern's prefix (`link` for `link/sub/**`) is
 /// selected too: the stage reads through it, so its link text is part of the key.
-pub fn select<'a>(groups: &'a [Group], m: &Matcher) -> Vec<&'a Walked> {
-    let mut chosen: Vec<&Walked> = Vec::new();
+pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
+    let (groups, index) = (&trees.groups, &trees.index);
+    // Per overlapping group: `None` when a start holds the group's start (every file of it is under a
+    // start), else the starts that lie inside it.
+    let mut scan: HashMap<usize, Option<Vec<&RelPath>>> = HashMap::new();
     for start in m.starts() {
-        for g in groups.iter().filter(|g| start.starts_with(&g.start) || g.start.starts_with(&start)) {
-            chosen.extend(g.files.iter().filter(|w| {
-                if w.path.starts_with(&start) {
-                    m.matches(&w.path)
-                } else {
-                    w.kind == Kind::Symlink && start.starts_with(&w.path) && !m.excluded(&w.path)
-                }
-            }));
+        for (g, holds_group) in index.overlapping(start) {
+            let entry = scan.entry(g).or_insert_with(|| Some(Vec::new()));
+            match entry {
+                _ if holds_group => *entry = None,
+                Some(inside) => inside.push(start),
+                None => {}
+            }
         }
+    }
+    let mut chosen: Vec<&Walked> = Vec::new();
+    for (g, inside) in scan {
+        let group = &groups[g];
+        let under_a_start = |w: &Walked| match &inside {
+            None => group.start.holds(w.path.as_bytes()),
+            Some(starts) => starts.iter().any(|s| w.path.starts_with(s)),
+        };
+        chosen.extend(group.files.iter().filter(|w| {
+            (under_a_start(w) && m.matches(&w.path))
+                || (w.kind == Kind::Symlink
+                    && m.starts().iter().any(|s| s.starts_with(&w.path) && !w.path.starts_with(s))
+                    && !m.excluded(&w.path))
+        }));
     }
     chosen.sort_unstable_by(|a, b| a.path.cmp(&b.path));
     chosen.dedup_by(|a, b| a.path == b.path);
     chosen
+}
+
+/// The walked trees, one group per walk start, with an index of the starts.
+#[derive(Default)]
+pub struct Trees {
+    pub groups: Vec<Group>,
+    index: Groups,
+}
+
+impl Trees {
+    pub fn new(groups: Vec<Group>) -> Trees {
+        Trees { index: Groups::new(&groups), groups }
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &Walked> {
+        self.groups.iter().flat_map(|g| g.files.iter())
+    }
+}
+
+/// The walk's group starts, sorted by their bytes, to find the groups a pattern's prefix overlaps with a few
+/// binary searches. One walk's starts never nest, but a stage's walk again may lie below an earlier one.
+#[derive(Default)]
+struct Groups {
+    sorted: Vec<(RelPath, usize)>,
+}
+
+impl Groups {
+    fn new(groups: &[Group]) -> Groups {
+        let mut sorted: Vec<(RelPath, usize)> = groups.iter().enumerate().map(|(i, g)| (g.start.clone(), i)).collect();
+        sorted.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Groups { sorted }
+    }
+
+    /// The groups whose start is `path` (one, unless a stage's walk again repeated an earlier start).
+    fn find<'s>(&'s self, path: &'s [u8]) -> impl Iterator<Item = usize> + 's {
+        let from = self.sorted.partition_point(|(s, _)| s.as_bytes() < path);
+        self.sorted[from..].iter().take_while(move |(s, _)| s.as_bytes() == path).map(|(_, g)| *g)
+    }
+
+    /// The groups that overlap `start`, each with whether `start` holds the group's start: the group that
+    /// `start` lies in (its start is an ancestor of `start`, or `start` itself), and the groups below it.
+    fn overlapping(&self, start: &RelPath) -> Vec<(usize, bool)> {
+        let b = start.as_bytes();
+        let proper_ancestors = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &b[..i]);
+        let above = (!b.is_empty()).then_some(&b[..0]).into_iter().chain(proper_ancestors);
+        let mut out: Vec<(usize, bool)> = above.flat_map(|a| self.find(a)).map(|g| (g, false)).collect();
+        out.extend(self.find(b).map(|g| (g, true)));
+        let below: &[(RelPath, usize)] = if b.is_empty() {
+            &self.sorted
+        } else {
+            let prefix = [b, b"/"].concat();
+            let from = self.sorted.partition_point(|(s, _)| s.as_bytes() < prefix.as_slice());
+            let len = self.sorted[from..].iter().take_while(|(s, _)| s.as_bytes().starts_with(&prefix)).count();
+            &self.sorted[from..from + len]
+        };
+        out.extend(below.iter().filter(|(s, _)| s.as_bytes() != b).map(|(_, g)| (*g, true)));
+        out
+    }
 }
 
 /// The leading components of a pattern that contain no glob syntax: `terraform/aws/**` -> `terraform/aws`.
@@ -263,11 +341,13 @@ mod tests {
         ) {
             let w = walked(&paths);
             let m = Matcher::new(&InputSpec { include, exclude }, vec![]);
-            // Two overlapping groups, as a walk of `a` and of the root would produce: still each file once.
-            let groups = [
+            // Overlapping groups, as a walk of `a` and of the root would produce, and a start repeated by a
+            // walk again (the earlier group emptied): still each file once.
+            let groups = Trees::new(vec![
+                Group { start: RelPath::parse("a").unwrap(), files: Vec::new() },
                 Group { start: RelPath::parse("a").unwrap(), files: w.iter().filter(|x| x.path.starts_with(&RelPath::parse("a").unwrap())).cloned().collect() },
                 Group { start: RelPath::root(), files: w.iter().rev().cloned().collect() },
-            ];
+            ]);
             let got: Vec<&RelPath> = select(&groups, &m).into_iter().map(|w| &w.path).collect();
             let want: Vec<&RelPath> = w.iter().map(|w| &w.path).filter(|p| m.matches(p)).collect();
             prop_assert_eq!(&got, &want);

@@ -80,6 +80,9 @@ struct Walk<'a> {
     root: &'a Path,
     real_root: PathBuf,
     on_file: &'a OnFile<'a>,
+    /// The `lstat` of each directory on the way down to a start (`None`: missing), taken once however many
+    /// starts lie below it: a thousand literal patterns in ten directories make ten calls, not two thousand.
+    above: std::collections::HashMap<RelPath, Option<fs::Metadata>>,
 }
 
 /// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
@@ -95,9 +98,48 @@ pub fn walk(
     warnings: &mut Vec<String>,
     on_file: &OnFile<'_>,
 ) -> Result<Vec<Group>, Error> {
+    match pool() {
+        Some(p) => p.install(|| walk_here(root, starts, warnings, on_file)),
+        None => walk_here(root, starts, warnings, on_file),
+    }
+}
+
+/// The walk's own threads. Reading directories and `lstat`ing files is system calls, not computation: with
+/// more threads than cores, a walk keeps more requests in flight (a cold disk, a network file system) and
+/// keeps its share of a machine that other processes keep busy (the scheduler shares CPU time per thread;
+/// `git status` `lstat`s with up to 20). Hashing stays on the pool sized to the CPUs this process may use
+/// ([`super::files::FileHasher::prehash`] hashes on at most that many walk threads at once).
+/// `KKPIPE_WALK_THREADS` sets the count; the default is 8, or the CPU count when it is larger.
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = std::env::var("KKPIPE_WALK_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(cpus.max(8));
+        rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("walk-{i}")).build().ok()
+    })
+    .as_ref()
+}
+
+fn walk_here(
+    root: &Path,
+    starts: &[RelPath],
+    warnings: &mut Vec<String>,
+    on_file: &OnFile<'_>,
+) -> Result<Vec<Group>, Error> {
     let real_root = fs::canonicalize(root).map_err(|e| Error::read(root.display(), e))?;
-    let w = Walk { root, real_root, on_file };
     let starts = minimal_starts(starts);
+    let mut dirs = std::collections::HashSet::new();
+    for s in &starts {
+        let names = s.names();
+        let mut prefix = RelPath::root();
+        for name in names.iter().take(names.len().saturating_sub(1)) {
+            prefix = prefix.join_name(name);
+            dirs.insert(prefix.clone());
+        }
+    }
+    let above =
+        dirs.into_par_iter().map(|d| (fs::symlink_metadata(d.under(root)).ok(), d)).map(|(m, d)| (d, m)).collect();
+    let w = Walk { root, real_root, on_file, above };
     let found: Vec<Result<(Group, Vec<String>), Error>> = starts.par_iter().map(|s| w.start(s)).collect();
     let mut groups = Vec::with_capacity(found.len());
     for r in found {
@@ -108,17 +150,23 @@ pub fn walk(
     Ok(groups)
 }
 
-/// Drop starts that lie below another start, so no file is walked twice.
+/// Drop starts that lie below another start, so no file is walked twice. Shortest first, each checked by
+/// its ancestors' lookups: a thousand literal patterns cost a thousand lookups, not a million comparisons.
 fn minimal_starts(starts: &[RelPath]) -> Vec<RelPath> {
-    let mut sorted: Vec<RelPath> = starts.to_vec();
-    sorted.sort();
-    sorted.dedup();
+    let mut sorted: Vec<&RelPath> = starts.iter().collect();
+    sorted.sort_unstable_by_key(|s| s.as_bytes().len());
+    let mut kept: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
     let mut out: Vec<RelPath> = Vec::new();
     for s in sorted {
-        if !out.iter().any(|o| s.starts_with(o)) {
-            out.push(s);
+        let b = s.as_bytes();
+        let ancestors = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &b[..i]);
+        let covered = kept.contains(&b[..0]) || kept.contains(b) || ancestors.into_iter().any(|a| kept.contains(a));
+        if !covered {
+            kept.insert(b);
+            out.push(s.clone());
         }
     }
+    out.sort();
     out
 }
 
@@ -166,12 +214,12 @@ impl Walk<'_> {
         let names = start.names();
         for name in names.iter().take(names.len().saturating_sub(1)) {
             prefix = prefix.join_name(name);
-            let meta = fs::symlink_metadata(prefix.under(self.root)).ok()?;
+            let meta = self.above.get(&prefix)?.as_ref()?;
             if !meta.file_type().is_symlink() {
                 continue;
             }
             if let Link::Kept(warning) = self.resolve(&prefix, &[]) {
-                return Some((Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(&meta) }, warning));
+                return Some((Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(meta) }, warning));
             }
         }
         None
@@ -322,4 +370,21 @@ fn classify(path: RelPath, meta: &fs::Metadata, warnings: &mut Vec<String>) -> O
     };
     warnings.push(format!("skipping `{path}`: it is {what}, not a file"));
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(v: &[&str]) -> Vec<RelPath> {
+        v.iter().map(|p| RelPath::parse(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn starts_below_another_start_are_dropped_but_siblings_sharing_a_prefix_stay() {
+        let got = minimal_starts(&paths(&["a/b", "a", "ab", "a/b/c", "c", "a", "a-b/x"]));
+        assert_eq!(got, paths(&["a", "a-b/x", "ab", "c"]));
+        assert_eq!(minimal_starts(&paths(&["x/y", "", "z"])), paths(&[""]));
+        assert!(minimal_starts(&[]).is_empty());
+    }
 }

@@ -462,3 +462,24 @@ fn a_damaged_stat_cache_is_dropped_whole_and_every_file_hashed_again() {
     assert!(after.stderr.contains("hashed 1 files"), "{}", after.stderr);
     assert_eq!(repo.state_of("s"), "fresh");
 }
+
+/// After a stage runs, the next stages' trees are walked again; each stage must still see exactly its own
+/// inputs (a walk again repeats the starts of the first walk), and the run after is a no-op.
+#[test]
+fn a_chain_of_one_file_stages_records_each_file_and_is_fresh_on_the_next_run() {
+    let repo = Repo::empty();
+    let mut toml = String::new();
+    for i in 0..30 {
+        let need = if i > 0 { format!("needs = [\"s{}\"]\n", i - 1) } else { String::new() };
+        toml.push_str(&format!("[stages.s{i}]\nrun = \"true\"\ninputs = [\"src/d{}/f{i}.txt\"]\n{need}\n", i % 3));
+        repo.write(&format!("src/d{}/f{i}.txt", i % 3), &format!("file {i}"));
+    }
+    repo.write("pipeline.toml", &toml);
+    let first = repo.run(&[]).ok();
+    assert!(!first.stderr.contains("matches no file"), "{}", first.stderr);
+    assert_eq!(first.ran().len(), 30);
+    for i in 0..30 {
+        assert_eq!(repo.input_paths(&format!("s{i}")), [format!("src/d{}/f{i}.txt", i % 3)]);
+    }
+    assert_eq!(repo.run(&[]).ok().ran(), Vec::<String>::new());
+}
