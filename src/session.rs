@@ -265,10 +265,10 @@ impl<'a> Session<'a> {
 
     // ------------------------------------------------------------ stat cache
 
-    /// Save what this invocation learned into the stat cache. Below the walked starts, the cache then holds
-    /// exactly the files walked (a file gone is forgotten; `cache gc` prunes elsewhere), each with what was
-    /// learned now or else its old entry; elsewhere (outputs, tools) old entries stay unless relearned.
-    /// A no-op status writes, and scans, nothing.
+    /// Save what this invocation learned into the stat cache. In the walked trees, the cache then holds the
+    /// files walked, each with what was learned now or else its old entry, and what was learned of files
+    /// found since (outputs); a file gone is forgotten. Elsewhere (tools, other trees) old entries stay unless
+    /// relearned; `cache gc` prunes them. A no-op status writes, and scans, nothing.
     pub fn persist_stat_cache(&self, cache: &Cache) {
         use crate::hash::files::{encode_snapshot, snapshot_entries};
         let new = self.hasher.take_new_entries();
@@ -276,22 +276,19 @@ impl<'a> Session<'a> {
             return;
         }
         let known = self.hasher.known();
-        let walked_below = |p: &[u8]| p.first() != Some(&b'/') && self.walked.groups.iter().any(|g| g.start.holds(p));
-        let elsewhere: Vec<(&[u8], _)> = new
-            .files
-            .iter()
-            .map(|(p, e)| (p.as_bytes(), *e))
-            .filter(|(p, _)| !walked_below(p))
-            .chain(new.tools.iter().map(|(p, e)| (p.as_slice(), *e)))
-            .collect();
-        let relearned: HashSet<&[u8]> = elsewhere.iter().map(|(p, _)| *p).collect();
+        let walked_here = |p: &[u8]| p.first() != Some(&b'/') && self.walked.covers(p);
+        let relearned: HashSet<&[u8], foldhash::fast::RandomState> =
+            new.files.keys().map(|p| p.as_bytes()).chain(new.tools.iter().map(|(p, _)| p.as_slice())).collect();
         let old = snapshot_entries(self.hasher.snapshot());
-        let kept = old.into_iter().filter(|(p, _)| !walked_below(p) && !relearned.contains(p));
-        let walked = self.walked.files().filter_map(|w| {
-            let entry = new.files.get(&w.path).or_else(|| known.get(w.path.as_bytes()))?;
-            Some((w.path.as_bytes(), *entry))
-        });
-        cache.save_stat_snapshot(&encode_snapshot(kept.chain(walked).chain(elsewhere.iter().copied())));
+        let kept = old.into_iter().filter(|(p, _)| !walked_here(p) && !relearned.contains(p));
+        let unchanged = self
+            .walked
+            .files()
+            .filter(|w| !new.files.contains_key(&w.path))
+            .filter_map(|w| known.get(w.path.as_bytes()).map(|e| (w.path.as_bytes(), *e)));
+        let learned = new.files.iter().map(|(p, e)| (p.as_bytes(), *e));
+        let tools = new.tools.iter().map(|(p, e)| (p.as_slice(), *e));
+        cache.save_stat_snapshot(&encode_snapshot(kept.chain(unchanged).chain(learned).chain(tools)));
     }
 
     /// For `-v`: how much was read, and how much the stat cache saved.

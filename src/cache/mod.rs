@@ -259,11 +259,14 @@ impl Cache {
     /// through SQLite's WAL and checkpoint cost 40-75 ms per cold run; the file costs a few). Best effort by
     /// design: without it the next invocation only hashes more. Not synced: its checksum rejects a torn file.
     pub fn save_stat_snapshot(&self, bytes: &[u8]) {
-        let path = self.dir.join(STAT_CACHE_NAME);
-        let tmp = self.dir.join(format!("{STAT_CACHE_NAME}.{}", std::process::id()));
-        if fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &path)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        // A temporary file of its own (created exclusively, a random name), so two writers never share one.
+        let write = || -> std::io::Result<()> {
+            let mut tmp = tempfile::Builder::new().prefix(&format!("{STAT_CACHE_NAME}.")).tempfile_in(&self.dir)?;
+            tmp.write_all(bytes)?;
+            tmp.persist(self.dir.join(STAT_CACHE_NAME)).map_err(|e| e.error)?;
+            Ok(())
+        };
+        let _ = write();
     }
 
     pub(crate) fn conn(&self) -> &Connection {

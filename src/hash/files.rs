@@ -192,6 +192,28 @@ mod tests {
         }
     }
 
+    /// Every size class hashes to BLAKE3 of the content: empty, one read, several reads, mapped (8-128 MiB,
+    /// through the open file), and read in chunks on all cores (over 128 MiB), hashed side by side.
+    #[test]
+    fn every_size_class_hashes_to_the_blake3_of_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let mb = 1024 * 1024;
+        let sizes = [0, 1, SMALL_CHUNK, SMALL_CHUNK + 1, BIG_FILE as usize + 1, MAP_LIMIT as usize + mb + 3];
+        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        for (i, size) in sizes.iter().chain(std::iter::repeat_n(&4096, 64)).enumerate() {
+            let content: Vec<u8> = (0..*size).map(|b| ((b * 7 + i) % 251) as u8).collect();
+            let path = dir.path().join(format!("f{i}"));
+            fs::write(&path, &content).unwrap();
+            files.push((path, content));
+        }
+        files.par_iter().for_each(|(path, content)| {
+            let seen = Stat::of(&fs::symlink_metadata(path).unwrap());
+            let (hash, after) = hash_file(path, seen).ok().expect("hashed");
+            assert_eq!(hash, Hash::of(content), "{} bytes", content.len());
+            assert_eq!(after.size, content.len() as u64);
+        });
+    }
+
     fn walked(root: &Path, name: &str) -> Walked {
         let meta = fs::symlink_metadata(root.join(name)).unwrap();
         Walked { path: RelPath::parse(name).unwrap(), kind: Kind::File, stat: Stat::of(&meta) }
@@ -428,45 +450,62 @@ enum HashFailure {
     Unstable,
 }
 
-/// Read `f` in `chunk`-sized pieces into one buffer per thread, reused (allocating and zeroing one per file
-/// costs more than hashing it), each piece hashed on this thread or, `parallel`, on all cores. Reading stops
+/// Read `f` in pieces of `buf`'s size, each hashed on this thread or, `parallel`, on all cores. Reading stops
 /// at end of file or once `size` bytes are in: the caller's `fstat` afterwards catches a file that grew, so
 /// the read that would only confirm the end (one syscall per file) is skipped.
 fn hash_read(
     f: &fs::File,
     size: u64,
-    chunk: usize,
+    buf: &mut [u8],
     hasher: &mut blake3::Hasher,
     parallel: bool,
 ) -> std::io::Result<()> {
+    let mut r = f;
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        let mut eof = false;
+        while filled < buf.len() && total + (filled as u64) < size {
+            let n = r.read(&mut buf[filled..])?;
+            if n == 0 {
+                eof = true;
+                break;
+            }
+            filled += n;
+        }
+        if parallel {
+            hasher.update_rayon(&buf[..filled]);
+        } else {
+            hasher.update(&buf[..filled]);
+        }
+        total += filled as u64;
+        if eof || total >= size {
+            return Ok(());
+        }
+    }
+}
+
+/// Hash a small file through this thread's reused buffer (allocating and zeroing one per file costs more than
+/// hashing it). Single-threaded: a rayon wait inside would let this thread start another file on the buffer.
+fn hash_small(f: &fs::File, size: u64, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
     BUFFER.with_borrow_mut(|buf| {
-        if buf.len() < chunk {
-            buf.resize(chunk, 0);
+        if buf.len() < SMALL_CHUNK {
+            buf.resize(SMALL_CHUNK, 0);
         }
-        let mut r = f;
-        let mut total = 0u64;
-        loop {
-            let mut filled = 0;
-            let mut eof = false;
-            while filled < chunk && total + (filled as u64) < size {
-                let n = r.read(&mut buf[filled..chunk])?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                filled += n;
-            }
-            if parallel {
-                hasher.update_rayon(&buf[..filled]);
-            } else {
-                hasher.update(&buf[..filled]);
-            }
-            total += filled as u64;
-            if eof || total >= size {
-                return Ok(());
-            }
-        }
+        hash_read(f, size, &mut buf[..SMALL_CHUNK], hasher, false)
     })
+}
+
+/// Hash a big file on all cores: memory-mapped when it is at most `MAP_LIMIT`, else read in chunks. The map is
+/// of the file already open (through `/dev/fd/N`, never the path again: the path may lead elsewhere by now,
+/// a link moved, and the `fstat` that vouches for the result is of the open file).
+fn hash_big_file(f: &fs::File, size: u64, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if size <= MAP_LIMIT && hasher.update_mmap_rayon(format!("/dev/fd/{}", f.as_raw_fd())).is_ok() {
+        return Ok(());
+    }
+    hasher.reset();
+    hash_read(f, size, &mut vec![0; BIG_CHUNK], hasher, true)
 }
 
 /// Read and hash a regular file whose `lstat` the walk saw as `seen`, refusing to follow a symlink or block on
@@ -491,13 +530,9 @@ fn hash_file(abs: &Path, seen: Stat) -> Result<(Hash, Stat), HashFailure> {
                 before = now;
                 continue;
             }
-            if before.size <= MAP_LIMIT {
-                hasher.update_mmap_rayon(abs).map_err(HashFailure::Io)?;
-            } else {
-                hash_read(&f, before.size, BIG_CHUNK, &mut hasher, true).map_err(HashFailure::Io)?;
-            }
+            hash_big_file(&f, before.size, &mut hasher).map_err(HashFailure::Io)?;
         } else {
-            hash_read(&f, before.size, SMALL_CHUNK, &mut hasher, false).map_err(HashFailure::Io)?;
+            hash_small(&f, before.size, &mut hasher).map_err(HashFailure::Io)?;
         }
         let after = Stat::of(&regular(&f)?);
         if same_content_stat(&before, &after) {

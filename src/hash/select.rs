@@ -155,8 +155,8 @@ fn never_input(path: &RelPath) -> bool {
 /// against every pattern), so a stage reading `terraform/aws/**` costs nothing for the other 50,000 files of
 /// a monorepo, and a thousand literal patterns cost a thousand lookups.
 ///
-/// A link that is not followed and lies on the way to a pattern's prefix (`link` for `link/sub/**`) is
-/// selected too: the stage reads through it, so its link text is part of the key.
+/// A link that is not followed and lies on the way to a pattern's prefix, or is it (`link` for `link/sub/**`
+/// or `link/**`), is selected too: the stage reads through it, so its link text is part of the key.
 pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
     let (groups, index) = (&trees.groups, &trees.index);
     // Per overlapping group: `None` when a start holds the group's start (every file of it is under a
@@ -182,7 +182,7 @@ pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
         chosen.extend(group.files.iter().filter(|w| {
             (under_a_start(w) && m.matches(&w.path))
                 || (w.kind == Kind::Symlink
-                    && m.starts().iter().any(|s| s.starts_with(&w.path) && !w.path.starts_with(s))
+                    && m.starts().iter().any(|s| s.starts_with(&w.path))
                     && !m.excluded(&w.path))
         }));
     }
@@ -205,6 +205,12 @@ impl Trees {
 
     pub fn files(&self) -> impl Iterator<Item = &Walked> {
         self.groups.iter().flat_map(|g| g.files.iter())
+    }
+
+    /// Whether the repository-relative `path` lies in a walked tree (a start is it or one of its ancestors).
+    pub fn covers(&self, path: &[u8]) -> bool {
+        let ancestors = path.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &path[..i]);
+        [&path[..0], path].into_iter().chain(ancestors).any(|a| self.index.find(a).next().is_some())
     }
 }
 

@@ -140,6 +140,29 @@ fn a_walk_start_below_a_symlinked_directory_is_seen_whatever_else_is_selected() 
     assert!(repo.run(&[]).ok().ran() == ["whole"], "only `whole` was left to rerun");
 }
 
+/// A bare input that is a link out of the repository (`vendor`, given as `inputs = ["vendor"]`, becomes
+/// `vendor/**` because it leads to a directory): the stage reads through it, so its link text is keyed, and
+/// pointing it elsewhere reruns the stage.
+#[test]
+fn a_bare_input_that_links_out_of_the_repository_is_keyed_by_its_link_text() {
+    let repo = Repo::empty();
+    let (one, two) = (repo.sibling("vendor-1"), repo.sibling("vendor-2"));
+    for d in [&one, &two] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("lib.txt"), "outside").unwrap();
+    }
+    std::os::unix::fs::symlink(&one, repo.path("vendor")).unwrap();
+    repo.write("pipeline.toml", "[stages.s]\nrun = \"true\"\ninputs = [\"vendor\"]\n");
+    repo.run(&[]).ok();
+    assert!(keyed_inputs(&repo, "s").contains(&("vendor".into(), one.display().to_string())));
+    assert!(repo.run(&[]).ok().ran().is_empty());
+    std::fs::remove_file(repo.path("vendor")).unwrap();
+    std::os::unix::fs::symlink(&two, repo.path("vendor")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["s"]);
+    assert_eq!(r.reason_of("s")["path"], "vendor");
+}
+
 /// Item 4: a link inside the repository is keyed by what it points to (file or directory); a link out of
 /// the repository keeps its link text and gets one warning; a dangling link is a state of its own; loops are
 /// not followed.
