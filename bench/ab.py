@@ -34,10 +34,13 @@ def cache_of(k):
     return ".kkpipe-A" if k == A else ".kkpipe-B"
 
 
-def with_cache(k, cmd):
-    """Run `cmd` (untimed) with binary `k`'s own cache in place."""
-    sh(f"rm -rf .kkpipe; if [ -d {cache_of(k)} ]; then mv {cache_of(k)} .kkpipe; fi; {cmd}; "
-       f"if [ -d .kkpipe ]; then mv .kkpipe {cache_of(k)}; fi")
+def with_cache(k, cmd, time_it=False):
+    """Run `cmd` with binary `k`'s own cache in place (moved in and out untimed); with `time_it`, time it."""
+    sh(f"rm -rf .kkpipe; if [ -d {cache_of(k)} ]; then mv {cache_of(k)} .kkpipe; fi")
+    try:
+        return timed(cmd) if time_it else sh(cmd)
+    finally:
+        sh(f"if [ -d .kkpipe ]; then mv .kkpipe {cache_of(k)}; fi")
 
 
 def scenario(name, prepare):
@@ -46,9 +49,7 @@ def scenario(name, prepare):
         for k in (A, B):
             if prepare:
                 sh(prepare.replace(".kkpipe", cache_of(k)))
-            sh(f"rm -rf .kkpipe; if [ -d {cache_of(k)} ]; then mv {cache_of(k)} .kkpipe; fi")
-            s = timed(f"{k} -q status")
-            sh(f"mv .kkpipe {cache_of(k)}")
+            s = with_cache(k, f"{k} -q status", time_it=True)
             if i:  # the first round is a warm-up
                 samples[k].append(s)
     med = {k: [statistics.median(x[j] for x in v) for j in range(3)] for k, v in samples.items()}

@@ -122,6 +122,13 @@ impl RelPath {
         other.holds(&self.0)
     }
 
+    /// The proper ancestors of a repository-relative `path` (as bytes), shortest first: the root (empty), then
+    /// `a`, `a/b` for `a/b/c`. None for the root itself.
+    pub fn ancestors_of(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let below_root = path.iter().enumerate().filter(|(_, c)| **c == b'/').map(move |(i, _)| &path[..i]);
+        (!path.is_empty()).then_some(&path[..0]).into_iter().chain(below_root)
+    }
+
     /// Whether the repository-relative `path` (as bytes, as the stat cache stores it) is this path or below it.
     pub fn holds(&self, path: &[u8]) -> bool {
         self.0.is_empty() || (path.starts_with(&self.0) && (path.len() == self.0.len() || path[self.0.len()] == b'/'))

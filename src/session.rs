@@ -132,7 +132,7 @@ impl<'a> Session<'a> {
         let mut warnings = Vec::new();
         let fresh = walk::walk(self.root, &starts, &mut warnings, &|_| {})?;
         self.inputs_ahead.clear();
-        let mut groups = std::mem::take(&mut self.walked).groups;
+        let mut groups = std::mem::take(&mut self.walked).into_groups();
         groups.retain(|g| !fresh.iter().any(|f| g.start.starts_with(&f.start)));
         for g in &mut groups {
             g.files.retain(|w| !fresh.iter().any(|f| w.path.starts_with(&f.start)));

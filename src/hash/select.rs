@@ -87,8 +87,7 @@ impl Matcher {
             return None;
         }
         let b = path.as_bytes();
-        let ends = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| i).chain([b.len()]);
-        ends.filter_map(|e| self.literals.get(&b[..e]).copied()).next()
+        RelPath::ancestors_of(b).skip(1).chain([b]).find_map(|a| self.literals.get(a).copied())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -194,7 +193,7 @@ pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
 /// The walked trees, one group per walk start, with an index of the starts.
 #[derive(Default)]
 pub struct Trees {
-    pub groups: Vec<Group>,
+    groups: Vec<Group>,
     index: Groups,
 }
 
@@ -203,14 +202,18 @@ impl Trees {
         Trees { index: Groups::new(&groups), groups }
     }
 
+    /// The groups, to change and index again with [`Trees::new`].
+    pub fn into_groups(self) -> Vec<Group> {
+        self.groups
+    }
+
     pub fn files(&self) -> impl Iterator<Item = &Walked> {
         self.groups.iter().flat_map(|g| g.files.iter())
     }
 
     /// Whether the repository-relative `path` lies in a walked tree (a start is it or one of its ancestors).
     pub fn covers(&self, path: &[u8]) -> bool {
-        let ancestors = path.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &path[..i]);
-        [&path[..0], path].into_iter().chain(ancestors).any(|a| self.index.find(a).next().is_some())
+        RelPath::ancestors_of(path).chain([path]).any(|a| self.index.find(a).next().is_some())
     }
 }
 
@@ -238,9 +241,8 @@ impl Groups {
     /// `start` lies in (its start is an ancestor of `start`, or `start` itself), and the groups below it.
     fn overlapping(&self, start: &RelPath) -> Vec<(usize, bool)> {
         let b = start.as_bytes();
-        let proper_ancestors = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &b[..i]);
-        let above = (!b.is_empty()).then_some(&b[..0]).into_iter().chain(proper_ancestors);
-        let mut out: Vec<(usize, bool)> = above.flat_map(|a| self.find(a)).map(|g| (g, false)).collect();
+        let mut out: Vec<(usize, bool)> =
+            RelPath::ancestors_of(b).flat_map(|a| self.find(a)).map(|g| (g, false)).collect();
         out.extend(self.find(b).map(|g| (g, true)));
         let below: &[(RelPath, usize)] = if b.is_empty() {
             &self.sorted

@@ -82,7 +82,7 @@ struct Walk<'a> {
     on_file: &'a OnFile<'a>,
     /// The `lstat` of each directory on the way down to a start (`None`: missing), taken once however many
     /// starts lie below it: a thousand literal patterns in ten directories make ten calls, not two thousand.
-    above: std::collections::HashMap<RelPath, Option<fs::Metadata>>,
+    above: std::collections::HashMap<&'a [u8], Option<fs::Metadata>>,
 }
 
 /// Walk every start (a file or a directory, relative to `root`), returning regular files and symlinks per
@@ -128,17 +128,10 @@ fn walk_here(
 ) -> Result<Vec<Group>, Error> {
     let real_root = fs::canonicalize(root).map_err(|e| Error::read(root.display(), e))?;
     let starts = minimal_starts(starts);
-    let mut dirs = std::collections::HashSet::new();
-    for s in &starts {
-        let names = s.names();
-        let mut prefix = RelPath::root();
-        for name in names.iter().take(names.len().saturating_sub(1)) {
-            prefix = prefix.join_name(name);
-            dirs.insert(prefix.clone());
-        }
-    }
-    let above =
-        dirs.into_par_iter().map(|d| (fs::symlink_metadata(d.under(root)).ok(), d)).map(|(m, d)| (d, m)).collect();
+    let dirs: std::collections::HashSet<&[u8]> =
+        starts.iter().flat_map(|s| RelPath::ancestors_of(s.as_bytes()).skip(1)).collect();
+    let lstat = |d: &[u8]| fs::symlink_metadata(root.join(std::ffi::OsStr::from_bytes(d))).ok();
+    let above = dirs.into_par_iter().map(|d| (d, lstat(d))).collect();
     let w = Walk { root, real_root, on_file, above };
     let found: Vec<Result<(Group, Vec<String>), Error>> = starts.par_iter().map(|s| w.start(s)).collect();
     let mut groups = Vec::with_capacity(found.len());
@@ -159,9 +152,7 @@ fn minimal_starts(starts: &[RelPath]) -> Vec<RelPath> {
     let mut out: Vec<RelPath> = Vec::new();
     for s in sorted {
         let b = s.as_bytes();
-        let ancestors = b.iter().enumerate().filter(|(_, c)| **c == b'/').map(|(i, _)| &b[..i]);
-        let covered = kept.contains(&b[..0]) || kept.contains(b) || ancestors.into_iter().any(|a| kept.contains(a));
-        if !covered {
+        if !RelPath::ancestors_of(b).chain([b]).any(|a| kept.contains(a)) {
             kept.insert(b);
             out.push(s.clone());
         }
@@ -210,14 +201,12 @@ impl Walk<'_> {
     /// The first link on the way down to `start` that is not followed, as a walked entry.
     /// With the warning that says why it was not followed, if any.
     fn kept_link_above(&self, start: &RelPath) -> Option<(Walked, Option<String>)> {
-        let mut prefix = RelPath::root();
-        let names = start.names();
-        for name in names.iter().take(names.len().saturating_sub(1)) {
-            prefix = prefix.join_name(name);
-            let meta = self.above.get(&prefix)?.as_ref()?;
+        for dir in RelPath::ancestors_of(start.as_bytes()).skip(1) {
+            let meta = self.above.get(dir)?.as_ref()?;
             if !meta.file_type().is_symlink() {
                 continue;
             }
+            let prefix = RelPath::from_bytes(dir).ok()?;
             if let Link::Kept(warning) = self.resolve(&prefix, &[]) {
                 return Some((Walked { path: prefix, kind: Kind::Symlink, stat: Stat::of(meta) }, warning));
             }
