@@ -32,6 +32,7 @@
 pub mod cache;
 pub mod ci;
 pub mod cli;
+pub mod clock;
 mod commands;
 pub mod error;
 pub mod evaluate;

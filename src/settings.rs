@@ -60,6 +60,21 @@ impl Settings {
         }
     }
 
+    /// How long stages get to stop after a forwarded SIGINT/SIGTERM, or after kkpipe died, before SIGKILL:
+    /// `KKPIPE_STOP_GRACE` seconds (fractions allowed), default 10.
+    pub fn stop_grace(&self) -> Result<std::time::Duration, Error> {
+        const VAR: &str = "KKPIPE_STOP_GRACE";
+        let Some(text) = self.caller_env.get(VAR).filter(|t| !t.trim().is_empty()) else {
+            return Ok(std::time::Duration::from_secs(10));
+        };
+        text.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && (0.0..=86_400.0).contains(s))
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| Error::Usage(format!("{VAR}=`{text}` is not a number of seconds (0 to 86400)")))
+    }
+
     /// The event the CI's variables say, whatever the flags say.
     pub fn ci_event(&self) -> Option<Event> {
         self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))

@@ -134,9 +134,7 @@ pub struct Cache {
     pub blobs: BlobStore,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 impl Cache {
     pub fn dir_of(root: &Path) -> PathBuf {

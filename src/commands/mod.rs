@@ -189,6 +189,7 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
         replay: args.replay,
         probe_only: false,
         lock_timeout: Duration::from_secs(args.lock_timeout),
+        stop_grace: settings.stop_grace()?,
     };
     execute(settings, &o, &opts, args.json, args.lock_timeout)
 }
@@ -257,7 +258,7 @@ fn execute(
         cache: &o.cache,
         caller_env: &settings.caller_env,
         masker: std::sync::Arc::new(std::sync::RwLock::new(o.masker(settings))),
-        remote: remote.as_ref(),
+        remote: remote.map(std::sync::Arc::new),
     };
     let outcome = run::run(o.cx(), &mut session, &env, opts, sink.as_mut(), &interrupt)?;
     if settings.verbose {
@@ -284,6 +285,7 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
         replay: false,
         probe_only: true,
         lock_timeout: Duration::from_secs(args.lock_timeout),
+        stop_grace: settings.stop_grace()?,
     };
     let outcome = execute(settings, &o, &opts, args.json, args.lock_timeout)?;
     let code = exit_code(outcome.as_ref());

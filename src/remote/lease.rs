@@ -3,11 +3,13 @@
 //! A lease is an object taken by a conditional create (or by swapping out a released or expired one), renewed
 //! by its holder every third of its lifetime, and released by a last swap. Expiry is judged on the waiter's
 //! own monotonic clock: a lease is expired once the waiter has seen the same version of it for the whole
-//! lifetime, so clocks that disagree between machines cannot end a live lease early.
+//! lifetime, so clocks that disagree between machines cannot end a live lease early. The lease carries its
+//! holder's lifetime and a waiter honours the longer of that and its own, so runners configured with
+//! different `lease_seconds` never judge each other's leases by the shorter one.
 
 use super::protocol::{self, Lease};
 use super::{Remote, store};
-use crate::cache::now_ms;
+use crate::clock::Clock;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +35,9 @@ struct Seen {
     since: Instant,
 }
 
+/// How often a waiter looks at the lease again.
+const POLL: Duration = Duration::from_millis(250);
+
 impl Remote {
     /// Take the deploy lease of `stage` in `env`, waiting up to `timeout` for its holder (`waiting` is told
     /// whom, once; `stop` ends the wait early). `Ok(None)`: the store did not answer (warned; the deploy
@@ -48,13 +53,16 @@ impl Remote {
         let name = protocol::lease(env, stage);
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).expect("the operating system's random source");
+        let ttl_ms = self.lease_ttl.as_millis() as i64;
         let mine = Lease {
             holder: id.iter().map(|b| format!("{b:02x}")).collect(),
             who: self.who.clone(),
             expires_ms: 0,
             released: false,
+            ttl_ms,
         };
-        let deadline = Instant::now() + timeout;
+        let clock = self.clock.as_ref();
+        let deadline = clock.now() + timeout;
         let mut seen: Option<Seen> = None;
         let mut told = false;
         let unreachable = |e: store::Error| match e {
@@ -73,14 +81,15 @@ impl Remote {
             };
             let holder = match &current {
                 None => None,
-                Some((bytes, version)) => self.live_holder(bytes, version, &mut seen),
+                Some((bytes, version)) => live_holder(bytes, version, &mut seen, self.lease_ttl, clock),
             };
             if holder.is_none() {
-                let lease = Lease { expires_ms: now_ms() + self.lease_ttl.as_millis() as i64, ..mine.clone() };
+                let lease = Lease { expires_ms: clock.wall_ms() + ttl_ms, ..mine.clone() };
                 let bytes = serde_json::to_vec(&lease).expect("serializable");
                 match self.store.put_if(&name, bytes, current.as_ref().map(|(_, v)| v)) {
                     Ok(Some(version)) => {
-                        return Ok(Some(LeaseGuard::start(self.store.clone(), name, lease, version, self.lease_ttl)));
+                        let held = Held { store: self.store.always(), name, lease, version, clock: self.clock.clone() };
+                        return Ok(Some(LeaseGuard::start(held, self.lease_ttl)));
                     }
                     // Another runner was first: look again.
                     Ok(None) => {}
@@ -88,7 +97,7 @@ impl Remote {
                 }
             }
             let who = holder.unwrap_or_else(|| "another runner".into());
-            if Instant::now() >= deadline || stop() {
+            if clock.now() >= deadline || stop() {
                 let waited = if stop() { Duration::ZERO } else { timeout };
                 return Err(LeaseError::Held { stage: stage.into(), env: env.into(), holder: who, waited });
             }
@@ -96,24 +105,71 @@ impl Remote {
                 waiting(&who);
                 told = true;
             }
-            std::thread::sleep(Duration::from_millis(250));
+            clock.sleep(POLL);
+        }
+    }
+}
+
+/// Who holds the lease stored as `bytes` (at `version`), if it is live: not released, and renewed within the
+/// longer of its own lifetime and `ttl` as this runner has watched it. Unreadable leases count as released.
+fn live_holder(
+    bytes: &[u8],
+    version: &store::Version,
+    seen: &mut Option<Seen>,
+    ttl: Duration,
+    clock: &dyn Clock,
+) -> Option<String> {
+    let lease: Lease = serde_json::from_slice(bytes).ok()?;
+    if lease.released {
+        return None;
+    }
+    let lifetime = ttl.max(Duration::from_millis(lease.ttl_ms.max(0) as u64));
+    match seen {
+        Some(s) if &s.version == version => (clock.now().duration_since(s.since) < lifetime).then_some(lease.who),
+        _ => {
+            *seen = Some(Seen { version: version.clone(), since: clock.now() });
+            Some(lease.who)
+        }
+    }
+}
+
+/// A lease this runner holds, as the renewer keeps it.
+struct Held {
+    store: Arc<dyn store::ObjectStore>,
+    name: String,
+    lease: Lease,
+    version: store::Version,
+    clock: Arc<dyn Clock>,
+}
+
+/// How one renewal went.
+#[derive(Debug, PartialEq, Eq)]
+enum Renewed {
+    Yes,
+    /// Someone else swapped it: it expired for them.
+    Lost,
+    /// The store did not answer: try again soon, there is time left.
+    NoAnswer,
+}
+
+impl Held {
+    fn renew(&mut self, ttl: Duration) -> Renewed {
+        self.lease.expires_ms = self.clock.wall_ms() + ttl.as_millis() as i64;
+        let bytes = serde_json::to_vec(&self.lease).expect("serializable");
+        match self.store.put_if(&self.name, bytes, Some(&self.version)) {
+            Ok(Some(v)) => {
+                self.version = v;
+                Renewed::Yes
+            }
+            Ok(None) => Renewed::Lost,
+            Err(_) => Renewed::NoAnswer,
         }
     }
 
-    /// Who holds the lease stored as `bytes` (at `version`), if it is live: not released, and renewed within
-    /// its lifetime as this runner has watched it. Unreadable leases count as released.
-    fn live_holder(&self, bytes: &[u8], version: &store::Version, seen: &mut Option<Seen>) -> Option<String> {
-        let lease: Lease = serde_json::from_slice(bytes).ok()?;
-        if lease.released {
-            return None;
-        }
-        match seen {
-            Some(s) if &s.version == version => (s.since.elapsed() < self.lease_ttl).then_some(lease.who),
-            _ => {
-                *seen = Some(Seen { version: version.clone(), since: Instant::now() });
-                Some(lease.who)
-            }
-        }
+    fn release(mut self) {
+        self.lease.released = true;
+        let bytes = serde_json::to_vec(&self.lease).expect("serializable");
+        let _ = self.store.put_if(&self.name, bytes, Some(&self.version));
     }
 }
 
@@ -125,41 +181,28 @@ pub struct LeaseGuard {
 }
 
 impl LeaseGuard {
-    fn start(
-        store: Arc<store::Store>,
-        name: String,
-        lease: Lease,
-        version: store::Version,
-        ttl: Duration,
-    ) -> LeaseGuard {
+    fn start(mut held: Held, ttl: Duration) -> LeaseGuard {
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
         let (flag, lost_flag) = (stop.clone(), lost.clone());
         let renewer = std::thread::spawn(move || {
-            let (mut lease, mut version) = (lease, version);
-            let mut next = Instant::now() + ttl / 3;
+            let clock = held.clock.clone();
+            let mut next = clock.now() + ttl / 3;
             while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if Instant::now() < next {
+                std::thread::sleep(Duration::from_millis(50));
+                if clock.now() < next {
                     continue;
                 }
-                lease.expires_ms = now_ms() + ttl.as_millis() as i64;
-                match store.put_if_always(&name, serde_json::to_vec(&lease).expect("serializable"), Some(&version)) {
-                    Ok(Some(v)) => {
-                        version = v;
-                        next = Instant::now() + ttl / 3;
-                    }
-                    // Someone else swapped it: it expired for them. Stop renewing; the deploy is told.
-                    Ok(None) => {
+                next = match held.renew(ttl) {
+                    Renewed::Yes => clock.now() + ttl / 3,
+                    Renewed::Lost => {
                         lost_flag.store(true, Ordering::Relaxed);
                         return;
                     }
-                    // The store did not answer: try again soon, there is time left.
-                    Err(_) => next = Instant::now() + Duration::from_secs(1).min(ttl / 3),
-                }
+                    Renewed::NoAnswer => clock.now() + Duration::from_secs(1).min(ttl / 3),
+                };
             }
-            lease.released = true;
-            let _ = store.put_if_always(&name, serde_json::to_vec(&lease).expect("serializable"), Some(&version));
+            held.release();
         });
         LeaseGuard { stop, lost, renewer: Some(renewer) }
     }
@@ -176,5 +219,121 @@ impl Drop for LeaseGuard {
         if let Some(h) = self.renewer.take() {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::tests::Manual;
+    use crate::remote::store::ObjectStore;
+    use crate::remote::store::memory::Memory;
+    use std::sync::Mutex;
+
+    const TTL: Duration = Duration::from_secs(6);
+
+    fn remote(store: &Arc<Memory>, clock: &Arc<Manual>, ttl: Duration, who: &str) -> Remote {
+        Remote::for_tests(store.clone(), clock.clone(), ttl, who)
+    }
+
+    fn take(r: &Remote, timeout: Duration) -> (Result<Option<LeaseGuard>, LeaseError>, Vec<String>) {
+        let mut told = Vec::new();
+        let got = r.acquire("apply", "prod", timeout, &mut |w| told.push(w.to_string()), &|| false);
+        (got, told)
+    }
+
+    /// A lease left by a runner that died: not released, never renewed.
+    fn dead_lease(store: &Memory, who: &str, ttl_ms: i64) {
+        let lease = Lease { holder: "dead".into(), who: who.into(), expires_ms: 0, released: false, ttl_ms };
+        store.plant(&protocol::lease("prod", "apply"), &serde_json::to_vec(&lease).unwrap());
+    }
+
+    #[test]
+    fn a_free_lease_is_taken_and_a_held_one_is_waited_for_until_the_timeout() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        let a = remote(&store, &clock, TTL, "a@ci");
+        let (held, told) = take(&a, Duration::ZERO);
+        let held = held.unwrap().expect("the store answered");
+        assert!(told.is_empty());
+        let b = remote(&store, &clock, TTL, "b@ci");
+        let (refused, told) = take(&b, Duration::from_secs(2));
+        assert!(matches!(refused, Err(LeaseError::Held { ref holder, .. }) if holder == "a@ci"), "{:?}", refused.err());
+        assert_eq!(told, ["a@ci"], "the waiter says whom it waits for, once");
+        // Released on drop: the next runner takes it at once.
+        drop(held);
+        let start = clock.now();
+        assert!(take(&b, Duration::ZERO).0.unwrap().is_some());
+        assert_eq!(clock.now(), start, "no wait for a released lease");
+    }
+
+    #[test]
+    fn a_dead_holders_lease_expires_a_whole_lifetime_after_the_waiter_first_sees_it() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        dead_lease(&store, "dead@ci", TTL.as_millis() as i64);
+        let b = remote(&store, &clock, TTL, "b@ci");
+        let start = clock.now();
+        let (got, told) = take(&b, Duration::from_secs(60));
+        assert!(got.unwrap().is_some());
+        assert_eq!(told, ["dead@ci"]);
+        let waited = clock.now() - start;
+        assert!(waited >= TTL && waited < TTL + POLL * 2, "{waited:?}");
+    }
+
+    /// Issue 21, item 10: a runner configured with a short `lease_seconds` never takes over a lease whose holder
+    /// renews on a longer lifetime: it honours the longer of the two.
+    #[test]
+    fn a_waiter_honours_the_holders_longer_lifetime() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        dead_lease(&store, "slow@ci", 30_000);
+        let b = remote(&store, &clock, Duration::from_secs(2), "b@ci");
+        let start = clock.now();
+        assert!(take(&b, Duration::from_secs(60)).0.unwrap().is_some());
+        assert!(clock.now() - start >= Duration::from_secs(30), "{:?}", clock.now() - start);
+    }
+
+    /// A holder that keeps renewing is never expired by a waiter, however long it waits.
+    #[test]
+    fn a_renewed_lease_never_expires_for_a_waiter() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        dead_lease(&store, "busy@ci", TTL.as_millis() as i64);
+        // Each time the waiter sleeps, the holder renews (a new version of the lease object).
+        let renewing = store.clone();
+        *clock.on_sleep.lock().unwrap() = Some(Box::new(move || dead_lease(&renewing, "busy@ci", 6000)));
+        let b = remote(&store, &clock, TTL, "b@ci");
+        let (got, _) = take(&b, Duration::from_secs(120));
+        assert!(matches!(got, Err(LeaseError::Held { .. })), "a live lease was taken over");
+    }
+
+    #[test]
+    fn renewing_swaps_the_version_and_a_lease_taken_over_is_lost() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        let name = protocol::lease("prod", "apply");
+        let lease = Lease { holder: "me".into(), who: "a@ci".into(), expires_ms: 0, released: false, ttl_ms: 6000 };
+        let version = store.put_if(&name, b"{}".to_vec(), None).unwrap().unwrap();
+        let mut held = Held { store: store.clone(), name: name.clone(), lease, version, clock: clock.clone() };
+        assert_eq!(held.renew(TTL), Renewed::Yes);
+        assert_eq!(held.renew(TTL), Renewed::Yes, "renewing with the version it got last time");
+        dead_lease(&store, "thief@ci", 6000);
+        assert_eq!(held.renew(TTL), Renewed::Lost);
+    }
+
+    /// Two runners racing for a free lease: the compare-and-swap lets exactly one in.
+    #[test]
+    fn of_two_runners_racing_for_a_lease_exactly_one_takes_it() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        let won = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for who in ["a@ci", "b@ci", "c@ci", "d@ci"] {
+                let (store, clock, won) = (&store, &clock, &won);
+                s.spawn(move || {
+                    let r = remote(store, clock, TTL, who);
+                    if let Ok(Some(g)) = take(&r, Duration::ZERO).0 {
+                        won.lock().unwrap().push(who);
+                        std::mem::forget(g);
+                    }
+                });
+            }
+        });
+        assert_eq!(won.lock().unwrap().len(), 1, "{:?}", won.lock().unwrap());
     }
 }

@@ -132,8 +132,9 @@ pub struct Remote {
     pub url: String,
     pub mode: Mode,
     pub why: Why,
-    store: Arc<Store>,
+    store: Store,
     trusted: Vec<PublicKey>,
+    clock: Arc<dyn crate::clock::Clock>,
     signer: Option<PrivateKey>,
     lease_ttl: Duration,
     who: String,
@@ -178,8 +179,9 @@ impl Remote {
             url,
             mode,
             why,
-            store: Arc::new(store),
+            store,
             trusted,
+            clock: Arc::new(crate::clock::System),
             signer,
             lease_ttl: spec.map_or(RemoteSpec::DEFAULT_LEASE, |s| s.lease),
             who: format!("{user}@{}", crate::cache::hostname()),
@@ -188,6 +190,30 @@ impl Remote {
             warned_down: AtomicBool::new(false),
         };
         Ok(Some(remote))
+    }
+
+    /// A writable remote on `store` trusting nobody, for unit tests of leases and sharing.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        store: Arc<dyn store::ObjectStore>,
+        clock: Arc<dyn crate::clock::Clock>,
+        lease_ttl: Duration,
+        who: &str,
+    ) -> Remote {
+        Remote {
+            url: "memory://".into(),
+            mode: Mode::ReadWrite,
+            why: Why::SigningKey,
+            store: Store::new(store),
+            trusted: Vec::new(),
+            clock,
+            signer: Some(PrivateKey::generate()),
+            lease_ttl,
+            who: who.into(),
+            commit: None,
+            warnings: Mutex::new(Vec::new()),
+            warned_down: AtomicBool::new(false),
+        }
     }
 
     pub fn writable(&self) -> bool {

@@ -108,6 +108,10 @@ pub struct Lease {
     pub expires_ms: i64,
     #[serde(default)]
     pub released: bool,
+    /// The holder's `lease_seconds`, in milliseconds: a waiter honours the longer of this and its own (0 from a
+    /// kkpipe that did not write it).
+    #[serde(default)]
+    pub ttl_ms: i64,
 }
 
 pub fn seal<T: Signed>(body: &T, key: &PrivateKey) -> Vec<u8> {

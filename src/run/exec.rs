@@ -4,6 +4,7 @@
 use crate::hash::key::SHELL;
 use crate::mask::Masker;
 use crate::pipeline::Stage;
+use crate::run::Msg;
 use crate::run::watchdog;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
@@ -47,13 +48,6 @@ pub struct Spec {
     pub script: String,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
-}
-
-/// Messages a running command sends to the scheduler thread, which owns all state and all printing.
-pub enum Msg {
-    Spawned { job: usize, pgid: i32 },
-    Line { job: usize, line: Vec<u8> },
-    Exited { job: usize, result: Exit },
 }
 
 #[derive(Debug)]

@@ -57,6 +57,9 @@ pub struct Options {
     pub probe_only: bool,
     /// How long to wait for another runner's deploy lease on the remote (`--lock-timeout`).
     pub lock_timeout: std::time::Duration,
+    /// How long stages get to stop after a forwarded SIGINT/SIGTERM (or kkpipe's death) before SIGKILL
+    /// (`KKPIPE_STOP_GRACE`).
+    pub stop_grace: std::time::Duration,
 }
 
 /// The signal number that asked us to stop, set from a signal handler.
@@ -80,6 +83,33 @@ impl Interrupt {
     }
 }
 
+/// Messages a job (a stage's process, a wait for a deploy lease) sends to the scheduler thread, which owns
+/// all state and all printing.
+pub enum Msg {
+    Spawned {
+        job: usize,
+        pgid: i32,
+    },
+    Line {
+        job: usize,
+        line: Vec<u8>,
+    },
+    Exited {
+        job: usize,
+        result: exec::Exit,
+    },
+    /// The deploy lease is held by another runner: the wait has begun.
+    LeaseHeld {
+        job: usize,
+        holder: String,
+    },
+    /// The wait for a deploy lease is over.
+    Leased {
+        job: usize,
+        result: Result<Option<crate::remote::LeaseGuard>, crate::remote::LeaseError>,
+    },
+}
+
 pub struct Outcome {
     pub rows: Vec<StageRow>,
     pub summary: Summary,
@@ -97,7 +127,7 @@ pub struct Env<'a> {
     pub caller_env: &'a HashMap<String, String>,
     pub masker: Arc<RwLock<Masker>>,
     /// The shared cache and deploy ledger, when one is configured and not off.
-    pub remote: Option<&'a crate::remote::Remote>,
+    pub remote: Option<Arc<crate::remote::Remote>>,
 }
 
 /// Run the selected stages. The caller holds the run lock.

@@ -7,9 +7,9 @@
 //! independent stages go on. If the scheduler itself fails or panics, the running stages are stopped
 //! (see [`Scheduler`]'s `Drop`).
 
-use super::exec::{self, Exit, Msg};
+use super::exec::{self, Exit};
 use super::watchdog;
-use super::{Env, Error, Options, Outcome};
+use super::{Env, Error, Msg, Options, Outcome};
 use crate::cache::outputs::{self, Disk, NotRestored};
 use crate::cache::{End, RunCounts, RunMeta, RunOutcome};
 use crate::evaluate::{self, Context};
@@ -20,14 +20,12 @@ use crate::remote::{LeaseGuard, Pulled};
 use crate::report::{Event, Sink, StageRow, StageState, Summary};
 use crate::session::Session;
 use std::collections::{HashMap, HashSet};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 /// How long the ledger read at the start of a run stands for the deploys decided after it.
 const LEDGER_FRESH_FOR: Duration = Duration::from_secs(1);
-
-/// Grace period between forwarding SIGINT/SIGTERM to the stages and killing them.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
 
 /// What a job is doing, with what it needs when it ends.
 enum Job {
@@ -93,7 +91,28 @@ enum Slot {
     Idle,
     Waiting,
     Active(Box<Active>),
+    /// A deploy stage waiting for its deploy lease on the remote, on a job thread of its own: every stage
+    /// that does not need it goes on meanwhile.
+    Leasing(Box<Leasing>),
     Done(Done),
+}
+
+/// What a deploy stage does once its lease wait is over.
+struct Leasing {
+    keyed: Keyed,
+    reason: Reason,
+    resume: Resume,
+    /// Another runner held the lease: what it did is learned and the stage decided on again.
+    waited: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// Decide again, with what the shared ledger says now.
+    Decide,
+    /// Run the stage (the decision to run was made after the ledger was read), unless someone deployed
+    /// while it waited.
+    Launch,
 }
 
 struct Scheduler<'a, 's> {
@@ -118,8 +137,11 @@ struct Scheduler<'a, 's> {
     materialize: HashSet<usize>,
     /// Stages whose regenerate command failed once (and waited for their needs' outputs).
     regenerate_retried: HashSet<usize>,
-    /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded.
-    leases: HashMap<usize, LeaseGuard>,
+    /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
+    /// store did not answer and the deploy goes on under the local run lock, as without a remote).
+    leases: HashMap<usize, Option<LeaseGuard>>,
+    /// Set when the scheduler goes away: lease waits still running stop.
+    cancel: Arc<AtomicBool>,
     interrupt: super::Interrupt,
     /// A deploy did not start because another runner held its lease for longer than `--lock-timeout`.
     locked_out: bool,
@@ -131,8 +153,8 @@ struct Scheduler<'a, 's> {
 /// How taking a deploy lease went.
 enum Taken {
     Go,
-    /// Another runner held it: what it did is learned, so the stage is decided again.
-    Waited,
+    /// The wait is a job now: the stage goes on when it reports (`Msg::Leased`).
+    Pending,
     Stop,
 }
 
@@ -194,6 +216,7 @@ pub(super) fn run(
         materialize: HashSet::new(),
         regenerate_retried: HashSet::new(),
         leases: HashMap::new(),
+        cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
         locked_out: false,
         ledger_read: Instant::now(),
@@ -207,6 +230,7 @@ impl Drop for Scheduler<'_, '_> {
     /// On an internal error or a panic, no stage may keep running on its own: stop them all. Their rows stay
     /// `running` and are marked interrupted by the next run (or below, on an error).
     fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
         let active: Vec<(Option<i32>, Option<i64>)> = self
             .slots
             .iter()
@@ -231,9 +255,14 @@ impl Drop for Scheduler<'_, '_> {
     }
 }
 
-impl Scheduler<'_, '_> {
+impl<'a> Scheduler<'a, '_> {
     fn name(&self, i: usize) -> String {
         self.cx.pipeline.stages[i].name.clone()
+    }
+
+    /// The remote, borrowed for the whole run rather than from `self`.
+    fn remote(&self) -> Option<&'a crate::remote::Remote> {
+        self.env.remote.as_deref()
     }
 
     fn active_count(&self) -> usize {
@@ -285,7 +314,7 @@ impl Scheduler<'_, '_> {
             }
             if let Some((_, at)) = signalled
                 && !killed
-                && at.elapsed() > INTERRUPT_GRACE
+                && at.elapsed() > self.opts.stop_grace
             {
                 self.signal_all(nix::sys::signal::Signal::SIGKILL);
                 killed = true;
@@ -293,7 +322,7 @@ impl Scheduler<'_, '_> {
             if self.stopping.is_none() {
                 self.start_ready()?;
             }
-            if self.active_count() == 0 {
+            if self.jobs.is_empty() {
                 break;
             }
             let running: Vec<(String, Duration)> = (0..self.slots.len())
@@ -312,9 +341,7 @@ impl Scheduler<'_, '_> {
         let why = self.stopping.clone().unwrap_or_default();
         for i in 0..self.slots.len() {
             if matches!(self.slots[i], Slot::Waiting) {
-                self.slots[i] = Slot::Done(Done::Skipped(why.clone()));
-                let stage = self.name(i);
-                self.sink.event(&Event::Skipped { stage, because: why.clone() });
+                self.skip(i, why.clone());
             }
         }
         Ok(signalled.map(|(s, _)| s))
@@ -326,8 +353,8 @@ impl Scheduler<'_, '_> {
         self.stopping = Some("run interrupted".into());
         let name = if sig == signal_hook::consts::SIGTERM { "SIGTERM" } else { "SIGINT" };
         self.sink.event(&Event::Info(format!(
-            "kkpipe: {name} received: stopping running stages (waiting up to {}s)",
-            INTERRUPT_GRACE.as_secs()
+            "kkpipe: {name} received: stopping running stages (waiting up to {})",
+            crate::report::format_duration(self.opts.stop_grace)
         )));
         for slot in &mut self.slots {
             if let Slot::Active(a) = slot {
@@ -379,8 +406,7 @@ impl Scheduler<'_, '_> {
             }
             if let Some(because) = self.blocked(i) {
                 self.leases.remove(&i);
-                self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
-                self.sink.event(&Event::Skipped { stage: self.name(i), because });
+                self.skip(i, because);
                 continue;
             }
             let ready = self.cx.graph.needs[i].iter().all(|&j| matches!(self.slots[j], Slot::Done(_)));
@@ -415,7 +441,7 @@ impl Scheduler<'_, '_> {
             None => self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced),
         };
         let forced = must_run.is_some();
-        if let Some(remote) = self.env.remote
+        if let Some(remote) = self.remote()
             && self.cx.pipeline.stages[i].is_deploy()
             && self.ledger_read.elapsed() > LEDGER_FRESH_FOR
         {
@@ -449,7 +475,7 @@ impl Scheduler<'_, '_> {
 
     /// Deploy stages read the shared ledger before anything is decided (all at once).
     fn learn_ledger(&mut self, chosen: &[usize]) {
-        let Some(remote) = self.env.remote else { return };
+        let Some(remote) = self.remote() else { return };
         let deploys: Vec<&crate::pipeline::Stage> =
             chosen.iter().map(|&i| &self.cx.pipeline.stages[i]).filter(|s| s.is_deploy()).collect();
         if !deploys.is_empty() {
@@ -460,7 +486,7 @@ impl Scheduler<'_, '_> {
     }
 
     fn remote_warnings(&mut self) {
-        if let Some(remote) = self.env.remote {
+        if let Some(remote) = self.remote() {
             for w in remote.take_warnings() {
                 self.sink.event(&Event::Warning(w));
             }
@@ -472,7 +498,7 @@ impl Scheduler<'_, '_> {
     /// in this environment meanwhile, and learn the shared ledger again: the runner we waited for may have
     /// deployed the same key.
     fn ask_remote(&mut self, i: usize, step: &evaluate::Step, forced: bool) -> Asked {
-        let Some(remote) = self.env.remote else { return Asked::Keep };
+        let Some(remote) = self.remote() else { return Asked::Keep };
         let evaluate::Step::Decided(keyed, Decision::Run(reason)) = step else { return Asked::Keep };
         if self.opts.probe_only {
             return Asked::Keep;
@@ -488,20 +514,20 @@ impl Scheduler<'_, '_> {
                 false => Asked::Keep,
             }
         } else {
-            match self.take_lease(i, keyed.key, reason) {
-                Taken::Go | Taken::Waited => Asked::Again,
-                Taken::Stop => Asked::Done,
+            match self.take_lease(i, keyed, reason, Resume::Decide) {
+                Taken::Go => Asked::Again,
+                Taken::Pending | Taken::Stop => Asked::Done,
             }
         };
         self.remote_warnings();
         asked
     }
 
-    /// Before deploy stage `i` runs with a remote: hold its deploy lease (waiting for another runner's, up to
-    /// `--lock-timeout`). If it may not go on it is done, and why was shown. A store that does not answer was
-    /// warned about and the deploy goes on under the local run lock, as without a remote.
-    fn take_lease(&mut self, i: usize, key: Key, reason: &Reason) -> Taken {
-        let Some(remote) = self.env.remote else { return Taken::Go };
+    /// Before deploy stage `i` runs with a remote: hold its deploy lease. Taking it is a job (another runner's
+    /// lease is waited for, up to `--lock-timeout`, on a thread of its own): `Pending` until it reports. If the
+    /// stage may not go on it is done, and why was shown.
+    fn take_lease(&mut self, i: usize, keyed: &Keyed, reason: &Reason, resume: Resume) -> Taken {
+        let Some(remote) = self.env.remote.clone() else { return Taken::Go };
         if self.leases.contains_key(&i) {
             return Taken::Go;
         }
@@ -514,36 +540,76 @@ impl Scheduler<'_, '_> {
                 remote.why,
                 crate::remote::SIGNING_KEY_VAR
             );
-            self.refuse(i, key, reason.clone(), detail);
+            self.refuse(i, keyed.key, reason.clone(), detail);
             return Taken::Stop;
         }
-        let name = self.name(i);
-        let sink = &mut *self.sink;
-        let interrupt = self.interrupt.clone();
-        let mut waited = false;
-        let mut waiting = |who: &str| {
-            waited = true;
-            sink.event(&Event::Info(format!("kkpipe: waiting for the deploy lease of `{name}`, held by {who}")))
-        };
-        let taken =
-            remote.acquire(&name, self.cx.env, self.opts.lock_timeout, &mut waiting, &|| interrupt.signal().is_some());
+        let job = self.next_job;
+        self.next_job += 1;
+        self.jobs.insert(job, i);
+        let (name, env, timeout) = (self.name(i), self.cx.env.to_string(), self.opts.lock_timeout);
+        let (tx, interrupt, cancel) = (self.tx.clone(), self.interrupt.clone(), self.cancel.clone());
+        std::thread::Builder::new()
+            .name(format!("lease-{job}"))
+            .spawn(move || {
+                let held = tx.clone();
+                let mut waiting = |holder: &str| {
+                    let _ = held.send(Msg::LeaseHeld { job, holder: holder.to_string() });
+                };
+                let stop = || interrupt.signal().is_some() || cancel.load(Ordering::Relaxed);
+                let result = remote.acquire(&name, &env, timeout, &mut waiting, &stop);
+                let _ = tx.send(Msg::Leased { job, result });
+            })
+            .expect("spawn a lease thread");
+        let leasing = Leasing { keyed: keyed.clone(), reason: reason.clone(), resume, waited: false };
+        self.slots[i] = Slot::Leasing(Box::new(leasing));
+        Taken::Pending
+    }
+
+    /// The lease wait of stage `i` is over: learn what the shared ledger says now (the runner that held the lease
+    /// may have deployed), then decide again or run. A store that did not answer was warned about and the deploy
+    /// goes on under the local run lock, as without a remote.
+    fn leased(
+        &mut self,
+        i: usize,
+        l: Leasing,
+        result: Result<Option<LeaseGuard>, crate::remote::LeaseError>,
+    ) -> Result<(), Error> {
         self.remote_warnings();
-        match taken {
-            Ok(lease) => {
-                if let Some(l) = lease {
-                    self.leases.insert(i, l);
-                }
-                // The runner we waited for may have deployed: what the ledger says now is news.
-                remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
-                self.remote_warnings();
-                if waited { Taken::Waited } else { Taken::Go }
-            }
+        let lease = match result {
+            Ok(lease) => lease,
             Err(e) => {
+                if let Some(why) = self.stopping.clone() {
+                    self.skip(i, why);
+                    return Ok(());
+                }
                 self.locked_out |= matches!(e, crate::remote::LeaseError::Held { .. });
-                self.refuse(i, key, reason.clone(), e.to_string());
-                Taken::Stop
+                self.refuse(i, l.keyed.key, l.reason, e.to_string());
+                return Ok(());
+            }
+        };
+        self.leases.insert(i, lease);
+        if let Some(why) = self.stopping.clone() {
+            self.leases.remove(&i);
+            self.skip(i, why);
+            return Ok(());
+        }
+        if let Some(remote) = self.remote() {
+            remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
+            self.remote_warnings();
+        }
+        match (l.resume, l.waited) {
+            (Resume::Launch, false) => self.launch_stage(i, l.keyed, l.reason),
+            _ => {
+                self.slots[i] = Slot::Waiting;
+                Ok(())
             }
         }
+    }
+
+    /// Stage `i` will not start: the run is stopping.
+    fn skip(&mut self, i: usize, because: String) {
+        self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
+        self.sink.event(&Event::Skipped { stage: self.name(i), because });
     }
 
     /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
@@ -561,7 +627,7 @@ impl Scheduler<'_, '_> {
     /// Tell the remote how a stage run ended: a success is shared (blobs, then the entry); a deploy's
     /// attempt goes into the shared ledger, and its lease is released.
     fn share(&mut self, i: usize, keyed: &Keyed, state: State, outputs: &[OutputRecord], duration: Duration) {
-        let Some(remote) = self.env.remote else { return };
+        let Some(remote) = self.remote() else { return };
         let stage = &self.cx.pipeline.stages[i];
         let manifest = keyed.manifest.encode();
         let ms = duration.as_millis() as i64;
@@ -572,7 +638,7 @@ impl Scheduler<'_, '_> {
         } else {
             remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
-        if self.leases.remove(&i).is_some_and(|l| l.lost()) {
+        if self.leases.remove(&i).flatten().is_some_and(|l| l.lost()) {
             self.sink.event(&Event::Warning(format!(
                 "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
                  may have deployed at the same time (check `kkpipe remote status`)",
@@ -702,18 +768,14 @@ impl Scheduler<'_, '_> {
         // Also when a hit turned into a run (drift, an output that could not be put back). If another runner
         // held the lease, start over: it may have deployed, and what its deploy left is to be decided on again.
         if stage.is_deploy() {
-            match self.take_lease(i, keyed.key, &reason) {
+            match self.take_lease(i, &keyed, &reason, Resume::Launch) {
                 Taken::Go => {}
-                Taken::Waited => {
-                    self.slots[i] = Slot::Waiting;
-                    return Ok(());
-                }
-                Taken::Stop => return Ok(()),
+                Taken::Pending | Taken::Stop => return Ok(()),
             }
         }
         let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
         if stage.is_deploy()
-            && let Some(remote) = self.env.remote
+            && let Some(remote) = self.remote()
         {
             // Anyone who finds this record without a live lease knows the deploy did not end.
             let manifest = keyed.manifest.encode();
@@ -734,7 +796,7 @@ impl Scheduler<'_, '_> {
             cwd: stage.dir.under(&self.cx.pipeline.root),
             env: exec::stage_env(stage, self.env.caller_env, self.cx.env),
         };
-        watchdog::start(self.env.cache.dir());
+        watchdog::start(self.env.cache.dir(), self.opts.stop_grace);
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
         let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };
         self.slots[i] = Slot::Active(Box::new(active));
@@ -757,6 +819,20 @@ impl Scheduler<'_, '_> {
                 {
                     self.sink.event(&Event::Line { stage: self.name(i), line });
                 }
+            }
+            Msg::LeaseHeld { job, holder } => {
+                if let Some(&i) = self.jobs.get(&job)
+                    && let Slot::Leasing(l) = &mut self.slots[i]
+                {
+                    l.waited = true;
+                    let line = format!("kkpipe: waiting for the deploy lease of `{}`, held by {holder}", self.name(i));
+                    self.sink.event(&Event::Info(line));
+                }
+            }
+            Msg::Leased { job, result } => {
+                let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
+                let Slot::Leasing(l) = std::mem::replace(&mut self.slots[i], Slot::Waiting) else { return Ok(()) };
+                self.leased(i, *l, result)?;
             }
             Msg::Exited { job, result } => {
                 let Some(i) = self.jobs.remove(&job) else { return Ok(()) };

@@ -6,7 +6,7 @@
 //! write end only kkpipe holds. kkpipe writes `+PGID` when a stage's group starts and `-PGID` once it is fully
 //! finished; the watchdog keeps that set. When kkpipe exits for any reason (normal exit, panic, internal error,
 //! SIGKILL) the kernel closes the pipe, the watchdog reads EOF and stops every group still registered: SIGTERM,
-//! up to [`GRACE`] for them to go, then SIGKILL. After a normal run the set is empty and it exits at once.
+//! up to the stop grace (`KKPIPE_STOP_GRACE`) for them to go, then SIGKILL. After a normal run the set is empty and it exits at once.
 //!
 //! The watchdog also holds an exclusive `flock` on `.kkpipe/stages.lock` for as long as it lives. The run lock
 //! is released the moment kkpipe dies, but its stages may still be stopping (a tool finishing cleanly on
@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 /// The hidden first argument that makes the binary a watchdog (dispatched in `main.rs`, before clap).
 pub const ARG: &str = "__kkpipe-watchdog";
 
-/// How long stages get after SIGTERM before SIGKILL.
-pub const GRACE: Duration = Duration::from_secs(5);
-
 const POLL: Duration = Duration::from_millis(50);
+
+/// The stop grace when none is given (a watchdog started by an older kkpipe of the same binary path).
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// The write end of the watchdog's stdin, or `None` if it could not be started. Process-wide: it watches
 /// this process's death. Never closed before exit: closing it is what tells the watchdog to act.
@@ -45,8 +45,8 @@ pub const LOCK_NAME: &str = "stages.lock";
 /// Start the watchdog for the cache in `cache_dir` if it is not running yet. Called before the first stage
 /// is spawned, so a stage is unwatched only between its spawn and its `+PGID` line, and a run with nothing
 /// to run starts no process.
-pub fn start(cache_dir: &Path) {
-    WATCHDOG.get_or_init(|| match launch(&cache_dir.join(LOCK_NAME)) {
+pub fn start(cache_dir: &Path, grace: Duration) {
+    WATCHDOG.get_or_init(|| match launch(&cache_dir.join(LOCK_NAME), grace) {
         Ok(stdin) => Some(Mutex::new(stdin)),
         Err(e) => {
             eprintln!("warning: cannot start the stage watchdog ({e}): stages would outlive a killed kkpipe");
@@ -65,10 +65,11 @@ fn pipe() -> Option<&'static Mutex<ChildStdin>> {
     WATCHDOG.get().and_then(Option::as_ref)
 }
 
-fn launch(lock: &Path) -> std::io::Result<ChildStdin> {
+fn launch(lock: &Path, grace: Duration) -> std::io::Result<ChildStdin> {
     let mut child = Command::new(std::env::current_exe()?)
         .arg(ARG)
         .arg(lock)
+        .arg(grace.as_millis().to_string())
         // std opens the pipe close-on-exec, so stages never inherit the write end (which would hide
         // kkpipe's death from the watchdog for as long as a stage lives).
         .stdin(Stdio::piped())
@@ -118,12 +119,13 @@ fn send(op: char, pgid: i32) {
     }
 }
 
-/// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE`): lock LOCKFILE, say so on stdout, read
+/// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE GRACE_MS`): lock LOCKFILE, say so on stdout, read
 /// `+PGID` / `-PGID` lines until EOF, then stop the groups still registered and exit (releasing the lock).
 pub fn serve() -> ExitCode {
     let Some(path) = std::env::args_os().nth(2) else {
         return ExitCode::FAILURE;
     };
+    let grace = std::env::args().nth(3).and_then(|g| g.parse().ok()).map_or(DEFAULT_GRACE, Duration::from_millis);
     let held = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -159,7 +161,7 @@ pub fn serve() -> ExitCode {
             }
         }
     }
-    stop(groups.into_keys().collect());
+    stop(groups.into_keys().collect(), grace);
     ExitCode::SUCCESS
 }
 
@@ -171,12 +173,12 @@ fn parse(line: &[u8]) -> Option<(u8, i32)> {
     (matches!(op, b'+' | b'-') && pgid > 1).then_some((op, pgid))
 }
 
-/// SIGTERM every group, wait up to [`GRACE`] for them to be gone, SIGKILL the rest.
-fn stop(mut groups: Vec<i32>) {
+/// SIGTERM every group, wait up to `grace` for them to be gone, SIGKILL the rest.
+fn stop(mut groups: Vec<i32>, grace: Duration) {
     for &g in &groups {
         let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
     }
-    let deadline = Instant::now() + GRACE;
+    let deadline = Instant::now() + grace;
     loop {
         // Signal 0 only checks: an error (no such group) means every process of the group has exited.
         groups.retain(|&g| killpg(Pid::from_raw(g), None).is_ok());

@@ -43,13 +43,15 @@ const AMBIENT: &[&str] = &[
     "CI",
 ];
 
-/// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour.
+/// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour. Stages get 2 s to
+/// stop after a signal (`KKPIPE_STOP_GRACE`, 10 s by default) unless a test sets its own.
 pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args).current_dir(dir);
     for k in AMBIENT {
         c.env_remove(k);
     }
+    c.env("KKPIPE_STOP_GRACE", "2");
     c
 }
 

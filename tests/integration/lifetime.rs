@@ -116,7 +116,9 @@ fn a_normal_run_leaves_no_watchdog_behind() {
 /// finishes cleanly on SIGTERM). The next run waits for it: two deploys never overlap.
 #[test]
 fn the_next_run_waits_for_the_stages_of_a_killed_run_to_stop() {
-    let repo = Repo::empty();
+    let mut repo = Repo::empty();
+    // The stage's trap takes 2 s: well within the watchdog's grace, so the stage stops on its own.
+    repo.set_env("KKPIPE_STOP_GRACE", "10");
     let log = repo.sibling("events.log");
     let pid_file = repo.sibling("stage.pid");
     repo.write(

@@ -19,7 +19,6 @@ enum Kind {
     Moto,
 }
 
-const ALL: [Kind; 3] = [Kind::File, Kind::Seaweed, Kind::Moto];
 const BUCKET: &str = "kkpipe-test";
 
 /// A running S3 server.
@@ -248,132 +247,122 @@ fn warnings(r: &Run) -> Vec<String> {
     r.stderr.lines().filter(|l| l.contains("warning")).map(str::to_string).collect()
 }
 
-#[test]
-fn two_clones_share_hits_byte_for_byte_and_nothing_runs_twice() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
-        let first = a.run(&[]).ok();
-        assert_eq!(first.ran(), ["build", "deploy"], "{kind:?}");
-        // The sensitive output never leaves the machine: only the app's bytes and the manifests are blobs.
-        let blobs = store.names("blobs");
-        let token = blake3::hash(b"secret").to_hex().to_string();
-        assert!(!blobs.iter().any(|b| b.ends_with(&token)), "{kind:?}: the sensitive output was uploaded");
-        // The check stage's success is an entry; the deploy's is its ledger record.
-        assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names(""));
-        assert_eq!(store.names("ledger").len(), 1, "{kind:?}: {:?}", store.names(""));
+fn two_clones_share_hits_byte_for_byte_and_nothing_runs_twice(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    let first = a.run(&[]).ok();
+    assert_eq!(first.ran(), ["build", "deploy"], "{kind:?}");
+    // The sensitive output never leaves the machine: only the app's bytes and the manifests are blobs.
+    let blobs = store.names("blobs");
+    let token = blake3::hash(b"secret").to_hex().to_string();
+    assert!(!blobs.iter().any(|b| b.ends_with(&token)), "{kind:?}: the sensitive output was uploaded");
+    // The check stage's success is an entry; the deploy's is its ledger record.
+    assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names(""));
+    assert_eq!(store.names("ledger").len(), 1, "{kind:?}: {:?}", store.names(""));
 
-        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
-        let second = b.run(&[]).ok();
-        assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
-        assert_eq!(second.with_state("restored"), ["build"], "{kind:?}");
-        assert_eq!(second.with_state("fresh"), ["deploy"], "{kind:?}: the shared ledger says it is deployed");
-        assert_eq!(b.read("out/app.txt"), a.read("out/app.txt"));
-        assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
-        assert!(!b.exists("out/token"), "{kind:?}: a sensitive output came from the remote");
-        assert_eq!(std::fs::read_to_string(a.sibling("ran.log")).unwrap(), "build\ndeploy\n");
-        assert!(!b.sibling("ran.log").exists(), "{kind:?}: b ran a stage");
-        assert!(warnings(&second).is_empty(), "{kind:?}: {}", second.stderr);
-    }
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let second = b.run(&[]).ok();
+    assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
+    assert_eq!(second.with_state("restored"), ["build"], "{kind:?}");
+    assert_eq!(second.with_state("fresh"), ["deploy"], "{kind:?}: the shared ledger says it is deployed");
+    assert_eq!(b.read("out/app.txt"), a.read("out/app.txt"));
+    assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
+    assert!(!b.exists("out/token"), "{kind:?}: a sensitive output came from the remote");
+    assert_eq!(std::fs::read_to_string(a.sibling("ran.log")).unwrap(), "build\ndeploy\n");
+    assert!(!b.sibling("ran.log").exists(), "{kind:?}: b ran a stage");
+    assert!(warnings(&second).is_empty(), "{kind:?}: {}", second.stderr);
 }
 
-#[test]
-fn a_pull_request_run_writes_nothing_even_with_the_signing_key() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let pr = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
-        let r = pr.run(&["--event", "pull_request", "build"]).ok();
-        assert_eq!(r.ran(), ["build"], "{kind:?}");
-        assert!(store.names("").is_empty(), "{kind:?}: a pull request wrote {:?}", store.names(""));
-        let status = pr.kk(&["remote", "status", "--event", "pull_request", "--json"]).ok().json();
-        assert_eq!(status["mode"], "read-only");
-        assert_eq!(status["why"], "a pull_request event never writes");
-    }
+fn a_pull_request_run_writes_nothing_even_with_the_signing_key(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let pr = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    let r = pr.run(&["--event", "pull_request", "build"]).ok();
+    assert_eq!(r.ran(), ["build"], "{kind:?}");
+    assert!(store.names("").is_empty(), "{kind:?}: a pull request wrote {:?}", store.names(""));
+    let status = pr.kk(&["remote", "status", "--event", "pull_request", "--json"]).ok().json();
+    assert_eq!(status["mode"], "read-only");
+    assert_eq!(status["why"], "a pull_request event never writes");
 }
 
-#[test]
-fn entries_signed_by_an_untrusted_key_are_misses() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let (mallory, k) = (keygen(), keygen());
-        // Mallory can write to the bucket and signs with her own key.
-        let m = runner(&store, BUILD_AND_DEPLOY, &[&mallory.public], Some(&mallory.private), "");
-        m.write("src.txt", "v1\n");
-        m.run(&["build"]).ok();
-        assert_eq!(store.names("entries").len(), 1);
-        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
-        let r = b.run(&["build"]).ok();
-        assert_eq!(r.ran(), ["build"], "{kind:?}: an untrusted entry was believed");
-        let w = warnings(&r);
-        assert_eq!(w.len(), 1, "{kind:?}: {}", r.stderr);
-        assert!(w[0].contains("not in `trusted_keys`") && w[0].contains(&store.url), "{}", w[0]);
-    }
+fn entries_signed_by_an_untrusted_key_are_misses(kind: Kind) {
+    let store = Store::new(kind);
+    let (mallory, k) = (keygen(), keygen());
+    // Mallory can write to the bucket and signs with her own key.
+    let m = runner(&store, BUILD_AND_DEPLOY, &[&mallory.public], Some(&mallory.private), "");
+    m.write("src.txt", "v1\n");
+    m.run(&["build"]).ok();
+    assert_eq!(store.names("entries").len(), 1);
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let r = b.run(&["build"]).ok();
+    assert_eq!(r.ran(), ["build"], "{kind:?}: an untrusted entry was believed");
+    let w = warnings(&r);
+    assert_eq!(w.len(), 1, "{kind:?}: {}", r.stderr);
+    assert!(w[0].contains("not in `trusted_keys`") && w[0].contains(&store.url), "{}", w[0]);
 }
 
-#[test]
-fn a_tampered_blob_or_entry_is_a_miss_and_the_right_output_is_made() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
-        a.run(&["build"]).ok();
-        let app = blake3::hash(b"v1\nv1\n").to_hex().to_string();
-        store.tamper(&format!("blobs/{app}"), b"rm -rf /\n");
+fn a_tampered_blob_or_entry_is_a_miss_and_the_right_output_is_made(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&["build"]).ok();
+    let app = blake3::hash(b"v1\nv1\n").to_hex().to_string();
+    store.tamper(&format!("blobs/{app}"), b"rm -rf /\n");
 
-        let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
-        let r = b.run(&["build"]).ok();
-        assert_eq!(r.ran(), ["build"], "{kind:?}");
-        assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
-        assert!(r.stderr.contains("does not match its BLAKE3"), "{kind:?}: {}", r.stderr);
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let r = b.run(&["build"]).ok();
+    assert_eq!(r.ran(), ["build"], "{kind:?}");
+    assert_eq!(b.read("out/app.txt"), "v1\nv1\n");
+    assert!(r.stderr.contains("does not match its BLAKE3"), "{kind:?}: {}", r.stderr);
 
-        // Now the entry: point its output at another path with a valid-looking body but the old signature.
-        let entry = store.names("entries").pop().unwrap();
-        let mut doc: serde_json::Value = serde_json::from_slice(&store.get(&entry)).unwrap();
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut body: serde_json::Value =
-            serde_json::from_slice(&b64.decode(doc["body"].as_str().unwrap()).unwrap()).unwrap();
-        body["outputs"][0]["path"] = "pipeline.toml".into();
-        doc["body"] = b64.encode(serde_json::to_vec(&body).unwrap()).into();
-        store.tamper(&entry, &serde_json::to_vec(&doc).unwrap());
-        let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
-        let before = c.read("pipeline.toml");
-        let r = c.run(&["build"]).ok();
-        assert_eq!(r.ran(), ["build"], "{kind:?}");
-        assert!(r.stderr.contains("signature does not verify"), "{kind:?}: {}", r.stderr);
-        assert_eq!(c.read("pipeline.toml"), before);
-        assert_eq!(c.read("out/app.txt"), "v1\nv1\n");
-    }
+    // Now the entry: point its output at another path with a valid-looking body but the old signature.
+    let entry = store.names("entries").pop().unwrap();
+    let mut doc: serde_json::Value = serde_json::from_slice(&store.get(&entry)).unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&b64.decode(doc["body"].as_str().unwrap()).unwrap()).unwrap();
+    body["outputs"][0]["path"] = "pipeline.toml".into();
+    doc["body"] = b64.encode(serde_json::to_vec(&body).unwrap()).into();
+    store.tamper(&entry, &serde_json::to_vec(&doc).unwrap());
+    let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let before = c.read("pipeline.toml");
+    let r = c.run(&["build"]).ok();
+    assert_eq!(r.ran(), ["build"], "{kind:?}");
+    assert!(r.stderr.contains("signature does not verify"), "{kind:?}: {}", r.stderr);
+    assert_eq!(c.read("pipeline.toml"), before);
+    assert_eq!(c.read("out/app.txt"), "v1\nv1\n");
 }
 
-#[test]
-fn a_failed_deploy_on_one_runner_makes_the_next_runner_redeploy() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let stages =
-            BUILD_AND_DEPLOY.replace("echo deploy >> ../ran.log;", "echo deploy >> ../ran.log; test ! -e $FAIL &&");
-        let stages = stages.replace("pass_env = [\"DEPLOYED\"]", "pass_env = [\"DEPLOYED\", \"FAIL\"]");
-        let mut a = runner(&store, &stages, &[&k.public], Some(&k.private), "");
-        let mut b = runner(&store, &stages, &[&k.public], Some(&k.private), "");
-        let fail = a.sibling("fail-now");
-        a.set_env("FAIL", fail.to_str().unwrap());
-        b.set_env("FAIL", b.sibling("fail-now").to_str().unwrap());
-        a.run(&[]).ok();
-        // Runner b deploys the same key again (forced) and fails: the live state is unknown.
-        std::fs::write(b.sibling("fail-now"), "").unwrap();
-        let failed = b.run(&["--force", "deploy"]);
-        assert_eq!(failed.code, 1, "{kind:?}: {}", failed.stderr);
-        // Runner a's own cache says deployed; the shared ledger says the latest attempt failed.
-        let again = a.run(&[]).ok();
-        assert_eq!(again.ran(), ["deploy"], "{kind:?}: {}", again.stderr);
-        assert_eq!(again.reason_of("deploy")["kind"], "last-run-failed", "{kind:?}");
-        let status = a.kk(&["remote", "status", "--json"]).ok().json();
-        let rec = &status["ledger"][0];
-        assert_eq!((rec["state"].as_str(), rec["trusted"].as_bool()), (Some("success"), Some(true)), "{status:#}");
-    }
+/// Two writers of BUILD_AND_DEPLOY whose deploy fails while the file `fail-now` beside each repository exists.
+fn failable_deployers(store: &Store, k: &Keys) -> (Repo, Repo) {
+    let stages =
+        BUILD_AND_DEPLOY.replace("echo deploy >> ../ran.log;", "echo deploy >> ../ran.log; test ! -e $FAIL &&");
+    let stages = stages.replace("pass_env = [\"DEPLOYED\"]", "pass_env = [\"DEPLOYED\", \"FAIL\"]");
+    let mut a = runner(store, &stages, &[&k.public], Some(&k.private), "");
+    let mut b = runner(store, &stages, &[&k.public], Some(&k.private), "");
+    a.set_env("FAIL", a.sibling("fail-now").to_str().unwrap());
+    b.set_env("FAIL", b.sibling("fail-now").to_str().unwrap());
+    (a, b)
+}
+
+fn a_failed_deploy_on_one_runner_makes_the_next_runner_redeploy(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let (a, b) = failable_deployers(&store, &k);
+    a.run(&[]).ok();
+    // Runner b deploys the same key again (forced) and fails: the live state is unknown.
+    std::fs::write(b.sibling("fail-now"), "").unwrap();
+    let failed = b.run(&["--force", "deploy"]);
+    assert_eq!(failed.code, 1, "{kind:?}: {}", failed.stderr);
+    // Runner a's own cache says deployed; the shared ledger says the latest attempt failed.
+    let again = a.run(&[]).ok();
+    assert_eq!(again.ran(), ["deploy"], "{kind:?}: {}", again.stderr);
+    assert_eq!(again.reason_of("deploy")["kind"], "last-run-failed", "{kind:?}");
+    let status = a.kk(&["remote", "status", "--json"]).ok().json();
+    let rec = &status["ledger"][0];
+    assert_eq!((rec["state"].as_str(), rec["trusted"].as_bool()), (Some("success"), Some(true)), "{status:#}");
 }
 
 /// A deploy that takes a while and logs when it starts and ends, to one file shared by the runners.
@@ -405,105 +394,163 @@ fn deploy_started(repo: &Repo, log: &Path, args: &[&str], out: fn() -> Stdio) ->
     child
 }
 
-#[test]
-fn two_runners_deploying_the_same_stage_at_once_never_overlap() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
-        b.write("src.txt", "v2\n");
-        let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
-        let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
-        let first = Run::from(first.wait_with_output().unwrap()).ok();
-        assert_eq!(first.ran(), ["deploy"]);
-        assert_eq!(second.ran(), ["deploy"], "{kind:?}: {}", second.stderr);
-        // The race happened: b found a's lease and waited for it.
-        assert!(second.stderr.contains("waiting for the deploy lease of `deploy`"), "{kind:?}: {}", second.stderr);
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n", "{kind:?}");
-    }
+fn two_runners_deploying_the_same_stage_at_once_never_overlap(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
+    b.write("src.txt", "v2\n");
+    let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
+    let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
+    let first = Run::from(first.wait_with_output().unwrap()).ok();
+    assert_eq!(first.ran(), ["deploy"]);
+    assert_eq!(second.ran(), ["deploy"], "{kind:?}: {}", second.stderr);
+    // The race happened: b found a's lease and waited for it.
+    assert!(second.stderr.contains("waiting for the deploy lease of `deploy`"), "{kind:?}: {}", second.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n", "{kind:?}");
 }
 
+/// Issue 20: the wait for a deploy lease is a job of its own. While runner a holds `rollout`'s lease (its deploy
+/// waits for a gate the test opens), runner b's `side` and its dependent `after` run, stream their output and
+/// are recorded; b's `rollout` runs only once a's has ended.
 #[test]
-fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
-        let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
-        let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
-        Run::from(first.wait_with_output().unwrap()).ok();
-        assert!(second.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", second.stderr);
-        assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
-        assert_eq!(second.with_state("fresh"), ["deploy"]);
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "{kind:?}");
+fn while_a_deploy_waits_for_its_lease_independent_stages_run_stream_and_are_recorded() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let gate = store._tmp.path().join("gate");
+    let stages = format!(
+        r#"
+[stages.rollout]
+kind = "deploy"
+run = "echo start $(cat src.txt) >> $DEPLOYED; while [ ! -e {gate} ]; do sleep 0.02; done; echo end $(cat src.txt) >> $DEPLOYED"
+inputs = ["src.txt"]
+pass_env = ["DEPLOYED"]
+
+[stages.side]
+run = "echo side-ran"
+
+[stages.after]
+needs = ["side"]
+run = "echo after-ran"
+"#,
+        gate = gate.display()
+    );
+    let (a, b, log) = two_deployers(&store, &k, &stages, &stages, "");
+    b.write("src.txt", "v2\n");
+    let first = deploy_started(&a, &log, &["run", "--json", "rollout"], Stdio::piped);
+    let mut second = b
+        .cmd_in(&b.root, &["run", "-j", "2", "--lock-timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = second.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // b's output arrives while a still deploys (its gate is closed).
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("after-ran")) {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("b ran nothing while it waited for the lease; its output so far: {seen:#?}"),
+        }
     }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\n", "a's deploy is still running");
+    assert!(seen.iter().any(|l| l.starts_with("side") && l.contains("side-ran")), "{seen:#?}");
+    let status = b.status_json();
+    let state =
+        |name: &str| status["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["state"].clone();
+    assert_eq!(
+        (state("side"), state("after")),
+        ("fresh".into(), "fresh".into()),
+        "recorded during the wait: {status:#}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let first = Run::from(first.wait_with_output().unwrap()).ok();
+    assert_eq!(first.ran(), ["rollout"]);
+    let second = Run::from(second.wait_with_output().unwrap()).ok();
+    seen.extend(rx.iter());
+    assert!(
+        seen.iter().any(|l| l.contains("waiting for the deploy lease of `rollout`")),
+        "{seen:#?}\n{}",
+        second.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n");
+    assert_eq!(b.state_of("rollout"), "fresh");
 }
 
-#[test]
-fn a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        // Long enough that the lease is still held when the next run asks, even on a loaded machine.
-        let (a, b, log) = two_deployers(&store, &k, &slow_deploy(60.0), &slow_deploy(0.0), "lease_seconds = 6");
-        let mut holder = deploy_started(&a, &log, &["run"], Stdio::null);
-        holder.kill().unwrap(); // SIGKILL: no release, no ledger update
-        holder.wait().unwrap();
-        let started = Instant::now();
-        let next = b.kk(&["run", "--json", "--lock-timeout", "30"]).ok();
-        assert!(next.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", next.stderr);
-        assert_eq!(next.ran(), ["deploy"], "{kind:?}: the dead holder's deploy never ended: deploy again");
-        assert!(started.elapsed() < Duration::from_secs(30));
-        assert!(warnings(&next).is_empty(), "{kind:?}: {}", next.stderr);
-        assert!(std::fs::read_to_string(&log).unwrap().ends_with("start v1\nend v1\n"));
-    }
+fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let (a, b, log) = two_deployers(&store, &k, &slow_deploy(1.5), &slow_deploy(1.5), "");
+    let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
+    let second = b.kk(&["run", "--json", "--lock-timeout", "60"]).ok();
+    Run::from(first.wait_with_output().unwrap()).ok();
+    assert!(second.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", second.stderr);
+    assert!(second.ran().is_empty(), "{kind:?}: {}", second.stderr);
+    assert_eq!(second.with_state("fresh"), ["deploy"]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "{kind:?}");
 }
 
-#[test]
-fn eight_concurrent_publishers_of_one_key_leave_one_valid_entry() {
-    for kind in ALL {
-        let store = Store::new(kind);
-        let k = keygen();
-        let gate = tempfile::tempdir().unwrap();
-        // Each runner's build waits until all eight are running, so all eight publish at about the same time.
-        let stages = format!(
-            r#"
+fn a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    // A waiter judges expiry on its own clock from when it first sees the lease: it waits the whole 2 s.
+    let (a, b, log) = two_deployers(&store, &k, &slow_deploy(60.0), &slow_deploy(0.0), "lease_seconds = 2");
+    let mut holder = deploy_started(&a, &log, &["run"], Stdio::null);
+    holder.kill().unwrap(); // SIGKILL: no release, no ledger update
+    holder.wait().unwrap();
+    let started = Instant::now();
+    let next = b.kk(&["run", "--json", "--lock-timeout", "30"]).ok();
+    assert!(next.stderr.contains("waiting for the deploy lease"), "{kind:?}: {}", next.stderr);
+    assert_eq!(next.ran(), ["deploy"], "{kind:?}: the dead holder's deploy never ended: deploy again");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(warnings(&next).is_empty(), "{kind:?}: {}", next.stderr);
+    assert!(std::fs::read_to_string(&log).unwrap().ends_with("start v1\nend v1\n"));
+}
+
+fn eight_concurrent_publishers_of_one_key_leave_one_valid_entry(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let gate = tempfile::tempdir().unwrap();
+    // Each runner's build waits until all eight are running, so all eight publish at about the same time.
+    let stages = format!(
+        r#"
 [stages.build]
 run = "touch {gate}/$$; while [ $(ls {gate} | wc -l) -lt 8 ]; do sleep 0.05; done; mkdir -p out; cat src.txt > out/app.txt"
 inputs = ["src.txt"]
 outputs = ["out/app.txt"]
 "#,
-            gate = gate.path().display()
-        );
-        let runners: Vec<Repo> = (0..8).map(|_| runner(&store, &stages, &[&k.public], Some(&k.private), "")).collect();
-        let children: Vec<_> = runners
-            .iter()
-            .map(|r| {
-                r.cmd_in(&r.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
-            })
-            .collect();
-        for c in children {
-            let r = Run::from(c.wait_with_output().unwrap()).ok();
-            assert_eq!(r.ran(), ["build"], "{kind:?}");
-        }
-        assert_eq!(std::fs::read_dir(gate.path()).unwrap().count(), 8, "all eight ran at once");
-        assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names("entries"));
-        let ninth = runner(&store, &stages, &[&k.public], None, "");
-        let r = ninth.run(&[]).ok();
-        assert_eq!(r.with_state("restored"), ["build"], "{kind:?}: {}", r.stderr);
-        assert!(warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
+        gate = gate.path().display()
+    );
+    let runners: Vec<Repo> = (0..8).map(|_| runner(&store, &stages, &[&k.public], Some(&k.private), "")).collect();
+    let children: Vec<_> = runners
+        .iter()
+        .map(|r| r.cmd_in(&r.root, &["run", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for c in children {
+        let r = Run::from(c.wait_with_output().unwrap()).ok();
+        assert_eq!(r.ran(), ["build"], "{kind:?}");
     }
+    assert_eq!(std::fs::read_dir(gate.path()).unwrap().count(), 8, "all eight ran at once");
+    assert_eq!(store.names("entries").len(), 1, "{kind:?}: {:?}", store.names("entries"));
+    let ninth = runner(&store, &stages, &[&k.public], None, "");
+    let r = ninth.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["build"], "{kind:?}: {}", r.stderr);
+    assert!(warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
 }
 
-#[test]
-fn a_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
-    for kind in [Kind::Seaweed, Kind::Moto] {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut server = start(kind, &tmp.path().join("server"));
-        let store = Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap());
-        let k = keygen();
-        let stages = format!(
-            r#"
+fn a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(kind: Kind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = start(kind, &tmp.path().join("server"));
+    let store = Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap());
+    let k = keygen();
+    let stages = format!(
+        r#"
 [stages.one]
 run = "mkdir -p out; echo one > out/one; kill -9 {pid} 2> /dev/null || true; sleep 0.5"
 outputs = ["out/one"]
@@ -518,20 +565,19 @@ kind = "deploy"
 needs = ["two"]
 run = "cat out/two"
 "#,
-            pid = server.child.id()
-        );
-        let r = runner(&store, &stages, &[&k.public], Some(&k.private), "");
-        let run = r.run(&[]);
-        assert!(server.child.try_wait().unwrap().is_some(), "{kind:?}: the store was not killed");
-        assert_eq!(run.code, 0, "{kind:?}: {}", run.stderr);
-        assert_eq!(run.ran(), ["one", "two", "three"]);
-        let w = warnings(&run);
-        assert_eq!(w.len(), 1, "{kind:?}: one warning, naming the remote: {}", run.stderr);
-        assert!(w[0].contains(&store.url) && w[0].contains("did not answer"), "{}", w[0]);
-        // Without a remote the same run exits the same way.
-        let again = r.kk(&["run", "--json", "--remote", "off", "--force"]).ok();
-        assert_eq!(again.ran(), ["one", "two", "three"]);
-    }
+        pid = server.child.id()
+    );
+    let r = runner(&store, &stages, &[&k.public], Some(&k.private), "");
+    let run = r.run(&[]);
+    assert!(server.child.try_wait().unwrap().is_some(), "{kind:?}: the store was not killed");
+    assert_eq!(run.code, 0, "{kind:?}: {}", run.stderr);
+    assert_eq!(run.ran(), ["one", "two", "three"]);
+    let w = warnings(&run);
+    assert_eq!(w.len(), 1, "{kind:?}: one warning, naming the remote: {}", run.stderr);
+    assert!(w[0].contains(&store.url) && w[0].contains("did not answer"), "{}", w[0]);
+    // Without a remote the same run exits the same way.
+    let again = r.kk(&["run", "--json", "--remote", "off", "--force"]).ok();
+    assert_eq!(again.ran(), ["one", "two", "three"]);
 }
 
 #[test]
@@ -642,22 +688,15 @@ fn a_signing_key_that_is_not_trusted_makes_the_remote_read_only() {
 fn a_deploy_the_shared_ledger_never_heard_of_is_not_overruled_by_an_older_record() {
     let store = Store::new(Kind::File);
     let k = keygen();
-    let stages =
-        BUILD_AND_DEPLOY.replace("echo deploy >> ../ran.log;", "echo deploy >> ../ran.log; test ! -e $FAIL &&");
-    let stages = stages.replace("pass_env = [\"DEPLOYED\"]", "pass_env = [\"DEPLOYED\", \"FAIL\"]");
-    let mut a = runner(&store, &stages, &[&k.public], Some(&k.private), "");
-    let mut b = runner(&store, &stages, &[&k.public], Some(&k.private), "");
-    let fail = a.sibling("fail-now");
-    a.set_env("FAIL", fail.to_str().unwrap());
-    b.set_env("FAIL", b.sibling("fail-now").to_str().unwrap());
+    let (a, b) = failable_deployers(&store, &k);
     a.run(&[]).ok();
     b.write("src.txt", "v2\n");
     b.run(&[]).ok(); // the ledger: v2 deployed, which a has not seen
     // a deploys v3 on its own (no remote) and fails: the last thing applied is a failed v3.
     a.write("src.txt", "v3\n");
-    std::fs::write(&fail, "").unwrap();
+    std::fs::write(a.sibling("fail-now"), "").unwrap();
     assert_eq!(a.run(&["--remote", "off"]).code, 1);
-    std::fs::remove_file(&fail).unwrap();
+    std::fs::remove_file(a.sibling("fail-now")).unwrap();
     // Back on the remote at v2: the ledger's "v2 deployed" predates a's failed v3, so a deploys again.
     a.write("src.txt", "v2\n");
     let again = a.run(&[]).ok();
@@ -665,4 +704,39 @@ fn a_deploy_the_shared_ledger_never_heard_of_is_not_overruled_by_an_older_record
     // Now a is in step with the ledger: the next run is a no-op.
     let next = a.run(&[]).ok();
     assert!(next.ran().is_empty(), "{}", next.stderr);
+}
+
+/// The scenarios above that take a store's kind, as one test per store (so the stores run in parallel, and a
+/// failure names its store).
+macro_rules! on_stores {
+    ($($store:ident: $kind:ident),*; $names:tt) => {
+        $( on_stores!(@one $store $kind $names); )*
+    };
+    (@one $store:ident $kind:ident [$($name:ident),* $(,)?]) => {
+        mod $store {
+            $( #[test] fn $name() { super::$name(super::Kind::$kind) } )*
+        }
+    };
+}
+
+on_stores!(file: File, seaweedfs: Seaweed, moto: Moto; [
+    two_clones_share_hits_byte_for_byte_and_nothing_runs_twice,
+    a_pull_request_run_writes_nothing_even_with_the_signing_key,
+    entries_signed_by_an_untrusted_key_are_misses,
+    a_tampered_blob_or_entry_is_a_miss_and_the_right_output_is_made,
+    a_failed_deploy_on_one_runner_makes_the_next_runner_redeploy,
+    two_runners_deploying_the_same_stage_at_once_never_overlap,
+    the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited,
+    a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys,
+    eight_concurrent_publishers_of_one_key_leave_one_valid_entry,
+]);
+
+#[test]
+fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
+    a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(Kind::Seaweed);
+}
+
+#[test]
+fn a_moto_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
+    a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(Kind::Moto);
 }

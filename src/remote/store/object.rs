@@ -1,8 +1,8 @@
 //! S3 and GCS through the `object_store` crate, driven by a small tokio runtime of its own.
 
-use super::{Error, Listed, Result, Version};
+use super::{Error, Listed, ObjectStore, Result, Version};
 use futures::StreamExt;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, path::Path};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, path::Path};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +12,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Client {
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Runtime,
+    /// The URL's path: every name lives below it.
+    prefix: String,
 }
 
 fn classify(e: object_store::Error) -> Error {
@@ -34,7 +36,7 @@ impl Client {
         let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
         let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?;
         // Each store's standard variables, from the caller's environment (not read from the process here).
-        let store: Arc<dyn ObjectStore> = if url.scheme() == "gs" {
+        let store: Arc<dyn object_store::ObjectStore> = if url.scheme() == "gs" {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
             for (k, v) in env.iter().filter(|(k, _)| k.starts_with("GOOGLE_")) {
                 if let Ok(key) = k.to_ascii_lowercase().parse() {
@@ -59,7 +61,14 @@ impl Client {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the remote's runtime: {e}"))?;
-        Ok(Client { store, rt })
+        Ok(Client { store, rt, prefix: url.path().trim_matches('/').to_string() })
+    }
+
+    fn key(&self, name: &str) -> Path {
+        match self.prefix.is_empty() {
+            true => Path::from(name),
+            false => Path::from(format!("{}/{name}", self.prefix)),
+        }
     }
 
     fn block<T>(&self, fut: impl Future<Output = object_store::Result<T>>) -> Result<T> {
@@ -70,9 +79,11 @@ impl Client {
             }
         })
     }
+}
 
-    pub fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>> {
-        let key = Path::from(key);
+impl ObjectStore for Client {
+    fn get(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
+        let key = self.key(name);
         self.block(async {
             let got = match self.store.get(&key).await {
                 Ok(g) => g,
@@ -84,8 +95,8 @@ impl Client {
         })
     }
 
-    pub fn exists(&self, key: &str) -> Result<bool> {
-        let key = Path::from(key);
+    fn exists(&self, name: &str) -> Result<bool> {
+        let key = self.key(name);
         self.block(async {
             match self.store.head(&key).await {
                 Ok(_) => Ok(true),
@@ -96,8 +107,8 @@ impl Client {
     }
 
     /// Create-only (S3 `If-None-Match: *`, GCS generation 0) or compare-and-swap (ETag, generation).
-    pub fn put_if(&self, key: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
-        let key = Path::from(key);
+    fn put_if(&self, name: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
+        let key = self.key(name);
         let mode = match expected {
             None => PutMode::Create,
             Some(v) => PutMode::Update(UpdateVersion { e_tag: v.e_tag.clone(), version: v.version.clone() }),
@@ -112,8 +123,9 @@ impl Client {
         })
     }
 
-    pub fn list(&self, under: &str, strip: usize) -> Result<Vec<Listed>> {
-        let key = Path::from(under);
+    fn list(&self, under: &str) -> Result<Vec<Listed>> {
+        let key = self.key(under);
+        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
         self.block(async {
             let mut out = Vec::new();
             let mut s = self.store.list(Some(&key));
@@ -129,8 +141,8 @@ impl Client {
         })
     }
 
-    pub fn delete(&self, key: &str) -> Result<()> {
-        let key = Path::from(key);
+    fn delete(&self, name: &str) -> Result<()> {
+        let key = self.key(name);
         self.block(async {
             match self.store.delete(&key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
