@@ -130,6 +130,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Print each event as it happens as one line of JSON on stdout (schema kkpipe.event.v1), for a program
+    /// that follows the run live; progress goes to stderr.
+    #[arg(long, conflicts_with = "json")]
+    pub json_lines: bool,
+
     #[command(flatten)]
     pub selection: Selection,
 }

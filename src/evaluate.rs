@@ -40,6 +40,19 @@ pub struct Evaluation {
     pub decision: Decision,
 }
 
+/// The one mapping from a decision to what a user sees. `dry_run`: a stage that must run "would run".
+pub fn state_of(d: &Decision, dry_run: bool) -> crate::report::StageState {
+    use crate::report::StageState;
+    match d {
+        Decision::Fresh(_) => StageState::Fresh,
+        Decision::Restore(..) => StageState::Restored,
+        Decision::Run(_) if dry_run => StageState::WouldRun,
+        Decision::Run(Reason::NeverRun | Reason::NeverDeployed { .. }) => StageState::NeverRun,
+        Decision::Run(Reason::LastRunFailed { .. } | Reason::LastRunInterrupted) => StageState::Failed,
+        Decision::Run(_) => StageState::Stale,
+    }
+}
+
 /// One stage, decided. (Short-lived: moved straight into the scheduler or an [`Evaluation`].)
 #[allow(clippy::large_enum_variant)]
 pub enum Step {

@@ -9,73 +9,17 @@ use crate::cache::Cache;
 use crate::evaluate::{Context, Evaluation};
 use crate::fresh::{Attempt, Decision, Diff, History, Reason, StoredReason};
 use crate::hash::Entry;
+use crate::report::why::{Explanation, InputFile, RunRef, Step};
 use crate::report::{StageState, timestamp};
-use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct RunRef {
-    pub run: i64,
-    pub at: String,
-    pub at_ms: i64,
-    pub duration_ms: Option<i64>,
-    pub key: String,
-}
-
-impl RunRef {
-    fn of(r: &Attempt) -> RunRef {
-        RunRef {
-            run: r.run_id,
-            at: timestamp(r.started_at),
-            at_ms: r.started_at,
-            duration_ms: r.duration_ms,
-            key: r.key.to_string(),
-        }
-    }
-}
-
-/// One link of the chain from a stage to its root cause.
-#[derive(Debug, Clone, Serialize)]
-pub struct Step {
-    pub stage: String,
-    #[serde(serialize_with = "serialize_stored")]
-    pub reason: StoredReason,
-    /// True when this is the reason recorded with the stage's last run (it already reran), not a current one.
-    pub recorded: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct InputFile {
-    pub path: String,
-    /// BLAKE3 of the content, hex (what `b3sum` prints); absent for symlinks.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub blake3: Option<String>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub executable: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub symlink: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Explanation {
-    pub stage: String,
-    pub state: StageState,
-    pub key: Option<String>,
-    /// The first reason (what `status` prints); absent when fresh.
-    pub reason: Option<Reason>,
-    /// Fresh: the run that made it fresh. Stale: the last successful run it is compared with.
-    pub compared_with: Option<RunRef>,
-    pub differences: Option<Diff>,
-    /// From this stage's direct upstream cause to the root cause.
-    pub cascade: Vec<Step>,
-    pub root_cause: Option<Step>,
-    pub inputs: Vec<InputFile>,
-}
-
-/// A stored reason in JSON: the reason itself, or `{"kind": "unreadable", "text": ...}`.
-fn serialize_stored<S: serde::Serializer>(r: &StoredReason, s: S) -> Result<S::Ok, S::Error> {
-    match r {
-        StoredReason::Known(r) => r.serialize(s),
-        StoredReason::Unreadable(text) => serde_json::json!({ "kind": "unreadable", "text": text }).serialize(s),
+/// The view of a recorded attempt that `why` compares with.
+fn run_ref(r: &Attempt) -> RunRef {
+    RunRef {
+        run: r.run_id,
+        at: timestamp(r.started_at),
+        at_ms: r.started_at,
+        duration_ms: r.duration_ms,
+        key: r.key.to_string(),
     }
 }
 
@@ -124,17 +68,17 @@ pub fn explain(
         inputs: input_files(eval),
     };
     let Some(eval) = eval else { return Ok(x) };
-    x.state = StageState::of(&eval.decision, false);
+    x.state = crate::evaluate::state_of(&eval.decision, false);
     let reason = match &eval.decision {
         Decision::Fresh(hit) | Decision::Restore(hit, _) => {
-            x.compared_with = Some(RunRef::of(&hit.record));
+            x.compared_with = Some(run_ref(&hit.record));
             return Ok(x);
         }
         Decision::Run(reason) => reason,
     };
     x.reason = Some(reason.clone());
     if let Some(base) = cache.latest_success(&stage.name, cx.ledger_env(i))? {
-        x.compared_with = Some(RunRef::of(&base));
+        x.compared_with = Some(run_ref(&base));
         // A manifest from another key scheme cannot be compared: the reason already says so.
         if let (Some(k), Some(Ok(old))) = (&eval.keyed, cache.manifest(&base.key)?) {
             x.differences = Some(Diff::between(&old, &k.manifest));

@@ -50,6 +50,7 @@ pub mod run;
 pub mod session;
 pub mod settings;
 pub mod sign;
+pub mod store;
 
 use clap::Parser;
 

@@ -325,11 +325,13 @@ type Inputs = (FileList, Vec<usize>);
 /// The files `m` selects from the walk, digested, and the include patterns that matched nothing.
 fn files(walked: &Trees, hasher: &FileHasher, progress: bool, m: &Matcher) -> Result<Inputs, Error> {
     let list = crate::hash::select::select(walked, m);
-    let _spinner = crate::report::progress::HashProgress::start(
-        progress && list.len() >= 2000,
-        "hashing inputs",
-        hasher.counters.clone(),
-    );
+    let counters = hasher.counters.clone();
+    let _spinner =
+        crate::report::progress::HashProgress::start(progress && list.len() >= 2000, "hashing inputs", move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let files = counters.files_hashed.load(Relaxed) + counters.stat_hits.load(Relaxed);
+            (files, counters.bytes_hashed.load(Relaxed))
+        });
     let digests = hasher.digest_all(&list)?;
     let files: FileList = list.iter().map(|w| w.path.clone()).zip(digests).collect();
     // Patterns that select nothing are worth a warning, not an error.

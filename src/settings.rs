@@ -61,11 +61,12 @@ impl Settings {
     }
 
     /// How long stages get to stop after a forwarded SIGINT/SIGTERM, or after kkpipe died, before SIGKILL:
-    /// `KKPIPE_STOP_GRACE` seconds (fractions allowed), default 10.
+    /// `KKPIPE_STOP_GRACE` seconds (fractions allowed), default 7: within GitHub Actions' 7.5 s between the
+    /// SIGINT of a cancel and its SIGTERM, so kkpipe records the stop before the runner moves on.
     pub fn stop_grace(&self) -> Result<std::time::Duration, Error> {
         const VAR: &str = "KKPIPE_STOP_GRACE";
         let Some(text) = self.caller_env.get(VAR).filter(|t| !t.trim().is_empty()) else {
-            return Ok(std::time::Duration::from_secs(10));
+            return Ok(std::time::Duration::from_secs(7));
         };
         text.trim()
             .parse::<f64>()

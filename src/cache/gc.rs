@@ -44,20 +44,7 @@ pub struct Report {
     pub stat_entries_removed: usize,
 }
 
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct Stats {
-    pub runs: i64,
-    pub stage_runs: i64,
-    pub successful: i64,
-    pub failed: i64,
-    pub manifests: i64,
-    pub blobs: usize,
-    pub blob_bytes: u64,
-    pub sensitive_blobs: usize,
-    pub sensitive_bytes: u64,
-    pub stat_entries: i64,
-    pub database_bytes: u64,
-}
+pub use crate::report::history::CacheStats as Stats;
 
 struct Row {
     id: i64,

@@ -22,6 +22,7 @@ mod records;
 mod schema;
 pub mod store;
 
+pub use crate::fresh::{RunCounts, RunOutcome, RunRow};
 pub use records::{BadValue, End, LedgerSeen, NewAttempt};
 use rusqlite::Connection;
 use std::fs;
@@ -67,31 +68,6 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How an invocation of `run` or `verify` ended (the `runs` table). One string form each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunOutcome {
-    Ok,
-    Failed,
-    Interrupted,
-}
-
-impl RunOutcome {
-    const ALL: [RunOutcome; 3] = [RunOutcome::Ok, RunOutcome::Failed, RunOutcome::Interrupted];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Ok => "ok",
-            RunOutcome::Failed => "failed",
-            RunOutcome::Interrupted => "interrupted",
-        }
-    }
-
-    fn parse(s: &str) -> Option<RunOutcome> {
-        RunOutcome::ALL.into_iter().find(|o| o.as_str() == s)
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct RunMeta {
     pub command: String,
@@ -101,32 +77,6 @@ pub struct RunMeta {
     pub git_commit: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct RunCounts {
-    pub ran: i64,
-    pub fresh: i64,
-    pub restored: i64,
-    pub failed: i64,
-    pub skipped: i64,
-    pub saved_ms: i64,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunRow {
-    pub id: i64,
-    pub started_at: i64,
-    pub finished_at: Option<i64>,
-    pub command: String,
-    pub event: Option<String>,
-    pub branch: Option<String>,
-    pub env: String,
-    pub git_commit: Option<String>,
-    /// `None` while running, or when the process was killed.
-    pub outcome: Option<RunOutcome>,
-    #[serde(flatten)]
-    pub counts: RunCounts,
-}
-
 pub struct Cache {
     dir: PathBuf,
     db_path: PathBuf,
@@ -134,7 +84,7 @@ pub struct Cache {
     pub blobs: BlobStore,
 }
 
-pub use crate::clock::now_ms;
+pub use crate::clock::{hostname, now_ms};
 
 impl Cache {
     pub fn dir_of(root: &Path) -> PathBuf {
@@ -344,8 +294,4 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
         };
     }
     Error::Other(format!("{}: {e}", path.display()))
-}
-
-pub fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown-host".into())
 }

@@ -130,6 +130,7 @@ fn push_to_main() -> RunArgs {
         no_verify: false,
         replay: false,
         json: false,
+        json_lines: false,
         selection: Selection {
             event: Some("push".into()),
             branch: Some("main".into()),

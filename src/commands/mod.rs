@@ -14,7 +14,7 @@ use crate::evaluate::Context;
 use crate::graph::{Event as CiEvent, Graph};
 use crate::mask::Masker;
 use crate::pipeline::{self, Pipeline};
-use crate::report::{Event, Human, Sink, json};
+use crate::report::{Event, Fanout, Human, JsonLines, Notice, Sink, json};
 use crate::run::{self, Force, Interrupt, Options};
 use crate::session::Session;
 use crate::settings::Settings;
@@ -191,7 +191,21 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
         lock_timeout: Duration::from_secs(args.lock_timeout),
         stop_grace: settings.stop_grace()?,
     };
-    execute(settings, &o, &opts, args.json, args.lock_timeout)
+    let output = match (args.json, args.json_lines) {
+        (true, _) => Output::Json,
+        (_, true) => Output::JsonLines,
+        _ => Output::Human,
+    };
+    execute(settings, &o, &opts, output, args.lock_timeout)
+}
+
+/// What stdout carries: human output, one JSON report at the end, or each event as a line of JSON. With
+/// either JSON, human output goes to stderr.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+    JsonLines,
 }
 
 /// CPUs this process may really use (affinity and cgroup quota, which `available_parallelism` reads).
@@ -228,7 +242,7 @@ fn execute(
     settings: &Settings,
     o: &Opened,
     opts: &Options,
-    json: bool,
+    output: Output,
     lock_timeout: u64,
 ) -> Result<Option<run::Outcome>, Error> {
     let selected = o.cx().select(&opts.targets)?;
@@ -237,21 +251,24 @@ fn execute(
     }
     let mut session = o.session(settings)?;
     check_tools(&mut session, o, &selected)?;
+    let json = output != Output::Human;
     let live = settings.interactive && !json;
     let summary_file = (settings.provider == Some(crate::ci::Provider::Github))
         .then(|| settings.caller_env.get("GITHUB_STEP_SUMMARY").filter(|f| !f.is_empty()).map(PathBuf::from))
         .flatten();
     let human = human(settings, json, &o.pipeline).with_live_progress(live).with_step_summary(summary_file, o.title());
-    let mut sink: Box<dyn Sink> = if json {
-        Box::new(json::Json { human, context: json::Context::new(o.event.as_ref(), &o.env) })
-    } else {
-        Box::new(human)
-    };
+    let mut reporters: Vec<Box<dyn Sink>> = vec![Box::new(human)];
+    match output {
+        Output::Human => {}
+        Output::Json => reporters.push(Box::new(json::Json { context: json::Context::new(o.event.as_ref(), &o.env) })),
+        Output::JsonLines => reporters.push(Box::new(JsonLines)),
+    }
+    let mut sink = Fanout(reporters);
     let command = if opts.probe_only { "verify" } else { "run" };
     let _lock = lock(&o.cache, command, lock_timeout)?;
     let interrupt = Interrupt::install();
     if let Some(e) = &o.event {
-        sink.event(&Event::Info(format!("kkpipe: selecting stages for {e} (environment `{}`)", o.env)));
+        sink.event(&Event::Notice(Notice::Selecting { ci_event: e.to_string(), env: o.env.clone() }));
     }
     let remote = o.remote(settings)?;
     let env = run::Env {
@@ -260,7 +277,7 @@ fn execute(
         masker: std::sync::Arc::new(std::sync::RwLock::new(o.masker(settings))),
         remote: remote.map(std::sync::Arc::new),
     };
-    let outcome = run::run(o.cx(), &mut session, &env, opts, sink.as_mut(), &interrupt)?;
+    let outcome = run::run(o.cx(), &mut session, &env, opts, &mut sink, &interrupt)?;
     if settings.verbose {
         eprintln!("kkpipe: {}", session.hashing_summary());
     }
@@ -287,7 +304,8 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
         lock_timeout: Duration::from_secs(args.lock_timeout),
         stop_grace: settings.stop_grace()?,
     };
-    let outcome = execute(settings, &o, &opts, args.json, args.lock_timeout)?;
+    let output = if args.json { Output::Json } else { Output::Human };
+    let outcome = execute(settings, &o, &opts, output, args.lock_timeout)?;
     let code = exit_code(outcome.as_ref());
     // Drift (1) and interrupts outrank it; a check that checked nothing must not pass for "in sync".
     if code != exit::OK || outcome.as_ref().is_some_and(|r| r.summary.verified > 0) {

@@ -28,7 +28,7 @@ pub fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
             #[serde(flatten)]
             context: json::Context,
             #[serde(flatten)]
-            explanation: &'a explain::Explanation,
+            explanation: &'a crate::report::why::Explanation,
         }
         let doc =
             Doc { schema: json::WHY_SCHEMA, context: json::Context::new(o.event.as_ref(), &o.env), explanation: &x };

@@ -5,10 +5,12 @@ use super::{Opened, human};
 use crate::cli::StatusArgs;
 use crate::error::{Error, exit};
 use crate::evaluate::{self, Evaluation};
-use crate::fresh::History;
+use crate::fresh::{Attempt, Decision, History, State, StoredReason};
 use crate::graph::Selected;
-use crate::report::{Event, Sink, StageRow, StageState, json, status};
+use crate::pipeline::Pipeline;
+use crate::report::{Event, Fanout, Sink, StageRow, StageState, json, status, timestamp};
 use crate::run::Force;
+use crate::run::lock::Holder;
 use crate::settings::Settings;
 
 /// Evaluate the selected stages and turn them into rows (warnings printed on the way).
@@ -32,7 +34,7 @@ fn evaluated_rows(
     // A run in progress: the stages it is running are shown as running, with who runs them (never in a dry
     // run, which says what a run would do).
     let holder = if dry_run { None } else { crate::run::lock::live_holder(o.cache.dir()) };
-    Ok(status::rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last, holder.as_ref()))
+    Ok(rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last, holder.as_ref()))
 }
 
 /// Rows of every selected stage, for `status` and `graph`.
@@ -67,11 +69,11 @@ pub fn dry_run(
     let summary = status::dry_run_summary(&rows);
     let mut human = human(settings, as_json, &o.pipeline);
     human.dry_run = true;
-    let mut sink: Box<dyn Sink> = if as_json {
-        Box::new(json::Json { human, context: json::Context::new(o.event.as_ref(), &o.env) })
-    } else {
-        Box::new(human)
-    };
+    let mut reporters: Vec<Box<dyn Sink>> = vec![Box::new(human)];
+    if as_json {
+        reporters.push(Box::new(json::Json { context: json::Context::new(o.event.as_ref(), &o.env) }));
+    }
+    let mut sink = Fanout(reporters);
     let masker = o.masker(settings);
     for r in &rows {
         match (r.state, r.reasons.first()) {
@@ -89,6 +91,87 @@ pub fn dry_run(
         }
     }
     sink.event(&Event::Summary(summary.clone()));
-    sink.event(&Event::Report { rows, summary });
+    sink.event(&Event::Report { stages: rows, summary });
     Ok(exit::OK)
+}
+
+/// The row of one evaluated stage. `last`: its latest recorded attempt (shown for stages that must run);
+/// `holder`: the live holder of the run lock, if a run is in progress (`status` only, never a dry run).
+fn row(
+    stage: &crate::pipeline::Stage,
+    eval: &Evaluation,
+    dry_run: bool,
+    last: Option<&Attempt>,
+    holder: Option<&Holder>,
+) -> StageRow {
+    if let Some((attempt, holder)) = running_now(last, holder) {
+        return running_row(stage, eval, attempt, holder);
+    }
+    let mut row = StageRow::new(stage, crate::evaluate::state_of(&eval.decision, dry_run));
+    row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
+    match &eval.decision {
+        Decision::Fresh(hit) | Decision::Restore(hit, _) => {
+            if let Decision::Restore(_, restore) = &eval.decision {
+                row.restored = restore.iter().map(|o| o.path.display()).collect();
+            }
+            if !hit.unavailable.is_empty() {
+                row.note = Some(crate::report::unavailable_note(&hit.unavailable));
+            }
+            row.recorded_at = Some(timestamp(hit.record.started_at));
+            row.duration_ms = hit.record.duration_ms;
+        }
+        Decision::Run(reason) => {
+            row.reasons = vec![reason.clone()];
+            if let Some(last) = last.filter(|l| l.state != State::Running) {
+                row.recorded_at = Some(timestamp(last.started_at));
+                row.duration_ms = last.duration_ms;
+            }
+        }
+    }
+    row
+}
+
+/// The attempt a live run is running now: the stage's latest attempt has no end yet and was started under the
+/// current holder of the run lock. A row left `running` by a killed run has no live holder, or one that
+/// started after it (and marks it interrupted): it stays "last run was interrupted".
+fn running_now<'a>(last: Option<&'a Attempt>, holder: Option<&'a Holder>) -> Option<(&'a Attempt, &'a Holder)> {
+    let (last, holder) = (last?, holder?);
+    (last.state == State::Running && last.started_at >= holder.since_ms).then_some((last, holder))
+}
+
+/// A stage a live run is running: why the run started it, since when, and who runs it.
+fn running_row(stage: &crate::pipeline::Stage, eval: &Evaluation, attempt: &Attempt, holder: &Holder) -> StageRow {
+    let mut row = StageRow::new(stage, StageState::Running);
+    row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
+    if let Some(StoredReason::Known(r)) = &attempt.reason {
+        row.reasons = vec![r.clone()];
+    }
+    if eval.keyed.as_ref().is_some_and(|k| k.key != attempt.key) {
+        row.note = Some("its inputs changed after it started: it will be stale when it ends".into());
+    }
+    row.recorded_at = Some(timestamp(attempt.started_at));
+    row.holder = Some(holder.into());
+    row
+}
+
+/// Rows in graph order: evaluated stages, and those the event does not select. `holder`: see [`row`].
+fn rows(
+    pipeline: &Pipeline,
+    order: &[usize],
+    selected: &[Selected],
+    evals: &[Option<Evaluation>],
+    dry_run: bool,
+    last: &dyn Fn(usize) -> Option<Attempt>,
+    holder: Option<&Holder>,
+) -> Vec<StageRow> {
+    let mut rows = Vec::new();
+    for &i in order {
+        let stage = &pipeline.stages[i];
+        match (selected[i], &evals[i]) {
+            (Selected::NotRequested, _) => {}
+            (Selected::Yes, Some(e)) => rows.push(row(stage, e, dry_run, last(i).as_ref(), holder)),
+            _ => rows.push(StageRow::new(stage, StageState::SkippedByEvent)),
+        }
+    }
+    rows
 }

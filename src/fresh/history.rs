@@ -35,6 +35,57 @@ impl State {
     }
 }
 
+/// How an invocation of `run` or `verify` ended (the `runs` table). One string form each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunOutcome {
+    Ok,
+    Failed,
+    Interrupted,
+}
+
+impl RunOutcome {
+    pub const ALL: [RunOutcome; 3] = [RunOutcome::Ok, RunOutcome::Failed, RunOutcome::Interrupted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Ok => "ok",
+            RunOutcome::Failed => "failed",
+            RunOutcome::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunOutcome> {
+        RunOutcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunCounts {
+    pub ran: i64,
+    pub fresh: i64,
+    pub restored: i64,
+    pub failed: i64,
+    pub skipped: i64,
+    pub saved_ms: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub command: String,
+    pub event: Option<String>,
+    pub branch: Option<String>,
+    pub env: String,
+    pub git_commit: Option<String>,
+    /// `None` while running, or when the process was killed.
+    pub outcome: Option<RunOutcome>,
+    #[serde(flatten)]
+    pub counts: RunCounts,
+}
+
 /// One recorded attempt to run a stage: a row of the cache's `stage_runs`.
 #[derive(Debug, Clone)]
 pub struct Attempt {

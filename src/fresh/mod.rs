@@ -17,7 +17,7 @@ pub mod history;
 mod reason;
 
 pub use diff::{CommandChange, Diff, EnvChange, FileChanges, NeedChange};
-pub use history::{Attempt, History, OutputRecord, State};
+pub use history::{Attempt, History, OutputRecord, RunCounts, RunOutcome, RunRow, State};
 pub use reason::{Change, REASON_VERSION, Reason, StoredReason};
 
 use crate::hash::key::{DecodeError, Keyed};

@@ -230,7 +230,7 @@ fn remote_spec(file: &Path, text: &str, r: raw::RawRemote) -> Result<RemoteSpec,
         Error::Syntax { file: file.to_path_buf(), line, column, stage: None, message }
     };
     if let Some(u) = &r.url {
-        use crate::remote::store::{known_scheme, scheme_list};
+        use crate::store::{known_scheme, scheme_list};
         let ok = url::Url::parse(u.get_ref()).is_ok_and(|p| known_scheme(p.scheme()));
         if !ok {
             return Err(at(u.span(), format!("remote.url `{}` is not an {} URL", u.get_ref(), scheme_list())));

@@ -1,37 +1,12 @@
 //! `kkpipe remote status` and `kkpipe cache gc --remote`: what the store holds, and its retention.
 
+use super::Remote;
 use super::protocol::{self, EntryBody, LedgerBody};
-use super::{Remote, store};
 use crate::cache::now_ms;
+use crate::store;
 use std::collections::BTreeSet;
 
-/// What `kkpipe remote status` shows.
-#[derive(Debug, serde::Serialize)]
-pub struct Status {
-    pub url: String,
-    pub mode: &'static str,
-    pub why: String,
-    /// `None` when the store answered; else what went wrong.
-    pub error: Option<String>,
-    pub entries: usize,
-    pub blobs: usize,
-    pub blob_bytes: u64,
-    pub ledger: Vec<LedgerRow>,
-    /// Deploy leases held now (not released, not expired).
-    pub leases: Vec<String>,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct LedgerRow {
-    pub env: String,
-    pub stage: String,
-    pub seq: u64,
-    pub state: crate::fresh::State,
-    pub key: String,
-    pub who: String,
-    /// `false`: not signed by a trusted key (ignored by every runner).
-    pub trusted: bool,
-}
+pub use crate::report::remote::{LedgerRow, Status};
 
 pub fn status(r: &Remote) -> Status {
     let mut s = Status {

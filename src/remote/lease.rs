@@ -7,9 +7,10 @@
 //! holder's lifetime and a waiter honours the longer of that and its own, so runners configured with
 //! different `lease_seconds` never judge each other's leases by the shorter one.
 
+use super::Remote;
 use super::protocol::{self, Lease};
-use super::{Remote, store};
 use crate::clock::Clock;
+use crate::store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +28,11 @@ pub enum LeaseError {
         "not deployed: the remote `{url}` refused the deploy lease of `{stage}` in `{env}`: {why}\n  hint: the writer role needs to read and write `leases/` (docs/remote.md), or pass `--remote off` to deploy without the lease"
     )]
     Refused { url: String, stage: String, env: String, why: String },
+    /// The store stopped answering while another runner held the lease: that runner may be deploying.
+    #[error(
+        "not deployed: the remote `{url}` stopped answering while {holder} held the deploy lease of `{stage}` in `{env}` ({why}); it may still be deploying\n  hint: run again once the store answers, or pass `--remote off` to deploy without the lease once you know it is not"
+    )]
+    LostSight { url: String, stage: String, env: String, holder: String, why: String },
 }
 
 /// What the waiter knows about someone else's lease.
@@ -37,6 +43,10 @@ struct Seen {
 
 /// How often a waiter looks at the lease again.
 const POLL: Duration = Duration::from_millis(250);
+
+/// The longest lifetime a waiter honours from a lease it finds: a lease is not signed, and one planted with an
+/// endless lifetime must not block deploys for good (it still takes a day, or ten of our own lifetimes).
+const HONOURED_AT_MOST: Duration = Duration::from_secs(24 * 3600);
 
 impl Remote {
     /// Take the deploy lease of `stage` in `env`, waiting up to `timeout` for its holder (`waiting` is told
@@ -51,61 +61,84 @@ impl Remote {
         stop: &dyn Fn() -> bool,
     ) -> Result<Option<LeaseGuard>, LeaseError> {
         let name = protocol::lease(env, stage);
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).expect("the operating system's random source");
-        let ttl_ms = self.lease_ttl.as_millis() as i64;
-        let mine = Lease {
-            holder: id.iter().map(|b| format!("{b:02x}")).collect(),
-            who: self.who.clone(),
-            expires_ms: 0,
-            released: false,
-            ttl_ms,
-        };
         let clock = self.clock.as_ref();
-        let deadline = clock.now() + timeout;
+        // `None`: no deadline that a clock can represent (a --lock-timeout of centuries).
+        let deadline = clock.now().checked_add(timeout);
         let mut seen: Option<Seen> = None;
-        let mut told = false;
-        let unreachable = |e: store::Error| match e {
-            store::Error::Unreachable(_) => {
-                self.failed("the deploy lease", e);
-                Ok(None)
-            }
-            store::Error::Refused(why) => {
-                Err(LeaseError::Refused { url: self.url.clone(), stage: stage.into(), env: env.into(), why })
-            }
-        };
+        let mut told: Option<String> = None;
+        // The backend itself, not marked down: a request of another stage that failed meanwhile says nothing
+        // about this lease, and the wait must know the lease's fate first-hand.
+        let backend = self.store.always();
+        let failed = |e, told: &Option<String>| self.lease_failed(e, stage, env, told.clone());
+        let mine = self.new_lease();
         loop {
-            let current = match self.store.get(&name) {
+            let current = match backend.get(&name) {
                 Ok(c) => c,
-                Err(e) => return unreachable(e),
+                Err(e) => return failed(e, &told),
             };
             let holder = match &current {
                 None => None,
                 Some((bytes, version)) => live_holder(bytes, version, &mut seen, self.lease_ttl, clock),
             };
-            if holder.is_none() {
-                let lease = Lease { expires_ms: clock.wall_ms() + ttl_ms, ..mine.clone() };
+            if holder.is_none() && !stop() {
+                let lease = Lease { expires_ms: clock.wall_ms() + mine.ttl_ms, ..mine.clone() };
                 let bytes = serde_json::to_vec(&lease).expect("serializable");
-                match self.store.put_if(&name, bytes, current.as_ref().map(|(_, v)| v)) {
+                match backend.put_if(&name, bytes, current.as_ref().map(|(_, v)| v)) {
                     Ok(Some(version)) => {
-                        let held = Held { store: self.store.always(), name, lease, version, clock: self.clock.clone() };
+                        let held = Held { store: backend, name, lease, version, clock: self.clock.clone() };
                         return Ok(Some(LeaseGuard::start(held, self.lease_ttl)));
                     }
                     // Another runner was first: look again.
                     Ok(None) => {}
-                    Err(e) => return unreachable(e),
+                    Err(e) => return failed(e, &told),
                 }
             }
             let who = holder.unwrap_or_else(|| "another runner".into());
-            if clock.now() >= deadline || stop() {
+            if deadline.is_some_and(|d| clock.now() >= d) || stop() {
                 let waited = if stop() { Duration::ZERO } else { timeout };
                 return Err(LeaseError::Held { stage: stage.into(), env: env.into(), holder: who, waited });
             }
-            if !told {
+            if told.is_none() {
                 waiting(&who);
-                told = true;
+                told = Some(who);
             }
             clock.sleep(POLL);
+        }
+    }
+
+    /// This runner's lease, with a random holder id.
+    fn new_lease(&self) -> Lease {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("the operating system's random source");
+        Lease {
+            holder: id.iter().map(|b| format!("{b:02x}")).collect(),
+            who: self.who.clone(),
+            expires_ms: 0,
+            released: false,
+            ttl_ms: self.lease_ttl.as_millis() as i64,
+        }
+    }
+
+    /// What a store error means for a lease wait: a refusal fails the deploy; a store that stopped answering
+    /// fails it too once another runner was seen holding the lease (it may be deploying); otherwise it is one
+    /// warning and the deploy goes on under the local run lock.
+    fn lease_failed(
+        &self,
+        e: store::Error,
+        stage: &str,
+        env: &str,
+        holder: Option<String>,
+    ) -> Result<Option<LeaseGuard>, LeaseError> {
+        let (url, stage, env) = (self.url.clone(), stage.to_string(), env.to_string());
+        match (e, holder) {
+            (store::Error::Refused(why), _) => Err(LeaseError::Refused { url, stage, env, why }),
+            (store::Error::Unreachable(why), Some(holder)) => {
+                Err(LeaseError::LostSight { url, stage, env, holder, why })
+            }
+            (e, None) => {
+                self.failed("the deploy lease", e);
+                Ok(None)
+            }
         }
     }
 }
@@ -123,7 +156,8 @@ fn live_holder(
     if lease.released {
         return None;
     }
-    let lifetime = ttl.max(Duration::from_millis(lease.ttl_ms.max(0) as u64));
+    let theirs = Duration::from_millis(lease.ttl_ms.max(0) as u64).min(HONOURED_AT_MOST.max(ttl * 10));
+    let lifetime = ttl.max(theirs);
     match seen {
         Some(s) if &s.version == version => (clock.now().duration_since(s.since) < lifetime).then_some(lease.who),
         _ => {
@@ -226,8 +260,8 @@ impl Drop for LeaseGuard {
 mod tests {
     use super::*;
     use crate::clock::tests::Manual;
-    use crate::remote::store::ObjectStore;
-    use crate::remote::store::memory::Memory;
+    use crate::store::ObjectStore;
+    use crate::store::memory::Memory;
     use std::sync::Mutex;
 
     const TTL: Duration = Duration::from_secs(6);
@@ -289,6 +323,18 @@ mod tests {
         let start = clock.now();
         assert!(take(&b, Duration::from_secs(60)).0.unwrap().is_some());
         assert!(clock.now() - start >= Duration::from_secs(30), "{:?}", clock.now() - start);
+    }
+
+    /// A lease is not signed: one planted with an endless lifetime blocks deploys for a day at most.
+    #[test]
+    fn a_planted_endless_lifetime_is_honoured_for_a_day_at_most() {
+        let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
+        dead_lease(&store, "mallory", i64::MAX);
+        let b = remote(&store, &clock, TTL, "b@ci");
+        let start = clock.now();
+        assert!(take(&b, Duration::MAX).0.unwrap().is_some(), "an endless timeout is no overflow either");
+        let waited = clock.now() - start;
+        assert!(waited >= HONOURED_AT_MOST && waited < HONOURED_AT_MOST + POLL * 2, "{waited:?}");
     }
 
     /// A holder that keeps renewing is never expired by a waiter, however long it waits.

@@ -12,16 +12,16 @@ pub mod admin;
 mod lease;
 pub mod protocol;
 mod share;
-pub mod store;
 
 use crate::pipeline::RemoteSpec;
 use crate::sign::{PrivateKey, PublicKey};
+use crate::store::{self, Store};
 pub use lease::{LeaseError, LeaseGuard};
+pub use share::Fetched;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-pub use store::Store;
 
 /// The variable that overrides `[remote] url` (or, set to `off`, disables the remote).
 pub const REMOTE_VAR: &str = "KKPIPE_REMOTE";

@@ -1,16 +1,27 @@
 //! Learning from the remote, and telling it: check stages' entries, deploy stages' ledger records.
 
 use super::protocol::{self, EntryBody, LedgerBody, Refused};
-use super::{Pulled, Remote, store};
+use super::{Pulled, Remote};
 use crate::cache::archive::OutputDoc;
-use crate::cache::{Cache, End, NewAttempt, RunMeta, now_ms};
+use crate::cache::{BlobStore, Cache, End, NewAttempt, RunMeta, now_ms};
 use crate::fresh::{OutputRecord, State};
 use crate::hash::Hash;
 use crate::hash::key::Key;
 use crate::pipeline::Stage;
+use crate::store;
 
 /// A blob's name and content.
 type Blob = (Hash, Vec<u8>);
+
+/// A check stage's success found on the remote, its blobs already in the local blob store.
+pub struct Fetched {
+    key: Key,
+    outputs: Vec<OutputRecord>,
+    manifest: Vec<u8>,
+    started_ms: i64,
+    duration_ms: i64,
+    commit: Option<String>,
+}
 
 /// An attempt to learn into the local cache.
 struct Learned<'a> {
@@ -26,30 +37,33 @@ struct Learned<'a> {
 }
 
 impl Remote {
-    /// A local miss of check stage `stage` with `key`: learn the remote's entry for it, if there is a trusted
-    /// one whose every blob verifies and whose every output lies inside the stage's declared outputs.
-    pub fn pull(&self, cache: &Cache, stage: &Stage, key: &Key, env: &str) -> Pulled {
+    /// The network half of a check stage's local miss with `key`: the remote's entry for it, if there is a
+    /// trusted one whose every blob verifies (each is put into `blobs`) and whose every output lies inside the
+    /// stage's declared outputs. Touches no database, so it runs as a job on a thread of its own.
+    pub fn fetch(&self, blobs: &BlobStore, stage: &Stage, key: &Key) -> Option<Fetched> {
         let what = format!("the entry of `{}` for key {key}", stage.name);
-        let Some((body, _)) = self.read::<EntryBody>(&protocol::entry(&stage.name, &key.to_string()), &what) else {
-            return Pulled::Miss;
-        };
+        let (body, _) = self.read::<EntryBody>(&protocol::entry(&stage.name, &key.to_string()), &what)?;
         if body.version != protocol::VERSION || body.stage != stage.name || body.key != key.to_string() {
             self.refused(&what, Refused::Misplaced(format!("`{}` with key {}", body.stage, body.key)));
-            return Pulled::Miss;
+            return None;
         }
-        let Some((outputs, manifest)) = self.fetch_outputs(cache, stage, key, &body.outputs, &what) else {
-            return Pulled::Miss;
-        };
+        let (outputs, manifest) = self.fetch_outputs(blobs, stage, key, &body.outputs, &what)?;
+        let (started_ms, duration_ms, commit) = (body.created_ms, body.duration_ms, body.commit);
+        Some(Fetched { key: *key, outputs, manifest, started_ms, duration_ms, commit })
+    }
+
+    /// The cache half: record what [`Remote::fetch`] found as a success of `stage` here.
+    pub fn learn_fetched(&self, cache: &Cache, stage: &Stage, env: &str, f: Fetched) -> Pulled {
         let learned = Learned {
             stage,
             env,
-            key: *key,
+            key: f.key,
             state: State::Success,
-            outputs,
-            manifest: Some(manifest),
-            started_ms: body.created_ms,
-            duration_ms: body.duration_ms,
-            commit: body.commit,
+            outputs: f.outputs,
+            manifest: Some(f.manifest),
+            started_ms: f.started_ms,
+            duration_ms: f.duration_ms,
+            commit: f.commit,
         };
         match self.learn(cache, learned) {
             true => Pulled::Imported,
@@ -61,7 +75,7 @@ impl Remote {
     /// named by `key`) downloaded, verified and put into the local store. `None` (warned) if anything is off.
     fn fetch_outputs(
         &self,
-        cache: &Cache,
+        blobs: &BlobStore,
         stage: &Stage,
         key: &Key,
         docs: &[OutputDoc],
@@ -83,7 +97,7 @@ impl Remote {
         wanted.dedup();
         let mut manifest = None;
         for (h, bytes) in self.fetch_blobs(wanted, what)? {
-            if let Err(e) = cache.blobs.put_bytes(&bytes, false) {
+            if let Err(e) = blobs.put_bytes(&bytes, false) {
                 self.warn(format!("cannot store a blob from the remote in the local cache: {e}"));
                 return None;
             }
@@ -235,7 +249,7 @@ impl Remote {
         };
         match (as_is, body.state) {
             (true, State::Success) => {
-                if let Some((outputs, manifest)) = self.fetch_outputs(cache, stage, &key, &body.outputs, what) {
+                if let Some((outputs, manifest)) = self.fetch_outputs(&cache.blobs, stage, &key, &body.outputs, what) {
                     (l.state, l.outputs, l.manifest) = (State::Success, outputs, Some(manifest));
                 }
             }

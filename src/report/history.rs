@@ -1,8 +1,7 @@
 //! `kkpipe history`: recent runs, or one stage's runs (a deploy stage's ledger), as a table or JSON.
 
 use super::{format_duration, timestamp};
-use crate::cache::{RunOutcome, RunRow};
-use crate::fresh::{Attempt, State, StoredReason};
+use crate::fresh::{Attempt, RunOutcome, RunRow, State, StoredReason};
 use serde::Serialize;
 use std::fmt::Write;
 use std::time::Duration;
@@ -135,8 +134,24 @@ pub fn runs_table(runs: &[RunRow]) -> String {
     out
 }
 
+#[derive(Debug, Default, Clone, serde::Serialize)]
+/// What `cache stats` shows.
+pub struct CacheStats {
+    pub runs: i64,
+    pub stage_runs: i64,
+    pub successful: i64,
+    pub failed: i64,
+    pub manifests: i64,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+    pub sensitive_blobs: usize,
+    pub sensitive_bytes: u64,
+    pub stat_entries: i64,
+    pub database_bytes: u64,
+}
+
 /// `cache stats` for people.
-pub fn stats_table(s: &crate::cache::gc::Stats) -> String {
+pub fn stats_table(s: &CacheStats) -> String {
     let mb = |b: u64| b as f64 / 1e6;
     format!(
         "runs:            {}\nstage runs:      {} ({} successful, {} failed or interrupted)\nmanifests:       {}\nstored outputs:  {} ({:.1} MB)\nsensitive:       {} ({:.1} MB)\nstat cache:      {} files\ndatabase:        {:.1} MB\n",

@@ -1,7 +1,7 @@
 //! Human output: cargo-style status lines, stage output prefixed by the stage name, and the provider's
 //! conventions in CI (GitHub `::group::` and `::error::`, GitLab collapsible sections).
 
-use super::{Event, Sink, StageRow, Summary, format_duration};
+use super::{Event, Sink, StageEnd, StageRow, Summary, format_duration};
 use std::collections::HashMap;
 use std::io::Write;
 
@@ -145,10 +145,10 @@ impl Human {
 impl Sink for Human {
     fn event(&mut self, e: &Event) {
         match e {
-            Event::Warning(w) => self.warning(w),
-            Event::Info(m) => {
+            Event::Warning { message } => self.warning(message),
+            Event::Notice(n) => {
                 if !self.quiet {
-                    self.write(format!("{m}\n").as_bytes());
+                    self.write(format!("{n}\n").as_bytes());
                 }
             }
             Event::Fresh { stage, restored, .. } => self.fresh(stage, restored),
@@ -166,9 +166,7 @@ impl Sink for Human {
                 }
             }
             Event::Line { stage, line } => self.line(stage, line),
-            Event::Finished { stage, ok, duration, detail, log } => {
-                self.finished(stage, *ok, *duration, detail.as_deref(), log)
-            }
+            Event::Finished { stage, end, duration, log } => self.finished(stage, end, *duration, log),
             Event::Skipped { stage, because } => {
                 if !self.quiet {
                     self.status("Skipped", YELLOW, &format!("{stage}: {because}"));
@@ -177,7 +175,7 @@ impl Sink for Human {
             Event::WouldRun { stage, masked, .. } => self.status("Would run", YELLOW, &format!("{stage}: {masked}")),
             Event::Drift { stage, output } => self.drift(stage, output),
             Event::Summary(s) => self.summary(s),
-            Event::Report { rows, summary } => self.report(rows, summary),
+            Event::Report { stages, summary } => self.report(stages, summary),
         }
     }
 
@@ -240,13 +238,15 @@ impl Human {
         }
     }
 
-    /// A stage's end: its buffered group (or, quiet, a failure's log), then `Ok` or `Failed`.
-    fn finished(&mut self, stage: &str, ok: bool, duration: std::time::Duration, detail: Option<&str>, log: &[u8]) {
+    /// A stage's end: its buffered group (or, quiet, a failure's log), then `Ok`, `Failed` or `Stopped`.
+    fn finished(&mut self, stage: &str, end: &StageEnd, duration: std::time::Duration, log: &[u8]) {
         let d = format_duration(duration);
-        let header = match (ok, detail) {
-            (true, _) => format!("{stage} ({d})"),
-            (false, Some(x)) => format!("{stage} failed: {x} ({d})"),
-            (false, None) => format!("{stage} failed ({d})"),
+        let ok = *end == StageEnd::Ok;
+        let header = match end {
+            StageEnd::Ok => format!("{stage} ({d})"),
+            StageEnd::Failed { detail } => format!("{stage} failed: {detail} ({d})"),
+            StageEnd::Interrupted => format!("{stage} was interrupted ({d})"),
+            StageEnd::NotStarted { detail } => format!("{stage} not started: {detail}"),
         };
         if self.style != Style::Plain {
             self.flush_group(stage, &header, ok);
@@ -257,14 +257,15 @@ impl Human {
                 self.write(&l);
             }
         }
-        if ok {
-            if !self.quiet {
-                self.status("Ok", GREEN, &format!("{stage} ({d})"));
-            }
-        } else {
-            self.status("Failed", RED, &header);
-            if self.style == Style::Github {
-                self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
+        match end {
+            StageEnd::Ok if !self.quiet => self.status("Ok", GREEN, &format!("{stage} ({d})")),
+            StageEnd::Ok => {}
+            StageEnd::Interrupted => self.status("Stopped", YELLOW, &header),
+            StageEnd::Failed { .. } | StageEnd::NotStarted { .. } => {
+                self.status("Failed", RED, &header);
+                if self.style == Style::Github {
+                    self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
+                }
             }
         }
     }

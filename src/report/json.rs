@@ -1,7 +1,7 @@
 //! Machine-readable output. Every document carries a `schema` id; the schemas are in `docs/schema/` and
 //! described in `docs/json.md`. Adding a field is compatible; renaming or removing one bumps the version.
 
-use super::{Event, Human, Sink, StageRow, Summary};
+use super::{Event, Sink, StageRow, Summary};
 use serde::Serialize;
 
 pub const STATUS_SCHEMA: &str = "kkpipe.status.v1";
@@ -46,25 +46,15 @@ pub fn print(schema: &'static str, context: &Context, rows: &[StageRow], summary
     println!("{}", serde_json::to_string_pretty(&doc).expect("serialisable"));
 }
 
-/// `run --json`: human progress goes to stderr, the final report to stdout.
+/// `run --json`: the final report on stdout (human progress, a peer reporter, goes to stderr).
 pub struct Json {
-    pub human: Human,
     pub context: Context,
 }
 
 impl Sink for Json {
     fn event(&mut self, e: &Event) {
-        match e {
-            Event::Summary(_) => {}
-            Event::Report { rows, summary } => {
-                self.human.event(e);
-                print(RUN_SCHEMA, &self.context, rows, Some(summary));
-            }
-            _ => self.human.event(e),
+        if let Event::Report { stages, summary } = e {
+            print(RUN_SCHEMA, &self.context, stages, Some(summary));
         }
-    }
-
-    fn tick(&mut self, running: &[(String, std::time::Duration)]) {
-        self.human.tick(running);
     }
 }

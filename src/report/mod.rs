@@ -1,6 +1,7 @@
 //! Events -> what the user sees. The scheduler emits typed [`Event`]s; a renderer turns them into human
 //! lines (plain, GitHub Actions or GitLab CI conventions) or into JSON. Both consume the same stream.
 
+pub mod event;
 pub mod graph;
 pub mod history;
 mod human;
@@ -10,11 +11,12 @@ pub mod remote;
 pub mod status;
 pub mod why;
 
-use crate::fresh::{Decision, Reason};
+use crate::fresh::Reason;
 use crate::pipeline::Kind;
 use serde::Serialize;
-use std::time::Duration;
 
+pub use crate::clock::{age, format_duration, timestamp};
+pub use event::{Event, Fanout, JsonLines, Notice, Sink, StageEnd};
 pub use human::{Human, Style};
 
 /// A stage's state as reported by `status` and `run` (and their `--json`).
@@ -43,18 +45,6 @@ pub enum StageState {
 }
 
 impl StageState {
-    /// The one mapping from a decision to what a user sees. `dry_run`: a stage that must run "would run".
-    pub fn of(d: &Decision, dry_run: bool) -> StageState {
-        match d {
-            Decision::Fresh(_) => StageState::Fresh,
-            Decision::Restore(..) => StageState::Restored,
-            Decision::Run(_) if dry_run => StageState::WouldRun,
-            Decision::Run(Reason::NeverRun | Reason::NeverDeployed { .. }) => StageState::NeverRun,
-            Decision::Run(Reason::LastRunFailed { .. } | Reason::LastRunInterrupted) => StageState::Failed,
-            Decision::Run(_) => StageState::Stale,
-        }
-    }
-
     pub fn word(self) -> &'static str {
         match self {
             StageState::Fresh => "fresh",
@@ -109,12 +99,6 @@ pub struct RunHolder {
     pub since: String,
 }
 
-impl From<&crate::run::lock::Holder> for RunHolder {
-    fn from(h: &crate::run::lock::Holder) -> RunHolder {
-        RunHolder { command: h.command.clone(), pid: h.pid, host: h.host.clone(), since: timestamp(h.since_ms) }
-    }
-}
-
 impl StageRow {
     /// A row with the stage's static facts; the caller fills in what happened.
     pub fn new(stage: &crate::pipeline::Stage, state: StageState) -> StageRow {
@@ -151,93 +135,8 @@ pub struct Summary {
     pub saved_ms: u64,
 }
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    Warning(String),
-    Info(String),
-    Fresh {
-        stage: String,
-        restored: Vec<String>,
-        saved: Duration,
-    },
-    Started {
-        stage: String,
-        reason: Reason,
-    },
-    Probing {
-        stage: String,
-    },
-    Line {
-        stage: String,
-        line: Vec<u8>,
-    },
-    Finished {
-        stage: String,
-        ok: bool,
-        duration: Duration,
-        detail: Option<String>,
-        log: Vec<u8>,
-    },
-    Skipped {
-        stage: String,
-        because: String,
-    },
-    /// `run --dry-run`; `masked`: the reason's text with secrets masked.
-    WouldRun {
-        stage: String,
-        reason: Reason,
-        masked: String,
-    },
-    Drift {
-        stage: String,
-        output: String,
-    },
-    Summary(Summary),
-    /// The last event of `run`, `verify` and `run --dry-run`: every stage's row.
-    Report {
-        rows: Vec<StageRow>,
-        summary: Summary,
-    },
-}
-
-pub trait Sink {
-    fn event(&mut self, e: &Event);
-    /// Called about every 50 ms while stages run, with each running stage and how long it has run.
-    fn tick(&mut self, _running: &[(String, Duration)]) {}
-}
-
 /// The note on a fresh stage whose outputs are in no cache (sensitive ones, on a fresh CI runner).
 pub fn unavailable_note(unavailable: &[crate::fresh::OutputRecord]) -> String {
     let list: Vec<String> = unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
     format!("not in this cache, made only if a stage that needs them runs: {}", list.join(", "))
-}
-
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms < 1000 {
-        format!("{ms}ms")
-    } else if ms < 60_000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        let s = d.as_secs();
-        format!("{}m{:02}s", s / 60, s % 60)
-    }
-}
-
-/// Unix milliseconds as RFC 3339 (UTC).
-pub fn timestamp(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
-        .unwrap_or_default()
-}
-
-/// "3 minutes ago"-style age of a Unix-millisecond time.
-pub fn age(ms: i64) -> String {
-    let secs = (crate::cache::now_ms() - ms).max(0) / 1000;
-    match secs {
-        0..=59 => format!("{secs}s ago"),
-        60..=3599 => format!("{}m ago", secs / 60),
-        3600..=86399 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86400),
-    }
 }

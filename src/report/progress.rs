@@ -1,25 +1,26 @@
 //! Live progress on a terminal (indicatif): hashing a large tree, and which stages are running. Never in CI
 //! or when output is not a terminal, where plain lines are printed instead.
 
-use crate::hash::files::Counters;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A spinner showing files and bytes hashed so far; cleared when dropped.
 pub struct HashProgress(Option<ProgressBar>);
 
 impl HashProgress {
-    pub fn start(enabled: bool, what: &'static str, counters: Arc<Counters>) -> HashProgress {
+    /// `counts`: files seen and bytes read so far.
+    pub fn start(
+        enabled: bool,
+        what: &'static str,
+        counts: impl Fn() -> (u64, u64) + Clone + Send + Sync + 'static,
+    ) -> HashProgress {
         if !enabled {
             return HashProgress(None);
         }
         let style = ProgressStyle::with_template("{spinner} {prefix}: {counts} ({elapsed})")
             .expect("valid template")
             .with_key("counts", move |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-                let files = counters.files_hashed.load(Ordering::Relaxed) + counters.stat_hits.load(Ordering::Relaxed);
-                let bytes = counters.bytes_hashed.load(Ordering::Relaxed);
+                let (files, bytes) = counts();
                 let _ = write!(w, "{files} files, {:.1} MB read", bytes as f64 / 1e6);
             });
         let bar = ProgressBar::new_spinner().with_style(style).with_prefix(what);

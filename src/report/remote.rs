@@ -1,7 +1,34 @@
 //! `kkpipe remote keygen|status`, as text or JSON.
 
-use crate::remote::admin::Status;
 use std::fmt::Write;
+
+/// What `kkpipe remote status` shows.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub url: String,
+    pub mode: &'static str,
+    pub why: String,
+    /// `None` when the store answered; else what went wrong.
+    pub error: Option<String>,
+    pub entries: usize,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+    pub ledger: Vec<LedgerRow>,
+    /// Deploy leases held now (not released, not expired).
+    pub leases: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LedgerRow {
+    pub env: String,
+    pub stage: String,
+    pub seq: u64,
+    pub state: crate::fresh::State,
+    pub key: String,
+    pub who: String,
+    /// `false`: not signed by a trusted key (ignored by every runner).
+    pub trusted: bool,
+}
 
 pub fn keygen(private: &str, public: &str, json: bool) -> String {
     if json {

@@ -1,93 +1,9 @@
-//! `kkpipe status` and `kkpipe run --dry-run`: a row per evaluated stage, as a table or JSON.
+//! `kkpipe status` and `kkpipe run --dry-run` for people: a line per stage.
 
-use super::{StageRow, StageState, Summary, age, format_duration, timestamp};
-use crate::evaluate::Evaluation;
-use crate::fresh::{Attempt, Decision, Reason, State, StoredReason};
-use crate::graph::{Event, Selected};
-use crate::pipeline::Pipeline;
-use crate::run::lock::Holder;
+use super::{StageRow, StageState, Summary, age, format_duration};
+use crate::fresh::Reason;
+use crate::graph::Event;
 use std::io::Write;
-
-/// The row of one evaluated stage. `last`: its latest recorded attempt (shown for stages that must run);
-/// `holder`: the live holder of the run lock, if a run is in progress (`status` only, never a dry run).
-pub fn row(
-    stage: &crate::pipeline::Stage,
-    eval: &Evaluation,
-    dry_run: bool,
-    last: Option<&Attempt>,
-    holder: Option<&Holder>,
-) -> StageRow {
-    if let Some((attempt, holder)) = running_now(last, holder) {
-        return running_row(stage, eval, attempt, holder);
-    }
-    let mut row = StageRow::new(stage, StageState::of(&eval.decision, dry_run));
-    row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
-    match &eval.decision {
-        Decision::Fresh(hit) | Decision::Restore(hit, _) => {
-            if let Decision::Restore(_, restore) = &eval.decision {
-                row.restored = restore.iter().map(|o| o.path.display()).collect();
-            }
-            if !hit.unavailable.is_empty() {
-                row.note = Some(super::unavailable_note(&hit.unavailable));
-            }
-            row.recorded_at = Some(timestamp(hit.record.started_at));
-            row.duration_ms = hit.record.duration_ms;
-        }
-        Decision::Run(reason) => {
-            row.reasons = vec![reason.clone()];
-            if let Some(last) = last.filter(|l| l.state != State::Running) {
-                row.recorded_at = Some(timestamp(last.started_at));
-                row.duration_ms = last.duration_ms;
-            }
-        }
-    }
-    row
-}
-
-/// The attempt a live run is running now: the stage's latest attempt has no end yet and was started under the
-/// current holder of the run lock. A row left `running` by a killed run has no live holder, or one that
-/// started after it (and marks it interrupted): it stays "last run was interrupted".
-fn running_now<'a>(last: Option<&'a Attempt>, holder: Option<&'a Holder>) -> Option<(&'a Attempt, &'a Holder)> {
-    let (last, holder) = (last?, holder?);
-    (last.state == State::Running && last.started_at >= holder.since_ms).then_some((last, holder))
-}
-
-/// A stage a live run is running: why the run started it, since when, and who runs it.
-fn running_row(stage: &crate::pipeline::Stage, eval: &Evaluation, attempt: &Attempt, holder: &Holder) -> StageRow {
-    let mut row = StageRow::new(stage, StageState::Running);
-    row.key = eval.keyed.as_ref().map(|k| k.key.to_string());
-    if let Some(StoredReason::Known(r)) = &attempt.reason {
-        row.reasons = vec![r.clone()];
-    }
-    if eval.keyed.as_ref().is_some_and(|k| k.key != attempt.key) {
-        row.note = Some("its inputs changed after it started: it will be stale when it ends".into());
-    }
-    row.recorded_at = Some(timestamp(attempt.started_at));
-    row.holder = Some(holder.into());
-    row
-}
-
-/// Rows in graph order: evaluated stages, and those the event does not select. `holder`: see [`row`].
-pub fn rows(
-    pipeline: &Pipeline,
-    order: &[usize],
-    selected: &[Selected],
-    evals: &[Option<Evaluation>],
-    dry_run: bool,
-    last: &dyn Fn(usize) -> Option<Attempt>,
-    holder: Option<&Holder>,
-) -> Vec<StageRow> {
-    let mut rows = Vec::new();
-    for &i in order {
-        let stage = &pipeline.stages[i];
-        match (selected[i], &evals[i]) {
-            (Selected::NotRequested, _) => {}
-            (Selected::Yes, Some(e)) => rows.push(row(stage, e, dry_run, last(i).as_ref(), holder)),
-            _ => rows.push(StageRow::new(stage, StageState::SkippedByEvent)),
-        }
-    }
-    rows
-}
 
 /// What a dry run would do, in numbers.
 pub fn dry_run_summary(rows: &[StageRow]) -> Summary {

@@ -1,10 +1,66 @@
 //! `kkpipe why` for people: the state, the chain to the root cause, and every difference from the last
 //! successful run, grouped.
 
-use crate::explain::Explanation;
-use crate::fresh::{Diff, FileChanges, Reason};
+use crate::fresh::{Diff, FileChanges, Reason, StoredReason};
 use crate::report::{StageState, format_duration};
+use serde::Serialize;
 use std::fmt::Write;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRef {
+    pub run: i64,
+    pub at: String,
+    pub at_ms: i64,
+    pub duration_ms: Option<i64>,
+    pub key: String,
+}
+
+/// One link of the chain from a stage to its root cause.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub stage: String,
+    #[serde(serialize_with = "serialize_stored")]
+    pub reason: StoredReason,
+    /// True when this is the reason recorded with the stage's last run (it already reran), not a current one.
+    pub recorded: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InputFile {
+    pub path: String,
+    /// BLAKE3 of the content, hex (what `b3sum` prints); absent for symlinks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+/// Everything `why` says about a stage (`why --json`: schema kkpipe.why.v1).
+pub struct Explanation {
+    pub stage: String,
+    pub state: StageState,
+    pub key: Option<String>,
+    /// The first reason (what `status` prints); absent when fresh.
+    pub reason: Option<Reason>,
+    /// Fresh: the run that made it fresh. Stale: the last successful run it is compared with.
+    pub compared_with: Option<RunRef>,
+    pub differences: Option<Diff>,
+    /// From this stage's direct upstream cause to the root cause.
+    pub cascade: Vec<Step>,
+    pub root_cause: Option<Step>,
+    pub inputs: Vec<InputFile>,
+}
+
+/// A stored reason in JSON: the reason itself, or `{"kind": "unreadable", "text": ...}`.
+fn serialize_stored<S: serde::Serializer>(r: &StoredReason, s: S) -> Result<S::Ok, S::Error> {
+    match r {
+        StoredReason::Known(r) => r.serialize(s),
+        StoredReason::Unreadable(text) => serde_json::json!({ "kind": "unreadable", "text": text }).serialize(s),
+    }
+}
 
 /// Human rendering. `limit`: how many paths to list per group (`None`: all).
 pub fn render(x: &Explanation, limit: Option<usize>, mask: &dyn Fn(&str) -> String) -> String {

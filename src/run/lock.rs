@@ -42,6 +42,13 @@ pub struct Holder {
     pub since_ms: i64,
 }
 
+impl From<&Holder> for crate::report::RunHolder {
+    fn from(h: &Holder) -> crate::report::RunHolder {
+        let since = crate::clock::timestamp(h.since_ms);
+        crate::report::RunHolder { command: h.command.clone(), pid: h.pid, host: h.host.clone(), since }
+    }
+}
+
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -50,8 +57,8 @@ impl std::fmt::Display for Holder {
             self.command,
             self.pid,
             self.host,
-            crate::report::timestamp(self.since_ms),
-            crate::report::age(self.since_ms)
+            crate::clock::timestamp(self.since_ms),
+            crate::clock::age(self.since_ms)
         )
     }
 }

@@ -83,7 +83,7 @@ impl Interrupt {
     }
 }
 
-/// Messages a job (a stage's process, a wait for a deploy lease) sends to the scheduler thread, which owns
+/// Messages a job (a stage's process, a wait for a deploy lease, a lookup on the remote) sends to the scheduler thread, which owns
 /// all state and all printing.
 pub enum Msg {
     Spawned {
@@ -107,6 +107,11 @@ pub enum Msg {
     Leased {
         job: usize,
         result: Result<Option<crate::remote::LeaseGuard>, crate::remote::LeaseError>,
+    },
+    /// A check stage's lookup on the remote is over: what it found, if anything.
+    LookedUp {
+        job: usize,
+        found: Option<crate::remote::Fetched>,
     },
 }
 

@@ -17,7 +17,7 @@ use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, St
 use crate::graph::Selected;
 use crate::hash::key::{Key, Keyed};
 use crate::remote::{LeaseGuard, Pulled};
-use crate::report::{Event, Sink, StageRow, StageState, Summary};
+use crate::report::{Event, Notice, Sink, StageEnd, StageRow, StageState, Summary};
 use crate::session::Session;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,19 +91,28 @@ enum Slot {
     Idle,
     Waiting,
     Active(Box<Active>),
-    /// A deploy stage waiting for its deploy lease on the remote, on a job thread of its own: every stage
-    /// that does not need it goes on meanwhile.
-    Leasing(Box<Leasing>),
+    /// A stage that must run, waiting for the remote on a job thread of its own (its deploy lease, or a lookup
+    /// of its result): every stage that does not need it goes on meanwhile.
+    Asking(Box<Asking>),
     Done(Done),
 }
 
-/// What a deploy stage does once its lease wait is over.
-struct Leasing {
+/// A stage's question to the remote, with what it goes on with when the answer comes.
+struct Asking {
     keyed: Keyed,
     reason: Reason,
-    resume: Resume,
-    /// Another runner held the lease: what it did is learned and the stage decided on again.
-    waited: bool,
+    wait: Wait,
+}
+
+enum Wait {
+    /// A deploy stage's lease.
+    Lease {
+        resume: Resume,
+        /// Another runner held the lease: what it did is learned and the stage decided on again.
+        waited: bool,
+    },
+    /// A check stage's result with these inputs, made by another runner.
+    Lookup,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -184,7 +193,7 @@ pub(super) fn run(
     env.cache.blobs.clean_tmp();
     s.walk(&chosen)?;
     for w in s.take_warnings() {
-        sink.event(&Event::Warning(w));
+        sink.event(&Event::Warning { message: w });
     }
     let meta = RunMeta {
         command: if opts.probe_only { "verify" } else { "run" }.into(),
@@ -265,14 +274,16 @@ impl<'a> Scheduler<'a, '_> {
         self.env.remote.as_deref()
     }
 
+    /// Stages that hold a place under `-j`: running, or waiting for their deploy lease (which they go on with at
+    /// once when it comes, so a lease is never held by a stage queued behind others).
     fn active_count(&self) -> usize {
-        self.slots.iter().filter(|s| matches!(s, Slot::Active(_))).count()
+        self.slots.iter().filter(|s| matches!(s, Slot::Active(_) | Slot::Asking(_))).count()
     }
 
     /// Record the run's end, persist what was learned, report.
     fn finish(self, selected: &[Selected], start: Instant, interrupted: Option<i32>) -> Result<Outcome, Error> {
         for w in self.s.take_warnings() {
-            self.sink.event(&Event::Warning(w));
+            self.sink.event(&Event::Warning { message: w });
         }
         let (rows, mut summary) = self.rows(selected);
         summary.duration_ms = start.elapsed().as_millis() as u64;
@@ -294,10 +305,10 @@ impl<'a> Scheduler<'a, '_> {
         cache.finish_run(self.run_id, outcome, &counts)?;
         self.s.persist_stat_cache(cache);
         if let Err(e) = cache.auto_gc(&self.cx.pipeline.root) {
-            self.sink.event(&Event::Warning(format!("automatic cache gc failed: {e}")));
+            self.sink.event(&Event::Warning { message: format!("automatic cache gc failed: {e}") });
         }
         self.sink.event(&Event::Summary(summary.clone()));
-        self.sink.event(&Event::Report { rows: rows.clone(), summary: summary.clone() });
+        self.sink.event(&Event::Report { stages: rows.clone(), summary: summary.clone() });
         let locked_out = self.locked_out;
         Ok(Outcome { rows, summary, failed, interrupted, locked_out })
     }
@@ -350,12 +361,9 @@ impl<'a> Scheduler<'a, '_> {
     /// SIGINT/SIGTERM: start nothing new, forward the signal to every running stage, and remember that each
     /// was signalled (a stage that then exits 0 stopped early: interrupted, never a success).
     fn stop_for_signal(&mut self, sig: i32) {
-        self.stopping = Some("run interrupted".into());
+        self.stop("run interrupted".into());
         let name = if sig == signal_hook::consts::SIGTERM { "SIGTERM" } else { "SIGINT" };
-        self.sink.event(&Event::Info(format!(
-            "kkpipe: {name} received: stopping running stages (waiting up to {})",
-            crate::report::format_duration(self.opts.stop_grace)
-        )));
+        self.sink.event(&Event::Notice(Notice::Stopping { signal: name.into(), grace: self.opts.stop_grace }));
         for slot in &mut self.slots {
             if let Slot::Active(a) = slot {
                 a.signalled = true;
@@ -411,7 +419,7 @@ impl<'a> Scheduler<'a, '_> {
             }
             let ready = self.cx.graph.needs[i].iter().all(|&j| matches!(self.slots[j], Slot::Done(_)));
             if ready && self.active_count() < self.opts.jobs.max(1) {
-                self.start(i)?;
+                self.start(i, true)?;
                 progress = true;
                 if self.stopping.is_some() {
                     return Ok(false);
@@ -422,7 +430,7 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     /// Make stage `i`'s manifest from its needs' outputs, decide, and act on the decision.
-    fn start(&mut self, i: usize) -> Result<(), Error> {
+    fn start(&mut self, i: usize, ask: bool) -> Result<(), Error> {
         if self.workspace_changed {
             self.s.rewalk(i)?;
         }
@@ -449,7 +457,7 @@ impl<'a> Scheduler<'a, '_> {
             self.remote_warnings();
         }
         let mut step = evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run.clone(), None)?;
-        match self.ask_remote(i, &step, forced) {
+        match if ask { self.ask_remote(i, &step, forced) } else { Asked::Keep } {
             Asked::Keep => {}
             Asked::Again => step = evaluate::stage(self.cx, self.s, self.env.cache, i, &needs, must_run, None)?,
             Asked::Done => return Ok(()),
@@ -457,14 +465,7 @@ impl<'a> Scheduler<'a, '_> {
         match step {
             evaluate::Step::NoManifest(reason) => {
                 // A tool is missing or unreadable: the stage cannot even be keyed.
-                self.sink.event(&Event::Finished {
-                    stage: self.name(i),
-                    ok: false,
-                    duration: Duration::ZERO,
-                    detail: Some(reason.to_string()),
-                    log: Vec::new(),
-                });
-                self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key: None, reason });
+                self.not_started(i, None, reason.clone(), reason.to_string());
                 Ok(())
             }
             evaluate::Step::Decided(keyed, Decision::Run(reason)) => self.launch_stage(i, keyed, reason),
@@ -488,7 +489,7 @@ impl<'a> Scheduler<'a, '_> {
     fn remote_warnings(&mut self) {
         if let Some(remote) = self.remote() {
             for w in remote.take_warnings() {
-                self.sink.event(&Event::Warning(w));
+                self.sink.event(&Event::Warning { message: w });
             }
         }
     }
@@ -498,20 +499,21 @@ impl<'a> Scheduler<'a, '_> {
     /// in this environment meanwhile, and learn the shared ledger again: the runner we waited for may have
     /// deployed the same key.
     fn ask_remote(&mut self, i: usize, step: &evaluate::Step, forced: bool) -> Asked {
-        let Some(remote) = self.remote() else { return Asked::Keep };
+        if self.env.remote.is_none() {
+            return Asked::Keep;
+        }
         let evaluate::Step::Decided(keyed, Decision::Run(reason)) = step else { return Asked::Keep };
         if self.opts.probe_only {
             return Asked::Keep;
         }
         let stage = &self.cx.pipeline.stages[i];
         let asked = if !stage.is_deploy() {
-            match !forced && remote.pull(self.env.cache, stage, &keyed.key, self.cx.env) == Pulled::Imported {
-                true => {
-                    let line = format!("kkpipe: `{}` with these inputs is on the remote `{}`", stage.name, remote.url);
-                    self.sink.event(&Event::Info(line));
-                    Asked::Again
+            match forced {
+                true => Asked::Keep,
+                false => {
+                    self.look_up(i, keyed, reason);
+                    Asked::Done
                 }
-                false => Asked::Keep,
             }
         } else {
             match self.take_lease(i, keyed, reason, Resume::Decide) {
@@ -528,8 +530,11 @@ impl<'a> Scheduler<'a, '_> {
     /// stage may not go on it is done, and why was shown.
     fn take_lease(&mut self, i: usize, keyed: &Keyed, reason: &Reason, resume: Resume) -> Taken {
         let Some(remote) = self.env.remote.clone() else { return Taken::Go };
-        if self.leases.contains_key(&i) {
-            return Taken::Go;
+        match self.leases.get(&i) {
+            // Another runner took it over while this one waited to go on: take it again.
+            Some(Some(held)) if held.lost() => drop(self.leases.remove(&i)),
+            Some(_) => return Taken::Go,
+            None => {}
         }
         if !remote.writable() {
             let detail = format!(
@@ -540,7 +545,7 @@ impl<'a> Scheduler<'a, '_> {
                 remote.why,
                 crate::remote::SIGNING_KEY_VAR
             );
-            self.refuse(i, keyed.key, reason.clone(), detail);
+            self.not_started(i, Some(keyed.key), reason.clone(), detail);
             return Taken::Stop;
         }
         let job = self.next_job;
@@ -556,72 +561,150 @@ impl<'a> Scheduler<'a, '_> {
                     let _ = held.send(Msg::LeaseHeld { job, holder: holder.to_string() });
                 };
                 let stop = || interrupt.signal().is_some() || cancel.load(Ordering::Relaxed);
-                let result = remote.acquire(&name, &env, timeout, &mut waiting, &stop);
+                let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    remote.acquire(&name, &env, timeout, &mut waiting, &stop)
+                }));
+                // However the wait ended, the scheduler hears of it (it waits for every job).
+                let result = waited.unwrap_or_else(|_| {
+                    Err(crate::remote::LeaseError::Refused {
+                        url: remote.url.clone(),
+                        stage: name.clone(),
+                        env: env.clone(),
+                        why: "the wait for the lease failed (an internal error)".into(),
+                    })
+                });
                 let _ = tx.send(Msg::Leased { job, result });
             })
             .expect("spawn a lease thread");
-        let leasing = Leasing { keyed: keyed.clone(), reason: reason.clone(), resume, waited: false };
-        self.slots[i] = Slot::Leasing(Box::new(leasing));
+        let wait = Wait::Lease { resume, waited: false };
+        self.slots[i] = Slot::Asking(Box::new(Asking { keyed: keyed.clone(), reason: reason.clone(), wait }));
         Taken::Pending
     }
 
     /// The lease wait of stage `i` is over: learn what the shared ledger says now (the runner that held the lease
-    /// may have deployed), then decide again or run. A store that did not answer was warned about and the deploy
-    /// goes on under the local run lock, as without a remote.
+    /// may have deployed), then go on at once, in the place under `-j` the wait held: run, or decide again. A
+    /// store that did not answer was warned about and the deploy goes on under the local run lock, as without a
+    /// remote.
     fn leased(
         &mut self,
         i: usize,
-        l: Leasing,
+        l: Asking,
         result: Result<Option<LeaseGuard>, crate::remote::LeaseError>,
     ) -> Result<(), Error> {
         self.remote_warnings();
+        // A signal may have reached the wait before the loop saw it (the loop stops everything else next).
+        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
+        if let Some(why) = self.stopping.clone().or(interrupted) {
+            drop(result);
+            self.skip(i, why);
+            return Ok(());
+        }
         let lease = match result {
             Ok(lease) => lease,
             Err(e) => {
-                if let Some(why) = self.stopping.clone() {
-                    self.skip(i, why);
-                    return Ok(());
-                }
-                self.locked_out |= matches!(e, crate::remote::LeaseError::Held { .. });
-                self.refuse(i, l.keyed.key, l.reason, e.to_string());
+                use crate::remote::LeaseError::{Held, LostSight};
+                self.locked_out |= matches!(e, Held { .. } | LostSight { .. });
+                self.not_started(i, Some(l.keyed.key), l.reason, e.to_string());
                 return Ok(());
             }
         };
         self.leases.insert(i, lease);
-        if let Some(why) = self.stopping.clone() {
-            self.leases.remove(&i);
-            self.skip(i, why);
-            return Ok(());
-        }
         if let Some(remote) = self.remote() {
             remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
             self.remote_warnings();
         }
-        match (l.resume, l.waited) {
-            (Resume::Launch, false) => self.launch_stage(i, l.keyed, l.reason),
-            _ => {
-                self.slots[i] = Slot::Waiting;
-                Ok(())
-            }
+        // What it needs may have been sent back meanwhile (a retry of its needs): wait for them again.
+        let needs_done = self.cx.graph.needs[i]
+            .iter()
+            .all(|&j| matches!(self.slots[j], Slot::Done(Done::Fresh { .. } | Done::Ran { .. })));
+        if !needs_done {
+            self.leases.remove(&i);
+            self.slots[i] = Slot::Waiting;
+            return Ok(());
+        }
+        match l.wait {
+            Wait::Lease { resume: Resume::Launch, waited: false } => self.launch_stage(i, l.keyed, l.reason),
+            _ => self.start(i, true),
         }
     }
 
-    /// Stage `i` will not start: the run is stopping.
+    /// Start nothing new, and end the lease waits (they would only be skipped when they end).
+    fn stop(&mut self, why: String) {
+        self.stopping.get_or_insert(why);
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Ask the remote for check stage `i`'s result with these inputs, as a job: the entry, its blobs downloaded
+    /// and verified into the local blob store; the answer comes as `Msg::LookedUp`.
+    fn look_up(&mut self, i: usize, keyed: &Keyed, reason: &Reason) {
+        let Some(remote) = self.env.remote.clone() else { return };
+        let job = self.next_job;
+        self.next_job += 1;
+        self.jobs.insert(job, i);
+        let (tx, stage, key, blobs) =
+            (self.tx.clone(), self.cx.pipeline.stages[i].clone(), keyed.key, self.env.cache.blobs.clone());
+        std::thread::Builder::new()
+            .name(format!("lookup-{job}"))
+            .spawn(move || {
+                let fetched =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| remote.fetch(&blobs, &stage, &key)));
+                let _ = tx.send(Msg::LookedUp { job, found: fetched.ok().flatten() });
+            })
+            .expect("spawn a lookup thread");
+        let asking = Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lookup };
+        self.slots[i] = Slot::Asking(Box::new(asking));
+    }
+
+    /// The question of job `job` was answered: its stage, and what it asked, if it still waits for the answer.
+    fn answered(&mut self, job: usize) -> Option<(usize, Asking)> {
+        let i = self.jobs.remove(&job)?;
+        if !matches!(self.slots[i], Slot::Asking(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut self.slots[i], Slot::Waiting) {
+            Slot::Asking(a) => Some((i, *a)),
+            _ => None,
+        }
+    }
+
+    /// Check stage `i`'s lookup is over: what another runner made is learned into the cache and the stage
+    /// decided again (fresh now); otherwise it runs, in the place under `-j` the lookup held.
+    fn looked_up(&mut self, i: usize, a: Asking, found: Option<crate::remote::Fetched>) -> Result<(), Error> {
+        self.remote_warnings();
+        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
+        if let Some(why) = self.stopping.clone().or(interrupted) {
+            self.skip(i, why);
+            return Ok(());
+        }
+        let stage = &self.cx.pipeline.stages[i];
+        let learned = match (self.remote(), found) {
+            (Some(remote), Some(f)) => remote.learn_fetched(self.env.cache, stage, self.cx.env, f) == Pulled::Imported,
+            _ => false,
+        };
+        self.remote_warnings();
+        if !learned {
+            return self.launch_stage(i, a.keyed, a.reason);
+        }
+        if let Some(remote) = self.remote() {
+            let hit = Notice::RemoteHit { stage: stage.name.clone(), remote: remote.url.clone() };
+            self.sink.event(&Event::Notice(hit));
+        }
+        self.start(i, false)
+    }
+
+    /// Stage `i` will not start: a need did not succeed, or the run is stopping. A lease it holds goes at once.
     fn skip(&mut self, i: usize, because: String) {
+        self.leases.remove(&i);
         self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
         self.sink.event(&Event::Skipped { stage: self.name(i), because });
     }
 
     /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
-    fn refuse(&mut self, i: usize, key: Key, reason: Reason, detail: String) {
-        self.sink.event(&Event::Finished {
-            stage: self.name(i),
-            ok: false,
-            duration: Duration::ZERO,
-            detail: Some(detail),
-            log: Vec::new(),
-        });
-        self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key: Some(key), reason });
+    fn not_started(&mut self, i: usize, key: Option<Key>, reason: Reason, detail: String) {
+        self.leases.remove(&i);
+        let end = StageEnd::NotStarted { detail };
+        self.sink.event(&Event::Finished { stage: self.name(i), end, duration: Duration::ZERO, log: Vec::new() });
+        self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key, reason });
     }
 
     /// Tell the remote how a stage run ended: a success is shared (blobs, then the entry); a deploy's
@@ -639,11 +722,13 @@ impl<'a> Scheduler<'a, '_> {
             remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
         if self.leases.remove(&i).flatten().is_some_and(|l| l.lost()) {
-            self.sink.event(&Event::Warning(format!(
-                "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
+            self.sink.event(&Event::Warning {
+                message: format!(
+                    "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
                  may have deployed at the same time (check `kkpipe remote status`)",
-                stage.name, self.cx.env
-            )));
+                    stage.name, self.cx.env
+                ),
+            });
         }
         self.remote_warnings();
     }
@@ -691,12 +776,8 @@ impl<'a> Scheduler<'a, '_> {
                 self.materialize.remove(&i);
                 return self.run_after_all(i, keyed, Reason::OutputMissing { path: first });
             };
-            let list: Vec<String> = hit.unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
-            self.sink.event(&Event::Info(format!(
-                "Regenerating {} of `{}` (not in the cache; a stage that needs it runs)",
-                list.join(", "),
-                stage.name
-            )));
+            let outputs = hit.unavailable.iter().map(|o| o.path.display()).collect();
+            self.sink.event(&Event::Notice(Notice::Regenerating { stage: stage.name.clone(), outputs }));
             return self.spawn(i, script, Job::Regenerate { hit }, keyed, restored);
         }
         if stage.is_deploy()
@@ -822,17 +903,22 @@ impl<'a> Scheduler<'a, '_> {
             }
             Msg::LeaseHeld { job, holder } => {
                 if let Some(&i) = self.jobs.get(&job)
-                    && let Slot::Leasing(l) = &mut self.slots[i]
+                    && let Slot::Asking(a) = &mut self.slots[i]
+                    && let Wait::Lease { waited, .. } = &mut a.wait
                 {
-                    l.waited = true;
-                    let line = format!("kkpipe: waiting for the deploy lease of `{}`, held by {holder}", self.name(i));
-                    self.sink.event(&Event::Info(line));
+                    *waited = true;
+                    self.sink.event(&Event::Notice(Notice::LeaseWait { stage: self.name(i), holder }));
                 }
             }
             Msg::Leased { job, result } => {
-                let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
-                let Slot::Leasing(l) = std::mem::replace(&mut self.slots[i], Slot::Waiting) else { return Ok(()) };
-                self.leased(i, *l, result)?;
+                if let Some((i, asking)) = self.answered(job) {
+                    self.leased(i, asking, result)?;
+                }
+            }
+            Msg::LookedUp { job, found } => {
+                if let Some((i, asking)) = self.answered(job) {
+                    self.looked_up(i, asking, found)?;
+                }
             }
             Msg::Exited { job, result } => {
                 let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
@@ -867,7 +953,7 @@ impl<'a> Scheduler<'a, '_> {
         let mut ended = Ended { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
         if signalled {
             // Stopped by our signal, whatever its exit code: its outputs may be partial.
-            self.conclude(i, &keyed, State::Interrupted, ended, Some("interrupted".into()))?;
+            self.conclude(i, &keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
             self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
             return Ok(());
         }
@@ -879,7 +965,7 @@ impl<'a> Scheduler<'a, '_> {
                         self.mask_output(o);
                     }
                     ended.outputs = outs.clone();
-                    self.conclude(i, &keyed, State::Success, ended, None)?;
+                    self.conclude(i, &keyed, State::Success, ended, StageEnd::Ok)?;
                     self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
                     Ok(())
                 }
@@ -904,7 +990,7 @@ impl<'a> Scheduler<'a, '_> {
                 &keyed,
                 State::Failed,
                 ended,
-                Some(format!("{detail}; output says \"{pattern}\"")),
+                StageEnd::Failed { detail: format!("{detail}; output says \"{pattern}\"") },
             );
         }
         self.fail(i, &keyed, reason, ended, detail)
@@ -920,13 +1006,8 @@ impl<'a> Scheduler<'a, '_> {
         }
         self.retried.insert(i);
         let needs = self.cx.graph.needs[i].clone();
-        let names: Vec<String> = needs.iter().map(|&j| format!("`{}`", self.name(j))).collect();
-        self.sink.event(&Event::Info(format!(
-            "kkpipe: `{}` reported \"{pattern}\": rerunning {} and retrying `{}` once",
-            stage.name,
-            names.join(", "),
-            stage.name
-        )));
+        let names = needs.iter().map(|&j| self.name(j)).collect();
+        self.sink.event(&Event::Notice(Notice::Retrying { stage: stage.name.clone(), pattern, needs: names }));
         for j in needs {
             self.slots[j] = Slot::Waiting;
             self.replan.insert(j, stage.name.clone());
@@ -937,14 +1018,7 @@ impl<'a> Scheduler<'a, '_> {
 
     /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
     /// log is shown again in quiet mode.
-    fn conclude(
-        &mut self,
-        i: usize,
-        keyed: &Keyed,
-        state: State,
-        e: Ended,
-        detail: Option<String>,
-    ) -> Result<(), Error> {
+    fn conclude(&mut self, i: usize, keyed: &Keyed, state: State, e: Ended, how: StageEnd) -> Result<(), Error> {
         let ok = state == State::Success;
         let end = End {
             duration_ms: e.duration.as_millis() as i64,
@@ -955,16 +1029,16 @@ impl<'a> Scheduler<'a, '_> {
         self.env.cache.finish_stage(e.row, state, &end)?;
         self.share(i, keyed, state, &e.outputs, e.duration);
         let log = if ok || state == State::Interrupted { Vec::new() } else { e.log };
-        self.sink.event(&Event::Finished { stage: self.name(i), ok, duration: e.duration, detail, log });
+        self.sink.event(&Event::Finished { stage: self.name(i), end: how, duration: e.duration, log });
         Ok(())
     }
 
     fn fail(&mut self, i: usize, keyed: &Keyed, reason: Reason, e: Ended, detail: String) -> Result<(), Error> {
         let duration = e.duration;
-        self.conclude(i, keyed, State::Failed, e, Some(detail))?;
+        self.conclude(i, keyed, State::Failed, e, StageEnd::Failed { detail })?;
         self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(keyed.key), reason });
         if self.opts.fail_fast && self.stopping.is_none() {
-            self.stopping = Some("not started: a stage failed and --fail-fast is set".into());
+            self.stop("not started: a stage failed and --fail-fast is set".into());
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ pub const ARG: &str = "__kkpipe-watchdog";
 const POLL: Duration = Duration::from_millis(50);
 
 /// The stop grace when none is given (a watchdog started by an older kkpipe of the same binary path).
-const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_GRACE: Duration = Duration::from_secs(7);
 
 /// The write end of the watchdog's stdin, or `None` if it could not be started. Process-wide: it watches
 /// this process's death. Never closed before exit: closing it is what tells the watchdog to act.

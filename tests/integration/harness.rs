@@ -44,7 +44,7 @@ const AMBIENT: &[&str] = &[
 ];
 
 /// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour. Stages get 2 s to
-/// stop after a signal (`KKPIPE_STOP_GRACE`, 10 s by default) unless a test sets its own.
+/// stop after a signal (`KKPIPE_STOP_GRACE`, 7 s by default) unless a test sets its own.
 pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
     c.args(args).current_dir(dir);
@@ -342,5 +342,76 @@ pub fn within(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Validate each of `docs` (JSON texts) against a schema file, in one check-jsonschema call.
+pub fn check_schema_each(schema: &Path, docs: &[String]) {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let f = dir.path().join(format!("doc-{i:03}.json"));
+            std::fs::write(&f, d).unwrap();
+            f
+        })
+        .collect();
+    let out = Command::new(test_tool("venv/bin/check-jsonschema"))
+        .arg("--schemafile")
+        .arg(schema)
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "not every document validates against {}:\n{}{}\n{docs:#?}",
+        schema.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running kkpipe whose stdout is read line by line as it comes: the harness's way to wait for something a
+/// run says (never a fixed sleep).
+pub struct Live {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stdout line read so far.
+    pub seen: Vec<String>,
+}
+
+impl Live {
+    pub fn spawn(mut cmd: Command) -> Live {
+        use std::process::Stdio;
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run kkpipe");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Live { child, lines, seen: Vec::new() }
+    }
+
+    /// Read until a line satisfies `what`, for at most `limit` (then the test fails, showing what was seen).
+    pub fn until(&mut self, limit: Duration, what: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !self.seen.iter().any(|l| what(l)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("not said within {limit:?}; stdout so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Wait for the exit: how it went (stdout empty: it is in `seen`) and every stdout line.
+    pub fn finish(mut self) -> (Run, Vec<String>) {
+        let out = self.child.wait_with_output().unwrap();
+        self.seen.extend(self.lines.iter());
+        (Run::from(out), self.seen)
     }
 }

@@ -2,9 +2,11 @@
 
 mod harness;
 
+mod architecture;
 mod ci;
 mod deploy;
 mod engine;
+mod events;
 mod explain;
 mod key_scheme;
 mod kkp;

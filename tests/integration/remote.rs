@@ -184,10 +184,10 @@ impl Store {
 
     /// A signed S3 client (moto refuses anonymous reads and overwrites): kkpipe's store client, used here only
     /// as an S3 client.
-    fn s3(&self) -> kkpipe::remote::store::Store {
+    fn s3(&self) -> kkpipe::store::Store {
         let env: std::collections::HashMap<String, String> =
             self.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        kkpipe::remote::store::open(&url::Url::parse(&self.url).unwrap(), &env).unwrap()
+        kkpipe::store::open(&url::Url::parse(&self.url).unwrap(), &env).unwrap()
     }
 
     /// Overwrite an object behind kkpipe's back (as someone with write access to the bucket).
@@ -437,30 +437,11 @@ run = "echo after-ran"
     let (a, b, log) = two_deployers(&store, &k, &stages, &stages, "");
     b.write("src.txt", "v2\n");
     let first = deploy_started(&a, &log, &["run", "--json", "rollout"], Stdio::piped);
-    let mut second = b
-        .cmd_in(&b.root, &["run", "-j", "2", "--lock-timeout", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = second.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let mut second = Live::spawn(b.cmd_in(&b.root, &["run", "-j", "2", "--lock-timeout", "60"]));
     // b's output arrives while a still deploys (its gate is closed).
-    let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("after-ran")) {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("b ran nothing while it waited for the lease; its output so far: {seen:#?}"),
-        }
-    }
+    second.until(Duration::from_secs(30), |l| l.contains("after-ran"));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\n", "a's deploy is still running");
-    assert!(seen.iter().any(|l| l.starts_with("side") && l.contains("side-ran")), "{seen:#?}");
+    assert!(second.seen.iter().any(|l| l.starts_with("side") && l.contains("side-ran")), "{:#?}", second.seen);
     let status = b.status_json();
     let state =
         |name: &str| status["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["state"].clone();
@@ -472,8 +453,8 @@ run = "echo after-ran"
     std::fs::write(&gate, "").unwrap();
     let first = Run::from(first.wait_with_output().unwrap()).ok();
     assert_eq!(first.ran(), ["rollout"]);
-    let second = Run::from(second.wait_with_output().unwrap()).ok();
-    seen.extend(rx.iter());
+    let (second, seen) = second.finish();
+    let second = second.ok();
     assert!(
         seen.iter().any(|l| l.contains("waiting for the deploy lease of `rollout`")),
         "{seen:#?}\n{}",

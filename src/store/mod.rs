@@ -1,4 +1,5 @@
-//! The object store behind one trait: get, create-only put, compare-and-swap put, list, delete.
+//! The object store behind one trait: get, create-only put, compare-and-swap put, list, delete. The shared
+//! remote (`crate::remote`) keeps its protocol on top of it.
 //!
 //! Every backend is one file implementing [`ObjectStore`] over names relative to the remote's root (its URL's
 //! prefix is the backend's business): S3 and GCS through the `object_store` crate (`object.rs`, the default

@@ -118,6 +118,6 @@ mod tests {
     fn create_only_and_compare_and_swap_on_a_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let d = Dir::open(&url::Url::from_directory_path(tmp.path()).unwrap()).unwrap();
-        super::super::memory::tests::behaves_as_a_store(&d);
+        crate::store::memory::tests::behaves_as_a_store(&d);
     }
 }
