@@ -82,8 +82,9 @@ pub struct Selection {
     #[arg(long, value_name = "BRANCH")]
     pub branch: Option<String>,
 
-    /// The deployment environment whose ledger deploy stages use (staging, production, ...).
-    #[arg(long = "env", value_name = "NAME", default_value = "default", env = "KKPIPE_ENV")]
+    /// The deployment environment whose ledger deploy stages use (staging, production, ...): letters, digits,
+    /// `.`, `_` and `-`, starting with a letter or digit.
+    #[arg(long = "env", value_name = "NAME", default_value = "default", env = "KKPIPE_ENV", value_parser = env_name)]
     pub env_name: String,
 
     /// Use the shared remote (`[remote]` in pipeline.toml) read-only, or not at all. Only lowers what the
@@ -227,7 +228,7 @@ pub struct HistoryArgs {
     pub stage: Option<String>,
 
     /// Only runs in this deployment environment.
-    #[arg(long = "env", value_name = "NAME")]
+    #[arg(long = "env", value_name = "NAME", value_parser = env_name)]
     pub env_name: Option<String>,
 
     /// How many entries to show.
@@ -386,4 +387,36 @@ pub enum CacheCommand {
     },
     /// Delete the cache (database, stored outputs and logs). Workspace files are not touched.
     Reset,
+}
+
+/// A deployment environment's name, checked where it is given: it names ledger records, remote objects
+/// (`ledger/ENV/STAGE`) and archive entries, so an empty one (an unset CI variable in `KKPIPE_ENV=`), a path
+/// (`a/b`, `..`) or a control character would make records no later kkpipe can read back.
+pub fn env_name(text: &str) -> Result<String, String> {
+    let ok_start = text.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    match (text.is_empty(), ok_start && ok_rest && text.len() <= 64) {
+        (true, _) => Err("the environment name is empty (an unset variable in `KKPIPE_ENV=`?); give one, \
+                          or leave `--env` and `KKPIPE_ENV` out for `default`"
+            .into()),
+        (false, true) => Ok(text.to_string()),
+        (false, false) => Err(format!(
+            "`{}` is not an environment name: use letters, digits, `.`, `_` and `-` (at most 64), starting with a \
+             letter or digit",
+            text.escape_debug()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn environment_names_are_plain_words() {
+        for ok in ["default", "production", "eu-west-1", "stage_2", "v1.2"] {
+            assert_eq!(super::env_name(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["", "a/b", ".", "..", "-x", "prod\n", "tab\there", "ümlaut", &"x".repeat(65)] {
+            assert!(super::env_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

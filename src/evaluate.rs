@@ -7,7 +7,7 @@
 use crate::cache::Cache;
 use crate::cache::outputs::Disk;
 use crate::fresh::{self, Decision, History, OutputRecord, Query, Reason};
-use crate::graph::{Event, Graph, Selected};
+use crate::graph::{CiEvent, Graph, Selected};
 use crate::hash::key::Keyed;
 use crate::pipeline::Pipeline;
 use crate::session::{self, Session};
@@ -17,7 +17,7 @@ use crate::session::{self, Session};
 pub struct Context<'a> {
     pub pipeline: &'a Pipeline,
     pub graph: &'a Graph,
-    pub event: Option<&'a Event>,
+    pub event: Option<&'a CiEvent>,
     /// The deployment environment (`--env`).
     pub env: &'a str,
 }

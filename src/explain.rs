@@ -9,7 +9,7 @@ use crate::cache::Cache;
 use crate::evaluate::{Context, Evaluation};
 use crate::fresh::{Attempt, Decision, Diff, History, Reason, StoredReason};
 use crate::hash::Entry;
-use crate::report::why::{Explanation, InputFile, RunRef, Step};
+use crate::report::why::{Cause, Explanation, InputFile, RunRef};
 use crate::report::{StageState, timestamp};
 
 /// The view of a recorded attempt that `why` compares with.
@@ -86,7 +86,7 @@ pub fn explain(
     }
     x.cascade = cascade(cx, cache, evals, i, reason)?;
     x.root_cause = x.cascade.last().cloned().or_else(|| {
-        Some(Step { stage: stage.name.clone(), reason: StoredReason::Known(reason.clone()), recorded: false })
+        Some(Cause { stage: stage.name.clone(), reason: StoredReason::Known(reason.clone()), recorded: false })
     });
     Ok(x)
 }
@@ -98,7 +98,7 @@ fn cascade(
     evals: &[Option<Evaluation>],
     i: usize,
     reason: &Reason,
-) -> Result<Vec<Step>, crate::cache::Error> {
+) -> Result<Vec<Cause>, crate::cache::Error> {
     let mut steps = Vec::new();
     let mut reason = StoredReason::Known(reason.clone());
     let mut seen = vec![i];
@@ -118,7 +118,7 @@ fn cascade(
             None => (cache.latest_success(&up, cx.ledger_env(j))?.and_then(|r| r.reason), true),
         };
         let Some(next) = next else { break };
-        steps.push(Step { stage: up, reason: next.clone(), recorded });
+        steps.push(Cause { stage: up, reason: next.clone(), recorded });
         reason = next;
     }
     Ok(steps)

@@ -22,12 +22,12 @@ pub struct Graph {
 
 /// The CI event a run is for. A local run without `--event` selects every stage (make-like).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
+pub struct CiEvent {
     pub name: Trigger,
     pub branch: Option<String>,
 }
 
-impl std::fmt::Display for Event {
+impl std::fmt::Display for CiEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.branch {
             Some(b) if self.name == Trigger::Push => write!(f, "push to `{b}`"),
@@ -81,7 +81,7 @@ impl Graph {
 
     /// Which stages a command works on: `targets` (empty = all) plus their transitive needs, then the event
     /// filter. Pipeline validation guarantees that the needs of an event-selected stage are selected too.
-    pub fn select(&self, p: &Pipeline, targets: &[String], event: Option<&Event>) -> Result<Vec<Selected>, Error> {
+    pub fn select(&self, p: &Pipeline, targets: &[String], event: Option<&CiEvent>) -> Result<Vec<Selected>, Error> {
         let n = p.stages.len();
         let mut requested = vec![targets.is_empty(); n];
         let mut stack = Vec::new();

@@ -4,7 +4,7 @@
 use crate::ci::{self, Provider};
 use crate::cli::{Cli, ColorChoice, Selection};
 use crate::error::Error;
-use crate::graph::Event;
+use crate::graph::CiEvent;
 use crate::pipeline::Trigger;
 use crate::report::Style;
 use std::collections::HashMap;
@@ -77,12 +77,12 @@ impl Settings {
     }
 
     /// The event the CI's variables say, whatever the flags say.
-    pub fn ci_event(&self) -> Option<Event> {
+    pub fn ci_event(&self) -> Option<CiEvent> {
         self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))
     }
 
     /// The event a command is for: explicit flags win over what the CI's variables say.
-    pub fn event(&self, sel: &Selection) -> Result<Option<Event>, Error> {
+    pub fn event(&self, sel: &Selection) -> Result<Option<CiEvent>, Error> {
         let detected = self.ci_event();
         let event = match (&sel.event, detected) {
             (Some(text), detected) => {
@@ -92,9 +92,9 @@ impl Settings {
                 // An explicit event keeps the CI's branch when the branch means the same for both: the branch the
                 // job runs on for push, schedule and manual runs (a manual run given `--event push` is a push of
                 // its branch, with the branch filter), the target branch for pull requests.
-                let same_meaning = |e: &Event| (e.name == Trigger::PullRequest) == (name == Trigger::PullRequest);
+                let same_meaning = |e: &CiEvent| (e.name == Trigger::PullRequest) == (name == Trigger::PullRequest);
                 let branch = sel.branch.clone().or_else(|| detected.filter(same_meaning).and_then(|e| e.branch));
-                Some(Event { name, branch })
+                Some(CiEvent { name, branch })
             }
             (None, Some(mut e)) => {
                 if let Some(b) = &sel.branch {

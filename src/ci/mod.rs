@@ -4,7 +4,7 @@
 pub mod files;
 pub mod install;
 
-use crate::graph::Event;
+use crate::graph::CiEvent;
 use crate::pipeline::Trigger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -47,7 +47,7 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
 }
 
 /// The event this CI job runs for, in kkpipe's vocabulary, read from the provider's variables.
-pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Option<Event> {
+pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Option<CiEvent> {
     let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
     match p {
         Provider::Github => {
@@ -59,7 +59,7 @@ pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Opti
             };
             let branch =
                 if name == Trigger::PullRequest { nonempty("GITHUB_BASE_REF") } else { nonempty("GITHUB_REF_NAME") };
-            Some(Event { name, branch })
+            Some(CiEvent { name, branch })
         }
         Provider::Gitlab => {
             let source = nonempty("CI_PIPELINE_SOURCE").unwrap_or_else(|| "push".into());
@@ -74,13 +74,13 @@ pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Opti
             } else {
                 nonempty("CI_COMMIT_BRANCH")
             };
-            Some(Event { name, branch })
+            Some(CiEvent { name, branch })
         }
         Provider::Bitbucket => {
             if nonempty("BITBUCKET_PR_ID").is_some() {
-                Some(Event { name: Trigger::PullRequest, branch: nonempty("BITBUCKET_PR_DESTINATION_BRANCH") })
+                Some(CiEvent { name: Trigger::PullRequest, branch: nonempty("BITBUCKET_PR_DESTINATION_BRANCH") })
             } else {
-                Some(Event { name: Trigger::Push, branch: nonempty("BITBUCKET_BRANCH") })
+                Some(CiEvent { name: Trigger::Push, branch: nonempty("BITBUCKET_BRANCH") })
             }
         }
     }
@@ -102,7 +102,7 @@ mod tests {
         assert_eq!(detect(&e), Some(Provider::Github));
         assert_eq!(
             event_from_env(Provider::Github, &e),
-            Some(Event { name: Trigger::PullRequest, branch: Some("main".into()) })
+            Some(CiEvent { name: Trigger::PullRequest, branch: Some("main".into()) })
         );
     }
 
@@ -114,7 +114,7 @@ mod tests {
         assert_eq!(detect(&b), Some(Provider::Bitbucket));
         assert_eq!(
             event_from_env(Provider::Bitbucket, &b),
-            Some(Event { name: Trigger::Push, branch: Some("feature".into()) })
+            Some(CiEvent { name: Trigger::Push, branch: Some("feature".into()) })
         );
     }
 }

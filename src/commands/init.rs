@@ -97,20 +97,7 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let mut text = template::render(v, &crate::kkp::versions::pins(dir));
     let new_key = remote_table(&mut text, args);
     // The CI file is generated from the pipeline just written, so the two always agree.
-    let pipeline = crate::pipeline::parse(dir, &file, &text).or_else(|e| match e {
-        // Without the repository layout, `dir` checks fail: derive the CI file from a layout-free copy.
-        crate::pipeline::Error::Invalid { .. } => {
-            let scratch =
-                tempfile::tempdir().map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?;
-            for d in [v.tf_dir(), format!("{}/dns", v.tf_dir())] {
-                let d = scratch.path().join(d);
-                std::fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
-            }
-            Ok(crate::pipeline::parse(scratch.path(), &file, &text)?)
-        }
-        other => Err(Error::from(other)),
-    })?;
-    let ci_text = files::render(&pipeline, v.ci, &args.install);
+    let ci_text = files::render(&parsed(dir, &file, &text, v)?, v.ci, &args.install);
     write(&file, &text)?;
     write(&ci_file, &ci_text)?;
     for r in replaced {
@@ -130,6 +117,23 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         println!("{}", k.to_text());
     }
     Ok(exit::OK)
+}
+
+/// The pipeline `text` as it will load in `dir`. Without the repository layout, `dir` checks fail: then it is
+/// parsed in a layout-free copy.
+fn parsed(dir: &Path, file: &Path, text: &str, v: Variant) -> Result<crate::pipeline::Pipeline, Error> {
+    crate::pipeline::parse(dir, file, text).or_else(|e| match e {
+        crate::pipeline::Error::Invalid { .. } => {
+            let scratch =
+                tempfile::tempdir().map_err(|e| Error::io("create a directory in", &std::env::temp_dir(), e))?;
+            for d in [v.tf_dir(), format!("{}/dns", v.tf_dir())] {
+                let d = scratch.path().join(d);
+                std::fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
+            }
+            Ok(crate::pipeline::parse(scratch.path(), file, text)?)
+        }
+        other => Err(Error::from(other)),
+    })
 }
 
 /// `--remote URL`: the `[remote]` table (checked with the rest when the pipeline is parsed). Returns the key

@@ -11,7 +11,7 @@ use crate::cache::Cache;
 use crate::cli::{Cli, Command, RunArgs, Selection, VerifyArgs};
 use crate::error::{Error, exit};
 use crate::evaluate::Context;
-use crate::graph::{Event as CiEvent, Graph};
+use crate::graph::{CiEvent, Graph};
 use crate::mask::Masker;
 use crate::pipeline::{self, Pipeline};
 use crate::report::{Event, Fanout, Human, JsonLines, Notice, Sink, json};

@@ -215,10 +215,43 @@ pub fn load(root: &Path) -> Result<Pipeline, Error> {
 
 pub fn parse(root: &Path, file: &Path, text: &str) -> Result<Pipeline, Error> {
     let mut raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
+    refuse_nul(file, text)?;
     let remote = raw.remote.take().map(|r| remote_spec(file, text, r)).transpose()?;
     let mut p = validate(root, file, raw)?;
     p.remote = remote;
     Ok(p)
+}
+
+/// A NUL character (`\u0000` in a TOML string) can reach no process, environment or path: refused at its line,
+/// with its key, before anything is run or recorded.
+fn refuse_nul(file: &Path, text: &str) -> Result<(), Error> {
+    fn find(v: &toml::Value, path: &str) -> Option<String> {
+        match v {
+            toml::Value::String(s) if s.contains('\0') => Some(path.to_string()),
+            toml::Value::Array(a) => a.iter().find_map(|x| find(x, path)),
+            toml::Value::Table(t) => t.iter().find_map(|(k, x)| {
+                if k.contains('\0') {
+                    return Some(format!("{path}.{}", k.escape_debug()));
+                }
+                find(x, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") })
+            }),
+            _ => None,
+        }
+    }
+    let Ok(table) = text.parse::<toml::Table>() else { return Ok(()) };
+    let Some(key) = find(&toml::Value::Table(table), "") else { return Ok(()) };
+    let message = format!("`{key}` holds a NUL character, which no command, variable or path can carry; remove it");
+    // Where it is written: the first escape that makes one.
+    let at = ["\\u0000", "\\U00000000"].iter().filter_map(|e| text.find(e)).min();
+    match at {
+        Some(at) => {
+            let before = &text[..at];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Err(Error::Syntax { file: file.to_path_buf(), line, column, stage: stage_at(before), message })
+        }
+        None => Err(Error::invalid(file, None, message)),
+    }
 }
 
 /// `[remote]`, with each bad value reported at its line.

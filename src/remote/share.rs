@@ -212,11 +212,15 @@ impl Remote {
                     continue;
                 }
             };
-            if seen.is_some_and(|s| body.seq <= s.seq) {
+            // A record that is not believed says nothing about the ledger's order: its `seq` is whatever its
+            // writer chose (a planted u64::MAX would hide every later record). It is learned as "live state
+            // unknown" each time it is found, and never moves what this cache has seen.
+            if believed && seen.is_some_and(|s| body.seq <= s.seq) {
                 continue;
             }
             let in_step = seen.is_none_or(|s| !s.unsynced);
             if self.learn_record(cache, stage, env, &body, believed && in_step, &what)
+                && believed
                 && let Err(e) = cache.set_remote_seen(&self.url, &name, env, body.seq)
             {
                 self.cache_failed(e);
@@ -369,17 +373,26 @@ impl Remote {
         let shared = if state == State::Success { outputs } else { &[] };
         let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
         for _ in 0..16 {
-            let (current, version) = match self.store.get(&name) {
+            // Only a believed record's `seq` is used. Over one that is not (tampered, or by an untrusted key), the
+            // head's true `seq` is unknown: the wall clock (milliseconds) is a floor later than any honest
+            // record's, so readers that saw the replaced head still learn this one.
+            let (floor, version) = match self.store.get(&name) {
                 Ok(None) => (0, None),
-                Ok(Some((bytes, v))) => (protocol::peek::<LedgerBody>(&bytes).map_or(0, |b| b.seq), Some(v)),
+                Ok(Some((bytes, v))) => match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
+                    Ok(head) => (head.seq, Some(v)),
+                    Err(_) => (now_ms().max(0) as u64, Some(v)),
+                },
                 Err(e) => return self.failed(&what, e),
             };
             let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
+            let Some(seq) = floor.max(seen).checked_add(1) else {
+                return self.warn(format!("{what} on the remote `{}` is at the largest sequence number", self.url));
+            };
             let body = LedgerBody {
                 version: protocol::VERSION,
                 env: env.into(),
                 stage: stage.name.clone(),
-                seq: current.max(seen) + 1,
+                seq,
                 key: key.to_string(),
                 state,
                 who: self.who.clone(),

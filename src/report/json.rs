@@ -22,7 +22,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(event: Option<&crate::graph::Event>, env: &str) -> Context {
+    pub fn new(event: Option<&crate::graph::CiEvent>, env: &str) -> Context {
         Context {
             kkpipe_version: env!("CARGO_PKG_VERSION"),
             event: event.map(|e| EventInfo { name: e.name, branch: e.branch.clone() }),

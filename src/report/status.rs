@@ -2,7 +2,7 @@
 
 use super::{StageRow, StageState, Summary, age, format_duration};
 use crate::fresh::Reason;
-use crate::graph::Event;
+use crate::graph::CiEvent;
 use std::io::Write;
 
 /// What a dry run would do, in numbers.
@@ -26,7 +26,7 @@ pub fn dry_run_line(s: &Summary) -> String {
 }
 
 /// The human table: one line per stage with its state and first reason (masked).
-pub fn print_table(color: bool, event: Option<(&Event, &str)>, rows: &[StageRow], mask: &dyn Fn(&str) -> String) {
+pub fn print_table(color: bool, event: Option<(&CiEvent, &str)>, rows: &[StageRow], mask: &dyn Fn(&str) -> String) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
     let mut out = std::io::stdout().lock();
     let paint = |c: &str, text: &str| if color { format!("{c}{text}\x1b[0m") } else { text.to_string() };

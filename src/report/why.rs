@@ -17,7 +17,7 @@ pub struct RunRef {
 
 /// One link of the chain from a stage to its root cause.
 #[derive(Debug, Clone, Serialize)]
-pub struct Step {
+pub struct Cause {
     pub stage: String,
     #[serde(serialize_with = "serialize_stored")]
     pub reason: StoredReason,
@@ -49,8 +49,8 @@ pub struct Explanation {
     pub compared_with: Option<RunRef>,
     pub differences: Option<Diff>,
     /// From this stage's direct upstream cause to the root cause.
-    pub cascade: Vec<Step>,
-    pub root_cause: Option<Step>,
+    pub cascade: Vec<Cause>,
+    pub root_cause: Option<Cause>,
     pub inputs: Vec<InputFile>,
 }
 

@@ -3,6 +3,7 @@
 
 pub mod exec;
 pub mod lock;
+mod queue;
 mod scheduler;
 pub mod watchdog;
 

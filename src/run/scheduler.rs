@@ -8,6 +8,7 @@
 //! (see [`Scheduler`]'s `Drop`).
 
 use super::exec::{self, Exit};
+use super::queue::{self, Phase, Shortfall, Verdict};
 use super::watchdog;
 use super::{Env, Error, Msg, Options, Outcome};
 use crate::cache::outputs::{self, Disk, NotRestored};
@@ -52,6 +53,8 @@ struct Active {
 enum Done {
     Fresh {
         outputs: Vec<OutputRecord>,
+        /// Its drift probe ran and found the live system in sync.
+        verified: bool,
         /// Recorded outputs that are in no cache (see `Hit::unavailable`).
         unavailable: Vec<OutputRecord>,
         restored: Vec<String>,
@@ -89,12 +92,27 @@ enum Done {
 
 enum Slot {
     Idle,
-    Waiting,
+    Waiting(Queued),
     Active(Box<Active>),
     /// A stage that must run, waiting for the remote on a job thread of its own (its deploy lease, or a lookup
     /// of its result): every stage that does not need it goes on meanwhile.
     Asking(Box<Asking>),
     Done(Done),
+}
+
+/// What a waiting stage does when it starts.
+#[derive(Default)]
+struct Queued {
+    /// Run whatever its history says (a replan asked by a stage that needs it).
+    must_run: Option<Reason>,
+    /// A stage that needs it runs: make its outputs that are in no cache (regenerate them, or run).
+    materialize: bool,
+}
+
+impl Slot {
+    fn waiting() -> Slot {
+        Slot::Waiting(Queued::default())
+    }
 }
 
 /// A stage's question to the remote, with what it goes on with when the answer comes.
@@ -138,12 +156,8 @@ struct Scheduler<'a, 's> {
     /// A stage ran or outputs were restored: inputs must be walked again before the next manifest.
     workspace_changed: bool,
     retried: HashSet<usize>,
-    replan: HashMap<usize, String>,
     stopping: Option<String>,
-    /// Stages whose drift probe ran and passed.
-    verified: HashSet<usize>,
-    /// Fresh stages whose unavailable outputs a dependent needs: regenerate them, or rerun the stage.
-    materialize: HashSet<usize>,
+
     /// Stages whose regenerate command failed once (and waited for their needs' outputs).
     regenerate_retried: HashSet<usize>,
     /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
@@ -205,7 +219,7 @@ pub(super) fn run(
     let run_id = env.cache.begin_run(&meta)?;
     let (tx, rx) = mpsc::channel();
     let slots =
-        (0..selected.len()).map(|i| if selected[i] == Selected::Yes { Slot::Waiting } else { Slot::Idle }).collect();
+        (0..selected.len()).map(|i| if selected[i] == Selected::Yes { Slot::waiting() } else { Slot::Idle }).collect();
     let mut sch = Scheduler {
         cx,
         s,
@@ -219,10 +233,8 @@ pub(super) fn run(
         tx,
         workspace_changed: false,
         retried: HashSet::new(),
-        replan: HashMap::new(),
         stopping: None,
-        verified: HashSet::new(),
-        materialize: HashSet::new(),
+
         regenerate_retried: HashSet::new(),
         leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -274,10 +286,20 @@ impl<'a> Scheduler<'a, '_> {
         self.env.remote.as_deref()
     }
 
-    /// Stages that hold a place under `-j`: running, or waiting for their deploy lease (which they go on with at
-    /// once when it comes, so a lease is never held by a stage queued behind others).
-    fn active_count(&self) -> usize {
-        self.slots.iter().filter(|s| matches!(s, Slot::Active(_) | Slot::Asking(_))).count()
+    /// Stage `j` as the queue sees it. A job (a process, a lease wait, a lookup) holds its stage's place under
+    /// `-j`: a lease is then never held by a stage queued behind others.
+    fn phase(&self, j: usize) -> Phase {
+        match &self.slots[j] {
+            Slot::Idle => Phase::NotSelected,
+            Slot::Waiting(_) => Phase::Waiting,
+            Slot::Active(_) | Slot::Asking(_) => Phase::Busy,
+            Slot::Done(Done::Fresh { .. } | Done::Ran { .. }) => Phase::Succeeded,
+            Slot::Done(Done::Failed { .. }) => Phase::Ended(Shortfall::Failed),
+            Slot::Done(Done::Interrupted { .. }) => Phase::Ended(Shortfall::Interrupted),
+            Slot::Done(Done::NotVerified { .. }) => Phase::Ended(Shortfall::Stale),
+            Slot::Done(Done::Drifted { .. }) => Phase::Ended(Shortfall::Drifted),
+            Slot::Done(Done::Skipped(_)) => Phase::Ended(Shortfall::Skipped),
+        }
     }
 
     /// Record the run's end, persist what was learned, report.
@@ -351,7 +373,7 @@ impl<'a> Scheduler<'a, '_> {
         }
         let why = self.stopping.clone().unwrap_or_default();
         for i in 0..self.slots.len() {
-            if matches!(self.slots[i], Slot::Waiting) {
+            if matches!(self.slots[i], Slot::Waiting(_)) {
                 self.skip(i, why.clone());
             }
         }
@@ -391,46 +413,39 @@ impl<'a> Scheduler<'a, '_> {
         Ok(())
     }
 
-    /// Why stage `i` cannot start, if a stage it needs ended without outputs; `None` when none did.
-    fn blocked(&self, i: usize) -> Option<String> {
-        let j = self.cx.graph.needs[i].iter().copied().find(
-            |&j| matches!(&self.slots[j], Slot::Done(d) if !matches!(d, Done::Fresh { .. } | Done::Ran { .. })),
-        )?;
-        let what = match &self.slots[j] {
-            Slot::Done(Done::Failed { .. }) => "failed",
-            Slot::Done(Done::Interrupted { .. }) => "was interrupted",
-            Slot::Done(Done::NotVerified { .. }) => "is stale",
-            Slot::Done(Done::Drifted { .. }) => "drifted",
-            _ => "did not run",
-        };
-        Some(format!("needs `{}`, which {what}", self.name(j)))
-    }
-
     fn start_ready_pass(&mut self) -> Result<bool, Error> {
         let mut progress = false;
         for i in self.cx.graph.order.clone() {
-            if !matches!(self.slots[i], Slot::Waiting) {
+            if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
             }
-            if let Some(because) = self.blocked(i) {
-                self.leases.remove(&i);
-                self.skip(i, because);
-                continue;
-            }
-            let ready = self.cx.graph.needs[i].iter().all(|&j| matches!(self.slots[j], Slot::Done(_)));
-            if ready && self.active_count() < self.opts.jobs.max(1) {
-                self.start(i, true)?;
-                progress = true;
-                if self.stopping.is_some() {
-                    return Ok(false);
+            match queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) {
+                Verdict::Blocked { need, because } => {
+                    let why = format!("needs `{}`, which {}", self.name(need), because.words());
+                    self.skip(i, why);
+                }
+                Verdict::Wait => {}
+                Verdict::Ready => {
+                    if queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs) == 0 {
+                        continue;
+                    }
+                    let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else {
+                        unreachable!()
+                    };
+                    self.start(i, q, true)?;
+                    progress = true;
+                    if self.stopping.is_some() {
+                        return Ok(false);
+                    }
                 }
             }
         }
         Ok(progress)
     }
 
-    /// Make stage `i`'s manifest from its needs' outputs, decide, and act on the decision.
-    fn start(&mut self, i: usize, ask: bool) -> Result<(), Error> {
+    /// Make stage `i`'s manifest from its needs' outputs, decide, and act on the decision; `ask`: ask the remote
+    /// when it must run (not when it was just asked).
+    fn start(&mut self, i: usize, q: Queued, ask: bool) -> Result<(), Error> {
         if self.workspace_changed {
             self.s.rewalk(i)?;
         }
@@ -444,10 +459,8 @@ impl<'a> Scheduler<'a, '_> {
                 (self.name(j), outs)
             })
             .collect();
-        let must_run = match self.replan.remove(&i) {
-            Some(dependent) => Some(Reason::PlanStale { stage: dependent }),
-            None => self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced),
-        };
+        let must_run =
+            q.must_run.or_else(|| self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced));
         let forced = must_run.is_some();
         if let Some(remote) = self.remote()
             && self.cx.pipeline.stages[i].is_deploy()
@@ -469,8 +482,12 @@ impl<'a> Scheduler<'a, '_> {
                 Ok(())
             }
             evaluate::Step::Decided(keyed, Decision::Run(reason)) => self.launch_stage(i, keyed, reason),
-            evaluate::Step::Decided(keyed, Decision::Fresh(hit)) => self.on_hit(i, keyed, hit, Vec::new()),
-            evaluate::Step::Decided(keyed, Decision::Restore(hit, restore)) => self.on_hit(i, keyed, hit, restore),
+            evaluate::Step::Decided(keyed, Decision::Fresh(hit)) => {
+                self.on_hit(i, keyed, hit, Vec::new(), q.materialize)
+            }
+            evaluate::Step::Decided(keyed, Decision::Restore(hit, restore)) => {
+                self.on_hit(i, keyed, hit, restore, q.materialize)
+            }
         }
     }
 
@@ -614,17 +631,14 @@ impl<'a> Scheduler<'a, '_> {
             self.remote_warnings();
         }
         // What it needs may have been sent back meanwhile (a retry of its needs): wait for them again.
-        let needs_done = self.cx.graph.needs[i]
-            .iter()
-            .all(|&j| matches!(self.slots[j], Slot::Done(Done::Fresh { .. } | Done::Ran { .. })));
-        if !needs_done {
+        if queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) != Verdict::Ready {
             self.leases.remove(&i);
-            self.slots[i] = Slot::Waiting;
+            self.slots[i] = Slot::waiting();
             return Ok(());
         }
         match l.wait {
             Wait::Lease { resume: Resume::Launch, waited: false } => self.launch_stage(i, l.keyed, l.reason),
-            _ => self.start(i, true),
+            _ => self.start(i, Queued::default(), true),
         }
     }
 
@@ -661,7 +675,7 @@ impl<'a> Scheduler<'a, '_> {
         if !matches!(self.slots[i], Slot::Asking(_)) {
             return None;
         }
-        match std::mem::replace(&mut self.slots[i], Slot::Waiting) {
+        match std::mem::replace(&mut self.slots[i], Slot::waiting()) {
             Slot::Asking(a) => Some((i, *a)),
             _ => None,
         }
@@ -689,7 +703,7 @@ impl<'a> Scheduler<'a, '_> {
             let hit = Notice::RemoteHit { stage: stage.name.clone(), remote: remote.url.clone() };
             self.sink.event(&Event::Notice(hit));
         }
-        self.start(i, false)
+        self.start(i, Queued::default(), false)
     }
 
     /// Stage `i` will not start: a need did not succeed, or the run is stopping. A lease it holds goes at once.
@@ -746,13 +760,20 @@ impl<'a> Scheduler<'a, '_> {
         };
         match fresh::decide(&q, self.env.cache, &disk)? {
             Decision::Run(reason) => self.launch_stage(i, keyed, reason),
-            Decision::Fresh(hit) | Decision::Restore(hit, _) => self.finish_fresh(i, &keyed, hit, Vec::new()),
+            Decision::Fresh(hit) | Decision::Restore(hit, _) => self.finish_fresh(i, &keyed, hit, Vec::new(), false),
         }
     }
 
     /// A hit: restore outputs, probe deploys for drift, or finish. Outputs that are in no cache are made
     /// only when a stage that needs them runs (`materialize`).
-    fn on_hit(&mut self, i: usize, keyed: Keyed, hit: Hit, restore: Vec<OutputRecord>) -> Result<(), Error> {
+    fn on_hit(
+        &mut self,
+        i: usize,
+        keyed: Keyed,
+        hit: Hit,
+        restore: Vec<OutputRecord>,
+        materialize: bool,
+    ) -> Result<(), Error> {
         if !restore.is_empty() {
             self.workspace_changed = true;
             let declared = &self.cx.pipeline.stages[i].outputs;
@@ -770,10 +791,9 @@ impl<'a> Scheduler<'a, '_> {
             self.mask_output(o);
         }
         let stage = self.cx.pipeline.stages[i].clone();
-        if self.materialize.contains(&i) && !hit.unavailable.is_empty() {
+        if materialize && !hit.unavailable.is_empty() {
             let first = hit.unavailable[0].path.display();
             let Some(script) = regenerate_script(&stage, &hit.unavailable) else {
-                self.materialize.remove(&i);
                 return self.run_after_all(i, keyed, Reason::OutputMissing { path: first });
             };
             let outputs = hit.unavailable.iter().map(|o| o.path.display()).collect();
@@ -787,10 +807,17 @@ impl<'a> Scheduler<'a, '_> {
             self.sink.event(&Event::Probing { stage: stage.name.clone() });
             return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
         }
-        self.finish_fresh(i, &keyed, hit, restored)
+        self.finish_fresh(i, &keyed, hit, restored, false)
     }
 
-    fn finish_fresh(&mut self, i: usize, keyed: &Keyed, hit: Hit, restored: Vec<String>) -> Result<(), Error> {
+    fn finish_fresh(
+        &mut self,
+        i: usize,
+        keyed: &Keyed,
+        hit: Hit,
+        restored: Vec<String>,
+        verified: bool,
+    ) -> Result<(), Error> {
         self.leases.remove(&i);
         let stage = self.name(i);
         let saved_ms = hit.record.duration_ms.unwrap_or(0);
@@ -808,6 +835,7 @@ impl<'a> Scheduler<'a, '_> {
         });
         self.slots[i] = Slot::Done(Done::Fresh {
             outputs: hit.outputs,
+            verified,
             unavailable: hit.unavailable,
             restored,
             recorded_ms: hit.record.started_at,
@@ -818,20 +846,20 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     /// Before stage `i` runs (or regenerates), every output of its needs must be in the workspace. Needs with
-    /// outputs in no cache are sent back to be materialized, and `i` waits for them. Returns whether all are there.
-    fn needs_available(&mut self, i: usize) -> bool {
+    /// outputs in no cache are sent back to be materialized, and `i` waits for them (`materialize`: `i` itself
+    /// was regenerating, and goes on with that). Returns whether all are there.
+    fn needs_available(&mut self, i: usize, materialize: bool) -> bool {
         let mut ok = true;
         for j in self.cx.graph.needs[i].clone() {
             if let Slot::Done(Done::Fresh { unavailable, .. }) = &self.slots[j]
                 && !unavailable.is_empty()
             {
-                self.slots[j] = Slot::Waiting;
-                self.materialize.insert(j);
+                self.slots[j] = Slot::Waiting(Queued { must_run: None, materialize: true });
                 ok = false;
             }
         }
         if !ok {
-            self.slots[i] = Slot::Waiting;
+            self.slots[i] = Slot::Waiting(Queued { must_run: None, materialize });
         }
         ok
     }
@@ -843,7 +871,7 @@ impl<'a> Scheduler<'a, '_> {
             self.slots[i] = Slot::Done(Done::NotVerified { key: keyed.key, reason });
             return Ok(());
         }
-        if !self.needs_available(i) {
+        if !self.needs_available(i, false) {
             return Ok(());
         }
         // Also when a hit turned into a run (drift, an output that could not be put back). If another runner
@@ -922,7 +950,10 @@ impl<'a> Scheduler<'a, '_> {
             }
             Msg::Exited { job, result } => {
                 let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
-                let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::Waiting) else { return Ok(()) };
+                if !matches!(self.slots[i], Slot::Active(_)) {
+                    return Ok(());
+                }
+                let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else { unreachable!() };
                 let a = *a;
                 match a.job {
                     Job::Stage { row, reason } => {
@@ -1009,10 +1040,10 @@ impl<'a> Scheduler<'a, '_> {
         let names = needs.iter().map(|&j| self.name(j)).collect();
         self.sink.event(&Event::Notice(Notice::Retrying { stage: stage.name.clone(), pattern, needs: names }));
         for j in needs {
-            self.slots[j] = Slot::Waiting;
-            self.replan.insert(j, stage.name.clone());
+            let must_run = Some(Reason::PlanStale { stage: stage.name.clone() });
+            self.slots[j] = Slot::Waiting(Queued { must_run, materialize: false });
         }
-        self.slots[i] = Slot::Waiting;
+        self.slots[i] = Slot::waiting();
         true
     }
 
@@ -1052,8 +1083,7 @@ impl<'a> Scheduler<'a, '_> {
         exit: Exit,
     ) -> Result<(), Error> {
         if exit.success() {
-            self.verified.insert(i);
-            return self.finish_fresh(i, &keyed, hit, restored);
+            return self.finish_fresh(i, &keyed, hit, restored, true);
         }
         let output = String::from_utf8_lossy(&exit.log).into_owned();
         self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
@@ -1076,14 +1106,12 @@ impl<'a> Scheduler<'a, '_> {
         if !exit.success() {
             // The command may read outputs of the stages it needs that are not there either (a kubeconfig is
             // made from terraform's output): materialize those, then try once more.
-            if self.regenerate_retried.insert(i) && !self.needs_available(i) {
+            if self.regenerate_retried.insert(i) && !self.needs_available(i, true) {
                 return Ok(());
             }
-            self.materialize.remove(&i);
             let path = regenerated.first().map(|o| o.path.display()).unwrap_or_default();
             return self.run_after_all(i, keyed, Reason::OutputMissing { path });
         }
-        self.materialize.remove(&i);
         for o in &regenerated {
             if outputs::check(&self.cx.pipeline.root, o, self.s.hasher()) != Present::Same {
                 let path = o.path.display();
@@ -1099,7 +1127,7 @@ impl<'a> Scheduler<'a, '_> {
         {
             return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
         }
-        self.finish_fresh(i, &keyed, hit, restored)
+        self.finish_fresh(i, &keyed, hit, restored, false)
     }
 
     /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).
@@ -1123,7 +1151,7 @@ impl<'a> Scheduler<'a, '_> {
             match (&selected[i], &self.slots[i]) {
                 (Selected::NotRequested, _) => continue,
                 (Selected::SkippedByEvent, _) => row.state = StageState::SkippedByEvent,
-                (_, Slot::Done(d)) => done_row(d, &mut row, &mut sum, self.verified.contains(&i)),
+                (_, Slot::Done(d)) => done_row(d, &mut row, &mut sum),
                 _ => sum.skipped += 1,
             }
             rows.push(row);
@@ -1133,9 +1161,9 @@ impl<'a> Scheduler<'a, '_> {
 }
 
 /// A finished stage's row, and its count in the summary.
-fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary, verified: bool) {
+fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
     let (state, key, reason) = match d {
-        Done::Fresh { restored, unavailable, recorded_ms, saved_ms, key, .. } => {
+        Done::Fresh { restored, unavailable, recorded_ms, saved_ms, key, verified, .. } => {
             if !unavailable.is_empty() {
                 row.note = Some(crate::report::unavailable_note(unavailable));
             }
@@ -1147,7 +1175,7 @@ fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary, verified: bool) {
             } else {
                 sum.restored += 1;
             }
-            sum.verified += usize::from(verified);
+            sum.verified += usize::from(*verified);
             sum.saved_ms += (*saved_ms).max(0) as u64;
             let state = if restored.is_empty() { StageState::Fresh } else { StageState::Restored };
             (state, Some(*key), None)

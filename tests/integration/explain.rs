@@ -354,3 +354,17 @@ fn stage_output_colours_reach_only_a_coloured_output() {
     assert!(coloured.all().contains("\u{1b}[1mbold\u{1b}[0m plain"), "{:?}", coloured.all());
     assert!(repo.kk(&["--color", "always", "log", "s"]).ok().stdout.contains("\u{1b}[1mbold"));
 }
+
+/// What a person sees, whole: a first run, then `status` after an edit (times and ages filtered out).
+#[test]
+fn human_output_of_a_run_and_of_status_after_an_edit() {
+    let repo = Repo::fixture("tiny");
+    let first = repo.kk(&["--color", "never", "run", "-j", "1"]).ok();
+    repo.edit("terraform/main.tf", "resource", "resource # edited\nresource");
+    let status = repo.kk(&["--color", "never", "status"]).ok();
+    let filters = vec![(r"\d+(\.\d+)?(ms|s)\b", "[time]"), (r"\d+m\d\ds\b", "[time]"), (r"\d+[smhd] ago", "[age]")];
+    insta::with_settings!({ filters => filters }, {
+        insta::assert_snapshot!("first_run", first.stdout);
+        insta::assert_snapshot!("status_after_an_edit", status.stdout);
+    });
+}

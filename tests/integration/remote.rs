@@ -464,6 +464,45 @@ run = "echo after-ran"
     assert_eq!(b.state_of("rollout"), "fresh");
 }
 
+/// A failure under `--fail-fast` starts nothing new: a deploy waiting for another runner's lease stops waiting at
+/// once and is skipped, instead of keeping the run alive until the lease comes (or `--lock-timeout`).
+#[test]
+fn a_failure_with_fail_fast_ends_a_lease_wait_at_once() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let gate = store._tmp.path().join("gate");
+    let stages = format!(
+        r#"
+[stages.rollout]
+kind = "deploy"
+run = "echo start >> $DEPLOYED; while [ ! -e {gate} ]; do sleep 0.02; done; echo end >> $DEPLOYED"
+inputs = ["src.txt"]
+pass_env = ["DEPLOYED"]
+
+[stages.broken]
+run = "sleep 0.5; exit 3"
+"#,
+        gate = gate.display()
+    );
+    let (a, b, log) = two_deployers(&store, &k, &stages, &stages, "");
+    b.write("src.txt", "v2\n");
+    let first = deploy_started(&a, &log, &["run", "--json", "rollout"], Stdio::piped);
+    // a's deploy goes on until after b has ended: a b that waited for the lease would give up only after 60 s,
+    // with `rollout` failed (held too long), not skipped.
+    let second = b.run(&["-j", "2", "--fail-fast", "--lock-timeout", "60"]);
+    std::fs::write(&gate, "").unwrap();
+    Run::from(first.wait_with_output().unwrap()).ok();
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("waiting for the deploy lease of `rollout`"),
+        "the race happened: {}",
+        second.stderr
+    );
+    assert_eq!(second.with_state("failed"), ["broken"]);
+    assert_eq!(second.with_state("skipped"), ["rollout"], "{}", second.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start\nend\n", "only a deployed");
+}
+
 fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited(kind: Kind) {
     let store = Store::new(kind);
     let k = keygen();
@@ -720,4 +759,39 @@ fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
 #[test]
 fn a_moto_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
     a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(Kind::Moto);
+}
+
+/// Issue 21, item 6: the sequence number of a ledger record nobody signed was used. Anyone who can write the
+/// bucket planted `seq = u64::MAX`: the next signed record overflowed (a panic here, a wrap to 0 in a release
+/// build) and runners that had seen a record ignored every later one. Only believed records order the ledger.
+#[test]
+fn an_unsigned_ledger_record_with_the_largest_seq_is_never_used() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&[]).ok();
+    let name = "ledger/default/deploy";
+    let mut doc: serde_json::Value = serde_json::from_slice(&store.get(name)).unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut body: serde_json::Value =
+        serde_json::from_slice(&b64.decode(doc["body"].as_str().unwrap()).unwrap()).unwrap();
+    body["seq"] = u64::MAX.into();
+    doc["body"] = b64.encode(serde_json::to_vec(&body).unwrap()).into();
+    store.tamper(name, &serde_json::to_vec(&doc).unwrap());
+
+    // A fresh writer does not believe the planted head: it deploys again and writes a signed record.
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    b.write("src.txt", "v2\n");
+    let r = b.run(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.ran(), ["build", "deploy"], "{}", r.stderr);
+    assert!(r.stderr.contains("not believed"), "{}", r.stderr);
+    // a, which saw the first record, learns b's: v2 is deployed now, so a deploys v1 again.
+    let again = a.run(&[]).ok();
+    assert_eq!(again.ran(), ["deploy"], "{}", again.stderr);
+    // And a fresh runner with v1 finds a's record the latest: nothing to do.
+    let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let fresh = c.run(&[]).ok();
+    assert_eq!(fresh.with_state("fresh"), ["deploy"], "{}", fresh.stderr);
 }

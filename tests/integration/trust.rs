@@ -206,3 +206,40 @@ fn in_repo_symlinks_are_keyed_by_their_target() {
     std::fs::write(&outside, "O2").unwrap();
     assert!(repo.run(&[]).ok().ran().is_empty());
 }
+
+/// Issue 21, item 16: an empty environment name (an unset CI variable in `KKPIPE_ENV=`) or one that is a path
+/// was accepted once, and every later export was unimportable. Refused at parse time, before anything is written.
+#[test]
+fn an_empty_or_odd_environment_name_is_refused_before_anything_is_recorded() {
+    let mut repo = Repo::fixture("tiny");
+    for args in [&["run", "--env", ""][..], &["run", "--env", "../prod"], &["status", "--env", "prod\nx"]] {
+        let r = repo.kk(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("environment name"), "{args:?}: {}", r.stderr);
+    }
+    repo.set_env("KKPIPE_ENV", "");
+    let r = repo.kk(&["run"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("empty"), "{}", r.stderr);
+    assert!(!repo.exists(".kkpipe"), "nothing was recorded");
+    repo.set_env("KKPIPE_ENV", "eu-west-1.prod_2");
+    repo.run(&[]).ok();
+}
+
+/// Issue 21, item 18: a NUL character in `pipeline.toml` (`env`, `run`, `tools`) was no load error: the stage
+/// failed at spawn with no file or line, and a failed attempt was recorded. Now it is refused at its line.
+#[test]
+fn a_nul_character_in_pipeline_toml_is_a_load_error_at_its_line() {
+    for (field, value) in
+        [("env", r#"{ MODE = "a\u0000b" }"#), ("run", r#""echo \u0000""#), ("tools", r#"["terra\U00000000form"]"#)]
+    {
+        let repo = Repo::empty();
+        let run = if field == "run" { "" } else { "run = \"true\"\n" };
+        repo.write("pipeline.toml", &format!("[stages.one]\nrun = \"true\"\n\n[stages.two]\n{field} = {value}\n{run}"));
+        let r = repo.kk(&["run"]);
+        assert_eq!(r.code, 2, "{field}: {}", r.stderr);
+        assert!(r.stderr.contains("pipeline.toml:5:") && r.stderr.contains("NUL"), "{field}: {}", r.stderr);
+        assert!(r.stderr.contains("stages.two"), "{field}: the key is named: {}", r.stderr);
+        assert!(!repo.exists(".kkpipe"), "{field}: nothing was recorded");
+    }
+}
