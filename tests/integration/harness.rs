@@ -415,3 +415,23 @@ impl Live {
         (Run::from(out), self.seen)
     }
 }
+
+/// Parse Mermaid text with the real mermaid parser (scripts/mermaid-parse.mjs): its JSON, or why it rejects it.
+pub fn mermaid_parse(text: &str) -> Result<String, String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut node = Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mermaid-parse.mjs"))
+        .env("NODE_PATH", test_tool("node/node_modules"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    node.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = node.wait_with_output().unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}

@@ -409,6 +409,21 @@ fn two_runners_deploying_the_same_stage_at_once_never_overlap(kind: Kind) {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n", "{kind:?}");
 }
 
+/// A deploy stage `rollout` that logs its start and end (with src.txt) and between them waits for `gate`, which
+/// the test creates when it has seen what it wanted to see meanwhile; then `more` stages.
+fn gated_rollout(gate: &Path, more: &str) -> String {
+    format!(
+        r#"
+[stages.rollout]
+kind = "deploy"
+run = "echo start $(cat src.txt) >> $DEPLOYED; while [ ! -e {gate} ]; do sleep 0.02; done; echo end $(cat src.txt) >> $DEPLOYED"
+inputs = ["src.txt"]
+pass_env = ["DEPLOYED"]
+{more}"#,
+        gate = gate.display()
+    )
+}
+
 /// Issue 20: the wait for a deploy lease is a job of its own. While runner a holds `rollout`'s lease (its deploy
 /// waits for a gate the test opens), runner b's `side` and its dependent `after` run, stream their output and
 /// are recorded; b's `rollout` runs only once a's has ended.
@@ -417,22 +432,9 @@ fn while_a_deploy_waits_for_its_lease_independent_stages_run_stream_and_are_reco
     let store = Store::new(Kind::File);
     let k = keygen();
     let gate = store._tmp.path().join("gate");
-    let stages = format!(
-        r#"
-[stages.rollout]
-kind = "deploy"
-run = "echo start $(cat src.txt) >> $DEPLOYED; while [ ! -e {gate} ]; do sleep 0.02; done; echo end $(cat src.txt) >> $DEPLOYED"
-inputs = ["src.txt"]
-pass_env = ["DEPLOYED"]
-
-[stages.side]
-run = "echo side-ran"
-
-[stages.after]
-needs = ["side"]
-run = "echo after-ran"
-"#,
-        gate = gate.display()
+    let stages = gated_rollout(
+        &gate,
+        "\n[stages.side]\nrun = \"echo side-ran\"\n\n[stages.after]\nneeds = [\"side\"]\nrun = \"echo after-ran\"\n",
     );
     let (a, b, log) = two_deployers(&store, &k, &stages, &stages, "");
     b.write("src.txt", "v2\n");
@@ -471,19 +473,7 @@ fn a_failure_with_fail_fast_ends_a_lease_wait_at_once() {
     let store = Store::new(Kind::File);
     let k = keygen();
     let gate = store._tmp.path().join("gate");
-    let stages = format!(
-        r#"
-[stages.rollout]
-kind = "deploy"
-run = "echo start >> $DEPLOYED; while [ ! -e {gate} ]; do sleep 0.02; done; echo end >> $DEPLOYED"
-inputs = ["src.txt"]
-pass_env = ["DEPLOYED"]
-
-[stages.broken]
-run = "sleep 0.5; exit 3"
-"#,
-        gate = gate.display()
-    );
+    let stages = gated_rollout(&gate, "\n[stages.broken]\nrun = \"sleep 0.5; exit 3\"\n");
     let (a, b, log) = two_deployers(&store, &k, &stages, &stages, "");
     b.write("src.txt", "v2\n");
     let first = deploy_started(&a, &log, &["run", "--json", "rollout"], Stdio::piped);
@@ -500,7 +490,7 @@ run = "sleep 0.5; exit 3"
     );
     assert_eq!(second.with_state("failed"), ["broken"]);
     assert_eq!(second.with_state("skipped"), ["rollout"], "{}", second.stderr);
-    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start\nend\n", "only a deployed");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\n", "only a deployed");
 }
 
 fn the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited(kind: Kind) {
