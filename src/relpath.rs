@@ -12,6 +12,10 @@ use std::sync::Arc;
 
 /// Shared bytes: a path is walked once and then referred to by the walk, the stat cache and every manifest
 /// that lists it, so a clone is a reference count, not a copy.
+/// Names that are kkpipe's or git's at any depth (`.kkpipe`, a nested repository's or worktree's `.git`): never an
+/// input, never collected as an output, never compared or pruned in an output directory, never restored into.
+pub const RESERVED: &[&[u8]] = &[b".kkpipe", b".git"];
+
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Arc<[u8]>);
 
@@ -134,9 +138,25 @@ impl RelPath {
         self.0.is_empty() || (path.starts_with(&self.0) && (path.len() == self.0.len() || path[self.0.len()] == b'/'))
     }
 
-    /// Lossy text for messages; keys and the database always use the bytes.
+    /// Whether a name of this path is one of [`RESERVED`].
+    pub fn through_reserved(&self) -> bool {
+        self.names().iter().any(|n| RESERVED.contains(n))
+    }
+
+    /// Lossy text for messages, with control characters escaped (`\n`, `\u{1b}`): a file name can never start a
+    /// line of kkpipe's output (a CI workflow command, a forged status line) or move the cursor. Keys and the
+    /// database always use the bytes.
     pub fn display(&self) -> String {
-        if self.0.is_empty() { ".".to_string() } else { String::from_utf8_lossy(&self.0).into_owned() }
+        if self.0.is_empty() {
+            return ".".to_string();
+        }
+        let text = String::from_utf8_lossy(&self.0);
+        match text.chars().any(char::is_control) {
+            false => text.into_owned(),
+            true => {
+                text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
+            }
+        }
     }
 }
 

@@ -182,10 +182,12 @@ impl<'a> Session<'a> {
     /// runs (Debian's `/usr/bin/python3`, Homebrew, alternatives).
     pub fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, ToolError> {
         let mut out = Vec::new();
+        // Relative and empty PATH entries are resolved from the stage's directory, as its shell resolves them.
+        let cwd = self.pipeline.stages[i].dir.under(self.root);
         for name in &self.pipeline.stages[i].tools {
-            let cache_key = format!("{}\0{}", self.stage_path(i).unwrap_or(""), name);
+            let cache_key = format!("{}\0{}\0{name}", self.stage_path(i).unwrap_or(""), cwd.display());
             if !self.tools.contains_key(&cache_key) {
-                let resolved = match find_on_path(name, self.stage_path(i)) {
+                let resolved = match find_on_path_from(name, self.stage_path(i), &cwd) {
                     None => Err(ToolError::NotFound { name: name.clone() }),
                     Some(p) => self.hasher.tool_hash(&p).map_err(|e| ToolError::Unreadable {
                         name: name.clone(),
@@ -304,11 +306,17 @@ impl<'a> Session<'a> {
     }
 }
 
-/// The first executable file named `name` in a `PATH` value.
+/// The first executable file named `name` in a `PATH` value, relative entries taken from kkpipe's directory.
 pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+    find_on_path_from(name, path, &std::env::current_dir().ok()?)
+}
+
+/// The first executable file named `name` in a `PATH` value as a shell started in `cwd` finds it: an empty
+/// entry is `cwd` itself, a relative one is below `cwd` (bash's rules), so the file keyed is the one that runs.
+pub fn find_on_path_from(name: &str, path: Option<&str>, cwd: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    for dir in path?.split(':').filter(|d| !d.is_empty()) {
-        let candidate = Path::new(dir).join(name);
+    for dir in path?.split(':') {
+        let candidate = cwd.join(dir).join(name);
         if let Ok(m) = std::fs::metadata(&candidate)
             && m.is_file()
             && m.permissions().mode() & 0o111 != 0

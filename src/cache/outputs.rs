@@ -37,7 +37,9 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
         }
         let mut dirs = Vec::new();
         let mut inside = Vec::new();
-        for e in walkdir::WalkDir::new(&abs).follow_links(false).sort_by_file_name() {
+        // A repository nested in an output (a gh-pages worktree) is not the stage's output: never collected.
+        let ours = |e: &walkdir::DirEntry| !crate::relpath::RESERVED.contains(&e.file_name().as_bytes());
+        for e in walkdir::WalkDir::new(&abs).follow_links(false).sort_by_file_name().into_iter().filter_entry(ours) {
             let e = e.map_err(|e| Error::Store { path: o.path.display(), source: e.into() })?;
             let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
             if e.file_type().is_dir() {
@@ -145,7 +147,8 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
         // The same entry names as recorded: a file dropped into an output directory is a difference.
         let Ok(rd) = fs::read_dir(&abs) else { return Present::Differs };
         let names: Vec<std::ffi::OsString> = rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect();
-        let listing = Entry::listing(names.iter().map(|n| n.as_bytes()));
+        let ours = names.iter().map(|n| n.as_bytes()).filter(|n| !crate::relpath::RESERVED.contains(n));
+        let listing = Entry::listing(ours);
         return if rec.entry == (Entry::Dir { listing }) { Present::Same } else { Present::Differs };
     } else {
         return Present::Differs;

@@ -131,10 +131,11 @@ fn is_dir(dir: &impl AsFd, name: &[u8]) -> bool {
         .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
 }
 
-/// Remove every entry of the open directory `dir` whose name is not in `keep`.
+/// Remove every entry of the open directory `dir` whose name is not in `keep`, but never a `.git` or `.kkpipe`
+/// (a repository nested in an output is not the output's to remove).
 pub fn prune(dir: &OwnedFd, keep: &HashSet<&[u8]>) -> io::Result<()> {
     for name in list(dir)? {
-        if !keep.contains(&name[..]) {
+        if !keep.contains(&name[..]) && !crate::relpath::RESERVED.contains(&&name[..]) {
             remove(dir, &name)?;
         }
     }

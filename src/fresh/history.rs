@@ -120,7 +120,7 @@ impl OutputRecord {
     /// says, a restore writes nothing else.
     pub fn confined_to<'d>(&self, declared: &'d [Output]) -> Result<&'d Output, String> {
         let names = self.path.names();
-        if names.iter().any(|n| *n == b".git" || *n == b".kkpipe") {
+        if self.path.through_reserved() {
             return Err("it is inside `.git` or `.kkpipe`".into());
         }
         let Some(d) = declared.iter().find(|d| self.path.starts_with(&d.path)) else {

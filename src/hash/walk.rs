@@ -72,8 +72,9 @@ pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
 
 /// Never inputs, at any depth: kkpipe's caches and git's stores (or a worktree's `.git` file), so a nested
 /// project's never leak into a key. The walk never descends into them; `select::Matcher` refuses paths
-/// through them (a name check, not a glob: `**/.git/**` would be a regex run on every file).
-pub const NEVER_INPUTS: &[&[u8]] = &[b".kkpipe", b".git"];
+/// through them (a name check, not a glob: `**/.git/**` would be a regex run on every file). The same names
+/// are never outputs either (`cache::outputs`).
+pub const NEVER_INPUTS: &[&[u8]] = crate::relpath::RESERVED;
 
 /// What the whole walk shares: the root as given and as the kernel resolves it (links are judged against it).
 struct Walk<'a> {

@@ -32,6 +32,13 @@ pub struct Human {
     pub dry_run: bool,
 }
 
+/// A token no stage output can guess, to pause GitHub's workflow commands.
+fn stop_token() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 const GREEN: &str = "\x1b[1;32m";
 const YELLOW: &str = "\x1b[1;33m";
 const RED: &str = "\x1b[1;31m";
@@ -116,12 +123,17 @@ impl Human {
         let mut out = Vec::new();
         match self.style {
             Style::Github => {
-                out.extend_from_slice(format!("::group::{header}\n").as_bytes());
+                // A stage's output is data, never workflow commands: a line it prints (a file name a pull request
+                // chose, with a newline in it) must not set outputs, mask or annotate. GitHub ignores commands
+                // between `::stop-commands::TOKEN` and `::TOKEN::`; the token is random, so the output cannot
+                // end the pause itself.
+                let token = stop_token();
+                out.extend_from_slice(format!("::group::{header}\n::stop-commands::{token}\n").as_bytes());
                 for l in &lines {
                     out.extend_from_slice(l);
                     out.push(b'\n');
                 }
-                out.extend_from_slice(b"::endgroup::\n");
+                out.extend_from_slice(format!("::{token}::\n::endgroup::\n").as_bytes());
             }
             Style::Gitlab => {
                 let ts = jiff::Timestamp::now().as_second();

@@ -219,3 +219,37 @@ fn the_deploy_ledger_survives_moving_runners() {
     let back = c.run(&[]).ok();
     assert_eq!(back.ran(), ["deploy"], "the local v2 deploy is the head of the ledger: {}", back.stdout);
 }
+
+/// Issue 21, item 7: a restore deleted a repository nested in an output directory (`site/.git` with commits, a
+/// gh-pages worktree): the prune counted `.git` as an entry the record does not have. `.git` and `.kkpipe` at
+/// any depth are never collected, compared or pruned.
+#[test]
+fn a_restore_never_deletes_a_repository_nested_in_an_output() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.site]\nrun = \"mkdir -p site && cp page.html site/index.html\"\ninputs = [\"page.html\"]\noutputs = [\"site\"]\n");
+    repo.write("page.html", "<p>one</p>\n");
+    repo.run(&[]).ok();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git").arg("-C").arg(repo.path("site")).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "published"]);
+    // Nothing changed but the nested repository: still fresh, nothing restored.
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("fresh"), ["site"], "{}", r.stderr);
+    // The output is damaged: the restore puts it back and leaves the repository alone.
+    repo.write("site/index.html", "defaced\n");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["site"], "{}", r.stderr);
+    assert_eq!(repo.read("site/index.html"), "<p>one</p>\n");
+    assert!(git(&["log", "--format=%s"]).contains("published"), "the nested repository and its commit survive");
+    // A rerun collects the output without the repository in it.
+    repo.write("page.html", "<p>two</p>\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["site"]);
+    std::fs::remove_file(repo.path("site/index.html")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["site"], "{}", r.stderr);
+    assert!(git(&["log", "--format=%s"]).contains("published"));
+}

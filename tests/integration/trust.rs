@@ -243,3 +243,67 @@ fn a_nul_character_in_pipeline_toml_is_a_load_error_at_its_line() {
         assert!(!repo.exists(".kkpipe"), "{field}: nothing was recorded");
     }
 }
+
+/// Issue 21, item 24: a file name with a newline put `::error ...` (or `::stop-commands::`) at the start of a line
+/// of a GitHub Actions log, through kkpipe's own messages (a reason names the file) and through a stage's output
+/// (which prints it); any pull request can add such a file. kkpipe's messages escape control characters, and a
+/// stage's output is shown with workflow commands paused.
+#[test]
+fn a_file_name_cannot_inject_ci_workflow_commands() {
+    let mut repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.list]\nrun = \"ls src\"\ninputs = [\"src\"]\n");
+    let evil = "src/x\n::error title=pwned::injected\n::stop-commands::x";
+    repo.write(evil, "one\n");
+    repo.set_env("GITHUB_ACTIONS", "true");
+    repo.run(&[]).ok();
+    repo.write(evil, "two\n");
+    let r = repo.kk(&["run"]).ok();
+    assert!(r.stdout.contains("pwned"), "the stage printed the name and a reason names it: {}", r.stdout);
+    // Every workflow command in the log is kkpipe's own, or inside a pause kkpipe opened and closed.
+    let mut paused: Option<String> = None;
+    for line in r.stdout.lines().chain(r.stderr.lines()) {
+        match &paused {
+            Some(token) if line == format!("::{token}::") => paused = None,
+            Some(_) => {}
+            None if line.starts_with("::stop-commands::") => {
+                paused = Some(line.trim_start_matches("::stop-commands::").to_string());
+            }
+            None if line.starts_with("::") => {
+                let own = ["::group::", "::endgroup::", "::error title=kkpipe::"].iter().any(|c| line.starts_with(c));
+                assert!(own, "a workflow command kkpipe did not write: {line:?}\n{}", r.stdout);
+            }
+            None => {}
+        }
+    }
+    assert!(paused.is_none(), "every pause is closed");
+    assert!(
+        r.stdout.contains(r"src/x\n::error title=pwned::injected"),
+        "the reason shows the name escaped: {}",
+        r.stdout
+    );
+}
+
+/// Issue 21, item 4: relative and empty `PATH` entries were resolved from kkpipe's directory (and empty ones
+/// dropped), while the stage's bash resolves them from the stage's `dir`: the keyed tool was not the one that
+/// ran, and `-C repo` from elsewhere failed with "not on PATH". Tools are now found where the stage finds them.
+#[test]
+fn tools_on_relative_path_entries_are_found_from_the_stages_dir() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.s]\ndir = \"sub\"\nrun = \"mytool\"\ntools = [\"mytool\"]\nenv = { PATH = \"bin::/usr/bin:/bin\" }\n",
+    );
+    repo.write("sub/bin/mytool", "#!/bin/sh\necho tool one\n");
+    std::fs::set_permissions(repo.path("sub/bin/mytool"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // From the parent directory, with -C: the tool is found below the stage's dir, as bash finds it.
+    let elsewhere = repo.root.parent().unwrap().to_path_buf();
+    let root = repo.root.to_str().unwrap().to_string();
+    let r = repo.cmd_in(&elsewhere, &["-C", &root, "run", "--json"]).output().unwrap();
+    let r = Run::from(r).ok();
+    assert_eq!(r.ran(), ["s"]);
+    // Upgrading the tool that runs reruns the stage.
+    repo.write("sub/bin/mytool", "#!/bin/sh\necho tool two\n");
+    let r = Run::from(repo.cmd_in(&elsewhere, &["-C", &root, "run", "--json"]).output().unwrap()).ok();
+    assert_eq!(r.ran(), ["s"], "{}", r.stderr);
+    assert_eq!(r.reason_of("s")["kind"], "tool-changed");
+}
