@@ -89,7 +89,7 @@ pub enum StageEnd {
 }
 
 /// What kkpipe does on its own account, as it does it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "notice", rename_all = "kebab-case")]
 pub enum Notice {
     /// The CI event (and deployment environment) the stages are selected for.
@@ -108,6 +108,8 @@ pub enum Notice {
     LeaseWait { stage: String, holder: String },
     /// `retry_needs_if`: the stage's output asked for its needs to run again; it is retried once.
     Retrying { stage: String, pattern: String, needs: Vec<String> },
+    /// The stage's inputs changed while it ran: its result is not kept, and it runs again.
+    Rerunning { stage: String, changed: crate::fresh::Reason },
 }
 
 impl std::fmt::Display for Notice {
@@ -132,6 +134,9 @@ impl std::fmt::Display for Notice {
             ),
             Notice::LeaseWait { stage, holder } => {
                 write!(f, "kkpipe: waiting for the deploy lease of `{stage}`, held by {holder}")
+            }
+            Notice::Rerunning { stage, changed } => {
+                write!(f, "kkpipe: `{stage}`: {changed} while it ran; its result is not kept: running it again")
             }
             Notice::Retrying { stage, pattern, needs } => write!(
                 f,

@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
+/// How often a stage whose inputs changed while it ran is run again before it fails.
+const RERUNS: u32 = 2;
+
 /// How long the ledger read at the start of a run stands for the deploys decided after it.
 const LEDGER_FRESH_FOR: Duration = Duration::from_secs(1);
 
@@ -160,6 +163,8 @@ struct Scheduler<'a, 's> {
 
     /// Stages whose regenerate command failed once (and waited for their needs' outputs).
     regenerate_retried: HashSet<usize>,
+    /// How often each stage was run again because its inputs changed while it ran.
+    reruns: HashMap<usize, u32>,
     /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
     /// store did not answer and the deploy goes on under the local run lock, as without a remote).
     leases: HashMap<usize, Option<LeaseGuard>>,
@@ -236,6 +241,7 @@ pub(super) fn run(
         stopping: None,
 
         regenerate_retried: HashSet::new(),
+        reruns: HashMap::new(),
         leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
@@ -449,16 +455,7 @@ impl<'a> Scheduler<'a, '_> {
         if self.workspace_changed {
             self.s.rewalk(i)?;
         }
-        let needs: Vec<(String, Vec<OutputRecord>)> = self.cx.graph.needs[i]
-            .iter()
-            .map(|&j| {
-                let outs = match &self.slots[j] {
-                    Slot::Done(Done::Fresh { outputs, .. } | Done::Ran { outputs, .. }) => outputs.clone(),
-                    _ => Vec::new(),
-                };
-                (self.name(j), outs)
-            })
-            .collect();
+        let needs = self.needs_outputs(i);
         let must_run =
             q.must_run.or_else(|| self.opts.force.includes(&self.cx.pipeline.stages[i].name).then_some(Reason::Forced));
         let forced = must_run.is_some();
@@ -489,6 +486,31 @@ impl<'a> Scheduler<'a, '_> {
                 self.on_hit(i, keyed, hit, restore, q.materialize)
             }
         }
+    }
+
+    /// The outputs of the stages `i` needs, as its manifest names them.
+    fn needs_outputs(&self, i: usize) -> Vec<(String, Vec<OutputRecord>)> {
+        let outputs = |j: usize| match &self.slots[j] {
+            Slot::Done(Done::Fresh { outputs, .. } | Done::Ran { outputs, .. }) => outputs.clone(),
+            _ => Vec::new(),
+        };
+        self.cx.graph.needs[i].iter().map(|&j| (self.name(j), outputs(j))).collect()
+    }
+
+    /// What changed in stage `i`'s inputs (files, tools, its needs' outputs) since it was keyed, if anything:
+    /// walked again now that it has run (the stat cache makes an unchanged tree cheap). A result made while its
+    /// inputs moved under it is no success to reuse under either key.
+    fn changed_while_running(&mut self, i: usize, keyed: &Keyed) -> Result<Option<Reason>, Error> {
+        self.s.rewalk(i)?;
+        let needs = self.needs_outputs(i);
+        let now = match self.s.manifest(i, &needs)? {
+            Ok(now) => now,
+            Err(reason) => return Ok(Some(reason)),
+        };
+        if now.key == keyed.key {
+            return Ok(None);
+        }
+        Ok(Some(fresh::Diff::between(&keyed.manifest, &now.manifest).first_reason().unwrap_or(Reason::NeedsChanged)))
     }
 
     /// Deploy stages read the shared ledger before anything is decided (all at once).
@@ -982,11 +1004,18 @@ impl<'a> Scheduler<'a, '_> {
     ) -> Result<(), Error> {
         let key = keyed.key;
         let mut ended = Ended { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
-        if signalled {
-            // Stopped by our signal, whatever its exit code: its outputs may be partial.
+        // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that reached
+        // kkpipe and the stage together (a CI cancel, systemd stopping a cgroup) may let the stage exit 0 first.
+        if signalled || self.interrupt.signal().is_some() {
+            // Stopped by a signal, whatever its exit code: its outputs may be partial.
             self.conclude(i, &keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
             self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
             return Ok(());
+        }
+        if ended.code == Some(0)
+            && let Some(changed) = self.changed_while_running(i, &keyed)?
+        {
+            return self.rerun_changed(i, &keyed, reason, ended, changed);
         }
         if ended.code == Some(0) {
             let stage = &self.cx.pipeline.stages[i];
@@ -1025,6 +1054,32 @@ impl<'a> Scheduler<'a, '_> {
             );
         }
         self.fail(i, &keyed, reason, ended, detail)
+    }
+
+    /// Stage `i` succeeded, but its inputs changed while it ran (`changed`): the attempt is recorded interrupted
+    /// and the stage runs again with what is there now, up to [`RERUNS`] times (a stage that writes its own
+    /// inputs, `terraform init` making its lock file, settles on the second run); then it fails.
+    fn rerun_changed(
+        &mut self,
+        i: usize,
+        keyed: &Keyed,
+        reason: Reason,
+        mut ended: Ended,
+        changed: Reason,
+    ) -> Result<(), Error> {
+        let detail = format!("{changed} while it ran");
+        ended.log.extend_from_slice(format!("kkpipe: {detail}: its result is not kept\n").as_bytes());
+        self.workspace_changed = true;
+        let reruns = self.reruns.entry(i).or_default();
+        *reruns += 1;
+        if *reruns > RERUNS {
+            ended.code = Some(1);
+            return self.fail(i, keyed, reason, ended, format!("{detail}, {RERUNS} times; run it again"));
+        }
+        self.conclude(i, keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
+        self.sink.event(&Event::Notice(Notice::Rerunning { stage: self.name(i), changed }));
+        self.slots[i] = Slot::waiting();
+        Ok(())
     }
 
     /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its

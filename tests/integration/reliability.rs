@@ -518,3 +518,58 @@ outputs = [{ path = "used.txt", sensitive = true }]
         }
     }
 }
+
+/// Issue 21, item 1: an input edited while its stage ran (a long plan while you keep editing, a branch switch):
+/// the result was recorded under the key computed before the stage started, and reverting the edit later made
+/// that key a hit with the other content's result. Now the inputs are checked again when the stage ends: the
+/// attempt is not kept, and the stage runs again with what is there.
+#[test]
+fn an_input_edited_while_its_stage_runs_never_makes_a_false_hit() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.build]\nrun = \"echo started; while [ ! -e gate ]; do sleep 0.02; done; cat src.txt > out.txt\"\ninputs = [\"src.txt\"]\noutputs = [\"out.txt\"]\n",
+    );
+    repo.write("src.txt", "one\n");
+    let mut run = Live::spawn(repo.cmd_in(&repo.root, &["run"]));
+    run.until(Duration::from_secs(30), |l| l.contains("started"));
+    // The stage was keyed with "one"; it will read "two".
+    repo.write("src.txt", "two\n");
+    repo.write("gate", "");
+    let (r, seen) = run.finish();
+    assert_eq!(r.code, 0, "{}\n{seen:#?}", r.stderr);
+    assert!(seen.iter().any(|l| l.contains("modified while it ran") && l.contains("running it again")), "{seen:#?}");
+    assert_eq!(repo.read("out.txt"), "two\n");
+    // Back to "one": a clean run makes "one", and so must this one.
+    repo.write("src.txt", "one\n");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["build"], "a false hit: {}", r.stderr);
+    assert_eq!(repo.read("out.txt"), "one\n");
+    let again = repo.run(&[]).ok();
+    assert!(again.ran().is_empty());
+}
+
+/// Issue 21, item 2: a SIGTERM that reaches kkpipe and the stage together (a CI cancel, systemd stopping a
+/// cgroup): a stage that traps it and exits 0 was recorded as a success, and its partial output was fresh next
+/// time. A signal kkpipe has seen by the time it handles the exit makes the attempt interrupted.
+#[test]
+fn a_sigterm_to_kkpipe_and_its_stage_together_is_never_a_success() {
+    for trial in 0..3 {
+        let repo = Repo::empty();
+        repo.write(
+            "pipeline.toml",
+            "[stages.s]\nrun = \"trap 'echo partial > out.txt; exit 0' TERM; echo $$ > stage.pid; while :; do sleep 0.01; done\"\noutputs = [\"out.txt\"]\n",
+        );
+        let child = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        assert!(within(Duration::from_secs(20), || repo.exists("stage.pid")), "trial {trial}: the stage did not start");
+        let stage: i32 = repo.read("stage.pid").trim().parse().unwrap();
+        // Both at once, as a cgroup stop sends it: the stage's shell and kkpipe.
+        let both = Command::new("kill").args(["-TERM", &stage.to_string(), &child.id().to_string()]).status().unwrap();
+        assert!(both.success());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(143), "trial {trial}: {}", String::from_utf8_lossy(&out.stderr));
+        let status = repo.status_json();
+        assert_eq!(status["stages"][0]["state"], "failed", "trial {trial}: the partial output is not a success");
+        assert_eq!(status["stages"][0]["reasons"][0]["kind"], "last-run-interrupted", "trial {trial}");
+    }
+}
