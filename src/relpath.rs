@@ -172,9 +172,14 @@ impl fmt::Debug for RelPath {
     }
 }
 
+/// JSON escapes control characters itself: the lossy text, not the escaped one (a name with a newline and one
+/// with a backslash and an `n` stay apart).
 impl serde::Serialize for RelPath {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.display())
+        match self.0.is_empty() {
+            true => s.serialize_str("."),
+            false => s.serialize_str(&String::from_utf8_lossy(&self.0)),
+        }
     }
 }
 

@@ -504,11 +504,11 @@ fn stage_output(file: &Path, name: &str, o: RawOutput) -> Result<Output, Error> 
     if rel.is_root() {
         return Err(Error::invalid(file, place(name, "outputs"), "the repository root cannot be an output"));
     }
-    if [".kkpipe", ".git"].iter().any(|d| rel.starts_with(&RelPath::parse(d).expect("static"))) {
+    if rel.through_reserved() {
         return Err(Error::invalid(
             file,
             place(name, "outputs"),
-            format!("`{path}` is inside `.kkpipe/` or `.git/`, which kkpipe manages itself"),
+            format!("`{path}` is (inside) a `.kkpipe` or `.git`, which are never outputs"),
         ));
     }
     Ok(Output { path: rel, sensitive, regenerate })

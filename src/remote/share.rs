@@ -354,8 +354,9 @@ impl Remote {
         uploaded.into_iter().collect()
     }
 
-    /// Record a deploy attempt in the shared ledger by compare-and-swap: one more than the record there
-    /// (believed or not: the sequence never goes back) and than what this cache knows. Its manifest, and for
+    /// Record a deploy attempt in the shared ledger by compare-and-swap: one more than the believed record there
+    /// (over one that is not believed, at least the wall clock's milliseconds) and than what this cache knows:
+    /// the sequence never goes back for this runner. Its manifest, and for
     /// a success its outputs, go up first. Returns whether the ledger has it.
     pub fn record(
         &self,

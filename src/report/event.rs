@@ -89,7 +89,7 @@ pub enum StageEnd {
 }
 
 /// What kkpipe does on its own account, as it does it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "notice", rename_all = "kebab-case")]
 pub enum Notice {
     /// The CI event (and deployment environment) the stages are selected for.
@@ -108,8 +108,9 @@ pub enum Notice {
     LeaseWait { stage: String, holder: String },
     /// `retry_needs_if`: the stage's output asked for its needs to run again; it is retried once.
     Retrying { stage: String, pattern: String, needs: Vec<String> },
-    /// The stage's inputs changed while it ran: its result is not kept, and it runs again.
-    Rerunning { stage: String, changed: crate::fresh::Reason },
+    /// The stage ran, but its inputs changed while it did (or could not be read again): its outputs go to the
+    /// stages that need it, but the result is not kept as a success to reuse; it runs again next time.
+    NotKept { stage: String, why: String },
 }
 
 impl std::fmt::Display for Notice {
@@ -135,9 +136,11 @@ impl std::fmt::Display for Notice {
             Notice::LeaseWait { stage, holder } => {
                 write!(f, "kkpipe: waiting for the deploy lease of `{stage}`, held by {holder}")
             }
-            Notice::Rerunning { stage, changed } => {
-                write!(f, "kkpipe: `{stage}`: {changed} while it ran; its result is not kept: running it again")
-            }
+            Notice::NotKept { stage, why } => write!(
+                f,
+                "kkpipe: `{stage}`: {why}; its result is not kept (it runs again next time)\n  hint: a file the \
+                 stage writes itself belongs in its `outputs` or `exclude`; a lock file it updates, committed"
+            ),
             Notice::Retrying { stage, pattern, needs } => write!(
                 f,
                 "kkpipe: `{stage}` reported \"{pattern}\": rerunning {} and retrying `{stage}` once",

@@ -25,9 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-/// How often a stage whose inputs changed while it ran is run again before it fails.
-const RERUNS: u32 = 2;
-
 /// How long the ledger read at the start of a run stands for the deploys decided after it.
 const LEDGER_FRESH_FOR: Duration = Duration::from_secs(1);
 
@@ -163,8 +160,6 @@ struct Scheduler<'a, 's> {
 
     /// Stages whose regenerate command failed once (and waited for their needs' outputs).
     regenerate_retried: HashSet<usize>,
-    /// How often each stage was run again because its inputs changed while it ran.
-    reruns: HashMap<usize, u32>,
     /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
     /// store did not answer and the deploy goes on under the local run lock, as without a remote).
     leases: HashMap<usize, Option<LeaseGuard>>,
@@ -241,7 +236,6 @@ pub(super) fn run(
         stopping: None,
 
         regenerate_retried: HashSet::new(),
-        reruns: HashMap::new(),
         leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
@@ -497,20 +491,21 @@ impl<'a> Scheduler<'a, '_> {
         self.cx.graph.needs[i].iter().map(|&j| (self.name(j), outputs(j))).collect()
     }
 
-    /// What changed in stage `i`'s inputs (files, tools, its needs' outputs) since it was keyed, if anything:
-    /// walked again now that it has run (the stat cache makes an unchanged tree cheap). A result made while its
-    /// inputs moved under it is no success to reuse under either key.
-    fn changed_while_running(&mut self, i: usize, keyed: &Keyed) -> Result<Option<Reason>, Error> {
-        self.s.rewalk(i)?;
+    /// Why stage `i`'s result cannot be reused, if it cannot: something in its inputs (files, the outputs of its
+    /// needs) changed since it was keyed, or could not be read again. Walked again now that it has run (the
+    /// stat cache makes an unchanged tree cheap).
+    fn changed_while_running(&mut self, i: usize, keyed: &Keyed) -> Option<String> {
         let needs = self.needs_outputs(i);
-        let now = match self.s.manifest(i, &needs)? {
-            Ok(now) => now,
-            Err(reason) => return Ok(Some(reason)),
+        let now = match self.s.rewalk(i).and_then(|()| self.s.manifest(i, &needs)) {
+            Ok(Ok(now)) => now,
+            Ok(Err(reason)) => return Some(format!("{reason} while it ran")),
+            Err(e) => return Some(format!("its inputs could not be read again after it ran ({e})")),
         };
         if now.key == keyed.key {
-            return Ok(None);
+            return None;
         }
-        Ok(Some(fresh::Diff::between(&keyed.manifest, &now.manifest).first_reason().unwrap_or(Reason::NeedsChanged)))
+        let first = fresh::Diff::between(&keyed.manifest, &now.manifest).first_reason();
+        Some(first.map_or_else(|| "its inputs changed while it ran".to_string(), |r| format!("{r} while it ran")))
     }
 
     /// Deploy stages read the shared ledger before anything is decided (all at once).
@@ -887,6 +882,12 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     fn launch_stage(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        // Also after a probe or a regeneration that a signal cut short: nothing new starts once stopping.
+        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
+        if let Some(why) = self.stopping.clone().or(interrupted) {
+            self.skip(i, why);
+            return Ok(());
+        }
         let stage = self.cx.pipeline.stages[i].clone();
         if self.opts.probe_only {
             self.sink.event(&Event::Skipped { stage: stage.name.clone(), because: format!("not verified: {reason}") });
@@ -1012,12 +1013,10 @@ impl<'a> Scheduler<'a, '_> {
             self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
             return Ok(());
         }
-        if ended.code == Some(0)
-            && let Some(changed) = self.changed_while_running(i, &keyed)?
-        {
-            return self.rerun_changed(i, &keyed, reason, ended, changed);
-        }
         if ended.code == Some(0) {
+            // A result made while its inputs moved is no success to reuse under either key: it is recorded
+            // interrupted (so it runs again next time) and its outputs still go to the stages that need it.
+            let not_kept = self.changed_while_running(i, &keyed);
             let stage = &self.cx.pipeline.stages[i];
             return match outputs::collect(&self.cx.pipeline.root, &stage.outputs, &self.env.cache.blobs) {
                 Ok(outs) => {
@@ -1025,7 +1024,15 @@ impl<'a> Scheduler<'a, '_> {
                         self.mask_output(o);
                     }
                     ended.outputs = outs.clone();
-                    self.conclude(i, &keyed, State::Success, ended, StageEnd::Ok)?;
+                    let state = match not_kept {
+                        None => State::Success,
+                        Some(why) => {
+                            ended.log.extend_from_slice(format!("kkpipe: {why}: its result is not kept\n").as_bytes());
+                            self.sink.event(&Event::Notice(Notice::NotKept { stage: self.name(i), why }));
+                            State::Interrupted
+                        }
+                    };
+                    self.conclude(i, &keyed, state, ended, StageEnd::Ok)?;
                     self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
                     Ok(())
                 }
@@ -1054,32 +1061,6 @@ impl<'a> Scheduler<'a, '_> {
             );
         }
         self.fail(i, &keyed, reason, ended, detail)
-    }
-
-    /// Stage `i` succeeded, but its inputs changed while it ran (`changed`): the attempt is recorded interrupted
-    /// and the stage runs again with what is there now, up to [`RERUNS`] times (a stage that writes its own
-    /// inputs, `terraform init` making its lock file, settles on the second run); then it fails.
-    fn rerun_changed(
-        &mut self,
-        i: usize,
-        keyed: &Keyed,
-        reason: Reason,
-        mut ended: Ended,
-        changed: Reason,
-    ) -> Result<(), Error> {
-        let detail = format!("{changed} while it ran");
-        ended.log.extend_from_slice(format!("kkpipe: {detail}: its result is not kept\n").as_bytes());
-        self.workspace_changed = true;
-        let reruns = self.reruns.entry(i).or_default();
-        *reruns += 1;
-        if *reruns > RERUNS {
-            ended.code = Some(1);
-            return self.fail(i, keyed, reason, ended, format!("{detail}, {RERUNS} times; run it again"));
-        }
-        self.conclude(i, keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
-        self.sink.event(&Event::Notice(Notice::Rerunning { stage: self.name(i), changed }));
-        self.slots[i] = Slot::waiting();
-        Ok(())
     }
 
     /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its
