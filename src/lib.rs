@@ -6,9 +6,9 @@
 //! pipeline.toml --pipeline--> Pipeline --graph--> ordered, selected stages
 //!   --session--> per stage: walk + BLAKE3 digests (stat cache) + tools + secret MACs -> Manifest -> Key
 //!   --fresh::decide(stage, manifest, History, Workspace)--> Fresh | Restore(outputs) | Run(reason)
-//!      (on Run with a [remote]: learn its signed entry / ledger into the cache, decide again)
+//!      (on Run with a [remote]: a job asks it, the answer is learned into the cache, decide again)
 //!   --run--> restore / probe / run the command (run/exec), record the attempt (cache), share it (remote)
-//!   --report--> events -> human lines | JSON | CI conventions
+//!   --report--> one stream of typed events -> reporters as peers: human lines (CI conventions) | JSON | JSON lines
 //! ```
 //!
 //! - [`pipeline`]: `pipeline.toml` -> a validated [`pipeline::Pipeline`] (all errors before the cache is touched).
@@ -20,11 +20,12 @@
 //! - [`evaluate`]: the shared manifest -> decide step, and evaluating stages without running them.
 //! - [`cache`]: SQLite (runs, stage runs, manifests, outputs; one write API), the stat-cache file, blobs, restore
 //!   (only into declared outputs, never through a link).
-//! - [`run`]: the scheduler that runs stale stages as jobs, the watchdog that stops them if kkpipe dies, and
-//!   the run lock.
-//! - [`remote`]: the shared cache and deploy ledger on S3, GCS or a directory: signed ([`sign`]) entries
-//!   written create-only, a ledger updated by compare-and-swap, deploy leases. It only feeds the cache.
-//! - [`report`]: renders events and rows for people and machines.
+//! - [`run`]: the scheduler that runs stale stages as jobs (processes, lease waits, lookups on the remote) in
+//!   the order its pure queue gives, the watchdog that stops stages if kkpipe dies, and the run lock.
+//! - [`remote`]: the shared cache and deploy ledger on a [`store`] (S3, GCS or a directory, behind one trait):
+//!   signed ([`sign`]) entries written create-only, a ledger updated by compare-and-swap, deploy leases timed
+//!   on a [`clock`]. It only feeds the cache.
+//! - [`report`]: a leaf that renders view models and the event stream for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].

@@ -12,6 +12,15 @@ use std::sync::Arc;
 
 /// Shared bytes: a path is walked once and then referred to by the walk, the stat cache and every manifest
 /// that lists it, so a clone is a reference count, not a copy.
+/// `text` with its control characters escaped (`\n`, `\r`, `\u{1b}`), for text that came from outside (a file
+/// name, a probe's output) and is shown in kkpipe's own lines: it can never start a line or move the cursor.
+pub fn escape_controls(text: &str) -> String {
+    match text.chars().any(char::is_control) {
+        false => text.to_string(),
+        true => text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect(),
+    }
+}
+
 /// Names that are kkpipe's or git's at any depth (`.kkpipe`, a nested repository's or worktree's `.git`): never an
 /// input, never collected as an output, never compared or pruned in an output directory, never restored into.
 pub const RESERVED: &[&[u8]] = &[b".kkpipe", b".git"];
@@ -150,13 +159,7 @@ impl RelPath {
         if self.0.is_empty() {
             return ".".to_string();
         }
-        let text = String::from_utf8_lossy(&self.0);
-        match text.chars().any(char::is_control) {
-            false => text.into_owned(),
-            true => {
-                text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect()
-            }
-        }
+        escape_controls(&String::from_utf8_lossy(&self.0))
     }
 }
 

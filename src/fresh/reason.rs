@@ -164,6 +164,9 @@ impl fmt::Display for Reason {
             }
             Reason::Drift { output } => {
                 let first = output.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                // A probe's output is data: a carriage return or an escape in it never reaches a terminal or a
+                // CI log as one.
+                let first = crate::relpath::escape_controls(first);
                 if first.is_empty() {
                     write!(f, "drift detected by verify")
                 } else {

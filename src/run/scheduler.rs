@@ -1,11 +1,12 @@
 //! The scheduler.
 //!
-//! One thread (the caller's) owns all state: it decides which stage is ready, makes its manifest when its
-//! needs are done (their outputs are part of it), asks [`fresh::decide`] what to do, restores or probes fresh
-//! stages, and starts stale ones as jobs on threads of their own, bounded by `-j`. Jobs report back by
-//! message (`exec::Msg`). A failed stage is an outcome, not an error: its dependents are skipped,
-//! independent stages go on. If the scheduler itself fails or panics, the running stages are stopped
-//! (see [`Scheduler`]'s `Drop`).
+//! One thread (the caller's) owns all state: it asks the queue (`queue.rs`) which stage may start, makes its
+//! manifest when its needs are done (their outputs are part of it), asks [`fresh::decide`] what to do,
+//! restores or probes fresh stages, and starts stale ones as jobs on threads of their own, bounded by `-j`.
+//! Anything slow is a job that reports back by message (`run::Msg`): a stage's process, a wait for a deploy
+//! lease, a lookup on the remote. A failed stage is an outcome, not an error: its dependents are skipped,
+//! independent stages go on. If the scheduler itself fails or panics, the running stages are stopped (see
+//! [`Scheduler`]'s `Drop`).
 
 use super::exec::{self, Exit};
 use super::queue::{self, Phase, Shortfall, Verdict};
