@@ -583,36 +583,28 @@ impl<'a> Scheduler<'a, '_> {
             self.not_started(i, Some(keyed.key), reason.clone(), detail);
             return Taken::Stop;
         }
-        let job = self.next_job;
-        self.next_job += 1;
-        self.jobs.insert(job, i);
         let (name, env, timeout) = (self.name(i), self.cx.env.to_string(), self.opts.lock_timeout);
-        let (tx, interrupt, cancel) = (self.tx.clone(), self.interrupt.clone(), self.cancel.clone());
-        std::thread::Builder::new()
-            .name(format!("lease-{job}"))
-            .spawn(move || {
-                let held = tx.clone();
-                let mut waiting = |holder: &str| {
-                    let _ = held.send(Msg::LeaseHeld { job, holder: holder.to_string() });
-                };
-                let stop = || interrupt.signal().is_some() || cancel.load(Ordering::Relaxed);
-                let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    remote.acquire(&name, &env, timeout, &mut waiting, &stop)
-                }));
-                // However the wait ended, the scheduler hears of it (it waits for every job).
-                let result = waited.unwrap_or_else(|_| {
-                    Err(crate::remote::LeaseError::Refused {
-                        url: remote.url.clone(),
-                        stage: name.clone(),
-                        env: env.clone(),
-                        why: "the wait for the lease failed (an internal error)".into(),
-                    })
-                });
-                let _ = tx.send(Msg::Leased { job, result });
-            })
-            .expect("spawn a lease thread");
-        let wait = Wait::Lease { resume, waited: false };
-        self.slots[i] = Slot::Asking(Box::new(Asking { keyed: keyed.clone(), reason: reason.clone(), wait }));
+        let (interrupt, cancel) = (self.interrupt.clone(), self.cancel.clone());
+        let asking =
+            Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lease { resume, waited: false } };
+        self.ask(i, asking, "lease", move |job, tx| {
+            let mut waiting = |holder: &str| {
+                let _ = tx.send(Msg::LeaseHeld { job, holder: holder.to_string() });
+            };
+            let stop = || interrupt.signal().is_some() || cancel.load(Ordering::Relaxed);
+            let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                remote.acquire(&name, &env, timeout, &mut waiting, &stop)
+            }));
+            let result = waited.unwrap_or_else(|_| {
+                Err(crate::remote::LeaseError::Refused {
+                    url: remote.url.clone(),
+                    stage: name.clone(),
+                    env: env.clone(),
+                    why: "the wait for the lease failed (an internal error)".into(),
+                })
+            });
+            Msg::Leased { job, result }
+        });
         Taken::Pending
     }
 
@@ -670,20 +662,40 @@ impl<'a> Scheduler<'a, '_> {
     /// and verified into the local blob store; the answer comes as `Msg::LookedUp`.
     fn look_up(&mut self, i: usize, keyed: &Keyed, reason: &Reason) {
         let Some(remote) = self.env.remote.clone() else { return };
+        let (stage, key, blobs) = (self.cx.pipeline.stages[i].clone(), keyed.key, self.env.cache.blobs.clone());
+        let asking = Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lookup };
+        self.ask(i, asking, "lookup", move |job, _| {
+            let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| remote.fetch(&blobs, &stage, &key)));
+            Msg::LookedUp { job, found: fetched.ok().flatten() }
+        });
+    }
+
+    /// A job of stage `i` now: its number, counted until it reports its end.
+    fn new_job(&mut self, i: usize) -> usize {
         let job = self.next_job;
         self.next_job += 1;
         self.jobs.insert(job, i);
-        let (tx, stage, key, blobs) =
-            (self.tx.clone(), self.cx.pipeline.stages[i].clone(), keyed.key, self.env.cache.blobs.clone());
+        job
+    }
+
+    /// Put stage `i`'s question to the remote on a thread of its own (`work` may send messages on the way); its
+    /// answer, the message `work` returns, is sent however the work ends: the scheduler waits for every job.
+    fn ask(
+        &mut self,
+        i: usize,
+        asking: Asking,
+        what: &str,
+        work: impl FnOnce(usize, &mpsc::Sender<Msg>) -> Msg + Send + 'static,
+    ) {
+        let job = self.new_job(i);
+        let tx = self.tx.clone();
         std::thread::Builder::new()
-            .name(format!("lookup-{job}"))
+            .name(format!("{what}-{job}"))
             .spawn(move || {
-                let fetched =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| remote.fetch(&blobs, &stage, &key)));
-                let _ = tx.send(Msg::LookedUp { job, found: fetched.ok().flatten() });
+                let answer = work(job, &tx);
+                let _ = tx.send(answer);
             })
-            .expect("spawn a lookup thread");
-        let asking = Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lookup };
+            .expect("spawn a job thread");
         self.slots[i] = Slot::Asking(Box::new(asking));
     }
 
@@ -921,9 +933,7 @@ impl<'a> Scheduler<'a, '_> {
 
     fn spawn(&mut self, i: usize, script: String, job: Job, keyed: Keyed, restored: Vec<String>) -> Result<(), Error> {
         let stage = &self.cx.pipeline.stages[i];
-        let id = self.next_job;
-        self.next_job += 1;
-        self.jobs.insert(id, i);
+        let id = self.new_job(i);
         let spec = exec::Spec {
             script,
             cwd: stage.dir.under(&self.cx.pipeline.root),

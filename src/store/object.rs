@@ -27,6 +27,12 @@ fn classify(e: object_store::Error) -> Error {
     }
 }
 
+/// The store's own variables (`AWS_*`, `GOOGLE_*`) that its builder knows, as its configuration keys.
+fn store_vars<'a, K: std::str::FromStr>(env: &'a HashMap<String, String>, prefix: &str) -> Vec<(K, &'a String)> {
+    let known = |(k, v): (&String, &'a String)| Some((k.to_ascii_lowercase().parse().ok()?, v));
+    env.iter().filter(|(k, _)| k.starts_with(prefix)).filter_map(known).collect()
+}
+
 impl Client {
     pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
         let client = object_store::ClientOptions::new()
@@ -38,19 +44,15 @@ impl Client {
         // Each store's standard variables, from the caller's environment (not read from the process here).
         let store: Arc<dyn object_store::ObjectStore> = if url.scheme() == "gs" {
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
-            for (k, v) in env.iter().filter(|(k, _)| k.starts_with("GOOGLE_")) {
-                if let Ok(key) = k.to_ascii_lowercase().parse() {
-                    b = b.with_config(key, v);
-                }
+            for (key, v) in store_vars(env, "GOOGLE_") {
+                b = b.with_config(key, v);
             }
             let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
             Arc::new(b.build().map_err(|e| e.to_string())?)
         } else {
             let mut b = object_store::aws::AmazonS3Builder::new();
-            for (k, v) in env.iter().filter(|(k, _)| k.starts_with("AWS_")) {
-                if let Ok(key) = k.to_ascii_lowercase().parse() {
-                    b = b.with_config(key, v);
-                }
+            for (key, v) in store_vars(env, "AWS_") {
+                b = b.with_config(key, v);
             }
             let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
             Arc::new(b.build().map_err(|e| e.to_string())?)
