@@ -355,6 +355,10 @@ pub enum CacheCommand {
         /// The archive to read.
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Install the archive's HMAC key (`secret.key`, exported with --include-sensitive) if this cache has
+        /// none. Only for an archive you made: whoever chose the key can test guesses of secret_env values.
+        #[arg(long)]
+        with_secret_key: bool,
         /// Seconds to wait for a running kkpipe on this repository.
         #[arg(long, value_name = "SECS", default_value_t = 600)]
         lock_timeout: u64,

@@ -216,16 +216,20 @@ impl<'a> Session<'a> {
             Ok(t) => t,
             Err(e) => return Ok(Err(Reason::ToolMissing { name: e.name().to_string() })),
         };
+        let stage = &self.pipeline.stages[i];
+        // What a stage writes is never its own input, global or not: otherwise each run's result makes the next
+        // run stale (a deploy whose output is under `[pipeline] inputs` would deploy on every run).
         let global_inputs = if self.global.is_empty() {
             Vec::new()
         } else {
-            files(&self.walked, &self.hasher, self.progress, &self.global)?.0
+            let mut g = files(&self.walked, &self.hasher, self.progress, &self.global)?.0;
+            g.retain(|(p, _)| !stage.outputs.iter().any(|o| p.starts_with(&o.path)));
+            g
         };
         let (inputs, unmatched) = match self.inputs_ahead.remove(&i) {
             Some(ahead) => ahead,
             None => files(&self.walked, &self.hasher, self.progress, &self.matchers[i])?,
         };
-        let stage = &self.pipeline.stages[i];
         for pi in unmatched {
             let w =
                 format!("stage `{}`: input pattern `{}` matches no file", stage.name, self.matchers[i].patterns()[pi]);

@@ -117,6 +117,10 @@ pub struct ImportReport {
     /// Entries of stages the current pipeline does not have (never restored, so not imported).
     pub skipped_unknown: usize,
     pub blobs: usize,
+    /// The archive's `secret.key` was installed (asked for, and no key was stored yet).
+    pub secret_key: bool,
+    /// The archive carried a `secret.key` that was not asked for, so not installed.
+    pub secret_key_left: bool,
 }
 
 fn rel_string(p: &RelPath) -> Result<String, String> {
@@ -562,7 +566,7 @@ fn confine(c: &Checked, stages: &[Stage], file: &Path) -> Result<Vec<bool>, Erro
 ///
 /// Imported attempts are placed after every attempt this cache holds, in the archive's own order (its
 /// sequence): importing is learning what happened elsewhere since. Later local attempts come after them.
-pub fn import(cache: &Cache, file: &Path, stages: &[Stage]) -> Result<ImportReport, Error> {
+pub fn import(cache: &Cache, file: &Path, stages: &[Stage], with_secret_key: bool) -> Result<ImportReport, Error> {
     let c = read_checked(file)?;
     let wanted = confine(&c, stages, file)?;
     let mut report = ImportReport::default();
@@ -582,10 +586,12 @@ pub fn import(cache: &Cache, file: &Path, stages: &[Stage]) -> Result<ImportRepo
             .map_err(|e| super::Error::Write { path: cache.dir().join("blobs"), source: e.into() })?;
         report.blobs += 1;
     }
-    if let Some(key) = c.secret_key
-        && !cache.dir().join(super::SECRET_KEY_NAME).exists()
-    {
-        cache.write_secret_key(&key)?;
+    // Whoever wrote the archive chose its key, and with it could test guesses of `secret_env` values against
+    // what this cache exports later: installed only when the user says the archive is theirs.
+    match (c.secret_key, with_secret_key) {
+        (Some(key), true) => report.secret_key = cache.install_secret_key(&key)? == key,
+        (Some(_), false) => report.secret_key_left = true,
+        (None, _) => {}
     }
     let (imported, skipped) = cache.write_tx(|conn| {
         let mut imported = 0;

@@ -27,7 +27,7 @@ pub use records::{BadValue, End, LedgerSeen, NewAttempt};
 use rusqlite::Connection;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 pub use store::BlobStore;
@@ -170,8 +170,7 @@ impl Cache {
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| Error::Other(format!("no randomness for the secret key: {e}")))?;
-        self.write_secret_key(&key)?;
-        Ok(key)
+        self.install_secret_key(&key)
     }
 
     /// The per-repository key if one is stored; never creates one.
@@ -179,20 +178,28 @@ impl Cache {
         fs::read(self.dir.join(SECRET_KEY_NAME)).ok().and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
     }
 
-    pub(crate) fn write_secret_key(&self, key: &[u8; 32]) -> Result<()> {
+    /// Store `key` unless a key is already stored, and return the key that is stored now. Create-only (a
+    /// complete file linked into place, which fails if the name exists): two first runs started together on a
+    /// new checkout, each with its own random key, end up keying `secret_env` with the same one, the winner's.
+    pub(crate) fn install_secret_key(&self, key: &[u8; 32]) -> Result<[u8; 32]> {
         let path = self.dir.join(SECRET_KEY_NAME);
-        let tmp = self.dir.join(format!("{SECRET_KEY_NAME}.{}", std::process::id()));
+        let sensitive = self.dir.join(store::SENSITIVE_DIR);
         let write = || -> std::io::Result<()> {
-            let sensitive = self.dir.join(store::SENSITIVE_DIR);
-            if !sensitive.is_dir() {
-                fs::DirBuilder::new().mode(0o700).create(&sensitive)?;
+            match fs::DirBuilder::new().mode(0o700).create(&sensitive) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
             }
-            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(key)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
+            let mut tmp = tempfile::Builder::new().prefix("secret.key.").tempfile_in(&sensitive)?;
+            tmp.as_file().set_permissions(fs::Permissions::from_mode(0o600))?;
+            tmp.write_all(key)?;
+            tmp.as_file().sync_all()?;
+            match tmp.persist_noclobber(&path) {
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                r => r.map(drop).map_err(|e| e.error),
+            }
         };
-        write().map_err(|e| Error::Write { path: path.clone(), source: e.into() })
+        write().map_err(|e| Error::Write { path: path.clone(), source: e.into() })?;
+        self.stored_secret_key().ok_or_else(|| Error::Other(format!("`{}` is not a 32-byte key", path.display())))
     }
 
     // ---------------------------------------------------------------- stat cache

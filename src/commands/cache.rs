@@ -14,13 +14,13 @@ pub fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
         CacheCommand::Export { file, include_sensitive, selection } => {
             export(settings, selection, file, *include_sensitive)
         }
-        CacheCommand::Import { file, lock_timeout } => {
+        CacheCommand::Import { file, with_secret_key, lock_timeout } => {
             let root = root(settings)?;
             // Records are checked against the stages' declared outputs, so the pipeline must load.
             let pipeline = crate::pipeline::load(&root)?;
             let cache = Cache::open(&root)?;
             let _lock = lock(&cache, "cache import", *lock_timeout)?;
-            let r = crate::cache::archive::import(&cache, file, &pipeline.stages)?;
+            let r = crate::cache::archive::import(&cache, file, &pipeline.stages, *with_secret_key)?;
             let unknown = match r.skipped_unknown {
                 0 => String::new(),
                 n => format!("; left out {n} of stages this pipeline does not have"),
@@ -32,6 +32,15 @@ pub fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
                 r.blobs,
                 file.display()
             );
+            if r.secret_key {
+                eprintln!("kkpipe: installed the archive's secret.key (the HMAC key of secret_env values)");
+            }
+            if r.secret_key_left {
+                eprintln!(
+                    "kkpipe: warning: the archive carries a secret.key, not installed: whoever made the archive chose it \
+                     (`--with-secret-key` installs it, for an archive you made; or set KKPIPE_SECRET_KEY on every runner)"
+                );
+            }
             Ok(exit::OK)
         }
         CacheCommand::Gc { remote: true, max_age, grace_hours, .. } => {

@@ -40,6 +40,14 @@ fn glob_set<'a>(patterns: impl IntoIterator<Item = &'a String>) -> GlobSet {
     b.build().expect("validated globs")
 }
 
+/// An exclude pattern without wildcards means the path and everything below it, whether or not it is a
+/// directory when the pipeline loads (`infra/.terraform`, made later by an upstream stage), as a literal input
+/// does.
+fn exclude_set(patterns: &[String]) -> GlobSet {
+    let below: Vec<String> = patterns.iter().filter(|p| !has_glob_meta(p)).map(|p| format!("{p}/**")).collect();
+    glob_set(patterns.iter().chain(&below))
+}
+
 /// Builds matchers, compiling each distinct `exclude` list once.
 #[derive(Default)]
 pub struct Matchers {
@@ -48,14 +56,14 @@ pub struct Matchers {
 
 impl Matchers {
     pub fn matcher(&mut self, spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
-        let exclude = self.excludes.entry(spec.exclude.clone()).or_insert_with(|| Arc::new(glob_set(&spec.exclude)));
+        let exclude = self.excludes.entry(spec.exclude.clone()).or_insert_with(|| Arc::new(exclude_set(&spec.exclude)));
         Matcher::with_exclude(spec, own_outputs, exclude.clone())
     }
 }
 
 impl Matcher {
     pub fn new(spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
-        Matcher::with_exclude(spec, own_outputs, Arc::new(glob_set(&spec.exclude)))
+        Matcher::with_exclude(spec, own_outputs, Arc::new(exclude_set(&spec.exclude)))
     }
 
     fn with_exclude(spec: &InputSpec, own_outputs: Vec<RelPath>, exclude: Arc<GlobSet>) -> Matcher {

@@ -137,3 +137,55 @@ fn without_kkpipe_secret_key_each_copy_keys_with_its_own_random_key() {
     assert_ne!(seen.key(&a), key_a);
     assert!(!seen.0.contains(TOKEN), "{}", seen.0);
 }
+
+/// Issue 21, item 11: the first runs on a new checkout each made a random key and the later one replaced the
+/// earlier by a rename, so two runs started together keyed `secret_env` differently (the second redeployed).
+/// The key is created once (create-only), and every run uses the one that is stored.
+#[test]
+fn two_first_runs_started_together_key_secret_env_alike() {
+    for trial in 0..8 {
+        let repo = copy();
+        let kids: Vec<_> = (0..3)
+            .map(|_| repo.cmd_in(&repo.root, &["status", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap())
+            .collect();
+        let keys: Vec<String> = kids
+            .into_iter()
+            .map(|k| {
+                let out = Run::from(k.wait_with_output().unwrap()).ok();
+                out.json()["stages"][0]["key"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert!(keys.iter().all(|k| *k == keys[0]), "trial {trial}: runs started together keyed alike: {keys:?}");
+        let mut seen = Seen::default();
+        assert_eq!(seen.key(&repo), keys[0], "trial {trial}: and later runs use the same stored key");
+    }
+}
+
+/// Issue 21, item 14: `cache import` installed an archive's `secret.key` unasked on a fresh runner, so whoever
+/// wrote the archive chose the key and could test guesses of `secret_env` values against later exports. Only
+/// `--with-secret-key` installs it.
+#[test]
+fn an_imported_archive_does_not_plant_the_hmac_key_unasked() {
+    let mut seen = Seen::default();
+    let (a, b) = (copy(), copy());
+    seen.kk(&a, &["run"]).ok();
+    let key_a = seen.key(&a);
+    let archive = a.sibling("a.tar.zst");
+    seen.kk(&a, &["cache", "export", archive.to_str().unwrap(), "--include-sensitive"]).ok();
+
+    let r = seen.kk(&b, &["cache", "import", archive.to_str().unwrap()]).ok();
+    assert!(r.stderr.contains("carries a secret.key, not installed"), "{}", r.stderr);
+    assert!(!b.exists(".kkpipe/sensitive/secret.key"), "no key was planted");
+    assert_ne!(seen.key(&b), key_a, "b keys with a key of its own");
+
+    // Asked for on a cache without a key: installed, and the stage is fresh with a's record.
+    let c = copy();
+    let r = seen.kk(&c, &["cache", "import", archive.to_str().unwrap(), "--with-secret-key"]).ok();
+    assert!(r.stderr.contains("installed the archive's secret.key"), "{}", r.stderr);
+    assert_eq!(seen.key(&c), key_a);
+    assert!(seen.kk(&c, &["run", "--json"]).ok().ran().is_empty(), "fresh with the imported record");
+    // A cache that has a key keeps it, asked or not.
+    let r = seen.kk(&b, &["cache", "import", archive.to_str().unwrap(), "--with-secret-key"]).ok();
+    assert!(!r.stderr.contains("installed"), "{}", r.stderr);
+    assert_ne!(seen.key(&b), key_a);
+}

@@ -307,3 +307,56 @@ fn tools_on_relative_path_entries_are_found_from_the_stages_dir() {
     assert_eq!(r.ran(), ["s"], "{}", r.stderr);
     assert_eq!(r.reason_of("s")["kind"], "tool-changed");
 }
+
+/// Issue 21, item 19: a literal exclude meant "this path and below" only if it was a directory when the pipeline
+/// loaded: `infra/.terraform`, made by an upstream stage, counted as an input once, so the deploy ran twice.
+#[test]
+fn a_literal_exclude_covers_a_directory_made_after_load() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[stages.init]
+run = "mkdir -p infra/.terraform && date +%s%N > infra/.terraform/plugin"
+outputs = ["infra/.terraform"]
+
+[stages.deploy]
+needs = ["init"]
+run = "cat infra/main.tf > applied.txt"
+inputs = ["infra"]
+exclude = ["infra/.terraform"]
+outputs = ["applied.txt"]
+"#,
+    );
+    repo.write("infra/main.tf", "resource {}\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["init", "deploy"]);
+    let r = repo.run(&[]).ok();
+    assert!(r.ran().is_empty(), "nothing changed, nothing runs: {:?}\n{}", r.ran(), r.stdout);
+    assert!(!repo.input_paths("deploy").iter().any(|p| p.contains(".terraform")), "{:?}", repo.input_paths("deploy"));
+}
+
+/// Issue 21, item 20: a stage's own output under `[pipeline] inputs` made it stale after every run (4 runs, 4
+/// deploys). What a stage writes is never its own input, global or not.
+#[test]
+fn a_stages_own_output_under_pipeline_inputs_does_not_make_it_stale() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[pipeline]
+inputs = ["state"]
+
+[stages.deploy]
+run = "date +%s%N > state/deployed.txt"
+outputs = ["state/deployed.txt"]
+"#,
+    );
+    repo.write("state/config", "a\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["deploy"]);
+    for _ in 0..3 {
+        let r = repo.run(&[]).ok();
+        assert!(r.ran().is_empty(), "{:?}\n{}", r.ran(), r.stdout);
+    }
+    repo.write("state/config", "b\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["deploy"], "a real global input still counts");
+}
