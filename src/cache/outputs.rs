@@ -181,7 +181,7 @@ pub fn restore(
     blobs: &BlobStore,
 ) -> Result<(), NotRestored> {
     let refused = |path: &RelPath, why: String| NotRestored::Refused { path: path.clone(), why };
-    let top = place::Root::open(root).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
+    let top = place::Root::open(root, blobs.tmp_dir()).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
     let children = children(all.iter().map(|r| &r.path));
     for rec in write {
         let output = rec.confined_to(declared).map_err(|why| refused(&rec.path, why))?;
@@ -196,12 +196,12 @@ pub fn restore(
                 place::prune(&dir, &names).map_err(io)?;
             }
             Entry::Symlink { target } => {
-                place::write_link(&top.dir(&parent, keep).map_err(io)?, name, target).map_err(io)?
+                top.write_link(&top.dir(&parent, keep).map_err(io)?, name, target).map_err(io)?
             }
             Entry::File { hash, exec } => {
                 let dir = top.dir(&parent, keep).map_err(io)?;
                 let mode = file_mode(rec.sensitive, *exec);
-                if !place::write_file(&dir, name, mode, |f| blobs.copy_verified(hash, f)).map_err(io)? {
+                if !top.write_file(&dir, name, mode, |f| blobs.copy_verified(hash, f)).map_err(io)? {
                     return Err(NotRestored::Unavailable(rec.path.clone()));
                 }
             }

@@ -4,8 +4,8 @@
 //! before (they must lie inside the stage's declared outputs), and here every directory on the way is
 //! opened relative to its parent with `O_NOFOLLOW`, so a symlink planted in the workspace (`out -> ../.git`)
 //! cannot redirect a write: a link above the declared output refuses the restore, one at or below it is
-//! part of the output and is replaced. Files and links are created under a temporary name in their final
-//! directory and renamed over the old entry, which replaces a link instead of writing through it.
+//! part of the output and is replaced. Files and links are created under a temporary name in `.kkpipe/tmp/`
+//! and renamed over the old entry, which replaces a link instead of writing through it.
 
 use crate::relpath::RelPath;
 use nix::errno::Errno;
@@ -23,9 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY.union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
-/// The repository root, opened once; everything below is reached from it one component at a time.
-pub struct Root(OwnedFd);
-
 fn os(name: &[u8]) -> &OsStr {
     OsStr::from_bytes(name)
 }
@@ -34,19 +31,27 @@ fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
+/// The repository root, opened once; everything below is reached from it one component at a time. New files
+/// and links are made in the cache's temporary directory and renamed into place, so a kill mid-restore leaves
+/// nothing in the workspace (the next run empties that directory).
+pub struct Root {
+    root: OwnedFd,
+    tmp: OwnedFd,
+}
+
 impl Root {
-    pub fn open(root: &Path) -> io::Result<Root> {
+    pub fn open(root: &Path, tmp: &Path) -> io::Result<Root> {
         // The root itself may be reached through links (`/tmp` on some systems): it is the user's choice.
-        let fd =
-            openat(nix::fcntl::AT_FDCWD, root, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(io_err)?;
-        Ok(Root(fd))
+        let open = |p: &Path| openat(nix::fcntl::AT_FDCWD, p, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty());
+        std::fs::create_dir_all(tmp)?;
+        Ok(Root { root: open(root).map_err(io_err)?, tmp: open(tmp).map_err(io_err)? })
     }
 
     /// Open directory `dir`, creating missing directories. The first `keep` names must already be real
     /// directories (links there refuse the restore); deeper names belong to the output and whatever is in
     /// their way (a file, a link) is removed.
     pub fn dir(&self, dir: &RelPath, keep: usize) -> io::Result<OwnedFd> {
-        let mut fd = self.0.try_clone()?;
+        let mut fd = self.root.try_clone()?;
         let mut shown = RelPath::root();
         for (depth, name) in dir.names().into_iter().enumerate() {
             shown = shown.join_name(name);
@@ -71,59 +76,66 @@ impl Root {
         }
         Ok(fd)
     }
+
+    /// Put `fill`'s content at `dir/name` with `mode`, replacing what is there. `fill` returns `false` to give
+    /// up (the content is not available), leaving the old entry as it was.
+    pub fn write_file(
+        &self,
+        dir: &OwnedFd,
+        name: &[u8],
+        mode: u32,
+        fill: impl FnOnce(&mut std::fs::File) -> io::Result<bool>,
+    ) -> io::Result<bool> {
+        let tmp = temp_name();
+        let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(&self.tmp, os(&tmp), flags, Mode::from_bits_truncate(0o600)).map_err(io_err)?;
+        let mut file = std::fs::File::from(fd);
+        let done = fill(&mut file).and_then(|ok| {
+            if ok {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            }
+            Ok(ok)
+        });
+        drop(file);
+        match done {
+            Ok(true) => self.replace_with(&tmp, dir, name).map(|()| true),
+            other => {
+                let _ = unlinkat(&self.tmp, os(&tmp), UnlinkatFlags::NoRemoveDir);
+                other
+            }
+        }
+    }
+
+    /// Make `dir/name` a symlink with `target`, replacing what is there.
+    pub fn write_link(&self, dir: &OwnedFd, name: &[u8], target: &[u8]) -> io::Result<()> {
+        let tmp = temp_name();
+        symlinkat(os(target), &self.tmp, os(&tmp)).map_err(io_err)?;
+        self.replace_with(&tmp, dir, name)
+    }
+
+    /// Rename the temporary `tmp` over `dir/name` (a directory in the way is removed first: rename cannot
+    /// replace it).
+    fn replace_with(&self, tmp: &[u8], dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+        if is_dir(dir, name) {
+            remove(dir, name)?;
+        }
+        renameat(&self.tmp, os(tmp), dir, os(name)).map_err(|e| {
+            let _ = unlinkat(&self.tmp, os(tmp), UnlinkatFlags::NoRemoveDir);
+            match e {
+                Errno::EXDEV => io::Error::other(
+                    "the output is on another file system than `.kkpipe/`; restores rename from `.kkpipe/tmp/`",
+                ),
+                e => io_err(e),
+            }
+        })
+    }
 }
 
-/// A name for a file being written in `dir`, unique in this process.
+/// A name for a file being written, unique in this process.
 fn temp_name() -> Vec<u8> {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!(".kkpipe-restore-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).into_bytes()
-}
-
-/// Put `fill`'s content at `dir/name` with `mode`, replacing what is there. `fill` returns `false` to give
-/// up (the content is not available), leaving the old entry as it was.
-pub fn write_file(
-    dir: &OwnedFd,
-    name: &[u8],
-    mode: u32,
-    fill: impl FnOnce(&mut std::fs::File) -> io::Result<bool>,
-) -> io::Result<bool> {
-    let tmp = temp_name();
-    let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(dir, os(&tmp), flags, Mode::from_bits_truncate(0o600)).map_err(io_err)?;
-    let mut file = std::fs::File::from(fd);
-    let done = fill(&mut file).and_then(|ok| {
-        if ok {
-            use std::os::unix::fs::PermissionsExt;
-            file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        }
-        Ok(ok)
-    });
-    drop(file);
-    match done {
-        Ok(true) => replace_with(dir, &tmp, name).map(|()| true),
-        other => {
-            let _ = unlinkat(dir, os(&tmp), UnlinkatFlags::NoRemoveDir);
-            other
-        }
-    }
-}
-
-/// Make `dir/name` a symlink with `target`, replacing what is there.
-pub fn write_link(dir: &OwnedFd, name: &[u8], target: &[u8]) -> io::Result<()> {
-    let tmp = temp_name();
-    symlinkat(os(target), dir, os(&tmp)).map_err(io_err)?;
-    replace_with(dir, &tmp, name)
-}
-
-/// Rename `tmp` over `name` (a directory in the way is removed first: rename cannot replace it).
-fn replace_with(dir: &OwnedFd, tmp: &[u8], name: &[u8]) -> io::Result<()> {
-    if is_dir(dir, name) {
-        remove(dir, name)?;
-    }
-    renameat(dir, os(tmp), dir, os(name)).map_err(|e| {
-        let _ = unlinkat(dir, os(tmp), UnlinkatFlags::NoRemoveDir);
-        io_err(e)
-    })
+    format!("restore-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).into_bytes()
 }
 
 fn is_dir(dir: &impl AsFd, name: &[u8]) -> bool {

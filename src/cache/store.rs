@@ -35,6 +35,12 @@ impl BlobStore {
         }
     }
 
+    /// Where blobs and restored outputs are written before a rename puts them in place (emptied at the start
+    /// of each run).
+    pub fn tmp_dir(&self) -> &Path {
+        &self.tmp
+    }
+
     fn path_in(dir: &Path, h: &Hash) -> PathBuf {
         let hex = h.to_hex();
         dir.join(&hex[..2]).join(&hex[2..])

@@ -253,3 +253,55 @@ fn a_restore_never_deletes_a_repository_nested_in_an_output() {
     assert_eq!(r.with_state("restored"), ["site"], "{}", r.stderr);
     assert!(git(&["log", "--format=%s"]).contains("published"));
 }
+
+/// Issue 21, item 22: a kill during a restore left `.kkpipe-restore-PID-N` in the workspace for good (the
+/// temporary file was made in the output's own directory). Restores write in `.kkpipe/tmp/`, which the next run
+/// empties; the workspace only ever sees complete files renamed into place.
+#[test]
+fn a_kill_during_a_restore_leaves_nothing_in_the_workspace() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.big]\nrun = \"mkdir -p out && head -c 200000000 /dev/zero > out/big.bin\"\noutputs = [\"out\"]\n",
+    );
+    repo.run(&[]).ok();
+    let tmp = repo.path(".kkpipe/tmp");
+    let mut proven = false;
+    for _ in 0..5 {
+        std::fs::remove_dir_all(repo.path("out")).unwrap();
+        let mut child = repo.cmd_in(&repo.root, &["run"]).spawn().unwrap();
+        // Kill it while the restore's temporary file exists: that proves the kill came mid-restore.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mid_restore = loop {
+            let writing = std::fs::read_dir(&tmp)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("restore-"));
+            if writing || std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                break writing;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        };
+        let _ = child.kill();
+        child.wait().unwrap();
+        if !mid_restore {
+            continue;
+        }
+        proven = true;
+        let stray: Vec<String> = tree(&repo.root).into_iter().filter(|p| !p.starts_with(".kkpipe")).collect();
+        assert!(
+            stray.iter().all(|p| p == "pipeline.toml" || p.starts_with("out"))
+                && !stray.iter().any(|p| p.contains("restore")),
+            "only complete outputs in the workspace: {stray:?}"
+        );
+        assert!(
+            !repo.exists("out/big.bin") || std::fs::metadata(repo.path("out/big.bin")).unwrap().len() == 200_000_000
+        );
+        break;
+    }
+    assert!(proven, "no kill landed while the restore was writing");
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["big"], "{}", r.stderr);
+    assert!(std::fs::read_dir(&tmp).map_or(true, |d| d.count() == 0), "the next run emptied .kkpipe/tmp");
+}

@@ -146,7 +146,9 @@ fn two_first_runs_started_together_key_secret_env_alike() {
     for trial in 0..8 {
         let repo = copy();
         let kids: Vec<_> = (0..3)
-            .map(|_| repo.cmd_in(&repo.root, &["status", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap())
+            .map(|_| {
+                repo.cmd_in(&repo.root, &["status", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap()
+            })
             .collect();
         let keys: Vec<String> = kids
             .into_iter()
