@@ -94,6 +94,22 @@ impl Masker {
         }
     }
 
+    /// Where a piece of a long line that is being cut may end so that no secret is split between two pieces
+    /// (each is masked on its own): before the last `longest - 1` bytes, where a secret may have begun that the
+    /// next piece completes, and never inside a secret the piece holds whole. At most `max_carry` bytes stay
+    /// behind (a secret longer than that is masked in the stored log, not in a cut line).
+    pub fn split_point(&self, text: &[u8], max_carry: usize) -> usize {
+        let Some(m) = &self.matcher else { return text.len() };
+        let longest = self.secrets.iter().map(Vec::len).max().unwrap_or(0);
+        let mut at = text.len() - longest.saturating_sub(1).min(max_carry).min(text.len());
+        for found in m.find_iter(text) {
+            if found.start() < at && at < found.end() {
+                at = found.end();
+            }
+        }
+        at
+    }
+
     pub fn mask_str(&self, text: &str) -> String {
         String::from_utf8_lossy(&self.mask(text.as_bytes())).into_owned()
     }
@@ -110,6 +126,21 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode("s3cr3t-token");
         let out = m.mask(format!("a s3cr3t-token b {b64} c").as_bytes());
         assert_eq!(String::from_utf8(out).unwrap(), "a *** b *** c");
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_secret() {
+        let mut m = Masker::new();
+        m.add(b"hunter2-secret");
+        let text = b"aaaa hunter2-secret bbbbbbbbbbbbbbbbbbbbb hunter2-se";
+        let at = m.split_point(text, 64);
+        let (first, rest) = text.split_at(at);
+        let shown = [m.mask(first), m.mask(&[rest, b"cret tail"].concat())].concat();
+        assert!(!shown.windows(7).any(|w| w == b"hunter2"), "{}", String::from_utf8_lossy(&shown));
+        assert!(rest.len() < 64 && first.ends_with(b"bbb"), "only a possible secret's start is carried: {at}");
+        let whole = b"xx hunter2-secret";
+        assert_eq!(m.split_point(whole, 64), whole.len(), "a secret the piece holds whole is not carried");
+        assert_eq!(Masker::new().split_point(text, 64), text.len(), "nothing to mask, nothing carried");
     }
 
     #[test]

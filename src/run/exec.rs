@@ -56,8 +56,20 @@ pub struct Exit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
     pub spawn_error: Option<String>,
-    pub log: Vec<u8>,
+    pub log: RawLog,
     pub duration: Duration,
+}
+
+/// What a stage wrote, byte for byte and unmasked: it can only be read masked, and is masked once the stage's
+/// own sensitive outputs are known (a stage that prints the kubeconfig it just wrote), so the stored log never
+/// holds what the streamed lines could not yet mask. Masked whole, a secret across a cut line is masked too.
+#[derive(Debug, Default)]
+pub struct RawLog(Vec<u8>);
+
+impl RawLog {
+    pub fn masked(&self, m: &Masker) -> Vec<u8> {
+        m.mask(&self.0)
+    }
 }
 
 impl Exit {
@@ -108,7 +120,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
                 code: None,
                 signal: None,
                 spawn_error: Some(format!("cannot start `{}`: {e}", SHELL[0])),
-                log: Vec::new(),
+                log: RawLog::default(),
                 duration: start.elapsed(),
             };
         }
@@ -143,7 +155,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     drain(readers, &done_rx, pgid);
     // Unregistered only now that `drain` may have killed the group's leftovers.
     drop(watch);
-    let log = std::mem::take(&mut *log.lock().expect("log"));
+    let log = RawLog(std::mem::take(&mut *log.lock().expect("log")));
     match status {
         Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },
         Err(e) => Exit {
@@ -182,27 +194,37 @@ fn drain(readers: Vec<std::thread::JoinHandle<()>>, done_rx: &mpsc::Receiver<()>
     }
 }
 
-/// Forward lines (masked) to the scheduler and into the log. Very long lines are cut into pieces so a
-/// binary blob on stdout cannot exhaust memory.
+/// Forward lines (masked) to the scheduler, and every byte into the raw log. Very long lines are cut into
+/// pieces so a binary blob on stdout cannot exhaust memory; a cut never splits a secret (see
+/// [`Masker::split_point`]): the bytes where one may begin are carried into the next piece.
 fn pump(job: usize, stream: Box<dyn Read + Send>, tx: &Sender<Msg>, log: &Mutex<Vec<u8>>, masker: &RwLock<Masker>) {
     const MAX_LINE: usize = 64 * 1024;
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     let mut buf = Vec::new();
+    let send = |line: &[u8]| {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let _ = tx.send(Msg::Line { job, line: masker.read().expect("masker").mask(line) });
+    };
     loop {
-        buf.clear();
-        let n = match (&mut r).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+        let carried = buf.len();
+        let limit = MAX_LINE - carried;
+        let n = match (&mut r).take(limit as u64).read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let line = buf[..n].strip_suffix(b"\n").unwrap_or(&buf[..n]);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let masked = masker.read().expect("masker").mask(line);
-        {
-            let mut l = log.lock().expect("log");
-            l.extend_from_slice(&masked);
-            l.push(b'\n');
+        log.lock().expect("log").extend_from_slice(&buf[carried..]);
+        if n == limit && !buf.ends_with(b"\n") {
+            let at = masker.read().expect("masker").split_point(&buf, MAX_LINE / 2);
+            send(&buf[..at]);
+            buf.drain(..at);
+        } else {
+            send(&buf);
+            buf.clear();
         }
-        let _ = tx.send(Msg::Line { job, line: masked });
+    }
+    if !buf.is_empty() {
+        send(&buf);
     }
 }
 

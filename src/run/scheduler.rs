@@ -1015,7 +1015,8 @@ impl<'a> Scheduler<'a, '_> {
         signalled: bool,
     ) -> Result<(), Error> {
         let key = keyed.key;
-        let mut ended = Ended { row, duration: exit.duration, code: exit.code, log: exit.log, outputs: Vec::new() };
+        let log = exit.log.masked(&self.env.masker.read().expect("masker"));
+        let mut ended = Ended { row, duration: exit.duration, code: exit.code, log, outputs: Vec::new() };
         // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that reached
         // kkpipe and the stage together (a CI cancel, systemd stopping a cgroup) may let the stage exit 0 first.
         if signalled || self.interrupt.signal().is_some() {
@@ -1034,6 +1035,8 @@ impl<'a> Scheduler<'a, '_> {
                     for o in &outs {
                         self.mask_output(o);
                     }
+                    // Masked again now that the stage's own sensitive outputs are known.
+                    ended.log = exit.log.masked(&self.env.masker.read().expect("masker"));
                     ended.outputs = outs.clone();
                     let state = match not_kept {
                         None => State::Success,
@@ -1132,7 +1135,7 @@ impl<'a> Scheduler<'a, '_> {
         if exit.success() {
             return self.finish_fresh(i, &keyed, hit, restored, true);
         }
-        let output = String::from_utf8_lossy(&exit.log).into_owned();
+        let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
         self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
         if self.opts.probe_only {
             self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
