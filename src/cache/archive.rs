@@ -548,13 +548,12 @@ fn confine(c: &Checked, stages: &[Stage], file: &Path) -> Result<Vec<bool>, Erro
             wanted.push(false);
             continue;
         };
-        for o in &e.outputs {
-            if let Some(why) = o.record().refusal(&stage.outputs) {
-                return Err(Error::Rejected {
-                    path: file.to_path_buf(),
-                    why: format!("stage `{}`, output record `{}`: {why}", e.stage, o.path),
-                });
-            }
+        let records: Vec<_> = e.outputs.iter().map(|o| o.record()).collect();
+        if let Some((path, why)) = crate::fresh::refusal_of(&records, &stage.outputs) {
+            return Err(Error::Rejected {
+                path: file.to_path_buf(),
+                why: format!("stage `{}`, output record `{path}`: {why}", e.stage),
+            });
         }
         wanted.push(true);
     }

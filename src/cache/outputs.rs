@@ -183,8 +183,9 @@ pub fn restore(
     let refused = |path: &RelPath, why: String| NotRestored::Refused { path: path.clone(), why };
     let top = place::Root::open(root, blobs.tmp_dir()).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
     let children = children(all.iter().map(|r| &r.path));
+    let links = crate::fresh::Links::of(all);
     for rec in write {
-        let output = rec.confined_to(declared).map_err(|why| refused(&rec.path, why))?;
+        let output = rec.confined_to(declared, &links).map_err(|why| refused(&rec.path, why))?;
         // Directories above the declared output must be real ones; from the output down, all is ours.
         let keep = output.path.names().len().saturating_sub(1);
         let io = |e: std::io::Error| refused(&rec.path, e.to_string());

@@ -116,10 +116,10 @@ pub struct OutputRecord {
 impl OutputRecord {
     /// The declared output (of a stage that declares `declared` now) this record may be written into, or
     /// why it may not: it must lie inside one of those outputs, outside `.git` and `.kkpipe`, and a link must
-    /// point (read as text, never resolved on disk) to somewhere inside the same output. Whatever an archive
-    /// says, a restore writes nothing else.
-    pub fn confined_to<'d>(&self, declared: &'d [Output]) -> Result<&'d Output, String> {
-        let names = self.path.names();
+    /// lead, as the kernel would resolve it through the other links of the same result (`links`), to somewhere
+    /// inside the same output. Link texts are only read, never resolved on disk. Whatever an archive says, a
+    /// restore writes nothing else.
+    pub fn confined_to<'d>(&self, declared: &'d [Output], links: &Links<'_>) -> Result<&'d Output, String> {
         if self.path.through_reserved() {
             return Err("it is inside `.git` or `.kkpipe`".into());
         }
@@ -127,38 +127,86 @@ impl OutputRecord {
             return Err("it is not inside the stage's declared outputs".into());
         };
         match &self.entry {
-            Entry::Symlink { target } if link_escapes(&names, target, &d.path.names()) => {
+            Entry::Symlink { target } if links.escapes(&self.path.names(), target, &d.path.names()) => {
                 Err(format!("it is a link that points out of the output `{}`", d.path))
             }
             _ => Ok(d),
         }
     }
 
-    /// Why this record may not be written for a stage that declares `declared`: see [`Self::confined_to`].
-    pub fn refusal(&self, declared: &[Output]) -> Option<String> {
-        self.confined_to(declared).err()
+    /// Why this record of a result whose links are `links` may not be written for a stage that declares
+    /// `declared`: see [`Self::confined_to`].
+    pub fn refusal(&self, declared: &[Output], links: &Links<'_>) -> Option<String> {
+        self.confined_to(declared, links).err()
     }
 }
 
-/// Whether a link at `link` (names) with text `target` leads out of the directory `within` (names).
-fn link_escapes(link: &[&[u8]], target: &[u8], within: &[&[u8]]) -> bool {
-    if target.starts_with(b"/") {
-        return true;
+/// The first record of one result (all its records) that may not be written for a stage that declares
+/// `declared`, and why.
+pub fn refusal_of<'r>(records: &'r [OutputRecord], declared: &[Output]) -> Option<(&'r RelPath, String)> {
+    let links = Links::of(records);
+    records.iter().find_map(|r| r.refusal(declared, &links).map(|why| (&r.path, why)))
+}
+
+/// The link records of one result, by path: a link's text is resolved through them as the kernel would
+/// resolve it once they are restored (`out/l1 -> l0/..` with `out/l0 -> .` is the repository root, not `out`).
+#[derive(Default)]
+pub struct Links<'r>(std::collections::HashMap<&'r [u8], &'r [u8]>);
+
+/// The kernel gives up after 40 links on one path (`ELOOP`); a result that needs more is refused.
+const MAX_LINKS: usize = 40;
+
+impl<'r> Links<'r> {
+    pub fn of(records: &'r [OutputRecord]) -> Links<'r> {
+        Links(
+            records
+                .iter()
+                .filter_map(|r| match &r.entry {
+                    Entry::Symlink { target } => Some((r.path.as_bytes(), target.as_slice())),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
-    let mut at: Vec<&[u8]> = link[..link.len().saturating_sub(1)].to_vec();
-    for c in target.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                if at.len() <= within.len() {
+
+    /// Whether the link at `link` (names) with text `target` leads out of the directory `within` (names):
+    /// resolved component by component from the link's directory, following the result's own links on the
+    /// way and at the end.
+    fn escapes<'a>(&'a self, link: &[&'a [u8]], target: &'a [u8], within: &[&[u8]]) -> bool {
+        let mut at: Vec<&[u8]> = link[..link.len().saturating_sub(1)].to_vec();
+        // Components still to walk, the next one last.
+        let mut todo: Vec<&[u8]> = Vec::new();
+        let mut next_text = Some(target);
+        let mut followed = 0;
+        loop {
+            if let Some(text) = next_text.take() {
+                if text.starts_with(b"/") {
                     return true;
                 }
-                at.pop();
+                todo.extend(text.split(|&b| b == b'/').rev());
             }
-            name => at.push(name),
+            let Some(c) = todo.pop() else { break };
+            match c {
+                b"" | b"." => {}
+                b".." if at.len() <= within.len() => return true,
+                b".." => {
+                    at.pop();
+                }
+                name => {
+                    at.push(name);
+                    if let Some(&text) = self.0.get(at.join(&b'/').as_slice()) {
+                        followed += 1;
+                        if followed > MAX_LINKS {
+                            return true;
+                        }
+                        at.pop();
+                        next_text = Some(text);
+                    }
+                }
+            }
         }
+        at.len() < within.len() || at[..within.len()] != *within
     }
-    at.len() < within.len() || at[..within.len()] != *within
 }
 
 /// The recorded past, as the decision needs it. `env` is `Some` for deploy stages (their ledger is per
@@ -198,25 +246,52 @@ mod tests {
     fn a_record_may_only_name_paths_inside_the_current_declared_outputs() {
         let file = |p| rec(p, Entry::File { hash: Hash::of(b"x"), exec: true });
         let declared = [out("build"), out("plan.tfplan")];
-        assert_eq!(file("build/a.txt").refusal(&declared), None);
-        assert_eq!(file("plan.tfplan").refusal(&declared), None);
-        assert!(file("src/main.tf").refusal(&declared).unwrap().contains("not inside"));
-        assert!(file("build2/a").refusal(&declared).is_some(), "a name prefix is not a directory prefix");
-        assert!(file(".git/hooks/pre-commit").refusal(&[out(".git")]).unwrap().contains("`.git`"));
-        assert!(file("build/.kkpipe/cache.db").refusal(&declared).unwrap().contains("`.kkpipe`"));
+        assert_eq!(file("build/a.txt").refusal(&declared, &Links::default()), None);
+        assert_eq!(file("plan.tfplan").refusal(&declared, &Links::default()), None);
+        assert!(file("src/main.tf").refusal(&declared, &Links::default()).unwrap().contains("not inside"));
+        assert!(
+            file("build2/a").refusal(&declared, &Links::default()).is_some(),
+            "a name prefix is not a directory prefix"
+        );
+        assert!(file(".git/hooks/pre-commit").refusal(&[out(".git")], &Links::default()).unwrap().contains("`.git`"));
+        assert!(file("build/.kkpipe/cache.db").refusal(&declared, &Links::default()).unwrap().contains("`.kkpipe`"));
     }
 
     #[test]
     fn a_link_record_may_not_point_out_of_its_output() {
         let declared = [out("build"), out("single")];
         for ok in ["a.txt", "sub/../a.txt", "./a.txt", ".", "sub/x"] {
-            assert_eq!(link("build/l", ok).refusal(&declared), None, "{ok}");
+            assert_eq!(link("build/l", ok).refusal(&declared, &Links::default()), None, "{ok}");
         }
-        assert_eq!(link("build/sub/l", "../a.txt").refusal(&declared), None);
+        assert_eq!(link("build/sub/l", "../a.txt").refusal(&declared, &Links::default()), None);
         for bad in ["..", "../x", "/etc/passwd", "../build/a.txt", "sub/../../x"] {
-            assert!(link("build/l", bad).refusal(&declared).is_some(), "{bad}");
+            assert!(link("build/l", bad).refusal(&declared, &Links::default()).is_some(), "{bad}");
         }
         // A declared output that is itself a link points out of itself whatever its text.
-        assert!(link("single", "other").refusal(&declared).is_some());
+        assert!(link("single", "other").refusal(&declared, &Links::default()).is_some());
+    }
+
+    #[test]
+    fn a_chain_of_links_is_resolved_through_the_results_own_links() {
+        let declared = [out("out")];
+        // out/l0 -> ., out/lK -> l(K-1)/..: each text stays inside `out` on its own; l1 is the repository root.
+        let mut chain = vec![link("out/l0", ".")];
+        for k in 1..=20 {
+            chain.push(link(&format!("out/l{k}"), &format!("l{}/..", k - 1)));
+        }
+        chain.push(link("out/pwn", "l20/etc"));
+        let (path, why) = refusal_of(&chain, &declared).expect("the chain is refused");
+        assert_eq!(path.to_string(), "out/l1");
+        assert!(why.contains("points out"), "{why}");
+        // Links through links that stay inside are fine, and so is one that dangles inside.
+        let fine = [link("out/a", "sub"), link("out/sub/b", "../c"), link("out/d", "a/b/x"), link("out/e", "nowhere")];
+        assert_eq!(refusal_of(&fine, &declared), None);
+        let via = [link("out/a", "sub/deeper"), link("out/x", "a/../../etc")];
+        assert_eq!(refusal_of(&via, &declared), None, "out/sub/deeper/../../etc is out/etc");
+        let up = [link("out/a", "sub/deeper"), link("out/x", "a/../../../etc")];
+        assert!(refusal_of(&up, &declared).is_some(), "out/sub/deeper/../../../etc is the root's etc");
+        // A loop is refused as the kernel would (ELOOP), not followed forever.
+        let ring = [link("out/p", "q"), link("out/q", "p")];
+        assert!(refusal_of(&ring, &declared).is_some());
     }
 }

@@ -17,7 +17,7 @@ pub mod history;
 mod reason;
 
 pub use diff::{CommandChange, Diff, EnvChange, FileChanges, NeedChange};
-pub use history::{Attempt, History, OutputRecord, RunCounts, RunOutcome, RunRow, State};
+pub use history::{Attempt, History, Links, OutputRecord, RunCounts, RunOutcome, RunRow, State, refusal_of};
 pub use reason::{Change, REASON_VERSION, Reason, StoredReason};
 
 use crate::hash::key::{DecodeError, Keyed};
@@ -129,11 +129,12 @@ fn check_outputs<H: History + ?Sized>(
     let outputs = history.outputs(&record)?;
     let mut restore = Vec::new();
     let mut unavailable = Vec::new();
+    let links = history::Links::of(&outputs);
     for o in &outputs {
         if ws.present(o) == Present::Same {
             continue;
         }
-        if let Some(why) = o.refusal(&stage.outputs) {
+        if let Some(why) = o.refusal(&stage.outputs, &links) {
             return Ok(Decision::Run(Reason::OutputNotRestored { path: o.path.display(), why }));
         }
         if ws.stored(o) {

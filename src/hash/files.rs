@@ -310,6 +310,7 @@ impl FileHasher {
 
     pub fn digest(&self, w: &Walked) -> Result<Entry, Error> {
         match w.kind {
+            Kind::EmptyDir => Ok(Entry::Dir { listing: Entry::listing([]) }),
             Kind::Symlink => {
                 let target = fs::read_link(w.path.under(&self.root)).map_err(|e| Error::read(&w.path, e))?;
                 Ok(Entry::Symlink { target: std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str()).to_vec() })

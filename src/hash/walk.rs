@@ -51,6 +51,9 @@ pub enum Kind {
     File,
     /// A link that is not followed: its text is what is keyed.
     Symlink,
+    /// A directory with nothing in it: a clean copy has it, so it is part of the key (`mkdir src/overlays`).
+    /// A directory with entries is keyed through them.
+    EmptyDir,
 }
 
 #[derive(Clone, Debug)]
@@ -298,7 +301,9 @@ impl Walk<'_> {
         match fs::read_dir(dir.under(self.root)) {
             Err(e) => batch.failure = Some(Error::read(&dir, e)),
             Ok(rd) => {
+                let mut empty = true;
                 for entry in rd {
+                    empty = false;
                     let entry = match entry {
                         Ok(e) => e,
                         Err(e) => {
@@ -320,6 +325,12 @@ impl Walk<'_> {
                             batch.failure = Some(Error::read(&path, e));
                             break;
                         }
+                    }
+                }
+                if empty && !dir.as_bytes().is_empty() {
+                    match fs::symlink_metadata(dir.under(self.root)) {
+                        Ok(meta) => batch.files.push(Walked { path: dir, kind: Kind::EmptyDir, stat: Stat::of(&meta) }),
+                        Err(e) => batch.failure = Some(Error::read(&dir, e)),
                     }
                 }
             }

@@ -83,13 +83,17 @@ impl Remote {
     ) -> Option<(Vec<OutputRecord>, Vec<u8>)> {
         let mut outputs = Vec::with_capacity(docs.len());
         for doc in docs {
-            match doc.checked().and_then(|o| o.refusal(&stage.outputs).map_or(Ok(o), Err)) {
+            match doc.checked() {
                 Ok(o) => outputs.push(o),
                 Err(why) => {
                     self.refused(what, why);
                     return None;
                 }
             }
+        }
+        if let Some((_, why)) = crate::fresh::refusal_of(&outputs, &stage.outputs) {
+            self.refused(what, why);
+            return None;
         }
         let mut wanted: Vec<Hash> = docs.iter().filter_map(|d| d.shared_blob()).collect();
         wanted.push(key.0);

@@ -305,3 +305,45 @@ fn a_kill_during_a_restore_leaves_nothing_in_the_workspace() {
     assert_eq!(r.with_state("restored"), ["big"], "{}", r.stderr);
     assert!(std::fs::read_dir(&tmp).map_or(true, |d| d.count() == 0), "the next run emptied .kkpipe/tmp");
 }
+
+/// Issue 21, item 8: a hostile archive with `out/l0 -> .`, `out/lK -> l(K-1)/..` and `out/pwn -> l20/etc` passed
+/// the check of each link's text on its own, and `out/pwn` resolved to `/etc`. Links are resolved through the
+/// result's own links, as the kernel will resolve them once restored.
+#[test]
+fn a_chain_of_links_cannot_lead_out_of_the_repository() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
+    repo.run(&[]).ok();
+    let good = repo.sibling("good.tar.zst");
+    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let bad = repo.sibling("chain.tar.zst");
+    rewrite_archive(&good, &bad, |doc| {
+        let outputs = doc["entries"][0]["outputs"].as_array_mut().unwrap();
+        let file = outputs.iter().find(|o| o["path"] == "out/app.txt").unwrap().clone();
+        let link = |path: String, target: String| {
+            let mut o = file.clone();
+            o["path"] = path.into();
+            o["hash"] = Value::Null;
+            o["exec"] = false.into();
+            o["size"] = 0.into();
+            o["target"] = target.into();
+            o
+        };
+        outputs.push(link("out/l0".into(), ".".into()));
+        for k in 1..=20 {
+            outputs.push(link(format!("out/l{k}"), format!("l{}/..", k - 1)));
+        }
+        outputs.push(link("out/pwn".into(), "l20/etc".into()));
+    });
+    let other = Repo::empty();
+    other.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
+    let r = other.kk(&["cache", "import", bad.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("output record `out/l1`") && r.stderr.contains("points out of the output `out`"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(other.run(&[]).ok().ran(), ["build"], "nothing was imported: the stage runs from its inputs");
+    assert!(!other.exists("out/pwn"));
+}

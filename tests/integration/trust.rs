@@ -422,3 +422,35 @@ fn a_secret_across_the_cut_of_a_long_line_is_masked() {
         assert_eq!(log.stdout.matches('x').count(), start, "{start}: the stored log keeps every byte");
     }
 }
+
+/// Issue 21, item 3: empty directories under a bare-directory input were not part of the key (`mkdir
+/// src/overlays` reran nothing), while outputs record them and a clean copy differs. An empty directory is an
+/// input entry like a file.
+#[test]
+fn an_empty_directory_under_a_directory_input_is_part_of_the_key() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.list]\nrun = \"find src | sort > listing.txt\"\ninputs = [\"src\"]\noutputs = [\"listing.txt\"]\n",
+    );
+    repo.write("src/base/kustomization.yaml", "resources: []\n");
+    repo.run(&[]).ok();
+    std::fs::create_dir(repo.path("src/overlays")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["list"], "{}", r.stdout);
+    assert_eq!(r.reason_of("list")["path"], "src/overlays");
+    assert!(repo.read("listing.txt").contains("src/overlays"));
+    assert!(repo.run(&[]).ok().ran().is_empty(), "fresh until it changes again");
+    // Something in it: the directory is keyed through its entries instead.
+    repo.write("src/overlays/prod.yaml", "x: 1\n");
+    assert_eq!(repo.run(&[]).ok().ran(), ["list"]);
+    // Back to an empty directory, then to none: each is the key of an earlier run, whose result comes back.
+    std::fs::remove_file(repo.path("src/overlays/prod.yaml")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["list"], "{}", r.stdout);
+    assert!(repo.read("listing.txt").ends_with("src/overlays\n"));
+    std::fs::remove_dir(repo.path("src/overlays")).unwrap();
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["list"], "removing it is a change too: {}", r.stdout);
+    assert_eq!(repo.read("listing.txt"), "src\nsrc/base\nsrc/base/kustomization.yaml\n");
+}
