@@ -95,13 +95,14 @@ pub fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>
 /// script no input. Without the go (kkpipe died in between) the stage exits before doing anything.
 const GATE: &str = "read -r _ || exit 125; exec </dev/null; ";
 
-fn command(cmd: &Spec) -> Command {
+fn command(cmd: &Spec, tag: &str) -> Command {
     let mut c = Command::new(SHELL[0]);
     c.args(&SHELL[1..])
         .arg(format!("{GATE}{}", cmd.script))
         .current_dir(&cmd.cwd)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .env(watchdog::TAG_VAR, tag)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -113,7 +114,8 @@ fn command(cmd: &Spec) -> Command {
 
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
-    let mut child = match command(cmd).spawn() {
+    let tag = watchdog::tag(job);
+    let mut child = match command(cmd, &tag).spawn() {
         Ok(ch) => ch,
         Err(e) => {
             return Exit {
@@ -153,7 +155,9 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     let status = child.wait();
 
     drain(readers, &done_rx, pgid);
-    // Unregistered only now that `drain` may have killed the group's leftovers.
+    // Nothing a stage started outlives it: the group and whatever left it are stopped, and only then is the
+    // group unregistered (a kkpipe killed before this point leaves them to the watchdog).
+    watchdog::stop_leftovers(pgid, &tag);
     drop(watch);
     let log = RawLog(std::mem::take(&mut *log.lock().expect("log")));
     match status {

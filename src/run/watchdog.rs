@@ -13,6 +13,12 @@
 //! SIGTERM); the next run takes the run lock and then waits for `stages.lock` (see `lock::acquire`), so it
 //! never starts a deploy while a killed run's stages are still going.
 //!
+//! A process can leave its group (`setsid`, `daemon()`, `ssh -f`), so groups alone do not find everything a
+//! stage started. Every stage process gets `KKPIPE_PROCESS_TAG=RUN.JOB` in its environment, which children
+//! inherit whatever group or session they move to; the processes still carrying a stage's tag are stopped when
+//! the stage ends ([`stop_leftovers`]), and every process carrying this run's tag when kkpipe dies. A process
+//! that clears its environment (`env -i`) escapes this, and so does one that another user owns.
+//!
 //! Why a pipe and not `PR_SET_PDEATHSIG` on each stage: that needs an `unsafe` `pre_exec`, fires when the
 //! spawning *thread* ends (here a short-lived job thread), and reaches only the shell, not the processes it
 //! starts. A pipe's EOF is process-wide, needs no unsafe code, and the watchdog signals the whole group.
@@ -38,6 +44,83 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(7);
 /// The write end of the watchdog's stdin, or `None` if it could not be started. Process-wide: it watches
 /// this process's death. Never closed before exit: closing it is what tells the watchdog to act.
 static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
+
+/// The variable that marks every process a stage starts (see the module docs).
+pub const TAG_VAR: &str = "KKPIPE_PROCESS_TAG";
+
+/// How long leftovers of a finished stage get between SIGTERM and SIGKILL.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(1);
+
+/// This kkpipe process's part of every tag: its pid and a random number, so a tag never matches another
+/// run's processes (pids are reused).
+fn run_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let mut r = [0u8; 8];
+        let _ = getrandom::fill(&mut r);
+        format!("{}-{:016x}", std::process::id(), u64::from_le_bytes(r))
+    })
+}
+
+/// The tag of job `job`'s processes.
+pub fn tag(job: usize) -> String {
+    format!("{}.{job}", run_tag())
+}
+
+/// The processes (other than this one) whose environment has `TAG_VAR` equal to `tag`, or starting with
+/// `tag` when `prefix`. Processes that vanish or that we may not read are skipped.
+fn tagged(tag: &str, prefix: bool) -> Vec<Pid> {
+    let entry = format!("{TAG_VAR}={tag}");
+    let me = std::process::id();
+    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                env.split(|&b| b == 0).any(|v| match prefix {
+                    true => v.starts_with(entry.as_bytes()),
+                    false => v == entry.as_bytes(),
+                })
+            })
+        })
+        .map(|pid| Pid::from_raw(pid as i32))
+        .collect()
+}
+
+/// Stop what a finished stage left behind: the rest of its process group (a background job with closed
+/// pipes) and every process that still carries its tag (one that left the group: `setsid`, `ssh -f`).
+/// SIGTERM, up to a second to go, then SIGKILL. Returns how many processes were left.
+pub fn stop_leftovers(pgid: i32, tag: &str) -> usize {
+    let group = || killpg(Pid::from_raw(pgid), None).is_ok();
+    let mut left = tagged(tag, false);
+    if left.is_empty() && !group() {
+        return 0;
+    }
+    let found = left.len() + usize::from(group());
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+    for &p in &left {
+        let _ = nix::sys::signal::kill(p, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + LEFTOVER_GRACE;
+    while (group() || !left.is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left.retain(|&p| alive(p));
+    }
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    for p in left {
+        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+    }
+    found
+}
+
+/// Exists and has not exited (a zombie waits only for its parent to reap it).
+fn alive(p: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{p}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+        .is_some_and(|state| !matches!(state, 'Z' | 'X'))
+}
 
 /// The file the watchdog holds locked while it lives, in the cache directory.
 pub const LOCK_NAME: &str = "stages.lock";
@@ -70,6 +153,7 @@ fn launch(lock: &Path, grace: Duration) -> std::io::Result<ChildStdin> {
         .arg(ARG)
         .arg(lock)
         .arg(grace.as_millis().to_string())
+        .arg(run_tag())
         // std opens the pipe close-on-exec, so stages never inherit the write end (which would hide
         // kkpipe's death from the watchdog for as long as a stage lives).
         .stdin(Stdio::piped())
@@ -119,13 +203,15 @@ fn send(op: char, pgid: i32) {
     }
 }
 
-/// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE GRACE_MS`): lock LOCKFILE, say so on stdout, read
-/// `+PGID` / `-PGID` lines until EOF, then stop the groups still registered and exit (releasing the lock).
+/// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE GRACE_MS RUN_TAG`): lock LOCKFILE, say so on
+/// stdout, read `+PGID` / `-PGID` lines until EOF, then stop the groups still registered and every process
+/// tagged with RUN_TAG, and exit (releasing the lock).
 pub fn serve() -> ExitCode {
     let Some(path) = std::env::args_os().nth(2) else {
         return ExitCode::FAILURE;
     };
     let grace = std::env::args().nth(3).and_then(|g| g.parse().ok()).map_or(DEFAULT_GRACE, Duration::from_millis);
+    let run = std::env::args().nth(4).filter(|t| !t.is_empty());
     let held = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -161,7 +247,8 @@ pub fn serve() -> ExitCode {
             }
         }
     }
-    stop(groups.into_keys().collect(), grace);
+    let strays = run.map(|t| tagged(&format!("{t}."), true)).unwrap_or_default();
+    stop(groups.into_keys().collect(), strays, grace);
     ExitCode::SUCCESS
 }
 
@@ -173,22 +260,29 @@ fn parse(line: &[u8]) -> Option<(u8, i32)> {
     (matches!(op, b'+' | b'-') && pgid > 1).then_some((op, pgid))
 }
 
-/// SIGTERM every group, wait up to `grace` for them to be gone, SIGKILL the rest.
-fn stop(mut groups: Vec<i32>, grace: Duration) {
+/// SIGTERM every group and every stray process, wait up to `grace` for them to be gone, SIGKILL the rest.
+fn stop(mut groups: Vec<i32>, mut strays: Vec<Pid>, grace: Duration) {
     for &g in &groups {
         let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
+    }
+    for &p in &strays {
+        let _ = nix::sys::signal::kill(p, Signal::SIGTERM);
     }
     let deadline = Instant::now() + grace;
     loop {
         // Signal 0 only checks: an error (no such group) means every process of the group has exited.
         groups.retain(|&g| killpg(Pid::from_raw(g), None).is_ok());
-        if groups.is_empty() || Instant::now() >= deadline {
+        strays.retain(|&p| alive(p));
+        if (groups.is_empty() && strays.is_empty()) || Instant::now() >= deadline {
             break;
         }
         std::thread::sleep(POLL);
     }
     for g in groups {
         let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    for p in strays {
+        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
     }
 }
 

@@ -145,3 +145,81 @@ fn the_next_run_waits_for_the_stages_of_a_killed_run_to_stop() {
     assert!(next.stderr.contains("held by a killed kkpipe run whose stages are still stopping"), "{}", next.stderr);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "old-stopped\nnew-started\n");
 }
+
+/// The pid a stage wrote to `file`, waiting for it up to 20 s.
+fn pid_in(file: &Path) -> i32 {
+    let mut pid = None;
+    let written = within(Duration::from_secs(20), || {
+        pid = std::fs::read_to_string(file).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        pid.is_some()
+    });
+    assert!(written, "no pid in {}", file.display());
+    pid.unwrap()
+}
+
+/// If the test fails, do not leave a stray process running for minutes.
+struct KillOnPanic(i32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Issue 21, item 9: a background child with closed pipes survived a normal exit (the group was killed only
+/// when pipes stayed open), and one that left the group (`setsid`, `daemon()`, `ssh -f`) survived everything.
+/// Nothing a stage starts outlives the stage: its group and every process still carrying its tag are stopped
+/// when it ends.
+#[test]
+fn nothing_a_stage_starts_outlives_it() {
+    // The setsid case ends the stage only once the child leads a group of its own (field 5 of its stat), so
+    // the stage's group no longer holds it when the stage ends.
+    let own_group = r#"until [ "$(cut -d' ' -f5 /proc/$c/stat)" = "$c" ]; do sleep 0.01; done; "#;
+    for (name, start, wait) in [("background", "", ""), ("setsid", "setsid ", own_group)] {
+        let repo = Repo::empty();
+        let pid_file = repo.sibling("child.pid");
+        let script = format!("{start}sleep 300 </dev/null >/dev/null 2>&1 & c=$!; {wait}echo $c > \"$PID_FILE\"");
+        repo.write(
+            "pipeline.toml",
+            &format!("[stages.leave]\nrun = {script:?}\nenv = {{ PID_FILE = {:?} }}\n", pid_file.to_str().unwrap()),
+        );
+        let r = repo.run(&[]).ok();
+        assert_eq!(r.ran(), ["leave"]);
+        let child = pid_in(&pid_file);
+        let _cleanup = KillOnPanic(child);
+        assert!(
+            within(Duration::from_secs(5), || !alive(child)),
+            "{name}: child {child} outlived its stage and kkpipe"
+        );
+    }
+}
+
+/// Issue 21, item 9, on SIGKILL: a `setsid` child of a running stage is outside every process group the watchdog
+/// knows; it is found by its tag and stopped with the rest.
+#[test]
+fn a_setsid_child_dies_with_a_sigkilled_kkpipe() {
+    let repo = Repo::empty();
+    let pid_file = repo.sibling("child.pid");
+    repo.write(
+        "pipeline.toml",
+        &format!(
+            "[stages.long]\nrun = 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > \"$PID_FILE\"; sleep 60'\nenv = {{ PID_FILE = {:?} }}\n",
+            pid_file.to_str().unwrap()
+        ),
+    );
+    let mut kkpipe = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let child = pid_in(&pid_file);
+    let _cleanup = KillOnPanic(child);
+    assert!(within(Duration::from_secs(20), || !watchdogs_in(&repo.root).is_empty()), "no watchdog");
+    let own = within(Duration::from_secs(10), || stat(&child.to_string()).is_some_and(|(_, pgrp)| pgrp == child));
+    assert!(own, "setsid made the child a group (and session) of its own");
+    assert!(kkpipe.try_wait().unwrap().is_none(), "kkpipe is still running the stage");
+    kkpipe.kill().unwrap();
+    kkpipe.wait().unwrap();
+    assert!(
+        within(Duration::from_secs(10), || !alive(child)),
+        "the setsid child {child} outlived the SIGKILLed kkpipe"
+    );
+}
