@@ -216,6 +216,14 @@ impl Remote {
         }
     }
 
+    /// The same remote, signing with `key` and trusting it (runners of one team, for unit tests of sharing).
+    #[cfg(test)]
+    pub(crate) fn signing_with(mut self, key: &PrivateKey) -> Remote {
+        self.trusted = vec![key.public()];
+        self.signer = Some(PrivateKey::parse(&key.to_text()).expect("a key parses back"));
+        self
+    }
+
     pub fn writable(&self) -> bool {
         self.signer.is_some()
     }

@@ -6,6 +6,9 @@
 //! PREFIX/ledger/<env>/<stage>        a deploy stage's signed latest attempt in `env`, with the outputs of a
 //!                                    success (compare-and-swap: a deploy's outputs are live state, so they
 //!                                    belong to the attempt, not to the key)
+//! PREFIX/history/<env>/<stage>/<seq> every ledger record ever written, under its sequence number (create-only):
+//!                                    a head replaced by an older record (a replay) is found out by a newer
+//!                                    one here, as long as the bucket keeps these objects (docs/remote.md)
 //! PREFIX/leases/<env>/<stage>        who deploys `stage` in `env` now, until when (create, then swap)
 //! ```
 //!
@@ -33,6 +36,13 @@ pub fn entry(stage: &str, key: &str) -> String {
 }
 pub fn ledger(env: &str, stage: &str) -> String {
     format!("ledger/{env}/{stage}")
+}
+/// Where the ledger record with `seq` is kept for good; zero-padded so names sort by sequence.
+pub fn history(env: &str, stage: &str, seq: u64) -> String {
+    format!("{}/{seq:020}", history_of(env, stage))
+}
+pub fn history_of(env: &str, stage: &str) -> String {
+    format!("history/{env}/{stage}")
 }
 pub fn lease(env: &str, stage: &str) -> String {
     format!("leases/{env}/{stage}")

@@ -176,39 +176,45 @@ impl Remote {
     pub fn learn_ledger(&self, cache: &Cache, stages: &[&Stage], env: &str) {
         let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
         let read = self.store.each(names, |s, name| {
-            let r = s.get(&protocol::ledger(env, &name));
-            (name, r)
+            let head = s.get(&protocol::ledger(env, &name));
+            let logged = s.list(&protocol::history_of(env, &name));
+            (name, head, logged)
         });
-        for ((name, got), stage) in read.into_iter().zip(stages) {
+        for ((name, got, logged), stage) in read.into_iter().zip(stages) {
             let what = format!("the ledger record of `{name}` in `{env}`");
-            let bytes = match got {
-                Ok(Some((bytes, _))) => bytes,
-                Ok(None) => continue,
+            let head = match got {
+                Ok(Some((bytes, _))) => match self.open_record(&bytes, env, &name, &what) {
+                    Some(h) => Some(h),
+                    None => continue,
+                },
+                Ok(None) => None,
                 Err(e) => {
                     self.failed(&what, e);
                     continue;
                 }
             };
-            let (body, believed) = match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
-                Ok(body) => (body, true),
-                Err(why) => match protocol::peek::<LedgerBody>(&bytes) {
-                    Some(body) => {
-                        self.warn(format!(
-                            "{what} on the remote `{}` is not believed ({why}): deploying again",
-                            self.url
-                        ));
-                        (body, false)
+            // A believed head is checked against the history: a newer believed record there means the head was
+            // replaced by an older one (or its last update was lost). A head that is not believed already means
+            // "deploy again", whatever the history says.
+            let (body, believed) = match head {
+                Some((body, false)) => (body, false),
+                head => {
+                    let after = head.as_ref().map_or(0, |(b, _)| b.seq);
+                    match (self.newest_logged(logged, env, &name, after, &what), head) {
+                        (Some(newer), head) => {
+                            let was = head.map_or("missing".into(), |(b, _)| format!("at {}", b.seq));
+                            self.warn(format!(
+                                "{what} on the remote `{}` is {was} while its history holds {}: the head was \
+                                 replaced or lost; using the newest record of the history",
+                                self.url, newer.seq
+                            ));
+                            (newer, true)
+                        }
+                        (None, Some(head)) => head,
+                        (None, None) => continue,
                     }
-                    None => {
-                        self.refused(&what, why);
-                        continue;
-                    }
-                },
+                }
             };
-            if body.env != env || body.stage != name || body.version != protocol::VERSION {
-                self.refused(&what, Refused::Misplaced(format!("`{}` in `{}`", body.stage, body.env)));
-                continue;
-            }
             let seen = match cache.remote_seen(&self.url, &name, env) {
                 Ok(s) => s,
                 Err(e) => {
@@ -230,6 +236,67 @@ impl Remote {
                 self.cache_failed(e);
             }
         }
+    }
+
+    /// A ledger record read from the store, and whether it is believed (signed by a trusted key). `None`
+    /// (warned) when it cannot be read at all or names another stage or environment.
+    fn open_record(&self, bytes: &[u8], env: &str, name: &str, what: &str) -> Option<(LedgerBody, bool)> {
+        let (body, believed) = match protocol::open::<LedgerBody>(bytes, &self.trusted) {
+            Ok(body) => (body, true),
+            Err(why) => match protocol::peek::<LedgerBody>(bytes) {
+                Some(body) => {
+                    self.warn(format!("{what} on the remote `{}` is not believed ({why}): deploying again", self.url));
+                    (body, false)
+                }
+                None => {
+                    self.refused(what, why);
+                    return None;
+                }
+            },
+        };
+        if body.env != env || body.stage != name || body.version != protocol::VERSION {
+            self.refused(what, Refused::Misplaced(format!("`{}` in `{}`", body.stage, body.env)));
+            return None;
+        }
+        Some((body, believed))
+    }
+
+    /// The newest believed record in the ledger history of `name` with a sequence number above `after`.
+    /// Objects that are not believed or sit under another number are passed over (at most a few are read:
+    /// planted names cannot make a run read the whole bucket).
+    fn newest_logged(
+        &self,
+        listed: Result<Vec<store::Listed>, store::Error>,
+        env: &str,
+        name: &str,
+        after: u64,
+        what: &str,
+    ) -> Option<LedgerBody> {
+        let listed = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                self.failed(&format!("the history of {what}"), e);
+                return None;
+            }
+        };
+        let mut seqs: Vec<u64> = listed
+            .iter()
+            .filter_map(|l| l.name.rsplit('/').next()?.parse::<u64>().ok())
+            .filter(|&s| s > after)
+            .collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        for seq in seqs.into_iter().take(8) {
+            let Ok(Some((bytes, _))) = self.store.get(&protocol::history(env, name, seq)) else { continue };
+            if let Ok(body) = protocol::open::<LedgerBody>(&bytes, &self.trusted)
+                && body.seq == seq
+                && body.env == env
+                && body.stage == name
+                && body.version == protocol::VERSION
+            {
+                return Some(body);
+            }
+        }
+        None
     }
 
     /// One ledger record as the stage's latest attempt here; `as_is`: believed, and nothing local to weigh.
@@ -406,10 +473,17 @@ impl Remote {
                 outputs: docs.clone(),
                 duration_ms,
             };
-            match self.store.put_if(&name, protocol::seal(&body, signer), version.as_ref()) {
+            let sealed = protocol::seal(&body, signer);
+            match self.store.put_if(&name, sealed.clone(), version.as_ref()) {
                 Ok(Some(_)) => {
                     if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, body.seq) {
                         self.cache_failed(e);
+                    }
+                    // Then kept for good under its number (create-only), so that a replay of an older record at
+                    // the head is found out. Lost (a failure here), only that detection is weaker until the next.
+                    let history = protocol::history(env, &stage.name, body.seq);
+                    if let Err(e) = self.store.put_if(&history, sealed, None) {
+                        self.failed(&format!("the history of {what}"), e);
                     }
                     return;
                 }
@@ -418,5 +492,106 @@ impl Remote {
             }
         }
         self.warn(format!("could not update {what} on the remote `{}`: too many concurrent writers", self.url));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::tests::Manual;
+    use crate::fresh::History;
+    use crate::hash::Hash;
+    use crate::sign::PrivateKey;
+    use crate::store::ObjectStore;
+    use crate::store::memory::Memory;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A runner of the team: its own cache (in `dir`), the shared in-memory store, the team's key.
+    struct Runner {
+        remote: Remote,
+        cache: Cache,
+        _dir: tempfile::TempDir,
+    }
+
+    fn runner(store: &Arc<Memory>, key: &PrivateKey, who: &str) -> Runner {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(Manual::default());
+        let remote = Remote::for_tests(store.clone(), clock, Duration::from_secs(6), who).signing_with(key);
+        Runner { remote, cache: Cache::open(dir.path()).unwrap(), _dir: dir }
+    }
+
+    fn deploy_stage() -> Stage {
+        let p = crate::pipeline::parse(
+            std::path::Path::new("/nonexistent"),
+            std::path::Path::new("/nonexistent/pipeline.toml"),
+            "[stages.apply]\nkind = \"deploy\"\nrun = \"true\"\n",
+        )
+        .unwrap();
+        p.stages[0].clone()
+    }
+
+    impl Runner {
+        fn deployed(&self, stage: &Stage, manifest: &[u8]) -> Key {
+            let key = Key(Hash::of(manifest));
+            self.remote.record(&self.cache, stage, "prod", &key, manifest, Some((State::Success, &[], 5)));
+            key
+        }
+
+        fn latest(&self) -> Option<(Key, State)> {
+            self.cache.latest_attempt("apply", Some("prod")).unwrap().map(|a| (a.key, a.state))
+        }
+    }
+
+    #[test]
+    fn a_deploy_recorded_by_one_runner_is_the_latest_for_a_fresh_one() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        let k1 = a.deployed(&stage, b"manifest one");
+        let k2 = a.deployed(&stage, b"manifest two");
+        let b = runner(&store, &key, "b@laptop");
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        assert_eq!(b.latest(), Some((k2, State::Success)));
+        assert_ne!(k1, k2);
+        assert!(b.remote.take_warnings().is_empty());
+        // Learned once: the same record is not learned again.
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        assert_eq!(b.cache.latest_attempt("apply", Some("prod")).unwrap().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn a_head_replaced_by_an_older_record_is_found_out_by_the_history() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        a.deployed(&stage, b"manifest one");
+        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
+        let k2 = a.deployed(&stage, b"manifest two");
+        store.plant(&protocol::ledger("prod", "apply"), &old);
+        let b = runner(&store, &key, "b@laptop");
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        assert_eq!(b.latest(), Some((k2, State::Success)), "the history's newer record wins");
+        let warned = b.remote.take_warnings().join("\n");
+        assert!(warned.contains("is at 1 while its history holds 2"), "{warned}");
+        // A deleted head is found out the same way.
+        store.delete(&protocol::ledger("prod", "apply")).unwrap();
+        let c = runner(&store, &key, "c@laptop");
+        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
+        assert_eq!(c.latest(), Some((k2, State::Success)));
+    }
+
+    #[test]
+    fn history_objects_that_are_not_believed_or_misnamed_are_passed_over() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        let k1 = a.deployed(&stage, b"manifest one");
+        let signed = store.get(&protocol::history("prod", "apply", 1)).unwrap().unwrap().0;
+        // A signed record copied under a larger number, and one signed by a stranger.
+        store.plant(&protocol::history("prod", "apply", 99), &signed);
+        let stranger = runner(&store, &PrivateKey::generate(), "x@evil");
+        stranger.deployed(&stage, b"manifest evil");
+        let b = runner(&store, &key, "b@laptop");
+        store.plant(&protocol::ledger("prod", "apply"), &signed);
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        assert_eq!(b.latest(), Some((k1, State::Success)), "only believed records under their own number count");
     }
 }

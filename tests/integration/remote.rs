@@ -785,3 +785,36 @@ fn an_unsigned_ledger_record_with_the_largest_seq_is_never_used() {
     let fresh = c.run(&[]).ok();
     assert_eq!(fresh.with_state("fresh"), ["deploy"], "{}", fresh.stderr);
 }
+
+/// Issue 21, item 5: anyone with write access to the bucket (no signing key needed) could put an older signed
+/// ledger record back at the head, and a fresh runner believed an older deploy was the latest and skipped. Every
+/// record is also kept create-only under its number in the ledger's history, and a head older than the history
+/// is not believed as the latest.
+#[test]
+fn a_replayed_older_ledger_record_does_not_make_a_fresh_runner_skip() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&[]).ok();
+    let head = "ledger/default/deploy";
+    let v1_record = store.get(head);
+    a.write("src.txt", "v2\n");
+    assert_eq!(a.run(&[]).ok().ran(), ["build", "deploy"]);
+    assert_eq!(
+        store.names("history/default/deploy").len(),
+        4,
+        "every record is kept (each deploy writes running, then its end)"
+    );
+    // The attacker puts v1's record back at the head: it is validly signed, only old.
+    store.tamper(head, &v1_record);
+
+    // A fresh runner on v1 (a revert) must deploy: v2 is what is live.
+    let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    let r = c.run(&[]).ok();
+    assert_eq!(r.ran(), ["build", "deploy"], "{}", r.stderr);
+    assert!(r.stderr.contains("its history holds 4"), "the replay is named: {}", r.stderr);
+    // Without the replay, the same question has the honest answer: v2 is fresh for a v2 runner.
+    let d = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    d.write("src.txt", "v1\n");
+    assert_eq!(d.run(&[]).ok().with_state("fresh"), ["deploy"], "c's v1 deploy is the head now");
+}
