@@ -818,3 +818,30 @@ fn a_replayed_older_ledger_record_does_not_make_a_fresh_runner_skip() {
     d.write("src.txt", "v1\n");
     assert_eq!(d.run(&[]).ok().with_state("fresh"), ["deploy"], "c's v1 deploy is the head now");
 }
+
+/// Issue 21, item 10: waiters expired a lease after their own `lease_seconds` while its holder renewed on its own
+/// schedule, so runners on commits with 30 s and 1 s deployed at once. A lease carries its lifetime and a waiter
+/// honours the longer one.
+#[test]
+fn runners_with_different_lease_lifetimes_never_deploy_at_once() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let gate = store._tmp.path().join("gate");
+    let a = runner(&store, &gated_rollout(&gate, ""), &[&k.public], Some(&k.private), "lease_seconds = 30");
+    let mut b = runner(&store, &gated_rollout(&gate, ""), &[&k.public], Some(&k.private), "lease_seconds = 1");
+    let log = a.sibling("deployed.log");
+    b.set_env("DEPLOYED", log.to_str().unwrap());
+    b.write("src.txt", "v2\n");
+    // a holds the lease (renewing every 10 s, so its object does not change during the test).
+    let first = deploy_started(&a, &log, &["run", "--json"], Stdio::piped);
+    let mut second = Live::spawn(b.cmd_in(&b.root, &["run", "--lock-timeout", "60"]));
+    second.until(Duration::from_secs(30), |l| l.contains("waiting for the deploy lease of `rollout`"));
+    // Three of b's own lifetimes pass with a's lease unchanged: by its own lifetime b would have taken it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\n", "b has not started while a deploys");
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(Run::from(first.wait_with_output().unwrap()).ok().ran(), ["rollout"]);
+    let (second, _) = second.finish();
+    second.ok();
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n");
+}
