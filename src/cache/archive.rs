@@ -26,8 +26,9 @@ use std::path::Path;
 
 pub const FORMAT: &str = "kkpipe-cache-archive";
 /// 2: entries carry every latest attempt (failed and interrupted ones too) with its state and the exporter's
-/// sequence, and outputs record directories. Schema 1 archives (successes only) are still read.
-pub const SCHEMA: u32 = 2;
+/// sequence, and outputs record directories. 3: outputs carry their permission bits, and the exact bytes of a
+/// path or link text that is not UTF-8. Schema 1 and 2 archives are still read.
+pub const SCHEMA: u32 = 3;
 const ROOT: &str = "kkpipe-cache";
 /// No single entry may be larger than this (a plan or chart bundle is far smaller).
 pub const MAX_ENTRY: u64 = 2 << 30;
@@ -100,6 +101,37 @@ pub struct OutputDoc {
     /// A directory of the output; `hash` is then its listing (schema 2).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     dir: bool,
+    /// Permission bits of a file or directory (schema 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mode: Option<u32>,
+    /// The path's exact bytes (base64) when they are not UTF-8; `path` is then only for display (schema 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path_bytes: Option<String>,
+    /// Likewise for a link's text (schema 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target_bytes: Option<String>,
+}
+
+/// Text as JSON carries it: the string, and the exact bytes (base64) only when they are not UTF-8.
+fn text_and_bytes(bytes: &[u8]) -> (String, Option<String>) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), None),
+        Err(_) => {
+            (String::from_utf8_lossy(bytes).into_owned(), Some(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }
+    }
+}
+
+/// The exact bytes of a field carried by [`text_and_bytes`].
+fn exact_bytes(text: &str, bytes: &Option<String>, what: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    match bytes {
+        None => Ok(text.as_bytes().to_vec()),
+        Some(b) => {
+            base64::engine::general_purpose::STANDARD.decode(b).map_err(|_| format!("{what} of `{text}`: bad base64"))
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -108,6 +140,9 @@ pub struct ExportReport {
     pub blobs: usize,
     pub bytes: u64,
     pub sensitive_left_out: usize,
+    /// What could not travel (an import would refuse it), each with why: left out, so that what export writes
+    /// import accepts.
+    pub left_out: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -123,15 +158,17 @@ pub struct ImportReport {
     pub secret_key_left: bool,
 }
 
-fn rel_string(p: &RelPath) -> Result<String, String> {
-    String::from_utf8(p.as_bytes().to_vec()).map_err(|_| format!("output path `{p}` is not UTF-8"))
-}
-
 /// Write `runs` (with their outputs) into a new archive at `file`.
-pub fn export(cache: &Cache, runs: &[Attempt], file: &Path, include_sensitive: bool) -> Result<ExportReport, Error> {
+pub fn export(
+    cache: &Cache,
+    runs: &[Attempt],
+    stages: &[Stage],
+    file: &Path,
+    include_sensitive: bool,
+) -> Result<ExportReport, Error> {
     let werr = |source| Error::Write { path: file.to_path_buf(), source };
     let mut report = ExportReport::default();
-    let (entries, contents) = collect(cache, runs, file, include_sensitive, &mut report)?;
+    let (entries, contents) = collect(cache, runs, stages, file, include_sensitive, &mut report)?;
     report.entries = entries.len();
     let doc = Document {
         format: FORMAT.into(),
@@ -164,6 +201,7 @@ struct Contents {
 fn collect(
     cache: &Cache,
     runs: &[Attempt],
+    stages: &[Stage],
     file: &Path,
     include_sensitive: bool,
     report: &mut ExportReport,
@@ -173,6 +211,14 @@ fn collect(
     let meta = cache.run_meta()?;
     for r in runs {
         let outs = cache.outputs_of(r.id)?;
+        // The import's own check, made here: a result it would refuse (a link out of its output, a record
+        // inside `.git` from an older kkpipe) is left out, not exported to fail the whole import elsewhere.
+        if let Some(stage) = stages.iter().find(|s| s.name == r.stage)
+            && let Some((path, why)) = crate::fresh::refusal_of(&outs, &stage.outputs)
+        {
+            report.left_out.push(format!("stage `{}`, output `{path}`: {why}", r.stage));
+            continue;
+        }
         let mut outputs = Vec::new();
         for o in &outs {
             outputs.push(archive_output(cache, o, file, include_sensitive, report, &mut contents.blobs)?);
@@ -220,6 +266,9 @@ fn archive_output(
     if let Entry::File { hash, .. } = &o.entry {
         if o.sensitive && !include_sensitive {
             report.sensitive_left_out += 1;
+        } else if o.size > MAX_ENTRY {
+            // More than an import takes in one entry: the output is unavailable on the other side.
+            report.left_out.push(format!("output `{}`: {} bytes, more than an archive entry may hold", o.path, o.size));
         } else if cache.blobs.has(hash) {
             blobs.entry(*hash).and_modify(|s| *s |= o.sensitive).or_insert(o.sensitive);
         }
@@ -488,17 +537,22 @@ impl OutputDoc {
     pub fn of(o: &OutputRecord) -> Result<OutputDoc, String> {
         let (hash, target) = match &o.entry {
             Entry::File { hash, .. } => (Some(hash.to_hex()), None),
-            Entry::Symlink { target } => (None, Some(String::from_utf8_lossy(target).into_owned())),
+            Entry::Symlink { target } => (None, Some(text_and_bytes(target))),
             Entry::Dir { listing } => (Some(listing.to_hex()), None),
         };
+        let (path, path_bytes) = text_and_bytes(o.path.as_bytes());
+        let (target, target_bytes) = target.unzip();
         Ok(OutputDoc {
-            path: rel_string(&o.path)?,
+            path,
             hash,
             exec: matches!(o.entry, Entry::File { exec: true, .. }),
             target,
             size: o.size,
             sensitive: o.sensitive,
             dir: matches!(o.entry, Entry::Dir { .. }),
+            mode: o.mode,
+            path_bytes,
+            target_bytes: target_bytes.flatten(),
         })
     }
 
@@ -507,9 +561,10 @@ impl OutputDoc {
     /// (left out as sensitive, or collected before the export): the output is then unavailable there and
     /// its stage reruns when it is needed.
     pub fn checked(&self) -> Result<OutputRecord, String> {
-        let path = RelPath::parse(&self.path)
+        let exact = exact_bytes(&self.path, &self.path_bytes, "output path")?;
+        let path = RelPath::from_bytes(&exact)
             .ok()
-            .filter(|p| !p.is_root() && p.as_bytes() == self.path.as_bytes())
+            .filter(|p| !p.is_root() && p.as_bytes() == exact.as_slice())
             .ok_or_else(|| format!("output path `{}` is not a clean relative path", self.path))?;
         let entry = match (&self.hash, &self.target) {
             (Some(h), None) => {
@@ -519,10 +574,11 @@ impl OutputDoc {
                     false => Entry::File { hash, exec: self.exec },
                 }
             }
-            (None, Some(t)) => Entry::Symlink { target: t.clone().into_bytes() },
+            (None, Some(t)) => Entry::Symlink { target: exact_bytes(t, &self.target_bytes, "link text")? },
             _ => return Err(format!("output `{}`: neither a file nor a link", self.path)),
         };
-        Ok(OutputRecord { path, entry, size: self.size, sensitive: self.sensitive })
+        let mode = self.mode.map(|m| m & 0o777);
+        Ok(OutputRecord { path, entry, size: self.size, sensitive: self.sensitive, mode })
     }
 
     /// The record of a document that [`OutputDoc::checked`] accepted.

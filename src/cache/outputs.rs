@@ -11,6 +11,7 @@ use crate::relpath::RelPath;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,29 +36,30 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
             out.extend(store_one(&o.path, &abs, &meta, o.sensitive, blobs)?);
             continue;
         }
-        let mut dirs = Vec::new();
+        let mut dirs: Vec<(RelPath, u32)> = Vec::new();
         let mut inside = Vec::new();
         // A repository nested in an output (a gh-pages worktree) is not the stage's output: never collected.
         let ours = |e: &walkdir::DirEntry| !crate::relpath::RESERVED.contains(&e.file_name().as_bytes());
         for e in walkdir::WalkDir::new(&abs).follow_links(false).sort_by_file_name().into_iter().filter_entry(ours) {
             let e = e.map_err(|e| Error::Store { path: o.path.display(), source: e.into() })?;
             let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
+            let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
             if e.file_type().is_dir() {
-                dirs.push(rel);
+                dirs.push((rel, m.permissions().mode() & PERMISSIONS));
                 continue;
             }
-            let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
             inside.extend(store_one(&rel, e.path(), &m, o.sensitive, blobs)?);
         }
         // Each directory's entries: the files and links recorded below it and its subdirectories.
-        let children = children(inside.iter().map(|r| &r.path).chain(dirs.iter().skip(1)));
+        let children = children(inside.iter().map(|r| &r.path).chain(dirs.iter().skip(1).map(|(d, _)| d)));
         let recorded: Vec<OutputRecord> = dirs
             .iter()
-            .map(|d| OutputRecord {
+            .map(|(d, mode)| OutputRecord {
                 path: d.clone(),
                 entry: Entry::Dir { listing: Entry::listing(children.get(d).into_iter().flatten().copied()) },
                 size: 0,
                 sensitive: o.sensitive,
+                mode: Some(*mode),
             })
             .collect();
         out.extend(recorded);
@@ -76,7 +78,23 @@ fn children<'a>(paths: impl Iterator<Item = &'a RelPath>) -> HashMap<RelPath, Ve
     out
 }
 
-/// The mode a restored or stored output file gets: a secret's copy is as private as the stored one.
+/// The permission bits kept with a file or directory: no setuid, setgid or sticky bit ever comes back.
+const PERMISSIONS: u32 = 0o777;
+
+/// The mode a restored file or directory gets: as recorded, a secret's only ever its owner's, and a directory
+/// always its owner's to manage (kkpipe writes and prunes in it). `check` compares with the same.
+fn restored_mode(rec: &OutputRecord) -> Option<u32> {
+    let mode = match (&rec.entry, rec.mode) {
+        (Entry::Symlink { .. }, _) => return None,
+        (Entry::File { exec, .. }, None) => file_mode(rec.sensitive, *exec),
+        (Entry::Dir { .. }, None) => return None,
+        (Entry::File { .. }, Some(m)) => m & PERMISSIONS,
+        (Entry::Dir { .. }, Some(m)) => m & PERMISSIONS | 0o700,
+    };
+    Some(if rec.sensitive { mode & 0o700 } else { mode })
+}
+
+/// The mode a stored output file gets when none is recorded: a secret's copy is as private as the stored one.
 fn file_mode(sensitive: bool, exec: bool) -> u32 {
     match (sensitive, exec) {
         (true, true) => 0o700,
@@ -101,6 +119,7 @@ fn store_one(
             entry: Entry::Symlink { target: target.as_os_str().as_bytes().to_vec() },
             size: 0,
             sensitive,
+            mode: None,
         }));
     }
     if !ft.is_file() {
@@ -108,12 +127,13 @@ fn store_one(
     }
     let (hash, size) = blobs.put(abs, sensitive).map_err(|e| Error::Store { path: rel.display(), source: e })?;
     let exec = Stat::of(meta).exec();
+    let mut mode = meta.permissions().mode() & PERMISSIONS;
     if sensitive {
         // The workspace copy of a secret is as private as the stored one.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(file_mode(true, exec)));
+        mode = file_mode(true, exec);
+        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(mode));
     }
-    Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive }))
+    Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive, mode: Some(mode) }))
 }
 
 /// The workspace and the blob store of one checkout, for the decision.
@@ -133,12 +153,30 @@ impl Workspace for Disk<'_> {
     }
 }
 
+/// Give a regenerated output its recorded mode before it is compared with the record: what is regenerated is
+/// the content (a command's umask, or a secret made private when collected, is no difference).
+pub fn set_recorded_mode(root: &Path, rec: &OutputRecord) {
+    let abs = rec.path.under(root);
+    if let Some(mode) = restored_mode(rec)
+        && fs::symlink_metadata(&abs).is_ok_and(|m| !m.file_type().is_symlink())
+    {
+        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(mode));
+    }
+}
+
 pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
     let abs = rec.path.under(root);
     let meta = match fs::symlink_metadata(&abs) {
         Ok(m) => m,
         Err(_) => return Present::Missing,
     };
+    // Permissions are part of the output (a 0600 key in a 0700 directory), when they were recorded.
+    if rec.mode.is_some()
+        && !meta.file_type().is_symlink()
+        && restored_mode(rec) != Some(meta.permissions().mode() & PERMISSIONS)
+    {
+        return Present::Differs;
+    }
     let kind = if meta.file_type().is_symlink() {
         Kind::Symlink
     } else if meta.is_file() {
@@ -195,13 +233,16 @@ pub fn restore(
                 let dir = top.dir(&rec.path, keep).map_err(io)?;
                 let names: HashSet<&[u8]> = children.get(&rec.path).into_iter().flatten().copied().collect();
                 place::prune(&dir, &names).map_err(io)?;
+                if let Some(mode) = restored_mode(rec) {
+                    place::set_mode(&dir, mode).map_err(io)?;
+                }
             }
             Entry::Symlink { target } => {
                 top.write_link(&top.dir(&parent, keep).map_err(io)?, name, target).map_err(io)?
             }
             Entry::File { hash, exec } => {
                 let dir = top.dir(&parent, keep).map_err(io)?;
-                let mode = file_mode(rec.sensitive, *exec);
+                let mode = restored_mode(rec).unwrap_or_else(|| file_mode(rec.sensitive, *exec));
                 if !top.write_file(&dir, name, mode, |f| blobs.copy_verified(hash, f)).map_err(io)? {
                     return Err(NotRestored::Unavailable(rec.path.clone()));
                 }

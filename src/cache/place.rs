@@ -132,6 +132,11 @@ impl Root {
     }
 }
 
+/// Set the permission bits of the open directory `dir`.
+pub fn set_mode(dir: &OwnedFd, mode: u32) -> io::Result<()> {
+    nix::sys::stat::fchmod(dir, Mode::from_bits_truncate(mode)).map_err(io_err)
+}
+
 /// A name for a file being written, unique in this process.
 fn temp_name() -> Vec<u8> {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -130,7 +130,7 @@ pub(super) fn record_end(c: &Connection, id: i64, state: State, end: &End<'_>) -
     c.prepare_cached("UPDATE stage_runs SET state=?2, duration_ms=?3, exit_code=?4, log=?5 WHERE id=?1")?
         .execute(params![id, state.as_str(), end.duration_ms, end.exit_code, compress(end.log)?])?;
     let mut ins = c.prepare_cached(
-        "INSERT OR REPLACE INTO outputs(stage_run_id, path, kind, hash, exec, target, size, sensitive) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+        "INSERT OR REPLACE INTO outputs(stage_run_id, path, kind, hash, exec, target, size, sensitive, mode) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
     )?;
     for o in end.outputs {
         let (kind, hash, exec, target): (&str, Option<&[u8]>, bool, Option<&[u8]>) = match &o.entry {
@@ -138,7 +138,7 @@ pub(super) fn record_end(c: &Connection, id: i64, state: State, end: &End<'_>) -
             Entry::Symlink { target } => ("symlink", None, false, Some(target)),
             Entry::Dir { listing } => ("dir", Some(&listing.0[..]), false, None),
         };
-        ins.execute(params![id, o.path.as_bytes(), kind, hash, exec, target, o.size as i64, o.sensitive])?;
+        ins.execute(params![id, o.path.as_bytes(), kind, hash, exec, target, o.size as i64, o.sensitive, o.mode])?;
     }
     Ok(())
 }
@@ -211,7 +211,14 @@ fn output_at(r: &rusqlite::Row<'_>, id: i64) -> rusqlite::Result<OutputRecord> {
         }
         _ => return Err(bad("outputs", id, "kind", 1, kind)),
     };
-    Ok(OutputRecord { path, entry, size: r.get::<_, i64>(5)? as u64, sensitive: r.get(6)? })
+    let mode: Option<u32> = r.get(7)?;
+    Ok(OutputRecord {
+        path,
+        entry,
+        size: r.get::<_, i64>(5)? as u64,
+        sensitive: r.get(6)?,
+        mode: mode.map(|m| m & 0o777),
+    })
 }
 
 impl Cache {
@@ -345,7 +352,7 @@ impl Cache {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT path, kind, hash, exec, target, size, sensitive FROM outputs WHERE stage_run_id=?1 ORDER BY path",
+                "SELECT path, kind, hash, exec, target, size, sensitive, mode FROM outputs WHERE stage_run_id=?1 ORDER BY path",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([stage_run_id], |r| output_at(r, stage_run_id)).map_err(|e| self.err(e))?;

@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 4;
+pub const VERSION: i64 = 5;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -85,6 +85,10 @@ const STEPS: &[&str] = &[
     // 4: the stat cache moved to a file of its own beside the database (`Cache::save_stat_snapshot`).
     "
     DROP TABLE stat_snapshot;
+    ",
+    // 5: the permission bits of output files and directories (NULL: recorded before they were kept).
+    "
+    ALTER TABLE outputs ADD COLUMN mode INTEGER;
     ",
 ];
 

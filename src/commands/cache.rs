@@ -82,7 +82,10 @@ fn export(settings: &Settings, selection: &Selection, file: &Path, include_sensi
         Err(e) => eprintln!("warning: exporting the latest runs only: {e}"),
     }
     runs.sort_by_key(|r| r.id);
-    let r = crate::cache::archive::export(&o.cache, &runs, file, include_sensitive)?;
+    let r = crate::cache::archive::export(&o.cache, &runs, &o.pipeline.stages, file, include_sensitive)?;
+    for why in &r.left_out {
+        eprintln!("kkpipe: warning: left out of the export, an import would refuse it: {why}");
+    }
     let left_out = match r.sensitive_left_out {
         0 => String::new(),
         n => format!("; left out {n} sensitive outputs (`--include-sensitive` adds them)"),

@@ -111,6 +111,9 @@ pub struct OutputRecord {
     pub entry: Entry,
     pub size: u64,
     pub sensitive: bool,
+    /// Permission bits (`0o777`) of a file or directory, restored with it; `None` for links and for records
+    /// made before they were kept (a file then gets 0644 or 0755).
+    pub mode: Option<u32>,
 }
 
 impl OutputRecord {
@@ -231,7 +234,7 @@ mod tests {
     use crate::hash::Hash;
 
     fn rec(path: &str, entry: Entry) -> OutputRecord {
-        OutputRecord { path: RelPath::parse(path).unwrap(), entry, size: 0, sensitive: false }
+        OutputRecord { path: RelPath::parse(path).unwrap(), entry, size: 0, sensitive: false, mode: None }
     }
 
     fn out(path: &str) -> Output {

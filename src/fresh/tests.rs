@@ -110,7 +110,13 @@ fn manifest(input: &str) -> Keyed {
 }
 
 fn output(p: &str, sensitive: bool) -> OutputRecord {
-    OutputRecord { path: path(p), entry: Entry::File { hash: Hash::of(p.as_bytes()), exec: false }, size: 1, sensitive }
+    OutputRecord {
+        path: path(p),
+        entry: Entry::File { hash: Hash::of(p.as_bytes()), exec: false },
+        size: 1,
+        sensitive,
+        mode: None,
+    }
 }
 
 fn ask(s: &Stage, env: &str, m: &Keyed, h: &Memory, d: &Disk) -> Decision {

@@ -1163,6 +1163,7 @@ impl<'a> Scheduler<'a, '_> {
             return self.run_after_all(i, keyed, Reason::OutputMissing { path });
         }
         for o in &regenerated {
+            outputs::set_recorded_mode(&self.cx.pipeline.root, o);
             if outputs::check(&self.cx.pipeline.root, o, self.s.hasher()) != Present::Same {
                 let path = o.path.display();
                 return self.run_after_all(i, keyed, Reason::OutputRegeneratedDiffers { path });

@@ -258,7 +258,11 @@ fn hostile_archives_are_rejected_and_the_local_cache_is_unchanged() {
         }
         text
     };
-    let newer = doc.replace("\"schema\": 2", "\"schema\": 99");
+    let newer = {
+        let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        v["schema"] = 99.into();
+        serde_json::to_string_pretty(&v).unwrap()
+    };
     let blob = b"real content";
     let wrong_name = format!("kkpipe-cache/blobs/{}", blake3::hash(b"other content").to_hex());
     type RawEntry = (String, tar::EntryType, u64, Vec<u8>);

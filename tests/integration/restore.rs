@@ -347,3 +347,83 @@ fn a_chain_of_links_cannot_lead_out_of_the_repository() {
     assert_eq!(other.run(&[]).ok().ran(), ["build"], "nothing was imported: the stage runs from its inputs");
     assert!(!other.exists("out/pwn"));
 }
+
+fn mode_of(repo: &Repo, rel: &str) -> u32 {
+    std::fs::symlink_metadata(repo.path(rel)).unwrap().permissions().mode() & 0o7777
+}
+
+/// Issue 21, item 21: permissions were not restored: a 0600 key in a 0700 directory came back 0644 in 0755.
+/// Files and directories keep their permission bits through the cache, an export and an import; a changed
+/// mode is a difference a restore puts right.
+#[test]
+fn permissions_of_files_and_directories_are_restored() {
+    const KEYS: &str = "[stages.keys]\nrun = \"mkdir -p keys/bin && umask 077 && echo k > keys/id && echo x > keys/bin/tool && chmod 0700 keys && chmod 0750 keys/bin/tool && chmod 0711 keys/bin\"\noutputs = [\"keys\"]\n";
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", KEYS);
+    repo.run(&[]).ok();
+    let expected = [("keys", 0o700), ("keys/id", 0o600), ("keys/bin", 0o711), ("keys/bin/tool", 0o750)];
+    let modes = |r: &Repo| expected.iter().map(|(p, _)| (p.to_string(), mode_of(r, p))).collect::<Vec<_>>();
+    let want: Vec<(String, u32)> = expected.iter().map(|(p, m)| (p.to_string(), *m)).collect();
+    assert_eq!(modes(&repo), want, "as the stage made them");
+    std::fs::remove_dir_all(repo.path("keys")).unwrap();
+    assert_eq!(repo.run(&[]).ok().with_state("restored"), ["keys"]);
+    assert_eq!(modes(&repo), want, "restored from the local cache");
+    // A mode changed in the workspace is a difference.
+    std::fs::set_permissions(repo.path("keys/id"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(repo.run(&[]).ok().with_state("restored"), ["keys"]);
+    assert_eq!(mode_of(&repo, "keys/id"), 0o600);
+    // Through an archive, on another checkout.
+    let archive = repo.sibling("keys.tar.zst");
+    repo.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    let other = Repo::empty();
+    other.write("pipeline.toml", KEYS);
+    other.kk(&["cache", "import", archive.to_str().unwrap()]).ok();
+    assert_eq!(other.run(&[]).ok().with_state("restored"), ["keys"]);
+    assert_eq!(modes(&other), want, "restored from an imported archive");
+}
+
+/// Issue 21, item 15: non-UTF-8 names in cache moves: a link's text became U+FFFD after export and import (the
+/// restore differed from a clean run), and one non-UTF-8 output name failed the whole export. Bytes are carried.
+#[test]
+fn non_utf8_output_names_and_link_texts_survive_export_and_import() {
+    const LATIN1: &str = "[stages.l1]\nrun = \"mkdir -p out && printf x > \\\"out/caf$(printf '\\\\351')\\\" && ln -sf \\\"caf$(printf '\\\\351')\\\" out/link\"\noutputs = [\"out\"]\n";
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", LATIN1);
+    repo.run(&[]).ok();
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::OsStr::from_bytes(b"out/caf\xe9");
+    assert!(repo.root.join(name).exists(), "the stage made a Latin-1 name");
+    let archive = repo.sibling("l1.tar.zst");
+    repo.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    let other = Repo::empty();
+    other.write("pipeline.toml", LATIN1);
+    other.kk(&["cache", "import", archive.to_str().unwrap()]).ok();
+    assert_eq!(other.run(&[]).ok().with_state("restored"), ["l1"]);
+    assert_eq!(std::fs::read(other.root.join(name)).unwrap(), b"x");
+    assert_eq!(std::fs::read_link(other.path("out/link")).unwrap().as_os_str().as_bytes(), b"caf\xe9");
+    assert_eq!(other.run(&[]).ok().with_state("fresh"), ["l1"], "the restore is what a clean run makes");
+}
+
+/// Issue 21, item 17: kkpipe exported archives that kkpipe import rejected whole (here a stage's own link out of
+/// its output), so one such result cost a CI runner every other entry. Export makes the import's check: what
+/// cannot travel is left out with a warning, and the rest imports.
+#[test]
+fn what_export_writes_import_accepts() {
+    const TWO: &str = "[stages.good]\nrun = \"mkdir -p good && echo g > good/a\"\noutputs = [\"good\"]\n\n[stages.linky]\nrun = \"mkdir -p out && ln -sf ../../elsewhere out/up\"\noutputs = [\"out\"]\n";
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", TWO);
+    repo.run(&[]).ok();
+    let archive = repo.sibling("two.tar.zst");
+    let r = repo.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    assert!(
+        r.stderr.contains("left out of the export") && r.stderr.contains("output `out/up`"),
+        "the warning names what stays behind: {}",
+        r.stderr
+    );
+    let other = Repo::empty();
+    other.write("pipeline.toml", TWO);
+    other.kk(&["cache", "import", archive.to_str().unwrap()]).ok();
+    let r = other.run(&[]).ok();
+    assert_eq!(r.with_state("restored"), ["good"], "{}", r.stdout);
+    assert_eq!(r.ran(), ["linky"], "what was left out runs");
+}
