@@ -12,7 +12,8 @@
 //! Local entries are never replaced: an imported run that is already there is skipped.
 
 use super::records::{self, End, NewAttempt};
-use super::{Cache, RunMeta};
+use super::store::Staged;
+use super::{BlobStore, Cache, RunMeta};
 use crate::fresh::{Attempt, History, OutputRecord, State, StoredReason};
 use crate::hash::key::{Key, Manifest};
 use crate::hash::{Entry, Hash};
@@ -34,6 +35,9 @@ const ROOT: &str = "kkpipe-cache";
 pub const MAX_ENTRY: u64 = 2 << 30;
 /// Nor the archive, decompressed.
 pub const MAX_TOTAL: u64 = 16 << 30;
+/// What is read into memory (the document, manifests and logs; blobs go to disk as they are read), together.
+/// A larger log is left out of an export.
+pub const MAX_IN_MEMORY: u64 = 512 << 20;
 const MAX_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +213,7 @@ fn collect(
     let mut entries = Vec::new();
     let mut contents = Contents { blobs: BTreeMap::new(), manifests: BTreeSet::new(), logs: Vec::new() };
     let meta = cache.run_meta()?;
+    let mut logs_size = 0u64;
     for r in runs {
         let outs = cache.outputs_of(r.id)?;
         // The import's own check, made here: a result it would refuse (a link out of its output, a record
@@ -224,7 +229,21 @@ fn collect(
             outputs.push(archive_output(cache, o, file, include_sensitive, report, &mut contents.blobs)?);
         }
         contents.manifests.insert(r.key);
-        let log = cache.log(r.id)?.filter(|l| !l.is_empty()).map(|l| {
+        let mut log = cache.log(r.id)?.filter(|l| !l.is_empty());
+        // Logs are read into memory by an import, within a bound: at most half of it for logs, the rest for the
+        // document and manifests. A log beyond that stays here.
+        if let Some(l) = &log
+            && logs_size + l.len() as u64 > MAX_IN_MEMORY / 2
+        {
+            report.left_out.push(format!(
+                "the log of stage `{}` ({} bytes): the archive's logs are full",
+                r.stage,
+                l.len()
+            ));
+            log = None;
+        }
+        let log = log.map(|l| {
+            logs_size += l.len() as u64;
             let name = format!("{}", contents.logs.len());
             contents.logs.push((name.clone(), l));
             name
@@ -324,11 +343,12 @@ fn write_tar(
     f.sync_all()
 }
 
-/// The checked content of an archive, before anything is written.
+/// The checked content of an archive, before anything is stored. Blobs are staged on disk (verified against
+/// their names), everything else is in memory, within [`MAX_IN_MEMORY`].
 struct Checked {
     doc: Document,
     manifests: BTreeMap<Key, Vec<u8>>,
-    blobs: BTreeMap<Hash, Vec<u8>>,
+    blobs: BTreeMap<Hash, Staged>,
     logs: BTreeMap<String, Vec<u8>>,
     secret_key: Option<[u8; 32]>,
 }
@@ -338,22 +358,29 @@ struct Checked {
 struct Parts {
     doc: Option<Document>,
     manifests: BTreeMap<Key, Vec<u8>>,
-    blobs: BTreeMap<Hash, Vec<u8>>,
+    blobs: BTreeMap<Hash, Staged>,
     logs: BTreeMap<String, Vec<u8>>,
     secret_key: Option<[u8; 32]>,
+    in_memory: u64,
 }
 
-/// One regular file of the archive: its name checked, its content read.
+/// One regular file of the archive: its name checked, its content read (a blob's staged on disk).
 struct TarFile {
     /// The whole entry name, for messages.
     name: String,
     /// The name below `kkpipe-cache/`.
     rest: String,
-    bytes: Vec<u8>,
+    content: Content,
 }
 
-/// Read and check the whole archive at `file`, writing nothing.
-fn read_checked(file: &Path) -> Result<Checked, Error> {
+enum Content {
+    Bytes(Vec<u8>),
+    Blob(Staged),
+}
+
+/// Read and check the whole archive at `file`, staging its blobs in `blobs`' temporary directory and storing
+/// nothing.
+fn read_checked(file: &Path, blobs: &BlobStore) -> Result<Checked, Error> {
     let reject = |why: String| Error::Rejected { path: file.to_path_buf(), why };
     let f = std::fs::File::open(file).map_err(|source| Error::Read { path: file.to_path_buf(), source })?;
     let dec = zstd::Decoder::new(f).map_err(|e| reject(format!("not a zstd stream: {e}")))?;
@@ -368,11 +395,11 @@ fn read_checked(file: &Path) -> Result<Checked, Error> {
         if count > MAX_ENTRIES {
             return Err(reject(format!("more than {MAX_ENTRIES} entries")));
         }
-        if let Some(f) = read_entry(entry, &reject)? {
+        if let Some(f) = read_entry(entry, blobs, &reject)? {
             add_part(&mut parts, f, &reject)?;
         }
     }
-    let Parts { doc, manifests, blobs, logs, secret_key } = parts;
+    let Parts { doc, manifests, blobs, logs, secret_key, .. } = parts;
     let doc = doc.ok_or_else(|| reject("no archive.json: not a kkpipe cache archive".into()))?;
     check_document(&doc, &manifests, &logs, &reject)?;
     Ok(Checked { doc, manifests, blobs, logs, secret_key })
@@ -381,6 +408,7 @@ fn read_checked(file: &Path) -> Result<Checked, Error> {
 /// Check one tar entry's name, type and size and read it; `None` for a directory, which is skipped.
 fn read_entry<R: Read>(
     mut entry: tar::Entry<'_, R>,
+    blobs: &BlobStore,
     reject: &impl Fn(String) -> Error,
 ) -> Result<Option<TarFile>, Error> {
     let raw = entry.path_bytes().into_owned();
@@ -407,17 +435,45 @@ fn read_entry<R: Read>(
         return Err(reject(format!("unexpected entry `{name}` outside `{ROOT}/`")));
     };
     let rest = rest.to_string();
-    let mut bytes = Vec::with_capacity(size as usize);
-    entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
-    if bytes.len() as u64 != size {
-        return Err(reject(format!("entry `{name}` is truncated")));
-    }
-    Ok(Some(TarFile { name, rest, bytes }))
+    let content = if rest.starts_with("blobs/") {
+        let staged = blobs.stage(&mut entry).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+        if staged.size != size {
+            return Err(reject(format!("entry `{name}` is truncated")));
+        }
+        Content::Blob(staged)
+    } else {
+        if size > MAX_IN_MEMORY {
+            return Err(reject(format!("entry `{name}` is {size} bytes, more than the {MAX_IN_MEMORY}-byte limit")));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+        if bytes.len() as u64 != size {
+            return Err(reject(format!("entry `{name}` is truncated")));
+        }
+        Content::Bytes(bytes)
+    };
+    Ok(Some(TarFile { name, rest, content }))
 }
 
 /// File one read entry under what it is (document, key, manifest, blob, log), checking its content.
 fn add_part(parts: &mut Parts, f: TarFile, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
-    let TarFile { name, rest, bytes } = f;
+    let TarFile { name, rest, content } = f;
+    let bytes = match content {
+        Content::Blob(staged) => {
+            let hex = rest.strip_prefix("blobs/").expect("staged only for blobs/");
+            let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
+            if staged.hash != hash {
+                return Err(reject(format!("blob `{hex}` does not match its hash (damaged or tampered with)")));
+            }
+            parts.blobs.insert(hash, staged);
+            return Ok(());
+        }
+        Content::Bytes(b) => b,
+    };
+    parts.in_memory += bytes.len() as u64;
+    if parts.in_memory > MAX_IN_MEMORY {
+        return Err(reject(format!("its records and logs are more than {MAX_IN_MEMORY} bytes")));
+    }
     match rest.split_once('/') {
         None if rest == "archive.json" => {
             parts.doc = Some(parse_document(&bytes, reject)?);
@@ -433,13 +489,6 @@ fn add_part(parts: &mut Parts, f: TarFile, reject: &impl Fn(String) -> Error) ->
             }
             Manifest::decode(&bytes).map_err(|e| reject(format!("manifest `{hex}` cannot be decoded ({e:?})")))?;
             parts.manifests.insert(key, bytes);
-        }
-        Some(("blobs", hex)) => {
-            let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
-            if Hash::of(&bytes) != hash {
-                return Err(reject(format!("blob `{hex}` does not match its hash (damaged or tampered with)")));
-            }
-            parts.blobs.insert(hash, bytes);
         }
         Some(("logs", n)) if !n.is_empty() && !n.contains('/') => {
             parts.logs.insert(n.to_string(), bytes);
@@ -622,22 +671,24 @@ fn confine(c: &Checked, stages: &[Stage], file: &Path) -> Result<Vec<bool>, Erro
 /// Imported attempts are placed after every attempt this cache holds, in the archive's own order (its
 /// sequence): importing is learning what happened elsewhere since. Later local attempts come after them.
 pub fn import(cache: &Cache, file: &Path, stages: &[Stage], with_secret_key: bool) -> Result<ImportReport, Error> {
-    let c = read_checked(file)?;
+    let mut c = read_checked(file, &cache.blobs)?;
     let wanted = confine(&c, stages, file)?;
     let mut report = ImportReport::default();
-    // Blobs first (temp file + rename each), then the rows that point at them, in one transaction.
-    let sensitive: BTreeSet<Hash> = c
-        .doc
-        .entries
-        .iter()
-        .flat_map(|e| e.outputs.iter())
-        .filter(|o| o.sensitive)
-        .filter_map(|o| o.hash.as_deref().and_then(Hash::from_hex))
-        .collect();
-    for (hash, bytes) in &c.blobs {
+    // Blobs first (a rename each), then the rows that point at them, in one transaction. Only the blobs an
+    // imported entry names are stored; the rest of what was staged is removed.
+    let mut needed: BTreeMap<Hash, bool> = BTreeMap::new();
+    for (e, _) in c.doc.entries.iter().zip(&wanted).filter(|(_, w)| **w) {
+        for o in e.outputs.iter().filter(|o| !o.dir) {
+            if let Some(h) = o.hash.as_deref().and_then(Hash::from_hex) {
+                *needed.entry(h).or_default() |= o.sensitive;
+            }
+        }
+    }
+    for (hash, staged) in std::mem::take(&mut c.blobs) {
+        let Some(&sensitive) = needed.get(&hash) else { continue };
         cache
             .blobs
-            .put_bytes(bytes, sensitive.contains(hash))
+            .commit_staged(staged, sensitive)
             .map_err(|e| super::Error::Write { path: cache.dir().join("blobs"), source: e.into() })?;
         report.blobs += 1;
     }

@@ -9,7 +9,7 @@
 use crate::hash::Hash;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -20,6 +20,23 @@ pub struct BlobStore {
 }
 
 pub const SENSITIVE_DIR: &str = "sensitive";
+
+/// A blob written and hashed in the temporary directory, not in the store: removed when dropped, unless
+/// committed (see [`BlobStore::stage`]).
+#[derive(Debug)]
+pub struct Staged {
+    path: PathBuf,
+    pub hash: Hash,
+    pub size: u64,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
 
 /// Mode of a stored blob: sensitive content is readable by its owner only.
 fn blob_mode(sensitive: bool) -> u32 {
@@ -94,6 +111,22 @@ impl BlobStore {
                 Err(e)
             }
         }
+    }
+
+    /// Write `input` to a temporary file, hashing it on the way: a blob that is not in the store yet. Nothing
+    /// is held in memory, whatever its size (an archive's blobs are staged so while the archive is checked).
+    pub fn stage(&self, input: &mut impl Read) -> io::Result<Staged> {
+        let (mut out, path) = self.temp_file(0o600)?;
+        let mut staged = Staged { path, hash: Hash::of(b""), size: 0 };
+        (staged.hash, staged.size) = copy_hashing(input, &mut out)?;
+        Ok(staged)
+    }
+
+    /// Put a staged blob into the store (a rename).
+    pub fn commit_staged(&self, mut s: Staged, sensitive: bool) -> io::Result<()> {
+        fs::set_permissions(&s.path, fs::Permissions::from_mode(blob_mode(sensitive)))?;
+        let path = std::mem::take(&mut s.path);
+        self.commit(&path, &s.hash, sensitive)
     }
 
     /// Store bytes already in memory (used by cache import after verifying them).
