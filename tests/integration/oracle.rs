@@ -26,7 +26,13 @@ find -L src -type f ! -name '*.tmp' | LC_ALL=C sort | while IFS= read -r f; do
   if [ -x "$f" ]; then x=x; else x=-; fi
   echo "$f $(cksum < "$f") $x" >> build/index.txt
 done
+find -L src -type d | LC_ALL=C sort > build/dirs.txt
 if [ -e "$ORACLE_CTL/slow" ]; then echo $$ > "$ORACLE_CTL/pid"; touch "$ORACLE_CTL/started"; sleep 30 & wait $!; fi
+if [ -e "$ORACLE_CTL/gated" ]; then
+  touch "$ORACLE_CTL/started"
+  while [ ! -e "$ORACLE_CTL/go" ]; do sleep 0.01; done
+fi
+if [ -e "$ORACLE_CTL/daemon" ]; then setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > "$ORACLE_CTL/daemon.pid"; fi
 printf '#!/bin/sh\necho %s\n' "$(cksum < build/index.txt)" > build/bin/run.sh
 if [ -x src/a.txt ]; then chmod 755 build/bin/run.sh; else chmod 644 build/bin/run.sh; fi
 ln -s index.txt build/latest
@@ -112,7 +118,19 @@ enum Op {
     Interrupt {
         kill: bool,
         trap: bool,
+        /// The signal reaches the stage's process group too, at once (a CI cancel, systemd stopping a cgroup).
+        together: bool,
     },
+    /// A source is edited while the stage that reads it runs (after it read it).
+    EditDuringRun,
+    EmptyDirAdd,
+    EmptyDirRemove,
+    /// An output's permission bits change by hand.
+    OutputChmod,
+    /// A repository nested in an output directory (a gh-pages worktree): never kkpipe's to delete.
+    NestedRepo,
+    /// The stage leaves a `setsid` child behind: it must not outlive the stage.
+    SetsidChild,
     FlakyDeploy,
     Drift,
     EnvEdit,
@@ -139,10 +157,17 @@ const OPS: &[Op] = &[
     Op::OutputDelete,
     Op::OutputWipe,
     Op::OutputExtra,
-    Op::Interrupt { kill: false, trap: false },
-    Op::Interrupt { kill: false, trap: true },
-    Op::Interrupt { kill: true, trap: false },
-    Op::Interrupt { kill: true, trap: true },
+    Op::Interrupt { kill: false, trap: false, together: false },
+    Op::Interrupt { kill: false, trap: true, together: false },
+    Op::Interrupt { kill: false, trap: true, together: true },
+    Op::Interrupt { kill: true, trap: false, together: false },
+    Op::Interrupt { kill: true, trap: true, together: false },
+    Op::EditDuringRun,
+    Op::EmptyDirAdd,
+    Op::EmptyDirRemove,
+    Op::OutputChmod,
+    Op::NestedRepo,
+    Op::SetsidChild,
     Op::FlakyDeploy,
     Op::Drift,
     Op::EnvEdit,
@@ -167,6 +192,9 @@ struct World {
     /// The signing key of the world's shared remote (`file://`), if it has one: every runner reads and writes
     /// it, and a runner can move with an empty cache, relying on it alone.
     key: Option<String>,
+    /// A repository nested in an output by this step (`NestedRepo`): (its `.git`, the stage whose output holds
+    /// it), checked by the step's check.
+    nested: Option<(String, &'static str)>,
 }
 
 /// kkpipe in `dir`; with the shared remote's signing key when the world has one, else with no remote at all
@@ -208,20 +236,22 @@ fn links_below(root: &Path, dir: &str) -> Vec<String> {
     below(root, dir, std::fs::FileType::is_symlink)
 }
 
-/// Every entry below `dirs` of `root`: kind, content, executable bit, link text; directories too.
+/// Every entry below `dirs` of `root`: kind, content, permission bits, link text; directories too. A nested
+/// repository (`.git`) is not the output's, so not compared.
 fn snapshot(root: &Path, dirs: &[&str]) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     for d in dirs {
-        for e in walkdir::WalkDir::new(root.join(d)).into_iter().filter_map(|e| e.ok()) {
+        let walk = walkdir::WalkDir::new(root.join(d)).into_iter().filter_entry(|e| e.file_name() != ".git");
+        for e in walk.filter_map(|e| e.ok()) {
             let rel = e.path().strip_prefix(root).unwrap().display().to_string();
             let ft = e.file_type();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
             let what = if ft.is_symlink() {
                 format!("link -> {}", std::fs::read_link(e.path()).unwrap().display())
             } else if ft.is_dir() {
-                "dir".to_string()
+                format!("dir {mode:o}")
             } else {
-                let mode = e.metadata().unwrap().permissions().mode();
-                format!("file x={} {:?}", mode & 0o111 != 0, std::fs::read_to_string(e.path()).unwrap_or_default())
+                format!("file {mode:o} {:?}", std::fs::read_to_string(e.path()).unwrap_or_default())
             };
             m.insert(rel, what);
         }
@@ -242,7 +272,7 @@ impl World {
         for d in [&work, &ctl, &live] {
             std::fs::create_dir_all(d).unwrap();
         }
-        let mut w = World { top, work, ctl, live, runners: 0, n: 0, log: Vec::new(), key: None };
+        let mut w = World { top, work, ctl, live, runners: 0, n: 0, log: Vec::new(), key: None, nested: None };
         let mut pipeline = PIPELINE.to_string();
         if remote {
             let keys = Run::from(kkpipe_in(&w.work, &["remote", "keygen", "--json"]).output().unwrap()).ok().json();
@@ -405,8 +435,8 @@ impl World {
                     self.write(&f, "extra\n");
                 }
             }
-            Op::Interrupt { kill, trap } => {
-                self.interrupt(kill, trap, rng);
+            Op::Interrupt { kill, trap, together } => {
+                self.interrupt(kill, trap, together, rng);
                 // Sometimes the next run is on another runner: the interrupted attempt must travel.
                 if rng.below(3) == 0 {
                     self.move_runner();
@@ -432,6 +462,48 @@ impl World {
                 self.note(format!("env {key} = {v}"));
                 self.write("pipeline.toml", &format!("{}{v}{}", &text[..start], &text[end..]));
             }
+            Op::EditDuringRun => self.edit_during_run(rng),
+            Op::EmptyDirAdd => {
+                let d = format!("{}/{}", ["src", "src/sub"][rng.below(2)], self.fresh_name("empty"));
+                self.note(format!("mkdir {d}"));
+                std::fs::create_dir_all(self.path(&d)).unwrap();
+            }
+            Op::EmptyDirRemove => {
+                let empty: Vec<String> = below(&self.work, "src", std::fs::FileType::is_dir)
+                    .into_iter()
+                    .filter(|d| std::fs::read_dir(self.path(d)).is_ok_and(|mut r| r.next().is_none()))
+                    .collect();
+                if let Some(d) = rng.pick(&empty) {
+                    self.note(format!("rmdir {d}"));
+                    std::fs::remove_dir(self.path(&d)).unwrap();
+                }
+            }
+            Op::OutputChmod => {
+                let entries: Vec<String> = OUTPUTS
+                    .iter()
+                    .flat_map(|d| below(&self.work, d, |t| t.is_file() || t.is_dir()))
+                    .filter(|p| !p.contains(".git"))
+                    .collect();
+                if let Some(f) = rng.pick(&entries) {
+                    let p = self.path(&f);
+                    // Directories keep their owner's rwx (kkpipe restores them so, to manage them).
+                    let modes = if p.is_dir() { [0o700, 0o711, 0o750, 0o755] } else { [0o600, 0o640, 0o700, 0o755] };
+                    let mode = modes[rng.below(4)];
+                    self.note(format!("chmod output {f} {mode:o}"));
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+                }
+            }
+            Op::NestedRepo => {
+                // Not in `build/empty`: `summary` lists it, so a repository there would be its input.
+                let (dir, stage) = ("report", "summary");
+                if self.path(dir).is_dir() {
+                    let git = format!("{dir}/.git");
+                    self.note(format!("a repository nested in {dir}"));
+                    self.write(&format!("{git}/HEAD"), "ref: refs/heads/gh-pages\n");
+                    self.nested = Some((git, stage));
+                }
+            }
+            Op::SetsidChild => self.setsid_child(rng),
             Op::MoveRunner => self.move_runner(),
             Op::FreshRunner if self.key.is_some() => {
                 self.runners += 1;
@@ -452,7 +524,7 @@ impl World {
 
     /// Start a run that reaches the index stage, stop kkpipe mid-stage (SIGINT, or SIGKILL), and wait until
     /// the stage's processes are gone.
-    fn interrupt(&mut self, sigkill: bool, trap: bool, rng: &mut Rng) {
+    fn interrupt(&mut self, sigkill: bool, trap: bool, together: bool, rng: &mut Rng) {
         self.touch_source(rng);
         std::fs::write(self.ctl.join("slow"), "").unwrap();
         if trap {
@@ -473,7 +545,15 @@ impl World {
         }
         let pid: i32 = std::fs::read_to_string(self.ctl.join("pid")).unwrap().trim().parse().unwrap();
         assert!(alive(pid), "the stage was running when kkpipe was stopped");
-        let sig = if sigkill { Signal::SIGKILL } else { Signal::SIGINT };
+        let sig = match (sigkill, together) {
+            (true, _) => Signal::SIGKILL,
+            (false, false) => Signal::SIGINT,
+            (false, true) => Signal::SIGTERM,
+        };
+        if together {
+            // The stage's group first: it may exit 0 (it traps the signal) before kkpipe handles its own.
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), sig);
+        }
         kill(Pid::from_raw(child.id() as i32), sig).unwrap();
         let status = child.wait().unwrap();
         assert!(!status.success(), "an interrupted run is not a success");
@@ -482,9 +562,51 @@ impl World {
             let _ = std::fs::remove_file(self.ctl.join(f));
         }
         self.note(format!(
-            "interrupt mid-stage with {sig:?}{}",
-            if trap { " (the stage traps it and exits 0)" } else { "" }
+            "interrupt mid-stage with {sig:?}{}{}",
+            if trap { " (the stage traps it and exits 0)" } else { "" },
+            if together { ", sent to the stage's group too" } else { "" }
         ));
+    }
+
+    /// A run whose index stage has read its inputs waits at a gate; a source is edited meanwhile, then the
+    /// stage ends. The run succeeds, and what it made from the old content must not pass for the new.
+    fn edit_during_run(&mut self, rng: &mut Rng) {
+        self.touch_source(rng);
+        std::fs::write(self.ctl.join("gated"), "").unwrap();
+        let mut child = kk(&self.work, &self.live, &self.ctl, self.key.as_deref(), &["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = within(Duration::from_secs(30), || self.ctl.join("started").exists());
+        let edited = files_below(&self.work, "src").into_iter().filter(|f| !f.ends_with(".tmp")).collect::<Vec<_>>();
+        let f = rng.pick(&edited).unwrap_or_else(|| "src/a.txt".into());
+        let text = format!("edited while running {}\n", rng.next() % 1000);
+        self.write(&f, &text);
+        std::fs::write(self.ctl.join("go"), "").unwrap();
+        let status = child.wait().unwrap();
+        for c in ["gated", "go", "started"] {
+            let _ = std::fs::remove_file(self.ctl.join(c));
+        }
+        assert!(started, "the index stage never reached its gate: the edit would test nothing");
+        assert!(status.success(), "a run whose input moved still ends well");
+        self.note(format!("edit {f} -> {text:?} while index runs"));
+    }
+
+    /// The index stage leaves a `setsid` child (a group and session of its own) behind: it must be gone once
+    /// the run is over.
+    fn setsid_child(&mut self, rng: &mut Rng) {
+        self.touch_source(rng);
+        std::fs::write(self.ctl.join("daemon"), "").unwrap();
+        let r = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
+        std::fs::remove_file(self.ctl.join("daemon")).unwrap();
+        assert_eq!(r.code, 0, "{}", r.all());
+        let pid_file = self.ctl.join("daemon.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        std::fs::remove_file(pid_file).unwrap();
+        let gone = within(Duration::from_secs(5), || !alive(pid));
+        assert!(gone, "a setsid child of the index stage outlived its stage:\n  {}", self.log.join("\n  "));
+        self.note("the index stage left a setsid child behind (it was stopped)".into());
     }
 
     /// A deploy without a drift probe fails half-way: the live system holds a partial state. Either its
@@ -540,6 +662,17 @@ impl World {
         let inc = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
         if inc.code != 0 {
             fail(self, format!("the incremental run failed:\n{}", inc.all()));
+        }
+        // A repository nested by the step's own operation goes only with a run of the stage whose output holds
+        // it (its command clears the directory), never with a restore.
+        if let Some((git, stage)) = self.nested.take() {
+            let ran = inc.ran().iter().any(|s| s == stage);
+            if !ran && !self.path(&git).join("HEAD").is_file() {
+                fail(
+                    self,
+                    format!("the repository nested at {git} is gone, and `{stage}` did not run:\n{}", inc.all()),
+                );
+            }
         }
         let scratch = self.top.path().join("scratch/repo");
         let scratch_live = self.top.path().join("scratch/live");
