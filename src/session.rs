@@ -205,6 +205,20 @@ impl<'a> Session<'a> {
 
     // ------------------------------------------------------------ manifest
 
+    /// Each `secret_env` variable of `stage` as an HMAC of its value (or "unset"), sorted by name.
+    fn secret_env(&self, stage: &crate::pipeline::Stage) -> Vec<(String, crate::hash::Hash)> {
+        let mut out = Vec::new();
+        if !stage.secret_env.is_empty() {
+            let key = self.secret_key.expect("a secret key is given when a stage has secret_env");
+            for name in &stage.secret_env {
+                let value = self.caller_env.get(name).map(String::as_str).filter(|v| !v.is_empty());
+                out.push((name.clone(), value.map_or_else(secret_unset, |v| secret_mac(&key, name, v))));
+            }
+            out.sort();
+        }
+        out
+    }
+
     /// Everything stage `i`'s result may depend on, given the outputs of the stages it needs.
     /// `Ok(Err(reason))` when the manifest cannot be complete (a tool is missing or unreadable).
     pub fn manifest(
@@ -235,15 +249,7 @@ impl<'a> Session<'a> {
                 format!("stage `{}`: input pattern `{}` matches no file", stage.name, self.matchers[i].patterns()[pi]);
             self.warn_once(w);
         }
-        let mut secret_env = Vec::new();
-        if !stage.secret_env.is_empty() {
-            let key = self.secret_key.expect("a secret key is given when a stage has secret_env");
-            for name in &stage.secret_env {
-                let value = self.caller_env.get(name).map(String::as_str).filter(|v| !v.is_empty());
-                secret_env.push((name.clone(), value.map_or_else(secret_unset, |v| secret_mac(&key, name, v))));
-            }
-            secret_env.sort();
-        }
+        let secret_env = self.secret_env(stage);
         let mut needs: Vec<(String, FileList)> = needs
             .iter()
             .map(|(n, outs)| (n.clone(), outs.iter().map(|o| (o.path.clone(), o.entry.clone())).collect()))

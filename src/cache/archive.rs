@@ -213,7 +213,6 @@ fn collect(
     let mut entries = Vec::new();
     let mut contents = Contents { blobs: BTreeMap::new(), manifests: BTreeSet::new(), logs: Vec::new() };
     let meta = cache.run_meta()?;
-    let mut logs_size = 0u64;
     for r in runs {
         let outs = cache.outputs_of(r.id)?;
         // The import's own check, made here: a result it would refuse (a link out of its output, a record
@@ -229,25 +228,7 @@ fn collect(
             outputs.push(archive_output(cache, o, file, include_sensitive, report, &mut contents.blobs)?);
         }
         contents.manifests.insert(r.key);
-        let mut log = cache.log(r.id)?.filter(|l| !l.is_empty());
-        // Logs are read into memory by an import, within a bound: at most half of it for logs, the rest for the
-        // document and manifests. A log beyond that stays here.
-        if let Some(l) = &log
-            && logs_size + l.len() as u64 > MAX_IN_MEMORY / 2
-        {
-            report.left_out.push(format!(
-                "the log of stage `{}` ({} bytes): the archive's logs are full",
-                r.stage,
-                l.len()
-            ));
-            log = None;
-        }
-        let log = log.map(|l| {
-            logs_size += l.len() as u64;
-            let name = format!("{}", contents.logs.len());
-            contents.logs.push((name.clone(), l));
-            name
-        });
+        let log = archive_log(cache, r, &mut contents.logs, report)?;
         let run = meta.get(&r.run_id);
         entries.push(ArchiveEntry {
             stage: r.stage.clone(),
@@ -271,6 +252,26 @@ fn collect(
         });
     }
     Ok((entries, contents))
+}
+
+/// The name under `logs/` of run `r`'s log, added to `logs`. Logs are read into memory by an import, within a
+/// bound: at most half of it for logs, the rest for the document and manifests. A log beyond that stays here.
+fn archive_log(
+    cache: &Cache,
+    r: &Attempt,
+    logs: &mut Vec<(String, Vec<u8>)>,
+    report: &mut ExportReport,
+) -> Result<Option<String>, Error> {
+    let Some(log) = cache.log(r.id)?.filter(|l| !l.is_empty()) else { return Ok(None) };
+    let size: u64 = logs.iter().map(|(_, l)| l.len() as u64).sum();
+    if size + log.len() as u64 > MAX_IN_MEMORY / 2 {
+        let (stage, n) = (&r.stage, log.len());
+        report.left_out.push(format!("the log of stage `{stage}` ({n} bytes): the archive's logs are full"));
+        return Ok(None);
+    }
+    let name = logs.len().to_string();
+    logs.push((name.clone(), log));
+    Ok(Some(name))
 }
 
 /// One output's record, noting in `blobs` the content to carry (unless it is sensitive and left out).

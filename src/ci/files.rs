@@ -328,6 +328,16 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("      - name: Start an ssh-agent with the nodes' key\n        uses: webfactory/ssh-agent@v0.9.0\n");
         t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
     }
+    github_run_step(f, &mut t);
+    t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
+    t.push_str("        uses: actions/cache/save@v4\n        with:\n");
+    t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
+    t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
+    t
+}
+
+/// The GitHub step that runs the pipeline, with the secrets it passes (the signing key never to a pull request).
+fn github_run_step(f: &Facts, t: &mut String) {
     // A manual run (`workflow_dispatch`) is a push of the chosen branch: the push stages, with their branch
     // filter. As the event it is, `manual`, it would select only stages that list it: none in the KKP pipeline.
     t.push_str("      - name: kkpipe run\n        run: kkpipe run ${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}\n");
@@ -342,11 +352,6 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
             let _ = writeln!(t, "          {s}: {value}");
         }
     }
-    t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
-    t.push_str("        uses: actions/cache/save@v4\n        with:\n");
-    t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
-    t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
-    t
 }
 
 /// What the `rust:1-bookworm` image lacks for installing terraform, cloning, and the SSH agent.
@@ -392,6 +397,12 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     // A pipeline started from the web UI is a push of its branch (see the GitHub file).
     t.push_str("  script:\n    - \"if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi\"\n");
     t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
+    gitlab_jobs(f, &mut t);
+    t
+}
+
+/// The GitLab jobs that extend `.kkpipe`: merge requests (planning with read-only credentials) and pushes.
+fn gitlab_jobs(f: &Facts, t: &mut String) {
     t.push_str("kkp:merge-request:\n  extends: .kkpipe\n");
     if f.remote || !f.plan_credentials.is_empty() {
         // Protected variables do not reach merge requests from unprotected branches: plan there with the
@@ -418,29 +429,11 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("  # One deploying job at a time.\n  resource_group: kkp-$CI_COMMIT_REF_SLUG\n");
     }
     t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"push\" || $CI_PIPELINE_SOURCE == \"web\"\n");
-    t
 }
 
 fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
     let mut t = header(Provider::Bitbucket, f, kkpipe);
-    t.push_str("# Repository variables reach the step as environment variables (SSH_PRIVATE_KEY base64-encoded).\n");
-    t.push_str(
-        "# Bitbucket saves caches only after a successful step, so the run step records kkpipe's exit code and\n",
-    );
-    t.push_str(
-        "# succeeds (its cache is saved, failed runs included); the next step fails the pipeline if a stage failed.\n",
-    );
-    t.push_str("# Caches are limited to 1 GB and expire after 7 days: the archive is kept below 800 MB.\n");
-    t.push_str(
-        "# A cache is saved only when none of that name exists, so a cache written once would be imported by every\n",
-    );
-    t.push_str(
-        "# run for a week: after importing it, the step deletes it (atlassian/bitbucket-clear-cache, with the\n",
-    );
-    t.push_str(
-        "# repository variables BITBUCKET_USERNAME and BITBUCKET_APP_PASSWORD) and this run's export is saved,\n",
-    );
-    t.push_str("# for the next run to find. kkpipe itself is cached per install source and this file.\n");
+    t.push_str(BITBUCKET_INTRO);
     t.push_str("image: rust:1-bookworm\n\ndefinitions:\n  caches:\n    kkpipe: .kkpipe-ci\n");
     let _ = writeln!(
         t,
@@ -481,6 +474,24 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("        artifacts:\n          - kkpipe-result/**\n");
     t.push_str("    - step: &kkpipe-result\n        name: kkp result\n        script:\n");
     t.push_str("          - \"test \\\"$(cat kkpipe-result/exit-code)\\\" = 0 || { echo 'a kkpipe stage failed: see the kkp pipeline step'; exit 1; }\"\n\n");
+    bitbucket_pipelines(f, &mut t);
+    t
+}
+
+/// The comment at the top of `bitbucket-pipelines.yml`.
+const BITBUCKET_INTRO: &str = "\
+# Repository variables reach the step as environment variables (SSH_PRIVATE_KEY base64-encoded).
+# Bitbucket saves caches only after a successful step, so the run step records kkpipe's exit code and
+# succeeds (its cache is saved, failed runs included); the next step fails the pipeline if a stage failed.
+# Caches are limited to 1 GB and expire after 7 days: the archive is kept below 800 MB.
+# A cache is saved only when none of that name exists, so a cache written once would be imported by every
+# run for a week: after importing it, the step deletes it (atlassian/bitbucket-clear-cache, with the
+# repository variables BITBUCKET_USERNAME and BITBUCKET_APP_PASSWORD) and this run's export is saved,
+# for the next run to find. kkpipe itself is cached per install source and this file.
+";
+
+/// Which steps run for pull requests and for pushes to each branch (a deployment for the deploying ones).
+fn bitbucket_pipelines(f: &Facts, t: &mut String) {
     t.push_str("pipelines:\n  pull-requests:\n    \"**\":\n      - step: *kkpipe-run\n      - step: *kkpipe-result\n  branches:\n");
     for b in &f.push_branches {
         let _ = writeln!(t, "    {}:\n      - step:\n          <<: *kkpipe-run", yq(b));
@@ -489,5 +500,4 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
         }
         t.push_str("      - step: *kkpipe-result\n");
     }
-    t
 }

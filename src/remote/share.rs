@@ -193,28 +193,7 @@ impl Remote {
                     continue;
                 }
             };
-            // A believed head is checked against the history: a newer believed record there means the head was
-            // replaced by an older one (or its last update was lost). A head that is not believed already means
-            // "deploy again", whatever the history says.
-            let (body, believed) = match head {
-                Some((body, false)) => (body, false),
-                head => {
-                    let after = head.as_ref().map_or(0, |(b, _)| b.seq);
-                    match (self.newest_logged(logged, env, &name, after, &what), head) {
-                        (Some(newer), head) => {
-                            let was = head.map_or("missing".into(), |(b, _)| format!("at {}", b.seq));
-                            self.warn(format!(
-                                "{what} on the remote `{}` is {was} while its history holds {}: the head was \
-                                 replaced or lost; using the newest record of the history",
-                                self.url, newer.seq
-                            ));
-                            (newer, true)
-                        }
-                        (None, Some(head)) => head,
-                        (None, None) => continue,
-                    }
-                }
-            };
+            let Some((body, believed)) = self.latest_record(head, logged, env, &name, &what) else { continue };
             let seen = match cache.remote_seen(&self.url, &name, env) {
                 Ok(s) => s,
                 Err(e) => {
@@ -234,6 +213,61 @@ impl Remote {
                 && let Err(e) = cache.set_remote_seen(&self.url, &name, env, body.seq)
             {
                 self.cache_failed(e);
+            }
+        }
+    }
+
+    /// The ledger's latest record of `name`, and whether it is believed: the head, checked against the history.
+    /// A newer believed record in the history means the head was replaced by an older one (or deleted, or its
+    /// last update was lost). A head that is not believed already means "deploy again", whatever the history
+    /// says.
+    fn latest_record(
+        &self,
+        head: Option<(LedgerBody, bool)>,
+        logged: Result<Vec<store::Listed>, store::Error>,
+        env: &str,
+        name: &str,
+        what: &str,
+    ) -> Option<(LedgerBody, bool)> {
+        if let Some((body, false)) = head {
+            return Some((body, false));
+        }
+        let after = head.as_ref().map_or(0, |(b, _)| b.seq);
+        let Some(newer) = self.newest_logged(logged, env, name, after, what) else { return head };
+        let was = head.map_or("missing".into(), |(b, _)| format!("at {}", b.seq));
+        self.warn(format!(
+            "{what} on the remote `{}` is {was} while its history holds {}: the head was replaced or lost; using \
+             the newest record of the history",
+            self.url, newer.seq
+        ));
+        Some((newer, true))
+    }
+
+    /// The next sequence number of the ledger of `stage` in `env`, and the head's version to swap: one more than
+    /// the believed head, the newest believed record of the history, and what this cache knows. Only believed
+    /// records' numbers are used. Over a head that is not believed (tampered, or by an untrusted key) the true
+    /// number is unknown: the wall clock (milliseconds) is a floor later than any honest record's, so readers
+    /// that saw the replaced head still learn the next one.
+    fn next_seq(&self, cache: &Cache, stage: &Stage, env: &str, what: &str) -> Option<(u64, Option<store::Version>)> {
+        let (head, version) = match self.store.get(&protocol::ledger(env, &stage.name)) {
+            Ok(None) => (0, None),
+            Ok(Some((bytes, v))) => match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
+                Ok(head) => (head.seq, Some(v)),
+                Err(_) => (now_ms().max(0) as u64, Some(v)),
+            },
+            Err(e) => {
+                self.failed(what, e);
+                return None;
+            }
+        };
+        let listed = self.store.list(&protocol::history_of(env, &stage.name));
+        let logged = self.newest_logged(listed, env, &stage.name, head, what).map_or(0, |b| b.seq);
+        let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
+        match head.max(logged).max(seen).checked_add(1) {
+            Some(seq) => Some((seq, version)),
+            None => {
+                self.warn(format!("{what} on the remote `{}` is at the largest sequence number", self.url));
+                None
             }
         }
     }
@@ -445,21 +479,7 @@ impl Remote {
         let shared = if state == State::Success { outputs } else { &[] };
         let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
         for _ in 0..16 {
-            // Only a believed record's `seq` is used. Over one that is not (tampered, or by an untrusted key), the
-            // head's true `seq` is unknown: the wall clock (milliseconds) is a floor later than any honest
-            // record's, so readers that saw the replaced head still learn this one.
-            let (floor, version) = match self.store.get(&name) {
-                Ok(None) => (0, None),
-                Ok(Some((bytes, v))) => match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
-                    Ok(head) => (head.seq, Some(v)),
-                    Err(_) => (now_ms().max(0) as u64, Some(v)),
-                },
-                Err(e) => return self.failed(&what, e),
-            };
-            let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
-            let Some(seq) = floor.max(seen).checked_add(1) else {
-                return self.warn(format!("{what} on the remote `{}` is at the largest sequence number", self.url));
-            };
+            let Some((seq, version)) = self.next_seq(cache, stage, env, &what) else { return };
             let body = LedgerBody {
                 version: protocol::VERSION,
                 env: env.into(),
@@ -474,16 +494,17 @@ impl Remote {
                 duration_ms,
             };
             let sealed = protocol::seal(&body, signer);
-            match self.store.put_if(&name, sealed.clone(), version.as_ref()) {
+            // The number is claimed in the history first (create-only): a record is kept for good before it is
+            // the head, so a replay of an older head is found out, and two writers never share a number.
+            match self.store.put_if(&protocol::history(env, &stage.name, seq), sealed.clone(), None) {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(e) => return self.failed(&format!("the history of {what}"), e),
+            }
+            match self.store.put_if(&name, sealed, version.as_ref()) {
                 Ok(Some(_)) => {
-                    if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, body.seq) {
+                    if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, seq) {
                         self.cache_failed(e);
-                    }
-                    // Then kept for good under its number (create-only), so that a replay of an older record at
-                    // the head is found out. Lost (a failure here), only that detection is weaker until the next.
-                    let history = protocol::history(env, &stage.name, body.seq);
-                    if let Err(e) = self.store.put_if(&history, sealed, None) {
-                        self.failed(&format!("the history of {what}"), e);
                     }
                     return;
                 }
@@ -577,6 +598,25 @@ mod tests {
         let c = runner(&store, &key, "c@laptop");
         c.remote.learn_ledger(&c.cache, &[&stage], "prod");
         assert_eq!(c.latest(), Some((k2, State::Success)));
+    }
+
+    #[test]
+    fn a_writer_over_a_replayed_head_numbers_its_record_after_the_history() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        a.deployed(&stage, b"manifest one");
+        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
+        a.deployed(&stage, b"manifest two");
+        a.deployed(&stage, b"manifest three");
+        store.plant(&protocol::ledger("prod", "apply"), &old);
+        // b has never read the ledger: it writes over the replayed head (1), after the history's newest (3).
+        let b = runner(&store, &key, "b@laptop");
+        let k3 = b.deployed(&stage, b"manifest four");
+        assert!(store.get(&protocol::history("prod", "apply", 4)).unwrap().is_some(), "numbered after the history");
+        let c = runner(&store, &key, "c@ci");
+        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
+        assert_eq!(c.latest(), Some((k3, State::Success)), "the newest deploy is the latest");
+        assert!(c.remote.take_warnings().is_empty(), "head and history agree again");
     }
 
     #[test]

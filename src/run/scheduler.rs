@@ -1016,7 +1016,7 @@ impl<'a> Scheduler<'a, '_> {
     ) -> Result<(), Error> {
         let key = keyed.key;
         let log = exit.log.masked(&self.env.masker.read().expect("masker"));
-        let mut ended = Ended { row, duration: exit.duration, code: exit.code, log, outputs: Vec::new() };
+        let ended = Ended { row, duration: exit.duration, code: exit.code, log, outputs: Vec::new() };
         // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that reached
         // kkpipe and the stage together (a CI cancel, systemd stopping a cgroup) may let the stage exit 0 first.
         if signalled || self.interrupt.signal().is_some() {
@@ -1026,37 +1026,7 @@ impl<'a> Scheduler<'a, '_> {
             return Ok(());
         }
         if ended.code == Some(0) {
-            // A result made while its inputs moved is no success to reuse under either key: it is recorded
-            // interrupted (so it runs again next time) and its outputs still go to the stages that need it.
-            let not_kept = self.changed_while_running(i, &keyed);
-            let stage = &self.cx.pipeline.stages[i];
-            return match outputs::collect(&self.cx.pipeline.root, &stage.outputs, &self.env.cache.blobs) {
-                Ok(outs) => {
-                    for o in &outs {
-                        self.mask_output(o);
-                    }
-                    // Masked again now that the stage's own sensitive outputs are known.
-                    ended.log = exit.log.masked(&self.env.masker.read().expect("masker"));
-                    ended.outputs = outs.clone();
-                    let state = match not_kept {
-                        None => State::Success,
-                        Some(why) => {
-                            ended.log.extend_from_slice(format!("kkpipe: {why}: its result is not kept\n").as_bytes());
-                            self.sink.event(&Event::Notice(Notice::NotKept { stage: self.name(i), why }));
-                            State::Interrupted
-                        }
-                    };
-                    self.conclude(i, &keyed, state, ended, StageEnd::Ok)?;
-                    self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration: exit.duration, key, reason });
-                    Ok(())
-                }
-                Err(e) => {
-                    // Exit code 0 without its declared outputs is still a failure.
-                    ended.log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
-                    ended.code = Some(1);
-                    self.fail(i, &keyed, reason, ended, e.to_string())
-                }
-            };
+            return self.stage_succeeded(i, keyed, reason, ended, &exit);
         }
         let detail = match (exit.code, exit.signal, &exit.spawn_error) {
             (_, _, Some(e)) => e.clone(),
@@ -1075,6 +1045,48 @@ impl<'a> Scheduler<'a, '_> {
             );
         }
         self.fail(i, &keyed, reason, ended, detail)
+    }
+
+    /// Exit code 0: collect and record the outputs. A result made while its inputs moved is no success to reuse
+    /// under either key: it is recorded interrupted (so it runs again next time) and its outputs still go to the
+    /// stages that need it.
+    fn stage_succeeded(
+        &mut self,
+        i: usize,
+        keyed: Keyed,
+        reason: Reason,
+        mut ended: Ended,
+        exit: &Exit,
+    ) -> Result<(), Error> {
+        let not_kept = self.changed_while_running(i, &keyed);
+        let stage = &self.cx.pipeline.stages[i];
+        let outs = match outputs::collect(&self.cx.pipeline.root, &stage.outputs, &self.env.cache.blobs) {
+            Ok(outs) => outs,
+            Err(e) => {
+                // Exit code 0 without its declared outputs is still a failure.
+                ended.log.extend_from_slice(format!("kkpipe: {e}\n").as_bytes());
+                ended.code = Some(1);
+                return self.fail(i, &keyed, reason, ended, e.to_string());
+            }
+        };
+        for o in &outs {
+            self.mask_output(o);
+        }
+        // Masked again now that the stage's own sensitive outputs are known.
+        ended.log = exit.log.masked(&self.env.masker.read().expect("masker"));
+        ended.outputs = outs.clone();
+        let state = match not_kept {
+            None => State::Success,
+            Some(why) => {
+                ended.log.extend_from_slice(format!("kkpipe: {why}: its result is not kept\n").as_bytes());
+                self.sink.event(&Event::Notice(Notice::NotKept { stage: self.name(i), why }));
+                State::Interrupted
+            }
+        };
+        self.conclude(i, &keyed, state, ended, StageEnd::Ok)?;
+        let (duration, key) = (exit.duration, keyed.key);
+        self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration, key, reason });
+        Ok(())
     }
 
     /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its

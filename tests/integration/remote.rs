@@ -440,8 +440,9 @@ fn while_a_deploy_waits_for_its_lease_independent_stages_run_stream_and_are_reco
     b.write("src.txt", "v2\n");
     let first = deploy_started(&a, &log, &["run", "--json", "rollout"], Stdio::piped);
     let mut second = Live::spawn(b.cmd_in(&b.root, &["run", "-j", "2", "--lock-timeout", "60"]));
-    // b's output arrives while a still deploys (its gate is closed).
+    // b's output arrives, and its stages end, while a still deploys (its gate is closed).
     second.until(Duration::from_secs(30), |l| l.contains("after-ran"));
+    second.until(Duration::from_secs(30), |l| l.trim_start().starts_with("Ok after"));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\n", "a's deploy is still running");
     assert!(second.seen.iter().any(|l| l.starts_with("side") && l.contains("side-ran")), "{:#?}", second.seen);
     let status = b.status_json();
