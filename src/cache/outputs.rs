@@ -220,6 +220,9 @@ pub fn restore(
 ) -> Result<(), NotRestored> {
     let refused = |path: &RelPath, why: String| NotRestored::Refused { path: path.clone(), why };
     let top = place::Root::open(root, blobs.tmp_dir()).map_err(|e| refused(&RelPath::root(), e.to_string()))?;
+    if let Some((path, why)) = crate::fresh::refusal_of(all, declared) {
+        return Err(refused(path, why));
+    }
     let children = children(all.iter().map(|r| &r.path));
     let links = crate::fresh::Links::of(all);
     for rec in write {

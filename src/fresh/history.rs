@@ -145,31 +145,53 @@ impl OutputRecord {
 }
 
 /// The first record of one result (all its records) that may not be written for a stage that declares
-/// `declared`, and why.
+/// `declared`, and why: one that [`OutputRecord::refusal`] refuses, or one below a declared output whose
+/// directories on the way (the output itself included) are not recorded. A complete tree is what lets a restore
+/// make the disk below an output exactly the records (it prunes what a recorded directory does not list), so
+/// that a link is resolved against what will be there, not against leftovers.
 pub fn refusal_of<'r>(records: &'r [OutputRecord], declared: &[Output]) -> Option<(&'r RelPath, String)> {
     let links = Links::of(records);
-    records.iter().find_map(|r| r.refusal(declared, &links).map(|why| (&r.path, why)))
+    for r in records {
+        let d = match r.confined_to(declared, &links) {
+            Ok(d) => d,
+            Err(why) => return Some((&r.path, why)),
+        };
+        let depth = d.path.names().len();
+        let names = r.path.names();
+        for n in depth..names.len() {
+            let dir = names[..n].join(&b'/');
+            if !matches!(links.0.get(dir.as_slice()), Some(Node::Dir)) {
+                let dir = String::from_utf8_lossy(&dir).into_owned();
+                return Some((&r.path, format!("its result does not record the directory `{dir}` it is in")));
+            }
+        }
+    }
+    None
 }
 
-/// The link records of one result, by path: a link's text is resolved through them as the kernel would
-/// resolve it once they are restored (`out/l1 -> l0/..` with `out/l0 -> .` is the repository root, not `out`).
+/// One result's records by path, as the kernel will find them once they are restored: a link's text is
+/// resolved through them (`out/l1 -> l0/..` with `out/l0 -> .` is the repository root, not `out`). Below a
+/// declared output the disk then holds exactly these records, so a name that is none of them does not exist.
 #[derive(Default)]
-pub struct Links<'r>(std::collections::HashMap<&'r [u8], &'r [u8]>);
+pub struct Links<'r>(std::collections::HashMap<&'r [u8], Node<'r>>);
+
+enum Node<'r> {
+    Dir,
+    File,
+    Link(&'r [u8]),
+}
 
 /// The kernel gives up after 40 links on one path (`ELOOP`); a result that needs more is refused.
 const MAX_LINKS: usize = 40;
 
 impl<'r> Links<'r> {
     pub fn of(records: &'r [OutputRecord]) -> Links<'r> {
-        Links(
-            records
-                .iter()
-                .filter_map(|r| match &r.entry {
-                    Entry::Symlink { target } => Some((r.path.as_bytes(), target.as_slice())),
-                    _ => None,
-                })
-                .collect(),
-        )
+        let node = |r: &'r OutputRecord| match &r.entry {
+            Entry::Symlink { target } => Node::Link(target.as_slice()),
+            Entry::Dir { .. } => Node::Dir,
+            Entry::File { .. } => Node::File,
+        };
+        Links(records.iter().map(|r| (r.path.as_bytes(), node(r))).collect())
     }
 
     /// Whether the link at `link` (names) with text `target` leads out of the directory `within` (names):
@@ -197,13 +219,18 @@ impl<'r> Links<'r> {
                 }
                 name => {
                     at.push(name);
-                    if let Some(&text) = self.0.get(at.join(&b'/').as_slice()) {
-                        followed += 1;
-                        if followed > MAX_LINKS {
-                            return true;
+                    match self.0.get(at.join(&b'/').as_slice()) {
+                        Some(Node::Link(text)) => {
+                            followed += 1;
+                            if followed > MAX_LINKS {
+                                return true;
+                            }
+                            at.pop();
+                            next_text = Some(text);
                         }
-                        at.pop();
-                        next_text = Some(text);
+                        // Anything else is walked as a directory, lexically: a name that is no record does not
+                        // exist once restored, and were it made later (a directory), this is how it resolves.
+                        _ => {}
                     }
                 }
             }
@@ -278,7 +305,7 @@ mod tests {
     fn a_chain_of_links_is_resolved_through_the_results_own_links() {
         let declared = [out("out")];
         // out/l0 -> ., out/lK -> l(K-1)/..: each text stays inside `out` on its own; l1 is the repository root.
-        let mut chain = vec![link("out/l0", ".")];
+        let mut chain = vec![rec("out", Entry::Dir { listing: Hash::of(b"") }), link("out/l0", ".")];
         for k in 1..=20 {
             chain.push(link(&format!("out/l{k}"), &format!("l{}/..", k - 1)));
         }
@@ -287,14 +314,23 @@ mod tests {
         assert_eq!(path.to_string(), "out/l1");
         assert!(why.contains("points out"), "{why}");
         // Links through links that stay inside are fine, and so is one that dangles inside.
-        let fine = [link("out/a", "sub"), link("out/sub/b", "../c"), link("out/d", "a/b/x"), link("out/e", "nowhere")];
+        let dir = |p| rec(p, Entry::Dir { listing: Hash::of(b"") });
+        let fine =
+            [dir("out"), link("out/a", "sub"), dir("out/sub"), link("out/sub/b", "../c"), link("out/d", "a/b/x")];
         assert_eq!(refusal_of(&fine, &declared), None);
-        let via = [link("out/a", "sub/deeper"), link("out/x", "a/../../etc")];
+        let via = [dir("out"), link("out/a", "sub/deeper"), link("out/x", "a/../../etc")];
         assert_eq!(refusal_of(&via, &declared), None, "out/sub/deeper/../../etc is out/etc");
-        let up = [link("out/a", "sub/deeper"), link("out/x", "a/../../../etc")];
+        let up = [dir("out"), link("out/a", "sub/deeper"), link("out/x", "a/../../../etc")];
         assert!(refusal_of(&up, &declared).is_some(), "out/sub/deeper/../../../etc is the root's etc");
         // A loop is refused as the kernel would (ELOOP), not followed forever.
-        let ring = [link("out/p", "q"), link("out/q", "p")];
+        let ring = [dir("out"), link("out/p", "q"), link("out/q", "p")];
         assert!(refusal_of(&ring, &declared).is_some());
+        // A result must record the directories its entries are in: a restore then makes the disk below the
+        // output exactly the records, and nothing left there by an earlier restore can redirect a link.
+        let bare = [link("out/d1/up", "..")];
+        let (path, why) = refusal_of(&bare, &declared).expect("incomplete");
+        assert_eq!((path.to_string(), why.contains("`out`")), ("out/d1/up".into(), true));
+        let (_, why) = refusal_of(&[dir("out"), link("out/d1/up", "..")], &declared).expect("incomplete");
+        assert!(why.contains("`out/d1`"), "{why}");
     }
 }

@@ -493,3 +493,26 @@ fn a_small_archive_costs_neither_memory_nor_disk() {
     assert!(stored < 16 << 20, "{stored} bytes under .kkpipe: the unnamed blob was not stored");
     assert_eq!(other.run(&[]).ok().with_state("restored"), ["build"], "what an entry names was stored");
 }
+
+/// Review of item 8: a result that did not record its directories was never pruned down to its records, so a
+/// link left by an earlier restore (`out/d1/.../up`, not in this result) redirected one of this result's links to
+/// `/etc`. A result must record every directory its entries are in; an archive whose results do not is refused.
+#[test]
+fn a_result_must_record_the_directories_its_entries_are_in() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
+    repo.run(&[]).ok();
+    let good = repo.sibling("good.tar.zst");
+    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let bad = repo.sibling("dirless.tar.zst");
+    rewrite_archive(&good, &bad, |doc| {
+        let outputs = doc["entries"][0]["outputs"].as_array_mut().unwrap();
+        assert!(outputs.iter().any(|o| o["dir"] == true), "a real export records the directory");
+        outputs.retain(|o| o["dir"] != true);
+    });
+    let other = Repo::empty();
+    other.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
+    let r = other.kk(&["cache", "import", bad.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("does not record the directory `out`"), "{}", r.stderr);
+}
