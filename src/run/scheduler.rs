@@ -1015,6 +1015,8 @@ impl<'a> Scheduler<'a, '_> {
         signalled: bool,
     ) -> Result<(), Error> {
         let key = keyed.key;
+        // Whatever the stage's end, what it printed of its own sensitive outputs is masked in what is kept.
+        self.mask_declared(i);
         let log = exit.log.masked(&self.env.masker.read().expect("masker"));
         let ended = Ended { row, duration: exit.duration, code: exit.code, log, outputs: Vec::new() };
         // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that reached
@@ -1191,6 +1193,27 @@ impl<'a> Scheduler<'a, '_> {
             return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
         }
         self.finish_fresh(i, &keyed, hit, restored, false)
+    }
+
+    /// Add what is on disk now at stage `i`'s declared sensitive outputs to the masker (files up to 1 MiB, the
+    /// first thousand below a directory): a stage that fails after writing its kubeconfig and printing it must
+    /// not leave it in its stored log.
+    fn mask_declared(&self, i: usize) {
+        let root = &self.cx.pipeline.root;
+        let mut values = Vec::new();
+        for o in self.cx.pipeline.stages[i].outputs.iter().filter(|o| o.sensitive) {
+            let files = walkdir::WalkDir::new(o.path.under(root)).follow_links(false).into_iter().flatten();
+            for f in files.filter(|f| f.file_type().is_file()).take(1000) {
+                if f.metadata().is_ok_and(|m| m.len() <= 1 << 20)
+                    && let Ok(bytes) = std::fs::read(f.path())
+                {
+                    values.push(bytes);
+                }
+            }
+        }
+        if !values.is_empty() {
+            self.env.masker.write().expect("masker").add_all(values.iter().map(Vec::as_slice));
+        }
     }
 
     /// Add a sensitive output's content to the masker (a stage that prints a kubeconfig shows `***`).

@@ -454,3 +454,30 @@ fn an_empty_directory_under_a_directory_input_is_part_of_the_key() {
     assert_eq!(r.with_state("restored"), ["list"], "removing it is a change too: {}", r.stdout);
     assert_eq!(repo.read("listing.txt"), "src\nsrc/base\nsrc/base/kustomization.yaml\n");
 }
+
+/// Review of item 12: the stored log was masked again only after a success; a stage that wrote its kubeconfig,
+/// printed it and failed kept it in its log, its export and the failure's log shown at the end.
+#[test]
+fn what_a_failed_stage_prints_of_its_sensitive_output_is_not_stored() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[stages.kubeone]
+run = ["mkdir -p creds && date +%s%N | sha256sum | cut -c1-32 > creds/kubeconfig", "cat creds/kubeconfig", "exit 3"]
+outputs = [{ path = "creds", sensitive = true }]
+"#,
+    );
+    // Quiet: nothing streams, and the failure's log is shown at its end, from what is kept.
+    let r = repo.kk(&["run", "-q"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let secret = repo.read("creds/kubeconfig").trim().to_string();
+    assert_eq!(secret.len(), 32);
+    assert!(r.all().contains("***") && !r.all().contains(&secret), "the failure's log: {}", r.all());
+    let log = repo.kk(&["log", "kubeone"]).ok();
+    assert!(log.stdout.contains("***") && !log.stdout.contains(&secret), "{}", log.stdout);
+    let archive = repo.sibling("c.tar.zst");
+    repo.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    let tar = zstd::decode_all(std::fs::File::open(&archive).unwrap()).unwrap();
+    assert!(!String::from_utf8_lossy(&tar).contains(&secret), "the export");
+}
