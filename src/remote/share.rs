@@ -219,8 +219,8 @@ impl Remote {
 
     /// The ledger's latest record of `name`, and whether it is believed: the head, checked against the history.
     /// A newer believed record in the history means the head was replaced by an older one (or deleted, or its
-    /// last update was lost). A head that is not believed already means "deploy again", whatever the history
-    /// says.
+    /// last update was lost); history objects above the head that are none of them mean the head cannot be
+    /// vouched for. A head that is not believed already means "deploy again", whatever the history says.
     fn latest_record(
         &self,
         head: Option<(LedgerBody, bool)>,
@@ -233,7 +233,18 @@ impl Remote {
             return Some((body, false));
         }
         let after = head.as_ref().map_or(0, |(b, _)| b.seq);
-        let Some(newer) = self.newest_logged(logged, env, name, after, what) else { return head };
+        let newer = match self.newest_logged(logged, env, name, after, what) {
+            Logged::Nothing => return head,
+            Logged::Newer(newer) => newer,
+            Logged::Unsure(n) => {
+                self.warn(format!(
+                    "{what} on the remote `{}`: its history holds {n} objects above the head that are no believed \
+                     records: the head is not believed, deploying again",
+                    self.url
+                ));
+                return head.map(|(body, _)| (body, false));
+            }
+        };
         let was = head.map_or("missing".into(), |(b, _)| format!("at {}", b.seq));
         self.warn(format!(
             "{what} on the remote `{}` is {was} while its history holds {}: the head was replaced or lost; using \
@@ -261,7 +272,12 @@ impl Remote {
             }
         };
         let listed = self.store.list(&protocol::history_of(env, &stage.name));
-        let logged = self.newest_logged(listed, env, &stage.name, head, what).map_or(0, |b| b.seq);
+        let logged = match self.newest_logged(listed, env, &stage.name, head, what) {
+            Logged::Nothing => 0,
+            Logged::Newer(b) => b.seq,
+            // The history's true top is unknown: the wall clock is a floor above any honest record's.
+            Logged::Unsure(_) => now_ms().max(0) as u64,
+        };
         let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
         match head.max(logged).max(seen).checked_add(1) {
             Some(seq) => Some((seq, version)),
@@ -295,9 +311,10 @@ impl Remote {
         Some((body, believed))
     }
 
-    /// The newest believed record in the ledger history of `name` with a sequence number above `after`.
-    /// Objects that are not believed or sit under another number are passed over (at most a few are read:
-    /// planted names cannot make a run read the whole bucket).
+    /// What the ledger history of `name` holds above `after` (the head's number). Objects that are not believed
+    /// or sit under another number are passed over, but not ignored: if nothing believed is found among the
+    /// newest few (planted names cannot make a run read the whole bucket), the history cannot vouch for the
+    /// head, which is then not believed either (fail closed: deploy again).
     fn newest_logged(
         &self,
         listed: Result<Vec<store::Listed>, store::Error>,
@@ -305,12 +322,12 @@ impl Remote {
         name: &str,
         after: u64,
         what: &str,
-    ) -> Option<LedgerBody> {
+    ) -> Logged {
         let listed = match listed {
             Ok(l) => l,
             Err(e) => {
                 self.failed(&format!("the history of {what}"), e);
-                return None;
+                return Logged::Nothing;
             }
         };
         let mut seqs: Vec<u64> = listed
@@ -318,8 +335,11 @@ impl Remote {
             .filter_map(|l| l.name.rsplit('/').next()?.parse::<u64>().ok())
             .filter(|&s| s > after)
             .collect();
+        if seqs.is_empty() {
+            return Logged::Nothing;
+        }
         seqs.sort_unstable_by(|a, b| b.cmp(a));
-        for seq in seqs.into_iter().take(8) {
+        for &seq in seqs.iter().take(8) {
             let Ok(Some((bytes, _))) = self.store.get(&protocol::history(env, name, seq)) else { continue };
             if let Ok(body) = protocol::open::<LedgerBody>(&bytes, &self.trusted)
                 && body.seq == seq
@@ -327,10 +347,10 @@ impl Remote {
                 && body.stage == name
                 && body.version == protocol::VERSION
             {
-                return Some(body);
+                return Logged::Newer(body);
             }
         }
-        None
+        Logged::Unsure(seqs.len())
     }
 
     /// One ledger record as the stage's latest attempt here; `as_is`: believed, and nothing local to weigh.
@@ -516,6 +536,14 @@ impl Remote {
     }
 }
 
+/// What a ledger's history holds above its head (see `Share::newest_logged`).
+enum Logged {
+    Nothing,
+    Newer(LedgerBody),
+    /// This many objects above the head, none of the newest of them a believed record.
+    Unsure(usize),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,18 +648,26 @@ mod tests {
     }
 
     #[test]
-    fn history_objects_that_are_not_believed_or_misnamed_are_passed_over() {
+    fn history_objects_that_are_not_believed_or_misnamed_never_vouch_for_a_head() {
         let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
         let a = runner(&store, &key, "a@ci");
         let k1 = a.deployed(&stage, b"manifest one");
-        let signed = store.get(&protocol::history("prod", "apply", 1)).unwrap().unwrap().0;
-        // A signed record copied under a larger number, and one signed by a stranger.
-        store.plant(&protocol::history("prod", "apply", 99), &signed);
-        let stranger = runner(&store, &PrivateKey::generate(), "x@evil");
-        stranger.deployed(&stage, b"manifest evil");
+        let v1 = store.get(&protocol::history("prod", "apply", 1)).unwrap().unwrap().0;
+        let k2 = a.deployed(&stage, b"manifest two");
+        // Below a believed newer record, junk is passed over: the newer record wins.
+        store.plant(&protocol::history("prod", "apply", 99), &v1);
+        store.plant(&protocol::ledger("prod", "apply"), &v1);
         let b = runner(&store, &key, "b@laptop");
-        store.plant(&protocol::ledger("prod", "apply"), &signed);
         b.remote.learn_ledger(&b.cache, &[&stage], "prod");
-        assert_eq!(b.latest(), Some((k1, State::Success)), "only believed records under their own number count");
+        assert_eq!(b.latest(), Some((k2, State::Success)), "record 2 is found below the misnamed 99");
+        // Enough junk above the real records that none of the newest is believed: the replayed head is not
+        // believed either, and the stage deploys again.
+        for n in 100..110 {
+            store.plant(&protocol::history("prod", "apply", n), &v1);
+        }
+        let c = runner(&store, &key, "c@laptop");
+        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
+        assert_eq!(c.latest(), Some((k1, State::Interrupted)), "learned as 'live state unknown'");
+        assert!(c.remote.take_warnings().join("\n").contains("head is not believed"));
     }
 }

@@ -846,3 +846,27 @@ fn runners_with_different_lease_lifetimes_never_deploy_at_once() {
     second.ok();
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "start v1\nend v1\nstart v2\nend v2\n");
 }
+
+/// Review of item 5: planting copies of an old record under new, higher names in the history hid the real newer
+/// records from a reader that looked at the newest few only, and the replayed head was believed again. History
+/// objects above the head that are no believed records mean the head is not believed: deploy again.
+#[test]
+fn planted_history_names_cannot_hide_a_newer_deploy() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&[]).ok();
+    let head = "ledger/default/deploy";
+    let v1_record = store.get(head);
+    a.write("src.txt", "v2\n");
+    assert_eq!(a.run(&[]).ok().ran(), ["build", "deploy"]);
+    store.tamper(head, &v1_record);
+    for n in 91..=99u64 {
+        let name = format!("history/default/deploy/{n:020}");
+        std::fs::write(store.dir.join(&name), &v1_record).unwrap();
+    }
+    let c = runner(&store, BUILD_AND_DEPLOY, &[&k.public], None, "");
+    let r = c.run(&["--remote", "read-only"]);
+    assert!(r.stderr.contains("head is not believed"), "{}", r.stderr);
+    assert_ne!(c.state_of("deploy"), "fresh", "a v1 runner does not take v1 for what is live: {}", r.stderr);
+}
