@@ -219,18 +219,15 @@ impl<'r> Links<'r> {
                 }
                 name => {
                     at.push(name);
-                    match self.0.get(at.join(&b'/').as_slice()) {
-                        Some(Node::Link(text)) => {
-                            followed += 1;
-                            if followed > MAX_LINKS {
-                                return true;
-                            }
-                            at.pop();
-                            next_text = Some(text);
+                    // Anything but a link is walked as a directory, lexically: a name that is no record does not
+                    // exist once restored, and were it made later (a directory), this is how it resolves.
+                    if let Some(Node::Link(text)) = self.0.get(at.join(&b'/').as_slice()) {
+                        followed += 1;
+                        if followed > MAX_LINKS {
+                            return true;
                         }
-                        // Anything else is walked as a directory, lexically: a name that is no record does not
-                        // exist once restored, and were it made later (a directory), this is how it resolves.
-                        _ => {}
+                        at.pop();
+                        next_text = Some(text);
                     }
                 }
             }
