@@ -154,6 +154,9 @@ fn launch(lock: &Path, grace: Duration) -> std::io::Result<ChildStdin> {
         .arg(lock)
         .arg(grace.as_millis().to_string())
         .arg(run_tag())
+        // Not one of the stage's processes: a kkpipe run inside a stage starts its watchdog with the outer tag
+        // in its environment, and the outer stop must not take it before it has stopped its own stages.
+        .env_remove(TAG_VAR)
         // std opens the pipe close-on-exec, so stages never inherit the write end (which would hide
         // kkpipe's death from the watchdog for as long as a stage lives).
         .stdin(Stdio::piped())
@@ -221,6 +224,11 @@ pub fn serve() -> ExitCode {
     let Ok(_held) = held else {
         return ExitCode::FAILURE;
     };
+    // Only the pipe's end ends the watchdog: a signal meant for the stages (a CI cancel sent to every process,
+    // an outer kkpipe's stop) must not take it before it has stopped them.
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
+        let _ = signal_hook::flag::register(sig, std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    }
     if std::io::stdout().write_all(b"L").and_then(|()| std::io::stdout().flush()).is_err() {
         return ExitCode::FAILURE;
     }

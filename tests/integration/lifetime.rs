@@ -223,3 +223,36 @@ fn a_setsid_child_dies_with_a_sigkilled_kkpipe() {
         "the setsid child {child} outlived the SIGKILLed kkpipe"
     );
 }
+
+/// Review of item 9: a kkpipe run inside a stage started its watchdog with the outer run's tag, so when the outer
+/// kkpipe was SIGKILLed its watchdog's stop took the inner watchdog before it had stopped the inner stage (which
+/// ignores SIGTERM), and that stage lived on. The watchdog carries no tag and ends only when its pipe does.
+#[test]
+fn a_nested_kkpipe_run_stops_its_stages_when_the_outer_one_is_killed() {
+    let repo = Repo::empty();
+    let pid_file = repo.sibling("inner.pid");
+    let kkpipe = env!("CARGO_BIN_EXE_kkpipe");
+    repo.write(
+        "pipeline.toml",
+        &format!(
+            "[stages.outer]\nrun = {:?}\nenv = {{ KKPIPE_STOP_GRACE = \"1\" }}\n",
+            format!("{kkpipe} -C inner run")
+        ),
+    );
+    repo.write(
+        "inner/pipeline.toml",
+        &format!(
+            "[stages.inner]\nrun = {:?}\n",
+            format!("trap '' TERM; echo $$ > {}; sleep 300", pid_file.display())
+        ),
+    );
+    let mut outer = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let inner = pid_in(&pid_file);
+    let _cleanup = KillOnPanic(inner);
+    // Both watchdogs run in the outer repository (the inner run is `-C inner` from there).
+    assert!(within(Duration::from_secs(20), || watchdogs_in(&repo.root).len() == 2), "the inner watchdog runs");
+    assert!(outer.try_wait().unwrap().is_none() && alive(inner), "both runs are running");
+    outer.kill().unwrap();
+    outer.wait().unwrap();
+    assert!(within(Duration::from_secs(20), || !alive(inner)), "the inner stage {inner} outlived both runs");
+}
