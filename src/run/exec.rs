@@ -128,7 +128,9 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         }
     };
     let pgid = child.id() as i32;
-    // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies.
+    // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies, and known
+    // as kkpipe's own child, never an orphan to reap.
+    watchdog::own(pgid);
     let watch = watchdog::watch(pgid);
     if let Some(mut go) = child.stdin.take() {
         let _ = std::io::Write::write_all(&mut go, b"\n");
@@ -153,6 +155,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     .collect();
     drop(done_tx);
     let status = child.wait();
+    watchdog::disown(pgid);
 
     drain(readers, &done_rx, pgid);
     // Nothing a stage started outlives it: the group and whatever left it are stopped, and only then is the

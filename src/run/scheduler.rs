@@ -253,6 +253,8 @@ impl Drop for Scheduler<'_, '_> {
     /// `running` and are marked interrupted by the next run (or below, on an error).
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
+        // Nothing a stage started outlives the run: orphans whose stage could not be told are stopped now.
+        watchdog::stop_orphans();
         let active: Vec<(Option<i32>, Option<i64>)> = self
             .slots
             .iter()

@@ -16,8 +16,11 @@
 //! A process can leave its group (`setsid`, `daemon()`, `ssh -f`), so groups alone do not find everything a
 //! stage started. Every stage process gets `KKPIPE_PROCESS_TAG=RUN.JOB` in its environment, which children
 //! inherit whatever group or session they move to; the processes still carrying a stage's tag are stopped when
-//! the stage ends ([`stop_leftovers`]), and every process carrying this run's tag when kkpipe dies. A process
-//! that clears its environment (`env -i`) escapes this, and so does one that another user owns.
+//! the stage ends ([`stop_leftovers`]), and every process carrying this run's tag when kkpipe dies. And kkpipe
+//! is a child subreaper: a process whose parent died (a daemon's double fork) becomes kkpipe's child, outside
+//! kkpipe's own process group, so it is found even when its environment cannot be read (`env -i`, a
+//! non-dumpable `ssh-agent`): by its tag if it has one, else when its stage ends alone, else when the run ends
+//! ([`stop_orphans`]).
 //!
 //! Why a pipe and not `PR_SET_PDEATHSIG` on each stage: that needs an `unsafe` `pre_exec`, fires when the
 //! spawning *thread* ends (here a short-lived job thread), and reaches only the shell, not the processes it
@@ -47,6 +50,89 @@ static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
 
 /// The variable that marks every process a stage starts (see the module docs).
 pub const TAG_VAR: &str = "KKPIPE_PROCESS_TAG";
+
+/// The stage shells kkpipe waits for itself (never reaped or stopped as orphans), by pid.
+static OWN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// The watchdog's pid: a child of kkpipe in a group of its own, never an orphan.
+static WATCHDOG_PID: OnceLock<i32> = OnceLock::new();
+
+/// A stage shell kkpipe spawned and will wait for; [`disown`] once waited for.
+pub fn own(pid: i32) {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+}
+
+pub fn disown(pid: i32) {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pid);
+}
+
+/// kkpipe's children that it did not spawn as stages: orphans of its stages (a subreaper inherits them), with
+/// whether they are zombies. Children in kkpipe's own process group (a `git` it runs and waits for) are not.
+fn orphans() -> Vec<(Pid, bool)> {
+    let me = std::process::id() as i32;
+    let my_group = nix::unistd::getpgrp().as_raw();
+    let own = OWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let watchdog = WATCHDOG_PID.get().copied();
+    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| !own.contains(&pid) && Some(pid) != watchdog)
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = f.next()?.chars().next()?;
+            let ppid: i32 = f.next()?.parse().ok()?;
+            let pgrp: i32 = f.next()?.parse().ok()?;
+            (ppid == me && pgrp != my_group).then_some((Pid::from_raw(pid), matches!(state, 'Z' | 'X')))
+        })
+        .collect()
+}
+
+/// Reap the orphans that have exited (a subreaper must, or they stay zombies in their groups).
+fn reap_orphans() {
+    for (pid, zombie) in orphans() {
+        if zombie {
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+    }
+}
+
+/// Whether `pid`'s environment can be read (a non-dumpable process's cannot, not even by its own user).
+fn readable_env(pid: Pid) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok()
+}
+
+/// Stop every orphan kkpipe still has: at the end of a run nothing a stage started may be left.
+pub fn stop_orphans() {
+    if WATCHDOG.get().is_none() {
+        return; // no stage ran: kkpipe is no subreaper, and a no-op run pays for no scan
+    }
+    for _ in 0..3 {
+        let left: Vec<Pid> = orphans().into_iter().filter(|(_, zombie)| !zombie).map(|(p, _)| p).collect();
+        if left.is_empty() {
+            break;
+        }
+        stop_processes(left);
+    }
+    reap_orphans();
+}
+
+/// SIGTERM, up to [`LEFTOVER_GRACE`] to go (reaping what exits), then SIGKILL.
+fn stop_processes(mut left: Vec<Pid>) {
+    for &p in &left {
+        let _ = nix::sys::signal::kill(p, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + LEFTOVER_GRACE;
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        reap_orphans();
+        left.retain(|&p| alive(p));
+    }
+    for p in left {
+        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+    }
+    reap_orphans();
+}
 
 /// How long leftovers of a finished stage get between SIGTERM and SIGKILL.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(1);
@@ -92,8 +178,15 @@ fn tagged(tag: &str, prefix: bool) -> Vec<Pid> {
 /// pipes) and every process that still carries its tag (one that left the group: `setsid`, `ssh -f`).
 /// SIGTERM, up to a second to go, then SIGKILL. Returns how many processes were left.
 pub fn stop_leftovers(pgid: i32, tag: &str) -> usize {
+    reap_orphans();
     let group = || killpg(Pid::from_raw(pgid), None).is_ok();
     let mut left = tagged(tag, false);
+    // Orphans whose environment cannot be read are this stage's if no other stage is running; else they wait
+    // for the end of the run.
+    if OWN.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        let unreadable = orphans().into_iter().filter(|&(p, zombie)| !zombie && !readable_env(p));
+        left.extend(unreadable.map(|(p, _)| p).filter(|p| !left.contains(p)).collect::<Vec<_>>());
+    }
     if left.is_empty() && !group() {
         return 0;
     }
@@ -105,12 +198,14 @@ pub fn stop_leftovers(pgid: i32, tag: &str) -> usize {
     let deadline = Instant::now() + LEFTOVER_GRACE;
     while (group() || !left.is_empty()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+        reap_orphans();
         left.retain(|&p| alive(p));
     }
     let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
     for p in left {
         let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
     }
+    reap_orphans();
     found
 }
 
@@ -129,13 +224,21 @@ pub const LOCK_NAME: &str = "stages.lock";
 /// is spawned, so a stage is unwatched only between its spawn and its `+PGID` line, and a run with nothing
 /// to run starts no process.
 pub fn start(cache_dir: &Path, grace: Duration) {
-    WATCHDOG.get_or_init(|| match launch(&cache_dir.join(LOCK_NAME), grace) {
+    WATCHDOG.get_or_init(|| {
+        // Orphans of the stages become kkpipe's children (see the module docs).
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+        launch_watchdog(cache_dir, grace)
+    });
+}
+
+fn launch_watchdog(cache_dir: &Path, grace: Duration) -> Option<Mutex<ChildStdin>> {
+    match launch(&cache_dir.join(LOCK_NAME), grace) {
         Ok(stdin) => Some(Mutex::new(stdin)),
         Err(e) => {
             eprintln!("warning: cannot start the stage watchdog ({e}): stages would outlive a killed kkpipe");
             None
         }
-    });
+    }
 }
 
 /// Whether this process runs a watchdog: then `stages.lock` is held by our own, for our own stages (a process
@@ -168,6 +271,7 @@ fn launch(lock: &Path, grace: Duration) -> std::io::Result<ChildStdin> {
         .process_group(0)
         .spawn()?;
     // The child is never waited for: it outlives us by design and is reaped by whoever inherits it.
+    let _ = WATCHDOG_PID.set(child.id() as i32);
     let mut stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin pipe"))?;
     // Wait for the watchdog to hold its lock (it answers once it does): a stage never runs before that.
     let mut ready = [0u8; 1];

@@ -241,10 +241,7 @@ fn a_nested_kkpipe_run_stops_its_stages_when_the_outer_one_is_killed() {
     );
     repo.write(
         "inner/pipeline.toml",
-        &format!(
-            "[stages.inner]\nrun = {:?}\n",
-            format!("trap '' TERM; echo $$ > {}; sleep 300", pid_file.display())
-        ),
+        &format!("[stages.inner]\nrun = {:?}\n", format!("trap '' TERM; echo $$ > {}; sleep 300", pid_file.display())),
     );
     let mut outer = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let inner = pid_in(&pid_file);
@@ -255,4 +252,26 @@ fn a_nested_kkpipe_run_stops_its_stages_when_the_outer_one_is_killed() {
     outer.kill().unwrap();
     outer.wait().unwrap();
     assert!(within(Duration::from_secs(20), || !alive(inner)), "the inner stage {inner} outlived both runs");
+}
+
+/// Review of item 9: a process that clears its environment (`env -i`) or cannot have it read (a non-dumpable
+/// `ssh-agent` on a runner that is not root) carries no tag kkpipe can see, and left the stage's group. kkpipe is
+/// a child subreaper: such an orphan becomes its child and is stopped when its stage ends.
+#[test]
+fn an_untagged_daemon_a_stage_leaves_is_stopped_too() {
+    let repo = Repo::empty();
+    let pid_file = repo.sibling("daemon.pid");
+    // The stage ends once the daemon leads a group of its own and provably carries no tag.
+    let f = pid_file.display();
+    let script = format!(
+        "(env -i setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {f}) && until [ -s {f} ]; do sleep 0.01; done; \
+         d=$(cat {f}); until [ \"$(cut -d' ' -f5 /proc/$d/stat)\" = \"$d\" ]; do sleep 0.01; done; \
+         ! grep -qa KKPIPE_PROCESS_TAG /proc/$d/environ"
+    );
+    repo.write("pipeline.toml", &format!("[stages.agent]\nrun = {script:?}\n"));
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["agent"]);
+    let daemon = pid_in(&pid_file);
+    let _cleanup = KillOnPanic(daemon);
+    assert!(within(Duration::from_secs(5), || !alive(daemon)), "the untagged daemon {daemon} outlived its stage");
 }
