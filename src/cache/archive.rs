@@ -38,6 +38,8 @@ pub const MAX_TOTAL: u64 = 16 << 30;
 /// What is read into memory (the document, manifests and logs; blobs go to disk as they are read), together.
 /// A larger log is left out of an export.
 pub const MAX_IN_MEMORY: u64 = 512 << 20;
+/// One stage log in an archive: a larger one is left out of an export.
+pub const MAX_LOG: u64 = 64 << 20;
 const MAX_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +257,8 @@ fn collect(
 }
 
 /// The name under `logs/` of run `r`'s log, added to `logs`. Logs are read into memory by an import, within a
-/// bound: at most half of it for logs, the rest for the document and manifests. A log beyond that stays here.
+/// bound: at most half of it for logs (each at most [`MAX_LOG`]), the rest for the document and manifests. A log
+/// beyond that stays here.
 fn archive_log(
     cache: &Cache,
     r: &Attempt,
@@ -264,9 +267,9 @@ fn archive_log(
 ) -> Result<Option<String>, Error> {
     let Some(log) = cache.log(r.id)?.filter(|l| !l.is_empty()) else { return Ok(None) };
     let size: u64 = logs.iter().map(|(_, l)| l.len() as u64).sum();
-    if size + log.len() as u64 > MAX_IN_MEMORY / 2 {
+    if log.len() as u64 > MAX_LOG || size + log.len() as u64 > MAX_IN_MEMORY / 2 {
         let (stage, n) = (&r.stage, log.len());
-        report.left_out.push(format!("the log of stage `{stage}` ({n} bytes): the archive's logs are full"));
+        report.left_out.push(format!("the log of stage `{stage}` ({n} bytes): more than an archive's logs may hold"));
         return Ok(None);
     }
     let name = logs.len().to_string();
@@ -363,6 +366,9 @@ struct Parts {
     logs: BTreeMap<String, Vec<u8>>,
     secret_key: Option<[u8; 32]>,
     in_memory: u64,
+    /// Once `archive.json` is read: the blobs its entries of this pipeline's stages name. Others are skipped
+    /// unread, never staged.
+    needed: Option<BTreeSet<Hash>>,
 }
 
 /// One regular file of the archive: its name checked, its content read (a blob's staged on disk).
@@ -381,7 +387,7 @@ enum Content {
 
 /// Read and check the whole archive at `file`, staging its blobs in `blobs`' temporary directory and storing
 /// nothing.
-fn read_checked(file: &Path, blobs: &BlobStore) -> Result<Checked, Error> {
+fn read_checked(file: &Path, blobs: &BlobStore, stages: &[Stage]) -> Result<Checked, Error> {
     let reject = |why: String| Error::Rejected { path: file.to_path_buf(), why };
     let f = std::fs::File::open(file).map_err(|source| Error::Read { path: file.to_path_buf(), source })?;
     let dec = zstd::Decoder::new(f).map_err(|e| reject(format!("not a zstd stream: {e}")))?;
@@ -396,8 +402,8 @@ fn read_checked(file: &Path, blobs: &BlobStore) -> Result<Checked, Error> {
         if count > MAX_ENTRIES {
             return Err(reject(format!("more than {MAX_ENTRIES} entries")));
         }
-        if let Some(f) = read_entry(entry, blobs, &reject)? {
-            add_part(&mut parts, f, &reject)?;
+        if let Some(f) = read_entry(entry, blobs, &parts, &reject)? {
+            add_part(&mut parts, f, stages, &reject)?;
         }
     }
     let Parts { doc, manifests, blobs, logs, secret_key, .. } = parts;
@@ -410,6 +416,7 @@ fn read_checked(file: &Path, blobs: &BlobStore) -> Result<Checked, Error> {
 fn read_entry<R: Read>(
     mut entry: tar::Entry<'_, R>,
     blobs: &BlobStore,
+    parts: &Parts,
     reject: &impl Fn(String) -> Error,
 ) -> Result<Option<TarFile>, Error> {
     let raw = entry.path_bytes().into_owned();
@@ -436,28 +443,57 @@ fn read_entry<R: Read>(
         return Err(reject(format!("unexpected entry `{name}` outside `{ROOT}/`")));
     };
     let rest = rest.to_string();
-    let content = if rest.starts_with("blobs/") {
+    // What an import reads depends on the document, which `kkpipe cache export` writes first.
+    let Some(needed) = &parts.needed else {
+        return match rest == "archive.json" {
+            true => read_small(entry, name, rest, size, parts.in_memory, reject).map(Some),
+            false => Err(reject(format!("entry `{name}` comes before `archive.json`, which an export writes first"))),
+        };
+    };
+    let content = if let Some(hex) = rest.strip_prefix("blobs/") {
+        let hash = Hash::from_hex(hex).ok_or_else(|| reject(format!("bad blob name `{name}`")))?;
+        if !needed.contains(&hash) {
+            // Named by no entry this import could take: read past, never stored (its bytes still count).
+            std::io::copy(&mut entry, &mut std::io::sink()).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+            return Ok(None);
+        }
         let staged = blobs.stage(&mut entry).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
         if staged.size != size {
             return Err(reject(format!("entry `{name}` is truncated")));
         }
         Content::Blob(staged)
     } else {
-        if size > MAX_IN_MEMORY {
-            return Err(reject(format!("entry `{name}` is {size} bytes, more than the {MAX_IN_MEMORY}-byte limit")));
+        if rest.starts_with("logs/") && size > MAX_LOG {
+            return Err(reject(format!("entry `{name}` is {size} bytes, more than a log's {MAX_LOG}-byte limit")));
         }
-        let mut bytes = Vec::with_capacity(size as usize);
-        entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
-        if bytes.len() as u64 != size {
-            return Err(reject(format!("entry `{name}` is truncated")));
-        }
-        Content::Bytes(bytes)
+        return read_small(entry, name, rest, size, parts.in_memory, reject).map(Some);
     };
     Ok(Some(TarFile { name, rest, content }))
 }
 
+/// Read an entry that is kept in memory, if it fits in what is left of [`MAX_IN_MEMORY`] (checked before a
+/// byte is read).
+fn read_small<R: Read>(
+    mut entry: tar::Entry<'_, R>,
+    name: String,
+    rest: String,
+    size: u64,
+    in_memory: u64,
+    reject: &impl Fn(String) -> Error,
+) -> Result<TarFile, Error> {
+    if in_memory + size > MAX_IN_MEMORY {
+        return Err(reject(format!("its records and logs are more than {MAX_IN_MEMORY} bytes (at `{name}`)")));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    entry.read_to_end(&mut bytes).map_err(|e| reject(format!("entry `{name}`: {e}")))?;
+    if bytes.len() as u64 != size {
+        return Err(reject(format!("entry `{name}` is truncated")));
+    }
+    Ok(TarFile { name, rest, content: Content::Bytes(bytes) })
+}
+
 /// File one read entry under what it is (document, key, manifest, blob, log), checking its content.
-fn add_part(parts: &mut Parts, f: TarFile, reject: &impl Fn(String) -> Error) -> Result<(), Error> {
+fn add_part(parts: &mut Parts, f: TarFile, stages: &[Stage], reject: &impl Fn(String) -> Error) -> Result<(), Error> {
     let TarFile { name, rest, content } = f;
     let bytes = match content {
         Content::Blob(staged) => {
@@ -476,8 +512,17 @@ fn add_part(parts: &mut Parts, f: TarFile, reject: &impl Fn(String) -> Error) ->
         return Err(reject(format!("its records and logs are more than {MAX_IN_MEMORY} bytes")));
     }
     match rest.split_once('/') {
-        None if rest == "archive.json" => {
-            parts.doc = Some(parse_document(&bytes, reject)?);
+        None if rest == "archive.json" && parts.doc.is_none() => {
+            let doc = parse_document(&bytes, reject)?;
+            parts.needed = Some(
+                doc.entries
+                    .iter()
+                    .filter(|e| stages.iter().any(|s| s.name == e.stage))
+                    .flat_map(|e| e.outputs.iter().filter(|o| !o.dir))
+                    .filter_map(|o| o.hash.as_deref().and_then(Hash::from_hex))
+                    .collect(),
+            );
+            parts.doc = Some(doc);
         }
         None if rest == "secret.key" => {
             parts.secret_key =
@@ -672,7 +717,7 @@ fn confine(c: &Checked, stages: &[Stage], file: &Path) -> Result<Vec<bool>, Erro
 /// Imported attempts are placed after every attempt this cache holds, in the archive's own order (its
 /// sequence): importing is learning what happened elsewhere since. Later local attempts come after them.
 pub fn import(cache: &Cache, file: &Path, stages: &[Stage], with_secret_key: bool) -> Result<ImportReport, Error> {
-    let mut c = read_checked(file, &cache.blobs)?;
+    let mut c = read_checked(file, &cache.blobs, stages)?;
     let wanted = confine(&c, stages, file)?;
     let mut report = ImportReport::default();
     // Blobs first (a rename each), then the rows that point at them, in one transaction. Only the blobs an

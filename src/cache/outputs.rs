@@ -84,14 +84,18 @@ const PERMISSIONS: u32 = 0o777;
 /// The mode a restored file or directory gets: as recorded, a secret's only ever its owner's, and a directory
 /// always its owner's to manage (kkpipe writes and prunes in it). `check` compares with the same.
 fn restored_mode(rec: &OutputRecord) -> Option<u32> {
-    let mode = match (&rec.entry, rec.mode) {
+    as_restored(&rec.entry, rec.sensitive, rec.mode)
+}
+
+fn as_restored(entry: &Entry, sensitive: bool, mode: Option<u32>) -> Option<u32> {
+    let mode = match (entry, mode) {
         (Entry::Symlink { .. }, _) => return None,
-        (Entry::File { exec, .. }, None) => file_mode(rec.sensitive, *exec),
+        (Entry::File { exec, .. }, None) => file_mode(sensitive, *exec),
         (Entry::Dir { .. }, None) => return None,
         (Entry::File { .. }, Some(m)) => m & PERMISSIONS,
         (Entry::Dir { .. }, Some(m)) => m & PERMISSIONS | 0o700,
     };
-    Some(if rec.sensitive { mode & 0o700 } else { mode })
+    Some(if sensitive { mode & 0o700 } else { mode })
 }
 
 /// The mode a stored output file gets when none is recorded: a secret's copy is as private as the stored one.
@@ -170,10 +174,12 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
         Ok(m) => m,
         Err(_) => return Present::Missing,
     };
-    // Permissions are part of the output (a 0600 key in a 0700 directory), when they were recorded.
+    // Permissions are part of the output (a 0600 key in a 0700 directory), when they were recorded: compared as
+    // a restore would set them, so what a restore cannot make (a directory without its owner's rwx) is no
+    // difference to put right on every run.
     if rec.mode.is_some()
         && !meta.file_type().is_symlink()
-        && restored_mode(rec) != Some(meta.permissions().mode() & PERMISSIONS)
+        && restored_mode(rec) != as_restored(&rec.entry, rec.sensitive, Some(meta.permissions().mode()))
     {
         return Present::Differs;
     }

@@ -115,20 +115,45 @@ impl Root {
     }
 
     /// Rename the temporary `tmp` over `dir/name` (a directory in the way is removed first: rename cannot
-    /// replace it).
+    /// replace it). An output on another file system than `.kkpipe/` (a mount) gets a copy made beside it
+    /// under a temporary name first, renamed the same way: a kill can then leave that name in the output
+    /// directory, which the next restore of it prunes.
     fn replace_with(&self, tmp: &[u8], dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
         if is_dir(dir, name) {
             remove(dir, name)?;
         }
-        renameat(&self.tmp, os(tmp), dir, os(name)).map_err(|e| {
-            let _ = unlinkat(&self.tmp, os(tmp), UnlinkatFlags::NoRemoveDir);
-            match e {
-                Errno::EXDEV => io::Error::other(
-                    "the output is on another file system than `.kkpipe/`; restores rename from `.kkpipe/tmp/`",
-                ),
-                e => io_err(e),
-            }
-        })
+        let moved = match renameat(&self.tmp, os(tmp), dir, os(name)) {
+            Err(Errno::EXDEV) => self.copy_beside(tmp, dir).and_then(|local| {
+                renameat(dir, os(&local), dir, os(name)).map_err(|e| {
+                    let _ = unlinkat(dir, os(&local), UnlinkatFlags::NoRemoveDir);
+                    io_err(e)
+                })
+            }),
+            r => r.map_err(io_err),
+        };
+        let _ = unlinkat(&self.tmp, os(tmp), UnlinkatFlags::NoRemoveDir);
+        moved
+    }
+
+    /// A copy of the temporary file or link `tmp` in `dir`, under a temporary name of its own.
+    fn copy_beside(&self, tmp: &[u8], dir: &OwnedFd) -> io::Result<Vec<u8>> {
+        let local = [b".kkpipe-restore-".as_slice(), &temp_name()].concat();
+        if let Ok(target) = nix::fcntl::readlinkat(&self.tmp, os(tmp)) {
+            symlinkat(target.as_os_str(), dir, os(&local)).map_err(io_err)?;
+            return Ok(local);
+        }
+        let from = openat(&self.tmp, os(tmp), OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(io_err)?;
+        let mut from = std::fs::File::from(from);
+        let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let to = openat(dir, os(&local), flags, Mode::from_bits_truncate(0o600)).map_err(io_err)?;
+        let mut to = std::fs::File::from(to);
+        let copied = std::io::copy(&mut from, &mut to).and_then(|_| to.set_permissions(from.metadata()?.permissions()));
+        if let Err(e) = copied {
+            let _ = unlinkat(dir, os(&local), UnlinkatFlags::NoRemoveDir);
+            return Err(e);
+        }
+        Ok(local)
     }
 }
 

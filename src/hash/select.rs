@@ -115,6 +115,13 @@ impl Matcher {
             && !self.own_outputs.iter().any(|o| path.starts_with(o))
     }
 
+    /// Whether the `exclude` patterns take whatever could be below `dir` (`**/.terraform/**` for an empty
+    /// `infra/.terraform`): an empty directory is then no input either, or a tool's cache emptied or filled
+    /// would rerun the stage.
+    fn excludes_below(&self, dir: &RelPath) -> bool {
+        self.exclude.is_match(dir.join_name(b"kkpipe-any-entry").as_path())
+    }
+
     /// Excluded by the stage's `exclude` patterns, one of its own outputs, or never an input.
     pub fn excluded(&self, path: &RelPath) -> bool {
         self.exclude.is_match(path.as_path())
@@ -187,7 +194,7 @@ pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
             Some(starts) => starts.iter().any(|s| w.path.starts_with(s)),
         };
         chosen.extend(group.files.iter().filter(|w| {
-            (under_a_start(w) && m.matches(&w.path))
+            (under_a_start(w) && m.matches(&w.path) && !(w.kind == Kind::EmptyDir && m.excludes_below(&w.path)))
                 || (w.kind == Kind::Symlink
                     && m.starts().iter().any(|s| s.starts_with(&w.path))
                     && !m.excluded(&w.path))

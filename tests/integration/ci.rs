@@ -264,7 +264,15 @@ fn hostile_archives_are_rejected_and_the_local_cache_is_unchanged() {
         serde_json::to_string_pretty(&v).unwrap()
     };
     let blob = b"real content";
-    let wrong_name = format!("kkpipe-cache/blobs/{}", blake3::hash(b"other content").to_hex());
+    let other = blake3::hash(b"other content").to_hex().to_string();
+    let wrong_name = format!("kkpipe-cache/blobs/{other}");
+    // A document naming that blob as a stage's output, so the import reads (and checks) it.
+    let naming = {
+        let mut v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        let entry = v["entries"].as_array_mut().unwrap().iter_mut().find(|e| e["stage"] == "plan").unwrap();
+        entry["outputs"][0]["hash"] = other.clone().into();
+        serde_json::to_string_pretty(&v).unwrap()
+    };
     type RawEntry = (String, tar::EntryType, u64, Vec<u8>);
     let cases: Vec<(&str, Vec<RawEntry>, &str)> = vec![
         (
@@ -280,7 +288,10 @@ fn hostile_archives_are_rejected_and_the_local_cache_is_unchanged() {
         ("symlink", vec![("kkpipe-cache/blobs/link".into(), tar::EntryType::Symlink, 0, vec![])], "is a link"),
         (
             "hash",
-            vec![(wrong_name, tar::EntryType::Regular, blob.len() as u64, blob.to_vec())],
+            vec![
+                ("kkpipe-cache/archive.json".into(), tar::EntryType::Regular, naming.len() as u64, naming.into_bytes()),
+                (wrong_name, tar::EntryType::Regular, blob.len() as u64, blob.to_vec()),
+            ],
             "does not match its hash",
         ),
         (

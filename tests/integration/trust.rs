@@ -481,3 +481,22 @@ outputs = [{ path = "creds", sensitive = true }]
     let tar = zstd::decode_all(std::fs::File::open(&archive).unwrap()).unwrap();
     assert!(!String::from_utf8_lossy(&tar).contains(&secret), "the export");
 }
+
+/// Review of item 3: an empty `infra/.terraform` (its `providers` removed) became an input despite
+/// `exclude = ["**/.terraform/**"]`, and filling it again reran the deploy. An empty directory is no input when
+/// the excludes take whatever could be in it.
+#[test]
+fn an_empty_directory_the_excludes_cover_is_no_input() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.apply]\nkind = \"deploy\"\nrun = \"cat infra/main.tf > applied.txt\"\ninputs = [\"infra\"]\nexclude = [\"**/.terraform/**\"]\noutputs = [\"applied.txt\"]\n",
+    );
+    repo.write("infra/main.tf", "resource {}\n");
+    std::fs::create_dir_all(repo.path("infra/.terraform/providers")).unwrap();
+    assert_eq!(repo.run(&[]).ok().ran(), ["apply"]);
+    std::fs::remove_dir(repo.path("infra/.terraform/providers")).unwrap();
+    assert!(repo.run(&[]).ok().ran().is_empty(), "an emptied .terraform is no input");
+    repo.write("infra/.terraform/providers/p", "plugin\n");
+    assert!(repo.run(&[]).ok().ran().is_empty(), "nor a filled one");
+}
