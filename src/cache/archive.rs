@@ -40,6 +40,8 @@ pub const MAX_TOTAL: u64 = 16 << 30;
 pub const MAX_IN_MEMORY: u64 = 512 << 20;
 /// One stage log in an archive: a larger one is left out of an export.
 pub const MAX_LOG: u64 = 64 << 20;
+/// `archive.json`: parsed, it takes a few times its size in memory. An export leaves out entries beyond it.
+pub const MAX_DOCUMENT: u64 = 64 << 20;
 const MAX_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +176,8 @@ pub fn export(
 ) -> Result<ExportReport, Error> {
     let werr = |source| Error::Write { path: file.to_path_buf(), source };
     let mut report = ExportReport::default();
-    let (entries, contents) = collect(cache, runs, stages, file, include_sensitive, &mut report)?;
+    let (mut entries, contents) = collect(cache, runs, stages, file, include_sensitive, &mut report)?;
+    fit_document(&mut entries, &mut report);
     report.entries = entries.len();
     let doc = Document {
         format: FORMAT.into(),
@@ -192,6 +195,18 @@ pub fn export(
     }
     std::fs::rename(&tmp, file).map_err(werr)?;
     Ok(report)
+}
+
+/// Leave out the entries with the most outputs until `archive.json` fits what an import reads
+/// ([`MAX_DOCUMENT`]). What they name is still written; an import stores only what an entry names.
+fn fit_document(entries: &mut Vec<ArchiveEntry>, report: &mut ExportReport) {
+    let size = |e: &[ArchiveEntry]| serde_json::to_vec_pretty(e).map_or(0, |v| v.len() as u64);
+    while size(entries) + (64 << 10) > MAX_DOCUMENT && !entries.is_empty() {
+        let (i, _) = entries.iter().enumerate().max_by_key(|(_, e)| e.outputs.len()).expect("not empty");
+        let e = entries.remove(i);
+        let n = e.outputs.len();
+        report.left_out.push(format!("stage `{}` ({n} outputs): more than an archive's document may hold", e.stage));
+    }
 }
 
 /// What an export writes next to `archive.json`, gathered from the cache before the tar is started.
@@ -446,6 +461,9 @@ fn read_entry<R: Read>(
     // What an import reads depends on the document, which `kkpipe cache export` writes first.
     let Some(needed) = &parts.needed else {
         return match rest == "archive.json" {
+            true if size > MAX_DOCUMENT => {
+                Err(reject(format!("`archive.json` is {size} bytes, more than the {MAX_DOCUMENT}-byte limit")))
+            }
             true => read_small(entry, name, rest, size, parts.in_memory, reject).map(Some),
             false => Err(reject(format!("entry `{name}` comes before `archive.json`, which an export writes first"))),
         };

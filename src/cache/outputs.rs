@@ -45,7 +45,13 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
             let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
             let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
             if e.file_type().is_dir() {
-                dirs.push((rel, m.permissions().mode() & PERMISSIONS));
+                let mut mode = m.permissions().mode() & PERMISSIONS;
+                if o.sensitive {
+                    // A secret's directory is its owner's alone, in the workspace as in the store.
+                    mode = 0o700;
+                    let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(mode));
+                }
+                dirs.push((rel, mode));
                 continue;
             }
             inside.extend(store_one(&rel, e.path(), &m, o.sensitive, blobs)?);
@@ -85,6 +91,13 @@ const PERMISSIONS: u32 = 0o777;
 /// always its owner's to manage (kkpipe writes and prunes in it). `check` compares with the same.
 fn restored_mode(rec: &OutputRecord) -> Option<u32> {
     as_restored(&rec.entry, rec.sensitive, rec.mode)
+}
+
+/// The permission bits on disk as a restore compares them: a directory counts as its owner's in any case (a
+/// restore cannot make it otherwise); a secret's group and other bits do count (they must go).
+fn on_disk(meta: &fs::Metadata) -> u32 {
+    let mode = meta.permissions().mode() & PERMISSIONS;
+    if meta.is_dir() { mode | 0o700 } else { mode }
 }
 
 fn as_restored(entry: &Entry, sensitive: bool, mode: Option<u32>) -> Option<u32> {
@@ -177,10 +190,7 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
     // Permissions are part of the output (a 0600 key in a 0700 directory), when they were recorded: compared as
     // a restore would set them, so what a restore cannot make (a directory without its owner's rwx) is no
     // difference to put right on every run.
-    if rec.mode.is_some()
-        && !meta.file_type().is_symlink()
-        && restored_mode(rec) != as_restored(&rec.entry, rec.sensitive, Some(meta.permissions().mode()))
-    {
+    if rec.mode.is_some() && !meta.file_type().is_symlink() && restored_mode(rec) != Some(on_disk(&meta)) {
         return Present::Differs;
     }
     let kind = if meta.file_type().is_symlink() {

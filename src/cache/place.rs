@@ -124,10 +124,12 @@ impl Root {
         }
         let moved = match renameat(&self.tmp, os(tmp), dir, os(name)) {
             Err(Errno::EXDEV) => self.copy_beside(tmp, dir).and_then(|local| {
-                renameat(dir, os(&local), dir, os(name)).map_err(|e| {
+                let renamed = renameat(dir, os(&local), dir, os(name)).map_err(|e| {
                     let _ = unlinkat(dir, os(&local), UnlinkatFlags::NoRemoveDir);
                     io_err(e)
-                })
+                });
+                let _ = unlinkat(&self.tmp, os(&[b"journal-".as_slice(), &local].concat()), UnlinkatFlags::NoRemoveDir);
+                renamed
             }),
             r => r.map_err(io_err),
         };
@@ -135,9 +137,21 @@ impl Root {
         moved
     }
 
-    /// A copy of the temporary file or link `tmp` in `dir`, under a temporary name of its own.
+    /// A copy of the temporary file or link `tmp` in `dir`, under a temporary name of its own. Where it is goes
+    /// into a journal in `.kkpipe/tmp/` first, so the next run removes it if a kill leaves it there
+    /// ([`sweep_journal`]).
     fn copy_beside(&self, tmp: &[u8], dir: &OwnedFd) -> io::Result<Vec<u8>> {
-        let local = [b".kkpipe-restore-".as_slice(), &temp_name()].concat();
+        let local = [BESIDE.as_bytes(), &temp_name()].concat();
+        let at = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(dir)))?;
+        let journal = [b"journal-".as_slice(), &local].concat();
+        let fd = openat(
+            &self.tmp,
+            os(&journal),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(io_err)?;
+        std::io::Write::write_all(&mut std::fs::File::from(fd), at.join(os(&local)).as_os_str().as_bytes())?;
         if let Ok(target) = nix::fcntl::readlinkat(&self.tmp, os(tmp)) {
             symlinkat(target.as_os_str(), dir, os(&local)).map_err(io_err)?;
             return Ok(local);
@@ -154,6 +168,28 @@ impl Root {
             return Err(e);
         }
         Ok(local)
+    }
+}
+
+/// The prefix of a copy made beside an output on another file system.
+const BESIDE: &str = ".kkpipe-restore-";
+
+/// Remove what a restore killed mid-way left beside outputs on another file system (each named in a journal in
+/// `tmp`), then the journals. Called with the run lock held, before `tmp` is emptied.
+pub fn sweep_journal(tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(tmp) else { return };
+    for e in rd.flatten() {
+        if !e.file_name().as_bytes().starts_with(b"journal-") {
+            continue;
+        }
+        if let Ok(path) = std::fs::read(e.path()) {
+            let path = Path::new(OsStr::from_bytes(&path));
+            // Only ever a name this code made: never a path a journal could be made to name otherwise.
+            if path.file_name().is_some_and(|n| n.as_bytes().starts_with(BESIDE.as_bytes())) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
     }
 }
 

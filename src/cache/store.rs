@@ -186,6 +186,7 @@ impl BlobStore {
 
     /// Remove temp files left by a crashed process. Called with the run lock held.
     pub fn clean_tmp(&self) {
+        super::place::sweep_journal(&self.tmp);
         if let Ok(rd) = fs::read_dir(&self.tmp) {
             for e in rd.flatten() {
                 let _ = fs::remove_file(e.path());

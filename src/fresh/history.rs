@@ -217,6 +217,8 @@ impl<'r> Links<'r> {
                 b".." => {
                     at.pop();
                 }
+                // `.git` and `.kkpipe` are never restored or pruned: what is there is not the result's.
+                name if crate::relpath::RESERVED.contains(&name) => return true,
                 name => {
                     at.push(name);
                     // Anything but a link is walked as a directory, lexically: a name that is no record does not

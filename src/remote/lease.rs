@@ -33,6 +33,12 @@ pub enum LeaseError {
         "not deployed: the remote `{url}` stopped answering while {holder} held the deploy lease of `{stage}` in `{env}` ({why}); it may still be deploying\n  hint: run again once the store answers, or pass `--remote off` to deploy without the lease once you know it is not"
     )]
     LostSight { url: String, stage: String, env: String, holder: String, why: String },
+    /// The store did not answer: whether another runner holds the lease is unknown, so the deploy fails closed,
+    /// as terraform does when it cannot take its state lock.
+    #[error(
+        "not deployed: the remote `{url}` did not answer when `{stage}` in `{env}` needed its deploy lease ({why}): another runner may be deploying it\n  hint: run again once the store answers, or pass `--remote off` to deploy without the lease once you know no one else is"
+    )]
+    Unreachable { url: String, stage: String, env: String, why: String },
 }
 
 /// What the waiter knows about someone else's lease.
@@ -119,9 +125,8 @@ impl Remote {
         }
     }
 
-    /// What a store error means for a lease wait: a refusal fails the deploy; a store that stopped answering
-    /// fails it too once another runner was seen holding the lease (it may be deploying); otherwise it is one
-    /// warning and the deploy goes on under the local run lock.
+    /// What a store error means for a lease wait: the deploy fails closed. A refusal (permissions) and a store
+    /// that does not answer both leave it unknown whether another runner is deploying.
     fn lease_failed(
         &self,
         e: store::Error,
@@ -135,9 +140,9 @@ impl Remote {
             (store::Error::Unreachable(why), Some(holder)) => {
                 Err(LeaseError::LostSight { url, stage, env, holder, why })
             }
-            (e, None) => {
-                self.failed("the deploy lease", e);
-                Ok(None)
+            (store::Error::Unreachable(why), None) => {
+                self.failed("the deploy lease", store::Error::Unreachable(why.clone()));
+                Err(LeaseError::Unreachable { url, stage, env, why })
             }
         }
     }

@@ -236,10 +236,10 @@ impl Remote {
         let newer = match self.newest_logged(logged, env, name, after, what) {
             Logged::Nothing => return head,
             Logged::Newer(newer) => newer,
-            Logged::Unsure(n) => {
+            Logged::Unsure => {
                 self.warn(format!(
-                    "{what} on the remote `{}`: its history holds {n} objects above the head that are no believed \
-                     records: the head is not believed, deploying again",
+                    "{what} on the remote `{}`: the newest object of its history is no believed record: the head \
+                     is not believed, deploying again",
                     self.url
                 ));
                 return head.map(|(body, _)| (body, false));
@@ -259,7 +259,14 @@ impl Remote {
     /// records' numbers are used. Over a head that is not believed (tampered, or by an untrusted key) the true
     /// number is unknown: the wall clock (milliseconds) is a floor later than any honest record's, so readers
     /// that saw the replaced head still learn the next one.
-    fn next_seq(&self, cache: &Cache, stage: &Stage, env: &str, what: &str) -> Option<(u64, Option<store::Version>)> {
+    fn next_seq(
+        &self,
+        cache: &Cache,
+        stage: &Stage,
+        env: &str,
+        floor: u64,
+        what: &str,
+    ) -> Option<(u64, Option<store::Version>)> {
         let (head, version) = match self.store.get(&protocol::ledger(env, &stage.name)) {
             Ok(None) => (0, None),
             Ok(Some((bytes, v))) => match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
@@ -276,10 +283,10 @@ impl Remote {
             Logged::Nothing => 0,
             Logged::Newer(b) => b.seq,
             // The history's true top is unknown: the wall clock is a floor above any honest record's.
-            Logged::Unsure(_) => now_ms().max(0) as u64,
+            Logged::Unsure => now_ms().max(0) as u64,
         };
         let seen = cache.remote_seen(&self.url, &stage.name, env).ok().flatten().map_or(0, |s| s.seq);
-        match head.max(logged).max(seen).checked_add(1) {
+        match head.max(logged).max(seen).max(floor).checked_add(1) {
             Some(seq) => Some((seq, version)),
             None => {
                 self.warn(format!("{what} on the remote `{}` is at the largest sequence number", self.url));
@@ -311,10 +318,10 @@ impl Remote {
         Some((body, believed))
     }
 
-    /// What the ledger history of `name` holds above `after` (the head's number). Objects that are not believed
-    /// or sit under another number are passed over, but not ignored: if nothing believed is found among the
-    /// newest few (planted names cannot make a run read the whole bucket), the history cannot vouch for the
-    /// head, which is then not believed either (fail closed: deploy again).
+    /// What the ledger history of `name` holds above `after` (the head's number). The newest object there must
+    /// be a believed record under its own number; anything else (an object nobody trusted signed, a misnamed
+    /// copy, a listing that fails on a planted name) means the history cannot vouch for the head, which is then
+    /// not believed either (fail closed: planted objects can cost a redeploy, never a skip).
     fn newest_logged(
         &self,
         listed: Result<Vec<store::Listed>, store::Error>,
@@ -326,31 +333,29 @@ impl Remote {
         let listed = match listed {
             Ok(l) => l,
             Err(e) => {
-                self.failed(&format!("the history of {what}"), e);
-                return Logged::Nothing;
+                self.warn(format!("cannot list the history of {what} on the remote `{}`: {e}", self.url));
+                return Logged::Unsure;
             }
         };
-        let mut seqs: Vec<u64> = listed
-            .iter()
-            .filter_map(|l| l.name.rsplit('/').next()?.parse::<u64>().ok())
-            .filter(|&s| s > after)
-            .collect();
-        if seqs.is_empty() {
-            return Logged::Nothing;
-        }
-        seqs.sort_unstable_by(|a, b| b.cmp(a));
-        for &seq in seqs.iter().take(8) {
-            let Ok(Some((bytes, _))) = self.store.get(&protocol::history(env, name, seq)) else { continue };
-            if let Ok(body) = protocol::open::<LedgerBody>(&bytes, &self.trusted)
-                && body.seq == seq
-                && body.env == env
-                && body.stage == name
-                && body.version == protocol::VERSION
-            {
-                return Logged::Newer(body);
+        let prefix = format!("{}/", protocol::history_of(env, name));
+        let mut newest: Option<u64> = None;
+        for l in &listed {
+            match l.name.strip_prefix(&prefix).map(str::parse::<u64>) {
+                Some(Ok(seq)) => newest = newest.max(Some(seq)),
+                // A name that is no record's: planted.
+                _ => return Logged::Unsure,
             }
         }
-        Logged::Unsure(seqs.len())
+        let Some(seq) = newest.filter(|&s| s > after) else { return Logged::Nothing };
+        let Ok(Some((bytes, _))) = self.store.get(&protocol::history(env, name, seq)) else { return Logged::Unsure };
+        match protocol::open::<LedgerBody>(&bytes, &self.trusted) {
+            Ok(body)
+                if body.seq == seq && body.env == env && body.stage == name && body.version == protocol::VERSION =>
+            {
+                Logged::Newer(body)
+            }
+            _ => Logged::Unsure,
+        }
     }
 
     /// One ledger record as the stage's latest attempt here; `as_is`: believed, and nothing local to weigh.
@@ -498,8 +503,12 @@ impl Remote {
         let (state, outputs, duration_ms) = done.unwrap_or((State::Running, &[], 0));
         let shared = if state == State::Success { outputs } else { &[] };
         let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
+        // A number found taken in the history (by a writer that lost the head, or by something planted) is
+        // never tried again.
+        let mut floor = 0;
         for _ in 0..16 {
-            let Some((seq, version)) = self.next_seq(cache, stage, env, &what) else { return };
+            let Some((seq, version)) = self.next_seq(cache, stage, env, floor, &what) else { return };
+            floor = seq;
             let body = LedgerBody {
                 version: protocol::VERSION,
                 env: env.into(),
@@ -540,8 +549,8 @@ impl Remote {
 enum Logged {
     Nothing,
     Newer(LedgerBody),
-    /// This many objects above the head, none of the newest of them a believed record.
-    Unsure(usize),
+    /// The newest object is no believed record under its own number, or the history cannot be listed.
+    Unsure,
 }
 
 #[cfg(test)]
@@ -647,27 +656,80 @@ mod tests {
         assert!(c.remote.take_warnings().is_empty(), "head and history agree again");
     }
 
+    /// The memory store, whose listing of the ledger's history fails (as an S3 listing does on a planted
+    /// `history/env/stage//x`).
+    struct HistoryUnlisted(Arc<Memory>);
+
+    impl ObjectStore for HistoryUnlisted {
+        fn get(&self, name: &str) -> store::Result<Option<(Vec<u8>, store::Version)>> {
+            self.0.get(name)
+        }
+        fn put_if(&self, n: &str, b: Vec<u8>, v: Option<&store::Version>) -> store::Result<Option<store::Version>> {
+            self.0.put_if(n, b, v)
+        }
+        fn list(&self, under: &str) -> store::Result<Vec<store::Listed>> {
+            match under.starts_with("history/") {
+                true => Err(store::Error::Refused("contained empty path segment".into())),
+                false => self.0.list(under),
+            }
+        }
+        fn delete(&self, name: &str) -> store::Result<()> {
+            self.0.delete(name)
+        }
+    }
+
+    #[test]
+    fn a_history_that_cannot_be_listed_never_vouches_for_a_head() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        let k1 = a.deployed(&stage, b"manifest one");
+        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
+        a.deployed(&stage, b"manifest two");
+        store.plant(&protocol::ledger("prod", "apply"), &old);
+        let dir = tempfile::tempdir().unwrap();
+        let unlisted = Arc::new(HistoryUnlisted(store.clone()));
+        let remote =
+            Remote::for_tests(unlisted, Arc::new(Manual::default()), Duration::from_secs(6), "c@ci").signing_with(&key);
+        let c = Runner { remote, cache: Cache::open(dir.path()).unwrap(), _dir: dir };
+        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
+        assert_eq!(c.latest(), Some((k1, State::Interrupted)), "the replayed head is not believed");
+    }
+
+    #[test]
+    fn a_number_taken_in_the_history_is_never_tried_again() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        a.deployed(&stage, b"manifest one");
+        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
+        a.deployed(&stage, b"manifest two");
+        // The head replayed, and junk where the next number would go.
+        store.plant(&protocol::ledger("prod", "apply"), &old);
+        store.plant(&protocol::history("prod", "apply", 3), b"junk");
+        let b = runner(&store, &key, "b@laptop");
+        let k3 = b.deployed(&stage, b"manifest three");
+        assert!(b.remote.take_warnings().iter().all(|w| !w.contains("could not update")), "b's record is written");
+        let c = runner(&store, &key, "c@ci");
+        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
+        assert_eq!(c.latest(), Some((k3, State::Success)), "b's deploy is the latest");
+    }
+
     #[test]
     fn history_objects_that_are_not_believed_or_misnamed_never_vouch_for_a_head() {
         let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
         let a = runner(&store, &key, "a@ci");
         let k1 = a.deployed(&stage, b"manifest one");
         let v1 = store.get(&protocol::history("prod", "apply", 1)).unwrap().unwrap().0;
-        let k2 = a.deployed(&stage, b"manifest two");
-        // Below a believed newer record, junk is passed over: the newer record wins.
-        store.plant(&protocol::history("prod", "apply", 99), &v1);
+        a.deployed(&stage, b"manifest two");
         store.plant(&protocol::ledger("prod", "apply"), &v1);
-        let b = runner(&store, &key, "b@laptop");
-        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
-        assert_eq!(b.latest(), Some((k2, State::Success)), "record 2 is found below the misnamed 99");
-        // Enough junk above the real records that none of the newest is believed: the replayed head is not
-        // believed either, and the stage deploys again.
-        for n in 100..110 {
-            store.plant(&protocol::history("prod", "apply", n), &v1);
+        // Newest in the history: a signed record copied under another number, or a name that is no number.
+        for planted in [protocol::history("prod", "apply", 99), format!("{}/x", protocol::history_of("prod", "apply"))]
+        {
+            store.plant(&planted, &v1);
+            let b = runner(&store, &key, "b@laptop");
+            b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+            assert_eq!(b.latest(), Some((k1, State::Interrupted)), "{planted}: learned as 'live state unknown'");
+            assert!(b.remote.take_warnings().join("\n").contains("head is not believed"), "{planted}");
+            store.delete(&planted).unwrap();
         }
-        let c = runner(&store, &key, "c@laptop");
-        c.remote.learn_ledger(&c.cache, &[&stage], "prod");
-        assert_eq!(c.latest(), Some((k1, State::Interrupted)), "learned as 'live state unknown'");
-        assert!(c.remote.take_warnings().join("\n").contains("head is not believed"));
     }
 }

@@ -115,7 +115,7 @@ fn command(cmd: &Spec, tag: &str) -> Command {
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
     let tag = watchdog::tag(job);
-    let mut child = match command(cmd, &tag).spawn() {
+    let mut child = match watchdog::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id) {
         Ok(ch) => ch,
         Err(e) => {
             return Exit {
@@ -128,9 +128,8 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
         }
     };
     let pgid = child.id() as i32;
-    // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies, and known
-    // as kkpipe's own child, never an orphan to reap.
-    watchdog::own(pgid);
+    // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies (owned as
+    // kkpipe's own child when spawned, never an orphan to reap).
     let watch = watchdog::watch(pgid);
     if let Some(mut go) = child.stdin.take() {
         let _ = std::io::Write::write_all(&mut go, b"\n");

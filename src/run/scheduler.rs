@@ -631,8 +631,8 @@ impl<'a> Scheduler<'a, '_> {
         let lease = match result {
             Ok(lease) => lease,
             Err(e) => {
-                use crate::remote::LeaseError::{Held, LostSight};
-                self.locked_out |= matches!(e, Held { .. } | LostSight { .. });
+                use crate::remote::LeaseError::{Held, LostSight, Unreachable};
+                self.locked_out |= matches!(e, Held { .. } | LostSight { .. } | Unreachable { .. });
                 self.not_started(i, Some(l.keyed.key), l.reason, e.to_string());
                 return Ok(());
             }

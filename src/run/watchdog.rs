@@ -57,8 +57,24 @@ static OWN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 /// The watchdog's pid: a child of kkpipe in a group of its own, never an orphan.
 static WATCHDOG_PID: OnceLock<i32> = OnceLock::new();
 
+/// kkpipe's children from before it became a subreaper (it may have been exec'd by a program that had some):
+/// never orphans of its stages.
+static EARLIER: OnceLock<Vec<i32>> = OnceLock::new();
+
+/// Held while a stage shell is spawned and until it is [`own`]ed, and while orphans are reaped: a shell that
+/// failed to exec is a zombie std waits for itself, never an orphan to reap.
+static SPAWNING: Mutex<()> = Mutex::new(());
+
+/// Spawn a stage shell with `spawn` and own it at once (see [`SPAWNING`]).
+pub fn spawn_owned<T>(spawn: impl FnOnce() -> std::io::Result<T>, pid: impl Fn(&T) -> u32) -> std::io::Result<T> {
+    let _held = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let child = spawn()?;
+    own(pid(&child) as i32);
+    Ok(child)
+}
+
 /// A stage shell kkpipe spawned and will wait for; [`disown`] once waited for.
-pub fn own(pid: i32) {
+fn own(pid: i32) {
     OWN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
 }
 
@@ -73,10 +89,11 @@ fn orphans() -> Vec<(Pid, bool)> {
     let my_group = nix::unistd::getpgrp().as_raw();
     let own = OWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let watchdog = WATCHDOG_PID.get().copied();
+    let earlier = EARLIER.get().map(Vec::as_slice).unwrap_or_default();
     let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
     proc.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|&pid| !own.contains(&pid) && Some(pid) != watchdog)
+        .filter(|&pid| !own.contains(&pid) && Some(pid) != watchdog && !earlier.contains(&pid))
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let mut f = stat.rsplit_once(')')?.1.split_whitespace();
@@ -88,8 +105,18 @@ fn orphans() -> Vec<(Pid, bool)> {
         .collect()
 }
 
-/// Reap the orphans that have exited (a subreaper must, or they stay zombies in their groups).
+/// This process's children now, by pid.
+fn children_now() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    std::fs::read_to_string(format!("/proc/self/task/{me}/children"))
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Reap the orphans that have exited (a subreaper must, or they stay zombies in their groups and count against
+/// the user's process limit).
 fn reap_orphans() {
+    let _held = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
     for (pid, zombie) in orphans() {
         if zombie {
             let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
@@ -225,8 +252,18 @@ pub const LOCK_NAME: &str = "stages.lock";
 /// to run starts no process.
 pub fn start(cache_dir: &Path, grace: Duration) {
     WATCHDOG.get_or_init(|| {
-        // Orphans of the stages become kkpipe's children (see the module docs).
+        // Orphans of the stages become kkpipe's children (see the module docs); the children it already had
+        // are not theirs. A thread reaps those that exit while stages run.
+        let _ = EARLIER.set(children_now());
         let _ = nix::sys::prctl::set_child_subreaper(true);
+        let _ = std::thread::Builder::new().name("reaper".into()).spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                if !OWN.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                    reap_orphans();
+                }
+            }
+        });
         launch_watchdog(cache_dir, grace)
     });
 }

@@ -275,3 +275,24 @@ fn an_untagged_daemon_a_stage_leaves_is_stopped_too() {
     let _cleanup = KillOnPanic(daemon);
     assert!(within(Duration::from_secs(5), || !alive(daemon)), "the untagged daemon {daemon} outlived its stage");
 }
+
+/// Review of item 9: as a subreaper, kkpipe inherits the orphans a stage leaves; those that exit were reaped
+/// only when the stage ended, so a stage that starts many short background jobs piled up zombies against the
+/// user's process limit. They are reaped while the stage runs.
+#[test]
+fn orphans_that_exit_while_their_stage_runs_are_reaped() {
+    let repo = Repo::empty();
+    let count = repo.sibling("zombies");
+    // 200 orphans that exit at once, then (after a moment) the zombies among kkpipe's children ($PPID).
+    let script = format!(
+        "for i in $(seq 1 200); do ( true & ); done; sleep 1; n=0; \
+         for f in /proc/[0-9]*/status; do \
+           if grep -qs \"^PPid:.$PPID$\" $f && grep -qs '^State:.Z' $f; then n=$((n+1)); fi; \
+         done; echo $n > {}",
+        count.display()
+    );
+    repo.write("pipeline.toml", &format!("[stages.many]\nrun = {script:?}\n"));
+    assert_eq!(repo.run(&[]).ok().ran(), ["many"]);
+    let zombies: usize = std::fs::read_to_string(&count).unwrap().trim().parse().unwrap();
+    assert!(zombies < 20, "{zombies} zombies of kkpipe while its stage ran");
+}

@@ -555,7 +555,7 @@ outputs = ["out/app.txt"]
     assert!(warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
 }
 
-fn a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(kind: Kind) {
+fn a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
     let mut server = start(kind, &tmp.path().join("server"));
     let store = Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap());
@@ -581,12 +581,18 @@ run = "cat out/two"
     let r = runner(&store, &stages, &[&k.public], Some(&k.private), "");
     let run = r.run(&[]);
     assert!(server.child.try_wait().unwrap().is_some(), "{kind:?}: the store was not killed");
-    assert_eq!(run.code, 0, "{kind:?}: {}", run.stderr);
-    assert_eq!(run.ran(), ["one", "two", "three"]);
+    // Issue 23, item 4: the check stages go on locally; the deploy fails closed (exit 4), naming the store.
+    assert_eq!(run.code, 4, "{kind:?}: {}", run.stderr);
+    assert_eq!(run.ran(), ["one", "two"]);
     let w = warnings(&run);
     assert_eq!(w.len(), 1, "{kind:?}: one warning, naming the remote: {}", run.stderr);
     assert!(w[0].contains(&store.url) && w[0].contains("did not answer"), "{}", w[0]);
-    // Without a remote the same run exits the same way.
+    assert!(
+        run.stderr.contains("not deployed") && run.stderr.contains("`three`") && run.stderr.contains("--remote off"),
+        "{kind:?}: {}",
+        run.stderr
+    );
+    // `--remote off` is the explicit way to deploy alone.
     let again = r.kk(&["run", "--json", "--remote", "off", "--force"]).ok();
     assert_eq!(again.ran(), ["one", "two", "three"]);
 }
@@ -743,13 +749,13 @@ on_stores!(file: File, seaweedfs: Seaweed, moto: Moto; [
 ]);
 
 #[test]
-fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
-    a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(Kind::Seaweed);
+fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
+    a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Seaweed);
 }
 
 #[test]
-fn a_moto_store_killed_mid_run_gives_one_warning_and_a_normal_exit() {
-    a_store_killed_mid_run_gives_one_warning_and_a_normal_exit(Kind::Moto);
+fn a_moto_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
+    a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Moto);
 }
 
 /// Issue 21, item 6: the sequence number of a ledger record nobody signed was used. Anyone who can write the

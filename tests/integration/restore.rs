@@ -569,6 +569,12 @@ fn modes_a_restore_cannot_make_are_no_difference() {
     let r = repo.run(&[]).ok();
     assert_eq!(r.with_state("fresh"), ["s"], "nothing to restore after a real run: {}", r.stdout);
     assert!(r.with_state("restored").is_empty());
+    assert_eq!((mode_of(&repo, "sec"), mode_of(&repo, "sec/k")), (0o700, 0o600), "a secret's are its owner's alone");
+    // A secret opened to others is a difference: put back to its owner's alone.
+    std::fs::set_permissions(repo.path("sec/k"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(repo.path("sec"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(repo.run(&[]).ok().with_state("restored"), ["s"]);
+    assert_eq!((mode_of(&repo, "sec"), mode_of(&repo, "sec/k")), (0o700, 0o600));
     // Clean up what this stage made read-only, so the temp dir can go.
     std::fs::set_permissions(repo.path("out/ro"), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
