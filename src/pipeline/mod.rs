@@ -113,6 +113,9 @@ pub struct Stage {
     pub env: BTreeMap<String, String>,
     pub pass_env: Vec<String>,
     pub secret_env: Vec<String>,
+    /// Of `pass_env` and `secret_env`, those that must be set (not empty) before anything runs, when the stage
+    /// may run: a missing secret is found before terraform applies, not when the stage that needs it starts.
+    pub required_env: Vec<String>,
     pub tools: Vec<String>,
     /// `None`: every event.
     pub on: Option<Vec<Trigger>>,
@@ -419,6 +422,10 @@ fn validate_stage(
     let exclude = normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?;
     let outputs = rs.outputs.into_iter().map(|o| stage_output(file, name, o)).collect::<Result<Vec<_>, _>>()?;
     let env = stage_env(file, name, rs.env, &rs.pass_env, &rs.secret_env, global_env)?;
+    if let Some(n) = rs.required_env.iter().find(|n| !rs.pass_env.contains(n) && !rs.secret_env.contains(n)) {
+        let what = format!("`{n}` is not one the stage receives; add it to `pass_env` or `secret_env`");
+        return Err(Error::invalid(file, place(name, "required_env"), what));
+    }
     for t in &rs.tools {
         if t.is_empty() || t.contains('/') || t.contains(char::is_whitespace) {
             return Err(Error::invalid(
@@ -457,6 +464,7 @@ fn validate_stage(
         env,
         pass_env: rs.pass_env,
         secret_env: rs.secret_env,
+        required_env: rs.required_env,
         tools: rs.tools,
         on: rs.on,
         branches: rs.branches.unwrap_or_else(|| DEFAULT_BRANCHES.iter().map(|s| s.to_string()).collect()),

@@ -24,6 +24,18 @@ pub enum Error {
     Cache(#[from] crate::cache::Error),
     #[error(transparent)]
     Graph(#[from] crate::graph::Error),
+    /// Stages that may run lack variables they require (`required_env`): nothing was started.
+    #[error("{}", missing_env(.0))]
+    MissingEnv(Vec<(String, String)>),
+}
+
+fn missing_env(missing: &[(String, String)]) -> String {
+    let lines: Vec<String> = missing.iter().map(|(s, v)| format!("  stage `{s}` requires `{v}`")).collect();
+    format!(
+        "not started: {} required variable(s) are not set (or empty), and the stages that need them may run:\n{}\n  hint: set them in the environment; in CI, as secrets of the same names (docs/ci.md), passed to the job",
+        missing.len(),
+        lines.join("\n")
+    )
 }
 
 #[derive(Debug, Clone, Default)]

@@ -244,8 +244,38 @@ pub(super) fn run(
         ledger_read: Instant::now(),
     };
     sch.learn_ledger(&chosen);
+    sch.preflight(&selected)?;
     let interrupted = sch.drive(&rx, interrupt)?;
     sch.finish(&selected, start, interrupted)
+}
+
+impl Scheduler<'_, '_> {
+    /// Before anything starts: every variable a stage requires (`required_env`) is set, for each stage that may
+    /// run (decided as `status` decides it; a stage fresh now needs nothing). All that is missing is named at once.
+    fn preflight(&mut self, selected: &[Selected]) -> Result<(), Error> {
+        let stages = &self.cx.pipeline.stages;
+        if !(0..selected.len()).any(|i| selected[i] == Selected::Yes && !stages[i].required_env.is_empty()) {
+            return Ok(());
+        }
+        let force = &self.opts.force;
+        let evals = evaluate::all(self.cx, self.s, self.env.cache, selected, &|i| force.includes(&stages[i].name))?;
+        let mut missing = Vec::new();
+        for (i, e) in evals.iter().enumerate() {
+            let Some(e) = e else { continue };
+            if !matches!(e.decision, Decision::Run(_)) {
+                continue;
+            }
+            for v in &stages[i].required_env {
+                if self.env.caller_env.get(v).is_none_or(|value| value.is_empty()) {
+                    missing.push((stages[i].name.clone(), v.clone()));
+                }
+            }
+        }
+        match missing.is_empty() {
+            true => Ok(()),
+            false => Err(Error::MissingEnv(missing)),
+        }
+    }
 }
 
 impl Drop for Scheduler<'_, '_> {

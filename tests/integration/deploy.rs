@@ -240,3 +240,61 @@ fn status_why_and_log_work_while_a_run_holds_the_lock() {
     repo.kk(&["history"]).ok();
     assert!(run.wait_with_output().unwrap().status.success());
 }
+
+/// Issue 22, item 5 (variables): a missing secret was found only when the stage that needs it started, after
+/// the stages before it had applied. `required_env` is checked before anything starts, for every stage that may
+/// run, and all that is missing is named at once (exit 2, nothing run).
+#[test]
+fn a_missing_required_secret_stops_the_run_before_anything_runs() {
+    let mut repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[stages.apply]
+kind = "deploy"
+run = "echo applied >> ../applied.log"
+inputs = ["infra.tf"]
+
+[stages.bootstrap]
+kind = "deploy"
+needs = ["apply"]
+run = "test -n \"$TOKEN_GITHUB\" && echo bootstrapped >> ../applied.log"
+pass_env = ["TOKEN_GITHUB", "OPTIONAL"]
+secret_env = ["DEPLOY_KEY"]
+required_env = ["TOKEN_GITHUB", "DEPLOY_KEY"]
+"#,
+    );
+    repo.write("infra.tf", "v1\n");
+    let r = repo.kk(&["run"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    for needed in ["stage `bootstrap` requires `TOKEN_GITHUB`", "stage `bootstrap` requires `DEPLOY_KEY`"] {
+        assert!(r.stderr.contains(needed), "{needed}: {}", r.stderr);
+    }
+    assert!(!repo.sibling("applied.log").exists(), "nothing was applied before the check");
+    repo.set_env("TOKEN_GITHUB", "ghp_x").set_env("DEPLOY_KEY", "");
+    let r = repo.kk(&["run"]);
+    assert_eq!(r.code, 2, "an empty secret counts as missing: {}", r.all());
+    repo.set_env("DEPLOY_KEY", "key-material");
+    assert_eq!(repo.run(&[]).ok().ran(), ["apply", "bootstrap"]);
+    // Fresh stages need nothing: a run without the token (a `pass_env` value is not keyed) does nothing and
+    // succeeds. (An emptied `secret_env` changes the stage's key: it would run, so it would be required.)
+    repo.set_env("TOKEN_GITHUB", "");
+    assert!(repo.run(&[]).ok().ran().is_empty());
+    // Once a change would make bootstrap run again (after apply), the check comes first again.
+    repo.write("infra.tf", "v2\n");
+    assert_eq!(repo.kk(&["run"]).code, 2);
+    assert_eq!(std::fs::read_to_string(repo.sibling("applied.log")).unwrap(), "applied\nbootstrapped\n");
+}
+
+#[test]
+fn required_env_names_only_variables_the_stage_receives() {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", "[stages.s]\nrun = \"true\"\npass_env = [\"A\"]\nrequired_env = [\"A\", \"B\"]\n");
+    let r = repo.kk(&["run"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("pipeline.toml") && r.stderr.contains("`B`") && r.stderr.contains("pass_env"),
+        "{}",
+        r.stderr
+    );
+}
