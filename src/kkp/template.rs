@@ -162,6 +162,8 @@ struct Stage {
     needs: Vec<&'static str>,
     pass_env: Vec<String>,
     secret_env: Vec<String>,
+    /// The secrets without which the stage cannot do its work: checked before anything runs.
+    required_env: Vec<String>,
     /// Keyed settings, each with the comment that documents it in the file.
     env: Vec<(&'static str, String, String)>,
     tools: Vec<&'static str>,
@@ -185,6 +187,7 @@ impl Stage {
             needs: Vec::new(),
             pass_env: Vec::new(),
             secret_env: Vec::new(),
+            required_env: Vec::new(),
             env: Vec::new(),
             tools: Vec::new(),
             verify: None,
@@ -482,6 +485,7 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
     kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];
     kkp.needs = vec!["kubeone-apply"];
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
+    kkp.required_env = vec!["SOPS_AGE_SECRET_KEY".into()];
     // The installer runs `helm` (from PATH unless `--helm-binary`) for every chart it deploys.
     kkp.tools = vec!["sops", "kubermatic-installer", "helm", "kubectl"];
     kkp.env.push((
@@ -520,6 +524,9 @@ fn flux_bootstrap_stage(v: Variant) -> Stage {
     );
     flux.kind_deploy = true;
     (flux.run, flux.pass_env) = flux_commands(v.ci);
+    // The forge token: without it bootstrap fails after everything before it has applied.
+    flux.required_env =
+        flux.pass_env.iter().filter(|e| matches!(e.as_str(), "TOKEN_GITHUB" | "GITLAB_TOKEN")).cloned().collect();
     // `flux bootstrap github|gitlab` needs to know whether the owner is a user or an organisation / group.
     match v.ci {
         Provider::Github => flux.env.push((
@@ -644,6 +651,9 @@ fn render_stage(t: &mut String, s: &Stage) {
     }
     if !s.secret_env.is_empty() {
         let _ = writeln!(t, "secret_env = {}", list(&s.secret_env));
+    }
+    if !s.required_env.is_empty() {
+        let _ = writeln!(t, "required_env = {}", list(&s.required_env));
     }
     if !s.env.is_empty() {
         for (_, _, why) in &s.env {
