@@ -176,10 +176,8 @@ pub fn export(
 ) -> Result<ExportReport, Error> {
     let werr = |source| Error::Write { path: file.to_path_buf(), source };
     let mut report = ExportReport::default();
-    let (mut entries, contents) = collect(cache, runs, stages, file, include_sensitive, &mut report)?;
-    fit_document(&mut entries, &mut report);
-    report.entries = entries.len();
-    let doc = Document {
+    let (entries, contents) = collect(cache, runs, stages, file, include_sensitive, &mut report)?;
+    let mut doc = Document {
         format: FORMAT.into(),
         schema: SCHEMA,
         kkpipe_version: env!("CARGO_PKG_VERSION").into(),
@@ -187,6 +185,8 @@ pub fn export(
         include_sensitive,
         entries,
     };
+    fit_document(&mut doc, &mut report);
+    report.entries = doc.entries.len();
     let tmp = file.with_extension("partial");
     let out = std::fs::File::create(&tmp).map_err(werr)?;
     if let Err(e) = write_tar(cache, out, &doc, &contents, &mut report) {
@@ -199,11 +199,12 @@ pub fn export(
 
 /// Leave out the entries with the most outputs until `archive.json` fits what an import reads
 /// ([`MAX_DOCUMENT`]). What they name is still written; an import stores only what an entry names.
-fn fit_document(entries: &mut Vec<ArchiveEntry>, report: &mut ExportReport) {
-    let size = |e: &[ArchiveEntry]| serde_json::to_vec_pretty(e).map_or(0, |v| v.len() as u64);
-    while size(entries) + (64 << 10) > MAX_DOCUMENT && !entries.is_empty() {
-        let (i, _) = entries.iter().enumerate().max_by_key(|(_, e)| e.outputs.len()).expect("not empty");
-        let e = entries.remove(i);
+fn fit_document(doc: &mut Document, report: &mut ExportReport) {
+    // Measured as it is written: the document itself, pretty-printed.
+    let size = |d: &Document| serde_json::to_vec_pretty(d).map_or(u64::MAX, |v| v.len() as u64);
+    while size(doc) > MAX_DOCUMENT && !doc.entries.is_empty() {
+        let (i, _) = doc.entries.iter().enumerate().max_by_key(|(_, e)| e.outputs.len()).expect("not empty");
+        let e = doc.entries.remove(i);
         let n = e.outputs.len();
         report.left_out.push(format!("stage `{}` ({n} outputs): more than an archive's document may hold", e.stage));
     }

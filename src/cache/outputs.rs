@@ -36,7 +36,7 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
             out.extend(store_one(&o.path, &abs, &meta, o.sensitive, blobs)?);
             continue;
         }
-        let mut dirs: Vec<(RelPath, u32)> = Vec::new();
+        let mut dirs: Vec<(RelPath, Option<u32>)> = Vec::new();
         let mut inside = Vec::new();
         // A repository nested in an output (a gh-pages worktree) is not the stage's output: never collected.
         let ours = |e: &walkdir::DirEntry| !crate::relpath::RESERVED.contains(&e.file_name().as_bytes());
@@ -45,11 +45,11 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
             let rel = RelPath::from_path_under(root, e.path()).expect("below the root");
             let m = e.path().symlink_metadata().map_err(|e| Error::Store { path: rel.display(), source: e })?;
             if e.file_type().is_dir() {
-                let mut mode = m.permissions().mode() & PERMISSIONS;
+                let mut mode = Some(m.permissions().mode() & PERMISSIONS);
                 if o.sensitive {
-                    // A secret's directory is its owner's alone, in the workspace as in the store.
-                    mode = 0o700;
-                    let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(mode));
+                    // A secret's directory is its owner's alone, in the workspace as in the store; one that cannot
+                    // be made so (another user's mount point) keeps no mode, rather than one never matched.
+                    mode = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o700)).ok().map(|()| 0o700);
                 }
                 dirs.push((rel, mode));
                 continue;
@@ -65,7 +65,7 @@ pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Ve
                 entry: Entry::Dir { listing: Entry::listing(children.get(d).into_iter().flatten().copied()) },
                 size: 0,
                 sensitive: o.sensitive,
-                mode: Some(*mode),
+                mode: *mode,
             })
             .collect();
         out.extend(recorded);
@@ -144,13 +144,14 @@ fn store_one(
     }
     let (hash, size) = blobs.put(abs, sensitive).map_err(|e| Error::Store { path: rel.display(), source: e })?;
     let exec = Stat::of(meta).exec();
-    let mut mode = meta.permissions().mode() & PERMISSIONS;
+    let mut mode = Some(meta.permissions().mode() & PERMISSIONS);
     if sensitive {
-        // The workspace copy of a secret is as private as the stored one.
-        mode = file_mode(true, exec);
-        let _ = fs::set_permissions(abs, fs::Permissions::from_mode(mode));
+        // The workspace copy of a secret is as private as the stored one (if it cannot be made so, no mode is
+        // kept: a restore makes it private, and nothing compares a mode that could never match).
+        let private = file_mode(true, exec);
+        mode = fs::set_permissions(abs, fs::Permissions::from_mode(private)).ok().map(|()| private);
     }
-    Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive, mode: Some(mode) }))
+    Ok(Some(OutputRecord { path: rel.clone(), entry: Entry::File { hash, exec }, size, sensitive, mode }))
 }
 
 /// The workspace and the blob store of one checkout, for the decision.

@@ -56,8 +56,9 @@ const HONOURED_AT_MOST: Duration = Duration::from_secs(24 * 3600);
 
 impl Remote {
     /// Take the deploy lease of `stage` in `env`, waiting up to `timeout` for its holder (`waiting` is told
-    /// whom, once; `stop` ends the wait early). `Ok(None)`: the store did not answer (warned; the deploy
-    /// goes on under the local run lock, as without a remote).
+    /// whom, once; `stop` ends the wait early). Every failure is an error: a deploy never goes on without it.
+    /// Taken, the store answered: it is counted up again for the rest of the run (the ledger is read and
+    /// written next).
     pub fn acquire(
         &self,
         stage: &str,
@@ -65,7 +66,7 @@ impl Remote {
         timeout: Duration,
         waiting: &mut dyn FnMut(&str),
         stop: &dyn Fn() -> bool,
-    ) -> Result<Option<LeaseGuard>, LeaseError> {
+    ) -> Result<LeaseGuard, LeaseError> {
         let name = protocol::lease(env, stage);
         let clock = self.clock.as_ref();
         // `None`: no deadline that a clock can represent (a --lock-timeout of centuries).
@@ -92,7 +93,8 @@ impl Remote {
                 match backend.put_if(&name, bytes, current.as_ref().map(|(_, v)| v)) {
                     Ok(Some(version)) => {
                         let held = Held { store: backend, name, lease, version, clock: self.clock.clone() };
-                        return Ok(Some(LeaseGuard::start(held, self.lease_ttl)));
+                        self.store.revive();
+                        return Ok(LeaseGuard::start(held, self.lease_ttl));
                     }
                     // Another runner was first: look again.
                     Ok(None) => {}
@@ -133,7 +135,7 @@ impl Remote {
         stage: &str,
         env: &str,
         holder: Option<String>,
-    ) -> Result<Option<LeaseGuard>, LeaseError> {
+    ) -> Result<LeaseGuard, LeaseError> {
         let (url, stage, env) = (self.url.clone(), stage.to_string(), env.to_string());
         match (e, holder) {
             (store::Error::Refused(why), _) => Err(LeaseError::Refused { url, stage, env, why }),
@@ -275,7 +277,7 @@ mod tests {
         Remote::for_tests(store.clone(), clock.clone(), ttl, who)
     }
 
-    fn take(r: &Remote, timeout: Duration) -> (Result<Option<LeaseGuard>, LeaseError>, Vec<String>) {
+    fn take(r: &Remote, timeout: Duration) -> (Result<LeaseGuard, LeaseError>, Vec<String>) {
         let mut told = Vec::new();
         let got = r.acquire("apply", "prod", timeout, &mut |w| told.push(w.to_string()), &|| false);
         (got, told)
@@ -292,7 +294,7 @@ mod tests {
         let (store, clock) = (Arc::new(Memory::default()), Arc::new(Manual::default()));
         let a = remote(&store, &clock, TTL, "a@ci");
         let (held, told) = take(&a, Duration::ZERO);
-        let held = held.unwrap().expect("the store answered");
+        let held = held.expect("the store answered");
         assert!(told.is_empty());
         let b = remote(&store, &clock, TTL, "b@ci");
         let (refused, told) = take(&b, Duration::from_secs(2));
@@ -301,7 +303,7 @@ mod tests {
         // Released on drop: the next runner takes it at once.
         drop(held);
         let start = clock.now();
-        assert!(take(&b, Duration::ZERO).0.unwrap().is_some());
+        assert!(take(&b, Duration::ZERO).0.is_ok());
         assert_eq!(clock.now(), start, "no wait for a released lease");
     }
 
@@ -312,7 +314,7 @@ mod tests {
         let b = remote(&store, &clock, TTL, "b@ci");
         let start = clock.now();
         let (got, told) = take(&b, Duration::from_secs(60));
-        assert!(got.unwrap().is_some());
+        assert!(got.is_ok());
         assert_eq!(told, ["dead@ci"]);
         let waited = clock.now() - start;
         assert!(waited >= TTL && waited < TTL + POLL * 2, "{waited:?}");
@@ -326,7 +328,7 @@ mod tests {
         dead_lease(&store, "slow@ci", 30_000);
         let b = remote(&store, &clock, Duration::from_secs(2), "b@ci");
         let start = clock.now();
-        assert!(take(&b, Duration::from_secs(60)).0.unwrap().is_some());
+        assert!(take(&b, Duration::from_secs(60)).0.is_ok());
         assert!(clock.now() - start >= Duration::from_secs(30), "{:?}", clock.now() - start);
     }
 
@@ -337,7 +339,7 @@ mod tests {
         dead_lease(&store, "mallory", i64::MAX);
         let b = remote(&store, &clock, TTL, "b@ci");
         let start = clock.now();
-        assert!(take(&b, Duration::MAX).0.unwrap().is_some(), "an endless timeout is no overflow either");
+        assert!(take(&b, Duration::MAX).0.is_ok(), "an endless timeout is no overflow either");
         let waited = clock.now() - start;
         assert!(waited >= HONOURED_AT_MOST && waited < HONOURED_AT_MOST + POLL * 2, "{waited:?}");
     }
@@ -378,7 +380,7 @@ mod tests {
                 let (store, clock, won) = (&store, &clock, &won);
                 s.spawn(move || {
                     let r = remote(store, clock, TTL, who);
-                    if let Ok(Some(g)) = take(&r, Duration::ZERO).0 {
+                    if let Ok(g) = take(&r, Duration::ZERO).0 {
                         won.lock().unwrap().push(who);
                         std::mem::forget(g);
                     }

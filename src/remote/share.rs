@@ -496,18 +496,18 @@ impl Remote {
         key: &Key,
         manifest: &[u8],
         done: Option<(State, &[OutputRecord], i64)>,
-    ) {
-        let Some(signer) = &self.signer else { return };
+    ) -> bool {
+        let Some(signer) = &self.signer else { return false };
         let name = protocol::ledger(env, &stage.name);
         let what = format!("the ledger record of `{}` in `{env}`", stage.name);
         let (state, outputs, duration_ms) = done.unwrap_or((State::Running, &[], 0));
         let shared = if state == State::Success { outputs } else { &[] };
-        let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return };
+        let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return false };
         // A number found taken in the history (by a writer that lost the head, or by something planted) is
         // never tried again.
         let mut floor = 0;
         for _ in 0..16 {
-            let Some((seq, version)) = self.next_seq(cache, stage, env, floor, &what) else { return };
+            let Some((seq, version)) = self.next_seq(cache, stage, env, floor, &what) else { return false };
             floor = seq;
             let body = LedgerBody {
                 version: protocol::VERSION,
@@ -528,20 +528,27 @@ impl Remote {
             match self.store.put_if(&protocol::history(env, &stage.name, seq), sealed.clone(), None) {
                 Ok(Some(_)) => {}
                 Ok(None) => continue,
-                Err(e) => return self.failed(&format!("the history of {what}"), e),
+                Err(e) => {
+                    self.failed(&format!("the history of {what}"), e);
+                    return false;
+                }
             }
             match self.store.put_if(&name, sealed, version.as_ref()) {
                 Ok(Some(_)) => {
                     if let Err(e) = cache.set_remote_seen(&self.url, &stage.name, env, seq) {
                         self.cache_failed(e);
                     }
-                    return;
+                    return true;
                 }
                 Ok(None) => continue,
-                Err(e) => return self.failed(&what, e),
+                Err(e) => {
+                    self.failed(&what, e);
+                    return false;
+                }
             }
         }
         self.warn(format!("could not update {what} on the remote `{}`: too many concurrent writers", self.url));
+        false
     }
 }
 

@@ -119,7 +119,7 @@ pub enum Msg {
     /// The wait for a deploy lease is over.
     Leased {
         job: usize,
-        result: Result<Option<crate::remote::LeaseGuard>, crate::remote::LeaseError>,
+        result: Result<crate::remote::LeaseGuard, crate::remote::LeaseError>,
     },
     /// A check stage's lookup on the remote is over: what it found, if anything.
     LookedUp {

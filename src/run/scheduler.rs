@@ -163,7 +163,7 @@ struct Scheduler<'a, 's> {
     regenerate_retried: HashSet<usize>,
     /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
     /// store did not answer and the deploy goes on under the local run lock, as without a remote).
-    leases: HashMap<usize, Option<LeaseGuard>>,
+    leases: HashMap<usize, LeaseGuard>,
     /// Set when the scheduler goes away: lease waits still running stop.
     cancel: Arc<AtomicBool>,
     interrupt: super::Interrupt,
@@ -599,7 +599,7 @@ impl<'a> Scheduler<'a, '_> {
         let Some(remote) = self.env.remote.clone() else { return Taken::Go };
         match self.leases.get(&i) {
             // Another runner took it over while this one waited to go on: take it again.
-            Some(Some(held)) if held.lost() => drop(self.leases.remove(&i)),
+            Some(held) if held.lost() => drop(self.leases.remove(&i)),
             Some(_) => return Taken::Go,
             None => {}
         }
@@ -648,7 +648,7 @@ impl<'a> Scheduler<'a, '_> {
         &mut self,
         i: usize,
         l: Asking,
-        result: Result<Option<LeaseGuard>, crate::remote::LeaseError>,
+        result: Result<LeaseGuard, crate::remote::LeaseError>,
     ) -> Result<(), Error> {
         self.remote_warnings();
         // A signal may have reached the wait before the loop saw it (the loop stops everything else next).
@@ -797,7 +797,7 @@ impl<'a> Scheduler<'a, '_> {
         } else {
             remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
-        if self.leases.remove(&i).flatten().is_some_and(|l| l.lost()) {
+        if self.leases.remove(&i).is_some_and(|l| l.lost()) {
             self.sink.event(&Event::Warning {
                 message: format!(
                     "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
@@ -950,15 +950,26 @@ impl<'a> Scheduler<'a, '_> {
                 Taken::Pending | Taken::Stop => return Ok(()),
             }
         }
-        let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
+        // Before it starts: the ledger says it is being deployed. Anyone who finds this record without a live
+        // lease knows the deploy did not end; a deploy the ledger would not know of is not started (another
+        // runner would take the older record for what is live).
         if stage.is_deploy()
             && let Some(remote) = self.remote()
+            && !remote.record(self.env.cache, &stage, self.cx.env, &keyed.key, &keyed.manifest.encode(), None)
         {
-            // Anyone who finds this record without a live lease knows the deploy did not end.
-            let manifest = keyed.manifest.encode();
-            remote.record(self.env.cache, &stage, self.cx.env, &keyed.key, &manifest, None);
             self.remote_warnings();
+            self.locked_out = true;
+            let detail = format!(
+                "not deployed: the remote `{}` did not take the record that `{}` is being deployed to `{}`; other \
+                 runners would not know of it\n  hint: run again once the store answers, or pass `--remote off` to \
+                 deploy without the shared ledger",
+                remote.url, stage.name, self.cx.env
+            );
+            self.not_started(i, Some(keyed.key), reason, detail);
+            return Ok(());
         }
+        self.remote_warnings();
+        let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });
         self.spawn(i, stage.run.join("\n"), Job::Stage { row, reason }, keyed, Vec::new())
     }

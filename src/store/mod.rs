@@ -135,6 +135,11 @@ impl Store {
         Store { inner, down: AtomicBool::new(false) }
     }
 
+    /// The store answered after all (a deploy lease was taken from the backend itself): count it up again.
+    pub fn revive(&self) {
+        self.down.store(false, Ordering::Relaxed);
+    }
+
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Relaxed)
     }

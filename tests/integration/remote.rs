@@ -876,3 +876,22 @@ fn planted_history_names_cannot_hide_a_newer_deploy() {
     assert!(r.stderr.contains("head is not believed"), "{}", r.stderr);
     assert_ne!(c.state_of("deploy"), "fresh", "a v1 runner does not take v1 for what is live: {}", r.stderr);
 }
+
+/// Third review of issue 21: a deploy could take its lease (from the store itself) after the run had counted the
+/// store down, then neither read nor write the ledger, and run: another runner then took the older record for
+/// what is live and skipped. A deploy starts only once the ledger has its `running` record.
+#[test]
+fn a_deploy_the_ledger_cannot_record_is_not_run() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    // The store grants the lease but takes no ledger record (a policy that allows `leases/` only).
+    std::fs::create_dir_all(store.dir.join("ledger/default/deploy/in-the-way")).unwrap();
+    let r = a.run(&[]);
+    assert_eq!(r.code, 4, "{}", r.all());
+    assert_eq!(r.ran(), ["build"], "the check stage runs, the deploy does not");
+    assert!(r.stderr.contains("did not take the record") && r.stderr.contains("`deploy`"), "{}", r.stderr);
+    assert!(!a.sibling("deployed.log").exists(), "nothing was deployed");
+    std::fs::remove_dir_all(store.dir.join("ledger/default/deploy")).unwrap();
+    assert_eq!(a.run(&[]).ok().ran(), ["deploy"], "once the ledger takes it, the deploy runs");
+}
