@@ -426,15 +426,7 @@ fn validate_stage(
         let what = format!("`{n}` is not one the stage receives; add it to `pass_env` or `secret_env`");
         return Err(Error::invalid(file, place(name, "required_env"), what));
     }
-    for t in &rs.tools {
-        if t.is_empty() || t.contains('/') || t.contains(char::is_whitespace) {
-            return Err(Error::invalid(
-                file,
-                place(name, "tools"),
-                format!("`{t}` is not a command name; list names found on PATH, like \"terraform\""),
-            ));
-        }
-    }
+    check_tools(file, name, &rs.tools)?;
     if rs.branches.is_some() && !rs.on.as_ref().is_none_or(|on| on.contains(&Trigger::Push)) {
         return Err(Error::invalid(
             file,
@@ -473,6 +465,18 @@ fn validate_stage(
         verify: rs.verify,
         retry_needs_if: rs.retry_needs_if,
     })
+}
+
+/// `tools`: command names, found on PATH.
+fn check_tools(file: &Path, name: &str, tools: &[String]) -> Result<(), Error> {
+    match tools.iter().find(|t| t.is_empty() || t.contains('/') || t.contains(char::is_whitespace)) {
+        Some(t) => Err(Error::invalid(
+            file,
+            place(name, "tools"),
+            format!("`{t}` is not a command name; list names found on PATH, like \"terraform\""),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// `run`: a string or a list of lines, not all blank.

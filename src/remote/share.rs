@@ -254,6 +254,33 @@ impl Remote {
         Some((newer, true))
     }
 
+    /// A ledger record of this runner's attempt, as of now.
+    #[allow(clippy::too_many_arguments)]
+    fn ledger_body(
+        &self,
+        stage: &Stage,
+        env: &str,
+        seq: u64,
+        key: &Key,
+        state: State,
+        outputs: Vec<OutputDoc>,
+        duration_ms: i64,
+    ) -> LedgerBody {
+        LedgerBody {
+            version: protocol::VERSION,
+            env: env.into(),
+            stage: stage.name.clone(),
+            seq,
+            key: key.to_string(),
+            state,
+            who: self.who.clone(),
+            at_ms: now_ms(),
+            commit: self.commit.clone(),
+            outputs,
+            duration_ms,
+        }
+    }
+
     /// The next sequence number of the ledger of `stage` in `env`, and the head's version to swap: one more than
     /// the believed head, the newest believed record of the history, and what this cache knows. Only believed
     /// records' numbers are used. Over a head that is not believed (tampered, or by an untrusted key) the true
@@ -509,19 +536,7 @@ impl Remote {
         for _ in 0..16 {
             let Some((seq, version)) = self.next_seq(cache, stage, env, floor, &what) else { return false };
             floor = seq;
-            let body = LedgerBody {
-                version: protocol::VERSION,
-                env: env.into(),
-                stage: stage.name.clone(),
-                seq,
-                key: key.to_string(),
-                state,
-                who: self.who.clone(),
-                at_ms: now_ms(),
-                commit: self.commit.clone(),
-                outputs: docs.clone(),
-                duration_ms,
-            };
+            let body = self.ledger_body(stage, env, seq, key, state, docs.clone(), duration_ms);
             let sealed = protocol::seal(&body, signer);
             // The number is claimed in the history first (create-only): a record is kept for good before it is
             // the head, so a replay of an older head is found out, and two writers never share a number.

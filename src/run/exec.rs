@@ -73,6 +73,11 @@ impl RawLog {
 }
 
 impl Exit {
+    fn not_started(why: String, start: Instant) -> Exit {
+        let log = RawLog::default();
+        Exit { code: None, signal: None, spawn_error: Some(why), log, duration: start.elapsed() }
+    }
+
     pub fn success(&self) -> bool {
         self.code == Some(0)
     }
@@ -117,15 +122,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     let tag = watchdog::tag(job);
     let mut child = match watchdog::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id) {
         Ok(ch) => ch,
-        Err(e) => {
-            return Exit {
-                code: None,
-                signal: None,
-                spawn_error: Some(format!("cannot start `{}`: {e}", SHELL[0])),
-                log: RawLog::default(),
-                duration: start.elapsed(),
-            };
-        }
+        Err(e) => return Exit::not_started(format!("cannot start `{}`: {e}", SHELL[0]), start),
     };
     let pgid = child.id() as i32;
     // Registered before the stage may start (see GATE), so the group is stopped however kkpipe dies (owned as
