@@ -87,12 +87,6 @@ fn children<'a>(paths: impl Iterator<Item = &'a RelPath>) -> HashMap<RelPath, Ve
 /// The permission bits kept with a file or directory: no setuid, setgid or sticky bit ever comes back.
 const PERMISSIONS: u32 = 0o777;
 
-/// The mode a restored file or directory gets: as recorded, a secret's only ever its owner's, and a directory
-/// always its owner's to manage (kkpipe writes and prunes in it). `check` compares with the same.
-fn restored_mode(rec: &OutputRecord) -> Option<u32> {
-    as_restored(&rec.entry, rec.sensitive, rec.mode)
-}
-
 /// The permission bits on disk as a restore compares them: a directory counts as its owner's in any case (a
 /// restore cannot make it otherwise); a secret's group and other bits do count (they must go).
 fn on_disk(meta: &fs::Metadata) -> u32 {
@@ -100,15 +94,17 @@ fn on_disk(meta: &fs::Metadata) -> u32 {
     if meta.is_dir() { mode | 0o700 } else { mode }
 }
 
-fn as_restored(entry: &Entry, sensitive: bool, mode: Option<u32>) -> Option<u32> {
-    let mode = match (entry, mode) {
+/// The mode a restored file or directory gets: as recorded, a secret's only ever its owner's, and a directory
+/// always its owner's to manage (kkpipe writes and prunes in it). `check` compares with the same.
+fn restored_mode(rec: &OutputRecord) -> Option<u32> {
+    let mode = match (&rec.entry, rec.mode) {
         (Entry::Symlink { .. }, _) => return None,
-        (Entry::File { exec, .. }, None) => file_mode(sensitive, *exec),
+        (Entry::File { exec, .. }, None) => file_mode(rec.sensitive, *exec),
         (Entry::Dir { .. }, None) => return None,
         (Entry::File { .. }, Some(m)) => m & PERMISSIONS,
         (Entry::Dir { .. }, Some(m)) => m & PERMISSIONS | 0o700,
     };
-    Some(if sensitive { mode & 0o700 } else { mode })
+    Some(if rec.sensitive { mode & 0o700 } else { mode })
 }
 
 /// The mode a stored output file gets when none is recorded: a secret's copy is as private as the stored one.

@@ -1114,11 +1114,8 @@ impl<'a> Scheduler<'a, '_> {
                 return self.fail(i, &keyed, reason, ended, e.to_string());
             }
         };
-        for o in &outs {
-            self.mask_output(o);
-        }
-        // Masked again now that the stage's own sensitive outputs are known.
-        ended.log = exit.log.masked(&self.env.masker.read().expect("masker"));
+        // Its sensitive outputs were read into the masker when it ended (`mask_declared`), so the log
+        // `stage_exited` masked already masks them.
         ended.outputs = outs.clone();
         let state = match not_kept {
             None => State::Success,

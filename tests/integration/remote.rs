@@ -793,20 +793,26 @@ fn an_unsigned_ledger_record_with_the_largest_seq_is_never_used() {
     assert_eq!(fresh.with_state("fresh"), ["deploy"], "{}", fresh.stderr);
 }
 
+/// A file store on which a runner deployed v1, then v2; with the team's keys and v1's signed ledger record.
+fn deployed_v1_then_v2() -> (Store, Keys, Vec<u8>) {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    a.run(&[]).ok();
+    let v1_record = store.get("ledger/default/deploy");
+    a.write("src.txt", "v2\n");
+    assert_eq!(a.run(&[]).ok().ran(), ["build", "deploy"]);
+    (store, k, v1_record)
+}
+
 /// Issue 21, item 5: anyone with write access to the bucket (no signing key needed) could put an older signed
 /// ledger record back at the head, and a fresh runner believed an older deploy was the latest and skipped. Every
 /// record is also kept create-only under its number in the ledger's history, and a head older than the history
 /// is not believed as the latest.
 #[test]
 fn a_replayed_older_ledger_record_does_not_make_a_fresh_runner_skip() {
-    let store = Store::new(Kind::File);
-    let k = keygen();
-    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
-    a.run(&[]).ok();
+    let (store, k, v1_record) = deployed_v1_then_v2();
     let head = "ledger/default/deploy";
-    let v1_record = store.get(head);
-    a.write("src.txt", "v2\n");
-    assert_eq!(a.run(&[]).ok().ran(), ["build", "deploy"]);
     assert_eq!(
         store.names("history/default/deploy").len(),
         4,
@@ -858,14 +864,8 @@ fn runners_with_different_lease_lifetimes_never_deploy_at_once() {
 /// objects above the head that are no believed records mean the head is not believed: deploy again.
 #[test]
 fn planted_history_names_cannot_hide_a_newer_deploy() {
-    let store = Store::new(Kind::File);
-    let k = keygen();
-    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
-    a.run(&[]).ok();
+    let (store, k, v1_record) = deployed_v1_then_v2();
     let head = "ledger/default/deploy";
-    let v1_record = store.get(head);
-    a.write("src.txt", "v2\n");
-    assert_eq!(a.run(&[]).ok().ran(), ["build", "deploy"]);
     store.tamper(head, &v1_record);
     for n in 91..=99u64 {
         let name = format!("history/default/deploy/{n:020}");

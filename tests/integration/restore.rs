@@ -44,6 +44,37 @@ fn tree(dir: &Path) -> Vec<String> {
     v
 }
 
+/// A repository with [`ONE_OUTPUT`], run once, and its exported archive.
+fn exported_one_output() -> (Repo, std::path::PathBuf) {
+    let repo = Repo::empty();
+    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
+    repo.run(&[]).ok();
+    let good = repo.sibling("good.tar.zst");
+    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    (repo, good)
+}
+
+/// The archive at `from` with `size` zero bytes added under each of `names`, written to `to` as it is read
+/// (a few kilobytes compressed, whatever `size`).
+fn with_zeros(from: &Path, to: &Path, names: &[&str], size: u64) {
+    let raw = zstd::decode_all(std::fs::File::open(from).unwrap()).unwrap();
+    let mut out = tar::Builder::new(zstd::Encoder::new(std::fs::File::create(to).unwrap(), 3).unwrap());
+    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut h = e.header().clone();
+        let path = e.path().unwrap().into_owned();
+        out.append_data(&mut h, path, &mut e).unwrap();
+    }
+    for name in names {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        h.set_mode(0o600);
+        h.set_entry_type(tar::EntryType::Regular);
+        out.append_data(&mut h, name, std::io::Read::take(std::io::repeat(0), size)).unwrap();
+    }
+    out.into_inner().unwrap().finish().unwrap();
+}
+
 const ONE_OUTPUT: &str = "[stages.build]\nrun = \"mkdir -p out && cat src.txt > out/app.txt\"\ninputs = [\"src.txt\"]\noutputs = [\"out\"]\n";
 
 /// Item 1: an imported record may name only a path inside its stage's current declared outputs: not a git
@@ -311,11 +342,7 @@ fn a_kill_during_a_restore_leaves_nothing_in_the_workspace() {
 /// result's own links, as the kernel will resolve them once restored.
 #[test]
 fn a_chain_of_links_cannot_lead_out_of_the_repository() {
-    let repo = Repo::empty();
-    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
-    repo.run(&[]).ok();
-    let good = repo.sibling("good.tar.zst");
-    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let (repo, good) = exported_one_output();
     let bad = repo.sibling("chain.tar.zst");
     rewrite_archive(&good, &bad, |doc| {
         let outputs = doc["entries"][0]["outputs"].as_array_mut().unwrap();
@@ -450,31 +477,13 @@ fn with_peak_memory(repo: &Repo, args: &[&str]) -> (Run, u64) {
 /// those an imported entry names are stored.
 #[test]
 fn a_small_archive_costs_neither_memory_nor_disk() {
-    let repo = Repo::empty();
-    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
-    repo.run(&[]).ok();
-    let good = repo.sibling("good.tar.zst");
-    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let (repo, good) = exported_one_output();
     // The good archive plus 300 MB of zeros under their true hash, which no entry names.
     const BIG: u64 = 300 << 20;
     let mut hasher = blake3::Hasher::new();
     std::io::copy(&mut std::io::Read::take(std::io::repeat(0), BIG), &mut hasher).unwrap();
     let bomb = repo.sibling("bomb.tar.zst");
-    let raw = zstd::decode_all(std::fs::File::open(&good).unwrap()).unwrap();
-    let mut out = tar::Builder::new(zstd::Encoder::new(std::fs::File::create(&bomb).unwrap(), 3).unwrap());
-    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
-        let mut e = e.unwrap();
-        let mut h = e.header().clone();
-        let path = e.path().unwrap().into_owned();
-        out.append_data(&mut h, path, &mut e).unwrap();
-    }
-    let mut h = tar::Header::new_gnu();
-    h.set_size(BIG);
-    h.set_mode(0o600);
-    h.set_entry_type(tar::EntryType::Regular);
-    let name = format!("kkpipe-cache/blobs/{}", hasher.finalize().to_hex());
-    out.append_data(&mut h, name, std::io::Read::take(std::io::repeat(0), BIG)).unwrap();
-    out.into_inner().unwrap().finish().unwrap();
+    with_zeros(&good, &bomb, &[&format!("kkpipe-cache/blobs/{}", hasher.finalize().to_hex())], BIG);
     let size = std::fs::metadata(&bomb).unwrap().len();
     assert!(size < 64 << 10, "a small archive: {size} bytes");
 
@@ -499,11 +508,7 @@ fn a_small_archive_costs_neither_memory_nor_disk() {
 /// `/etc`. A result must record every directory its entries are in; an archive whose results do not is refused.
 #[test]
 fn a_result_must_record_the_directories_its_entries_are_in() {
-    let repo = Repo::empty();
-    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
-    repo.run(&[]).ok();
-    let good = repo.sibling("good.tar.zst");
-    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let (repo, good) = exported_one_output();
     let bad = repo.sibling("dirless.tar.zst");
     rewrite_archive(&good, &bad, |doc| {
         let outputs = doc["entries"][0]["outputs"].as_array_mut().unwrap();
@@ -523,29 +528,10 @@ fn a_result_must_record_the_directories_its_entries_are_in() {
 /// past, never written.
 #[test]
 fn a_log_bomb_is_rejected_before_it_is_read() {
-    let repo = Repo::empty();
-    repo.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
-    repo.run(&[]).ok();
-    let good = repo.sibling("good.tar.zst");
-    repo.kk(&["cache", "export", good.to_str().unwrap()]).ok();
+    let (repo, good) = exported_one_output();
     const BIG: u64 = 500 << 20;
     let bomb = repo.sibling("logs.tar.zst");
-    let raw = zstd::decode_all(std::fs::File::open(&good).unwrap()).unwrap();
-    let mut out = tar::Builder::new(zstd::Encoder::new(std::fs::File::create(&bomb).unwrap(), 3).unwrap());
-    for e in tar::Archive::new(&raw[..]).entries().unwrap() {
-        let mut e = e.unwrap();
-        let mut h = e.header().clone();
-        let path = e.path().unwrap().into_owned();
-        out.append_data(&mut h, path, &mut e).unwrap();
-    }
-    for name in ["kkpipe-cache/logs/8", "kkpipe-cache/logs/9"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(BIG);
-        h.set_mode(0o600);
-        h.set_entry_type(tar::EntryType::Regular);
-        out.append_data(&mut h, name, std::io::Read::take(std::io::repeat(0), BIG)).unwrap();
-    }
-    out.into_inner().unwrap().finish().unwrap();
+    with_zeros(&good, &bomb, &["kkpipe-cache/logs/8", "kkpipe-cache/logs/9"], BIG);
     let other = Repo::empty();
     other.write("pipeline.toml", ONE_OUTPUT).write("src.txt", "v1\n");
     let (r, peak_kib) = with_peak_memory(&other, &["cache", "import", bomb.to_str().unwrap()]);
