@@ -45,6 +45,9 @@ pub enum Command {
     Why(WhyArgs),
     /// Run deploy stages' drift probes (`verify`) without applying anything; exit code 1 when something drifted.
     Verify(VerifyArgs),
+    /// Record deploy stages that are already in sync as deployed (`adopted`), without applying anything: each
+    /// that would deploy is probed; exit code 1 when one drifted or could not be adopted.
+    Adopt(AdoptArgs),
     /// Print the stage graph with each stage's state, as Mermaid (GitHub markdown) or Graphviz DOT.
     Graph(GraphArgs),
     /// Print a stage's stored log: the latest run, or `--run N`.
@@ -127,6 +130,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub replay: bool,
 
+    /// Deploy without asking. Outside CI a run that may deploy lists the deploy stages and asks on the
+    /// terminal; without a terminal it deploys nothing unless --yes. In CI nothing asks.
+    #[arg(short = 'y', long)]
+    pub yes: bool,
+
+    /// Deploy even if a deploy stage's inputs have uncommitted changes (the ledger records the tree as dirty).
+    #[arg(long)]
+    pub allow_dirty: bool,
+
     /// Print a JSON report (schema kkpipe.run.v1) on stdout; progress goes to stderr.
     #[arg(long)]
     pub json: bool,
@@ -177,6 +189,28 @@ pub struct VerifyArgs {
     /// Deploy stages to probe (with what they need). Default: every selected deploy stage with a `verify`.
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
+
+    /// Print a JSON report (schema kkpipe.run.v1) on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seconds to wait for another kkpipe run on this repository before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub lock_timeout: u64,
+
+    #[command(flatten)]
+    pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct AdoptArgs {
+    /// Deploy stages to adopt (check stages they need run as usual). Default: every selected deploy stage.
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+
+    /// Adopt a deploy stage without a `verify` probe as deployed, unchecked (with a warning).
+    #[arg(long)]
+    pub assume_deployed: bool,
 
     /// Print a JSON report (schema kkpipe.run.v1) on stdout.
     #[arg(long)]

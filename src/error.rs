@@ -74,7 +74,9 @@ impl From<crate::run::Error> for Error {
             crate::run::Error::Session(s) => s.into(),
             crate::run::Error::Cache(c) => Error::Cache(c),
             crate::run::Error::Graph(g) => Error::Graph(g),
-            e @ crate::run::Error::MissingEnv(_) => Error::Usage(e.to_string()),
+            e @ (crate::run::Error::MissingEnv(_)
+            | crate::run::Error::Dirty(_)
+            | crate::run::Error::NotConfirmed { .. }) => Error::Usage(e.to_string()),
         }
     }
 }

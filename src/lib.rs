@@ -30,6 +30,7 @@
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].
 
+pub mod audit;
 pub mod cache;
 pub mod ci;
 pub mod cli;

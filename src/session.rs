@@ -106,6 +106,11 @@ impl<'a> Session<'a> {
 
     // ------------------------------------------------------------ inputs
 
+    /// Whether `path` (present or not) is one of stage `i`'s inputs or a global input, as its patterns say.
+    pub fn is_input(&self, i: usize, path: &RelPath) -> bool {
+        self.matchers[i].matches(path) || (self.global.matches(path) && !self.matchers[i].excluded(path))
+    }
+
     /// Walk the input trees of `stages` (and the global inputs) once, in parallel, and digest their inputs
     /// ahead, in parallel too.
     pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {

@@ -23,6 +23,8 @@ pub struct Settings {
     pub caller_env: HashMap<String, String>,
     /// A person is watching a terminal (not CI, not piped, not quiet): live progress is shown.
     pub interactive: bool,
+    /// A CI provider's variables, or `CI` set (and not "false").
+    pub in_ci: bool,
 }
 
 impl Settings {
@@ -44,12 +46,11 @@ impl Settings {
             Some(Provider::Gitlab) => Style::Gitlab,
             _ => Style::Plain,
         };
-        let interactive = provider.is_none()
-            && !cli.quiet
-            && std::io::stderr().is_terminal()
-            && caller_env.get("CI").is_none_or(|v| v.is_empty() || v == "false");
+        let in_ci = provider.is_some() || caller_env.get("CI").is_some_and(|v| !v.is_empty() && v != "false");
+        let interactive = !in_ci && !cli.quiet && std::io::stderr().is_terminal();
         Settings {
             interactive,
+            in_ci,
             start_dir: cli.dir.clone().unwrap_or_else(|| PathBuf::from(".")),
             color,
             quiet: cli.quiet,
@@ -57,6 +58,18 @@ impl Settings {
             provider,
             style,
             caller_env,
+        }
+    }
+
+    /// Whether a run that may deploy goes ahead: `--yes` or CI, else a question on a terminal, else no.
+    pub fn consent(&self, yes: bool) -> crate::run::Consent {
+        use crate::run::Consent;
+        if yes || self.in_ci {
+            Consent::Given
+        } else if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+            Consent::Ask
+        } else {
+            Consent::Refused
         }
     }
 

@@ -80,6 +80,9 @@ struct ArchiveEntry {
     event: Option<String>,
     branch: Option<String>,
     git_commit: Option<String>,
+    /// Who ran it, from where (schema 3 and later may carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audit: Option<crate::fresh::Audit>,
     outputs: Vec<OutputDoc>,
     log: Option<String>,
     /// How the attempt ended; schema 1 carried successes only.
@@ -259,6 +262,7 @@ fn collect(
             event: run.and_then(|m| m.event.clone()),
             branch: run.and_then(|m| m.branch.clone()),
             git_commit: run.and_then(|m| m.git_commit.clone()),
+            audit: run.map(|m| m.audit.clone()).filter(|a| a != &crate::fresh::Audit::default()),
             outputs,
             log,
             // A row still "running" under the export's lock is one whose kkpipe died: interrupted.
@@ -629,6 +633,7 @@ fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Che
         branch: e.branch.clone(),
         env: e.env.clone(),
         git_commit: e.git_commit.clone(),
+        audit: e.audit.clone().unwrap_or_default(),
     };
     let outputs: Vec<OutputRecord> = e.outputs.iter().map(OutputDoc::record).collect();
     let log = e.log.as_ref().map(|l| &c.logs[l][..]).unwrap_or_default();

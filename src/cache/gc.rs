@@ -94,7 +94,7 @@ impl Cache {
                     id: r.get(0)?,
                     stage: r.get(1)?,
                     env: r.get(2)?,
-                    success: r.get::<_, String>(3)? == crate::fresh::State::Success.as_str(),
+                    success: crate::fresh::State::parse(&r.get::<_, String>(3)?).is_some_and(|s| s.succeeded()),
                     started_at: r.get(4)?,
                 })
             })

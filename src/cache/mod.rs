@@ -75,6 +75,7 @@ pub struct RunMeta {
     pub branch: Option<String>,
     pub env: String,
     pub git_commit: Option<String>,
+    pub audit: crate::fresh::Audit,
 }
 
 pub struct Cache {

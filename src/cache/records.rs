@@ -5,6 +5,7 @@
 //! clock: an archive from a runner whose clock ran ahead cannot outrank later local attempts.
 
 use super::{Cache, Error, Result, RunCounts, RunMeta, RunOutcome, RunRow, hostname, now_ms};
+use crate::fresh::Audit;
 use crate::fresh::{Attempt, History, OutputRecord, State, StoredReason};
 use crate::hash::key::{DecodeError, Key, Manifest};
 use crate::hash::{Entry, Hash};
@@ -70,6 +71,16 @@ impl End<'_> {
     }
 }
 
+/// The audit fields as stored (`NULL` when there are none).
+fn audit_text(a: &Audit) -> Option<String> {
+    (a != &Audit::default()).then(|| serde_json::to_string(a).expect("serialisable"))
+}
+
+/// Stored audit fields; text this kkpipe cannot read counts as none (they inform, they never decide).
+fn audit_of(text: Option<String>) -> Audit {
+    text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
 fn compress(bytes: &[u8]) -> rusqlite::Result<Vec<u8>> {
     zstd::encode_all(bytes, 3).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
@@ -82,7 +93,7 @@ pub(super) fn insert_run(
     finished: Option<(i64, RunOutcome)>,
 ) -> rusqlite::Result<i64> {
     c.prepare_cached(
-        "INSERT INTO runs(started_at, finished_at, outcome, command, event, branch, env, git_commit, pid, host) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+        "INSERT INTO runs(started_at, finished_at, outcome, command, event, branch, env, git_commit, pid, host, audit) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
     )?
     .execute(params![
         started_at,
@@ -94,7 +105,8 @@ pub(super) fn insert_run(
         meta.env,
         meta.git_commit,
         std::process::id(),
-        hostname()
+        hostname(),
+        audit_text(&meta.audit),
     ])?;
     Ok(c.last_insert_rowid())
 }
@@ -120,7 +132,7 @@ pub(super) fn insert_attempt(c: &Connection, a: &NewAttempt<'_>) -> rusqlite::Re
 /// the attempt's id.
 pub(super) fn insert_imported(c: &Connection, meta: &RunMeta, mut a: NewAttempt<'_>) -> rusqlite::Result<i64> {
     let finished = a.started_at + a.end.as_ref().map_or(0, |e| e.duration_ms);
-    let outcome = if a.state == State::Success { RunOutcome::Ok } else { RunOutcome::Failed };
+    let outcome = if a.state.succeeded() { RunOutcome::Ok } else { RunOutcome::Failed };
     a.run_id = insert_run(c, meta, a.started_at, Some((finished, outcome)))?;
     insert_attempt(c, &a)
 }
@@ -144,7 +156,7 @@ pub(super) fn record_end(c: &Connection, id: i64, state: State, end: &End<'_>) -
 }
 
 const ATTEMPT_COLS: &str = "id, run_id, stage, env, key, state, started_at, duration_ms, exit_code, reason, seq";
-const RUN_COLS: &str = "id, started_at, finished_at, command, event, branch, env, git_commit, outcome, ran, fresh, restored, failed, skipped, saved_ms";
+const RUN_COLS: &str = "id, started_at, finished_at, command, event, branch, env, git_commit, outcome, ran, fresh, restored, failed, skipped, saved_ms, audit";
 
 fn attempt_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<Attempt> {
     let id: i64 = r.get(o)?;
@@ -193,6 +205,7 @@ fn run_at(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<RunRow> {
             skipped: count(13)?,
             saved_ms: count(14)?,
         },
+        audit: audit_of(r.get(o + 15)?),
     })
 }
 
@@ -224,6 +237,11 @@ fn output_at(r: &rusqlite::Row<'_>, id: i64) -> rusqlite::Result<OutputRecord> {
 impl Cache {
     pub fn begin_run(&self, meta: &RunMeta) -> Result<i64> {
         self.write(|c| insert_run(c, meta, now_ms(), None))
+    }
+
+    /// The run's audit fields once more (a deploy found out whether the tree is dirty).
+    pub fn set_run_audit(&self, run_id: i64, audit: &Audit) -> Result<()> {
+        self.write(|c| c.execute("UPDATE runs SET audit=?2 WHERE id=?1", params![run_id, audit_text(audit)]).map(drop))
     }
 
     pub fn finish_run(&self, run_id: i64, outcome: RunOutcome, counts: &RunCounts) -> Result<()> {
@@ -370,7 +388,7 @@ impl Cache {
     pub fn run_meta(&self) -> Result<std::collections::HashMap<i64, RunMeta>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT id, command, event, branch, env, git_commit FROM runs")
+            .prepare_cached("SELECT id, command, event, branch, env, git_commit, audit FROM runs")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -380,6 +398,7 @@ impl Cache {
                     branch: r.get(3)?,
                     env: r.get(4)?,
                     git_commit: r.get(5)?,
+                    audit: audit_of(r.get(6)?),
                 };
                 Ok((r.get::<_, i64>(0)?, meta))
             })
@@ -407,8 +426,10 @@ impl History for Cache {
 
     fn latest_success(&self, stage: &str, env: Option<&str>) -> Result<Option<Attempt>> {
         match env {
-            Some(env) => self.one_attempt("stage=?1 AND env=?2 AND state='success'", params![stage, env]),
-            None => self.one_attempt("stage=?1 AND state='success'", params![stage]),
+            Some(env) => {
+                self.one_attempt("stage=?1 AND env=?2 AND state IN ('success', 'adopted')", params![stage, env])
+            }
+            None => self.one_attempt("stage=?1 AND state IN ('success', 'adopted')", params![stage]),
         }
     }
 

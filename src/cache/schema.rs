@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 5;
+pub const VERSION: i64 = 6;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -89,6 +89,10 @@ const STEPS: &[&str] = &[
     // 5: the permission bits of output files and directories (NULL: recorded before they were kept).
     "
     ALTER TABLE outputs ADD COLUMN mode INTEGER;
+    ",
+    // 6: who ran it, from which branch, whether the tree was dirty, the CI run (`audit::Audit` as JSON).
+    "
+    ALTER TABLE runs ADD COLUMN audit TEXT;
     ",
 ];
 

@@ -31,6 +31,44 @@ impl Provider {
             Provider::Bitbucket => "Bitbucket Pipelines",
         }
     }
+
+    /// The branch the job checked out: a pull request's source branch, else the pushed one. Variables per
+    /// docs.github.com "Variables reference", docs.gitlab.com "Predefined CI/CD variables" and
+    /// support.atlassian.com "Variables and secrets" (Bitbucket).
+    pub fn head_branch(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        match self {
+            Provider::Github => var("GITHUB_HEAD_REF").or_else(|| var("GITHUB_REF_NAME")),
+            Provider::Gitlab => var("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME").or_else(|| var("CI_COMMIT_REF_NAME")),
+            Provider::Bitbucket => var("BITBUCKET_BRANCH"),
+        }
+    }
+
+    /// Who started the job (Bitbucket names only the triggering account's UUID).
+    pub fn actor(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        match self {
+            Provider::Github => var("GITHUB_ACTOR"),
+            Provider::Gitlab => var("GITLAB_USER_LOGIN"),
+            Provider::Bitbucket => var("BITBUCKET_STEP_TRIGGERER_UUID"),
+        }
+    }
+
+    /// The web page of the job (GitLab) or the workflow run / pipeline (GitHub, Bitbucket).
+    pub fn run_url(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        match self {
+            Provider::Github => Some(format!(
+                "{}/{}/actions/runs/{}",
+                var("GITHUB_SERVER_URL").unwrap_or_else(|| "https://github.com".into()),
+                var("GITHUB_REPOSITORY")?,
+                var("GITHUB_RUN_ID")?
+            )),
+            Provider::Gitlab => var("CI_JOB_URL"),
+            Provider::Bitbucket => Some(format!(
+                "https://bitbucket.org/{}/pipelines/results/{}",
+                var("BITBUCKET_REPO_FULL_NAME")?,
+                var("BITBUCKET_BUILD_NUMBER")?
+            )),
+        }
+    }
 }
 
 /// The provider whose environment we run in, if any.

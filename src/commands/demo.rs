@@ -112,6 +112,8 @@ fn demo_settings(settings: &Settings, dir: &Path, path_var: &str) -> Settings {
     s.start_dir = dir.to_path_buf();
     s.provider = None;
     s.style = crate::report::Style::Plain;
+    // The demo plays a CI job's pushes: nothing asks, and files the pipeline made are not uncommitted edits.
+    s.in_ci = true;
     for (k, v) in demo::environment(dir, path_var) {
         s.caller_env.insert(k, v);
     }
@@ -129,6 +131,8 @@ fn push_to_main() -> RunArgs {
         lock_timeout: 60,
         no_verify: false,
         replay: false,
+        yes: false,
+        allow_dirty: false,
         json: false,
         json_lines: false,
         selection: Selection {

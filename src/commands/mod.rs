@@ -8,7 +8,7 @@ mod remote;
 mod status;
 
 use crate::cache::Cache;
-use crate::cli::{Cli, Command, RunArgs, Selection, VerifyArgs};
+use crate::cli::{AdoptArgs, Cli, Command, RunArgs, Selection, VerifyArgs};
 use crate::error::{Error, exit};
 use crate::evaluate::Context;
 use crate::graph::{CiEvent, Graph};
@@ -30,6 +30,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Status(args) => status::status(&settings, args),
         Command::Why(args) => observe::why(&settings, args),
         Command::Verify(args) => verify_cmd(&settings, args),
+        Command::Adopt(args) => adopt_cmd(&settings, args),
         Command::Graph(args) => observe::graph(&settings, args),
         Command::Log(args) => observe::log(&settings, args),
         Command::History(args) => observe::history(&settings, args),
@@ -110,7 +111,7 @@ impl Opened {
         settings: &Settings,
         r: crate::remote::Resolved,
     ) -> Result<Option<crate::remote::Remote>, Error> {
-        let commit = run::git_head(&self.pipeline.root);
+        let commit = crate::audit::git_head(&self.pipeline.root);
         crate::remote::Remote::open(r, self.pipeline.remote.as_ref(), &settings.caller_env, commit)
             .map_err(Error::Usage)
     }
@@ -190,6 +191,10 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
         probe_only: false,
         lock_timeout: Duration::from_secs(args.lock_timeout),
         stop_grace: settings.stop_grace()?,
+        deploys: crate::run::Deploys::Run,
+        consent: settings.consent(args.yes),
+        allow_dirty: args.allow_dirty,
+        in_ci: settings.in_ci,
     };
     let output = match (args.json, args.json_lines) {
         (true, _) => Output::Json,
@@ -291,19 +296,34 @@ pub(crate) fn lock(cache: &Cache, command: &str, timeout_secs: u64) -> Result<ru
     })
 }
 
-fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
-    let o = Opened::open(settings, &args.selection)?;
-    let opts = Options {
-        targets: args.stages.clone(),
+/// The options of `verify` (`probe_only`) and `adopt`, which probe and never deploy: nothing to consent to.
+fn deploying_nothing(
+    settings: &Settings,
+    stages: &[String],
+    lock_timeout: u64,
+    deploys: crate::run::Deploys,
+    probe_only: bool,
+) -> Result<Options, Error> {
+    Ok(Options {
+        targets: stages.to_vec(),
         force: Force::No,
         jobs: available_cpus(),
         fail_fast: false,
         verify: true,
         replay: false,
-        probe_only: true,
-        lock_timeout: Duration::from_secs(args.lock_timeout),
+        probe_only,
+        lock_timeout: Duration::from_secs(lock_timeout),
         stop_grace: settings.stop_grace()?,
-    };
+        deploys,
+        consent: crate::run::Consent::Refused,
+        allow_dirty: false,
+        in_ci: settings.in_ci,
+    })
+}
+
+fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
+    let o = Opened::open(settings, &args.selection)?;
+    let opts = deploying_nothing(settings, &args.stages, args.lock_timeout, crate::run::Deploys::Run, true)?;
     let output = if args.json { Output::Json } else { Output::Human };
     let outcome = execute(settings, &o, &opts, output, args.lock_timeout)?;
     let code = exit_code(outcome.as_ref());
@@ -313,6 +333,23 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
     }
     eprintln!("kkpipe: nothing was verified: {}", nothing_verified(&o.pipeline, outcome.as_ref()));
     Ok(exit::NOTHING_VERIFIED)
+}
+
+/// `kkpipe adopt`: run what must run, but adopt deploy stages instead of deploying them. Exit 1 unless every
+/// selected stage ended fresh, ran or adopted.
+fn adopt_cmd(settings: &Settings, args: &AdoptArgs) -> Result<u8, Error> {
+    let o = Opened::open(settings, &args.selection)?;
+    let deploys = crate::run::Deploys::Adopt { assume_deployed: args.assume_deployed };
+    let opts = deploying_nothing(settings, &args.stages, args.lock_timeout, deploys, false)?;
+    let output = if args.json { Output::Json } else { Output::Human };
+    let outcome = execute(settings, &o, &opts, output, args.lock_timeout)?;
+    let code = exit_code(outcome.as_ref());
+    use crate::report::StageState as S;
+    let settled = |s: S| matches!(s, S::Fresh | S::Restored | S::Ran | S::Adopted | S::SkippedByEvent);
+    match outcome {
+        Some(out) if code == exit::OK && !out.rows.iter().all(|r| settled(r.state)) => Ok(exit::FAILED),
+        _ => Ok(code),
+    }
 }
 
 /// Why `verify` probed no stage, in words: nothing selected, no probe, or nothing deployed with these inputs.

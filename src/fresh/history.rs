@@ -15,10 +15,18 @@ pub enum State {
     Success,
     Failed,
     Interrupted,
+    /// A deploy stage kkpipe did not run: its probe found the live system already matching these inputs (or
+    /// `kkpipe adopt --assume-deployed` said so). Counts as a success of this key.
+    Adopted,
 }
 
 impl State {
-    pub const ALL: [State; 4] = [State::Running, State::Success, State::Failed, State::Interrupted];
+    pub const ALL: [State; 5] = [State::Running, State::Success, State::Failed, State::Interrupted, State::Adopted];
+
+    /// What the live system (or a check's result) holds this key's result: a success, or an adoption.
+    pub fn succeeded(self) -> bool {
+        matches!(self, State::Success | State::Adopted)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,6 +34,7 @@ impl State {
             State::Success => "success",
             State::Failed => "failed",
             State::Interrupted => "interrupted",
+            State::Adopted => "adopted",
         }
     }
 
@@ -84,6 +93,28 @@ pub struct RunRow {
     pub outcome: Option<RunOutcome>,
     #[serde(flatten)]
     pub counts: RunCounts,
+    #[serde(flatten)]
+    pub audit: Audit,
+}
+
+/// Where a run came from. Every field is optional: an old record, a machine without git, a CI that does not
+/// say. Serialised as is in the remote ledger, `history --json` and archives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// The branch checked out (in CI: the branch the job runs on; a pull request's source branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_branch: Option<String>,
+    /// Whether the checkout had uncommitted changes when a deploy started (`None`: not looked at, because
+    /// nothing deployed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<bool>,
+    /// Who: the CI's actor, or `user@host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The CI job or pipeline that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_url: Option<String>,
 }
 
 /// One recorded attempt to run a stage: a row of the cache's `stage_runs`.

@@ -17,7 +17,7 @@ pub mod history;
 mod reason;
 
 pub use diff::{CommandChange, Diff, EnvChange, FileChanges, NeedChange};
-pub use history::{Attempt, History, Links, OutputRecord, RunCounts, RunOutcome, RunRow, State, refusal_of};
+pub use history::{Attempt, Audit, History, Links, OutputRecord, RunCounts, RunOutcome, RunRow, State, refusal_of};
 pub use reason::{Change, REASON_VERSION, Reason, StoredReason};
 
 use crate::hash::key::{DecodeError, Keyed};
@@ -102,7 +102,7 @@ pub fn decide<H: History + ?Sized>(q: &Query<'_>, history: &H, ws: &dyn Workspac
     let stage = &q.stage.name;
     let env = q.stage.is_deploy().then_some(q.env);
     let hit = if q.stage.is_deploy() {
-        history.latest_attempt(stage, env)?.filter(|a| a.state == State::Success && a.key == keyed.key)
+        history.latest_attempt(stage, env)?.filter(|a| a.state.succeeded() && a.key == keyed.key)
     } else {
         history.success_with_key(stage, &keyed.key)?
     };
@@ -166,7 +166,7 @@ fn why_run<H: History + ?Sized>(q: &Query<'_>, keyed: &Keyed, history: &H) -> Re
     let attempt_reason = |a: &Attempt| match a.state {
         State::Failed => Some(Reason::LastRunFailed { exit_code: a.exit_code }),
         State::Interrupted | State::Running => Some(Reason::LastRunInterrupted),
-        State::Success => None,
+        State::Success | State::Adopted => None,
     };
     if let Some(l) = &last
         && l.key == keyed.key

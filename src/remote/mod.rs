@@ -139,6 +139,8 @@ pub struct Remote {
     lease_ttl: Duration,
     who: String,
     commit: Option<String>,
+    /// This run's audit fields, carried by every ledger record it writes.
+    audit: Mutex<crate::fresh::Audit>,
     warnings: Mutex<Vec<String>>,
     warned_down: AtomicBool,
 }
@@ -186,6 +188,7 @@ impl Remote {
             lease_ttl: spec.map_or(RemoteSpec::DEFAULT_LEASE, |s| s.lease),
             who: format!("{user}@{}", crate::cache::hostname()),
             commit,
+            audit: Mutex::default(),
             warnings: Mutex::new(warnings),
             warned_down: AtomicBool::new(false),
         };
@@ -211,6 +214,7 @@ impl Remote {
             lease_ttl,
             who: who.into(),
             commit: None,
+            audit: Mutex::default(),
             warnings: Mutex::new(Vec::new()),
             warned_down: AtomicBool::new(false),
         }
@@ -222,6 +226,11 @@ impl Remote {
         self.trusted = vec![key.public()];
         self.signer = Some(PrivateKey::parse(&key.to_text()).expect("a key parses back"));
         self
+    }
+
+    /// The audit fields the ledger records written from now on carry.
+    pub fn set_audit(&self, audit: crate::fresh::Audit) {
+        *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = audit;
     }
 
     pub fn writable(&self) -> bool {

@@ -102,6 +102,9 @@ pub struct LedgerBody {
     pub outputs: Vec<OutputDoc>,
     #[serde(default)]
     pub duration_ms: i64,
+    /// Branch, dirty tree, actor and CI run of the deploy (absent from records of kkpipe before 0.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::fresh::Audit>,
 }
 
 impl Signed for LedgerBody {
@@ -195,6 +198,7 @@ mod tests {
             commit: None,
             outputs: Vec::new(),
             duration_ms: 0,
+            audit: None,
         }
     }
 

@@ -34,6 +34,7 @@ struct Learned<'a> {
     started_ms: i64,
     duration_ms: i64,
     commit: Option<String>,
+    audit: Option<crate::fresh::Audit>,
 }
 
 impl Remote {
@@ -64,6 +65,7 @@ impl Remote {
             started_ms: f.started_ms,
             duration_ms: f.duration_ms,
             commit: f.commit,
+            audit: None,
         };
         match self.learn(cache, learned) {
             true => Pulled::Imported,
@@ -142,8 +144,14 @@ impl Remote {
 
     /// Record what the remote said as a finished attempt of this cache (through its one write API).
     fn learn(&self, cache: &Cache, l: Learned<'_>) -> bool {
-        let meta =
-            RunMeta { command: "remote".into(), event: None, branch: None, env: l.env.into(), git_commit: l.commit };
+        let meta = RunMeta {
+            command: "remote".into(),
+            event: None,
+            branch: None,
+            env: l.env.into(),
+            git_commit: l.commit,
+            audit: l.audit.unwrap_or_default(),
+        };
         let attempt = NewAttempt {
             run_id: 0,
             stage: &l.stage.name,
@@ -155,7 +163,7 @@ impl Remote {
             started_at: l.started_ms,
             end: Some(End {
                 duration_ms: l.duration_ms,
-                exit_code: (l.state == State::Success).then_some(0),
+                exit_code: l.state.succeeded().then_some(0),
                 log: &[],
                 outputs: &l.outputs,
             }),
@@ -235,7 +243,7 @@ impl Remote {
         let after = head.as_ref().map_or(0, |(b, _)| b.seq);
         let newer = match self.newest_logged(logged, env, name, after, what) {
             Logged::Nothing => return head,
-            Logged::Newer(newer) => newer,
+            Logged::Newer(newer) => *newer,
             Logged::Unsure => {
                 self.warn(format!(
                     "{what} on the remote `{}`: the newest object of its history is no believed record: the head \
@@ -278,6 +286,8 @@ impl Remote {
             commit: self.commit.clone(),
             outputs,
             duration_ms,
+            audit: Some(self.audit.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .filter(|a| a != &crate::fresh::Audit::default()),
         }
     }
 
@@ -379,7 +389,7 @@ impl Remote {
             Ok(body)
                 if body.seq == seq && body.env == env && body.stage == name && body.version == protocol::VERSION =>
             {
-                Logged::Newer(body)
+                Logged::Newer(Box::new(body))
             }
             _ => Logged::Unsure,
         }
@@ -407,11 +417,12 @@ impl Remote {
             started_ms: body.at_ms,
             duration_ms: body.duration_ms,
             commit: body.commit.clone(),
+            audit: body.audit.clone(),
         };
         match (as_is, body.state) {
-            (true, State::Success) => {
+            (true, state @ (State::Success | State::Adopted)) => {
                 if let Some((outputs, manifest)) = self.fetch_outputs(&cache.blobs, stage, &key, &body.outputs, what) {
-                    (l.state, l.outputs, l.manifest) = (State::Success, outputs, Some(manifest));
+                    (l.state, l.outputs, l.manifest) = (state, outputs, Some(manifest));
                 }
             }
             (true, State::Failed) => l.state = State::Failed,
@@ -528,7 +539,7 @@ impl Remote {
         let name = protocol::ledger(env, &stage.name);
         let what = format!("the ledger record of `{}` in `{env}`", stage.name);
         let (state, outputs, duration_ms) = done.unwrap_or((State::Running, &[], 0));
-        let shared = if state == State::Success { outputs } else { &[] };
+        let shared = if state.succeeded() { outputs } else { &[] };
         let Some((docs, _)) = self.upload_outputs(cache, stage, key, manifest, shared, &what) else { return false };
         // A number found taken in the history (by a writer that lost the head, or by something planted) is
         // never tried again.
@@ -570,7 +581,7 @@ impl Remote {
 /// What a ledger's history holds above its head (see `Share::newest_logged`).
 enum Logged {
     Nothing,
-    Newer(LedgerBody),
+    Newer(Box<LedgerBody>),
     /// The newest object is no believed record under its own number, or the history cannot be listed.
     Unsure,
 }

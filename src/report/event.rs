@@ -86,6 +86,9 @@ pub enum StageEnd {
     NotStarted {
         detail: String,
     },
+    /// A deploy stage with no record here: its probe found the live system already matching its inputs (or
+    /// `adopt --assume-deployed`), so it was recorded as deployed instead of run.
+    Adopted,
 }
 
 /// What kkpipe does on its own account, as it does it.

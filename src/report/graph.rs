@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 /// Fill and border colours per state (the same in both formats).
 fn colours(state: StageState) -> (&'static str, &'static str, &'static str) {
     match state {
-        StageState::Fresh | StageState::Restored | StageState::Ran => ("fresh", "#d4edda", "#28a745"),
+        StageState::Fresh | StageState::Restored | StageState::Ran | StageState::Adopted => {
+            ("fresh", "#d4edda", "#28a745")
+        }
         StageState::Failed | StageState::Drifted | StageState::Interrupted => ("failed", "#f8d7da", "#dc3545"),
         StageState::NeverRun => ("neverrun", "#e2e3e5", "#6c757d"),
         StageState::SkippedByEvent | StageState::Skipped => ("skipped", "#f8f9fa", "#adb5bd"),

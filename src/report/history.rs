@@ -20,6 +20,8 @@ struct StageRunItem<'a> {
     git_commit: Option<&'a str>,
     event: Option<&'a str>,
     branch: Option<&'a str>,
+    #[serde(flatten)]
+    audit: &'a crate::fresh::Audit,
     /// The reason as recorded; `{"kind": "unreadable", "text": ...}` when this kkpipe cannot decode it.
     reason: Option<serde_json::Value>,
 }
@@ -46,6 +48,7 @@ pub fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
             git_commit: r.git_commit.as_deref(),
             event: r.event.as_deref(),
             branch: r.branch.as_deref(),
+            audit: &r.audit,
             reason: sr.reason.as_ref().map(reason_json),
         })
         .collect();
@@ -68,26 +71,35 @@ fn event_text(event: Option<&str>, branch: Option<&str>) -> String {
     }
 }
 
+/// The commit, `-dirty` when the tree had uncommitted changes (as `git describe --dirty` says it).
+fn commit_text(r: &RunRow) -> String {
+    let dirty = if r.audit.dirty == Some(true) { "-dirty" } else { "" };
+    format!("{}{dirty}", short_commit(r.git_commit.as_deref()))
+}
+
 pub fn stage_table(stage: &str, rows: &[(Attempt, RunRow)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>5}  {:<20}  {:<11}  {:<12}  {:<10}  {:<8}  {:<18}  {:>8}  reason",
-        "run", "when", "state", "key", "commit", "env", "event", "took"
+        "{:>5}  {:<20}  {:<11}  {:<12}  {:<16}  {:<14}  {:<16}  {:<8}  {:<18}  {:>8}  reason",
+        "run", "when", "state", "key", "commit", "branch", "by", "env", "event", "took"
     );
     for (sr, r) in rows {
         let _ = writeln!(
             out,
-            "{:>5}  {:<20}  {:<11}  {:<12}  {:<10}  {:<8}  {:<18}  {:>8}  {}",
+            "{:>5}  {:<20}  {:<11}  {:<12}  {:<16}  {:<14}  {:<16}  {:<8}  {:<18}  {:>8}  {}{}",
             sr.run_id,
             timestamp(sr.started_at),
             sr.state.as_str(),
             &sr.key.to_string()[..12],
-            short_commit(r.git_commit.as_deref()),
+            commit_text(r),
+            r.audit.git_branch.as_deref().unwrap_or("-"),
+            r.audit.actor.as_deref().unwrap_or("-"),
             sr.env,
             event_text(r.event.as_deref(), r.branch.as_deref()),
             took(sr.duration_ms),
             sr.reason.as_ref().map(ToString::to_string).unwrap_or_default(),
+            r.audit.run_url.as_deref().map(|u| format!("  ({u})")).unwrap_or_default(),
         );
     }
     if rows.is_empty() {

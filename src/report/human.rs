@@ -253,9 +253,10 @@ impl Human {
     /// A stage's end: its buffered group (or, quiet, a failure's log), then `Ok`, `Failed` or `Stopped`.
     fn finished(&mut self, stage: &str, end: &StageEnd, duration: std::time::Duration, log: &[u8]) {
         let d = format_duration(duration);
-        let ok = *end == StageEnd::Ok;
+        let ok = matches!(end, StageEnd::Ok | StageEnd::Adopted);
         let header = match end {
             StageEnd::Ok => format!("{stage} ({d})"),
+            StageEnd::Adopted => format!("{stage}: already in sync, recorded as deployed ({d})"),
             StageEnd::Failed { detail } => format!("{stage} failed: {detail} ({d})"),
             StageEnd::Interrupted => format!("{stage} was interrupted ({d})"),
             StageEnd::NotStarted { detail } => format!("{stage} not started: {detail}"),
@@ -272,6 +273,7 @@ impl Human {
         match end {
             StageEnd::Ok if !self.quiet => self.status("Ok", GREEN, &format!("{stage} ({d})")),
             StageEnd::Ok => {}
+            StageEnd::Adopted => self.status("Adopted", GREEN, &header),
             StageEnd::Interrupted => self.status("Stopped", YELLOW, &header),
             StageEnd::Failed { .. } | StageEnd::NotStarted { .. } => {
                 self.status("Failed", RED, &header);
@@ -329,7 +331,7 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
     for r in rows {
         let icon = match r.state {
             super::StageState::Ran => "🔄",
-            super::StageState::Fresh | super::StageState::Restored => "✅",
+            super::StageState::Fresh | super::StageState::Restored | super::StageState::Adopted => "✅",
             super::StageState::Failed | super::StageState::Interrupted | super::StageState::Drifted => "❌",
             _ => "⏭️",
         };
@@ -351,10 +353,9 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
     }
     let _ = writeln!(
         t,
-        "\n**{} ran, {} fresh ({} restored), {} failed, {} skipped** in {}; skipping saved ~{}.\n",
+        "\n**{} ran, {}, {} failed, {} skipped** in {}; skipping saved ~{}.\n",
         s.ran,
-        s.fresh + s.restored,
-        s.restored,
+        fresh_text(s),
         s.failed,
         s.skipped,
         format_duration(std::time::Duration::from_millis(s.duration_ms)),
@@ -362,6 +363,20 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
     );
     let _ = writeln!(t, "```mermaid\n{}```\n", super::graph::mermaid(rows));
     t
+}
+
+/// "9 fresh (1 restored, 2 adopted)": restored and adopted stages are fresh too.
+fn fresh_text(s: &Summary) -> String {
+    let notes: Vec<String> = [(s.restored, "restored"), (s.adopted, "adopted")]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    let fresh = s.fresh + s.restored + s.adopted;
+    match notes.is_empty() {
+        true => format!("{fresh} fresh"),
+        false => format!("{fresh} fresh ({})", notes.join(", ")),
+    }
 }
 
 fn summary_line(s: &Summary, color: bool) -> String {
@@ -374,12 +389,7 @@ fn summary_line(s: &Summary, color: bool) -> String {
         parts.push(format!("{} would run", s.would_run));
     }
     parts.push(format!("{} ran", s.ran));
-    let fresh = if s.restored > 0 {
-        format!("{} fresh ({} restored)", s.fresh + s.restored, s.restored)
-    } else {
-        format!("{} fresh", s.fresh)
-    };
-    parts.push(fresh);
+    parts.push(fresh_text(s));
     if s.failed > 0 {
         parts.push(format!("{} failed", s.failed));
     }

@@ -42,6 +42,9 @@ pub enum StageState {
     Drifted,
     /// `status`: a live `kkpipe run` (the run lock's holder) is running the stage now.
     Running,
+    /// `run`, `adopt`: a deploy stage with no record here was not run: its probe found the live system already
+    /// matching its inputs, and that is now its record.
+    Adopted,
 }
 
 impl StageState {
@@ -59,6 +62,7 @@ impl StageState {
             StageState::WouldRun => "would run",
             StageState::Drifted => "drifted",
             StageState::Running => "running",
+            StageState::Adopted => "adopted",
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct Summary {
     /// `verify`: stages whose probe ran and found the live system in sync / drifted.
     pub verified: usize,
     pub drifted: usize,
+    /// Deploy stages adopted: in sync without running (they count as fresh too).
+    pub adopted: usize,
     pub duration_ms: u64,
     /// Sum of the recorded durations of stages that were skipped as fresh.
     pub saved_ms: u64,

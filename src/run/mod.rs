@@ -27,6 +27,63 @@ pub enum Error {
     /// Stages that may run lack variables they require (`required_env`): nothing was started.
     #[error("{}", missing_env(.0))]
     MissingEnv(Vec<(String, String)>),
+    /// Deploy stages whose inputs have uncommitted changes, without `--allow-dirty`: nothing was started.
+    #[error("{}", dirty(.0))]
+    Dirty(Vec<(String, String)>),
+    /// A run that would deploy was not confirmed: nothing was started.
+    #[error("{}", not_confirmed(.stages, .env, *.asked))]
+    NotConfirmed { stages: Vec<String>, env: String, asked: bool },
+}
+
+fn dirty(found: &[(String, String)]) -> String {
+    let lines: Vec<String> = found.iter().map(|(s, p)| format!("  stage `{s}`: `{p}`")).collect();
+    format!(
+        "not started: deploy stages would ship uncommitted changes to their inputs:\n{}\n  hint: commit them (the ledger records the commit that was deployed), or pass --allow-dirty to deploy the working tree as it is",
+        lines.join("\n")
+    )
+}
+
+fn not_confirmed(stages: &[String], env: &str, asked: bool) -> String {
+    let list: Vec<String> = stages.iter().map(|s| format!("`{s}`")).collect();
+    let why = match asked {
+        true => "not confirmed",
+        false => "no terminal to ask on",
+    };
+    format!(
+        "not started: this run would deploy {} to environment `{env}` ({why})\n  hint: pass --yes to deploy without asking, or run the stages that do not deploy by name (`kkpipe status` shows which would run)",
+        list.join(", ")
+    )
+}
+
+/// What a run does with a deploy stage that would deploy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deploys {
+    /// Deploy it; but one with a `verify` probe and no record in this environment is probed first and adopted
+    /// when the live system already matches its inputs.
+    Run,
+    /// `kkpipe adopt`: never deploy; probe each and adopt it when in sync (one without a probe only with
+    /// `assume_deployed`).
+    Adopt { assume_deployed: bool },
+}
+
+/// Whether a run that would deploy may go on (docs/pipeline-toml.md, "A deploy is deliberate").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    /// In CI, or `--yes`: deploy without asking.
+    Given,
+    /// Outside CI on a terminal: list the deploys and ask.
+    Ask,
+    /// Outside CI without a terminal and without `--yes`: deploy nothing.
+    Refused,
+}
+
+/// Ask a yes/no question on the terminal (stderr), default no.
+pub fn ask_on_terminal(question: &str) -> bool {
+    use std::io::Write;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes" | "Yes" | "YES")
 }
 
 fn missing_env(missing: &[(String, String)]) -> String {
@@ -73,6 +130,14 @@ pub struct Options {
     /// How long stages get to stop after a forwarded SIGINT/SIGTERM (or kkpipe's death) before SIGKILL
     /// (`KKPIPE_STOP_GRACE`).
     pub stop_grace: std::time::Duration,
+    /// Deploy, or adopt what is in sync (`kkpipe adopt`).
+    pub deploys: Deploys,
+    /// Whether deploys may start (`--yes`, CI, or a question on the terminal).
+    pub consent: Consent,
+    /// Deploy inputs with uncommitted changes (`--allow-dirty`).
+    pub allow_dirty: bool,
+    /// Running in CI: untracked files there are the pipeline's own, not uncommitted edits.
+    pub in_ci: bool,
 }
 
 /// The signal number that asked us to stop, set from a signal handler.
@@ -158,24 +223,4 @@ pub fn run(
     interrupt: &Interrupt,
 ) -> Result<Outcome, Error> {
     scheduler::run(cx, session, env, opts, sink, interrupt)
-}
-
-/// The checked-out commit, read from `.git` without spawning git (cheap, and fine when git is absent).
-pub fn git_head(root: &std::path::Path) -> Option<String> {
-    let mut git_dir = root.join(".git");
-    if git_dir.is_file() {
-        let text = std::fs::read_to_string(&git_dir).ok()?;
-        git_dir = root.join(text.strip_prefix("gitdir:")?.trim());
-    }
-    let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
-    let head = head.trim();
-    let Some(reference) = head.strip_prefix("ref:") else {
-        return Some(head.to_string());
-    };
-    let reference = reference.trim();
-    if let Ok(h) = std::fs::read_to_string(git_dir.join(reference)) {
-        return Some(h.trim().to_string());
-    }
-    let packed = std::fs::read_to_string(git_dir.join("packed-refs")).ok()?;
-    packed.lines().find_map(|l| l.strip_suffix(reference).map(|h| h.trim().to_string()))
 }

@@ -8,6 +8,8 @@
 //! independent stages go on. If the scheduler itself fails or panics, the running stages are stopped (see
 //! [`Scheduler`]'s `Drop`).
 
+mod adopt;
+
 use super::exec::{self, Exit};
 use super::queue::{self, Phase, Shortfall, Verdict};
 use super::watchdog;
@@ -18,6 +20,7 @@ use crate::evaluate::{self, Context};
 use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
 use crate::graph::Selected;
 use crate::hash::key::{Key, Keyed};
+use crate::relpath::RelPath;
 use crate::remote::{LeaseGuard, Pulled};
 use crate::report::{Event, Notice, Sink, StageEnd, StageRow, StageState, Summary};
 use crate::session::Session;
@@ -37,6 +40,9 @@ enum Job {
     Probe { hit: Hit },
     /// Recreating outputs that are in no cache.
     Regenerate { hit: Hit },
+    /// A deploy stage that would deploy without a record here: its probe (`regenerating`: then the `regenerate`
+    /// commands of its outputs that are missing) decides whether it is adopted instead (`reason`: why it would run).
+    Adopt { reason: Reason, regenerating: bool },
 }
 
 struct Active {
@@ -88,6 +94,11 @@ enum Done {
     Drifted {
         key: Key,
         output: String,
+    },
+    /// Not run: the live system already matched its inputs, and that is now its record.
+    Adopted {
+        outputs: Vec<OutputRecord>,
+        key: Key,
     },
 }
 
@@ -172,6 +183,8 @@ struct Scheduler<'a, 's> {
     /// When the deploy stages' shared ledger was read: a deploy decided later than a moment after that reads
     /// its record again, so it never acts on what another runner did minutes ago.
     ledger_read: Instant,
+    /// This run's audit fields (`dirty` is known once a deploy is).
+    audit: crate::fresh::Audit,
 }
 
 /// How taking a deploy lease went.
@@ -210,12 +223,15 @@ pub(super) fn run(
     for w in s.take_warnings() {
         sink.event(&Event::Warning { message: w });
     }
+    let provider = crate::ci::detect(&|k| env.caller_env.get(k).cloned());
+    let audit = crate::audit::of(&cx.pipeline.root, provider, env.caller_env);
     let meta = RunMeta {
         command: if opts.probe_only { "verify" } else { "run" }.into(),
         event: cx.event.map(|e| e.name.as_str().to_string()),
         branch: cx.event.and_then(|e| e.branch.clone()),
         env: cx.env.to_string(),
-        git_commit: super::git_head(&cx.pipeline.root),
+        git_commit: crate::audit::git_head(&cx.pipeline.root),
+        audit: audit.clone(),
     };
     let run_id = env.cache.begin_run(&meta)?;
     let (tx, rx) = mpsc::channel();
@@ -242,6 +258,7 @@ pub(super) fn run(
         interrupt: interrupt.clone(),
         locked_out: false,
         ledger_read: Instant::now(),
+        audit,
     };
     sch.learn_ledger(&chosen);
     sch.preflight(&selected)?;
@@ -250,30 +267,81 @@ pub(super) fn run(
 }
 
 impl Scheduler<'_, '_> {
-    /// Before anything starts: every variable a stage requires (`required_env`) is set, for each stage that may
-    /// run (decided as `status` decides it; a stage fresh now needs nothing). All that is missing is named at once.
+    /// Before anything starts, for the stages that may run (decided as `status` decides it; a stage fresh now
+    /// needs nothing): every variable a stage requires (`required_env`) is set, all that is missing named at
+    /// once; and a run that would deploy is deliberate ([`Scheduler::consent`]).
     fn preflight(&mut self, selected: &[Selected]) -> Result<(), Error> {
         let stages = &self.cx.pipeline.stages;
-        if !(0..selected.len()).any(|i| selected[i] == Selected::Yes && !stages[i].required_env.is_empty()) {
+        let chosen = |i: usize| selected[i] == Selected::Yes;
+        // `verify` and `adopt` deploy nothing.
+        let deploys = !self.opts.probe_only
+            && self.opts.deploys == super::Deploys::Run
+            && (0..selected.len()).any(|i| chosen(i) && stages[i].is_deploy());
+        if !deploys && !(0..selected.len()).any(|i| chosen(i) && !stages[i].required_env.is_empty()) {
             return Ok(());
         }
         let force = &self.opts.force;
         let evals = evaluate::all(self.cx, self.s, self.env.cache, selected, &|i| force.includes(&stages[i].name))?;
-        let mut missing = Vec::new();
-        for (i, e) in evals.iter().enumerate() {
-            let Some(e) = e else { continue };
-            if !matches!(e.decision, Decision::Run(_)) {
-                continue;
-            }
-            for v in &stages[i].required_env {
-                if self.env.caller_env.get(v).is_none_or(|value| value.is_empty()) {
-                    missing.push((stages[i].name.clone(), v.clone()));
-                }
+        let may_run: Vec<usize> = (0..evals.len())
+            .filter(|&i| evals[i].as_ref().is_some_and(|e| matches!(e.decision, Decision::Run(_))))
+            .collect();
+        let missing: Vec<(String, String)> = may_run
+            .iter()
+            .flat_map(|&i| stages[i].required_env.iter().map(move |v| (i, v)))
+            .filter(|(_, v)| self.env.caller_env.get(*v).is_none_or(|value| value.is_empty()))
+            .map(|(i, v)| (stages[i].name.clone(), v.clone()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::MissingEnv(missing));
+        }
+        let deploying: Vec<usize> = may_run.into_iter().filter(|&i| deploys && stages[i].is_deploy()).collect();
+        match deploying.is_empty() {
+            true => Ok(()),
+            false => self.consent(&deploying),
+        }
+    }
+
+    /// A deploy is deliberate: the ones that may run ship no uncommitted change to their inputs (unless
+    /// `--allow-dirty`), and outside CI someone said yes. Whether the tree is dirty goes into the audit fields of
+    /// the run and of every ledger record it writes.
+    fn consent(&mut self, deploying: &[usize]) -> Result<(), Error> {
+        let (opts, stages) = (self.opts, &self.cx.pipeline.stages);
+        let changed = crate::audit::uncommitted(&self.cx.pipeline.root, !opts.in_ci);
+        self.audit.dirty = match &changed {
+            Ok(c) => c.as_ref().map(|c| !c.is_empty()),
+            Err(_) => None,
+        };
+        self.env.cache.set_run_audit(self.run_id, &self.audit)?;
+        if let Some(remote) = self.remote() {
+            remote.set_audit(self.audit.clone());
+        }
+        if !opts.allow_dirty {
+            let found: Vec<(String, String)> = match changed {
+                Err(e) => deploying.iter().map(|&i| (stages[i].name.clone(), e.clone())).collect(),
+                Ok(paths) => deploying
+                    .iter()
+                    .flat_map(|&i| paths.iter().flatten().map(move |p| (i, p)))
+                    .filter(|(i, p)| RelPath::parse(p).is_ok_and(|rp| self.s.is_input(*i, &rp)))
+                    .map(|(i, p)| (stages[i].name.clone(), p.clone()))
+                    .collect(),
+            };
+            if !found.is_empty() {
+                return Err(Error::Dirty(found));
             }
         }
-        match missing.is_empty() {
-            true => Ok(()),
-            false => Err(Error::MissingEnv(missing)),
+        let names = || deploying.iter().map(|&i| stages[i].name.clone()).collect::<Vec<_>>();
+        let env = self.cx.env.to_string();
+        match opts.consent {
+            super::Consent::Given => Ok(()),
+            super::Consent::Refused => Err(Error::NotConfirmed { stages: names(), env, asked: false }),
+            super::Consent::Ask => {
+                let list: Vec<String> = names().iter().map(|n| format!("`{n}`")).collect();
+                let q = format!("kkpipe: this run may deploy {} to environment `{env}`. Deploy?", list.join(", "));
+                match super::ask_on_terminal(&q) {
+                    true => Ok(()),
+                    false => Err(Error::NotConfirmed { stages: names(), env, asked: true }),
+                }
+            }
         }
     }
 }
@@ -326,7 +394,7 @@ impl<'a> Scheduler<'a, '_> {
             Slot::Idle => Phase::NotSelected,
             Slot::Waiting(_) => Phase::Waiting,
             Slot::Active(_) | Slot::Asking(_) => Phase::Busy,
-            Slot::Done(Done::Fresh { .. } | Done::Ran { .. }) => Phase::Succeeded,
+            Slot::Done(Done::Fresh { .. } | Done::Ran { .. } | Done::Adopted { .. }) => Phase::Succeeded,
             Slot::Done(Done::Failed { .. }) => Phase::Ended(Shortfall::Failed),
             Slot::Done(Done::Interrupted { .. }) => Phase::Ended(Shortfall::Interrupted),
             Slot::Done(Done::NotVerified { .. }) => Phase::Ended(Shortfall::Stale),
@@ -518,7 +586,9 @@ impl<'a> Scheduler<'a, '_> {
     /// The outputs of the stages `i` needs, as its manifest names them.
     fn needs_outputs(&self, i: usize) -> Vec<(String, Vec<OutputRecord>)> {
         let outputs = |j: usize| match &self.slots[j] {
-            Slot::Done(Done::Fresh { outputs, .. } | Done::Ran { outputs, .. }) => outputs.clone(),
+            Slot::Done(Done::Fresh { outputs, .. } | Done::Ran { outputs, .. } | Done::Adopted { outputs, .. }) => {
+                outputs.clone()
+            }
             _ => Vec::new(),
         };
         self.cx.graph.needs[i].iter().map(|&j| (self.name(j), outputs(j))).collect()
@@ -950,9 +1020,17 @@ impl<'a> Scheduler<'a, '_> {
                 Taken::Pending | Taken::Stop => return Ok(()),
             }
         }
-        // Before it starts: the ledger says it is being deployed. Anyone who finds this record without a live
-        // lease knows the deploy did not end; a deploy the ledger would not know of is not started (another
-        // runner would take the older record for what is live).
+        if self.adoptable(i, &reason) {
+            return self.adopt(i, keyed, reason);
+        }
+        self.run_command(i, keyed, reason)
+    }
+
+    /// Run stage `i`'s command (a deploy with its lease held). Before it starts, the ledger says it is being deployed:
+    /// anyone who finds this record without a live lease knows the deploy did not end; a deploy the ledger would
+    /// not know of is not started (another runner would take the older record for what is live).
+    fn run_command(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        let stage = self.cx.pipeline.stages[i].clone();
         if stage.is_deploy()
             && let Some(remote) = self.remote()
             && !remote.record(self.env.cache, &stage, self.cx.env, &keyed.key, &keyed.manifest.encode(), None)
@@ -1041,6 +1119,9 @@ impl<'a> Scheduler<'a, '_> {
                     Job::Regenerate { hit } => {
                         self.workspace_changed = true;
                         self.regenerate_exited(i, a.keyed, hit, a.restored, result)?;
+                    }
+                    Job::Adopt { reason, regenerating } => {
+                        self.adopt_exited(i, a.keyed, reason, regenerating, result)?;
                     }
                 }
             }
@@ -1154,7 +1235,7 @@ impl<'a> Scheduler<'a, '_> {
     /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
     /// log is shown again in quiet mode.
     fn conclude(&mut self, i: usize, keyed: &Keyed, state: State, e: Ended, how: StageEnd) -> Result<(), Error> {
-        let ok = state == State::Success;
+        let ok = state.succeeded();
         let end = End {
             duration_ms: e.duration.as_millis() as i64,
             exit_code: e.code.map(i64::from),
@@ -1332,6 +1413,11 @@ fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
         Done::Drifted { key, output } => {
             sum.drifted += 1;
             (StageState::Drifted, Some(*key), Some(Reason::Drift { output: output.clone() }))
+        }
+        Done::Adopted { key, .. } => {
+            sum.adopted += 1;
+            row.note = Some("in sync with these inputs without running: recorded as deployed".into());
+            (StageState::Adopted, Some(*key), None)
         }
     };
     row.state = state;

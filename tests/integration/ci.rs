@@ -76,16 +76,6 @@ fn generated_files_wire_secrets_serialise_deploys_and_save_the_cache_after_failu
     assert!(bb.contains("--max-size 800M"), "{bb}");
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let o = std::process::Command::new("git")
-        .args(["-c", "user.name=ci", "-c", "user.email=ci@example.invalid", "-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
 /// Repository A after a first push, committed (Flux's own commit included) and cloned to B. B gets what
 /// lives outside the repository in real life: terraform's state (a remote backend) and the "live system".
 fn checkout_a_and_clone_b() -> (Repo, PathBuf) {
@@ -148,6 +138,7 @@ fn a_fresh_ci_checkout_with_the_imported_cache_skips_everything_unchanged() {
     let values = b.join("kubermatic/values.yaml");
     let text = std::fs::read_to_string(&values).unwrap().replace("replicaCount: 2", "replicaCount: 4");
     std::fs::write(&values, text).unwrap();
+    git(&b, &["commit", "-qam", "Scale the ingress controller"]);
     let r = in_b(&a, &b, GITHUB_PUSH, &["run", "--json"]).ok();
     assert_eq!(r.ran(), ["kkp-deploy"], "{}", r.stderr);
     assert!(r.stderr.contains("Regenerating `kubeone/kubeconfig`"), "{}", r.stderr);

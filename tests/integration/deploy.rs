@@ -99,14 +99,17 @@ fn environments_keep_separate_ledgers() {
     let repo = Repo::kkp_demo();
     let staging = push(&repo, &["--env", "staging"]);
     assert_eq!(staging.ran().len(), 9);
-    // Production has never been deployed: every deploy stage runs; check stages are a shared cache.
+    // Production has never been deployed: every deploy stage runs, or is adopted where its probe finds the live
+    // system in sync (the demo's environments share one simulated cloud); check stages are a shared cache.
     let production = push(&repo, &["--env", "production"]);
-    let ran = production.ran();
+    let (ran, adopted) = (production.ran(), production.with_state("adopted"));
     for s in
         ["terraform-backend-prepare", "terraform-apply", "kubeone-apply", "kkp-deploy", "dns-update", "flux-bootstrap"]
     {
-        assert!(ran.contains(&s.to_string()), "{s} must deploy to production: {ran:?}");
+        let s = s.to_string();
+        assert!(ran.contains(&s) || adopted.contains(&s), "{s} must deploy to production: {ran:?} {adopted:?}");
     }
+    assert!(adopted.contains(&"flux-bootstrap".to_string()), "{adopted:?}");
     assert!(!ran.contains(&"terraform-kkp-validate".to_string()), "check stages are a shared cache");
     // The plan is `per_env`: production gets a plan of its own.
     assert_eq!(production.reason_of("terraform-plan")["kind"], "env-scope-changed");
@@ -297,4 +300,138 @@ fn required_env_names_only_variables_the_stage_receives() {
         "{}",
         r.stderr
     );
+}
+
+/// A committed repository on `main` with a check stage and a deploy stage of `config/`.
+fn committed_deploy() -> Repo {
+    let repo = Repo::empty();
+    repo.write("config/app.yaml", "replicas: 1\n").write(
+        "pipeline.toml",
+        r#"
+[stages.lint]
+run = ["echo linted >> lints.log"]
+inputs = ["config"]
+
+[stages.deploy]
+kind = "deploy"
+run = ["echo applied >> applies.log"]
+inputs = ["config"]
+needs = ["lint"]
+"#,
+    );
+    repo.write(".gitignore", ".kkpipe/\n*.log\n");
+    git(&repo.root, &["init", "-q"]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-q", "-m", "initial"]);
+    repo
+}
+
+/// `kkpipe ARGS` as a person at a laptop would run it: no CI variables.
+fn local(repo: &Repo, args: &[&str]) -> Run {
+    let mut c = repo.cmd_in(&repo.root, args);
+    c.env_remove("CI");
+    Run::from(c.output().unwrap())
+}
+
+#[test]
+fn a_local_run_that_would_deploy_without_a_terminal_starts_nothing_unless_yes() {
+    let repo = committed_deploy();
+    let refused = local(&repo, &["run"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("would deploy `deploy` to environment `default` (no terminal to ask on)")
+            && refused.stderr.contains("--yes"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!repo.exists("applies.log") && !repo.exists("lints.log"), "nothing started, not even the check");
+    // A run that deploys nothing asks nothing.
+    local(&repo, &["run", "lint"]).ok();
+    assert_eq!(repo.read("lints.log"), "linted\n");
+    local(&repo, &["run", "--yes"]).ok();
+    assert_eq!(repo.read("applies.log"), "applied\n");
+    // Once deployed with these inputs nothing would deploy: nothing asks.
+    local(&repo, &["run"]).ok();
+    assert_eq!(repo.read("applies.log"), "applied\n");
+}
+
+#[test]
+fn a_local_run_asks_on_a_terminal_and_deploys_only_on_yes() {
+    let repo = committed_deploy();
+    // `script` gives kkpipe a terminal (a pty) and types the answer into it.
+    let on_terminal = |answer: &str| {
+        let cmd = format!("{} run", env!("CARGO_BIN_EXE_kkpipe"));
+        let mut c = std::process::Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"]).current_dir(&repo.root).env_remove("CI");
+        let mut child = c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let no = on_terminal("n\n");
+    assert!(no.contains("this run may deploy `deploy` to environment `default`. Deploy? [y/N]"), "{no}");
+    assert!(no.contains("not confirmed"), "{no}");
+    assert!(!repo.exists("applies.log"));
+    let yes = on_terminal("y\n");
+    assert!(yes.contains("Deploy? [y/N]"), "{yes}");
+    assert_eq!(repo.read("applies.log"), "applied\n", "{yes}");
+}
+
+#[test]
+fn uncommitted_deploy_inputs_are_refused_unless_allow_dirty_and_the_ledger_records_the_dirty_tree() {
+    let repo = committed_deploy();
+    repo.write("config/app.yaml", "replicas: 2\n");
+    let refused = local(&repo, &["run", "--yes"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("stage `deploy`: `config/app.yaml`"), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--allow-dirty"), "{}", refused.stderr);
+    assert!(!repo.exists("applies.log"));
+    // An untracked file among the inputs is as uncommitted as an edit; a change elsewhere is not the deploy's.
+    git(&repo.root, &["commit", "-qam", "two replicas"]);
+    repo.write("config/extra.yaml", "x: 1\n").write("notes.txt", "not an input\n");
+    let untracked = local(&repo, &["run", "--yes"]);
+    assert_eq!(untracked.code, 2, "{}", untracked.stderr);
+    assert!(untracked.stderr.contains("`config/extra.yaml`") && !untracked.stderr.contains("notes.txt"));
+    let deployed = local(&repo, &["run", "--yes", "--allow-dirty", "--json"]).ok();
+    assert_eq!(deployed.ran(), ["lint", "deploy"]);
+    let head = git(&repo.root, &["rev-parse", "HEAD"]).trim().to_string();
+    let ledger = repo.kk(&["history", "--stage", "deploy", "--json"]).ok().json();
+    let record = &ledger[0];
+    assert_eq!(record["git_commit"], head.as_str());
+    assert_eq!(record["dirty"], true, "{ledger:#}");
+    assert_eq!(record["git_branch"], "main");
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    assert!(record["actor"].as_str().unwrap().starts_with(&format!("{user}@")), "{record}");
+    let table = repo.kk(&["history", "--stage", "deploy"]).ok().stdout;
+    assert!(table.contains(&format!("{}-dirty", &head[..10])), "{table}");
+}
+
+#[test]
+fn in_ci_nothing_asks_the_pipelines_own_files_are_not_uncommitted_and_the_ledger_names_the_job() {
+    let mut repo = committed_deploy();
+    for (k, v) in [
+        ("GITHUB_ACTIONS", "true"),
+        ("GITHUB_EVENT_NAME", "push"),
+        ("GITHUB_REF_NAME", "main"),
+        ("GITHUB_ACTOR", "octocat"),
+        ("GITHUB_SERVER_URL", "https://github.example"),
+        ("GITHUB_REPOSITORY", "team/gitops"),
+        ("GITHUB_RUN_ID", "4242"),
+    ] {
+        repo.set_env(k, v);
+    }
+    // A file an earlier step made (terraform's lock file, say) is no edit of anyone's.
+    repo.write("config/.generated", "made by the job\n");
+    repo.run(&[]).ok();
+    assert_eq!(repo.read("applies.log"), "applied\n");
+    let record = &repo.kk(&["history", "--stage", "deploy", "--json"]).ok().json()[0];
+    assert_eq!(record["actor"], "octocat", "{record}");
+    assert_eq!(record["run_url"], "https://github.example/team/gitops/actions/runs/4242");
+    assert_eq!(record["dirty"], false);
+    // A tracked file changed under the job is: it is not the commit the push names.
+    repo.write("config/app.yaml", "replicas: 5\n");
+    let refused = repo.run(&[]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("`config/app.yaml`"), "{}", refused.stderr);
 }

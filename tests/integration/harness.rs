@@ -43,7 +43,8 @@ const AMBIENT: &[&str] = &[
     "CI",
 ];
 
-/// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour. Stages get 2 s to
+/// `kkpipe ARGS` in `dir`, without the ambient variables that would change its behaviour, as a generic CI job
+/// (`CI=true`: deploys need no confirmation; the tests of a local run's consent remove it). Stages get 2 s to
 /// stop after a signal (`KKPIPE_STOP_GRACE`, 7 s by default) unless a test sets its own.
 pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
@@ -51,8 +52,21 @@ pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
     for k in AMBIENT {
         c.env_remove(k);
     }
+    c.env("CI", "true");
     c.env("KKPIPE_STOP_GRACE", "2");
     c
+}
+
+/// `git ARGS` in `dir` as a fixed author, on `main` by default; asserts success and returns stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .args(["-c", "user.name=ci", "-c", "user.email=ci@example.invalid", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 pub struct Repo {

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod adopt;
 mod architecture;
 mod ci;
 mod deploy;
