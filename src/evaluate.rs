@@ -82,7 +82,13 @@ pub fn stage(
 ) -> Result<Step, session::Error> {
     let keyed = match session.manifest(i, needs)? {
         Ok(k) => k,
-        Err(reason) => return Ok(Step::NoManifest(reason)),
+        // Asked of the decision too: a stage that never ran says so first.
+        Err(reason) => {
+            let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
+            let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Err(reason), must_run, stale_upstream };
+            let Decision::Run(first) = fresh::decide(&q, cache, &disk)? else { unreachable!("no key, no hit") };
+            return Ok(Step::NoManifest(first));
+        }
     };
     let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
     let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Ok(&keyed), must_run, stale_upstream };

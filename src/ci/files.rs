@@ -139,6 +139,11 @@ struct Facts {
     remote: bool,
 }
 
+/// The CI secrets the pipeline reads (what the CI file passes from the secret store), by name.
+pub fn secrets(pipeline: &Pipeline, p: Provider) -> Vec<String> {
+    facts(pipeline, p).secrets
+}
+
 fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
     let mut pr_stages = Vec::new();
     let mut branches = BTreeSet::new();

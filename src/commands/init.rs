@@ -97,9 +97,11 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let mut text = template::render(v, &crate::kkp::versions::pins(dir));
     let new_key = remote_table(&mut text, args);
     // The CI file is generated from the pipeline just written, so the two always agree.
-    let ci_text = files::render(&parsed(dir, &file, &text, v)?, v.ci, &args.install);
+    let pipeline = parsed(dir, &file, &text, v)?;
+    let ci_text = files::render(&pipeline, v.ci, &args.install);
     write(&file, &text)?;
     write(&ci_file, &ci_text)?;
+    let ignored = ignore_outputs(dir, &pipeline)?;
     for r in replaced {
         eprintln!("kkpipe: replaced {r}");
     }
@@ -116,7 +118,82 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         );
         println!("{}", k.to_text());
     }
+    if !ignored.is_empty() {
+        eprintln!("kkpipe: added to `.gitignore` what the stages make (never committed): {}", ignored.join(", "));
+    }
+    eprintln!("{}", next_steps(&pipeline, v, args));
     Ok(exit::OK)
+}
+
+/// Files the stages make, and kubeone's PKI backup beside its manifest (`kubeone apply` writes
+/// `<cluster>.tar.gz` there): never to be committed. Kubeconfigs and plans are credentials.
+fn ignore_outputs(dir: &Path, p: &crate::pipeline::Pipeline) -> Result<Vec<String>, Error> {
+    let path = dir.join(".gitignore");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let patterns: Vec<&str> =
+        old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!')).collect();
+    let mut wanted: Vec<String> = p.stages.iter().flat_map(|s| s.outputs.iter().map(|o| o.path.display())).collect();
+    wanted.push("kubeone/*.tar.gz".into());
+    let mut added: Vec<String> = Vec::new();
+    for w in wanted {
+        if !ignored_by(&patterns, &w) && !added.contains(&w) {
+            added.push(w);
+        }
+    }
+    if added.is_empty() {
+        return Ok(added);
+    }
+    let sep = if old.is_empty() || old.ends_with('\n') { "" } else { "\n" };
+    let block = format!(
+        "{sep}# Made by the kkpipe pipeline's stages, never committed (kubeconfigs and plans are credentials):\n{}\n",
+        added.join("\n")
+    );
+    std::fs::write(&path, format!("{old}{block}")).map_err(|e| Error::io("write", &path, e))?;
+    Ok(added.iter().map(|a| format!("`{a}`")).collect())
+}
+
+/// Whether one of the `.gitignore` `patterns` (as git reads them, without negation) covers `path` or a directory
+/// above it: a pattern with a `/` is relative to the repository's top, one without matches any name.
+fn ignored_by(patterns: &[&str], path: &str) -> bool {
+    let matches = |pattern: &str, s: &str| {
+        globset::GlobBuilder::new(pattern).literal_separator(true).build().is_ok_and(|g| g.compile_matcher().is_match(s))
+    };
+    let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).chain([path]).collect();
+    patterns.iter().any(|p| {
+        let p = p.trim_end_matches('/');
+        match p.trim_start_matches('/').contains('/') || p.starts_with('/') {
+            true => ancestors.iter().any(|a| matches(p.trim_start_matches('/'), a)),
+            false => path.split('/').any(|name| matches(p, name)),
+        }
+    })
+}
+
+/// What the team does next: the CI secrets to create, the shared HMAC key, adoption, where CI installs kkpipe.
+fn next_steps(p: &crate::pipeline::Pipeline, v: Variant, args: &InitArgs) -> String {
+    let secrets: Vec<String> = files::secrets(p, v.ci)
+        .into_iter()
+        .filter(|s| s != crate::cache::SECRET_KEY_VAR && s != crate::remote::SIGNING_KEY_VAR)
+        .map(|s| format!("`{s}`"))
+        .collect();
+    let mut out = format!(
+        "\nNext steps:\n\
+         \x20 1. Create these CI secrets (docs/kkp-pipeline.md says what each is): {}.\n\
+         \x20 2. Add `KKPIPE_SECRET_KEY` (`openssl rand -hex 32`) as a CI secret too, so runners share the key of\n\
+         \x20    secret_env values (docs/secrets.md).\n\
+         \x20 3. On a cluster that already runs, record what is in place instead of applying it again:\n\
+         \x20    `kkpipe adopt --event push --branch main` (docs/pipeline-toml.md, \"Adoption\").\n\
+         \x20 4. Commit `{FILE_NAME}`, `{}` and `.gitignore`; the first push runs only what is not in place.",
+        secrets.join(", "),
+        files::file_name(v.ci)
+    );
+    if args.install == crate::ci::install::Install::default() {
+        out.push_str(&format!(
+            "\n\nwarning: the CI file installs kkpipe from crates.io ({}), which works only once that version is \
+             published there\n  hint: pass `--install git:URL#REV` or `--install url:URL` (docs/ci.md)",
+            args.install
+        ));
+    }
+    out
 }
 
 /// The pipeline `text` as it will load in `dir`. Without the repository layout, `dir` checks fail: then it is
@@ -172,7 +249,8 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     files::check_forge(&p, args.provider).map_err(Error::Usage)?;
     let pinned = files::pinned_versions(&p, args.provider);
     let get = |k: &str| pinned.get(k).map(String::as_str);
-    for w in crate::kkp::versions::contradictions(&root, get("KUBEONE_VERSION"), get("KKP_VERSION")) {
+    let pins = (get("KUBEONE_VERSION"), get("KKP_VERSION"), get("FLUX_VERSION"));
+    for w in crate::kkp::versions::contradictions(&root, pins.0, pins.1, pins.2) {
         eprintln!(
             "kkpipe: warning: {w}\n  hint: set the version in the stage's `env` in {FILE_NAME} (`kkpipe init --force` pins what the repository says)"
         );
@@ -192,4 +270,21 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     write(&path, &text)?;
     eprintln!("kkpipe: wrote `{}`", path.display());
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ignored_by;
+
+    #[test]
+    fn gitignore_patterns_cover_paths_as_git_reads_them() {
+        let patterns = ["*.tfplan", "**/.terraform/", "/kubeone/kubeconfig", "secrets/"];
+        assert!(ignored_by(&patterns, "terraform/aws/plan.tfplan"), "a name pattern matches at any depth");
+        assert!(ignored_by(&patterns, "terraform/aws/.terraform/x"), "a directory pattern covers what is below");
+        assert!(ignored_by(&patterns, "kubeone/kubeconfig"));
+        assert!(ignored_by(&patterns, "a/secrets/key"));
+        assert!(!ignored_by(&patterns, "terraform/aws/output.json"));
+        assert!(!ignored_by(&["/kubeconfig"], "kubeone/kubeconfig"), "a leading slash anchors at the top");
+        assert!(!ignored_by(&["kubeone/*.json"], "kubeone/sub/x.json"), "`*` does not cross a `/`");
+    }
 }

@@ -93,7 +93,15 @@ impl Decision {
 /// Decide one stage.
 pub fn decide<H: History + ?Sized>(q: &Query<'_>, history: &H, ws: &dyn Workspace) -> Result<Decision, H::Error> {
     let keyed = match &q.inputs {
-        Err(reason) => return Ok(Decision::Run(reason.clone())),
+        // A stage that never ran is "never run", whatever else keeps it from being keyed now (a missing tool).
+        Err(reason) => {
+            let env = q.stage.is_deploy().then_some(q.env);
+            let first = match history.latest_attempt(&q.stage.name, env)? {
+                None => never(q),
+                Some(_) => reason.clone(),
+            };
+            return Ok(Decision::Run(first));
+        }
         Ok(k) => *k,
     };
     if let Some(reason) = &q.must_run {
@@ -157,6 +165,11 @@ pub fn regenerate_command<'s>(stage: &'s Stage, o: &OutputRecord) -> Option<&'s 
     stage.outputs.iter().find(|d| o.path.starts_with(&d.path)).and_then(|d| d.regenerate.as_deref())
 }
 
+/// The reason of a stage with no attempt at all (in its environment, for a deploy stage).
+fn never(q: &Query<'_>) -> Reason {
+    if q.stage.is_deploy() { Reason::NeverDeployed { env: q.env.to_string() } } else { Reason::NeverRun }
+}
+
 /// The first reason a stage without a hit must run: its last attempt with this key failed or was
 /// interrupted, or the first difference from its last successful run.
 fn why_run<H: History + ?Sized>(q: &Query<'_>, keyed: &Keyed, history: &H) -> Result<Reason, H::Error> {
@@ -174,9 +187,7 @@ fn why_run<H: History + ?Sized>(q: &Query<'_>, keyed: &Keyed, history: &H) -> Re
     {
         return Ok(r);
     }
-    let never = || {
-        if q.stage.is_deploy() { Reason::NeverDeployed { env: q.env.to_string() } } else { Reason::NeverRun }
-    };
+    let never = || never(q);
     let Some(base) = history.latest_success(stage, env)? else {
         return Ok(last.as_ref().and_then(attempt_reason).unwrap_or_else(never));
     };

@@ -279,7 +279,7 @@ fn stages(v: Variant, pins: &Pins) -> Vec<Stage> {
     if v.dns {
         out.push(dns_update_stage(v, &dns_dir));
     }
-    out.push(flux_bootstrap_stage(v));
+    out.push(flux_bootstrap_stage(v, pins));
     out
 }
 
@@ -426,6 +426,10 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
         ));
     }
     kubeone.inputs = vec!["kubeone".into()];
+    // `kubeone apply` creates `<cluster>.tar.gz` beside the manifest (pkg/cmd/shared.go initBackup): the PKI
+    // backup is its output, not an input, and it is never committed.
+    kubeone.exclude = vec!["kubeone/*.tar.gz".into()];
+    kubeone.verify = Some(kubeone_probe(tf));
     kubeone.outputs = vec![Out(
         "kubeone/kubeconfig".into(),
         true,
@@ -445,6 +449,27 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
         format!("The kubeone the CI file installs: {}.", pins.kubeone.why),
     ));
     kubeone
+}
+
+/// kubeone's own plan, read-only: `kubeone apply` without `-y` and without a terminal prints "The following
+/// actions will be taken" and stops with "not running in the terminal" (exit 10) before it changes anything
+/// (pkg/cmd/apply.go, confirmCommand in pkg/cmd/shared.go; `-b` keeps its backup file out of the repository).
+/// In sync: it got that far and plans no `+` (a node to initialise or join) and no `~ upgrade`. It does not see
+/// a changed addon: every apply re-applies addons ("~ ensure embedded addons") without a line for a change.
+fn kubeone_probe(tf: &str) -> String {
+    // The script runs under `bash -euo pipefail`: kubeone's exit 10 is expected, and the checks read the plan
+    // from a here-string (no pipe to break), the last one negated.
+    [
+        "b=$(mktemp -d)".to_string(),
+        "trap 'rm -rf \"$b\"' EXIT".into(),
+        format!(
+            "plan=$(kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -b \"$b/backup.tar.gz\" < /dev/null 2>&1) || true"
+        ),
+        "printf '%s\\n' \"$plan\"".into(),
+        "grep -q 'not running in the terminal' <<< \"$plan\"".into(),
+        "! grep -Eq '^[[:space:]]*(\\+ |~ (force )?upgrade |~ .*Encryption Provider)' <<< \"$plan\"".into(),
+    ]
+    .join("; ")
 }
 
 /// The KKP installer run with the SOPS-decrypted configuration; records the ingress address it got.
@@ -517,13 +542,19 @@ fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
 }
 
 /// `flux bootstrap` against the repository's own forge, which differs per CI provider.
-fn flux_bootstrap_stage(v: Variant) -> Stage {
+fn flux_bootstrap_stage(v: Variant, pins: &Pins) -> Stage {
     let mut flux = Stage::new(
         "flux-bootstrap",
-        "Bootstrap Flux, which then reconciles flux/ itself: no stage reads flux/, so Flux's own commits never\n# make anything stale. The probe reruns bootstrap when flux-system/ is missing.",
+        "Bootstrap Flux, which then reconciles flux/ itself: no stage reads flux/, so Flux's own commits never\n# make anything stale. The probe asks the cluster whether Flux syncs what flux-system/ says (read-only).",
     );
     flux.kind_deploy = true;
-    (flux.run, flux.pass_env) = flux_commands(v.ci);
+    (flux.run, flux.pass_env) = flux_commands(v.ci, pins.flux_over_ssh);
+    // The Flux that runs stays the one that runs: bootstrap with another version would upgrade the cluster's.
+    flux.env.push((
+        "FLUX_VERSION",
+        pins.flux.version.clone(),
+        format!("The Flux the CI file installs: {}.", pins.flux.why),
+    ));
     // The forge token: without it bootstrap fails after everything before it has applied.
     flux.required_env =
         flux.pass_env.iter().filter(|e| matches!(e.as_str(), "TOKEN_GITHUB" | "GITLAB_TOKEN")).cloned().collect();
@@ -543,19 +574,27 @@ fn flux_bootstrap_stage(v: Variant) -> Stage {
     }
     flux.needs = vec!["kkp-deploy", "kubeone-apply"];
     flux.tools = vec!["flux"];
-    flux.verify = Some("test -d flux/clusters/master/flux-system".into());
+    flux.verify = Some(FLUX_PROBE.into());
     flux
 }
 
-/// The commands and the passed-through variables of `flux bootstrap` for one CI provider.
-fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
+/// Flux is in place when the repository has its `flux-system/` and the cluster's `flux-system` GitRepository
+/// and Kustomization sync what its `gotk-sync.yaml` says (the URL, and the path `flux bootstrap --path` gave;
+/// fluxcd/flux2 pkg/manifestgen/sync/sync.go writes both, two spaces under `spec:`). Read-only: `kubectl get`.
+const FLUX_PROBE: &str = "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" && sync=flux/clusters/master/flux-system/gotk-sync.yaml && test -f \"$sync\" && url=$(kubectl -n flux-system get gitrepository flux-system -o jsonpath='{.spec.url}') && path=$(kubectl -n flux-system get kustomization flux-system -o jsonpath='{.spec.path}') && grep -qxF \"  url: $url\" \"$sync\" && grep -qxF \"  path: $path\" \"$sync\"";
+
+/// The commands and the passed-through variables of `flux bootstrap` for one CI provider. `over_ssh`: the
+/// repository's Flux syncs over SSH with a deploy key, bootstrap's default on GitHub and GitLab (the token only
+/// reaches the forge's API): it stays so, without `--token-auth` (which would rewire it to HTTPS and the token).
+fn flux_commands(ci: Provider, over_ssh: bool) -> (Vec<String>, Vec<String>) {
     let common = "--branch=main --path=flux/clusters/master --commit-message-appendix='[ci skip]'";
+    let auth = if over_ssh { "" } else { "--token-auth " };
     match ci {
         Provider::Github => (
             vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" GITHUB_TOKEN=\"$TOKEN_GITHUB\"".into(),
                 format!(
-                    "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --personal=\"$FLUX_PERSONAL\" --token-auth {common}"
+                    "flux bootstrap github --owner=\"${{GITHUB_REPOSITORY%%/*}}\" --repository=\"${{GITHUB_REPOSITORY#*/}}\" --personal=\"$FLUX_PERSONAL\" {auth}{common}"
                 ),
             ],
             vec!["TOKEN_GITHUB".into(), "GITHUB_REPOSITORY".into()],
@@ -564,7 +603,7 @@ fn flux_commands(ci: Provider) -> (Vec<String>, Vec<String>) {
             vec![
                 "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
                 format!(
-                    "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --personal=\"$FLUX_PERSONAL\" --token-auth {common}"
+                    "flux bootstrap gitlab --hostname=\"$CI_SERVER_HOST\" --owner=\"$CI_PROJECT_NAMESPACE\" --repository=\"$CI_PROJECT_NAME\" --personal=\"$FLUX_PERSONAL\" {auth}{common}"
                 ),
             ],
             vec![

@@ -12,8 +12,20 @@ pub const KUBEONE_MANIFEST: &str = "kubeone/kubeone.yaml";
 /// Where the wizard pins the KKP version of the charts Flux deploys.
 pub const KKP_GIT_SOURCE: &str = "flux/clusters/master/kubermatic/kubermatic-git-source.yaml";
 
+/// Where `flux bootstrap --path=flux/clusters/master` keeps Flux's own manifests.
+pub const FLUX_SYSTEM: &str = "flux/clusters/master/flux-system";
+
 /// A `major.minor` version.
 type Minor = (u32, u32);
+
+/// The oldest Kubernetes each Flux minor version supports, from `kubernetesConstraints` of cmd/flux/check.go at
+/// each tag (fluxcd/flux2: v0.25.3 ">=1.19.0-0", v0.26-v0.41 ">=1.20.6-0", v2.0.0 ">=1.24.0-0", v2.1 ">=1.25.0-0",
+/// v2.2 ">=1.26.0-0", v2.3.0 ">=1.28.0-0"): the versions since are each one minor newer than the last.
+const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] =
+    &[((0, 25), (1, 19)), ((0, 26), (1, 20)), ((2, 0), (1, 24)), ((2, 1), (1, 25)), ((2, 2), (1, 26)), ((2, 3), (1, 28))];
+
+/// The newest patch release of the Flux minor versions a new installation may get (fluxcd/flux2 releases).
+const FLUX_RELEASES: &[&str] = &["0.41.2", "2.0.1", "2.1.2", "2.2.3", "2.3.0"];
 
 /// The newest patch release of each kubeone minor version and the Kubernetes minor versions it accepts,
 /// from `pkg/apis/kubeone/validation/validation.go` at each tag (kubermatic/kubeone; e.g. v1.5.8
@@ -41,6 +53,10 @@ pub struct Pin {
 pub struct Pins {
     pub kubeone: Pin,
     pub kkp: Pin,
+    pub flux: Pin,
+    /// The repository's Flux syncs over SSH with a deploy key (`gotk-sync.yaml`'s `url: ssh://...`): bootstrap
+    /// keeps it so, without `--token-auth`.
+    pub flux_over_ssh: bool,
 }
 
 /// `major.minor[.patch]` of a version string such as `v1.23.3` or `"2.19.2"`.
@@ -103,6 +119,33 @@ pub fn kkp(dir: &Path) -> Option<(String, String)> {
     numbers(tag).map(|_| (tag.to_string(), format!("the chart tag of `{KKP_GIT_SOURCE}`")))
 }
 
+/// The Flux version of the repository's `flux-system/gotk-components.yaml` (`flux bootstrap` writes
+/// "# Flux Version: v2.3.0" at its top: pkg/manifestgen/install/install.go, GetGenWarning).
+pub fn flux(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(FLUX_SYSTEM).join("gotk-components.yaml")).ok()?;
+    let v = text.lines().take(20).find_map(|l| l.trim().strip_prefix("# Flux Version:"))?.trim().trim_start_matches('v');
+    numbers(v).map(|_| v.to_string())
+}
+
+/// Whether the repository's Flux syncs over SSH (`gotk-sync.yaml`: `url: ssh://...`, the default of `flux
+/// bootstrap`, with a deploy key in the `flux-system` secret; `--token-auth` would make it HTTPS with a token).
+pub fn flux_over_ssh(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(FLUX_SYSTEM).join("gotk-sync.yaml"))
+        .is_ok_and(|t| yaml_value(&t, "url").is_some_and(|u| u.trim_matches(['"', '\'']).starts_with("ssh://")))
+}
+
+/// The oldest Kubernetes a Flux version supports, when kkpipe knows its minor version.
+fn flux_min_kubernetes(flux: &str) -> Option<Minor> {
+    let (a, b, _) = numbers(flux)?;
+    FLUX_MIN_KUBERNETES.iter().rev().find(|(f, _)| *f <= (a, b)).map(|&(_, k)| k)
+}
+
+/// The newest Flux release kkpipe knows that supports this Kubernetes version.
+fn flux_for(kubernetes: &str) -> Option<&'static str> {
+    let (a, b, _) = numbers(kubernetes)?;
+    FLUX_RELEASES.iter().rev().copied().find(|f| flux_min_kubernetes(f).is_some_and(|low| low <= (a, b)))
+}
+
 /// What `init` pins for the repository in `dir`: what it says, else kkpipe's defaults (said as such).
 pub fn pins(dir: &Path) -> Pins {
     let default_kubeone = crate::ci::files::default_version("KUBEONE_VERSION");
@@ -131,12 +174,45 @@ pub fn pins(dir: &Path) -> Pins {
             Pin { version: default_kkp.into(), why: "kkpipe's default: the repository names no KKP version".into() }
         }
     };
-    Pins { kubeone, kkp }
+    let flux = match (flux(dir), kubernetes(dir).and_then(|k| flux_for(&k).map(|f| (k, f)))) {
+        (Some(v), _) => Pin {
+            version: v,
+            why: format!(
+                "the Flux `{FLUX_SYSTEM}/gotk-components.yaml` says runs (kept: bootstrap never upgrades it)"
+            ),
+        },
+        (None, Some((k, f))) => Pin {
+            version: f.into(),
+            why: format!("the newest Flux that supports Kubernetes {k} ({KUBEONE_MANIFEST})"),
+        },
+        (None, None) => Pin {
+            version: crate::ci::files::default_version("FLUX_VERSION").into(),
+            why: format!("kkpipe's default: no `{FLUX_SYSTEM}/gotk-components.yaml` and no Kubernetes version"),
+        },
+    };
+    Pins { kubeone, kkp, flux, flux_over_ssh: flux_over_ssh(dir) }
 }
 
 /// Sentences saying where a pinned kubeone or KKP version contradicts the repository in `dir`.
-pub fn contradictions(dir: &Path, kubeone: Option<&str>, kkp_pin: Option<&str>) -> Vec<String> {
+pub fn contradictions(dir: &Path, kubeone: Option<&str>, kkp_pin: Option<&str>, flux_pin: Option<&str>) -> Vec<String> {
     let mut out = Vec::new();
+    if let (Some(pin), Some(k)) = (flux_pin, kubernetes(dir))
+        && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(&k))
+        && (a, b) < low
+    {
+        out.push(format!(
+            "Flux {pin} (FLUX_VERSION) needs Kubernetes {}.{} or later, but `{KUBEONE_MANIFEST}` asks for {k}",
+            low.0, low.1
+        ));
+    }
+    if let (Some(pin), Some(repo)) = (flux_pin, flux(dir))
+        && numbers(pin).map(|(a, b, _)| (a, b)) != numbers(&repo).map(|(a, b, _)| (a, b))
+    {
+        out.push(format!(
+            "Flux {pin} (FLUX_VERSION) is not the {repo} that `{FLUX_SYSTEM}/gotk-components.yaml` says runs: \
+             bootstrap would replace the cluster's Flux"
+        ));
+    }
     if let (Some(pin), Some(k)) = (kubeone, kubernetes(dir))
         && let (Some((low, high)), Some((a, b, _))) = (kubeone_range(pin), numbers(&k))
         && !(low <= (a, b) && (a, b) <= high)
@@ -169,5 +245,18 @@ mod tests {
         assert_eq!(kubeone_for("1.29.1"), Some("1.9.2"));
         assert_eq!(kubeone_for("1.19.0"), None);
         assert_eq!(kubeone_range("1.8.0"), Some(((1, 27), (1, 30))));
+    }
+
+    #[test]
+    fn flux_versions_know_the_oldest_kubernetes_they_support() {
+        assert_eq!(flux_min_kubernetes("0.25.1"), Some((1, 19)));
+        assert_eq!(flux_min_kubernetes("v0.41.2"), Some((1, 20)));
+        assert_eq!(flux_min_kubernetes("2.3.0"), Some((1, 28)));
+        assert_eq!(flux_min_kubernetes("2.6.1"), Some((1, 28)), "newer ones: at least what kkpipe knows");
+        assert_eq!(flux_min_kubernetes("0.24.0"), None);
+        assert_eq!(flux_for("v1.23.3"), Some("0.41.2"), "Flux 2 needs Kubernetes 1.24");
+        assert_eq!(flux_for("1.24.0"), Some("2.0.1"));
+        assert_eq!(flux_for("1.30.1"), Some("2.3.0"));
+        assert_eq!(flux_for("1.18.0"), None);
     }
 }

@@ -59,6 +59,8 @@ pub enum Error {
         start.display()
     )]
     NotFound { start: PathBuf },
+    #[error("`{}` is not a directory ({why})\n  hint: check the path given to `-C`", start.display())]
+    NoDir { start: PathBuf, why: String },
     #[error("cannot read `{}`: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}:{line}:{column}: {message}{}", file.display(), stage.as_ref().map(|s| format!(" (in stage `{s}`)")).unwrap_or_default())]
@@ -200,6 +202,11 @@ impl Pipeline {
 /// Walk up from `start` to the first directory holding `pipeline.toml`, like git finds `.git`.
 pub fn discover(start: &Path) -> Result<PathBuf, Error> {
     let start = std::path::absolute(start).unwrap_or_else(|_| start.to_path_buf());
+    match std::fs::metadata(&start) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Error::NoDir { start, why: "it is a file".into() }),
+        Err(e) => return Err(Error::NoDir { start, why: e.to_string() }),
+    }
     let mut dir = Some(start.as_path());
     while let Some(d) = dir {
         if d.join(FILE_NAME).is_file() {

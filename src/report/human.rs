@@ -30,6 +30,9 @@ pub struct Human {
     step_summary: Option<(std::path::PathBuf, String)>,
     /// `run --dry-run`: the summary says what would run.
     pub dry_run: bool,
+    /// `run --dry-run`: of the stages that would run, those that run only if a stage they need changes its
+    /// outputs (early cutoff may leave them fresh).
+    would_run_maybe: usize,
 }
 
 /// A token no stage output can guess, to pause GitHub's workflow commands.
@@ -67,6 +70,7 @@ impl Human {
             live: None,
             step_summary: None,
             dry_run: false,
+            would_run_maybe: 0,
         }
     }
 
@@ -184,7 +188,10 @@ impl Sink for Human {
                     self.status("Skipped", YELLOW, &format!("{stage}: {because}"));
                 }
             }
-            Event::WouldRun { stage, masked, .. } => self.status("Would run", YELLOW, &format!("{stage}: {masked}")),
+            Event::WouldRun { stage, masked, reason } => {
+                self.would_run_maybe += usize::from(matches!(reason, crate::fresh::Reason::UpstreamStale { .. }));
+                self.status("Would run", YELLOW, &format!("{stage}: {masked}"))
+            }
             Event::Drift { stage, output } => self.drift(stage, output),
             Event::Summary(s) => self.summary(s),
             Event::Report { stages, summary } => self.report(stages, summary),
@@ -299,7 +306,7 @@ impl Human {
             bar.finish_and_clear();
         }
         let line = if s.would_run > 0 || self.dry_run {
-            format!("{}\n", super::status::dry_run_line(s))
+            format!("{}\n", super::status::dry_run_line(s, self.would_run_maybe))
         } else {
             summary_line(s, self.color)
         };

@@ -19,10 +19,16 @@ pub fn dry_run_summary(rows: &[StageRow]) -> Summary {
     summary
 }
 
-/// The closing line of a dry run.
-pub fn dry_run_line(s: &Summary) -> String {
+/// The closing line of a dry run; `maybe` of those that would run do so only if a stage they need changes its
+/// outputs.
+pub fn dry_run_line(s: &Summary, maybe: usize) -> String {
     let restore = if s.restored > 0 { format!(" ({} with outputs to restore)", s.restored) } else { String::new() };
-    format!("dry run: {} would run, {} fresh{restore}; nothing was run", s.would_run, s.fresh + s.restored)
+    let would = match maybe {
+        0 => format!("{} would run", s.would_run),
+        m if m == s.would_run => format!("{m} would run only if a stage they need changes its outputs"),
+        m => format!("{} would run ({m} only if a stage they need changes its outputs)", s.would_run),
+    };
+    format!("dry run: {would}, {} fresh{restore}; nothing was run", s.fresh + s.restored)
 }
 
 /// The human table: one line per stage with its state and first reason (masked).

@@ -936,6 +936,11 @@ impl<'a> Scheduler<'a, '_> {
             && self.opts.verify
             && let Some(probe) = stage.verify.clone()
         {
+            // A probe reads what its needs made (a kubeconfig): those in no cache are made first, or a fresh
+            // runner would take their absence for drift. The stage waits for them and is decided again.
+            if !self.regenerable_needs_available(i, materialize) {
+                return Ok(());
+            }
             self.sink.event(&Event::Probing { stage: stage.name.clone() });
             return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
         }
@@ -981,10 +986,22 @@ impl<'a> Scheduler<'a, '_> {
     /// outputs in no cache are sent back to be materialized, and `i` waits for them (`materialize`: `i` itself
     /// was regenerating, and goes on with that). Returns whether all are there.
     fn needs_available(&mut self, i: usize, materialize: bool) -> bool {
+        self.make_needs_available(i, materialize, false)
+    }
+
+    /// Before a probe: the outputs of stage `i`'s needs that are in no cache but have a `regenerate` command are
+    /// made again (cheap, read-only: `terraform output`, `kubeone kubeconfig`); one only a run of its stage could
+    /// make (a plan) is left alone, as a probe does not read it.
+    fn regenerable_needs_available(&mut self, i: usize, materialize: bool) -> bool {
+        self.make_needs_available(i, materialize, true)
+    }
+
+    fn make_needs_available(&mut self, i: usize, materialize: bool, only_regenerable: bool) -> bool {
         let mut ok = true;
         for j in self.cx.graph.needs[i].clone() {
             if let Slot::Done(Done::Fresh { unavailable, .. }) = &self.slots[j]
                 && !unavailable.is_empty()
+                && (!only_regenerable || regenerate_script(&self.cx.pipeline.stages[j], unavailable).is_some())
             {
                 self.slots[j] = Slot::Waiting(Queued { must_run: None, materialize: true });
                 ok = false;

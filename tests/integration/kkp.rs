@@ -941,3 +941,39 @@ fn init_turns_the_dns_update_on_only_where_the_repository_has_a_dns_module() {
     gce.kk(&["init", "--ci", "github"]).ok();
     assert!(!has_stage(&gce));
 }
+
+#[test]
+fn init_ignores_what_the_stages_make_and_says_what_to_do_next() {
+    let repo = Repo::kkp_wizard("kkp-demo");
+    repo.write(".gitignore", "*.tfplan\n**/.terraform/\n");
+    let r = repo.kk(&["init", "--ci", "github", "--cloud", "aws", "--force"]).ok();
+    let ignore = repo.read(".gitignore");
+    for p in ["kubeone/kubeconfig", "terraform/aws/output.json", "kubermatic/ingress-address.txt", "kubeone/*.tar.gz"] {
+        assert!(ignore.lines().any(|l| l == p), "{p} in .gitignore:\n{ignore}");
+    }
+    assert!(!ignore.contains("plan.tfplan"), "a path an existing pattern covers is not added again:\n{ignore}");
+    assert!(r.stderr.contains("added to `.gitignore`"), "{}", r.stderr);
+    for s in ["`TOKEN_GITHUB`", "`SOPS_AGE_SECRET_KEY`", "`SSH_PRIVATE_KEY`", "KKPIPE_SECRET_KEY", "kkpipe adopt"] {
+        assert!(r.stderr.contains(s), "next steps name {s}: {}", r.stderr);
+    }
+    assert!(r.stderr.contains("warning: the CI file installs kkpipe from crates.io"), "{}", r.stderr);
+    // Again: nothing is added twice, and an explicit install source gets no warning.
+    let again = repo.kk(&["init", "--ci", "github", "--cloud", "aws", "--force", "--install", "git:https://example.com/k#v1"]);
+    assert_eq!(repo.read(".gitignore"), ignore);
+    assert!(!again.ok().stderr.contains("warning: the CI file installs"));
+}
+
+#[test]
+fn papercuts_a_missing_directory_and_a_missing_tool_are_named_before_anything() {
+    let repo = Repo::fixture("tiny");
+    let r = repo.kk(&["-C", "/no/such/dir", "status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("`/no/such/dir` is not a directory"), "{}", r.stderr);
+    repo.edit("pipeline.toml", "[stages.", "[stages.needs-tool]\nrun = [\"true\"]\ntools = [\"no-such-tool-kkpipe\"]\n\n[stages.");
+    let dry = repo.kk(&["run", "--dry-run"]);
+    assert_eq!(dry.code, 2, "as the run itself: {}", dry.all());
+    assert!(dry.stderr.contains("`no-such-tool-kkpipe`, which is not on PATH"), "{}", dry.stderr);
+    let status = repo.status_json();
+    let s = status["stages"].as_array().unwrap().iter().find(|s| s["name"] == "needs-tool").unwrap().clone();
+    assert_eq!(s["reasons"][0]["kind"], "never-run", "{s}");
+}
