@@ -28,18 +28,22 @@ pub fn of(root: &Path, provider: Option<Provider>, env: &HashMap<String, String>
     }
 }
 
-/// The repository's git directory (`.git`, or where a worktree's `.git` file points).
-pub fn git_dir(root: &std::path::Path) -> Option<std::path::PathBuf> {
-    let git_dir = root.join(".git");
-    if !git_dir.is_file() {
-        return Some(git_dir);
-    }
-    let text = std::fs::read_to_string(&git_dir).ok()?;
-    Some(root.join(text.strip_prefix("gitdir:")?.trim()))
+/// The git directory of the repository `root` is in: the nearest `.git` at or above it (a directory, or a
+/// worktree's `.git` file naming one), as git finds it.
+pub fn git_dir(root: &Path) -> Option<std::path::PathBuf> {
+    root.ancestors().find_map(|d| {
+        let dot_git = d.join(".git");
+        if dot_git.is_dir() {
+            return Some(dot_git);
+        }
+        let text = std::fs::read_to_string(&dot_git).ok()?;
+        Some(d.join(text.strip_prefix("gitdir:")?.trim()))
+    })
 }
 
-/// The checked-out commit, read from `.git` without spawning git (cheap, and fine when git is absent).
-pub fn git_head(root: &std::path::Path) -> Option<String> {
+/// The checked-out commit, read from `.git` without spawning git (cheap, and fine when git is absent). A
+/// worktree keeps `HEAD` of its own and the branches in the common directory (its `commondir` file).
+pub fn git_head(root: &Path) -> Option<String> {
     let git_dir = git_dir(root)?;
     let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
     let head = head.trim();
@@ -47,10 +51,16 @@ pub fn git_head(root: &std::path::Path) -> Option<String> {
         return Some(head.to_string());
     };
     let reference = reference.trim();
-    if let Ok(h) = std::fs::read_to_string(git_dir.join(reference)) {
-        return Some(h.trim().to_string());
+    let common = match std::fs::read_to_string(git_dir.join("commondir")) {
+        Ok(c) => git_dir.join(c.trim()),
+        Err(_) => git_dir.clone(),
+    };
+    for dir in [&git_dir, &common] {
+        if let Ok(h) = std::fs::read_to_string(dir.join(reference)) {
+            return Some(h.trim().to_string());
+        }
     }
-    let packed = std::fs::read_to_string(git_dir.join("packed-refs")).ok()?;
+    let packed = std::fs::read_to_string(common.join("packed-refs")).ok()?;
     packed.lines().find_map(|l| l.strip_suffix(reference).map(|h| h.trim().to_string()))
 }
 
@@ -67,7 +77,13 @@ pub fn uncommitted(root: &Path, untracked: bool) -> Result<Option<Vec<String>>, 
     let git = |args: &[&str]| Command::new("git").arg("-C").arg(root).args(args).output();
     let top = match git(&["rev-parse", "--show-toplevel"]) {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim_end_matches('\n').to_string(),
-        Ok(_) => return Ok(None),
+        // Only "no repository here" means nothing to compare with; any other refusal (a repository git will not
+        // read: "dubious ownership", a corrupt index) cannot be taken for a clean tree.
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("not a git repository") => return Ok(None),
+        Ok(o) => {
+            let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
+            return Err(format!("git fails in `{}`: {why}", root.display()));
+        }
         // No git on this machine: there is no commit to compare with.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot run git to look for uncommitted changes: {e}")),

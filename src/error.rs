@@ -76,6 +76,7 @@ impl From<crate::run::Error> for Error {
             crate::run::Error::Graph(g) => Error::Graph(g),
             e @ (crate::run::Error::MissingEnv(_)
             | crate::run::Error::Dirty(_)
+            | crate::run::Error::CannotTellDirty(_)
             | crate::run::Error::NotConfirmed { .. }) => Error::Usage(e.to_string()),
         }
     }

@@ -46,7 +46,9 @@ impl Settings {
             Some(Provider::Gitlab) => Style::Gitlab,
             _ => Style::Plain,
         };
-        let in_ci = provider.is_some() || caller_env.get("CI").is_some_and(|v| !v.is_empty() && v != "false");
+        // `CI` as the CI services set it (`true`); empty, `0` and `false` (any case) say "not CI".
+        let ci_var = |v: &String| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false");
+        let in_ci = provider.is_some() || caller_env.get("CI").is_some_and(ci_var);
         let interactive = !in_ci && !cli.quiet && std::io::stderr().is_terminal();
         Settings {
             interactive,

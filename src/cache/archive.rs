@@ -28,8 +28,9 @@ use std::path::Path;
 pub const FORMAT: &str = "kkpipe-cache-archive";
 /// 2: entries carry every latest attempt (failed and interrupted ones too) with its state and the exporter's
 /// sequence, and outputs record directories. 3: outputs carry their permission bits, and the exact bytes of a
-/// path or link text that is not UTF-8. Schema 1 and 2 archives are still read.
-pub const SCHEMA: u32 = 3;
+/// path or link text that is not UTF-8. 4: entries carry their run's audit fields and may be `adopted`
+/// (an older kkpipe refuses the schema by number, saying to upgrade). Schemas 1 to 3 are still read.
+pub const SCHEMA: u32 = 4;
 const ROOT: &str = "kkpipe-cache";
 /// No single entry may be larger than this (a plan or chart bundle is far smaller).
 pub const MAX_ENTRY: u64 = 2 << 30;
@@ -80,7 +81,7 @@ struct ArchiveEntry {
     event: Option<String>,
     branch: Option<String>,
     git_commit: Option<String>,
-    /// Who ran it, from where (schema 3 and later may carry it).
+    /// Who ran it, from where (schema 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     audit: Option<crate::fresh::Audit>,
     outputs: Vec<OutputDoc>,

@@ -156,7 +156,10 @@ fn ignore_outputs(dir: &Path, p: &crate::pipeline::Pipeline) -> Result<Vec<Strin
 /// above it: a pattern with a `/` is relative to the repository's top, one without matches any name.
 fn ignored_by(patterns: &[&str], path: &str) -> bool {
     let matches = |pattern: &str, s: &str| {
-        globset::GlobBuilder::new(pattern).literal_separator(true).build().is_ok_and(|g| g.compile_matcher().is_match(s))
+        globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .is_ok_and(|g| g.compile_matcher().is_match(s))
     };
     let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).chain([path]).collect();
     patterns.iter().any(|p| {

@@ -244,6 +244,43 @@ fn check_tools(session: &mut Session<'_>, o: &Opened, selected: &[crate::graph::
     Ok(())
 }
 
+/// The versions a pipeline pins (a stage's `KUBEONE_VERSION`, `KKP_VERSION`, `FLUX_VERSION`, ...) live once:
+/// before anything runs, each must agree with what the CI job installed (the same variable in the job's
+/// environment, set by the generated CI file) and with the repository (kubeone's Kubernetes range, Flux's oldest
+/// Kubernetes, KKP one minor at a time). A pull request that breaks one fails its check before merge.
+fn check_versions(settings: &Settings, o: &Opened) -> Result<(), Error> {
+    let provider = settings.provider.unwrap_or(crate::ci::Provider::Github);
+    let pinned = crate::ci::files::pinned_versions(&o.pipeline, provider);
+    let mut wrong: Vec<String> = Vec::new();
+    for s in &o.pipeline.stages {
+        for (var, pin) in s.env.iter().filter(|(k, _)| pinned.contains_key(k.as_str())) {
+            if let Some(installed) = settings.caller_env.get(var).filter(|v| !v.is_empty() && *v != pin) {
+                wrong.push(format!(
+                    "stage `{}` pins {var} = \"{pin}\", but this job installed {var} = \"{installed}\" (its CI file)",
+                    s.name
+                ));
+            }
+        }
+    }
+    // Only what the pipeline pins itself: a default it does not name is kkpipe's choice, not a contradiction.
+    let explicit = |k: &str| o.pipeline.stages.iter().find_map(|s| s.env.get(k)).map(String::as_str);
+    let get = |k: &str| explicit(k).filter(|_| pinned.contains_key(k));
+    wrong.extend(crate::kkp::versions::contradictions(
+        &o.pipeline.root,
+        get("KUBEONE_VERSION"),
+        get("KKP_VERSION"),
+        get("FLUX_VERSION"),
+    ));
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "not started: the pinned versions disagree:\n  {}\n  hint: set each version once, in the stage's `env` in {}, and regenerate the CI file (`kkpipe ci PROVIDER --force`)",
+        wrong.join("\n  "),
+        crate::pipeline::FILE_NAME
+    )))
+}
+
 /// Run (or probe) the selected stages under the repository's run lock.
 fn execute(
     settings: &Settings,
@@ -258,6 +295,7 @@ fn execute(
     }
     let mut session = o.session(settings)?;
     check_tools(&mut session, o, &selected)?;
+    check_versions(settings, o)?;
     let json = output != Output::Human;
     let live = settings.interactive && !json;
     let summary_file = (settings.provider == Some(crate::ci::Provider::Github))

@@ -119,6 +119,11 @@ fn row(
             }
             row.recorded_at = Some(timestamp(hit.record.started_at));
             row.duration_ms = hit.record.duration_ms;
+            if hit.record.state == State::Adopted {
+                // Not run by kkpipe: its probe found the live system in sync when it had no record.
+                row.note = Some("adopted: in sync when its probe ran, never run by kkpipe".into());
+                row.duration_ms = None;
+            }
         }
         Decision::Run(reason) => {
             row.reasons = vec![reason.clone()];

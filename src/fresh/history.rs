@@ -100,7 +100,7 @@ pub struct RunRow {
 /// Where a run came from. Every field is optional: an old record, a machine without git, a CI that does not
 /// say. Serialised as is in the remote ledger, `history --json` and archives.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are read past: a newer kkpipe may add one, and audit fields inform, never decide.
 pub struct Audit {
     /// The branch checked out (in CI: the branch the job runs on; a pull request's source branch).
     #[serde(default, skip_serializing_if = "Option::is_none")]

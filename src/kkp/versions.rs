@@ -21,8 +21,14 @@ type Minor = (u32, u32);
 /// The oldest Kubernetes each Flux minor version supports, from `kubernetesConstraints` of cmd/flux/check.go at
 /// each tag (fluxcd/flux2: v0.25.3 ">=1.19.0-0", v0.26-v0.41 ">=1.20.6-0", v2.0.0 ">=1.24.0-0", v2.1 ">=1.25.0-0",
 /// v2.2 ">=1.26.0-0", v2.3.0 ">=1.28.0-0"): the versions since are each one minor newer than the last.
-const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] =
-    &[((0, 25), (1, 19)), ((0, 26), (1, 20)), ((2, 0), (1, 24)), ((2, 1), (1, 25)), ((2, 2), (1, 26)), ((2, 3), (1, 28))];
+const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] = &[
+    ((0, 25), (1, 19)),
+    ((0, 26), (1, 20)),
+    ((2, 0), (1, 24)),
+    ((2, 1), (1, 25)),
+    ((2, 2), (1, 26)),
+    ((2, 3), (1, 28)),
+];
 
 /// The newest patch release of the Flux minor versions a new installation may get (fluxcd/flux2 releases).
 const FLUX_RELEASES: &[&str] = &["0.41.2", "2.0.1", "2.1.2", "2.2.3", "2.3.0"];
@@ -123,7 +129,8 @@ pub fn kkp(dir: &Path) -> Option<(String, String)> {
 /// "# Flux Version: v2.3.0" at its top: pkg/manifestgen/install/install.go, GetGenWarning).
 pub fn flux(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(FLUX_SYSTEM).join("gotk-components.yaml")).ok()?;
-    let v = text.lines().take(20).find_map(|l| l.trim().strip_prefix("# Flux Version:"))?.trim().trim_start_matches('v');
+    let v =
+        text.lines().take(20).find_map(|l| l.trim().strip_prefix("# Flux Version:"))?.trim().trim_start_matches('v');
     numbers(v).map(|_| v.to_string())
 }
 
@@ -177,14 +184,11 @@ pub fn pins(dir: &Path) -> Pins {
     let flux = match (flux(dir), kubernetes(dir).and_then(|k| flux_for(&k).map(|f| (k, f)))) {
         (Some(v), _) => Pin {
             version: v,
-            why: format!(
-                "the Flux `{FLUX_SYSTEM}/gotk-components.yaml` says runs (kept: bootstrap never upgrades it)"
-            ),
+            why: format!("the Flux `{FLUX_SYSTEM}/gotk-components.yaml` says runs (kept: bootstrap never upgrades it)"),
         },
-        (None, Some((k, f))) => Pin {
-            version: f.into(),
-            why: format!("the newest Flux that supports Kubernetes {k} ({KUBEONE_MANIFEST})"),
-        },
+        (None, Some((k, f))) => {
+            Pin { version: f.into(), why: format!("the newest Flux that supports Kubernetes {k} ({KUBEONE_MANIFEST})") }
+        }
         (None, None) => Pin {
             version: crate::ci::files::default_version("FLUX_VERSION").into(),
             why: format!("kkpipe's default: no `{FLUX_SYSTEM}/gotk-components.yaml` and no Kubernetes version"),

@@ -37,6 +37,24 @@ struct Learned<'a> {
     audit: Option<crate::fresh::Audit>,
 }
 
+/// What an unreadable ledger head stands for: an attempt with inputs nobody knows, so not believed.
+fn unreadable(env: &str, stage: &str) -> LedgerBody {
+    LedgerBody {
+        version: protocol::VERSION,
+        env: env.into(),
+        stage: stage.into(),
+        seq: 0,
+        key: "unreadable".into(),
+        state: State::Interrupted,
+        who: "unknown".into(),
+        at_ms: now_ms(),
+        commit: None,
+        outputs: Vec::new(),
+        duration_ms: 0,
+        audit: None,
+    }
+}
+
 impl Remote {
     /// The network half of a check stage's local miss with `key`: the remote's entry for it, if there is a
     /// trusted one whose every blob verifies (each is put into `blobs`) and whose every output lies inside the
@@ -191,10 +209,11 @@ impl Remote {
         for ((name, got, logged), stage) in read.into_iter().zip(stages) {
             let what = format!("the ledger record of `{name}` in `{env}`");
             let head = match got {
-                Ok(Some((bytes, _))) => match self.open_record(&bytes, env, &name, &what) {
-                    Some(h) => Some(h),
-                    None => continue,
-                },
+                // A head this kkpipe cannot read (damaged, or written by a newer kkpipe) still says the stage was
+                // deployed since: the live state is unknown, never what this cache last saw.
+                Ok(Some((bytes, _))) => {
+                    Some(self.open_record(&bytes, env, &name, &what).unwrap_or_else(|| (unreadable(env, &name), false)))
+                }
                 Ok(None) => None,
                 Err(e) => {
                     self.failed(&what, e);
@@ -648,6 +667,25 @@ mod tests {
         // Learned once: the same record is not learned again.
         b.remote.learn_ledger(&b.cache, &[&stage], "prod");
         assert_eq!(b.cache.latest_attempt("apply", Some("prod")).unwrap().unwrap().seq, 1);
+    }
+
+    /// Review of issue 22: a head this kkpipe cannot read (damaged, or from a newer kkpipe with fields it does
+    /// not know) is not skipped over in favour of what this cache last saw: the live state is unknown.
+    #[test]
+    fn an_unreadable_head_means_deploy_again_not_what_this_cache_saw() {
+        let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
+        let a = runner(&store, &key, "a@ci");
+        let k1 = a.deployed(&stage, b"manifest one");
+        let b = runner(&store, &key, "b@laptop");
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        assert_eq!(b.latest(), Some((k1, State::Success)));
+        let newer =
+            br#"{"format":"kkpipe-signed","kind":"ledger","body":"eyJ2ZXJzaW9uIjogOX0=","signature":"","signer":""}"#;
+        store.plant(&protocol::ledger("prod", "apply"), newer);
+        b.remote.learn_ledger(&b.cache, &[&stage], "prod");
+        let (latest_key, state) = b.latest().unwrap();
+        assert_eq!(state, State::Interrupted, "deploy again");
+        assert_ne!(latest_key, k1);
     }
 
     #[test]

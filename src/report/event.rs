@@ -107,6 +107,8 @@ pub enum Notice {
     RemoteHit { stage: String, remote: String },
     /// Outputs in no cache are made again by their `regenerate` command, for a stage that needs them.
     Regenerating { stage: String, outputs: Vec<String> },
+    /// A deploy stage being adopted (in sync) makes its outputs again from the live system.
+    Adopting { stage: String, outputs: Vec<String> },
     /// A deploy stage waits for its deploy lease, held by another runner.
     LeaseWait { stage: String, holder: String },
     /// `retry_needs_if`: the stage's output asked for its needs to run again; it is retried once.
@@ -136,6 +138,9 @@ impl std::fmt::Display for Notice {
                 "Regenerating {} of `{stage}` (not in the cache; a stage that needs it runs)",
                 quoted(outputs)
             ),
+            Notice::Adopting { stage, outputs } => {
+                write!(f, "kkpipe: `{stage}` is in sync: making {} again from the live system", quoted(outputs))
+            }
             Notice::LeaseWait { stage, holder } => {
                 write!(f, "kkpipe: waiting for the deploy lease of `{stage}`, held by {holder}")
             }

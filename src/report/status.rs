@@ -54,11 +54,9 @@ pub fn print_table(color: bool, event: Option<(&CiEvent, &str)>, rows: &[StageRo
 fn detail(r: &StageRow, mask: &dyn Fn(&str) -> String) -> String {
     match r.state {
         StageState::Fresh | StageState::Restored => {
-            let when = r
-                .recorded_at
-                .as_ref()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-                .map(|t| format!("ran {}", age(t.as_millisecond())));
+            let when = r.recorded_at.as_ref().and_then(|t| t.parse::<jiff::Timestamp>().ok()).map(|t| {
+                format!("{} {}", if r.duration_ms.is_some() { "ran" } else { "recorded" }, age(t.as_millisecond()))
+            });
             let took = r
                 .duration_ms
                 .map(|d| format!("took {}", format_duration(std::time::Duration::from_millis(d.max(0) as u64))));

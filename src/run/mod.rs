@@ -30,6 +30,11 @@ pub enum Error {
     /// Deploy stages whose inputs have uncommitted changes, without `--allow-dirty`: nothing was started.
     #[error("{}", dirty(.0))]
     Dirty(Vec<(String, String)>),
+    /// Whether deploy inputs have uncommitted changes cannot be told (git fails): nothing was started.
+    #[error(
+        "cannot tell whether the deploy stages' inputs have uncommitted changes: {0}\n  hint: fix what git says, or pass --allow-dirty to deploy the working tree as it is"
+    )]
+    CannotTellDirty(String),
     /// A run that would deploy was not confirmed: nothing was started.
     #[error("{}", not_confirmed(.stages, .env, *.asked))]
     NotConfirmed { stages: Vec<String>, env: String, asked: bool },

@@ -9,6 +9,7 @@
 //! [`Scheduler`]'s `Drop`).
 
 mod adopt;
+mod consent;
 
 use super::exec::{self, Exit};
 use super::queue::{self, Phase, Shortfall, Verdict};
@@ -20,7 +21,6 @@ use crate::evaluate::{self, Context};
 use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
 use crate::graph::Selected;
 use crate::hash::key::{Key, Keyed};
-use crate::relpath::RelPath;
 use crate::remote::{LeaseGuard, Pulled};
 use crate::report::{Event, Notice, Sink, StageEnd, StageRow, StageState, Summary};
 use crate::session::Session;
@@ -185,6 +185,8 @@ struct Scheduler<'a, 's> {
     ledger_read: Instant,
     /// This run's audit fields (`dirty` is known once a deploy is).
     audit: crate::fresh::Audit,
+    /// The deploy stages someone consented to before the run (outside CI without `--yes`): no other deploys.
+    consented: HashSet<usize>,
 }
 
 /// How taking a deploy lease went.
@@ -226,7 +228,12 @@ pub(super) fn run(
     let provider = crate::ci::detect(&|k| env.caller_env.get(k).cloned());
     let audit = crate::audit::of(&cx.pipeline.root, provider, env.caller_env);
     let meta = RunMeta {
-        command: if opts.probe_only { "verify" } else { "run" }.into(),
+        command: match (opts.probe_only, opts.deploys) {
+            (true, _) => "verify",
+            (false, super::Deploys::Adopt { .. }) => "adopt",
+            (false, super::Deploys::Run) => "run",
+        }
+        .into(),
         event: cx.event.map(|e| e.name.as_str().to_string()),
         branch: cx.event.and_then(|e| e.branch.clone()),
         env: cx.env.to_string(),
@@ -259,91 +266,19 @@ pub(super) fn run(
         locked_out: false,
         ledger_read: Instant::now(),
         audit,
+        consented: HashSet::new(),
     };
+    if let Some(remote) = sch.remote() {
+        remote.set_audit(sch.audit.clone());
+    }
     sch.learn_ledger(&chosen);
-    sch.preflight(&selected)?;
+    if let Err(e) = sch.preflight(&selected) {
+        // Nothing was started: the run is over, not left "running".
+        let _ = sch.env.cache.finish_run(run_id, RunOutcome::Failed, &RunCounts::default());
+        return Err(e);
+    }
     let interrupted = sch.drive(&rx, interrupt)?;
     sch.finish(&selected, start, interrupted)
-}
-
-impl Scheduler<'_, '_> {
-    /// Before anything starts, for the stages that may run (decided as `status` decides it; a stage fresh now
-    /// needs nothing): every variable a stage requires (`required_env`) is set, all that is missing named at
-    /// once; and a run that would deploy is deliberate ([`Scheduler::consent`]).
-    fn preflight(&mut self, selected: &[Selected]) -> Result<(), Error> {
-        let stages = &self.cx.pipeline.stages;
-        let chosen = |i: usize| selected[i] == Selected::Yes;
-        // `verify` and `adopt` deploy nothing.
-        let deploys = !self.opts.probe_only
-            && self.opts.deploys == super::Deploys::Run
-            && (0..selected.len()).any(|i| chosen(i) && stages[i].is_deploy());
-        if !deploys && !(0..selected.len()).any(|i| chosen(i) && !stages[i].required_env.is_empty()) {
-            return Ok(());
-        }
-        let force = &self.opts.force;
-        let evals = evaluate::all(self.cx, self.s, self.env.cache, selected, &|i| force.includes(&stages[i].name))?;
-        let may_run: Vec<usize> = (0..evals.len())
-            .filter(|&i| evals[i].as_ref().is_some_and(|e| matches!(e.decision, Decision::Run(_))))
-            .collect();
-        let missing: Vec<(String, String)> = may_run
-            .iter()
-            .flat_map(|&i| stages[i].required_env.iter().map(move |v| (i, v)))
-            .filter(|(_, v)| self.env.caller_env.get(*v).is_none_or(|value| value.is_empty()))
-            .map(|(i, v)| (stages[i].name.clone(), v.clone()))
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::MissingEnv(missing));
-        }
-        let deploying: Vec<usize> = may_run.into_iter().filter(|&i| deploys && stages[i].is_deploy()).collect();
-        match deploying.is_empty() {
-            true => Ok(()),
-            false => self.consent(&deploying),
-        }
-    }
-
-    /// A deploy is deliberate: the ones that may run ship no uncommitted change to their inputs (unless
-    /// `--allow-dirty`), and outside CI someone said yes. Whether the tree is dirty goes into the audit fields of
-    /// the run and of every ledger record it writes.
-    fn consent(&mut self, deploying: &[usize]) -> Result<(), Error> {
-        let (opts, stages) = (self.opts, &self.cx.pipeline.stages);
-        let changed = crate::audit::uncommitted(&self.cx.pipeline.root, !opts.in_ci);
-        self.audit.dirty = match &changed {
-            Ok(c) => c.as_ref().map(|c| !c.is_empty()),
-            Err(_) => None,
-        };
-        self.env.cache.set_run_audit(self.run_id, &self.audit)?;
-        if let Some(remote) = self.remote() {
-            remote.set_audit(self.audit.clone());
-        }
-        if !opts.allow_dirty {
-            let found: Vec<(String, String)> = match changed {
-                Err(e) => deploying.iter().map(|&i| (stages[i].name.clone(), e.clone())).collect(),
-                Ok(paths) => deploying
-                    .iter()
-                    .flat_map(|&i| paths.iter().flatten().map(move |p| (i, p)))
-                    .filter(|(i, p)| RelPath::parse(p).is_ok_and(|rp| self.s.is_input(*i, &rp)))
-                    .map(|(i, p)| (stages[i].name.clone(), p.clone()))
-                    .collect(),
-            };
-            if !found.is_empty() {
-                return Err(Error::Dirty(found));
-            }
-        }
-        let names = || deploying.iter().map(|&i| stages[i].name.clone()).collect::<Vec<_>>();
-        let env = self.cx.env.to_string();
-        match opts.consent {
-            super::Consent::Given => Ok(()),
-            super::Consent::Refused => Err(Error::NotConfirmed { stages: names(), env, asked: false }),
-            super::Consent::Ask => {
-                let list: Vec<String> = names().iter().map(|n| format!("`{n}`")).collect();
-                let q = format!("kkpipe: this run may deploy {} to environment `{env}`. Deploy?", list.join(", "));
-                match super::ask_on_terminal(&q) {
-                    true => Ok(()),
-                    false => Err(Error::NotConfirmed { stages: names(), env, asked: true }),
-                }
-            }
-        }
-    }
 }
 
 impl Drop for Scheduler<'_, '_> {
@@ -413,7 +348,8 @@ impl<'a> Scheduler<'a, '_> {
         let failed = summary.failed > 0 || summary.drifted > 0 || interrupted.is_some();
         let counts = RunCounts {
             ran: summary.ran as i64,
-            fresh: summary.fresh as i64,
+            // An adopted stage is fresh with its key, as far as the run's counts go.
+            fresh: (summary.fresh + summary.adopted) as i64,
             restored: summary.restored as i64,
             failed: (summary.failed + summary.drifted) as i64,
             skipped: summary.skipped as i64,
@@ -1014,6 +950,12 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     fn launch_stage(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        self.launch(i, keyed, reason, true)
+    }
+
+    /// Start stage `i` for `reason`: its lease first if it deploys, then adoption (`may_adopt`: not once an
+    /// adoption failed) or its command.
+    fn launch(&mut self, i: usize, keyed: Keyed, reason: Reason, may_adopt: bool) -> Result<(), Error> {
         // Also after a probe or a regeneration that a signal cut short: nothing new starts once stopping.
         let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
         if let Some(why) = self.stopping.clone().or(interrupted) {
@@ -1037,7 +979,7 @@ impl<'a> Scheduler<'a, '_> {
                 Taken::Pending | Taken::Stop => return Ok(()),
             }
         }
-        if self.adoptable(i, &reason) {
+        if may_adopt && self.adoptable(i, &reason) {
             return self.adopt(i, keyed, reason);
         }
         self.run_command(i, keyed, reason)
@@ -1048,6 +990,12 @@ impl<'a> Scheduler<'a, '_> {
     /// not know of is not started (another runner would take the older record for what is live).
     fn run_command(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         let stage = self.cx.pipeline.stages[i].clone();
+        if stage.is_deploy()
+            && let Some(detail) = self.deploy_refusal(i, &keyed)
+        {
+            self.not_started(i, Some(keyed.key), reason, detail);
+            return Ok(());
+        }
         if stage.is_deploy()
             && let Some(remote) = self.remote()
             && !remote.record(self.env.cache, &stage, self.cx.env, &keyed.key, &keyed.manifest.encode(), None)

@@ -161,3 +161,47 @@ fn generation(repo: &Repo) -> u64 {
     let cluster: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/cluster.json")).unwrap();
     cluster["generation"].as_u64().unwrap()
 }
+
+/// Review of issue 22 (H3): adoption makes every output again from the live system; one left on disk by an
+/// older deploy is not what gets recorded.
+#[test]
+fn adoption_remakes_outputs_from_the_live_system_instead_of_trusting_the_disk() {
+    let repo = live_deploy(true);
+    repo.edit(
+        "pipeline.toml",
+        "echo endpoint-1 > out/endpoint.txt\" }",
+        "tr -dc 0-9 < live/state > out/endpoint.txt\" }",
+    );
+    repo.run(&[]).ok();
+    assert_eq!(repo.read("out/endpoint.txt"), "endpoint-1\n");
+    // Replicas 3 was deployed from elsewhere; this checkout still has the old output, and no record.
+    repo.write("config/app.yaml", "replicas: 3\n").write("live/state", "replicas: 3\n");
+    forget(&repo);
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.with_state("adopted"), ["deploy"], "{}", r.stderr);
+    assert_eq!(repo.read("out/endpoint.txt"), "3", "made from the live system");
+    assert_eq!(repo.read("seen.txt"), "3");
+}
+
+/// Review of issue 22 (H2): a deploy whose adoption probe found drift deploys as any stale deploy does, so
+/// `--fail-fast` stops it after another stage failed.
+#[test]
+fn a_drifted_adoption_honours_fail_fast() {
+    let repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[stages.bad]
+run = ["false"]
+
+[stages.deploy]
+kind = "deploy"
+run = ["echo applied >> applies.log"]
+verify = "sleep 1; exit 1"
+"#,
+    );
+    let r = repo.kk(&["run", "--json", "--fail-fast", "-j", "2"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("drift detected by verify"), "the adoption probe ran: {}", r.stderr);
+    assert!(!repo.exists("applies.log"), "nothing new starts after the failure: {}", r.stderr);
+}

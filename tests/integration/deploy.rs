@@ -435,3 +435,29 @@ fn in_ci_nothing_asks_the_pipelines_own_files_are_not_uncommitted_and_the_ledger
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(refused.stderr.contains("`config/app.yaml`"), "{}", refused.stderr);
 }
+
+/// Review of issue 22 (H1): a deploy that has to run only once the run is under way (its probe found drift)
+/// meets the same consent and uncommitted-change checks as one known before: without `--yes` and a terminal it
+/// is not started; with uncommitted inputs it needs `--allow-dirty`; a refused run is over, not "running".
+#[test]
+fn a_deploy_found_drifted_during_a_local_run_is_not_started_without_consent_or_with_uncommitted_inputs() {
+    let repo = committed_deploy();
+    repo.edit("pipeline.toml", "needs = [\"lint\"]", "needs = [\"lint\"]\nverify = \"test -f applies.log\"");
+    git(&repo.root, &["commit", "-qam", "probe"]);
+    local(&repo, &["run", "--yes"]).ok();
+    std::fs::remove_file(repo.path("applies.log")).unwrap();
+    let refused = local(&repo, &["run"]);
+    assert_eq!(refused.code, 1, "{}", refused.all());
+    assert!(refused.all().contains("has to deploy only now"), "{}", refused.all());
+    assert!(!repo.exists("applies.log"), "no consent, no deploy");
+    // Consent, but an uncommitted edit of the deploy's own command in pipeline.toml.
+    repo.edit("pipeline.toml", "echo applied", "echo applied-uncommitted");
+    let dirty = local(&repo, &["run", "--yes"]);
+    assert_ne!(dirty.code, 0, "{}", dirty.all());
+    assert!(dirty.all().contains("`pipeline.toml`"), "{}", dirty.all());
+    assert!(!repo.exists("applies.log"));
+    let runs = repo.kk(&["history", "--json"]).ok().json();
+    assert!(runs.as_array().unwrap().iter().all(|r| !r["outcome"].is_null()), "no run left running: {runs:#}");
+    local(&repo, &["run", "--yes", "--allow-dirty"]).ok();
+    assert_eq!(repo.read("applies.log"), "applied-uncommitted\n");
+}

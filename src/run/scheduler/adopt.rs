@@ -47,27 +47,26 @@ impl Scheduler<'_, '_> {
         }
     }
 
-    /// In sync: make the declared outputs that are missing with their `regenerate` commands, then record.
+    /// In sync: make every declared output again with its `regenerate` command (one on disk may be an older
+    /// deploy's, or a regeneration cut short: only what the live system says now is recorded), then record. An
+    /// output without one has no source but a deploy.
     fn adopt_outputs(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         let stage = self.cx.pipeline.stages[i].clone();
-        let root = &self.cx.pipeline.root;
-        let missing: Vec<_> =
-            stage.outputs.iter().filter(|o| std::fs::symlink_metadata(o.path.under(root)).is_err()).collect();
-        if missing.is_empty() {
-            return self.record_adopted(i, keyed, reason);
-        }
-        if let Some(o) = missing.iter().find(|o| o.regenerate.is_none()) {
-            let why = format!("its output `{}` is not there and has no `regenerate` command", o.path);
+        if let Some(o) = stage.outputs.iter().find(|o| o.regenerate.is_none()) {
+            let why = format!("its output `{}` has no `regenerate` command: only a deploy makes it", o.path);
             return self.cannot_adopt(i, keyed, reason, why);
         }
+        if stage.outputs.is_empty() {
+            return self.record_adopted(i, keyed, reason);
+        }
         let mut script: Vec<&str> = Vec::new();
-        for cmd in missing.iter().filter_map(|o| o.regenerate.as_deref()) {
+        for cmd in stage.outputs.iter().filter_map(|o| o.regenerate.as_deref()) {
             if !script.contains(&cmd) {
                 script.push(cmd);
             }
         }
-        let outputs = missing.iter().map(|o| o.path.display()).collect();
-        self.sink.event(&Event::Notice(Notice::Regenerating { stage: stage.name.clone(), outputs }));
+        let outputs = stage.outputs.iter().map(|o| o.path.display()).collect();
+        self.sink.event(&Event::Notice(Notice::Adopting { stage: stage.name.clone(), outputs }));
         self.spawn(i, script.join("\n"), Job::Adopt { reason, regenerating: true }, keyed, Vec::new())
     }
 
@@ -97,7 +96,8 @@ impl Scheduler<'_, '_> {
         let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
         self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
         match self.opts.deploys {
-            Deploys::Run => self.run_command(i, keyed, Reason::Drift { output }),
+            // Drift is no reason to adopt: it deploys as any stale deploy does (its lease, fail-fast, consent).
+            Deploys::Run => self.launch_stage(i, keyed, Reason::Drift { output }),
             Deploys::Adopt { .. } => {
                 self.leases.remove(&i);
                 self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
@@ -112,7 +112,7 @@ impl Scheduler<'_, '_> {
             Deploys::Run => {
                 let message = format!("`{}` is not adopted: {why}; deploying it", self.name(i));
                 self.sink.event(&Event::Warning { message });
-                self.run_command(i, keyed, reason)
+                self.launch(i, keyed, reason, false)
             }
             Deploys::Adopt { .. } => {
                 self.skip(i, format!("not adopted: {why}"));
@@ -123,6 +123,14 @@ impl Scheduler<'_, '_> {
 
     /// Record stage `i` as adopted with its current key and outputs, locally and on the shared ledger.
     fn record_adopted(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        // What the probe compared the live system with must still be the inputs: else decide again.
+        if let Some(why) = self.changed_while_running(i, &keyed) {
+            let message = format!("`{}`: {why} (its probe); deciding again", self.name(i));
+            self.sink.event(&Event::Warning { message });
+            self.workspace_changed = true;
+            self.slots[i] = Slot::waiting();
+            return Ok(());
+        }
         let stage = &self.cx.pipeline.stages[i];
         let outs = match outputs::collect(&self.cx.pipeline.root, &stage.outputs, &self.env.cache.blobs) {
             Ok(outs) => outs,
