@@ -77,6 +77,7 @@ impl From<crate::run::Error> for Error {
             e @ (crate::run::Error::MissingEnv(_)
             | crate::run::Error::Dirty(_)
             | crate::run::Error::CannotTellDirty(_)
+            | crate::run::Error::ToolVersions(_)
             | crate::run::Error::NotConfirmed { .. }) => Error::Usage(e.to_string()),
         }
     }

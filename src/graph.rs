@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: dependency cycle: {}\n  hint: remove one of these `needs`", file.display(), cycle.join(" -> "))]
-    Cycle { file: std::path::PathBuf, cycle: Vec<String> },
+    #[error("{}{}: dependency cycle: {}\n  hint: remove one of these `needs`", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), cycle.join(" -> "))]
+    Cycle { file: std::path::PathBuf, line: Option<usize>, cycle: Vec<String> },
     #[error("unknown stage `{name}`{hint}; `kkpipe status` lists the stages")]
     UnknownStage { name: String, hint: String },
 }
@@ -58,10 +58,9 @@ impl Graph {
             }
         }
         if let Some(cycle) = find_cycle(&needs) {
-            return Err(Error::Cycle {
-                file: p.file.clone(),
-                cycle: cycle.into_iter().map(|i| p.stages[i].name.clone()).collect(),
-            });
+            let cycle: Vec<String> = cycle.into_iter().map(|i| p.stages[i].name.clone()).collect();
+            let line = p.lines.get(&cycle[0]).copied();
+            return Err(Error::Cycle { file: p.file.clone(), line, cycle });
         }
         // Kahn with the lowest declaration index first: a stable, readable order.
         let mut remaining: Vec<usize> = needs.iter().map(Vec::len).collect();

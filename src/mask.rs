@@ -29,8 +29,11 @@ impl Masker {
         caller_env: &std::collections::HashMap<String, String>,
     ) -> Masker {
         let mut m = Masker::new();
-        let values =
-            p.stages.iter().flat_map(|s| s.pass_env.iter().chain(&s.secret_env)).filter_map(|n| caller_env.get(n));
+        let values = p
+            .stages
+            .iter()
+            .flat_map(|s| s.pass_env.iter().filter(|n| !s.plain_env.contains(n)).chain(&s.secret_env))
+            .filter_map(|n| caller_env.get(n));
         m.add_all(values.map(|v| v.as_bytes()));
         m
     }

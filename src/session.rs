@@ -183,6 +183,11 @@ impl<'a> Session<'a> {
         stage.env.get("PATH").or_else(|| self.caller_env.get("PATH")).map(String::as_str)
     }
 
+    /// Where stage `i`'s commands find tool `name` (on the PATH they see, from the stage's directory).
+    pub fn tool_path(&self, i: usize, name: &str) -> Option<PathBuf> {
+        find_on_path_from(name, self.stage_path(i), &self.pipeline.stages[i].dir.under(self.root))
+    }
+
     /// Resolve and hash stage `i`'s tools on the PATH its commands see, following symlinks to the file that
     /// runs (Debian's `/usr/bin/python3`, Homebrew, alternatives).
     pub fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, ToolError> {

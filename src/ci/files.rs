@@ -168,7 +168,7 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         if s.on.as_ref().is_none_or(|on| on.contains(&crate::pipeline::Trigger::Push)) {
             branches.extend(s.branches.iter().cloned());
         }
-        for name in s.pass_env.iter().chain(&s.secret_env) {
+        for name in s.pass_env.iter().filter(|n| !s.plain_env.contains(n)).chain(&s.secret_env) {
             if name == "SSH_AUTH_SOCK" {
                 ssh_agent = true;
             } else if !provided(p, name) {

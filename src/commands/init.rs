@@ -30,8 +30,10 @@ fn layout(dir: &Path, asked: Option<Cloud>) -> Result<(Cloud, &'static str), Err
     match found[..] {
         [one] => Ok(one),
         [] => Err(Error::Usage(format!(
-            "cannot tell the cloud: none of {} exists\n  hint: run `kkpipe init` in a KKP repository, or pass `--cloud`",
-            looked(template::ALL_CLOUDS)
+            "no terraform module here: none of {} exists in `{}`\n  hint: run `kkpipe init` at the top of a KKP \
+             repository (the layout the KKP wizard generates: docs/kkp-pipeline.md), or point at it with `-C DIR`",
+            looked(template::ALL_CLOUDS),
+            dir.display()
         ))),
         _ => Err(Error::Usage(format!(
             "cannot tell the cloud: the repository has {}\n  hint: pass `--cloud`",

@@ -246,6 +246,17 @@ fn tf_init(v: Variant, state: &str) -> String {
     }
 }
 
+/// Variables the CI provider sets that name the repository or the forge: passed to stages, never masked.
+const PLAIN: &[&str] = &[
+    "GITHUB_REPOSITORY",
+    "CI_SERVER_HOST",
+    "CI_PROJECT_NAMESPACE",
+    "CI_PROJECT_NAME",
+    "CI_API_V4_URL",
+    "CI_PROJECT_ID",
+    "BITBUCKET_REPO_FULL_NAME",
+];
+
 fn backend_env(v: Variant) -> Vec<String> {
     match v.ci {
         Provider::Gitlab => vec!["CI_API_V4_URL".into(), "CI_PROJECT_ID".into(), "CI_JOB_TOKEN".into()],
@@ -685,8 +696,14 @@ fn render_stage(t: &mut String, s: &Stage) {
     if !s.needs.is_empty() {
         let _ = writeln!(t, "needs = {}", list(&s.needs));
     }
-    if !s.pass_env.is_empty() {
-        let _ = writeln!(t, "pass_env = {}", list(&s.pass_env));
+    // What the CI provider says about the repository is no secret: shown, not masked (`plain_env`).
+    let (plain, secret): (Vec<String>, Vec<String>) =
+        s.pass_env.iter().cloned().partition(|n| PLAIN.contains(&n.as_str()));
+    if !secret.is_empty() {
+        let _ = writeln!(t, "pass_env = {}", list(&secret));
+    }
+    if !plain.is_empty() {
+        let _ = writeln!(t, "plain_env = {}", list(&plain));
     }
     if !s.secret_env.is_empty() {
         let _ = writeln!(t, "secret_env = {}", list(&s.secret_env));

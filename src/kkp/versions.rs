@@ -153,6 +153,35 @@ fn flux_for(kubernetes: &str) -> Option<&'static str> {
     FLUX_RELEASES.iter().rev().copied().find(|f| flux_min_kubernetes(f).is_some_and(|low| low <= (a, b)))
 }
 
+/// The pinned variables a stage's tool can be asked about, with the tool and its own version command
+/// (`kubeone version` prints JSON with `gitVersion`; the installer and `flux version --client` a line).
+pub const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
+    ("KUBEONE_VERSION", "kubeone", &["version"]),
+    ("KKP_VERSION", "kubermatic-installer", &["version"]),
+    ("FLUX_VERSION", "flux", &["version", "--client"]),
+];
+
+/// The first `major.minor.patch` in a tool's version output (`v1.5.8`, `"gitVersion": "v1.5.8"`).
+pub fn first_version(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    (0..bytes.len()).find_map(|start| {
+        let rest = &text[start..];
+        (start == 0 || !bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'v')
+            .then(|| {
+                let len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+                let v = &rest[..len];
+                (v.split('.').filter(|p| !p.is_empty()).count() >= 3 && bytes[start].is_ascii_digit())
+                    .then(|| v.trim_end_matches('.').to_string())
+            })
+            .flatten()
+    })
+}
+
+/// Whether two version strings name the same release (`v1.5.8` and `1.5.8`).
+pub fn same_version(a: &str, b: &str) -> bool {
+    numbers(a).is_some() && numbers(a) == numbers(b)
+}
+
 /// What `init` pins for the repository in `dir`: what it says, else kkpipe's defaults (said as such).
 pub fn pins(dir: &Path) -> Pins {
     let default_kubeone = crate::ci::files::default_version("KUBEONE_VERSION");
@@ -262,5 +291,15 @@ mod tests {
         assert_eq!(flux_for("1.24.0"), Some("2.0.1"));
         assert_eq!(flux_for("1.30.1"), Some("2.3.0"));
         assert_eq!(flux_for("1.18.0"), None);
+    }
+
+    #[test]
+    fn tool_versions_are_read_from_what_the_tools_print() {
+        let kubeone = r#"{"kubeone": {"gitVersion": "v1.5.8", "major": "1", "minor": "5"}}"#;
+        assert_eq!(first_version(kubeone).as_deref(), Some("1.5.8"));
+        assert_eq!(first_version("kubermatic-installer v2.19.2 (Community Edition)").as_deref(), Some("2.19.2"));
+        assert_eq!(first_version("flux: v0.41.2").as_deref(), Some("0.41.2"));
+        assert_eq!(first_version("no version here 1.2"), None);
+        assert!(same_version("v1.5.8", "1.5.8") && !same_version("1.5.8", "1.5.9"));
     }
 }

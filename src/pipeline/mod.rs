@@ -65,13 +65,13 @@ pub enum Error {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}:{line}:{column}: {message}{}", file.display(), stage.as_ref().map(|s| format!(" (in stage `{s}`)")).unwrap_or_default())]
     Syntax { file: PathBuf, line: usize, column: usize, stage: Option<String>, message: String },
-    #[error("{}: {}{message}", file.display(), place.as_ref().map(|p| format!("{p}: ")).unwrap_or_default())]
-    Invalid { file: PathBuf, place: Option<String>, message: String },
+    #[error("{}{}: {}{message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default(), place.as_ref().map(|p| format!("{p}: ")).unwrap_or_default())]
+    Invalid { file: PathBuf, line: Option<usize>, place: Option<String>, message: String },
 }
 
 impl Error {
     fn invalid(file: &Path, place: impl Into<Option<String>>, message: impl Into<String>) -> Self {
-        Error::Invalid { file: file.to_path_buf(), place: place.into(), message: message.into() }
+        Error::Invalid { file: file.to_path_buf(), line: None, place: place.into(), message: message.into() }
     }
 }
 
@@ -113,8 +113,12 @@ pub struct Stage {
     pub needs: Vec<String>,
     /// Global `[env]` merged with the stage's own `env` (the stage wins). Keyed.
     pub env: BTreeMap<String, String>,
+    /// Taken from the caller, never stored, masked in all output; `plain_env` names are here too.
     pub pass_env: Vec<String>,
     pub secret_env: Vec<String>,
+    /// Of `pass_env`, those that are no secrets (`plain_env`: a repository's name, a forge's host), shown as they
+    /// are instead of masked.
+    pub plain_env: Vec<String>,
     /// Of `pass_env` and `secret_env`, those that must be set (not empty) before anything runs, when the stage
     /// may run: a missing secret is found before terraform applies, not when the stage that needs it starts.
     pub required_env: Vec<String>,
@@ -172,6 +176,8 @@ pub struct Pipeline {
     /// `[remote]`: the shared cache and deploy ledger (docs/remote.md).
     pub remote: Option<RemoteSpec>,
     index: HashMap<String, usize>,
+    /// The line of each stage's `[stages.NAME]` header (for errors found later, such as a cycle).
+    pub lines: HashMap<String, usize>,
 }
 
 /// `[remote]` of pipeline.toml, checked.
@@ -227,9 +233,40 @@ pub fn parse(root: &Path, file: &Path, text: &str) -> Result<Pipeline, Error> {
     let mut raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(file, text, &e))?;
     refuse_nul(file, text)?;
     let remote = raw.remote.take().map(|r| remote_spec(file, text, r)).transpose()?;
-    let mut p = validate(root, file, raw)?;
+    let mut p = validate(root, file, raw).map_err(|e| with_line(e, text))?;
     p.remote = remote;
+    p.lines = stage_lines(text);
     Ok(p)
+}
+
+/// The line of each `[stages.NAME]` header, for messages about a stage found after parsing.
+fn stage_lines(text: &str) -> HashMap<String, usize> {
+    let mut lines = HashMap::new();
+    for (n, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[stages.").and_then(|r| r.strip_suffix(']')) {
+            lines.entry(name.trim().trim_matches('"').to_string()).or_insert(n + 1);
+        }
+    }
+    lines
+}
+
+/// An error about `stage `NAME`, key `KEY``, with the line of that key in its table (or of its header).
+fn with_line(e: Error, text: &str) -> Error {
+    let Error::Invalid { file, line: None, place: Some(place), message } = e else { return e };
+    let stage = place.strip_prefix("stage `").and_then(|r| r.split('`').next());
+    let key = place.split(", key `").nth(1).and_then(|r| r.split('`').next());
+    let line = stage.and_then(|s| {
+        let header = *stage_lines(text).get(s)?;
+        let in_table = text.lines().enumerate().skip(header).take_while(|(_, l)| !l.trim_start().starts_with('['));
+        let at_key = key.and_then(|k| {
+            in_table
+                .clone()
+                .find(|(_, l)| l.trim_start().strip_prefix(k).is_some_and(|r| r.trim_start().starts_with('=')))
+        });
+        Some(at_key.map_or(header, |(n, _)| n + 1))
+    });
+    Error::Invalid { file, line, place: Some(place), message }
 }
 
 /// A NUL character (`\u0000` in a TOML string) can reach no process, environment or path: refused at its line,
@@ -313,6 +350,10 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> Error {
         message = format!("unknown event `{v}`; known events: {}", Trigger::known());
     } else if let Some(v) = unknown_variant(&message, "deploy") {
         message = format!("unknown kind `{v}`; use \"check\" (the default) or \"deploy\"");
+    } else if let Some((field, expected)) = message.strip_prefix("unknown field `").and_then(|r| r.split_once('`')) {
+        // serde: "unknown field `inputz`, expected one of `run`, `inputs`, ...": say which one was meant.
+        let known: Vec<String> = expected.split('`').skip(1).step_by(2).map(str::to_string).collect();
+        message = format!("unknown key `{field}`{}; known keys: {}", suggest(field, known.iter()), known.join(", "));
     }
     Error::Syntax { file: file.to_path_buf(), line, column, stage: stage_at(before), message }
 }
@@ -380,7 +421,15 @@ fn validate(root: &Path, file: &Path, raw: RawPipeline) -> Result<Pipeline, Erro
     }
     check_outputs_disjoint(file, &stages)?;
     check_events(file, &stages, &index)?;
-    Ok(Pipeline { root: root.to_path_buf(), file: file.to_path_buf(), global_inputs, stages, remote: None, index })
+    Ok(Pipeline {
+        root: root.to_path_buf(),
+        file: file.to_path_buf(),
+        global_inputs,
+        stages,
+        remote: None,
+        index,
+        lines: HashMap::new(),
+    })
 }
 
 fn place(stage: &str, key: &str) -> Option<String> {
@@ -420,7 +469,7 @@ fn validate_stage(
     root: &Path,
     file: &Path,
     name: &str,
-    rs: RawStage,
+    mut rs: RawStage,
     global_env: &BTreeMap<String, String>,
 ) -> Result<Stage, Error> {
     let run = stage_run(file, name, rs.run)?;
@@ -428,6 +477,15 @@ fn validate_stage(
     let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
     let exclude = normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?;
     let outputs = rs.outputs.into_iter().map(|o| stage_output(file, name, o)).collect::<Result<Vec<_>, _>>()?;
+    // `plain_env` is passed as `pass_env` is, only not masked: one list, so a name is never in both.
+    let plain = rs.plain_env.clone();
+    let mut pass_env = rs.pass_env;
+    pass_env.extend(rs.plain_env);
+    rs.pass_env = pass_env;
+    if let Some(n) = rs.pass_env.iter().enumerate().find_map(|(i, n)| rs.pass_env[..i].contains(n).then_some(n)) {
+        let what = format!("`{n}` is listed twice (in `pass_env` or `plain_env`); keep it once");
+        return Err(Error::invalid(file, place(name, "plain_env"), what));
+    }
     let env = stage_env(file, name, rs.env, &rs.pass_env, &rs.secret_env, global_env)?;
     if let Some(n) = rs.required_env.iter().find(|n| !rs.pass_env.contains(n) && !rs.secret_env.contains(n)) {
         let what = format!("`{n}` is not one the stage receives; add it to `pass_env` or `secret_env`");
@@ -463,6 +521,7 @@ fn validate_stage(
         env,
         pass_env: rs.pass_env,
         secret_env: rs.secret_env,
+        plain_env: plain,
         required_env: rs.required_env,
         tools: rs.tools,
         on: rs.on,

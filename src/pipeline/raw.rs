@@ -61,6 +61,8 @@ pub(crate) struct RawStage {
     #[serde(default)]
     pub secret_env: Vec<String>,
     #[serde(default)]
+    pub plain_env: Vec<String>,
+    #[serde(default)]
     pub required_env: Vec<String>,
     #[serde(default)]
     pub tools: Vec<String>,

@@ -30,6 +30,12 @@ pub enum Error {
     /// Deploy stages whose inputs have uncommitted changes, without `--allow-dirty`: nothing was started.
     #[error("{}", dirty(.0))]
     Dirty(Vec<(String, String)>),
+    /// Tools of stages that may run say another version than the pipeline pins: nothing was started.
+    #[error(
+        "not started: tools are not the versions the pipeline pins:\n  {}\n  hint: install the pinned versions (the CI file does), or change the pin in the stage's `env`",
+        .0.join("\n  ")
+    )]
+    ToolVersions(Vec<String>),
     /// Whether deploy inputs have uncommitted changes cannot be told (git fails): nothing was started.
     #[error(
         "cannot tell whether the deploy stages' inputs have uncommitted changes: {0}\n  hint: fix what git says, or pass --allow-dirty to deploy the working tree as it is"

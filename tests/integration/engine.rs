@@ -293,7 +293,7 @@ fn syntax_errors_name_file_line_and_column() {
 fn unknown_keys_name_the_key_and_stage() {
     rejects(
         "[stages.a]\nrun = \"true\"\ninput = [\"x\"]\n",
-        &["pipeline.toml:3:", "unknown field `input`", "stage `a`"],
+        &["pipeline.toml:3:", "unknown key `input` (did you mean `inputs`?)", "stage `a`"],
     );
 }
 
@@ -307,11 +307,11 @@ fn wrong_types_are_rejected() {
 fn unknown_needs_and_cycles_are_named() {
     rejects(
         "[stages.a]\nrun = \"true\"\nneeds = [\"lnit\"]\n[stages.lint]\nrun = \"true\"\n",
-        &["stage `a`", "unknown stage `lnit`", "did you mean `lint`"],
+        &["pipeline.toml:3:", "stage `a`", "unknown stage `lnit`", "did you mean `lint`"],
     );
     rejects(
         "[stages.a]\nrun = \"true\"\nneeds = [\"b\"]\n[stages.b]\nrun = \"true\"\nneeds = [\"a\"]\n",
-        &["dependency cycle: a -> b -> a"],
+        &["pipeline.toml:1: dependency cycle: a -> b -> a"],
     );
 }
 

@@ -468,7 +468,8 @@ fn init_refuses_a_layout_without_the_clouds_module() {
     assert!(r.stderr.contains("looked for `terraform/gce`, `terraform/gcp`"), "{}", r.stderr);
     let r = repo.kk(&["init", "--ci", "github"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("cannot tell the cloud") && r.stderr.contains("`terraform/aws`"), "{}", r.stderr);
+    assert!(r.stderr.contains("no terraform module here") && r.stderr.contains("`terraform/aws`"), "{}", r.stderr);
+    assert!(!r.stderr.contains("--cloud"), "no hint that leads back here: {}", r.stderr);
     std::fs::create_dir_all(repo.path("terraform/aws")).unwrap();
     std::fs::create_dir_all(repo.path("terraform/gce")).unwrap();
     let r = repo.kk(&["init", "--ci", "github"]);
@@ -1042,4 +1043,36 @@ fn init_keeps_the_flux_version_and_ssh_auth_the_repository_runs() {
     let stages = stage_table(&fresh);
     assert_eq!(stages["flux-bootstrap"]["env"]["FLUX_VERSION"].as_str(), Some("0.41.2"));
     assert!(stages["flux-bootstrap"]["run"].to_string().contains("--token-auth"));
+}
+
+/// Issue 22, item 5: before anything runs, a stage that may run has its pinned tools at the pinned versions
+/// (each tool's own version command): a kubeone other than the pin stops the run, naming both.
+#[test]
+fn a_tool_at_another_version_than_its_pin_stops_the_run_before_anything() {
+    let repo = Repo::kkp_demo();
+    repo.edit("pipeline.toml", "KUBEONE_VERSION = \"1.5.8\"", "KUBEONE_VERSION = \"1.5.9\"");
+    let r = repo.kk(&["run", "--event", "push", "--branch", "main"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("pins KUBEONE_VERSION = \"1.5.9\", but"), "{}", r.stderr);
+    assert!(r.stderr.contains("says version 1.5.8"), "{}", r.stderr);
+    assert!(!repo.exists("terraform/aws/terraform.tfstate"), "nothing ran");
+}
+
+/// Issue 22, item 9: a variable that is no secret (the repository's name) is passed through as it is, not masked.
+#[test]
+fn the_repository_name_flux_connects_to_is_shown_not_masked() {
+    let repo = Repo::kkp_demo();
+    assert!(repo.read("pipeline.toml").contains("plain_env = [\"GITHUB_REPOSITORY\"]"));
+    repo.run(&["--event", "push", "--branch", "main"]).ok();
+    let log = repo.kk(&["log", "flux-bootstrap"]).ok().stdout;
+    assert!(log.contains("kkp-demo/gitops") && !log.contains("github.com/***"), "{log}");
+    assert!(!log.contains(&repo.env_var("TOKEN_GITHUB")), "the token stays masked");
+    repo.edit(
+        "pipeline.toml",
+        "plain_env = [\"GITHUB_REPOSITORY\"]",
+        "plain_env = [\"GITHUB_REPOSITORY\", \"TOKEN_GITHUB\"]",
+    );
+    let r = repo.kk(&["status"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("`TOKEN_GITHUB` is listed twice (in `pass_env` or `plain_env`)"), "{}", r.stderr);
 }

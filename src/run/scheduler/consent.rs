@@ -39,6 +39,10 @@ impl Scheduler<'_, '_> {
         if !missing.is_empty() {
             return Err(Error::MissingEnv(missing));
         }
+        let wrong: Vec<String> = may_run.iter().flat_map(|&i| self.wrong_tool_versions(i)).collect();
+        if !wrong.is_empty() {
+            return Err(Error::ToolVersions(wrong));
+        }
         let deploying: Vec<(usize, Option<&Keyed>)> = may_run
             .into_iter()
             .filter(|&i| deploys && stages[i].is_deploy())
@@ -48,6 +52,36 @@ impl Scheduler<'_, '_> {
             true => Ok(()),
             false => self.consent(&deploying),
         }
+    }
+
+    /// The tools of stage `i` whose version its `env` pins (`KUBEONE_VERSION` for `kubeone`, ...) and that say
+    /// another version (each tool's own version command, run as the stage would find it): the CI file installs
+    /// the pins, a laptop may have anything.
+    fn wrong_tool_versions(&self, i: usize) -> Vec<String> {
+        let stage = &self.cx.pipeline.stages[i];
+        let mut wrong = Vec::new();
+        for &(var, tool, args) in crate::kkp::versions::VERSION_COMMANDS {
+            let (Some(pin), true) = (stage.env.get(var), stage.tools.iter().any(|t| t == tool)) else { continue };
+            let Some(path) = self.s.tool_path(i, tool) else { continue };
+            let env = crate::run::exec::stage_env(stage, self.env.caller_env, self.cx.env);
+            let said = std::process::Command::new(&path)
+                .args(args)
+                .env_clear()
+                .envs(env)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)));
+            let found = said.as_deref().ok().and_then(crate::kkp::versions::first_version);
+            if found.as_deref().is_none_or(|v| !crate::kkp::versions::same_version(v, pin)) {
+                wrong.push(format!(
+                    "stage `{}` pins {var} = \"{pin}\", but `{}` says {}",
+                    stage.name,
+                    path.display(),
+                    found.map_or("no version".to_string(), |v| format!("version {v}"))
+                ));
+            }
+        }
+        wrong
     }
 
     /// The deploys that may run ship no uncommitted change to their inputs (unless `--allow-dirty`), and
