@@ -71,12 +71,19 @@ impl Install {
                 let rev = rev.as_ref().map(|r| format!(" --rev {r}")).unwrap_or_default();
                 format!("{skip} cargo install --locked --root .kkpipe-bin --git {url}{rev} kkpipe")
             }
-            Install::Url(u) if u.ends_with(".tar.gz") || u.ends_with(".tgz") => {
-                format!("{skip} {{ mkdir -p .kkpipe-bin/bin && curl -fsSL {u} | tar -xz -C .kkpipe-bin/bin kkpipe; }}")
+            // The release workflow publishes `FILE.sha256` beside each file (`sha256sum` output): nothing is
+            // unpacked or run before its SHA-256 matches.
+            Install::Url(u) => {
+                let fetch = format!(
+                    "mkdir -p .kkpipe-bin/bin && t=$(mktemp -d) && curl -fsSLo \"$t/dl\" {u} && curl -fsSLo \"$t/dl.sha256\" {u}.sha256 && echo \"$(cut -d' ' -f1 \"$t/dl.sha256\")  $t/dl\" | sha256sum -c --quiet -"
+                );
+                let place = if u.ends_with(".tar.gz") || u.ends_with(".tgz") {
+                    "tar -xzf \"$t/dl\" -C .kkpipe-bin/bin kkpipe"
+                } else {
+                    "install -m 755 \"$t/dl\" .kkpipe-bin/bin/kkpipe"
+                };
+                format!("{skip} {{ {fetch} && {place}; }}")
             }
-            Install::Url(u) => format!(
-                "{skip} {{ mkdir -p .kkpipe-bin/bin && curl -fsSLo .kkpipe-bin/bin/kkpipe {u} && chmod +x .kkpipe-bin/bin/kkpipe; }}"
-            ),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use crate::harness::*;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const PROVIDERS: &[(&str, &str, &str)] = &[
     ("github", ".github/workflows/kkp.yaml", "vendor.github-workflows"),
@@ -544,9 +545,12 @@ fn ci_files_install_kkpipe_from_the_source_asked_for() {
         assert_eq!(again, text, "{ci}: `ci` writes what `init` did");
     }
     let (_, url) = made_for("gitlab", &["--install", "url:https://example.com/kkpipe-x86_64-linux.tar.gz"]);
-    let line = script_line(&url, "curl -fsSL https://example.com/kkpipe-x86_64-linux");
+    let line = script_line(&url, "https://example.com/kkpipe-x86_64-linux.tar.gz.sha256");
     assert!(
-        line.contains("curl -fsSL https://example.com/kkpipe-x86_64-linux.tar.gz | tar -xz -C .kkpipe-bin/bin kkpipe")
+        line.contains("https://example.com/kkpipe-x86_64-linux.tar.gz.sha256")
+            && line.contains("sha256sum -c")
+            && line.contains("tar -xzf \"$t/dl\" -C .kkpipe-bin/bin kkpipe"),
+        "{line}"
     );
     // The binary cache is keyed by the source: a new source is a new install, not the cached old binary.
     let key = |t: &str| t.lines().find(|l| l.contains("key: kkpipe-bin-")).unwrap().to_string();
@@ -645,4 +649,66 @@ fn init_with_a_remote_wires_the_signing_key_into_pushes_only() {
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("remote.url"), "{}", bad.stderr);
     assert!(!r.exists("pipeline.toml"));
+}
+
+/// Issue 22, item 7: kkpipe's own release workflow (static Linux binaries with their SHA-256 sums, on a tag)
+/// is a valid GitHub workflow, and publishes what a `url:` install checks: `FILE.sha256` beside each file.
+#[test]
+fn the_release_workflow_is_valid_and_publishes_sums() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(".github/workflows/release.yml");
+    builtin_schema("vendor.github-workflows", &file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    for needle in ["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl", "sha256sum \"$name\" > \"$name.sha256\""]
+    {
+        assert!(text.contains(needle), "{needle}");
+    }
+}
+
+/// Issue 22, item 7: `--install url:` installs a release file only once its SHA-256 (the `FILE.sha256` the
+/// release workflow publishes beside it) matches: run against a real HTTP server on loopback.
+#[test]
+fn a_url_install_checks_the_sha256_before_unpacking() {
+    let repo = Repo::fixture("tiny");
+    let srv = repo.sibling("srv");
+    std::fs::create_dir_all(srv.join("pkg")).unwrap();
+    std::fs::write(srv.join("pkg/kkpipe"), "#!/bin/sh\necho installed-kkpipe\n").unwrap();
+    std::process::Command::new("chmod").args(["+x"]).arg(srv.join("pkg/kkpipe")).status().unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(srv.join("k.tar.gz"))
+        .arg("-C")
+        .arg(srv.join("pkg"))
+        .arg("kkpipe")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let sum = std::process::Command::new("sha256sum").arg("k.tar.gz").current_dir(&srv).output().unwrap();
+    std::fs::write(srv.join("k.tar.gz.sha256"), &sum.stdout).unwrap();
+    std::fs::write(srv.join("bad.tar.gz"), std::fs::read(srv.join("k.tar.gz")).unwrap()).unwrap();
+    std::fs::write(srv.join("bad.tar.gz.sha256"), format!("{}  bad.tar.gz\n", "0".repeat(64))).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .current_dir(&srv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(within(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()));
+    let install = |file: &str| {
+        let source = format!("url:http://127.0.0.1:{port}/{file}");
+        let text = repo.kk(&["ci", "gitlab", "--stdout", "--install", &source]).ok().stdout;
+        let line = script_line(&text, "sha256sum -c");
+        let dir = repo.sibling(file);
+        std::fs::create_dir_all(&dir).unwrap();
+        (bash(&format!("cd {} && {line}", dir.display()), &[("PATH", "/usr/bin:/bin")]), dir)
+    };
+    let (good, dir) = install("k.tar.gz");
+    let (bad, bad_dir) = install("bad.tar.gz");
+    let _ = server.kill();
+    assert_eq!(good.code, 0, "{}", good.all());
+    let ran = std::process::Command::new(dir.join(".kkpipe-bin/bin/kkpipe")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), "installed-kkpipe\n");
+    assert_ne!(bad.code, 0, "a wrong sum installs nothing: {}", bad.all());
+    assert!(!bad_dir.join(".kkpipe-bin/bin/kkpipe").exists());
 }
