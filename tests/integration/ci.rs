@@ -706,6 +706,7 @@ fn a_url_install_checks_the_sha256_before_unpacking() {
     let (good, dir) = install("k.tar.gz");
     let (bad, bad_dir) = install("bad.tar.gz");
     let _ = server.kill();
+    let _ = server.wait();
     assert_eq!(good.code, 0, "{}", good.all());
     let ran = std::process::Command::new(dir.join(".kkpipe-bin/bin/kkpipe")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "installed-kkpipe\n");
