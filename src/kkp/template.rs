@@ -341,6 +341,15 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
             "if gsutil -q stat \"gs://$bucket/bucket-ready\"; then echo \"state bucket $bucket is ready\"; else bash ./setup_terraform_backend.sh; fi".into(),
         ],
     };
+    // The probe is the marker check alone (read-only): in place when the bucket says it is ready.
+    let mut probe = s.run.clone();
+    if let Some(last) = probe.last_mut() {
+        *last = match v.cloud {
+            Cloud::Aws => "aws s3api head-object --bucket \"$bucket\" --key bucket-ready > /dev/null".into(),
+            _ => "gsutil -q stat \"gs://$bucket/bucket-ready\"".into(),
+        };
+    }
+    s.verify = Some(probe.join("; "));
     s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
     s.pass_env = creds(v);
     s.tools = if v.cloud == Cloud::Aws { vec!["aws"] } else { vec!["gcloud", "gsutil"] };

@@ -130,7 +130,12 @@ fn a_push_after_the_cache_is_lost_applies_nothing_and_adopts_what_its_probes_fin
     let again = repo.run(&push).ok();
     let mut adopted = again.with_state("adopted");
     adopted.sort();
-    assert_eq!(adopted, ["dns-update", "flux-bootstrap", "kubeone-apply", "terraform-apply"], "{}", again.stderr);
+    assert_eq!(
+        adopted,
+        ["dns-update", "flux-bootstrap", "kubeone-apply", "terraform-apply", "terraform-backend-prepare"],
+        "{}",
+        again.stderr
+    );
     assert_eq!(live(&repo), before, "terraform state serial, Helm revisions, kubeone generation, Flux bootstraps");
     // Without a probe of its own, the installer ran, and found nothing to change (the Helm revisions above).
     assert!(again.ran().contains(&"kkp-deploy".to_string()), "{}", again.stderr);

@@ -126,7 +126,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     let repo = Repo::kkp_demo();
     push(&repo, &[]);
     let clean = repo.kk(&["verify", "--json"]).ok();
-    assert_eq!(clean.json()["summary"]["verified"], 4, "terraform-apply, kubeone-apply, dns-update, flux-bootstrap");
+    assert_eq!(clean.json()["summary"]["verified"], 5, "backend-prepare, terraform, kubeone, DNS, Flux");
     assert_eq!(clean.json()["summary"]["drifted"], 0);
 
     // Change the live state behind kkpipe's back.
@@ -151,7 +151,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     assert!(repair.ran().contains(&"terraform-apply".to_string()), "{}", repair.stderr);
     assert_eq!(instance_type(&repo), "t3.large");
     let clean = repo.kk(&["verify"]).ok();
-    assert!(clean.stdout.contains("4 in sync, 0 drifted"), "{}", clean.stdout);
+    assert!(clean.stdout.contains("5 in sync, 0 drifted"), "{}", clean.stdout);
 }
 
 #[test]
