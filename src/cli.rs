@@ -226,15 +226,17 @@ pub struct AdoptArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GraphFormat {
+    /// One line per stage with its state and needs (the default on a terminal).
+    Text,
     Mermaid,
     Dot,
 }
 
 #[derive(Debug, Args)]
 pub struct GraphArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = GraphFormat::Mermaid)]
-    pub format: GraphFormat,
+    /// Output format. Default: `text` on a terminal, `mermaid` otherwise (for markdown and job summaries).
+    #[arg(long, value_enum)]
+    pub format: Option<GraphFormat>,
 
     /// Stages to show (with what they need). Default: all, or those selected by `--event`.
     #[arg(value_name = "STAGE")]

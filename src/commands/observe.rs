@@ -47,7 +47,10 @@ pub fn graph(settings: &Settings, args: &GraphArgs) -> Result<u8, Error> {
         .into_iter()
         .filter(|r| o.event.is_none() || r.state != StageState::SkippedByEvent)
         .collect();
-    let text = match args.format {
+    let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let format = args.format.unwrap_or(if on_terminal { GraphFormat::Text } else { GraphFormat::Mermaid });
+    let text = match format {
+        GraphFormat::Text => crate::report::graph::text(&rows),
         GraphFormat::Mermaid => crate::report::graph::mermaid(&rows),
         GraphFormat::Dot => crate::report::graph::dot(&rows),
     };

@@ -46,6 +46,20 @@ pub fn mermaid(rows: &[StageRow]) -> String {
     t
 }
 
+/// For a terminal: one line per stage in run order, its state, and the stages it needs (`<- a, b`).
+pub fn text(rows: &[StageRow]) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let state_width = rows.iter().map(|r| r.state.word().len()).max().unwrap_or(0);
+    let mut t = String::new();
+    for r in rows {
+        let needs: Vec<&str> =
+            r.needs.iter().filter(|n| rows.iter().any(|x| &x.name == *n)).map(String::as_str).collect();
+        let arrow = if needs.is_empty() { String::new() } else { format!("  <- {}", needs.join(", ")) };
+        let _ = writeln!(t, "{:<width$}  {:<state_width$}{arrow}", r.name, r.state.word());
+    }
+    t
+}
+
 pub fn dot(rows: &[StageRow]) -> String {
     let mut t = String::from(
         "digraph kkpipe {\n    rankdir=LR;\n    node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\"];\n",

@@ -185,6 +185,22 @@ fn graphs_parse_and_show_every_stage_and_edge() {
         assert!(mermaid.contains(&format!("{} --> {}", id(from), id(to))), "edge {from} -> {to}:\n{mermaid}");
     }
 
+    // For a terminal: a line per stage in run order, its state and what it needs.
+    let text = repo.kk(&["graph", "--format", "text"]).ok().stdout;
+    assert_eq!(text.lines().count(), stages.len(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("terraform-plan ") && l.contains("fresh") && l.contains("<- ")),
+        "{text}"
+    );
+    for (from, to) in &edges {
+        let line = text.lines().find(|l| l.starts_with(&format!("{to} "))).unwrap();
+        assert!(
+            line.split("<- ").nth(1).is_some_and(|n| n.split(", ").any(|x| x.trim() == from)),
+            "{from} -> {to}: {text}"
+        );
+    }
+    assert_eq!(repo.kk(&["graph"]).ok().stdout, mermaid, "not on a terminal: Mermaid, as before");
+
     let dot = repo.kk(&["graph", "--format", "dot"]).ok().stdout;
     let script = "import sys, pydot, json\n(g,) = pydot.graph_from_dot_data(sys.stdin.read())\nprint(json.dumps({'nodes': sorted(n.get_name().strip('\"') for n in g.get_nodes() if n.get_name() not in ('node', 'edge', 'graph')), 'edges': sorted([e.get_source().strip('\"'), e.get_destination().strip('\"')] for e in g.get_edges())}))";
     let mut py = Command::new(test_tool("venv/bin/python"))
