@@ -254,8 +254,7 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     files::check_forge(&p, args.provider).map_err(Error::Usage)?;
     let pinned = files::pinned_versions(&p, args.provider);
     let get = |k: &str| pinned.get(k).map(String::as_str);
-    let pins = (get("KUBEONE_VERSION"), get("KKP_VERSION"), get("FLUX_VERSION"));
-    for w in crate::kkp::versions::contradictions(&root, pins.0, pins.1, pins.2) {
+    for w in crate::kkp::versions::contradictions(&root, &|k| get(k).map(str::to_string)) {
         eprintln!(
             "kkpipe: warning: {w}\n  hint: set the version in the stage's `env` in {FILE_NAME} (`kkpipe init --force` pins what the repository says)"
         );

@@ -264,13 +264,8 @@ fn check_versions(settings: &Settings, o: &Opened) -> Result<(), Error> {
     }
     // Only what the pipeline pins itself: a default it does not name is kkpipe's choice, not a contradiction.
     let explicit = |k: &str| o.pipeline.stages.iter().find_map(|s| s.env.get(k)).map(String::as_str);
-    let get = |k: &str| explicit(k).filter(|_| pinned.contains_key(k));
-    wrong.extend(crate::kkp::versions::contradictions(
-        &o.pipeline.root,
-        get("KUBEONE_VERSION"),
-        get("KKP_VERSION"),
-        get("FLUX_VERSION"),
-    ));
+    let get = |k: &str| explicit(k).filter(|_| pinned.contains_key(k)).map(str::to_string);
+    wrong.extend(crate::kkp::versions::contradictions(&o.pipeline.root, &get));
     if wrong.is_empty() {
         return Ok(());
     }

@@ -538,6 +538,11 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         pins.kkp.version.clone(),
         format!("The KKP release the CI file installs: {}.", pins.kkp.why),
     ));
+    for (var, tool, pin) in [("KUBECTL_VERSION", "kubectl", &pins.kubectl), ("HELM_VERSION", "Helm", &pins.helm)] {
+        if let Some(p) = pin {
+            kkp.env.push((var, p.version.clone(), format!("The {tool} the CI file installs: {}.", p.why)));
+        }
+    }
     kkp
 }
 

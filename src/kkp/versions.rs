@@ -30,6 +30,20 @@ const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] = &[
     ((2, 3), (1, 28)),
 ];
 
+/// Helm releases and the newest Kubernetes minor version each supports; each supports that and the three
+/// before it (helm.sh "Helm Version Support Policy": 3.8.x 1.23-1.20, ..., 3.16.x 1.31-1.28).
+const HELM: &[(&str, Minor)] = &[
+    ("3.8.2", (1, 23)),
+    ("3.9.4", (1, 24)),
+    ("3.10.3", (1, 25)),
+    ("3.11.3", (1, 26)),
+    ("3.12.3", (1, 27)),
+    ("3.13.3", (1, 28)),
+    ("3.14.4", (1, 29)),
+    ("3.15.4", (1, 30)),
+    ("3.16.4", (1, 31)),
+];
+
 /// The newest patch release of the Flux minor versions a new installation may get (fluxcd/flux2 releases).
 const FLUX_RELEASES: &[&str] = &["0.41.2", "2.0.1", "2.1.2", "2.2.3", "2.3.0"];
 
@@ -60,6 +74,10 @@ pub struct Pins {
     pub kubeone: Pin,
     pub kkp: Pin,
     pub flux: Pin,
+    /// kubectl and helm for kkp-deploy, within what the cluster's Kubernetes allows (`None`: no manifest says
+    /// which Kubernetes; the CI file's defaults).
+    pub kubectl: Option<Pin>,
+    pub helm: Option<Pin>,
     /// The repository's Flux syncs over SSH with a deploy key (`gotk-sync.yaml`'s `url: ssh://...`): bootstrap
     /// keeps it so, without `--token-auth`.
     pub flux_over_ssh: bool,
@@ -156,6 +174,8 @@ fn flux_for(kubernetes: &str) -> Option<&'static str> {
 /// The pinned variables a stage's tool can be asked about, with the tool and its own version command
 /// (`kubeone version` prints JSON with `gitVersion`; the installer and `flux version --client` a line).
 pub const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
+    ("KUBECTL_VERSION", "kubectl", &["version", "--client"]),
+    ("HELM_VERSION", "helm", &["version", "--short"]),
     ("KUBEONE_VERSION", "kubeone", &["version"]),
     ("KKP_VERSION", "kubermatic-installer", &["version"]),
     ("FLUX_VERSION", "flux", &["version", "--client"]),
@@ -223,12 +243,58 @@ pub fn pins(dir: &Path) -> Pins {
             why: format!("kkpipe's default: no `{FLUX_SYSTEM}/gotk-components.yaml` and no Kubernetes version"),
         },
     };
-    Pins { kubeone, kkp, flux, flux_over_ssh: flux_over_ssh(dir) }
+    let k8s = kubernetes(dir);
+    let kubectl = k8s.as_deref().and_then(|k| {
+        let (a, b, _) = numbers(k)?;
+        let why = format!("the cluster's Kubernetes minor version ({KUBEONE_MANIFEST}); kubectl talks to one minor version either side");
+        Some(Pin { version: format!("{a}.{b}.0"), why })
+    });
+    let helm = k8s.as_deref().and_then(|k| {
+        let v = helm_for(k)?;
+        Some(Pin {
+            version: v.into(),
+            why: format!("the newest Helm that supports Kubernetes {k} ({KUBEONE_MANIFEST})"),
+        })
+    });
+    Pins { kubeone, kkp, flux, flux_over_ssh: flux_over_ssh(dir), kubectl, helm }
+}
+
+/// The newest Helm release kkpipe knows that supports this Kubernetes version.
+fn helm_for(kubernetes: &str) -> Option<&'static str> {
+    let (a, b, _) = numbers(kubernetes)?;
+    HELM.iter().rev().find(|(_, max)| max.0 == a && max.1 >= b && max.1 <= b + 3).map(|(v, _)| *v)
+}
+
+/// The Kubernetes minor versions a Helm version supports, when kkpipe knows its minor version.
+fn helm_range(helm: &str) -> Option<(Minor, Minor)> {
+    let (a, b, _) = numbers(helm)?;
+    HELM.iter()
+        .find(|(v, _)| numbers(v).is_some_and(|(x, y, _)| (x, y) == (a, b)))
+        .map(|&(_, max)| ((max.0, max.1.saturating_sub(3)), max))
 }
 
 /// Sentences saying where a pinned kubeone or KKP version contradicts the repository in `dir`.
-pub fn contradictions(dir: &Path, kubeone: Option<&str>, kkp_pin: Option<&str>, flux_pin: Option<&str>) -> Vec<String> {
+pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
+    let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
     let mut out = Vec::new();
+    if let (Some(pin), Some(k)) = (pins("KUBECTL_VERSION"), kubernetes(dir))
+        && let (Some((a, b, _)), Some((c, d, _))) = (numbers(&pin), numbers(&k))
+        && (a != c || b.abs_diff(d) > 1)
+    {
+        out.push(format!(
+            "kubectl {pin} (KUBECTL_VERSION) is more than one minor version from Kubernetes {k} (`{KUBEONE_MANIFEST}`)"
+        ));
+    }
+    if let (Some(pin), Some(k)) = (pins("HELM_VERSION"), kubernetes(dir))
+        && let (Some((low, high)), Some((a, b, _))) = (helm_range(&pin), numbers(&k))
+        && !(low <= (a, b) && (a, b) <= high)
+    {
+        out.push(format!(
+            "Helm {pin} (HELM_VERSION) supports Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}",
+            low.0, low.1, high.0, high.1
+        ));
+    }
     if let (Some(pin), Some(k)) = (flux_pin, kubernetes(dir))
         && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(&k))
         && (a, b) < low
@@ -291,6 +357,9 @@ mod tests {
         assert_eq!(flux_for("1.24.0"), Some("2.0.1"));
         assert_eq!(flux_for("1.30.1"), Some("2.3.0"));
         assert_eq!(flux_for("1.18.0"), None);
+        assert_eq!(helm_for("v1.23.3"), Some("3.11.3"), "3.11 supports 1.26 down to 1.23");
+        assert_eq!(helm_for("1.31.2"), Some("3.16.4"));
+        assert_eq!(helm_range("3.14.4"), Some(((1, 26), (1, 29))));
     }
 
     #[test]

@@ -696,9 +696,22 @@ fn kkp_deploy_finds_the_installers_charts_and_needs_helm() {
     repo.write("bin/helm", "#!/bin/sh\n# Helm 2 prints this for Helm 3's template\necho '<no value>'\n");
     std::fs::set_permissions(repo.path("bin/helm"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let r = repo.run(&["--event", "push", "--branch", "main"]);
-    assert_eq!(r.code, 1, "{}", r.all());
-    assert_eq!(r.with_state("failed"), ["kkp-deploy"]);
-    assert!(r.all().contains("the installer requires Helm >= v3.0.0"), "{}", r.all());
+    // Refused before anything runs: the pipeline pins a Helm 3 (issue 22, item 5) ...
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(
+        r.stderr.contains("pins HELM_VERSION = \"3.11.3\"") && r.stderr.contains("says no version"),
+        "{}",
+        r.stderr
+    );
+    // ... and the installer itself refuses a Helm 2.
+    let helm2 = std::process::Command::new(repo.path("bin/kubermatic-installer"))
+        .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
+        .current_dir(&repo.root)
+        .env("PATH", repo.env_var("PATH"))
+        .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&helm2.stderr).contains("the installer requires Helm >= v3.0.0"));
     // No helm at all: refused before anything runs, naming the stage.
     std::fs::remove_file(repo.path("bin/helm")).unwrap();
     let r = repo.run(&["--event", "push", "--branch", "main"]);
@@ -748,7 +761,15 @@ fn versions_come_from_the_repository_and_ci_warns_when_a_pin_contradicts_it() {
     let stages = stage_table(&repo);
     assert_eq!(stages["kubeone-apply"]["env"]["KUBEONE_VERSION"].as_str(), Some("1.5.8"));
     assert_eq!(stages["kkp-deploy"]["env"]["KKP_VERSION"].as_str(), Some("2.19.2"));
+    // kubectl and Helm for the cluster's Kubernetes 1.23, not the defaults (1.30, 3.14) that do not support it.
+    assert_eq!(stages["kkp-deploy"]["env"]["KUBECTL_VERSION"].as_str(), Some("1.23.0"));
+    assert_eq!(stages["kkp-deploy"]["env"]["HELM_VERSION"].as_str(), Some("3.11.3"));
     let ci = repo.kk(&["ci", "github", "--stdout"]).ok();
+    assert!(
+        ci.stdout.contains("KUBECTL_VERSION: \"1.23.0\"") && ci.stdout.contains("HELM_VERSION: \"3.11.3\""),
+        "{}",
+        ci.stdout
+    );
     assert!(
         ci.stdout.contains("KUBEONE_VERSION: \"1.5.8\"") && ci.stdout.contains("KKP_VERSION: \"2.19.2\""),
         "{}",
