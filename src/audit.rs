@@ -74,12 +74,14 @@ pub fn head_branch(root: &Path) -> Option<String> {
 /// separators: tracked files modified, added, deleted or with a changed mode, and, with `untracked`, files git
 /// does not ignore and does not track. `Ok(None)` when `root` is in no git repository.
 pub fn uncommitted(root: &Path, untracked: bool) -> Result<Option<Vec<String>>, String> {
-    let git = |args: &[&str]| Command::new("git").arg("-C").arg(root).args(args).output();
+    let git = |args: &[&str]| Command::new("git").env("LC_ALL", "C").arg("-C").arg(root).args(args).output();
     let top = match git(&["rev-parse", "--show-toplevel"]) {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim_end_matches('\n').to_string(),
         // Only "no repository here" means nothing to compare with; any other refusal (a repository git will not
         // read: "dubious ownership", a corrupt index) cannot be taken for a clean tree.
-        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("not a git repository") => return Ok(None),
+        Ok(o) if git_dir(root).is_none() && String::from_utf8_lossy(&o.stderr).contains("not a git repository") => {
+            return Ok(None);
+        }
         Ok(o) => {
             let why = String::from_utf8_lossy(&o.stderr).trim().to_string();
             return Err(format!("git fails in `{}`: {why}", root.display()));

@@ -40,6 +40,9 @@ pub struct Session<'a> {
     global: Matcher,
     /// The walked input trees, one group per walk start.
     walked: Trees,
+    /// The stages the last whole walk was for, while nothing was walked again since: walking them again (a
+    /// preflight deciding before the run does) reads nothing new.
+    walked_for: Option<Vec<usize>>,
     tools: HashMap<String, Result<Hash, ToolError>>,
     secret_key: Option<[u8; 32]>,
     warnings: Vec<String>,
@@ -84,6 +87,7 @@ impl<'a> Session<'a> {
             matchers,
             global: Matcher::new(&pipeline.global_inputs, Vec::new()),
             walked: Trees::default(),
+            walked_for: None,
             tools: HashMap::new(),
             secret_key,
             warnings: Vec::new(),
@@ -114,6 +118,9 @@ impl<'a> Session<'a> {
     /// Walk the input trees of `stages` (and the global inputs) once, in parallel, and digest their inputs
     /// ahead, in parallel too.
     pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
+        if self.walked_for.as_deref() == Some(stages) {
+            return Ok(());
+        }
         let mut starts = self.global.starts().to_vec();
         for &i in stages {
             starts.extend_from_slice(self.matchers[i].starts());
@@ -127,11 +134,13 @@ impl<'a> Session<'a> {
         for w in warnings {
             self.warn_once(w);
         }
+        self.walked_for = Some(stages.to_vec());
         self.prefetch_inputs(stages)
     }
 
     /// Walk again the trees of one stage (its files may have been written or restored since the walk).
     pub fn rewalk(&mut self, i: usize) -> Result<(), Error> {
+        self.walked_for = None;
         let mut starts = self.matchers[i].starts().to_vec();
         starts.extend_from_slice(self.global.starts());
         let mut warnings = Vec::new();

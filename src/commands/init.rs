@@ -254,7 +254,7 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     files::check_forge(&p, args.provider).map_err(Error::Usage)?;
     let pinned = files::pinned_versions(&p, args.provider);
     let get = |k: &str| pinned.get(k).map(String::as_str);
-    for w in crate::kkp::versions::contradictions(&root, &|k| get(k).map(str::to_string)) {
+    for (_, w) in crate::kkp::versions::contradictions(&root, &|k| get(k).map(str::to_string)) {
         eprintln!(
             "kkpipe: warning: {w}\n  hint: set the version in the stage's `env` in {FILE_NAME} (`kkpipe init --force` pins what the repository says)"
         );

@@ -252,20 +252,30 @@ fn check_versions(settings: &Settings, o: &Opened) -> Result<(), Error> {
     let provider = settings.provider.unwrap_or(crate::ci::Provider::Github);
     let pinned = crate::ci::files::pinned_versions(&o.pipeline, provider);
     let mut wrong: Vec<String> = Vec::new();
-    for s in &o.pipeline.stages {
-        for (var, pin) in s.env.iter().filter(|(k, _)| pinned.contains_key(k.as_str())) {
-            if let Some(installed) = settings.caller_env.get(var).filter(|v| !v.is_empty() && *v != pin) {
-                wrong.push(format!(
-                    "stage `{}` pins {var} = \"{pin}\", but this job installed {var} = \"{installed}\" (its CI file)",
-                    s.name
-                ));
+    // In CI the job's variable is what its CI file installed; outside CI it installs nothing kkpipe runs.
+    if settings.in_ci {
+        for s in &o.pipeline.stages {
+            for (var, pin) in s.env.iter().filter(|(k, _)| pinned.contains_key(k.as_str())) {
+                if let Some(installed) = settings.caller_env.get(var).filter(|v| !v.is_empty())
+                    && !crate::kkp::versions::same_version(installed, pin)
+                {
+                    wrong.push(format!(
+                        "stage `{}` pins {var} = \"{pin}\", but this job installed {var} = \"{installed}\" (its CI file)",
+                        s.name
+                    ));
+                }
             }
         }
     }
     // Only what the pipeline pins itself: a default it does not name is kkpipe's choice, not a contradiction.
     let explicit = |k: &str| o.pipeline.stages.iter().find_map(|s| s.env.get(k)).map(String::as_str);
     let get = |k: &str| explicit(k).filter(|_| pinned.contains_key(k)).map(str::to_string);
-    wrong.extend(crate::kkp::versions::contradictions(&o.pipeline.root, &get));
+    for (fatal, text) in crate::kkp::versions::contradictions(&o.pipeline.root, &get) {
+        match fatal {
+            true => wrong.push(text),
+            false => eprintln!("kkpipe: warning: {text}"),
+        }
+    }
     if wrong.is_empty() {
         return Ok(());
     }

@@ -168,6 +168,8 @@ struct Stage {
     env: Vec<(&'static str, String, String)>,
     tools: Vec<&'static str>,
     verify: Option<String>,
+    /// `adopt = false`: the probe finds drift on a hit but cannot vouch for a stage with no record.
+    no_adopt: Option<&'static str>,
     retry_needs_if: Option<&'static str>,
 }
 
@@ -191,6 +193,7 @@ impl Stage {
             env: Vec::new(),
             tools: Vec::new(),
             verify: None,
+            no_adopt: None,
             retry_needs_if: None,
         }
     }
@@ -450,6 +453,9 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     // backup is its output, not an input, and it is never committed.
     kubeone.exclude = vec!["kubeone/*.tar.gz".into()];
     kubeone.verify = Some(kubeone_probe(tf));
+    kubeone.no_adopt = Some(
+        "kubeone's plan shows a Kubernetes version or a node to add, not the rest of the manifest (CNI, features,\n# addons): with no record it applies (an idempotent reconcile) instead of being adopted.",
+    );
     kubeone.outputs = vec![Out(
         "kubeone/kubeconfig".into(),
         true,
@@ -606,7 +612,7 @@ fn flux_bootstrap_stage(v: Variant, pins: &Pins) -> Stage {
 /// Flux is in place when the repository has its `flux-system/` and the cluster's `flux-system` GitRepository
 /// and Kustomization sync what its `gotk-sync.yaml` says (the URL, and the path `flux bootstrap --path` gave;
 /// fluxcd/flux2 pkg/manifestgen/sync/sync.go writes both, two spaces under `spec:`). Read-only: `kubectl get`.
-const FLUX_PROBE: &str = "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" && sync=flux/clusters/master/flux-system/gotk-sync.yaml && test -f \"$sync\" && url=$(kubectl -n flux-system get gitrepository flux-system -o jsonpath='{.spec.url}') && path=$(kubectl -n flux-system get kustomization flux-system -o jsonpath='{.spec.path}') && grep -qxF \"  url: $url\" \"$sync\" && grep -qxF \"  path: $path\" \"$sync\"";
+const FLUX_PROBE: &str = "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" && sync=flux/clusters/master/flux-system/gotk-sync.yaml && test -f \"$sync\" && url=$(kubectl -n flux-system get gitrepository flux-system -o jsonpath='{.spec.url}') && path=$(kubectl -n flux-system get kustomization flux-system -o jsonpath='{.spec.path}') && branch=$(kubectl -n flux-system get gitrepository flux-system -o jsonpath='{.spec.ref.branch}') && grep -qxF \"  url: $url\" \"$sync\" && grep -qxF \"    branch: $branch\" \"$sync\" && grep -qxF \"  path: $path\" \"$sync\"";
 
 /// The commands and the passed-through variables of `flux bootstrap` for one CI provider. `over_ssh`: the
 /// repository's Flux syncs over SSH with a deploy key, bootstrap's default on GitHub and GitLab (the token only
@@ -737,6 +743,9 @@ fn render_stage(t: &mut String, s: &Stage) {
     }
     if let Some(v) = &s.verify {
         let _ = writeln!(t, "verify = {}", q(v));
+    }
+    if let Some(why) = s.no_adopt {
+        let _ = writeln!(t, "# {why}\nadopt = false");
     }
     if let Some(r) = s.retry_needs_if {
         let _ = writeln!(t, "retry_needs_if = {}", q(r));

@@ -273,8 +273,9 @@ fn helm_range(helm: &str) -> Option<(Minor, Minor)> {
         .map(|&(_, max)| ((max.0, max.1.saturating_sub(3)), max))
 }
 
-/// Sentences saying where a pinned kubeone or KKP version contradicts the repository in `dir`.
-pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+/// Where a pinned version contradicts the repository in `dir`, each with whether a run must stop for it (a
+/// Flux pin other than the Flux that runs may be a deliberate upgrade: only said).
+pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
     let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
     let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
     let mut out = Vec::new();
@@ -282,34 +283,43 @@ pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<
         && let (Some((a, b, _)), Some((c, d, _))) = (numbers(&pin), numbers(&k))
         && (a != c || b.abs_diff(d) > 1)
     {
-        out.push(format!(
+        out.push((true, format!(
             "kubectl {pin} (KUBECTL_VERSION) is more than one minor version from Kubernetes {k} (`{KUBEONE_MANIFEST}`)"
-        ));
+        )));
     }
     if let (Some(pin), Some(k)) = (pins("HELM_VERSION"), kubernetes(dir))
         && let (Some((low, high)), Some((a, b, _))) = (helm_range(&pin), numbers(&k))
         && !(low <= (a, b) && (a, b) <= high)
     {
-        out.push(format!(
-            "Helm {pin} (HELM_VERSION) supports Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}",
-            low.0, low.1, high.0, high.1
+        out.push((
+            true,
+            format!(
+                "Helm {pin} (HELM_VERSION) supports Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}",
+                low.0, low.1, high.0, high.1
+            ),
         ));
     }
     if let (Some(pin), Some(k)) = (flux_pin, kubernetes(dir))
         && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(&k))
         && (a, b) < low
     {
-        out.push(format!(
-            "Flux {pin} (FLUX_VERSION) needs Kubernetes {}.{} or later, but `{KUBEONE_MANIFEST}` asks for {k}",
-            low.0, low.1
+        out.push((
+            true,
+            format!(
+                "Flux {pin} (FLUX_VERSION) needs Kubernetes {}.{} or later, but `{KUBEONE_MANIFEST}` asks for {k}",
+                low.0, low.1
+            ),
         ));
     }
     if let (Some(pin), Some(repo)) = (flux_pin, flux(dir))
         && numbers(pin).map(|(a, b, _)| (a, b)) != numbers(&repo).map(|(a, b, _)| (a, b))
     {
-        out.push(format!(
-            "Flux {pin} (FLUX_VERSION) is not the {repo} that `{FLUX_SYSTEM}/gotk-components.yaml` says runs: \
+        out.push((
+            false,
+            format!(
+                "Flux {pin} (FLUX_VERSION) is not the {repo} that `{FLUX_SYSTEM}/gotk-components.yaml` says runs: \
              bootstrap would replace the cluster's Flux"
+            ),
         ));
     }
     if let (Some(pin), Some(k)) = (kubeone, kubernetes(dir))
@@ -317,17 +327,20 @@ pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<
         && !(low <= (a, b) && (a, b) <= high)
     {
         let fit = kubeone_for(&k).map(|v| format!("; kubeone {v} does")).unwrap_or_default();
-        out.push(format!(
+        out.push((true, format!(
             "kubeone {pin} (KUBEONE_VERSION) accepts Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}{fit}",
             low.0, low.1, high.0, high.1
-        ));
+        )));
     }
     if let (Some(pin), Some((v, from))) = (kkp_pin, kkp(dir))
         && let (Some((a, b, _)), Some((c, d, _))) = (numbers(pin), numbers(&v))
         && (a, b) != (c, d)
     {
-        out.push(format!(
-            "KKP {pin} (KKP_VERSION) is not the repository's {v} ({from}); KKP upgrades one minor version at a time"
+        out.push((
+            true,
+            format!(
+                "KKP {pin} (KKP_VERSION) is not the repository's {v} ({from}); KKP upgrades one minor version at a time"
+            ),
         ));
     }
     out

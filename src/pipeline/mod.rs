@@ -130,6 +130,9 @@ pub struct Stage {
     /// Keyed by the deployment environment (`--env`): the result depends on that environment's live state.
     pub per_env: bool,
     pub verify: Option<String>,
+    /// A deploy stage with no record may be adopted when `verify` finds the live system in sync (`adopt`,
+    /// default true); false for a probe that sees drift in part only (docs/pipeline-toml.md, "Adoption").
+    pub adopt: bool,
     pub retry_needs_if: Option<String>,
 }
 
@@ -507,6 +510,13 @@ fn validate_stage(
             "a drift probe only makes sense for deploy stages; add `kind = \"deploy\"`",
         ));
     }
+    if rs.adopt.is_some() && rs.verify.is_none() {
+        return Err(Error::invalid(
+            file,
+            place(name, "adopt"),
+            "adoption asks the stage's `verify` probe; a stage without one is never adopted (remove `adopt`)",
+        ));
+    }
     if rs.retry_needs_if.is_some() && rs.needs.is_empty() {
         return Err(Error::invalid(file, place(name, "retry_needs_if"), "the stage has no `needs` to rerun"));
     }
@@ -529,6 +539,7 @@ fn validate_stage(
         kind,
         per_env: rs.per_env,
         verify: rs.verify,
+        adopt: rs.adopt.unwrap_or(true),
         retry_needs_if: rs.retry_needs_if,
     })
 }

@@ -77,6 +77,8 @@ pub(crate) struct RawStage {
     #[serde(default)]
     pub verify: Option<String>,
     #[serde(default)]
+    pub adopt: Option<bool>,
+    #[serde(default)]
     pub retry_needs_if: Option<String>,
 }
 

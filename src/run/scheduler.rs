@@ -187,6 +187,11 @@ struct Scheduler<'a, 's> {
     audit: crate::fresh::Audit,
     /// The deploy stages someone consented to before the run (outside CI without `--yes`): no other deploys.
     consented: HashSet<usize>,
+    /// Stages whose inputs moved during their adoption probe once already: the next time, they are not adopted.
+    adopt_retried: HashSet<usize>,
+    /// `git status` when the first deploy was checked: a path a stage of this run changed since is the
+    /// pipeline's doing (terraform's lock file), not an uncommitted edit.
+    uncommitted_at_start: Option<Result<Option<Vec<String>>, String>>,
 }
 
 /// How taking a deploy lease went.
@@ -267,6 +272,8 @@ pub(super) fn run(
         ledger_read: Instant::now(),
         audit,
         consented: HashSet::new(),
+        adopt_retried: HashSet::new(),
+        uncommitted_at_start: None,
     };
     if let Some(remote) = sch.remote() {
         remote.set_audit(sch.audit.clone());

@@ -132,13 +132,15 @@ fn a_push_after_the_cache_is_lost_applies_nothing_and_adopts_what_its_probes_fin
     adopted.sort();
     assert_eq!(
         adopted,
-        ["dns-update", "flux-bootstrap", "kubeone-apply", "terraform-apply", "terraform-backend-prepare"],
+        ["dns-update", "flux-bootstrap", "terraform-apply", "terraform-backend-prepare"],
         "{}",
         again.stderr
     );
     assert_eq!(live(&repo), before, "terraform state serial, Helm revisions, kubeone generation, Flux bootstraps");
-    // Without a probe of its own, the installer ran, and found nothing to change (the Helm revisions above).
+    // kubeone (`adopt = false`: its plan cannot see the whole manifest) and the installer (no probe) ran, and
+    // changed nothing (kubeone's generation and the Helm revisions above).
     assert!(again.ran().contains(&"kkp-deploy".to_string()), "{}", again.stderr);
+    assert!(again.ran().contains(&"kubeone-apply".to_string()), "{}", again.stderr);
 }
 
 #[test]
@@ -209,4 +211,36 @@ verify = "sleep 1; exit 1"
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("drift detected by verify"), "the adoption probe ran: {}", r.stderr);
     assert!(!repo.exists("applies.log"), "nothing new starts after the failure: {}", r.stderr);
+}
+
+/// Second review of issue 22 (N1): a probe that writes into the stage's own inputs makes the inputs move every
+/// time; adoption decides again once, then deploys instead of looping.
+#[test]
+fn a_probe_that_keeps_changing_the_inputs_is_not_adopted_in_a_loop() {
+    let repo = live_deploy(true);
+    repo.run(&[]).ok();
+    forget(&repo);
+    repo.edit("pipeline.toml", "verify = \"cmp", "verify = \"date +%s%N > config/probe.stamp; cmp");
+    let r = repo.run(&[]).ok();
+    assert!(r.stderr.contains("twice: something writes into its inputs"), "{}", r.stderr);
+    assert_eq!(r.ran(), ["deploy", "after"], "{}", r.stderr);
+}
+
+/// Second review of issue 22: `adopt = false` keeps a stage whose probe sees drift only in part from being
+/// adopted; `adopt` without a probe is a load error.
+#[test]
+fn adopt_false_deploys_a_stage_with_no_record_and_needs_a_probe() {
+    let repo = live_deploy(true);
+    repo.run(&[]).ok();
+    forget(&repo);
+    repo.edit("pipeline.toml", "verify = \"cmp", "adopt = false\nverify = \"cmp");
+    let told = repo.kk(&["adopt"]);
+    assert_eq!(told.code, 1, "{}", told.all());
+    assert!(told.all().contains("not adopted: `adopt = false`"), "{}", told.all());
+    let r = repo.run(&[]).ok();
+    assert_eq!(r.ran(), ["deploy", "after"], "{}", r.stderr);
+    repo.edit("pipeline.toml", "verify = \"cmp -s live/state config/app.yaml\"", "");
+    let bad = repo.kk(&["status"]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("adoption asks the stage's `verify` probe"), "{}", bad.stderr);
 }

@@ -461,3 +461,39 @@ fn a_deploy_found_drifted_during_a_local_run_is_not_started_without_consent_or_w
     local(&repo, &["run", "--yes", "--allow-dirty"]).ok();
     assert_eq!(repo.read("applies.log"), "applied-uncommitted\n");
 }
+
+/// Second review of issue 22 (N3, N4): an uncommitted input of a check stage a deploy needs (what a build
+/// renders is deployed) is refused too; a tracked input the run's own stages rewrote (terraform's lock file) is
+/// not an uncommitted edit.
+#[test]
+fn uncommitted_changes_are_followed_through_needs_but_a_stages_own_writes_are_not_edits() {
+    let repo = Repo::empty();
+    repo.write("manifests/app.yaml", "replicas: 1\n").write("tf/lock.hcl", "hashes: darwin\n").write(
+        "pipeline.toml",
+        r#"
+[stages.render]
+run = ["mkdir -p out && cp manifests/app.yaml out/rendered.yaml", "echo 'hashes: darwin linux' > tf/lock.hcl"]
+inputs = ["manifests"]
+outputs = ["out/rendered.yaml"]
+
+[stages.apply]
+kind = "deploy"
+run = ["cat out/rendered.yaml >> live.log"]
+inputs = ["tf"]
+needs = ["render"]
+"#,
+    );
+    repo.write(".gitignore", ".kkpipe/\nout/\nlive.log\n");
+    git(&repo.root, &["init", "-q"]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-q", "-m", "initial"]);
+    // The lock file `render` rewrites (as `terraform init` adds a platform's hash) is the run's own doing.
+    repo.run(&[]).ok();
+    assert_eq!(repo.read("live.log"), "replicas: 1\n");
+    git(&repo.root, &["checkout", "tf/lock.hcl"]);
+    repo.write("manifests/app.yaml", "replicas: 99\n");
+    let r = repo.run(&[]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("stage `apply`: `manifests/app.yaml`"), "{}", r.stderr);
+    assert_eq!(repo.read("live.log"), "replicas: 1\n");
+}

@@ -19,7 +19,7 @@ impl Scheduler<'_, '_> {
         let stage = &self.cx.pipeline.stages[i];
         stage.is_deploy()
             && match self.opts.deploys {
-                Deploys::Run => stage.verify.is_some() && matches!(reason, Reason::NeverDeployed { .. }),
+                Deploys::Run => stage.adopt && stage.verify.is_some() && matches!(reason, Reason::NeverDeployed { .. }),
                 Deploys::Adopt { .. } => true,
             }
     }
@@ -27,6 +27,10 @@ impl Scheduler<'_, '_> {
     pub(super) fn adopt(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         let stage = self.cx.pipeline.stages[i].clone();
         match (stage.verify, self.opts.deploys) {
+            (Some(_), _) if !stage.adopt => {
+                let why = "`adopt = false`: its probe cannot see all that its inputs say";
+                self.cannot_adopt(i, keyed, reason, why.into())
+            }
             (Some(probe), _) => {
                 self.sink.event(&Event::Probing { stage: stage.name });
                 self.spawn(i, probe, Job::Adopt { reason, regenerating: false }, keyed, Vec::new())
@@ -125,6 +129,10 @@ impl Scheduler<'_, '_> {
     fn record_adopted(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         // What the probe compared the live system with must still be the inputs: else decide again.
         if let Some(why) = self.changed_while_running(i, &keyed) {
+            if !self.adopt_retried.insert(i) {
+                let why = format!("{why} (its probe), twice: something writes into its inputs");
+                return self.cannot_adopt(i, keyed, reason, why);
+            }
             let message = format!("`{}`: {why} (its probe); deciding again", self.name(i));
             self.sink.event(&Event::Warning { message });
             self.workspace_changed = true;

@@ -24,6 +24,10 @@ impl Scheduler<'_, '_> {
         if !deploys && !(0..selected.len()).any(|i| chosen(i) && !stages[i].required_env.is_empty()) {
             return Ok(());
         }
+        if deploys {
+            // Before any stage runs: what the run's own stages change later is not an uncommitted edit.
+            let _ = self.uncommitted_at_start();
+        }
         let force = &self.opts.force;
         let evals =
             crate::evaluate::all(self.cx, self.s, self.env.cache, selected, &|i| force.includes(&stages[i].name))?;
@@ -88,7 +92,7 @@ impl Scheduler<'_, '_> {
     /// outside CI someone said yes. Whether the tree is dirty goes into the audit fields.
     fn consent(&mut self, deploying: &[(usize, Option<&Keyed>)]) -> Result<(), Error> {
         let (opts, stages) = (self.opts, &self.cx.pipeline.stages);
-        let changed = crate::audit::uncommitted(&self.cx.pipeline.root, !opts.in_ci);
+        let changed = self.uncommitted_at_start();
         self.note_dirty(&changed)?;
         if !opts.allow_dirty {
             let paths = changed.map_err(Error::CannotTellDirty)?.unwrap_or_default();
@@ -128,10 +132,11 @@ impl Scheduler<'_, '_> {
         if self.opts.consent != Consent::Given && !self.consented.contains(&i) {
             return Some(format!(
                 "not deployed: `{name}` has to deploy only now (its probe found drift, or another runner deployed), \
-                 and this run did not ask about it\n  hint: run again to be asked, or pass --yes"
+                 and this run did not ask about it\n  hint: pass --yes to deploy it (`kkpipe status` and `kkpipe \
+                 verify` show why it must)"
             ));
         }
-        let changed = crate::audit::uncommitted(&self.cx.pipeline.root, !self.opts.in_ci);
+        let changed = self.uncommitted_at_start();
         if let Err(e) = self.note_dirty(&changed) {
             return Some(format!("not deployed: the run's record cannot be updated: {e}"));
         }
@@ -153,21 +158,39 @@ impl Scheduler<'_, '_> {
     }
 
     /// Of git's uncommitted `paths`, those that are stage `i`'s: one its input patterns take (present or
-    /// deleted), one with an input file below it (a submodule), and `pipeline.toml`, which says what it runs.
+    /// deleted), or those of a check stage it needs at any depth (what a build stage renders is deployed), one
+    /// with an input file below it (a submodule), and `pipeline.toml`, which says what it runs.
     fn dirty_inputs(&self, i: usize, keyed: Option<&Keyed>, paths: &[String]) -> Vec<String> {
         let walked: Vec<&RelPath> = keyed
             .map(|k| k.manifest.inputs.iter().chain(&k.manifest.global_inputs).map(|(p, _)| p).collect())
             .unwrap_or_default();
+        let mut stages = vec![i];
+        let mut k = 0;
+        while k < stages.len() {
+            for &j in &self.cx.graph.needs[stages[k]] {
+                if !self.cx.pipeline.stages[j].is_deploy() && !stages.contains(&j) {
+                    stages.push(j);
+                }
+            }
+            k += 1;
+        }
         paths
             .iter()
             .filter(|p| {
                 *p == crate::pipeline::FILE_NAME
                     || RelPath::parse(p).is_ok_and(|rp| {
-                        self.s.is_input(i, &rp) || walked.iter().any(|w| w.starts_with(&rp) && **w != rp)
+                        stages.iter().any(|&s| self.s.is_input(s, &rp))
+                            || walked.iter().any(|w| w.starts_with(&rp) && **w != rp)
                     })
             })
             .cloned()
             .collect()
+    }
+
+    /// The uncommitted changes as they were when the first deploy was checked (taken then, once per run).
+    fn uncommitted_at_start(&mut self) -> Result<Option<Vec<String>>, String> {
+        let (root, untracked) = (&self.cx.pipeline.root, !self.opts.in_ci);
+        self.uncommitted_at_start.get_or_insert_with(|| crate::audit::uncommitted(root, untracked)).clone()
     }
 
     /// Whether the tree is dirty, into the audit fields of the run and of every ledger record from now on.
