@@ -20,7 +20,8 @@ type Minor = (u32, u32);
 
 /// The oldest Kubernetes each Flux minor version supports, from `kubernetesConstraints` of cmd/flux/check.go at
 /// each tag (fluxcd/flux2: v0.25.3 ">=1.19.0-0", v0.26-v0.41 ">=1.20.6-0", v2.0.0 ">=1.24.0-0", v2.1 ">=1.25.0-0",
-/// v2.2 ">=1.26.0-0", v2.3.0 ">=1.28.0-0"): the versions since are each one minor newer than the last.
+/// v2.2 ">=1.26.0-0", v2.3.0 ">=1.28.0-0", v2.5.0 ">=1.30.0-0", v2.6.0 ">=1.31.0-0"; v2.4 between them, 1.29).
+/// A newer Flux is taken to need at least what the newest one here does.
 const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] = &[
     ((0, 25), (1, 19)),
     ((0, 26), (1, 20)),
@@ -28,6 +29,9 @@ const FLUX_MIN_KUBERNETES: &[(Minor, Minor)] = &[
     ((2, 1), (1, 25)),
     ((2, 2), (1, 26)),
     ((2, 3), (1, 28)),
+    ((2, 4), (1, 29)),
+    ((2, 5), (1, 30)),
+    ((2, 6), (1, 31)),
 ];
 
 /// Helm releases and the newest Kubernetes minor version each supports; each supports that and the three
@@ -273,11 +277,8 @@ fn helm_range(helm: &str) -> Option<(Minor, Minor)> {
         .map(|&(_, max)| ((max.0, max.1.saturating_sub(3)), max))
 }
 
-/// Where a pinned version contradicts the repository in `dir`, each with whether a run must stop for it (a
-/// Flux pin other than the Flux that runs may be a deliberate upgrade: only said).
-pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
-    let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
-    let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
+/// kubectl more than one minor version from the cluster, a Helm that does not support it.
+fn client_contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
     let mut out = Vec::new();
     if let (Some(pin), Some(k)) = (pins("KUBECTL_VERSION"), kubernetes(dir))
         && let (Some((a, b, _)), Some((c, d, _))) = (numbers(&pin), numbers(&k))
@@ -299,6 +300,15 @@ pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<
             ),
         ));
     }
+    out
+}
+
+/// Where a pinned version contradicts the repository in `dir`, each with whether a run must stop for it (a
+/// Flux pin other than the Flux that runs may be a deliberate upgrade: only said).
+pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
+    let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
+    let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
+    let mut out = client_contradictions(dir, pins);
     if let (Some(pin), Some(k)) = (flux_pin, kubernetes(dir))
         && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(&k))
         && (a, b) < low
@@ -364,7 +374,8 @@ mod tests {
         assert_eq!(flux_min_kubernetes("0.25.1"), Some((1, 19)));
         assert_eq!(flux_min_kubernetes("v0.41.2"), Some((1, 20)));
         assert_eq!(flux_min_kubernetes("2.3.0"), Some((1, 28)));
-        assert_eq!(flux_min_kubernetes("2.6.1"), Some((1, 28)), "newer ones: at least what kkpipe knows");
+        assert_eq!(flux_min_kubernetes("2.6.1"), Some((1, 31)));
+        assert_eq!(flux_min_kubernetes("2.9.0"), Some((1, 31)), "newer ones: at least what kkpipe knows");
         assert_eq!(flux_min_kubernetes("0.24.0"), None);
         assert_eq!(flux_for("v1.23.3"), Some("0.41.2"), "Flux 2 needs Kubernetes 1.24");
         assert_eq!(flux_for("1.24.0"), Some("2.0.1"));

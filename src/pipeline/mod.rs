@@ -468,6 +468,35 @@ fn check_env_name(file: &Path, stage: Option<&str>, key: &str, name: &str) -> Re
     }
 }
 
+/// `pass_env` with `plain_env` after it: passed the same way, only not masked, so a name is in one of them.
+fn passed(file: &Path, name: &str, mut pass_env: Vec<String>, plain_env: Vec<String>) -> Result<Vec<String>, Error> {
+    pass_env.extend(plain_env);
+    if let Some(n) = pass_env.iter().enumerate().find_map(|(i, n)| pass_env[..i].contains(n).then_some(n)) {
+        let what = format!("`{n}` is listed twice (in `pass_env` or `plain_env`); keep it once");
+        return Err(Error::invalid(file, place(name, "plain_env"), what));
+    }
+    Ok(pass_env)
+}
+
+/// `verify` only on deploy stages, `adopt` only with `verify`.
+fn check_probe(file: &Path, name: &str, verify: bool, adopt: bool, kind: Kind) -> Result<(), Error> {
+    if verify && kind != Kind::Deploy {
+        return Err(Error::invalid(
+            file,
+            place(name, "verify"),
+            "a drift probe only makes sense for deploy stages; add `kind = \"deploy\"`",
+        ));
+    }
+    if adopt && !verify {
+        return Err(Error::invalid(
+            file,
+            place(name, "adopt"),
+            "adoption asks the stage's `verify` probe; a stage without one is never adopted (remove `adopt`)",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_stage(
     root: &Path,
     file: &Path,
@@ -480,15 +509,8 @@ fn validate_stage(
     let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
     let exclude = normalise_patterns(root, file, Some(name), "exclude", &rs.exclude)?;
     let outputs = rs.outputs.into_iter().map(|o| stage_output(file, name, o)).collect::<Result<Vec<_>, _>>()?;
-    // `plain_env` is passed as `pass_env` is, only not masked: one list, so a name is never in both.
     let plain = rs.plain_env.clone();
-    let mut pass_env = rs.pass_env;
-    pass_env.extend(rs.plain_env);
-    rs.pass_env = pass_env;
-    if let Some(n) = rs.pass_env.iter().enumerate().find_map(|(i, n)| rs.pass_env[..i].contains(n).then_some(n)) {
-        let what = format!("`{n}` is listed twice (in `pass_env` or `plain_env`); keep it once");
-        return Err(Error::invalid(file, place(name, "plain_env"), what));
-    }
+    rs.pass_env = passed(file, name, rs.pass_env, rs.plain_env)?;
     let env = stage_env(file, name, rs.env, &rs.pass_env, &rs.secret_env, global_env)?;
     if let Some(n) = rs.required_env.iter().find(|n| !rs.pass_env.contains(n) && !rs.secret_env.contains(n)) {
         let what = format!("`{n}` is not one the stage receives; add it to `pass_env` or `secret_env`");
@@ -503,20 +525,7 @@ fn validate_stage(
         ));
     }
     let kind = rs.kind.unwrap_or_default();
-    if rs.verify.is_some() && kind != Kind::Deploy {
-        return Err(Error::invalid(
-            file,
-            place(name, "verify"),
-            "a drift probe only makes sense for deploy stages; add `kind = \"deploy\"`",
-        ));
-    }
-    if rs.adopt.is_some() && rs.verify.is_none() {
-        return Err(Error::invalid(
-            file,
-            place(name, "adopt"),
-            "adoption asks the stage's `verify` probe; a stage without one is never adopted (remove `adopt`)",
-        ));
-    }
+    check_probe(file, name, rs.verify.is_some(), rs.adopt.is_some(), kind)?;
     if rs.retry_needs_if.is_some() && rs.needs.is_empty() {
         return Err(Error::invalid(file, place(name, "retry_needs_if"), "the stage has no `needs` to rerun"));
     }

@@ -230,21 +230,8 @@ pub(super) fn run(
     for w in s.take_warnings() {
         sink.event(&Event::Warning { message: w });
     }
-    let provider = crate::ci::detect(&|k| env.caller_env.get(k).cloned());
-    let audit = crate::audit::of(&cx.pipeline.root, provider, env.caller_env);
-    let meta = RunMeta {
-        command: match (opts.probe_only, opts.deploys) {
-            (true, _) => "verify",
-            (false, super::Deploys::Adopt { .. }) => "adopt",
-            (false, super::Deploys::Run) => "run",
-        }
-        .into(),
-        event: cx.event.map(|e| e.name.as_str().to_string()),
-        branch: cx.event.and_then(|e| e.branch.clone()),
-        env: cx.env.to_string(),
-        git_commit: crate::audit::git_head(&cx.pipeline.root),
-        audit: audit.clone(),
-    };
+    let meta = run_meta(cx, env, opts);
+    let audit = meta.audit.clone();
     let run_id = env.cache.begin_run(&meta)?;
     let (tx, rx) = mpsc::channel();
     let slots =
@@ -263,7 +250,6 @@ pub(super) fn run(
         workspace_changed: false,
         retried: HashSet::new(),
         stopping: None,
-
         regenerate_retried: HashSet::new(),
         leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -286,6 +272,24 @@ pub(super) fn run(
     }
     let interrupted = sch.drive(&rx, interrupt)?;
     sch.finish(&selected, start, interrupted)
+}
+
+/// What a run records about itself: the command, the CI event, the commit and the audit fields.
+fn run_meta(cx: Context<'_>, env: &Env<'_>, opts: &Options) -> RunMeta {
+    let provider = crate::ci::detect(&|k| env.caller_env.get(k).cloned());
+    RunMeta {
+        command: match (opts.probe_only, opts.deploys) {
+            (true, _) => "verify",
+            (false, super::Deploys::Adopt { .. }) => "adopt",
+            (false, super::Deploys::Run) => "run",
+        }
+        .into(),
+        event: cx.event.map(|e| e.name.as_str().to_string()),
+        branch: cx.event.and_then(|e| e.branch.clone()),
+        env: cx.env.to_string(),
+        git_commit: crate::audit::git_head(&cx.pipeline.root),
+        audit: crate::audit::of(&cx.pipeline.root, provider, env.caller_env),
+    }
 }
 
 impl Drop for Scheduler<'_, '_> {
