@@ -20,6 +20,7 @@ fn run_ref(r: &Attempt) -> RunRef {
         at_ms: r.started_at,
         duration_ms: r.duration_ms,
         key: r.key.to_string(),
+        adopted: r.state == crate::fresh::State::Adopted,
     }
 }
 

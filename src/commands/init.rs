@@ -132,8 +132,7 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
 fn ignore_outputs(dir: &Path, p: &crate::pipeline::Pipeline) -> Result<Vec<String>, Error> {
     let path = dir.join(".gitignore");
     let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let patterns: Vec<&str> =
-        old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!')).collect();
+    let patterns: Vec<&str> = old.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     let mut wanted: Vec<String> = p.stages.iter().flat_map(|s| s.outputs.iter().map(|o| o.path.display())).collect();
     wanted.push("kubeone/*.tar.gz".into());
     let mut added: Vec<String> = Vec::new();
@@ -154,8 +153,9 @@ fn ignore_outputs(dir: &Path, p: &crate::pipeline::Pipeline) -> Result<Vec<Strin
     Ok(added.iter().map(|a| format!("`{a}`")).collect())
 }
 
-/// Whether one of the `.gitignore` `patterns` (as git reads them, without negation) covers `path` or a directory
-/// above it: a pattern with a `/` is relative to the repository's top, one without matches any name.
+/// Whether the `.gitignore` `patterns` ignore `path`, as git reads them: the last pattern that covers the path
+/// or a directory above it decides, and `!` un-ignores; a pattern with a `/` is relative to the repository's
+/// top, one without matches any name.
 fn ignored_by(patterns: &[&str], path: &str) -> bool {
     let matches = |pattern: &str, s: &str| {
         globset::GlobBuilder::new(pattern)
@@ -164,13 +164,17 @@ fn ignored_by(patterns: &[&str], path: &str) -> bool {
             .is_ok_and(|g| g.compile_matcher().is_match(s))
     };
     let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).chain([path]).collect();
-    patterns.iter().any(|p| {
+    let covers = |p: &str| {
         let p = p.trim_end_matches('/');
         match p.trim_start_matches('/').contains('/') || p.starts_with('/') {
             true => ancestors.iter().any(|a| matches(p.trim_start_matches('/'), a)),
             false => path.split('/').any(|name| matches(p, name)),
         }
-    })
+    };
+    patterns.iter().rev().find_map(|p| match p.strip_prefix('!') {
+        Some(negated) => covers(negated).then_some(false),
+        None => covers(p).then_some(true),
+    }) == Some(true)
 }
 
 /// What the team does next: the CI secrets to create, the shared HMAC key, adoption, where CI installs kkpipe.
@@ -290,5 +294,7 @@ mod tests {
         assert!(!ignored_by(&patterns, "terraform/aws/output.json"));
         assert!(!ignored_by(&["/kubeconfig"], "kubeone/kubeconfig"), "a leading slash anchors at the top");
         assert!(!ignored_by(&["kubeone/*.json"], "kubeone/sub/x.json"), "`*` does not cross a `/`");
+        assert!(!ignored_by(&["*.json", "!terraform/**/*.json"], "terraform/aws/output.json"), "a later `!` wins");
+        assert!(ignored_by(&["!x.json", "*.json"], "a/x.json"), "a later pattern wins over an earlier `!`");
     }
 }

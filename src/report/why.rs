@@ -13,6 +13,9 @@ pub struct RunRef {
     pub at_ms: i64,
     pub duration_ms: Option<i64>,
     pub key: String,
+    /// The attempt was an adoption: the probe found the live system in sync, nothing ran.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// One link of the chain from a stage to its root cause.
@@ -88,7 +91,13 @@ fn headline(t: &mut String, x: &Explanation, mask: &dyn Fn(&str) -> String) -> b
         StageState::Fresh | StageState::Restored => {
             let since =
                 x.compared_with.as_ref().map(|r| format!(" since {} (run {})", r.at, r.run)).unwrap_or_default();
-            let _ = writeln!(t, "`{name}` is fresh{since}: its inputs are unchanged since that successful run.");
+            let what = match x.compared_with.as_ref().is_some_and(|r| r.adopted) {
+                true => {
+                    "its inputs are unchanged since it was adopted (its probe found the live system in sync; nothing ran)"
+                }
+                false => "its inputs are unchanged since that successful run",
+            };
+            let _ = writeln!(t, "`{name}` is fresh{since}: {what}.");
             if x.state == StageState::Restored {
                 let _ = writeln!(
                     t,

@@ -51,6 +51,12 @@ fn a_deploy_with_no_record_whose_probe_finds_it_in_sync_is_adopted_not_applied()
     assert!(again.stderr.contains("Adopted") && again.stderr.contains("1 fresh (1 adopted)"), "{}", again.stderr);
     let ledger = repo.kk(&["history", "--stage", "deploy", "--json"]).ok().json();
     assert_eq!(ledger[0]["state"], "adopted", "{ledger:#}");
+    let why = repo.kk(&["why", "deploy"]).ok().stdout;
+    assert!(why.contains("unchanged since it was adopted"), "{why}");
+    let why_json = repo.kk(&["why", "deploy", "--json"]).ok().stdout;
+    check_schema(&schema("kkpipe.why.v1.json"), &why_json);
+    let status = repo.kk(&["status"]).ok().stdout;
+    assert!(status.contains("adopted: in sync when its probe ran"), "{status}");
 
     // The adoption is the stage's record: the next run finds it fresh.
     let third = repo.run(&[]).ok();
