@@ -135,7 +135,7 @@ impl std::fmt::Display for Notice {
             }
             Notice::Regenerating { stage, outputs } => write!(
                 f,
-                "Regenerating {} of `{stage}` (not in the cache; a stage that needs it runs)",
+                "Regenerating {} of `{stage}` (not in the cache; a stage that needs it runs, or a probe reads it)",
                 quoted(outputs)
             ),
             Notice::Adopting { stage, outputs } => {
