@@ -177,8 +177,6 @@ pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<
     if args.dry_run {
         let selected = o.cx().select(&args.stages)?;
         if !nothing_selected(&o, &selected) {
-            // As the run itself would: a missing tool is an error before anything, not a reason to run.
-            check_tools(&mut o.session(settings)?, &o, &selected)?;
             status::dry_run(settings, &o, &selected, &force, args.json)?;
         }
         return Ok(None);

@@ -22,6 +22,10 @@ fn evaluated_rows(
     dry_run: bool,
 ) -> Result<Vec<StageRow>, Error> {
     let mut session = o.session(settings)?;
+    if dry_run {
+        // As the run itself would: a missing tool is an error before anything, not a reason to run.
+        super::check_tools(&mut session, o, selected)?;
+    }
     let evals: Vec<Option<Evaluation>> = evaluate::all(o.cx(), &mut session, &o.cache, selected, forced)?;
     for w in session.take_warnings() {
         eprintln!("warning: {w}");

@@ -187,18 +187,10 @@ pub const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
 
 /// The first `major.minor.patch` in a tool's version output (`v1.5.8`, `"gitVersion": "v1.5.8"`).
 pub fn first_version(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    (0..bytes.len()).find_map(|start| {
-        let rest = &text[start..];
-        (start == 0 || !bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'v')
-            .then(|| {
-                let len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-                let v = &rest[..len];
-                (v.split('.').filter(|p| !p.is_empty()).count() >= 3 && bytes[start].is_ascii_digit())
-                    .then(|| v.trim_end_matches('.').to_string())
-            })
-            .flatten()
-    })
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|t| t.trim_matches('.'))
+        .find(|t| t.split('.').filter(|p| !p.is_empty()).count() >= 3)
+        .map(str::to_string)
 }
 
 /// Whether two version strings name the same release (`v1.5.8` and `1.5.8`).
@@ -278,18 +270,18 @@ fn helm_range(helm: &str) -> Option<(Minor, Minor)> {
 }
 
 /// kubectl more than one minor version from the cluster, a Helm that does not support it.
-fn client_contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
+fn client_contradictions(k8s: Option<&str>, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
     let mut out = Vec::new();
-    if let (Some(pin), Some(k)) = (pins("KUBECTL_VERSION"), kubernetes(dir))
-        && let (Some((a, b, _)), Some((c, d, _))) = (numbers(&pin), numbers(&k))
+    if let (Some(pin), Some(k)) = (pins("KUBECTL_VERSION"), k8s)
+        && let (Some((a, b, _)), Some((c, d, _))) = (numbers(&pin), numbers(k))
         && (a != c || b.abs_diff(d) > 1)
     {
         out.push((true, format!(
             "kubectl {pin} (KUBECTL_VERSION) is more than one minor version from Kubernetes {k} (`{KUBEONE_MANIFEST}`)"
         )));
     }
-    if let (Some(pin), Some(k)) = (pins("HELM_VERSION"), kubernetes(dir))
-        && let (Some((low, high)), Some((a, b, _))) = (helm_range(&pin), numbers(&k))
+    if let (Some(pin), Some(k)) = (pins("HELM_VERSION"), k8s)
+        && let (Some((low, high)), Some((a, b, _))) = (helm_range(&pin), numbers(k))
         && !(low <= (a, b) && (a, b) <= high)
     {
         out.push((
@@ -308,9 +300,14 @@ fn client_contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> V
 pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
     let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
     let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
-    let mut out = client_contradictions(dir, pins);
-    if let (Some(pin), Some(k)) = (flux_pin, kubernetes(dir))
-        && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(&k))
+    // The repository is read once, and only for what is pinned.
+    let pinned = |vars: &[&str]| vars.iter().any(|v| pins(v).is_some());
+    let k8s = pinned(&["KUBECTL_VERSION", "HELM_VERSION", "FLUX_VERSION", "KUBEONE_VERSION"])
+        .then(|| kubernetes(dir))
+        .flatten();
+    let mut out = client_contradictions(k8s.as_deref(), pins);
+    if let (Some(pin), Some(k)) = (flux_pin, k8s.as_deref())
+        && let (Some(low), Some((a, b, _))) = (flux_min_kubernetes(pin), numbers(k))
         && (a, b) < low
     {
         out.push((
@@ -321,7 +318,8 @@ pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<
             ),
         ));
     }
-    if let (Some(pin), Some(repo)) = (flux_pin, flux(dir))
+    if let Some(pin) = flux_pin
+        && let Some(repo) = flux(dir)
         && numbers(pin).map(|(a, b, _)| (a, b)) != numbers(&repo).map(|(a, b, _)| (a, b))
     {
         out.push((
@@ -332,17 +330,18 @@ pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<
             ),
         ));
     }
-    if let (Some(pin), Some(k)) = (kubeone, kubernetes(dir))
-        && let (Some((low, high)), Some((a, b, _))) = (kubeone_range(pin), numbers(&k))
+    if let (Some(pin), Some(k)) = (kubeone, k8s.as_deref())
+        && let (Some((low, high)), Some((a, b, _))) = (kubeone_range(pin), numbers(k))
         && !(low <= (a, b) && (a, b) <= high)
     {
-        let fit = kubeone_for(&k).map(|v| format!("; kubeone {v} does")).unwrap_or_default();
+        let fit = kubeone_for(k).map(|v| format!("; kubeone {v} does")).unwrap_or_default();
         out.push((true, format!(
             "kubeone {pin} (KUBEONE_VERSION) accepts Kubernetes {}.{}-{}.{}, but `{KUBEONE_MANIFEST}` asks for {k}{fit}",
             low.0, low.1, high.0, high.1
         )));
     }
-    if let (Some(pin), Some((v, from))) = (kkp_pin, kkp(dir))
+    if let Some(pin) = kkp_pin
+        && let Some((v, from)) = kkp(dir)
         && let (Some((a, b, _)), Some((c, d, _))) = (numbers(pin), numbers(&v))
         && (a, b) != (c, d)
     {

@@ -1412,9 +1412,14 @@ struct Ended {
 
 /// One script recreating all `missing` outputs of a stage, when every one has a `regenerate` command.
 fn regenerate_script(stage: &crate::pipeline::Stage, missing: &[OutputRecord]) -> Option<String> {
+    script_of(missing.iter().map(|o| fresh::regenerate_command(stage, o)))
+}
+
+/// The `regenerate` commands, each once, as one script; `None` when one of them is missing.
+fn script_of<'s>(commands: impl Iterator<Item = Option<&'s str>>) -> Option<String> {
     let mut cmds: Vec<&str> = Vec::new();
-    for o in missing {
-        let cmd = fresh::regenerate_command(stage, o)?;
+    for cmd in commands {
+        let cmd = cmd?;
         if !cmds.contains(&cmd) {
             cmds.push(cmd);
         }

@@ -704,13 +704,16 @@ fn kkp_deploy_finds_the_installers_charts_and_needs_helm() {
         r.stderr
     );
     // ... and the installer itself refuses a Helm 2.
-    let helm2 = std::process::Command::new(repo.path("bin/kubermatic-installer"))
-        .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
-        .current_dir(&repo.root)
-        .env("PATH", repo.env_var("PATH"))
-        .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
-        .output()
-        .unwrap();
+    let installer = || {
+        std::process::Command::new(repo.path("bin/kubermatic-installer"))
+            .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
+            .current_dir(&repo.root)
+            .env("PATH", repo.env_var("PATH"))
+            .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
+            .output()
+            .unwrap()
+    };
+    let helm2 = installer();
     assert!(String::from_utf8_lossy(&helm2.stderr).contains("the installer requires Helm >= v3.0.0"));
     // No helm at all: refused before anything runs, naming the stage.
     std::fs::remove_file(repo.path("bin/helm")).unwrap();
@@ -718,13 +721,7 @@ fn kkp_deploy_finds_the_installers_charts_and_needs_helm() {
     assert_eq!(r.code, 2, "{}", r.all());
     assert!(r.stderr.contains("stage `kkp-deploy` needs tool `helm`, which is not on PATH"), "{}", r.stderr);
     // The installer itself says the same when it is run without helm.
-    let no_helm = std::process::Command::new(repo.path("bin/kubermatic-installer"))
-        .args(["--charts-directory", "bin/charts", "deploy", "--config", "plain-config.yaml"])
-        .current_dir(&repo.root)
-        .env("PATH", repo.env_var("PATH"))
-        .env("KUBECONFIG", repo.path("kubeone/kubeconfig"))
-        .output()
-        .unwrap();
+    let no_helm = installer();
     let err = String::from_utf8_lossy(&no_helm.stderr);
     assert!(err.contains("exec: \"helm\": executable file not found in $PATH"), "{err}");
 }

@@ -56,22 +56,17 @@ impl Scheduler<'_, '_> {
     /// output without one has no source but a deploy.
     fn adopt_outputs(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         let stage = self.cx.pipeline.stages[i].clone();
-        if let Some(o) = stage.outputs.iter().find(|o| o.regenerate.is_none()) {
+        let Some(script) = super::script_of(stage.outputs.iter().map(|o| o.regenerate.as_deref())) else {
+            let o = stage.outputs.iter().find(|o| o.regenerate.is_none()).expect("one has none");
             let why = format!("its output `{}` has no `regenerate` command: only a deploy makes it", o.path);
             return self.cannot_adopt(i, keyed, reason, why);
-        }
+        };
         if stage.outputs.is_empty() {
             return self.record_adopted(i, keyed, reason);
         }
-        let mut script: Vec<&str> = Vec::new();
-        for cmd in stage.outputs.iter().filter_map(|o| o.regenerate.as_deref()) {
-            if !script.contains(&cmd) {
-                script.push(cmd);
-            }
-        }
         let outputs = stage.outputs.iter().map(|o| o.path.display()).collect();
         self.sink.event(&Event::Notice(Notice::Adopting { stage: stage.name.clone(), outputs }));
-        self.spawn(i, script.join("\n"), Job::Adopt { reason, regenerating: true }, keyed, Vec::new())
+        self.spawn(i, script, Job::Adopt { reason, regenerating: true }, keyed, Vec::new())
     }
 
     /// The adoption probe (or its regeneration) of stage `i` ended.

@@ -64,14 +64,17 @@ impl Scheduler<'_, '_> {
     fn wrong_tool_versions(&self, i: usize) -> Vec<String> {
         let stage = &self.cx.pipeline.stages[i];
         let mut wrong = Vec::new();
+        if !crate::kkp::versions::VERSION_COMMANDS.iter().any(|(var, _, _)| stage.env.contains_key(*var)) {
+            return wrong;
+        }
+        let env = crate::run::exec::stage_env(stage, self.env.caller_env, self.cx.env);
         for &(var, tool, args) in crate::kkp::versions::VERSION_COMMANDS {
             let (Some(pin), true) = (stage.env.get(var), stage.tools.iter().any(|t| t == tool)) else { continue };
             let Some(path) = self.s.tool_path(i, tool) else { continue };
-            let env = crate::run::exec::stage_env(stage, self.env.caller_env, self.cx.env);
             let said = std::process::Command::new(&path)
                 .args(args)
                 .env_clear()
-                .envs(env)
+                .envs(env.iter().cloned())
                 .stdin(std::process::Stdio::null())
                 .output()
                 .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)));
