@@ -56,6 +56,9 @@ pub enum Command {
     History(HistoryArgs),
     /// Print shell completions for bash, zsh or fish.
     Completions(CompletionsArgs),
+    /// Compare two YAML or JSON documents as data, for `verify` probes (key order, quoting, formatting and
+    /// comments do not count): exit 0 when equal, 1 when they differ, naming where (never a value).
+    SameData(SameDataArgs),
     /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository,
     /// with the provider's CI file.
     Init(InitArgs),
@@ -281,6 +284,18 @@ pub struct CompletionsArgs {
     /// The shell.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct SameDataArgs {
+    /// The first document (`-`: standard input), e.g. the repository's file.
+    pub first: PathBuf,
+    /// The second document (`-`: standard input), e.g. what the live system reports.
+    pub second: PathBuf,
+    /// Compare only the value at this dotted path in both (`spec`, `spec.ingress`): a Kubernetes object's
+    /// `spec` against the file it was made from.
+    #[arg(long, value_name = "KEY.PATH")]
+    pub at: Option<String>,
 }
 
 #[derive(Debug, Args)]

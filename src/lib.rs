@@ -27,6 +27,7 @@
 //!   on a [`clock`]. It only feeds the cache.
 //! - [`report`]: a leaf that renders view models and the event stream for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
+//! - [`data`]: YAML/JSON documents compared as data (`kkpipe same-data`, for probes).
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].
 
@@ -36,6 +37,7 @@ pub mod ci;
 pub mod cli;
 pub mod clock;
 mod commands;
+pub mod data;
 pub mod error;
 pub mod evaluate;
 pub mod explain;

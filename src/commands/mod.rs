@@ -5,6 +5,7 @@ mod demo;
 mod init;
 mod observe;
 mod remote;
+mod same_data;
 mod status;
 
 use crate::cache::Cache;
@@ -39,6 +40,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
             clap_complete::generate(args.shell, &mut cmd, "kkpipe", &mut std::io::stdout());
             Ok(exit::OK)
         }
+        Command::SameData(args) => same_data::same_data(args),
         Command::Init(args) => init::init(&settings, args),
         Command::Ci(args) => init::ci(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),

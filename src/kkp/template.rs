@@ -167,9 +167,8 @@ struct Stage {
     /// Keyed settings, each with the comment that documents it in the file.
     env: Vec<(&'static str, String, String)>,
     tools: Vec<&'static str>,
-    verify: Option<String>,
-    /// `adopt = false`: the probe finds drift on a hit but cannot vouch for a stage with no record.
-    no_adopt: Option<&'static str>,
+    /// One line each (a list in pipeline.toml when more than one).
+    verify: Option<Vec<String>>,
     retry_needs_if: Option<&'static str>,
 }
 
@@ -193,7 +192,6 @@ impl Stage {
             env: Vec::new(),
             tools: Vec::new(),
             verify: None,
-            no_adopt: None,
             retry_needs_if: None,
         }
     }
@@ -352,7 +350,7 @@ fn backend_prepare_stage(v: Variant, tf: &str) -> Stage {
             _ => "gsutil -q stat \"gs://$bucket/bucket-ready\"".into(),
         };
     }
-    s.verify = Some(probe.join("; "));
+    s.verify = Some(vec![probe.join("; ")]);
     s.inputs = vec![format!("{tf}/setup_terraform_backend.sh"), format!("{tf}/backend.tf")];
     s.pass_env = creds(v);
     s.tools = if v.cloud == Cloud::Aws { vec!["aws"] } else { vec!["gcloud", "gsutil"] };
@@ -422,10 +420,10 @@ fn apply_stage(v: Variant, tf: &str) -> Stage {
     apply.secret_env = vec!["SSH_PUBLIC_KEY".into()];
     apply.tools = vec!["terraform"];
     // The probe plans too, so it needs the key file as much as plan does.
-    apply.verify = Some(format!(
+    apply.verify = Some(vec![format!(
         "{SSH_PUBLIC_KEY_FILE}; {} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color",
         tf_init(v, "kkp")
-    ));
+    )]);
     apply.retry_needs_if = Some("Saved plan is stale");
     apply
 }
@@ -444,18 +442,17 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     if v.cloud == Cloud::Gcp {
         // The first run's second apply, with the module's own target pool size (see GCP_FIRST_RUN).
         kubeone.run.push(format!(
-            "if [ -f {tf}/.terraform/kkpipe-first-run ]; then cd {tf} && {{ {SSH_PUBLIC_KEY_FILE}; }} && {} && terraform apply -input=false -auto-approve && rm -f .terraform/kkpipe-first-run; fi",
+            "if [ -f {tf}/.terraform/kkpipe-first-run ]; then (cd {tf} && {{ {SSH_PUBLIC_KEY_FILE}; }} && {} && terraform apply -input=false -auto-approve && rm -f .terraform/kkpipe-first-run); fi",
             tf_init(v, "kkp")
         ));
     }
+    // Stamped last, once everything applied: what the probe compares (kubeone's plan cannot see the manifest).
+    kubeone.run.push(stamp("kubeone-apply", "--kubeconfig kubeone/kubeconfig "));
     kubeone.inputs = vec!["kubeone".into()];
     // `kubeone apply` creates `<cluster>.tar.gz` beside the manifest (pkg/cmd/shared.go initBackup): the PKI
     // backup is its output, not an input, and it is never committed.
     kubeone.exclude = vec!["kubeone/*.tar.gz".into()];
     kubeone.verify = Some(kubeone_probe(tf));
-    kubeone.no_adopt = Some(
-        "kubeone's plan shows a Kubernetes version or a node to add, not the rest of the manifest (CNI, features,\n# addons): with no record it applies (an idempotent reconcile) instead of being adopted.",
-    );
     kubeone.outputs = vec![Out(
         "kubeone/kubeconfig".into(),
         true,
@@ -467,7 +464,8 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
         kubeone.pass_env.extend(backend_env(v));
         kubeone.pass_env.push("SSH_PUBLIC_KEY".into());
     }
-    kubeone.tools = if v.cloud == Cloud::Gcp { vec!["kubeone", "terraform"] } else { vec!["kubeone"] };
+    kubeone.tools =
+        if v.cloud == Cloud::Gcp { vec!["kubeone", "kubectl", "terraform"] } else { vec!["kubeone", "kubectl"] };
     // The version the CI file installs: kubeone refuses a Kubernetes version its release does not support.
     kubeone.env.push((
         "KUBEONE_VERSION",
@@ -480,22 +478,39 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
 /// kubeone's own plan, read-only: `kubeone apply` without `-y` and without a terminal prints "The following
 /// actions will be taken" and stops with "not running in the terminal" (exit 10) before it changes anything
 /// (pkg/cmd/apply.go, confirmCommand in pkg/cmd/shared.go; `-b` keeps its backup file out of the repository).
-/// In sync: it got that far and plans no `+` (a node to initialise or join) and no `~ upgrade`. It does not see
-/// a changed addon: every apply re-applies addons ("~ ensure embedded addons") without a line for a change.
-fn kubeone_probe(tf: &str) -> String {
-    // The script runs under `bash -euo pipefail`: kubeone's exit 10 is expected, and the checks read the plan
-    // from a here-string (no pipe to break), the last one negated.
-    [
-        "b=$(mktemp -d)".to_string(),
-        "trap 'rm -rf \"$b\"' EXIT".into(),
+/// In sync: it got that far and plans no `+` (a node to initialise or join) and no `~ upgrade`. That plan is
+/// blind to the rest of the manifest (CNI, features, addons: every apply prints the same `~ ensure ...` steps),
+/// so the cluster must also carry the stamp of this key: the last apply was of exactly these inputs.
+fn kubeone_probe(tf: &str) -> Vec<String> {
+    vec![
+        "b=$(mktemp -d) && trap 'rm -rf \"$b\"' EXIT".into(),
+        format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > \"$b/kubeconfig\""),
+        stamp_check("kubeone-apply", "--kubeconfig \"$b/kubeconfig\" "),
+        // kubeone's exit 10 is expected; the checks read the plan from a here-string (no pipe to break).
         format!(
             "plan=$(kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -b \"$b/backup.tar.gz\" < /dev/null 2>&1) || true"
         ),
         "printf '%s\\n' \"$plan\"".into(),
         "grep -q 'not running in the terminal' <<< \"$plan\"".into(),
-        "! grep -Eq '^[[:space:]]*(\\+ |~ (force )?upgrade |~ .*Encryption Provider)' <<< \"$plan\"".into(),
+        "if grep -Eq '^[[:space:]]*(\\+ |~ (force )?upgrade |~ .*Encryption Provider)' <<< \"$plan\"; then exit 1; fi"
+            .into(),
     ]
-    .join("; ")
+}
+
+/// The stamp a deploy leaves on the cluster once it applied: a ConfigMap `kube-system/kkpipe-STAGE` holding its
+/// key (`KKPIPE_KEY`: these inputs, this command, these tools). Its probe compares it with the key it would
+/// deploy now: a cluster without it (never applied by kkpipe) or with another is drift.
+fn stamp(stage: &str, kubectl_flags: &str) -> String {
+    format!(
+        "kubectl {kubectl_flags}-n kube-system create configmap kkpipe-{stage} --from-literal=key=\"$KKPIPE_KEY\" --dry-run=client -o yaml | kubectl {kubectl_flags}apply -f -"
+    )
+}
+
+fn stamp_check(stage: &str, kubectl_flags: &str) -> String {
+    format!(
+        "stamp=$(kubectl {kubectl_flags}-n kube-system get configmap kkpipe-{stage} -o jsonpath='{{.data.key}}' 2>&1) || true; \
+         if [ \"$stamp\" != \"$KKPIPE_KEY\" ]; then echo \"the cluster's kube-system/kkpipe-{stage} stamp is not this key: it was applied from other inputs, or not by kkpipe\"; exit 1; fi"
+    )
 }
 
 /// The KKP installer run with the SOPS-decrypted configuration; records the ingress address it got.
@@ -508,12 +523,8 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
     kkp.run = vec![
         "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
-        // A key file, as the wizard's workflow uses: every sops version reads `SOPS_AGE_KEY_FILE`, while
-        // `SOPS_AGE_KEY` is read only from 3.7.2 (docs/dev/wizard-facts.md, §4.4).
-        "(umask 077 && printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" > \"$decrypted/age.agekey\") && export SOPS_AGE_KEY_FILE=\"$decrypted/age.agekey\"".into(),
-        // Wizard repositories keep cluster-issuer.yaml as plain YAML (no `sops:` block, which sops refuses
-        // to decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
-        "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done".into(),
+        DECRYPT_KEY.into(),
+        DECRYPT.into(),
         // The installer loads its Helm charts from `charts` in the working directory unless told otherwise
         // (`--charts-directory`, a global flag): use those of the release the installer on PATH was unpacked
         // from, which keeps `charts/` beside the binary.
@@ -529,11 +540,15 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "kubectl -n kubermatic create secret generic kubeconfig-cluster --from-file=kubeconfig=\"$KUBECONFIG\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
         "kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=\"$decrypted/age.agekey\" --dry-run=client -o yaml | kubectl apply -f -".into(),
-        // An AWS load balancer has a hostname, a GCP one an IP address: whichever the Service has.
-        "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}{.status.loadBalancer.ingress[0].ip}' > kubermatic/ingress-address.txt".into(),
+        INGRESS_ADDRESS.into(),
     ];
     kkp.inputs = vec!["kubermatic".into()];
-    kkp.outputs = vec![Out("kubermatic/ingress-address.txt".into(), false, None)];
+    kkp.outputs = vec![Out(
+        "kubermatic/ingress-address.txt".into(),
+        false,
+        Some(format!("export KUBECONFIG=\"$PWD/kubeone/kubeconfig\" && {INGRESS_ADDRESS}")),
+    )];
+    kkp.verify = Some(kkp_probe());
     kkp.needs = vec!["kubeone-apply"];
     kkp.pass_env = vec!["SOPS_AGE_SECRET_KEY".into()];
     kkp.required_env = vec!["SOPS_AGE_SECRET_KEY".into()];
@@ -552,6 +567,49 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
     kkp
 }
 
+/// A key file, as the wizard's workflow uses: every sops version reads `SOPS_AGE_KEY_FILE`, while `SOPS_AGE_KEY`
+/// is read only from 3.7.2 (docs/dev/wizard-facts.md, §4.4).
+const DECRYPT_KEY: &str = "(umask 077 && printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\" > \"$decrypted/age.agekey\") && export SOPS_AGE_KEY_FILE=\"$decrypted/age.agekey\"";
+
+/// Wizard repositories keep cluster-issuer.yaml as plain YAML (no `sops:` block, which sops refuses to
+/// decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
+const DECRYPT: &str = "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done";
+
+/// An AWS load balancer has a hostname, a GCP one an IP address: whichever the Service has.
+const INGRESS_ADDRESS: &str = "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}{.status.loadBalancer.ingress[0].ip}' > kubermatic/ingress-address.txt";
+
+/// What the installer installed, read-only, against the decrypted configuration. The installer itself decides
+/// per Helm release: none or not deployed -> install; another chart version -> upgrade; `helm get values`
+/// unequal to the values it passes -> reinstall (kubermatic/kubermatic pkg/install/util/helm.go DeployHelmChart,
+/// the releases of pkg/install/stack/kubermatic-master/stack.go), and it makes the KubermaticConfiguration's
+/// `spec` the file's. The probe asks the same with `helm list`, `helm get values` and `kubectl get -f`, and
+/// compares as data (`kkpipe same-data`: Helm prints its own YAML). The operator's appVersion is the KKP release.
+/// The installer fills `dex.ingress.host` and `kubermaticOperator.imagePullSecret` in when values.yaml leaves
+/// them empty: then the values differ and the installer runs, which changes nothing (the safe side).
+fn kkp_probe() -> Vec<String> {
+    vec![
+        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
+        "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
+        DECRYPT_KEY.into(),
+        DECRYPT.into(),
+        format!(
+            "for r in {}; do ns=${{r%/*}} rel=${{r#*/}}; helm --namespace \"$ns\" list --all --filter \"^$rel\\$\" -o json > \"$decrypted/release.json\"; grep -q '\"status\":\"deployed\"' \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not deployed\"; exit 1; }}; helm --namespace \"$ns\" get values \"$rel\" -o yaml > \"$decrypted/helm-$rel.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data values.yaml \"helm-$rel.yaml\") || {{ echo \"Helm release $rel in namespace $ns has other values than kubermatic/values.yaml\"; exit 1; }}; done",
+            KKP_RELEASES.join(" ")
+        ),
+        "helm --namespace kubermatic list --all --filter '^kubermatic-operator$' -o json | grep -q \"\\\"app_version\\\":\\\"v${KKP_VERSION#v}\\\"\" || { echo \"the KKP operator is not v${KKP_VERSION#v}\"; exit 1; }".into(),
+        "for f in kubermatic-configuration cluster-issuer; do kubectl get -f \"$decrypted/$f.yaml\" -o yaml > \"$decrypted/live-$f.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data --at spec \"$f.yaml\" \"live-$f.yaml\") || { echo \"the cluster's object has another spec than kubermatic/$f.yaml\"; exit 1; }; done".into(),
+    ]
+}
+
+/// NAMESPACE/RELEASE of the kubermatic-master stack (kubermatic/kubermatic pkg/install/stack/kubermatic-master/stack.go).
+const KKP_RELEASES: &[&str] = &[
+    "nginx-ingress-controller/nginx-ingress-controller",
+    "cert-manager/cert-manager",
+    "oauth/oauth",
+    "kubermatic/kubermatic-operator",
+    "telemetry-system/telemetry",
+];
+
 /// The Route53 module applied with the ingress address kkp-deploy found (`--dns` only).
 fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
     let mut dns =
@@ -564,11 +622,11 @@ fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
     dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
     dns.pass_env = [creds(v), backend_env(v)].concat();
     dns.tools = vec!["terraform"];
-    dns.verify = Some(format!(
+    dns.verify = Some(vec![format!(
         "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",
         tf_init(v, "dns"),
         dns_var(dns_dir)
-    ));
+    )]);
     dns
 }
 
@@ -605,7 +663,7 @@ fn flux_bootstrap_stage(v: Variant, pins: &Pins) -> Stage {
     }
     flux.needs = vec!["kkp-deploy", "kubeone-apply"];
     flux.tools = vec!["flux"];
-    flux.verify = Some(FLUX_PROBE.into());
+    flux.verify = Some(vec![FLUX_PROBE.into()]);
     flux
 }
 
@@ -705,7 +763,7 @@ fn render_stage(t: &mut String, s: &Stage) {
     if let Some(d) = &s.dir {
         let _ = writeln!(t, "dir = {}", q(d));
     }
-    render_run(t, &s.run);
+    render_lines(t, "run", &s.run);
     if !s.inputs.is_empty() {
         let _ = writeln!(t, "inputs = {}", list(&s.inputs));
     }
@@ -742,22 +800,19 @@ fn render_stage(t: &mut String, s: &Stage) {
         let _ = writeln!(t, "tools = {}", list(&s.tools));
     }
     if let Some(v) = &s.verify {
-        let _ = writeln!(t, "verify = {}", q(v));
-    }
-    if let Some(why) = s.no_adopt {
-        let _ = writeln!(t, "# {why}\nadopt = false");
+        render_lines(t, "verify", v);
     }
     if let Some(r) = s.retry_needs_if {
         let _ = writeln!(t, "retry_needs_if = {}", q(r));
     }
 }
 
-/// Append `run`: one string for a single command, else an array with one command per line.
-fn render_run(t: &mut String, run: &[String]) {
+/// Append `run` or `verify`: one string for a single command, else an array with one command per line.
+fn render_lines(t: &mut String, key: &str, run: &[String]) {
     if run.len() == 1 {
-        let _ = writeln!(t, "run = {}", q(&run[0]));
+        let _ = writeln!(t, "{key} = {}", q(&run[0]));
     } else {
-        t.push_str("run = [\n");
+        let _ = writeln!(t, "{key} = [");
         for l in run {
             let _ = writeln!(t, "  {},", q(l));
         }

@@ -348,7 +348,7 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> Error {
     if message.contains("untagged enum RawOutput") {
         message = "an output is a path string or a table like `{ path = \"out/plan\", sensitive = true }`".into();
     } else if message.contains("untagged enum StringOrList") {
-        message = "`run` must be a string or a list of strings".into();
+        message = "`run` and `verify` are each a string or a list of strings (one command per line)".into();
     } else if let Some(v) = unknown_variant(&message, "pull_request") {
         message = format!("unknown event `{v}`; known events: {}", Trigger::known());
     } else if let Some(v) = unknown_variant(&message, "deploy") {
@@ -547,7 +547,7 @@ fn validate_stage(
         branches: rs.branches.unwrap_or_else(|| DEFAULT_BRANCHES.iter().map(|s| s.to_string()).collect()),
         kind,
         per_env: rs.per_env,
-        verify: rs.verify,
+        verify: rs.verify.map(StringOrList::lines),
         adopt: rs.adopt.unwrap_or(true),
         retry_needs_if: rs.retry_needs_if,
     })

@@ -75,7 +75,7 @@ pub(crate) struct RawStage {
     #[serde(default)]
     pub per_env: bool,
     #[serde(default)]
-    pub verify: Option<String>,
+    pub verify: Option<StringOrList>,
     #[serde(default)]
     pub adopt: Option<bool>,
     #[serde(default)]
@@ -87,6 +87,16 @@ pub(crate) struct RawStage {
 pub(crate) enum StringOrList {
     One(String),
     Many(Vec<String>),
+}
+
+impl StringOrList {
+    /// One script: the lines joined as the shell reads them.
+    pub fn lines(self) -> String {
+        match self {
+            StringOrList::One(s) => s,
+            StringOrList::Many(v) => v.join("\n"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

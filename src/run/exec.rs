@@ -21,8 +21,8 @@ pub const BASE_ENV: &[&str] =
     &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "TMPDIR"];
 
 /// The environment a stage's command sees: the base set from the caller, keyed `env`, `pass_env` and
-/// `secret_env` from the caller, and kkpipe's own `KKPIPE_STAGE` and `KKPIPE_ENV` (the deployment
-/// environment; a check stage that reads it should be `per_env`).
+/// `secret_env` from the caller, and kkpipe's own `KKPIPE_STAGE`, `KKPIPE_ENV` (the deployment
+/// environment; a check stage that reads it should be `per_env`) and `KKPIPE` (its executable).
 pub fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for name in BASE_ENV {
@@ -40,6 +40,11 @@ pub fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str
     }
     env.insert("KKPIPE_STAGE".into(), stage.name.clone());
     env.insert("KKPIPE_ENV".into(), env_name.to_string());
+    // This kkpipe, for probes that call `"$KKPIPE" same-data` (it need not be on PATH: `cargo run`, a CI
+    // runner's tool cache).
+    if let Ok(exe) = std::env::current_exe() {
+        env.insert("KKPIPE".into(), exe.to_string_lossy().into_owned());
+    }
     env.into_iter().collect()
 }
 

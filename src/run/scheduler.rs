@@ -853,6 +853,16 @@ impl<'a> Scheduler<'a, '_> {
         restore: Vec<OutputRecord>,
         materialize: bool,
     ) -> Result<(), Error> {
+        let probes = {
+            let stage = &self.cx.pipeline.stages[i];
+            stage.is_deploy() && self.opts.verify && stage.verify.is_some()
+        };
+        // A probe reads what its needs made (a kubeconfig): those in no cache are made first, or a fresh runner
+        // would take their absence for drift. The stage waits for them and is decided again, before it has
+        // restored anything (what it restores is then reported once).
+        if probes && !self.regenerable_needs_available(i, materialize) {
+            return Ok(());
+        }
         if !restore.is_empty() {
             self.workspace_changed = true;
             let declared = &self.cx.pipeline.stages[i].outputs;
@@ -879,15 +889,7 @@ impl<'a> Scheduler<'a, '_> {
             self.sink.event(&Event::Notice(Notice::Regenerating { stage: stage.name.clone(), outputs }));
             return self.spawn(i, script, Job::Regenerate { hit }, keyed, restored);
         }
-        if stage.is_deploy()
-            && self.opts.verify
-            && let Some(probe) = stage.verify.clone()
-        {
-            // A probe reads what its needs made (a kubeconfig): those in no cache are made first, or a fresh
-            // runner would take their absence for drift. The stage waits for them and is decided again.
-            if !self.regenerable_needs_available(i, materialize) {
-                return Ok(());
-            }
+        if probes && let Some(probe) = stage.verify.clone() {
             self.sink.event(&Event::Probing { stage: stage.name.clone() });
             return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
         }
@@ -1031,11 +1033,10 @@ impl<'a> Scheduler<'a, '_> {
     fn spawn(&mut self, i: usize, script: String, job: Job, keyed: Keyed, restored: Vec<String>) -> Result<(), Error> {
         let stage = &self.cx.pipeline.stages[i];
         let id = self.new_job(i);
-        let spec = exec::Spec {
-            script,
-            cwd: stage.dir.under(&self.cx.pipeline.root),
-            env: exec::stage_env(stage, self.env.caller_env, self.cx.env),
-        };
+        let mut env = exec::stage_env(stage, self.env.caller_env, self.cx.env);
+        // What a deploy stamps on the live system and its probe compares: these inputs, this command.
+        env.push(("KKPIPE_KEY".into(), keyed.key.to_string()));
+        let spec = exec::Spec { script, cwd: stage.dir.under(&self.cx.pipeline.root), env };
         watchdog::start(self.env.cache.dir(), self.opts.stop_grace);
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
         let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };

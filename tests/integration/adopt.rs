@@ -136,17 +136,31 @@ fn a_push_after_the_cache_is_lost_applies_nothing_and_adopts_what_its_probes_fin
     let again = repo.run(&push).ok();
     let mut adopted = again.with_state("adopted");
     adopted.sort();
-    assert_eq!(
-        adopted,
-        ["dns-update", "flux-bootstrap", "terraform-apply", "terraform-backend-prepare"],
-        "{}",
-        again.stderr
-    );
+    let deploys =
+        ["dns-update", "flux-bootstrap", "kkp-deploy", "kubeone-apply", "terraform-apply", "terraform-backend-prepare"];
+    assert_eq!(adopted, deploys, "{}", again.stderr);
     assert_eq!(live(&repo), before, "terraform state serial, Helm revisions, kubeone generation, Flux bootstraps");
-    // kubeone (`adopt = false`: its plan cannot see the whole manifest) and the installer (no probe) ran, and
-    // changed nothing (kubeone's generation and the Helm revisions above).
-    assert!(again.ran().contains(&"kkp-deploy".to_string()), "{}", again.stderr);
-    assert!(again.ran().contains(&"kubeone-apply".to_string()), "{}", again.stderr);
+    let mut ran = again.ran();
+    ran.sort();
+    assert_eq!(ran, ["terraform-kkp-dns-validate", "terraform-kkp-validate", "terraform-plan"], "{}", again.stderr);
+    // Someone upgraded one Helm release by hand with other values; the cache is lost again. The installer's
+    // probe sees it (the values compared as data), so exactly kkp-deploy runs, and the installer reinstalls
+    // that release alone.
+    let mut helm: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/helm.json")).unwrap();
+    let oauth = &mut helm["oauth/oauth"];
+    oauth["values_yaml"] = format!("{}telemetry:\n  schedule: hourly\n", oauth["values_yaml"].as_str().unwrap()).into();
+    repo.write(".demo-cloud/helm.json", &helm.to_string());
+    forget(&repo);
+    let drifted = repo.run(&push).ok();
+    assert_eq!(drifted.reason_of("kkp-deploy")["kind"], "drift", "{}", drifted.stderr);
+    assert!(drifted.stderr.contains("Helm release oauth in namespace oauth has other values"), "{}", drifted.stderr);
+    let mut adopted = drifted.with_state("adopted");
+    adopted.sort();
+    assert_eq!(adopted, deploys.iter().filter(|s| **s != "kkp-deploy").copied().collect::<Vec<_>>());
+    let log = repo.kk(&["log", "kkp-deploy"]).ok().stdout;
+    assert_eq!(log.matches("Release is up-to-date").count(), 4, "{log}");
+    let revisions: Vec<u64> = helm_revisions(&repo);
+    assert_eq!(revisions.iter().sum::<u64>(), before.1.iter().sum::<u64>() + 1, "only oauth reinstalled");
 }
 
 #[test]
@@ -249,4 +263,32 @@ fn adopt_false_deploys_a_stage_with_no_record_and_needs_a_probe() {
     let bad = repo.kk(&["status"]);
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("adoption asks the stage's `verify` probe"), "{}", bad.stderr);
+}
+
+/// Issue 22, item 2: `kkpipe same-data`, what the installer's probe compares with, through the binary: the
+/// repository's YAML and what Helm prints back are the same data; a difference is named by its path and never
+/// shows a value; a file that is not one document is an error (2) naming it and the line.
+#[test]
+fn same_data_compares_as_data_and_never_prints_a_value() {
+    let repo = Repo::empty();
+    repo.write("values.yaml", "# the repository's\ndex:\n  clientSecret: s3cret   # sops-decrypted\n  replicas: 2\n")
+        .write("helm.json", r#"{"dex":{"replicas":2.0,"clientSecret":"s3cret"}}"#)
+        .write("changed.yaml", "dex: {replicas: 2, clientSecret: other}\n")
+        .write(
+            "object.yaml",
+            "kind: X\nmetadata: {name: a, resourceVersion: '7'}\nspec: {dex: {replicas: 2, clientSecret: s3cret}}\n",
+        )
+        .write("broken.yaml", "dex:\n  replicas: [2\n");
+    assert_eq!(repo.kk(&["same-data", "values.yaml", "helm.json"]).code, 0);
+    let differ = repo.kk(&["same-data", "values.yaml", "changed.yaml"]);
+    assert_eq!(differ.code, 1);
+    assert!(differ.stderr.contains("differ at .dex.clientSecret: the values differ"), "{}", differ.stderr);
+    assert!(!differ.stderr.contains("s3cret") && !differ.stderr.contains("other"), "{}", differ.stderr);
+    // `--at spec`: an object as the API server returns it against the file it was made from.
+    repo.write("file.yaml", "kind: X\nmetadata: {name: a}\nspec:\n  dex:\n    clientSecret: s3cret\n    replicas: 2\n");
+    assert_eq!(repo.kk(&["same-data", "--at", "spec", "file.yaml", "object.yaml"]).code, 0);
+    assert_eq!(repo.kk(&["same-data", "file.yaml", "object.yaml"]).code, 1);
+    let broken = repo.kk(&["same-data", "values.yaml", "broken.yaml"]);
+    assert_eq!(broken.code, 2);
+    assert!(broken.stderr.contains("`broken.yaml` is not one YAML or JSON document: line "), "{}", broken.stderr);
 }

@@ -109,12 +109,12 @@ fn environments_keep_separate_ledgers() {
         let s = s.to_string();
         assert!(ran.contains(&s) || adopted.contains(&s), "{s} must deploy to production: {ran:?} {adopted:?}");
     }
-    assert!(adopted.contains(&"flux-bootstrap".to_string()), "{adopted:?}");
+    assert_eq!(adopted.len(), 6, "every probe finds the shared cloud in sync: {adopted:?}");
     assert!(!ran.contains(&"terraform-kkp-validate".to_string()), "check stages are a shared cache");
     // The plan is `per_env`: production gets a plan of its own.
     assert_eq!(production.reason_of("terraform-plan")["kind"], "env-scope-changed");
-    assert_eq!(production.reason_of("kkp-deploy")["kind"], "never-deployed");
-    assert_eq!(production.reason_of("kkp-deploy")["env"], "production");
+    let ledger = repo.kk(&["history", "--stage", "kkp-deploy", "--env", "production", "--json"]).ok().json();
+    assert_eq!(ledger[0]["state"], "adopted", "{ledger:#}");
     assert!(push(&repo, &["--env", "staging"]).ran().is_empty());
     assert!(push(&repo, &["--env", "production"]).ran().is_empty());
     let staging_ledger = repo.kk(&["history", "--stage", "kkp-deploy", "--env", "staging", "--json"]).ok().json();
@@ -126,7 +126,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     let repo = Repo::kkp_demo();
     push(&repo, &[]);
     let clean = repo.kk(&["verify", "--json"]).ok();
-    assert_eq!(clean.json()["summary"]["verified"], 5, "backend-prepare, terraform, kubeone, DNS, Flux");
+    assert_eq!(clean.json()["summary"]["verified"], 6, "backend-prepare, terraform, kubeone, KKP, DNS, Flux");
     assert_eq!(clean.json()["summary"]["drifted"], 0);
 
     // Change the live state behind kkpipe's back.
@@ -151,7 +151,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     assert!(repair.ran().contains(&"terraform-apply".to_string()), "{}", repair.stderr);
     assert_eq!(instance_type(&repo), "t3.large");
     let clean = repo.kk(&["verify"]).ok();
-    assert!(clean.stdout.contains("5 in sync, 0 drifted"), "{}", clean.stdout);
+    assert!(clean.stdout.contains("6 in sync, 0 drifted"), "{}", clean.stdout);
 }
 
 #[test]

@@ -299,7 +299,10 @@ fn unknown_keys_name_the_key_and_stage() {
 
 #[test]
 fn wrong_types_are_rejected() {
-    rejects("[stages.a]\nrun = 5\n", &["pipeline.toml:2:", "`run` must be a string or a list of strings"]);
+    rejects(
+        "[stages.a]\nrun = 5\n",
+        &["pipeline.toml:2:", "`run` and `verify` are each a string or a list of strings"],
+    );
     rejects("[stages.a]\nrun = \"true\"\nneeds = \"b\"\n", &["pipeline.toml:3:", "stage `a`"]);
 }
 
