@@ -48,6 +48,9 @@ pub enum Command {
     /// Record deploy stages that are already in sync as deployed (`adopted`), without applying anything: each
     /// that would deploy is probed; exit code 1 when one drifted or could not be adopted.
     Adopt(AdoptArgs),
+    /// What merging this pull request will do: each stage the push to the target branch runs and why, the
+    /// deploys, and a summary of the terraform plans made in this job. Markdown, or JSON with --json.
+    Preview(PreviewArgs),
     /// Print the stage graph with each stage's state, as Mermaid (GitHub markdown) or Graphviz DOT.
     Graph(GraphArgs),
     /// Print a stage's stored log: the latest run, or `--run N`.
@@ -284,6 +287,18 @@ pub struct CompletionsArgs {
     /// The shell.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    /// Print JSON (schema kkpipe.preview.v1) instead of Markdown.
+    #[arg(long)]
+    pub json: bool,
+
+    /// `--branch`: the branch the merge goes to. Default: the pull request's target branch, from the CI's
+    /// variables. `--event` can only be `push` (a merge is a push).
+    #[command(flatten)]
+    pub selection: Selection,
 }
 
 #[derive(Debug, Args)]

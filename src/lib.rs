@@ -27,7 +27,8 @@
 //!   on a [`clock`]. It only feeds the cache.
 //! - [`report`]: a leaf that renders view models and the event stream for people and machines.
 //! - [`settings`] and [`cli`]: flags and CI environment resolved before the core sees them.
-//! - [`data`]: YAML/JSON documents compared as data (`kkpipe same-data`, for probes).
+//! - [`data`]: YAML/JSON documents compared as data (`kkpipe same-data`, for probes); [`tfplan`]: a terraform
+//!   plan summarised for review (`kkpipe preview`).
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].
 
@@ -55,6 +56,7 @@ pub mod session;
 pub mod settings;
 pub mod sign;
 pub mod store;
+pub mod tfplan;
 
 use clap::Parser;
 

@@ -334,6 +334,11 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
     }
     github_run_step(f, &mut t);
+    // What the merge will do, for the reviewer, beside the run's own table (also when the plan failed).
+    t.push_str(
+        "      - name: Preview what merging does\n        if: always() && github.event_name == 'pull_request'\n",
+    );
+    t.push_str("        run: kkpipe preview >> \"$GITHUB_STEP_SUMMARY\"\n");
     t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
     t.push_str("        uses: actions/cache/save@v4\n        with:\n");
     t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");

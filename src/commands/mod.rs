@@ -4,6 +4,7 @@ mod cache;
 mod demo;
 mod init;
 mod observe;
+mod preview;
 mod remote;
 mod same_data;
 mod status;
@@ -32,6 +33,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Why(args) => observe::why(&settings, args),
         Command::Verify(args) => verify_cmd(&settings, args),
         Command::Adopt(args) => adopt_cmd(&settings, args),
+        Command::Preview(args) => preview::preview(&settings, args),
         Command::Graph(args) => observe::graph(&settings, args),
         Command::Log(args) => observe::log(&settings, args),
         Command::History(args) => observe::history(&settings, args),

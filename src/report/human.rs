@@ -9,9 +9,9 @@ use std::io::Write;
 pub enum Style {
     /// Lines stream as they come, prefixed with the stage name.
     Plain,
-    /// Each stage's output is printed as one `::group::` when it finishes; failures become `::error::`.
+    /// A stage's output streams into a `::group::` as it is written; failures become `::error::`.
     Github,
-    /// Each stage's output is printed as one collapsed section when it finishes.
+    /// A stage's output streams into a collapsed section as it is written.
     Gitlab,
 }
 
@@ -22,7 +22,14 @@ pub struct Human {
     pub verbose: bool,
     /// Write to stderr (when stdout carries JSON).
     pub to_stderr: bool,
-    buffered: HashMap<String, Vec<Vec<u8>>>,
+    /// CI styles: the stage whose group (section) is open, its output streaming into it, with the token that
+    /// pauses GitHub's workflow commands. Only one group can be open: a stage that starts beside it closes
+    /// it, and from then on the output of every running stage streams prefixed, as in the plain style.
+    group: Option<(String, String)>,
+    /// The stages running now, in the order they started.
+    running: Vec<String>,
+    /// The last lines of each running stage, shown again under a failure.
+    tails: HashMap<String, std::collections::VecDeque<Vec<u8>>>,
     width: usize,
     /// The live "running: ..." line, on a terminal only.
     live: Option<indicatif::ProgressBar>,
@@ -65,7 +72,9 @@ impl Human {
             quiet,
             verbose,
             to_stderr,
-            buffered: HashMap::new(),
+            group: None,
+            running: Vec::new(),
+            tails: HashMap::new(),
             width,
             live: None,
             step_summary: None,
@@ -122,41 +131,50 @@ impl Human {
         out
     }
 
-    fn flush_group(&mut self, stage: &str, header: &str, ok: bool) {
-        let lines = self.buffered.remove(stage).unwrap_or_default();
-        let mut out = Vec::new();
-        match self.style {
-            Style::Github => {
-                // A stage's output is data, never workflow commands: a line it prints (a file name a pull request
-                // chose, with a newline in it) must not set outputs, mask or annotate. GitHub ignores commands
-                // between `::stop-commands::TOKEN` and `::TOKEN::`; the token is random, so the output cannot
-                // end the pause itself.
-                let token = stop_token();
-                out.extend_from_slice(format!("::group::{header}\n::stop-commands::{token}\n").as_bytes());
-                for l in &lines {
-                    out.extend_from_slice(l);
-                    out.push(b'\n');
-                }
-                out.extend_from_slice(format!("::{token}::\n::endgroup::\n").as_bytes());
-            }
+    /// Open the group (GitHub) or section (GitLab) that `stage`'s output streams into.
+    fn open_group(&mut self, stage: &str, header: &str) {
+        let token = stop_token();
+        let start = match self.style {
+            // A stage's output is data, never workflow commands: a line it prints (a file name a pull request
+            // chose, with a newline in it) must not set outputs, mask or annotate. GitHub ignores commands
+            // between `::stop-commands::TOKEN` and `::TOKEN::`; the token is random, so the output cannot end
+            // the pause itself.
+            Style::Github => format!("::group::{header}\n::stop-commands::{token}\n"),
             Style::Gitlab => {
                 let ts = jiff::Timestamp::now().as_second();
-                let id = format!("kkpipe_{}", stage.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-                let collapsed = if ok { "[collapsed=true]" } else { "" };
-                out.extend_from_slice(
-                    format!("\x1b[0Ksection_start:{ts}:{id}{collapsed}\r\x1b[0K{header}\n").as_bytes(),
-                );
-                for l in &lines {
-                    out.extend_from_slice(l);
-                    out.push(b'\n');
-                }
-                out.extend_from_slice(format!("\x1b[0Ksection_end:{ts}:{id}\r\x1b[0K\n").as_bytes());
+                format!("\x1b[0Ksection_start:{ts}:{}[collapsed=true]\r\x1b[0K{header}\n", section_id(stage))
             }
-            Style::Plain => {}
-        }
-        self.write(&out);
+            Style::Plain => return,
+        };
+        self.write(start.as_bytes());
+        self.group = Some((stage.to_string(), token));
+    }
+
+    fn close_group(&mut self) {
+        let Some((stage, token)) = self.group.take() else { return };
+        let end = match self.style {
+            Style::Github => format!("::{token}::\n::endgroup::\n"),
+            Style::Gitlab => {
+                let ts = jiff::Timestamp::now().as_second();
+                format!("\x1b[0Ksection_end:{ts}:{}\r\x1b[0K\n", section_id(&stage))
+            }
+            Style::Plain => return,
+        };
+        self.write(end.as_bytes());
+    }
+
+    /// CI styles stream into a group only while one stage runs (groups cannot interleave).
+    fn streams_grouped(&self) -> bool {
+        self.style != Style::Plain && !self.quiet
     }
 }
+
+fn section_id(stage: &str) -> String {
+    format!("kkpipe_{}", stage.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+}
+
+/// How many of a stage's last lines a failure shows again under its status line (CI styles).
+const TAIL: usize = 20;
 
 impl Sink for Human {
     fn event(&mut self, e: &Event) {
@@ -168,14 +186,7 @@ impl Sink for Human {
                 }
             }
             Event::Fresh { stage, restored, .. } => self.fresh(stage, restored),
-            Event::Started { stage, reason } => {
-                if !self.quiet {
-                    self.status("Running", CYAN, &format!("{stage}: {reason}"));
-                }
-                if self.style != Style::Plain {
-                    self.buffered.insert(stage.clone(), Vec::new());
-                }
-            }
+            Event::Started { stage, reason } => self.started(stage, reason),
             Event::Probing { stage } => {
                 if self.verbose {
                     self.status("Verifying", CYAN, stage);
@@ -236,7 +247,28 @@ impl Human {
         }
     }
 
-    /// A line of stage output: printed now, prefixed (plain style), or kept for the stage's group. Tools
+    /// `Running stage: reason`; in CI, its group opens now unless another stage is running, in which case
+    /// the open group closes and both stream prefixed.
+    fn started(&mut self, stage: &str, reason: &crate::fresh::Reason) {
+        if !self.quiet {
+            self.status("Running", CYAN, &format!("{stage}: {reason}"));
+        }
+        self.running.push(stage.to_string());
+        self.tails.insert(stage.to_string(), Default::default());
+        if !self.streams_grouped() {
+            return;
+        }
+        if self.running.len() == 1 {
+            self.open_group(stage, &format!("{stage}: {reason}"));
+        } else if let Some((other, _)) = self.group.clone() {
+            let note = format!("(`{other}` goes on below, its lines prefixed: `{stage}` runs beside it)");
+            let l = self.prefixed(&other, note.as_bytes());
+            self.write(&l);
+            self.close_group();
+        }
+    }
+
+    /// A line of stage output, as it comes: into the open group, else prefixed with the stage's name. Tools
     /// colour their output whatever it is written to (terraform does): without colour, it is taken out.
     fn line(&mut self, stage: &str, line: &[u8]) {
         let plain;
@@ -246,18 +278,27 @@ impl Human {
             plain = anstream::adapter::strip_bytes(line).into_vec();
             &plain
         };
-        match self.style {
-            Style::Plain => {
-                if !self.quiet {
-                    let l = self.prefixed(stage, line);
-                    self.write(&l);
-                }
+        if let Some(tail) = self.tails.get_mut(stage) {
+            if tail.len() == TAIL {
+                tail.pop_front();
             }
-            _ => self.buffered.entry(stage.to_string()).or_default().push(line.to_vec()),
+            tail.push_back(line.to_vec());
+        }
+        if self.quiet {
+            return;
+        }
+        if self.group.as_ref().is_some_and(|(g, _)| g == stage) {
+            let mut l = line.to_vec();
+            l.push(b'\n');
+            self.write(&l);
+        } else {
+            let l = self.prefixed(stage, line);
+            self.write(&l);
         }
     }
 
-    /// A stage's end: its buffered group (or, quiet, a failure's log), then `Ok`, `Failed` or `Stopped`.
+    /// A stage's end: its group closed (and a failure's last lines, or, quiet, its log), then `Ok`, `Failed` or
+    /// `Stopped`.
     fn finished(&mut self, stage: &str, end: &StageEnd, duration: std::time::Duration, log: &[u8]) {
         let d = format_duration(duration);
         let ok = matches!(end, StageEnd::Ok | StageEnd::Adopted);
@@ -268,11 +309,20 @@ impl Human {
             StageEnd::Interrupted => format!("{stage} was interrupted ({d})"),
             StageEnd::NotStarted { detail } => format!("{stage} not started: {detail}"),
         };
-        if self.style != Style::Plain {
-            self.flush_group(stage, &header, ok);
-        } else if self.quiet && !ok {
+        self.running.retain(|s| s != stage);
+        let tail = self.tails.remove(stage).unwrap_or_default();
+        if self.group.as_ref().is_some_and(|(g, _)| g == stage) {
+            self.close_group();
+        }
+        if self.quiet && !ok {
             // Quiet mode hides output as it streams; show a failing stage's log when it fails.
             for l in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let l = self.prefixed(stage, l);
+                self.write(&l);
+            }
+        } else if self.streams_grouped() && !ok && !tail.is_empty() {
+            // Its group is collapsed (or long): the lines that say why, again under it.
+            for l in &tail {
                 let l = self.prefixed(stage, l);
                 self.write(&l);
             }
@@ -285,6 +335,9 @@ impl Human {
             StageEnd::Failed { .. } | StageEnd::NotStarted { .. } => {
                 self.status("Failed", RED, &header);
                 if self.style == Style::Github {
+                    // Workflow commands are paused inside another stage's open group: close it (that stage goes
+                    // on prefixed) so the annotation counts.
+                    self.close_group();
                     self.write(format!("::error title=kkpipe::{header}\n").as_bytes());
                 }
             }
@@ -353,14 +406,20 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
         let why = match (r.reasons.first(), &r.note) {
             (Some(reason), _) => reason.to_string(),
             (None, Some(note)) => note.clone(),
+            (None, None) if r.state == super::StageState::SkippedByEvent => {
+                "not selected by this event (on a pull request, the preview says what the merge runs)".into()
+            }
             (None, None) if !r.restored.is_empty() => format!("outputs restored: {}", r.restored.join(", ")),
             _ => String::new(),
         };
         let _ = writeln!(t, "| `{}` | {icon} {} | {dur} | {} |", r.name, r.state.word(), why.replace('|', "\\|"));
     }
+    // Every row is counted: those the event does not select too.
+    let unselected = rows.iter().filter(|r| r.state == super::StageState::SkippedByEvent).count();
+    let unselected = if unselected > 0 { format!(", {unselected} not selected by this event") } else { String::new() };
     let _ = writeln!(
         t,
-        "\n**{} ran, {}, {} failed, {} skipped** in {}; skipping saved ~{}.\n",
+        "\n**{} ran, {}, {} failed, {} skipped{unselected}** in {}; skipping saved ~{}.\n",
         s.ran,
         fresh_text(s),
         s.failed,

@@ -6,6 +6,7 @@ pub mod graph;
 pub mod history;
 mod human;
 pub mod json;
+pub mod preview;
 pub mod progress;
 pub mod remote;
 pub mod status;

@@ -378,17 +378,16 @@ fn ci_output_follows_each_providers_conventions() {
     repo.set_env("GITHUB_ACTIONS", "true").set_env("GITHUB_EVENT_NAME", "push").set_env("GITHUB_REF_NAME", "main");
     let gh = repo.kk(&["run"]);
     assert_eq!(gh.code, 1);
-    assert!(gh.stdout.contains("::group::docs (") && gh.stdout.contains("::endgroup::"), "{}", gh.stdout);
+    // The first stage's output streams into its group; when a second starts beside it, both go on prefixed.
+    let grouped = ["lint", "docs"].iter().find(|s| gh.stdout.contains(&format!("::group::{s}: never run\n")));
+    assert!(grouped.is_some() && gh.stdout.contains("::endgroup::"), "{}", gh.stdout);
+    assert!(gh.stdout.contains("goes on below, its lines prefixed"), "{}", gh.stdout);
     assert!(gh.stdout.contains("::error title=kkpipe::lint failed: exit code 1"), "{}", gh.stdout);
 
     let mut repo = Repo::fixture("tiny");
     repo.set_env("GITLAB_CI", "true").set_env("CI_PIPELINE_SOURCE", "push").set_env("CI_COMMIT_BRANCH", "main");
     let gl = repo.kk(&["run"]).ok();
-    assert!(
-        gl.stdout.contains("section_start:") && gl.stdout.contains(":kkpipe_plan[collapsed=true]"),
-        "{}",
-        gl.stdout
-    );
+    assert!(gl.stdout.contains("section_start:") && gl.stdout.contains("[collapsed=true]"), "{}", gl.stdout);
     assert!(gl.stdout.contains("section_end:"), "{}", gl.stdout);
 
     let mut repo = Repo::fixture("tiny");
@@ -712,4 +711,38 @@ fn a_url_install_checks_the_sha256_before_unpacking() {
     assert_eq!(String::from_utf8_lossy(&ran.stdout), "installed-kkpipe\n");
     assert_ne!(bad.code, 0, "a wrong sum installs nothing: {}", bad.all());
     assert!(!bad_dir.join(".kkpipe-bin/bin/kkpipe").exists());
+}
+
+/// Issue 24, item 6: in GitHub Actions a stage's output reaches the log as it is written, inside its group. The
+/// stage prints a line, then waits (up to a minute) for a file that this test creates only once it has read
+/// that line from kkpipe's output: the stage succeeds only if the line arrived while it was still running.
+#[test]
+fn github_actions_shows_a_stages_output_while_it_runs() {
+    use std::io::BufRead;
+    let mut repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        "[stages.slow]\nrun = [\"echo first line\", \"for i in $(seq 600); do if [ -f seen ]; then echo saw it; exit 0; fi; sleep 0.1; done\", \"exit 1\"]\n",
+    );
+    repo.set_env("GITHUB_ACTIONS", "true").set_env("GITHUB_EVENT_NAME", "push").set_env("GITHUB_REF_NAME", "main");
+    let mut child = repo.cmd_in(&repo.root, &["run"]).stdout(std::process::Stdio::piped()).spawn().expect("run kkpipe");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut before = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let first = line == "first line";
+        before.push(line);
+        if first {
+            break;
+        }
+    }
+    repo.write("seen", "");
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(
+        child.wait().unwrap().success(),
+        "the stage saw the file: its first line came out while it ran\n{before:?}\n{rest:?}"
+    );
+    assert!(before.iter().any(|l| l == "::group::slow: never run"), "streamed inside its group: {before:?}");
+    let end = rest.iter().position(|l| l == "::endgroup::").expect("the group is closed");
+    assert!(rest[..end].contains(&"saw it".to_string()), "{rest:?}");
 }

@@ -16,6 +16,7 @@ mod oracle;
 mod reliability;
 mod remote;
 mod restore;
+mod review;
 mod secrets_key;
 mod status_running;
 mod trust;

@@ -1,0 +1,114 @@
+//! `kkpipe preview`: the push to the target branch evaluated as `status` would (the same decision as `run`),
+//! and the terraform plans this job made, summarised (crate::tfplan). Nothing runs but `terraform show`.
+
+use super::Opened;
+use super::status::status_rows;
+use crate::cli::{PreviewArgs, Selection};
+use crate::error::{Error, exit};
+use crate::pipeline::Kind;
+use crate::report::preview::{OnMerge, PlanPreview, Preview, PreviewStage, SCHEMA};
+use crate::report::{StageRow, StageState, json};
+use crate::settings::Settings;
+use std::process::Command;
+
+pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
+    let sel = push_selection(settings, &args.selection)?;
+    let o = Opened::open(settings, &sel)?;
+    let rows = status_rows(settings, &o, &[])?;
+    let masker = o.masker(settings);
+    let mask = |t: &str| masker.mask_str(t);
+    let preview = Preview {
+        schema: SCHEMA,
+        context: json::Context::new(o.event.as_ref(), &o.env),
+        stages: rows.iter().map(|r| PreviewStage::from_row(r, &mask)).collect(),
+        plans: plans(settings, &o, &rows, &mask),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&preview).expect("serialisable"));
+    } else {
+        print!("{}", preview.markdown());
+    }
+    Ok(exit::OK)
+}
+
+/// A merge is a push to the target branch: the pull request's, from the CI, unless `--branch` says.
+fn push_selection(settings: &Settings, sel: &Selection) -> Result<Selection, Error> {
+    if let Some(e) = sel.event.as_deref().filter(|e| *e != "push") {
+        return Err(Error::Usage(format!(
+            "`kkpipe preview` previews a merge, which is a push: `--event {e}` does not apply (leave it out)"
+        )));
+    }
+    let branch = sel.branch.clone().or_else(|| settings.ci_event().and_then(|e| e.branch)).ok_or_else(|| {
+        Error::Usage(
+            "`kkpipe preview` needs the branch the merge goes to: pass `--branch main` (in a pull request's CI job \
+             it is the target branch)"
+                .into(),
+        )
+    })?;
+    Ok(Selection { event: Some("push".into()), branch: Some(branch), ..sel.clone() })
+}
+
+/// Every output named `*.tfplan` is a terraform plan. It is what the merge applies when a deploy stage that
+/// needs it will run; it is summarised then if its stage is fresh (the plan on disk was made from the current
+/// inputs, as the pull request's job just did), else said why not. When no such stage runs, the plan on disk is
+/// one already applied, and the merge applies none.
+fn plans(settings: &Settings, o: &Opened, rows: &[StageRow], mask: &dyn Fn(&str) -> String) -> Vec<PlanPreview> {
+    let mut out = Vec::new();
+    for stage in &o.pipeline.stages {
+        let Some(row) = rows.iter().find(|r| r.name == stage.name) else { continue };
+        let appliers: Vec<&StageRow> =
+            rows.iter().filter(|r| r.kind == Kind::Deploy && r.needs.contains(&stage.name)).collect();
+        let applied = appliers.iter().any(|r| {
+            let on_merge = PreviewStage::from_row(r, &|t: &str| t.to_string()).on_merge;
+            matches!(on_merge, OnMerge::Deploys | OnMerge::IfUpstreamChanges)
+        });
+        for output in stage.outputs.iter().filter(|p| p.path.display().ends_with(".tfplan")) {
+            let plan = output.path.display();
+            let (summary, note) = match row.state {
+                _ if !applied => {
+                    let names: Vec<String> = appliers.iter().map(|r| format!("`{}`", r.name)).collect();
+                    let note = format!("The merge applies no plan: {} stays as deployed.", names.join(", "));
+                    (None, Some(note))
+                }
+                StageState::Fresh => match show(settings, o, stage, &output.path.under(&o.pipeline.root)) {
+                    Ok(s) => (Some(s), None),
+                    Err(why) => (None, Some(mask(&why))),
+                },
+                StageState::Restored => (None, Some("the plan file is not in this workspace".to_string())),
+                _ => (
+                    None,
+                    Some(format!(
+                        "not planned from these inputs in this job (`{}` is {}): run the pull request's stages first",
+                        stage.name,
+                        row.state.word()
+                    )),
+                ),
+            };
+            out.push(PlanPreview { stage: stage.name.clone(), plan, summary, note });
+        }
+    }
+    out
+}
+
+/// `terraform show -json PLAN` in the stage's directory and environment.
+fn show(
+    settings: &Settings,
+    o: &Opened,
+    stage: &crate::pipeline::Stage,
+    plan: &std::path::Path,
+) -> Result<crate::tfplan::PlanSummary, String> {
+    let env = crate::run::exec::stage_env(stage, &settings.caller_env, &o.env);
+    let out = Command::new("terraform")
+        .args(["show", "-json", "-no-color"])
+        .arg(plan)
+        .current_dir(stage.dir.under(&o.pipeline.root))
+        .env_clear()
+        .envs(env)
+        .output()
+        .map_err(|e| format!("`terraform show -json` could not start: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("`terraform show -json` failed: {}", err.trim()));
+    }
+    crate::tfplan::parse(&out.stdout)
+}

@@ -1,0 +1,181 @@
+//! `kkpipe preview`: what a merge into the target branch will do, for a reviewer. Markdown (a pull-request
+//! comment or job summary) or JSON (`kkpipe.preview.v1`); built from the same rows as `status`.
+
+use super::json::Context;
+use super::{StageRow, StageState};
+use crate::fresh::Reason;
+use crate::pipeline::Kind;
+use crate::tfplan::PlanSummary;
+use serde::Serialize;
+use std::fmt::Write;
+
+pub const SCHEMA: &str = "kkpipe.preview.v1";
+
+/// The first line of every preview: how a comment posted from it is found again.
+pub const MARKER: &str = "<!-- kkpipe-preview -->";
+
+/// What a merge does to one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnMerge {
+    /// A check stage that will run.
+    Runs,
+    /// A deploy stage that will apply.
+    Deploys,
+    /// Will run only if a stage it needs produces other outputs than last time (early cutoff).
+    IfUpstreamChanges,
+    /// Nothing to do: its inputs are unchanged (a deploy stays as deployed).
+    Fresh,
+    /// The push does not select it.
+    NotOnPush,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviewStage {
+    pub name: String,
+    pub kind: Kind,
+    pub on_merge: OnMerge,
+    /// Why it will run, the root cause as `status` gives it (masked); `None` for fresh stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason_text: Option<String>,
+}
+
+/// The plan a terraform stage made in this job, summarised.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanPreview {
+    pub stage: String,
+    /// The plan file, relative to the repository.
+    pub plan: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<PlanSummary>,
+    /// Why there is no summary (not planned with these inputs, `terraform show` failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Preview {
+    pub schema: &'static str,
+    #[serde(flatten)]
+    pub context: Context,
+    pub stages: Vec<PreviewStage>,
+    pub plans: Vec<PlanPreview>,
+}
+
+impl PreviewStage {
+    /// A `status` row of the push's evaluation, as the merge will meet it. `mask` hides secrets in reasons.
+    pub fn from_row(r: &StageRow, mask: &dyn Fn(&str) -> String) -> PreviewStage {
+        let reason = r.reasons.first().cloned();
+        let on_merge = match (r.state, &reason) {
+            (StageState::SkippedByEvent, _) => OnMerge::NotOnPush,
+            (StageState::Fresh | StageState::Restored | StageState::Adopted, _) => OnMerge::Fresh,
+            (_, Some(Reason::UpstreamStale { .. })) => OnMerge::IfUpstreamChanges,
+            _ if r.kind == Kind::Deploy => OnMerge::Deploys,
+            _ => OnMerge::Runs,
+        };
+        let reason = reason.filter(|_| !matches!(on_merge, OnMerge::Fresh | OnMerge::NotOnPush));
+        let reason_text = reason.as_ref().map(|x| mask(&x.to_string()));
+        PreviewStage { name: r.name.clone(), kind: r.kind, on_merge, reason, reason_text }
+    }
+}
+
+impl Preview {
+    pub fn markdown(&self) -> String {
+        let mut t = String::new();
+        let target = self.context.event.as_ref().and_then(|e| e.branch.as_deref()).unwrap_or("the target branch");
+        let _ =
+            writeln!(t, "{MARKER}\n### kkpipe preview: merging into `{target}` (environment `{}`)\n", self.context.env);
+        let _ = writeln!(t, "{}\n", self.headline());
+        let _ = writeln!(t, "| stage | on merge | why |\n|---|---|---|");
+        for s in self.stages.iter().filter(|s| s.on_merge != OnMerge::NotOnPush) {
+            let why = s.reason_text.as_deref().map(cell).unwrap_or_default();
+            let _ = writeln!(t, "| `{}` | {} | {why} |", s.name, on_merge_words(s));
+        }
+        for p in &self.plans {
+            plan_markdown(&mut t, p);
+        }
+        t
+    }
+
+    /// `Merging deploys 1 stage (kkp-deploy) and runs 0 checks; 2 run only if ...; 6 stay fresh.`
+    fn headline(&self) -> String {
+        let names = |m: OnMerge| -> Vec<String> {
+            self.stages.iter().filter(|s| s.on_merge == m).map(|s| format!("`{}`", s.name)).collect()
+        };
+        let (deploys, runs, maybe) = (names(OnMerge::Deploys), names(OnMerge::Runs), names(OnMerge::IfUpstreamChanges));
+        let fresh = self.stages.iter().filter(|s| s.on_merge == OnMerge::Fresh).count();
+        let mut parts = Vec::new();
+        parts.push(match deploys.len() {
+            0 => "**Merging deploys nothing**".to_string(),
+            n => format!("**Merging deploys {n} stage{}**: {}", plural(n), deploys.join(", ")),
+        });
+        if !runs.is_empty() {
+            parts.push(format!("runs {} check{}: {}", runs.len(), plural(runs.len()), runs.join(", ")));
+        }
+        if !maybe.is_empty() {
+            parts.push(format!("{} only if a stage they need changes its outputs: {}", maybe.len(), maybe.join(", ")));
+        }
+        parts.push(format!("{fresh} stay fresh"));
+        format!("{}.", parts.join("; "))
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn on_merge_words(s: &PreviewStage) -> String {
+    match (s.on_merge, &s.reason) {
+        (OnMerge::Deploys, _) => "**deploys**".into(),
+        (OnMerge::Runs, _) => "runs".into(),
+        (OnMerge::IfUpstreamChanges, Some(Reason::UpstreamStale { stage })) => {
+            format!("{} only if `{stage}` changes its outputs", if s.kind == Kind::Deploy { "deploys" } else { "runs" })
+        }
+        (OnMerge::IfUpstreamChanges, _) => "only if a stage it needs changes its outputs".into(),
+        (OnMerge::Fresh, _) if s.kind == Kind::Deploy => "stays as deployed".into(),
+        (OnMerge::Fresh, _) => "fresh".into(),
+        (OnMerge::NotOnPush, _) => "not on a push".into(),
+    }
+}
+
+/// A table cell: no line breaks or pipes from a reason's text.
+fn cell(text: &str) -> String {
+    text.lines().next().unwrap_or("").replace('|', "\\|")
+}
+
+fn plan_markdown(t: &mut String, p: &PlanPreview) {
+    let _ = write!(t, "\n#### `{}`: `{}`\n\n", p.stage, p.plan);
+    let Some(s) = &p.summary else {
+        let _ = writeln!(t, "{}", p.note.as_deref().unwrap_or("no plan"));
+        return;
+    };
+    if s.is_empty() && s.outputs.is_empty() {
+        let _ = writeln!(t, "No changes: the live infrastructure matches the configuration.");
+        return;
+    }
+    let _ = writeln!(t, "Plan: {}.\n", s.counts());
+    for (what, list) in [
+        ("**destroyed and created again (replace)**", &s.replace),
+        ("**destroyed**", &s.delete),
+        ("created", &s.create),
+        ("updated in place", &s.update),
+        ("read", &s.read),
+        ("removed from the state, not destroyed (forget)", &s.forget),
+        ("imported", &s.imported),
+    ] {
+        if !list.is_empty() {
+            let items: Vec<String> = list.iter().map(|a| format!("`{a}`")).collect();
+            let _ = writeln!(t, "- {what}: {}", items.join(", "));
+        }
+    }
+    if !s.moved.is_empty() {
+        let items: Vec<String> = s.moved.iter().map(|m| format!("`{}` -> `{}`", m.from, m.to)).collect();
+        let _ = writeln!(t, "- moved: {}", items.join(", "));
+    }
+    if !s.outputs.is_empty() {
+        let items: Vec<String> = s.outputs.iter().map(|o| format!("`{}` ({})", o.name, o.change)).collect();
+        let _ = writeln!(t, "- outputs: {} (values not shown)", items.join(", "));
+    }
+}

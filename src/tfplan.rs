@@ -1,0 +1,188 @@
+//! A terraform plan, summarised for review: what `terraform show -json PLANFILE` says it will do.
+//!
+//! Read from terraform's JSON plan representation (internal/command/jsonplan in hashicorp/terraform): each
+//! `resource_changes[]` element has an `address`, a `mode` (`managed` or `data`), `change.actions` (`["create"]`,
+//! `["update"]`, `["delete"]`, `["delete","create"]` or `["create","delete"]` for a replacement, `["read"]`,
+//! `["no-op"]`, `["forget"]`, `["open"]`), an optional `previous_address` (moved) and `change.importing` (imported);
+//! `output_changes` maps each root output to its `actions`. Only addresses, actions and output names are kept:
+//! values (and their `*_sensitive` masks) are never read, so nothing secret can reach a review.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a plan will do, by action.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct PlanSummary {
+    pub create: Vec<String>,
+    pub update: Vec<String>,
+    pub delete: Vec<String>,
+    /// Destroyed and created again (either order).
+    pub replace: Vec<String>,
+    /// Data sources read during apply.
+    pub read: Vec<String>,
+    pub forget: Vec<String>,
+    /// Resources whose address changes (`moved` blocks).
+    pub moved: Vec<Moved>,
+    pub imported: Vec<String>,
+    /// Root outputs whose value changes, and how.
+    pub outputs: Vec<OutputChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Moved {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutputChange {
+    pub name: String,
+    /// `added`, `removed` or `changed`.
+    pub change: &'static str,
+}
+
+impl PlanSummary {
+    /// Nothing to create, change, destroy, move or import.
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty()
+            && self.update.is_empty()
+            && self.delete.is_empty()
+            && self.replace.is_empty()
+            && self.forget.is_empty()
+            && self.moved.is_empty()
+            && self.imported.is_empty()
+    }
+
+    /// `2 to create, 1 to update, 0 to delete, 1 to replace`, and reads, moves and imports when there are any.
+    pub fn counts(&self) -> String {
+        let mut s = format!(
+            "{} to create, {} to update, {} to delete, {} to replace",
+            self.create.len(),
+            self.update.len(),
+            self.delete.len(),
+            self.replace.len()
+        );
+        for (n, what) in [(self.read.len(), "to read"), (self.moved.len(), "moved"), (self.imported.len(), "imported")]
+        {
+            if n > 0 {
+                s.push_str(&format!(", {n} {what}"));
+            }
+        }
+        if !self.forget.is_empty() {
+            s.push_str(&format!(", {} to forget", self.forget.len()));
+        }
+        s
+    }
+
+    /// Addresses that a plan destroys: deleted or replaced.
+    pub fn destroys(&self) -> impl Iterator<Item = (&str, &'static str)> {
+        self.delete.iter().map(|a| (a.as_str(), "delete")).chain(self.replace.iter().map(|a| (a.as_str(), "replace")))
+    }
+}
+
+#[derive(Deserialize)]
+struct Plan {
+    #[serde(default)]
+    resource_changes: Vec<ResourceChange>,
+    #[serde(default)]
+    output_changes: BTreeMap<String, Change>,
+}
+
+#[derive(Deserialize)]
+struct ResourceChange {
+    address: String,
+    #[serde(default)]
+    previous_address: Option<String>,
+    change: Change,
+}
+
+#[derive(Deserialize)]
+struct Change {
+    #[serde(default)]
+    actions: Vec<String>,
+    #[serde(default)]
+    importing: Option<serde_json::Value>,
+}
+
+/// Reads `terraform show -json` output.
+pub fn parse(json: &[u8]) -> Result<PlanSummary, String> {
+    let plan: Plan = serde_json::from_slice(json).map_err(|e| format!("not terraform's JSON plan: {e}"))?;
+    let mut s = PlanSummary::default();
+    for rc in plan.resource_changes {
+        let a: Vec<&str> = rc.change.actions.iter().map(String::as_str).collect();
+        let address = rc.address.clone();
+        match a.as_slice() {
+            // CreateThenForget (terraform 1.10+): created, then left out of the state.
+            ["create"] | ["create", "forget"] => s.create.push(address),
+            ["update"] => s.update.push(address),
+            ["delete"] => s.delete.push(address),
+            ["delete", "create"] | ["create", "delete"] => s.replace.push(address),
+            ["read"] => s.read.push(address),
+            ["forget"] => s.forget.push(address),
+            // `open`: an ephemeral resource, which changes nothing that lasts.
+            ["no-op"] | ["open"] | [] => {}
+            // An action a newer terraform added: listed as a change rather than hidden.
+            _ => s.update.push(address),
+        }
+        if let Some(from) = rc.previous_address.filter(|p| *p != rc.address) {
+            s.moved.push(Moved { from, to: rc.address.clone() });
+        }
+        if rc.change.importing.is_some() {
+            s.imported.push(rc.address);
+        }
+    }
+    for (name, c) in plan.output_changes {
+        let how = match c.actions.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["no-op"] | [] => continue,
+            ["create"] => "added",
+            ["delete"] => "removed",
+            _ => "changed",
+        };
+        s.outputs.push(OutputChange { name, change: how });
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape `terraform show -json` writes (values included, which the summary never keeps).
+    #[test]
+    fn actions_become_counts_and_addresses_and_values_are_never_read() {
+        let json = br#"{"format_version":"1.2","resource_changes":[
+            {"address":"terraform_data.a","mode":"managed","change":{"actions":["create"],"after":{"input":"s3cret"},"after_sensitive":{"input":true}}},
+            {"address":"terraform_data.b","mode":"managed","change":{"actions":["update"]}},
+            {"address":"terraform_data.c","mode":"managed","change":{"actions":["delete","create"]}},
+            {"address":"terraform_data.d","mode":"managed","change":{"actions":["create","delete"]}},
+            {"address":"terraform_data.e","mode":"managed","change":{"actions":["delete"]}},
+            {"address":"terraform_data.f","mode":"managed","change":{"actions":["no-op"]}},
+            {"address":"data.x.y","mode":"data","change":{"actions":["read"]}},
+            {"address":"terraform_data.new","previous_address":"terraform_data.old","mode":"managed","change":{"actions":["no-op"]}},
+            {"address":"aws_s3_bucket.b","mode":"managed","change":{"actions":["no-op"],"importing":{"id":"b"}}}],
+            "output_changes":{"endpoint":{"actions":["update"],"after_sensitive":true},"same":{"actions":["no-op"]},"new":{"actions":["create"]}}}"#;
+        let s = parse(json).unwrap();
+        assert_eq!(s.create, ["terraform_data.a"]);
+        assert_eq!(s.update, ["terraform_data.b"]);
+        assert_eq!(s.replace, ["terraform_data.c", "terraform_data.d"]);
+        assert_eq!(s.delete, ["terraform_data.e"]);
+        assert_eq!(s.read, ["data.x.y"]);
+        assert_eq!(s.moved, [Moved { from: "terraform_data.old".into(), to: "terraform_data.new".into() }]);
+        assert_eq!(s.imported, ["aws_s3_bucket.b"]);
+        let outputs: Vec<(&str, &str)> = s.outputs.iter().map(|o| (o.name.as_str(), o.change)).collect();
+        assert_eq!(outputs, [("endpoint", "changed"), ("new", "added")]);
+        assert_eq!(s.counts(), "1 to create, 1 to update, 1 to delete, 2 to replace, 1 to read, 1 moved, 1 imported");
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert_eq!(s.destroys().count(), 3);
+    }
+
+    #[test]
+    fn an_empty_plan_and_garbage() {
+        let s = parse(br#"{"format_version":"1.2","planned_values":{}}"#).unwrap();
+        assert!(s.is_empty());
+        assert_eq!(s.counts(), "0 to create, 0 to update, 0 to delete, 0 to replace");
+        assert!(parse(b"Error: no plan").is_err());
+        let newer = parse(br#"{"resource_changes":[{"address":"a","change":{"actions":["explode"]}}]}"#).unwrap();
+        assert_eq!(newer.update, ["a"], "an unknown action is shown as a change, never hidden");
+    }
+}
