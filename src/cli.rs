@@ -62,6 +62,9 @@ pub enum Command {
     /// Compare two YAML or JSON documents as data, for `verify` probes (key order, quoting, formatting and
     /// comments do not count): exit 0 when equal, 1 when they differ, naming where (never a value).
     SameData(SameDataArgs),
+    /// Check a terraform plan file against a policy, as a stage's `plan_policy` does: exit 1 naming every
+    /// resource whose action the policy denies.
+    PlanCheck(PlanCheckArgs),
     /// Write the KKP delivery pipeline (pipeline.toml) for a CI provider and cloud into this repository,
     /// with the provider's CI file.
     Init(InitArgs),
@@ -299,6 +302,22 @@ pub struct PreviewArgs {
     /// variables. `--event` can only be `push` (a merge is a push).
     #[command(flatten)]
     pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanCheckArgs {
+    /// The plan file (`terraform plan -out`), read with `terraform show -json` in the current directory (where
+    /// `terraform init` ran).
+    pub plan: PathBuf,
+    /// The actions denied: create, update, delete, replace, read, forget.
+    #[arg(long, value_delimiter = ',', default_value = "delete,replace")]
+    pub deny: Vec<String>,
+    /// Resource addresses (globs, `module.dns.*`) the policy allows anyway.
+    #[arg(long, value_name = "GLOB")]
+    pub allow: Vec<String>,
+    /// Addresses (globs, comma-separated; `*` for all) allowed for this run only: the explicit override.
+    #[arg(long, value_name = "GLOB", env = "KKPIPE_ALLOW_DESTROY", value_delimiter = ',')]
+    pub allow_destroy: Vec<String>,
 }
 
 #[derive(Debug, Args)]

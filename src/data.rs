@@ -4,9 +4,9 @@
 //! repository says, and the two never agree byte for byte: Helm and the API server re-serialise (sorted keys,
 //! JSON or their own YAML), the repository keeps comments and its own order. So the comparison is of data:
 //! mappings by key whatever their order, numbers by value (`1` and `1.0` alike, as Go decodes both to a
-//! float64 on the way through JSON), strings, booleans and null exactly. Where YAML 1.1 (Go's yaml.v2, which
-//! Helm uses) and YAML 1.2 (read here) disagree, `yes` or a `<<` merge key, the two documents read as
-//! different: a probe then reports drift and the stage deploys, never the reverse.
+//! float64 on the way through JSON), strings, booleans and null exactly. The files are read as YAML 1.2; Helm
+//! and kubectl read YAML 1.1 (Go's yaml.v2), and where the two disagree (`yes`, `Null`, `<<` merge keys, an
+//! octal `010`, `!!binary`) the comparison may not be the one Helm would make: docs/pipeline-toml.md says so.
 //!
 //! A difference is named by its path and kind only, never by value: values files hold secrets.
 
@@ -68,18 +68,67 @@ pub fn path_text(at: &[Step]) -> String {
 /// Parses one document; an empty text is null. More than one document, a value YAML cannot resolve, or a
 /// mapping key that is itself a mapping or list is an error (with the line, 1-based, when there is one).
 pub fn parse(text: &str) -> Result<Yaml, String> {
-    let docs = YamlLoader::load_from_str(text)
-        .map_err(|e| format!("line {}, column {}: {}", e.marker().line(), e.marker().col() + 1, e.info()))?;
+    if depth_bound(text) > MAX_TEXT_DEPTH {
+        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+    }
+    let docs = YamlLoader::load_from_str(text).map_err(|e| {
+        // The loader's message for a repeated key quotes the key, which may hold a value (a mapping as a key).
+        let info = if e.info().contains("duplicated key") { "a key appears twice in one mapping" } else { e.info() };
+        format!("line {}, column {}: {info}", e.marker().line(), e.marker().col() + 1)
+    })?;
+    // A refused document is leaked, not dropped: dropping recurses as deep as it nests, and a hostile one nests
+    // deeper than any stack (the loader itself keeps an explicit stack). `same-data` ends right after.
     let doc = match docs.len() {
         0 => Yaml::Null,
         1 => docs.into_iter().next().unwrap_or(Yaml::Null),
-        n => return Err(format!("it holds {n} YAML documents; compare one at a time")),
+        n => {
+            std::mem::forget(docs);
+            return Err(format!("it holds {n} YAML documents; compare one at a time"));
+        }
     };
-    check(&doc, &mut Vec::new())?;
+    if let Err(e) = check(&doc, &mut Vec::new()) {
+        std::mem::forget(doc);
+        return Err(e);
+    }
     Ok(doc)
 }
 
+/// Deeper than any values file or Kubernetes object; past it the comparison's recursion is refused.
+pub const MAX_DEPTH: usize = 200;
+
+/// The loader's parser recurses once per block level: text that may nest deeper than this is refused before
+/// it is parsed (a few thousand levels fit any thread's stack).
+const MAX_TEXT_DEPTH: usize = 2000;
+
+/// An upper bound on how deep YAML text can nest: a block level is either indented further or opened on the
+/// same line by an indicator (`- `, `? `, `: `); flow collections nest by brackets.
+fn depth_bound(text: &str) -> usize {
+    let block = text
+        .lines()
+        .map(|l| {
+            let indent = l.len() - l.trim_start_matches(' ').len();
+            indent + l.matches("- ").count() + l.matches("? ").count() + l.matches(": ").count() + 1
+        })
+        .max()
+        .unwrap_or(0);
+    let (mut flow, mut deepest) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                flow += 1;
+                deepest = deepest.max(flow);
+            }
+            b']' | b'}' => flow = flow.saturating_sub(1),
+            _ => {}
+        }
+    }
+    block + deepest
+}
+
 fn check(y: &Yaml, at: &mut Vec<Step>) -> Result<(), String> {
+    if at.len() > MAX_DEPTH {
+        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+    }
     match y {
         Yaml::BadValue | Yaml::Alias(_) => Err(format!("at {}: a value YAML cannot resolve", path_text(at))),
         Yaml::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| {
@@ -88,13 +137,24 @@ fn check(y: &Yaml, at: &mut Vec<Step>) -> Result<(), String> {
             at.pop();
             r
         }),
-        Yaml::Hash(map) => map.iter().try_for_each(|(k, v)| {
-            let key = key_text(k).ok_or_else(|| format!("at {}: a key that is a mapping or a list", path_text(at)))?;
-            at.push(Step::Key(key));
-            let r = check(v, at);
-            at.pop();
-            r
-        }),
+        Yaml::Hash(map) => {
+            let mut seen = std::collections::HashSet::new();
+            map.iter().try_for_each(|(k, v)| {
+                let key =
+                    key_text(k).ok_or_else(|| format!("at {}: a key that is a mapping or a list", path_text(at)))?;
+                // `1` and `"1"` are one key to JSON (and to Helm): two of them would hide one from the comparison.
+                if !seen.insert(key.clone()) {
+                    return Err(format!(
+                        "at {}: the key `{key}` appears twice (as a number and a string)",
+                        path_text(at)
+                    ));
+                }
+                at.push(Step::Key(key));
+                let r = check(v, at);
+                at.pop();
+                r
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -251,11 +311,15 @@ mod tests {
     fn several_documents_bad_syntax_and_duplicate_keys_are_errors_with_a_line() {
         assert!(parse("a: 1\n---\nb: 2\n").unwrap_err().contains("2 YAML documents"));
         assert!(parse("a: 1\nb: [1, 2\n").unwrap_err().starts_with("line "));
-        assert!(
-            parse("a: 1\na: 2\n").unwrap_err().contains("duplicated key"),
-            "{}",
-            parse("a: 1\na: 2\n").unwrap_err()
-        );
+        assert!(parse("a: 1\na: 2\n").unwrap_err().contains("a key appears twice"));
+        let complex = parse("? {pw: s3cretVALUE}\n: 1\n? {pw: s3cretVALUE}\n: 2\n").unwrap_err();
+        assert!(!complex.contains("s3cret"), "{complex}");
+        assert!(parse("1: a\n'1': b\n").unwrap_err().contains("the key `1` appears twice"));
+        let deep = format!("{}x", "- ".repeat(MAX_DEPTH + 5));
+        assert!(parse(&deep).unwrap_err().contains("nested deeper than"));
+        // Deeper than the parser's recursion could take: refused before it is parsed.
+        let hostile = format!("{}x", "- ".repeat(3_000_000));
+        assert!(parse(&hostile).unwrap_err().contains("nested deeper than"));
         assert!(parse("? [a]\n: 1\n").unwrap_err().contains("a key that is a mapping or a list"));
     }
 

@@ -9,7 +9,7 @@ use crate::hash::key::{FileList, Keyed, Manifest, SHELL, secret_mac, secret_unse
 use crate::hash::select::{Matcher, Trees};
 use crate::hash::walk::{self, Walked};
 use crate::hash::{self, Hash};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Stage};
 use crate::relpath::RelPath;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -278,12 +278,13 @@ impl<'a> Session<'a> {
         pass_env.sort();
         let mut outputs: Vec<(RelPath, bool)> = stage.outputs.iter().map(|o| (o.path.clone(), o.sensitive)).collect();
         outputs.sort();
+        let env = self.keyed_env(stage);
         Ok(Ok(Keyed::new(Manifest {
             shell: SHELL.iter().map(|s| s.to_string()).collect(),
             dir: stage.dir.clone(),
             run: stage.run.clone(),
             env_scope: if stage.per_env { self.env_name.to_string() } else { String::new() },
-            env: stage.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env,
             secret_env,
             pass_env,
             outputs,
@@ -292,6 +293,20 @@ impl<'a> Session<'a> {
             inputs,
             needs,
         })))
+    }
+
+    /// The keyed environment: the stage's `env`, and for a stage with a `plan_policy` the policy and the
+    /// override. A plan checked under another policy or override is another result: one accepted under
+    /// `KKPIPE_ALLOW_DESTROY` is not fresh in a run without it (docs/review.md).
+    fn keyed_env(&self, stage: &Stage) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = stage.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if let Some(p) = &stage.plan_policy {
+            let allow = self.caller_env.get("KKPIPE_ALLOW_DESTROY").cloned().unwrap_or_default();
+            env.push(("KKPIPE_ALLOW_DESTROY".into(), allow));
+            env.push(("KKPIPE_PLAN_POLICY".into(), format!("deny={} allow={}", p.deny.join(","), p.allow.join(","))));
+            env.sort();
+        }
+        env
     }
 
     // ------------------------------------------------------------ stat cache

@@ -80,6 +80,48 @@ impl PlanSummary {
     }
 }
 
+/// The actions a plan policy can deny (`plan_policy.deny` in pipeline.toml).
+pub const ACTIONS: &[&str] = &["create", "update", "delete", "replace", "read", "forget"];
+
+/// What a policy denies by default: destroying anything (deleted, or destroyed and created again).
+pub const DENY_BY_DEFAULT: &[&str] = &["delete", "replace"];
+
+impl PlanSummary {
+    /// The addresses of one action (one of [`ACTIONS`]).
+    pub fn with_action(&self, action: &str) -> &[String] {
+        match action {
+            "create" => &self.create,
+            "update" => &self.update,
+            "delete" => &self.delete,
+            "replace" => &self.replace,
+            "read" => &self.read,
+            "forget" => &self.forget,
+            _ => &[],
+        }
+    }
+
+    /// `(address, action)` of every change of a `deny`ed action on an address `allowed` does not cover.
+    pub fn denied(&self, deny: &[String], allowed: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
+        deny.iter()
+            .flat_map(|a| self.with_action(a).iter().map(move |addr| (addr.clone(), a.clone())))
+            .filter(|(addr, _)| !allowed(addr))
+            .collect()
+    }
+}
+
+/// Resource address patterns (blank ones ignored), as `plan_policy.allow` and `KKPIPE_ALLOW_DESTROY` give
+/// them: `*` matches anything, every other character itself, so an address is its own pattern
+/// (`terraform_data.node[2]`, `module.x["a"]`: brackets are not character classes here).
+pub fn address_patterns<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<globset::GlobSet, String> {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in patterns.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
+        let literal: Vec<String> = p.split('*').map(globset::escape).collect();
+        let glob = globset::GlobBuilder::new(&literal.join("*")).literal_separator(false).build();
+        b.add(glob.map_err(|e| format!("address pattern `{p}`: {e}"))?);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
 #[derive(Deserialize)]
 struct Plan {
     #[serde(default)]
@@ -174,6 +216,33 @@ mod tests {
         assert_eq!(s.counts(), "1 to create, 1 to update, 1 to delete, 2 to replace, 1 to read, 1 moved, 1 imported");
         assert!(!format!("{s:?}").contains("s3cret"));
         assert_eq!(s.destroys().count(), 3);
+    }
+
+    #[test]
+    fn a_policy_denies_its_actions_except_on_allowed_addresses() {
+        let s = PlanSummary {
+            create: vec!["a.new".into()],
+            delete: vec!["a.old".into(), "module.dns.x".into()],
+            replace: vec!["a.node[0]".into()],
+            ..Default::default()
+        };
+        let deny: Vec<String> = DENY_BY_DEFAULT.iter().map(|a| a.to_string()).collect();
+        let denied = s.denied(&deny, &|addr| addr.starts_with("module.dns."));
+        let pairs: Vec<(&str, &str)> = denied.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(pairs, [("a.old", "delete"), ("a.node[0]", "replace")]);
+        assert!(s.denied(&deny, &|_| true).is_empty());
+        assert_eq!(s.denied(&["create".into()], &|_| false), [("a.new".to_string(), "create".to_string())]);
+    }
+
+    /// An address is its own pattern: brackets and quotes match themselves; `*` is the one wildcard.
+    #[test]
+    fn address_patterns_match_addresses_literally_but_for_stars() {
+        let p = address_patterns(["terraform_data.node[2]", "module.dns.*", " "]).unwrap();
+        assert!(p.is_match("terraform_data.node[2]"));
+        assert!(!p.is_match("terraform_data.node2") && !p.is_match("terraform_data.node[3]"));
+        assert!(p.is_match("module.dns.aws_route53_record.x[\"a\"]"));
+        assert!(address_patterns(["*"]).unwrap().is_match("module.a.b[0]"));
+        assert!(address_patterns([" ", ""]).unwrap().is_empty());
     }
 
     #[test]

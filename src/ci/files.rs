@@ -137,6 +137,10 @@ struct Facts {
     deploys: bool,
     /// `[remote]` is configured: pushes get KKPIPE_SIGNING_KEY, pull requests never.
     remote: bool,
+    /// A stage has a `plan_policy`: the override `KKPIPE_ALLOW_DESTROY` comes from a label or a variable.
+    plan_policy: bool,
+    /// A deploy stage has a `verify` probe: a scheduled job runs `kkpipe verify`.
+    probes: bool,
 }
 
 /// The CI secrets the pipeline reads (what the CI file passes from the secret store), by name.
@@ -198,8 +202,13 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         ssh_agent,
         deploys,
         remote: pipeline.remote.is_some(),
+        plan_policy: pipeline.stages.iter().any(|s| s.plan_policy.is_some()),
+        probes: pipeline.stages.iter().any(|s| s.is_deploy() && s.verify.is_some()),
     }
 }
+
+/// The pull-request label that allows what a `plan_policy` denies, for that pull request's runs.
+const ALLOW_DESTROY_LABEL: &str = "kkpipe/allow-destroy";
 
 const SIGNING_KEY: &str = crate::remote::SIGNING_KEY_VAR;
 
@@ -301,14 +310,20 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         "# the stages and the graph. No path filters: a required check must always report, and a failed deploy\n",
     );
     t.push_str("# is retried on the next push whatever it touches (Flux's `[ci skip]` commits do not trigger it).\n");
-    t.push_str("name: kkp\n\non:\n  pull_request:\n    branches: [main]\n");
-    let _ = writeln!(t, "  push:\n    branches: [{}]", f.push_branches.join(", "));
-    t.push_str("  workflow_dispatch: {}\n\n");
+    github_triggers(f, &mut t);
     if f.deploys {
         t.push_str("# One run per ref at a time: deploy stages are never applied by two runs at once.\n");
         t.push_str("concurrency:\n  group: kkp-${{ github.ref }}\n  cancel-in-progress: false\n\n");
     }
     t.push_str("permissions:\n  contents: read\n\nenv:\n");
+    if f.plan_policy {
+        // The explicit override of the plan policy (docs/review.md): a pull request's label, else the
+        // repository variable of the same name (for the push after the merge).
+        let _ = writeln!(
+            t,
+            "  KKPIPE_ALLOW_DESTROY: ${{{{ github.event_name == 'pull_request' && contains(github.event.pull_request.labels.*.name, '{ALLOW_DESTROY_LABEL}') && '*' || vars.KKPIPE_ALLOW_DESTROY }}}}"
+        );
+    }
     for (k, v) in versions(f) {
         let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
@@ -346,11 +361,28 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
     t
 }
 
+/// The workflow's name and `on:`.
+fn github_triggers(f: &Facts, t: &mut String) {
+    t.push_str("name: kkp\n\non:\n  pull_request:\n    branches: [main]\n");
+    if f.plan_policy {
+        // Adding the label runs the pull request's job again.
+        t.push_str("    types: [opened, synchronize, reopened, labeled]\n");
+    }
+    let _ = writeln!(t, "  push:\n    branches: [{}]", f.push_branches.join(", "));
+    t.push_str("  workflow_dispatch: {}\n");
+    if f.probes {
+        // Drift is found without a push: every day the deploy stages' probes run (`kkpipe verify`).
+        t.push_str("  schedule:\n    - cron: '17 5 * * *'\n");
+    }
+    t.push('\n');
+}
+
 /// The GitHub step that runs the pipeline, with the secrets it passes (the signing key never to a pull request).
 fn github_run_step(f: &Facts, t: &mut String) {
     // A manual run (`workflow_dispatch`) is a push of the chosen branch: the push stages, with their branch
     // filter. As the event it is, `manual`, it would select only stages that list it: none in the KKP pipeline.
-    t.push_str("      - name: kkpipe run\n        run: kkpipe run ${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}\n");
+    // A scheduled run verifies (the probes of what a push to the default branch deploys) and applies nothing.
+    t.push_str("      - name: kkpipe run\n        run: kkpipe ${{ github.event_name == 'schedule' && 'verify --event push' || 'run' }} ${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}\n");
     let env: Vec<&String> = f.secrets.iter().filter(|s| *s != "SSH_PRIVATE_KEY").collect();
     if !env.is_empty() {
         t.push_str("        env:\n");
@@ -401,6 +433,12 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
         );
     }
     before.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
+    if f.plan_policy {
+        // The plan policy's override from a merge request's label (else a CI/CD variable of that name).
+        before.push(format!(
+            "if printf ',%s,' \"${{CI_MERGE_REQUEST_LABELS:-}}\" | grep -qF ',{ALLOW_DESTROY_LABEL},'; then export KKPIPE_ALLOW_DESTROY='*'; fi"
+        ));
+    }
     for l in before {
         let _ = writeln!(t, "    - {}", yq(&l));
     }
@@ -439,6 +477,11 @@ fn gitlab_jobs(f: &Facts, t: &mut String) {
         t.push_str("  # One deploying job at a time.\n  resource_group: kkp-$CI_COMMIT_REF_SLUG\n");
     }
     t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"push\" || $CI_PIPELINE_SOURCE == \"web\"\n");
+    if f.probes {
+        // A pipeline schedule (CI/CD -> Schedules) finds drift without a push, applying nothing.
+        t.push_str("\nkkp:verify:\n  extends: .kkpipe\n  script:\n    - kkpipe verify --event push\n");
+        t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"schedule\"\n");
+    }
 }
 
 fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
@@ -473,7 +516,10 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
         // Secured repository variables reach pull-request pipelines too.
         script.push(format!("if [ -n \"${{BITBUCKET_PR_ID:-}}\" ]; then {DROP_SIGNING_KEY_ON_PR}; fi"));
     }
-    script.push("mkdir -p kkpipe-result && code=0 && kkpipe run || code=$?".into());
+    // The custom pipeline `kkp-verify` (scheduled in Pipelines -> Schedules) sets KKPIPE_VERIFY: probes only.
+    script.push(
+        "mkdir -p kkpipe-result && code=0 && if [ \"${KKPIPE_VERIFY:-}\" = 1 ]; then kkpipe verify --event push; else kkpipe run; fi || code=$?".into(),
+    );
     script.push("echo \"$code\" > kkpipe-result/exit-code".into());
     script.push(
         "kkpipe cache gc --max-size 800M && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
@@ -509,5 +555,9 @@ fn bitbucket_pipelines(f: &Facts, t: &mut String) {
             t.push_str("          # Bitbucket runs one deployment to an environment at a time.\n          deployment: production\n");
         }
         t.push_str("      - step: *kkpipe-result\n");
+    }
+    if f.probes {
+        t.push_str("  custom:\n    kkp-verify:\n      - variables:\n          - name: KKPIPE_VERIFY\n            default: \"1\"\n");
+        t.push_str("      - step: *kkpipe-run\n      - step: *kkpipe-result\n");
     }
 }

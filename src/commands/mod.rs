@@ -4,6 +4,7 @@ mod cache;
 mod demo;
 mod init;
 mod observe;
+mod plan_check;
 mod preview;
 mod remote;
 mod same_data;
@@ -43,6 +44,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
             Ok(exit::OK)
         }
         Command::SameData(args) => same_data::same_data(args),
+        Command::PlanCheck(args) => plan_check::plan_check(args),
         Command::Init(args) => init::init(&settings, args),
         Command::Ci(args) => init::ci(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),

@@ -6,7 +6,7 @@ use super::status::status_rows;
 use crate::cli::{PreviewArgs, Selection};
 use crate::error::{Error, exit};
 use crate::pipeline::Kind;
-use crate::report::preview::{OnMerge, PlanPreview, Preview, PreviewStage, SCHEMA};
+use crate::report::preview::{Denied, OnMerge, PlanPreview, Preview, PreviewStage, SCHEMA};
 use crate::report::{StageRow, StageState, json};
 use crate::settings::Settings;
 use std::process::Command;
@@ -84,10 +84,31 @@ fn plans(settings: &Settings, o: &Opened, rows: &[StageRow], mask: &dyn Fn(&str)
                     )),
                 ),
             };
-            out.push(PlanPreview { stage: stage.name.clone(), plan, summary, note });
+            let denied = match (&summary, &stage.plan_policy) {
+                (Some(s), Some(policy)) => denied(settings, s, policy),
+                _ => Vec::new(),
+            };
+            out.push(PlanPreview { stage: stage.name.clone(), plan, summary, denied, note });
         }
     }
     out
+}
+
+/// What the policy denies in a plan, each marked when `KKPIPE_ALLOW_DESTROY` here allows it for this run (a
+/// label on the pull request): the merge's push needs the override again, so it is shown either way.
+fn denied(settings: &Settings, s: &crate::tfplan::PlanSummary, policy: &crate::pipeline::PlanPolicy) -> Vec<Denied> {
+    // pipeline.toml's patterns were checked when it loaded; a broken override allows nothing (plan-check refuses
+    // it).
+    let patterns = |p: &mut dyn Iterator<Item = &str>| {
+        crate::tfplan::address_patterns(p).unwrap_or_else(|_| globset::GlobSet::empty())
+    };
+    let allowed = patterns(&mut policy.allow.iter().map(String::as_str));
+    let env = settings.caller_env.get("KKPIPE_ALLOW_DESTROY").cloned().unwrap_or_default();
+    let overridden = patterns(&mut env.split(','));
+    s.denied(&policy.deny, &|a| allowed.is_match(a))
+        .into_iter()
+        .map(|(address, action)| Denied { overridden: overridden.is_match(&address), address, action })
+        .collect()
 }
 
 /// `terraform show -json PLAN` in the stage's directory and environment.

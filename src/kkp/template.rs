@@ -170,6 +170,8 @@ struct Stage {
     /// One line each (a list in pipeline.toml when more than one).
     verify: Option<Vec<String>>,
     retry_needs_if: Option<&'static str>,
+    /// `plan_policy` denying what destroys (the default policy).
+    deny_destroy: bool,
 }
 
 impl Stage {
@@ -193,6 +195,7 @@ impl Stage {
             tools: Vec::new(),
             verify: None,
             retry_needs_if: None,
+            deny_destroy: false,
         }
     }
 }
@@ -391,6 +394,7 @@ fn plan_stage(v: Variant, tf: &str, needs: Vec<&'static str>) -> Stage {
     plan.needs = needs;
     plan.pass_env = [creds(v), backend_env(v)].concat();
     plan.tools = vec!["terraform"];
+    plan.deny_destroy = true;
     plan
 }
 
@@ -436,6 +440,11 @@ fn kubeone_stage(v: Variant, tf: &str, pins: &Pins) -> Stage {
     );
     kubeone.kind_deploy = true;
     kubeone.run = vec![
+        // The stamp goes first (on a cluster that answers): an apply that fails half-way leaves none, so a
+        // revert is never adopted over what it half-applied.
+        format!(
+            "k=$(mktemp) && if kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > \"$k\" 2> /dev/null; then kubectl --kubeconfig \"$k\" -n kube-system delete configmap kkpipe-kubeone-apply --ignore-not-found; fi; rm -f \"$k\""
+        ),
         format!("kubeone apply -m kubeone/kubeone.yaml -t {tf}/output.json -y"),
         format!("kubeone kubeconfig -m kubeone/kubeone.yaml -t {tf}/output.json > kubeone/kubeconfig"),
     ];
@@ -525,10 +534,7 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
         DECRYPT_KEY.into(),
         DECRYPT.into(),
-        // The installer loads its Helm charts from `charts` in the working directory unless told otherwise
-        // (`--charts-directory`, a global flag): use those of the release the installer on PATH was unpacked
-        // from, which keeps `charts/` beside the binary.
-        "charts=\"$(dirname \"$(readlink -f \"$(command -v kubermatic-installer)\")\")/charts\"".into(),
+        CHARTS.into(),
         format!(
             "kubermatic-installer --charts-directory \"$charts\" deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
             v.cloud.storage_class(&pins.kkp.version)
@@ -575,6 +581,11 @@ const DECRYPT_KEY: &str = "(umask 077 && printf '%s\\n' \"$SOPS_AGE_SECRET_KEY\"
 /// decrypt): a file is decrypted only when sops encrypted it (docs/dev/wizard-facts.md).
 const DECRYPT: &str = "for f in kubermatic-configuration values cluster-issuer; do if grep -q '^sops:' kubermatic/$f.yaml; then sops --decrypt kubermatic/$f.yaml > \"$decrypted/$f.yaml\"; else cp kubermatic/$f.yaml \"$decrypted/$f.yaml\"; fi; done";
 
+/// The installer loads its Helm charts from `charts` in the working directory unless told otherwise
+/// (`--charts-directory`, a global flag): those of the release the installer on PATH was unpacked from, which
+/// keeps `charts/` beside the binary.
+const CHARTS: &str = "charts=\"$(dirname \"$(readlink -f \"$(command -v kubermatic-installer)\")\")/charts\"";
+
 /// An AWS load balancer has a hostname, a GCP one an IP address: whichever the Service has.
 const INGRESS_ADDRESS: &str = "kubectl -n nginx-ingress-controller get service nginx-ingress-controller -o jsonpath='{.status.loadBalancer.ingress[0].hostname}{.status.loadBalancer.ingress[0].ip}' > kubermatic/ingress-address.txt";
 
@@ -592,12 +603,17 @@ fn kkp_probe() -> Vec<String> {
         "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
         DECRYPT_KEY.into(),
         DECRYPT.into(),
+        CHARTS.into(),
         format!(
-            "for r in {}; do ns=${{r%/*}} rel=${{r#*/}}; helm --namespace \"$ns\" list --all --filter \"^$rel\\$\" -o json > \"$decrypted/release.json\"; grep -q '\"status\":\"deployed\"' \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not deployed\"; exit 1; }}; helm --namespace \"$ns\" get values \"$rel\" -o yaml > \"$decrypted/helm-$rel.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data values.yaml \"helm-$rel.yaml\") || {{ echo \"Helm release $rel in namespace $ns has other values than kubermatic/values.yaml\"; exit 1; }}; done",
+            "for r in {}; do ns=${{r%/*}} rel=${{r#*/}}; helm --namespace \"$ns\" list --all --filter \"^$rel\\$\" -o json > \"$decrypted/release.json\"; grep -q '\"status\":\"deployed\"' \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not deployed\"; exit 1; }}; v=$(sed -n 's/^version:[[:space:]]*//p' \"$charts/$rel/Chart.yaml\" | tr -d \"\\\"'\"); grep -qF \"\\\"chart\\\":\\\"$rel-$v\\\"\" \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not chart $rel-$v of this KKP release\"; exit 1; }}; helm --namespace \"$ns\" get values \"$rel\" -o yaml > \"$decrypted/helm-$rel.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data values.yaml \"helm-$rel.yaml\") || {{ echo \"Helm release $rel in namespace $ns has other values than kubermatic/values.yaml\"; exit 1; }}; done",
             KKP_RELEASES.join(" ")
         ),
         "helm --namespace kubermatic list --all --filter '^kubermatic-operator$' -o json | grep -q \"\\\"app_version\\\":\\\"v${KKP_VERSION#v}\\\"\" || { echo \"the KKP operator is not v${KKP_VERSION#v}\"; exit 1; }".into(),
         "for f in kubermatic-configuration cluster-issuer; do kubectl get -f \"$decrypted/$f.yaml\" -o yaml > \"$decrypted/live-$f.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data --at spec \"$f.yaml\" \"live-$f.yaml\") || { echo \"the cluster's object has another spec than kubermatic/$f.yaml\"; exit 1; }; done".into(),
+        // The Secrets the stage makes after the installer, which Flux's objects read (byte for byte).
+        "for ns in logging monitoring iap; do kubectl -n \"$ns\" get secret kubermatic-values -o jsonpath='{.data.values\\.yaml}' | base64 -d | cmp -s - \"$decrypted/values.yaml\" || { echo \"secret $ns/kubermatic-values is not kubermatic/values.yaml\"; exit 1; }; done".into(),
+        "kubectl -n kubermatic get secret sops-age -o jsonpath='{.data.age\\.agekey}' | base64 -d | cmp -s - \"$decrypted/age.agekey\" || { echo 'secret kubermatic/sops-age is not the age key'; exit 1; }".into(),
+        "kubectl -n kubermatic get secret kubeconfig-cluster -o jsonpath='{.data.kubeconfig}' | base64 -d | cmp -s - \"$KUBECONFIG\" || { echo 'secret kubermatic/kubeconfig-cluster is not the cluster kubeconfig'; exit 1; }".into(),
     ]
 }
 
@@ -799,11 +815,24 @@ fn render_stage(t: &mut String, s: &Stage) {
     if !s.tools.is_empty() {
         let _ = writeln!(t, "tools = {}", list(&s.tools));
     }
+    render_probe_and_policy(t, s);
+}
+
+/// Append `verify`, `retry_needs_if` and `plan_policy`.
+fn render_probe_and_policy(t: &mut String, s: &Stage) {
     if let Some(v) = &s.verify {
         render_lines(t, "verify", v);
     }
     if let Some(r) = s.retry_needs_if {
         let _ = writeln!(t, "retry_needs_if = {}", q(r));
+    }
+    if s.deny_destroy {
+        t.push_str(
+            "# A plan that deletes or replaces a resource (a rename replaces it) fails here, naming each, and is checked\n\
+             # again before terraform-apply applies it. Allow addresses here (`allow = [\"module.x.*\"]`), or for one\n\
+             # run with KKPIPE_ALLOW_DESTROY (docs/review.md).\n\
+             plan_policy = { deny = [\"delete\", \"replace\"] }\n",
+        );
     }
 }
 

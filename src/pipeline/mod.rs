@@ -75,6 +75,17 @@ impl Error {
     }
 }
 
+/// `on_drift`: what a run does with a deploy stage whose probe found drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDrift {
+    /// Deploy again: the run exists to make the live system what the repository says.
+    #[default]
+    Apply,
+    /// Apply nothing: the stage is reported drifted, what needs it is skipped, and the run fails.
+    Fail,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
@@ -134,9 +145,24 @@ pub struct Stage {
     /// default true); false for a probe that sees drift in part only (docs/pipeline-toml.md, "Adoption").
     pub adopt: bool,
     pub retry_needs_if: Option<String>,
+    /// The terraform plan this stage makes (`*.tfplan` outputs) may not do what this denies (docs/review.md).
+    pub plan_policy: Option<PlanPolicy>,
+    pub on_drift: OnDrift,
+}
+
+/// `plan_policy`: actions denied in the stage's plans, except on addresses matching an `allow` pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanPolicy {
+    pub deny: Vec<String>,
+    pub allow: Vec<String>,
 }
 
 impl Stage {
+    /// The `*.tfplan` outputs: terraform plans.
+    pub fn plans(&self) -> impl Iterator<Item = &Output> {
+        self.outputs.iter().filter(|o| o.path.display().ends_with(".tfplan"))
+    }
+
     pub fn runs_on(&self, event: Trigger, branch: Option<&str>) -> bool {
         let on = match &self.on {
             None => return true,
@@ -478,8 +504,18 @@ fn passed(file: &Path, name: &str, mut pass_env: Vec<String>, plain_env: Vec<Str
     Ok(pass_env)
 }
 
-/// `verify` only on deploy stages, `adopt` only with `verify`.
-fn check_probe(file: &Path, name: &str, verify: bool, adopt: bool, kind: Kind) -> Result<(), Error> {
+/// `verify` only on deploy stages, `adopt` and `on_drift` only with `verify`, `plan_policy` only on checks.
+fn check_probe(file: &Path, name: &str, rs: &RawStage, kind: Kind) -> Result<(), Error> {
+    let (verify, adopt) = (rs.verify.is_some(), rs.adopt.is_some());
+    if rs.on_drift.is_some() && !verify {
+        let what = "only a stage with a `verify` probe finds drift; add one or remove `on_drift`";
+        return Err(Error::invalid(file, place(name, "on_drift"), what));
+    }
+    if rs.plan_policy.is_some() && kind == Kind::Deploy {
+        let what = "a deploy stage would apply before its own plan is checked: put the policy on the stage that \
+                    makes the plan (the deploy stages that need it check it again before they run)";
+        return Err(Error::invalid(file, place(name, "plan_policy"), what));
+    }
     if verify && kind != Kind::Deploy {
         return Err(Error::invalid(
             file,
@@ -504,6 +540,8 @@ fn validate_stage(
     mut rs: RawStage,
     global_env: &BTreeMap<String, String>,
 ) -> Result<Stage, Error> {
+    let kind = rs.kind.unwrap_or_default();
+    check_probe(file, name, &rs, kind)?;
     let run = stage_run(file, name, rs.run)?;
     let dir = stage_dir(root, file, name, rs.dir.as_deref())?;
     let include = normalise_patterns(root, file, Some(name), "inputs", &rs.inputs)?;
@@ -524,8 +562,7 @@ fn validate_stage(
             "`branches` filters push events; add \"push\" to `on` or remove `branches`",
         ));
     }
-    let kind = rs.kind.unwrap_or_default();
-    check_probe(file, name, rs.verify.is_some(), rs.adopt.is_some(), kind)?;
+    let plan_policy = rs.plan_policy.map(|p| plan_policy(file, name, p, &outputs)).transpose()?;
     if rs.retry_needs_if.is_some() && rs.needs.is_empty() {
         return Err(Error::invalid(file, place(name, "retry_needs_if"), "the stage has no `needs` to rerun"));
     }
@@ -550,7 +587,30 @@ fn validate_stage(
         verify: rs.verify.map(StringOrList::lines),
         adopt: rs.adopt.unwrap_or(true),
         retry_needs_if: rs.retry_needs_if,
+        plan_policy,
+        on_drift: rs.on_drift.unwrap_or_default(),
     })
+}
+
+/// `plan_policy`: known actions (default: those that destroy), valid address patterns, and a plan to check.
+fn plan_policy(file: &Path, name: &str, p: raw::RawPlanPolicy, outputs: &[Output]) -> Result<PlanPolicy, Error> {
+    let deny = p.deny.unwrap_or_else(|| crate::tfplan::DENY_BY_DEFAULT.iter().map(|a| a.to_string()).collect());
+    if let Some(a) = deny.iter().find(|a| !crate::tfplan::ACTIONS.contains(&a.as_str())) {
+        let known = crate::tfplan::ACTIONS.join(", ");
+        return Err(Error::invalid(
+            file,
+            place(name, "plan_policy.deny"),
+            format!("unknown action `{a}`; known: {known}"),
+        ));
+    }
+    if let Err(e) = crate::tfplan::address_patterns(p.allow.iter().map(String::as_str)) {
+        return Err(Error::invalid(file, place(name, "plan_policy.allow"), e));
+    }
+    if !outputs.iter().any(|o| o.path.display().ends_with(".tfplan")) {
+        let what = "the stage declares no `*.tfplan` output for the policy to check; add the plan file to `outputs`";
+        return Err(Error::invalid(file, place(name, "plan_policy"), what));
+    }
+    Ok(PlanPolicy { deny, allow: p.allow })
 }
 
 /// `tools`: command names, found on PATH.

@@ -80,6 +80,19 @@ pub(crate) struct RawStage {
     pub adopt: Option<bool>,
     #[serde(default)]
     pub retry_needs_if: Option<String>,
+    #[serde(default)]
+    pub plan_policy: Option<RawPlanPolicy>,
+    #[serde(default)]
+    pub on_drift: Option<super::OnDrift>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPlanPolicy {
+    #[serde(default)]
+    pub deny: Option<Vec<String>>,
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

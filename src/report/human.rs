@@ -30,6 +30,8 @@ pub struct Human {
     running: Vec<String>,
     /// The last lines of each running stage, shown again under a failure.
     tails: HashMap<String, std::collections::VecDeque<Vec<u8>>>,
+    /// Stages whose failure is retried (`retry_needs_if`): no `::error` annotation, the run may still pass.
+    retrying: std::collections::HashSet<String>,
     width: usize,
     /// The live "running: ..." line, on a terminal only.
     live: Option<indicatif::ProgressBar>,
@@ -75,6 +77,7 @@ impl Human {
             group: None,
             running: Vec::new(),
             tails: HashMap::new(),
+            retrying: Default::default(),
             width,
             live: None,
             step_summary: None,
@@ -163,6 +166,16 @@ impl Human {
         self.write(end.as_bytes());
     }
 
+    /// A CI log ends a line at a carriage return too: one inside a stage's line would start a new line there,
+    /// out of reach of the prefix (and of the pause, once printed outside a group), where it could be a
+    /// workflow command. In CI it is shown as a space (a terminal would overwrite).
+    fn one_line<'a>(&self, line: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if self.style == Style::Plain || !line.contains(&b'\r') {
+            return std::borrow::Cow::Borrowed(line);
+        }
+        std::borrow::Cow::Owned(line.iter().map(|&b| if b == b'\r' { b' ' } else { b }).collect())
+    }
+
     /// CI styles stream into a group only while one stage runs (groups cannot interleave).
     fn streams_grouped(&self) -> bool {
         self.style != Style::Plain && !self.quiet
@@ -181,6 +194,9 @@ impl Sink for Human {
         match e {
             Event::Warning { message } => self.warning(message),
             Event::Notice(n) => {
+                if let super::Notice::Retrying { stage, .. } = n {
+                    self.retrying.insert(stage.clone());
+                }
                 if !self.quiet {
                     self.write(format!("{n}\n").as_bytes());
                 }
@@ -250,21 +266,22 @@ impl Human {
     /// `Running stage: reason`; in CI, its group opens now unless another stage is running, in which case
     /// the open group closes and both stream prefixed.
     fn started(&mut self, stage: &str, reason: &crate::fresh::Reason) {
-        if !self.quiet {
-            self.status("Running", CYAN, &format!("{stage}: {reason}"));
-        }
         self.running.push(stage.to_string());
         self.tails.insert(stage.to_string(), Default::default());
-        if !self.streams_grouped() {
-            return;
-        }
-        if self.running.len() == 1 {
-            self.open_group(stage, &format!("{stage}: {reason}"));
-        } else if let Some((other, _)) = self.group.clone() {
+        if self.streams_grouped()
+            && self.running.len() > 1
+            && let Some((other, _)) = self.group.clone()
+        {
             let note = format!("(`{other}` goes on below, its lines prefixed: `{stage}` runs beside it)");
             let l = self.prefixed(&other, note.as_bytes());
             self.write(&l);
             self.close_group();
+        }
+        if !self.quiet {
+            self.status("Running", CYAN, &format!("{stage}: {reason}"));
+        }
+        if self.streams_grouped() && self.running.len() == 1 {
+            self.open_group(stage, &format!("{stage}: {reason}"));
         }
     }
 
@@ -278,6 +295,7 @@ impl Human {
             plain = anstream::adapter::strip_bytes(line).into_vec();
             &plain
         };
+        let line = &*self.one_line(line);
         if let Some(tail) = self.tails.get_mut(stage) {
             if tail.len() == TAIL {
                 tail.pop_front();
@@ -317,7 +335,7 @@ impl Human {
         if self.quiet && !ok {
             // Quiet mode hides output as it streams; show a failing stage's log when it fails.
             for l in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let l = self.prefixed(stage, l);
+                let l = self.prefixed(stage, &self.one_line(l));
                 self.write(&l);
             }
         } else if self.streams_grouped() && !ok && !tail.is_empty() {
@@ -332,6 +350,7 @@ impl Human {
             StageEnd::Ok => {}
             StageEnd::Adopted => self.status("Adopted", GREEN, &header),
             StageEnd::Interrupted => self.status("Stopped", YELLOW, &header),
+            StageEnd::Failed { .. } if self.retrying.remove(stage) => self.status("Failed", YELLOW, &header),
             StageEnd::Failed { .. } | StageEnd::NotStarted { .. } => {
                 self.status("Failed", RED, &header);
                 if self.style == Style::Github {
@@ -348,7 +367,7 @@ impl Human {
     fn drift(&self, stage: &str, output: &str) {
         self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
         for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
-            let l = self.prefixed(stage, l.as_bytes());
+            let l = self.prefixed(stage, &self.one_line(l.as_bytes()));
             self.write(&l);
         }
     }
@@ -449,7 +468,10 @@ fn summary_line(s: &Summary, color: bool) -> String {
     let mut parts = Vec::new();
     if s.verified > 0 || s.drifted > 0 {
         parts.push(format!("{} in sync", s.verified));
-        parts.push(format!("{} drifted", s.drifted));
+        match s.drift_applied {
+            0 => parts.push(format!("{} drifted", s.drifted)),
+            n => parts.push(format!("{} drifted ({n} deployed again)", s.drifted)),
+        }
     }
     if s.would_run > 0 {
         parts.push(format!("{} would run", s.would_run));
@@ -470,7 +492,7 @@ fn summary_line(s: &Summary, color: bool) -> String {
     } else {
         String::new()
     };
-    let bad = s.failed > 0 || s.interrupted > 0 || s.drifted > 0;
+    let bad = s.failed > 0 || s.interrupted > 0 || s.drifted > s.drift_applied;
     let verb = if bad { "Failed" } else { "Finished" };
     let verb = if color { format!("{}{verb:>9}{RESET}", if bad { RED } else { GREEN }) } else { format!("{verb:>9}") };
     format!(

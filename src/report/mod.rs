@@ -134,7 +134,10 @@ pub struct Summary {
     pub would_run: usize,
     /// `verify`: stages whose probe ran and found the live system in sync / drifted.
     pub verified: usize,
+    /// Stages whose probe found drift: left as they are (`verify`, `on_drift = "fail"`), or deployed again.
     pub drifted: usize,
+    /// Of those, deployed again (`on_drift = "apply"`, the default).
+    pub drift_applied: usize,
     /// Deploy stages adopted: in sync without running (they count as fresh too).
     pub adopted: usize,
     pub duration_ms: u64,

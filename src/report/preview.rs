@@ -50,9 +50,20 @@ pub struct PlanPreview {
     pub plan: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<PlanSummary>,
+    /// What its stage's `plan_policy` denies in it (and `KKPIPE_ALLOW_DESTROY` does not allow).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub denied: Vec<Denied>,
     /// Why there is no summary (not planned with these inputs, `terraform show` failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Denied {
+    pub address: String,
+    pub action: String,
+    /// `KKPIPE_ALLOW_DESTROY` allows it in this job (the merge's push needs it again).
+    pub overridden: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +167,22 @@ fn plan_markdown(t: &mut String, p: &PlanPreview) {
         return;
     }
     let _ = writeln!(t, "Plan: {}.\n", s.counts());
+    if !p.denied.is_empty() {
+        let items: Vec<String> = p
+            .denied
+            .iter()
+            .map(|d| {
+                let note = if d.overridden { " (allowed in this job by `KKPIPE_ALLOW_DESTROY`)" } else { "" };
+                format!("{} `{}`{note}", d.action, d.address)
+            })
+            .collect();
+        let _ = writeln!(
+            t,
+            "**Denied by the plan policy**: {}. The plan stage fails, and so does the apply on merge, unless \
+             `KKPIPE_ALLOW_DESTROY` allows them there too (docs/review.md).\n",
+            items.join(", ")
+        );
+    }
     for (what, list) in [
         ("**destroyed and created again (replace)**", &s.replace),
         ("**destroyed**", &s.delete),

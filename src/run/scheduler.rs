@@ -356,13 +356,15 @@ impl<'a> Scheduler<'a, '_> {
         }
         let (rows, mut summary) = self.rows(selected);
         summary.duration_ms = start.elapsed().as_millis() as u64;
-        let failed = summary.failed > 0 || summary.drifted > 0 || interrupted.is_some();
+        // Drift deployed again is repaired; drift left as it is (verify, `on_drift = "fail"`) fails the run.
+        let drift_left = summary.drifted - summary.drift_applied;
+        let failed = summary.failed > 0 || drift_left > 0 || interrupted.is_some();
         let counts = RunCounts {
             ran: summary.ran as i64,
             // An adopted stage is fresh with its key, as far as the run's counts go.
             fresh: (summary.fresh + summary.adopted) as i64,
             restored: summary.restored as i64,
-            failed: (summary.failed + summary.drifted) as i64,
+            failed: (summary.failed + drift_left) as i64,
             skipped: summary.skipped as i64,
             saved_ms: summary.saved_ms as i64,
         };
@@ -1027,7 +1029,50 @@ impl<'a> Scheduler<'a, '_> {
         self.remote_warnings();
         let row = self.env.cache.start_stage(self.run_id, &stage.name, self.cx.env, &keyed.manifest, &reason)?;
         self.sink.event(&Event::Started { stage: stage.name.clone(), reason: reason.clone() });
-        self.spawn(i, stage.run.join("\n"), Job::Stage { row, reason }, keyed, Vec::new())
+        let script = self.stage_script(i);
+        self.spawn(i, script, Job::Stage { row, reason }, keyed, Vec::new())
+    }
+
+    /// The stages whose plans deploy stage `i` may apply: those with a `plan_policy` among its needs and, through
+    /// check stages, their needs (a check between the plan and the apply passes it on). A deploy in between is
+    /// the one that applies it.
+    fn plans_applied_by(&self, i: usize) -> Vec<usize> {
+        let stages = &self.cx.pipeline.stages;
+        let (mut out, mut seen, mut stack) = (Vec::new(), HashSet::new(), self.cx.graph.needs[i].clone());
+        while let Some(j) = stack.pop() {
+            if !seen.insert(j) || stages[j].is_deploy() {
+                continue;
+            }
+            if stages[j].plan_policy.is_some() {
+                out.push(j);
+            }
+            stack.extend(&self.cx.graph.needs[j]);
+        }
+        out
+    }
+
+    /// A stage's script: its `run` lines, then `kkpipe plan-check` on each plan it made if it has a
+    /// `plan_policy`; a deploy first checks the plans of the stages it needs as they are now, whoever made them
+    /// (a cache, another runner): what is about to be applied.
+    fn stage_script(&self, i: usize) -> String {
+        let pipeline = &self.cx.pipeline;
+        let stage = &pipeline.stages[i];
+        let allow_destroy = self.env.caller_env.get("KKPIPE_ALLOW_DESTROY").map(String::as_str).unwrap_or("");
+        let checks = |s: &crate::pipeline::Stage| -> Vec<String> {
+            let Some(policy) = &s.plan_policy else { return Vec::new() };
+            s.plans()
+                .map(|o| {
+                    plan_check_line(&s.dir.under(&pipeline.root), policy, &o.path.under(&pipeline.root), allow_destroy)
+                })
+                .collect()
+        };
+        let mut lines: Vec<String> = Vec::new();
+        if stage.is_deploy() {
+            lines.extend(self.plans_applied_by(i).into_iter().map(|j| &pipeline.stages[j]).flat_map(checks));
+        }
+        lines.extend(stage.run.iter().cloned());
+        lines.extend(checks(stage));
+        lines.join("\n")
     }
 
     fn spawn(&mut self, i: usize, script: String, job: Job, keyed: Keyed, restored: Vec<String>) -> Result<(), Error> {
@@ -1137,7 +1182,7 @@ impl<'a> Scheduler<'a, '_> {
             (None, Some(s), _) => format!("killed by signal {s}"),
             _ => "failed".into(),
         };
-        if self.retry_needs(i, &ended.log) {
+        if self.retry_needs(i, &ended.log, &reason) {
             let pattern = self.cx.pipeline.stages[i].retry_needs_if.clone().unwrap_or_default();
             return self.conclude(
                 i,
@@ -1191,7 +1236,7 @@ impl<'a> Scheduler<'a, '_> {
 
     /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its
     /// needs and then the stage, once. Returns whether that was arranged.
-    fn retry_needs(&mut self, i: usize, log: &[u8]) -> bool {
+    fn retry_needs(&mut self, i: usize, log: &[u8], reason: &Reason) -> bool {
         let stage = self.cx.pipeline.stages[i].clone();
         let Some(pattern) = stage.retry_needs_if.clone() else { return false };
         if self.retried.contains(&i) || !String::from_utf8_lossy(log).contains(&pattern) {
@@ -1205,7 +1250,8 @@ impl<'a> Scheduler<'a, '_> {
             let must_run = Some(Reason::PlanStale { stage: stage.name.clone() });
             self.slots[j] = Slot::Waiting(Queued { must_run, materialize: false });
         }
-        self.slots[i] = Slot::waiting();
+        // It runs again for the reason it ran (drift stays drift), once its needs did.
+        self.slots[i] = Slot::Waiting(Queued { must_run: Some(reason.clone()), materialize: false });
         true
     }
 
@@ -1249,7 +1295,7 @@ impl<'a> Scheduler<'a, '_> {
         }
         let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
         self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
-        if self.opts.probe_only {
+        if self.opts.probe_only || self.cx.pipeline.stages[i].on_drift == crate::pipeline::OnDrift::Fail {
             self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
             return Ok(());
         }
@@ -1367,6 +1413,11 @@ fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
         Done::Ran { duration, key, reason, .. } => {
             row.duration_ms = Some(duration.as_millis() as i64);
             sum.ran += 1;
+            if matches!(reason, Reason::Drift { .. }) {
+                // Its probe found drift, and it was deployed again (`on_drift = "apply"`).
+                sum.drifted += 1;
+                sum.drift_applied += 1;
+            }
             (StageState::Ran, Some(*key), Some(reason.clone()))
         }
         Done::Failed { duration, key, reason } => {
@@ -1409,6 +1460,23 @@ struct Ended {
     code: Option<i32>,
     log: Vec<u8>,
     outputs: Vec<OutputRecord>,
+}
+
+/// `(cd DIR && "$KKPIPE" plan-check ...)`: terraform reads the plan where it was initialised.
+fn plan_check_line(
+    dir: &std::path::Path,
+    p: &crate::pipeline::PlanPolicy,
+    plan: &std::path::Path,
+    allow_destroy: &str,
+) -> String {
+    let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut line =
+        format!("(cd {} && \"$KKPIPE\" plan-check --deny {}", q(&dir.to_string_lossy()), q(&p.deny.join(",")));
+    for a in &p.allow {
+        line.push_str(&format!(" --allow {}", q(a)));
+    }
+    line.push_str(&format!(" --allow-destroy {} {})", q(allow_destroy), q(&plan.to_string_lossy())));
+    line
 }
 
 /// One script recreating all `missing` outputs of a stage, when every one has a `regenerate` command.

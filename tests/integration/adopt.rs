@@ -161,6 +161,22 @@ fn a_push_after_the_cache_is_lost_applies_nothing_and_adopts_what_its_probes_fin
     assert_eq!(log.matches("Release is up-to-date").count(), 4, "{log}");
     let revisions: Vec<u64> = helm_revisions(&repo);
     assert_eq!(revisions.iter().sum::<u64>(), before.1.iter().sum::<u64>() + 1, "only oauth reinstalled");
+
+    // The Secrets the stage makes after the installer, and the charts of this KKP release, are probed too.
+    let mut applied: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/applied.json")).unwrap();
+    applied["Secret/kubermatic-values"]["namespaces"].as_object_mut().unwrap().remove("iap");
+    repo.write(".demo-cloud/applied.json", &applied.to_string());
+    let verify = |repo: &Repo, says: &str| {
+        let v = repo.kk(&["verify", "--event", "push", "--branch", "main", "--json"]);
+        assert_eq!((v.code, v.with_state("drifted")), (1, vec!["kkp-deploy".to_string()]), "{}", v.stderr);
+        assert!(v.stderr.contains(says), "{}", v.stderr);
+    };
+    verify(&repo, "secret iap/kubermatic-values is not kubermatic/values.yaml");
+    assert_eq!(repo.run(&push).ok().ran(), ["kkp-deploy"]);
+    let mut helm: serde_json::Value = serde_json::from_str(&repo.read(".demo-cloud/helm.json")).unwrap();
+    helm["telemetry-system/telemetry"]["chart"] = "telemetry-v2.19.0".into();
+    repo.write(".demo-cloud/helm.json", &helm.to_string());
+    verify(&repo, "Helm release telemetry in namespace telemetry-system is not chart telemetry-v2.19.2");
 }
 
 #[test]

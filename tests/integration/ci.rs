@@ -75,6 +75,12 @@ fn generated_files_wire_secrets_serialise_deploys_and_save_the_cache_after_failu
     let bb = made_for("bitbucket");
     assert!(bb.contains("deployment: production") && bb.contains("kkpipe-result/exit-code"), "{bb}");
     assert!(bb.contains("--max-size 800M"), "{bb}");
+    // Issue 24, item 5: drift is found without a push, by a scheduled `kkpipe verify` on every provider.
+    assert!(gh.contains("  schedule:\n    - cron:") && gh.contains("'verify --event push'"), "{gh}");
+    assert!(gl.contains("kkp:verify:") && gl.contains("kkpipe verify --event push") && gl.contains("== \"schedule\""));
+    assert!(
+        bb.contains("kkp-verify:") && bb.contains("name: KKPIPE_VERIFY") && bb.contains("kkpipe verify --event push")
+    );
 }
 
 /// Repository A after a first push, committed (Flux's own commit included) and cloned to B. B gets what
@@ -459,9 +465,10 @@ fn the_sops_pin_reads_the_age_key_and_its_url_names_the_real_asset() {
 fn manual_runs_run_the_push_stages_of_their_branch() {
     let repo = Repo::kkp_demo();
     let gh = repo.kk(&["ci", "github", "--stdout"]).ok().stdout;
-    let run = gh.lines().find(|l| l.trim_start().starts_with("run: kkpipe run")).expect("the run step").trim();
+    let run = gh.lines().find(|l| l.trim_start().starts_with("run: kkpipe ${{")).expect("the run step").trim();
+    let verb = "${{ github.event_name == 'schedule' && 'verify --event push' || 'run' }}";
     let expr = "${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}";
-    assert_eq!(run, format!("run: kkpipe run {expr}"), "{gh}");
+    assert_eq!(run, format!("run: kkpipe {verb} {expr}"), "{gh}");
     // What the job then does, as GitHub evaluates the expression for each event.
     for (event, args) in [("workflow_dispatch", vec!["--event", "push"]), ("push", vec![])] {
         let mut cmd = repo.cmd_in(&repo.root, &["run", "--dry-run", "--json"]);
@@ -587,7 +594,7 @@ fn bitbucket_replaces_the_ledger_cache_on_every_run() {
     let (_, bb) = made_for("bitbucket", &[]);
     let import = bb.find("kkpipe cache import").unwrap();
     let clear = bb.find("- pipe: atlassian/bitbucket-clear-cache:").expect(&bb);
-    let run = bb.find("kkpipe run || code=$?").unwrap();
+    let run = bb.find("else kkpipe run; fi || code=$?").unwrap();
     let export = bb.find("kkpipe cache export").unwrap();
     assert!(import < clear && clear < run && run < export, "{bb}");
     assert!(bb[clear..run].contains("CACHES: [\"kkpipe\"]") && bb[clear..run].contains("BITBUCKET_APP_PASSWORD"));

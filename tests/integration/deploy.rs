@@ -147,8 +147,26 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     assert_eq!(serial_before["serial"], serial_after["serial"], "verify applies nothing");
     assert_eq!(instance_type(&repo), "c5.large");
 
+    // Issue 24, item 5: `on_drift = "fail"` applies nothing, says what drifted, and fails the run.
+    let stale = "retry_needs_if = \"Saved plan is stale\"";
+    repo.edit("pipeline.toml", stale, &format!("{stale}\non_drift = \"fail\""));
+    let refused = repo.run(&["--event", "push", "--branch", "main"]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert_eq!(refused.with_state("drifted"), ["terraform-apply"]);
+    assert_eq!(refused.json()["summary"]["drifted"], 1);
+    assert!(!refused.stderr.contains("0 drifted") && refused.stderr.contains("1 drifted"), "{}", refused.stderr);
+    assert_eq!(instance_type(&repo), "c5.large", "nothing applied");
+    repo.edit("pipeline.toml", &format!("{stale}\non_drift = \"fail\""), stale);
+
+    // By default drift is deployed again, and counted as drift.
     let repair = push(&repo, &[]);
     assert!(repair.ran().contains(&"terraform-apply".to_string()), "{}", repair.stderr);
+    assert_eq!(repair.reason_of("terraform-apply")["kind"], "drift");
+    assert_eq!(
+        (repair.json()["summary"]["drifted"].clone(), repair.json()["summary"]["drift_applied"].clone()),
+        (1.into(), 1.into())
+    );
+    assert!(repair.stderr.contains("1 drifted (1 deployed again)"), "{}", repair.stderr);
     assert_eq!(instance_type(&repo), "t3.large");
     let clean = repo.kk(&["verify"]).ok();
     assert!(clean.stdout.contains("6 in sync, 0 drifted"), "{}", clean.stdout);

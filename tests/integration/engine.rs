@@ -304,6 +304,17 @@ fn wrong_types_are_rejected() {
         &["pipeline.toml:2:", "`run` and `verify` are each a string or a list of strings"],
     );
     rejects("[stages.a]\nrun = \"true\"\nneeds = \"b\"\n", &["pipeline.toml:3:", "stage `a`"]);
+    // A plan policy names known actions, valid patterns, and a plan to check.
+    let plan = "[stages.p]\nrun = \"true\"\noutputs = [\"p.tfplan\"]\n";
+    rejects(
+        &format!("{plan}plan_policy = {{ deny = [\"destroy\"] }}\n"),
+        &["stage `p`, key `plan_policy.deny`", "unknown action `destroy`; known: create, update, delete"],
+    );
+    rejects(
+        "[stages.p]\nkind = \"deploy\"\nrun = \"true\"\noutputs = [\"p.tfplan\"]\nplan_policy = {}\n",
+        &["key `plan_policy`", "a deploy stage would apply before its own plan is checked"],
+    );
+    rejects("[stages.p]\nrun = \"true\"\nplan_policy = {}\n", &["key `plan_policy`", "declares no `*.tfplan` output"]);
 }
 
 #[test]

@@ -255,15 +255,17 @@ fn the_demo_repository_applies_once_then_skips_everything() {
 
 #[test]
 fn editing_tfvars_reruns_terraform_and_what_consumes_changed_outputs() {
-    let repo = Repo::kkp_demo();
+    let mut repo = Repo::kkp_demo();
     push(&repo);
     // The instance type is not in terraform's outputs: kubeone stays fresh.
     repo.edit("terraform/aws/terraform.tfvars", "\"t3.large\"", "\"t3.xlarge\"");
     let r = push(&repo);
     assert_eq!(r.ran(), ["terraform-kkp-validate", "terraform-plan", "terraform-apply"]);
     assert!(repo.read("terraform/aws/terraform.tfstate").contains("t3.xlarge"));
-    // The control plane size is: kubeone reruns; its kubeconfig is unchanged, so KKP stays fresh.
+    // The control plane size is: kubeone reruns; its kubeconfig is unchanged, so KKP stays fresh. Removing a
+    // node destroys it, which the plan policy allows only when told, by its address.
     repo.edit("terraform/aws/terraform.tfvars", "control_plane_vm_count = 3", "control_plane_vm_count = 2");
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.control_plane[2]");
     let r = push(&repo);
     assert_eq!(r.ran(), ["terraform-kkp-validate", "terraform-plan", "terraform-apply", "kubeone-apply"]);
     assert_eq!(r.reason_of("kubeone-apply")["kind"], "upstream-outputs-changed");

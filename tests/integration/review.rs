@@ -77,3 +77,52 @@ fn a_pull_request_previews_what_its_merge_deploys_and_the_plan() {
     assert_eq!(bare.code, 2);
     assert!(bare.stderr.contains("pass `--branch main`"), "{}", bare.stderr);
 }
+
+fn serial(repo: &Repo) -> u64 {
+    let state: Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
+    state["serial"].as_u64().unwrap()
+}
+
+/// Issue 24, item 3: a plan that destroys fails its stage by default, naming each resource and action;
+/// `KKPIPE_ALLOW_DESTROY` lets it through for one run; the preview names what the policy denies; and the push
+/// checks the plan again before terraform-apply applies it.
+#[test]
+fn a_plan_that_destroys_needs_an_explicit_override_to_plan_and_again_to_apply() {
+    let mut repo = Repo::kkp_demo();
+    git(&repo.root, &["init", "-q", "-b", "main"]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-qm", "initial"]);
+    let push = ["--event", "push", "--branch", "main"];
+    repo.run(&push).ok();
+    let applied = serial(&repo);
+    // A rename without a `moved` block: terraform destroys the old load balancer and creates a new one.
+    repo.edit("terraform/aws/main.tf", "\"terraform_data\" \"api_lb\"", "\"terraform_data\" \"apiserver_lb\"");
+    repo.edit("terraform/aws/output.tf", "terraform_data.api_lb.", "terraform_data.apiserver_lb.");
+    git(&repo.root, &["commit", "-qam", "Rename the load balancer"]);
+    let denied = repo.run(&["--event", "pull_request", "--branch", "main"]);
+    assert_eq!(denied.code, 1, "{}", denied.stderr);
+    assert_eq!(denied.with_state("failed"), ["terraform-plan"]);
+    assert!(denied.stderr.contains("denied by the plan policy: delete `terraform_data.api_lb`"), "{}", denied.stderr);
+    assert!(denied.stderr.contains("KKPIPE_ALLOW_DESTROY='terraform_data.api_lb'"), "the hint: {}", denied.stderr);
+
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.api_lb");
+    let allowed = repo.run(&["--event", "pull_request", "--branch", "main"]).ok();
+    assert!(allowed.stderr.contains("allowed by KKPIPE_ALLOW_DESTROY for this run: delete `terraform_data.api_lb`"));
+    // The reviewer sees what the policy denies, and that only this job's override let it through.
+    let doc = preview_json(&repo);
+    let denied = serde_json::json!([{"address": "terraform_data.api_lb", "action": "delete", "overridden": true}]);
+    assert_eq!(doc["plans"][0]["denied"], denied, "{doc:#}");
+    let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
+    assert!(md.contains("**Denied by the plan policy**: delete `terraform_data.api_lb` (allowed in this job"), "{md}");
+
+    // The merge's push without the override: the plan accepted under it is not fresh there (the override is in
+    // its key), and planned again it is refused; nothing is applied.
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "");
+    let refused = repo.run(&push);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert_eq!(refused.with_state("failed"), ["terraform-plan"], "{}", refused.stderr);
+    assert_eq!(serial(&repo), applied, "terraform applied nothing");
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "*");
+    repo.run(&push).ok();
+    assert!(serial(&repo) > applied);
+}

@@ -259,9 +259,38 @@ fn a_file_name_cannot_inject_ci_workflow_commands() {
     repo.write(evil, "two\n");
     let r = repo.kk(&["run"]).ok();
     assert!(r.stdout.contains("pwned"), "the stage printed the name and a reason names it: {}", r.stdout);
-    // Every workflow command in the log is kkpipe's own, or inside a pause kkpipe opened and closed.
+    only_own_workflow_commands(&r.stdout, &r.stderr);
+    assert!(
+        r.stdout.contains(r"src/x\n::error title=pwned::injected"),
+        "the reason shows the name escaped: {}",
+        r.stdout
+    );
+}
+
+/// Review of issue 24 (H1): a CI log ends a line at a carriage return too. Stage output with `\r::command` is
+/// shown streamed prefixed (two stages at once) and again under a failure: neither may start a command.
+#[test]
+fn a_carriage_return_in_stage_output_cannot_start_a_workflow_command() {
+    let mut repo = Repo::empty();
+    let evil = r"printf 'x\r::error title=pwned::injected\r::stop-commands::x\n'";
+    repo.write(
+        "pipeline.toml",
+        &format!("[stages.a]\nrun = \"{evil}; sleep 1\"\n[stages.b]\nrun = [\"{evil}\", \"exit 3\"]\n"),
+    );
+    repo.set_env("GITHUB_ACTIONS", "true");
+    let r = repo.kk(&["run", "-j", "2"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stdout.contains("goes on below, its lines prefixed"), "two stages streamed at once: {}", r.stdout);
+    assert!(r.stdout.contains("pwned"), "{}", r.stdout);
+    only_own_workflow_commands(&r.stdout, &r.stderr);
+    assert!(r.stdout.contains("::error title=kkpipe::b failed"), "kkpipe's own annotation stands: {}", r.stdout);
+}
+
+/// Every workflow command in the log is kkpipe's own, or inside a pause kkpipe opened and closed; lines end at
+/// `\n` and at `\r`, as GitHub's runner reads them.
+fn only_own_workflow_commands(stdout: &str, stderr: &str) {
     let mut paused: Option<String> = None;
-    for line in r.stdout.lines().chain(r.stderr.lines()) {
+    for line in stdout.split(['\n', '\r']).chain(stderr.split(['\n', '\r'])) {
         match &paused {
             Some(token) if line == format!("::{token}::") => paused = None,
             Some(_) => {}
@@ -270,17 +299,12 @@ fn a_file_name_cannot_inject_ci_workflow_commands() {
             }
             None if line.starts_with("::") => {
                 let own = ["::group::", "::endgroup::", "::error title=kkpipe::"].iter().any(|c| line.starts_with(c));
-                assert!(own, "a workflow command kkpipe did not write: {line:?}\n{}", r.stdout);
+                assert!(own, "a workflow command kkpipe did not write: {line:?}\n{stdout}");
             }
             None => {}
         }
     }
     assert!(paused.is_none(), "every pause is closed");
-    assert!(
-        r.stdout.contains(r"src/x\n::error title=pwned::injected"),
-        "the reason shows the name escaped: {}",
-        r.stdout
-    );
 }
 
 /// Issue 21, item 4: relative and empty `PATH` entries were resolved from kkpipe's directory (and empty ones
