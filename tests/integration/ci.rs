@@ -339,7 +339,7 @@ fn listing(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn two_hundred_runs_then_gc_stay_within_the_documented_bound() {
+fn a_hundred_runs_then_gc_stay_within_the_documented_bound() {
     let repo = Repo::empty();
     repo.write("input.txt", "0\n").write(
         "pipeline.toml",
@@ -353,7 +353,8 @@ run = "wc -c out/artifact.txt"
 needs = ["build"]
 "#,
     );
-    for n in 1..=200 {
+    // Automatic gc comes every 20 runs: five times.
+    for n in 1..=100 {
         repo.write("input.txt", &format!("{n}\n"));
         let r = repo.kk(&["run", "-q"]);
         assert_eq!(r.code, 0, "run {n}: {}", r.all());
@@ -367,7 +368,8 @@ needs = ["build"]
     assert!(after["blobs"].as_u64().unwrap() <= per_stage as u64, "{after}");
     assert!(after["runs"].as_i64().unwrap() <= 200, "{after}");
     assert!(after["database_bytes"].as_u64().unwrap() < 2 << 20, "{after}");
-    assert!(before["stage_runs"].as_i64().unwrap() < 200, "automatic gc kept it bounded during the runs: {before}");
+    // Without it there would be 200 (two stages, 100 runs).
+    assert!(before["stage_runs"].as_i64().unwrap() < 100, "automatic gc kept it bounded during the runs: {before}");
     // The latest runs are still hits.
     assert!(repo.run(&[]).ok().ran().is_empty());
     let mut small = repo.kk(&["cache", "gc", "--max-size", "1K"]);

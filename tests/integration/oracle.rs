@@ -5,7 +5,7 @@
 //!
 //! A seeded generator applies random operations to a small repository with two check stages and a deploy
 //! stage whose commands are deterministic functions of their declared inputs. The oracle knows nothing of
-//! kkpipe's rules: it only compares trees. `KKPIPE_ORACLE_STEPS` (default 100 per seed) and
+//! kkpipe's rules: it only compares trees. `KKPIPE_ORACLE_STEPS` (default 75 per seed) and
 //! `KKPIPE_ORACLE_SEED` (default: the fixed CI seeds) run it longer or replay a failure.
 
 use crate::harness::*;
@@ -741,7 +741,7 @@ fn run_oracle(seed: u64, steps: usize, remote: bool) {
 }
 
 fn steps() -> usize {
-    std::env::var("KKPIPE_ORACLE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(100)
+    std::env::var("KKPIPE_ORACLE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(75)
 }
 
 fn seeds(fixed: &[u64]) -> Vec<u64> {

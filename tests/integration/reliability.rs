@@ -196,13 +196,10 @@ fn interrupted_by(signal: &str, code: i32, stage_cmd: &str) {
     repo.write("slow", "");
     repo.write("pipeline.toml", &format!("[stages.long]\nrun = {stage_cmd:?}\noutputs = [\"done.txt\"]\n[stages.after]\nrun = \"true\"\nneeds = [\"long\"]\n"));
     let child = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !repo.exists("stage.pid") {
-        assert!(Instant::now() < deadline, "the stage did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let stage_pid: i32 = repo.read("stage.pid").trim().parse().unwrap();
+    // The shell creates the file before it writes the pid: wait for a whole number.
+    let pid = || std::fs::read_to_string(repo.path("stage.pid")).ok()?.trim().parse::<i32>().ok();
+    assert!(within(Duration::from_secs(10), || pid().is_some()), "the stage did not start");
+    let stage_pid: i32 = pid().unwrap();
     assert!(pid_alive(stage_pid));
     let started = Instant::now();
     let st = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
@@ -562,8 +559,10 @@ fn a_sigterm_to_kkpipe_and_its_stage_together_is_never_a_success() {
             "[stages.s]\nrun = \"trap 'echo partial > out.txt; exit 0' TERM; echo $$ > stage.pid; while :; do sleep 0.01; done\"\noutputs = [\"out.txt\"]\n",
         );
         let child = repo.cmd_in(&repo.root, &["run"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        assert!(within(Duration::from_secs(20), || repo.exists("stage.pid")), "trial {trial}: the stage did not start");
-        let stage: i32 = repo.read("stage.pid").trim().parse().unwrap();
+        // The shell creates the file before it writes the pid: wait for a whole number.
+        let pid = || std::fs::read_to_string(repo.path("stage.pid")).ok()?.trim().parse::<i32>().ok();
+        assert!(within(Duration::from_secs(20), || pid().is_some()), "trial {trial}: the stage did not start");
+        let stage: i32 = pid().unwrap();
         // Both at once, as a cgroup stop sends it: the stage's shell and kkpipe.
         let both = Command::new("kill").args(["-TERM", &stage.to_string(), &child.id().to_string()]).status().unwrap();
         assert!(both.success());
