@@ -57,6 +57,24 @@ pub fn kkpipe_in(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// The caller's PATH with the directory of the real `python3` first: a version manager's shim (pyenv's is a
+/// bash script) costs more than the stand-in it starts, and the demo's stand-ins are started hundreds of times.
+fn stand_in_path() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let exe = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
+        let dir = exe.ok().filter(|o| o.status.success()).and_then(|o| {
+            Path::new(String::from_utf8_lossy(&o.stdout).trim()).parent().map(|d| d.to_string_lossy().into_owned())
+        });
+        match dir {
+            Some(d) if !d.is_empty() => format!("{d}:{path}"),
+            _ => path,
+        }
+    })
+    .clone()
+}
+
 /// `git ARGS` in `dir` as a fixed author, on `main` by default; asserts success and returns stdout.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let o = Command::new("git")
@@ -123,7 +141,7 @@ impl Repo {
             };
             let (k, v) = rest.split_once('=').unwrap();
             let v = ['"', '\''].iter().find_map(|q| v.strip_prefix(*q)?.strip_suffix(*q)).unwrap_or(v);
-            let v = v.replace("$KKP_DEMO_DIR", &dir).replace("$PATH", &std::env::var("PATH").unwrap());
+            let v = v.replace("$KKP_DEMO_DIR", &dir).replace("$PATH", &stand_in_path());
             r.set_env(k, &v);
         }
         r
