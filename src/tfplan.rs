@@ -122,6 +122,26 @@ pub fn address_patterns<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Resu
     b.build().map_err(|e| e.to_string())
 }
 
+/// `terraform show -json PLAN` in `cwd` (where terraform was initialised), summarised. `env`: the whole
+/// environment terraform gets (a stage's), or None for the caller's.
+pub fn show(
+    plan: &std::path::Path,
+    cwd: &std::path::Path,
+    env: Option<Vec<(String, String)>>,
+) -> Result<PlanSummary, String> {
+    let mut cmd = std::process::Command::new("terraform");
+    cmd.args(["show", "-json", "-no-color"]).arg(plan).current_dir(cwd);
+    if let Some(env) = env {
+        cmd.env_clear().envs(env);
+    }
+    let what = format!("`terraform show -json {}`", plan.display());
+    let out = cmd.output().map_err(|e| format!("{what} could not start: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    parse(&out.stdout).map_err(|e| format!("{what}: {e}"))
+}
+
 #[derive(Deserialize)]
 struct Plan {
     #[serde(default)]

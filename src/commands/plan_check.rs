@@ -3,14 +3,14 @@
 
 use crate::cli::PlanCheckArgs;
 use crate::error::{Error, exit};
-use std::process::Command;
+use std::path::Path;
 
 pub fn plan_check(args: &PlanCheckArgs) -> Result<u8, Error> {
     if let Some(a) = args.deny.iter().find(|a| !crate::tfplan::ACTIONS.contains(&a.as_str())) {
         return Err(Error::Usage(format!("unknown action `{a}`; known: {}", crate::tfplan::ACTIONS.join(", "))));
     }
     let (policy, forced) = (globs(&args.allow)?, globs(&args.allow_destroy)?);
-    let summary = show(&args.plan)?;
+    let summary = crate::tfplan::show(&args.plan, Path::new("."), None).map_err(Error::Usage)?;
     let plan = args.plan.display();
     eprintln!("kkpipe: plan `{plan}`: {}", summary.counts());
     let overridden = summary.denied(&args.deny, &|a| policy.is_match(a));
@@ -44,18 +44,4 @@ pub fn plan_check(args: &PlanCheckArgs) -> Result<u8, Error> {
 fn globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
     let split = patterns.iter().flat_map(|p| p.split(','));
     crate::tfplan::address_patterns(split).map_err(Error::Usage)
-}
-
-/// `terraform show -json PLAN`, summarised.
-fn show(plan: &std::path::Path) -> Result<crate::tfplan::PlanSummary, Error> {
-    let out = Command::new("terraform")
-        .args(["show", "-json", "-no-color"])
-        .arg(plan)
-        .output()
-        .map_err(|e| Error::Usage(format!("cannot run `terraform show -json`: {e}")))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::Usage(format!("`terraform show -json {}` failed: {}", plan.display(), err.trim())));
-    }
-    crate::tfplan::parse(&out.stdout).map_err(|e| Error::Usage(format!("`{}`: {e}", plan.display())))
 }

@@ -9,7 +9,6 @@ use crate::pipeline::Kind;
 use crate::report::preview::{Denied, OnMerge, PlanPreview, Preview, PreviewStage, SCHEMA};
 use crate::report::{StageRow, StageState, json};
 use crate::settings::Settings;
-use std::process::Command;
 
 pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let sel = push_selection(settings, &args.selection)?;
@@ -17,12 +16,9 @@ pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let rows = status_rows(settings, &o, &[])?;
     let masker = o.masker(settings);
     let mask = |t: &str| masker.mask_str(t);
-    let preview = Preview {
-        schema: SCHEMA,
-        context: json::Context::new(o.event.as_ref(), &o.env),
-        stages: rows.iter().map(|r| PreviewStage::from_row(r, &mask)).collect(),
-        plans: plans(settings, &o, &rows, &mask),
-    };
+    let stages: Vec<PreviewStage> = rows.iter().map(|r| PreviewStage::from_row(r, &mask)).collect();
+    let plans = plans(settings, &o, &rows, &stages, &mask);
+    let preview = Preview { schema: SCHEMA, context: json::Context::new(o.event.as_ref(), &o.env), stages, plans };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&preview).expect("serialisable"));
     } else {
@@ -52,17 +48,23 @@ fn push_selection(settings: &Settings, sel: &Selection) -> Result<Selection, Err
 /// needs it will run; it is summarised then if its stage is fresh (the plan on disk was made from the current
 /// inputs, as the pull request's job just did), else said why not. When no such stage runs, the plan on disk is
 /// one already applied, and the merge applies none.
-fn plans(settings: &Settings, o: &Opened, rows: &[StageRow], mask: &dyn Fn(&str) -> String) -> Vec<PlanPreview> {
+fn plans(
+    settings: &Settings,
+    o: &Opened,
+    rows: &[StageRow],
+    stages: &[PreviewStage],
+    mask: &dyn Fn(&str) -> String,
+) -> Vec<PlanPreview> {
+    let runs = |name: &str| {
+        stages.iter().any(|s| s.name == name && matches!(s.on_merge, OnMerge::Deploys | OnMerge::IfUpstreamChanges))
+    };
     let mut out = Vec::new();
     for stage in &o.pipeline.stages {
         let Some(row) = rows.iter().find(|r| r.name == stage.name) else { continue };
         let appliers: Vec<&StageRow> =
             rows.iter().filter(|r| r.kind == Kind::Deploy && r.needs.contains(&stage.name)).collect();
-        let applied = appliers.iter().any(|r| {
-            let on_merge = PreviewStage::from_row(r, &|t: &str| t.to_string()).on_merge;
-            matches!(on_merge, OnMerge::Deploys | OnMerge::IfUpstreamChanges)
-        });
-        for output in stage.outputs.iter().filter(|p| p.path.display().ends_with(".tfplan")) {
+        let applied = appliers.iter().any(|r| runs(&r.name));
+        for output in stage.plans() {
             let plan = output.path.display();
             let (summary, note) = match row.state {
                 _ if !applied => {
@@ -70,7 +72,11 @@ fn plans(settings: &Settings, o: &Opened, rows: &[StageRow], mask: &dyn Fn(&str)
                     let note = format!("The merge applies no plan: {} stays as deployed.", names.join(", "));
                     (None, Some(note))
                 }
-                StageState::Fresh => match show(settings, o, stage, &output.path.under(&o.pipeline.root)) {
+                StageState::Fresh => match crate::tfplan::show(
+                    &output.path.under(&o.pipeline.root),
+                    &stage.dir.under(&o.pipeline.root),
+                    Some(crate::run::exec::stage_env(stage, &settings.caller_env, &o.env)),
+                ) {
                     Ok(s) => (Some(s), None),
                     Err(why) => (None, Some(mask(&why))),
                 },
@@ -109,27 +115,4 @@ fn denied(settings: &Settings, s: &crate::tfplan::PlanSummary, policy: &crate::p
         .into_iter()
         .map(|(address, action)| Denied { overridden: overridden.is_match(&address), address, action })
         .collect()
-}
-
-/// `terraform show -json PLAN` in the stage's directory and environment.
-fn show(
-    settings: &Settings,
-    o: &Opened,
-    stage: &crate::pipeline::Stage,
-    plan: &std::path::Path,
-) -> Result<crate::tfplan::PlanSummary, String> {
-    let env = crate::run::exec::stage_env(stage, &settings.caller_env, &o.env);
-    let out = Command::new("terraform")
-        .args(["show", "-json", "-no-color"])
-        .arg(plan)
-        .current_dir(stage.dir.under(&o.pipeline.root))
-        .env_clear()
-        .envs(env)
-        .output()
-        .map_err(|e| format!("`terraform show -json` could not start: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("`terraform show -json` failed: {}", err.trim()));
-    }
-    crate::tfplan::parse(&out.stdout)
 }

@@ -529,12 +529,8 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "Install KKP with the SOPS-decrypted configuration (decrypted into a temporary directory, never into the repo).",
     );
     kkp.kind_deploy = true;
-    kkp.run = vec![
-        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
-        "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
-        DECRYPT_KEY.into(),
-        DECRYPT.into(),
-        CHARTS.into(),
+    kkp.run = kkp_prelude();
+    kkp.run.extend([
         format!(
             "kubermatic-installer --charts-directory \"$charts\" deploy --config \"$decrypted/kubermatic-configuration.yaml\" --helm-values \"$decrypted/values.yaml\" --storageclass {}",
             v.cloud.storage_class(&pins.kkp.version)
@@ -547,7 +543,7 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" create secret generic kubermatic-values --from-file=values.yaml=\"$decrypted/values.yaml\" --dry-run=client -o yaml | kubectl apply -f -; done".into(),
         "kubectl -n kubermatic create secret generic sops-age --from-file=age.agekey=\"$decrypted/age.agekey\" --dry-run=client -o yaml | kubectl apply -f -".into(),
         INGRESS_ADDRESS.into(),
-    ];
+    ]);
     kkp.inputs = vec!["kubermatic".into()];
     kkp.outputs = vec![Out(
         "kubermatic/ingress-address.txt".into(),
@@ -571,6 +567,18 @@ fn kkp_deploy_stage(v: Variant, pins: &Pins) -> Stage {
         }
     }
     kkp
+}
+
+/// What the stage and its probe start with: the kubeconfig, the configuration decrypted into a temporary
+/// directory, and the installer's charts.
+fn kkp_prelude() -> Vec<String> {
+    vec![
+        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
+        "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
+        DECRYPT_KEY.into(),
+        DECRYPT.into(),
+        CHARTS.into(),
+    ]
 }
 
 /// A key file, as the wizard's workflow uses: every sops version reads `SOPS_AGE_KEY_FILE`, while `SOPS_AGE_KEY`
@@ -598,12 +606,8 @@ const INGRESS_ADDRESS: &str = "kubectl -n nginx-ingress-controller get service n
 /// The installer fills `dex.ingress.host` and `kubermaticOperator.imagePullSecret` in when values.yaml leaves
 /// them empty: then the values differ and the installer runs, which changes nothing (the safe side).
 fn kkp_probe() -> Vec<String> {
-    vec![
-        "export KUBECONFIG=\"$PWD/kubeone/kubeconfig\"".into(),
-        "decrypted=$(mktemp -d) && trap 'rm -rf \"$decrypted\"' EXIT".into(),
-        DECRYPT_KEY.into(),
-        DECRYPT.into(),
-        CHARTS.into(),
+    let mut probe = kkp_prelude();
+    probe.extend([
         format!(
             "for r in {}; do ns=${{r%/*}} rel=${{r#*/}}; helm --namespace \"$ns\" list --all --filter \"^$rel\\$\" -o json > \"$decrypted/release.json\"; grep -q '\"status\":\"deployed\"' \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not deployed\"; exit 1; }}; v=$(sed -n 's/^version:[[:space:]]*//p' \"$charts/$rel/Chart.yaml\" | tr -d \"\\\"'\"); grep -qF \"\\\"chart\\\":\\\"$rel-$v\\\"\" \"$decrypted/release.json\" || {{ echo \"Helm release $rel in namespace $ns is not chart $rel-$v of this KKP release\"; exit 1; }}; helm --namespace \"$ns\" get values \"$rel\" -o yaml > \"$decrypted/helm-$rel.yaml\"; (cd \"$decrypted\" && \"$KKPIPE\" same-data values.yaml \"helm-$rel.yaml\") || {{ echo \"Helm release $rel in namespace $ns has other values than kubermatic/values.yaml\"; exit 1; }}; done",
             KKP_RELEASES.join(" ")
@@ -614,7 +618,8 @@ fn kkp_probe() -> Vec<String> {
         "for ns in logging monitoring iap; do kubectl -n \"$ns\" get secret kubermatic-values -o jsonpath='{.data.values\\.yaml}' | base64 -d | cmp -s - \"$decrypted/values.yaml\" || { echo \"secret $ns/kubermatic-values is not kubermatic/values.yaml\"; exit 1; }; done".into(),
         "kubectl -n kubermatic get secret sops-age -o jsonpath='{.data.age\\.agekey}' | base64 -d | cmp -s - \"$decrypted/age.agekey\" || { echo 'secret kubermatic/sops-age is not the age key'; exit 1; }".into(),
         "kubectl -n kubermatic get secret kubeconfig-cluster -o jsonpath='{.data.kubeconfig}' | base64 -d | cmp -s - \"$KUBECONFIG\" || { echo 'secret kubermatic/kubeconfig-cluster is not the cluster kubeconfig'; exit 1; }".into(),
-    ]
+    ]);
+    probe
 }
 
 /// NAMESPACE/RELEASE of the kubermatic-master stack (kubermatic/kubermatic pkg/install/stack/kubermatic-master/stack.go).
