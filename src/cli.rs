@@ -51,6 +51,9 @@ pub enum Command {
     /// What merging this pull request will do: each stage the push to the target branch runs and why, the
     /// deploys, and a summary of the terraform plans made in this job. Markdown, or JSON with --json.
     Preview(PreviewArgs),
+    /// Post a preview (`kkpipe preview`'s Markdown) on the pull request of this CI job as one comment, edited
+    /// in place on later commits (GitHub, GitLab, Bitbucket); without a token it posts nothing and says so.
+    Comment(CommentArgs),
     /// Print the stage graph with each stage's state, as Mermaid (GitHub markdown) or Graphviz DOT.
     Graph(GraphArgs),
     /// Print a stage's stored log: the latest run, or `--run N`.
@@ -302,6 +305,12 @@ pub struct PreviewArgs {
     /// variables. `--event` can only be `push` (a merge is a push).
     #[command(flatten)]
     pub selection: Selection,
+}
+
+#[derive(Debug, Args)]
+pub struct CommentArgs {
+    /// The Markdown to post (`-`: standard input), as `kkpipe preview` wrote it.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -349,16 +349,54 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
     }
     github_run_step(f, &mut t);
-    // What the merge will do, for the reviewer, beside the run's own table (also when the plan failed).
-    t.push_str(
-        "      - name: Preview what merging does\n        if: always() && github.event_name == 'pull_request'\n",
-    );
-    t.push_str("        run: kkpipe preview >> \"$GITHUB_STEP_SUMMARY\"\n");
+    github_preview_steps(&mut t);
     t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
     t.push_str("        uses: actions/cache/save@v4\n        with:\n");
     t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
     t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
+    github_comment_job(kkpipe, &mut t);
     t
+}
+
+/// What the merge will do, for the reviewer, beside the run's own table (also when the plan failed), and kept
+/// for the comment job.
+fn github_preview_steps(t: &mut String) {
+    t.push_str(
+        "      - name: Preview what merging does\n        if: always() && github.event_name == 'pull_request'\n",
+    );
+    let _ =
+        writeln!(t, "        run: kkpipe preview > {PREVIEW_FILE} && cat {PREVIEW_FILE} >> \"$GITHUB_STEP_SUMMARY\"");
+    t.push_str("      - name: Keep the preview for the comment job\n        if: always() && github.event_name == 'pull_request'\n");
+    t.push_str("        uses: actions/upload-artifact@v4\n        with:\n          name: kkpipe-preview\n");
+    let _ = writeln!(t, "          path: {PREVIEW_FILE}\n          retention-days: 7");
+}
+
+/// The file a pull request's job writes its preview to, for the comment job.
+const PREVIEW_FILE: &str = "kkpipe-preview.md";
+
+/// The job that posts the preview on the pull request (docs/review.md). A job of its own: it checks nothing
+/// out, so the pull request's code never runs where the token is, and only its token may write comments. A
+/// fork's pull request gets a read-only token: the job is skipped and the job summary has the preview.
+fn github_comment_job(kkpipe: &Install, t: &mut String) {
+    t.push_str("\n  comment:\n    name: kkp preview comment\n    needs: kkp\n");
+    t.push_str("    if: always() && github.event_name == 'pull_request' && github.event.pull_request.head.repo.full_name == github.repository\n");
+    t.push_str("    runs-on: ubuntu-latest\n    permissions:\n      pull-requests: write\n    steps:\n");
+    t.push_str("      - name: Restore the kkpipe binary\n        uses: actions/cache/restore@v4\n        with:\n");
+    let _ = writeln!(
+        t,
+        "          path: .kkpipe-bin\n          key: kkpipe-bin-${{{{ runner.os }}}}-{}",
+        kkpipe.cache_key()
+    );
+    t.push_str("      - uses: actions/download-artifact@v4\n        with:\n          name: kkpipe-preview\n");
+    t.push_str("      - name: Post the preview on the pull request, or update it\n        run: |\n");
+    block(t, "          ", &kkpipe_only(kkpipe));
+    let _ = writeln!(t, "          kkpipe comment {PREVIEW_FILE}");
+    t.push_str("        env:\n          GITHUB_TOKEN: ${{ secrets.GITHUB_TOKEN }}\n");
+}
+
+/// Installing kkpipe alone, for the comment job.
+fn kkpipe_only(kkpipe: &Install) -> Vec<String> {
+    vec!["export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\"".to_string(), kkpipe.command()]
 }
 
 /// The workflow's name and `on:`.
@@ -408,7 +446,7 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     for b in &f.push_branches {
         let _ = writeln!(t, "    - if: $CI_PIPELINE_SOURCE == \"push\" && $CI_COMMIT_BRANCH == {}", yq(b));
     }
-    t.push_str("    - if: $CI_PIPELINE_SOURCE == \"web\"\n\nstages:\n  - kkp\n\nvariables:\n");
+    t.push_str("    - if: $CI_PIPELINE_SOURCE == \"web\"\n\nstages:\n  - kkp\n  - review\n\nvariables:\n");
     for (k, v) in versions(f) {
         let _ = writeln!(t, "  {k}: {}", yq(&v));
     }
@@ -423,7 +461,8 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("      paths:\n        - .kkpipe-ci/\n      when: always\n");
     let _ = writeln!(t, "    - key: kkpipe-bin-{}\n      paths:\n        - .kkpipe-bin/", kkpipe.cache_key());
     t.push_str("  before_script:\n");
-    let mut before = vec![APT_PACKAGES.to_string()];
+    // The token that may comment is for the `kkp:comment` job only (docs/review.md, "Threat model").
+    let mut before = vec![format!("unset {GITLAB_COMMENT_TOKEN}"), APT_PACKAGES.to_string()];
     before.extend(install_lines(f, kkpipe));
     if f.ssh_agent {
         // Merge-request pipelines from unprotected branches do not get protected variables: no key, no agent
@@ -444,13 +483,23 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     }
     // A pipeline started from the web UI is a push of its branch (see the GitHub file).
     t.push_str("  script:\n    - \"if [ \\\"$CI_PIPELINE_SOURCE\\\" = web ]; then kkpipe run --event push; else kkpipe run; fi\"\n");
-    t.push_str("  after_script:\n    - \"export PATH=\\\"$PWD/.kkpipe-bin/bin:$PATH\\\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst\"\n\n");
-    gitlab_jobs(f, &mut t);
+    // after_script runs in a shell of its own, with the variables again: the comment token goes there too. A
+    // merge request's preview is printed and kept (the `kkp:comment` job posts it).
+    t.push_str("  after_script:\n");
+    for l in [
+        format!("unset {GITLAB_COMMENT_TOKEN}"),
+        "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
+        format!("if [ \"$CI_PIPELINE_SOURCE\" = merge_request_event ]; then kkpipe preview > {PREVIEW_FILE} && cat {PREVIEW_FILE}; fi"),
+    ] {
+        let _ = writeln!(t, "    - {}", yq(&l));
+    }
+    t.push('\n');
+    gitlab_jobs(f, kkpipe, &mut t);
     t
 }
 
 /// The GitLab jobs that extend `.kkpipe`: merge requests (planning with read-only credentials) and pushes.
-fn gitlab_jobs(f: &Facts, t: &mut String) {
+fn gitlab_jobs(f: &Facts, kkpipe: &Install, t: &mut String) {
     t.push_str("kkp:merge-request:\n  extends: .kkpipe\n");
     if f.remote || !f.plan_credentials.is_empty() {
         // Protected variables do not reach merge requests from unprotected branches: plan there with the
@@ -471,7 +520,13 @@ fn gitlab_jobs(f: &Facts, t: &mut String) {
             let _ = writeln!(t, "    - {}", yq(l));
         }
     }
-    t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n\n");
+    t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n");
+    // The preview in the merge request's widget, and for the comment job.
+    let _ = writeln!(
+        t,
+        "  artifacts:\n    paths:\n      - {PREVIEW_FILE}\n    expose_as: kkpipe preview\n    when: always\n    expire_in: 1 week\n"
+    );
+    gitlab_comment_job(kkpipe, t);
     t.push_str("kkp:push:\n  extends: .kkpipe\n");
     if f.deploys {
         t.push_str("  # One deploying job at a time.\n  resource_group: kkp-$CI_COMMIT_REF_SLUG\n");
@@ -482,6 +537,27 @@ fn gitlab_jobs(f: &Facts, t: &mut String) {
         t.push_str("\nkkp:verify:\n  extends: .kkpipe\n  script:\n    - kkpipe verify --event push\n");
         t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"schedule\"\n");
     }
+}
+
+/// The variable with GitLab's comment token (docs/review.md).
+const GITLAB_COMMENT_TOKEN: &str = "KKPIPE_GITLAB_TOKEN";
+
+/// The job that posts the merge request's preview: no checkout (the merge request's code never runs here), and
+/// the only job of the environment `kkpipe-review`, to which the token's CI/CD variable is scoped.
+fn gitlab_comment_job(kkpipe: &Install, t: &mut String) {
+    t.push_str("kkp:comment:\n  stage: review\n  image: rust:1-bookworm\n  needs:\n    - job: \"kkp:merge-request\"\n      artifacts: true\n");
+    t.push_str("  variables:\n    GIT_STRATEGY: none\n  environment:\n    name: kkpipe-review\n    action: access\n");
+    let _ = writeln!(
+        t,
+        "  cache:\n    - key: kkpipe-bin-{}\n      paths:\n        - .kkpipe-bin/\n      policy: pull",
+        kkpipe.cache_key()
+    );
+    t.push_str("  script:\n");
+    for l in kkpipe_only(kkpipe) {
+        let _ = writeln!(t, "    - {}", yq(&l));
+    }
+    let _ = writeln!(t, "    - kkpipe comment {PREVIEW_FILE}");
+    t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n      when: always\n\n");
 }
 
 fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
@@ -495,7 +571,8 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
     );
     t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n");
     let _ = writeln!(t, "          - kkpipe-bin-{}\n        script:", kkpipe.cache_key());
-    let mut script = vec![APT_PACKAGES.to_string()];
+    // Secured repository variables reach every step: the comment token is for the comment step only.
+    let mut script = vec![format!("unset {BITBUCKET_COMMENT_TOKEN}"), APT_PACKAGES.to_string()];
     for (k, v) in versions(f) {
         script.push(format!("export {k}={}", yq(&v)));
     }
@@ -521,6 +598,9 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
         "mkdir -p kkpipe-result && code=0 && if [ \"${KKPIPE_VERIFY:-}\" = 1 ]; then kkpipe verify --event push; else kkpipe run; fi || code=$?".into(),
     );
     script.push("echo \"$code\" > kkpipe-result/exit-code".into());
+    script.push(format!(
+        "if [ -n \"${{BITBUCKET_PR_ID:-}}\" ]; then kkpipe preview > kkpipe-result/{PREVIEW_FILE} && cat kkpipe-result/{PREVIEW_FILE}; fi || echo 'kkpipe preview failed: see above'"
+    ));
     script.push(
         "kkpipe cache gc --max-size 800M && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
     );
@@ -528,11 +608,28 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
         let _ = writeln!(t, "          - {}", yq(&l));
     }
     t.push_str("        artifacts:\n          - kkpipe-result/**\n");
+    bitbucket_comment_step(kkpipe, &mut t);
     t.push_str("    - step: &kkpipe-result\n        name: kkp result\n        script:\n");
     t.push_str("          - \"test \\\"$(cat kkpipe-result/exit-code)\\\" = 0 || { echo 'a kkpipe stage failed: see the kkp pipeline step'; exit 1; }\"\n\n");
     bitbucket_pipelines(f, &mut t);
     t
 }
+
+/// The step that posts a pull request's preview. No clone: the pull request's code never runs where the comment
+/// token is.
+fn bitbucket_comment_step(kkpipe: &Install, t: &mut String) {
+    t.push_str(
+        "    - step: &kkpipe-comment\n        name: kkp preview comment\n        clone:\n          enabled: false\n",
+    );
+    let _ = writeln!(t, "        caches:\n          - kkpipe-bin-{}\n        script:", kkpipe.cache_key());
+    for l in kkpipe_only(kkpipe) {
+        let _ = writeln!(t, "          - {}", yq(&l));
+    }
+    let _ = writeln!(t, "          - kkpipe comment kkpipe-result/{PREVIEW_FILE}");
+}
+
+/// The variable with Bitbucket's comment token (docs/review.md).
+const BITBUCKET_COMMENT_TOKEN: &str = "KKPIPE_BITBUCKET_TOKEN";
 
 /// The comment at the top of `bitbucket-pipelines.yml`.
 const BITBUCKET_INTRO: &str = "\
@@ -548,7 +645,8 @@ const BITBUCKET_INTRO: &str = "\
 
 /// Which steps run for pull requests and for pushes to each branch (a deployment for the deploying ones).
 fn bitbucket_pipelines(f: &Facts, t: &mut String) {
-    t.push_str("pipelines:\n  pull-requests:\n    \"**\":\n      - step: *kkpipe-run\n      - step: *kkpipe-result\n  branches:\n");
+    t.push_str("pipelines:\n  pull-requests:\n    \"**\":\n      - step: *kkpipe-run\n      - step: *kkpipe-comment\n");
+    t.push_str("      - step: *kkpipe-result\n  branches:\n");
     for b in &f.push_branches {
         let _ = writeln!(t, "    {}:\n      - step:\n          <<: *kkpipe-run", yq(b));
         if f.deploys {

@@ -1,7 +1,10 @@
 //! CI providers: detecting the one we run in (to default `--event`/`--branch` and pick output conventions),
 //! and generating their CI files ([`files`]).
 
+pub mod comment;
 pub mod files;
+#[cfg(feature = "s3-gcs")]
+pub mod http;
 pub mod install;
 
 use crate::graph::CiEvent;

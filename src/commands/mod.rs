@@ -1,6 +1,7 @@
 //! One function per CLI verb: resolve settings, open what the verb needs, call the engine, render.
 
 mod cache;
+mod comment;
 mod demo;
 mod init;
 mod observe;
@@ -35,6 +36,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
         Command::Verify(args) => verify_cmd(&settings, args),
         Command::Adopt(args) => adopt_cmd(&settings, args),
         Command::Preview(args) => preview::preview(&settings, args),
+        Command::Comment(args) => comment::comment(&settings, args),
         Command::Graph(args) => observe::graph(&settings, args),
         Command::Log(args) => observe::log(&settings, args),
         Command::History(args) => observe::history(&settings, args),

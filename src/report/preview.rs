@@ -12,7 +12,7 @@ use std::fmt::Write;
 pub const SCHEMA: &str = "kkpipe.preview.v1";
 
 /// The first line of every preview: how a comment posted from it is found again.
-pub const MARKER: &str = "<!-- kkpipe-preview -->";
+pub const MARKER: &str = "[//]: # (kkpipe-preview)";
 
 /// What a merge does to one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

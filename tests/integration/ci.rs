@@ -755,3 +755,60 @@ fn github_actions_shows_a_stages_output_while_it_runs() {
     let end = rest.iter().position(|l| l == "::endgroup::").expect("the group is closed");
     assert!(rest[..end].contains(&"saw it".to_string()), "{rest:?}");
 }
+
+/// Issue 24, item 2: each generated file posts the preview from a job (step) of its own that checks nothing
+/// out and is the only one with the comment token; the jobs that run the pull request's code drop the token.
+#[test]
+fn the_comment_token_reaches_only_the_job_that_posts_the_preview() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let load = |r: &Repo, f: &str| YamlLoader::load_from_str(&r.read(f)).unwrap().remove(0);
+    let key = |y: &Yaml, k: &str| y[k].clone();
+    for (ci, file, _) in PROVIDERS {
+        let r = Repo::empty();
+        std::fs::create_dir_all(r.path("terraform/aws")).unwrap();
+        r.kk(&["init", "--ci", ci, "--cloud", "aws"]).ok();
+        let text = r.read(file);
+        let doc = load(&r, file);
+        match *ci {
+            "github" => {
+                assert_eq!(text.matches("secrets.GITHUB_TOKEN").count(), 1, "{text}");
+                let jobs = key(&doc, "jobs");
+                let comment = &jobs["comment"];
+                assert_eq!(comment["permissions"]["pull-requests"].as_str(), Some("write"));
+                assert_eq!(doc["permissions"]["contents"].as_str(), Some("read"), "the run job's token reads only");
+                let steps = comment["steps"].as_vec().unwrap();
+                assert!(!steps.iter().any(|s| s["uses"].as_str().is_some_and(|u| u.starts_with("actions/checkout"))));
+                let post = steps.last().unwrap();
+                assert!(post["run"].as_str().unwrap().contains("kkpipe comment kkpipe-preview.md"));
+                assert!(post["env"]["GITHUB_TOKEN"].as_str().is_some());
+                assert!(comment["if"].as_str().unwrap().contains("head.repo.full_name == github.repository"));
+            }
+            "gitlab" => {
+                let job = &doc["kkp:comment"];
+                assert_eq!(job["variables"]["GIT_STRATEGY"].as_str(), Some("none"));
+                assert_eq!(job["environment"]["name"].as_str(), Some("kkpipe-review"));
+                assert_eq!(job["needs"][0]["job"].as_str(), Some("kkp:merge-request"));
+                let base = &doc[".kkpipe"];
+                assert_eq!(base["before_script"][0].as_str(), Some("unset KKPIPE_GITLAB_TOKEN"));
+                assert_eq!(base["after_script"][0].as_str(), Some("unset KKPIPE_GITLAB_TOKEN"));
+                assert_eq!(doc["kkp:merge-request"]["artifacts"]["paths"][0].as_str(), Some("kkpipe-preview.md"));
+            }
+            _ => {
+                let steps = doc["definitions"]["steps"].as_vec().unwrap();
+                let run = &steps[0]["step"];
+                assert_eq!(run["script"][0].as_str(), Some("unset KKPIPE_BITBUCKET_TOKEN"));
+                let comment = &steps[1]["step"];
+                assert_eq!(comment["clone"]["enabled"].as_bool(), Some(false));
+                let last = comment["script"].as_vec().unwrap().last().unwrap().as_str().unwrap().to_string();
+                assert_eq!(last, "kkpipe comment kkpipe-result/kkpipe-preview.md");
+                let pr: Vec<String> = doc["pipelines"]["pull-requests"]["**"]
+                    .as_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["step"]["name"].as_str().unwrap().to_string())
+                    .collect();
+                assert_eq!(pr, ["kkp pipeline", "kkp preview comment", "kkp result"]);
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@ mod harness;
 mod adopt;
 mod architecture;
 mod ci;
+mod comment;
 mod deploy;
 mod engine;
 mod events;

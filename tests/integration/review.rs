@@ -48,7 +48,7 @@ fn a_pull_request_previews_what_its_merge_deploys_and_the_plan() {
     assert_eq!(doc["plans"][0]["stage"], "terraform-plan");
     assert_eq!(doc["plans"][0]["note"], "The merge applies no plan: `terraform-apply` stays as deployed.", "{doc:#}");
     let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
-    assert!(md.starts_with("<!-- kkpipe-preview -->\n"), "{md}");
+    assert!(md.starts_with("[//]: # (kkpipe-preview)\n"), "{md}");
     assert!(md.contains("**Merging deploys 1 stage**: `kkp-deploy`"), "{md}");
     assert!(md.contains("| `dns-update` | deploys only if `kkp-deploy` changes its outputs |"), "{md}");
     assert!(md.contains("The merge applies no plan: `terraform-apply` stays as deployed."), "{md}");
