@@ -23,12 +23,8 @@
 //!   with a repository access token.
 
 use super::Provider;
+use crate::report::preview::{MARKER_PREFIX, marked_commit, marker};
 use serde_json::{Value, json};
-
-/// How kkpipe's comment is found again: a Markdown link reference definition, which every forge's renderer
-/// (CommonMark on GitHub and GitLab, Python-Markdown on Bitbucket) shows as nothing; an HTML comment would be
-/// shown as text by Bitbucket. The preview's first line ([`crate::report::preview::MARKER`]) is the same.
-pub const MARKER_PREFIX: &str = "[//]: # (kkpipe-preview";
 
 /// Pages of comments read at most (100 each): a pull request with more is not one kkpipe can keep tidy.
 const MAX_PAGES: usize = 50;
@@ -85,11 +81,15 @@ pub struct Target {
     pub head: Option<String>,
     /// The job's page, linked from a truncated comment.
     pub job_url: Option<String>,
+    /// Whose comments are kkpipe's (`KKPIPE_COMMENT_AUTHOR`), when the forge cannot say who the token is.
+    pub author: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Comment {
     pub id: u64,
+    /// Who wrote it: GitHub's `user.login`, GitLab's `author.username`, Bitbucket's `user.uuid`.
+    pub author: String,
     pub body: String,
 }
 
@@ -126,15 +126,20 @@ impl Target {
             Provider::Gitlab => Target::gitlab(var)?,
             Provider::Bitbucket => Target::bitbucket(var)?,
         };
-        Ok(Target { api: t.api.trim_end_matches('/').to_string(), job_url: provider.run_url(var), ..t })
+        // GitLab's job URL would be the comment job's own log: the pipeline's page leads to the preview.
+        let job_url = match provider {
+            Provider::Gitlab => var("CI_PIPELINE_URL").or_else(|| provider.run_url(var)),
+            _ => provider.run_url(var),
+        };
+        let author = var("KKPIPE_COMMENT_AUTHOR").filter(|a| !a.trim().is_empty());
+        let head = super::pr_head(provider, var);
+        Ok(Target { api: t.api.trim_end_matches('/').to_string(), job_url, author, head, ..t })
     }
 
     fn github(var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
         let api = var("GITHUB_API_URL").unwrap_or_else(|| "https://api.github.com".into());
         let repo = need(var, "GITHUB_REPOSITORY")?;
-        let event = github_event(var);
-        let number = event
-            .as_ref()
+        let number = github_event(var)
             .and_then(|e| e["pull_request"]["number"].as_u64())
             .map(|n| n.to_string())
             .or_else(|| pr_from_ref(&var("GITHUB_REF").unwrap_or_default()))
@@ -147,15 +152,16 @@ impl Target {
             item: format!("/repos/{repo}/issues/comments"),
             token: token(var, "GITHUB_TOKEN"),
             token_var: "GITHUB_TOKEN",
-            // `GITHUB_SHA` is the merge commit GitHub made; the pull request's head is in the event.
-            head: event.and_then(|e| e["pull_request"]["head"]["sha"].as_str().map(str::to_string)),
+            head: None,
             job_url: None,
+            author: None,
         })
     }
 
     fn gitlab(var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
         let api = need(var, "CI_API_V4_URL")?;
-        let project = need(var, "CI_PROJECT_ID")?;
+        // A fork's merge request lives in the target project, which `CI_PROJECT_ID` is not.
+        let project = need(var, "CI_MERGE_REQUEST_PROJECT_ID").or_else(|_| need(var, "CI_PROJECT_ID"))?;
         let iid = need(var, "CI_MERGE_REQUEST_IID").map_err(|e| format!("no merge request: {e}"))?;
         let mr = format!("/projects/{project}/merge_requests/{iid}");
         Ok(Target {
@@ -166,9 +172,9 @@ impl Target {
             pr: mr,
             token: token(var, "KKPIPE_GITLAB_TOKEN"),
             token_var: "KKPIPE_GITLAB_TOKEN",
-            // A merged-results pipeline runs on a merge commit; the source branch's head is named apart.
-            head: var("CI_MERGE_REQUEST_SOURCE_BRANCH_SHA").filter(|v| !v.is_empty()).or_else(|| var("CI_COMMIT_SHA")),
+            head: None,
             job_url: None,
+            author: None,
         })
     }
 
@@ -185,8 +191,9 @@ impl Target {
             pr,
             token: token(var, "KKPIPE_BITBUCKET_TOKEN"),
             token_var: "KKPIPE_BITBUCKET_TOKEN",
-            head: var("BITBUCKET_COMMIT"),
+            head: None,
             job_url: None,
+            author: None,
         })
     }
 
@@ -257,13 +264,7 @@ impl Target {
         let comments = items
             .iter()
             .filter(|c| !c["system"].as_bool().unwrap_or(false) && !c["deleted"].as_bool().unwrap_or(false))
-            .filter_map(|c| {
-                let body = match self.provider {
-                    Provider::Bitbucket => c["content"]["raw"].as_str(),
-                    _ => c["body"].as_str(),
-                };
-                Some(Comment { id: c["id"].as_u64()?, body: body.unwrap_or_default().to_string() })
-            })
+            .filter_map(|c| self.comment_of(c))
             .collect();
         // The token goes only to the API it was given for: a `next` elsewhere ends the listing.
         match next {
@@ -272,6 +273,17 @@ impl Target {
             }
             n => Ok((comments, n)),
         }
+    }
+
+    /// One comment of the forge's JSON (a listing's item, or what a create answers).
+    fn comment_of(&self, c: &Value) -> Option<Comment> {
+        let (body, author) = match self.provider {
+            Provider::Github => (&c["body"], &c["user"]["login"]),
+            Provider::Gitlab => (&c["body"], &c["author"]["username"]),
+            Provider::Bitbucket => (&c["content"]["raw"], &c["user"]["uuid"]),
+        };
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        Some(Comment { id: c["id"].as_u64()?, author: text(author), body: text(body) })
     }
 
     fn head_of(&self, doc: &Value) -> Option<String> {
@@ -329,57 +341,47 @@ fn same_commit(a: &str, b: &str) -> bool {
     n >= 7 && a[..n].eq_ignore_ascii_case(&b[..n])
 }
 
-/// The comment's text: kkpipe's marker (with the commit), then the preview without its own marker line, cut to
-/// the forge's limit with a link to the job for the rest.
+/// The comment's text: the preview (whose first line is the marker with its commit), cut to the forge's limit
+/// with a link to the job for the rest.
 pub fn comment_body(target: &Target, preview: &str) -> String {
-    let rest = match preview.split_once('\n') {
-        Some((first, rest)) if first.starts_with(MARKER_PREFIX) => rest,
-        _ => preview,
+    let (first, rest) = match preview.split_once('\n') {
+        Some((first, rest)) if first.starts_with(MARKER_PREFIX) => (first.to_string(), rest),
+        _ => (marker(None), preview),
     };
-    let commit = target.head.as_deref().map(|h| format!(" {}", &h[..h.len().min(12)])).unwrap_or_default();
-    let marker = format!("{MARKER_PREFIX}{commit})\n");
-    let room = target.limit().saturating_sub(marker.chars().count());
-    format!("{marker}{}", fit(rest, room, target.job_url.as_deref()))
+    let room = target.limit().saturating_sub(first.chars().count() + 1);
+    format!("{first}\n{}", fit(rest, room, target.job_url.as_deref()))
 }
 
-/// `text` in at most `limit` characters: whole lines, an open code fence or `<details>` closed, and a last
-/// line that says where the whole is.
+/// `text` in at most `limit` characters: whole lines, an open code fence and `<details>` closed, then a blank
+/// line (which ends a table, a list or an HTML block) and a paragraph that says where the whole is.
 pub fn fit(text: &str, limit: usize, job_url: Option<&str>) -> String {
     let total = text.chars().count();
     if total <= limit {
         return text.to_string();
     }
     let tail = match job_url {
-        Some(url) => format!("\n\n**The preview is cut here** ({total} characters): the whole is in [the job]({url})."),
-        None => format!("\n\n**The preview is cut here** ({total} characters): the whole is in the job's log."),
+        Some(url) => format!("**The preview is cut here** ({total} characters): the whole is in [the job]({url}).\n"),
+        None => format!("**The preview is cut here** ({total} characters): the whole is in the job's log.\n"),
     };
-    // Room for the tail and the closing of a fence and a `<details>`.
-    let budget = limit.saturating_sub(tail.chars().count() + 32);
-    let mut kept = String::new();
-    let (mut used, mut fence, mut details) = (0, false, 0i32);
-    for line in text.split_inclusive('\n') {
-        let n = line.chars().count();
-        if used + n > budget {
+    let closers = |fence: bool, details: usize| "```\n".repeat(usize::from(fence)) + &"</details>\n".repeat(details);
+    let (mut kept, mut used, mut fence, mut details) = (String::new(), 0, false, 0usize);
+    for line in text.lines() {
+        let l = line.trim();
+        let f = fence ^ l.starts_with("```");
+        let d = match l {
+            _ if l.starts_with("<details") => details + 1,
+            _ if l.starts_with("</details>") => details.saturating_sub(1),
+            _ => details,
+        };
+        let n = line.chars().count() + 1;
+        if used + n + closers(f, d).len() + 1 + tail.chars().count() > limit {
             break;
         }
-        used += n;
+        (used, fence, details) = (used + n, f, d);
         kept.push_str(line);
-        let l = line.trim();
-        fence ^= l.starts_with("```");
-        details += i32::from(l.starts_with("<details")) - i32::from(l.starts_with("</details>"));
-    }
-    if !kept.ends_with('\n') && !kept.is_empty() {
         kept.push('\n');
     }
-    if fence {
-        kept.push_str("```\n");
-    }
-    for _ in 0..details.max(0) {
-        kept.push_str("</details>\n");
-    }
-    kept.push_str(tail.trim_start_matches('\n'));
-    kept.push('\n');
-    kept
+    format!("{kept}{}\n{tail}", closers(fence, details))
 }
 
 fn call(http: &dyn Http, req: &Request, what: &str, t: &Target) -> Result<Response, Failed> {
@@ -438,13 +440,52 @@ pub fn list(http: &dyn Http, t: &Target) -> Result<Vec<Comment>, Failed> {
     Ok(out)
 }
 
-fn ours(comments: &[Comment]) -> Vec<&Comment> {
-    comments.iter().filter(|c| c.body.starts_with(MARKER_PREFIX)).collect()
+/// Who the token writes as, where the forge can say (GitHub: a personal token's login, else the Actions bot, whose
+/// token may not ask; GitLab: `GET /user`). Bitbucket's repository access tokens have no user to ask for: there
+/// the forge itself refuses to edit others' comments.
+fn whoami(http: &dyn Http, t: &Target) -> Option<String> {
+    if let Some(a) = &t.author {
+        return Some(a.clone());
+    }
+    let login = |field: &str| {
+        let r = http.send(&t.request(Method::Get, format!("{}/user", t.api), None)).ok()?;
+        let doc: Value = serde_json::from_str(&r.body).ok().filter(|_| r.status == 200)?;
+        doc[field].as_str().map(str::to_string)
+    };
+    match t.provider {
+        Provider::Github => login("login").or_else(|| Some("github-actions[bot]".into())),
+        Provider::Gitlab => login("username"),
+        Provider::Bitbucket => None,
+    }
 }
 
-/// Post `preview` on the pull request: edit the oldest marked comment the token may edit, else create one; leave
+/// The marked comments written as `me` (any author when unknown), oldest first.
+fn ours<'a>(comments: &'a [Comment], me: Option<&str>) -> Vec<&'a Comment> {
+    comments.iter().filter(|c| c.body.starts_with(MARKER_PREFIX) && me.is_none_or(|m| c.author == m)).collect()
+}
+
+/// The preview must be of the commit this job is for: a file that a checkout, a cache or an older job left (a
+/// commit cannot name itself in a file it contains) is not posted.
+pub fn check_commit(t: &Target, preview: &str) -> Result<(), Failed> {
+    let refuse = |message: String| Err(Failed { status: None, message });
+    let Some(of) = marked_commit(preview) else {
+        return refuse("the file is no `kkpipe preview` output (its first line is not the preview's marker)".into());
+    };
+    match &t.head {
+        Some(head) if !same_commit(of, head) => {
+            let of = if of.is_empty() { "names no commit".to_string() } else { format!("is of commit {of}") };
+            refuse(format!(
+                "the preview {of}, and this job is for {head}: post the preview this pull request's job made"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Post `preview` on the pull request: edit the oldest of kkpipe's marked comments, else create one; leave
 /// nothing when the pull request has moved past the commit this job previewed.
 pub fn upsert(http: &dyn Http, t: &Target, preview: &str) -> Result<Posted, Failed> {
+    check_commit(t, preview)?;
     if let Some(ours_sha) = &t.head {
         let r = call(http, &t.request(Method::Get, format!("{}{}", t.api, t.pr), None), "read the pull request", t)?;
         let doc: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
@@ -453,36 +494,37 @@ pub fn upsert(http: &dyn Http, t: &Target, preview: &str) -> Result<Posted, Fail
         }
     }
     let body = comment_body(t, preview);
+    let me = whoami(http, t);
     let existing = list(http, t)?;
-    for c in ours(&existing) {
+    for c in ours(&existing, me.as_deref()) {
         match edit(http, t, c.id, &body) {
             Ok(()) => {
-                // Others that a race of two first runs created: the first one stays.
-                for dup in ours(&existing).into_iter().filter(|d| d.id != c.id) {
+                // Others of the same author, which a race of two first runs created: the first one stays.
+                for dup in ours(&existing, Some(&c.author)).into_iter().filter(|d| d.id != c.id) {
                     let _ = delete(http, t, dup.id);
                 }
                 return Ok(Posted::Edited(c.id));
             }
-            // Someone else's comment that copies the marker: not ours to edit.
+            // Not ours to edit after all (another user's, where the forge could not say who we are).
             Err(Failed { status: Some(403 | 404), .. }) => continue,
             Err(e) => return Err(e),
         }
     }
     let url = format!("{}{}", t.api, t.comments);
     let r = call(http, &t.request(Method::Post, url, Some(t.payload(&body))), "create a comment", t)?;
-    let id = serde_json::from_str::<Value>(&r.body).ok().and_then(|v| v["id"].as_u64()).ok_or_else(|| Failed {
+    let created = serde_json::from_str::<Value>(&r.body).ok().and_then(|v| t.comment_of(&v)).ok_or_else(|| Failed {
         status: Some(r.status),
         message: format!("{} created a comment but answered without its id", t.api),
     })?;
     // Two jobs that both found none each created one: the older comment takes this text, the newer goes.
     let now = list(http, t)?;
-    if let Some(first) = ours(&now).into_iter().find(|c| c.id < id)
+    if let Some(first) = ours(&now, Some(&created.author)).into_iter().find(|c| c.id < created.id)
         && edit(http, t, first.id, &body).is_ok()
-        && delete(http, t, id).is_ok()
+        && delete(http, t, created.id).is_ok()
     {
         return Ok(Posted::Edited(first.id));
     }
-    Ok(Posted::Created(id))
+    Ok(Posted::Created(created.id))
 }
 
 fn edit(http: &dyn Http, t: &Target, id: u64, body: &str) -> Result<(), Failed> {
@@ -498,48 +540,66 @@ fn delete(http: &dyn Http, t: &Target, id: u64) -> Result<(), Failed> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
-    /// A forge in memory, answering as `provider`'s API does: two comments a page, edits only of the token
-    /// user's comments (403 otherwise), and a pull request whose head is `head`.
+    /// A forge in memory, answering as `provider`'s API does: two comments a page; GitHub lets a token that may
+    /// write edit anyone's comment, GitLab and Bitbucket only their author; GitHub's Actions token may not ask
+    /// who it is, GitLab's may, Bitbucket's repository token has no user.
     struct Forge {
         provider: Provider,
         head: String,
-        /// (id, author, body); the token's user is `bot`.
-        comments: RefCell<Vec<(u64, &'static str, String)>>,
+        /// (id, author, body).
+        comments: RefCell<Vec<(u64, String, String)>>,
         log: RefCell<Vec<(Method, String)>>,
+        /// Another job's comment lands between this one's listing and its create.
+        race: Cell<bool>,
     }
 
     impl Forge {
         fn new(provider: Provider) -> Forge {
-            let seed = (1..=3).map(|i| (i, "alice", format!("looks good {i}"))).collect();
-            Forge { provider, head: "a".repeat(40), comments: RefCell::new(seed), log: RefCell::default() }
+            let seed = (1..=3).map(|i| (i, "alice".to_string(), format!("looks good {i}"))).collect();
+            let head = "a".repeat(40);
+            Forge { provider, head, comments: RefCell::new(seed), log: RefCell::default(), race: Cell::new(false) }
+        }
+
+        fn bot(&self) -> String {
+            match self.provider {
+                Provider::Github => "github-actions[bot]".into(),
+                Provider::Gitlab => "project_42_bot".into(),
+                Provider::Bitbucket => "{bot-uuid}".into(),
+            }
+        }
+
+        fn add(&self, author: &str, body: &str) -> u64 {
+            let id = self.comments.borrow().iter().map(|c| c.0).max().unwrap_or(0) + 1;
+            self.comments.borrow_mut().push((id, author.to_string(), body.to_string()));
+            id
         }
 
         fn writes(&self) -> usize {
             self.log.borrow().iter().filter(|(m, _)| *m != Method::Get).count()
         }
 
-        fn marked(&self) -> Vec<(u64, String)> {
-            let c = self.comments.borrow();
-            c.iter().filter(|c| c.2.starts_with(MARKER_PREFIX)).map(|c| (c.0, c.2.clone())).collect()
+        fn marked(&self) -> Vec<(u64, String, String)> {
+            self.comments.borrow().iter().filter(|c| c.2.starts_with(MARKER_PREFIX)).cloned().collect()
+        }
+
+        fn render(&self, (id, author, body): &(u64, String, String)) -> Value {
+            match self.provider {
+                Provider::Bitbucket => {
+                    json!({"id": id, "content": {"raw": body}, "deleted": false, "user": {"uuid": author}})
+                }
+                Provider::Gitlab => json!({"id": id, "body": body, "system": false, "author": {"username": author}}),
+                Provider::Github => json!({"id": id, "body": body, "user": {"login": author}}),
+            }
         }
 
         fn list_page(&self, url: &str) -> Response {
             let query = url.split_once('?').map(|q| q.1).unwrap_or_default();
             let page: usize = query.split('&').find_map(|p| p.strip_prefix("page=")?.parse().ok()).unwrap_or(1);
             let all = self.comments.borrow();
-            let items: Vec<Value> = all
-                .iter()
-                .skip((page - 1) * 2)
-                .take(2)
-                .map(|(id, _, body)| match self.provider {
-                    Provider::Bitbucket => json!({"id": id, "content": {"raw": body}, "deleted": false}),
-                    Provider::Gitlab => json!({"id": id, "body": body, "system": false}),
-                    Provider::Github => json!({"id": id, "body": body}),
-                })
-                .collect();
+            let items: Vec<Value> = all.iter().skip((page - 1) * 2).take(2).map(|c| self.render(c)).collect();
             let more = page * 2 < all.len();
             let base = url.split('?').next().unwrap();
             let next = format!("{base}?per_page=100&page={}", page + 1);
@@ -565,41 +625,57 @@ mod tests {
         }
     }
 
+    fn answer(status: u16, body: Value) -> Result<Response, String> {
+        Ok(Response { status, body: body.to_string(), ..Default::default() })
+    }
+
     impl Http for Forge {
         fn send(&self, req: &Request) -> Result<Response, String> {
             self.log.borrow_mut().push((req.method, req.url.clone()));
-            let ok = |body: Value| Ok(Response { status: 200, body: body.to_string(), ..Default::default() });
             let path = req.url.split('?').next().unwrap().to_string();
             let last = path.rsplit('/').next().unwrap();
             let text = |b: &Option<String>| {
                 let v: Value = serde_json::from_str(b.as_deref().unwrap()).unwrap();
                 v["body"].as_str().or(v["content"]["raw"].as_str()).unwrap().to_string()
             };
-            if req.method == Method::Get && (last == "comments" || last == "notes") {
-                return Ok(self.list_page(&req.url));
-            }
-            if req.method == Method::Get {
-                let h = &self.head;
-                return ok(json!({"head": {"sha": h}, "sha": h, "source": {"commit": {"hash": &h[..12]}}}));
-            }
-            if req.method == Method::Post {
-                let id = self.comments.borrow().iter().map(|c| c.0).max().unwrap_or(0) + 1;
-                self.comments.borrow_mut().push((id, "bot", text(&req.body)));
-                return Ok(Response { status: 201, body: json!({"id": id}).to_string(), ..Default::default() });
+            match (req.method, last) {
+                (Method::Get, "comments" | "notes") => return Ok(self.list_page(&req.url)),
+                (Method::Get, "user") => {
+                    return match self.provider {
+                        Provider::Gitlab => answer(200, json!({"username": self.bot()})),
+                        _ => answer(403, json!({"message": "Resource not accessible by integration"})),
+                    };
+                }
+                (Method::Get, _) => {
+                    let h = &self.head;
+                    return answer(
+                        200,
+                        json!({"head": {"sha": h}, "sha": h, "source": {"commit": {"hash": &h[..12]}}}),
+                    );
+                }
+                (Method::Post, _) => {
+                    if self.race.take() {
+                        self.add(&self.bot(), &format!("{MARKER_PREFIX})\nanother job's"));
+                    }
+                    let id = self.add(&self.bot(), &text(&req.body));
+                    let c = self.comments.borrow().iter().find(|c| c.0 == id).cloned().unwrap();
+                    return answer(201, self.render(&c));
+                }
+                _ => {}
             }
             let id: u64 = last.parse().unwrap();
             let mut all = self.comments.borrow_mut();
             let Some(i) = all.iter().position(|c| c.0 == id) else {
-                return Ok(Response { status: 404, body: r#"{"message":"Not Found"}"#.into(), ..Default::default() });
+                return answer(404, json!({"message": "Not Found"}));
             };
-            if all[i].1 != "bot" {
-                return Ok(Response { status: 403, body: r#"{"message":"Forbidden"}"#.into(), ..Default::default() });
+            if all[i].1 != self.bot() && self.provider != Provider::Github {
+                return answer(403, json!({"message": "Forbidden"}));
             }
             match req.method {
                 Method::Delete => drop(all.remove(i)),
                 _ => all[i].2 = text(&req.body),
             }
-            ok(json!({"id": id}))
+            answer(200, json!({"id": id}))
         }
     }
 
@@ -628,18 +704,23 @@ mod tests {
         t
     }
 
+    /// A preview of `head`, as `kkpipe preview` writes it in that commit's job.
+    fn preview(head: &str, text: &str) -> String {
+        format!("{}\n{text}", marker(Some(head)))
+    }
+
     const ALL: [Provider; 3] = [Provider::Github, Provider::Gitlab, Provider::Bitbucket];
 
     #[test]
     fn created_once_then_edited_in_place_on_every_forge() {
         for p in ALL {
             let forge = Forge::new(p);
-            let t = target(p, &forge.head);
-            assert_eq!(upsert(&forge, &t, "first\n").unwrap(), Posted::Created(4), "{p:?}");
-            assert_eq!(upsert(&forge, &t, "second\n").unwrap(), Posted::Edited(4), "{p:?}");
+            let (t, h) = (target(p, &forge.head), forge.head.clone());
+            assert_eq!(upsert(&forge, &t, &preview(&h, "first\n")).unwrap(), Posted::Created(4), "{p:?}");
+            assert_eq!(upsert(&forge, &t, &preview(&h, "second\n")).unwrap(), Posted::Edited(4), "{p:?}");
             let marked = forge.marked();
             assert_eq!(marked.len(), 1, "{p:?}");
-            assert!(marked[0].1.ends_with("\nsecond\n"), "{p:?}: {}", marked[0].1);
+            assert_eq!(marked[0].2, preview(&h, "second\n"), "{p:?}");
             // The listing went through both pages (two comments each) before it created.
             assert!(forge.log.borrow().iter().any(|(_, u)| u.contains("page=2")), "{p:?}");
         }
@@ -649,27 +730,60 @@ mod tests {
     fn an_older_commit_never_overwrites_the_newer_preview() {
         for p in ALL {
             let forge = Forge::new(p);
-            upsert(&forge, &target(p, &forge.head), "newest\n").unwrap();
+            upsert(&forge, &target(p, &forge.head), &preview(&forge.head, "newest\n")).unwrap();
             let writes = forge.writes();
             let old = "b".repeat(40);
-            let got = upsert(&forge, &target(p, &old), "older\n").unwrap();
+            let got = upsert(&forge, &target(p, &old), &preview(&old, "older\n")).unwrap();
             assert!(matches!(got, Posted::Superseded { .. }), "{p:?}: {got:?}");
             assert_eq!(forge.writes(), writes, "{p:?}");
-            assert!(forge.marked()[0].1.ends_with("\nnewest\n"));
+            assert!(forge.marked()[0].2.ends_with("\nnewest\n"));
         }
     }
 
     #[test]
-    fn a_copied_marker_is_skipped_and_duplicates_are_removed() {
-        let forge = Forge::new(Provider::Github);
-        let t = target(Provider::Github, &forge.head);
-        forge.comments.borrow_mut().push((5, "mallory", format!("{MARKER_PREFIX})\nfake")));
-        forge.comments.borrow_mut().push((6, "bot", format!("{MARKER_PREFIX})\nmine")));
-        forge.comments.borrow_mut().push((7, "bot", format!("{MARKER_PREFIX})\nrace")));
-        assert_eq!(upsert(&forge, &t, "now\n").unwrap(), Posted::Edited(6));
-        let marked = forge.marked();
-        assert_eq!(marked.iter().map(|m| m.0).collect::<Vec<_>>(), [5, 6], "the duplicate 7 is gone");
-        assert!(marked[0].1.ends_with("fake") && marked[1].1.ends_with("\nnow\n"));
+    fn a_copied_marker_is_left_alone_and_duplicates_are_removed() {
+        for p in ALL {
+            let forge = Forge::new(p);
+            let t = target(p, &forge.head);
+            let fake = forge.add("mallory", &format!("{MARKER_PREFIX})\nnothing to see"));
+            let mine = forge.add(&forge.bot(), &format!("{MARKER_PREFIX})\nmine"));
+            let dup = forge.add(&forge.bot(), &format!("{MARKER_PREFIX})\nrace"));
+            assert_eq!(upsert(&forge, &t, &preview(&forge.head, "now\n")).unwrap(), Posted::Edited(mine), "{p:?}");
+            let marked = forge.marked();
+            assert_eq!(
+                marked.iter().map(|m| m.0).collect::<Vec<_>>(),
+                [fake, mine],
+                "{p:?}: the duplicate {dup} is gone"
+            );
+            assert!(marked[0].2.ends_with("nothing to see") && marked[1].2.ends_with("\nnow\n"), "{p:?}: {marked:?}");
+        }
+    }
+
+    #[test]
+    fn two_first_runs_racing_leave_one_comment() {
+        for p in ALL {
+            let forge = Forge::new(p);
+            forge.race.set(true);
+            let got = upsert(&forge, &target(p, &forge.head), &preview(&forge.head, "mine\n")).unwrap();
+            assert_eq!(got, Posted::Edited(4), "{p:?}: the older comment (the other job's) takes the text");
+            let marked = forge.marked();
+            assert_eq!(marked.len(), 1, "{p:?}: {marked:?}");
+            assert!(marked[0].2.ends_with("\nmine\n"));
+        }
+    }
+
+    #[test]
+    fn only_a_preview_of_this_jobs_commit_is_posted() {
+        let forge = Forge::new(Provider::Gitlab);
+        let t = target(Provider::Gitlab, &forge.head);
+        let other = "c".repeat(40);
+        let e = upsert(&forge, &t, &preview(&other, "x\n")).unwrap_err();
+        assert!(e.message.contains(&format!("is of commit {other}, and this job is for {}", forge.head)), "{e}");
+        let e = upsert(&forge, &t, &format!("{}\nx\n", marker(None))).unwrap_err();
+        assert!(e.message.contains("names no commit"), "{e}");
+        let e = upsert(&forge, &t, "# a file of the checkout\n").unwrap_err();
+        assert!(e.message.contains("no `kkpipe preview` output"), "{e}");
+        assert_eq!(forge.log.borrow().len(), 0, "nothing was asked of the forge");
     }
 
     #[test]
@@ -677,41 +791,43 @@ mod tests {
         struct Refuse(u16);
         impl Http for Refuse {
             fn send(&self, _: &Request) -> Result<Response, String> {
-                Ok(Response { status: self.0, body: r#"{"message":"Bad credentials"}"#.into(), ..Default::default() })
+                answer(self.0, json!({"message": "Bad credentials"}))
             }
         }
-        let t = target(Provider::Github, &"a".repeat(40));
-        let e = upsert(&Refuse(401), &t, "x").unwrap_err();
+        let head = "a".repeat(40);
+        let t = target(Provider::Github, &head);
+        let e = upsert(&Refuse(401), &t, &preview(&head, "x")).unwrap_err();
         assert_eq!(e.status, Some(401));
         assert!(e.message.contains("(Bad credentials)") && e.message.contains("`GITHUB_TOKEN` was refused"), "{e}");
-        let e = upsert(&Refuse(403), &t, "x").unwrap_err();
+        let e = upsert(&Refuse(403), &t, &preview(&head, "x")).unwrap_err();
         assert!(e.message.contains("pull-requests: write"), "{e}");
     }
 
     #[test]
     fn a_next_page_elsewhere_is_not_followed() {
         let t = target(Provider::Bitbucket, &"a".repeat(40));
-        let r = Response {
-            status: 200,
-            body: json!({"values": [], "next": "http://evil.test/2.0/x"}).to_string(),
-            ..Default::default()
-        };
+        let body = json!({"values": [], "next": "http://evil.test/2.0/x"}).to_string();
+        let r = Response { status: 200, body, ..Default::default() };
         let e = t.parse_page(&t.first_page(), &r).unwrap_err();
         assert!(e.contains("evil.test"), "{e}");
     }
 
     #[test]
-    fn a_long_preview_is_cut_at_a_line_with_its_fence_closed_and_a_link() {
-        let mut t = target(Provider::Github, &"a".repeat(40));
+    fn a_long_preview_is_cut_at_a_line_with_its_blocks_closed_and_a_link() {
+        let head = "a".repeat(40);
+        let mut t = target(Provider::Github, &head);
         t.job_url = Some("https://ci.test/run/1".into());
         let long = format!("head\n<details>\n```\n{}```\n</details>\n", "resource line\n".repeat(10_000));
-        let body = comment_body(&t, &long);
+        let body = comment_body(&t, &preview(&head, &long));
         assert!(body.chars().count() <= t.limit(), "{}", body.chars().count());
-        assert!(body.starts_with(&format!("{MARKER_PREFIX} aaaaaaaaaaaa)\nhead\n")));
-        assert!(body.ends_with("```\n</details>\n**The preview is cut here** (140034 characters): the whole is in [the job](https://ci.test/run/1).\n"), "{}", &body[body.len() - 200..]);
-        assert!(!body.contains("resource lin\n"), "cut inside a line");
-        let short = comment_body(&t, "[//]: # (kkpipe-preview)\nsmall\n");
-        assert_eq!(short, format!("{MARKER_PREFIX} aaaaaaaaaaaa)\nsmall\n"));
+        assert!(body.starts_with(&format!("{}\nhead\n<details>\n```\nresource line\n", marker(Some(&head)))));
+        let end = "resource line\n```\n</details>\n\n**The preview is cut here** (140034 characters): the whole is in [the job](https://ci.test/run/1).\n";
+        assert!(body.ends_with(end), "{}", &body[body.len() - 200..]);
+        // A table is ended by a blank line before the last paragraph, which would otherwise be a row.
+        let table = format!("| a | b |\n|---|---|\n{}", "| `x` | update |\n".repeat(5000));
+        let cut = fit(&table, 1000, None);
+        assert!(cut.chars().count() <= 1000 && cut.ends_with("| `x` | update |\n\n**The preview is cut here** (85020 characters): the whole is in the job's log.\n"), "{cut}");
+        assert_eq!(comment_body(&t, &preview(&head, "small\n")), preview(&head, "small\n"));
     }
 
     #[test]

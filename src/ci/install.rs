@@ -64,25 +64,30 @@ impl fmt::Display for Install {
 impl Install {
     /// The shell line that puts kkpipe into `.kkpipe-bin/bin` unless it is there already (a cached copy).
     pub fn command(&self) -> String {
-        let skip = "command -v kkpipe > /dev/null ||";
+        format!("command -v kkpipe > /dev/null || {}", self.install_into(".kkpipe-bin"))
+    }
+
+    /// The shell command that installs kkpipe into `ROOT/bin` from this source, whatever is there: for the
+    /// comment jobs, which must not run a binary from a cache or a checkout that a pull request can write.
+    pub fn install_into(&self, root: &str) -> String {
         match self {
-            Install::Crates(v) => format!("{skip} cargo install --locked --root .kkpipe-bin kkpipe --version {v}"),
+            Install::Crates(v) => format!("cargo install --locked --root {root} kkpipe --version {v}"),
             Install::Git { url, rev } => {
                 let rev = rev.as_ref().map(|r| format!(" --rev {r}")).unwrap_or_default();
-                format!("{skip} cargo install --locked --root .kkpipe-bin --git {url}{rev} kkpipe")
+                format!("cargo install --locked --root {root} --git {url}{rev} kkpipe")
             }
             // The release workflow publishes `FILE.sha256` beside each file (`sha256sum` output): nothing is
             // unpacked or run before its SHA-256 matches.
             Install::Url(u) => {
                 let fetch = format!(
-                    "mkdir -p .kkpipe-bin/bin && t=$(mktemp -d) && curl -fsSLo \"$t/dl\" {u} && curl -fsSLo \"$t/dl.sha256\" {u}.sha256 && echo \"$(cut -d' ' -f1 \"$t/dl.sha256\")  $t/dl\" | sha256sum -c --quiet -"
+                    "mkdir -p {root}/bin && t=$(mktemp -d) && curl -fsSLo \"$t/dl\" {u} && curl -fsSLo \"$t/dl.sha256\" {u}.sha256 && echo \"$(cut -d' ' -f1 \"$t/dl.sha256\")  $t/dl\" | sha256sum -c --quiet -"
                 );
                 let place = if u.ends_with(".tar.gz") || u.ends_with(".tgz") {
-                    "tar -xzf \"$t/dl\" -C .kkpipe-bin/bin kkpipe"
+                    format!("tar -xzf \"$t/dl\" -C {root}/bin kkpipe")
                 } else {
-                    "install -m 755 \"$t/dl\" .kkpipe-bin/bin/kkpipe"
+                    format!("install -m 755 \"$t/dl\" {root}/bin/kkpipe")
                 };
-                format!("{skip} {{ {fetch} && {place}; }}")
+                format!("{{ {fetch} && {place}; }}")
             }
         }
     }

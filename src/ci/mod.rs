@@ -74,6 +74,28 @@ impl Provider {
     }
 }
 
+/// The head commit of the pull request this job is for (`None` outside one): GitHub's from the event payload
+/// (`GITHUB_SHA` is the merge commit GitHub made), GitLab's source branch head (a merged-results pipeline runs on
+/// a merge commit, `CI_COMMIT_SHA`), Bitbucket's `BITBUCKET_COMMIT`.
+pub fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
+    match p {
+        Provider::Github => {
+            let event: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(var("GITHUB_EVENT_PATH")?).ok()?).ok()?;
+            event["pull_request"]["head"]["sha"].as_str().map(str::to_string)
+        }
+        Provider::Gitlab => {
+            nonempty("CI_MERGE_REQUEST_IID")?;
+            nonempty("CI_MERGE_REQUEST_SOURCE_BRANCH_SHA").or_else(|| nonempty("CI_COMMIT_SHA"))
+        }
+        Provider::Bitbucket => {
+            nonempty("BITBUCKET_PR_ID")?;
+            nonempty("BITBUCKET_COMMIT")
+        }
+    }
+}
+
 /// The provider whose environment we run in, if any.
 pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
     if env("GITHUB_ACTIONS").as_deref() == Some("true") {

@@ -17,17 +17,19 @@ pub fn comment(settings: &Settings, args: &CommentArgs) -> Result<u8, Error> {
                 .into(),
         )
     })?;
-    let preview = read(&args.file)?;
     let target = comment::Target::from_env(provider, &var)
         .map_err(|e| Error::Usage(format!("cannot tell which pull request to comment on: {e}")))?;
     if target.token.is_none() {
-        // A fork's pull request gets no secrets: the job summary (or log) has the preview, and the job passes.
+        // A fork's pull request gets no secrets: the job summary (or log) has the preview, and the job passes,
+        // whatever became of the preview's file.
         eprintln!(
             "kkpipe: `{}` is not set, so the preview is not posted on the pull request (the job's summary has it)",
             target.token_var
         );
         return Ok(exit::OK);
     }
+    let preview = read(&args.file)?;
+    comment::check_commit(&target, &preview).map_err(|e| Error::Usage(format!("`{}`: {e}", args.file.display())))?;
     post(&target, &preview)
 }
 

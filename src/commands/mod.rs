@@ -46,7 +46,7 @@ pub fn dispatch(cli: Cli) -> Result<u8, Error> {
             Ok(exit::OK)
         }
         Command::SameData(args) => same_data::same_data(args),
-        Command::PlanCheck(args) => plan_check::plan_check(args),
+        Command::PlanCheck(args) => plan_check::plan_check(&settings, args),
         Command::Init(args) => init::init(&settings, args),
         Command::Ci(args) => init::ci(&settings, args),
         Command::Demo(args) => demo::demo(&settings, args),

@@ -3,9 +3,10 @@
 
 use crate::cli::PlanCheckArgs;
 use crate::error::{Error, exit};
+use crate::settings::Settings;
 use std::path::Path;
 
-pub fn plan_check(args: &PlanCheckArgs) -> Result<u8, Error> {
+pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error> {
     if let Some(a) = args.deny.iter().find(|a| !crate::tfplan::ACTIONS.contains(&a.as_str())) {
         return Err(Error::Usage(format!("unknown action `{a}`; known: {}", crate::tfplan::ACTIONS.join(", "))));
     }
@@ -24,6 +25,7 @@ pub fn plan_check(args: &PlanCheckArgs) -> Result<u8, Error> {
     for (address, action) in &denied {
         eprintln!("kkpipe: denied by the plan policy: {action} `{address}`");
     }
+    note(settings, &denied);
     let list: Vec<&str> = denied.iter().map(|(a, _)| a.as_str()).collect();
     eprintln!(
         "kkpipe: plan `{plan}` would {} {} resource(s) that the policy denies\n  hint: if that is intended, run with \
@@ -44,4 +46,22 @@ pub fn plan_check(args: &PlanCheckArgs) -> Result<u8, Error> {
 fn globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
     let split = patterns.iter().flat_map(|p| p.split(','));
     crate::tfplan::address_patterns(split).map_err(Error::Usage)
+}
+
+/// Inside a stage, what is denied becomes the stage's failure detail (the summary's row names it).
+fn note(settings: &Settings, denied: &[&(String, String)]) {
+    let Some(path) = settings.caller_env.get(crate::run::exec::FAILURE_NOTE_VAR) else { return };
+    let mut text = String::new();
+    for (address, action) in denied.iter().take(4) {
+        text.push_str(&format!("the plan policy denies {action} `{address}`\n"));
+    }
+    if denied.len() > 4 {
+        text.push_str(&format!("and {} more (the log names them)\n", denied.len() - 4));
+    }
+    // Best effort: the log says it all the same.
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
 }

@@ -18,7 +18,10 @@ pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let mask = |t: &str| masker.mask_str(t);
     let stages: Vec<PreviewStage> = rows.iter().map(|r| PreviewStage::from_row(r, &mask)).collect();
     let plans = plans(settings, &o, &rows, &stages, &mask);
-    let preview = Preview { schema: SCHEMA, context: json::Context::new(o.event.as_ref(), &o.env), stages, plans };
+    let var = |k: &str| settings.caller_env.get(k).cloned();
+    let commit = crate::ci::detect(&var).and_then(|p| crate::ci::pr_head(p, &var));
+    let context = json::Context::new(o.event.as_ref(), &o.env);
+    let preview = Preview { schema: SCHEMA, context, commit, stages, plans };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&preview).expect("serialisable"));
     } else {

@@ -259,6 +259,8 @@ const PLAIN: &[&str] = &[
     "CI_API_V4_URL",
     "CI_PROJECT_ID",
     "BITBUCKET_REPO_FULL_NAME",
+    // Resource addresses, which the plan's own output prints.
+    "KKPIPE_ALLOW_DESTROY",
 ];
 
 fn backend_env(v: Variant) -> Vec<String> {
@@ -637,11 +639,19 @@ fn dns_update_stage(v: Variant, dns_dir: &str) -> Stage {
         Stage::new("dns-update", "Register the KKP endpoints in Route53 for the ingress address kkp-deploy found.");
     dns.kind_deploy = true;
     dns.dir = Some(dns_dir.to_string());
-    dns.run = vec![tf_init(v, "dns"), format!("terraform apply -input=false -auto-approve {}", dns_var(dns_dir))];
+    // Planned, checked and that plan applied: the plan policy that guards the cluster's terraform (delete and
+    // replace need KKPIPE_ALLOW_DESTROY) guards the DNS records too (docs/review.md).
+    dns.run = vec![
+        tf_init(v, "dns"),
+        "trap 'rm -f dns.tfplan' EXIT".into(),
+        format!("terraform plan -input=false -out=dns.tfplan {}", dns_var(dns_dir)),
+        "\"$KKPIPE\" plan-check dns.tfplan".into(),
+        "terraform apply -input=false dns.tfplan".into(),
+    ];
     dns.inputs = tf_inputs(dns_dir);
     dns.exclude = tf_exclude();
     dns.needs = vec!["kkp-deploy", "terraform-kkp-dns-validate"];
-    dns.pass_env = [creds(v), backend_env(v)].concat();
+    dns.pass_env = [creds(v), backend_env(v), vec!["KKPIPE_ALLOW_DESTROY".into()]].concat();
     dns.tools = vec!["terraform"];
     dns.verify = Some(vec![format!(
         "{} > /dev/null && terraform plan -detailed-exitcode -input=false -lock=false -no-color {}",

@@ -423,6 +423,8 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
             _ => dur,
         };
         let why = match (r.reasons.first(), &r.note) {
+            // Why it ran, and how it failed.
+            (Some(reason), Some(note)) if r.state == super::StageState::Failed => format!("{reason}; {note}"),
             (Some(reason), _) => reason.to_string(),
             (None, Some(note)) => note.clone(),
             (None, None) if r.state == super::StageState::SkippedByEvent => {

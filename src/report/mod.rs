@@ -85,7 +85,7 @@ pub struct StageRow {
     /// Outputs put back from the cache (or to be, for `status`).
     pub restored: Vec<String>,
     pub needs: Vec<String>,
-    /// Why a stage was skipped, in words.
+    /// Why a stage was skipped, or how it failed (its exit code and failure note), in words.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// `status`, for a `running` stage: the process running it (the run lock's holder).

@@ -11,8 +11,25 @@ use std::fmt::Write;
 
 pub const SCHEMA: &str = "kkpipe.preview.v1";
 
-/// The first line of every preview: how a comment posted from it is found again.
-pub const MARKER: &str = "[//]: # (kkpipe-preview)";
+/// The first line of every preview starts so, with the pull request's commit after it when the CI names one:
+/// `[//]: # (kkpipe-preview 0123456789ab…)`. A Markdown link definition, which GitHub, GitLab and Bitbucket all
+/// render as nothing (an HTML comment would show on Bitbucket); `kkpipe comment` finds its comment by it.
+pub const MARKER_PREFIX: &str = "[//]: # (kkpipe-preview";
+
+/// The marker line for `commit`.
+pub fn marker(commit: Option<&str>) -> String {
+    match commit {
+        Some(c) => format!("{MARKER_PREFIX} {c})"),
+        None => format!("{MARKER_PREFIX})"),
+    }
+}
+
+/// The commit a preview's marker names: `Some("")` for a preview that names none, `None` for text that is no
+/// preview.
+pub fn marked_commit(text: &str) -> Option<&str> {
+    let rest = text.lines().next()?.strip_prefix(MARKER_PREFIX)?;
+    Some(rest.trim_end().strip_suffix(')')?.trim())
+}
 
 /// What a merge does to one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,6 +88,9 @@ pub struct Preview {
     pub schema: &'static str,
     #[serde(flatten)]
     pub context: Context,
+    /// The pull request's head commit this preview is of, as the CI's variables name it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub stages: Vec<PreviewStage>,
     pub plans: Vec<PlanPreview>,
 }
@@ -96,8 +116,15 @@ impl Preview {
     pub fn markdown(&self) -> String {
         let mut t = String::new();
         let target = self.context.event.as_ref().and_then(|e| e.branch.as_deref()).unwrap_or("the target branch");
-        let _ =
-            writeln!(t, "{MARKER}\n### kkpipe preview: merging into `{target}` (environment `{}`)\n", self.context.env);
+        let _ = writeln!(
+            t,
+            "{}\n### kkpipe preview: merging into `{target}` (environment `{}`)\n",
+            marker(self.commit.as_deref()),
+            self.context.env
+        );
+        if let Some(c) = &self.commit {
+            let _ = writeln!(t, "Of commit `{}`.\n", &c[..c.len().min(12)]);
+        }
         let _ = writeln!(t, "{}\n", self.headline());
         let _ = writeln!(t, "| stage | on merge | why |\n|---|---|---|");
         for s in self.stages.iter().filter(|s| s.on_merge != OnMerge::NotOnPush) {

@@ -53,6 +53,23 @@ pub struct Spec {
     pub script: String,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Where the stage may say why it failed ([`FAILURE_NOTE_VAR`]); read and removed when it exits.
+    pub note: Option<PathBuf>,
+}
+
+/// The variable naming a file in which a stage (or `kkpipe plan-check` inside it) may write, before it fails,
+/// why: its first lines become the failure's detail in the summary, the job summary and JSON.
+pub const FAILURE_NOTE_VAR: &str = "KKPIPE_FAILURE_NOTE";
+
+/// The first lines of a failure note, joined, and the file removed. Bounded: a stage may write anything there.
+fn take_note(path: &std::path::Path) -> Option<String> {
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| std::io::Read::read_to_end(&mut f.take(4096), &mut bytes));
+    let _ = std::fs::remove_file(path);
+    read.ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(5).collect();
+    (!lines.is_empty()).then(|| lines.join("; "))
 }
 
 #[derive(Debug)]
@@ -63,6 +80,8 @@ pub struct Exit {
     pub spawn_error: Option<String>,
     pub log: RawLog,
     pub duration: Duration,
+    /// What the stage wrote in its failure note (unmasked).
+    pub note: Option<String>,
 }
 
 /// What a stage wrote, byte for byte and unmasked: it can only be read masked, and is masked once the stage's
@@ -80,7 +99,7 @@ impl RawLog {
 impl Exit {
     fn not_started(why: String, start: Instant) -> Exit {
         let log = RawLog::default();
-        Exit { code: None, signal: None, spawn_error: Some(why), log, duration: start.elapsed() }
+        Exit { code: None, signal: None, spawn_error: Some(why), log, duration: start.elapsed(), note: None }
     }
 
     pub fn success(&self) -> bool {
@@ -112,6 +131,7 @@ fn command(cmd: &Spec, tag: &str) -> Command {
         .current_dir(&cmd.cwd)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .envs(cmd.note.iter().map(|p| (FAILURE_NOTE_VAR, p)))
         .env(watchdog::TAG_VAR, tag)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -164,14 +184,16 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     watchdog::stop_leftovers(pgid, &tag);
     drop(watch);
     let log = RawLog(std::mem::take(&mut *log.lock().expect("log")));
+    let note = cmd.note.as_deref().and_then(take_note);
     match status {
-        Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed() },
+        Ok(s) => Exit { code: s.code(), signal: s.signal(), spawn_error: None, log, duration: start.elapsed(), note },
         Err(e) => Exit {
             code: None,
             signal: None,
             spawn_error: Some(format!("waiting for the stage failed: {e}")),
             log,
             duration: start.elapsed(),
+            note,
         },
     }
 }

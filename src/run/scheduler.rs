@@ -79,6 +79,8 @@ enum Done {
         duration: Duration,
         key: Option<Key>,
         reason: Reason,
+        /// How it failed (an exit code and the stage's failure note, or why it did not start).
+        detail: String,
     },
     Skipped(String),
     Interrupted {
@@ -797,9 +799,10 @@ impl<'a> Scheduler<'a, '_> {
     /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
     fn not_started(&mut self, i: usize, key: Option<Key>, reason: Reason, detail: String) {
         self.leases.remove(&i);
-        let end = StageEnd::NotStarted { detail };
+        let end = StageEnd::NotStarted { detail: detail.clone() };
         self.sink.event(&Event::Finished { stage: self.name(i), end, duration: Duration::ZERO, log: Vec::new() });
-        self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key, reason });
+        let detail = format!("not started: {detail}");
+        self.slots[i] = Slot::Done(Done::Failed { duration: Duration::ZERO, key, reason, detail });
     }
 
     /// Tell the remote how a stage run ended: a success is shared (blobs, then the entry); a deploy's
@@ -1081,7 +1084,10 @@ impl<'a> Scheduler<'a, '_> {
         let mut env = exec::stage_env(stage, self.env.caller_env, self.cx.env);
         // What a deploy stamps on the live system and its probe compares: these inputs, this command.
         env.push(("KKPIPE_KEY".into(), keyed.key.to_string()));
-        let spec = exec::Spec { script, cwd: stage.dir.under(&self.cx.pipeline.root), env };
+        // A file per job for its failure note, beside the cache (removed when the job ends).
+        let notes = self.env.cache.dir().join("notes");
+        let note = std::fs::create_dir_all(&notes).ok().map(|()| notes.join(format!("{}-{id}", std::process::id())));
+        let spec = exec::Spec { script, cwd: stage.dir.under(&self.cx.pipeline.root), env, note };
         watchdog::start(self.env.cache.dir(), self.opts.stop_grace);
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
         let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };
@@ -1182,6 +1188,10 @@ impl<'a> Scheduler<'a, '_> {
             (None, Some(s), _) => format!("killed by signal {s}"),
             _ => "failed".into(),
         };
+        let detail = match &exit.note {
+            Some(n) => format!("{detail}: {}", self.env.masker.read().expect("masker").mask_str(n)),
+            None => detail,
+        };
         if self.retry_needs(i, &ended.log, &reason) {
             let pattern = self.cx.pipeline.stages[i].retry_needs_if.clone().unwrap_or_default();
             return self.conclude(
@@ -1274,8 +1284,9 @@ impl<'a> Scheduler<'a, '_> {
 
     fn fail(&mut self, i: usize, keyed: &Keyed, reason: Reason, e: Ended, detail: String) -> Result<(), Error> {
         let duration = e.duration;
-        self.conclude(i, keyed, State::Failed, e, StageEnd::Failed { detail })?;
-        self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(keyed.key), reason });
+        self.conclude(i, keyed, State::Failed, e, StageEnd::Failed { detail: detail.clone() })?;
+        let detail = format!("failed: {detail}");
+        self.slots[i] = Slot::Done(Done::Failed { duration, key: Some(keyed.key), reason, detail });
         if self.opts.fail_fast && self.stopping.is_none() {
             self.stop("not started: a stage failed and --fail-fast is set".into());
         }
@@ -1400,14 +1411,13 @@ fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
             row.restored = restored.clone();
             row.duration_ms = Some(*saved_ms);
             row.recorded_at = Some(crate::report::timestamp(*recorded_ms));
-            if restored.is_empty() {
-                sum.fresh += 1;
-            } else {
-                sum.restored += 1;
-            }
+            let (count, state) = match restored.is_empty() {
+                true => (&mut sum.fresh, StageState::Fresh),
+                false => (&mut sum.restored, StageState::Restored),
+            };
+            *count += 1;
             sum.verified += usize::from(*verified);
             sum.saved_ms += (*saved_ms).max(0) as u64;
-            let state = if restored.is_empty() { StageState::Fresh } else { StageState::Restored };
             (state, Some(*key), None)
         }
         Done::Ran { duration, key, reason, .. } => {
@@ -1420,8 +1430,9 @@ fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
             }
             (StageState::Ran, Some(*key), Some(reason.clone()))
         }
-        Done::Failed { duration, key, reason } => {
+        Done::Failed { duration, key, reason, detail } => {
             row.duration_ms = Some(duration.as_millis() as i64);
+            row.note = Some(detail.clone());
             sum.failed += 1;
             (StageState::Failed, *key, Some(reason.clone()))
         }

@@ -54,6 +54,11 @@ impl Forge {
         serde_json::from_str(&self.http("GET", "/_state", "")).unwrap()
     }
 
+    fn seed(&self, forge: &str, author: &str, body: &str) {
+        let doc = serde_json::json!({"forge": forge, "author": author, "body": body});
+        self.http("POST", "/_seed", &doc.to_string());
+    }
+
     /// The marked comments of `forge`'s thread, not deleted: (author, body).
     fn marked(&self, forge: &str) -> Vec<(String, String)> {
         let s = self.state();
@@ -72,9 +77,21 @@ impl Forge {
 
 /// `kkpipe comment FILE` as the generated CI files run it: in a job of `forge`'s pull request 7, at `head`.
 fn comment(dir: &Path, f: &Forge, forge: &str, head: &str, token: Option<&str>, file: &str) -> crate::harness::Run {
+    in_job(dir, f, forge, head, token, &["comment", file])
+}
+
+/// `kkpipe preview --branch main` in that job, written to `file`.
+fn preview(dir: &Path, f: &Forge, forge: &str, head: &str, file: &str) {
+    let r = in_job(dir, f, forge, head, None, &["preview", "--branch", "main"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.starts_with(&format!("[//]: # (kkpipe-preview {head})\n")), "{}", r.stdout);
+    std::fs::write(dir.join(file), r.stdout).unwrap();
+}
+
+fn in_job(dir: &Path, f: &Forge, forge: &str, head: &str, token: Option<&str>, args: &[&str]) -> crate::harness::Run {
     let api = format!("http://127.0.0.1:{}", f.port);
-    let mut c = kkpipe_in(dir, &["comment", file]);
-    let event = dir.join("event.json");
+    let mut c = kkpipe_in(dir, args);
+    let event = dir.join(format!("event-{head}.json"));
     std::fs::write(&event, format!(r#"{{"pull_request": {{"number": 7, "head": {{"sha": "{head}"}}}}}}"#)).unwrap();
     let vars: Vec<(&str, String)> = match forge {
         "github" => vec![
@@ -88,11 +105,13 @@ fn comment(dir: &Path, f: &Forge, forge: &str, head: &str, token: Option<&str>, 
         ],
         "gitlab" => vec![
             ("GITLAB_CI", "true".into()),
+            ("CI_PIPELINE_SOURCE", "merge_request_event".into()),
+            ("CI_MERGE_REQUEST_TARGET_BRANCH_NAME", "main".into()),
             ("CI_API_V4_URL", format!("{api}/api/v4")),
             ("CI_PROJECT_ID", "42".into()),
             ("CI_MERGE_REQUEST_IID", "7".into()),
             ("CI_COMMIT_SHA", head.into()),
-            ("CI_JOB_URL", "https://gitlab.test/org/kkp/-/jobs/99".into()),
+            ("CI_PIPELINE_URL", "https://gitlab.test/org/kkp/-/pipelines/99".into()),
         ],
         _ => vec![
             ("BITBUCKET_BUILD_NUMBER", "99".into()),
@@ -116,43 +135,54 @@ fn comment(dir: &Path, f: &Forge, forge: &str, head: &str, token: Option<&str>, 
 
 fn one_comment_per_pull_request(forge: &str, var: &str) {
     let repo = Repo::fixture("tiny");
-    let preview = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
-    assert!(preview.starts_with("[//]: # (kkpipe-preview)\n"), "{preview}");
-    repo.write("preview.md", &preview);
-    repo.write("preview2.md", &format!("{preview}\nA second commit's preview.\n"));
     let f = Forge::start();
     let dir = &repo.root;
+    preview(dir, &f, forge, OLD, "preview.md");
+    preview(dir, &f, forge, NEW, "preview2.md");
+    let second = format!("{}A second commit's preview.\n", repo.read("preview2.md"));
+    repo.write("preview2.md", &second);
+    // Someone copies the marker into a comment of their own: it is not kkpipe's, and stays as it is.
+    let forged = "[//]: # (kkpipe-preview)\nNothing to deploy, merge away.";
+    f.seed(forge, "mallory", forged);
 
     // No token (a fork's pull request): nothing is sent, the job passes and says why.
     let r = comment(dir, &f, forge, OLD, None, "preview.md");
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains(&format!("`{var}` is not set")), "{}", r.stderr);
     assert_eq!(f.state()["log"].as_array().unwrap().len(), 0, "a request without a token");
+    // Without a token a missing preview is no failure either (a fork's job may have made none).
+    assert_eq!(comment(dir, &f, forge, OLD, None, "missing.md").code, 0);
 
     // A refused token: exit 1, naming the variable; nothing written.
     let r = comment(dir, &f, forge, OLD, Some("wrong"), "preview.md");
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stderr.contains("401") && r.stderr.contains(&format!("`{var}` was refused")), "{}", r.stderr);
-    assert!(f.marked(forge).is_empty());
+    assert_eq!(f.marked(forge).len(), 1, "only the forged one");
 
     // Created once, after reading every page of the existing comments (3 others, 2 a page).
     let r = comment(dir, &f, forge, OLD, Some(TOKEN), "preview.md");
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("posted the preview as comment"), "{}", r.stderr);
     let marked = f.marked(forge);
-    assert_eq!(marked.len(), 1, "{marked:?}");
-    assert_eq!(marked[0].0, "kkpipe-bot");
-    assert!(marked[0].1.starts_with("[//]: # (kkpipe-preview 111111111111)\n### kkpipe preview"), "{}", marked[0].1);
+    assert_eq!(marked.len(), 2, "{marked:?}");
+    assert_eq!(marked[0], ("mallory".to_string(), forged.to_string()));
+    assert_ne!(marked[1].0, "mallory");
+    assert!(marked[1].1.starts_with(&format!("[//]: # (kkpipe-preview {OLD})\n### kkpipe preview")), "{}", marked[1].1);
+    assert!(marked[1].1.contains("Of commit `111111111111`."), "{}", marked[1].1);
     let log = f.state()["log"].as_array().unwrap().clone();
     assert!(log.iter().any(|r| r["query"].as_str().unwrap().contains("page=2")), "{log:?}");
 
-    // A newer commit's job edits the same comment.
+    // A newer commit's job edits the same comment; it does not post the older commit's preview.
     f.http("POST", "/_head", NEW);
+    let stale = comment(dir, &f, forge, NEW, Some(TOKEN), "preview.md");
+    assert_eq!(stale.code, 2, "{}", stale.all());
+    assert!(stale.stderr.contains(&format!("is of commit {OLD}, and this job is for {NEW}")), "{}", stale.stderr);
     let r = comment(dir, &f, forge, NEW, Some(TOKEN), "preview2.md");
     assert!(r.stderr.contains("updated the preview in comment"), "{}", r.all());
     let marked = f.marked(forge);
-    assert_eq!(marked.len(), 1, "{marked:?}");
-    assert!(marked[0].1.ends_with("A second commit's preview.\n"), "{}", marked[0].1);
+    assert_eq!(marked.len(), 2, "{marked:?}");
+    assert_eq!(marked[0].1, forged);
+    assert_eq!(marked[1].1, second);
 
     // The older commit's job, finishing late, writes nothing.
     let writes = f.writes();
@@ -160,14 +190,26 @@ fn one_comment_per_pull_request(forge: &str, var: &str) {
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(r.stderr.contains("did not post: this job previewed 1111"), "{}", r.stderr);
     assert_eq!(f.writes(), writes);
-    assert!(f.marked(forge)[0].1.ends_with("A second commit's preview.\n"));
+    assert_eq!(f.marked(forge)[1].1, second);
 
     // A preview longer than the forge takes is cut, with a link to the job (the fakes refuse what is too long).
-    repo.write("long.md", &format!("{preview}{}", "| `terraform_data.node` | update |\n".repeat(40_000)));
+    repo.write("long.md", &format!("{second}{}", "| `terraform_data.node` | update |\n".repeat(40_000)));
     let r = comment(dir, &f, forge, NEW, Some(TOKEN), "long.md");
     assert_eq!(r.code, 0, "{}", r.all());
-    let body = &f.marked(forge)[0].1;
-    assert!(body.contains("**The preview is cut here**") && body.contains("/99"), "{}", &body[body.len() - 300..]);
+    let body = &f.marked(forge)[1].1;
+    let link = match forge {
+        "github" => "(https://github.test/org/kkp/actions/runs/99)",
+        "gitlab" => "(https://gitlab.test/org/kkp/-/pipelines/99)",
+        _ => "(https://bitbucket.org/org/kkp/pipelines/results/99)",
+    };
+    assert!(
+        body.ends_with(&format!(
+            "| update |\n\n**The preview is cut here** ({} characters): the whole is in [the job]{link}.\n",
+            repo.read("long.md").chars().count() - repo.read("long.md").lines().next().unwrap().chars().count() - 1
+        )),
+        "{}",
+        &body[body.len() - 300..]
+    );
     assert!(!f.state().to_string().contains(TOKEN), "the token reached a comment");
 }
 

@@ -104,10 +104,24 @@ fn a_plan_that_destroys_needs_an_explicit_override_to_plan_and_again_to_apply() 
     assert_eq!(denied.with_state("failed"), ["terraform-plan"]);
     assert!(denied.stderr.contains("denied by the plan policy: delete `terraform_data.api_lb`"), "{}", denied.stderr);
     assert!(denied.stderr.contains("KKPIPE_ALLOW_DESTROY='terraform_data.api_lb'"), "the hint: {}", denied.stderr);
+    // The summary's row says how it failed, not only that it did (the failure note plan-check wrote).
+    let row = denied.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "terraform-plan").cloned();
+    let note = "failed: exit code 1: the plan policy denies delete `terraform_data.api_lb`";
+    assert_eq!(row.unwrap()["note"], note, "{}", denied.stdout);
+    assert!(
+        denied.stderr.contains("terraform-plan failed: exit code 1: the plan policy denies delete"),
+        "{}",
+        denied.stderr
+    );
+    assert!(!repo.path(".kkpipe/notes").read_dir().unwrap().any(|_| true), "a failure note was left behind");
 
     repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.api_lb");
     let allowed = repo.run(&["--event", "pull_request", "--branch", "main"]).ok();
-    assert!(allowed.stderr.contains("allowed by KKPIPE_ALLOW_DESTROY for this run: delete `terraform_data.api_lb`"));
+    assert!(
+        allowed.stderr.contains("allowed by KKPIPE_ALLOW_DESTROY for this run: delete `terraform_data.api_lb`"),
+        "{}",
+        allowed.stderr
+    );
     // The reviewer sees what the policy denies, and that only this job's override let it through.
     let doc = preview_json(&repo);
     let denied = serde_json::json!([{"address": "terraform_data.api_lb", "action": "delete", "overridden": true}]);
@@ -125,4 +139,83 @@ fn a_plan_that_destroys_needs_an_explicit_override_to_plan_and_again_to_apply() 
     repo.set_env("KKPIPE_ALLOW_DESTROY", "*");
     repo.run(&push).ok();
     assert!(serial(&repo) > applied);
+}
+
+/// A stage says why it failed in `$KKPIPE_FAILURE_NOTE`: its first lines, masked like every output, follow the
+/// exit code in the summary, JSON and the job summary; the file does not outlive the stage.
+#[test]
+fn a_stages_failure_note_is_its_failures_detail_masked() {
+    let mut repo = Repo::empty();
+    repo.write(
+        "pipeline.toml",
+        r#"
+[stages.upload]
+run = "printf 'bucket refused the token %s\n\nretry after 5 min\n' \"$TOKEN\" > \"$KKPIPE_FAILURE_NOTE\"; exit 3"
+secret_env = ["TOKEN"]
+[stages.fine]
+run = "echo fine"
+"#,
+    );
+    repo.set_env("TOKEN", "hunter2-but-longer");
+    repo.set_env("GITHUB_ACTIONS", "true");
+    repo.set_env("GITHUB_STEP_SUMMARY", &repo.path("summary.md").display().to_string());
+    let r = repo.run(&[]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let row = r.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "upload").cloned().unwrap();
+    assert_eq!(row["note"], "failed: exit code 3: bucket refused the token ***; retry after 5 min");
+    assert!(r.stderr.contains("upload failed: exit code 3: bucket refused the token ***"), "{}", r.stderr);
+    let summary = repo.read("summary.md");
+    assert!(
+        summary.contains("never run; failed: exit code 3: bucket refused the token ***; retry after 5 min"),
+        "{summary}"
+    );
+    assert!(!r.all().contains("hunter2") && !summary.contains("hunter2"));
+    assert_eq!(std::fs::read_dir(repo.path(".kkpipe/notes")).unwrap().count(), 0);
+    // A success leaves no note behind either, and a stage that writes none fails with its exit code alone.
+    repo.write(
+        "pipeline.toml",
+        "[stages.ok]\nrun = \"echo x > \\\"$KKPIPE_FAILURE_NOTE\\\"\"\n[stages.bare]\nrun = \"exit 4\"\n",
+    );
+    let r = repo.run(&[]);
+    let bare = r.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "bare").cloned().unwrap();
+    assert_eq!(bare["note"], "failed: exit code 4");
+    assert_eq!(std::fs::read_dir(repo.path(".kkpipe/notes")).unwrap().count(), 0);
+}
+
+/// Issue 24, item 3, the DNS module: dns-update plans, checks that plan against the policy and applies that
+/// very plan; a change that deletes records fails it, naming them, until `KKPIPE_ALLOW_DESTROY` allows it.
+#[test]
+fn the_dns_update_applies_only_a_plan_the_policy_allows() {
+    let mut repo = Repo::kkp_demo();
+    let push = ["--event", "push", "--branch", "main"];
+    repo.run(&push).ok();
+    let dns_state =
+        |r: &Repo| -> Value { serde_json::from_str(&r.read("terraform/aws/dns/terraform.tfstate")).unwrap() };
+    let before = dns_state(&repo);
+    // A new endpoint: the three records are destroyed and made again under new names.
+    repo.edit("terraform/aws/dns/terraform.tfvars", "kkp.demo.example.com", "kubermatic.demo.example.com");
+    let refused = repo.run(&push);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert_eq!(refused.with_state("failed"), ["dns-update"], "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("denied by the plan policy: delete `terraform_data.record[\"kkp.demo.example.com\"]`"),
+        "{}",
+        refused.stderr
+    );
+    let row = refused.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "dns-update").cloned();
+    assert!(row.unwrap()["note"].as_str().unwrap().contains("the plan policy denies delete `terraform_data.record["));
+    assert_eq!(dns_state(&repo)["serial"], before["serial"], "terraform applied the DNS change");
+    assert!(!repo.exists("terraform/aws/dns/dns.tfplan"), "the plan is not left in the repository");
+
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "*");
+    let allowed = repo.run(&push).ok();
+    // (terraform-plan runs again too: the override is part of its key.)
+    assert!(allowed.ran().contains(&"dns-update".to_string()), "{:?}", allowed.ran());
+    let names: Vec<String> = dns_state(&repo)["resources"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["index_key"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.contains(&"kubermatic.demo.example.com".to_string()), "{names:?}");
 }
