@@ -327,6 +327,10 @@ pub struct PlanCheckArgs {
     /// Addresses (globs, comma-separated; `*` for all) allowed for this run only: the explicit override.
     #[arg(long, value_name = "GLOB", env = "KKPIPE_ALLOW_DESTROY", value_delimiter = ',')]
     pub allow_destroy: Vec<String>,
+    /// The reviewed plan (kkpipe.review.v1, what a pull request's preview showed): fail when the plan deletes
+    /// or replaces a resource it does not list, unless `--allow-destroy` names that address itself.
+    #[arg(long, value_name = "FILE")]
+    pub reviewed: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 use crate::cli::PlanCheckArgs;
 use crate::error::{Error, exit};
+use crate::remote::review::Review;
 use crate::settings::Settings;
 use std::path::Path;
 
@@ -11,6 +12,10 @@ pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error
         return Err(Error::Usage(format!("unknown action `{a}`; known: {}", crate::tfplan::ACTIONS.join(", "))));
     }
     let (policy, forced) = (globs(&args.allow)?, globs(&args.allow_destroy)?);
+    let reviewed = match &args.reviewed {
+        Some(file) => Some(review(file)?),
+        None => None,
+    };
     let summary = crate::tfplan::show(&args.plan, Path::new("."), None).map_err(Error::Usage)?;
     let plan = args.plan.display();
     eprintln!("kkpipe: plan `{plan}`: {}", summary.counts());
@@ -19,28 +24,65 @@ pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error
     for (address, action) in overridden.iter().filter(|(a, _)| forced.is_match(a)) {
         eprintln!("kkpipe: allowed by KKPIPE_ALLOW_DESTROY for this run: {action} `{address}`");
     }
-    if denied.is_empty() {
-        return Ok(exit::OK);
-    }
     for (address, action) in &denied {
         eprintln!("kkpipe: denied by the plan policy: {action} `{address}`");
     }
-    note(settings, &denied);
-    let list: Vec<&str> = denied.iter().map(|(a, _)| a.as_str()).collect();
+    let mut notes: Vec<String> =
+        denied.iter().map(|(address, action)| format!("the plan policy denies {action} `{address}`")).collect();
+    let unreviewed = reviewed.as_ref().map(|r| unreviewed(r, &summary, &args.allow_destroy)).unwrap_or_default();
+    notes.extend(unreviewed.iter().map(|(action, address)| format!("not reviewed: {action} `{address}`")));
+    note(settings, &notes);
+    if !denied.is_empty() {
+        let list: Vec<&str> = denied.iter().map(|(a, _)| a.as_str()).collect();
+        let actions: std::collections::BTreeSet<&str> = denied.iter().map(|(_, a)| a.as_str()).collect();
+        eprintln!(
+            "kkpipe: plan `{plan}` would {} {} resource(s) that the policy denies\n  hint: if that is intended, run \
+             with KKPIPE_ALLOW_DESTROY='{}' (or `*`), or allow the addresses in the stage's `plan_policy.allow`",
+            actions.into_iter().collect::<Vec<_>>().join("/"),
+            denied.len(),
+            list.join(",")
+        );
+    }
+    if let (Some(r), false) = (&reviewed, unreviewed.is_empty()) {
+        report_unreviewed(&plan.to_string(), r, &unreviewed);
+    }
+    Ok(if denied.is_empty() && unreviewed.is_empty() { exit::OK } else { exit::FAILED })
+}
+
+/// A reviewed plan (kkpipe.review.v1), as the scheduler fetched it from the remote.
+fn review(file: &Path) -> Result<Review, Error> {
+    let text = std::fs::read(file).map_err(|source| Error::Io {
+        action: "read the reviewed plan",
+        path: file.into(),
+        source,
+    })?;
+    serde_json::from_slice(&text)
+        .map_err(|e| Error::Usage(format!("`{}` is not a reviewed plan (kkpipe.review.v1): {e}", file.display())))
+}
+
+/// What the plan destroys beyond the review, less the addresses the override names one by one (a pattern with
+/// `*` is consent to a policy, not to a change nobody saw).
+fn unreviewed(r: &Review, summary: &crate::tfplan::PlanSummary, allow: &[String]) -> Vec<(&'static str, String)> {
+    let named: Vec<&str> =
+        allow.iter().flat_map(|a| a.split(',')).map(str::trim).filter(|a| !a.contains('*')).collect();
+    r.unreviewed(summary).into_iter().filter(|(_, address)| !named.contains(&address.as_str())).collect()
+}
+
+fn report_unreviewed(plan: &str, r: &Review, unreviewed: &[(&'static str, String)]) {
+    for (action, address) in unreviewed {
+        eprintln!("kkpipe: not in the reviewed plan: {action} `{address}`");
+    }
+    let commit = r.commit.as_deref().map(|c| format!(" of commit {}", &c[..c.len().min(12)])).unwrap_or_default();
+    let list: Vec<&str> = unreviewed.iter().map(|(_, a)| a.as_str()).collect();
     eprintln!(
-        "kkpipe: plan `{plan}` would {} {} resource(s) that the policy denies\n  hint: if that is intended, run with \
-         KKPIPE_ALLOW_DESTROY='{}' (or `*`), or allow the addresses in the stage's `plan_policy.allow`",
-        denied
-            .iter()
-            .map(|(_, a)| a.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
-            .join("/"),
-        denied.len(),
+        "kkpipe: plan `{plan}` destroys what its review did not show (the review{commit}, {}: {}): the state \
+         changed since, and nothing is applied\n  hint: review it again (re-run the pull request's job: its preview \
+         stores the plan as it is now), then run this again; or, to apply it as it is, name each address in \
+         KKPIPE_ALLOW_DESTROY='{}'",
+        r.reviewed_at,
+        r.counts,
         list.join(",")
     );
-    Ok(exit::FAILED)
 }
 
 fn globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
@@ -48,15 +90,16 @@ fn globs(patterns: &[String]) -> Result<globset::GlobSet, Error> {
     crate::tfplan::address_patterns(split).map_err(Error::Usage)
 }
 
-/// Inside a stage, what is denied becomes the stage's failure detail (the summary's row names it).
-fn note(settings: &Settings, denied: &[&(String, String)]) {
+/// Inside a stage, what is denied or was not reviewed becomes the stage's failure detail (the summary's row
+/// names it).
+fn note(settings: &Settings, lines: &[String]) {
     let Some(path) = settings.caller_env.get(crate::run::exec::FAILURE_NOTE_VAR) else { return };
-    let mut text = String::new();
-    for (address, action) in denied.iter().take(4) {
-        text.push_str(&format!("the plan policy denies {action} `{address}`\n"));
+    if lines.is_empty() {
+        return;
     }
-    if denied.len() > 4 {
-        text.push_str(&format!("and {} more (the log names them)\n", denied.len() - 4));
+    let mut text: String = lines.iter().take(4).map(|l| format!("{l}\n")).collect();
+    if lines.len() > 4 {
+        text.push_str(&format!("and {} more (the log names them)\n", lines.len() - 4));
     }
     // Best effort: the log says it all the same.
     let _ = std::fs::OpenOptions::new()

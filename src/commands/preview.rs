@@ -2,7 +2,7 @@
 //! and the terraform plans this job made, summarised (crate::tfplan). Nothing runs but `terraform show`.
 
 use super::Opened;
-use super::status::status_rows;
+use super::status::status_evaluations;
 use crate::cli::{PreviewArgs, Selection};
 use crate::error::{Error, exit};
 use crate::pipeline::Kind;
@@ -13,7 +13,7 @@ use crate::settings::Settings;
 pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let sel = push_selection(settings, &args.selection)?;
     let o = Opened::open(settings, &sel)?;
-    let rows = status_rows(settings, &o, &[])?;
+    let (rows, evals) = status_evaluations(settings, &o)?;
     let masker = o.masker(settings);
     let mask = |t: &str| masker.mask_str(t);
     let stages: Vec<PreviewStage> = rows.iter().map(|r| PreviewStage::from_row(r, &mask)).collect();
@@ -21,6 +21,7 @@ pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let var = |k: &str| settings.caller_env.get(k).cloned();
     let commit = crate::ci::detect(&var).and_then(|p| crate::ci::pr_head(p, &var));
     let context = json::Context::new(o.event.as_ref(), &o.env);
+    store_reviews(settings, &o, &evals, &plans, commit.as_deref());
     let preview = Preview { schema: SCHEMA, context, commit, stages, plans };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&preview).expect("serialisable"));
@@ -118,4 +119,41 @@ fn denied(settings: &Settings, s: &crate::tfplan::PlanSummary, policy: &crate::p
         .into_iter()
         .map(|(address, action)| Denied { overridden: overridden.is_match(&address), address, action })
         .collect()
+}
+
+/// With a shared remote, each plan summarised is stored as what was reviewed, under its stage's content: the
+/// push after the merge checks the plan it applies against it (crate::remote::review). The one thing a pull
+/// request's job writes; a store that refuses (read-only credentials) is a warning.
+fn store_reviews(
+    settings: &Settings,
+    o: &Opened,
+    evals: &[Option<crate::evaluate::Evaluation>],
+    plans: &[PlanPreview],
+    commit: Option<&str>,
+) {
+    let reviewed: Vec<(usize, &crate::tfplan::PlanSummary)> = plans
+        .iter()
+        .filter_map(|p| Some((o.pipeline.stages.iter().position(|s| s.name == p.stage)?, p.summary.as_ref()?)))
+        // One review per plan stage: a stage with several plans is not reviewed as one.
+        .filter(|(i, _)| o.pipeline.stages[*i].plans().count() == 1)
+        .collect();
+    if reviewed.is_empty() {
+        return;
+    }
+    let remote = match o.resolve_remote(settings).and_then(|r| o.open_remote(settings, r)) {
+        Ok(Some(remote)) => remote,
+        Ok(None) => return,
+        Err(e) => return eprintln!("warning: the reviewed plans are not stored: {e}"),
+    };
+    for (i, summary) in reviewed {
+        let Some(keyed) = evals.get(i).and_then(|e| e.as_ref()).and_then(|e| e.keyed.as_ref()) else { continue };
+        let stage = &o.pipeline.stages[i].name;
+        let review = crate::remote::review::Review::of(stage, commit.map(str::to_string), summary);
+        if remote.put_review(&o.env, &keyed.manifest.content_key(), &review) {
+            eprintln!("kkpipe: stored the reviewed plan of `{stage}` on the remote `{}`", remote.url);
+        }
+    }
+    for w in remote.take_warnings() {
+        eprintln!("warning: {w}");
+    }
 }

@@ -21,6 +21,17 @@ fn evaluated_rows(
     forced: &dyn Fn(usize) -> bool,
     dry_run: bool,
 ) -> Result<Vec<StageRow>, Error> {
+    Ok(evaluated(settings, o, selected, forced, dry_run)?.0)
+}
+
+/// The rows and the evaluations behind them (each stage's manifest, for `preview`).
+fn evaluated(
+    settings: &Settings,
+    o: &Opened,
+    selected: &[Selected],
+    forced: &dyn Fn(usize) -> bool,
+    dry_run: bool,
+) -> Result<(Vec<StageRow>, Vec<Option<Evaluation>>), Error> {
     let mut session = o.session(settings)?;
     if dry_run {
         // As the run itself would: a missing tool is an error before anything, not a reason to run.
@@ -38,7 +49,17 @@ fn evaluated_rows(
     // A run in progress: the stages it is running are shown as running, with who runs them (never in a dry
     // run, which says what a run would do).
     let holder = if dry_run { None } else { crate::run::lock::live_holder(o.cache.dir()) };
-    Ok(rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last, holder.as_ref()))
+    let rows = rows(&o.pipeline, &o.graph.order, selected, &evals, dry_run, &last, holder.as_ref());
+    Ok((rows, evals))
+}
+
+/// Rows of every selected stage with their evaluations, for `preview`.
+pub(super) fn status_evaluations(
+    settings: &Settings,
+    o: &Opened,
+) -> Result<(Vec<StageRow>, Vec<Option<Evaluation>>), Error> {
+    let selected = o.cx().select(&[])?;
+    evaluated(settings, o, &selected, &|_| false, false)
 }
 
 /// Rows of every selected stage, for `status` and `graph`.

@@ -11,6 +11,7 @@
 pub mod admin;
 mod lease;
 pub mod protocol;
+pub mod review;
 mod share;
 
 use crate::pipeline::RemoteSpec;

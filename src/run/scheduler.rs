@@ -68,11 +68,14 @@ enum Done {
         recorded_ms: i64,
         saved_ms: i64,
         key: Key,
+        /// What it worked on (`Manifest::content_key`): a plan stage's review is found by it.
+        content: Key,
     },
     Ran {
         outputs: Vec<OutputRecord>,
         duration: Duration,
         key: Key,
+        content: Key,
         reason: Reason,
     },
     Failed {
@@ -638,6 +641,7 @@ impl<'a> Scheduler<'a, '_> {
         }
         let (name, env, timeout) = (self.name(i), self.cx.env.to_string(), self.opts.lock_timeout);
         let (interrupt, cancel) = (self.interrupt.clone(), self.cancel.clone());
+        let reviews = self.reviews_to_fetch(i);
         let asking =
             Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lease { resume, waited: false } };
         self.ask(i, asking, "lease", move |job, tx| {
@@ -646,7 +650,10 @@ impl<'a> Scheduler<'a, '_> {
             };
             let stop = || interrupt.signal().is_some() || cancel.load(Ordering::Relaxed);
             let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                remote.acquire(&name, &env, timeout, &mut waiting, &stop)
+                let lease = remote.acquire(&name, &env, timeout, &mut waiting, &stop)?;
+                // With the lease held, what the plans it applies were reviewed as (docs/review.md).
+                fetch_reviews(&remote, &env, &reviews);
+                Ok(lease)
             }));
             let result = waited.unwrap_or_else(|_| {
                 Err(crate::remote::LeaseError::Refused {
@@ -932,6 +939,7 @@ impl<'a> Scheduler<'a, '_> {
             recorded_ms: hit.record.started_at,
             saved_ms,
             key: keyed.key,
+            content: keyed.manifest.content_key(),
         });
         Ok(())
     }
@@ -1039,6 +1047,18 @@ impl<'a> Scheduler<'a, '_> {
     /// The stages whose plans deploy stage `i` may apply: those with a `plan_policy` among its needs and, through
     /// check stages, their needs (a check between the plan and the apply passes it on). A deploy in between is
     /// the one that applies it.
+    /// The plan stages deploy `i` applies, with what they worked on and where their review goes for
+    /// `plan-check --reviewed` (`.kkpipe/reviews/STAGE.json`).
+    fn reviews_to_fetch(&self, i: usize) -> Vec<(String, Key, std::path::PathBuf)> {
+        let dir = self.env.cache.dir().join("reviews");
+        let done = |j: usize| match &self.slots[j] {
+            Slot::Done(Done::Fresh { content, .. } | Done::Ran { content, .. }) => Some(*content),
+            _ => None,
+        };
+        let applied = self.plans_applied_by(i).into_iter();
+        applied.filter_map(|j| Some((self.name(j), done(j)?, dir.join(format!("{}.json", self.name(j)))))).collect()
+    }
+
     fn plans_applied_by(&self, i: usize) -> Vec<usize> {
         let stages = &self.cx.pipeline.stages;
         let (mut out, mut seen, mut stack) = (Vec::new(), HashSet::new(), self.cx.graph.needs[i].clone());
@@ -1061,20 +1081,27 @@ impl<'a> Scheduler<'a, '_> {
         let pipeline = &self.cx.pipeline;
         let stage = &pipeline.stages[i];
         let allow_destroy = self.env.caller_env.get("KKPIPE_ALLOW_DESTROY").map(String::as_str).unwrap_or("");
-        let checks = |s: &crate::pipeline::Stage| -> Vec<String> {
+        // A deploy checks each plan it applies against its review too, when the remote had one (fetched with the
+        // deploy lease); never a file a run without the remote left.
+        let reviews = self.env.remote.as_ref().map(|_| self.env.cache.dir().join("reviews"));
+        let checks = |s: &crate::pipeline::Stage, deploying: bool| -> Vec<String> {
             let Some(policy) = &s.plan_policy else { return Vec::new() };
+            let reviewed =
+                reviews.as_ref().map(|d| d.join(format!("{}.json", s.name))).filter(|f| deploying && f.exists());
             s.plans()
                 .map(|o| {
-                    plan_check_line(&s.dir.under(&pipeline.root), policy, &o.path.under(&pipeline.root), allow_destroy)
+                    let plan = o.path.under(&pipeline.root);
+                    plan_check_line(&s.dir.under(&pipeline.root), policy, &plan, allow_destroy, reviewed.as_deref())
                 })
                 .collect()
         };
         let mut lines: Vec<String> = Vec::new();
         if stage.is_deploy() {
-            lines.extend(self.plans_applied_by(i).into_iter().map(|j| &pipeline.stages[j]).flat_map(checks));
+            let applied = self.plans_applied_by(i).into_iter().map(|j| &pipeline.stages[j]);
+            lines.extend(applied.flat_map(|s| checks(s, true)));
         }
         lines.extend(stage.run.iter().cloned());
-        lines.extend(checks(stage));
+        lines.extend(checks(stage, false));
         lines.join("\n")
     }
 
@@ -1239,8 +1266,8 @@ impl<'a> Scheduler<'a, '_> {
             }
         };
         self.conclude(i, &keyed, state, ended, StageEnd::Ok)?;
-        let (duration, key) = (exit.duration, keyed.key);
-        self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration, key, reason });
+        let (duration, key, content) = (exit.duration, keyed.key, keyed.manifest.content_key());
+        self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration, key, content, reason });
         Ok(())
     }
 
@@ -1479,12 +1506,16 @@ fn plan_check_line(
     p: &crate::pipeline::PlanPolicy,
     plan: &std::path::Path,
     allow_destroy: &str,
+    reviewed: Option<&std::path::Path>,
 ) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
     let mut line =
         format!("(cd {} && \"$KKPIPE\" plan-check --deny {}", q(&dir.to_string_lossy()), q(&p.deny.join(",")));
     for a in &p.allow {
         line.push_str(&format!(" --allow {}", q(a)));
+    }
+    if let Some(r) = reviewed {
+        line.push_str(&format!(" --reviewed {}", q(&r.to_string_lossy())));
     }
     line.push_str(&format!(" --allow-destroy {} {})", q(allow_destroy), q(&plan.to_string_lossy())));
     line
@@ -1505,4 +1536,19 @@ fn script_of<'s>(commands: impl Iterator<Item = Option<&'s str>>) -> Option<Stri
         }
     }
     Some(cmds.join("\n"))
+}
+
+/// Write each plan stage's review where `plan-check --reviewed` reads it, or remove what an earlier run left
+/// there when the remote has none (runs on the lease's job thread).
+fn fetch_reviews(remote: &crate::remote::Remote, env: &str, reviews: &[(String, Key, std::path::PathBuf)]) {
+    for (stage, content, file) in reviews {
+        let review = remote.review(env, stage, content);
+        let written = review.map(|r| {
+            let _ = std::fs::create_dir_all(file.parent().expect("a file in a directory"));
+            std::fs::write(file, serde_json::to_vec_pretty(&r).expect("serialisable"))
+        });
+        if !matches!(written, Some(Ok(()))) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }

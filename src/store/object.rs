@@ -35,10 +35,13 @@ fn store_vars<'a, K: std::str::FromStr>(env: &'a HashMap<String, String>, prefix
 
 impl Client {
     pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
+        // Plain HTTP only when asked: S3's own switch, or a GCS endpoint given as `http://` (an emulator).
+        let allow_http = env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || (url.scheme() == "gs" && env.get("GOOGLE_BASE_URL").is_some_and(|u| u.starts_with("http://")));
         let client = object_store::ClientOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_allow_http(env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true")));
+            .with_allow_http(allow_http);
         let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
         let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?;
         // Each store's standard variables, from the caller's environment (not read from the process here).

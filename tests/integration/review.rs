@@ -1,6 +1,6 @@
 //! Issue 24 (in part): `kkpipe preview`, what a merge will do, on the demo repository with real terraform.
 
-use crate::harness::{Repo, check_schema, git, schema};
+use crate::harness::{Repo, Run, check_schema, git, schema};
 use serde_json::Value;
 
 fn pull_request(repo: &Repo) {
@@ -218,4 +218,64 @@ fn the_dns_update_applies_only_a_plan_the_policy_allows() {
         .map(|i| i["index_key"].as_str().unwrap().to_string())
         .collect();
     assert!(names.contains(&"kubermatic.demo.example.com".to_string()), "{names:?}");
+}
+
+/// Issue 24, item 4: with a shared remote, the pull request's preview stores the plan the reviewer saw; when the
+/// state moved before the merge's push, so that the plan about to be applied destroys what the review did not
+/// show, terraform-apply stops before it starts, names the difference, and goes once that address is named.
+#[test]
+fn the_push_applies_no_destruction_the_review_did_not_show() {
+    let mut repo = Repo::kkp_demo();
+    let store = tempfile::tempdir().unwrap();
+    let keys = Run::from(crate::harness::kkpipe_in(&repo.root, &["remote", "keygen", "--json"]).output().unwrap()).ok();
+    let (private, public) =
+        (keys.json()["private"].as_str().unwrap().to_string(), keys.json()["public"].as_str().unwrap().to_string());
+    let toml = repo.read("pipeline.toml");
+    repo.write(
+        "pipeline.toml",
+        &format!("[remote]\nurl = \"file://{}\"\ntrusted_keys = [\"{public}\"]\n\n{toml}", store.path().display()),
+    );
+    git(&repo.root, &["init", "-q", "-b", "main"]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-qm", "initial"]);
+    let push = ["--event", "push", "--branch", "main"];
+    repo.set_env("KKPIPE_SIGNING_KEY", &private);
+    repo.run(&push).ok();
+    let applied = serial(&repo);
+
+    // The pull request renames the load balancer, with the label's override; its preview stores the review.
+    repo.set_env("KKPIPE_SIGNING_KEY", "");
+    repo.edit("terraform/aws/main.tf", "\"terraform_data\" \"api_lb\"", "\"terraform_data\" \"apiserver_lb\"");
+    repo.edit("terraform/aws/output.tf", "terraform_data.api_lb.", "terraform_data.apiserver_lb.");
+    git(&repo.root, &["commit", "-qam", "Rename the load balancer"]);
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "*");
+    repo.run(&["--event", "pull_request", "--branch", "main"]).ok();
+    let preview = repo.kk(&["preview", "--branch", "main"]).ok();
+    assert!(preview.stderr.contains("stored the reviewed plan of `terraform-plan`"), "{}", preview.stderr);
+
+    // Before the merge's push, the state moves: the VPC is known under another address now.
+    let tf = |args: &[&str]| {
+        let out = std::process::Command::new("terraform").args(args).current_dir(repo.path("terraform/aws")).output();
+        assert!(out.unwrap().status.success());
+    };
+    tf(&["state", "mv", "terraform_data.vpc", "terraform_data.vpc_old"]);
+    let moved = serial(&repo);
+
+    repo.set_env("KKPIPE_SIGNING_KEY", &private);
+    let stopped = repo.run(&push);
+    assert_eq!(stopped.code, 1, "{}", stopped.stderr);
+    assert_eq!(stopped.with_state("failed"), ["terraform-apply"], "{}", stopped.stderr);
+    assert!(stopped.stderr.contains("not in the reviewed plan: delete `terraform_data.vpc_old`"), "{}", stopped.stderr);
+    assert!(!stopped.stderr.contains("not in the reviewed plan: delete `terraform_data.api_lb`"), "{}", stopped.stderr);
+    assert!(stopped.stderr.contains("re-run the pull request's job"), "{}", stopped.stderr);
+    let row = stopped.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "terraform-apply").cloned();
+    assert!(row.unwrap()["note"].as_str().unwrap().contains("not reviewed: delete `terraform_data.vpc_old`"));
+    assert_eq!(serial(&repo), moved, "terraform applied nothing");
+    assert!(moved > applied);
+
+    // Naming the address is consent: the apply goes.
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.api_lb,terraform_data.vpc_old");
+    let applied_now = repo.run(&push).ok();
+    assert!(applied_now.ran().contains(&"terraform-apply".to_string()), "{}", applied_now.stderr);
+    assert!(serial(&repo) > moved);
 }
