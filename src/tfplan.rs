@@ -5,7 +5,9 @@
 //! `["update"]`, `["delete"]`, `["delete","create"]` or `["create","delete"]` for a replacement, `["read"]`,
 //! `["no-op"]`, `["forget"]`, `["open"]`), an optional `previous_address` (moved) and `change.importing` (imported);
 //! `output_changes` maps each root output to its `actions`. Only addresses, actions and output names are kept:
-//! values (and their `*_sensitive` masks) are never read, so nothing secret can reach a review.
+//! values (and their `*_sensitive` masks) are never shown, so nothing secret can reach a review. The one value
+//! read is the `id` of a destroyed object (`change.before.id`), kept as a BLAKE3 fingerprint: which object a
+//! reviewed deletion was of.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -26,6 +28,10 @@ pub struct PlanSummary {
     pub imported: Vec<String>,
     /// Root outputs whose value changes, and how.
     pub outputs: Vec<OutputChange>,
+    /// Of each resource deleted or replaced, a fingerprint of the object (BLAKE3 of its `id`, never the id):
+    /// what a review checks it is still the same object (crate::remote::review).
+    #[serde(skip)]
+    pub destroyed_ids: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -164,6 +170,9 @@ struct Change {
     actions: Vec<String>,
     #[serde(default)]
     importing: Option<serde_json::Value>,
+    /// Read only for the `id` of what is destroyed, which is fingerprinted, never kept.
+    #[serde(default)]
+    before: Option<serde_json::Value>,
 }
 
 /// Reads `terraform show -json` output.
@@ -185,6 +194,12 @@ pub fn parse(json: &[u8]) -> Result<PlanSummary, String> {
             ["no-op"] | ["open"] | [] => {}
             // An action a newer terraform added: listed as a change rather than hidden.
             _ => s.update.push(address),
+        }
+        if matches!(a.as_slice(), ["delete"] | ["delete", "create"] | ["create", "delete"])
+            && let Some(id) = rc.change.before.as_ref().and_then(|b| b.get("id")).and_then(|i| i.as_str())
+        {
+            let print = blake3::hash(id.as_bytes()).to_hex()[..16].to_string();
+            s.destroyed_ids.insert(rc.address.clone(), print);
         }
         if let Some(from) = rc.previous_address.filter(|p| *p != rc.address) {
             s.moved.push(Moved { from, to: rc.address.clone() });

@@ -237,7 +237,7 @@ fn header(p: Provider, f: &Facts, kkpipe: &Install) -> String {
     }
     if f.remote {
         t.push_str(
-            "# The shared remote (docs/remote.md): KKPIPE_SIGNING_KEY reaches pushes only; pull requests read.\n",
+            "# The shared remote (docs/remote.md): KKPIPE_SIGNING_KEY reaches pushes only; pull requests read (and store reviewed plans).\n",
         );
     }
     t.push_str(match p {
@@ -367,7 +367,7 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("        with:\n          ssh-private-key: ${{ secrets.SSH_PRIVATE_KEY }}\n");
     }
     github_run_step(f, &mut t);
-    github_preview_steps(&mut t);
+    github_preview_steps(f, &mut t);
     t.push_str("      - name: Save the kkpipe cache, also after a failure\n        if: always()\n");
     t.push_str("        uses: actions/cache/save@v4\n        with:\n");
     t.push_str("          path: |\n            .kkpipe\n            !.kkpipe/sensitive\n");
@@ -378,12 +378,15 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
 
 /// What the merge will do, for the reviewer, beside the run's own table (also when the plan failed), and kept
 /// for the comment job.
-fn github_preview_steps(t: &mut String) {
+fn github_preview_steps(f: &Facts, t: &mut String) {
     t.push_str(
         "      - name: Preview what merging does\n        if: always() && github.event_name == 'pull_request'\n",
     );
     let _ =
         writeln!(t, "        run: kkpipe preview > {PREVIEW_FILE} && cat {PREVIEW_FILE} >> \"$GITHUB_STEP_SUMMARY\"");
+    // The run's environment: the plan's stage is keyed by it (a secret's MAC too), and the reviewed plan goes
+    // to the remote with its credentials.
+    github_step_env(f, t, false);
     t.push_str("      - name: Keep the preview for the comment job\n        if: always() && github.event_name == 'pull_request'\n");
     t.push_str("        uses: actions/upload-artifact@v4\n        with:\n          name: kkpipe-preview\n");
     // A re-run of the job uploads again.
@@ -439,7 +442,14 @@ fn github_run_step(f: &Facts, t: &mut String) {
     // filter. As the event it is, `manual`, it would select only stages that list it: none in the KKP pipeline.
     // A scheduled run verifies (the probes of what a push to the default branch deploys) and applies nothing.
     t.push_str("      - name: kkpipe run\n        run: kkpipe ${{ github.event_name == 'schedule' && 'verify --event push' || 'run' }} ${{ github.event_name == 'workflow_dispatch' && '--event push' || '' }}\n");
-    let env: Vec<&String> = f.secrets.iter().filter(|s| *s != "SSH_PRIVATE_KEY").collect();
+    github_step_env(f, t, true);
+}
+
+/// A step's secrets, as the stages read them; the signing key only to what is not a pull request (`signing`:
+/// the step may run for a push at all).
+fn github_step_env(f: &Facts, t: &mut String, signing: bool) {
+    let env: Vec<&String> =
+        f.secrets.iter().filter(|s| *s != "SSH_PRIVATE_KEY" && (signing || *s != SIGNING_KEY)).collect();
     if !env.is_empty() {
         t.push_str("        env:\n");
         for s in env {
@@ -506,18 +516,12 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     t
 }
 
-/// after_script runs in a shell of its own, with the variables again: the comment token goes there too. A merge
-/// request's preview is printed and kept (the `kkp:comment` job posts it).
+/// after_script runs in a shell of its own, with the variables again: the comment token goes there too.
 fn gitlab_after_script(t: &mut String) {
     t.push_str("  after_script:\n");
     for l in [
         format!("unset {GITLAB_COMMENT_TOKEN}"),
-        "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\"".into(),
-        // Only this job's preview is kept: a file of that name in the checkout is not.
-        format!(
-            "rm -f {PREVIEW_FILE}; if [ \"$CI_PIPELINE_SOURCE\" = merge_request_event ]; then kkpipe preview > {PREVIEW_FILE}; cat {PREVIEW_FILE}; fi"
-        ),
-        "mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
+        "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
     ] {
         let _ = writeln!(t, "    - {}", yq(&l));
     }
@@ -526,25 +530,21 @@ fn gitlab_after_script(t: &mut String) {
 
 /// The GitLab jobs that extend `.kkpipe`: merge requests (planning with read-only credentials) and pushes.
 fn gitlab_jobs(f: &Facts, kkpipe: &Install, t: &mut String) {
-    t.push_str("kkp:merge-request:\n  extends: .kkpipe\n");
-    if f.remote || !f.plan_credentials.is_empty() {
-        // Protected variables do not reach merge requests from unprotected branches: plan there with the
-        // read-only credentials of the unprotected `KKP_PLAN_*` variables (docs/ci.md), when the protected ones
-        // are absent.
-        t.push_str("  script:\n");
-        let exports: Vec<String> = f
-            .plan_credentials
-            .iter()
-            .map(|c| {
-                format!(
-                    "if [ -z \"${{{c}:-}}\" ] && [ -n \"${{KKP_PLAN_{c}:-}}\" ]; then export {c}=\"$KKP_PLAN_{c}\"; fi"
-                )
-            })
-            .collect();
-        let drop_key = f.remote.then(|| DROP_SIGNING_KEY_ON_PR.to_string());
-        for l in drop_key.iter().chain(&exports).chain(std::iter::once(&"kkpipe run".to_string())) {
-            let _ = writeln!(t, "    - {}", yq(l));
-        }
+    t.push_str("kkp:merge-request:\n  extends: .kkpipe\n  script:\n");
+    // Protected variables do not reach merge requests from unprotected branches: plan there with the read-only
+    // credentials of the unprotected `KKP_PLAN_*` variables (docs/ci.md), when the protected ones are absent.
+    let exports = f.plan_credentials.iter().map(|c| {
+        format!("if [ -z \"${{{c}:-}}\" ] && [ -n \"${{KKP_PLAN_{c}:-}}\" ]; then export {c}=\"$KKP_PLAN_{c}\"; fi")
+    });
+    let mut script: Vec<String> =
+        f.remote.then(|| DROP_SIGNING_KEY_ON_PR.to_string()).into_iter().chain(exports).collect();
+    // The preview in the same shell as the run (the label's override and the credentials above hold for it),
+    // also when the run failed; only this job's preview is kept, not a file of that name in the checkout.
+    script.push("code=0; kkpipe run || code=$?".into());
+    script.push(format!("rm -f {PREVIEW_FILE}; kkpipe preview > {PREVIEW_FILE} && cat {PREVIEW_FILE} || echo 'kkpipe preview failed: see above'"));
+    script.push("exit \"$code\"".into());
+    for l in &script {
+        let _ = writeln!(t, "    - {}", yq(l));
     }
     t.push_str("  rules:\n    - if: $CI_PIPELINE_SOURCE == \"merge_request_event\"\n");
     // The preview in the merge request's widget, and for the comment job.

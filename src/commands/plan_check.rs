@@ -17,20 +17,24 @@ pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error
         None => None,
     };
     let summary = crate::tfplan::show(&args.plan, Path::new("."), None).map_err(Error::Usage)?;
-    let plan = args.plan.display();
+    let plan = args.plan.display().to_string();
     eprintln!("kkpipe: plan `{plan}`: {}", summary.counts());
-    let overridden = summary.denied(&args.deny, &|a| policy.is_match(a));
-    let denied: Vec<&(String, String)> = overridden.iter().filter(|(a, _)| !forced.is_match(a)).collect();
-    for (address, action) in overridden.iter().filter(|(a, _)| forced.is_match(a)) {
+    let (let_through, denied): (Vec<Change>, Vec<Change>) =
+        summary.denied(&args.deny, &|a| policy.is_match(a)).into_iter().partition(|(a, _)| forced.is_match(a));
+    for (address, action) in &let_through {
         eprintln!("kkpipe: allowed by KKPIPE_ALLOW_DESTROY for this run: {action} `{address}`");
     }
     for (address, action) in &denied {
         eprintln!("kkpipe: denied by the plan policy: {action} `{address}`");
     }
+    // What the override let through must also be what the reviewer saw (unless named one by one).
+    let unreviewed = match &reviewed {
+        Some(r) => unreviewed(r, &summary, &let_through, &args.allow_destroy),
+        None => Vec::new(),
+    };
     let mut notes: Vec<String> =
         denied.iter().map(|(address, action)| format!("the plan policy denies {action} `{address}`")).collect();
-    let unreviewed = reviewed.as_ref().map(|r| unreviewed(r, &summary, &args.allow_destroy)).unwrap_or_default();
-    notes.extend(unreviewed.iter().map(|(action, address)| format!("not reviewed: {action} `{address}`")));
+    notes.extend(unreviewed.iter().map(|(address, action, _)| format!("not reviewed: {action} `{address}`")));
     note(settings, &notes);
     if !denied.is_empty() {
         let list: Vec<&str> = denied.iter().map(|(a, _)| a.as_str()).collect();
@@ -44,10 +48,13 @@ pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error
         );
     }
     if let (Some(r), false) = (&reviewed, unreviewed.is_empty()) {
-        report_unreviewed(&plan.to_string(), r, &unreviewed);
+        report_unreviewed(&plan, r, &unreviewed, &let_through);
     }
     Ok(if denied.is_empty() && unreviewed.is_empty() { exit::OK } else { exit::FAILED })
 }
+
+/// A resource's address and the action on it.
+type Change = (String, String);
 
 /// A reviewed plan (kkpipe.review.v1), as the scheduler fetched it from the remote.
 fn review(file: &Path) -> Result<Review, Error> {
@@ -60,28 +67,44 @@ fn review(file: &Path) -> Result<Review, Error> {
         .map_err(|e| Error::Usage(format!("`{}` is not a reviewed plan (kkpipe.review.v1): {e}", file.display())))
 }
 
-/// What the plan destroys beyond the review, less the addresses the override names one by one (a pattern with
-/// `*` is consent to a policy, not to a change nobody saw).
-fn unreviewed(r: &Review, summary: &crate::tfplan::PlanSummary, allow: &[String]) -> Vec<(&'static str, String)> {
+/// Of what the override let through, what the review did not show, less the addresses the override names one by
+/// one (a pattern with `*` is consent to the policy, not to a change nobody saw): (address, action, why).
+fn unreviewed(
+    r: &Review,
+    summary: &crate::tfplan::PlanSummary,
+    let_through: &[(String, String)],
+    allow: &[String],
+) -> Vec<(String, String, &'static str)> {
     let named: Vec<&str> =
         allow.iter().flat_map(|a| a.split(',')).map(str::trim).filter(|a| !a.contains('*')).collect();
-    r.unreviewed(summary).into_iter().filter(|(_, address)| !named.contains(&address.as_str())).collect()
+    r.unreviewed(summary, let_through)
+        .into_iter()
+        .filter(|(address, _, _)| !named.contains(&address.as_str()))
+        .collect()
 }
 
-fn report_unreviewed(plan: &str, r: &Review, unreviewed: &[(&'static str, String)]) {
-    for (action, address) in unreviewed {
-        eprintln!("kkpipe: not in the reviewed plan: {action} `{address}`");
+fn report_unreviewed(
+    plan: &str,
+    r: &Review,
+    unreviewed: &[(String, String, &'static str)],
+    let_through: &[(String, String)],
+) {
+    for (address, action, why) in unreviewed {
+        eprintln!("kkpipe: {why}: {action} `{address}`");
     }
-    let commit = r.commit.as_deref().map(|c| format!(" of commit {}", &c[..c.len().min(12)])).unwrap_or_default();
-    let list: Vec<&str> = unreviewed.iter().map(|(_, a)| a.as_str()).collect();
+    let commit = r.commit.as_deref().map(|c| format!(" of commit {}", crate::audit::short_commit(c, 12)));
+    // Naming addresses replaces a `*`: every one the override must let through is named.
+    let mut all: Vec<&str> = let_through.iter().map(|(a, _)| a.as_str()).collect();
+    all.dedup();
     eprintln!(
-        "kkpipe: plan `{plan}` destroys what its review did not show (the review{commit}, {}: {}): the state \
-         changed since, and nothing is applied\n  hint: review it again (re-run the pull request's job: its preview \
-         stores the plan as it is now), then run this again; or, to apply it as it is, name each address in \
+        "kkpipe: plan `{plan}` destroys what its review did not show (the review{}, {}: {}): the state changed \
+         since, and nothing is applied\n  hint: review it again (re-run the pull request's job: its preview stores \
+         the plan as it is now), then run this again; or, to apply it as it is, name each address in \
          KKPIPE_ALLOW_DESTROY='{}'",
+        commit.unwrap_or_default(),
         r.reviewed_at,
         r.counts,
-        list.join(",")
+        all.join(",")
     );
 }
 

@@ -98,22 +98,15 @@ impl Manifest {
         Key(Hash::of(&self.encode()))
     }
 
-    /// What a stage works on, without how (command, environment, tools, outputs): its directory, input files and
-    /// its needs' outputs. A plan stage's reviewed plan is stored under it (docs/review.md, "Apply what was
-    /// reviewed"), so the push after a merge finds the pull request's review though its override, which is in the
-    /// stage key, differs.
+    /// The key without the plan policy's override (`KKPIPE_ALLOW_DESTROY`, which the pull request and the push
+    /// set differently): everything else a plan is made from, command and environment included. A plan stage's
+    /// reviewed plan is stored under it (docs/review.md, "Apply what was reviewed").
     pub fn content_key(&self) -> Key {
-        let mut e = Enc(Vec::with_capacity(64 + 80 * (self.inputs.len() + self.global_inputs.len())));
-        e.bytes(b"kkpipe content key");
-        e.u64(1);
-        e.bytes(self.dir.as_bytes());
-        e.files(&self.global_inputs);
-        e.files(&self.inputs);
-        e.list(&self.needs, |e, (name, outs)| {
-            e.str(name);
-            e.files(outs);
-        });
-        Key(Hash::of(&e.0))
+        let mut m = self.clone();
+        m.env.retain(|(k, _)| k != "KKPIPE_ALLOW_DESTROY");
+        let mut e = m.encode();
+        e.extend_from_slice(b"kkpipe content key");
+        Key(Hash::of(&e))
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -314,19 +307,17 @@ mod tests {
     }
 
     #[test]
-    fn the_content_key_follows_files_and_needs_not_the_command_or_environment() {
+    fn the_content_key_is_the_key_but_for_the_override() {
         let base = sample().content_key();
-        let mut how = sample();
-        how.run[0].push_str(" && kkpipe plan-check --allow-destroy '*'");
-        how.env.push(("KKPIPE_ALLOW_DESTROY".into(), "*".into()));
-        how.tools[0].1 = Hash::of(b"tf2");
-        assert_eq!(how.content_key(), base);
+        let mut overridden = sample();
+        overridden.env.push(("KKPIPE_ALLOW_DESTROY".into(), "*".into()));
+        assert_eq!(overridden.content_key(), base);
+        let mut command = sample();
+        command.run[0].push_str(" -destroy");
+        assert_ne!(command.content_key(), base);
         let mut what = sample();
         what.inputs[0].1 = Entry::File { hash: Hash::of(b"b"), exec: false };
         assert_ne!(what.content_key(), base);
-        let mut need = sample();
-        need.needs[0].1.push((RelPath::parse("o").unwrap(), Entry::Symlink { target: vec![] }));
-        assert_ne!(need.content_key(), base);
         assert_ne!(base, sample().key());
     }
 

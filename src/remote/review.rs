@@ -2,9 +2,10 @@
 //! of a terraform plan, stored under the plan stage's content key (its files and its needs' outputs), and read
 //! back before a deploy applies a plan made from the same content.
 //!
-//! The one object a pull request writes, unsigned (its job has no signing key). It is advisory in one direction
-//! only: it can stop an apply that destroys more than it lists, never let through what the plan policy denies.
-//! A forged or missing review makes the check no stricter than the policy.
+//! The one object a pull request writes, unsigned (its job has no signing key). It only ever stops an apply: of
+//! what the plan policy denies and the override lets through, what the review does not list. A missing or
+//! forged review that lists more leaves the check where the policy puts it; one that lists less stops applies
+//! until the pull request's job stores its review again.
 
 use super::Remote;
 use crate::hash::key::Key;
@@ -25,6 +26,9 @@ pub struct Review {
     pub counts: String,
     pub delete: Vec<String>,
     pub replace: Vec<String>,
+    /// Of each address deleted or replaced, a fingerprint of the object (`PlanSummary::destroyed_ids`).
+    #[serde(default)]
+    pub ids: std::collections::BTreeMap<String, String>,
 }
 
 impl Review {
@@ -37,19 +41,42 @@ impl Review {
             counts: plan.counts(),
             delete: plan.delete.clone(),
             replace: plan.replace.clone(),
+            ids: plan.destroyed_ids.clone(),
         }
     }
 
-    /// What `plan` deletes or replaces that this review did not show: (action, address).
-    pub fn unreviewed(&self, plan: &PlanSummary) -> Vec<(&'static str, String)> {
-        let new = |action: &'static str, now: &[String], seen: &[String]| -> Vec<(&'static str, String)> {
-            now.iter().filter(|a| !seen.contains(a)).map(|a| (action, a.clone())).collect()
-        };
-        let mut out = new("delete", &plan.delete, &self.delete);
-        out.extend(new("replace", &plan.replace, &self.replace));
-        out
+    /// Of `destroyed` (what the plan policy denies in `plan` and the override let through: (address, action)),
+    /// what this review did not show: another address or action, or the same address for another object (its id
+    /// changed since: something else was moved there). The policy's other verdicts are its own business.
+    pub fn unreviewed(
+        &self,
+        plan: &PlanSummary,
+        destroyed: &[(String, String)],
+    ) -> Vec<(String, String, &'static str)> {
+        destroyed
+            .iter()
+            .filter_map(|(address, action)| {
+                let listed = match action.as_str() {
+                    "delete" => &self.delete,
+                    "replace" => &self.replace,
+                    _ => return None,
+                };
+                if !listed.contains(address) {
+                    return Some((address.clone(), action.clone(), "not in the reviewed plan"));
+                }
+                match (self.ids.get(address), plan.destroyed_ids.get(address)) {
+                    (Some(was), Some(is)) if was != is => {
+                        Some((address.clone(), action.clone(), "another object than the reviewed plan's"))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
     }
 }
+
+/// A review is a few addresses: anything larger is not one (and is not kept in memory for long).
+const MAX_REVIEW_BYTES: usize = 1 << 20;
 
 fn name(env: &str, stage: &str, content: &Key) -> String {
     format!("reviews/{env}/{stage}/{content}.json")
@@ -94,8 +121,9 @@ impl Remote {
                 return None;
             }
         };
-        match serde_json::from_slice::<Review>(&bytes) {
-            Ok(r) if r.schema == SCHEMA && r.stage == stage => Some(r),
+        let parsed = (bytes.len() <= MAX_REVIEW_BYTES).then(|| serde_json::from_slice::<Review>(&bytes).ok()).flatten();
+        match parsed {
+            Some(r) if r.schema == SCHEMA && r.stage == stage => Some(r),
             _ => {
                 self.refused(&format!("the reviewed plan `{name}`"), "it is not a kkpipe.review.v1 document");
                 None
@@ -116,16 +144,27 @@ mod tests {
         }
     }
 
+    fn destroyed(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
     #[test]
     fn only_destruction_the_review_did_not_show_is_unreviewed() {
-        let reviewed = Review::of("terraform-plan", None, &plan(&["a.lb"], &["a.node[0]"]));
-        assert!(reviewed.unreviewed(&plan(&["a.lb"], &["a.node[0]"])).is_empty());
-        assert!(reviewed.unreviewed(&plan(&[], &[])).is_empty(), "less than reviewed is fine");
-        assert_eq!(
-            reviewed.unreviewed(&plan(&["a.lb", "a.node[1]"], &["a.lb"])),
-            [("delete", "a.node[1]".to_string()), ("replace", "a.lb".to_string())],
-            "a replace the review showed as a delete is another action"
-        );
+        let mut seen = plan(&["a.lb"], &["a.node[0]"]);
+        seen.destroyed_ids.insert("a.lb".into(), "1111".into());
+        let reviewed = Review::of("terraform-plan", None, &seen);
+        let same = destroyed(&[("a.lb", "delete"), ("a.node[0]", "replace")]);
+        assert!(reviewed.unreviewed(&seen, &same).is_empty());
+        assert!(reviewed.unreviewed(&seen, &[]).is_empty(), "less than reviewed is fine");
+        let more = destroyed(&[("a.lb", "delete"), ("a.node[1]", "delete"), ("a.lb", "replace"), ("a.x", "update")]);
+        let got: Vec<(String, String)> =
+            reviewed.unreviewed(&seen, &more).into_iter().map(|(a, b, _)| (a, b)).collect();
+        assert_eq!(got, destroyed(&[("a.node[1]", "delete"), ("a.lb", "replace")]), "another action is another change");
+        // The same address, another object: moved there in the state since the review.
+        let mut now = seen.clone();
+        now.destroyed_ids.insert("a.lb".into(), "2222".into());
+        let got = reviewed.unreviewed(&now, &destroyed(&[("a.lb", "delete")]));
+        assert_eq!(got, [("a.lb".to_string(), "delete".to_string(), "another object than the reviewed plan's")]);
     }
 
     #[test]

@@ -59,8 +59,8 @@ fn took(ms: Option<i64>) -> String {
     ms.map(|d| format_duration(Duration::from_millis(d.max(0) as u64))).unwrap_or_default()
 }
 
-fn short_commit(c: Option<&str>) -> &str {
-    c.map(|c| &c[..c.len().min(10)]).unwrap_or("-")
+fn short_commit(c: Option<&str>) -> String {
+    c.map(|c| crate::audit::short_commit(c, 10)).unwrap_or_else(|| "-".into())
 }
 
 fn event_text(event: Option<&str>, branch: Option<&str>) -> String {

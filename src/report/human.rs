@@ -433,7 +433,9 @@ pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
             (None, None) if !r.restored.is_empty() => format!("outputs restored: {}", r.restored.join(", ")),
             _ => String::new(),
         };
-        let _ = writeln!(t, "| `{}` | {icon} {} | {dur} | {} |", r.name, r.state.word(), why.replace('|', "\\|"));
+        // One row each: a reason or note of several lines (a hint) is one line here.
+        let why = why.replace('|', "\\|").replace(['\n', '\r'], " ");
+        let _ = writeln!(t, "| `{}` | {icon} {} | {dur} | {why} |", r.name, r.state.word());
     }
     // Every row is counted: those the event does not select too.
     let unselected = rows.iter().filter(|r| r.state == super::StageState::SkippedByEvent).count();

@@ -61,14 +61,29 @@ pub struct Spec {
 /// why: its first lines become the failure's detail in the summary, the job summary and JSON.
 pub const FAILURE_NOTE_VAR: &str = "KKPIPE_FAILURE_NOTE";
 
-/// The first lines of a failure note, joined, and the file removed. Bounded: a stage may write anything there.
+/// A failure note's text (its first 64 KiB), and the file removed. Only a regular file is read: a link the stage
+/// put there is removed, not followed.
 fn take_note(path: &std::path::Path) -> Option<String> {
+    let regular = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
     let mut bytes = Vec::new();
-    let read = std::fs::File::open(path).and_then(|f| std::io::Read::read_to_end(&mut f.take(4096), &mut bytes));
+    let read = regular
+        .then(|| std::fs::File::open(path).and_then(|f| std::io::Read::read_to_end(&mut f.take(64 << 10), &mut bytes)))
+        .is_some_and(|r| r.is_ok());
     let _ = std::fs::remove_file(path);
-    read.ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(5).collect();
+    read.then(|| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What the summary shows of a failure note, once masked: its first five non-empty lines, each at most 200
+/// characters with control characters as spaces (a note must not end a table row or start a CI command), joined.
+pub fn note_summary(masked: &str) -> Option<String> {
+    let line = |l: &str| -> String {
+        let clean: String = l.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        match clean.chars().count() > 200 {
+            true => clean.chars().take(199).chain(['…']).collect(),
+            false => clean,
+        }
+    };
+    let lines: Vec<String> = masked.lines().map(line).filter(|l| !l.trim().is_empty()).take(5).collect();
     (!lines.is_empty()).then(|| lines.join("; "))
 }
 
@@ -261,4 +276,19 @@ fn pump(job: usize, stream: Box<dyn Read + Send>, tx: &Sender<Msg>, log: &Mutex<
 /// Send `sig` to a job's whole process group.
 pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_note_is_a_few_short_clean_lines() {
+        assert_eq!(note_summary("\n  why it failed  \n\nretry\n"), Some("why it failed; retry".into()));
+        assert_eq!(note_summary("a\rb\x1b[31mc"), Some("a b [31mc".into()), "no CR or escape reaches a CI log");
+        let long = "x".repeat(500);
+        assert_eq!(note_summary(&long).unwrap().chars().count(), 200);
+        assert_eq!(note_summary("1\n2\n3\n4\n5\n6\n"), Some("1; 2; 3; 4; 5".into()));
+        assert_eq!(note_summary(" \n\n"), None);
+    }
 }

@@ -1215,8 +1215,10 @@ impl<'a> Scheduler<'a, '_> {
             (None, Some(s), _) => format!("killed by signal {s}"),
             _ => "failed".into(),
         };
-        let detail = match &exit.note {
-            Some(n) => format!("{detail}: {}", self.env.masker.read().expect("masker").mask_str(n)),
+        // Masked before it is cut: a secret cut in two would not be recognised.
+        let note = exit.note.as_deref().map(|n| self.env.masker.read().expect("masker").mask_str(n));
+        let detail = match note.as_deref().and_then(exec::note_summary) {
+            Some(n) => format!("{detail}: {n}"),
             None => detail,
         };
         if self.retry_needs(i, &ended.log, &reason) {
@@ -1543,9 +1545,13 @@ fn script_of<'s>(commands: impl Iterator<Item = Option<&'s str>>) -> Option<Stri
 fn fetch_reviews(remote: &crate::remote::Remote, env: &str, reviews: &[(String, Key, std::path::PathBuf)]) {
     for (stage, content, file) in reviews {
         let review = remote.review(env, stage, content);
+        // Whole or not at all: two deploys applying the same plan fetch it at once.
         let written = review.map(|r| {
-            let _ = std::fs::create_dir_all(file.parent().expect("a file in a directory"));
-            std::fs::write(file, serde_json::to_vec_pretty(&r).expect("serialisable"))
+            let dir = file.parent().expect("a file in a directory");
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::Write::write_all(&mut tmp, &serde_json::to_vec_pretty(&r).expect("serialisable"))?;
+            tmp.persist(file).map(drop).map_err(|e| e.error)
         });
         if !matches!(written, Some(Ok(()))) {
             let _ = std::fs::remove_file(file);

@@ -585,7 +585,7 @@ fn gitlab_merge_requests_from_unprotected_branches_plan_with_read_only_credentia
         &[("KKP_PLAN_AWS_ACCESS_KEY_ID", "AKIAREADONLY"), ("AWS_ACCESS_KEY_ID", "AKIAPROTECTED")],
     );
     assert_eq!(r.stdout.trim(), "AKIAPROTECTED", "the protected variable wins where it exists");
-    assert!(mr.contains("- \"kkpipe run\""), "{mr}");
+    assert!(mr.contains("- \"code=0; kkpipe run || code=$?\""), "{mr}");
     assert!(!gl[gl.find("kkp:push:").unwrap()..].contains("KKP_PLAN_"), "pushes use the protected variables");
 }
 
@@ -785,6 +785,13 @@ fn the_comment_token_reaches_only_the_job_that_posts_the_preview() {
                 assert!(post["env"]["GITHUB_TOKEN"].as_str().is_some());
                 assert!(comment["if"].as_str().unwrap().contains("head.repo.full_name == github.repository"));
                 assert!(comment["if"].as_str().unwrap().starts_with("!cancelled()"));
+                // The preview step has the run's environment (its plan is keyed by it), never the signing key.
+                let kkp = jobs["kkp"]["steps"].as_vec().unwrap();
+                let step = |name: &str| kkp.iter().find(|s| s["name"].as_str() == Some(name)).unwrap().clone();
+                let (run, preview) = (step("kkpipe run"), step("Preview what merging does"));
+                let mut run_env = run["env"].as_hash().unwrap().clone();
+                run_env.remove(&Yaml::String("KKPIPE_SIGNING_KEY".into()));
+                assert_eq!(preview["env"].as_hash(), Some(&run_env));
                 assert!(!post["run"].as_str().unwrap().contains(".kkpipe-bin"), "a binary from the cache");
             }
             "gitlab" => {
@@ -798,6 +805,16 @@ fn the_comment_token_reaches_only_the_job_that_posts_the_preview() {
                 assert_eq!(base["before_script"][0].as_str(), Some("unset KKPIPE_GITLAB_TOKEN"));
                 assert_eq!(base["after_script"][0].as_str(), Some("unset KKPIPE_GITLAB_TOKEN"));
                 assert_eq!(doc["kkp:merge-request"]["artifacts"]["paths"][0].as_str(), Some("kkpipe-preview.md"));
+                // The preview runs in the run's shell (the label's override and the plan credentials hold), after
+                // a failed run too, and the job keeps the run's exit code.
+                let script: Vec<&str> =
+                    doc["kkp:merge-request"]["script"].as_vec().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+                let n = script.len();
+                assert_eq!(script[n - 3], "code=0; kkpipe run || code=$?", "{script:?}");
+                assert!(script[n - 2].contains("kkpipe preview > kkpipe-preview.md"), "{script:?}");
+                assert_eq!(script[n - 1], "exit \"$code\"");
+                let after = base["after_script"].as_vec().unwrap();
+                assert!(!after.iter().any(|l| l.as_str().unwrap().contains("kkpipe preview")), "{after:?}");
             }
             _ => {
                 let steps = doc["definitions"]["steps"].as_vec().unwrap();

@@ -254,8 +254,9 @@ fn the_push_applies_no_destruction_the_review_did_not_show() {
     assert!(preview.stderr.contains("stored the reviewed plan of `terraform-plan`"), "{}", preview.stderr);
 
     // Before the merge's push, the state moves: the VPC is known under another address now.
+    let tf_dir = repo.path("terraform/aws");
     let tf = |args: &[&str]| {
-        let out = std::process::Command::new("terraform").args(args).current_dir(repo.path("terraform/aws")).output();
+        let out = std::process::Command::new("terraform").args(args).current_dir(&tf_dir).output();
         assert!(out.unwrap().status.success());
     };
     tf(&["state", "mv", "terraform_data.vpc", "terraform_data.vpc_old"]);
@@ -268,13 +269,40 @@ fn the_push_applies_no_destruction_the_review_did_not_show() {
     assert!(stopped.stderr.contains("not in the reviewed plan: delete `terraform_data.vpc_old`"), "{}", stopped.stderr);
     assert!(!stopped.stderr.contains("not in the reviewed plan: delete `terraform_data.api_lb`"), "{}", stopped.stderr);
     assert!(stopped.stderr.contains("re-run the pull request's job"), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("KKPIPE_ALLOW_DESTROY='terraform_data.api_lb,terraform_data.vpc_old'"),
+        "the hint names every address the override must let through: {}",
+        stopped.stderr
+    );
     let row = stopped.json()["stages"].as_array().unwrap().iter().find(|s| s["name"] == "terraform-apply").cloned();
     assert!(row.unwrap()["note"].as_str().unwrap().contains("not reviewed: delete `terraform_data.vpc_old`"));
     assert_eq!(serial(&repo), moved, "terraform applied nothing");
     assert!(moved > applied);
 
+    // The state moved otherwise: another object is now at the reviewed address (the VPC, where the load
+    // balancer was). The address was reviewed; the object was not.
+    tf(&["state", "mv", "terraform_data.vpc_old", "terraform_data.vpc"]);
+    tf(&["state", "rm", "terraform_data.api_lb"]);
+    tf(&["state", "mv", "terraform_data.vpc", "terraform_data.api_lb"]);
+    let moved = serial(&repo);
+    // Planned again, against the state as it is now (as a fresh runner, which has no plan, would).
+    repo.run(&["--event", "push", "--branch", "main", "--force", "terraform-plan"]).ok();
+    let stopped = repo.run(&push);
+    assert_eq!(stopped.with_state("failed"), ["terraform-apply"], "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("another object than the reviewed plan's: delete `terraform_data.api_lb`"),
+        "{}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains("KKPIPE_ALLOW_DESTROY='terraform_data.api_lb'"),
+        "the hint names all: {}",
+        stopped.stderr
+    );
+    assert_eq!(serial(&repo), moved, "terraform applied nothing");
+
     // Naming the address is consent: the apply goes.
-    repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.api_lb,terraform_data.vpc_old");
+    repo.set_env("KKPIPE_ALLOW_DESTROY", "terraform_data.api_lb");
     let applied_now = repo.run(&push).ok();
     assert!(applied_now.ran().contains(&"terraform-apply".to_string()), "{}", applied_now.stderr);
     assert!(serial(&repo) > moved);
