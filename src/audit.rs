@@ -119,12 +119,6 @@ pub fn uncommitted(root: &Path, untracked: bool) -> Result<Option<Vec<String>>, 
     Ok(Some(paths))
 }
 
-/// The first `n` characters of a commit id, for people: never a byte slice, since a commit may come from a store
-/// or a file anyone could write.
-pub fn short_commit(c: &str, n: usize) -> String {
-    c.chars().take(n).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

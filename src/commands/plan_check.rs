@@ -92,7 +92,7 @@ fn report_unreviewed(
     for (address, action, why) in unreviewed {
         eprintln!("kkpipe: {why}: {action} `{address}`");
     }
-    let commit = r.commit.as_deref().map(|c| format!(" of commit {}", crate::audit::short_commit(c, 12)));
+    let commit = r.commit.as_deref().map(|c| format!(" of commit {}", crate::report::short_commit(c, 12)));
     // Naming addresses replaces a `*`: every one the override must let through is named.
     let mut all: Vec<&str> = let_through.iter().map(|(a, _)| a.as_str()).collect();
     all.dedup();

@@ -75,7 +75,8 @@ impl std::fmt::Display for Why {
             Why::NotConfigured => "no `[remote] url` in pipeline.toml and no KKPIPE_REMOTE",
             Why::EnvOff => "KKPIPE_REMOTE=off",
             Why::FlagOff => "--remote off",
-            Why::PullRequest => "a pull_request event writes nothing but its reviewed plans",
+            // A run's mode: `preview` stores its reviewed plans whatever the mode (docs/remote.md).
+            Why::PullRequest => "a pull_request event never writes",
             Why::FlagReadOnly => "--remote read-only",
             Why::NoSigningKey => "KKPIPE_SIGNING_KEY is not set",
             Why::UntrustedSigningKey => "KKPIPE_SIGNING_KEY's public key is not in `[remote] trusted_keys`",

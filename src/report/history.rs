@@ -60,7 +60,7 @@ fn took(ms: Option<i64>) -> String {
 }
 
 fn short_commit(c: Option<&str>) -> String {
-    c.map(|c| crate::audit::short_commit(c, 10)).unwrap_or_else(|| "-".into())
+    c.map(|c| super::short_commit(c, 10)).unwrap_or_else(|| "-".into())
 }
 
 fn event_text(event: Option<&str>, branch: Option<&str>) -> String {

@@ -150,3 +150,9 @@ pub fn unavailable_note(unavailable: &[crate::fresh::OutputRecord]) -> String {
     let list: Vec<String> = unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
     format!("not in this cache, made only if a stage that needs them runs: {}", list.join(", "))
 }
+
+/// The first `n` characters of a commit id, for people: never a byte slice, since a commit may come from a store
+/// or a file anyone could write.
+pub fn short_commit(c: &str, n: usize) -> String {
+    c.chars().take(n).collect()
+}

@@ -123,7 +123,7 @@ impl Preview {
             self.context.env
         );
         if let Some(c) = &self.commit {
-            let _ = writeln!(t, "Of commit `{}`.\n", crate::audit::short_commit(c, 12));
+            let _ = writeln!(t, "Of commit `{}`.\n", super::short_commit(c, 12));
         }
         let _ = writeln!(t, "{}\n", self.headline());
         let _ = writeln!(t, "| stage | on merge | why |\n|---|---|---|");
