@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """What the shared remote costs a no-op run (docs/performance.md, "The remote").
 
-    remote.py KKPIPE WEED WORK [--runs N]
+    remote.py KKPIPE VENV_BIN WORK [--runs N] [--store weed|moto|file]
 
-Copies the KKP demo repository (fixtures/kkp-demo with the reference pipeline.toml and the demo's stand-in
-environment) to WORK/remote-demo, starts SeaweedFS (`WEED server -s3`) on loopback, runs the push pipeline once
-with the remote (writing its entries and ledger), then times no-op push runs with the remote and with
-`KKPIPE_REMOTE=off`, alternately, and prints the medians and their difference. The issue's budget: at most
-20 ms more with the remote.
+Copies the KKP demo repository (fixtures/kkp-demo with the pipeline `kkpipe demo` gives it and the demo's
+stand-in environment) to WORK/remote-demo, starts the store on loopback (SeaweedFS `VENV_BIN/weed server -s3`, moto's
+`VENV_BIN/moto_server`, or a `file://` directory), runs the push pipeline once with the remote (writing its
+entries and ledger), then times no-op push runs with the remote and with `KKPIPE_REMOTE=off`, alternately, and
+prints the medians and their difference. The issue's budget: at most 20 ms more with the remote.
 """
 
 import os
@@ -19,8 +19,11 @@ import sys
 import time
 import json
 
-KKPIPE, WEED, WORK = (os.path.abspath(a) for a in sys.argv[1:4])
+KKPIPE, BIN, WORK = (os.path.abspath(a) for a in sys.argv[1:4])
+# An older form named the weed binary itself.
+BIN = os.path.dirname(BIN) if os.path.basename(BIN) == "weed" else BIN
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 15
+STORE = sys.argv[sys.argv.index("--store") + 1] if "--store" in sys.argv else "weed"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,12 +38,22 @@ def start_weed(data):
     os.makedirs(data)
     ports = [port() for _ in range(8)]
     s3 = ports[7]
-    args = [WEED, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    args = [os.path.join(BIN, "weed"), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
             f"-volume.port.grpc={ports[3]}", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
             f"-filer.localSocket={data}/filer.sock", "-s3", f"-s3.port={s3}", f"-s3.port.grpc={ports[6]}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=10"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_for(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), s3, "SeaweedFS")
+
+
+def start_moto():
+    s3 = port()
+    proc = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(s3)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_for(proc, s3, "moto")
+
+
+def wait_for(proc, s3, name):
     endpoint = f"http://127.0.0.1:{s3}"
     for _ in range(120):
         r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", f"{endpoint}/bench"],
@@ -49,7 +62,7 @@ def start_weed(data):
             return proc, endpoint
         time.sleep(0.5)
     proc.kill()
-    sys.exit("SeaweedFS did not start")
+    sys.exit(f"{name} did not start")
 
 
 def demo_env(repo):
@@ -65,17 +78,25 @@ def main():
     repo = os.path.join(WORK, "remote-demo")
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(os.path.join(ROOT, "fixtures", "kkp-demo"), repo, symlinks=True)
-    shutil.copy(os.path.join(ROOT, "pipeline.toml"), os.path.join(repo, "pipeline.toml"))
+    # The pipeline `kkpipe demo` gives it: init reads the versions the wizard's files pin.
+    subprocess.run([KKPIPE, "init", "--ci", "github", "--cloud", "aws", "--dns", "--force"], cwd=repo, check=True,
+                   capture_output=True)
     keys = json.loads(subprocess.run([KKPIPE, "remote", "keygen", "--json"], capture_output=True, check=True).stdout)
+    store_dir = os.path.join(WORK, "remote-store")
+    shutil.rmtree(store_dir, ignore_errors=True)
+    url = f"file://{store_dir}" if STORE == "file" else "s3://bench/demo"
     with open(os.path.join(repo, "pipeline.toml"), "a") as f:
-        f.write(f'\n[remote]\nurl = "s3://bench/demo"\ntrusted_keys = ["{keys["public"]}"]\n')
-    weed, endpoint = start_weed(os.path.join(WORK, "remote-weed"))
+        f.write(f'\n[remote]\nurl = "{url}"\ntrusted_keys = ["{keys["public"]}"]\n')
+    server, endpoint = {"weed": lambda: start_weed(os.path.join(WORK, "remote-weed")), "moto": start_moto,
+                        "file": lambda: (None, None)}[STORE]()
     try:
         env = demo_env(repo)
-        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", KKPIPE_SIGNING_KEY=keys["private"])
+        env.update(KKPIPE_SIGNING_KEY=keys["private"])
+        if endpoint:
+            env.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
+                       AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
         # --no-verify: the deploy stages' drift probes (terraform plan) would dwarf what is measured here.
-        cmd = [KKPIPE, "run", "-q", "--no-verify", "--event", "push", "--branch", "main"]
+        cmd = [KKPIPE, "run", "-q", "--yes", "--no-verify", "--event", "push", "--branch", "main"]
         subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
         time.sleep(2.5)  # past the stat cache's racy window
         subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -91,10 +112,11 @@ def main():
         a, b = statistics.median(with_remote), statistics.median(without)
         print(f"no-op push run of the KKP demo, {RUNS} runs each, alternating")
         print(f"  without a remote: {b:7.1f} ms (median)")
-        print(f"  with SeaweedFS:   {a:7.1f} ms (median)")
+        print(f"  with {STORE + ':':<13}{a:7.1f} ms (median)")
         print(f"  difference:       {a - b:+7.1f} ms (budget +20 ms)")
     finally:
-        weed.kill()
+        if server:
+            server.kill()
 
 
 main()
