@@ -121,9 +121,9 @@ fn denied(settings: &Settings, s: &crate::tfplan::PlanSummary, policy: &crate::p
         .collect()
 }
 
-/// With a shared remote, each plan summarised is stored as what was reviewed, under its stage's content: the
-/// push after the merge checks the plan it applies against it (crate::remote::review). The one thing a pull
-/// request's job writes; a store that refuses (read-only credentials) is a warning.
+/// With a shared remote, in a pull request's CI job, each plan summarised is stored as what was reviewed, under
+/// its stage's content: the push after the merge checks the plan it applies against it (crate::remote::review).
+/// The one thing a pull request's job writes; a store that refuses (read-only credentials) is a warning.
 fn store_reviews(
     settings: &Settings,
     o: &Opened,
@@ -137,7 +137,10 @@ fn store_reviews(
         // One review per plan stage: a stage with several plans is not reviewed as one.
         .filter(|(i, _)| o.pipeline.stages[*i].plans().count() == 1)
         .collect();
-    if reviewed.is_empty() {
+    // Only a pull request's job reviews (a preview made locally shows no reviewer anything), and
+    // `--remote read-only|off` writes nothing.
+    let in_pull_request = settings.ci_event().is_some_and(|e| e.name == crate::pipeline::Trigger::PullRequest);
+    if reviewed.is_empty() || !in_pull_request || o.remote_lower.is_some() {
         return;
     }
     let remote = match o.resolve_remote(settings).and_then(|r| o.open_remote(settings, r)) {

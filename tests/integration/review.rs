@@ -250,7 +250,13 @@ fn the_push_applies_no_destruction_the_review_did_not_show() {
     git(&repo.root, &["commit", "-qam", "Rename the load balancer"]);
     repo.set_env("KKPIPE_ALLOW_DESTROY", "*");
     repo.run(&["--event", "pull_request", "--branch", "main"]).ok();
-    let preview = repo.kk(&["preview", "--branch", "main"]).ok();
+    // Made locally, a preview reviews nothing; in the pull request's CI job it stores the review.
+    let local = repo.kk(&["preview", "--branch", "main"]).ok();
+    assert!(!local.stderr.contains("stored the reviewed plan"), "{}", local.stderr);
+    let pr_job = [("GITHUB_ACTIONS", "true"), ("GITHUB_EVENT_NAME", "pull_request"), ("GITHUB_BASE_REF", "main")];
+    let mut in_job = repo.cmd_in(&repo.root, &["preview"]);
+    in_job.envs(pr_job);
+    let preview = Run::from(in_job.output().unwrap()).ok();
     assert!(preview.stderr.contains("stored the reviewed plan of `terraform-plan`"), "{}", preview.stderr);
 
     // Before the merge's push, the state moves: the VPC is known under another address now.
