@@ -342,9 +342,15 @@ fn execute(
 
 /// Takes the repository's run lock, telling the user whom they are waiting for.
 pub(crate) fn lock(cache: &Cache, command: &str, timeout_secs: u64) -> Result<run::lock::RunLock, run::lock::Error> {
-    run::lock::acquire(cache.dir(), command, Duration::from_secs(timeout_secs), |holder| {
+    let lock = run::lock::acquire(cache.dir(), command, Duration::from_secs(timeout_secs), |holder| {
         eprintln!("kkpipe: waiting for the run lock, held by {holder}");
-    })
+    })?;
+    // What a run killed before it could clean up left, which no other run reads: its stages' failure notes and
+    // the reviews it fetched.
+    for dir in ["notes", "reviews"] {
+        let _ = std::fs::remove_dir_all(cache.dir().join(dir));
+    }
+    Ok(lock)
 }
 
 /// The options of `verify` (`probe_only`) and `adopt`, which probe and never deploy: nothing to consent to.

@@ -157,6 +157,9 @@ run = "echo fine"
 "#,
     );
     repo.set_env("TOKEN", "hunter2-but-longer");
+    // A note a killed run left behind is gone once the next run holds the lock.
+    std::fs::create_dir_all(repo.path(".kkpipe/notes")).unwrap();
+    repo.write(".kkpipe/notes/1-7", "from a run that was killed\n");
     repo.set_env("GITHUB_ACTIONS", "true");
     repo.set_env("GITHUB_STEP_SUMMARY", &repo.path("summary.md").display().to_string());
     let r = repo.run(&[]);
