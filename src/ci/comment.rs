@@ -75,8 +75,6 @@ pub struct Target {
     /// One comment is `{item}/{id}`, relative to `api`.
     item: String,
     pub token: Option<String>,
-    /// The variable the token comes from.
-    pub token_var: &'static str,
     /// The commit this job previewed (the pull request's head when the job started).
     pub head: Option<String>,
     /// The job's page, linked from a truncated comment.
@@ -118,83 +116,45 @@ impl std::fmt::Display for Failed {
     }
 }
 
+/// Where a forge's API keeps one pull request and its comments (paths relative to `api`).
+struct Paths {
+    api: String,
+    pr: String,
+    comments: String,
+    /// One comment is `{item}/{id}`.
+    item: String,
+}
+
 impl Target {
     /// The target of the CI job whose variables `var` reads. `Err` names what is missing.
     pub fn from_env(provider: Provider, var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
-        let t = match provider {
-            Provider::Github => Target::github(var)?,
-            Provider::Gitlab => Target::gitlab(var)?,
-            Provider::Bitbucket => Target::bitbucket(var)?,
+        let Paths { api, pr, comments, item } = match provider {
+            Provider::Github => github_paths(var)?,
+            Provider::Gitlab => gitlab_paths(var)?,
+            Provider::Bitbucket => bitbucket_paths(var)?,
         };
         // GitLab's job URL would be the comment job's own log: the pipeline's page leads to the preview.
         let job_url = match provider {
             Provider::Gitlab => var("CI_PIPELINE_URL").or_else(|| provider.run_url(var)),
             _ => provider.run_url(var),
         };
-        let author = var("KKPIPE_COMMENT_AUTHOR").filter(|a| !a.trim().is_empty());
-        let head = super::pr_head(provider, var);
-        Ok(Target { api: t.api.trim_end_matches('/').to_string(), job_url, author, head, ..t })
-    }
-
-    fn github(var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
-        let api = var("GITHUB_API_URL").unwrap_or_else(|| "https://api.github.com".into());
-        let repo = need(var, "GITHUB_REPOSITORY")?;
-        let number = github_event(var)
-            .and_then(|e| e["pull_request"]["number"].as_u64())
-            .map(|n| n.to_string())
-            .or_else(|| pr_from_ref(&var("GITHUB_REF").unwrap_or_default()))
-            .ok_or("no pull request: `GITHUB_EVENT_PATH` has no `pull_request.number` and `GITHUB_REF` is no `refs/pull/N/merge`")?;
         Ok(Target {
-            provider: Provider::Github,
-            api,
-            pr: format!("/repos/{repo}/pulls/{number}"),
-            comments: format!("/repos/{repo}/issues/{number}/comments"),
-            item: format!("/repos/{repo}/issues/comments"),
-            token: token(var, "GITHUB_TOKEN"),
-            token_var: "GITHUB_TOKEN",
-            head: None,
-            job_url: None,
-            author: None,
-        })
-    }
-
-    fn gitlab(var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
-        let api = need(var, "CI_API_V4_URL")?;
-        // A fork's merge request lives in the target project, which `CI_PROJECT_ID` is not.
-        let project = need(var, "CI_MERGE_REQUEST_PROJECT_ID").or_else(|_| need(var, "CI_PROJECT_ID"))?;
-        let iid = need(var, "CI_MERGE_REQUEST_IID").map_err(|e| format!("no merge request: {e}"))?;
-        let mr = format!("/projects/{project}/merge_requests/{iid}");
-        Ok(Target {
-            provider: Provider::Gitlab,
-            api,
-            comments: format!("{mr}/notes"),
-            item: format!("{mr}/notes"),
-            pr: mr,
-            token: token(var, "KKPIPE_GITLAB_TOKEN"),
-            token_var: "KKPIPE_GITLAB_TOKEN",
-            head: None,
-            job_url: None,
-            author: None,
-        })
-    }
-
-    fn bitbucket(var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
-        let api = var("KKPIPE_BITBUCKET_API_URL").unwrap_or_else(|| "https://api.bitbucket.org/2.0".into());
-        let repo = need(var, "BITBUCKET_REPO_FULL_NAME")?;
-        let id = need(var, "BITBUCKET_PR_ID").map_err(|e| format!("no pull request: {e}"))?;
-        let pr = format!("/repositories/{repo}/pullrequests/{id}");
-        Ok(Target {
-            provider: Provider::Bitbucket,
-            api,
-            comments: format!("{pr}/comments"),
-            item: format!("{pr}/comments"),
+            provider,
+            api: api.trim_end_matches('/').to_string(),
             pr,
-            token: token(var, "KKPIPE_BITBUCKET_TOKEN"),
-            token_var: "KKPIPE_BITBUCKET_TOKEN",
-            head: None,
-            job_url: None,
-            author: None,
+            comments,
+            item,
+            // A token unset or blank (an unset secret is often an empty string in CI) is none.
+            token: var(provider.comment_token()).filter(|v| !v.trim().is_empty()),
+            head: super::pr_head(provider, var),
+            job_url,
+            author: var("KKPIPE_COMMENT_AUTHOR").filter(|a| !a.trim().is_empty()),
         })
+    }
+
+    /// The variable the token comes from.
+    pub fn token_var(&self) -> &'static str {
+        self.provider.comment_token()
     }
 
     /// The longest comment the forge takes, in characters.
@@ -296,19 +256,41 @@ impl Target {
     }
 }
 
+fn github_paths(var: &dyn Fn(&str) -> Option<String>) -> Result<Paths, String> {
+    let api = var("GITHUB_API_URL").unwrap_or_else(|| "https://api.github.com".into());
+    let repo = need(var, "GITHUB_REPOSITORY")?;
+    let number = super::github_event(var)
+        .and_then(|e| e["pull_request"]["number"].as_u64())
+        .map(|n| n.to_string())
+        .or_else(|| pr_from_ref(&var("GITHUB_REF").unwrap_or_default()))
+        .ok_or("no pull request: `GITHUB_EVENT_PATH` has no `pull_request.number` and `GITHUB_REF` is no `refs/pull/N/merge`")?;
+    Ok(Paths {
+        api,
+        pr: format!("/repos/{repo}/pulls/{number}"),
+        comments: format!("/repos/{repo}/issues/{number}/comments"),
+        item: format!("/repos/{repo}/issues/comments"),
+    })
+}
+
+fn gitlab_paths(var: &dyn Fn(&str) -> Option<String>) -> Result<Paths, String> {
+    let api = need(var, "CI_API_V4_URL")?;
+    // A fork's merge request lives in the target project, which `CI_PROJECT_ID` is not.
+    let project = need(var, "CI_MERGE_REQUEST_PROJECT_ID").or_else(|_| need(var, "CI_PROJECT_ID"))?;
+    let iid = need(var, "CI_MERGE_REQUEST_IID").map_err(|e| format!("no merge request: {e}"))?;
+    let pr = format!("/projects/{project}/merge_requests/{iid}");
+    Ok(Paths { api, comments: format!("{pr}/notes"), item: format!("{pr}/notes"), pr })
+}
+
+fn bitbucket_paths(var: &dyn Fn(&str) -> Option<String>) -> Result<Paths, String> {
+    let api = var("KKPIPE_BITBUCKET_API_URL").unwrap_or_else(|| "https://api.bitbucket.org/2.0".into());
+    let repo = need(var, "BITBUCKET_REPO_FULL_NAME")?;
+    let id = need(var, "BITBUCKET_PR_ID").map_err(|e| format!("no pull request: {e}"))?;
+    let pr = format!("/repositories/{repo}/pullrequests/{id}");
+    Ok(Paths { api, comments: format!("{pr}/comments"), item: format!("{pr}/comments"), pr })
+}
+
 fn need(var: &dyn Fn(&str) -> Option<String>, k: &str) -> Result<String, String> {
     var(k).filter(|v| !v.is_empty()).ok_or_else(|| format!("`{k}` is not set"))
-}
-
-/// A token, unless unset or blank (an unset secret is often an empty string in CI).
-fn token(var: &dyn Fn(&str) -> Option<String>, k: &str) -> Option<String> {
-    var(k).filter(|v| !v.trim().is_empty())
-}
-
-/// `GITHUB_EVENT_PATH`'s JSON, the webhook payload that started the workflow.
-fn github_event(var: &dyn Fn(&str) -> Option<String>) -> Option<Value> {
-    let text = std::fs::read_to_string(var("GITHUB_EVENT_PATH")?).ok()?;
-    serde_json::from_str(&text).ok()
 }
 
 /// `refs/pull/12/merge` -> `12`.
@@ -401,9 +383,9 @@ fn call(http: &dyn Http, req: &Request, what: &str, t: &Target) -> Result<Respon
         .unwrap_or_default();
     let said: String = said.chars().take(300).collect();
     let hint = match r.status {
-        401 => format!(": the token in `{}` was refused (expired or revoked?)", t.token_var),
-        403 => format!(": the token in `{}` may not {what} ({})", t.token_var, permission(t.provider)),
-        404 => format!(": not found, or invisible to the token in `{}`", t.token_var),
+        401 => format!(": the token in `{}` was refused (expired or revoked?)", t.token_var()),
+        403 => format!(": the token in `{}` may not {what} ({})", t.token_var(), permission(t.provider)),
+        404 => format!(": not found, or invisible to the token in `{}`", t.token_var()),
         _ => String::new(),
     };
     let said = if said.is_empty() { String::new() } else { format!(" ({said})") };

@@ -490,7 +490,7 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
     let _ = writeln!(t, "    - key: kkpipe-bin-{}\n      paths:\n        - .kkpipe-bin/", kkpipe.cache_key());
     t.push_str("  before_script:\n");
     // The token that may comment is for the `kkp:comment` job only (docs/review.md, "Threat model").
-    let mut before = vec![format!("unset {GITLAB_COMMENT_TOKEN}"), APT_PACKAGES.to_string()];
+    let mut before = vec![format!("unset {}", Provider::Gitlab.comment_token()), APT_PACKAGES.to_string()];
     before.extend(install_lines(f, kkpipe));
     if f.ssh_agent {
         // Merge-request pipelines from unprotected branches do not get protected variables: no key, no agent
@@ -520,7 +520,7 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
 fn gitlab_after_script(t: &mut String) {
     t.push_str("  after_script:\n");
     for l in [
-        format!("unset {GITLAB_COMMENT_TOKEN}"),
+        format!("unset {}", Provider::Gitlab.comment_token()),
         "export PATH=\"$PWD/.kkpipe-bin/bin:$PATH\" && mkdir -p .kkpipe-ci && kkpipe cache export .kkpipe-ci/cache.tar.zst".into(),
     ] {
         let _ = writeln!(t, "    - {}", yq(&l));
@@ -565,9 +565,6 @@ fn gitlab_jobs(f: &Facts, kkpipe: &Install, t: &mut String) {
     }
 }
 
-/// The variable with GitLab's comment token (docs/review.md).
-const GITLAB_COMMENT_TOKEN: &str = "KKPIPE_GITLAB_TOKEN";
-
 /// The job that posts the merge request's preview: no checkout (the merge request's code never runs here), and
 /// the only job of the environment `kkpipe-review`, to which the token's CI/CD variable is scoped.
 fn gitlab_comment_job(kkpipe: &Install, t: &mut String) {
@@ -595,7 +592,7 @@ fn bitbucket(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("    - step: &kkpipe-run\n        name: kkp pipeline\n        caches:\n          - kkpipe\n");
     let _ = writeln!(t, "          - kkpipe-bin-{}\n        script:", kkpipe.cache_key());
     // Secured repository variables reach every step: the comment token is for the comment step only.
-    let mut script = vec![format!("unset {BITBUCKET_COMMENT_TOKEN}"), APT_PACKAGES.to_string()];
+    let mut script = vec![format!("unset {}", Provider::Bitbucket.comment_token()), APT_PACKAGES.to_string()];
     for (k, v) in versions(f) {
         script.push(format!("export {k}={}", yq(&v)));
     }
@@ -650,9 +647,6 @@ fn bitbucket_comment_step(kkpipe: &Install, t: &mut String) {
     );
     let _ = writeln!(t, "          - {}", yq(&post));
 }
-
-/// The variable with Bitbucket's comment token (docs/review.md).
-const BITBUCKET_COMMENT_TOKEN: &str = "KKPIPE_BITBUCKET_TOKEN";
 
 /// The comment at the top of `bitbucket-pipelines.yml`.
 const BITBUCKET_INTRO: &str = "\

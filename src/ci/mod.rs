@@ -46,6 +46,16 @@ impl Provider {
         }
     }
 
+    /// The variable holding the token `kkpipe comment` posts with (docs/review.md): the one the generated CI
+    /// files give the comment job only, and unset everywhere else.
+    pub fn comment_token(self) -> &'static str {
+        match self {
+            Provider::Github => "GITHUB_TOKEN",
+            Provider::Gitlab => "KKPIPE_GITLAB_TOKEN",
+            Provider::Bitbucket => "KKPIPE_BITBUCKET_TOKEN",
+        }
+    }
+
     /// Who started the job (Bitbucket names only the triggering account's UUID).
     pub fn actor(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         match self {
@@ -80,11 +90,7 @@ impl Provider {
 pub fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
     match p {
-        Provider::Github => {
-            let event: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(var("GITHUB_EVENT_PATH")?).ok()?).ok()?;
-            event["pull_request"]["head"]["sha"].as_str().map(str::to_string)
-        }
+        Provider::Github => github_event(var)?["pull_request"]["head"]["sha"].as_str().map(str::to_string),
         Provider::Gitlab => {
             nonempty("CI_MERGE_REQUEST_IID")?;
             nonempty("CI_MERGE_REQUEST_SOURCE_BRANCH_SHA").or_else(|| nonempty("CI_COMMIT_SHA"))
@@ -94,6 +100,12 @@ pub fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<Stri
             nonempty("BITBUCKET_COMMIT")
         }
     }
+}
+
+/// `GITHUB_EVENT_PATH`'s JSON, the webhook payload that started the workflow.
+pub fn github_event(var: &dyn Fn(&str) -> Option<String>) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(var("GITHUB_EVENT_PATH")?).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// The provider whose environment we run in, if any.

@@ -24,7 +24,7 @@ pub fn comment(settings: &Settings, args: &CommentArgs) -> Result<u8, Error> {
         // whatever became of the preview's file.
         eprintln!(
             "kkpipe: `{}` is not set, so the preview is not posted on the pull request (the job's summary has it)",
-            target.token_var
+            target.token_var()
         );
         return Ok(exit::OK);
     }

@@ -68,14 +68,14 @@ enum Done {
         recorded_ms: i64,
         saved_ms: i64,
         key: Key,
-        /// What it worked on (`Manifest::content_key`): a plan stage's review is found by it.
-        content: Key,
+        /// A plan stage's (one with a `plan_policy`) `Manifest::content_key`: its review is found by it.
+        content: Option<Key>,
     },
     Ran {
         outputs: Vec<OutputRecord>,
         duration: Duration,
         key: Key,
-        content: Key,
+        content: Option<Key>,
         reason: Reason,
     },
     Failed {
@@ -939,7 +939,7 @@ impl<'a> Scheduler<'a, '_> {
             recorded_ms: hit.record.started_at,
             saved_ms,
             key: keyed.key,
-            content: keyed.manifest.content_key(),
+            content: self.content_key(i, keyed),
         });
         Ok(())
     }
@@ -1044,21 +1044,30 @@ impl<'a> Scheduler<'a, '_> {
         self.spawn(i, script, Job::Stage { row, reason }, keyed, Vec::new())
     }
 
-    /// The stages whose plans deploy stage `i` may apply: those with a `plan_policy` among its needs and, through
-    /// check stages, their needs (a check between the plan and the apply passes it on). A deploy in between is
-    /// the one that applies it.
     /// The plan stages deploy `i` applies, with what they worked on and where their review goes for
-    /// `plan-check --reviewed` (`.kkpipe/reviews/STAGE.json`).
+    /// `plan-check --reviewed`.
     fn reviews_to_fetch(&self, i: usize) -> Vec<(String, Key, std::path::PathBuf)> {
-        let dir = self.env.cache.dir().join("reviews");
         let done = |j: usize| match &self.slots[j] {
-            Slot::Done(Done::Fresh { content, .. } | Done::Ran { content, .. }) => Some(*content),
+            Slot::Done(Done::Fresh { content, .. } | Done::Ran { content, .. }) => *content,
             _ => None,
         };
         let applied = self.plans_applied_by(i).into_iter();
-        applied.filter_map(|j| Some((self.name(j), done(j)?, dir.join(format!("{}.json", self.name(j)))))).collect()
+        applied.filter_map(|j| Some((self.name(j), done(j)?, self.review_file(&self.name(j))))).collect()
     }
 
+    /// The content key of a plan stage; none for the others (it is a second encoding and hash of the manifest).
+    fn content_key(&self, i: usize, keyed: &Keyed) -> Option<Key> {
+        self.cx.pipeline.stages[i].plan_policy.as_ref().map(|_| keyed.manifest.content_key())
+    }
+
+    /// Where the review of plan stage `stage` is put for `plan-check --reviewed` (`.kkpipe/reviews/STAGE.json`).
+    fn review_file(&self, stage: &str) -> std::path::PathBuf {
+        self.env.cache.dir().join("reviews").join(format!("{stage}.json"))
+    }
+
+    /// The stages whose plans deploy stage `i` may apply: those with a `plan_policy` among its needs and, through
+    /// check stages, their needs (a check between the plan and the apply passes it on). A deploy in between is
+    /// the one that applies it.
     fn plans_applied_by(&self, i: usize) -> Vec<usize> {
         let stages = &self.cx.pipeline.stages;
         let (mut out, mut seen, mut stack) = (Vec::new(), HashSet::new(), self.cx.graph.needs[i].clone());
@@ -1083,11 +1092,10 @@ impl<'a> Scheduler<'a, '_> {
         let allow_destroy = self.env.caller_env.get("KKPIPE_ALLOW_DESTROY").map(String::as_str).unwrap_or("");
         // A deploy checks each plan it applies against its review too, when the remote had one (fetched with the
         // deploy lease); never a file a run without the remote left.
-        let reviews = self.env.remote.as_ref().map(|_| self.env.cache.dir().join("reviews"));
+        let with_remote = self.env.remote.is_some();
         let checks = |s: &crate::pipeline::Stage, deploying: bool| -> Vec<String> {
             let Some(policy) = &s.plan_policy else { return Vec::new() };
-            let reviewed =
-                reviews.as_ref().map(|d| d.join(format!("{}.json", s.name))).filter(|f| deploying && f.exists());
+            let reviewed = Some(self.review_file(&s.name)).filter(|f| with_remote && deploying && f.exists());
             s.plans()
                 .map(|o| {
                     let plan = o.path.under(&pipeline.root);
@@ -1268,7 +1276,7 @@ impl<'a> Scheduler<'a, '_> {
             }
         };
         self.conclude(i, &keyed, state, ended, StageEnd::Ok)?;
-        let (duration, key, content) = (exit.duration, keyed.key, keyed.manifest.content_key());
+        let (duration, key, content) = (exit.duration, keyed.key, self.content_key(i, &keyed));
         self.slots[i] = Slot::Done(Done::Ran { outputs: outs, duration, key, content, reason });
         Ok(())
     }
