@@ -115,6 +115,65 @@ impl PlanSummary {
     }
 }
 
+/// A resource a `terraform plan`'s human output says changes: what a drift probe found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TextChange {
+    pub address: String,
+    /// `create`, `update`, `delete`, `replace`, `read`, `forget`, `import`, `move`, or `changed-outside` /
+    /// `deleted-outside` (terraform's "Objects have changed outside of Terraform").
+    pub change: String,
+}
+
+/// The comment lines terraform's human plan renderer (internal/command/jsonformat/plan.go,
+/// `resourceChangeComment`, terraform 1.x) writes above each resource, after `# ADDRESS`; the first match wins.
+const TEXT_CHANGES: [(&str, &str); 12] = [
+    (" will be created", "create"),
+    (" will be updated in-place", "update"),
+    (" will be destroyed", "delete"),
+    (" must be replaced", "replace"),
+    (" is tainted, so must be replaced", "replace"),
+    (" will be replaced, as requested", "replace"),
+    (" will be read during apply", "read"),
+    (" will no longer be managed by Terraform", "forget"),
+    (" will be imported", "import"),
+    (" has moved to ", "move"),
+    (" has changed", "changed-outside"),
+    (" has been deleted", "deleted-outside"),
+];
+
+/// The resources a `terraform plan` (run without `-json`, as a drift probe runs it) printed as changing, each
+/// once per kind of change, in order. Text that is no terraform plan gives none.
+pub fn changes_in_text(text: &str) -> Vec<TextChange> {
+    let mut out: Vec<TextChange> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("# ") else { continue };
+        // Terraform indents these; a shell comment a probe echoes at the start of a line is not one.
+        if !line.starts_with(' ') {
+            continue;
+        }
+        let found = TEXT_CHANGES.iter().filter_map(|(words, change)| Some((rest.find(words)?, *change))).min();
+        let Some((at, change)) = found else { continue };
+        let address = rest[..at].trim();
+        if address.is_empty() || address.contains(' ') && !address.contains('[') {
+            continue;
+        }
+        let c = TextChange { address: address.to_string(), change: change.to_string() };
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `a` (update), `b` (delete), and 3 more: at most `max` named.
+pub fn name_changes(changes: &[TextChange], max: usize) -> String {
+    let mut names: Vec<String> = changes.iter().take(max).map(|c| format!("`{}` ({})", c.address, c.change)).collect();
+    if changes.len() > max {
+        names.push(format!("and {} more", changes.len() - max));
+    }
+    names.join(", ")
+}
+
 /// Resource address patterns (blank ones ignored), as `plan_policy.allow` and `KKPIPE_ALLOW_DESTROY` give
 /// them: `*` matches anything, every other character itself, so an address is its own pattern
 /// (`terraform_data.node[2]`, `module.x["a"]`: brackets are not character classes here).
@@ -288,5 +347,35 @@ mod tests {
         assert!(parse(b"Error: no plan").is_err());
         let newer = parse(br#"{"resource_changes":[{"address":"a","change":{"actions":["explode"]}}]}"#).unwrap();
         assert_eq!(newer.update, ["a"], "an unknown action is shown as a change, never hidden");
+    }
+
+    /// What `terraform plan -no-color` prints when the live system drifted (the demo's probe, terraform 1.11).
+    #[test]
+    fn the_resources_a_plan_prints_as_changing() {
+        let text = "terraform_data.vpc: Refreshing state... [id=f4d8]\n\
+            Note: Objects have changed outside of Terraform\n\
+            \x20 # terraform_data.api_lb has changed\n\
+            Terraform will perform the following actions:\n\
+            \x20 # terraform_data.api_lb will be updated in-place\n\
+            \x20 ~ resource \"terraform_data\" \"api_lb\" {\n\
+            \x20       # (1 unchanged attribute hidden)\n\
+            \x20 # terraform_data.node[\"a b\"] must be replaced\n\
+            \x20 # module.dns.aws_route53_record.api will be destroyed\n\
+            \x20 # terraform_data.api_lb will be updated in-place\n\
+            \x20 # terraform_data.old has moved to terraform_data.new\n\
+            # a shell comment will be destroyed\n\
+            Plan: 0 to add, 1 to change, 0 to destroy.\n";
+        let got: Vec<(String, String)> = changes_in_text(text).into_iter().map(|c| (c.address, c.change)).collect();
+        let want = [
+            ("terraform_data.api_lb", "changed-outside"),
+            ("terraform_data.api_lb", "update"),
+            ("terraform_data.node[\"a b\"]", "replace"),
+            ("module.dns.aws_route53_record.api", "delete"),
+            ("terraform_data.old", "move"),
+        ];
+        assert_eq!(got, want.map(|(a, c)| (a.to_string(), c.to_string())));
+        assert!(changes_in_text("helm: release oauth has other values\n  # not a plan\n").is_empty());
+        let named = name_changes(&changes_in_text(text), 2);
+        assert_eq!(named, "`terraform_data.api_lb` (changed-outside), `terraform_data.api_lb` (update), and 3 more");
     }
 }

@@ -29,8 +29,9 @@ pub const FORMAT: &str = "kkpipe-cache-archive";
 /// 2: entries carry every latest attempt (failed and interrupted ones too) with its state and the exporter's
 /// sequence, and outputs record directories. 3: outputs carry their permission bits, and the exact bytes of a
 /// path or link text that is not UTF-8. 4: entries carry their run's audit fields and may be `adopted`
-/// (an older kkpipe refuses the schema by number, saying to upgrade). Schemas 1 to 3 are still read.
-pub const SCHEMA: u32 = 4;
+/// (an older kkpipe refuses the schema by number, saying to upgrade). 5: the document carries each deploy
+/// stage's last drift probe. Schemas 1 to 4 are still read.
+pub const SCHEMA: u32 = 5;
 const ROOT: &str = "kkpipe-cache";
 /// No single entry may be larger than this (a plan or chart bundle is far smaller).
 pub const MAX_ENTRY: u64 = 2 << 30;
@@ -66,6 +67,9 @@ struct Document {
     created_at: String,
     include_sensitive: bool,
     entries: Vec<ArchiveEntry>,
+    /// The last drift probe of each stage per environment (schema 5).
+    #[serde(default)]
+    probes: Vec<super::probes::Probe>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -188,6 +192,7 @@ pub fn export(
         created_at: jiff::Timestamp::now().to_string(),
         include_sensitive,
         entries,
+        probes: cache.probes(None)?.into_iter().filter(|p| stages.iter().any(|s| s.name == p.stage)).collect(),
     };
     fit_document(&mut doc, &mut report);
     report.entries = doc.entries.len();
@@ -610,6 +615,14 @@ fn check_document(
             return Err(reject(format!("stage `{}`: its log is missing", e.stage)));
         }
     }
+    for p in &doc.probes {
+        if p.stage.is_empty() || p.env.is_empty() || p.at_ms < 0 {
+            return Err(reject("a drift probe has no stage, environment or time".into()));
+        }
+        if p.drift.as_ref().is_some_and(|d| d.len() > super::probes::MAX_OUTPUT) {
+            return Err(reject(format!("stage `{}`: its drift probe's output is too long", p.stage)));
+        }
+    }
     Ok(())
 }
 
@@ -784,6 +797,12 @@ pub fn import(cache: &Cache, file: &Path, stages: &[Stage], with_secret_key: boo
             }
             insert_entry(conn, e, key, &c)?;
             imported += 1;
+        }
+        // A probe is kept when it is newer than what is known here, and never dated after now (an archive's
+        // clock must not hide the probes this machine makes later).
+        for p in c.doc.probes.iter().filter(|p| stages.iter().any(|s| s.name == p.stage)) {
+            let at_ms = p.at_ms.min(super::now_ms());
+            super::probes::import(conn, &super::probes::Probe { at_ms, ..p.clone() })?;
         }
         Ok((imported, skipped))
     })?;

@@ -18,6 +18,7 @@ pub mod archive;
 pub mod gc;
 pub mod outputs;
 mod place;
+pub mod probes;
 mod records;
 mod schema;
 pub mod store;

@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 6;
+pub const VERSION: i64 = 7;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -93,6 +93,16 @@ const STEPS: &[&str] = &[
     // 6: who ran it, from which branch, whether the tree was dirty, the CI run (`audit::Audit` as JSON).
     "
     ALTER TABLE runs ADD COLUMN audit TEXT;
+    ",
+    // 7: each deploy stage's last drift probe per environment (`probes::Probe`).
+    "
+    CREATE TABLE probes(
+        stage TEXT NOT NULL,
+        env   TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        drift TEXT,
+        PRIMARY KEY(stage, env)
+    ) WITHOUT ROWID;
     ",
 ];
 

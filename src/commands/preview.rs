@@ -6,7 +6,9 @@ use super::status::status_evaluations;
 use crate::cli::{PreviewArgs, Selection};
 use crate::error::{Error, exit};
 use crate::pipeline::Kind;
-use crate::report::preview::{Denied, OnMerge, PlanPreview, Preview, PreviewStage, SCHEMA};
+use crate::report::preview::{
+    Denied, DriftOnMerge, OnMerge, PlanPreview, Preview, PreviewStage, ProbeSeen, ProbeState, SCHEMA,
+};
 use crate::report::{StageRow, StageState, json};
 use crate::settings::Settings;
 
@@ -22,13 +24,51 @@ pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let commit = crate::ci::detect(&var).and_then(|p| crate::ci::pr_head(p, &var));
     let context = json::Context::new(o.event.as_ref(), &o.env);
     store_reviews(settings, &o, &evals, &plans, commit.as_deref());
-    let preview = Preview { schema: SCHEMA, context, commit, stages, plans };
+    let probes = probes(&o, &stages, &mask)?;
+    let preview = Preview { schema: SCHEMA, context, commit, stages, plans, probes };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&preview).expect("serialisable"));
     } else {
         print!("{}", preview.markdown());
     }
     Ok(exit::OK)
+}
+
+/// Each deploy stage's last drift probe in this environment (kept by `run` and `verify`, carried by cache
+/// archives), and for drift no deploy has applied over since, what the push after the merge does about it.
+fn probes(o: &Opened, stages: &[PreviewStage], mask: &dyn Fn(&str) -> String) -> Result<Vec<ProbeSeen>, Error> {
+    let mut out = Vec::new();
+    for p in o.cache.probes(Some(&o.env))? {
+        let Some(stage) = o.pipeline.stages.iter().find(|s| s.name == p.stage && s.is_deploy()) else { continue };
+        let Some(drift) = p.drift.as_deref().map(mask) else {
+            out.push(seen(&p, ProbeState::InSync));
+            continue;
+        };
+        if o.cache.last_deployed_ms(&p.stage, &o.env)?.is_some_and(|deployed| deployed >= p.at_ms) {
+            out.push(seen(&p, ProbeState::DeployedSince));
+            continue;
+        }
+        let resources = crate::tfplan::changes_in_text(&drift);
+        let detail = match resources.is_empty() {
+            true => drift.lines().map(str::trim).find(|l| !l.is_empty()).map(crate::relpath::escape_controls),
+            false => None,
+        };
+        let on_merge = match stages.iter().find(|s| s.name == p.stage).map(|s| s.on_merge) {
+            Some(OnMerge::Deploys) => DriftOnMerge::Deploys,
+            Some(OnMerge::Fresh | OnMerge::IfUpstreamChanges) => match stage.on_drift {
+                crate::pipeline::OnDrift::Apply => DriftOnMerge::ProbesAndDeploys,
+                crate::pipeline::OnDrift::Fail => DriftOnMerge::ProbesAndFails,
+            },
+            _ => DriftOnMerge::Nothing,
+        };
+        out.push(ProbeSeen { resources, detail, on_merge: Some(on_merge), ..seen(&p, ProbeState::Drifted) });
+    }
+    Ok(out)
+}
+
+fn seen(p: &crate::cache::probes::Probe, state: ProbeState) -> ProbeSeen {
+    let probed_at = crate::clock::timestamp(p.at_ms);
+    ProbeSeen { stage: p.stage.clone(), probed_at, state, resources: Vec::new(), detail: None, on_merge: None }
 }
 
 /// A merge is a push to the target branch: the pull request's, from the CI, unless `--branch` says.

@@ -163,6 +163,12 @@ impl fmt::Display for Reason {
                 write!(f, "output `{path}` was regenerated with different content")
             }
             Reason::Drift { output } => {
+                // A terraform probe's first line is `Refreshing state...`: name what its plan changes instead.
+                let changes = crate::tfplan::changes_in_text(output);
+                if !changes.is_empty() {
+                    let named = crate::relpath::escape_controls(&crate::tfplan::name_changes(&changes, 5));
+                    return write!(f, "drift detected by verify: {named}");
+                }
                 let first = output.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
                 // A probe's output is data: a carriage return or an escape in it never reaches a terminal or a
                 // CI log as one.

@@ -62,6 +62,8 @@ pub enum Event {
     Drift {
         stage: String,
         output: String,
+        /// What drifted, when the probe is a `terraform plan`: its resources and how they change.
+        resources: Vec<crate::tfplan::TextChange>,
     },
     Summary(Summary),
     /// The last event of `run`, `verify` and `run --dry-run`: every stage's row.

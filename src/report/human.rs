@@ -219,7 +219,7 @@ impl Sink for Human {
                 self.would_run_maybe += usize::from(matches!(reason, crate::fresh::Reason::UpstreamStale { .. }));
                 self.status("Would run", YELLOW, &format!("{stage}: {masked}"))
             }
-            Event::Drift { stage, output } => self.drift(stage, output),
+            Event::Drift { stage, output, resources } => self.drift(stage, output, resources),
             Event::Summary(s) => self.summary(s),
             Event::Report { stages, summary } => self.report(stages, summary),
         }
@@ -364,8 +364,14 @@ impl Human {
     }
 
     /// `Drift` and the first lines of what verify printed.
-    fn drift(&self, stage: &str, output: &str) {
-        self.status("Drift", RED, &format!("{stage}: drift detected by verify"));
+    fn drift(&self, stage: &str, output: &str, resources: &[crate::tfplan::TextChange]) {
+        match resources {
+            [] => self.status("Drift", RED, &format!("{stage}: drift detected by verify")),
+            r => {
+                let named = crate::relpath::escape_controls(&crate::tfplan::name_changes(r, 10));
+                self.status("Drift", RED, &format!("{stage}: drift detected by verify: {named}"))
+            }
+        }
         for l in output.lines().filter(|l| !l.trim().is_empty()).take(20) {
             let l = self.prefixed(stage, &self.one_line(l.as_bytes()));
             self.write(&l);

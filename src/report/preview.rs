@@ -83,6 +83,46 @@ pub struct Denied {
     pub overridden: bool,
 }
 
+/// A deploy stage's last drift probe, as the preview shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeSeen {
+    pub stage: String,
+    /// When it ended (RFC 3339, UTC).
+    pub probed_at: String,
+    pub state: ProbeState,
+    /// What drifted, when the probe is a `terraform plan` (`drifted` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<crate::tfplan::TextChange>,
+    /// The probe's first line of output, when it names no terraform resources (`drifted` only; masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// What the push after the merge does about the drift (`drifted` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_merge: Option<DriftOnMerge>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeState {
+    InSync,
+    Drifted,
+    /// It drifted, and a deploy since has applied over it.
+    DeployedSince,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftOnMerge {
+    /// The merge deploys the stage anyway (its inputs changed).
+    Deploys,
+    /// Its probe runs again and, if it still drifted, deploys it again (`on_drift = "apply"`).
+    ProbesAndDeploys,
+    /// Its probe runs again and, if it still drifted, fails the push (`on_drift = "fail"`).
+    ProbesAndFails,
+    /// The push does not select it, or does not reach it.
+    Nothing,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Preview {
     pub schema: &'static str,
@@ -93,6 +133,9 @@ pub struct Preview {
     pub commit: Option<String>,
     pub stages: Vec<PreviewStage>,
     pub plans: Vec<PlanPreview>,
+    /// Each deploy stage's last drift probe in this environment that this cache knows (a scheduled `kkpipe
+    /// verify` keeps them current).
+    pub probes: Vec<ProbeSeen>,
 }
 
 impl PreviewStage {
@@ -129,12 +172,57 @@ impl Preview {
         let _ = writeln!(t, "| stage | on merge | why |\n|---|---|---|");
         for s in self.stages.iter().filter(|s| s.on_merge != OnMerge::NotOnPush) {
             let why = s.reason_text.as_deref().map(cell).unwrap_or_default();
-            let _ = writeln!(t, "| `{}` | {} | {why} |", s.name, on_merge_words(s));
+            let words = match self.drifted(&s.name).and_then(|p| p.on_merge) {
+                Some(DriftOnMerge::ProbesAndDeploys) => "**drifted**: deploys again if it still differs".into(),
+                Some(DriftOnMerge::ProbesAndFails) => "**drifted**: fails the push if it still differs".into(),
+                _ => on_merge_words(s),
+            };
+            let _ = writeln!(t, "| `{}` | {words} | {why} |", s.name);
         }
+        self.drift_markdown(&mut t);
         for p in &self.plans {
             plan_markdown(&mut t, p);
         }
         t
+    }
+
+    /// The last probe of `stage`, when it found drift no deploy has applied over.
+    fn drifted(&self, stage: &str) -> Option<&ProbeSeen> {
+        self.probes.iter().find(|p| p.stage == stage && p.state == ProbeState::Drifted)
+    }
+
+    /// The drift the last probes found and no deploy has applied over yet, or that they found none.
+    fn drift_markdown(&self, t: &mut String) {
+        let drifted: Vec<&ProbeSeen> = self.probes.iter().filter(|p| p.state == ProbeState::Drifted).collect();
+        if drifted.is_empty() {
+            if let Some(last) = self.probes.iter().map(|p| p.probed_at.as_str()).max() {
+                let _ = writeln!(
+                    t,
+                    "\nNo drift: the last probes (latest {}) found the live system as deployed.",
+                    when(last)
+                );
+            }
+            return;
+        }
+        let _ = writeln!(t, "\n#### Drift the probes found\n");
+        for p in drifted {
+            let what = match (&p.resources[..], &p.detail) {
+                ([], Some(d)) => format!("`{}`", d.replace('`', "'")),
+                ([], None) => "the live system differs from the last deploy".into(),
+                (r, _) => crate::tfplan::name_changes(r, 10),
+            };
+            let then = match p.on_merge {
+                Some(DriftOnMerge::Deploys) => "the merge deploys it anyway, over the drift",
+                Some(DriftOnMerge::ProbesAndDeploys) => {
+                    "on merge its probe runs again and, if it still differs, **the merge deploys it again** (`on_drift = \"apply\"`)"
+                }
+                Some(DriftOnMerge::ProbesAndFails) => {
+                    "on merge its probe runs again and, if it still differs, the push fails without deploying (`on_drift = \"fail\"`)"
+                }
+                Some(DriftOnMerge::Nothing) | None => "the merge does not deploy it",
+            };
+            let _ = writeln!(t, "- `{}` (probed {}): {what}; {then}.", p.stage, when(&p.probed_at));
+        }
     }
 
     /// `Merging deploys 1 stage (kkp-deploy) and runs 0 checks; 2 run only if ...; 6 stay fresh.`
@@ -144,8 +232,15 @@ impl Preview {
         };
         let (deploys, runs, maybe) = (names(OnMerge::Deploys), names(OnMerge::Runs), names(OnMerge::IfUpstreamChanges));
         let fresh = self.stages.iter().filter(|s| s.on_merge == OnMerge::Fresh).count();
+        let drifted: Vec<String> = self
+            .probes
+            .iter()
+            .filter(|p| p.state == ProbeState::Drifted && p.on_merge != Some(DriftOnMerge::Deploys))
+            .map(|p| format!("`{}`", p.stage))
+            .collect();
         let mut parts = Vec::new();
         parts.push(match deploys.len() {
+            0 if !drifted.is_empty() => "**Merging deploys no change of its own**".to_string(),
             0 => "**Merging deploys nothing**".to_string(),
             n => format!("**Merging deploys {n} stage{}**: {}", plural(n), deploys.join(", ")),
         });
@@ -155,8 +250,19 @@ impl Preview {
         if !maybe.is_empty() {
             parts.push(format!("{} only if a stage they need changes its outputs: {}", maybe.len(), maybe.join(", ")));
         }
+        if !drifted.is_empty() {
+            parts.push(format!("the probes found drift in {} (below)", drifted.join(", ")));
+        }
         parts.push(format!("{fresh} stay fresh"));
         format!("{}.", parts.join("; "))
+    }
+}
+
+/// `2026-12-05T05:17:03Z` as `2026-12-05 05:17 UTC`.
+fn when(rfc3339: &str) -> String {
+    match rfc3339.get(..16) {
+        Some(minute) if rfc3339.ends_with('Z') => format!("{} UTC", minute.replace('T', " ")),
+        _ => rfc3339.to_string(),
     }
 }
 

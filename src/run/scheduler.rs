@@ -1339,15 +1339,33 @@ impl<'a> Scheduler<'a, '_> {
         exit: Exit,
     ) -> Result<(), Error> {
         if exit.success() {
+            self.probed(i, None)?;
             return self.finish_fresh(i, &keyed, hit, restored, true);
         }
-        let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
-        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone() });
+        if self.interrupt.signal().is_some() {
+            // A probe the stop cut short says nothing about the live system: no drift to report or keep.
+            self.skip(i, "run interrupted".into());
+            return Ok(());
+        }
+        let output = self.probed(i, Some(&exit))?;
         if self.opts.probe_only || self.cx.pipeline.stages[i].on_drift == crate::pipeline::OnDrift::Fail {
             self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
             return Ok(());
         }
         self.run_after_all(i, keyed, Reason::Drift { output })
+    }
+
+    /// A probe of stage `i` ended: in sync (`drift` None) or not. Kept as the stage's last probe (what `kkpipe
+    /// preview` shows); drift is reported, and its masked output returned.
+    fn probed(&mut self, i: usize, drift: Option<&Exit>) -> Result<String, Error> {
+        let output = drift
+            .map(|e| String::from_utf8_lossy(&e.log.masked(&self.env.masker.read().expect("masker"))).into_owned());
+        let probe = crate::cache::probes::Probe::now(&self.cx.pipeline.stages[i].name, self.cx.env, output.as_deref());
+        self.env.cache.record_probe(&probe)?;
+        let Some(output) = output else { return Ok(String::new()) };
+        let resources = crate::tfplan::changes_in_text(&output);
+        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources });
+        Ok(output)
     }
 
     fn regenerate_exited(

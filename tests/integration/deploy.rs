@@ -130,13 +130,7 @@ fn drift_is_reported_by_verify_and_repaired_by_the_next_run() {
     assert_eq!(clean.json()["summary"]["drifted"], 0);
 
     // Change the live state behind kkpipe's back.
-    let tf = std::process::Command::new("terraform")
-        .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=c5.large"])
-        .current_dir(repo.path("terraform/aws"))
-        .env("HOME", repo.env_var("HOME"))
-        .output()
-        .unwrap();
-    assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
+    drift_demo_nodes(&repo);
     let serial_before: serde_json::Value = serde_json::from_str(&repo.read("terraform/aws/terraform.tfstate")).unwrap();
 
     let drift = repo.kk(&["verify", "--json"]);

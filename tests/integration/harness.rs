@@ -79,6 +79,17 @@ fn stand_in_path() -> String {
 }
 
 /// `git ARGS` in `dir` as a fixed author, on `main` by default; asserts success and returns stdout.
+/// Change the demo's nodes behind kkpipe's back, as someone with the cloud's credentials would: drift.
+pub fn drift_demo_nodes(repo: &Repo) {
+    let tf = std::process::Command::new("terraform")
+        .args(["apply", "-input=false", "-auto-approve", "-var", "control_plane_type=c5.large"])
+        .current_dir(repo.path("terraform/aws"))
+        .env("HOME", repo.env_var("HOME"))
+        .output()
+        .unwrap();
+    assert!(tf.status.success(), "{}", String::from_utf8_lossy(&tf.stderr));
+}
+
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let o = Command::new("git")
         .args(["-c", "user.name=ci", "-c", "user.email=ci@example.invalid", "-c", "init.defaultBranch=main"])

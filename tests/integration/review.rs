@@ -1,6 +1,6 @@
 //! Issue 24 (in part): `kkpipe preview`, what a merge will do, on the demo repository with real terraform.
 
-use crate::harness::{Repo, Run, check_schema, git, schema};
+use crate::harness::{Repo, Run, check_schema, drift_demo_nodes, git, schema};
 use serde_json::Value;
 
 fn pull_request(repo: &Repo) {
@@ -315,4 +315,74 @@ fn the_push_applies_no_destruction_the_review_did_not_show() {
     let applied_now = repo.run(&push).ok();
     assert!(applied_now.ran().contains(&"terraform-apply".to_string()), "{}", applied_now.stderr);
     assert!(serial(&repo) > moved);
+}
+
+fn probe<'a>(doc: &'a Value, stage: &str) -> &'a Value {
+    doc["probes"].as_array().unwrap().iter().find(|p| p["stage"] == stage).unwrap_or_else(|| panic!("{doc:#}"))
+}
+
+/// Issue 24, item 1: the preview shows the drift the last probes found (a scheduled `verify`), named by
+/// resource, what the merge does about it, also in a job that only restored the cache; a deploy since clears it.
+#[test]
+fn a_pull_request_preview_shows_the_drift_the_last_probes_found() {
+    let repo = Repo::kkp_demo();
+    git(&repo.root, &["init", "-q", "-b", "main"]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-qm", "initial"]);
+    repo.run(&["--event", "push", "--branch", "main"]).ok();
+    repo.kk(&["verify", "--event", "push", "--branch", "main"]).ok();
+    let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
+    assert!(md.contains("No drift: the last probes (latest "), "{md}");
+    assert_eq!(probe(&preview_json(&repo), "terraform-apply")["state"], "in-sync");
+
+    // Someone changes the nodes by hand; the scheduled verify finds it and names the resources.
+    drift_demo_nodes(&repo);
+    let verify = repo.kk(&["verify", "--event", "push", "--branch", "main"]);
+    assert_eq!(verify.code, 1, "{}", verify.all());
+    assert!(
+        verify
+            .all()
+            .lines()
+            .any(|l| l.contains("terraform-apply: drift detected by verify: `terraform_data.api_lb` (update)")
+                && l.contains("`terraform_data.control_plane[0]` (update)")),
+        "{}",
+        verify.all()
+    );
+
+    // The pull request's job has only the cache the scheduled job saved.
+    let archive = repo.root.join("../drift-archive.tar.zst");
+    repo.kk(&["cache", "export", archive.to_str().unwrap()]).ok();
+    std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
+    repo.kk(&["cache", "import", archive.to_str().unwrap()]).ok();
+    git(&repo.root, &["checkout", "-qb", "scale"]);
+    repo.edit("kubermatic/values.yaml", "replicaCount: 2", "replicaCount: 3");
+    git(&repo.root, &["commit", "-qam", "Scale the ingress controller"]);
+    pull_request(&repo);
+    let doc = preview_json(&repo);
+    let tf = probe(&doc, "terraform-apply");
+    assert_eq!((tf["state"].as_str(), tf["on_merge"].as_str()), (Some("drifted"), Some("probes-and-deploys")));
+    let drifted: Vec<&Value> = tf["resources"].as_array().unwrap().iter().collect();
+    assert!(
+        drifted.iter().any(|r| r["address"] == "terraform_data.control_plane[0]" && r["change"] == "update"),
+        "{tf:#}"
+    );
+    assert_eq!(probe(&doc, "kkp-deploy")["state"], "in-sync", "a stage the verify reached and found as deployed");
+    let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
+    assert!(md.contains("#### Drift the probes found"), "{md}");
+    assert!(
+        md.contains("- `terraform-apply` (probed ") && md.contains("`terraform_data.control_plane[0]` (update)"),
+        "{md}"
+    );
+    assert!(md.contains("**the merge deploys it again** (`on_drift = \"apply\"`)"), "{md}");
+    assert!(!md.contains("c5.large") && !md.contains("t3.large"), "a value reached the preview: {md}");
+
+    // The merge's push deploys over the drift: it is no longer shown.
+    git(&repo.root, &["checkout", "-q", "main"]);
+    git(&repo.root, &["merge", "-q", "scale"]);
+    let push = repo.run(&["--event", "push", "--branch", "main"]).ok();
+    assert_eq!(push.reason_of("terraform-apply")["kind"], "drift", "{}", push.stderr);
+    let doc = preview_json(&repo);
+    assert_eq!(probe(&doc, "terraform-apply")["state"], "deployed-since", "{doc:#}");
+    let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
+    assert!(!md.contains("Drift the probes found"), "{md}");
 }
