@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """What the shared remote costs a no-op run (docs/performance.md, "The remote").
 
-    remote.py KKPIPE VENV_BIN WORK [--runs N] [--store weed|moto|file]
+    remote.py KKPIPE VENV_BIN WORK [--runs N] [--store weed|moto|file|git]
 
 Copies the KKP demo repository (fixtures/kkp-demo with the pipeline `kkpipe demo` gives it and the demo's
 stand-in environment) to WORK/remote-demo, starts the store on loopback (SeaweedFS `VENV_BIN/weed server -s3`, moto's
-`VENV_BIN/moto_server`, or a `file://` directory), runs the push pipeline once with the remote (writing its
+`VENV_BIN/moto_server`, `git daemon --enable=receive-pack` for a `git:` store, or a `file://` directory), runs the push pipeline once with the remote (writing its
 entries and ledger), then times no-op push runs with the remote and with `KKPIPE_REMOTE=off`, alternately, and
 prints the medians and their difference. The issue's budget: at most 20 ms more with the remote.
 """
@@ -53,6 +53,25 @@ def start_moto():
     return wait_for(proc, s3, "moto")
 
 
+def start_git(base):
+    """git-daemon itself (`git daemon` is a parent that would outlive a kill), serving base/demo.git."""
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    subprocess.run(["git", "init", "-q", "--bare", os.path.join(base, "demo.git")], check=True)
+    p = port()
+    exec_path = subprocess.run(["git", "--exec-path"], capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([os.path.join(exec_path, "git-daemon"), "--reuseaddr", "--export-all",
+                             "--enable=receive-pack", "--listen=127.0.0.1", f"--port={p}", f"--base-path={base}",
+                             base], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", p)) == 0:
+                return proc, f"git://127.0.0.1:{p}/demo.git"
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("git daemon did not start")
+
+
 def wait_for(proc, s3, name):
     endpoint = f"http://127.0.0.1:{s3}"
     for _ in range(120):
@@ -84,15 +103,16 @@ def main():
     keys = json.loads(subprocess.run([KKPIPE, "remote", "keygen", "--json"], capture_output=True, check=True).stdout)
     store_dir = os.path.join(WORK, "remote-store")
     shutil.rmtree(store_dir, ignore_errors=True)
-    url = f"file://{store_dir}" if STORE == "file" else "s3://bench/demo"
+    server, endpoint = {"weed": lambda: start_weed(os.path.join(WORK, "remote-weed")), "moto": start_moto,
+                        "git": lambda: start_git(os.path.join(WORK, "remote-git")),
+                        "file": lambda: (None, None)}[STORE]()
+    url = {"file": f"file://{store_dir}", "git": f"git:{endpoint}"}.get(STORE, "s3://bench/demo")
     with open(os.path.join(repo, "pipeline.toml"), "a") as f:
         f.write(f'\n[remote]\nurl = "{url}"\ntrusted_keys = ["{keys["public"]}"]\n')
-    server, endpoint = {"weed": lambda: start_weed(os.path.join(WORK, "remote-weed")), "moto": start_moto,
-                        "file": lambda: (None, None)}[STORE]()
     try:
         env = demo_env(repo)
         env.update(KKPIPE_SIGNING_KEY=keys["private"])
-        if endpoint:
+        if endpoint and STORE != "git":
             env.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
                        AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
         # --no-verify: the deploy stages' drift probes (terraform plan) would dwarf what is measured here.

@@ -124,37 +124,78 @@ pub struct TextChange {
     pub change: String,
 }
 
-/// The comment lines terraform's human plan renderer (internal/command/jsonformat/plan.go,
-/// `resourceChangeComment`, terraform 1.x) writes above each resource, after `# ADDRESS`; the first match wins.
-const TEXT_CHANGES: [(&str, &str); 12] = [
-    (" will be created", "create"),
-    (" will be updated in-place", "update"),
-    (" will be destroyed", "delete"),
-    (" must be replaced", "replace"),
-    (" is tainted, so must be replaced", "replace"),
-    (" will be replaced, as requested", "replace"),
-    (" will be read during apply", "read"),
-    (" will no longer be managed by Terraform", "forget"),
-    (" will be imported", "import"),
-    (" has moved to ", "move"),
-    (" has changed", "changed-outside"),
-    (" has been deleted", "deleted-outside"),
+/// The comment terraform's human plan renderer (internal/command/jsonformat/plan.go, `resourceChangeComment`,
+/// terraform 1.x) writes after `  # ADDRESS` above each resource; the first that starts the rest wins. Any other
+/// `will be` or `must be` is shown as a `change`, never hidden.
+const TEXT_CHANGES: [(&str, &str); 13] = [
+    ("will be created", "create"),
+    ("will be updated in-place", "update"),
+    ("will be destroyed", "delete"),
+    ("must be replaced", "replace"),
+    ("is tainted, so must be replaced", "replace"),
+    ("will be replaced", "replace"),
+    ("will be read during apply", "read"),
+    ("will no longer be managed by Terraform", "forget"),
+    ("will be imported", "import"),
+    ("has moved to ", "move"),
+    ("has changed", "changed-outside"),
+    ("has been deleted", "deleted-outside"),
+    ("will be ", "change"),
 ];
 
+/// Terminal colour sequences (`ESC [ ... letter`), which a probe without `-no-color` prints.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for d in chars.by_ref() {
+                    if d.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `ADDRESS rest` split where the address ends: at the first space outside brackets and quotes (for_each keys
+/// are quoted strings and may hold spaces).
+fn split_address(text: &str) -> Option<(&str, &str)> {
+    let (mut depth, mut quoted, mut escaped) = (0i32, false, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '[' if !quoted => depth += 1,
+            ']' if !quoted => depth -= 1,
+            ' ' if !quoted && depth == 0 => return Some((&text[..i], &text[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The resources a `terraform plan` (run without `-json`, as a drift probe runs it) printed as changing, each
-/// once per kind of change, in order. Text that is no terraform plan gives none.
+/// once per kind of change, in order. Only the lines terraform writes at the top level, indented by exactly
+/// two spaces (a value's text, such as a heredoc, is indented deeper); text that is no plan gives none.
 pub fn changes_in_text(text: &str) -> Vec<TextChange> {
     let mut out: Vec<TextChange> = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.trim_start().strip_prefix("# ") else { continue };
-        // Terraform indents these; a shell comment a probe echoes at the start of a line is not one.
-        if !line.starts_with(' ') {
-            continue;
+        let line = strip_ansi(line);
+        let Some(rest) = line.strip_prefix("  # ") else { continue };
+        let Some((address, mut said)) = split_address(rest) else { continue };
+        // `ADDRESS (deposed object 1a2b3c4d) will be destroyed`: the deposed object of that address.
+        if let Some(after) = said.strip_prefix("(deposed object ").and_then(|r| r.split_once(") ")) {
+            said = after.1;
         }
-        let found = TEXT_CHANGES.iter().filter_map(|(words, change)| Some((rest.find(words)?, *change))).min();
-        let Some((at, change)) = found else { continue };
-        let address = rest[..at].trim();
-        if address.is_empty() || address.contains(' ') && !address.contains('[') {
+        let Some((_, change)) = TEXT_CHANGES.iter().find(|(words, _)| said.starts_with(words)) else { continue };
+        if address.is_empty() || address.starts_with('(') {
             continue;
         }
         let c = TextChange { address: address.to_string(), change: change.to_string() };
@@ -165,11 +206,13 @@ pub fn changes_in_text(text: &str) -> Vec<TextChange> {
     out
 }
 
-/// `a` (update), `b` (delete), and 3 more: at most `max` named.
-pub fn name_changes(changes: &[TextChange], max: usize) -> String {
-    let mut names: Vec<String> = changes.iter().take(max).map(|c| format!("`{}` ({})", c.address, c.change)).collect();
-    if changes.len() > max {
-        names.push(format!("and {} more", changes.len() - max));
+/// `a` (update), `b` (delete), and 3 more: at most `max` named, each as `show` renders an address.
+pub fn name_changes(changes: &[TextChange], more: usize, max: usize, show: &dyn Fn(&str) -> String) -> String {
+    let mut names: Vec<String> =
+        changes.iter().take(max).map(|c| format!("{} ({})", show(&c.address), c.change)).collect();
+    let more = more + changes.len().saturating_sub(max);
+    if more > 0 {
+        names.push(format!("and {more} more"));
     }
     names.join(", ")
 }
@@ -349,7 +392,8 @@ mod tests {
         assert_eq!(newer.update, ["a"], "an unknown action is shown as a change, never hidden");
     }
 
-    /// What `terraform plan -no-color` prints when the live system drifted (the demo's probe, terraform 1.11).
+    /// What `terraform plan` prints when the live system drifted (the demo's probe, terraform 1.11), with what
+    /// must not be read as a resource: a value's heredoc text, a shell comment, a colour sequence.
     #[test]
     fn the_resources_a_plan_prints_as_changing() {
         let text = "terraform_data.vpc: Refreshing state... [id=f4d8]\n\
@@ -358,11 +402,17 @@ mod tests {
             Terraform will perform the following actions:\n\
             \x20 # terraform_data.api_lb will be updated in-place\n\
             \x20 ~ resource \"terraform_data\" \"api_lb\" {\n\
-            \x20       # (1 unchanged attribute hidden)\n\
+            \x20     input = <<-EOT\n\
+            \x20         # nginx.conf will be created\n\
+            \x20     EOT\n\
             \x20 # terraform_data.node[\"a b\"] must be replaced\n\
             \x20 # module.dns.aws_route53_record.api will be destroyed\n\
+            \x20 # aws_instance.x (deposed object 1a2b3c4d) will be destroyed\n\
             \x20 # terraform_data.api_lb will be updated in-place\n\
             \x20 # terraform_data.old has moved to terraform_data.new\n\
+            \x20 # terraform_data.t will be replaced due to changes in replace_triggered_by\n\
+            \x20 # \u{1b}[1mterraform_data.c\u{1b}[0m will be created\n\
+            \x20 # terraform_data.d will be frobnicated\n\
             # a shell comment will be destroyed\n\
             Plan: 0 to add, 1 to change, 0 to destroy.\n";
         let got: Vec<(String, String)> = changes_in_text(text).into_iter().map(|c| (c.address, c.change)).collect();
@@ -371,11 +421,15 @@ mod tests {
             ("terraform_data.api_lb", "update"),
             ("terraform_data.node[\"a b\"]", "replace"),
             ("module.dns.aws_route53_record.api", "delete"),
+            ("aws_instance.x", "delete"),
             ("terraform_data.old", "move"),
+            ("terraform_data.t", "replace"),
+            ("terraform_data.c", "create"),
+            ("terraform_data.d", "change"),
         ];
         assert_eq!(got, want.map(|(a, c)| (a.to_string(), c.to_string())));
         assert!(changes_in_text("helm: release oauth has other values\n  # not a plan\n").is_empty());
-        let named = name_changes(&changes_in_text(text), 2);
-        assert_eq!(named, "`terraform_data.api_lb` (changed-outside), `terraform_data.api_lb` (update), and 3 more");
+        let named = name_changes(&changes_in_text(text), 4, 2, &|a| format!("`{a}`"));
+        assert_eq!(named, "`terraform_data.api_lb` (changed-outside), `terraform_data.api_lb` (update), and 11 more");
     }
 }

@@ -192,7 +192,11 @@ pub fn export(
         created_at: jiff::Timestamp::now().to_string(),
         include_sensitive,
         entries,
-        probes: cache.probes(None)?.into_iter().filter(|p| stages.iter().any(|s| s.name == p.stage)).collect(),
+        probes: cache
+            .probes(None)?
+            .into_iter()
+            .filter(|p| stages.iter().any(|s| s.name == p.stage && s.is_deploy()))
+            .collect(),
     };
     fit_document(&mut doc, &mut report);
     report.entries = doc.entries.len();
@@ -615,13 +619,11 @@ fn check_document(
             return Err(reject(format!("stage `{}`: its log is missing", e.stage)));
         }
     }
-    for p in &doc.probes {
-        if p.stage.is_empty() || p.env.is_empty() || p.at_ms < 0 {
-            return Err(reject("a drift probe has no stage, environment or time".into()));
-        }
-        if p.drift.as_ref().is_some_and(|d| d.len() > super::probes::MAX_OUTPUT) {
-            return Err(reject(format!("stage `{}`: its drift probe's output is too long", p.stage)));
-        }
+    if doc.schema < 5 && !doc.probes.is_empty() {
+        return Err(reject(format!("drift probes in a schema {} archive (they came with schema 5)", doc.schema)));
+    }
+    if let Some(why) = doc.probes.iter().find_map(super::probes::malformed) {
+        return Err(reject(why));
     }
     Ok(())
 }
@@ -798,11 +800,9 @@ pub fn import(cache: &Cache, file: &Path, stages: &[Stage], with_secret_key: boo
             insert_entry(conn, e, key, &c)?;
             imported += 1;
         }
-        // A probe is kept when it is newer than what is known here, and never dated after now (an archive's
-        // clock must not hide the probes this machine makes later).
-        for p in c.doc.probes.iter().filter(|p| stages.iter().any(|s| s.name == p.stage)) {
-            let at_ms = p.at_ms.min(super::now_ms());
-            super::probes::import(conn, &super::probes::Probe { at_ms, ..p.clone() })?;
+        // Only of deploy stages this pipeline has; see `probes::import` for which one wins.
+        for p in c.doc.probes.iter().filter(|p| stages.iter().any(|s| s.name == p.stage && s.is_deploy())) {
+            super::probes::import(conn, p)?;
         }
         Ok((imported, skipped))
     })?;

@@ -1,90 +1,153 @@
-//! The last drift probe of each deploy stage, per environment: what the live system looked like when kkpipe
-//! last asked (a scheduled `kkpipe verify`, or a push's probe). `kkpipe preview` shows a reviewer the drift
-//! still open; cache archives carry it, so a CI job that restores the cache sees it.
+//! What kkpipe last saw of each deploy stage's live system, per environment: its drift probe found it in sync
+//! or drifted (a scheduled `kkpipe verify`, or a push's probe), or a deploy made it what the repository says.
+//! `kkpipe preview` shows a reviewer the drift still open; cache archives carry it, so a CI job that restores
+//! the cache sees it.
+//!
+//! A deploy counts as a sighting of its own (the live system is as deployed), recorded where it happened: which
+//! came last is never decided by comparing this machine's clock with another's attempt records.
 
 use super::{Cache, Result, now_ms};
+use crate::tfplan::TextChange;
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-/// A probe's masked output is kept up to this many bytes (a plan's changes are at its end: the tail is kept).
-pub const MAX_OUTPUT: usize = 64 << 10;
+/// At most this many drifted resources are kept (the rest are counted).
+pub const MAX_RESOURCES: usize = 200;
+/// A probe's first line is kept up to this many characters.
+pub const MAX_DETAIL: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
     pub stage: String,
     pub env: String,
-    /// When it ended, in milliseconds since the epoch.
+    /// When, in milliseconds since the epoch (this machine's clock, or the exporter's).
     pub at_ms: i64,
-    /// What it printed when it found drift (masked); `None`: the live system was in sync.
-    pub drift: Option<String>,
+    pub seen: Seen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "seen", rename_all = "kebab-case")]
+pub enum Seen {
+    /// The probe found the live system as last deployed.
+    InSync,
+    /// A deploy succeeded (or adopted the live system): it is as the repository says.
+    Deployed,
+    /// The probe found drift.
+    Drifted {
+        /// What drifted, when the probe is a `terraform plan` (at most [`MAX_RESOURCES`]).
+        resources: Vec<TextChange>,
+        /// Drifted resources beyond those.
+        more: usize,
+        /// Its first line of output (masked, controls escaped, at most [`MAX_DETAIL`] characters).
+        detail: String,
+    },
+}
+
+impl Seen {
+    /// What a drift probe's (masked) output says drifted.
+    pub fn drifted(output: &str) -> Seen {
+        let mut resources = crate::tfplan::changes_in_text(output);
+        let more = resources.len().saturating_sub(MAX_RESOURCES);
+        resources.truncate(MAX_RESOURCES);
+        let first = output.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+        let detail: String = crate::relpath::escape_controls(first).chars().take(MAX_DETAIL).collect();
+        Seen::Drifted { resources, more, detail }
+    }
+
+    fn word(&self) -> &'static str {
+        match self {
+            Seen::InSync => "in-sync",
+            Seen::Deployed => "deployed",
+            Seen::Drifted { .. } => "drifted",
+        }
+    }
 }
 
 impl Probe {
-    /// A probe that just ended here.
-    pub fn now(stage: &str, env: &str, drift: Option<&str>) -> Probe {
-        Probe { stage: stage.into(), env: env.into(), at_ms: now_ms(), drift: drift.map(tail) }
+    /// What was seen here just now.
+    pub fn now(stage: &str, env: &str, seen: Seen) -> Probe {
+        Probe { stage: stage.into(), env: env.into(), at_ms: now_ms(), seen }
     }
 }
 
-/// The last [`MAX_OUTPUT`] bytes of `text`, cut at a line.
-fn tail(text: &str) -> String {
-    if text.len() <= MAX_OUTPUT {
-        return text.to_string();
-    }
-    let mut from = text.len() - MAX_OUTPUT;
-    while !text.is_char_boundary(from) {
-        from += 1;
-    }
-    let cut = &text[from..];
-    cut.find('\n').map_or(cut, |n| &cut[n + 1..]).to_string()
+fn row(p: &Probe) -> (String, Option<String>) {
+    let drift = match &p.seen {
+        Seen::Drifted { .. } => Some(serde_json::to_string(&p.seen).expect("serialisable")),
+        _ => None,
+    };
+    (p.seen.word().to_string(), drift)
+}
+
+fn upsert(c: &rusqlite::Connection, p: &Probe, only_if_newer: bool) -> rusqlite::Result<()> {
+    let (seen, drift) = row(p);
+    let sql = match only_if_newer {
+        false => "INSERT OR REPLACE INTO probes(stage, env, at_ms, seen, drift) VALUES (?1,?2,?3,?4,?5)",
+        true => {
+            "INSERT INTO probes(stage, env, at_ms, seen, drift) VALUES (?1,?2,?3,?4,?5) ON CONFLICT(stage, env) DO UPDATE SET at_ms = excluded.at_ms, seen = excluded.seen, drift = excluded.drift WHERE excluded.at_ms > probes.at_ms"
+        }
+    };
+    c.prepare_cached(sql)?.execute(params![p.stage, p.env, p.at_ms, seen, drift]).map(drop)
 }
 
 impl Cache {
-    /// Keep `p`, a probe that just ended here, as its stage's last probe in its environment.
+    /// Keep `p`, seen here just now, as its stage's last sighting in its environment.
     pub fn record_probe(&self, p: &Probe) -> Result<()> {
-        self.write(|c| {
-            c.prepare_cached("INSERT OR REPLACE INTO probes(stage, env, at_ms, drift) VALUES (?1,?2,?3,?4)")?
-                .execute(params![p.stage, p.env, p.at_ms, p.drift])
-                .map(drop)
-        })
+        self.write(|c| upsert(c, p, false))
     }
 
-    /// The last probe of every stage (in `env`, or every environment), by stage name.
+    /// The last sighting of every stage (in `env`, or every environment), by stage name. A row this kkpipe
+    /// cannot read is left out.
     pub fn probes(&self, env: Option<&str>) -> Result<Vec<Probe>> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT stage, env, at_ms, drift FROM probes WHERE ?1 IS NULL OR env=?1 ORDER BY stage, env",
+                "SELECT stage, env, at_ms, seen, drift FROM probes WHERE ?1 IS NULL OR env=?1 ORDER BY stage, env",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![env], |r| {
-                Ok(Probe { stage: r.get(0)?, env: r.get(1)?, at_ms: r.get(2)?, drift: r.get(3)? })
+                let (seen, drift): (String, Option<String>) = (r.get(3)?, r.get(4)?);
+                let seen = match (seen.as_str(), drift) {
+                    ("in-sync", _) => Some(Seen::InSync),
+                    ("deployed", _) => Some(Seen::Deployed),
+                    ("drifted", Some(d)) => serde_json::from_str(&d).ok(),
+                    _ => None,
+                };
+                let (stage, env, at_ms) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                Ok(seen.map(|seen| Probe { stage, env, at_ms, seen }))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
-    }
-
-    /// When the latest deploy of `stage` in `env` that succeeded (or was adopted) started, in milliseconds: drift
-    /// probed before it is repaired.
-    pub fn last_deployed_ms(&self, stage: &str, env: &str) -> Result<Option<i64>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT MAX(started_at) FROM stage_runs WHERE stage=?1 AND env=?2 AND state IN ('success', 'adopted')",
-            )
-            .map_err(|e| self.err(e))?;
-        stmt.query_row(params![stage, env], |r| r.get(0)).map_err(|e| self.err(e))
+        let rows = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))?;
+        Ok(rows.into_iter().flatten().collect())
     }
 }
 
-/// A probe from a cache archive: kept unless the one known here is as new or newer.
+/// A sighting from a cache archive: kept when it is newer than the one known here. One dated after now is
+/// left out: an archive's clock must not hide what this machine sees later.
 pub(super) fn import(c: &rusqlite::Connection, p: &Probe) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "INSERT INTO probes(stage, env, at_ms, drift) VALUES (?1,?2,?3,?4) ON CONFLICT(stage, env) DO UPDATE SET at_ms = excluded.at_ms, drift = excluded.drift WHERE excluded.at_ms > probes.at_ms",
-    )?
-    .execute(params![p.stage, p.env, p.at_ms, p.drift])
-    .map(drop)
+    if p.at_ms > now_ms() {
+        return Ok(());
+    }
+    upsert(c, p, true)
+}
+
+/// Why an archive's sighting is not one kkpipe writes, if it is not.
+pub(super) fn malformed(p: &Probe) -> Option<String> {
+    let clean = |s: &str| !s.is_empty() && !s.chars().any(char::is_control);
+    if !clean(&p.stage) || !clean(&p.env) || p.at_ms <= 0 {
+        return Some("a drift probe has no stage, environment or time".into());
+    }
+    match &p.seen {
+        Seen::Drifted { resources, detail, .. }
+            if resources.len() > MAX_RESOURCES
+                || detail.chars().count() > MAX_DETAIL
+                || detail.chars().any(char::is_control)
+                || resources.iter().any(|r| r.address.chars().any(char::is_control)) =>
+        {
+            Some(format!("stage `{}`: its drift probe's record is larger than kkpipe writes", p.stage))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -92,12 +155,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_long_output_keeps_its_end_from_a_line() {
-        let long = format!("{}\n  # terraform_data.a will be updated in-place\n", "x".repeat(MAX_OUTPUT + 10));
-        let kept = tail(&long);
-        assert_eq!(kept, "  # terraform_data.a will be updated in-place\n");
-        assert_eq!(tail("short\n"), "short\n");
-        let wide = "é".repeat(MAX_OUTPUT);
-        assert!(tail(&wide).len() <= MAX_OUTPUT);
+    fn drift_keeps_the_resources_counted_and_the_first_line_escaped() {
+        let mut text = String::from("\u{1b}[1mRefreshing\u{1b}[0m state\n");
+        for n in 0..(MAX_RESOURCES + 5) {
+            text.push_str(&format!("  # terraform_data.n[{n}] will be updated in-place\n"));
+        }
+        let Seen::Drifted { resources, more, detail } = Seen::drifted(&text) else { panic!() };
+        assert_eq!((resources.len(), more), (MAX_RESOURCES, 5));
+        assert_eq!(resources[0].address, "terraform_data.n[0]", "the first ones are kept");
+        assert!(!detail.chars().any(char::is_control) && detail.contains("Refreshing"), "{detail}");
+        let long = Seen::drifted(&"x".repeat(5000));
+        assert!(matches!(long, Seen::Drifted { detail, .. } if detail.len() == MAX_DETAIL));
     }
 }

@@ -94,12 +94,13 @@ const STEPS: &[&str] = &[
     "
     ALTER TABLE runs ADD COLUMN audit TEXT;
     ",
-    // 7: each deploy stage's last drift probe per environment (`probes::Probe`).
+    // 7: what was last seen of each deploy stage's live system per environment (`probes::Probe`).
     "
     CREATE TABLE probes(
         stage TEXT NOT NULL,
         env   TEXT NOT NULL,
         at_ms INTEGER NOT NULL,
+        seen  TEXT NOT NULL,
         drift TEXT,
         PRIMARY KEY(stage, env)
     ) WITHOUT ROWID;

@@ -120,7 +120,8 @@ impl Opened {
         r: crate::remote::Resolved,
     ) -> Result<Option<crate::remote::Remote>, Error> {
         let commit = crate::audit::git_head(&self.pipeline.root);
-        crate::remote::Remote::open(r, self.pipeline.remote.as_ref(), &settings.caller_env, commit)
+        let root = &self.pipeline.root;
+        crate::remote::Remote::open(r, self.pipeline.remote.as_ref(), &settings.caller_env, root, commit)
             .map_err(Error::Usage)
     }
 

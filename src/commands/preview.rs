@@ -34,41 +34,45 @@ pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     Ok(exit::OK)
 }
 
-/// Each deploy stage's last drift probe in this environment (kept by `run` and `verify`, carried by cache
-/// archives), and for drift no deploy has applied over since, what the push after the merge does about it.
+/// What was last seen of each deploy stage's live system in this environment (kept by `run` and `verify`,
+/// carried by cache archives), and for drift no deploy has applied over since, what the push after the merge
+/// does about it.
 fn probes(o: &Opened, stages: &[PreviewStage], mask: &dyn Fn(&str) -> String) -> Result<Vec<ProbeSeen>, Error> {
+    use crate::cache::probes::Seen;
     let mut out = Vec::new();
     for p in o.cache.probes(Some(&o.env))? {
         let Some(stage) = o.pipeline.stages.iter().find(|s| s.name == p.stage && s.is_deploy()) else { continue };
-        let Some(drift) = p.drift.as_deref().map(mask) else {
-            out.push(seen(&p, ProbeState::InSync));
+        let probed_at = crate::clock::timestamp(p.at_ms);
+        let seen = |state| ProbeSeen {
+            stage: p.stage.clone(),
+            probed_at: probed_at.clone(),
+            state,
+            resources: Vec::new(),
+            more: 0,
+            detail: None,
+            on_merge: None,
+        };
+        let Seen::Drifted { resources, more, detail } = &p.seen else {
+            out.push(seen(if p.seen == Seen::Deployed { ProbeState::Deployed } else { ProbeState::InSync }));
             continue;
         };
-        if o.cache.last_deployed_ms(&p.stage, &o.env)?.is_some_and(|deployed| deployed >= p.at_ms) {
-            out.push(seen(&p, ProbeState::DeployedSince));
-            continue;
-        }
-        let resources = crate::tfplan::changes_in_text(&drift);
-        let detail = match resources.is_empty() {
-            true => drift.lines().map(str::trim).find(|l| !l.is_empty()).map(crate::relpath::escape_controls),
-            false => None,
-        };
-        let on_merge = match stages.iter().find(|s| s.name == p.stage).map(|s| s.on_merge) {
-            Some(OnMerge::Deploys) => DriftOnMerge::Deploys,
-            Some(OnMerge::Fresh | OnMerge::IfUpstreamChanges) => match stage.on_drift {
+        // Masked again with this run's secrets; a stage whose probe is gone is not probed by the push.
+        let resources: Vec<crate::tfplan::TextChange> = resources
+            .iter()
+            .map(|r| crate::tfplan::TextChange { address: mask(&r.address), change: r.change.clone() })
+            .collect();
+        let detail = resources.is_empty().then(|| mask(detail)).filter(|d| !d.is_empty());
+        let on_merge = match (stages.iter().find(|s| s.name == p.stage).map(|s| s.on_merge), &stage.verify) {
+            (Some(OnMerge::Deploys), _) => DriftOnMerge::Deploys,
+            (Some(OnMerge::Fresh | OnMerge::IfUpstreamChanges), Some(_)) => match stage.on_drift {
                 crate::pipeline::OnDrift::Apply => DriftOnMerge::ProbesAndDeploys,
                 crate::pipeline::OnDrift::Fail => DriftOnMerge::ProbesAndFails,
             },
             _ => DriftOnMerge::Nothing,
         };
-        out.push(ProbeSeen { resources, detail, on_merge: Some(on_merge), ..seen(&p, ProbeState::Drifted) });
+        out.push(ProbeSeen { resources, more: *more, detail, on_merge: Some(on_merge), ..seen(ProbeState::Drifted) });
     }
     Ok(out)
-}
-
-fn seen(p: &crate::cache::probes::Probe, state: ProbeState) -> ProbeSeen {
-    let probed_at = crate::clock::timestamp(p.at_ms);
-    ProbeSeen { stage: p.stage.clone(), probed_at, state, resources: Vec::new(), detail: None, on_merge: None }
 }
 
 /// A merge is a push to the target branch: the pull request's, from the CI, unless `--branch` says.
@@ -177,13 +181,21 @@ fn store_reviews(
         // One review per plan stage: a stage with several plans is not reviewed as one.
         .filter(|(i, _)| o.pipeline.stages[*i].plans().count() == 1)
         .collect();
-    // Only a pull request's job reviews (a preview made locally shows no reviewer anything), and
-    // `--remote read-only|off` writes nothing.
+    // Only a pull request's job reviews (a preview made locally shows no reviewer anything), `--remote
+    // read-only|off` writes nothing, and a pull request writes no ref of a `git:` store.
     let in_pull_request = settings.ci_event().is_some_and(|e| e.name == crate::pipeline::Trigger::PullRequest);
     if reviewed.is_empty() || !in_pull_request || o.remote_lower.is_some() {
         return;
     }
-    let remote = match o.resolve_remote(settings).and_then(|r| o.open_remote(settings, r)) {
+    let takes_reviews = |r: &crate::remote::Resolved| {
+        let url = r.url.as_deref().and_then(|u| url::Url::parse(u).ok());
+        url.as_ref().and_then(crate::store::scheme_of).is_some_and(|s| s.reviews)
+    };
+    let remote = match o.resolve_remote(settings) {
+        Ok(r) if !takes_reviews(&r) => return,
+        r => r.and_then(|r| o.open_remote(settings, r)),
+    };
+    let remote = match remote {
         Ok(Some(remote)) => remote,
         Ok(None) => return,
         Err(e) => return eprintln!("warning: the reviewed plans are not stored: {e}"),

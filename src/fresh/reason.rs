@@ -166,7 +166,8 @@ impl fmt::Display for Reason {
                 // A terraform probe's first line is `Refreshing state...`: name what its plan changes instead.
                 let changes = crate::tfplan::changes_in_text(output);
                 if !changes.is_empty() {
-                    let named = crate::relpath::escape_controls(&crate::tfplan::name_changes(&changes, 5));
+                    let named = crate::tfplan::name_changes(&changes, 0, 5, &|a| format!("`{a}`"));
+                    let named = crate::relpath::escape_controls(&named);
                     return write!(f, "drift detected by verify: {named}");
                 }
                 let first = output.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();

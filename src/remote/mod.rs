@@ -160,11 +160,13 @@ impl Remote {
         r: Resolved,
         spec: Option<&RemoteSpec>,
         env: &HashMap<String, String>,
+        root: &std::path::Path,
         commit: Option<String>,
     ) -> Result<Option<Remote>, String> {
         let Some(url) = r.url else { return Ok(None) };
         let parsed = url::Url::parse(&url).map_err(|e| format!("the remote URL `{url}` is not a URL: {e}"))?;
-        let store = store::open(&parsed, env).map_err(|e| format!("cannot open the remote `{url}`: {e}"))?;
+        let opening = store::Opening { env, root };
+        let store = store::open(&parsed, &opening).map_err(|e| format!("cannot open the remote `{url}`: {e}"))?;
         let user = env.get("USER").cloned().unwrap_or_else(|| "unknown".into());
         let trusted = spec.map(|s| s.trusted_keys.clone()).unwrap_or_default();
         let (mut mode, mut why, mut signer) = (r.mode, r.why, r.signer);

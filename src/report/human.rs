@@ -368,7 +368,8 @@ impl Human {
         match resources {
             [] => self.status("Drift", RED, &format!("{stage}: drift detected by verify")),
             r => {
-                let named = crate::relpath::escape_controls(&crate::tfplan::name_changes(r, 10));
+                let named = crate::tfplan::name_changes(r, 0, 10, &|a| format!("`{a}`"));
+                let named = crate::relpath::escape_controls(&named);
                 self.status("Drift", RED, &format!("{stage}: drift detected by verify: {named}"))
             }
         }

@@ -90,9 +90,12 @@ pub struct ProbeSeen {
     /// When it ended (RFC 3339, UTC).
     pub probed_at: String,
     pub state: ProbeState,
-    /// What drifted, when the probe is a `terraform plan` (`drifted` only).
+    /// What drifted, when the probe is a `terraform plan` (`drifted` only; at most 200).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<crate::tfplan::TextChange>,
+    /// Drifted resources beyond those listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub more: usize,
     /// The probe's first line of output, when it names no terraform resources (`drifted` only; masked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -104,10 +107,15 @@ pub struct ProbeSeen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProbeState {
+    /// Its probe found the live system as deployed.
     InSync,
     Drifted,
-    /// It drifted, and a deploy since has applied over it.
-    DeployedSince,
+    /// Deployed since its last probe: as the repository said then.
+    Deployed,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -161,9 +169,10 @@ impl Preview {
         let target = self.context.event.as_ref().and_then(|e| e.branch.as_deref()).unwrap_or("the target branch");
         let _ = writeln!(
             t,
-            "{}\n### kkpipe preview: merging into `{target}` (environment `{}`)\n",
+            "{}\n### kkpipe preview: merging into {} (environment {})\n",
             marker(self.commit.as_deref()),
-            self.context.env
+            code(target),
+            code(&self.context.env)
         );
         if let Some(c) = &self.commit {
             let _ = writeln!(t, "Of commit `{}`.\n", super::short_commit(c, 12));
@@ -177,7 +186,7 @@ impl Preview {
                 Some(DriftOnMerge::ProbesAndFails) => "**drifted**: fails the push if it still differs".into(),
                 _ => on_merge_words(s),
             };
-            let _ = writeln!(t, "| `{}` | {words} | {why} |", s.name);
+            let _ = writeln!(t, "| {} | {words} | {why} |", code(&s.name));
         }
         self.drift_markdown(&mut t);
         for p in &self.plans {
@@ -198,7 +207,7 @@ impl Preview {
             if let Some(last) = self.probes.iter().map(|p| p.probed_at.as_str()).max() {
                 let _ = writeln!(
                     t,
-                    "\nNo drift: the last probes (latest {}) found the live system as deployed.",
+                    "\nNo drift known: what kkpipe last saw of the deploys (latest {}) was the live system as deployed.",
                     when(last)
                 );
             }
@@ -207,9 +216,9 @@ impl Preview {
         let _ = writeln!(t, "\n#### Drift the probes found\n");
         for p in drifted {
             let what = match (&p.resources[..], &p.detail) {
-                ([], Some(d)) => format!("`{}`", d.replace('`', "'")),
+                ([], Some(d)) => code(d),
                 ([], None) => "the live system differs from the last deploy".into(),
-                (r, _) => crate::tfplan::name_changes(r, 10),
+                (r, _) => crate::tfplan::name_changes(r, p.more, 10, &code),
             };
             let then = match p.on_merge {
                 Some(DriftOnMerge::Deploys) => "the merge deploys it anyway, over the drift",
@@ -219,25 +228,26 @@ impl Preview {
                 Some(DriftOnMerge::ProbesAndFails) => {
                     "on merge its probe runs again and, if it still differs, the push fails without deploying (`on_drift = \"fail\"`)"
                 }
-                Some(DriftOnMerge::Nothing) | None => "the merge does not deploy it",
+                Some(DriftOnMerge::Nothing) | None => "the merge neither probes nor deploys it",
             };
-            let _ = writeln!(t, "- `{}` (probed {}): {what}; {then}.", p.stage, when(&p.probed_at));
+            let _ = writeln!(t, "- {} (probed {}): {what}; {then}.", code(&p.stage), when(&p.probed_at));
         }
     }
 
     /// `Merging deploys 1 stage (kkp-deploy) and runs 0 checks; 2 run only if ...; 6 stay fresh.`
     fn headline(&self) -> String {
         let names = |m: OnMerge| -> Vec<String> {
-            self.stages.iter().filter(|s| s.on_merge == m).map(|s| format!("`{}`", s.name)).collect()
+            self.stages.iter().filter(|s| s.on_merge == m).map(|s| code(&s.name)).collect()
         };
         let (deploys, runs, maybe) = (names(OnMerge::Deploys), names(OnMerge::Runs), names(OnMerge::IfUpstreamChanges));
-        let fresh = self.stages.iter().filter(|s| s.on_merge == OnMerge::Fresh).count();
-        let drifted: Vec<String> = self
-            .probes
+        let open = |p: &&ProbeSeen| p.state == ProbeState::Drifted && p.on_merge != Some(DriftOnMerge::Deploys);
+        let drifted: Vec<String> = self.probes.iter().filter(open).map(|p| code(&p.stage)).collect();
+        // A drifted stage is counted as drifted, not as fresh.
+        let fresh = self
+            .stages
             .iter()
-            .filter(|p| p.state == ProbeState::Drifted && p.on_merge != Some(DriftOnMerge::Deploys))
-            .map(|p| format!("`{}`", p.stage))
-            .collect();
+            .filter(|s| s.on_merge == OnMerge::Fresh && !self.probes.iter().filter(open).any(|p| p.stage == s.name))
+            .count();
         let mut parts = Vec::new();
         parts.push(match deploys.len() {
             0 if !drifted.is_empty() => "**Merging deploys no change of its own**".to_string(),
@@ -258,6 +268,17 @@ impl Preview {
     }
 }
 
+/// `text` as a Markdown code span, whatever it holds: a fence longer than any run of backticks in it (CommonMark
+/// 6.1), control characters escaped, pipes escaped for a table. What a pull request or a probe printed (a
+/// resource address, a for_each key) then shows as the text it is, never as a link or HTML.
+pub fn code(text: &str) -> String {
+    let text = crate::relpath::escape_controls(text).replace('|', "\\|");
+    let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+    let fence = "`".repeat(longest + 1);
+    let pad = if text.starts_with('`') || text.ends_with('`') { " " } else { "" };
+    format!("{fence}{pad}{text}{pad}{fence}")
+}
+
 /// `2026-12-05T05:17:03Z` as `2026-12-05 05:17 UTC`.
 fn when(rfc3339: &str) -> String {
     match rfc3339.get(..16) {
@@ -275,7 +296,11 @@ fn on_merge_words(s: &PreviewStage) -> String {
         (OnMerge::Deploys, _) => "**deploys**".into(),
         (OnMerge::Runs, _) => "runs".into(),
         (OnMerge::IfUpstreamChanges, Some(Reason::UpstreamStale { stage })) => {
-            format!("{} only if `{stage}` changes its outputs", if s.kind == Kind::Deploy { "deploys" } else { "runs" })
+            format!(
+                "{} only if {} changes its outputs",
+                if s.kind == Kind::Deploy { "deploys" } else { "runs" },
+                code(stage)
+            )
         }
         (OnMerge::IfUpstreamChanges, _) => "only if a stage it needs changes its outputs".into(),
         (OnMerge::Fresh, _) if s.kind == Kind::Deploy => "stays as deployed".into(),
@@ -290,7 +315,7 @@ fn cell(text: &str) -> String {
 }
 
 fn plan_markdown(t: &mut String, p: &PlanPreview) {
-    let _ = write!(t, "\n#### `{}`: `{}`\n\n", p.stage, p.plan);
+    let _ = write!(t, "\n#### {}: {}\n\n", code(&p.stage), code(&p.plan));
     let Some(s) = &p.summary else {
         let _ = writeln!(t, "{}", p.note.as_deref().unwrap_or("no plan"));
         return;
@@ -306,7 +331,7 @@ fn plan_markdown(t: &mut String, p: &PlanPreview) {
             .iter()
             .map(|d| {
                 let note = if d.overridden { " (allowed in this job by `KKPIPE_ALLOW_DESTROY`)" } else { "" };
-                format!("{} `{}`{note}", d.action, d.address)
+                format!("{} {}{note}", d.action, code(&d.address))
             })
             .collect();
         let _ = writeln!(
@@ -326,16 +351,31 @@ fn plan_markdown(t: &mut String, p: &PlanPreview) {
         ("imported", &s.imported),
     ] {
         if !list.is_empty() {
-            let items: Vec<String> = list.iter().map(|a| format!("`{a}`")).collect();
+            let items: Vec<String> = list.iter().map(|a| code(a)).collect();
             let _ = writeln!(t, "- {what}: {}", items.join(", "));
         }
     }
     if !s.moved.is_empty() {
-        let items: Vec<String> = s.moved.iter().map(|m| format!("`{}` -> `{}`", m.from, m.to)).collect();
+        let items: Vec<String> = s.moved.iter().map(|m| format!("{} -> {}", code(&m.from), code(&m.to))).collect();
         let _ = writeln!(t, "- moved: {}", items.join(", "));
     }
     if !s.outputs.is_empty() {
-        let items: Vec<String> = s.outputs.iter().map(|o| format!("`{}` ({})", o.name, o.change)).collect();
+        let items: Vec<String> = s.outputs.iter().map(|o| format!("{} ({})", code(&o.name), o.change)).collect();
         let _ = writeln!(t, "- outputs: {} (values not shown)", items.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a pull request or a probe printed stays text in the comment: no link, no HTML, no table cell break.
+    #[test]
+    fn a_code_span_holds_any_text() {
+        assert_eq!(code("terraform_data.a[0]"), "`terraform_data.a[0]`");
+        let link = code("x`[click](https://evil.example)`y");
+        assert_eq!(link, "``x`[click](https://evil.example)`y``");
+        assert_eq!(code("`a`"), "`` `a` ``");
+        assert_eq!(code("a|b\u{1b}[31m"), "`a\\|b\\u{1b}[31m`");
     }
 }

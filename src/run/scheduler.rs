@@ -1313,6 +1313,11 @@ impl<'a> Scheduler<'a, '_> {
             outputs: &e.outputs,
         };
         self.env.cache.finish_stage(e.row, state, &end)?;
+        if ok && self.cx.pipeline.stages[i].is_deploy() {
+            // What the live system is now: as deployed (drift the probes found before is applied over).
+            let deployed = crate::cache::probes::Seen::Deployed;
+            self.env.cache.record_probe(&crate::cache::probes::Probe::now(&self.name(i), self.cx.env, deployed))?;
+        }
         self.share(i, keyed, state, &e.outputs, e.duration);
         let log = if ok || state == State::Interrupted { Vec::new() } else { e.log };
         self.sink.event(&Event::Finished { stage: self.name(i), end: how, duration: e.duration, log });
@@ -1338,14 +1343,15 @@ impl<'a> Scheduler<'a, '_> {
         restored: Vec<String>,
         exit: Exit,
     ) -> Result<(), Error> {
+        if self.interrupt.signal().is_some() {
+            // A probe the stop cut short says nothing about the live system (one may exit 0 on the signal): no
+            // drift to report, nothing to keep.
+            self.skip(i, "run interrupted".into());
+            return Ok(());
+        }
         if exit.success() {
             self.probed(i, None)?;
             return self.finish_fresh(i, &keyed, hit, restored, true);
-        }
-        if self.interrupt.signal().is_some() {
-            // A probe the stop cut short says nothing about the live system: no drift to report or keep.
-            self.skip(i, "run interrupted".into());
-            return Ok(());
         }
         let output = self.probed(i, Some(&exit))?;
         if self.opts.probe_only || self.cx.pipeline.stages[i].on_drift == crate::pipeline::OnDrift::Fail {
@@ -1355,16 +1361,21 @@ impl<'a> Scheduler<'a, '_> {
         self.run_after_all(i, keyed, Reason::Drift { output })
     }
 
-    /// A probe of stage `i` ended: in sync (`drift` None) or not. Kept as the stage's last probe (what `kkpipe
-    /// preview` shows); drift is reported, and its masked output returned.
+    /// The drift probe of stage `i` (on a hit: it compared the live system with its last deploy) ended: in sync
+    /// (`drift` None) or not. Kept as what was last seen of it (what `kkpipe preview` shows); drift is reported,
+    /// and its masked output returned.
     fn probed(&mut self, i: usize, drift: Option<&Exit>) -> Result<String, Error> {
-        let output = drift
-            .map(|e| String::from_utf8_lossy(&e.log.masked(&self.env.masker.read().expect("masker"))).into_owned());
-        let probe = crate::cache::probes::Probe::now(&self.cx.pipeline.stages[i].name, self.cx.env, output.as_deref());
-        self.env.cache.record_probe(&probe)?;
-        let Some(output) = output else { return Ok(String::new()) };
-        let resources = crate::tfplan::changes_in_text(&output);
-        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources });
+        use crate::cache::probes::{Probe, Seen};
+        let output = match drift {
+            Some(e) => String::from_utf8_lossy(&e.log.masked(&self.env.masker.read().expect("masker"))).into_owned(),
+            None => String::new(),
+        };
+        let seen = if drift.is_some() { Seen::drifted(&output) } else { Seen::InSync };
+        self.env.cache.record_probe(&Probe::now(&self.cx.pipeline.stages[i].name, self.cx.env, seen))?;
+        if drift.is_some() {
+            let resources = crate::tfplan::changes_in_text(&output);
+            self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources });
+        }
         Ok(output)
     }
 

@@ -4,13 +4,14 @@
 //! Every backend is one file implementing [`ObjectStore`] over names relative to the remote's root (its URL's
 //! prefix is the backend's business): S3 and GCS through the `object_store` crate (`object.rs`, the default
 //! cargo feature `s3-gcs`), a directory for `file://` (`dir.rs`: shared disks and tests), and memory
-//! (`memory.rs`: unit tests of leases and sharing). [`SCHEMES`] is the one list of URL schemes. [`Store`] is
+//! (`memory.rs`: unit tests of leases and sharing), and refs in a git remote for `git:` (`git.rs`). [`SCHEMES`] is the one list of URL schemes. [`Store`] is
 //! what the rest of kkpipe holds: any backend, marked down after the first failure to reach it, so an
 //! unreachable store costs one timeout and one warning, not one per stage.
 //!
 //! Adding a backend: a file here implementing [`ObjectStore`] (with its tests), and a row in [`SCHEMES`].
 
 mod dir;
+mod git;
 pub mod memory;
 #[cfg(feature = "s3-gcs")]
 mod object;
@@ -74,36 +75,49 @@ pub trait ObjectStore: Send + Sync {
     }
 }
 
-/// Opens a backend for a URL, configured from the caller's environment.
-type Opener = fn(&url::Url, &HashMap<String, String>) -> std::result::Result<Arc<dyn ObjectStore>, String>;
+/// What a backend is opened with: the caller's environment (the stores' standard variables, `AWS_*` and
+/// `GOOGLE_*`) and the repository's root (a `git:` remote's name is the checkout's).
+pub struct Opening<'a> {
+    pub env: &'a HashMap<String, String>,
+    pub root: &'a std::path::Path,
+}
+
+/// Opens a backend for a URL.
+type Opener = fn(&url::Url, &Opening) -> std::result::Result<Arc<dyn ObjectStore>, String>;
 
 /// A URL scheme kkpipe knows, and how to open it.
 pub struct Scheme {
     pub name: &'static str,
+    /// How its URLs start, for messages.
+    pub form: &'static str,
+    /// Whether a pull request's job may write the reviews it showed (docs/review.md): not on `git:`, where a
+    /// pull request writes no ref.
+    pub reviews: bool,
     open: Opener,
 }
 
 /// The one list of remote URL schemes (pipeline.toml's check and `open` both read it).
 pub const SCHEMES: &[Scheme] = &[
-    Scheme { name: "s3", open: open_object },
-    Scheme { name: "s3a", open: open_object },
-    Scheme { name: "gs", open: open_object },
-    Scheme { name: "file", open: |url, _| Ok(Arc::new(dir::Dir::open(url)?)) },
+    Scheme { name: "s3", form: "s3://", reviews: true, open: open_object },
+    Scheme { name: "s3a", form: "s3a://", reviews: true, open: open_object },
+    Scheme { name: "gs", form: "gs://", reviews: true, open: open_object },
+    Scheme { name: "file", form: "file://", reviews: true, open: |url, _| Ok(Arc::new(dir::Dir::open(url)?)) },
+    Scheme { name: "git", form: "git:", reviews: false, open: |url, o| Ok(Arc::new(git::Git::open(url, o.root)?)) },
 ];
 
 #[cfg(feature = "s3-gcs")]
-fn open_object(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Arc<dyn ObjectStore>, String> {
-    Ok(Arc::new(object::Client::open(url, env)?))
+fn open_object(url: &url::Url, o: &Opening) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+    Ok(Arc::new(object::Client::open(url, o.env)?))
 }
 
 #[cfg(not(feature = "s3-gcs"))]
-fn open_object(_: &url::Url, _: &HashMap<String, String>) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+fn open_object(_: &url::Url, _: &Opening) -> std::result::Result<Arc<dyn ObjectStore>, String> {
     Err("this kkpipe was built without S3 and GCS support (the cargo feature `s3-gcs`)".into())
 }
 
-/// `s3://, s3a://, gs:// or file://`, for messages.
+/// `s3://, s3a://, gs://, file:// or git:`, for messages.
 pub fn scheme_list() -> String {
-    let names: Vec<String> = SCHEMES.iter().map(|s| format!("{}://", s.name)).collect();
+    let names: Vec<String> = SCHEMES.iter().map(|s| s.form.to_string()).collect();
     match names.split_last() {
         Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
         _ => names.join(""),
@@ -114,14 +128,16 @@ pub fn known_scheme(scheme: &str) -> bool {
     SCHEMES.iter().any(|s| s.name == scheme)
 }
 
-/// The store for `url`, configured from `env` (the caller's environment: the stores' standard variables,
-/// `AWS_*` and `GOOGLE_*`).
-pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Store, String> {
-    let scheme = SCHEMES
-        .iter()
-        .find(|s| s.name == url.scheme())
+/// The scheme of `url`, if kkpipe knows it.
+pub fn scheme_of(url: &url::Url) -> Option<&'static Scheme> {
+    SCHEMES.iter().find(|s| s.name == url.scheme())
+}
+
+/// The store for `url`.
+pub fn open(url: &url::Url, o: &Opening) -> std::result::Result<Store, String> {
+    let scheme = scheme_of(url)
         .ok_or_else(|| format!("`{}://` is not a remote kkpipe knows; use {}", url.scheme(), scheme_list()))?;
-    Ok(Store::new((scheme.open)(url, env)?))
+    Ok(Store::new((scheme.open)(url, o)?))
 }
 
 /// A backend, marked down after the first failure to reach it: every later request fails at once.
@@ -200,9 +216,10 @@ mod tests {
 
     #[test]
     fn the_scheme_list_names_every_scheme_once() {
-        assert_eq!(scheme_list(), "s3://, s3a://, gs:// or file://");
-        assert!(known_scheme("gs") && !known_scheme("http"));
-        let e = open(&url::Url::parse("ftp://x/y").unwrap(), &HashMap::new()).err().unwrap();
+        assert_eq!(scheme_list(), "s3://, s3a://, gs://, file:// or git:");
+        assert!(known_scheme("gs") && known_scheme("git") && !known_scheme("http"));
+        let o = Opening { env: &HashMap::new(), root: std::path::Path::new(".") };
+        let e = open(&url::Url::parse("ftp://x/y").unwrap(), &o).err().unwrap();
         assert!(e.contains("`ftp://` is not a remote") && e.contains("file://"), "{e}");
     }
 

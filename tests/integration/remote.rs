@@ -1,5 +1,6 @@
 //! The shared remote (`[remote]`, docs/remote.md) against real object stores on loopback: SeaweedFS and
-//! moto's server (two S3 implementations), and `file://`. Each test runs its scenario on every store.
+//! moto's server (two S3 implementations), `git daemon` (git's own server, with receive-pack: the `git:`
+//! store), and `file://`. Each test runs its scenario on every store.
 //!
 //! The servers come from the test venv that scripts/test installs; each test process starts one of each
 //! (on free ports) and a watcher stops them when the process exits.
@@ -17,6 +18,7 @@ enum Kind {
     File,
     Seaweed,
     Moto,
+    Git,
 }
 
 const BUCKET: &str = "kkpipe-test";
@@ -86,7 +88,7 @@ fn start(kind: Kind, dir: &Path) -> Server {
             c.args(["-H", "127.0.0.1", "-p", &s3.to_string()]);
             c
         }
-        Kind::File => unreachable!("no server"),
+        Kind::File | Kind::Git => unreachable!("no S3 server"),
     };
     let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     reap_with_us(child.id());
@@ -108,6 +110,42 @@ fn shared_server(kind: Kind) -> &'static str {
         start(kind, &dir)
     });
     &s.endpoint
+}
+
+/// A `git daemon` serving the bare repositories below `base`, pushes included, on a free port.
+fn start_git_daemon(base: &Path) -> (String, Child) {
+    std::fs::create_dir_all(base).unwrap();
+    let port = free_port();
+    let log = std::fs::File::create(base.join("daemon.log")).unwrap();
+    // git-daemon itself, not `git daemon`: that is a parent that waits for it, and killing it would leave the
+    // server running.
+    let exec_path = git(base, &["--exec-path"]);
+    let child = Command::new(Path::new(exec_path.trim()).join("git-daemon"))
+        .args(["--reuseaddr", "--export-all", "--enable=receive-pack", "--listen=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--base-path={}", base.display()))
+        .arg(base)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    reap_with_us(child.id());
+    let ready = within(Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(ready, "git daemon did not start: {}", std::fs::read_to_string(base.join("daemon.log")).unwrap());
+    (format!("git://127.0.0.1:{port}"), child)
+}
+
+/// The test process's git daemon, and the directory its repositories are in.
+fn git_daemon() -> &'static (String, PathBuf) {
+    static DAEMON: OnceLock<(String, PathBuf)> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let base = std::env::temp_dir().join(format!("kkpipe-git-daemon-{}", std::process::id()));
+        let (url, child) = start_git_daemon(&base);
+        // Stopped by its reaper when this process exits.
+        std::mem::forget(child);
+        (url, base)
+    })
 }
 
 /// One plain HTTP/1.0 request (unsigned: both servers let anyone make a bucket on loopback).
@@ -140,6 +178,12 @@ impl Store {
         let prefix = format!("t{}", tmp.path().file_name().unwrap().to_string_lossy().replace('.', ""));
         match kind {
             Kind::File => Store { url: format!("file://{}", dir.display()), endpoint: None, dir, _tmp: tmp },
+            Kind::Git => {
+                let (daemon, base) = git_daemon();
+                git(base, &["init", "-q", "--bare", &format!("{prefix}.git")]);
+                let url = format!("git:{daemon}/{prefix}.git");
+                Store { url, endpoint: None, dir: PathBuf::new(), _tmp: tmp }
+            }
             _ => Store::on(shared_server(kind).to_string(), prefix, tmp),
         }
     }
@@ -162,8 +206,13 @@ impl Store {
         }
     }
 
+    /// A `file://` store, read as the directory it is; the others through a client.
+    fn on_disk(&self) -> bool {
+        self.url.starts_with("file://")
+    }
+
     fn names(&self, under: &str) -> Vec<String> {
-        if self.endpoint.is_some() {
+        if !self.on_disk() {
             return self.s3().list(under).unwrap().into_iter().map(|l| l.name).collect();
         }
         walkdir::WalkDir::new(self.dir.join(under))
@@ -176,23 +225,24 @@ impl Store {
     }
 
     fn get(&self, name: &str) -> Vec<u8> {
-        match &self.endpoint {
-            None => std::fs::read(self.dir.join(name)).unwrap(),
-            Some(_) => self.s3().get(name).unwrap().expect("the object").0,
+        match self.on_disk() {
+            true => std::fs::read(self.dir.join(name)).unwrap(),
+            false => self.s3().get(name).unwrap().expect("the object").0,
         }
     }
 
-    /// A signed S3 client (moto refuses anonymous reads and overwrites): kkpipe's store client, used here only
-    /// as an S3 client.
+    /// A signed S3 client (moto refuses anonymous reads and overwrites), or a git client: kkpipe's store
+    /// client, used here only as a client of the store.
     fn s3(&self) -> kkpipe::store::Store {
         let env: std::collections::HashMap<String, String> =
             self.env().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        kkpipe::store::open(&url::Url::parse(&self.url).unwrap(), &env).unwrap()
+        let opening = kkpipe::store::Opening { env: &env, root: self._tmp.path() };
+        kkpipe::store::open(&url::Url::parse(&self.url).unwrap(), &opening).unwrap()
     }
 
     /// Overwrite an object behind kkpipe's back (as someone with write access to the bucket).
     fn tamper(&self, name: &str, bytes: &[u8]) {
-        if self.endpoint.is_none() {
+        if self.on_disk() {
             return std::fs::write(self.dir.join(name), bytes).unwrap();
         }
         let s3 = self.s3();
@@ -557,8 +607,22 @@ outputs = ["out/app.txt"]
 
 fn a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut server = start(kind, &tmp.path().join("server"));
-    let store = Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap());
+    let mut server = match kind {
+        Kind::Git => {
+            let base = tmp.path().join("server");
+            let (endpoint, child) = start_git_daemon(&base);
+            git(&base, &["init", "-q", "--bare", "killed.git"]);
+            Server { endpoint, child }
+        }
+        _ => start(kind, &tmp.path().join("server")),
+    };
+    let store = match kind {
+        Kind::Git => {
+            let url = format!("git:{}/killed.git", server.endpoint);
+            Store { url, endpoint: None, dir: PathBuf::new(), _tmp: tempfile::tempdir().unwrap() }
+        }
+        _ => Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap()),
+    };
     let k = keygen();
     let stages = format!(
         r#"
@@ -736,7 +800,7 @@ macro_rules! on_stores {
     };
 }
 
-on_stores!(file: File, seaweedfs: Seaweed, moto: Moto; [
+on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, git: Git; [
     two_clones_share_hits_byte_for_byte_and_nothing_runs_twice,
     a_pull_request_run_writes_nothing_even_with_the_signing_key,
     entries_signed_by_an_untrusted_key_are_misses,
@@ -756,6 +820,11 @@ fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_close
 #[test]
 fn a_moto_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
     a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Moto);
+}
+
+#[test]
+fn a_git_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
+    a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Git);
 }
 
 /// Issue 21, item 6: the sequence number of a ledger record nobody signed was used. Anyone who can write the
@@ -894,4 +963,54 @@ fn a_deploy_the_ledger_cannot_record_is_not_run() {
     assert!(!a.sibling("deployed.log").exists(), "nothing was deployed");
     std::fs::remove_dir_all(store.dir.join("ledger/default/deploy")).unwrap();
     assert_eq!(a.run(&[]).ok().ran(), ["deploy"], "once the ledger takes it, the deploy runs");
+}
+
+/// Issue 23, item 2, on the demo with real terraform: `git:origin` keeps the ledger in the repository's own
+/// remote. A runner that lost `.kkpipe/` (a new clone, an evicted CI cache) deploys nothing another runner
+/// deployed; a pull request's run and its preview write no ref.
+#[test]
+fn a_git_origin_remote_keeps_the_demos_ledger_and_a_pull_request_writes_no_ref() {
+    let mut repo = Repo::kkp_demo();
+    let origin = tempfile::tempdir().unwrap();
+    git(origin.path(), &["init", "-q", "--bare", "origin.git"]);
+    let keys = keygen();
+    let toml = repo.read("pipeline.toml");
+    repo.write(
+        "pipeline.toml",
+        &format!("[remote]\nurl = \"git:origin\"\ntrusted_keys = [\"{}\"]\n\n{toml}", keys.public),
+    );
+    git(&repo.root, &["init", "-q", "-b", "main"]);
+    git(&repo.root, &["remote", "add", "origin", origin.path().join("origin.git").to_str().unwrap()]);
+    git(&repo.root, &["add", "-A"]);
+    git(&repo.root, &["commit", "-qm", "initial"]);
+    let root = repo.root.clone();
+    let refs = || git(&root, &["ls-remote", "origin", "refs/kkpipe/*"]);
+    let push = ["--event", "push", "--branch", "main"];
+    repo.set_env("KKPIPE_SIGNING_KEY", &keys.private);
+    let first = repo.run(&push).ok();
+    assert!(first.ran().contains(&"kkp-deploy".to_string()), "{}", first.stderr);
+    let ledger = refs();
+    assert!(ledger.contains("refs/kkpipe/ledger/default/kkp-deploy"), "{ledger}");
+    assert!(git(&repo.root, &["branch", "-r"]).trim().is_empty() && !ledger.contains("refs/heads/"));
+
+    // The cache is gone; the remote's ledger says what is deployed.
+    std::fs::remove_dir_all(repo.path(".kkpipe")).unwrap();
+    let again = repo.run(&push).ok();
+    let deploys = ["terraform-apply", "kubeone-apply", "kkp-deploy", "dns-update", "flux-bootstrap"];
+    let ran = again.ran();
+    assert!(deploys.iter().all(|d| !ran.contains(&d.to_string())), "deployed again: {ran:?}\n{}", again.stderr);
+
+    // A pull request: its run and its preview (in the pull request's CI job) write no ref.
+    repo.set_env("KKPIPE_SIGNING_KEY", "");
+    git(&repo.root, &["checkout", "-qb", "scale"]);
+    repo.edit("terraform/aws/terraform.tfvars", "t3.large", "t3.xlarge");
+    git(&repo.root, &["commit", "-qam", "Bigger control plane"]);
+    let before = refs();
+    repo.run(&["--event", "pull_request", "--branch", "main"]).ok();
+    let pr_job = [("GITHUB_ACTIONS", "true"), ("GITHUB_EVENT_NAME", "pull_request"), ("GITHUB_BASE_REF", "main")];
+    let mut in_job = repo.cmd_in(&repo.root, &["preview"]);
+    in_job.envs(pr_job);
+    let preview = Run::from(in_job.output().unwrap()).ok();
+    assert!(!preview.stderr.contains("stored the reviewed plan"), "{}", preview.stderr);
+    assert_eq!(refs(), before, "a pull request wrote a ref");
 }

@@ -332,7 +332,7 @@ fn a_pull_request_preview_shows_the_drift_the_last_probes_found() {
     repo.run(&["--event", "push", "--branch", "main"]).ok();
     repo.kk(&["verify", "--event", "push", "--branch", "main"]).ok();
     let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
-    assert!(md.contains("No drift: the last probes (latest "), "{md}");
+    assert!(md.contains("No drift known: what kkpipe last saw of the deploys (latest "), "{md}");
     assert_eq!(probe(&preview_json(&repo), "terraform-apply")["state"], "in-sync");
 
     // Someone changes the nodes by hand; the scheduled verify finds it and names the resources.
@@ -382,7 +382,7 @@ fn a_pull_request_preview_shows_the_drift_the_last_probes_found() {
     let push = repo.run(&["--event", "push", "--branch", "main"]).ok();
     assert_eq!(push.reason_of("terraform-apply")["kind"], "drift", "{}", push.stderr);
     let doc = preview_json(&repo);
-    assert_eq!(probe(&doc, "terraform-apply")["state"], "deployed-since", "{doc:#}");
+    assert_eq!(probe(&doc, "terraform-apply")["state"], "deployed", "{doc:#}");
     let md = repo.kk(&["preview", "--branch", "main"]).ok().stdout;
     assert!(!md.contains("Drift the probes found"), "{md}");
 }

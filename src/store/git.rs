@@ -1,0 +1,376 @@
+//! `git:REMOTE`: the store in the repository's own git remote, for a team without a bucket (GitLab keeps
+//! terraform's state in GitLab). `REMOTE` is a git remote's name (`git:origin`) or a URL (`git:https://...`,
+//! `git:git://...`, `git:/srv/repo.git`).
+//!
+//! Each object is a blob that a ref under `refs/kkpipe/` points at: never a branch, so nothing checks it out and
+//! no branch protection, merge request or CI trigger sees it. Compare-and-swap is the push protocol's own: an
+//! update names the ref's old object id and receive-pack refuses it when the ref has moved (`git push
+//! --force-with-lease=REF:OLD`, where an empty `OLD` means "must not exist"); a ref that points at the same
+//! blob already is "up to date", which for a create-only write means another writer was first.
+//!
+//! Reads list the remote's refs (`git ls-remote`, one round trip, again after a second or after a write) and
+//! fetch only the objects that are not yet in a private bare repository in the cache (`.kkpipe/git-store`), so
+//! an unchanged ledger costs one round trip. The git CLI does the transport: the checkout's own credentials
+//! (its local `http.*`, `credential.*`, `url.*` and `core.sshCommand` settings, passed on through
+//! `GIT_CONFIG_*`, never on a command line) are what kkpipe reads and writes with, and nothing ever prompts.
+//!
+//! Refs carry no time: `list` reports every object as new, so `kkpipe remote gc` expires nothing here.
+
+use super::{Error, Listed, ObjectStore, Result, Version};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const NAMESPACE: &str = "refs/kkpipe/";
+/// How long a listing of the remote's refs answers reads (a lease wait polls slower than this).
+const LISTING_TTL: Duration = Duration::from_secs(1);
+/// One git command, network included, never takes longer.
+const LIMIT: Duration = Duration::from_secs(30);
+
+pub struct Git {
+    /// The remote's URL (or path), as git takes it.
+    url: String,
+    /// The private bare repository objects are kept in.
+    local: PathBuf,
+    /// Settings of the checkout that reach the remote (credentials, rewrites), as `GIT_CONFIG_*`.
+    config: Vec<(String, String)>,
+    /// Ref name -> object id, when listed.
+    listing: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
+}
+
+/// `ledger/default/kkp-deploy.json` as a ref name: each `/`-separated part percent-encoded where git's ref
+/// rules (git-check-ref-format) would refuse it or read it otherwise.
+fn ref_name(name: &str) -> String {
+    let parts: Vec<String> = name.split('/').map(encode_part).collect();
+    format!("{NAMESPACE}{}", parts.join("/"))
+}
+
+fn encode_part(part: &str) -> String {
+    let mut out = String::new();
+    let bytes = part.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        let dot_ok = b == b'.' && i > 0 && bytes.get(i + 1).is_some_and(|&n| n != b'.') && bytes[i - 1] != b'.';
+        let lock = b == b'.' && part[i..].eq_ignore_ascii_case(".lock");
+        if (b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || dot_ok) && !lock {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The object name of a ref under the namespace; `None` for one kkpipe did not write.
+fn object_name(refname: &str) -> Option<String> {
+    let rest = refname.strip_prefix(NAMESPACE)?;
+    let mut out = Vec::new();
+    let b = rest.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The remote `git:` names: a remote of the checkout at `root` by its name, else the URL or path as given.
+fn remote_url(spec: &str, root: &Path) -> std::result::Result<String, String> {
+    if spec.is_empty() {
+        return Err("`git:` needs a git remote's name or URL after it (`git:origin`)".into());
+    }
+    if spec.contains(':') || spec.contains('/') {
+        return Ok(spec.to_string());
+    }
+    let out = Command::new("git").arg("-C").arg(root).args(["remote", "get-url", spec]).output();
+    match out {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        _ => Err(format!(
+            "the repository at `{}` has no git remote `{spec}` (`git remote -v` lists them): name one, or give a URL",
+            root.display()
+        )),
+    }
+}
+
+/// The checkout's own settings that reach its remote: what lets the CI job fetch lets kkpipe read.
+fn checkout_config(root: &Path) -> Vec<(String, String)> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["config", "--local", "--null", "--get-regexp", r"^(http\..*|credential\..*|url\..*|core\.sshcommand)$"])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    // `--null`: each entry is `KEY\nVALUE\0`.
+    out.stdout
+        .split(|&b| b == 0)
+        .filter_map(|e| {
+            let e = String::from_utf8_lossy(e);
+            let (k, v) = e.split_once('\n')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// A git command's output, killed after [`LIMIT`].
+fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std::process::Output> {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(bytes)?;
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let killer = std::thread::spawn(move || {
+        if wait.recv_timeout(LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let out = child.wait_with_output();
+    let _ = done.send(());
+    let _ = killer.join();
+    out
+}
+
+/// A failed git command: the network (the caller works locally) or a refusal (permissions, a bad URL).
+fn failure(what: &str, out: &std::process::Output) -> Error {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let said = said[said.len().saturating_sub(3)..].join(" / ");
+    let unreachable = [
+        "Could not read from remote repository",
+        "unable to connect",
+        "Connection refused",
+        "Could not resolve host",
+        "timed out",
+        "unable to access",
+        "early EOF",
+    ];
+    let message = format!("git {what}: {said}");
+    match out.status.code() {
+        None => Error::Unreachable(format!("git {what}: stopped after {}s", LIMIT.as_secs())),
+        _ if unreachable.iter().any(|u| stderr.contains(u)) => Error::Unreachable(message),
+        _ => Error::Refused(message),
+    }
+}
+
+impl Git {
+    /// The store behind `git:SPEC` for the repository at `root`; its objects are kept in `.kkpipe/git-store`.
+    pub fn open(url: &url::Url, root: &Path) -> std::result::Result<Git, String> {
+        let spec = url.as_str().strip_prefix("git:").unwrap_or_default();
+        let url = remote_url(spec, root)?;
+        let local = root.join(".kkpipe").join("git-store");
+        if !local.join("HEAD").exists() {
+            std::fs::create_dir_all(&local).map_err(|e| format!("`{}`: {e}", local.display()))?;
+            let init = Command::new("git").args(["init", "--bare", "-q"]).arg(&local).output();
+            if !init.as_ref().is_ok_and(|o| o.status.success()) {
+                return Err(format!("cannot make the git store `{}` (is git installed?)", local.display()));
+            }
+        }
+        Ok(Git { url, local, config: checkout_config(root), listing: Mutex::new(None) })
+    }
+
+    fn git(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("git");
+        c.arg("-C").arg(&self.local).args(args);
+        // Never a prompt: a CI job has no terminal, and a laptop's kkpipe must not hang on one.
+        c.env("GIT_TERMINAL_PROMPT", "0").env("GIT_CONFIG_COUNT", self.config.len().to_string());
+        for (i, (k, v)) in self.config.iter().enumerate() {
+            c.env(format!("GIT_CONFIG_KEY_{i}"), k).env(format!("GIT_CONFIG_VALUE_{i}"), v);
+        }
+        c
+    }
+
+    fn run(&self, what: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<std::process::Output> {
+        let out = output_within(self.git(args), stdin).map_err(|e| Error::Refused(format!("git {what}: {e}")))?;
+        match out.status.success() {
+            true => Ok(out),
+            false => Err(failure(what, &out)),
+        }
+    }
+
+    /// The remote's refs under the namespace (listed again when older than [`LISTING_TTL`]).
+    fn listing(&self) -> Result<BTreeMap<String, String>> {
+        let mut cached = self.listing.lock().expect("listing");
+        if let Some((at, refs)) = cached.as_ref()
+            && at.elapsed() < LISTING_TTL
+        {
+            return Ok(refs.clone());
+        }
+        let out = self.run("ls-remote", &["ls-remote", "--refs", &self.url, "refs/kkpipe/*"], None)?;
+        let refs: BTreeMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(_, r)| r.starts_with(NAMESPACE))
+            .map(|(oid, r)| (r.to_string(), oid.to_string()))
+            .collect();
+        *cached = Some((Instant::now(), refs.clone()));
+        Ok(refs)
+    }
+
+    /// After a write: the next read lists again, with what this write is known to have left.
+    fn wrote(&self, refname: &str, oid: Option<&str>) {
+        let mut cached = self.listing.lock().expect("listing");
+        if let Some((_, refs)) = cached.as_mut() {
+            match oid {
+                Some(oid) => refs.insert(refname.to_string(), oid.to_string()),
+                None => refs.remove(refname),
+            };
+        }
+        if oid.is_none() {
+            *cached = None;
+        }
+    }
+
+    fn has_object(&self, oid: &str) -> bool {
+        self.git(&["cat-file", "-e", oid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// Bring `refname` from the remote: the object id it has now (`None`: deleted since it was listed).
+    fn fetch(&self, refname: &str) -> Result<Option<String>> {
+        let spec = format!("+{refname}:{refname}");
+        let args = ["fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", &self.url, &spec];
+        match output_within(self.git(&args), None) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("couldn't find remote ref") => return Ok(None),
+            Ok(o) => return Err(failure("fetch", &o)),
+            Err(e) => return Err(Error::Refused(format!("git fetch: {e}"))),
+        }
+        let out = self.run("rev-parse", &["rev-parse", "--verify", "-q", refname], None)?;
+        Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+
+    fn push(&self, lease: &str, refspec: &str) -> Result<(char, String)> {
+        let args = ["push", "--porcelain", "--no-verify", lease, &self.url, refspec];
+        let out = output_within(self.git(&args), None).map_err(|e| Error::Refused(format!("git push: {e}")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // `--porcelain`: `FLAG \t FROM:TO \t SUMMARY (REASON)` for each ref (git-push(1), OUTPUT).
+        let line = stdout.lines().find(|l| l.split('\t').nth(1).is_some_and(|r| r.ends_with(refspec_to(refspec))));
+        match line.and_then(|l| Some((l.chars().next()?, l.split('\t').nth(2).unwrap_or("").to_string()))) {
+            Some(found) => Ok(found),
+            None if out.status.success() => Err(Error::Refused(format!("git push said nothing of `{refspec}`"))),
+            None => Err(failure("push", &out)),
+        }
+    }
+}
+
+fn refspec_to(refspec: &str) -> &str {
+    refspec.rsplit(':').next().unwrap_or(refspec)
+}
+
+/// A rejection that means another writer was first (the ref moved, or exists), not a refusal to write.
+fn lost_race(summary: &str) -> bool {
+    ["stale info", "fetch first", "already exists", "failed to update ref", "cannot lock ref", "incorrect old value"]
+        .iter()
+        .any(|s| summary.contains(s))
+}
+
+impl ObjectStore for Git {
+    fn get(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
+        let refname = ref_name(name);
+        let Some(mut oid) = self.listing()?.get(&refname).cloned() else { return Ok(None) };
+        if !self.has_object(&oid) {
+            match self.fetch(&refname)? {
+                Some(now) => oid = now,
+                None => return Ok(None),
+            }
+        }
+        // `-p`: a blob's bytes as they are; anything else someone pushed there reads as garbage, a miss above.
+        let out = self.run("cat-file", &["cat-file", "-p", &oid], None)?;
+        Ok(Some((out.stdout, Version::tag(oid))))
+    }
+
+    fn put_if(&self, name: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
+        let refname = ref_name(name);
+        let out = self.run("hash-object", &["hash-object", "-w", "--stdin"], Some(&bytes))?;
+        let oid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let old = expected.and_then(|v| v.e_tag.clone());
+        let lease = format!("--force-with-lease={refname}:{}", old.as_deref().unwrap_or(""));
+        let (flag, summary) = self.push(&lease, &format!("{oid}:{refname}"))?;
+        match flag {
+            '*' | '+' | ' ' => {
+                self.wrote(&refname, Some(&oid));
+                Ok(Some(Version::tag(oid)))
+            }
+            // The ref is at this very blob already: a success only if that is what the caller expected.
+            '=' => {
+                self.wrote(&refname, Some(&oid));
+                Ok((old.as_deref() == Some(oid.as_str())).then(|| Version::tag(oid)))
+            }
+            '!' if lost_race(&summary) => {
+                self.wrote(&refname, None);
+                Ok(None)
+            }
+            _ => Err(Error::Refused(format!("git push to `{}` refused `{refname}`: {summary}", self.url))),
+        }
+    }
+
+    fn list(&self, under: &str) -> Result<Vec<Listed>> {
+        let prefix = match under.trim_matches('/') {
+            "" => NAMESPACE.to_string(),
+            u => format!("{}/", ref_name(u)),
+        };
+        let now = crate::clock::now_ms();
+        Ok(self
+            .listing()?
+            .keys()
+            .filter(|r| r.starts_with(&prefix))
+            .filter_map(|r| object_name(r))
+            .map(|name| Listed { name, modified_ms: now, size: 0 })
+            .collect())
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let refname = ref_name(name);
+        let (flag, summary) = self.push("--force", &format!(":{refname}"))?;
+        self.wrote(&refname, None);
+        match flag {
+            '!' if !summary.contains("does not exist") => {
+                Err(Error::Refused(format!("git push to `{}` refused to delete `{refname}`: {summary}", self.url)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_become_valid_ref_names_and_back() {
+        for name in ["ledger/default/kkp-deploy.json", "leases/a b", "x/..y/.z.lock", "blobs/ab12", "é/%"] {
+            let r = ref_name(name);
+            assert!(!r.contains("..") && !r.contains("/.") && !r.contains(' ') && !r.ends_with(".lock"), "{r}");
+            let ok = Command::new("git").args(["check-ref-format", &r]).status().unwrap().success();
+            assert!(ok, "git refuses {r}");
+            assert_eq!(object_name(&r).as_deref(), Some(name));
+        }
+        assert_eq!(ref_name("ledger/default/kkp-deploy.json"), "refs/kkpipe/ledger/default/kkp-deploy.json");
+        assert_eq!(object_name("refs/heads/main"), None);
+    }
+
+    /// A bare repository on disk as the remote: the store's contract, compare-and-swap included.
+    #[test]
+    fn a_git_remote_behaves_as_a_store() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote = tmp.path().join("remote.git");
+        assert!(Command::new("git").args(["init", "-q", "--bare"]).arg(&remote).status().unwrap().success());
+        let checkout = tmp.path().join("checkout");
+        std::fs::create_dir_all(&checkout).unwrap();
+        assert!(Command::new("git").arg("-C").arg(&checkout).args(["init", "-q"]).status().unwrap().success());
+        let add = ["remote", "add", "origin", remote.to_str().unwrap()];
+        assert!(Command::new("git").arg("-C").arg(&checkout).args(add).status().unwrap().success());
+        let g = Git::open(&url::Url::parse("git:origin").unwrap(), &checkout).unwrap();
+        crate::store::memory::tests::behaves_as_a_store(&g);
+        let missing = Git::open(&url::Url::parse("git:upstream").unwrap(), &checkout).err().unwrap();
+        assert!(missing.contains("no git remote `upstream`"), "{missing}");
+    }
+}
