@@ -17,7 +17,7 @@
 //! Refs carry no time: `list` reports every object as new, so `kkpipe remote gc` expires nothing here.
 
 use super::{Error, Listed, ObjectStore, Result, Version};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,6 +39,25 @@ pub struct Git {
     config: Vec<(String, String)>,
     /// Ref name -> object id, when listed.
     listing: Mutex<Option<(Instant, BTreeMap<String, String>)>>,
+    /// Object id -> bytes, as read from the private repository (an id names its bytes for good).
+    objects: Mutex<HashMap<String, Vec<u8>>>,
+    warming: Mutex<()>,
+}
+
+/// `git cat-file --batch` output: for each id asked, `ID TYPE SIZE\nBYTES\n`, or `ID missing\n`.
+fn parse_batch(mut out: &[u8]) -> HashMap<String, Vec<u8>> {
+    let mut found = HashMap::new();
+    while let Some(nl) = out.iter().position(|&b| b == b'\n') {
+        let head = String::from_utf8_lossy(&out[..nl]).into_owned();
+        out = &out[nl + 1..];
+        let parts: Vec<&str> = head.split(' ').collect();
+        let [oid, _kind, size] = parts[..] else { continue };
+        let Ok(size) = size.parse::<usize>() else { continue };
+        let Some(bytes) = out.get(..size) else { break };
+        found.insert(oid.to_string(), bytes.to_vec());
+        out = out.get(size + 1..).unwrap_or_default();
+    }
+    found
 }
 
 /// `ledger/default/kkp-deploy.json` as a ref name: each `/`-separated part percent-encoded where git's ref
@@ -123,9 +142,15 @@ fn checkout_config(root: &Path) -> Vec<(String, String)> {
 fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std::process::Output> {
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(bytes)?;
-    }
+    // Written from a thread of its own: git may answer (`cat-file --batch`) before it has read everything, and
+    // a full stdout pipe must not wait for a full stdin pipe.
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(bytes), Some(mut pipe)) => {
+            let bytes = bytes.to_vec();
+            Some(std::thread::spawn(move || pipe.write_all(&bytes)))
+        }
+        _ => None,
+    };
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let killer = std::thread::spawn(move || {
@@ -136,6 +161,9 @@ fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std:
     let out = child.wait_with_output();
     let _ = done.send(());
     let _ = killer.join();
+    if let Some(Ok(Err(e))) = writer.map(|w| w.join()) {
+        return Err(e);
+    }
     out
 }
 
@@ -174,7 +202,8 @@ impl Git {
                 return Err(format!("cannot make the git store `{}` (is git installed?)", local.display()));
             }
         }
-        Ok(Git { url, local, config: checkout_config(root), listing: Mutex::new(None) })
+        let (listing, objects) = (Mutex::new(None), Mutex::new(HashMap::new()));
+        Ok(Git { url, local, config: checkout_config(root), listing, objects, warming: Mutex::new(()) })
     }
 
     fn git(&self, args: &[&str]) -> Command {
@@ -229,8 +258,37 @@ impl Git {
         }
     }
 
-    fn has_object(&self, oid: &str) -> bool {
-        self.git(&["cat-file", "-e", oid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    /// Read what the private repository has of the objects `refs` name (all but shared blobs, which are read
+    /// one by one when asked for) in one `git cat-file --batch`, and fetch what it lacks in one `git fetch`:
+    /// a run's reads of an unchanged ledger cost the listing and one local process.
+    fn warm(&self, refs: &BTreeMap<String, String>) {
+        // One at a time: the reads of a run come from several threads, and the first warms for all.
+        let _one = self.warming.lock().expect("warming");
+        let blobs = format!("{NAMESPACE}blobs/");
+        let known = |oid: &String| self.objects.lock().expect("objects").contains_key(oid);
+        let wanted: Vec<(&String, &String)> =
+            refs.iter().filter(|(r, oid)| !r.starts_with(&blobs) && !known(oid)).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let ask = |oids: &[&String]| {
+            let list: String = oids.iter().map(|o| format!("{o}\n")).collect();
+            let out = output_within(self.git(&["cat-file", "--batch"]), Some(list.as_bytes()));
+            let found = out.map(|o| parse_batch(&o.stdout)).unwrap_or_default();
+            self.objects.lock().expect("objects").extend(found);
+        };
+        ask(&wanted.iter().map(|(_, oid)| *oid).collect::<Vec<_>>());
+        let missing: Vec<String> =
+            wanted.iter().filter(|(_, oid)| !known(oid)).map(|(r, _)| format!("+{r}:{r}")).collect();
+        if missing.is_empty() {
+            return;
+        }
+        let mut args = vec!["fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-auto-gc", &self.url];
+        args.extend(missing.iter().map(String::as_str));
+        // A ref deleted since it was listed fails the whole fetch: each is then fetched when it is read.
+        if output_within(self.git(&args), None).is_ok_and(|o| o.status.success()) {
+            ask(&wanted.iter().map(|(_, oid)| *oid).collect::<Vec<_>>());
+        }
     }
 
     /// Bring `refname` from the remote: the object id it has now (`None`: deleted since it was listed).
@@ -275,8 +333,14 @@ fn lost_race(summary: &str) -> bool {
 impl ObjectStore for Git {
     fn get(&self, name: &str) -> Result<Option<(Vec<u8>, Version)>> {
         let refname = ref_name(name);
-        let Some(mut oid) = self.listing()?.get(&refname).cloned() else { return Ok(None) };
-        if !self.has_object(&oid) {
+        let refs = self.listing()?;
+        let Some(mut oid) = refs.get(&refname).cloned() else { return Ok(None) };
+        self.warm(&refs);
+        if let Some(bytes) = self.objects.lock().expect("objects").get(&oid) {
+            return Ok(Some((bytes.clone(), Version::tag(oid))));
+        }
+        let here = self.git(&["cat-file", "-e", &oid]).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if !here {
             match self.fetch(&refname)? {
                 Some(now) => oid = now,
                 None => return Ok(None),
@@ -372,5 +436,18 @@ mod tests {
         crate::store::memory::tests::behaves_as_a_store(&g);
         let missing = Git::open(&url::Url::parse("git:upstream").unwrap(), &checkout).err().unwrap();
         assert!(missing.contains("no git remote `upstream`"), "{missing}");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    #[test]
+    fn a_batch_answer_is_split_into_objects() {
+        let out = b"aa blob 3\nabc\nbb missing\ncc blob 0\n\ndd blob 4\nx\ny\n\n";
+        let found = super::parse_batch(out);
+        assert_eq!(found["aa"], b"abc");
+        assert_eq!(found["cc"], b"");
+        assert_eq!(found["dd"], b"x\ny\n");
+        assert!(!found.contains_key("bb"));
     }
 }
