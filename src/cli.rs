@@ -395,14 +395,21 @@ pub struct InitArgs {
     #[arg(long, value_name = "SOURCE", default_value_t)]
     pub install: crate::ci::install::Install,
 
-    /// Share the cache and deploy ledger on this object store (`s3://BUCKET/PREFIX`, `gs://...`, `file://...`):
-    /// writes `[remote]`, and the CI file passes KKPIPE_SIGNING_KEY to pushes only (docs/remote.md).
-    #[arg(long, value_name = "URL")]
+    /// Keep the deploy ledger (and shared cache) on this store (`s3://BUCKET/PREFIX`, `gs://...`, `git:origin`,
+    /// `file://...`): writes `[remote]`, and the CI file passes KKPIPE_SIGNING_KEY to pushes only. Default: where
+    /// the team's state already is: the terraform state bucket of `backend.tf` (`s3://BUCKET/kkpipe`,
+    /// `gs://BUCKET/kkpipe`), else, with GitLab or without a bucket, the repository's `origin` (`git:origin`);
+    /// none when neither is there (docs/remote.md).
+    #[arg(long, value_name = "URL", conflicts_with = "no_remote")]
     pub remote: Option<String>,
 
-    /// With --remote: the public key to trust (`ed25519:...`). Default: a new key pair, whose private half is
+    /// Write no `[remote]`: the deploy ledger lives in the CI cache only (evicted after a quiet week).
+    #[arg(long)]
+    pub no_remote: bool,
+
+    /// With a remote: the public key to trust (`ed25519:...`). Default: a new key pair, whose private half is
     /// printed once, for the CI secret.
-    #[arg(long, value_name = "KEY", requires = "remote")]
+    #[arg(long, value_name = "KEY", conflicts_with = "no_remote")]
     pub trusted_key: Option<String>,
 }
 

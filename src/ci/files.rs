@@ -141,6 +141,8 @@ struct Facts {
     deploys: bool,
     /// `[remote]` is configured: pushes get KKPIPE_SIGNING_KEY, pull requests never.
     remote: bool,
+    /// The remote is the repository's own git remote (`git:`): pushes need a token that may push.
+    git_remote: bool,
     /// A stage has a `plan_policy`: the override `KKPIPE_ALLOW_DESTROY` comes from a label or a variable.
     plan_policy: bool,
     /// A deploy stage has a `verify` probe: a scheduled job runs `kkpipe verify`.
@@ -206,6 +208,7 @@ fn facts(pipeline: &Pipeline, p: Provider) -> Facts {
         ssh_agent,
         deploys,
         remote: pipeline.remote.is_some(),
+        git_remote: pipeline.remote.as_ref().and_then(|r| r.url.as_deref()).is_some_and(|u| u.starts_with("git:")),
         plan_policy: pipeline.stages.iter().any(|s| s.plan_policy.is_some()),
         probes: pipeline.stages.iter().any(|s| s.is_deploy() && s.verify.is_some()),
     }
@@ -500,6 +503,14 @@ fn gitlab(f: &Facts, kkpipe: &Install) -> String {
         );
     }
     before.push("if [ -f .kkpipe-ci/cache.tar.zst ]; then kkpipe cache import .kkpipe-ci/cache.tar.zst; fi".into());
+    if f.git_remote {
+        // The `git:` remote's writes: the job token pushes only where the project allows it (Settings -> CI/CD
+        // -> Job token permissions); else a project access token with write_repository, for pushes only
+        // (docs/remote.md).
+        before.push(
+            "if [ -n \"${KKPIPE_GIT_TOKEN:-}\" ] && [ \"$CI_PIPELINE_SOURCE\" != merge_request_event ]; then git remote set-url origin \"https://kkpipe:${KKPIPE_GIT_TOKEN}@${CI_SERVER_HOST}/${CI_PROJECT_PATH}.git\"; fi".into(),
+        );
+    }
     if f.plan_policy {
         // The plan policy's override from a merge request's label (else a CI/CD variable of that name).
         before.push(format!(

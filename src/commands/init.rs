@@ -97,7 +97,8 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let replaced: Vec<String> = [&file, &ci_file].into_iter().filter(|f| f.exists()).map(|f| describe(f)).collect();
     // Read before anything is replaced: the wizard's workflow names the installer version.
     let mut text = template::render(v, &crate::kkp::versions::pins(dir));
-    let new_key = remote_table(&mut text, args);
+    let remote = remote_url(dir, v, args);
+    let new_key = remote.as_ref().and_then(|(url, _)| remote_table(&mut text, url, args));
     // The CI file is generated from the pipeline just written, so the two always agree.
     let pipeline = parsed(dir, &file, &text, v)?;
     let ci_text = files::render(&pipeline, v.ci, &args.install);
@@ -113,6 +114,18 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         v.stage_names().iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
         ci_file.display()
     );
+    match &remote {
+        Some((url, Some(why))) => eprintln!(
+            "kkpipe: the deploy ledger is kept on `{url}` ({why}): a lost CI cache then costs check stages only, \
+             never a deploy; `--remote URL` picks another store, `--no-remote` none (docs/remote.md)"
+        ),
+        Some((_, None)) => {}
+        None if !args.no_remote => eprintln!(
+            "kkpipe: no `[remote]`: `backend.tf` names no state bucket and the repository has no `origin` remote, so \
+             the deploy ledger lives in the CI cache only (docs/remote.md; `--remote URL` sets one)"
+        ),
+        None => {}
+    }
     if let Some(k) = new_key {
         eprintln!(
             "kkpipe: made a signing key for the remote; pipeline.toml trusts its public half. Store this as the CI \
@@ -222,10 +235,52 @@ fn parsed(dir: &Path, file: &Path, text: &str, v: Variant) -> Result<crate::pipe
     })
 }
 
-/// `--remote URL`: the `[remote]` table (checked with the rest when the pipeline is parsed). Returns the key
-/// pair it made, if no `--trusted-key` was given.
-fn remote_table(text: &mut String, args: &InitArgs) -> Option<crate::sign::PrivateKey> {
-    let url = args.remote.as_ref()?;
+/// The store `[remote]` names, with why when init chose it: `--remote URL`, or where the team's state already
+/// is (issue 23): the terraform state bucket `backend.tf` configures, else (GitLab keeps state in GitLab, and a
+/// bucket may not be named) the repository's own `origin`. `None` with `--no-remote`, or when neither is there.
+fn remote_url(dir: &Path, v: Variant, args: &InitArgs) -> Option<(String, Option<String>)> {
+    if args.no_remote {
+        return None;
+    }
+    if let Some(url) = &args.remote {
+        return Some((url.clone(), None));
+    }
+    let bucket = || state_bucket(&std::fs::read_to_string(dir.join(v.tf).join("backend.tf")).ok()?);
+    let store = match (v.ci, v.cloud) {
+        (crate::ci::Provider::Gitlab, _) => None,
+        (_, Cloud::Aws) => bucket().filter(|(kind, _)| kind == "s3"),
+        (_, Cloud::Gcp) => bucket().filter(|(kind, _)| kind == "gcs"),
+        _ => None,
+    };
+    if let Some((kind, bucket)) = store {
+        let scheme = if kind == "s3" { "s3" } else { "gs" };
+        let why = format!("the terraform state bucket of `{}/backend.tf`, under `kkpipe/`", v.tf);
+        return Some((format!("{scheme}://{bucket}/kkpipe"), Some(why)));
+    }
+    let origin = std::process::Command::new("git").arg("-C").arg(dir).args(["remote", "get-url", "origin"]).output();
+    origin
+        .is_ok_and(|o| o.status.success())
+        .then(|| ("git:origin".to_string(), Some("refs under `refs/kkpipe/` in the repository's `origin`".to_string())))
+}
+
+/// The backend kind (`s3`, `gcs`) and bucket of the `terraform { backend "KIND" { bucket = "NAME" } }` block of a
+/// `backend.tf`, outside comments.
+fn state_bucket(text: &str) -> Option<(String, String)> {
+    let code: Vec<&str> =
+        text.lines().map(|l| l.split(['#']).next().unwrap_or("").split("//").next().unwrap_or("")).collect();
+    let code = code.join("\n");
+    let at = code.find("backend \"")? + "backend \"".len();
+    let kind = code[at..].split('"').next()?.to_string();
+    let block = &code[at..];
+    let b = block.find("bucket")?;
+    let value = block[b + "bucket".len()..].trim_start().strip_prefix('=')?.trim_start().strip_prefix('"')?;
+    let bucket = value.split('"').next()?.to_string();
+    (!bucket.is_empty() && !bucket.contains("${")).then_some((kind, bucket))
+}
+
+/// The `[remote]` table for `url` (checked with the rest when the pipeline is parsed). Returns the key pair it
+/// made, if no `--trusted-key` was given.
+fn remote_table(text: &mut String, url: &str, args: &InitArgs) -> Option<crate::sign::PrivateKey> {
     let (public, made) = match &args.trusted_key {
         Some(k) => (k.clone(), None),
         None => {
@@ -282,7 +337,19 @@ pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::ignored_by;
+    use super::{ignored_by, state_bucket};
+
+    #[test]
+    fn the_state_bucket_is_read_from_the_backend_block_never_from_a_comment() {
+        let s3 = "terraform {\n  backend \"s3\" {\n    bucket = \"acme-tfstate\"\n    key = \"kkp\"\n  }\n}\n";
+        assert_eq!(state_bucket(s3), Some(("s3".into(), "acme-tfstate".into())));
+        let gcs = "terraform {\n  backend \"gcs\" { prefix = \"t\", bucket = \"acme-state\" }\n}\n";
+        assert_eq!(state_bucket(gcs), Some(("gcs".into(), "acme-state".into())));
+        let commented =
+            "# backend \"s3\" { bucket = \"x\" }\nterraform {\n  backend \"local\" {\n    path = \"t\"\n  }\n}\n";
+        assert_eq!(state_bucket(commented), None);
+        assert_eq!(state_bucket("terraform {\n  backend \"s3\" { bucket = \"${var.b}\" }\n}\n"), None);
+    }
 
     #[test]
     fn gitignore_patterns_cover_paths_as_git_reads_them() {

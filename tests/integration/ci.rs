@@ -838,3 +838,32 @@ fn the_comment_token_reaches_only_the_job_that_posts_the_preview() {
         }
     }
 }
+
+/// Issue 23, item 2: with a `git:` remote, GitLab's push jobs write with `KKPIPE_GIT_TOKEN` when it is set (the
+/// job token pushes only where the project allows it); merge requests keep the checkout's read-only remote.
+#[test]
+fn gitlab_pushes_write_a_git_remote_with_its_token_and_merge_requests_never() {
+    let (r, text) = made_for("gitlab", &["--remote", "git:origin"]);
+    let (_, file, schema_name) = PROVIDERS.iter().find(|(p, _, _)| *p == "gitlab").unwrap();
+    builtin_schema(schema_name, &r.path(file));
+    let line = script_line(&text, "KKPIPE_GIT_TOKEN");
+    let checkout = tempfile::tempdir().unwrap();
+    let url = |env: &[(&str, &str)]| {
+        git(
+            checkout.path(),
+            &["remote", "set-url", "origin", "https://gitlab-ci-token:job@gitlab.example.com/a/kkp.git"],
+        );
+        let base = [("CI_SERVER_HOST", "gitlab.example.com"), ("CI_PROJECT_PATH", "a/kkp")];
+        let all: Vec<(&str, &str)> = base.iter().chain(env).copied().collect();
+        bash(&format!("cd {} && {line}", checkout.path().display()), &all).ok();
+        git(checkout.path(), &["remote", "get-url", "origin"]).trim().to_string()
+    };
+    git(checkout.path(), &["init", "-q"]);
+    git(checkout.path(), &["remote", "add", "origin", "https://x.invalid/"]);
+    let push = url(&[("CI_PIPELINE_SOURCE", "push"), ("KKPIPE_GIT_TOKEN", "glpat-123")]);
+    assert_eq!(push, "https://kkpipe:glpat-123@gitlab.example.com/a/kkp.git");
+    let mr = url(&[("CI_PIPELINE_SOURCE", "merge_request_event"), ("KKPIPE_GIT_TOKEN", "glpat-123")]);
+    assert_eq!(mr, "https://gitlab-ci-token:job@gitlab.example.com/a/kkp.git");
+    let no_token = url(&[("CI_PIPELINE_SOURCE", "push")]);
+    assert_eq!(no_token, "https://gitlab-ci-token:job@gitlab.example.com/a/kkp.git");
+}

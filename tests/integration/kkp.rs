@@ -1101,3 +1101,73 @@ fn the_repository_name_flux_connects_to_is_shown_not_masked() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("`TOKEN_GITHUB` is listed twice (in `pass_env` or `plain_env`)"), "{}", r.stderr);
 }
+
+/// A bare KKP layout for init: the module directory (with `backend`, if given, as its backend.tf) and the
+/// directories the stages read.
+fn kkp_layout(module: &str, backend: Option<&str>) -> Repo {
+    let repo = Repo::empty();
+    repo.write(&format!("{module}/main.tf"), "# module\n");
+    if let Some(b) = backend {
+        repo.write(&format!("{module}/backend.tf"), b);
+    }
+    for d in ["kubeone", "kubermatic", "flux/clusters/master"] {
+        std::fs::create_dir_all(repo.path(d)).unwrap();
+    }
+    repo
+}
+
+/// The `[remote] url` init wrote, if any.
+fn remote_url(repo: &Repo) -> Option<String> {
+    let doc: toml::Table = repo.read("pipeline.toml").parse().unwrap();
+    Some(doc.get("remote")?.get("url")?.as_str()?.to_string())
+}
+
+/// Issue 23, item 1: the deploy ledger goes where the team's state already is, by default. AWS and GCP: the
+/// terraform state bucket of backend.tf (never one named in a comment); GitLab, or no bucket: the repository's
+/// own `origin`; neither: none, said so. Pushes get the writer's key, pull requests never.
+#[test]
+fn init_keeps_the_ledger_where_the_state_is_by_default() {
+    let s3 = "terraform {\n  backend \"s3\" {\n    bucket = \"acme-kkp-tfstate\"\n    key = \"kkp/terraform.tfstate\"\n  }\n}\n";
+    let aws = kkp_layout("terraform/aws", Some(s3));
+    let r = aws.kk(&["init", "--ci", "github", "--cloud", "aws"]).ok();
+    assert_eq!(remote_url(&aws).as_deref(), Some("s3://acme-kkp-tfstate/kkpipe"), "{}", r.stderr);
+    assert!(r.stderr.contains("the terraform state bucket of `terraform/aws/backend.tf`"), "{}", r.stderr);
+    let private = r.stdout.trim();
+    assert!(private.starts_with("ed25519-private:"), "the writer's key is printed once: {}", r.stdout);
+    let doc: toml::Table = aws.read("pipeline.toml").parse().unwrap();
+    assert_eq!(doc["remote"]["trusted_keys"].as_array().unwrap().len(), 1, "the key's public half is trusted");
+    let workflow = aws.read(".github/workflows/kkp.yaml");
+    assert!(
+        workflow.contains(
+            "KKPIPE_SIGNING_KEY: ${{ github.event_name != 'pull_request' && secrets.KKPIPE_SIGNING_KEY || '' }}"
+        ),
+        "pushes get the writer's key, pull requests only read:\n{workflow}"
+    );
+
+    let gcs =
+        "terraform {\n  backend \"gcs\" {\n    prefix = \"terraform-kkp\"\n    bucket = \"acme-gce-state\"\n  }\n}\n";
+    let gcp = kkp_layout("terraform/gce", Some(gcs));
+    gcp.kk(&["init", "--ci", "bitbucket"]).ok();
+    assert_eq!(remote_url(&gcp).as_deref(), Some("gs://acme-gce-state/kkpipe"));
+
+    // GitLab keeps terraform's state in GitLab: the repository's own remote.
+    let gitlab = kkp_layout("terraform/aws", Some(s3));
+    git(&gitlab.root, &["init", "-q"]);
+    git(&gitlab.root, &["remote", "add", "origin", "https://gitlab.example.com/acme/kkp.git"]);
+    let r = gitlab.kk(&["init", "--ci", "gitlab", "--cloud", "aws"]).ok();
+    assert_eq!(remote_url(&gitlab).as_deref(), Some("git:origin"), "{}", r.stderr);
+    assert!(gitlab.read(".gitlab-ci.yml").contains("KKPIPE_SIGNING_KEY"));
+
+    // A bucket only in a comment (the offline fixtures), no origin: no remote, and init says where the ledger is.
+    let local = Repo::kkp_wizard("kkp-demo");
+    let r = local.kk(&["init", "--ci", "github", "--cloud", "aws", "--force"]).ok();
+    assert_eq!(remote_url(&local), None);
+    assert!(r.stderr.contains("the deploy ledger lives in the CI cache only"), "{}", r.stderr);
+
+    // Opting out, and choosing.
+    let out = kkp_layout("terraform/aws", Some(s3));
+    out.kk(&["init", "--ci", "github", "--cloud", "aws", "--no-remote"]).ok();
+    assert_eq!(remote_url(&out), None);
+    out.kk(&["init", "--ci", "github", "--cloud", "aws", "--force", "--remote", "git:origin"]).ok();
+    assert_eq!(remote_url(&out).as_deref(), Some("git:origin"));
+}
