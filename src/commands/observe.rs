@@ -58,6 +58,36 @@ pub fn graph(settings: &Settings, args: &GraphArgs) -> Result<u8, Error> {
     Ok(exit::OK)
 }
 
+/// The remote ledger's records of `stage` (with the remote's URL), when a remote is configured and answers;
+/// what goes wrong is a warning, never a failure of `history`.
+fn remote_ledger(
+    settings: &Settings,
+    stage: &str,
+    args: &HistoryArgs,
+) -> Option<(String, Vec<crate::report::remote::LedgerRow>)> {
+    let env = args.env_name.clone().unwrap_or_else(|| "default".into());
+    let sel = crate::cli::Selection { event: None, branch: None, env_name: env, remote: None };
+    let remote = match super::Opened::open(settings, &sel).and_then(|o| o.remote(settings)) {
+        Ok(r) => r?,
+        Err(e) => {
+            eprintln!("warning: the remote's ledger is not shown: {e}");
+            return None;
+        }
+    };
+    let limit = usize::try_from(args.limit).unwrap_or(0);
+    let rows = crate::remote::admin::ledger_history(&remote, stage, args.env_name.as_deref(), limit);
+    for w in remote.take_warnings() {
+        eprintln!("warning: {w}");
+    }
+    match rows {
+        Ok(rows) => Some((remote.url.clone(), rows)),
+        Err(e) => {
+            eprintln!("warning: the ledger on the remote `{}` could not be read: {e}", remote.url);
+            None
+        }
+    }
+}
+
 fn open_existing(settings: &Settings) -> Result<Option<Cache>, Error> {
     let root = root(settings)?;
     if !Cache::exists(&root) {
@@ -104,18 +134,31 @@ pub fn log(settings: &Settings, args: &LogArgs) -> Result<u8, Error> {
 }
 
 pub fn history(settings: &Settings, args: &HistoryArgs) -> Result<u8, Error> {
+    // A stage's ledger is also on the remote, which a fresh clone (no cache yet) reads too.
+    let remote = match &args.stage {
+        Some(stage) => remote_ledger(settings, stage, args),
+        None => None,
+    };
     let Some(cache) = open_existing(settings)? else {
-        if args.json {
-            println!("[]");
-        } else {
-            eprintln!("kkpipe: nothing has run in this repository yet");
+        match (args.json, remote) {
+            (true, Some((_, rows))) => println!("{}", history::with_remote(&[], &rows)),
+            (true, None) => println!("[]"),
+            (false, Some((url, rows))) => print!("{}", crate::report::remote::ledger_table(&url, &rows)),
+            (false, None) => eprintln!("kkpipe: nothing has run in this repository yet"),
         }
         return Ok(exit::OK);
     };
     let text = match &args.stage {
         Some(stage) => {
             let rows = cache.stage_history(stage, args.env_name.as_deref(), args.limit)?;
-            if args.json { history::stage_json(&rows) + "\n" } else { history::stage_table(stage, &rows) }
+            match (args.json, remote) {
+                (true, Some((_, ledger))) => history::with_remote(&rows, &ledger) + "\n",
+                (true, None) => history::stage_json(&rows) + "\n",
+                (false, Some((url, ledger))) => {
+                    history::stage_table(stage, &rows) + &crate::report::remote::ledger_table(&url, &ledger)
+                }
+                (false, None) => history::stage_table(stage, &rows),
+            }
         }
         None => {
             let runs = cache.runs(args.limit)?;

@@ -22,12 +22,28 @@ pub fn remote(settings: &Settings, c: &RemoteCommand) -> Result<u8, Error> {
                 print!("{}", crate::report::remote::off(&why, *json));
                 return Ok(exit::OK);
             };
-            let s = admin::status(&r);
+            let mut s = admin::status(&r);
+            s.only_here = only_here(&o, &r)?;
             print!("{}", crate::report::remote::status(&s, *json));
             // A store that does not answer is worth a non-zero exit here (and only here: runs go on locally).
             Ok(if s.error.is_some() { exit::FAILED } else { exit::OK })
         }
     }
+}
+
+/// The deploy stages whose latest record in `o.env` is in this cache only: the ledger was never in step with it.
+fn only_here(o: &Opened, r: &crate::remote::Remote) -> Result<Vec<String>, Error> {
+    use crate::fresh::History;
+    let mut out = Vec::new();
+    for stage in o.pipeline.stages.iter().filter(|s| s.is_deploy()) {
+        if o.cache.latest_attempt(&stage.name, Some(&o.env))?.is_none() {
+            continue;
+        }
+        if o.cache.remote_seen(&r.url, &stage.name, &o.env)?.is_none_or(|seen| seen.unsynced) {
+            out.push(format!("`{}`", stage.name));
+        }
+    }
+    Ok(out)
 }
 
 /// `kkpipe cache gc --remote`: only a writer collects (a pull request's job can never delete).

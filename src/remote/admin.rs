@@ -19,6 +19,7 @@ pub fn status(r: &Remote) -> Status {
         blob_bytes: 0,
         ledger: Vec::new(),
         leases: Vec::new(),
+        only_here: Vec::new(),
     };
     if let Err(e) = fill(r, &mut s) {
         s.error = Some(e.to_string());
@@ -36,15 +37,7 @@ fn fill(r: &Remote, s: &mut Status) -> store::Result<()> {
         let Some((bytes, _)) = st.get(&l.name)? else { continue };
         let trusted = protocol::open::<LedgerBody>(&bytes, &r.trusted).is_ok();
         if let Some(b) = protocol::peek::<LedgerBody>(&bytes) {
-            s.ledger.push(LedgerRow {
-                env: b.env,
-                stage: b.stage,
-                seq: b.seq,
-                state: b.state,
-                key: b.key,
-                who: b.who,
-                trusted,
-            });
+            s.ledger.push(row(b, trusted));
         }
     }
     for l in st.list("leases")? {
@@ -57,6 +50,40 @@ fn fill(r: &Remote, s: &mut Status) -> store::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Every ledger record of `stage` the remote keeps for good (its history), in `env` or every environment,
+/// newest first, at most `limit`.
+pub fn ledger_history(r: &Remote, stage: &str, env: Option<&str>, limit: usize) -> store::Result<Vec<LedgerRow>> {
+    let st = r.store();
+    let under = env.map_or("history".to_string(), |e| format!("history/{e}"));
+    let mut names: Vec<String> =
+        st.list(&under)?.into_iter().map(|l| l.name).filter(|n| n.split('/').nth(2) == Some(stage)).collect();
+    // Zero-padded sequence numbers: the name's order is the ledger's, per environment.
+    names.sort_by(|a, b| b.rsplit('/').next().cmp(&a.rsplit('/').next()));
+    let mut rows = Vec::new();
+    for name in names.into_iter().take(limit) {
+        let Some((bytes, _)) = st.get(&name)? else { continue };
+        let trusted = protocol::open::<LedgerBody>(&bytes, &r.trusted).is_ok();
+        if let Some(b) = protocol::peek::<LedgerBody>(&bytes).filter(|b| b.stage == stage) {
+            rows.push(row(b, trusted));
+        }
+    }
+    Ok(rows)
+}
+
+fn row(b: LedgerBody, trusted: bool) -> LedgerRow {
+    LedgerRow {
+        at: crate::clock::timestamp(b.at_ms),
+        commit: b.commit,
+        env: b.env,
+        stage: b.stage,
+        seq: b.seq,
+        state: b.state,
+        key: b.key,
+        who: b.who,
+        trusted,
+    }
 }
 
 /// What `cache gc --remote` removed.

@@ -144,6 +144,8 @@ pub struct Remote {
     /// This run's audit fields, carried by every ledger record it writes.
     audit: Mutex<crate::fresh::Audit>,
     warnings: Mutex<Vec<String>>,
+    /// Stages whose local record this runner published as the ledger's first (`take_published`).
+    published: Mutex<Vec<String>>,
     warned_down: AtomicBool,
 }
 
@@ -194,6 +196,7 @@ impl Remote {
             commit,
             audit: Mutex::default(),
             warnings: Mutex::new(warnings),
+            published: Mutex::default(),
             warned_down: AtomicBool::new(false),
         };
         Ok(Some(remote))
@@ -220,6 +223,7 @@ impl Remote {
             commit: None,
             audit: Mutex::default(),
             warnings: Mutex::new(Vec::new()),
+            published: Mutex::default(),
             warned_down: AtomicBool::new(false),
         }
     }
@@ -247,6 +251,11 @@ impl Remote {
 
     fn warn(&self, w: String) {
         self.warnings.lock().expect("warnings").push(w);
+    }
+
+    /// Stages whose record from this cache was published since the last call (the ledger had none).
+    pub fn take_published(&self) -> Vec<String> {
+        std::mem::take(&mut *self.published.lock().expect("published"))
     }
 
     /// Warnings since the last call, for the caller to show.

@@ -220,7 +220,10 @@ impl Remote {
                     continue;
                 }
             };
-            let Some((body, believed)) = self.latest_record(head, logged, env, &name, &what) else { continue };
+            let Some((body, believed)) = self.latest_record(head, logged, env, &name, &what) else {
+                self.publish_local(cache, stage, env);
+                continue;
+            };
             let seen = match cache.remote_seen(&self.url, &name, env) {
                 Ok(s) => s,
                 Err(e) => {
@@ -241,6 +244,32 @@ impl Remote {
             {
                 self.cache_failed(e);
             }
+        }
+    }
+
+    /// The ledger has no record of `stage` in `env`, and this runner writes: a deploy this cache remembers
+    /// (made before the remote was configured, or with `--remote off`) is published as the ledger's first record,
+    /// so that losing this cache (an evicted CI cache) never costs a deploy again. Only a success or an adoption,
+    /// with its outputs; a failed attempt is left out (without a record, the next runner deploys anyway).
+    fn publish_local(&self, cache: &Cache, stage: &Stage, env: &str) {
+        use crate::fresh::History;
+        if self.signer.is_none() {
+            return;
+        }
+        let Ok(Some(a)) = cache.latest_attempt(&stage.name, Some(env)) else { return };
+        if !a.state.succeeded() {
+            return;
+        }
+        let Ok(Some(Ok(manifest))) = cache.manifest(&a.key) else { return };
+        let bytes = manifest.encode();
+        // A manifest of an older key scheme encodes otherwise: its key would not name these bytes.
+        if crate::hash::Hash::of(&bytes) != a.key.0 {
+            return;
+        }
+        let Ok(outputs) = cache.outputs(&a) else { return };
+        let done = Some((a.state, &outputs[..], a.duration_ms.unwrap_or(0)));
+        if self.record(cache, stage, env, &a.key, &bytes, done) {
+            self.published.lock().expect("published").push(stage.name.clone());
         }
     }
 

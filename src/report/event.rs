@@ -107,6 +107,9 @@ pub enum Notice {
     },
     /// A check stage's result with these inputs was found on the shared remote.
     RemoteHit { stage: String, remote: String },
+    /// The remote's ledger had no record of a deploy stage that this cache remembers deployed: this runner
+    /// published it (moving an installation onto the remote).
+    Published { stage: String, remote: String },
     /// Outputs in no cache are made again by their `regenerate` command, for a stage that needs them.
     Regenerating { stage: String, outputs: Vec<String> },
     /// A deploy stage being adopted (in sync) makes its outputs again from the live system.
@@ -135,6 +138,10 @@ impl std::fmt::Display for Notice {
             Notice::RemoteHit { stage, remote } => {
                 write!(f, "kkpipe: `{stage}` with these inputs is on the remote `{remote}`")
             }
+            Notice::Published { stage, remote } => write!(
+                f,
+                "kkpipe: the remote `{remote}` had no record of `{stage}`: published what this cache remembers deployed"
+            ),
             Notice::Regenerating { stage, outputs } => write!(
                 f,
                 "Regenerating {} of `{stage}` (not in the cache; a stage that needs it runs, or a probe reads it)",

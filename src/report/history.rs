@@ -55,6 +55,21 @@ pub fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
     serde_json::to_string_pretty(&items).expect("serialisable")
 }
 
+/// `history --stage X --json` with a remote: this cache's runs (`"where": "local"`), then the remote ledger's
+/// records (`"where": "remote"`).
+pub fn with_remote(rows: &[(Attempt, RunRow)], ledger: &[super::remote::LedgerRow]) -> String {
+    let mut items: Vec<serde_json::Value> = serde_json::from_str(&stage_json(rows)).expect("our own JSON");
+    for i in &mut items {
+        i["where"] = "local".into();
+    }
+    for r in ledger {
+        let mut v = serde_json::to_value(r).expect("serialisable");
+        v["where"] = "remote".into();
+        items.push(v);
+    }
+    serde_json::to_string_pretty(&items).expect("serialisable")
+}
+
 fn took(ms: Option<i64>) -> String {
     ms.map(|d| format_duration(Duration::from_millis(d.max(0) as u64))).unwrap_or_default()
 }

@@ -16,6 +16,9 @@ pub struct Status {
     pub ledger: Vec<LedgerRow>,
     /// Deploy leases held now (not released, not expired).
     pub leases: Vec<String>,
+    /// Deploy stages (in the environment asked for) whose latest record is in this cache only: the ledger has
+    /// none, or an older one. The next run of a writer publishes a success the ledger has none of.
+    pub only_here: Vec<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -26,8 +29,43 @@ pub struct LedgerRow {
     pub state: crate::fresh::State,
     pub key: String,
     pub who: String,
+    /// When its writer made it (RFC 3339, the writer's clock).
+    pub at: String,
+    pub commit: Option<String>,
     /// `false`: not signed by a trusted key (ignored by every runner).
     pub trusted: bool,
+}
+
+/// `kkpipe history --stage X`: the remote ledger's records of the stage, after this cache's.
+pub fn ledger_table(url: &str, rows: &[LedgerRow]) -> String {
+    let mut t = format!(
+        "
+the ledger on the remote `{url}`:
+"
+    );
+    let _ = writeln!(
+        t,
+        "{:>5}  {:<20}  {:<11}  {:<12}  {:<16}  {:<24}  {:<8}",
+        "seq", "when", "state", "key", "commit", "by", "env"
+    );
+    for r in rows {
+        let trust = if r.trusted { "" } else { "  (untrusted signer: ignored)" };
+        let _ = writeln!(
+            t,
+            "{:>5}  {:<20}  {:<11}  {:<12}  {:<16}  {:<24}  {:<8}{trust}",
+            r.seq,
+            r.at,
+            r.state.as_str(),
+            r.key.get(..12).unwrap_or(&r.key),
+            r.commit.as_deref().map(|c| super::short_commit(c, 10)).unwrap_or_else(|| "-".into()),
+            r.who,
+            r.env
+        );
+    }
+    if rows.is_empty() {
+        t.push_str("  (no record)\n");
+    }
+    t
 }
 
 pub fn keygen(private: &str, public: &str, json: bool) -> String {
@@ -77,6 +115,18 @@ pub fn status(s: &Status, json: bool) -> String {
             l.key
         );
     }
+    let here = s.ledger.len();
+    let _ = writeln!(
+        t,
+        "records: {here} ledger record{} on the remote, {} deploy stage{} with a newer record in this cache only{}",
+        if here == 1 { "" } else { "s" },
+        s.only_here.len(),
+        if s.only_here.len() == 1 { "" } else { "s" },
+        match s.only_here.is_empty() {
+            true => String::new(),
+            false => format!(": {} (a writer's next run publishes them)", s.only_here.join(", ")),
+        }
+    );
     for l in &s.leases {
         let _ = writeln!(t, "lease:   {l}");
     }

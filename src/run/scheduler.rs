@@ -579,6 +579,10 @@ impl<'a> Scheduler<'a, '_> {
 
     fn remote_warnings(&mut self) {
         if let Some(remote) = self.remote() {
+            let url = remote.url.clone();
+            for stage in remote.take_published() {
+                self.sink.event(&Event::Notice(Notice::Published { stage, remote: url.clone() }));
+            }
             for w in remote.take_warnings() {
                 self.sink.event(&Event::Warning { message: w });
             }

@@ -1014,3 +1014,54 @@ fn a_git_origin_remote_keeps_the_demos_ledger_and_a_pull_request_writes_no_ref()
     assert!(!preview.stderr.contains("stored the reviewed plan"), "{}", preview.stderr);
     assert_eq!(refs(), before, "a pull request wrote a ref");
 }
+
+/// Issue 23, item 5: moving an installation onto the remote. A runner that deployed before the remote knew of
+/// it (here with `--remote off`) publishes its record once it writes; `remote status` says where records live;
+/// a fresh clone then deploys nothing, and `history --stage` shows the remote's ledger.
+#[test]
+fn a_runners_local_deploy_record_is_published_once_and_a_fresh_clone_deploys_nothing() {
+    let store = Store::new(Kind::File);
+    let k = keygen();
+    let a = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    let alone = a.kk(&["run", "--json", "--remote", "off"]).ok();
+    assert_eq!(alone.ran(), ["build", "deploy"]);
+    assert!(store.names("ledger").is_empty());
+    let status = a.kk(&["remote", "status"]).ok();
+    assert!(
+        status.stdout.contains(
+            "0 ledger records on the remote, 1 deploy stage with a newer record in this cache only: `deploy`"
+        ),
+        "{}",
+        status.stdout
+    );
+
+    let published = a.run(&[]).ok();
+    assert!(published.ran().is_empty(), "{}", published.stderr);
+    assert!(
+        published.stderr.contains("had no record of `deploy`: published what this cache remembers deployed"),
+        "{}",
+        published.stderr
+    );
+    assert_eq!(store.names("ledger"), ["ledger/default/deploy"]);
+    let status = a.kk(&["remote", "status"]).ok();
+    assert!(status.stdout.contains("1 ledger record on the remote, 0 deploy stages"), "{}", status.stdout);
+    let again = a.run(&[]).ok();
+    assert!(!again.stderr.contains("published"), "published once: {}", again.stderr);
+
+    // A new clone (an evicted CI cache): the check stage runs again, the deploy does not.
+    let b = runner(&store, BUILD_AND_DEPLOY, &[&k.public], Some(&k.private), "");
+    let history = b.kk(&["history", "--stage", "deploy"]).ok();
+    assert!(
+        history.stdout.contains("the ledger on the remote") && history.stdout.contains("success"),
+        "{}",
+        history.stdout
+    );
+    let fresh = b.run(&[]).ok();
+    assert_eq!(fresh.ran(), ["build"], "{}", fresh.stderr);
+    let deployed = std::fs::read_to_string(a.sibling("deployed.log")).unwrap();
+    assert_eq!(deployed.matches("v1").count(), 2, "deployed once (`cat src.txt src.txt`): {deployed}");
+    let json = b.kk(&["history", "--stage", "deploy", "--json"]).ok().json();
+    let remote: Vec<&serde_json::Value> = json.as_array().unwrap().iter().filter(|r| r["where"] == "remote").collect();
+    assert_eq!(remote.len(), 1, "{json:#}");
+    assert_eq!((remote[0]["state"].as_str(), remote[0]["trusted"].as_bool()), (Some("success"), Some(true)));
+}
