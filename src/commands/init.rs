@@ -253,9 +253,15 @@ fn remote_url(dir: &Path, v: Variant, args: &InitArgs) -> Option<(String, Option
         _ => None,
     };
     if let Some((kind, bucket)) = store {
-        let scheme = if kind == "s3" { "s3" } else { "gs" };
         let why = format!("the terraform state bucket of `{}/backend.tf`, under `kkpipe/`", v.tf);
-        return Some((format!("{scheme}://{bucket}/kkpipe"), Some(why)));
+        // The bucket's region, as terraform's backend has it: the S3 client must ask that region.
+        let backend = std::fs::read_to_string(dir.join(v.tf).join("backend.tf")).unwrap_or_default();
+        let url = match (kind.as_str(), backend_setting(&backend, "region")) {
+            ("s3", Some(r)) => format!("s3://{bucket}/kkpipe?region={r}"),
+            ("s3", None) => format!("s3://{bucket}/kkpipe"),
+            _ => format!("gs://{bucket}/kkpipe"),
+        };
+        return Some((url, Some(why)));
     }
     let origin = std::process::Command::new("git").arg("-C").arg(dir).args(["remote", "get-url", "origin"]).output();
     origin
@@ -266,16 +272,32 @@ fn remote_url(dir: &Path, v: Variant, args: &InitArgs) -> Option<(String, Option
 /// The backend kind (`s3`, `gcs`) and bucket of the `terraform { backend "KIND" { bucket = "NAME" } }` block of a
 /// `backend.tf`, outside comments.
 fn state_bucket(text: &str) -> Option<(String, String)> {
-    let code: Vec<&str> =
-        text.lines().map(|l| l.split(['#']).next().unwrap_or("").split("//").next().unwrap_or("")).collect();
-    let code = code.join("\n");
+    let code = backend_code(text);
     let at = code.find("backend \"")? + "backend \"".len();
     let kind = code[at..].split('"').next()?.to_string();
-    let block = &code[at..];
-    let b = block.find("bucket")?;
-    let value = block[b + "bucket".len()..].trim_start().strip_prefix('=')?.trim_start().strip_prefix('"')?;
-    let bucket = value.split('"').next()?.to_string();
-    (!bucket.is_empty() && !bucket.contains("${")).then_some((kind, bucket))
+    Some((kind, backend_setting(text, "bucket")?))
+}
+
+/// `backend.tf` without its comments.
+fn backend_code(text: &str) -> String {
+    let code: Vec<&str> =
+        text.lines().map(|l| l.split('#').next().unwrap_or("").split("//").next().unwrap_or("")).collect();
+    code.join("\n")
+}
+
+/// A literal string setting (`bucket`, `region`) of the backend block, outside comments; none through a
+/// variable or with characters no bucket or region name has.
+fn backend_setting(text: &str, key: &str) -> Option<String> {
+    let code = backend_code(text);
+    let block = &code[code.find("backend \"")?..];
+    let (at, _) = block.match_indices(key).find(|(i, _)| {
+        let before = block[..*i].chars().next_back();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && block[i + key.len()..].trim_start().starts_with('=')
+    })?;
+    let value = block[at + key.len()..].trim_start().strip_prefix('=')?.trim_start().strip_prefix('"')?;
+    let value = value.split('"').next()?.to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_';
+    (!value.is_empty() && value.chars().all(plain)).then_some(value)
 }
 
 /// The `[remote]` table for `url` (checked with the rest when the pipeline is parsed). Returns the key pair it
@@ -349,6 +371,10 @@ mod tests {
             "# backend \"s3\" { bucket = \"x\" }\nterraform {\n  backend \"local\" {\n    path = \"t\"\n  }\n}\n";
         assert_eq!(state_bucket(commented), None);
         assert_eq!(state_bucket("terraform {\n  backend \"s3\" { bucket = \"${var.b}\" }\n}\n"), None);
+        // The wizard's AWS backend (michalvanco/start-kkp-aws-demo, terraform/aws/backend.tf).
+        let wizard = "terraform {\n  backend \"s3\" {\n    region  = \"eu-central-1\"\n    bucket  = \"tf-state-kkp-axgoejxazgfd\"\n    key     = \"terraform-kkp.tfstate\"\n    dynamodb_table = \"terraform-state-kkp-locks-axgoejxazgfd\"\n  }\n}\n";
+        assert_eq!(state_bucket(wizard), Some(("s3".into(), "tf-state-kkp-axgoejxazgfd".into())));
+        assert_eq!(super::backend_setting(wizard, "region").as_deref(), Some("eu-central-1"));
     }
 
     #[test]

@@ -25,14 +25,17 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const NAMESPACE: &str = "refs/kkpipe/";
-/// How long a listing of the remote's refs answers reads (a lease wait polls slower than this).
+/// How long a listing of the remote's refs answers reads: a lease waiter may see a release up to this late.
 const LISTING_TTL: Duration = Duration::from_secs(1);
+/// Objects up to this size are held in memory once read (ledger records and leases are a few hundred bytes).
+const MAX_HELD: usize = 1 << 20;
 /// One git command, network included, never takes longer.
 const LIMIT: Duration = Duration::from_secs(30);
 
 pub struct Git {
-    /// The remote's URL (or path), as git takes it.
+    /// The remote's URL (or path), as git takes it, to fetch from and to push to.
     url: String,
+    push_url: String,
     /// The private bare repository objects are kept in.
     local: PathBuf,
     /// Settings of the checkout that reach the remote (credentials, rewrites), as `GIT_CONFIG_*`.
@@ -101,21 +104,78 @@ fn object_name(refname: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The remote `git:` names: a remote of the checkout at `root` by its name, else the URL or path as given.
-fn remote_url(spec: &str, root: &Path) -> std::result::Result<String, String> {
+/// `%XX` sequences decoded (the `url` crate encodes a space in `git:/srv/my repo.git`).
+fn percent_decoded(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A remote given as a relative path is the checkout's, not the private repository's.
+fn anchored(url: String, root: &Path) -> String {
+    let path_like = !url.contains("://") && !url.contains(':');
+    match path_like && Path::new(&url).is_relative() {
+        true => root.join(url).display().to_string(),
+        false => url,
+    }
+}
+
+/// The URLs `git:` names, to fetch from and to push to: a remote of the checkout at `root` by its name (its
+/// `pushurl` too), else the URL or path as given.
+fn remote_urls(spec: &str, root: &Path) -> std::result::Result<(String, String), String> {
+    let spec = percent_decoded(spec);
     if spec.is_empty() {
         return Err("`git:` needs a git remote's name or URL after it (`git:origin`)".into());
     }
     if spec.contains(':') || spec.contains('/') {
-        return Ok(spec.to_string());
+        let url = anchored(spec, root);
+        return Ok((url.clone(), url));
     }
-    let out = Command::new("git").arg("-C").arg(root).args(["remote", "get-url", spec]).output();
-    match out {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+    let get = |push: bool| {
+        let mut c = Command::new("git");
+        c.arg("-C").arg(root).args(["remote", "get-url"]);
+        if push {
+            c.arg("--push");
+        }
+        c.arg(&spec).output()
+    };
+    match (get(false), get(true)) {
+        (Ok(f), Ok(p)) if f.status.success() && p.status.success() => {
+            let url = |o: &std::process::Output| anchored(String::from_utf8_lossy(&o.stdout).trim().to_string(), root);
+            Ok((url(&f), url(&p)))
+        }
+        (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("a `git:` remote needs git, which is not on PATH".into())
+        }
         _ => Err(format!(
             "the repository at `{}` has no git remote `{spec}` (`git remote -v` lists them): name one, or give a URL",
             root.display()
         )),
+    }
+}
+
+/// `https://user:token@host/path` as `https://***@host/path`: what kkpipe says of a URL never carries its
+/// credentials (GitLab's clone URL holds the job token, the generated push jobs a project token).
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -124,7 +184,15 @@ fn checkout_config(root: &Path) -> Vec<(String, String)> {
     let out = Command::new("git")
         .arg("-C")
         .arg(root)
-        .args(["config", "--local", "--null", "--get-regexp", r"^(http\..*|credential\..*|url\..*|core\.sshcommand)$"])
+        // `--includes`: actions/checkout keeps its token in a file the checkout's config includes.
+        .args([
+            "config",
+            "--local",
+            "--includes",
+            "--null",
+            "--get-regexp",
+            r"^(http\..*|credential\..*|url\..*|core\.sshcommand)$",
+        ])
         .output();
     let Ok(out) = out else { return Vec::new() };
     // `--null`: each entry is `KEY\nVALUE\0`.
@@ -139,8 +207,15 @@ fn checkout_config(root: &Path) -> Vec<(String, String)> {
 }
 
 /// A git command's output, killed after [`LIMIT`].
-fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std::process::Output> {
+fn output_within(cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std::process::Output> {
+    output_limited(cmd, stdin, LIMIT)
+}
+
+fn output_limited(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> std::io::Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    // A group of its own: git's helpers (`git-remote-https`, `ssh`) hold its pipes, and go with it.
+    cmd.process_group(0);
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     // Written from a thread of its own: git may answer (`cat-file --batch`) before it has read everything, and
     // a full stdout pipe must not wait for a full stdin pipe.
@@ -154,8 +229,8 @@ fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std:
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let killer = std::thread::spawn(move || {
-        if wait.recv_timeout(LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        if wait.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         }
     });
     let out = child.wait_with_output();
@@ -167,23 +242,31 @@ fn output_within(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<std:
     out
 }
 
-/// A failed git command: the network (the caller works locally) or a refusal (permissions, a bad URL).
+/// A failed git command: the network or the server's trouble (the caller works locally, and a deploy fails
+/// closed) or a refusal (permissions, a bad URL).
 fn failure(what: &str, out: &std::process::Output) -> Error {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let said: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     let said = said[said.len().saturating_sub(3)..].join(" / ");
+    let message = format!("git {what}: {said}");
+    // An HTTP status says which it is: 4xx the server's no (408 and 429 aside), 5xx its trouble.
+    let status = ["returned error: ", "RPC failed; HTTP "]
+        .iter()
+        .find_map(|p| stderr.split(p).nth(1))
+        .and_then(|rest| rest.get(..3)?.parse::<u16>().ok());
     let unreachable = [
         "Could not read from remote repository",
         "unable to connect",
         "Connection refused",
         "Could not resolve host",
         "timed out",
-        "unable to access",
         "early EOF",
+        "the remote end hung up unexpectedly",
     ];
-    let message = format!("git {what}: {said}");
-    match out.status.code() {
-        None => Error::Unreachable(format!("git {what}: stopped after {}s", LIMIT.as_secs())),
+    match (out.status.code(), status) {
+        (None, _) => Error::Unreachable(format!("git {what}: stopped after {}s", LIMIT.as_secs())),
+        (_, Some(408 | 429)) | (_, Some(500..=599)) => Error::Unreachable(message),
+        (_, Some(_)) => Error::Refused(message),
         _ if unreachable.iter().any(|u| stderr.contains(u)) => Error::Unreachable(message),
         _ => Error::Refused(message),
     }
@@ -191,24 +274,41 @@ fn failure(what: &str, out: &std::process::Output) -> Error {
 
 impl Git {
     /// The store behind `git:SPEC` for the repository at `root`; its objects are kept in `.kkpipe/git-store`.
-    pub fn open(url: &url::Url, root: &Path) -> std::result::Result<Git, String> {
+    pub fn open(url: &url::Url, o: &super::Opening) -> std::result::Result<Git, String> {
         let spec = url.as_str().strip_prefix("git:").unwrap_or_default();
-        let url = remote_url(spec, root)?;
-        let local = root.join(".kkpipe").join("git-store");
-        if !local.join("HEAD").exists() {
+        let (url, push_url) = remote_urls(spec, o.root)?;
+        let local = o.root.join(".kkpipe").join("git-store");
+        if !local.join("HEAD").exists() || !local.join("objects").is_dir() {
             std::fs::create_dir_all(&local).map_err(|e| format!("`{}`: {e}", local.display()))?;
             let init = Command::new("git").args(["init", "--bare", "-q"]).arg(&local).output();
             if !init.as_ref().is_ok_and(|o| o.status.success()) {
-                return Err(format!("cannot make the git store `{}` (is git installed?)", local.display()));
+                return Err(format!("cannot make the git store `{}`", local.display()));
             }
         }
+        // The caller's own `GIT_CONFIG_*` settings (a CI's token), then the checkout's.
+        let count = o.env.get("GIT_CONFIG_COUNT").and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+        let mut config: Vec<(String, String)> = (0..count)
+            .filter_map(|i| {
+                Some((
+                    o.env.get(&format!("GIT_CONFIG_KEY_{i}"))?.clone(),
+                    o.env.get(&format!("GIT_CONFIG_VALUE_{i}"))?.clone(),
+                ))
+            })
+            .collect();
+        config.extend(checkout_config(o.root));
         let (listing, objects) = (Mutex::new(None), Mutex::new(HashMap::new()));
-        Ok(Git { url, local, config: checkout_config(root), listing, objects, warming: Mutex::new(()) })
+        Ok(Git { url, push_url, local, config, listing, objects, warming: Mutex::new(()) })
     }
 
     fn git(&self, args: &[&str]) -> Command {
         let mut c = Command::new("git");
-        c.arg("-C").arg(&self.local).args(args);
+        // The private repository named exactly (never found by walking up into the checkout's), its hooks
+        // never run, whatever `GIT_DIR` and friends the caller has.
+        c.arg("--git-dir").arg(&self.local).args(["-c", "core.hooksPath=/dev/null"]).args(args);
+        for var in ["GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR"] {
+            c.env_remove(var);
+        }
+        c.env_remove("GIT_ALTERNATE_OBJECT_DIRECTORIES");
         // Never a prompt: a CI job has no terminal, and a laptop's kkpipe must not hang on one.
         c.env("GIT_TERMINAL_PROMPT", "0").env("GIT_CONFIG_COUNT", self.config.len().to_string());
         for (i, (k, v)) in self.config.iter().enumerate() {
@@ -258,22 +358,39 @@ impl Git {
         }
     }
 
-    /// Read what the private repository has of the objects `refs` name (all but shared blobs, which are read
-    /// one by one when asked for) in one `git cat-file --batch`, and fetch what it lacks in one `git fetch`:
-    /// a run's reads of an unchanged ledger cost the listing and one local process.
+    /// Read what the private repository has of the ledger's and the leases' objects (what every run reads; other
+    /// names are read one by one when asked for, so refs planted under names kkpipe never reads are never
+    /// fetched) in one `git cat-file --batch`, and fetch what it lacks in one `git fetch`: a run's reads of an
+    /// unchanged ledger cost the listing and two local processes. Only blobs of at most [`MAX_HELD`] bytes are
+    /// held in memory.
     fn warm(&self, refs: &BTreeMap<String, String>) {
         // One at a time: the reads of a run come from several threads, and the first warms for all.
         let _one = self.warming.lock().expect("warming");
-        let blobs = format!("{NAMESPACE}blobs/");
+        let read = [format!("{NAMESPACE}ledger/"), format!("{NAMESPACE}leases/")];
         let known = |oid: &String| self.objects.lock().expect("objects").contains_key(oid);
         let wanted: Vec<(&String, &String)> =
-            refs.iter().filter(|(r, oid)| !r.starts_with(&blobs) && !known(oid)).collect();
+            refs.iter().filter(|(r, oid)| read.iter().any(|p| r.starts_with(p)) && !known(oid)).collect();
         if wanted.is_empty() {
             return;
         }
         let ask = |oids: &[&String]| {
             let list: String = oids.iter().map(|o| format!("{o}\n")).collect();
-            let out = output_within(self.git(&["cat-file", "--batch"]), Some(list.as_bytes()));
+            let checked = output_within(self.git(&["cat-file", "--batch-check"]), Some(list.as_bytes()));
+            let small: String = checked
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| match l.split(' ').collect::<Vec<_>>()[..] {
+                    [oid, "blob", size] if size.parse::<usize>().is_ok_and(|n| n <= MAX_HELD) => {
+                        Some(format!("{oid}\n"))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if small.is_empty() {
+                return;
+            }
+            let out = output_within(self.git(&["cat-file", "--batch"]), Some(small.as_bytes()));
             let found = out.map(|o| parse_batch(&o.stdout)).unwrap_or_default();
             self.objects.lock().expect("objects").extend(found);
         };
@@ -305,14 +422,22 @@ impl Git {
         Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()))
     }
 
+    /// Push `refspec`: the ref's flag in git's porcelain output and its summary, with what the server said when
+    /// it refused (`remote: error: ...`).
     fn push(&self, lease: &str, refspec: &str) -> Result<(char, String)> {
-        let args = ["push", "--porcelain", "--no-verify", lease, &self.url, refspec];
+        let args = ["push", "--porcelain", "--no-verify", lease, &self.push_url, refspec];
         let out = output_within(self.git(&args), None).map_err(|e| Error::Refused(format!("git push: {e}")))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         // `--porcelain`: `FLAG \t FROM:TO \t SUMMARY (REASON)` for each ref (git-push(1), OUTPUT).
         let line = stdout.lines().find(|l| l.split('\t').nth(1).is_some_and(|r| r.ends_with(refspec_to(refspec))));
         match line.and_then(|l| Some((l.chars().next()?, l.split('\t').nth(2).unwrap_or("").to_string()))) {
-            Some(found) => Ok(found),
+            Some((flag, summary)) => {
+                let server: Vec<String> = String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("remote: error: ").map(str::to_string))
+                    .collect();
+                Ok((flag, [vec![summary], server].concat().join(": ")))
+            }
             None if out.status.success() => Err(Error::Refused(format!("git push said nothing of `{refspec}`"))),
             None => Err(failure("push", &out)),
         }
@@ -323,11 +448,13 @@ fn refspec_to(refspec: &str) -> &str {
     refspec.rsplit(':').next().unwrap_or(refspec)
 }
 
-/// A rejection that means another writer was first (the ref moved, or exists), not a refusal to write.
+/// A rejection that means another writer was first, not a refusal to write: the client saw the ref move
+/// (`stale info`), or receive-pack found it moved when it updated it (`cannot lock ref 'R': is at A but expected
+/// B`, builtin/receive-pack.c via refs.c). Another failure to update the ref (a name too long for the server's
+/// disk, a full disk) is a refusal.
 fn lost_race(summary: &str) -> bool {
-    ["stale info", "fetch first", "already exists", "failed to update ref", "cannot lock ref", "incorrect old value"]
-        .iter()
-        .any(|s| summary.contains(s))
+    ["stale info", "fetch first", "already exists", "incorrect old value"].iter().any(|s| summary.contains(s))
+        || (summary.contains("failed to update ref") && summary.contains("but expected"))
 }
 
 impl ObjectStore for Git {
@@ -372,7 +499,10 @@ impl ObjectStore for Git {
                 self.wrote(&refname, None);
                 Ok(None)
             }
-            _ => Err(Error::Refused(format!("git push to `{}` refused `{refname}`: {summary}", self.url))),
+            _ => Err(Error::Refused(format!(
+                "git push to `{}` refused `{refname}`: {summary}",
+                redacted(&self.push_url)
+            ))),
         }
     }
 
@@ -396,9 +526,10 @@ impl ObjectStore for Git {
         let (flag, summary) = self.push("--force", &format!(":{refname}"))?;
         self.wrote(&refname, None);
         match flag {
-            '!' if !summary.contains("does not exist") => {
-                Err(Error::Refused(format!("git push to `{}` refused to delete `{refname}`: {summary}", self.url)))
-            }
+            '!' if !summary.contains("does not exist") => Err(Error::Refused(format!(
+                "git push to `{}` refused to delete `{refname}`: {summary}",
+                redacted(&self.push_url)
+            ))),
             _ => Ok(()),
         }
     }
@@ -432,10 +563,73 @@ mod tests {
         assert!(Command::new("git").arg("-C").arg(&checkout).args(["init", "-q"]).status().unwrap().success());
         let add = ["remote", "add", "origin", remote.to_str().unwrap()];
         assert!(Command::new("git").arg("-C").arg(&checkout).args(add).status().unwrap().success());
-        let g = Git::open(&url::Url::parse("git:origin").unwrap(), &checkout).unwrap();
+        let env = HashMap::new();
+        let o = crate::store::Opening { env: &env, root: &checkout };
+        let g = Git::open(&url::Url::parse("git:origin").unwrap(), &o).unwrap();
         crate::store::memory::tests::behaves_as_a_store(&g);
-        let missing = Git::open(&url::Url::parse("git:upstream").unwrap(), &checkout).err().unwrap();
+        let missing = Git::open(&url::Url::parse("git:upstream").unwrap(), &o).err().unwrap();
         assert!(missing.contains("no git remote `upstream`"), "{missing}");
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn failed(stderr: &str) -> Error {
+        let out = std::process::Output {
+            status: std::process::ExitStatus::from_raw(128 << 8),
+            stdout: Vec::new(),
+            stderr: stderr.as_bytes().to_vec(),
+        };
+        failure("push", &out)
+    }
+
+    /// git's helpers (`git-remote-https`, `ssh`) inherit its pipes: stopping git alone would leave kkpipe waiting
+    /// for their end for good. The whole group goes.
+    #[test]
+    fn a_command_that_hangs_is_stopped_with_the_helpers_holding_its_pipes() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "sleep 600 & sleep 600"]);
+        let started = Instant::now();
+        let out = output_limited(c, None, Duration::from_millis(300)).unwrap();
+        assert!(out.status.code().is_none(), "killed");
+        assert!(started.elapsed() < Duration::from_secs(10), "returned after {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_refusal_is_told_from_the_servers_trouble() {
+        let denied = "fatal: unable to access 'https://h/r.git/': The requested URL returned error: 403";
+        assert!(matches!(failed(denied), Error::Refused(_)), "a token that may not push");
+        let broken = "error: RPC failed; HTTP 500 curl 22\nfatal: the remote end hung up unexpectedly";
+        assert!(matches!(failed(broken), Error::Unreachable(_)), "the server's trouble");
+        let down = "fatal: unable to connect to 127.0.0.1:\n127.0.0.1[0: 127.0.0.1]: errno=Connection refused";
+        assert!(matches!(failed(down), Error::Unreachable(_)));
+        assert!(matches!(failed("fatal: 'x' does not appear to be a git repository"), Error::Refused(_)));
+    }
+
+    #[test]
+    fn only_a_moved_ref_is_a_lost_race() {
+        assert!(lost_race("[rejected] (stale info)"));
+        assert!(lost_race(
+            "[remote rejected] (failed to update ref): cannot lock ref 'refs/kkpipe/a': is at 1 but expected 2"
+        ));
+        let disk = "[remote rejected] (failed to update ref): cannot lock ref 'refs/kkpipe/a': File name too long";
+        assert!(!lost_race(disk), "the server cannot write the ref: a refusal, not another writer");
+        assert!(!lost_race("[remote rejected] (pre-receive hook declined)"));
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_and_paths_are_the_checkouts() {
+        assert_eq!(redacted("https://kkpipe:glpat-1@gitlab.com/a/b.git"), "https://***@gitlab.com/a/b.git");
+        assert_eq!(redacted("https://gitlab.com/a/b@c.git"), "https://gitlab.com/a/b@c.git");
+        assert_eq!(redacted("/srv/r.git"), "/srv/r.git");
+        assert_eq!(percent_decoded("/srv/my%20repo.git"), "/srv/my repo.git");
+        let root = Path::new("/work/repo");
+        assert_eq!(anchored("../r.git".into(), root), "/work/repo/../r.git");
+        assert_eq!(anchored("git@host:a/b.git".into(), root), "git@host:a/b.git");
+        assert_eq!(anchored("/abs/r.git".into(), root), "/abs/r.git");
     }
 }
 

@@ -102,7 +102,7 @@ pub const SCHEMES: &[Scheme] = &[
     Scheme { name: "s3a", form: "s3a://", reviews: true, open: open_object },
     Scheme { name: "gs", form: "gs://", reviews: true, open: open_object },
     Scheme { name: "file", form: "file://", reviews: true, open: |url, _| Ok(Arc::new(dir::Dir::open(url)?)) },
-    Scheme { name: "git", form: "git:", reviews: false, open: |url, o| Ok(Arc::new(git::Git::open(url, o.root)?)) },
+    Scheme { name: "git", form: "git:", reviews: false, open: |url, o| Ok(Arc::new(git::Git::open(url, o)?)) },
 ];
 
 #[cfg(feature = "s3-gcs")]

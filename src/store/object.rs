@@ -57,6 +57,10 @@ impl Client {
             for (key, v) in store_vars(env, "AWS_") {
                 b = b.with_config(key, v);
             }
+            // `?region=` (init writes the state bucket's, from backend.tf) wins over the environment's.
+            if let Some((_, region)) = url.query_pairs().find(|(k, _)| k == "region") {
+                b = b.with_region(region.into_owned());
+            }
             let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
             Arc::new(b.build().map_err(|e| e.to_string())?)
         };
@@ -154,5 +158,17 @@ impl ObjectStore for Client {
                 Err(e) => Err(e),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `?region=` (what init writes from backend.tf) is no part of the prefix objects are kept under.
+    #[test]
+    fn a_region_in_the_url_is_no_part_of_the_prefix() {
+        let url = url::Url::parse("s3://tf-state/kkpipe?region=eu-central-1").unwrap();
+        let c = super::Client::open(&url, &std::collections::HashMap::new()).unwrap();
+        assert_eq!(c.prefix, "kkpipe");
+        assert_eq!(c.key("ledger/default/x").as_ref(), "kkpipe/ledger/default/x");
     }
 }

@@ -1127,10 +1127,10 @@ fn remote_url(repo: &Repo) -> Option<String> {
 /// own `origin`; neither: none, said so. Pushes get the writer's key, pull requests never.
 #[test]
 fn init_keeps_the_ledger_where_the_state_is_by_default() {
-    let s3 = "terraform {\n  backend \"s3\" {\n    bucket = \"acme-kkp-tfstate\"\n    key = \"kkp/terraform.tfstate\"\n  }\n}\n";
+    let s3 = "terraform {\n  backend \"s3\" {\n    region = \"eu-central-1\"\n    bucket = \"acme-kkp-tfstate\"\n    key = \"kkp/terraform.tfstate\"\n  }\n}\n";
     let aws = kkp_layout("terraform/aws", Some(s3));
     let r = aws.kk(&["init", "--ci", "github", "--cloud", "aws"]).ok();
-    assert_eq!(remote_url(&aws).as_deref(), Some("s3://acme-kkp-tfstate/kkpipe"), "{}", r.stderr);
+    assert_eq!(remote_url(&aws).as_deref(), Some("s3://acme-kkp-tfstate/kkpipe?region=eu-central-1"), "{}", r.stderr);
     assert!(r.stderr.contains("the terraform state bucket of `terraform/aws/backend.tf`"), "{}", r.stderr);
     let private = r.stdout.trim();
     assert!(private.starts_with("ed25519-private:"), "the writer's key is printed once: {}", r.stdout);
