@@ -37,6 +37,25 @@ def patterns(files=1000, stages=10):
     return "\n".join(text), [f"src/d{s}/f{i}.txt" for s in range(stages) for i in range(per)]
 
 
+def dir_chain(n=1000):
+    """n stages, each reading one directory (`m/mN/**`, one file in it) and needing the one before."""
+    text = []
+    for i in range(n):
+        need = f'needs = ["s{i - 1}"]\n' if i else ""
+        text.append(f'[stages.s{i}]\nrun = "true"\ninputs = ["m/m{i}/**"]\n{need}')
+    return "\n".join(text), [f"m/m{i}/f.txt" for i in range(n)]
+
+
+def dir_stages(n=1000, stages=10):
+    """The same n directories and patterns over 10 stages."""
+    per = n // stages
+    text = []
+    for s in range(stages):
+        pats = ", ".join(f'"m/m{s * per + i}/**"' for i in range(per))
+        text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{pats}]\n')
+    return "\n".join(text), [f"m/m{i}/f.txt" for i in range(n)]
+
+
 def build(name, pipeline, files):
     root = os.path.join(WORK, "stages", name)
     shutil.rmtree(root, ignore_errors=True)
@@ -78,9 +97,15 @@ def main():
         rows.append((f"{n} stages in a chain", n, *compare(build(f"chain{n}", text, files))))
     text, files = patterns()
     rows.append(("1,000 patterns over 10 stages", 10, *compare(build("patterns", text, files))))
+    text, files = dir_chain()
+    rows.append(("1,000 directory stages, chained", 1000, *compare(build("dirchain", text, files))))
+    text, files = dir_stages()
+    rows.append(("the same 1,000 dirs in 10 stages", 10, *compare(build("dirstages", text, files))))
     print(f"{'no-op kkpipe run':<32} {'kkpipe':>9} {'git status':>11} {'per stage':>10}")
     for name, n, kk, git in rows:
         print(f"{name:<32} {kk * 1000:>7.1f}ms {git * 1000:>9.1f}ms {kk * 1000 / n:>8.3f}ms")
+    # Issue 20, item 9: what a stage costs beyond its patterns (goal: at most 2.0, and 50 ms).
+    print(f"1,000 directory stages / 10 stages: {rows[-2][2] / rows[-1][2]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ pub struct Matcher {
     /// existing one was already written `dir/**`). Looked up per ancestor, never compiled: a thousand stages
     /// of literal paths cost no automaton at all.
     literals: HashMap<Vec<u8>, usize>,
+    /// Patterns `DIR/**` with `DIR` free of glob syntax, by `DIR`: everything strictly below it, found the same
+    /// way (a thousand stages of `m/mN/**` cost no automaton either).
+    below: HashMap<Vec<u8>, usize>,
     /// The other patterns, compiled (`None` when every pattern is literal).
     globs: Option<GlobSet>,
     /// The pattern (index into `patterns`) behind each glob of `globs`.
@@ -67,21 +70,29 @@ impl Matcher {
     }
 
     fn with_exclude(spec: &InputSpec, own_outputs: Vec<RelPath>, exclude: Arc<GlobSet>) -> Matcher {
-        let mut literals = HashMap::new();
+        let (mut literals, mut below) = (HashMap::new(), HashMap::new());
         let mut owner = Vec::new();
         let mut globbed = Vec::new();
+        let plain = |p: &str| !has_glob_meta(p) && !p.contains('\\');
         for (i, p) in spec.include.iter().enumerate() {
-            if has_glob_meta(p) || p.contains('\\') {
-                owner.push(i);
-                globbed.push(p);
-            } else {
-                literals.entry(p.as_bytes().to_vec()).or_insert(i);
+            match p.strip_suffix("/**") {
+                _ if plain(p) => {
+                    literals.entry(p.as_bytes().to_vec()).or_insert(i);
+                }
+                Some(dir) if !dir.is_empty() && plain(dir) => {
+                    below.entry(dir.as_bytes().to_vec()).or_insert(i);
+                }
+                _ => {
+                    owner.push(i);
+                    globbed.push(p);
+                }
             }
         }
         Matcher {
             starts: spec.include.iter().map(|p| literal_prefix(p)).collect(),
             patterns: spec.include.clone(),
             literals,
+            below,
             globs: (!globbed.is_empty()).then(|| glob_set(globbed)),
             owner,
             exclude,
@@ -89,13 +100,14 @@ impl Matcher {
         }
     }
 
-    /// The literal pattern that is `path` or one of its ancestors.
+    /// The literal pattern that is `path` or one of its ancestors, or the `DIR/**` pattern of an ancestor.
     fn literal(&self, path: &RelPath) -> Option<usize> {
-        if self.literals.is_empty() {
+        if self.literals.is_empty() && self.below.is_empty() {
             return None;
         }
         let b = path.as_bytes();
-        RelPath::ancestors_of(b).skip(1).chain([b]).find_map(|a| self.literals.get(a).copied())
+        let above = |a: &[u8]| self.literals.get(a).or_else(|| self.below.get(a)).copied();
+        RelPath::ancestors_of(b).skip(1).find_map(above).or_else(|| self.literals.get(b).copied())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -387,6 +399,22 @@ mod tests {
         ) {
             let m = Matcher::new(&spec(&[&literal], &[]), vec![]);
             let reference = glob_set(&[literal.clone(), format!("{literal}/**")]);
+            for p in walked(&paths) {
+                prop_assert_eq!(m.matches(&p.path), reference.is_match(p.path.as_path()), "{}", p.path);
+            }
+        }
+    }
+
+    proptest! {
+        /// The `DIR/**` fast path means what the glob means: everything strictly below `DIR`.
+        #[test]
+        fn a_directory_pattern_matches_everything_below_it(
+            paths in prop::collection::vec(path(), 0..40),
+            dir in path(),
+        ) {
+            let pattern = format!("{dir}/**");
+            let m = Matcher::new(&spec(&[&pattern], &[]), vec![]);
+            let reference = glob_set(&[pattern.clone()]);
             for p in walked(&paths) {
                 prop_assert_eq!(m.matches(&p.path), reference.is_match(p.path.as_path()), "{}", p.path);
             }
