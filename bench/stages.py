@@ -20,12 +20,15 @@ KKPIPE, WORK = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
 RUNS = int(sys.argv[sys.argv.index("--runs") + 1]) if "--runs" in sys.argv else 9
 
 
-def chain(n):
-    text = []
+def chain(n, each=lambda i: (f"src/f{i}.txt", f"src/f{i}.txt")):
+    """n stages, each needing the one before; `each(i)` gives stage i's input pattern and the file it reads."""
+    text, files = [], []
     for i in range(n):
         need = f'needs = ["s{i - 1}"]\n' if i else ""
-        text.append(f'[stages.s{i}]\nrun = "true"\ninputs = ["src/f{i}.txt"]\n{need}')
-    return "\n".join(text), [f"src/f{i}.txt" for i in range(n)]
+        pattern, file = each(i)
+        text.append(f'[stages.s{i}]\nrun = "true"\ninputs = ["{pattern}"]\n{need}')
+        files.append(file)
+    return "\n".join(text), files
 
 
 def patterns(files=1000, stages=10):
@@ -35,15 +38,6 @@ def patterns(files=1000, stages=10):
         pats = ", ".join(f'"src/d{s}/f{i}.txt"' for i in range(per))
         text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{pats}]\n')
     return "\n".join(text), [f"src/d{s}/f{i}.txt" for s in range(stages) for i in range(per)]
-
-
-def dir_chain(n=1000):
-    """n stages, each reading one directory (`m/mN/**`, one file in it) and needing the one before."""
-    text = []
-    for i in range(n):
-        need = f'needs = ["s{i - 1}"]\n' if i else ""
-        text.append(f'[stages.s{i}]\nrun = "true"\ninputs = ["m/m{i}/**"]\n{need}')
-    return "\n".join(text), [f"m/m{i}/f.txt" for i in range(n)]
 
 
 def dir_stages(n=1000, stages=10):
@@ -97,7 +91,8 @@ def main():
         rows.append((f"{n} stages in a chain", n, *compare(build(f"chain{n}", text, files))))
     text, files = patterns()
     rows.append(("1,000 patterns over 10 stages", 10, *compare(build("patterns", text, files))))
-    text, files = dir_chain()
+    # One directory per stage (`m/mN/**`, one file in each).
+    text, files = chain(1000, lambda i: (f"m/m{i}/**", f"m/m{i}/f.txt"))
     rows.append(("1,000 directory stages, chained", 1000, *compare(build("dirchain", text, files))))
     text, files = dir_stages()
     rows.append(("the same 1,000 dirs in 10 stages", 10, *compare(build("dirstages", text, files))))

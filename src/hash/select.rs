@@ -414,7 +414,7 @@ mod tests {
         ) {
             let pattern = format!("{dir}/**");
             let m = Matcher::new(&spec(&[&pattern], &[]), vec![]);
-            let reference = glob_set(&[pattern.clone()]);
+            let reference = glob_set(std::slice::from_ref(&pattern));
             for p in walked(&paths) {
                 prop_assert_eq!(m.matches(&p.path), reference.is_match(p.path.as_path()), "{}", p.path);
             }
