@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 7;
+pub const VERSION: i64 = 8;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -94,8 +94,20 @@ const STEPS: &[&str] = &[
     "
     ALTER TABLE runs ADD COLUMN audit TEXT;
     ",
-    // 7: what was last seen of each deploy stage's live system per environment (`probes::Probe`).
+    // 7: each deploy stage's last drift probe per environment (as first written; replaced by 8).
     "
+    CREATE TABLE probes(
+        stage TEXT NOT NULL,
+        env   TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        drift TEXT,
+        PRIMARY KEY(stage, env)
+    ) WITHOUT ROWID;
+    ",
+    // 8: what was last seen of each deploy stage's live system per environment (`probes::Probe`): a probe, or a
+    // deploy. What step 7 kept is dropped (a sighting is found again by the next probe).
+    "
+    DROP TABLE probes;
     CREATE TABLE probes(
         stage TEXT NOT NULL,
         env   TEXT NOT NULL,
@@ -135,4 +147,28 @@ pub fn migrate(conn: &Connection) -> Result<(), MigrateError> {
         return Err(MigrateError::Sql(e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache at version 7 (its first `probes` table, with a row) migrates to the current schema, and what it
+    /// kept of probes is dropped, never misread.
+    #[test]
+    fn a_version_7_cache_migrates_and_drops_its_old_probes() {
+        let conn = Connection::open_in_memory().unwrap();
+        for (i, step) in STEPS.iter().take(7).enumerate() {
+            conn.execute_batch(step).unwrap();
+            conn.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).unwrap();
+        }
+        conn.execute_batch("INSERT INTO probes(stage, env, at_ms, drift) VALUES ('a', 'default', 1, 'x')").unwrap();
+        assert!(migrate(&conn).is_ok());
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, VERSION);
+        let rows: i64 = conn.query_row("SELECT COUNT(*) FROM probes", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 0);
+        conn.execute_batch("INSERT INTO probes(stage, env, at_ms, seen) VALUES ('a', 'default', 1, 'in-sync')")
+            .unwrap();
+    }
 }
