@@ -198,9 +198,14 @@ impl Cache {
         Ok(())
     }
 
-    /// Remove manifests and blobs nothing refers to.
+    /// Remove manifests and blobs nothing refers to, and what was last seen of a deploy stage no record of which
+    /// is left (a stage removed from the pipeline, an environment no longer deployed).
     fn sweep(&self, report: &mut Report) -> Result<()> {
         report.manifests_removed += self.write_tx(|c| {
+            c.execute(
+                "DELETE FROM probes WHERE NOT EXISTS (SELECT 1 FROM stage_runs s WHERE s.stage = probes.stage AND s.env = probes.env)",
+                [],
+            )?;
             c.execute("DELETE FROM manifests WHERE key NOT IN (SELECT DISTINCT key FROM stage_runs)", [])
         })?;
         let mut referenced: BTreeSet<(Vec<u8>, bool)> = BTreeSet::new();
@@ -307,6 +312,18 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    /// What was last seen of a stage with no record left goes with its records; a recorded stage's stays.
+    #[test]
+    fn a_sighting_without_records_is_swept() {
+        use crate::cache::probes::{Probe, Seen};
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = crate::cache::Cache::open(tmp.path()).unwrap();
+        cache.record_probe(&Probe::now("gone", "default", Seen::InSync)).unwrap();
+        assert_eq!(cache.probes(None).unwrap().len(), 1);
+        cache.gc(&super::Policy::default(), tmp.path()).unwrap();
+        assert!(cache.probes(None).unwrap().is_empty());
+    }
 
     #[test]
     fn sizes() {
