@@ -31,23 +31,16 @@ def chain(n, each=lambda i: (f"src/f{i}.txt", f"src/f{i}.txt")):
     return "\n".join(text), files
 
 
-def patterns(files=1000, stages=10):
-    per = files // stages
-    text = []
-    for s in range(stages):
-        pats = ", ".join(f'"src/d{s}/f{i}.txt"' for i in range(per))
-        text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{pats}]\n')
-    return "\n".join(text), [f"src/d{s}/f{i}.txt" for s in range(stages) for i in range(per)]
-
-
-def dir_stages(n=1000, stages=10):
-    """The same n directories and patterns over 10 stages."""
+def spread(n=1000, stages=10, each=lambda i: (f"src/d{i // 100}/f{i % 100}.txt",) * 2):
+    """n patterns over `stages` stages; `each(i)` gives pattern i and the file it matches."""
     per = n // stages
-    text = []
+    text, files = [], []
     for s in range(stages):
-        pats = ", ".join(f'"m/m{s * per + i}/**"' for i in range(per))
-        text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{pats}]\n')
-    return "\n".join(text), [f"m/m{i}/f.txt" for i in range(n)]
+        pats = [each(s * per + i) for i in range(per)]
+        quoted = ", ".join(f'"{p}"' for p, _ in pats)
+        text.append(f'[stages.p{s}]\nrun = "true"\ninputs = [{quoted}]\n')
+        files.extend(f for _, f in pats)
+    return "\n".join(text), files
 
 
 def build(name, pipeline, files):
@@ -89,12 +82,12 @@ def main():
     for n in (10, 100, 1000):
         text, files = chain(n)
         rows.append((f"{n} stages in a chain", n, *compare(build(f"chain{n}", text, files))))
-    text, files = patterns()
+    text, files = spread()
     rows.append(("1,000 patterns over 10 stages", 10, *compare(build("patterns", text, files))))
     # One directory per stage (`m/mN/**`, one file in each).
     text, files = chain(1000, lambda i: (f"m/m{i}/**", f"m/m{i}/f.txt"))
     rows.append(("1,000 directory stages, chained", 1000, *compare(build("dirchain", text, files))))
-    text, files = dir_stages()
+    text, files = spread(each=lambda i: (f"m/m{i}/**", f"m/m{i}/f.txt"))
     rows.append(("the same 1,000 dirs in 10 stages", 10, *compare(build("dirstages", text, files))))
     print(f"{'no-op kkpipe run':<32} {'kkpipe':>9} {'git status':>11} {'per stage':>10}")
     for name, n, kk, git in rows:

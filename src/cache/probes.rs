@@ -44,9 +44,8 @@ pub enum Seen {
 }
 
 impl Seen {
-    /// What a drift probe's (masked) output says drifted.
-    pub fn drifted(output: &str) -> Seen {
-        let mut resources = crate::tfplan::changes_in_text(output);
+    /// What a drift probe's (masked) output says drifted, with the resources it names (`tfplan::changes_in_text`).
+    pub fn drifted(output: &str, mut resources: Vec<TextChange>) -> Seen {
         let more = resources.len().saturating_sub(MAX_RESOURCES);
         resources.truncate(MAX_RESOURCES);
         let first = output.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
@@ -160,11 +159,14 @@ mod tests {
         for n in 0..(MAX_RESOURCES + 5) {
             text.push_str(&format!("  # terraform_data.n[{n}] will be updated in-place\n"));
         }
-        let Seen::Drifted { resources, more, detail } = Seen::drifted(&text) else { panic!() };
+        let Seen::Drifted { resources, more, detail } = Seen::drifted(&text, crate::tfplan::changes_in_text(&text))
+        else {
+            panic!()
+        };
         assert_eq!((resources.len(), more), (MAX_RESOURCES, 5));
         assert_eq!(resources[0].address, "terraform_data.n[0]", "the first ones are kept");
         assert!(!detail.chars().any(char::is_control) && detail.contains("Refreshing"), "{detail}");
-        let long = Seen::drifted(&"x".repeat(5000));
+        let long = Seen::drifted(&"x".repeat(5000), Vec::new());
         assert!(matches!(long, Seen::Drifted { detail, .. } if detail.len() == MAX_DETAIL));
     }
 }

@@ -245,7 +245,8 @@ fn remote_url(dir: &Path, v: Variant, args: &InitArgs) -> Option<(String, Option
     if let Some(url) = &args.remote {
         return Some((url.clone(), None));
     }
-    let bucket = || state_bucket(&std::fs::read_to_string(dir.join(v.tf).join("backend.tf")).ok()?);
+    let backend = std::fs::read_to_string(dir.join(v.tf).join("backend.tf")).unwrap_or_default();
+    let bucket = || state_bucket(&backend);
     let store = match (v.ci, v.cloud) {
         (crate::ci::Provider::Gitlab, _) => None,
         (_, Cloud::Aws) => bucket().filter(|(kind, _)| kind == "s3"),
@@ -255,7 +256,6 @@ fn remote_url(dir: &Path, v: Variant, args: &InitArgs) -> Option<(String, Option
     if let Some((kind, bucket)) = store {
         let why = format!("the terraform state bucket of `{}/backend.tf`, under `kkpipe/`", v.tf);
         // The bucket's region, as terraform's backend has it: the S3 client must ask that region.
-        let backend = std::fs::read_to_string(dir.join(v.tf).join("backend.tf")).unwrap_or_default();
         let url = match (kind.as_str(), backend_setting(&backend, "region")) {
             ("s3", Some(r)) => format!("s3://{bucket}/kkpipe?region={r}"),
             ("s3", None) => format!("s3://{bucket}/kkpipe"),

@@ -34,8 +34,11 @@ fn reason_json(r: &StoredReason) -> serde_json::Value {
 }
 
 pub fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
-    let items: Vec<StageRunItem> = rows
-        .iter()
+    serde_json::to_string_pretty(&stage_items(rows)).expect("serialisable")
+}
+
+fn stage_items(rows: &[(Attempt, RunRow)]) -> Vec<StageRunItem<'_>> {
+    rows.iter()
         .map(|(sr, r)| StageRunItem {
             run: sr.run_id,
             stage: &sr.stage,
@@ -51,23 +54,20 @@ pub fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
             audit: &r.audit,
             reason: sr.reason.as_ref().map(reason_json),
         })
-        .collect();
-    serde_json::to_string_pretty(&items).expect("serialisable")
+        .collect()
 }
 
 /// `history --stage X --json` with a remote: this cache's runs (`"where": "local"`), then the remote ledger's
 /// records (`"where": "remote"`).
 pub fn with_remote(rows: &[(Attempt, RunRow)], ledger: &[super::remote::LedgerRow]) -> String {
-    let mut items: Vec<serde_json::Value> = serde_json::from_str(&stage_json(rows)).expect("our own JSON");
-    for i in &mut items {
-        i["where"] = "local".into();
-    }
-    for r in ledger {
-        let mut v = serde_json::to_value(r).expect("serialisable");
-        v["where"] = "remote".into();
-        items.push(v);
-    }
-    serde_json::to_string_pretty(&items).expect("serialisable")
+    let at = |v: serde_json::Value, place: &str| {
+        let mut v = v;
+        v["where"] = place.into();
+        v
+    };
+    let local = stage_items(rows).into_iter().map(|i| at(serde_json::to_value(i).expect("serialisable"), "local"));
+    let remote = ledger.iter().map(|r| at(serde_json::to_value(r).expect("serialisable"), "remote"));
+    serde_json::to_string_pretty(&local.chain(remote).collect::<Vec<_>>()).expect("serialisable")
 }
 
 fn took(ms: Option<i64>) -> String {

@@ -1370,17 +1370,23 @@ impl<'a> Scheduler<'a, '_> {
     /// and its masked output returned.
     fn probed(&mut self, i: usize, drift: Option<&Exit>) -> Result<String, Error> {
         use crate::cache::probes::{Probe, Seen};
-        let output = match drift {
-            Some(e) => String::from_utf8_lossy(&e.log.masked(&self.env.masker.read().expect("masker"))).into_owned(),
-            None => String::new(),
+        let (seen, output) = match drift {
+            Some(e) => {
+                let (output, resources) = self.report_drift(i, e);
+                (Seen::drifted(&output, resources), output)
+            }
+            None => (Seen::InSync, String::new()),
         };
-        let seen = if drift.is_some() { Seen::drifted(&output) } else { Seen::InSync };
         self.env.cache.record_probe(&Probe::now(&self.cx.pipeline.stages[i].name, self.cx.env, seen))?;
-        if drift.is_some() {
-            let resources = crate::tfplan::changes_in_text(&output);
-            self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources });
-        }
         Ok(output)
+    }
+
+    /// A probe of stage `i` found drift: its output masked, what it names as changing, reported.
+    fn report_drift(&mut self, i: usize, exit: &Exit) -> (String, Vec<crate::tfplan::TextChange>) {
+        let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
+        let resources = crate::tfplan::changes_in_text(&output);
+        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources: resources.clone() });
+        (output, resources)
     }
 
     fn regenerate_exited(

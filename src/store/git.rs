@@ -347,14 +347,12 @@ impl Git {
     /// After a write: the next read lists again, with what this write is known to have left.
     fn wrote(&self, refname: &str, oid: Option<&str>) {
         let mut cached = self.listing.lock().expect("listing");
-        if let Some((_, refs)) = cached.as_mut() {
-            match oid {
-                Some(oid) => refs.insert(refname.to_string(), oid.to_string()),
-                None => refs.remove(refname),
-            };
-        }
-        if oid.is_none() {
-            *cached = None;
+        match (oid, cached.as_mut()) {
+            (Some(oid), Some((_, refs))) => {
+                refs.insert(refname.to_string(), oid.to_string());
+            }
+            (Some(_), None) => {}
+            (None, _) => *cached = None,
         }
     }
 

@@ -93,9 +93,7 @@ impl Scheduler<'_, '_> {
             return self.cannot_adopt(i, keyed, reason, "the `regenerate` command of its outputs failed".into());
         }
         // Not kept as drift: an adoption probe compares the live system with inputs never deployed.
-        let output = String::from_utf8_lossy(&exit.log.masked(&self.env.masker.read().expect("masker"))).into_owned();
-        let resources = crate::tfplan::changes_in_text(&output);
-        self.sink.event(&Event::Drift { stage: self.name(i), output: output.clone(), resources });
+        let (output, _) = self.report_drift(i, &exit);
         match self.opts.deploys {
             // Drift is no reason to adopt: it deploys as any stale deploy does (its lease, fail-fast, consent).
             Deploys::Run => self.launch_stage(i, keyed, Reason::Drift { output }),
