@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """What the shared remote costs a no-op run (docs/performance.md, "The remote").
 
-    remote.py KKPIPE VENV_BIN WORK [--runs N] [--store weed|moto|file|git]
+    remote.py KKPIPE VENV_BIN WORK [--runs N] [--store weed|moto|gcs|file|git]
 
 Copies the KKP demo repository (fixtures/kkp-demo with the pipeline `kkpipe demo` gives it and the demo's
 stand-in environment) to WORK/remote-demo, starts the store on loopback (SeaweedFS `VENV_BIN/weed server -s3`, moto's
-`VENV_BIN/moto_server`, `git daemon --enable=receive-pack` for a `git:` store, or a `file://` directory), runs the push pipeline once with the remote (writing its
+`VENV_BIN/moto_server`, fake-gcs-server `VENV_BIN/fake-gcs-server` for `gs://`, `git daemon --enable=receive-pack`
+for a `git:` store, or a `file://` directory), runs the push pipeline once with the remote (writing its
 entries and ledger), then times no-op push runs with the remote and with `KKPIPE_REMOTE=off`, alternately, and
 prints the medians and their difference. The issue's budget: at most 20 ms more with the remote.
 """
@@ -51,6 +52,22 @@ def start_moto():
     proc = subprocess.Popen([os.path.join(BIN, "moto_server"), "-H", "127.0.0.1", "-p", str(s3)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return wait_for(proc, s3, "moto")
+
+
+def start_gcs():
+    p = port()
+    proc = subprocess.Popen([os.path.join(BIN, "fake-gcs-server"), "-scheme", "http", "-host", "127.0.0.1",
+                             "-port", str(p), "-backend", "memory", "-public-host", f"127.0.0.1:{p}",
+                             "-log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{p}"
+    for _ in range(100):
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                            f"{endpoint}/storage/v1/b", "-d", '{"name": "bench"}'], capture_output=True, text=True)
+        if r.stdout in ("200", "409"):
+            return proc, endpoint
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("fake-gcs-server did not start")
 
 
 def start_git(base):
@@ -104,15 +121,17 @@ def main():
     store_dir = os.path.join(WORK, "remote-store")
     shutil.rmtree(store_dir, ignore_errors=True)
     server, endpoint = {"weed": lambda: start_weed(os.path.join(WORK, "remote-weed")), "moto": start_moto,
-                        "git": lambda: start_git(os.path.join(WORK, "remote-git")),
+                        "git": lambda: start_git(os.path.join(WORK, "remote-git")), "gcs": start_gcs,
                         "file": lambda: (None, None)}[STORE]()
-    url = {"file": f"file://{store_dir}", "git": f"git:{endpoint}"}.get(STORE, "s3://bench/demo")
+    url = {"file": f"file://{store_dir}", "git": f"git:{endpoint}", "gcs": "gs://bench/demo"}.get(STORE, "s3://bench/demo")
     with open(os.path.join(repo, "pipeline.toml"), "a") as f:
         f.write(f'\n[remote]\nurl = "{url}"\ntrusted_keys = ["{keys["public"]}"]\n')
     try:
         env = demo_env(repo)
         env.update(KKPIPE_SIGNING_KEY=keys["private"])
-        if endpoint and STORE != "git":
+        if STORE == "gcs":
+            env.update(GOOGLE_BASE_URL=endpoint, GOOGLE_BEARER_TOKEN="bench")
+        elif endpoint and STORE != "git":
             env.update(AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true", AWS_ACCESS_KEY_ID="bench",
                        AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
         # --no-verify: the deploy stages' drift probes (terraform plan) would dwarf what is measured here.

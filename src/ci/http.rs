@@ -43,25 +43,13 @@ impl Client {
             b = b.body(body.clone());
         }
         self.rt.block_on(async {
-            let r = b.send().await.map_err(|e| describe(&e))?;
+            let r = b.send().await.map_err(|e| crate::store::http_error(&e))?;
             let header = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
             let (status, link, next_page) = (r.status().as_u16(), header("link"), header("x-next-page"));
-            let body = r.text().await.map_err(|e| describe(&e))?;
+            let body = r.text().await.map_err(|e| crate::store::http_error(&e))?;
             Ok(Response { status, link, next_page, body })
         })
     }
-}
-
-/// reqwest's error with its causes (the connection refused, the timeout).
-fn describe(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
 }
 
 impl Http for Client {

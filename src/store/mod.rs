@@ -2,15 +2,18 @@
 //! remote (`crate::remote`) keeps its protocol on top of it.
 //!
 //! Every backend is one file implementing [`ObjectStore`] over names relative to the remote's root (its URL's
-//! prefix is the backend's business): S3 and GCS through the `object_store` crate (`object.rs`, the default
-//! cargo feature `s3-gcs`), a directory for `file://` (`dir.rs`: shared disks and tests), and memory
-//! (`memory.rs`: unit tests of leases and sharing), and refs in a git remote for `git:` (`git.rs`). [`SCHEMES`] is the one list of URL schemes. [`Store`] is
+//! prefix is the backend's business): S3 through the `object_store` crate (`object.rs`), GCS through its JSON
+//! API (`gcs.rs`; both the default cargo feature `s3-gcs`), a directory for `file://` (`dir.rs`: shared disks
+//! and tests), memory (`memory.rs`: unit tests of leases and sharing), and refs in a git remote for `git:`
+//! (`git.rs`). [`SCHEMES`] is the one list of URL schemes. [`Store`] is
 //! what the rest of kkpipe holds: any backend, marked down after the first failure to reach it, so an
 //! unreachable store costs one timeout and one warning, not one per stage.
 //!
 //! Adding a backend: a file here implementing [`ObjectStore`] (with its tests), and a row in [`SCHEMES`].
 
 mod dir;
+#[cfg(feature = "s3-gcs")]
+mod gcs;
 mod git;
 pub mod memory;
 #[cfg(feature = "s3-gcs")]
@@ -100,7 +103,7 @@ pub struct Scheme {
 pub const SCHEMES: &[Scheme] = &[
     Scheme { name: "s3", form: "s3://", reviews: true, open: open_object },
     Scheme { name: "s3a", form: "s3a://", reviews: true, open: open_object },
-    Scheme { name: "gs", form: "gs://", reviews: true, open: open_object },
+    Scheme { name: "gs", form: "gs://", reviews: true, open: open_gcs },
     Scheme { name: "file", form: "file://", reviews: true, open: |url, _| Ok(Arc::new(dir::Dir::open(url)?)) },
     Scheme { name: "git", form: "git:", reviews: false, open: |url, o| Ok(Arc::new(git::Git::open(url, o)?)) },
 ];
@@ -110,9 +113,41 @@ fn open_object(url: &url::Url, o: &Opening) -> std::result::Result<Arc<dyn Objec
     Ok(Arc::new(object::Client::open(url, o.env)?))
 }
 
+#[cfg(feature = "s3-gcs")]
+fn open_gcs(url: &url::Url, o: &Opening) -> std::result::Result<Arc<dyn ObjectStore>, String> {
+    Ok(Arc::new(gcs::Gcs::open(url, o.env)?))
+}
+
 #[cfg(not(feature = "s3-gcs"))]
 fn open_object(_: &url::Url, _: &Opening) -> std::result::Result<Arc<dyn ObjectStore>, String> {
     Err("this kkpipe was built without S3 and GCS support (the cargo feature `s3-gcs`)".into())
+}
+
+#[cfg(not(feature = "s3-gcs"))]
+use open_object as open_gcs;
+
+/// The small runtime an HTTP backend drives its requests on, one worker.
+#[cfg(feature = "s3-gcs")]
+fn runtime() -> std::result::Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("kkpipe-remote")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the remote's runtime: {e}"))
+}
+
+/// reqwest's error with its causes (the connection refused, the timeout): what a user needs to act on.
+#[cfg(feature = "s3-gcs")]
+pub(crate) fn http_error(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }
 
 /// `s3://, s3a://, gs://, file:// or git:`, for messages.

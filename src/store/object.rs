@@ -1,4 +1,4 @@
-//! S3 and GCS through the `object_store` crate, driven by a small tokio runtime of its own.
+//! S3 through the `object_store` crate, driven by a small tokio runtime of its own.
 
 use super::{Error, Listed, ObjectStore, Result, Version};
 use futures::StreamExt;
@@ -27,7 +27,7 @@ fn classify(e: object_store::Error) -> Error {
     }
 }
 
-/// The store's own variables (`AWS_*`, `GOOGLE_*`) that its builder knows, as its configuration keys.
+/// The store's own variables (`AWS_*`) that its builder knows, as its configuration keys.
 fn store_vars<'a, K: std::str::FromStr>(env: &'a HashMap<String, String>, prefix: &str) -> Vec<(K, &'a String)> {
     let known = |(k, v): (&String, &'a String)| Some((k.to_ascii_lowercase().parse().ok()?, v));
     env.iter().filter(|(k, _)| k.starts_with(prefix)).filter_map(known).collect()
@@ -35,41 +35,26 @@ fn store_vars<'a, K: std::str::FromStr>(env: &'a HashMap<String, String>, prefix
 
 impl Client {
     pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
-        // Plain HTTP only when asked: S3's own switch, or a GCS endpoint given as `http://` (an emulator).
-        let allow_http = env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            || (url.scheme() == "gs" && env.get("GOOGLE_BASE_URL").is_some_and(|u| u.starts_with("http://")));
+        // Plain HTTP only when asked, with S3's own switch.
+        let allow_http = env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let client = object_store::ClientOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_allow_http(allow_http);
         let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
         let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?;
-        // Each store's standard variables, from the caller's environment (not read from the process here).
-        let store: Arc<dyn object_store::ObjectStore> = if url.scheme() == "gs" {
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
-            for (key, v) in store_vars(env, "GOOGLE_") {
-                b = b.with_config(key, v);
-            }
-            let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
-            Arc::new(b.build().map_err(|e| e.to_string())?)
-        } else {
-            let mut b = object_store::aws::AmazonS3Builder::new();
-            for (key, v) in store_vars(env, "AWS_") {
-                b = b.with_config(key, v);
-            }
-            // `?region=` (init writes the state bucket's, from backend.tf) wins over the environment's.
-            if let Some((_, region)) = url.query_pairs().find(|(k, _)| k == "region") {
-                b = b.with_region(region.into_owned());
-            }
-            let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
-            Arc::new(b.build().map_err(|e| e.to_string())?)
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kkpipe-remote")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the remote's runtime: {e}"))?;
+        // S3's standard variables, from the caller's environment (not read from the process here).
+        let mut b = object_store::aws::AmazonS3Builder::new();
+        for (key, v) in store_vars(env, "AWS_") {
+            b = b.with_config(key, v);
+        }
+        // `?region=` (init writes the state bucket's, from backend.tf) wins over the environment's.
+        if let Some((_, region)) = url.query_pairs().find(|(k, _)| k == "region") {
+            b = b.with_region(region.into_owned());
+        }
+        let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
+        let store: Arc<dyn object_store::ObjectStore> = Arc::new(b.build().map_err(|e| e.to_string())?);
+        let rt = super::runtime()?;
         Ok(Client { store, rt, prefix: url.path().trim_matches('/').to_string() })
     }
 
@@ -115,7 +100,7 @@ impl ObjectStore for Client {
         })
     }
 
-    /// Create-only (S3 `If-None-Match: *`, GCS generation 0) or compare-and-swap (ETag, generation).
+    /// Create-only (`If-None-Match: *`) or compare-and-swap (`If-Match` on the ETag).
     fn put_if(&self, name: &str, bytes: Vec<u8>, expected: Option<&Version>) -> Result<Option<Version>> {
         let key = self.key(name);
         let mode = match expected {

@@ -1,6 +1,7 @@
 //! The shared remote (`[remote]`, docs/remote.md) against real object stores on loopback: SeaweedFS and
-//! moto's server (two S3 implementations), `git daemon` (git's own server, with receive-pack: the `git:`
-//! store), and `file://`. Each test runs its scenario on every store.
+//! moto's server (two S3 implementations), fake-gcs-server (GCS's JSON API, generation preconditions
+//! included), `git daemon` (git's own server, with receive-pack: the `git:` store), and `file://`. Each test
+//! runs its scenario on every store.
 //!
 //! The servers come from the test venv that scripts/test installs; each test process starts one of each
 //! (on free ports) and a watcher stops them when the process exits.
@@ -18,6 +19,7 @@ enum Kind {
     File,
     Seaweed,
     Moto,
+    Gcs,
     Git,
 }
 
@@ -88,14 +90,27 @@ fn start(kind: Kind, dir: &Path) -> Server {
             c.args(["-H", "127.0.0.1", "-p", &s3.to_string()]);
             c
         }
-        Kind::File | Kind::Git => unreachable!("no S3 server"),
+        Kind::Gcs => {
+            let mut c = Command::new(test_tool("venv/bin/fake-gcs-server"));
+            let port = s3.to_string();
+            c.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port, "-backend", "memory"]);
+            // Its XML API answers on the public host; kkpipe speaks the JSON API, which answers anywhere.
+            c.args(["-public-host", &format!("127.0.0.1:{port}"), "-log-level", "warn"]);
+            c
+        }
+        Kind::File | Kind::Git => unreachable!("no object store server"),
     };
     let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap();
     reap_with_us(child.id());
     let endpoint = format!("http://127.0.0.1:{s3}");
     // Ready when the bucket can be made (SeaweedFS takes a few seconds to elect its master).
+    let make_bucket = match kind {
+        Kind::Gcs => ("POST", "/storage/v1/b".to_string(), format!("{{\"name\": \"{BUCKET}\"}}")),
+        _ => ("PUT", format!("/{BUCKET}"), String::new()),
+    };
     let ready = within(Duration::from_secs(60), || {
-        http(&endpoint, "PUT", &format!("/{BUCKET}"), b"").is_some_and(|(c, _)| c == 200 || c == 409)
+        http(&endpoint, make_bucket.0, &make_bucket.1, make_bucket.2.as_bytes())
+            .is_some_and(|(c, _)| c == 200 || c == 409)
     });
     assert!(ready, "{kind:?} did not start:\n{}", std::fs::read_to_string(dir.join("server.log")).unwrap_or_default());
     Server { endpoint, child }
@@ -104,7 +119,12 @@ fn start(kind: Kind, dir: &Path) -> Server {
 fn shared_server(kind: Kind) -> &'static str {
     static SEAWEED: OnceLock<Server> = OnceLock::new();
     static MOTO: OnceLock<Server> = OnceLock::new();
-    let cell = if kind == Kind::Seaweed { &SEAWEED } else { &MOTO };
+    static GCS: OnceLock<Server> = OnceLock::new();
+    let cell = match kind {
+        Kind::Seaweed => &SEAWEED,
+        Kind::Moto => &MOTO,
+        _ => &GCS,
+    };
     let s = cell.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("kkpipe-{kind:?}-{}", std::process::id()));
         start(kind, &dir)
@@ -184,18 +204,23 @@ impl Store {
                 let url = format!("git:{daemon}/{prefix}.git");
                 Store { url, endpoint: None, dir: PathBuf::new(), _tmp: tmp }
             }
-            _ => Store::on(shared_server(kind).to_string(), prefix, tmp),
+            _ => Store::on(kind, shared_server(kind).to_string(), prefix, tmp),
         }
     }
 
-    fn on(endpoint: String, prefix: String, tmp: tempfile::TempDir) -> Store {
-        let url = format!("s3://{BUCKET}/{prefix}");
+    fn on(kind: Kind, endpoint: String, prefix: String, tmp: tempfile::TempDir) -> Store {
+        let scheme = if kind == Kind::Gcs { "gs" } else { "s3" };
+        let url = format!("{scheme}://{BUCKET}/{prefix}");
         Store { url, endpoint: Some(endpoint), dir: PathBuf::new(), _tmp: tmp }
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
         match &self.endpoint {
             None => Vec::new(),
+            // A bearer token, sent as to GCS (the emulator takes any).
+            Some(e) if self.url.starts_with("gs://") => {
+                vec![("GOOGLE_BASE_URL", e.clone()), ("GOOGLE_BEARER_TOKEN", "emulator-token".into())]
+            }
             Some(e) => vec![
                 ("AWS_ENDPOINT_URL", e.clone()),
                 ("AWS_ALLOW_HTTP", "true".into()),
@@ -231,7 +256,7 @@ impl Store {
         }
     }
 
-    /// A signed S3 client (moto refuses anonymous reads and overwrites), or a git client: kkpipe's store
+    /// A signed S3 client (moto refuses anonymous reads and overwrites), a GCS client, or a git client: kkpipe's store
     /// client, used here only as a client of the store.
     fn s3(&self) -> kkpipe::store::Store {
         let env: std::collections::HashMap<String, String> =
@@ -605,6 +630,45 @@ outputs = ["out/app.txt"]
     assert!(warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
 }
 
+/// The store contract on the real server: create-only and compare-and-swap hold when eight writers race for
+/// one name (exactly one wins each round), a stale version is refused, listing and deleting work. This is what
+/// leases and the ledger stand on; the scenarios above rarely make two writes meet.
+fn the_store_keeps_its_contract_when_writers_race(kind: Kind) {
+    let store = Store::new(kind);
+    let s = store.s3();
+    let name = "ledger/prod/contract";
+    assert!(s.get(name).unwrap().is_none(), "{kind:?}");
+    // Each round's bytes differ from every earlier round's: a write of the bytes already there may succeed on
+    // a store whose version is the content's digest (an ETag, a git object id), and is no change.
+    let race = |round: u8, expected: Option<kkpipe::store::Version>| -> Vec<kkpipe::store::Version> {
+        std::thread::scope(|scope| {
+            let writers: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let (s, expected) = (&s, expected.clone());
+                    scope.spawn(move || s.put_if(name, vec![round, i], expected.as_ref()).unwrap())
+                })
+                .collect();
+            writers.into_iter().filter_map(|w| w.join().unwrap()).collect()
+        })
+    };
+    let created = race(0, None);
+    assert_eq!(created.len(), 1, "{kind:?}: exactly one create-only writer wins");
+    let (bytes, v1) = s.get(name).unwrap().unwrap();
+    assert_eq!(v1, created[0], "{kind:?}");
+    let swapped = race(1, Some(v1.clone()));
+    assert_eq!(swapped.len(), 1, "{kind:?}: exactly one compare-and-swap from one version wins");
+    assert!(s.put_if(name, b"late".to_vec(), Some(&v1)).unwrap().is_none(), "{kind:?}: a stale version");
+    let (now, v2) = s.get(name).unwrap().unwrap();
+    assert_ne!(now, bytes, "{kind:?}");
+    assert_eq!(v2, swapped[0], "{kind:?}");
+    s.put_if("blobs/ab", b"x".to_vec(), None).unwrap().unwrap();
+    assert_eq!(store.names("ledger"), [name], "{kind:?}");
+    assert!(s.exists("blobs/ab").unwrap());
+    s.delete("blobs/ab").unwrap();
+    s.delete("blobs/ab").unwrap();
+    assert!(!s.exists("blobs/ab").unwrap(), "{kind:?}");
+}
+
 fn a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
     let mut server = match kind {
@@ -621,7 +685,7 @@ fn a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(kind: Ki
             let url = format!("git:{}/killed.git", server.endpoint);
             Store { url, endpoint: None, dir: PathBuf::new(), _tmp: tempfile::tempdir().unwrap() }
         }
-        _ => Store::on(server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap()),
+        _ => Store::on(kind, server.endpoint.clone(), "killed".into(), tempfile::tempdir().unwrap()),
     };
     let k = keygen();
     let stages = format!(
@@ -800,7 +864,7 @@ macro_rules! on_stores {
     };
 }
 
-on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, git: Git; [
+on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, gcs: Gcs, git: Git; [
     two_clones_share_hits_byte_for_byte_and_nothing_runs_twice,
     a_pull_request_run_writes_nothing_even_with_the_signing_key,
     entries_signed_by_an_untrusted_key_are_misses,
@@ -810,6 +874,7 @@ on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, git: Git; [
     the_second_runner_skips_when_the_first_deployed_the_same_key_while_it_waited,
     a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys,
     eight_concurrent_publishers_of_one_key_leave_one_valid_entry,
+    the_store_keeps_its_contract_when_writers_race,
 ]);
 
 #[test]
@@ -820,6 +885,11 @@ fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_close
 #[test]
 fn a_moto_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
     a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Moto);
+}
+
+#[test]
+fn a_gcs_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
+    a_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed(Kind::Gcs);
 }
 
 #[test]
