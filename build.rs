@@ -37,7 +37,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("demo_files.rs");
     let mut f = fs::File::create(out).unwrap();
     writeln!(f, "/// (path, content, executable) of every file of the demo repository.").unwrap();
-    writeln!(f, "pub const FILES: &[(&str, &[u8], bool)] = &[").unwrap();
+    writeln!(f, "pub(crate) const FILES: &[(&str, &[u8], bool)] = &[").unwrap();
     for (rel, abs, exec) in files {
         writeln!(f, "    ({rel:?}, include_bytes!({:?}), {exec}),", abs.to_string_lossy()).unwrap();
     }

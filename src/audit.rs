@@ -5,13 +5,13 @@
 //! no-op run pays nothing; `git status` runs only when a deploy stage is about to deploy.
 
 use crate::ci::Provider;
-pub use crate::fresh::Audit;
+pub(crate) use crate::fresh::Audit;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
 /// What the caller's environment and `.git` say; `dirty` is filled in later, once a deploy is known.
-pub fn of(root: &Path, provider: Option<Provider>, env: &HashMap<String, String>) -> Audit {
+pub(crate) fn of(root: &Path, provider: Option<Provider>, env: &HashMap<String, String>) -> Audit {
     let var = |k: &str| env.get(k).filter(|v| !v.trim().is_empty()).cloned();
     let local_actor = || {
         let user = var("USER").or_else(|| var("LOGNAME")).unwrap_or_else(|| "unknown".into());
@@ -30,7 +30,7 @@ pub fn of(root: &Path, provider: Option<Provider>, env: &HashMap<String, String>
 
 /// The git directory of the repository `root` is in: the nearest `.git` at or above it (a directory, or a
 /// worktree's `.git` file naming one), as git finds it.
-pub fn git_dir(root: &Path) -> Option<std::path::PathBuf> {
+pub(crate) fn git_dir(root: &Path) -> Option<std::path::PathBuf> {
     root.ancestors().find_map(|d| {
         let dot_git = d.join(".git");
         if dot_git.is_dir() {
@@ -43,7 +43,7 @@ pub fn git_dir(root: &Path) -> Option<std::path::PathBuf> {
 
 /// The checked-out commit, read from `.git` without spawning git (cheap, and fine when git is absent). A
 /// worktree keeps `HEAD` of its own and the branches in the common directory (its `commondir` file).
-pub fn git_head(root: &Path) -> Option<String> {
+pub(crate) fn git_head(root: &Path) -> Option<String> {
     let git_dir = git_dir(root)?;
     let head = std::fs::read_to_string(git_dir.join("HEAD")).ok()?;
     let head = head.trim();
@@ -65,7 +65,7 @@ pub fn git_head(root: &Path) -> Option<String> {
 }
 
 /// The branch `HEAD` names, read from `.git` (`None`: detached, or no repository).
-pub fn head_branch(root: &Path) -> Option<String> {
+pub(crate) fn head_branch(root: &Path) -> Option<String> {
     let head = std::fs::read_to_string(git_dir(root)?.join("HEAD")).ok()?;
     head.trim().strip_prefix("ref:")?.trim().strip_prefix("refs/heads/").map(str::to_string)
 }
@@ -73,7 +73,7 @@ pub fn head_branch(root: &Path) -> Option<String> {
 /// The repository's uncommitted changes, as paths relative to `root` (the pipeline's directory) with `/`
 /// separators: tracked files modified, added, deleted or with a changed mode, and, with `untracked`, files git
 /// does not ignore and does not track. `Ok(None)` when `root` is in no git repository.
-pub fn uncommitted(root: &Path, untracked: bool) -> Result<Option<Vec<String>>, String> {
+pub(crate) fn uncommitted(root: &Path, untracked: bool) -> Result<Option<Vec<String>>, String> {
     let git = |args: &[&str]| Command::new("git").env("LC_ALL", "C").arg("-C").arg(root).args(args).output();
     let top = match git(&["rev-parse", "--show-toplevel"]) {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim_end_matches('\n').to_string(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// their last successful run are skipped, locally and in CI.
 #[derive(Debug, Parser)]
 #[command(name = "kkpipe", version, propagate_version = true, max_term_width = 100)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Run as if kkpipe was started in DIR (like `git -C` / `make -C`).
     #[arg(short = 'C', global = true, value_name = "DIR")]
     pub dir: Option<PathBuf>,
@@ -29,14 +29,14 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ColorChoice {
+pub(crate) enum ColorChoice {
     Auto,
     Always,
     Never,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run every stale stage (or the named stages and what they need) in dependency order.
     Run(RunArgs),
     /// Show each stage's state: fresh, stale (with the first reason), never run, failed.
@@ -87,7 +87,7 @@ pub enum Command {
 
 /// Which event a command is for, and in which deployment environment.
 #[derive(Debug, Clone, Args)]
-pub struct Selection {
+pub(crate) struct Selection {
     /// The CI event: pull_request, push, schedule or manual. Default: detected from GitHub Actions, GitLab CI
     /// or Bitbucket Pipelines variables; outside CI every stage is selected.
     #[arg(long, value_name = "EVENT")]
@@ -109,7 +109,7 @@ pub struct Selection {
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Stages to run (with everything they need). Default: all stages selected for the event.
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
@@ -165,7 +165,7 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// Stages to show (with what they need). Default: all.
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
@@ -179,7 +179,7 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct WhyArgs {
+pub(crate) struct WhyArgs {
     /// The stage to explain.
     #[arg(value_name = "STAGE")]
     pub stage: String,
@@ -197,7 +197,7 @@ pub struct WhyArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     /// Deploy stages to probe (with what they need). Default: every selected deploy stage with a `verify`.
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
@@ -215,7 +215,7 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct AdoptArgs {
+pub(crate) struct AdoptArgs {
     /// Deploy stages to adopt (check stages they need run as usual). Default: every selected deploy stage.
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
@@ -237,7 +237,7 @@ pub struct AdoptArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GraphFormat {
+pub(crate) enum GraphFormat {
     /// One line per stage with its state and needs (the default on a terminal).
     Text,
     Mermaid,
@@ -245,7 +245,7 @@ pub enum GraphFormat {
 }
 
 #[derive(Debug, Args)]
-pub struct GraphArgs {
+pub(crate) struct GraphArgs {
     /// Output format. Default: `text` on a terminal, `mermaid` otherwise (for markdown and job summaries).
     #[arg(long, value_enum)]
     pub format: Option<GraphFormat>,
@@ -259,7 +259,7 @@ pub struct GraphArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// The stage whose log to print.
     #[arg(value_name = "STAGE")]
     pub stage: String,
@@ -270,7 +270,7 @@ pub struct LogArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct HistoryArgs {
+pub(crate) struct HistoryArgs {
     /// Show one stage's runs: when, outcome, key, commit and event (a deploy stage's ledger).
     #[arg(long, value_name = "STAGE")]
     pub stage: Option<String>,
@@ -289,14 +289,14 @@ pub struct HistoryArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct CompletionsArgs {
+pub(crate) struct CompletionsArgs {
     /// The shell.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
-pub struct PreviewArgs {
+pub(crate) struct PreviewArgs {
     /// Print JSON (schema kkpipe.preview.v1) instead of Markdown.
     #[arg(long)]
     pub json: bool,
@@ -308,13 +308,13 @@ pub struct PreviewArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct CommentArgs {
+pub(crate) struct CommentArgs {
     /// The Markdown to post (`-`: standard input), as `kkpipe preview` wrote it.
     pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
-pub struct PlanCheckArgs {
+pub(crate) struct PlanCheckArgs {
     /// The plan file (`terraform plan -out`), read with `terraform show -json` in the current directory (where
     /// `terraform init` ran).
     pub plan: PathBuf,
@@ -334,7 +334,7 @@ pub struct PlanCheckArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct SameDataArgs {
+pub(crate) struct SameDataArgs {
     /// The first document (`-`: standard input), e.g. the repository's file.
     pub first: PathBuf,
     /// The second document (`-`: standard input), e.g. what the live system reports.
@@ -346,7 +346,7 @@ pub struct SameDataArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct CiArgs {
+pub(crate) struct CiArgs {
     /// The CI provider.
     #[arg(value_enum)]
     pub provider: crate::ci::Provider,
@@ -367,7 +367,7 @@ pub struct CiArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct InitArgs {
+pub(crate) struct InitArgs {
     /// The CI provider the repository runs on.
     #[arg(long, value_enum)]
     pub ci: crate::ci::Provider,
@@ -414,14 +414,14 @@ pub struct InitArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Where to write the demo repository (must be empty or absent). Default: a new temporary directory.
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum RemoteCommand {
+pub(crate) enum RemoteCommand {
     /// Make a signing key pair: the private key is the writers' KKPIPE_SIGNING_KEY secret, the public key goes
     /// into `[remote] trusted_keys`.
     Keygen {
@@ -440,7 +440,7 @@ pub enum RemoteCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum CacheCommand {
+pub(crate) enum CacheCommand {
     /// Write the cache entries behind the current hits (records, outputs, logs) into one archive (tar + zstd),
     /// path-independent, for another checkout or CI runner. Sensitive outputs are left out unless asked.
     Export {
@@ -501,7 +501,7 @@ pub enum CacheCommand {
 /// A deployment environment's name, checked where it is given: it names ledger records, remote objects
 /// (`ledger/ENV/STAGE`) and archive entries, so an empty one (an unset CI variable in `KKPIPE_ENV=`), a path
 /// (`a/b`, `..`) or a control character would make records no later kkpipe can read back.
-pub fn env_name(text: &str) -> Result<String, String> {
+pub(crate) fn env_name(text: &str) -> Result<String, String> {
     let ok_start = text.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     let ok_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     match (text.is_empty(), ok_start && ok_rest && text.len() <= 64) {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-pub trait Clock: Send + Sync {
+pub(crate) trait Clock: Send + Sync {
     /// Monotonic time: what waits and expiries are judged on.
     fn now(&self) -> Instant;
     /// Unix milliseconds, for what is written down (never for a decision).
@@ -12,7 +12,7 @@ pub trait Clock: Send + Sync {
 }
 
 /// The machine's clocks.
-pub struct System;
+pub(crate) struct System;
 
 impl Clock for System {
     fn now(&self) -> Instant {
@@ -29,17 +29,17 @@ impl Clock for System {
 }
 
 /// Unix milliseconds now.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// This machine's name, for who ran what.
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "unknown-host".into())
 }
 
 /// A duration as people read it: `850ms`, `3.2s`, `4m05s`.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         format!("{ms}ms")
@@ -52,14 +52,14 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Unix milliseconds as RFC 3339 (UTC).
-pub fn timestamp(ms: i64) -> String {
+pub(crate) fn timestamp(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
         .unwrap_or_default()
 }
 
 /// "3 minutes ago"-style age of a Unix-millisecond time.
-pub fn age(ms: i64) -> String {
+pub(crate) fn age(ms: i64) -> String {
     let secs = (now_ms() - ms).max(0) / 1000;
     match secs {
         0..=59 => format!("{secs}s ago"),

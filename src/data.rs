@@ -15,20 +15,20 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 /// One step of a path into a document.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Step {
+pub(crate) enum Step {
     Key(String),
     Index(usize),
 }
 
 /// The first place two documents differ, and how.
 #[derive(Debug, PartialEq)]
-pub struct Difference {
+pub(crate) struct Difference {
     pub at: Vec<Step>,
     pub kind: Kind,
 }
 
 #[derive(Debug, PartialEq)]
-pub enum Kind {
+pub(crate) enum Kind {
     OnlyInFirst,
     OnlyInSecond,
     /// Both are lists, of these lengths.
@@ -53,7 +53,7 @@ impl fmt::Display for Difference {
 }
 
 /// `.spec.ingress[0]`; `.` for the whole document.
-pub fn path_text(at: &[Step]) -> String {
+pub(crate) fn path_text(at: &[Step]) -> String {
     if at.is_empty() {
         return ".".into();
     }
@@ -67,7 +67,7 @@ pub fn path_text(at: &[Step]) -> String {
 
 /// Parses one document; an empty text is null. More than one document, a value YAML cannot resolve, or a
 /// mapping key that is itself a mapping or list is an error (with the line, 1-based, when there is one).
-pub fn parse(text: &str) -> Result<Yaml, String> {
+pub(crate) fn parse(text: &str) -> Result<Yaml, String> {
     if depth_bound(text) > MAX_TEXT_DEPTH {
         return Err(format!("nested deeper than {MAX_DEPTH} levels"));
     }
@@ -94,7 +94,7 @@ pub fn parse(text: &str) -> Result<Yaml, String> {
 }
 
 /// Deeper than any values file or Kubernetes object; past it the comparison's recursion is refused.
-pub const MAX_DEPTH: usize = 200;
+pub(crate) const MAX_DEPTH: usize = 200;
 
 /// The loader's parser recurses once per block level: text that may nest deeper than this is refused before
 /// it is parsed (a few thousand levels fit any thread's stack).
@@ -171,7 +171,7 @@ fn key_text(k: &Yaml) -> Option<String> {
 }
 
 /// The value at a dotted path (`spec`, `spec.ingress`), or None when a step is missing or not a mapping.
-pub fn at<'a>(doc: &'a Yaml, dotted: &str) -> Option<&'a Yaml> {
+pub(crate) fn at<'a>(doc: &'a Yaml, dotted: &str) -> Option<&'a Yaml> {
     dotted.split('.').filter(|s| !s.is_empty()).try_fold(doc, |y, key| match y {
         Yaml::Hash(map) => map.iter().find(|(k, _)| key_text(k).as_deref() == Some(key)).map(|(_, v)| v),
         _ => None,
@@ -179,7 +179,7 @@ pub fn at<'a>(doc: &'a Yaml, dotted: &str) -> Option<&'a Yaml> {
 }
 
 /// The first difference between two parsed documents, in the first document's key order; None when equal.
-pub fn compare(a: &Yaml, b: &Yaml) -> Option<Difference> {
+pub(crate) fn compare(a: &Yaml, b: &Yaml) -> Option<Difference> {
     let mut at = Vec::new();
     let kind = diff(a, b, &mut at)?;
     Some(Difference { at, kind })

@@ -5,27 +5,27 @@ use crate::session::ToolError;
 use std::path::{Path, PathBuf};
 
 /// Exit codes. A failed stage is not an `Error`: `run` maps its outcome to [`exit::FAILED`].
-pub mod exit {
-    pub const OK: u8 = 0;
+pub(crate) mod exit {
+    pub(crate) const OK: u8 = 0;
     /// A stage failed, or `verify` found drift.
-    pub const FAILED: u8 = 1;
+    pub(crate) const FAILED: u8 = 1;
     /// Bad input: pipeline.toml, flags, unknown stage, missing or unreadable tool, unreadable input file, a
     /// rejected archive, a file kkpipe was told to read or write that it cannot.
-    pub const USAGE: u8 = 2;
+    pub(crate) const USAGE: u8 = 2;
     /// The cache is unusable: corrupt, written by a newer kkpipe, read-only, disk full.
-    pub const CACHE: u8 = 3;
+    pub(crate) const CACHE: u8 = 3;
     /// Another kkpipe held the run lock for longer than `--lock-timeout`.
-    pub const LOCKED: u8 = 4;
+    pub(crate) const LOCKED: u8 = 4;
     /// `verify` verified nothing: no selected deploy stage has a `verify` probe and is deployed with its
     /// current inputs (or no stage was selected). Not success: nothing says the live system is in sync.
-    pub const NOTHING_VERIFIED: u8 = 5;
+    pub(crate) const NOTHING_VERIFIED: u8 = 5;
     /// Interrupted by SIGINT (128 + 2) or SIGTERM (128 + 15).
-    pub const SIGINT: u8 = 130;
-    pub const SIGTERM: u8 = 143;
+    pub(crate) const SIGINT: u8 = 130;
+    pub(crate) const SIGTERM: u8 = 143;
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::Error),
     #[error(transparent)]
@@ -84,7 +84,7 @@ impl From<crate::run::Error> for Error {
 }
 
 impl Error {
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Error::Pipeline(_) | Error::Graph(_) | Error::Input(_) | Error::Usage(_) | Error::Tool { .. } => {
                 exit::USAGE
@@ -102,7 +102,7 @@ impl Error {
     }
 
     /// An I/O error on a path kkpipe was asked to read or write (`action`: "write", "create", ...).
-    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Error {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Error {
         Error::Io { action, path: path.to_path_buf(), source }
     }
 }

@@ -14,7 +14,7 @@ use crate::session::{self, Session};
 
 /// What a command works on, resolved from flags and the CI's variables.
 #[derive(Clone, Copy)]
-pub struct Context<'a> {
+pub(crate) struct Context<'a> {
     pub pipeline: &'a Pipeline,
     pub graph: &'a Graph,
     pub event: Option<&'a CiEvent>,
@@ -23,25 +23,25 @@ pub struct Context<'a> {
 }
 
 impl Context<'_> {
-    pub fn select(&self, targets: &[String]) -> Result<Vec<Selected>, crate::graph::Error> {
+    pub(crate) fn select(&self, targets: &[String]) -> Result<Vec<Selected>, crate::graph::Error> {
         self.graph.select(self.pipeline, targets, self.event)
     }
 
     /// The history filter of stage `i`: deploy stages keep a ledger per environment.
-    pub fn ledger_env(&self, i: usize) -> Option<&str> {
+    pub(crate) fn ledger_env(&self, i: usize) -> Option<&str> {
         self.pipeline.stages[i].is_deploy().then_some(self.env)
     }
 }
 
 /// A stage's manifest (when it could be made) and its decision.
 #[derive(Debug, Clone)]
-pub struct Evaluation {
+pub(crate) struct Evaluation {
     pub keyed: Option<Keyed>,
     pub decision: Decision,
 }
 
 /// The one mapping from a decision to what a user sees. `dry_run`: a stage that must run "would run".
-pub fn state_of(d: &Decision, dry_run: bool) -> crate::report::StageState {
+pub(crate) fn state_of(d: &Decision, dry_run: bool) -> crate::report::StageState {
     use crate::report::StageState;
     match d {
         Decision::Fresh(_) => StageState::Fresh,
@@ -55,7 +55,7 @@ pub fn state_of(d: &Decision, dry_run: bool) -> crate::report::StageState {
 
 /// One stage, decided. (Short-lived: moved straight into the scheduler or an [`Evaluation`].)
 #[allow(clippy::large_enum_variant)]
-pub enum Step {
+pub(crate) enum Step {
     /// The manifest cannot be made (a tool is missing or unreadable): the stage must run and cannot.
     NoManifest(Reason),
     Decided(Keyed, Decision),
@@ -71,7 +71,7 @@ impl From<Step> for Evaluation {
 }
 
 /// Make stage `i`'s manifest from its needs' outputs and decide it.
-pub fn stage(
+pub(crate) fn stage(
     cx: Context<'_>,
     session: &mut Session<'_>,
     cache: &Cache,
@@ -97,7 +97,11 @@ pub fn stage(
 }
 
 /// The outputs a stage is known to produce when it is not fresh now: those of its latest success.
-pub fn last_known_outputs(cx: Context<'_>, cache: &Cache, i: usize) -> Result<Vec<OutputRecord>, crate::cache::Error> {
+pub(crate) fn last_known_outputs(
+    cx: Context<'_>,
+    cache: &Cache,
+    i: usize,
+) -> Result<Vec<OutputRecord>, crate::cache::Error> {
     match cache.latest_success(&cx.pipeline.stages[i].name, cx.ledger_env(i))? {
         Some(r) => cache.outputs(&r),
         None => Ok(Vec::new()),
@@ -106,7 +110,7 @@ pub fn last_known_outputs(cx: Context<'_>, cache: &Cache, i: usize) -> Result<Ve
 
 /// Evaluate every selected stage in graph order, with the outputs of fresh needs, or the last known outputs of
 /// stale ones. `forced(i)`: `run --dry-run --force`.
-pub fn all(
+pub(crate) fn all(
     cx: Context<'_>,
     session: &mut Session<'_>,
     cache: &Cache,

@@ -49,7 +49,7 @@ fn input_files(eval: Option<&Evaluation>) -> Vec<InputFile> {
 }
 
 /// Explain stage `i`, evaluated in `evals`.
-pub fn explain(
+pub(crate) fn explain(
     cx: Context<'_>,
     cache: &Cache,
     evals: &[Option<Evaluation>],

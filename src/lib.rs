@@ -32,42 +32,59 @@
 //! - [`kkp`]: the KKP pipeline template (`init`) and the offline demo; [`ci`]: CI providers (detection, files).
 //! - `commands`: one function per CLI verb, gluing the above together; `main.rs` only calls [`main_entry`].
 
-pub mod audit;
-pub mod cache;
-pub mod ci;
-pub mod cli;
-pub mod clock;
+#![warn(unreachable_pub)]
+
+mod audit;
+mod cache;
+mod ci;
+mod cli;
+mod clock;
 mod commands;
-pub mod data;
-pub mod error;
-pub mod evaluate;
-pub mod explain;
-pub mod fresh;
-pub mod graph;
-pub mod hash;
-pub mod kkp;
-pub mod mask;
-pub mod pipeline;
-pub mod relpath;
-pub mod remote;
-pub mod report;
-pub mod run;
-pub mod session;
-pub mod settings;
-pub mod sign;
+mod data;
+mod error;
+mod evaluate;
+mod explain;
+mod fresh;
+mod graph;
+mod hash;
+mod kkp;
+mod mask;
+mod pipeline;
+mod relpath;
+mod remote;
+mod report;
+mod run;
+mod session;
+mod settings;
+mod sign;
 pub mod store;
-pub mod tfplan;
+mod tfplan;
 
 use clap::Parser;
 
+/// What the fuzz targets (fuzz/) drive: loading pipeline.toml and its graph, and importing a cache archive.
+/// With [`store`] (the integration tests' client of a remote) and [`main_entry`], the library's whole public
+/// surface: everything else is `pub(crate)` (`unreachable_pub` says so).
+pub mod fuzzing {
+    pub use crate::cache::Cache;
+    pub use crate::cache::archive::import;
+    pub use crate::graph::Graph;
+    pub use crate::pipeline::{Pipeline, load, parse};
+}
+
 /// Parse the command line, run the command, print an error once, and return the exit code.
-pub fn main_entry() -> u8 {
+pub fn main_entry() -> std::process::ExitCode {
+    // The stage watchdog (src/run/watchdog.rs) is this binary with one hidden argument, checked before clap:
+    // it is no subcommand, so it never shows in `--help` or completions.
+    if std::env::args_os().nth(1).is_some_and(|a| a == run::watchdog::ARG) {
+        return run::watchdog::serve();
+    }
     let cli = cli::Cli::parse();
-    match commands::dispatch(cli) {
+    std::process::ExitCode::from(match commands::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()
         }
-    }
+    })
 }

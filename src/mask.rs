@@ -9,22 +9,22 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine;
 use std::collections::BTreeSet;
 
-pub const MIN_LEN: usize = 4;
+pub(crate) const MIN_LEN: usize = 4;
 const MASK: &[u8] = b"***";
 
 #[derive(Default)]
-pub struct Masker {
+pub(crate) struct Masker {
     secrets: BTreeSet<Vec<u8>>,
     matcher: Option<AhoCorasick>,
 }
 
 impl Masker {
-    pub fn new() -> Masker {
+    pub(crate) fn new() -> Masker {
         Masker::default()
     }
 
     /// A masker for every `pass_env` and `secret_env` value the pipeline's stages receive from the caller.
-    pub fn for_pipeline(
+    pub(crate) fn for_pipeline(
         p: &crate::pipeline::Pipeline,
         caller_env: &std::collections::HashMap<String, String>,
     ) -> Masker {
@@ -40,12 +40,12 @@ impl Masker {
 
     /// Add a secret value (and its base64 forms). Multi-line values are added line by line, because
     /// output is masked line by line.
-    pub fn add(&mut self, value: &[u8]) {
+    pub(crate) fn add(&mut self, value: &[u8]) {
         self.add_all([value]);
     }
 
     /// Add many values, building the matcher once.
-    pub fn add_all<'v>(&mut self, values: impl IntoIterator<Item = &'v [u8]>) {
+    pub(crate) fn add_all<'v>(&mut self, values: impl IntoIterator<Item = &'v [u8]>) {
         let mut added = false;
         for value in values {
             added |= self.insert(value);
@@ -79,11 +79,7 @@ impl Masker {
         self.matcher = AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&self.secrets).ok();
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.secrets.is_empty()
-    }
-
-    pub fn mask(&self, text: &[u8]) -> Vec<u8> {
+    pub(crate) fn mask(&self, text: &[u8]) -> Vec<u8> {
         match &self.matcher {
             None => text.to_vec(),
             Some(m) => {
@@ -101,7 +97,7 @@ impl Masker {
     /// (each is masked on its own): before the last `longest - 1` bytes, where a secret may have begun that the
     /// next piece completes, and never inside a secret the piece holds whole. At most `max_carry` bytes stay
     /// behind (a secret longer than that is masked in the stored log, not in a cut line).
-    pub fn split_point(&self, text: &[u8], max_carry: usize) -> usize {
+    pub(crate) fn split_point(&self, text: &[u8], max_carry: usize) -> usize {
         let Some(m) = &self.matcher else { return text.len() };
         let longest = self.secrets.iter().map(Vec::len).max().unwrap_or(0);
         let mut at = text.len() - longest.saturating_sub(1).min(max_carry).min(text.len());
@@ -113,7 +109,7 @@ impl Masker {
         at
     }
 
-    pub fn mask_str(&self, text: &str) -> String {
+    pub(crate) fn mask_str(&self, text: &str) -> String {
         String::from_utf8_lossy(&self.mask(text.as_bytes())).into_owned()
     }
 }
@@ -151,7 +147,7 @@ mod tests {
     fn short_values_are_not_masked() {
         let mut m = Masker::new();
         m.add(b"ab");
-        assert!(m.is_empty());
+        assert!(m.secrets.is_empty());
         assert_eq!(m.mask(b"abc"), b"abc");
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 /// that lists it, so a clone is a reference count, not a copy.
 /// `text` with its control characters escaped (`\n`, `\r`, `\u{1b}`), for text that came from outside (a file
 /// name, a probe's output) and is shown in kkpipe's own lines: it can never start a line or move the cursor.
-pub fn escape_controls(text: &str) -> String {
+pub(crate) fn escape_controls(text: &str) -> String {
     match text.chars().any(char::is_control) {
         false => text.to_string(),
         true => text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.into() }).collect(),
@@ -23,7 +23,7 @@ pub fn escape_controls(text: &str) -> String {
 
 /// Names that are kkpipe's or git's at any depth (`.kkpipe`, a nested repository's or worktree's `.git`): never an
 /// input, never collected as an output, never compared or pruned in an output directory, never restored into.
-pub const RESERVED: &[&[u8]] = &[b".kkpipe", b".git"];
+pub(crate) const RESERVED: &[&[u8]] = &[b".kkpipe", b".git"];
 
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Arc<[u8]>);

@@ -16,20 +16,20 @@ use std::path::{Path, PathBuf};
 
 /// Why a tool cannot be keyed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ToolError {
+pub(crate) enum ToolError {
     NotFound { name: String },
     Unreadable { name: String, path: PathBuf, error: String },
 }
 
 impl ToolError {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             ToolError::NotFound { name } | ToolError::Unreadable { name, .. } => name,
         }
     }
 }
 
-pub struct Session<'a> {
+pub(crate) struct Session<'a> {
     root: &'a Path,
     pipeline: &'a Pipeline,
     caller_env: &'a HashMap<String, String>,
@@ -54,7 +54,7 @@ pub struct Session<'a> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error(transparent)]
     Hash(#[from] hash::Error),
     #[error(transparent)]
@@ -64,7 +64,7 @@ pub enum Error {
 impl<'a> Session<'a> {
     /// `snapshot`: the stored stat cache; `secret_key`: the HMAC key for `secret_env` values, when a stage
     /// has any.
-    pub fn new(
+    pub(crate) fn new(
         pipeline: &'a Pipeline,
         caller_env: &'a HashMap<String, String>,
         env_name: &'a str,
@@ -104,20 +104,20 @@ impl<'a> Session<'a> {
     }
 
     /// Warnings found so far (patterns matching nothing, special files skipped), each once.
-    pub fn take_warnings(&mut self) -> Vec<String> {
+    pub(crate) fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
     }
 
     // ------------------------------------------------------------ inputs
 
     /// Whether `path` (present or not) is one of stage `i`'s inputs or a global input, as its patterns say.
-    pub fn is_input(&self, i: usize, path: &RelPath) -> bool {
+    pub(crate) fn is_input(&self, i: usize, path: &RelPath) -> bool {
         self.matchers[i].matches(path) || (self.global.matches(path) && !self.matchers[i].excluded(path))
     }
 
     /// Walk the input trees of `stages` (and the global inputs) once, in parallel, and digest their inputs
     /// ahead, in parallel too.
-    pub fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
+    pub(crate) fn walk(&mut self, stages: &[usize]) -> Result<(), Error> {
         if self.walked_for.as_deref() == Some(stages) {
             return Ok(());
         }
@@ -139,7 +139,7 @@ impl<'a> Session<'a> {
     }
 
     /// Walk again the trees of one stage (its files may have been written or restored since the walk).
-    pub fn rewalk(&mut self, i: usize) -> Result<(), Error> {
+    pub(crate) fn rewalk(&mut self, i: usize) -> Result<(), Error> {
         self.walked_for = None;
         let mut starts = self.matchers[i].starts().to_vec();
         starts.extend_from_slice(self.global.starts());
@@ -180,7 +180,7 @@ impl<'a> Session<'a> {
     }
 
     /// The digest of a recorded output as the workspace holds it now (for `fresh::Workspace`).
-    pub fn hasher(&self) -> &FileHasher {
+    pub(crate) fn hasher(&self) -> &FileHasher {
         &self.hasher
     }
 
@@ -193,13 +193,13 @@ impl<'a> Session<'a> {
     }
 
     /// Where stage `i`'s commands find tool `name` (on the PATH they see, from the stage's directory).
-    pub fn tool_path(&self, i: usize, name: &str) -> Option<PathBuf> {
+    pub(crate) fn tool_path(&self, i: usize, name: &str) -> Option<PathBuf> {
         find_on_path_from(name, self.stage_path(i), &self.pipeline.stages[i].dir.under(self.root))
     }
 
     /// Resolve and hash stage `i`'s tools on the PATH its commands see, following symlinks to the file that
     /// runs (Debian's `/usr/bin/python3`, Homebrew, alternatives).
-    pub fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, ToolError> {
+    pub(crate) fn tools(&mut self, i: usize) -> Result<Vec<(String, Hash)>, ToolError> {
         let mut out = Vec::new();
         // Relative and empty PATH entries are resolved from the stage's directory, as its shell resolves them.
         let cwd = self.pipeline.stages[i].dir.under(self.root);
@@ -240,7 +240,7 @@ impl<'a> Session<'a> {
 
     /// Everything stage `i`'s result may depend on, given the outputs of the stages it needs.
     /// `Ok(Err(reason))` when the manifest cannot be complete (a tool is missing or unreadable).
-    pub fn manifest(
+    pub(crate) fn manifest(
         &mut self,
         i: usize,
         needs: &[(String, Vec<OutputRecord>)],
@@ -315,7 +315,7 @@ impl<'a> Session<'a> {
     /// files walked, each with what was learned now or else its old entry, and what was learned of files
     /// found since (outputs); a file gone is forgotten. Elsewhere (tools, other trees) old entries stay unless
     /// relearned; `cache gc` prunes them. A no-op status writes, and scans, nothing.
-    pub fn persist_stat_cache(&self, cache: &Cache) {
+    pub(crate) fn persist_stat_cache(&self, cache: &Cache) {
         use crate::hash::files::{encode_snapshot, snapshot_entries};
         let new = self.hasher.take_new_entries();
         if new.is_empty() {
@@ -338,7 +338,7 @@ impl<'a> Session<'a> {
     }
 
     /// For `-v`: how much was read, and how much the stat cache saved.
-    pub fn hashing_summary(&self) -> String {
+    pub(crate) fn hashing_summary(&self) -> String {
         use std::sync::atomic::Ordering;
         let c = &self.hasher.counters;
         format!(
@@ -351,13 +351,13 @@ impl<'a> Session<'a> {
 }
 
 /// The first executable file named `name` in a `PATH` value, relative entries taken from kkpipe's directory.
-pub fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str, path: Option<&str>) -> Option<PathBuf> {
     find_on_path_from(name, path, &std::env::current_dir().ok()?)
 }
 
 /// The first executable file named `name` in a `PATH` value as a shell started in `cwd` finds it: an empty
 /// entry is `cwd` itself, a relative one is below `cwd` (bash's rules), so the file keyed is the one that runs.
-pub fn find_on_path_from(name: &str, path: Option<&str>, cwd: &Path) -> Option<PathBuf> {
+pub(crate) fn find_on_path_from(name: &str, path: Option<&str>, cwd: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     for dir in path?.split(':') {
         let candidate = cwd.join(dir).join(name);

@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Where to start looking for pipeline.toml.
     pub start_dir: PathBuf,
     pub color: bool,
@@ -28,7 +28,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_cli(cli: &Cli) -> Settings {
+    pub(crate) fn from_cli(cli: &Cli) -> Settings {
         let caller_env: HashMap<String, String> =
             std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
         let provider = ci::detect(&|k| caller_env.get(k).cloned());
@@ -64,7 +64,7 @@ impl Settings {
     }
 
     /// Whether a run that may deploy goes ahead: `--yes` or CI, else a question on a terminal, else no.
-    pub fn consent(&self, yes: bool) -> crate::run::Consent {
+    pub(crate) fn consent(&self, yes: bool) -> crate::run::Consent {
         use crate::run::Consent;
         if yes || self.in_ci {
             Consent::Given
@@ -78,7 +78,7 @@ impl Settings {
     /// How long stages get to stop after a forwarded SIGINT/SIGTERM, or after kkpipe died, before SIGKILL:
     /// `KKPIPE_STOP_GRACE` seconds (fractions allowed), default 7: within GitHub Actions' 7.5 s between the
     /// SIGINT of a cancel and its SIGTERM, so kkpipe records the stop before the runner moves on.
-    pub fn stop_grace(&self) -> Result<std::time::Duration, Error> {
+    pub(crate) fn stop_grace(&self) -> Result<std::time::Duration, Error> {
         const VAR: &str = "KKPIPE_STOP_GRACE";
         let Some(text) = self.caller_env.get(VAR).filter(|t| !t.trim().is_empty()) else {
             return Ok(std::time::Duration::from_secs(7));
@@ -92,12 +92,12 @@ impl Settings {
     }
 
     /// The event the CI's variables say, whatever the flags say.
-    pub fn ci_event(&self) -> Option<CiEvent> {
+    pub(crate) fn ci_event(&self) -> Option<CiEvent> {
         self.provider.and_then(|p| ci::event_from_env(p, &|k| self.caller_env.get(k).cloned()))
     }
 
     /// The event a command is for: explicit flags win over what the CI's variables say.
-    pub fn event(&self, sel: &Selection) -> Result<Option<CiEvent>, Error> {
+    pub(crate) fn event(&self, sel: &Selection) -> Result<Option<CiEvent>, Error> {
         let detected = self.ci_event();
         let event = match (&sel.event, detected) {
             (Some(text), detected) => {

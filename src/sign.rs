@@ -13,7 +13,7 @@ const PRIVATE_PREFIX: &str = "ed25519-private:";
 pub struct PublicKey(VerifyingKey);
 
 /// The writer's private key (`KKPIPE_SIGNING_KEY`).
-pub struct PrivateKey(SigningKey);
+pub(crate) struct PrivateKey(SigningKey);
 
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,13 +49,13 @@ impl std::fmt::Display for PublicKey {
 
 impl PrivateKey {
     /// A new key from the operating system's randomness.
-    pub fn generate() -> PrivateKey {
+    pub(crate) fn generate() -> PrivateKey {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).expect("the operating system's random source");
         PrivateKey(SigningKey::from_bytes(&seed))
     }
 
-    pub fn parse(text: &str) -> Result<PrivateKey, String> {
+    pub(crate) fn parse(text: &str) -> Result<PrivateKey, String> {
         text.trim()
             .strip_prefix(PRIVATE_PREFIX)
             .and_then(bytes32)
@@ -65,15 +65,15 @@ impl PrivateKey {
             })
     }
 
-    pub fn public(&self) -> PublicKey {
+    pub(crate) fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())
     }
 
-    pub fn sign(&self, kind: &str, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn sign(&self, kind: &str, body: &[u8]) -> Vec<u8> {
         self.0.sign(&message(kind, body)).to_bytes().to_vec()
     }
 
-    pub fn to_text(&self) -> String {
+    pub(crate) fn to_text(&self) -> String {
         format!("{PRIVATE_PREFIX}{}", B64.encode(self.0.to_bytes()))
     }
 }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 /// What a plan will do, by action.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
-pub struct PlanSummary {
+pub(crate) struct PlanSummary {
     pub create: Vec<String>,
     pub update: Vec<String>,
     pub delete: Vec<String>,
@@ -35,13 +35,13 @@ pub struct PlanSummary {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Moved {
+pub(crate) struct Moved {
     pub from: String,
     pub to: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutputChange {
+pub(crate) struct OutputChange {
     pub name: String,
     /// `added`, `removed` or `changed`.
     pub change: &'static str,
@@ -49,7 +49,7 @@ pub struct OutputChange {
 
 impl PlanSummary {
     /// Nothing to create, change, destroy, move or import.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.create.is_empty()
             && self.update.is_empty()
             && self.delete.is_empty()
@@ -60,7 +60,7 @@ impl PlanSummary {
     }
 
     /// `2 to create, 1 to update, 0 to delete, 1 to replace`, and reads, moves and imports when there are any.
-    pub fn counts(&self) -> String {
+    pub(crate) fn counts(&self) -> String {
         let mut s = format!(
             "{} to create, {} to update, {} to delete, {} to replace",
             self.create.len(),
@@ -79,22 +79,17 @@ impl PlanSummary {
         }
         s
     }
-
-    /// Addresses that a plan destroys: deleted or replaced.
-    pub fn destroys(&self) -> impl Iterator<Item = (&str, &'static str)> {
-        self.delete.iter().map(|a| (a.as_str(), "delete")).chain(self.replace.iter().map(|a| (a.as_str(), "replace")))
-    }
 }
 
 /// The actions a plan policy can deny (`plan_policy.deny` in pipeline.toml).
-pub const ACTIONS: &[&str] = &["create", "update", "delete", "replace", "read", "forget"];
+pub(crate) const ACTIONS: &[&str] = &["create", "update", "delete", "replace", "read", "forget"];
 
 /// What a policy denies by default: destroying anything (deleted, or destroyed and created again).
-pub const DENY_BY_DEFAULT: &[&str] = &["delete", "replace"];
+pub(crate) const DENY_BY_DEFAULT: &[&str] = &["delete", "replace"];
 
 impl PlanSummary {
     /// The addresses of one action (one of [`ACTIONS`]).
-    pub fn with_action(&self, action: &str) -> &[String] {
+    pub(crate) fn with_action(&self, action: &str) -> &[String] {
         match action {
             "create" => &self.create,
             "update" => &self.update,
@@ -107,7 +102,7 @@ impl PlanSummary {
     }
 
     /// `(address, action)` of every change of a `deny`ed action on an address `allowed` does not cover.
-    pub fn denied(&self, deny: &[String], allowed: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
+    pub(crate) fn denied(&self, deny: &[String], allowed: &dyn Fn(&str) -> bool) -> Vec<(String, String)> {
         deny.iter()
             .flat_map(|a| self.with_action(a).iter().map(move |addr| (addr.clone(), a.clone())))
             .filter(|(addr, _)| !allowed(addr))
@@ -184,7 +179,7 @@ fn split_address(text: &str) -> Option<(&str, &str)> {
 /// The resources a `terraform plan` (run without `-json`, as a drift probe runs it) printed as changing, each
 /// once per kind of change, in order. Only the lines terraform writes at the top level, indented by exactly
 /// two spaces (a value's text, such as a heredoc, is indented deeper); text that is no plan gives none.
-pub fn changes_in_text(text: &str) -> Vec<TextChange> {
+pub(crate) fn changes_in_text(text: &str) -> Vec<TextChange> {
     let mut out: Vec<TextChange> = Vec::new();
     for line in text.lines() {
         let line = strip_ansi(line);
@@ -207,7 +202,7 @@ pub fn changes_in_text(text: &str) -> Vec<TextChange> {
 }
 
 /// `a` (update), `b` (delete), and 3 more: at most `max` named, each as `show` renders an address.
-pub fn name_changes(changes: &[TextChange], more: usize, max: usize, show: &dyn Fn(&str) -> String) -> String {
+pub(crate) fn name_changes(changes: &[TextChange], more: usize, max: usize, show: &dyn Fn(&str) -> String) -> String {
     let mut names: Vec<String> =
         changes.iter().take(max).map(|c| format!("{} ({})", show(&c.address), c.change)).collect();
     let more = more + changes.len().saturating_sub(max);
@@ -220,7 +215,7 @@ pub fn name_changes(changes: &[TextChange], more: usize, max: usize, show: &dyn 
 /// Resource address patterns (blank ones ignored), as `plan_policy.allow` and `KKPIPE_ALLOW_DESTROY` give
 /// them: `*` matches anything, every other character itself, so an address is its own pattern
 /// (`terraform_data.node[2]`, `module.x["a"]`: brackets are not character classes here).
-pub fn address_patterns<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<globset::GlobSet, String> {
+pub(crate) fn address_patterns<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Result<globset::GlobSet, String> {
     let mut b = globset::GlobSetBuilder::new();
     for p in patterns.into_iter().map(str::trim).filter(|p| !p.is_empty()) {
         let literal: Vec<String> = p.split('*').map(globset::escape).collect();
@@ -232,7 +227,7 @@ pub fn address_patterns<'a>(patterns: impl IntoIterator<Item = &'a str>) -> Resu
 
 /// `terraform show -json PLAN` in `cwd` (where terraform was initialised), summarised. `env`: the whole
 /// environment terraform gets (a stage's), or None for the caller's.
-pub fn show(
+pub(crate) fn show(
     plan: &std::path::Path,
     cwd: &std::path::Path,
     env: Option<Vec<(String, String)>>,
@@ -278,7 +273,7 @@ struct Change {
 }
 
 /// Reads `terraform show -json` output.
-pub fn parse(json: &[u8]) -> Result<PlanSummary, String> {
+pub(crate) fn parse(json: &[u8]) -> Result<PlanSummary, String> {
     let plan: Plan = serde_json::from_slice(json).map_err(|e| format!("not terraform's JSON plan: {e}"))?;
     let mut s = PlanSummary::default();
     for rc in plan.resource_changes {
@@ -352,7 +347,6 @@ mod tests {
         assert_eq!(outputs, [("endpoint", "changed"), ("new", "added")]);
         assert_eq!(s.counts(), "1 to create, 1 to update, 1 to delete, 2 to replace, 1 to read, 1 moved, 1 imported");
         assert!(!format!("{s:?}").contains("s3cret"));
-        assert_eq!(s.destroys().count(), 3);
     }
 
     #[test]

@@ -23,14 +23,14 @@ run = "echo deployed > state.json"
 outputs = [{ path = "state.json", sensitive = true }]
 "#;
 
-fn repo() -> &'static (PathBuf, kkpipe::pipeline::Pipeline) {
-    static REPO: OnceLock<(PathBuf, kkpipe::pipeline::Pipeline)> = OnceLock::new();
+fn repo() -> &'static (PathBuf, kkpipe::fuzzing::Pipeline) {
+    static REPO: OnceLock<(PathBuf, kkpipe::fuzzing::Pipeline)> = OnceLock::new();
     REPO.get_or_init(|| {
         let root = std::env::temp_dir().join(format!("kkpipe-fuzz-import-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("pipeline.toml"), PIPELINE).unwrap();
-        let pipeline = kkpipe::pipeline::load(&root).expect("the fuzz pipeline loads");
+        let pipeline = kkpipe::fuzzing::load(&root).expect("the fuzz pipeline loads");
         (root, pipeline)
     })
 }
@@ -53,8 +53,8 @@ fuzz_target!(|data: &[u8]| {
     let before = workspace(root);
     let archive = std::env::temp_dir().join(format!("kkpipe-fuzz-import-{}.tar.zst", std::process::id()));
     std::fs::write(&archive, zstd::encode_all(data, 1).unwrap()).unwrap();
-    let cache = kkpipe::cache::Cache::open(root).expect("a fresh cache opens");
-    match kkpipe::cache::archive::import(&cache, &archive, &pipeline.stages, data.first() == Some(&b'k')) {
+    let cache = kkpipe::fuzzing::Cache::open(root).expect("a fresh cache opens");
+    match kkpipe::fuzzing::import(&cache, &archive, &pipeline.stages, data.first() == Some(&b'k')) {
         Ok(r) => {
             let _ = (r.entries, r.blobs);
         }
@@ -64,5 +64,5 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(cache);
     assert_eq!(workspace(root), before, "an import wrote outside .kkpipe/");
-    kkpipe::cache::Cache::open(root).expect("the cache opens after an import");
+    kkpipe::fuzzing::Cache::open(root).expect("the cache opens after an import");
 });

@@ -8,10 +8,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let root = std::env::temp_dir();
     let file = root.join("pipeline.toml");
-    match kkpipe::pipeline::parse(&root, &file, text) {
+    match kkpipe::fuzzing::parse(&root, &file, text) {
         Ok(p) => {
             // A valid pipeline must also build a graph or report its cycle.
-            let _ = kkpipe::graph::Graph::build(&p).map_err(|e| e.to_string());
+            let _ = kkpipe::fuzzing::Graph::build(&p).map_err(|e| e.to_string());
         }
         Err(e) => {
             let _ = e.to_string();

@@ -25,25 +25,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::Path;
 
-pub const FORMAT: &str = "kkpipe-cache-archive";
+pub(crate) const FORMAT: &str = "kkpipe-cache-archive";
 /// 2: entries carry every latest attempt (failed and interrupted ones too) with its state and the exporter's
 /// sequence, and outputs record directories. 3: outputs carry their permission bits, and the exact bytes of a
 /// path or link text that is not UTF-8. 4: entries carry their run's audit fields and may be `adopted`
 /// (an older kkpipe refuses the schema by number, saying to upgrade). 5: the document carries each deploy
 /// stage's last drift probe. Schemas 1 to 4 are still read.
-pub const SCHEMA: u32 = 5;
+pub(crate) const SCHEMA: u32 = 5;
 const ROOT: &str = "kkpipe-cache";
 /// No single entry may be larger than this (a plan or chart bundle is far smaller).
-pub const MAX_ENTRY: u64 = 2 << 30;
+pub(crate) const MAX_ENTRY: u64 = 2 << 30;
 /// Nor the archive, decompressed.
-pub const MAX_TOTAL: u64 = 16 << 30;
+pub(crate) const MAX_TOTAL: u64 = 16 << 30;
 /// What is read into memory (the document, manifests and logs; blobs go to disk as they are read), together.
 /// A larger log is left out of an export.
-pub const MAX_IN_MEMORY: u64 = 512 << 20;
+pub(crate) const MAX_IN_MEMORY: u64 = 512 << 20;
 /// One stage log in an archive: a larger one is left out of an export.
-pub const MAX_LOG: u64 = 64 << 20;
+pub(crate) const MAX_LOG: u64 = 64 << 20;
 /// `archive.json`: parsed, it takes a few times its size in memory. An export leaves out entries beyond it.
-pub const MAX_DOCUMENT: u64 = 64 << 20;
+pub(crate) const MAX_DOCUMENT: u64 = 64 << 20;
 const MAX_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ fn success() -> String {
 /// An output record in the path-independent form that archives and remote entries carry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OutputDoc {
+pub(crate) struct OutputDoc {
     path: String,
     /// Hex BLAKE3 for files; absent for symlinks.
     hash: Option<String>,
@@ -151,7 +151,7 @@ fn exact_bytes(text: &str, bytes: &Option<String>, what: &str) -> Result<Vec<u8>
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
-pub struct ExportReport {
+pub(crate) struct ExportReport {
     pub entries: usize,
     pub blobs: usize,
     pub bytes: u64,
@@ -175,7 +175,7 @@ pub struct ImportReport {
 }
 
 /// Write `runs` (with their outputs) into a new archive at `file`.
-pub fn export(
+pub(crate) fn export(
     cache: &Cache,
     runs: &[Attempt],
     stages: &[Stage],
@@ -669,7 +669,7 @@ fn insert_entry(conn: &rusqlite::Connection, e: &ArchiveEntry, key: Key, c: &Che
 }
 
 impl OutputDoc {
-    pub fn of(o: &OutputRecord) -> Result<OutputDoc, String> {
+    pub(crate) fn of(o: &OutputRecord) -> Result<OutputDoc, String> {
         let (hash, target) = match &o.entry {
             Entry::File { hash, .. } => (Some(hash.to_hex()), None),
             Entry::Symlink { target } => (None, Some(text_and_bytes(target))),
@@ -695,7 +695,7 @@ impl OutputDoc {
     /// content or a directory's listing) or a link's target. A file's blob may be absent on the other side
     /// (left out as sensitive, or collected before the export): the output is then unavailable there and
     /// its stage reruns when it is needed.
-    pub fn checked(&self) -> Result<OutputRecord, String> {
+    pub(crate) fn checked(&self) -> Result<OutputRecord, String> {
         let exact = exact_bytes(&self.path, &self.path_bytes, "output path")?;
         let path = RelPath::from_bytes(&exact)
             .ok()
@@ -722,7 +722,7 @@ impl OutputDoc {
     }
 
     /// The blob a file's content is stored as, unless it is sensitive (never shared).
-    pub fn shared_blob(&self) -> Option<Hash> {
+    pub(crate) fn shared_blob(&self) -> Option<Hash> {
         (!self.sensitive && !self.dir && self.target.is_none())
             .then(|| self.hash.as_deref().and_then(Hash::from_hex))
             .flatten()

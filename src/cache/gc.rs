@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 /// Runs between automatic collections.
-pub const AUTO_EVERY: i64 = 20;
+pub(crate) const AUTO_EVERY: i64 = 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
@@ -44,7 +44,7 @@ pub struct Report {
     pub stat_entries_removed: usize,
 }
 
-pub use crate::report::history::CacheStats as Stats;
+pub(crate) use crate::report::history::CacheStats as Stats;
 
 struct Row {
     id: i64,
@@ -285,7 +285,7 @@ impl Cache {
 }
 
 /// Parse sizes like `500M`, `2G`, `1024K`, `123` (bytes).
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
     let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         None => (t, 1u64),

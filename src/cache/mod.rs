@@ -14,40 +14,40 @@
 //! transaction that also records its outputs: an interrupted or killed run can never look fresh. Every row
 //! is written through [`records`], the one write API, by runs and `cache import` alike.
 
-pub mod archive;
-pub mod gc;
-pub mod outputs;
+pub(crate) mod archive;
+pub(crate) mod gc;
+pub(crate) mod outputs;
 mod place;
-pub mod probes;
+pub(crate) mod probes;
 mod records;
 mod schema;
-pub mod store;
+pub(crate) mod store;
 
-pub use crate::fresh::{RunCounts, RunOutcome, RunRow};
-pub use records::{BadValue, End, LedgerSeen, NewAttempt};
+pub(crate) use crate::fresh::{RunCounts, RunOutcome, RunRow};
+pub(crate) use records::{BadValue, End, NewAttempt};
 use rusqlite::Connection;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-pub use store::BlobStore;
+pub(crate) use store::BlobStore;
 
-pub const DIR_NAME: &str = ".kkpipe";
-pub const DB_NAME: &str = "cache.db";
+pub(crate) const DIR_NAME: &str = ".kkpipe";
+pub(crate) const DB_NAME: &str = "cache.db";
 /// The stat cache, a file of its own beside the database (see [`Cache::save_stat_snapshot`]).
 const STAT_CACHE_NAME: &str = "stat-cache";
 pub(crate) const SECRET_KEY_NAME: &str = "sensitive/secret.key";
 /// A secret shared by the machines of one repository (a CI secret). When set, the HMAC key of `secret_env`
 /// values is derived from it instead of the random per-repository `secret.key`.
-pub const SECRET_KEY_VAR: &str = "KKPIPE_SECRET_KEY";
+pub(crate) const SECRET_KEY_VAR: &str = "KKPIPE_SECRET_KEY";
 /// The BLAKE3 `derive_key` context for [`shared_secret_key`]; changing it changes every secret_env key.
 const SECRET_KEY_CONTEXT: &str = "kkpipe 2026 secret_env HMAC key v1";
 
 /// The HMAC key for `secret_env` values derived from the value of [`SECRET_KEY_VAR`]: the same on every
 /// machine given the same secret, so their keys match. It is never written anywhere (not to `.kkpipe/`, not
 /// into an export): it exists only in the memory of the process that was given the secret.
-pub fn shared_secret_key(secret: &str) -> [u8; 32] {
+pub(crate) fn shared_secret_key(secret: &str) -> [u8; 32] {
     blake3::derive_key(SECRET_KEY_CONTEXT, secret.as_bytes())
 }
 
@@ -67,7 +67,7 @@ pub enum Error {
     Other(String),
 }
 
-pub type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunMeta {
@@ -86,7 +86,7 @@ pub struct Cache {
     pub blobs: BlobStore,
 }
 
-pub use crate::clock::{hostname, now_ms};
+pub(crate) use crate::clock::{hostname, now_ms};
 
 impl Cache {
     pub fn dir_of(root: &Path) -> PathBuf {

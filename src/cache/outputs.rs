@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error(
         "declared output `{0}` was not created by the stage\n  hint: fix the command, or remove the path from `outputs`"
     )]
@@ -27,7 +27,7 @@ pub enum Error {
 /// Store every declared output of a finished stage (files, directory trees, symlinks) and describe them;
 /// directories are recorded too (with their entry names), so a restore can put back exactly this tree.
 /// Blobs land before the caller commits the row that points at them.
-pub fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Vec<OutputRecord>, Error> {
+pub(crate) fn collect(root: &Path, declared: &[Output], blobs: &BlobStore) -> Result<Vec<OutputRecord>, Error> {
     let mut out = Vec::new();
     for o in declared {
         let abs = o.path.under(root);
@@ -151,7 +151,7 @@ fn store_one(
 }
 
 /// The workspace and the blob store of one checkout, for the decision.
-pub struct Disk<'a> {
+pub(crate) struct Disk<'a> {
     pub root: &'a Path,
     pub hasher: &'a FileHasher,
     pub blobs: &'a BlobStore,
@@ -169,7 +169,7 @@ impl Workspace for Disk<'_> {
 
 /// Give a regenerated output its recorded mode before it is compared with the record: what is regenerated is
 /// the content (a command's umask, or a secret made private when collected, is no difference).
-pub fn set_recorded_mode(root: &Path, rec: &OutputRecord) {
+pub(crate) fn set_recorded_mode(root: &Path, rec: &OutputRecord) {
     let abs = rec.path.under(root);
     if let Some(mode) = restored_mode(rec)
         && fs::symlink_metadata(&abs).is_ok_and(|m| !m.file_type().is_symlink())
@@ -178,7 +178,7 @@ pub fn set_recorded_mode(root: &Path, rec: &OutputRecord) {
     }
 }
 
-pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
+pub(crate) fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
     let abs = rec.path.under(root);
     let meta = match fs::symlink_metadata(&abs) {
         Ok(m) => m,
@@ -214,7 +214,7 @@ pub fn check(root: &Path, rec: &OutputRecord, hasher: &FileHasher) -> Present {
 
 /// Why a restore stopped (the stage then runs instead).
 #[derive(Debug)]
-pub enum NotRestored {
+pub(crate) enum NotRestored {
     /// The blob is not in the store (or did not verify).
     Unavailable(RelPath),
     /// The record may not be written here, or writing it failed.
@@ -224,7 +224,7 @@ pub enum NotRestored {
 /// Put `write` (records of one hit, missing or different in the workspace) back from the store, exactly:
 /// a recorded directory ends up with exactly the entries `all` (the hit's records) lists. Only paths
 /// inside the stage's current `declared` outputs are written, and never through a symlink (see `place`).
-pub fn restore(
+pub(crate) fn restore(
     root: &Path,
     declared: &[Output],
     write: &[OutputRecord],
@@ -269,7 +269,7 @@ pub fn restore(
 }
 
 /// True when the store can put the record back (links and directories need no blob).
-pub fn restorable(rec: &OutputRecord, blobs: &BlobStore) -> bool {
+pub(crate) fn restorable(rec: &OutputRecord, blobs: &BlobStore) -> bool {
     match &rec.entry {
         Entry::Symlink { .. } | Entry::Dir { .. } => true,
         Entry::File { hash, .. } => blobs.has(hash),

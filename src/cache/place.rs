@@ -34,13 +34,13 @@ fn io_err(e: Errno) -> io::Error {
 /// The repository root, opened once; everything below is reached from it one component at a time. New files
 /// and links are made in the cache's temporary directory and renamed into place, so a kill mid-restore leaves
 /// nothing in the workspace (the next run empties that directory).
-pub struct Root {
+pub(super) struct Root {
     root: OwnedFd,
     tmp: OwnedFd,
 }
 
 impl Root {
-    pub fn open(root: &Path, tmp: &Path) -> io::Result<Root> {
+    pub(super) fn open(root: &Path, tmp: &Path) -> io::Result<Root> {
         // The root itself may be reached through links (`/tmp` on some systems): it is the user's choice.
         let open = |p: &Path| openat(nix::fcntl::AT_FDCWD, p, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty());
         std::fs::create_dir_all(tmp)?;
@@ -50,7 +50,7 @@ impl Root {
     /// Open directory `dir`, creating missing directories. The first `keep` names must already be real
     /// directories (links there refuse the restore); deeper names belong to the output and whatever is in
     /// their way (a file, a link) is removed.
-    pub fn dir(&self, dir: &RelPath, keep: usize) -> io::Result<OwnedFd> {
+    pub(super) fn dir(&self, dir: &RelPath, keep: usize) -> io::Result<OwnedFd> {
         let mut fd = self.root.try_clone()?;
         let mut shown = RelPath::root();
         for (depth, name) in dir.names().into_iter().enumerate() {
@@ -79,7 +79,7 @@ impl Root {
 
     /// Put `fill`'s content at `dir/name` with `mode`, replacing what is there. `fill` returns `false` to give
     /// up (the content is not available), leaving the old entry as it was.
-    pub fn write_file(
+    pub(super) fn write_file(
         &self,
         dir: &OwnedFd,
         name: &[u8],
@@ -108,7 +108,7 @@ impl Root {
     }
 
     /// Make `dir/name` a symlink with `target`, replacing what is there.
-    pub fn write_link(&self, dir: &OwnedFd, name: &[u8], target: &[u8]) -> io::Result<()> {
+    pub(super) fn write_link(&self, dir: &OwnedFd, name: &[u8], target: &[u8]) -> io::Result<()> {
         let tmp = temp_name();
         symlinkat(os(target), &self.tmp, os(&tmp)).map_err(io_err)?;
         self.replace_with(&tmp, dir, name)
@@ -176,7 +176,7 @@ const BESIDE: &str = ".kkpipe-restore-";
 
 /// Remove what a restore killed mid-way left beside outputs on another file system (each named in a journal in
 /// `tmp`), then the journals. Called with the run lock held, before `tmp` is emptied.
-pub fn sweep_journal(tmp: &Path) {
+pub(super) fn sweep_journal(tmp: &Path) {
     let Ok(rd) = std::fs::read_dir(tmp) else { return };
     for e in rd.flatten() {
         if !e.file_name().as_bytes().starts_with(b"journal-") {
@@ -194,7 +194,7 @@ pub fn sweep_journal(tmp: &Path) {
 }
 
 /// Set the permission bits of the open directory `dir`.
-pub fn set_mode(dir: &OwnedFd, mode: u32) -> io::Result<()> {
+pub(super) fn set_mode(dir: &OwnedFd, mode: u32) -> io::Result<()> {
     nix::sys::stat::fchmod(dir, Mode::from_bits_truncate(mode)).map_err(io_err)
 }
 
@@ -211,7 +211,7 @@ fn is_dir(dir: &impl AsFd, name: &[u8]) -> bool {
 
 /// Remove every entry of the open directory `dir` whose name is not in `keep`, but never a `.git` or `.kkpipe`
 /// (a repository nested in an output is not the output's to remove).
-pub fn prune(dir: &OwnedFd, keep: &HashSet<&[u8]>) -> io::Result<()> {
+pub(super) fn prune(dir: &OwnedFd, keep: &HashSet<&[u8]>) -> io::Result<()> {
     for name in list(dir)? {
         if !keep.contains(&name[..]) && !crate::relpath::RESERVED.contains(&&name[..]) {
             remove(dir, &name)?;

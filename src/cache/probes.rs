@@ -12,9 +12,9 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 /// At most this many drifted resources are kept (the rest are counted).
-pub const MAX_RESOURCES: usize = 200;
+pub(crate) const MAX_RESOURCES: usize = 200;
 /// A probe's first line is kept up to this many characters.
-pub const MAX_DETAIL: usize = 200;
+pub(crate) const MAX_DETAIL: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {

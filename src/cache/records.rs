@@ -25,7 +25,7 @@ pub struct LedgerSeen {
 /// A value in the database that is none of the values kkpipe writes: reported with its row.
 #[derive(Debug, thiserror::Error)]
 #[error("{table} row {id}: {column} `{value}` is not one kkpipe writes")]
-pub struct BadValue {
+pub(crate) struct BadValue {
     pub table: &'static str,
     pub id: i64,
     pub column: &'static str,

@@ -2,7 +2,7 @@
 
 use rusqlite::Connection;
 
-pub const VERSION: i64 = 8;
+pub(super) const VERSION: i64 = 8;
 
 const STEPS: &[&str] = &[
     // 1: the initial schema.
@@ -119,12 +119,12 @@ const STEPS: &[&str] = &[
     ",
 ];
 
-pub enum MigrateError {
+pub(super) enum MigrateError {
     Newer(i64),
     Sql(rusqlite::Error),
 }
 
-pub fn migrate(conn: &Connection) -> Result<(), MigrateError> {
+pub(super) fn migrate(conn: &Connection) -> Result<(), MigrateError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(MigrateError::Sql)?;
     if current > VERSION {
         return Err(MigrateError::Newer(current));

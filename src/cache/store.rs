@@ -19,7 +19,7 @@ pub struct BlobStore {
     tmp: PathBuf,
 }
 
-pub const SENSITIVE_DIR: &str = "sensitive";
+pub(crate) const SENSITIVE_DIR: &str = "sensitive";
 
 /// A blob written and hashed in the temporary directory, not in the store: removed when dropped, unless
 /// committed (see [`BlobStore::stage`]).

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 const MAX_PAGES: usize = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
+pub(crate) enum Method {
     Get,
     Post,
     Patch,
@@ -39,7 +39,7 @@ pub enum Method {
 }
 
 #[derive(Debug, Clone)]
-pub struct Request {
+pub(crate) struct Request {
     pub method: Method,
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
@@ -48,7 +48,7 @@ pub struct Request {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     /// The `Link` header (GitHub's pagination).
     pub link: Option<String>,
@@ -58,13 +58,13 @@ pub struct Response {
 }
 
 /// One HTTP exchange; `Err` is a transport failure (no answer), an answer of any status is `Ok`.
-pub trait Http {
+pub(crate) trait Http {
     fn send(&self, req: &Request) -> Result<Response, String>;
 }
 
 /// The pull request this job is about, on its forge, from the CI's variables.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub provider: Provider,
     /// The API's base URL, without a trailing slash.
     api: String,
@@ -84,7 +84,7 @@ pub struct Target {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Comment {
+pub(crate) struct Comment {
     pub id: u64,
     /// Who wrote it: GitHub's `user.login`, GitLab's `author.username`, Bitbucket's `user.uuid`.
     pub author: String,
@@ -92,7 +92,7 @@ pub struct Comment {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Posted {
+pub(crate) enum Posted {
     Created(u64),
     Edited(u64),
     /// This job previewed `ours`, but the pull request's head is now `head`: its own job posts the newer
@@ -105,7 +105,7 @@ pub enum Posted {
 
 /// A refusal or an unreachable forge, said with what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failed {
+pub(crate) struct Failed {
     pub status: Option<u16>,
     pub message: String,
 }
@@ -127,7 +127,7 @@ struct Paths {
 
 impl Target {
     /// The target of the CI job whose variables `var` reads. `Err` names what is missing.
-    pub fn from_env(provider: Provider, var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
+    pub(crate) fn from_env(provider: Provider, var: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
         let Paths { api, pr, comments, item } = match provider {
             Provider::Github => github_paths(var)?,
             Provider::Gitlab => gitlab_paths(var)?,
@@ -153,12 +153,12 @@ impl Target {
     }
 
     /// The variable the token comes from.
-    pub fn token_var(&self) -> &'static str {
+    pub(crate) fn token_var(&self) -> &'static str {
         self.provider.comment_token()
     }
 
     /// The longest comment the forge takes, in characters.
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         match self.provider {
             Provider::Github => 65_536,
             Provider::Gitlab => 1_000_000,
@@ -325,7 +325,7 @@ fn same_commit(a: &str, b: &str) -> bool {
 
 /// The comment's text: the preview (whose first line is the marker with its commit), cut to the forge's limit
 /// with a link to the job for the rest.
-pub fn comment_body(target: &Target, preview: &str) -> String {
+pub(crate) fn comment_body(target: &Target, preview: &str) -> String {
     let (first, rest) = match preview.split_once('\n') {
         Some((first, rest)) if first.starts_with(MARKER_PREFIX) => (first.to_string(), rest),
         _ => (marker(None), preview),
@@ -336,7 +336,7 @@ pub fn comment_body(target: &Target, preview: &str) -> String {
 
 /// `text` in at most `limit` characters: whole lines, an open code fence and `<details>` closed, then a blank
 /// line (which ends a table, a list or an HTML block) and a paragraph that says where the whole is.
-pub fn fit(text: &str, limit: usize, job_url: Option<&str>) -> String {
+pub(crate) fn fit(text: &str, limit: usize, job_url: Option<&str>) -> String {
     let total = text.chars().count();
     if total <= limit {
         return text.to_string();
@@ -404,7 +404,7 @@ fn permission(p: Provider) -> &'static str {
 }
 
 /// Every comment on the pull request that is not the forge's own, oldest first.
-pub fn list(http: &dyn Http, t: &Target) -> Result<Vec<Comment>, Failed> {
+pub(crate) fn list(http: &dyn Http, t: &Target) -> Result<Vec<Comment>, Failed> {
     let mut out = Vec::new();
     let mut url = Some(t.first_page());
     let mut pages = 0;
@@ -448,7 +448,7 @@ fn ours<'a>(comments: &'a [Comment], me: Option<&str>) -> Vec<&'a Comment> {
 
 /// The preview must be of the commit this job is for: a file that a checkout, a cache or an older job left (a
 /// commit cannot name itself in a file it contains) is not posted.
-pub fn check_commit(t: &Target, preview: &str) -> Result<(), Failed> {
+pub(crate) fn check_commit(t: &Target, preview: &str) -> Result<(), Failed> {
     let refuse = |message: String| Err(Failed { status: None, message });
     let Some(of) = marked_commit(preview) else {
         return refuse("the file is no `kkpipe preview` output (its first line is not the preview's marker)".into());
@@ -466,7 +466,7 @@ pub fn check_commit(t: &Target, preview: &str) -> Result<(), Failed> {
 
 /// Post `preview` on the pull request: edit the oldest of kkpipe's marked comments, else create one; leave
 /// nothing when the pull request has moved past the commit this job previewed.
-pub fn upsert(http: &dyn Http, t: &Target, preview: &str) -> Result<Posted, Failed> {
+pub(crate) fn upsert(http: &dyn Http, t: &Target, preview: &str) -> Result<Posted, Failed> {
     check_commit(t, preview)?;
     if let Some(ours_sha) = &t.head {
         let r = call(http, &t.request(Method::Get, format!("{}{}", t.api, t.pr), None), "read the pull request", t)?;

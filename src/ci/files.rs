@@ -34,7 +34,7 @@ fn bootstrap_forge(run: &str) -> Option<Provider> {
 
 /// A pipeline made for one forge does not become another's by changing its CI file: the stage that bootstraps
 /// Flux would push to the wrong one. Refused, naming the stage and the way out.
-pub fn check_forge(pipeline: &Pipeline, p: Provider) -> Result<(), String> {
+pub(crate) fn check_forge(pipeline: &Pipeline, p: Provider) -> Result<(), String> {
     for s in &pipeline.stages {
         if let Some(forge) = bootstrap_forge(&s.run.join("\n"))
             && forge != p
@@ -54,7 +54,7 @@ pub fn check_forge(pipeline: &Pipeline, p: Provider) -> Result<(), String> {
 }
 
 /// Where each provider expects its file.
-pub fn file_name(p: Provider) -> &'static str {
+pub(crate) fn file_name(p: Provider) -> &'static str {
     match p {
         Provider::Github => ".github/workflows/kkp.yaml",
         Provider::Gitlab => ".gitlab-ci.yml",
@@ -75,7 +75,7 @@ const VERSIONS: &[(&str, &str)] = &[
 ];
 
 /// kkpipe's default for one of the versions the generated files install.
-pub fn default_version(var: &str) -> &'static str {
+pub(crate) fn default_version(var: &str) -> &'static str {
     VERSIONS.iter().find(|(k, _)| *k == var).map(|(_, v)| *v).unwrap_or_default()
 }
 
@@ -150,7 +150,7 @@ struct Facts {
 }
 
 /// The CI secrets the pipeline reads (what the CI file passes from the secret store), by name.
-pub fn secrets(pipeline: &Pipeline, p: Provider) -> Vec<String> {
+pub(crate) fn secrets(pipeline: &Pipeline, p: Provider) -> Vec<String> {
     facts(pipeline, p).secrets
 }
 
@@ -298,7 +298,7 @@ fn versions(f: &Facts) -> Vec<(&'static str, String)> {
 }
 
 /// The versions the provider's file for this pipeline installs, by variable name.
-pub fn pinned_versions(pipeline: &Pipeline, p: Provider) -> std::collections::BTreeMap<&'static str, String> {
+pub(crate) fn pinned_versions(pipeline: &Pipeline, p: Provider) -> std::collections::BTreeMap<&'static str, String> {
     versions(&facts(pipeline, p)).into_iter().collect()
 }
 
@@ -313,7 +313,7 @@ fn block(t: &mut String, indent: &str, lines: &[String]) {
     }
 }
 
-pub fn render(pipeline: &Pipeline, p: Provider, kkpipe: &Install) -> String {
+pub(crate) fn render(pipeline: &Pipeline, p: Provider, kkpipe: &Install) -> String {
     let f = facts(pipeline, p);
     match p {
         Provider::Github => github(&f, kkpipe),
@@ -336,27 +336,7 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
         t.push_str("# One run per ref at a time: deploy stages are never applied by two runs at once.\n");
         t.push_str("concurrency:\n  group: kkp-${{ github.ref }}\n  cancel-in-progress: false\n\n");
     }
-    if f.git_remote {
-        // The `git:` remote's ledger is refs in this repository: the token pushes them (refs/kkpipe/*; branch
-        // protection still holds, and a fork's pull request gets a read-only token whatever this says).
-        t.push_str(
-            "# The deploy ledger (`git:` remote) is refs/kkpipe/* in this repository: the job's token pushes them.\n",
-        );
-        t.push_str("permissions:\n  contents: write\n\nenv:\n");
-    } else {
-        t.push_str("permissions:\n  contents: read\n\nenv:\n");
-    }
-    if f.plan_policy {
-        // The explicit override of the plan policy (docs/review.md): a pull request's label, else the
-        // repository variable of the same name (for the push after the merge).
-        let _ = writeln!(
-            t,
-            "  KKPIPE_ALLOW_DESTROY: ${{{{ github.event_name == 'pull_request' && contains(github.event.pull_request.labels.*.name, '{ALLOW_DESTROY_LABEL}') && '*' || vars.KKPIPE_ALLOW_DESTROY }}}}"
-        );
-    }
-    for (k, v) in versions(f) {
-        let _ = writeln!(t, "  {k}: {}", yq(&v));
-    }
+    github_permissions_and_env(f, &mut t);
     t.push_str("\njobs:\n  kkp:\n    name: kkp pipeline\n    runs-on: ubuntu-latest\n    steps:\n");
     t.push_str("      - uses: actions/checkout@v4\n");
     t.push_str("      - name: Cache the kkpipe binary\n        uses: actions/cache@v4\n        with:\n");
@@ -386,6 +366,31 @@ fn github(f: &Facts, kkpipe: &Install) -> String {
     t.push_str("          key: kkpipe-${{ github.ref_name }}-${{ github.run_id }}-${{ github.run_attempt }}\n");
     github_comment_job(kkpipe, &mut t);
     t
+}
+
+/// The workflow's token permissions and its environment: the plan policy's override, the tools' versions.
+fn github_permissions_and_env(f: &Facts, t: &mut String) {
+    if f.git_remote {
+        // The `git:` remote's ledger is refs in this repository: the token pushes them (refs/kkpipe/*; branch
+        // protection still holds, and a fork's pull request gets a read-only token whatever this says).
+        t.push_str(
+            "# The deploy ledger (`git:` remote) is refs/kkpipe/* in this repository: the job's token pushes them.\n",
+        );
+        t.push_str("permissions:\n  contents: write\n\nenv:\n");
+    } else {
+        t.push_str("permissions:\n  contents: read\n\nenv:\n");
+    }
+    if f.plan_policy {
+        // The explicit override of the plan policy (docs/review.md): a pull request's label, else the
+        // repository variable of the same name (for the push after the merge).
+        let _ = writeln!(
+            t,
+            "  KKPIPE_ALLOW_DESTROY: ${{{{ github.event_name == 'pull_request' && contains(github.event.pull_request.labels.*.name, '{ALLOW_DESTROY_LABEL}') && '*' || vars.KKPIPE_ALLOW_DESTROY }}}}"
+        );
+    }
+    for (k, v) in versions(f) {
+        let _ = writeln!(t, "  {k}: {}", yq(&v));
+    }
 }
 
 /// What the merge will do, for the reviewer, beside the run's own table (also when the plan failed), and kept

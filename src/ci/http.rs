@@ -4,7 +4,7 @@
 use super::comment::{Http, Method, Request, Response};
 use std::time::Duration;
 
-pub struct Client {
+pub(crate) struct Client {
     client: reqwest::Client,
     rt: tokio::runtime::Runtime,
 }
@@ -12,7 +12,7 @@ pub struct Client {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
-    pub fn new() -> Result<Client, String> {
+    pub(crate) fn new() -> Result<Client, String> {
         let client = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(Duration::from_secs(10))

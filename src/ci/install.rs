@@ -8,7 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Install {
+pub(crate) enum Install {
     /// `cargo install kkpipe --version V` from crates.io.
     Crates(String),
     /// `cargo install --git URL [--rev REV] kkpipe`.
@@ -63,13 +63,13 @@ impl fmt::Display for Install {
 
 impl Install {
     /// The shell line that puts kkpipe into `.kkpipe-bin/bin` unless it is there already (a cached copy).
-    pub fn command(&self) -> String {
+    pub(crate) fn command(&self) -> String {
         format!("command -v kkpipe > /dev/null || {}", self.install_into(".kkpipe-bin"))
     }
 
     /// The shell command that installs kkpipe into `ROOT/bin` from this source, whatever is there: for the
     /// comment jobs, which must not run a binary from a cache or a checkout that a pull request can write.
-    pub fn install_into(&self, root: &str) -> String {
+    pub(crate) fn install_into(&self, root: &str) -> String {
         match self {
             Install::Crates(v) => format!("cargo install --locked --root {root} kkpipe --version {v}"),
             Install::Git { url, rev } => {
@@ -93,12 +93,12 @@ impl Install {
     }
 
     /// A cache key part naming this source (`.kkpipe-bin` is cached per source), safe in every provider's keys.
-    pub fn cache_key(&self) -> String {
+    pub(crate) fn cache_key(&self) -> String {
         blake3::hash(self.to_string().as_bytes()).to_hex()[..12].to_string()
     }
 
     /// The comment the generated file carries about it.
-    pub fn comment(&self) -> String {
+    pub(crate) fn comment(&self) -> String {
         match self {
             Install::Crates(v) => format!(
                 "# kkpipe is installed from crates.io (kkpipe {v}), which works only once that version is published\n\

@@ -1,25 +1,27 @@
 //! CI providers: detecting the one we run in (to default `--event`/`--branch` and pick output conventions),
 //! and generating their CI files ([`files`]).
 
-pub mod comment;
-pub mod files;
+// Without the HTTP client (the fuzz build) nothing posts: only the marker and the preview's shape are used.
+#[cfg_attr(not(feature = "s3-gcs"), allow(dead_code))]
+pub(crate) mod comment;
+pub(crate) mod files;
 #[cfg(feature = "s3-gcs")]
-pub mod http;
-pub mod install;
+pub(crate) mod http;
+pub(crate) mod install;
 
 use crate::graph::CiEvent;
 use crate::pipeline::Trigger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Provider {
+pub(crate) enum Provider {
     Github,
     Gitlab,
     Bitbucket,
 }
 
 impl Provider {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Provider::Github => "github",
             Provider::Gitlab => "gitlab",
@@ -27,7 +29,7 @@ impl Provider {
         }
     }
 
-    pub fn title(self) -> &'static str {
+    pub(crate) fn title(self) -> &'static str {
         match self {
             Provider::Github => "GitHub Actions",
             Provider::Gitlab => "GitLab CI",
@@ -38,7 +40,7 @@ impl Provider {
     /// The branch the job checked out: a pull request's source branch, else the pushed one. Variables per
     /// docs.github.com "Variables reference", docs.gitlab.com "Predefined CI/CD variables" and
     /// support.atlassian.com "Variables and secrets" (Bitbucket).
-    pub fn head_branch(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    pub(crate) fn head_branch(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         match self {
             Provider::Github => var("GITHUB_HEAD_REF").or_else(|| var("GITHUB_REF_NAME")),
             Provider::Gitlab => var("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME").or_else(|| var("CI_COMMIT_REF_NAME")),
@@ -48,7 +50,7 @@ impl Provider {
 
     /// The variable holding the token `kkpipe comment` posts with (docs/review.md): the one the generated CI
     /// files give the comment job only, and unset everywhere else.
-    pub fn comment_token(self) -> &'static str {
+    pub(crate) fn comment_token(self) -> &'static str {
         match self {
             Provider::Github => "GITHUB_TOKEN",
             Provider::Gitlab => "KKPIPE_GITLAB_TOKEN",
@@ -57,7 +59,7 @@ impl Provider {
     }
 
     /// Who started the job (Bitbucket names only the triggering account's UUID).
-    pub fn actor(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    pub(crate) fn actor(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         match self {
             Provider::Github => var("GITHUB_ACTOR"),
             Provider::Gitlab => var("GITLAB_USER_LOGIN"),
@@ -66,7 +68,7 @@ impl Provider {
     }
 
     /// The web page of the job (GitLab) or the workflow run / pipeline (GitHub, Bitbucket).
-    pub fn run_url(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    pub(crate) fn run_url(self, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         match self {
             Provider::Github => Some(format!(
                 "{}/{}/actions/runs/{}",
@@ -87,7 +89,7 @@ impl Provider {
 /// The head commit of the pull request this job is for (`None` outside one): GitHub's from the event payload
 /// (`GITHUB_SHA` is the merge commit GitHub made), GitLab's source branch head (a merged-results pipeline runs on
 /// a merge commit, `CI_COMMIT_SHA`), Bitbucket's `BITBUCKET_COMMIT`.
-pub fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+pub(crate) fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     let nonempty = |k: &str| var(k).filter(|v| !v.is_empty());
     match p {
         Provider::Github => github_event(var)?["pull_request"]["head"]["sha"].as_str().map(str::to_string),
@@ -103,13 +105,13 @@ pub fn pr_head(p: Provider, var: &dyn Fn(&str) -> Option<String>) -> Option<Stri
 }
 
 /// `GITHUB_EVENT_PATH`'s JSON, the webhook payload that started the workflow.
-pub fn github_event(var: &dyn Fn(&str) -> Option<String>) -> Option<serde_json::Value> {
+pub(crate) fn github_event(var: &dyn Fn(&str) -> Option<String>) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(var("GITHUB_EVENT_PATH")?).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// The provider whose environment we run in, if any.
-pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
+pub(crate) fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
     if env("GITHUB_ACTIONS").as_deref() == Some("true") {
         Some(Provider::Github)
     } else if env("GITLAB_CI").is_some() {
@@ -122,7 +124,7 @@ pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Option<Provider> {
 }
 
 /// The event this CI job runs for, in kkpipe's vocabulary, read from the provider's variables.
-pub fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Option<CiEvent> {
+pub(crate) fn event_from_env(p: Provider, env: &dyn Fn(&str) -> Option<String>) -> Option<CiEvent> {
     let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
     match p {
         Provider::Github => {

@@ -9,7 +9,7 @@ use crate::graph::Selected;
 use crate::settings::Settings;
 use std::path::Path;
 
-pub fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
+pub(super) fn cache(settings: &Settings, c: &CacheCommand) -> Result<u8, Error> {
     match c {
         CacheCommand::Export { file, include_sensitive, selection } => {
             export(settings, selection, file, *include_sensitive)

@@ -8,7 +8,7 @@ use crate::error::{Error, exit};
 use crate::settings::Settings;
 use std::io::Read;
 
-pub fn comment(settings: &Settings, args: &CommentArgs) -> Result<u8, Error> {
+pub(super) fn comment(settings: &Settings, args: &CommentArgs) -> Result<u8, Error> {
     let var = |k: &str| settings.caller_env.get(k).cloned();
     let provider = ci::detect(&var).ok_or_else(|| {
         Error::Usage(

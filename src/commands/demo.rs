@@ -12,7 +12,7 @@ use crate::settings::Settings;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
+pub(super) fn demo(settings: &Settings, args: &DemoArgs) -> Result<u8, Error> {
     let path_var = settings.caller_env.get("PATH").cloned().unwrap_or_default();
     check_tools(&path_var)?;
     let dir = prepare_dir(args.dir.as_deref())?;

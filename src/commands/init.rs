@@ -72,7 +72,7 @@ fn describe(path: &Path) -> String {
     }
 }
 
-pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
+pub(super) fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
     let dir = &settings.start_dir;
     let (cloud, tf) = match args.cloud {
         // An unsupported combination is refused before the layout is looked at.
@@ -114,13 +114,23 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         v.stage_names().iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
         ci_file.display()
     );
-    match &remote {
+    tell_remote(remote.as_ref(), new_key, args.no_remote);
+    if !ignored.is_empty() {
+        eprintln!("kkpipe: added to `.gitignore` what the stages make (never committed): {}", ignored.join(", "));
+    }
+    eprintln!("{}", next_steps(&pipeline, v, args));
+    Ok(exit::OK)
+}
+
+/// Where the deploy ledger is kept (or why nowhere), and the signing key init made, once.
+fn tell_remote(remote: Option<&(String, Option<String>)>, new_key: Option<crate::sign::PrivateKey>, none_asked: bool) {
+    match remote {
         Some((url, Some(why))) => eprintln!(
             "kkpipe: the deploy ledger is kept on `{url}` ({why}): a lost CI cache then costs check stages only, \
              never a deploy; `--remote URL` picks another store, `--no-remote` none (docs/remote.md)"
         ),
         Some((_, None)) => {}
-        None if !args.no_remote => eprintln!(
+        None if !none_asked => eprintln!(
             "kkpipe: no `[remote]`: `backend.tf` names no state bucket and the repository has no `origin` remote, so \
              the deploy ledger lives in the CI cache only (docs/remote.md; `--remote URL` sets one)"
         ),
@@ -133,11 +143,6 @@ pub fn init(settings: &Settings, args: &InitArgs) -> Result<u8, Error> {
         );
         println!("{}", k.to_text());
     }
-    if !ignored.is_empty() {
-        eprintln!("kkpipe: added to `.gitignore` what the stages make (never committed): {}", ignored.join(", "));
-    }
-    eprintln!("{}", next_steps(&pipeline, v, args));
-    Ok(exit::OK)
 }
 
 /// Files the stages make, and kubeone's PKI backup beside its manifest (`kubeone apply` writes
@@ -328,7 +333,7 @@ fn write(path: &Path, text: &str) -> Result<(), Error> {
 }
 
 /// `kkpipe ci PROVIDER`: the provider's file for the pipeline of this repository.
-pub fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
+pub(super) fn ci(settings: &Settings, args: &CiArgs) -> Result<u8, Error> {
     let root = super::root(settings)?;
     let p = crate::pipeline::load(&root)?;
     crate::graph::Graph::build(&p)?;

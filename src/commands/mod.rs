@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Run one invocation; returns the process exit code.
-pub fn dispatch(cli: Cli) -> Result<u8, Error> {
+pub(crate) fn dispatch(cli: Cli) -> Result<u8, Error> {
     let settings = Settings::from_cli(&cli);
     match &cli.command {
         Command::Run(args) => run_cmd(&settings, args),
@@ -73,7 +73,7 @@ pub(crate) struct Opened {
 }
 
 impl Opened {
-    pub fn open(settings: &Settings, sel: &Selection) -> Result<Opened, Error> {
+    pub(crate) fn open(settings: &Settings, sel: &Selection) -> Result<Opened, Error> {
         let root = root(settings)?;
         let pipeline = pipeline::load(&root)?;
         let graph = Graph::build(&pipeline)?;
@@ -82,12 +82,12 @@ impl Opened {
         Ok(Opened { pipeline, graph, event, env: sel.env_name.clone(), cache, remote_lower: sel.remote })
     }
 
-    pub fn cx(&self) -> Context<'_> {
+    pub(crate) fn cx(&self) -> Context<'_> {
         Context { pipeline: &self.pipeline, graph: &self.graph, event: self.event.as_ref(), env: &self.env }
     }
 
     /// The view of the workspace for this invocation.
-    pub fn session<'a>(&'a self, settings: &'a Settings) -> Result<Session<'a>, Error> {
+    pub(crate) fn session<'a>(&'a self, settings: &'a Settings) -> Result<Session<'a>, Error> {
         let secret_key = match self.pipeline.stages.iter().any(|s| !s.secret_env.is_empty()) {
             true => Some(secret_key(&self.cache, &settings.caller_env)?),
             false => None,
@@ -96,25 +96,25 @@ impl Opened {
         Ok(Session::new(&self.pipeline, &settings.caller_env, &self.env, snapshot, secret_key, settings.interactive))
     }
 
-    pub fn masker(&self, settings: &Settings) -> Masker {
+    pub(crate) fn masker(&self, settings: &Settings) -> Masker {
         Masker::for_pipeline(&self.pipeline, &settings.caller_env)
     }
 
     /// The remote this invocation uses (`None`: none configured, or off). Nothing is contacted yet.
-    pub fn remote(&self, settings: &Settings) -> Result<Option<crate::remote::Remote>, Error> {
+    pub(crate) fn remote(&self, settings: &Settings) -> Result<Option<crate::remote::Remote>, Error> {
         self.open_remote(settings, self.resolve_remote(settings)?)
     }
 
     /// Which remote, in which mode, and why; a pull request never writes, not even a pull request's job run
     /// with `--event push`.
-    pub fn resolve_remote(&self, settings: &Settings) -> Result<crate::remote::Resolved, Error> {
+    pub(crate) fn resolve_remote(&self, settings: &Settings) -> Result<crate::remote::Resolved, Error> {
         let is_pr = |e: &CiEvent| e.name == crate::pipeline::Trigger::PullRequest;
         let pull_request = self.event.as_ref().is_some_and(is_pr) || settings.ci_event().as_ref().is_some_and(is_pr);
         crate::remote::resolve(self.pipeline.remote.as_ref(), &settings.caller_env, self.remote_lower, pull_request)
             .map_err(Error::Usage)
     }
 
-    pub fn open_remote(
+    pub(crate) fn open_remote(
         &self,
         settings: &Settings,
         r: crate::remote::Resolved,
@@ -126,7 +126,7 @@ impl Opened {
     }
 
     /// "push to `main` (environment `production`)", or a local run.
-    pub fn title(&self) -> String {
+    pub(crate) fn title(&self) -> String {
         match &self.event {
             Some(e) => format!("{e} (environment `{}`)", self.env),
             None => format!("local run (environment `{}`)", self.env),

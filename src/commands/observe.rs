@@ -10,7 +10,7 @@ use crate::settings::Settings;
 use std::io::Write;
 use std::time::Duration;
 
-pub fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
+pub(super) fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
     let o = Opened::open(settings, &args.selection)?;
     let selected = o.cx().select(std::slice::from_ref(&args.stage))?;
     let i = o.pipeline.index_of(&args.stage).expect("selected, so known");
@@ -41,7 +41,7 @@ pub fn why(settings: &Settings, args: &WhyArgs) -> Result<u8, Error> {
     Ok(exit::OK)
 }
 
-pub fn graph(settings: &Settings, args: &GraphArgs) -> Result<u8, Error> {
+pub(super) fn graph(settings: &Settings, args: &GraphArgs) -> Result<u8, Error> {
     let o = Opened::open(settings, &args.selection)?;
     let rows: Vec<StageRow> = super::status::status_rows(settings, &o, &args.stages)?
         .into_iter()
@@ -96,7 +96,7 @@ fn open_existing(settings: &Settings) -> Result<Option<Cache>, Error> {
     Ok(Some(Cache::open(&root)?))
 }
 
-pub fn log(settings: &Settings, args: &LogArgs) -> Result<u8, Error> {
+pub(super) fn log(settings: &Settings, args: &LogArgs) -> Result<u8, Error> {
     let Some(cache) = open_existing(settings)? else {
         return Err(Error::Usage("nothing has run in this repository yet: there is no log".into()));
     };
@@ -133,7 +133,7 @@ pub fn log(settings: &Settings, args: &LogArgs) -> Result<u8, Error> {
     Ok(exit::OK)
 }
 
-pub fn history(settings: &Settings, args: &HistoryArgs) -> Result<u8, Error> {
+pub(super) fn history(settings: &Settings, args: &HistoryArgs) -> Result<u8, Error> {
     // A stage's ledger is also on the remote, which a fresh clone (no cache yet) reads too.
     let remote = match &args.stage {
         Some(stage) => remote_ledger(settings, stage, args),

@@ -7,7 +7,7 @@ use crate::remote::review::Review;
 use crate::settings::Settings;
 use std::path::Path;
 
-pub fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error> {
+pub(super) fn plan_check(settings: &Settings, args: &PlanCheckArgs) -> Result<u8, Error> {
     if let Some(a) = args.deny.iter().find(|a| !crate::tfplan::ACTIONS.contains(&a.as_str())) {
         return Err(Error::Usage(format!("unknown action `{a}`; known: {}", crate::tfplan::ACTIONS.join(", "))));
     }

@@ -12,7 +12,7 @@ use crate::report::preview::{
 use crate::report::{StageRow, StageState, json};
 use crate::settings::Settings;
 
-pub fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
+pub(super) fn preview(settings: &Settings, args: &PreviewArgs) -> Result<u8, Error> {
     let sel = push_selection(settings, &args.selection)?;
     let o = Opened::open(settings, &sel)?;
     let (rows, evals) = status_evaluations(settings, &o)?;

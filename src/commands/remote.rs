@@ -7,7 +7,7 @@ use crate::remote::{Mode, admin};
 use crate::settings::Settings;
 use crate::sign::PrivateKey;
 
-pub fn remote(settings: &Settings, c: &RemoteCommand) -> Result<u8, Error> {
+pub(super) fn remote(settings: &Settings, c: &RemoteCommand) -> Result<u8, Error> {
     match c {
         RemoteCommand::Keygen { json } => {
             let k = PrivateKey::generate();
@@ -47,7 +47,7 @@ fn only_here(o: &Opened, r: &crate::remote::Remote) -> Result<Vec<String>, Error
 }
 
 /// `kkpipe cache gc --remote`: only a writer collects (a pull request's job can never delete).
-pub fn gc(settings: &Settings, max_age_days: Option<u64>, grace_hours: Option<u64>) -> Result<u8, Error> {
+pub(super) fn gc(settings: &Settings, max_age_days: Option<u64>, grace_hours: Option<u64>) -> Result<u8, Error> {
     // The environment does not matter here; the event does (a pull request's job never deletes).
     let sel = Selection { event: None, branch: None, env_name: "default".into(), remote: None };
     let Some(r) = Opened::open(settings, &sel)?.remote(settings)? else {

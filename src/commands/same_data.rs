@@ -6,7 +6,7 @@ use crate::error::{Error, exit};
 use std::io::Read;
 use std::path::Path;
 
-pub fn same_data(args: &SameDataArgs) -> Result<u8, Error> {
+pub(super) fn same_data(args: &SameDataArgs) -> Result<u8, Error> {
     if args.first.as_os_str() == "-" && args.second.as_os_str() == "-" {
         return Err(Error::Usage("only one of the two documents can be standard input (`-`)".into()));
     }

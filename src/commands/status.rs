@@ -68,7 +68,7 @@ pub(super) fn status_rows(settings: &Settings, o: &Opened, targets: &[String]) -
     evaluated_rows(settings, o, &selected, &|_| false, false)
 }
 
-pub fn status(settings: &Settings, args: &StatusArgs) -> Result<u8, Error> {
+pub(super) fn status(settings: &Settings, args: &StatusArgs) -> Result<u8, Error> {
     let o = Opened::open(settings, &args.selection)?;
     let rows = status_rows(settings, &o, &args.stages)?;
     if args.json {
@@ -82,7 +82,7 @@ pub fn status(settings: &Settings, args: &StatusArgs) -> Result<u8, Error> {
 }
 
 /// What `run` would do, through the same sinks as a run: "Would run" and "Fresh" lines, or the JSON report.
-pub fn dry_run(
+pub(super) fn dry_run(
     settings: &Settings,
     o: &Opened,
     selected: &[Selected],

@@ -13,14 +13,14 @@ use std::collections::BTreeMap;
 
 /// Added / removed / modified paths between two file lists.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct FileChanges {
+pub(crate) struct FileChanges {
     pub added: Vec<RelPath>,
     pub removed: Vec<RelPath>,
     pub modified: Vec<RelPath>,
 }
 
 impl FileChanges {
-    pub fn between(old: &[(RelPath, Entry)], new: &[(RelPath, Entry)]) -> FileChanges {
+    pub(crate) fn between(old: &[(RelPath, Entry)], new: &[(RelPath, Entry)]) -> FileChanges {
         let old: BTreeMap<&RelPath, &Entry> = old.iter().map(|(p, e)| (p, e)).collect();
         let new: BTreeMap<&RelPath, &Entry> = new.iter().map(|(p, e)| (p, e)).collect();
         let mut c = FileChanges::default();
@@ -35,11 +35,11 @@ impl FileChanges {
         c
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.added.len() + self.removed.len() + self.modified.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -54,27 +54,27 @@ impl FileChanges {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct EnvChange {
+pub(crate) struct EnvChange {
     pub name: String,
     pub old: Option<String>,
     pub new: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct NeedChange {
+pub(crate) struct NeedChange {
     pub stage: String,
     pub outputs: FileChanges,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct CommandChange {
+pub(crate) struct CommandChange {
     pub old: Vec<String>,
     pub new: Vec<String>,
 }
 
 /// Every difference between an old and a new manifest, grouped.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Diff {
+pub(crate) struct Diff {
     pub command: Option<CommandChange>,
     pub shell: bool,
     pub dir: Option<(String, String)>,
@@ -93,7 +93,7 @@ pub struct Diff {
 }
 
 impl Diff {
-    pub fn between(old: &Manifest, new: &Manifest) -> Diff {
+    pub(crate) fn between(old: &Manifest, new: &Manifest) -> Diff {
         let mut d = Diff::default();
         if old.run != new.run {
             d.command = Some(CommandChange { old: old.run.clone(), new: new.run.clone() });
@@ -153,12 +153,12 @@ impl Diff {
         d
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.first_reason().is_none()
     }
 
     /// The first difference, in the fixed order: definition, tools, global inputs, inputs, needs.
-    pub fn first_reason(&self) -> Option<Reason> {
+    pub(crate) fn first_reason(&self) -> Option<Reason> {
         if self.command.is_some() {
             return Some(Reason::CommandChanged);
         }

@@ -180,7 +180,7 @@ impl OutputRecord {
 /// directories on the way (the output itself included) are not recorded. A complete tree is what lets a restore
 /// make the disk below an output exactly the records (it prunes what a recorded directory does not list), so
 /// that a link is resolved against what will be there, not against leftovers.
-pub fn refusal_of<'r>(records: &'r [OutputRecord], declared: &[Output]) -> Option<(&'r RelPath, String)> {
+pub(crate) fn refusal_of<'r>(records: &'r [OutputRecord], declared: &[Output]) -> Option<(&'r RelPath, String)> {
     let links = Links::of(records);
     for r in records {
         let d = match r.confined_to(declared, &links) {
@@ -271,7 +271,7 @@ impl<'r> Links<'r> {
 
 /// The recorded past, as the decision needs it. `env` is `Some` for deploy stages (their ledger is per
 /// deployment environment) and `None` for check stages (a cache shared by every environment).
-pub trait History {
+pub(crate) trait History {
     type Error;
     /// The most recent attempt, whatever its outcome: for a deploy stage, the head of its ledger.
     fn latest_attempt(&self, stage: &str, env: Option<&str>) -> Result<Option<Attempt>, Self::Error>;

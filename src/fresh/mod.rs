@@ -13,33 +13,35 @@
 //! - Otherwise the first reason, found by comparing manifests field by field ([`Diff`]), as cargo does.
 
 mod diff;
-pub mod history;
+pub(crate) mod history;
 mod reason;
 
-pub use diff::{CommandChange, Diff, EnvChange, FileChanges, NeedChange};
-pub use history::{Attempt, Audit, History, Links, OutputRecord, RunCounts, RunOutcome, RunRow, State, refusal_of};
-pub use reason::{Change, REASON_VERSION, Reason, StoredReason};
+pub(crate) use diff::{Diff, FileChanges};
+pub(crate) use history::{
+    Attempt, Audit, History, Links, OutputRecord, RunCounts, RunOutcome, RunRow, State, refusal_of,
+};
+pub(crate) use reason::{Change, Reason, StoredReason};
 
 use crate::hash::key::{DecodeError, Keyed};
 use crate::pipeline::Stage;
 
 /// What the workspace holds for one recorded output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Present {
+pub(crate) enum Present {
     Same,
     Differs,
     Missing,
 }
 
 /// The workspace and the blob store, as the decision sees them.
-pub trait Workspace {
+pub(crate) trait Workspace {
     fn present(&self, output: &OutputRecord) -> Present;
     /// Whether the store can put the output back.
     fn stored(&self, output: &OutputRecord) -> bool;
 }
 
 /// Everything the decision is about.
-pub struct Query<'a> {
+pub(crate) struct Query<'a> {
     pub stage: &'a Stage,
     /// The deployment environment (`--env`).
     pub env: &'a str,
@@ -55,7 +57,7 @@ pub struct Query<'a> {
 
 /// A recorded success whose key matches.
 #[derive(Debug, Clone)]
-pub struct Hit {
+pub(crate) struct Hit {
     pub record: Attempt,
     /// Everything the successful run recorded.
     pub outputs: Vec<OutputRecord>,
@@ -65,7 +67,7 @@ pub struct Hit {
 }
 
 #[derive(Debug, Clone)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Nothing to do.
     Fresh(Hit),
     /// Fresh once these outputs (missing or modified in the workspace) are put back from the store.
@@ -75,14 +77,14 @@ pub enum Decision {
 }
 
 impl Decision {
-    pub fn hit(&self) -> Option<&Hit> {
+    pub(crate) fn hit(&self) -> Option<&Hit> {
         match self {
             Decision::Fresh(h) | Decision::Restore(h, _) => Some(h),
             Decision::Run(_) => None,
         }
     }
 
-    pub fn reason(&self) -> Option<&Reason> {
+    pub(crate) fn reason(&self) -> Option<&Reason> {
         match self {
             Decision::Run(r) => Some(r),
             _ => None,
@@ -91,7 +93,11 @@ impl Decision {
 }
 
 /// Decide one stage.
-pub fn decide<H: History + ?Sized>(q: &Query<'_>, history: &H, ws: &dyn Workspace) -> Result<Decision, H::Error> {
+pub(crate) fn decide<H: History + ?Sized>(
+    q: &Query<'_>,
+    history: &H,
+    ws: &dyn Workspace,
+) -> Result<Decision, H::Error> {
     let keyed = match &q.inputs {
         // A stage that never ran is "never run", whatever else keeps it from being keyed now (a missing tool).
         Err(reason) => {
@@ -161,7 +167,7 @@ fn check_outputs<H: History + ?Sized>(
 }
 
 /// The `regenerate` command of the declared output that holds a recorded one.
-pub fn regenerate_command<'s>(stage: &'s Stage, o: &OutputRecord) -> Option<&'s str> {
+pub(crate) fn regenerate_command<'s>(stage: &'s Stage, o: &OutputRecord) -> Option<&'s str> {
     stage.outputs.iter().find(|d| o.path.starts_with(&d.path)).and_then(|d| d.regenerate.as_deref())
 }
 

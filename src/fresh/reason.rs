@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The version of the stored reason encoding. Bump it when a variant's fields change meaning.
-pub const REASON_VERSION: u64 = 1;
+pub(super) const REASON_VERSION: u64 = 1;
 
 /// The first reason a stage must run. Serialised (kebab-case `kind`) into `--json` output and the cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

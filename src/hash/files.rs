@@ -24,7 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// `update_mmap_rayon`), before the others are hashed in parallel, one per core. Mapping avoids copying
 /// a gigabyte through `read`; one big file at a time keeps peak memory at about the largest file
 /// (docs/performance.md has the measurements).
-pub const BIG_FILE: u64 = 8 * 1024 * 1024;
+pub(crate) const BIG_FILE: u64 = 8 * 1024 * 1024;
 
 /// Bigger files are not mapped (a mapped file is resident) but read in chunks, each hashed on all cores.
 const MAP_LIMIT: u64 = 128 * 1024 * 1024;
@@ -46,7 +46,7 @@ const SNAPSHOT_CHECKSUM: usize = 32;
 /// 50,000 of them takes a few milliseconds, where as many SQLite rows take tens. It ends in a BLAKE3 of
 /// everything before it, so a torn or damaged file (it is written without `fsync`: it only saves work) is
 /// dropped whole rather than vouching for a file with a wrong hash ([`checked_snapshot`]).
-pub fn encode_snapshot<'a>(entries: impl IntoIterator<Item = (&'a [u8], StatEntry)>) -> Vec<u8> {
+pub(crate) fn encode_snapshot<'a>(entries: impl IntoIterator<Item = (&'a [u8], StatEntry)>) -> Vec<u8> {
     let entries = entries.into_iter();
     let mut out = Vec::with_capacity(16 + entries.size_hint().0 * (4 + SNAPSHOT_ENTRY + 48) + SNAPSHOT_CHECKSUM);
     out.extend_from_slice(SNAPSHOT_MAGIC);
@@ -69,7 +69,7 @@ pub fn encode_snapshot<'a>(entries: impl IntoIterator<Item = (&'a [u8], StatEntr
 }
 
 /// `bytes` as stored, if its checksum holds; otherwise an empty snapshot (every file is hashed again).
-pub fn checked_snapshot(bytes: Vec<u8>) -> Vec<u8> {
+pub(crate) fn checked_snapshot(bytes: Vec<u8>) -> Vec<u8> {
     let Some(body) = bytes.len().checked_sub(SNAPSHOT_CHECKSUM) else { return Vec::new() };
     if blake3::hash(&bytes[..body]).as_bytes() != &bytes[body..] {
         return Vec::new();
@@ -79,7 +79,7 @@ pub fn checked_snapshot(bytes: Vec<u8>) -> Vec<u8> {
 
 /// The entries of a snapshot (as [`checked_snapshot`] passed it), borrowed from it; anything malformed yields
 /// none (the stat cache only ever saves work).
-pub fn snapshot_entries(bytes: &[u8]) -> Vec<(&[u8], StatEntry)> {
+pub(crate) fn snapshot_entries(bytes: &[u8]) -> Vec<(&[u8], StatEntry)> {
     fn parse(b: &[u8]) -> Option<Vec<(&[u8], StatEntry)>> {
         let b = &b[..b.len().checked_sub(SNAPSHOT_CHECKSUM)?];
         let rest = b.strip_prefix(SNAPSHOT_MAGIC)?;
@@ -111,7 +111,7 @@ pub fn snapshot_entries(bytes: &[u8]) -> Vec<(&[u8], StatEntry)> {
 /// entry. A hash collision cannot vouch for the wrong file: an entry is used only when size, mtime, ctime
 /// and inode all match, and two paths share an inode only when they are hard links to the same content.
 #[derive(Default)]
-pub struct StatIndex {
+pub(crate) struct StatIndex {
     map: HashMap<u64, StatEntry, std::hash::BuildHasherDefault<IdentityHasher>>,
     seed: foldhash::fast::RandomState,
 }
@@ -127,7 +127,7 @@ impl StatIndex {
         StatIndex { map, seed }
     }
 
-    pub fn get(&self, path: &[u8]) -> Option<&StatEntry> {
+    pub(crate) fn get(&self, path: &[u8]) -> Option<&StatEntry> {
         self.map.get(&std::hash::BuildHasher::hash_one(&self.seed, path))
     }
 }
@@ -151,7 +151,7 @@ impl std::hash::Hasher for IdentityHasher {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StatEntry {
+pub(crate) struct StatEntry {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
@@ -236,25 +236,25 @@ mod tests {
 }
 
 /// What one invocation learned for the stat cache (see [`FileHasher::take_new_entries`]).
-pub struct Learned {
+pub(crate) struct Learned {
     pub files: HashMap<RelPath, StatEntry, foldhash::fast::RandomState>,
     pub tools: Vec<(Vec<u8>, StatEntry)>,
 }
 
 impl Learned {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.files.is_empty() && self.tools.is_empty()
     }
 }
 
 #[derive(Default, Debug)]
-pub struct Counters {
+pub(crate) struct Counters {
     pub files_hashed: AtomicU64,
     pub bytes_hashed: AtomicU64,
     pub stat_hits: AtomicU64,
 }
 
-pub struct FileHasher {
+pub(crate) struct FileHasher {
     root: PathBuf,
     /// Loaded from the cache; keys are repository-relative path bytes, or absolute paths for tools. Decoded on
     /// a thread of its own while the trees are walked (see [`FileHasher::new`]).
@@ -275,7 +275,7 @@ pub struct FileHasher {
 
 impl FileHasher {
     /// `snapshot`: the stored stat cache, decoded in the background; the first digest waits for it.
-    pub fn new(root: &Path, snapshot: Vec<u8>) -> FileHasher {
+    pub(crate) fn new(root: &Path, snapshot: Vec<u8>) -> FileHasher {
         let snapshot: Arc<[u8]> = Arc::from(snapshot);
         let bytes = snapshot.clone();
         let decoding =
@@ -295,20 +295,20 @@ impl FileHasher {
 
     /// Digest many walked files in the order given: big ones first, one at a time on all cores, then the
     /// rest in parallel.
-    pub fn digest_all(&self, files: &[&Walked]) -> Result<Vec<Entry>, Error> {
+    pub(crate) fn digest_all(&self, files: &[&Walked]) -> Result<Vec<Entry>, Error> {
         self.hash_big(files)?;
         files.par_iter().map(|w| self.digest(w)).collect()
     }
 
     /// Hash, one at a time, the big files of `files` the stat cache cannot vouch for.
-    pub fn hash_big(&self, files: &[&Walked]) -> Result<(), Error> {
+    pub(crate) fn hash_big(&self, files: &[&Walked]) -> Result<(), Error> {
         for w in files.iter().filter(|w| is_big(w)) {
             self.digest(w)?;
         }
         Ok(())
     }
 
-    pub fn digest(&self, w: &Walked) -> Result<Entry, Error> {
+    pub(crate) fn digest(&self, w: &Walked) -> Result<Entry, Error> {
         match w.kind {
             Kind::EmptyDir => Ok(Entry::Dir { listing: Entry::listing([]) }),
             Kind::Symlink => {
@@ -354,7 +354,7 @@ impl FileHasher {
 
     /// Hash a tool's executable: the file that runs, with symlinks followed (as exec does), cached by that
     /// file's absolute path.
-    pub fn tool_hash(&self, abs: &Path) -> Result<Hash, Error> {
+    pub(crate) fn tool_hash(&self, abs: &Path) -> Result<Hash, Error> {
         let real = fs::canonicalize(abs).map_err(|e| Error::read(abs.display(), e))?;
         let meta = fs::metadata(&real).map_err(|e| Error::read(real.display(), e))?;
         let key = std::os::unix::ffi::OsStrExt::as_bytes(real.as_os_str()).to_vec();
@@ -374,13 +374,13 @@ impl FileHasher {
     }
 
     /// The stat cache as it was stored when this invocation started.
-    pub fn snapshot(&self) -> &[u8] {
+    pub(crate) fn snapshot(&self) -> &[u8] {
         &self.snapshot
     }
 
     /// Stat cache entries learned in this invocation (and not taken yet), for the cache to persist: repository
     /// files by path, and tools by absolute path.
-    pub fn take_new_entries(&self) -> Learned {
+    pub(crate) fn take_new_entries(&self) -> Learned {
         let tools = std::mem::take(&mut *self.new_tools.lock().expect("tools"));
         let mut memo = self.memo.lock().expect("memo");
         let mut files = HashMap::with_capacity_and_hasher(memo.len(), Default::default());
@@ -401,7 +401,7 @@ impl FileHasher {
 
     /// Hash a file early, while the walk goes on, when the stat cache (if decoded yet) cannot vouch for it
     /// and some stage wants it. The result waits in the memo; errors surface when the file is digested.
-    pub fn prehash(&self, w: &Walked, wanted: impl Fn(&RelPath) -> bool) {
+    pub(crate) fn prehash(&self, w: &Walked, wanted: impl Fn(&RelPath) -> bool) {
         // Big files wait for `hash_big`: hashing two at once would map both.
         if w.kind != Kind::File || is_big(w) {
             return;
@@ -426,7 +426,7 @@ impl FileHasher {
         done.then(|| self.known())
     }
 
-    pub fn known(&self) -> &StatIndex {
+    pub(crate) fn known(&self) -> &StatIndex {
         self.known.get_or_init(|| {
             let handle = self.decoding.lock().expect("decoding").take();
             handle.and_then(|h| h.join().ok()).unwrap_or_default()
@@ -434,7 +434,7 @@ impl FileHasher {
     }
 }
 
-pub fn is_big(w: &Walked) -> bool {
+pub(crate) fn is_big(w: &Walked) -> bool {
     w.kind == Kind::File && w.stat.size >= BIG_FILE
 }
 
@@ -442,7 +442,7 @@ fn same_content_stat(a: &Stat, b: &Stat) -> bool {
     a.size == b.size && a.mtime_ns == b.mtime_ns && a.ctime_ns == b.ctime_ns && a.ino == b.ino
 }
 
-pub fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 

@@ -24,14 +24,14 @@ use super::{Entry, Hash};
 use crate::relpath::RelPath;
 
 /// Bump when any input to the key, or its encoding, changes.
-pub const KEY_VERSION: u32 = 1;
+pub(crate) const KEY_VERSION: u32 = 1;
 
 const MAGIC: &[u8] = b"kkpipe stage manifest";
 
 /// How `run` is executed; part of the key so a different shell can never share a result.
-pub const SHELL: &[&str] = &["bash", "--noprofile", "--norc", "-euo", "pipefail", "-c"];
+pub(crate) const SHELL: &[&str] = &["bash", "--noprofile", "--norc", "-euo", "pipefail", "-c"];
 
-pub type FileList = Vec<(RelPath, Entry)>;
+pub(crate) type FileList = Vec<(RelPath, Entry)>;
 
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Manifest {
@@ -62,13 +62,13 @@ impl std::fmt::Display for Key {
 
 /// A manifest with its key, computed once.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Keyed {
+pub(crate) struct Keyed {
     pub manifest: Manifest,
     pub key: Key,
 }
 
 impl Keyed {
-    pub fn new(manifest: Manifest) -> Keyed {
+    pub(crate) fn new(manifest: Manifest) -> Keyed {
         let key = manifest.key();
         Keyed { manifest, key }
     }
@@ -77,11 +77,11 @@ impl Keyed {
 /// The MAC that stands for a secret env value in a key: BLAKE3 in keyed mode under the repository's key.
 /// What an unset (or empty) `secret_env` variable contributes: the same on every runner, whatever its HMAC key,
 /// since there is no secret to hide. A stage whose secret is not set on a fresh runner stays fresh there.
-pub fn secret_unset() -> Hash {
+pub(crate) fn secret_unset() -> Hash {
     Hash::of(b"kkpipe secret_env: unset")
 }
 
-pub fn secret_mac(repo_key: &[u8; 32], name: &str, value: &str) -> Hash {
+pub(crate) fn secret_mac(repo_key: &[u8; 32], name: &str, value: &str) -> Hash {
     let mut h = blake3::Hasher::new_keyed(repo_key);
     put_bytes(&mut h, name.as_bytes());
     put_bytes(&mut h, value.as_bytes());

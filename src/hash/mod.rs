@@ -6,10 +6,10 @@
 //! - [`files`]: file digests, with the stat cache that lets an unchanged file go unread.
 //! - [`key`]: the manifest (structured inputs) and its versioned canonical encoding; the key is its BLAKE3.
 
-pub mod files;
-pub mod key;
-pub mod select;
-pub mod walk;
+pub(crate) mod files;
+pub(crate) mod key;
+pub(crate) mod select;
+pub(crate) mod walk;
 
 use std::fmt;
 
@@ -22,7 +22,7 @@ impl Hash {
         Hash(*blake3::hash(bytes).as_bytes())
     }
 
-    pub fn to_hex(&self) -> String {
+    pub fn to_hex(self) -> String {
         let mut s = String::with_capacity(64);
         for b in self.0 {
             s.push_str(&format!("{b:02x}"));
@@ -97,7 +97,7 @@ impl Entry {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("cannot read `{path}`: {source}\n  hint: fix the permissions or exclude the path from the stage's inputs")]
     Read { path: String, source: std::io::Error },
     #[error("`{path}` kept changing while it was hashed; stop whatever is writing it and run again")]

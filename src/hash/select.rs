@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
-pub struct Matcher {
+pub(crate) struct Matcher {
     patterns: Vec<String>,
     /// Patterns without glob syntax, by their bytes (value: index into `patterns`). A literal means the path
     /// and everything below it (a directory an upstream stage creates after the pipeline was loaded; an
@@ -53,19 +53,19 @@ fn exclude_set(patterns: &[String]) -> GlobSet {
 
 /// Builds matchers, compiling each distinct `exclude` list once.
 #[derive(Default)]
-pub struct Matchers {
+pub(crate) struct Matchers {
     excludes: HashMap<Vec<String>, Arc<GlobSet>>,
 }
 
 impl Matchers {
-    pub fn matcher(&mut self, spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
+    pub(crate) fn matcher(&mut self, spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
         let exclude = self.excludes.entry(spec.exclude.clone()).or_insert_with(|| Arc::new(exclude_set(&spec.exclude)));
         Matcher::with_exclude(spec, own_outputs, exclude.clone())
     }
 }
 
 impl Matcher {
-    pub fn new(spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
+    pub(crate) fn new(spec: &InputSpec, own_outputs: Vec<RelPath>) -> Matcher {
         Matcher::with_exclude(spec, own_outputs, Arc::new(exclude_set(&spec.exclude)))
     }
 
@@ -110,15 +110,15 @@ impl Matcher {
         RelPath::ancestors_of(b).skip(1).find_map(above).or_else(|| self.literals.get(b).copied())
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }
 
-    pub fn patterns(&self) -> &[String] {
+    pub(crate) fn patterns(&self) -> &[String] {
         &self.patterns
     }
 
-    pub fn matches(&self, path: &RelPath) -> bool {
+    pub(crate) fn matches(&self, path: &RelPath) -> bool {
         // One candidate for both sets: building it (file name, extension) is half the cost of a match.
         let c = globset::Candidate::new(path.as_path());
         (self.literal(path).is_some() || self.globs.as_ref().is_some_and(|g| g.is_match_candidate(&c)))
@@ -135,7 +135,7 @@ impl Matcher {
     }
 
     /// Excluded by the stage's `exclude` patterns, one of its own outputs, or never an input.
-    pub fn excluded(&self, path: &RelPath) -> bool {
+    pub(crate) fn excluded(&self, path: &RelPath) -> bool {
         self.exclude.is_match(path.as_path())
             || never_input(path)
             || self.own_outputs.iter().any(|o| path.starts_with(o))
@@ -143,7 +143,7 @@ impl Matcher {
 
     /// The include patterns (by index) that match none of `paths`, to warn about. One set lookup per path,
     /// no matcher per pattern: a stage with hundreds of patterns costs what one with a few does.
-    pub fn unmatched<'p>(&self, paths: impl Iterator<Item = &'p RelPath>) -> Vec<usize> {
+    pub(crate) fn unmatched<'p>(&self, paths: impl Iterator<Item = &'p RelPath>) -> Vec<usize> {
         let mut hit = vec![false; self.patterns.len()];
         let mut left = hit.len();
         let mut found = Vec::new();
@@ -166,7 +166,7 @@ impl Matcher {
     }
 
     /// Where a walk must start to see every file the patterns can match: each pattern's literal prefix.
-    pub fn starts(&self) -> &[RelPath] {
+    pub(crate) fn starts(&self) -> &[RelPath] {
         &self.starts
     }
 }
@@ -183,7 +183,7 @@ fn never_input(path: &RelPath) -> bool {
 ///
 /// A link that is not followed and lies on the way to a pattern's prefix, or is it (`link` for `link/sub/**`
 /// or `link/**`), is selected too: the stage reads through it, so its link text is part of the key.
-pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
+pub(crate) fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
     let (groups, index) = (&trees.groups, &trees.index);
     // Per overlapping group: `None` when a start holds the group's start (every file of it is under a
     // start), else the starts that lie inside it.
@@ -219,27 +219,27 @@ pub fn select<'a>(trees: &'a Trees, m: &Matcher) -> Vec<&'a Walked> {
 
 /// The walked trees, one group per walk start, with an index of the starts.
 #[derive(Default)]
-pub struct Trees {
+pub(crate) struct Trees {
     groups: Vec<Group>,
     index: Groups,
 }
 
 impl Trees {
-    pub fn new(groups: Vec<Group>) -> Trees {
+    pub(crate) fn new(groups: Vec<Group>) -> Trees {
         Trees { index: Groups::new(&groups), groups }
     }
 
     /// The groups, to change and index again with [`Trees::new`].
-    pub fn into_groups(self) -> Vec<Group> {
+    pub(crate) fn into_groups(self) -> Vec<Group> {
         self.groups
     }
 
-    pub fn files(&self) -> impl Iterator<Item = &Walked> {
+    pub(crate) fn files(&self) -> impl Iterator<Item = &Walked> {
         self.groups.iter().flat_map(|g| g.files.iter())
     }
 
     /// Whether the repository-relative `path` lies in a walked tree (a start is it or one of its ancestors).
-    pub fn covers(&self, path: &[u8]) -> bool {
+    pub(crate) fn covers(&self, path: &[u8]) -> bool {
         RelPath::ancestors_of(path).chain([path]).any(|a| self.index.find(a).next().is_some())
     }
 }
@@ -285,7 +285,7 @@ impl Groups {
 }
 
 /// The leading components of a pattern that contain no glob syntax: `terraform/aws/**` -> `terraform/aws`.
-pub fn literal_prefix(pattern: &str) -> RelPath {
+pub(crate) fn literal_prefix(pattern: &str) -> RelPath {
     let mut lit = Vec::new();
     for comp in pattern.split('/') {
         if has_glob_meta(comp) || comp.contains('\\') {

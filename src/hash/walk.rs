@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 /// The `lstat` fields that decide whether a file can have changed (git's rule, minus uid/gid).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stat {
+pub(crate) struct Stat {
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
@@ -30,7 +30,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    pub fn of(m: &fs::Metadata) -> Stat {
+    pub(crate) fn of(m: &fs::Metadata) -> Stat {
         Stat {
             size: m.size(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
@@ -40,13 +40,13 @@ impl Stat {
         }
     }
 
-    pub fn exec(&self) -> bool {
+    pub(crate) fn exec(&self) -> bool {
         self.mode & 0o111 != 0
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A regular file, or an in-repository link to one (`stat` is then the target's).
     File,
     /// A link that is not followed: its text is what is keyed.
@@ -57,7 +57,7 @@ pub enum Kind {
 }
 
 #[derive(Clone, Debug)]
-pub struct Walked {
+pub(crate) struct Walked {
     pub path: RelPath,
     pub kind: Kind,
     pub stat: Stat,
@@ -65,19 +65,19 @@ pub struct Walked {
 
 /// The files below one walk start, in no particular order (directories are read in parallel).
 #[derive(Debug, Clone, Default)]
-pub struct Group {
+pub(crate) struct Group {
     pub start: RelPath,
     pub files: Vec<Walked>,
 }
 
 /// A callback for each file found.
-pub type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
+pub(crate) type OnFile<'a> = dyn Fn(&Walked) + Sync + 'a;
 
 /// Never inputs, at any depth: kkpipe's caches and git's stores (or a worktree's `.git` file), so a nested
 /// project's never leak into a key. The walk never descends into them; `select::Matcher` refuses paths
 /// through them (a name check, not a glob: `**/.git/**` would be a regex run on every file). The same names
 /// are never outputs either (`cache::outputs`).
-pub const NEVER_INPUTS: &[&[u8]] = crate::relpath::RESERVED;
+pub(crate) const NEVER_INPUTS: &[&[u8]] = crate::relpath::RESERVED;
 
 /// What the whole walk shares: the root as given and as the kernel resolves it (links are judged against it).
 struct Walk<'a> {
@@ -96,7 +96,7 @@ struct Walk<'a> {
 ///
 /// `on_file` sees every file as soon as it is found, on the walking thread: hashing can start while
 /// directories are still being read.
-pub fn walk(
+pub(crate) fn walk(
     root: &Path,
     starts: &[RelPath],
     warnings: &mut Vec<String>,

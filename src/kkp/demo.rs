@@ -11,10 +11,10 @@ mod embedded {
 }
 
 /// The demo is a GitHub Actions + AWS + Route53 repository.
-pub const VARIANT: Variant = Variant::new(Provider::Github, Cloud::Aws, true);
+pub(crate) const VARIANT: Variant = Variant::new(Provider::Github, Cloud::Aws, true);
 
 /// Write the demo repository into `dir` (which must exist and be empty). An error names the path it is about.
-pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
+pub(crate) fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
     let write = |path: &Path, content: &[u8], mode: u32| -> Result<(), (PathBuf, io::Error)> {
         let at = |e| (path.to_path_buf(), e);
         if let Some(parent) = path.parent() {
@@ -35,7 +35,7 @@ pub fn write_repo(dir: &Path) -> Result<(), (PathBuf, io::Error)> {
 }
 
 /// The stand-in environment of `demo.env`, resolved for a repository at `dir` on top of `path`.
-pub fn environment(dir: &Path, path: &str) -> Vec<(String, String)> {
+pub(crate) fn environment(dir: &Path, path: &str) -> Vec<(String, String)> {
     let text = embedded::FILES
         .iter()
         .find(|(rel, _, _)| *rel == "demo.env")

@@ -1,5 +1,5 @@
 //! The KKP delivery pipeline: `kkpipe init` templates and the offline `kkpipe demo`.
 
-pub mod demo;
-pub mod template;
-pub mod versions;
+pub(crate) mod demo;
+pub(crate) mod template;
+pub(crate) mod versions;

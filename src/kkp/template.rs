@@ -11,7 +11,7 @@ use crate::ci::Provider;
 use std::fmt::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Cloud {
+pub(crate) enum Cloud {
     Aws,
     Gcp,
     Azure,
@@ -20,7 +20,7 @@ pub enum Cloud {
 }
 
 impl Cloud {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Cloud::Aws => "aws",
             Cloud::Gcp => "gcp",
@@ -32,7 +32,7 @@ impl Cloud {
 
     /// Where a KKP repository keeps this cloud's terraform module, the wizard's name first: its GCP
     /// repositories use `terraform/gce` (docs/dev/wizard-facts.md, §1.1).
-    pub const fn module_dirs(self) -> &'static [&'static str] {
+    pub(crate) const fn module_dirs(self) -> &'static [&'static str] {
         match self {
             Cloud::Aws => &["terraform/aws"],
             Cloud::Gcp => &["terraform/gce", "terraform/gcp"],
@@ -46,7 +46,7 @@ impl Cloud {
     /// `gce`, `aws`, `azure`, ... with no OpenStack or vSphere class (`copy-default` copies the cluster's
     /// default); from 2.23 they are provider names, `gcp` instead of `gce` (kubermatic/kubermatic
     /// pkg/install/stack/common/storageclass.go at v2.19.2 ee12c353 and v2.23.0 7d8c9125).
-    pub fn storage_class(self, kkp: &str) -> &'static str {
+    pub(crate) fn storage_class(self, kkp: &str) -> &'static str {
         let provider_names = super::versions::at_least(kkp, (2, 23));
         match self {
             Cloud::Aws => "aws",
@@ -60,7 +60,7 @@ impl Cloud {
     }
 
     /// The cloud credentials terraform and kubeone read from the environment.
-    pub fn credentials(self) -> &'static [&'static str] {
+    pub(crate) fn credentials(self) -> &'static [&'static str] {
         match self {
             Cloud::Aws => &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
             Cloud::Gcp => &["GOOGLE_CREDENTIALS"],
@@ -73,10 +73,10 @@ impl Cloud {
     }
 }
 
-pub const ALL_CLOUDS: &[Cloud] = &[Cloud::Aws, Cloud::Gcp, Cloud::Azure, Cloud::Openstack, Cloud::Vsphere];
+pub(crate) const ALL_CLOUDS: &[Cloud] = &[Cloud::Aws, Cloud::Gcp, Cloud::Azure, Cloud::Openstack, Cloud::Vsphere];
 
 /// Clouds each provider's templates exist for (the facts in docs/kkp-pipeline.md).
-pub fn supported_clouds(ci: Provider) -> &'static [Cloud] {
+pub(crate) fn supported_clouds(ci: Provider) -> &'static [Cloud] {
     match ci {
         Provider::Github => &[Cloud::Aws, Cloud::Gcp, Cloud::Azure],
         Provider::Gitlab => ALL_CLOUDS,
@@ -85,7 +85,7 @@ pub fn supported_clouds(ci: Provider) -> &'static [Cloud] {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Unsupported {
+pub(crate) enum Unsupported {
     #[error("{} pipelines support these clouds: {}; `{}` is not one of them", .ci.title(), supported_clouds(*.ci).iter().map(|c| c.name()).collect::<Vec<_>>().join(", "), .cloud.name())]
     Cloud { ci: Provider, cloud: Cloud },
     #[error("`--dns` (Route53 records for the KKP endpoints) is supported with `--cloud aws` only, not `{}`", .0.name())]
@@ -94,7 +94,7 @@ pub enum Unsupported {
 
 /// What `kkpipe init` was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Variant {
+pub(crate) struct Variant {
     pub ci: Provider,
     pub cloud: Cloud,
     pub dns: bool,
@@ -104,11 +104,11 @@ pub struct Variant {
 
 impl Variant {
     /// A variant with the cloud's usual module directory (the wizard's name).
-    pub const fn new(ci: Provider, cloud: Cloud, dns: bool) -> Variant {
+    pub(crate) const fn new(ci: Provider, cloud: Cloud, dns: bool) -> Variant {
         Variant { ci, cloud, dns, tf: cloud.module_dirs()[0] }
     }
 
-    pub fn check(self) -> Result<Variant, Unsupported> {
+    pub(crate) fn check(self) -> Result<Variant, Unsupported> {
         if !supported_clouds(self.ci).contains(&self.cloud) {
             return Err(Unsupported::Cloud { ci: self.ci, cloud: self.cloud });
         }
@@ -119,16 +119,16 @@ impl Variant {
     }
 
     /// GitHub and Bitbucket keep state in a bucket prepared by a job; GitLab keeps it in GitLab itself.
-    pub fn has_backend_prepare(self) -> bool {
+    pub(crate) fn has_backend_prepare(self) -> bool {
         self.ci != Provider::Gitlab && matches!(self.cloud, Cloud::Aws | Cloud::Gcp)
     }
 
-    pub fn tf_dir(self) -> String {
+    pub(crate) fn tf_dir(self) -> String {
         self.tf.to_string()
     }
 
     /// The stage names this variant has, in pipeline order.
-    pub fn stage_names(self) -> Vec<&'static str> {
+    pub(crate) fn stage_names(self) -> Vec<&'static str> {
         let mut v = vec!["terraform-kkp-validate"];
         if self.dns {
             v.push("terraform-kkp-dns-validate");
@@ -755,7 +755,7 @@ fn dns_var(dns_dir: &str) -> String {
 }
 
 /// The `pipeline.toml` text for a variant, with the tool versions the repository needs.
-pub fn render(v: Variant, pins: &Pins) -> String {
+pub(crate) fn render(v: Variant, pins: &Pins) -> String {
     let mut t = String::new();
     let dns = if v.dns { " --dns" } else { "" };
     let _ = writeln!(

@@ -8,12 +8,12 @@
 use std::path::Path;
 
 /// The kubeone manifest the pipeline's kubeone-apply stage reads.
-pub const KUBEONE_MANIFEST: &str = "kubeone/kubeone.yaml";
+pub(crate) const KUBEONE_MANIFEST: &str = "kubeone/kubeone.yaml";
 /// Where the wizard pins the KKP version of the charts Flux deploys.
-pub const KKP_GIT_SOURCE: &str = "flux/clusters/master/kubermatic/kubermatic-git-source.yaml";
+pub(crate) const KKP_GIT_SOURCE: &str = "flux/clusters/master/kubermatic/kubermatic-git-source.yaml";
 
 /// Where `flux bootstrap --path=flux/clusters/master` keeps Flux's own manifests.
-pub const FLUX_SYSTEM: &str = "flux/clusters/master/flux-system";
+pub(crate) const FLUX_SYSTEM: &str = "flux/clusters/master/flux-system";
 
 /// A `major.minor` version.
 type Minor = (u32, u32);
@@ -67,14 +67,14 @@ const KUBEONE: &[(&str, Minor, Minor)] = &[
 
 /// A version a pipeline pins, and the sentence saying where it came from (a comment in pipeline.toml).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pin {
+pub(crate) struct Pin {
     pub version: String,
     pub why: String,
 }
 
 /// The versions `init` writes into the pipeline for one repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pins {
+pub(crate) struct Pins {
     pub kubeone: Pin,
     pub kkp: Pin,
     pub flux: Pin,
@@ -98,7 +98,7 @@ fn numbers(v: &str) -> Option<(u32, u32, u32)> {
 }
 
 /// Whether `version` is `major.minor` or later (an unreadable version counts as later: kkpipe's defaults are).
-pub fn at_least(version: &str, minor: Minor) -> bool {
+pub(crate) fn at_least(version: &str, minor: Minor) -> bool {
     numbers(version).is_none_or(|(a, b, _)| (a, b) >= minor)
 }
 
@@ -108,7 +108,7 @@ fn yaml_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The Kubernetes version of the repository's kubeone manifest (`versions.kubernetes`).
-pub fn kubernetes(dir: &Path) -> Option<String> {
+pub(crate) fn kubernetes(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(KUBEONE_MANIFEST)).ok()?;
     let v = yaml_value(&text, "kubernetes")?.trim_matches(['"', '\'']);
     numbers(v).map(|_| v.to_string())
@@ -129,7 +129,7 @@ fn kubeone_for(kubernetes: &str) -> Option<&'static str> {
 /// The KKP version the repository says, and where: the installer `VERSION=` of the wizard's workflow, else
 /// the tag of the charts Flux deploys (the wizard's may be a patch release behind). A CI file kkpipe wrote
 /// does not count: its pin is the pipeline's, which this is checked against.
-pub fn kkp(dir: &Path) -> Option<(String, String)> {
+pub(crate) fn kkp(dir: &Path) -> Option<(String, String)> {
     for ci in [".github/workflows/kkp.yaml", ".github/workflows/kkp.yml", ".gitlab-ci.yml", "bitbucket-pipelines.yml"] {
         let Ok(text) = std::fs::read_to_string(dir.join(ci)) else { continue };
         let found = text.lines().find_map(|l| {
@@ -149,7 +149,7 @@ pub fn kkp(dir: &Path) -> Option<(String, String)> {
 
 /// The Flux version of the repository's `flux-system/gotk-components.yaml` (`flux bootstrap` writes
 /// "# Flux Version: v2.3.0" at its top: pkg/manifestgen/install/install.go, GetGenWarning).
-pub fn flux(dir: &Path) -> Option<String> {
+pub(crate) fn flux(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(FLUX_SYSTEM).join("gotk-components.yaml")).ok()?;
     let v =
         text.lines().take(20).find_map(|l| l.trim().strip_prefix("# Flux Version:"))?.trim().trim_start_matches('v');
@@ -158,7 +158,7 @@ pub fn flux(dir: &Path) -> Option<String> {
 
 /// Whether the repository's Flux syncs over SSH (`gotk-sync.yaml`: `url: ssh://...`, the default of `flux
 /// bootstrap`, with a deploy key in the `flux-system` secret; `--token-auth` would make it HTTPS with a token).
-pub fn flux_over_ssh(dir: &Path) -> bool {
+pub(crate) fn flux_over_ssh(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join(FLUX_SYSTEM).join("gotk-sync.yaml"))
         .is_ok_and(|t| yaml_value(&t, "url").is_some_and(|u| u.trim_matches(['"', '\'']).starts_with("ssh://")))
 }
@@ -177,7 +177,7 @@ fn flux_for(kubernetes: &str) -> Option<&'static str> {
 
 /// The pinned variables a stage's tool can be asked about, with the tool and its own version command
 /// (`kubeone version` prints JSON with `gitVersion`; the installer and `flux version --client` a line).
-pub const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
+pub(crate) const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
     ("KUBECTL_VERSION", "kubectl", &["version", "--client"]),
     ("HELM_VERSION", "helm", &["version", "--short"]),
     ("KUBEONE_VERSION", "kubeone", &["version"]),
@@ -186,7 +186,7 @@ pub const VERSION_COMMANDS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// The first `major.minor.patch` in a tool's version output (`v1.5.8`, `"gitVersion": "v1.5.8"`).
-pub fn first_version(text: &str) -> Option<String> {
+pub(crate) fn first_version(text: &str) -> Option<String> {
     text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .map(|t| t.trim_matches('.'))
         .find(|t| t.split('.').filter(|p| !p.is_empty()).count() >= 3)
@@ -194,12 +194,12 @@ pub fn first_version(text: &str) -> Option<String> {
 }
 
 /// Whether two version strings name the same release (`v1.5.8` and `1.5.8`).
-pub fn same_version(a: &str, b: &str) -> bool {
+pub(crate) fn same_version(a: &str, b: &str) -> bool {
     numbers(a).is_some() && numbers(a) == numbers(b)
 }
 
 /// What `init` pins for the repository in `dir`: what it says, else kkpipe's defaults (said as such).
-pub fn pins(dir: &Path) -> Pins {
+pub(crate) fn pins(dir: &Path) -> Pins {
     let default_kubeone = crate::ci::files::default_version("KUBEONE_VERSION");
     let default_kkp = crate::ci::files::default_version("KKP_VERSION");
     let kubeone = match kubernetes(dir) {
@@ -297,7 +297,7 @@ fn client_contradictions(k8s: Option<&str>, pins: &dyn Fn(&str) -> Option<String
 
 /// Where a pinned version contradicts the repository in `dir`, each with whether a run must stop for it (a
 /// Flux pin other than the Flux that runs may be a deliberate upgrade: only said).
-pub fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
+pub(crate) fn contradictions(dir: &Path, pins: &dyn Fn(&str) -> Option<String>) -> Vec<(bool, String)> {
     let (kubeone, kkp_pin, flux_pin) = (pins("KUBEONE_VERSION"), pins("KKP_VERSION"), pins("FLUX_VERSION"));
     let (kubeone, kkp_pin, flux_pin) = (kubeone.as_deref(), kkp_pin.as_deref(), flux_pin.as_deref());
     // The repository is read once, and only for what is pinned.

@@ -10,7 +10,7 @@ use raw::{RawOutput, RawPipeline, RawStage, StringOrList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-pub const FILE_NAME: &str = "pipeline.toml";
+pub(crate) const FILE_NAME: &str = "pipeline.toml";
 
 /// The CI events a stage may run on. `manual` is a local or dispatched run; `schedule` a cron trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize, serde::Serialize)]
@@ -186,7 +186,7 @@ impl Stage {
 }
 
 /// `*` matches any branch; `prefix/*` any branch below the prefix; anything else literally.
-pub fn branch_matches(pattern: &str, branch: &str) -> bool {
+pub(crate) fn branch_matches(pattern: &str, branch: &str) -> bool {
     if pattern == "*" {
         return true;
     }
@@ -235,7 +235,7 @@ impl Pipeline {
 }
 
 /// Walk up from `start` to the first directory holding `pipeline.toml`, like git finds `.git`.
-pub fn discover(start: &Path) -> Result<PathBuf, Error> {
+pub(crate) fn discover(start: &Path) -> Result<PathBuf, Error> {
     let start = std::path::absolute(start).unwrap_or_else(|_| start.to_path_buf());
     match std::fs::metadata(&start) {
         Ok(m) if m.is_dir() => {}
@@ -758,7 +758,7 @@ fn normalise_patterns(
     Ok(out)
 }
 
-pub fn has_glob_meta(s: &str) -> bool {
+pub(crate) fn has_glob_meta(s: &str) -> bool {
     s.contains(['*', '?', '[', '{'])
 }
 
@@ -830,7 +830,7 @@ fn check_events(file: &Path, stages: &[Stage], index: &HashMap<String, usize>) -
 }
 
 /// " (did you mean `x`?)" for near misses.
-pub fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> String {
+pub(crate) fn suggest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> String {
     let best = candidates
         .map(|c| (edit_distance(name, c), c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 4))

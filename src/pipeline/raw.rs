@@ -104,7 +104,7 @@ pub(crate) enum StringOrList {
 
 impl StringOrList {
     /// One script: the lines joined as the shell reads them.
-    pub fn lines(self) -> String {
+    pub(super) fn lines(self) -> String {
         match self {
             StringOrList::One(s) => s,
             StringOrList::Many(v) => v.join("\n"),

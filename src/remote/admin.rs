@@ -6,9 +6,9 @@ use crate::cache::now_ms;
 use crate::store;
 use std::collections::BTreeSet;
 
-pub use crate::report::remote::{LedgerRow, Status};
+pub(crate) use crate::report::remote::{LedgerRow, Status};
 
-pub fn status(r: &Remote) -> Status {
+pub(crate) fn status(r: &Remote) -> Status {
     let mut s = Status {
         url: r.url.clone(),
         mode: r.mode.as_str(),
@@ -54,7 +54,12 @@ fn fill(r: &Remote, s: &mut Status) -> store::Result<()> {
 
 /// Every ledger record of `stage` the remote keeps for good (its history), in `env` or every environment,
 /// newest first, at most `limit`.
-pub fn ledger_history(r: &Remote, stage: &str, env: Option<&str>, limit: usize) -> store::Result<Vec<LedgerRow>> {
+pub(crate) fn ledger_history(
+    r: &Remote,
+    stage: &str,
+    env: Option<&str>,
+    limit: usize,
+) -> store::Result<Vec<LedgerRow>> {
     let st = r.store();
     let under = env.map_or("history".to_string(), |e| format!("history/{e}"));
     let mut names: Vec<String> =
@@ -88,7 +93,7 @@ fn row(b: LedgerBody, trusted: bool) -> LedgerRow {
 
 /// What `cache gc --remote` removed.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Collected {
+pub(crate) struct Collected {
     pub entries: usize,
     pub blobs: usize,
     pub bytes: u64,
@@ -97,7 +102,7 @@ pub struct Collected {
 /// Remove check stages' entries older than `max_age_days`, then blobs that no remaining entry or deploy ledger
 /// record names and that are older than `grace_hours` (a concurrent writer uploads blobs before the entry that
 /// names them, and checks after writing it that they are still there).
-pub fn gc(r: &Remote, max_age_days: u64, grace_hours: u64) -> store::Result<Collected> {
+pub(crate) fn gc(r: &Remote, max_age_days: u64, grace_hours: u64) -> store::Result<Collected> {
     let st = r.store();
     let now = now_ms();
     // Blobs a deploy ledger record names: its manifest and, for a success, its outputs (what is deployed).

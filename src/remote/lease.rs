@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
-pub enum LeaseError {
+pub(crate) enum LeaseError {
     #[error(
         "`{stage}` in `{env}` is being deployed by {holder} (the remote's deploy lease); waited {} s\n  hint: raise --lock-timeout, or wait for that deploy to end",
         waited.as_secs()
@@ -59,7 +59,7 @@ impl Remote {
     /// whom, once; `stop` ends the wait early). Every failure is an error: a deploy never goes on without it.
     /// Taken, the store answered: it is counted up again for the rest of the run (the ledger is read and
     /// written next).
-    pub fn acquire(
+    pub(crate) fn acquire(
         &self,
         stage: &str,
         env: &str,
@@ -215,7 +215,7 @@ impl Held {
 }
 
 /// A held deploy lease: renewed in the background, released when dropped.
-pub struct LeaseGuard {
+pub(crate) struct LeaseGuard {
     stop: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
@@ -249,7 +249,7 @@ impl LeaseGuard {
     }
 
     /// Whether another runner took the lease over while it was held (it could not be renewed in time).
-    pub fn lost(&self) -> bool {
+    pub(crate) fn lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)
     }
 }

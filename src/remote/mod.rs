@@ -8,44 +8,44 @@
 //! Nothing here ever fails a run: an unreachable store, an untrusted or tampered object is a warning and a
 //! miss. What is believed was signed by a trusted key and every byte restored from it verified its BLAKE3.
 
-pub mod admin;
+pub(crate) mod admin;
 mod lease;
-pub mod protocol;
-pub mod review;
+pub(crate) mod protocol;
+pub(crate) mod review;
 mod share;
 
 use crate::pipeline::RemoteSpec;
 use crate::sign::{PrivateKey, PublicKey};
 use crate::store::{self, Store};
-pub use lease::{LeaseError, LeaseGuard};
-pub use share::Fetched;
+pub(crate) use lease::{LeaseError, LeaseGuard};
+pub(crate) use share::Fetched;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The variable that overrides `[remote] url` (or, set to `off`, disables the remote).
-pub const REMOTE_VAR: &str = "KKPIPE_REMOTE";
+pub(crate) const REMOTE_VAR: &str = "KKPIPE_REMOTE";
 /// The variable that holds the writer's private key.
-pub const SIGNING_KEY_VAR: &str = "KKPIPE_SIGNING_KEY";
+pub(crate) const SIGNING_KEY_VAR: &str = "KKPIPE_SIGNING_KEY";
 
 /// `--remote`: lower what the configuration allows, never raise it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Lower {
+pub(crate) enum Lower {
     ReadOnly,
     Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Mode {
+pub(crate) enum Mode {
     Off,
     ReadOnly,
     ReadWrite,
 }
 
 impl Mode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Mode::Off => "off",
             Mode::ReadOnly => "read-only",
@@ -56,7 +56,7 @@ impl Mode {
 
 /// Why the remote is in its mode: the first rule that applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
+pub(crate) enum Why {
     NotConfigured,
     EnvOff,
     FlagOff,
@@ -87,7 +87,7 @@ impl std::fmt::Display for Why {
 
 /// The remote this invocation uses, before anything is contacted.
 #[derive(Debug)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     pub url: Option<String>,
     pub mode: Mode,
     pub why: Why,
@@ -96,7 +96,7 @@ pub struct Resolved {
 
 /// Work out the URL and mode from `[remote]`, the environment, `--remote` and the event. A malformed
 /// `KKPIPE_SIGNING_KEY` is an error: silently reading only would hide a broken secret.
-pub fn resolve(
+pub(crate) fn resolve(
     spec: Option<&RemoteSpec>,
     env: &HashMap<String, String>,
     lower: Option<Lower>,
@@ -130,7 +130,7 @@ pub fn resolve(
 }
 
 /// An open remote. Warnings are collected for the caller to show, once each.
-pub struct Remote {
+pub(crate) struct Remote {
     pub url: String,
     pub mode: Mode,
     pub why: Why,
@@ -151,14 +151,14 @@ pub struct Remote {
 
 /// How a check stage's local miss went on the remote.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Pulled {
+pub(crate) enum Pulled {
     /// A trusted entry with verified contents is now in the local cache.
     Imported,
     Miss,
 }
 
 impl Remote {
-    pub fn open(
+    pub(crate) fn open(
         r: Resolved,
         spec: Option<&RemoteSpec>,
         env: &HashMap<String, String>,
@@ -237,15 +237,15 @@ impl Remote {
     }
 
     /// The audit fields the ledger records written from now on carry.
-    pub fn set_audit(&self, audit: crate::fresh::Audit) {
+    pub(crate) fn set_audit(&self, audit: crate::fresh::Audit) {
         *self.audit.lock().unwrap_or_else(|e| e.into_inner()) = audit;
     }
 
-    pub fn writable(&self) -> bool {
+    pub(crate) fn writable(&self) -> bool {
         self.signer.is_some()
     }
 
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
@@ -254,12 +254,12 @@ impl Remote {
     }
 
     /// Stages whose record from this cache was published since the last call (the ledger had none).
-    pub fn take_published(&self) -> Vec<String> {
+    pub(crate) fn take_published(&self) -> Vec<String> {
         std::mem::take(&mut *self.published.lock().expect("published"))
     }
 
     /// Warnings since the last call, for the caller to show.
-    pub fn take_warnings(&self) -> Vec<String> {
+    pub(crate) fn take_warnings(&self) -> Vec<String> {
         std::mem::take(&mut *self.warnings.lock().expect("warnings"))
     }
 

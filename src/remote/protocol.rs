@@ -23,28 +23,28 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 const FORMAT: &str = "kkpipe-remote";
 /// No entry or record is larger (a stage's output list is far smaller).
-pub const MAX_OBJECT: usize = 16 << 20;
+pub(crate) const MAX_OBJECT: usize = 16 << 20;
 
-pub fn blob(hash: &str) -> String {
+pub(crate) fn blob(hash: &str) -> String {
     format!("blobs/{hash}")
 }
-pub fn entry(stage: &str, key: &str) -> String {
+pub(crate) fn entry(stage: &str, key: &str) -> String {
     format!("entries/{stage}/{key}")
 }
-pub fn ledger(env: &str, stage: &str) -> String {
+pub(crate) fn ledger(env: &str, stage: &str) -> String {
     format!("ledger/{env}/{stage}")
 }
 /// Where the ledger record with `seq` is kept for good; zero-padded so names sort by sequence.
-pub fn history(env: &str, stage: &str, seq: u64) -> String {
+pub(crate) fn history(env: &str, stage: &str, seq: u64) -> String {
     format!("{}/{seq:020}", history_of(env, stage))
 }
-pub fn history_of(env: &str, stage: &str) -> String {
+pub(crate) fn history_of(env: &str, stage: &str) -> String {
     format!("history/{env}/{stage}")
 }
-pub fn lease(env: &str, stage: &str) -> String {
+pub(crate) fn lease(env: &str, stage: &str) -> String {
     format!("leases/{env}/{stage}")
 }
 
@@ -59,14 +59,14 @@ struct Envelope {
 }
 
 /// A signed object's body.
-pub trait Signed: Serialize + DeserializeOwned {
+pub(crate) trait Signed: Serialize + DeserializeOwned {
     const KIND: &'static str;
 }
 
 /// A successful stage run, shared: what a hit on another runner restores.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EntryBody {
+pub(crate) struct EntryBody {
     pub version: u32,
     pub stage: String,
     /// The stage key; the manifest is the blob of that name.
@@ -85,7 +85,7 @@ impl Signed for EntryBody {
 /// The latest deploy attempt of a stage in an environment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LedgerBody {
+pub(crate) struct LedgerBody {
     pub version: u32,
     pub env: String,
     pub stage: String,
@@ -114,7 +114,7 @@ impl Signed for LedgerBody {
 /// A deploy lease (not signed: it only keeps trusted writers apart, and anyone who can write the store can
 /// delete it anyway).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub holder: String,
     pub who: String,
     /// Unix milliseconds by the holder's clock; renewed while the stage runs.
@@ -127,7 +127,7 @@ pub struct Lease {
     pub ttl_ms: i64,
 }
 
-pub fn seal<T: Signed>(body: &T, key: &PrivateKey) -> Vec<u8> {
+pub(crate) fn seal<T: Signed>(body: &T, key: &PrivateKey) -> Vec<u8> {
     let bytes = serde_json::to_vec(body).expect("serializable");
     let env = Envelope {
         format: FORMAT.into(),
@@ -141,7 +141,7 @@ pub fn seal<T: Signed>(body: &T, key: &PrivateKey) -> Vec<u8> {
 
 /// Why a stored object is not believed.
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+pub(crate) enum Refused {
     #[error("it is not a kkpipe {0} (or from a newer kkpipe)")]
     Malformed(&'static str),
     #[error("it is signed by `{0}`, which is not in `trusted_keys`")]
@@ -153,7 +153,7 @@ pub enum Refused {
 }
 
 /// The body of a stored object, if it is signed by a trusted key.
-pub fn open<T: Signed>(bytes: &[u8], trusted: &[PublicKey]) -> Result<T, Refused> {
+pub(crate) fn open<T: Signed>(bytes: &[u8], trusted: &[PublicKey]) -> Result<T, Refused> {
     if bytes.len() > MAX_OBJECT {
         return Err(Refused::Malformed(T::KIND));
     }
@@ -175,7 +175,7 @@ pub fn open<T: Signed>(bytes: &[u8], trusted: &[PublicKey]) -> Result<T, Refused
 
 /// The body of a stored object without checking who signed it: only for retention and display, never for a
 /// decision.
-pub fn peek<T: Signed>(bytes: &[u8]) -> Option<T> {
+pub(crate) fn peek<T: Signed>(bytes: &[u8]) -> Option<T> {
     let env: Envelope = serde_json::from_slice(bytes).ok()?;
     (env.kind == T::KIND).then_some(())?;
     serde_json::from_slice(&B64.decode(&env.body).ok()?).ok()

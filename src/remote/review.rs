@@ -12,11 +12,11 @@ use crate::hash::key::Key;
 use crate::tfplan::PlanSummary;
 use serde::{Deserialize, Serialize};
 
-pub const SCHEMA: &str = "kkpipe.review.v1";
+pub(crate) const SCHEMA: &str = "kkpipe.review.v1";
 
 /// What the reviewer was shown of one plan: what it destroys, by action, and its counts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Review {
+pub(crate) struct Review {
     pub schema: String,
     pub stage: String,
     /// The pull request's head commit, when the CI named it.
@@ -32,7 +32,7 @@ pub struct Review {
 }
 
 impl Review {
-    pub fn of(stage: &str, commit: Option<String>, plan: &PlanSummary) -> Review {
+    pub(crate) fn of(stage: &str, commit: Option<String>, plan: &PlanSummary) -> Review {
         Review {
             schema: SCHEMA.into(),
             stage: stage.into(),
@@ -48,7 +48,7 @@ impl Review {
     /// Of `destroyed` (what the plan policy denies in `plan` and the override let through: (address, action)),
     /// what this review did not show: another address or action, or the same address for another object (its id
     /// changed since: something else was moved there). The policy's other verdicts are its own business.
-    pub fn unreviewed(
+    pub(crate) fn unreviewed(
         &self,
         plan: &PlanSummary,
         destroyed: &[(String, String)],
@@ -86,7 +86,7 @@ impl Remote {
     /// Store a review, replacing one of the same content (a later run of the pull request's job reviews the plan
     /// as it is then). Whatever the mode: a pull request's job writes this and nothing else. `false` (with a
     /// warning) when the store refused or did not answer.
-    pub fn put_review(&self, env: &str, content: &Key, review: &Review) -> bool {
+    pub(crate) fn put_review(&self, env: &str, content: &Key, review: &Review) -> bool {
         let name = name(env, &review.stage, content);
         let bytes = serde_json::to_vec_pretty(review).expect("serialisable");
         for _ in 0..3 {
@@ -111,7 +111,7 @@ impl Remote {
     }
 
     /// The review of `stage`'s plan made from `content`, if one was stored and reads as one.
-    pub fn review(&self, env: &str, stage: &str, content: &Key) -> Option<Review> {
+    pub(crate) fn review(&self, env: &str, stage: &str, content: &Key) -> Option<Review> {
         let name = name(env, stage, content);
         let bytes = match self.store.get(&name) {
             Ok(Some((bytes, _))) => bytes,

@@ -14,7 +14,7 @@ use crate::store;
 type Blob = (Hash, Vec<u8>);
 
 /// A check stage's success found on the remote, its blobs already in the local blob store.
-pub struct Fetched {
+pub(crate) struct Fetched {
     key: Key,
     outputs: Vec<OutputRecord>,
     manifest: Vec<u8>,
@@ -59,7 +59,7 @@ impl Remote {
     /// The network half of a check stage's local miss with `key`: the remote's entry for it, if there is a
     /// trusted one whose every blob verifies (each is put into `blobs`) and whose every output lies inside the
     /// stage's declared outputs. Touches no database, so it runs as a job on a thread of its own.
-    pub fn fetch(&self, blobs: &BlobStore, stage: &Stage, key: &Key) -> Option<Fetched> {
+    pub(crate) fn fetch(&self, blobs: &BlobStore, stage: &Stage, key: &Key) -> Option<Fetched> {
         let what = format!("the entry of `{}` for key {key}", stage.name);
         let (body, _) = self.read::<EntryBody>(&protocol::entry(&stage.name, &key.to_string()), &what)?;
         if body.version != protocol::VERSION || body.stage != stage.name || body.key != key.to_string() {
@@ -72,7 +72,7 @@ impl Remote {
     }
 
     /// The cache half: record what [`Remote::fetch`] found as a success of `stage` here.
-    pub fn learn_fetched(&self, cache: &Cache, stage: &Stage, env: &str, f: Fetched) -> Pulled {
+    pub(crate) fn learn_fetched(&self, cache: &Cache, stage: &Stage, env: &str, f: Fetched) -> Pulled {
         let learned = Learned {
             stage,
             env,
@@ -199,7 +199,7 @@ impl Remote {
     /// what this cache knows: each becomes the stage's latest attempt here. What cannot be believed as it is
     /// (not signed by a trusted key, a success whose outputs cannot be had, news while this cache holds
     /// attempts the ledger never heard of) is learned as interrupted: the live state is unknown, deploy again.
-    pub fn learn_ledger(&self, cache: &Cache, stages: &[&Stage], env: &str) {
+    pub(crate) fn learn_ledger(&self, cache: &Cache, stages: &[&Stage], env: &str) {
         let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
         let read = self.store.each(names, |s, name| {
             let head = s.get(&protocol::ledger(env, &name));
@@ -488,7 +488,7 @@ impl Remote {
 
     /// Share a check stage's success: blobs first (the manifest and every output that is not sensitive), then
     /// the entry, create-only (an entry already there, by another writer, is left as it is).
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         cache: &Cache,
         stage: &Stage,
@@ -574,7 +574,7 @@ impl Remote {
     /// (over one that is not believed, at least the wall clock's milliseconds) and than what this cache knows:
     /// the sequence never goes back for this runner. Its manifest, and for
     /// a success its outputs, go up first. Returns whether the ledger has it.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         cache: &Cache,
         stage: &Stage,

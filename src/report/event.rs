@@ -10,7 +10,7 @@ use std::time::Duration;
 /// --json-lines`: schema `kkpipe.event.v1`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
-pub enum Event {
+pub(crate) enum Event {
     /// Something the user should look at; the run goes on.
     Warning {
         message: String,
@@ -76,7 +76,7 @@ pub enum Event {
 /// How a stage that was started (or was about to be) ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
-pub enum StageEnd {
+pub(crate) enum StageEnd {
     Ok,
     /// It ran and failed: `detail` says how (an exit code, a signal, declared outputs it did not make).
     Failed {
@@ -96,7 +96,7 @@ pub enum StageEnd {
 /// What kkpipe does on its own account, as it does it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "notice", rename_all = "kebab-case")]
-pub enum Notice {
+pub(crate) enum Notice {
     /// The CI event (and deployment environment) the stages are selected for.
     Selecting { ci_event: String, env: String },
     /// SIGINT or SIGTERM: running stages are stopped, within the stop grace.
@@ -176,14 +176,14 @@ fn lossy<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// A reporter: it sees every event of the stream.
-pub trait Sink {
+pub(crate) trait Sink {
     fn event(&mut self, e: &Event);
     /// Called about every 50 ms while stages run, with each running stage and how long it has run.
     fn tick(&mut self, _running: &[(String, Duration)]) {}
 }
 
 /// Several reporters as peers: each event goes to each, in order.
-pub struct Fanout(pub Vec<Box<dyn Sink>>);
+pub(crate) struct Fanout(pub Vec<Box<dyn Sink>>);
 
 impl Sink for Fanout {
     fn event(&mut self, e: &Event) {
@@ -201,9 +201,9 @@ impl Sink for Fanout {
 
 /// `run --json-lines`: each event, as it happens, as one line of JSON on stdout (flushed at once, so a
 /// follower sees it live).
-pub struct JsonLines;
+pub(crate) struct JsonLines;
 
-pub const EVENT_SCHEMA: &str = "kkpipe.event.v1";
+pub(crate) const EVENT_SCHEMA: &str = "kkpipe.event.v1";
 
 impl Sink for JsonLines {
     fn event(&mut self, e: &Event) {

@@ -21,7 +21,7 @@ fn node_id(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
-pub fn mermaid(rows: &[StageRow]) -> String {
+pub(crate) fn mermaid(rows: &[StageRow]) -> String {
     let mut t = String::from("flowchart LR\n");
     for r in rows {
         let (class, _, _) = colours(r.state);
@@ -47,7 +47,7 @@ pub fn mermaid(rows: &[StageRow]) -> String {
 }
 
 /// For a terminal: one line per stage in run order, its state, and the stages it needs (`<- a, b`).
-pub fn text(rows: &[StageRow]) -> String {
+pub(crate) fn text(rows: &[StageRow]) -> String {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
     let state_width = rows.iter().map(|r| r.state.word().len()).max().unwrap_or(0);
     let mut t = String::new();
@@ -60,7 +60,7 @@ pub fn text(rows: &[StageRow]) -> String {
     t
 }
 
-pub fn dot(rows: &[StageRow]) -> String {
+pub(crate) fn dot(rows: &[StageRow]) -> String {
     let mut t = String::from(
         "digraph kkpipe {\n    rankdir=LR;\n    node [shape=box, style=\"rounded,filled\", fontname=\"Helvetica\"];\n",
     );

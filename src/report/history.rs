@@ -33,7 +33,7 @@ fn reason_json(r: &StoredReason) -> serde_json::Value {
     }
 }
 
-pub fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
+pub(crate) fn stage_json(rows: &[(Attempt, RunRow)]) -> String {
     serde_json::to_string_pretty(&stage_items(rows)).expect("serialisable")
 }
 
@@ -59,7 +59,7 @@ fn stage_items(rows: &[(Attempt, RunRow)]) -> Vec<StageRunItem<'_>> {
 
 /// `history --stage X --json` with a remote: this cache's runs (`"where": "local"`), then the remote ledger's
 /// records (`"where": "remote"`).
-pub fn with_remote(rows: &[(Attempt, RunRow)], ledger: &[super::remote::LedgerRow]) -> String {
+pub(crate) fn with_remote(rows: &[(Attempt, RunRow)], ledger: &[super::remote::LedgerRow]) -> String {
     let at = |v: serde_json::Value, place: &str| {
         let mut v = v;
         v["where"] = place.into();
@@ -92,7 +92,7 @@ fn commit_text(r: &RunRow) -> String {
     format!("{}{dirty}", short_commit(r.git_commit.as_deref()))
 }
 
-pub fn stage_table(stage: &str, rows: &[(Attempt, RunRow)]) -> String {
+pub(crate) fn stage_table(stage: &str, rows: &[(Attempt, RunRow)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -123,11 +123,11 @@ pub fn stage_table(stage: &str, rows: &[(Attempt, RunRow)]) -> String {
     out
 }
 
-pub fn runs_json(runs: &[RunRow]) -> String {
+pub(crate) fn runs_json(runs: &[RunRow]) -> String {
     serde_json::to_string_pretty(runs).expect("serialisable")
 }
 
-pub fn runs_table(runs: &[RunRow]) -> String {
+pub(crate) fn runs_table(runs: &[RunRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -178,7 +178,7 @@ pub struct CacheStats {
 }
 
 /// `cache stats` for people.
-pub fn stats_table(s: &CacheStats) -> String {
+pub(crate) fn stats_table(s: &CacheStats) -> String {
     let mb = |b: u64| b as f64 / 1e6;
     format!(
         "runs:            {}\nstage runs:      {} ({} successful, {} failed or interrupted)\nmanifests:       {}\nstored outputs:  {} ({:.1} MB)\nsensitive:       {} ({:.1} MB)\nstat cache:      {} files\ndatabase:        {:.1} MB\n",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
+pub(crate) enum Style {
     /// Lines stream as they come, prefixed with the stage name.
     Plain,
     /// A stage's output streams into a `::group::` as it is written; failures become `::error::`.
@@ -15,7 +15,7 @@ pub enum Style {
     Gitlab,
 }
 
-pub struct Human {
+pub(crate) struct Human {
     pub color: bool,
     pub style: Style,
     pub quiet: bool,
@@ -59,7 +59,7 @@ const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
 
 impl Human {
-    pub fn new(
+    pub(crate) fn new(
         color: bool,
         style: Style,
         quiet: bool,
@@ -87,13 +87,13 @@ impl Human {
     }
 
     /// Append a markdown summary of the run to this file when it finishes (GitHub's job summary).
-    pub fn with_step_summary(mut self, file: Option<std::path::PathBuf>, title: String) -> Human {
+    pub(crate) fn with_step_summary(mut self, file: Option<std::path::PathBuf>, title: String) -> Human {
         self.step_summary = file.map(|f| (f, title));
         self
     }
 
     /// Show which stages are running on a line that stays under the output (terminals only).
-    pub fn with_live_progress(mut self, enabled: bool) -> Human {
+    pub(crate) fn with_live_progress(mut self, enabled: bool) -> Human {
         if enabled && self.style == Style::Plain && !self.quiet {
             self.live = Some(super::progress::running_bar());
         }
@@ -411,7 +411,7 @@ impl Human {
 }
 
 /// The job summary: one row per stage (ran / fresh / restored / failed, duration, why) and the totals.
-pub fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
+pub(super) fn markdown_summary(title: &str, rows: &[StageRow], s: &Summary) -> String {
     use std::fmt::Write as _;
     let mut t = format!("### kkpipe: {title}\n\n| stage | result | duration | why |\n|---|---|---:|---|\n");
     for r in rows {

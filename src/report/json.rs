@@ -4,25 +4,25 @@
 use super::{Event, Sink, StageRow, Summary};
 use serde::Serialize;
 
-pub const STATUS_SCHEMA: &str = "kkpipe.status.v1";
-pub const RUN_SCHEMA: &str = "kkpipe.run.v1";
-pub const WHY_SCHEMA: &str = "kkpipe.why.v1";
+pub(crate) const STATUS_SCHEMA: &str = "kkpipe.status.v1";
+pub(crate) const RUN_SCHEMA: &str = "kkpipe.run.v1";
+pub(crate) const WHY_SCHEMA: &str = "kkpipe.why.v1";
 
 #[derive(Debug, Clone, Serialize)]
-pub struct EventInfo {
+pub(crate) struct EventInfo {
     pub name: crate::pipeline::Trigger,
     pub branch: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Context {
+pub(crate) struct Context {
     pub kkpipe_version: &'static str,
     pub event: Option<EventInfo>,
     pub env: String,
 }
 
 impl Context {
-    pub fn new(event: Option<&crate::graph::CiEvent>, env: &str) -> Context {
+    pub(crate) fn new(event: Option<&crate::graph::CiEvent>, env: &str) -> Context {
         Context {
             kkpipe_version: env!("CARGO_PKG_VERSION"),
             event: event.map(|e| EventInfo { name: e.name, branch: e.branch.clone() }),
@@ -41,13 +41,13 @@ struct Document<'a> {
     summary: Option<&'a Summary>,
 }
 
-pub fn print(schema: &'static str, context: &Context, rows: &[StageRow], summary: Option<&Summary>) {
+pub(crate) fn print(schema: &'static str, context: &Context, rows: &[StageRow], summary: Option<&Summary>) {
     let doc = Document { schema, context, stages: rows, summary };
     println!("{}", serde_json::to_string_pretty(&doc).expect("serialisable"));
 }
 
 /// `run --json`: the final report on stdout (human progress, a peer reporter, goes to stderr).
-pub struct Json {
+pub(crate) struct Json {
     pub context: Context,
 }
 

@@ -1,29 +1,29 @@
 //! Events -> what the user sees. The scheduler emits typed [`Event`]s; a renderer turns them into human
 //! lines (plain, GitHub Actions or GitLab CI conventions) or into JSON. Both consume the same stream.
 
-pub mod event;
-pub mod graph;
-pub mod history;
+pub(crate) mod event;
+pub(crate) mod graph;
+pub(crate) mod history;
 mod human;
-pub mod json;
-pub mod preview;
-pub mod progress;
-pub mod remote;
-pub mod status;
-pub mod why;
+pub(crate) mod json;
+pub(crate) mod preview;
+pub(crate) mod progress;
+pub(crate) mod remote;
+pub(crate) mod status;
+pub(crate) mod why;
 
 use crate::fresh::Reason;
 use crate::pipeline::Kind;
 use serde::Serialize;
 
-pub use crate::clock::{age, format_duration, timestamp};
-pub use event::{Event, Fanout, JsonLines, Notice, Sink, StageEnd};
-pub use human::{Human, Style};
+pub(crate) use crate::clock::{age, format_duration, timestamp};
+pub(crate) use event::{Event, Fanout, JsonLines, Notice, Sink, StageEnd};
+pub(crate) use human::{Human, Style};
 
 /// A stage's state as reported by `status` and `run` (and their `--json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum StageState {
+pub(crate) enum StageState {
     /// Inputs unchanged since a successful run; nothing to do.
     Fresh,
     /// Fresh, with outputs put back from the cache (or regenerated).
@@ -49,7 +49,7 @@ pub enum StageState {
 }
 
 impl StageState {
-    pub fn word(self) -> &'static str {
+    pub(crate) fn word(self) -> &'static str {
         match self {
             StageState::Fresh => "fresh",
             StageState::Restored => "restored",
@@ -70,7 +70,7 @@ impl StageState {
 
 /// One stage in a `status` or `run` report.
 #[derive(Debug, Clone, Serialize)]
-pub struct StageRow {
+pub(crate) struct StageRow {
     pub name: String,
     pub kind: Kind,
     pub state: StageState,
@@ -95,7 +95,7 @@ pub struct StageRow {
 
 /// Who runs a stage that `status` shows as running: the holder of the repository's run lock.
 #[derive(Debug, Clone, Serialize)]
-pub struct RunHolder {
+pub(crate) struct RunHolder {
     /// `run` or `verify`.
     pub command: String,
     pub pid: u32,
@@ -106,7 +106,7 @@ pub struct RunHolder {
 
 impl StageRow {
     /// A row with the stage's static facts; the caller fills in what happened.
-    pub fn new(stage: &crate::pipeline::Stage, state: StageState) -> StageRow {
+    pub(crate) fn new(stage: &crate::pipeline::Stage, state: StageState) -> StageRow {
         StageRow {
             name: stage.name.clone(),
             kind: stage.kind,
@@ -124,7 +124,7 @@ impl StageRow {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub ran: usize,
     pub fresh: usize,
     pub restored: usize,
@@ -146,13 +146,13 @@ pub struct Summary {
 }
 
 /// The note on a fresh stage whose outputs are in no cache (sensitive ones, on a fresh CI runner).
-pub fn unavailable_note(unavailable: &[crate::fresh::OutputRecord]) -> String {
+pub(crate) fn unavailable_note(unavailable: &[crate::fresh::OutputRecord]) -> String {
     let list: Vec<String> = unavailable.iter().map(|o| format!("`{}`", o.path)).collect();
     format!("not in this cache, made only if a stage that needs them runs: {}", list.join(", "))
 }
 
 /// The first `n` characters of a commit id, for people: never a byte slice, since a commit may come from a store
 /// or a file anyone could write.
-pub fn short_commit(c: &str, n: usize) -> String {
+pub(crate) fn short_commit(c: &str, n: usize) -> String {
     c.chars().take(n).collect()
 }

@@ -9,15 +9,15 @@ use crate::tfplan::PlanSummary;
 use serde::Serialize;
 use std::fmt::Write;
 
-pub const SCHEMA: &str = "kkpipe.preview.v1";
+pub(crate) const SCHEMA: &str = "kkpipe.preview.v1";
 
 /// The first line of every preview starts so, with the pull request's commit after it when the CI names one:
 /// `[//]: # (kkpipe-preview 0123456789ab…)`. A Markdown link definition, which GitHub, GitLab and Bitbucket all
 /// render as nothing (an HTML comment would show on Bitbucket); `kkpipe comment` finds its comment by it.
-pub const MARKER_PREFIX: &str = "[//]: # (kkpipe-preview";
+pub(crate) const MARKER_PREFIX: &str = "[//]: # (kkpipe-preview";
 
 /// The marker line for `commit`.
-pub fn marker(commit: Option<&str>) -> String {
+pub(crate) fn marker(commit: Option<&str>) -> String {
     match commit {
         Some(c) => format!("{MARKER_PREFIX} {c})"),
         None => format!("{MARKER_PREFIX})"),
@@ -26,7 +26,7 @@ pub fn marker(commit: Option<&str>) -> String {
 
 /// The commit a preview's marker names: `Some("")` for a preview that names none, `None` for text that is no
 /// preview.
-pub fn marked_commit(text: &str) -> Option<&str> {
+pub(crate) fn marked_commit(text: &str) -> Option<&str> {
     let rest = text.lines().next()?.strip_prefix(MARKER_PREFIX)?;
     Some(rest.trim_end().strip_suffix(')')?.trim())
 }
@@ -34,7 +34,7 @@ pub fn marked_commit(text: &str) -> Option<&str> {
 /// What a merge does to one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum OnMerge {
+pub(crate) enum OnMerge {
     /// A check stage that will run.
     Runs,
     /// A deploy stage that will apply.
@@ -48,7 +48,7 @@ pub enum OnMerge {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct PreviewStage {
+pub(crate) struct PreviewStage {
     pub name: String,
     pub kind: Kind,
     pub on_merge: OnMerge,
@@ -61,7 +61,7 @@ pub struct PreviewStage {
 
 /// The plan a terraform stage made in this job, summarised.
 #[derive(Debug, Clone, Serialize)]
-pub struct PlanPreview {
+pub(crate) struct PlanPreview {
     pub stage: String,
     /// The plan file, relative to the repository.
     pub plan: String,
@@ -76,7 +76,7 @@ pub struct PlanPreview {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Denied {
+pub(crate) struct Denied {
     pub address: String,
     pub action: String,
     /// `KKPIPE_ALLOW_DESTROY` allows it in this job (the merge's push needs it again).
@@ -85,7 +85,7 @@ pub struct Denied {
 
 /// A deploy stage's last drift probe, as the preview shows it.
 #[derive(Debug, Clone, Serialize)]
-pub struct ProbeSeen {
+pub(crate) struct ProbeSeen {
     pub stage: String,
     /// When it ended (RFC 3339, UTC).
     pub probed_at: String,
@@ -106,7 +106,7 @@ pub struct ProbeSeen {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum ProbeState {
+pub(crate) enum ProbeState {
     /// Its probe found the live system as deployed.
     InSync,
     Drifted,
@@ -120,7 +120,7 @@ fn is_zero(n: &usize) -> bool {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum DriftOnMerge {
+pub(crate) enum DriftOnMerge {
     /// The merge deploys the stage anyway (its inputs changed).
     Deploys,
     /// Its probe runs again and, if it still drifted, deploys it again (`on_drift = "apply"`).
@@ -132,7 +132,7 @@ pub enum DriftOnMerge {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Preview {
+pub(crate) struct Preview {
     pub schema: &'static str,
     #[serde(flatten)]
     pub context: Context,
@@ -148,7 +148,7 @@ pub struct Preview {
 
 impl PreviewStage {
     /// A `status` row of the push's evaluation, as the merge will meet it. `mask` hides secrets in reasons.
-    pub fn from_row(r: &StageRow, mask: &dyn Fn(&str) -> String) -> PreviewStage {
+    pub(crate) fn from_row(r: &StageRow, mask: &dyn Fn(&str) -> String) -> PreviewStage {
         let reason = r.reasons.first().cloned();
         let on_merge = match (r.state, &reason) {
             (StageState::SkippedByEvent, _) => OnMerge::NotOnPush,
@@ -164,7 +164,7 @@ impl PreviewStage {
 }
 
 impl Preview {
-    pub fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let mut t = String::new();
         let target = self.context.event.as_ref().and_then(|e| e.branch.as_deref()).unwrap_or("the target branch");
         let _ = writeln!(
@@ -271,7 +271,7 @@ impl Preview {
 /// `text` as a Markdown code span, whatever it holds: a fence longer than any run of backticks in it (CommonMark
 /// 6.1), control characters escaped, pipes escaped for a table. What a pull request or a probe printed (a
 /// resource address, a for_each key) then shows as the text it is, never as a link or HTML.
-pub fn code(text: &str) -> String {
+pub(crate) fn code(text: &str) -> String {
     let text = crate::relpath::escape_controls(text).replace('|', "\\|");
     let longest = text.split(|c| c != '`').map(str::len).max().unwrap_or(0);
     let fence = "`".repeat(longest + 1);

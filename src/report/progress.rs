@@ -5,11 +5,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::time::Duration;
 
 /// A spinner showing files and bytes hashed so far; cleared when dropped.
-pub struct HashProgress(Option<ProgressBar>);
+pub(crate) struct HashProgress(Option<ProgressBar>);
 
 impl HashProgress {
     /// `counts`: files seen and bytes read so far.
-    pub fn start(
+    pub(crate) fn start(
         enabled: bool,
         what: &'static str,
         counts: impl Fn() -> (u64, u64) + Clone + Send + Sync + 'static,
@@ -38,7 +38,7 @@ impl Drop for HashProgress {
 }
 
 /// The "running: a (3s), b (1s)" line under streaming stage output.
-pub fn running_bar() -> ProgressBar {
+pub(crate) fn running_bar() -> ProgressBar {
     let bar =
         ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
     bar.enable_steady_tick(Duration::from_millis(120));

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 /// What `kkpipe remote status` shows.
 #[derive(Debug, serde::Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub url: String,
     pub mode: &'static str,
     pub why: String,
@@ -22,7 +22,7 @@ pub struct Status {
 }
 
 #[derive(Debug, serde::Serialize)]
-pub struct LedgerRow {
+pub(crate) struct LedgerRow {
     pub env: String,
     pub stage: String,
     pub seq: u64,
@@ -37,7 +37,7 @@ pub struct LedgerRow {
 }
 
 /// `kkpipe history --stage X`: the remote ledger's records of the stage, after this cache's.
-pub fn ledger_table(url: &str, rows: &[LedgerRow]) -> String {
+pub(crate) fn ledger_table(url: &str, rows: &[LedgerRow]) -> String {
     let mut t = format!(
         "
 the ledger on the remote `{url}`:
@@ -68,7 +68,7 @@ the ledger on the remote `{url}`:
     t
 }
 
-pub fn keygen(private: &str, public: &str, json: bool) -> String {
+pub(crate) fn keygen(private: &str, public: &str, json: bool) -> String {
     if json {
         return format!("{}\n", serde_json::json!({ "private": private, "public": public }));
     }
@@ -78,14 +78,14 @@ pub fn keygen(private: &str, public: &str, json: bool) -> String {
     )
 }
 
-pub fn off(why: &str, json: bool) -> String {
+pub(crate) fn off(why: &str, json: bool) -> String {
     if json {
         return format!("{}\n", serde_json::json!({ "url": null, "mode": "off", "why": why }));
     }
     format!("remote: off ({why})\n")
 }
 
-pub fn status(s: &Status, json: bool) -> String {
+pub(crate) fn status(s: &Status, json: bool) -> String {
     if json {
         return format!("{}\n", serde_json::to_string_pretty(s).expect("serializable"));
     }

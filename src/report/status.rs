@@ -6,7 +6,7 @@ use crate::graph::CiEvent;
 use std::io::Write;
 
 /// What a dry run would do, in numbers.
-pub fn dry_run_summary(rows: &[StageRow]) -> Summary {
+pub(crate) fn dry_run_summary(rows: &[StageRow]) -> Summary {
     let mut summary = Summary::default();
     for r in rows {
         match r.state {
@@ -21,7 +21,7 @@ pub fn dry_run_summary(rows: &[StageRow]) -> Summary {
 
 /// The closing line of a dry run; `maybe` of those that would run do so only if a stage they need changes its
 /// outputs.
-pub fn dry_run_line(s: &Summary, maybe: usize) -> String {
+pub(crate) fn dry_run_line(s: &Summary, maybe: usize) -> String {
     let restore = if s.restored > 0 { format!(" ({} with outputs to restore)", s.restored) } else { String::new() };
     let would = match maybe {
         0 => format!("{} would run", s.would_run),
@@ -32,7 +32,12 @@ pub fn dry_run_line(s: &Summary, maybe: usize) -> String {
 }
 
 /// The human table: one line per stage with its state and first reason (masked).
-pub fn print_table(color: bool, event: Option<(&CiEvent, &str)>, rows: &[StageRow], mask: &dyn Fn(&str) -> String) {
+pub(crate) fn print_table(
+    color: bool,
+    event: Option<(&CiEvent, &str)>,
+    rows: &[StageRow],
+    mask: &dyn Fn(&str) -> String,
+) {
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
     let mut out = std::io::stdout().lock();
     let paint = |c: &str, text: &str| if color { format!("{c}{text}\x1b[0m") } else { text.to_string() };

@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::fmt::Write;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RunRef {
+pub(crate) struct RunRef {
     pub run: i64,
     pub at: String,
     pub at_ms: i64,
@@ -20,7 +20,7 @@ pub struct RunRef {
 
 /// One link of the chain from a stage to its root cause.
 #[derive(Debug, Clone, Serialize)]
-pub struct Cause {
+pub(crate) struct Cause {
     pub stage: String,
     #[serde(serialize_with = "serialize_stored")]
     pub reason: StoredReason,
@@ -29,7 +29,7 @@ pub struct Cause {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct InputFile {
+pub(crate) struct InputFile {
     pub path: String,
     /// BLAKE3 of the content, hex (what `b3sum` prints); absent for symlinks.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,7 +42,7 @@ pub struct InputFile {
 
 #[derive(Debug, Clone, Serialize)]
 /// Everything `why` says about a stage (`why --json`: schema kkpipe.why.v1).
-pub struct Explanation {
+pub(crate) struct Explanation {
     pub stage: String,
     pub state: StageState,
     pub key: Option<String>,
@@ -66,7 +66,7 @@ fn serialize_stored<S: serde::Serializer>(r: &StoredReason, s: S) -> Result<S::O
 }
 
 /// Human rendering. `limit`: how many paths to list per group (`None`: all).
-pub fn render(x: &Explanation, limit: Option<usize>, mask: &dyn Fn(&str) -> String) -> String {
+pub(crate) fn render(x: &Explanation, limit: Option<usize>, mask: &dyn Fn(&str) -> String) -> String {
     let mut t = String::new();
     if !headline(&mut t, x, mask) {
         return t;

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 /// Variables every stage gets from the caller, unkeyed: what a shell needs to work at all. Anything else
 /// must be listed in `env`, `pass_env` or `secret_env`, so the key sees everything a stage depends on.
-pub const BASE_ENV: &[&str] =
+pub(crate) const BASE_ENV: &[&str] =
     &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "TMPDIR"];
 
 /// The environment a stage's command sees: the base set from the caller, keyed `env`, `pass_env` and
 /// `secret_env` from the caller, and kkpipe's own `KKPIPE_STAGE`, `KKPIPE_ENV` (the deployment
 /// environment; a check stage that reads it should be `per_env`) and `KKPIPE` (its executable).
-pub fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str) -> Vec<(String, String)> {
+pub(crate) fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for name in BASE_ENV {
         if let Some(v) = caller.get(*name) {
@@ -49,7 +49,7 @@ pub fn stage_env(stage: &Stage, caller: &HashMap<String, String>, env_name: &str
 }
 
 #[derive(Debug, Clone)]
-pub struct Spec {
+pub(crate) struct Spec {
     pub script: String,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
@@ -59,7 +59,7 @@ pub struct Spec {
 
 /// The variable naming a file in which a stage (or `kkpipe plan-check` inside it) may write, before it fails,
 /// why: its first lines become the failure's detail in the summary, the job summary and JSON.
-pub const FAILURE_NOTE_VAR: &str = "KKPIPE_FAILURE_NOTE";
+pub(crate) const FAILURE_NOTE_VAR: &str = "KKPIPE_FAILURE_NOTE";
 
 /// A failure note's text (its first 64 KiB), and the file removed. Only a regular file is read: a link the stage
 /// put there is removed, not followed.
@@ -75,7 +75,7 @@ fn take_note(path: &std::path::Path) -> Option<String> {
 
 /// What the summary shows of a failure note, once masked: its first five non-empty lines, each at most 200
 /// characters with control characters as spaces (a note must not end a table row or start a CI command), joined.
-pub fn note_summary(masked: &str) -> Option<String> {
+pub(crate) fn note_summary(masked: &str) -> Option<String> {
     let line = |l: &str| -> String {
         let clean: String = l.trim().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
         match clean.chars().count() > 200 {
@@ -88,7 +88,7 @@ pub fn note_summary(masked: &str) -> Option<String> {
 }
 
 #[derive(Debug)]
-pub struct Exit {
+pub(crate) struct Exit {
     /// `None` when killed by a signal or when it could not start.
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -103,10 +103,10 @@ pub struct Exit {
 /// own sensitive outputs are known (a stage that prints the kubeconfig it just wrote), so the stored log never
 /// holds what the streamed lines could not yet mask. Masked whole, a secret across a cut line is masked too.
 #[derive(Debug, Default)]
-pub struct RawLog(Vec<u8>);
+pub(crate) struct RawLog(Vec<u8>);
 
 impl RawLog {
-    pub fn masked(&self, m: &Masker) -> Vec<u8> {
+    pub(crate) fn masked(&self, m: &Masker) -> Vec<u8> {
         m.mask(&self.0)
     }
 }
@@ -117,13 +117,13 @@ impl Exit {
         Exit { code: None, signal: None, spawn_error: Some(why), log, duration: start.elapsed(), note: None }
     }
 
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.code == Some(0)
     }
 }
 
 /// Start `cmd` on a thread of its own; its lines and its exit arrive on `tx`.
-pub fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>) {
+pub(crate) fn spawn(job: usize, cmd: Spec, masker: Arc<RwLock<Masker>>, tx: Sender<Msg>) {
     std::thread::Builder::new()
         .name(format!("job-{job}"))
         .spawn(move || {
@@ -274,7 +274,7 @@ fn pump(job: usize, stream: Box<dyn Read + Send>, tx: &Sender<Msg>, log: &Mutex<
 }
 
 /// Send `sig` to a job's whole process group.
-pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) {
+pub(crate) fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error("timed out after {waited}s waiting for the run lock on `{}`, held by {holder}\n  hint: wait for it to finish, or raise `--lock-timeout`", path.display())]
     Timeout { path: PathBuf, waited: u64, holder: String },
     #[error("cannot take the run lock `{}`: {source}", path.display())]
@@ -29,13 +29,13 @@ const LOCK_NAME: &str = "run.lock";
 const LIVE_NAME: &str = "run.live";
 
 /// The held run lock; dropping it releases it (`run.live` first, so a live holder always holds `run.lock`).
-pub struct RunLock {
+pub(crate) struct RunLock {
     _live: fs::File,
     _file: fs::File,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     pub pid: u32,
     pub host: String,
     pub command: String,
@@ -76,7 +76,7 @@ fn read_holder(path: &Path) -> String {
 /// Who holds the run lock of the cache in `cache_dir` right now, if a live process does. Takes no lock that
 /// a run waits for, creates nothing, and works on a read-only cache. `None` also when the holder's record is
 /// unreadable (never the case for a kkpipe that holds the lock: it writes the record before `run.live`).
-pub fn live_holder(cache_dir: &Path) -> Option<Holder> {
+pub(crate) fn live_holder(cache_dir: &Path) -> Option<Holder> {
     let live = fs::File::open(cache_dir.join(LIVE_NAME)).ok()?;
     match live.try_lock_shared() {
         // Nobody holds it exclusively: no run is in progress. Dropping `live` releases the probe.
@@ -87,7 +87,7 @@ pub fn live_holder(cache_dir: &Path) -> Option<Holder> {
 }
 
 /// Take the lock, waiting up to `timeout`. `on_wait` is told once whom we wait for.
-pub fn acquire(
+pub(crate) fn acquire(
     cache_dir: &Path,
     command: &str,
     timeout: Duration,

@@ -1,11 +1,11 @@
 //! Running the graph: the scheduler ([`scheduler`]) runs stale stages as processes ([`exec`]) under the
 //! repository's run lock ([`lock`]), restores fresh ones, records every attempt, and reports by events.
 
-pub mod exec;
-pub mod lock;
+pub(crate) mod exec;
+pub(crate) mod lock;
 mod queue;
 mod scheduler;
-pub mod watchdog;
+pub(crate) mod watchdog;
 
 use crate::cache::Cache;
 use crate::evaluate::Context;
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     #[error(transparent)]
     Session(#[from] crate::session::Error),
     #[error(transparent)]
@@ -68,7 +68,7 @@ fn not_confirmed(stages: &[String], env: &str, asked: bool) -> String {
 
 /// What a run does with a deploy stage that would deploy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Deploys {
+pub(crate) enum Deploys {
     /// Deploy it; but one with a `verify` probe and no record in this environment is probed first and adopted
     /// when the live system already matches its inputs.
     Run,
@@ -79,7 +79,7 @@ pub enum Deploys {
 
 /// Whether a run that would deploy may go on (docs/pipeline-toml.md, "A deploy is deliberate").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Consent {
+pub(crate) enum Consent {
     /// In CI, or `--yes`: deploy without asking.
     Given,
     /// Outside CI on a terminal: list the deploys and ask.
@@ -89,7 +89,7 @@ pub enum Consent {
 }
 
 /// Ask a yes/no question on the terminal (stderr), default no.
-pub fn ask_on_terminal(question: &str) -> bool {
+pub(crate) fn ask_on_terminal(question: &str) -> bool {
     use std::io::Write;
     eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
@@ -107,7 +107,7 @@ fn missing_env(missing: &[(String, String)]) -> String {
 }
 
 #[derive(Debug, Clone, Default)]
-pub enum Force {
+pub(crate) enum Force {
     #[default]
     No,
     All,
@@ -115,7 +115,7 @@ pub enum Force {
 }
 
 impl Force {
-    pub fn includes(&self, stage: &str) -> bool {
+    pub(crate) fn includes(&self, stage: &str) -> bool {
         match self {
             Force::No => false,
             Force::All => true,
@@ -125,7 +125,7 @@ impl Force {
 }
 
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     pub targets: Vec<String>,
     pub force: Force,
     pub jobs: usize,
@@ -153,10 +153,10 @@ pub struct Options {
 
 /// The signal number that asked us to stop, set from a signal handler.
 #[derive(Clone, Default)]
-pub struct Interrupt(pub Arc<AtomicUsize>);
+pub(crate) struct Interrupt(pub Arc<AtomicUsize>);
 
 impl Interrupt {
-    pub fn install() -> Interrupt {
+    pub(crate) fn install() -> Interrupt {
         let flag = Arc::new(AtomicUsize::new(0));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
             let _ = signal_hook::flag::register_usize(sig, flag.clone(), sig as usize);
@@ -164,7 +164,7 @@ impl Interrupt {
         Interrupt(flag)
     }
 
-    pub fn signal(&self) -> Option<i32> {
+    pub(crate) fn signal(&self) -> Option<i32> {
         match self.0.load(Ordering::SeqCst) {
             0 => None,
             s => Some(s as i32),
@@ -174,7 +174,7 @@ impl Interrupt {
 
 /// Messages a job (a stage's process, a wait for a deploy lease, a lookup on the remote) sends to the scheduler thread, which owns
 /// all state and all printing.
-pub enum Msg {
+pub(crate) enum Msg {
     Spawned {
         job: usize,
         pgid: i32,
@@ -204,7 +204,7 @@ pub enum Msg {
     },
 }
 
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub rows: Vec<StageRow>,
     pub summary: Summary,
     pub failed: bool,
@@ -216,7 +216,7 @@ pub struct Outcome {
 
 /// What a run needs besides the session: the cache, the caller's environment, and the masker of the
 /// invocation (stage output is masked with it before it is shown or stored).
-pub struct Env<'a> {
+pub(crate) struct Env<'a> {
     pub cache: &'a Cache,
     pub caller_env: &'a HashMap<String, String>,
     pub masker: Arc<RwLock<Masker>>,
@@ -225,7 +225,7 @@ pub struct Env<'a> {
 }
 
 /// Run the selected stages. The caller holds the run lock.
-pub fn run(
+pub(crate) fn run(
     cx: Context<'_>,
     session: &mut Session<'_>,
     env: &Env<'_>,

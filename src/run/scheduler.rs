@@ -1170,30 +1170,31 @@ impl<'a> Scheduler<'a, '_> {
                     self.looked_up(i, asking, found)?;
                 }
             }
-            Msg::Exited { job, result } => {
-                let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
-                if !matches!(self.slots[i], Slot::Active(_)) {
-                    return Ok(());
-                }
-                let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else { unreachable!() };
-                let a = *a;
-                match a.job {
-                    Job::Stage { row, reason } => {
-                        self.workspace_changed = true;
-                        self.stage_exited(i, row, a.keyed, reason, result, a.signalled)?;
-                    }
-                    Job::Probe { hit } => self.probe_exited(i, a.keyed, hit, a.restored, result)?,
-                    Job::Regenerate { hit } => {
-                        self.workspace_changed = true;
-                        self.regenerate_exited(i, a.keyed, hit, a.restored, result)?;
-                    }
-                    Job::Adopt { reason, regenerating } => {
-                        self.adopt_exited(i, a.keyed, reason, regenerating, result)?;
-                    }
-                }
-            }
+            Msg::Exited { job, result } => self.exited(job, result)?,
         }
         Ok(())
+    }
+
+    /// A job's process ended: what happens next depends on what the job was.
+    fn exited(&mut self, job: usize, result: Exit) -> Result<(), Error> {
+        let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
+        if !matches!(self.slots[i], Slot::Active(_)) {
+            return Ok(());
+        }
+        let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else { unreachable!() };
+        let a = *a;
+        match a.job {
+            Job::Stage { row, reason } => {
+                self.workspace_changed = true;
+                self.stage_exited(i, row, a.keyed, reason, result, a.signalled)
+            }
+            Job::Probe { hit } => self.probe_exited(i, a.keyed, hit, a.restored, result),
+            Job::Regenerate { hit } => {
+                self.workspace_changed = true;
+                self.regenerate_exited(i, a.keyed, hit, a.restored, result)
+            }
+            Job::Adopt { reason, regenerating } => self.adopt_exited(i, a.keyed, reason, regenerating, result),
+        }
     }
 
     fn stage_exited(
@@ -1478,23 +1479,26 @@ impl<'a> Scheduler<'a, '_> {
 }
 
 /// A finished stage's row, and its count in the summary.
+/// A fresh stage in the summary: fresh, or restored when outputs were put back; with what it saved.
+fn fresh_counts(nothing_restored: bool, verified: bool, saved_ms: i64, sum: &mut Summary) -> StageState {
+    let (count, state) = match nothing_restored {
+        true => (&mut sum.fresh, StageState::Fresh),
+        false => (&mut sum.restored, StageState::Restored),
+    };
+    *count += 1;
+    sum.verified += usize::from(verified);
+    sum.saved_ms += saved_ms.max(0) as u64;
+    state
+}
+
 fn done_row(d: &Done, row: &mut StageRow, sum: &mut Summary) {
     let (state, key, reason) = match d {
         Done::Fresh { restored, unavailable, recorded_ms, saved_ms, key, verified, .. } => {
-            if !unavailable.is_empty() {
-                row.note = Some(crate::report::unavailable_note(unavailable));
-            }
+            row.note = (!unavailable.is_empty()).then(|| crate::report::unavailable_note(unavailable));
             row.restored = restored.clone();
             row.duration_ms = Some(*saved_ms);
             row.recorded_at = Some(crate::report::timestamp(*recorded_ms));
-            let (count, state) = match restored.is_empty() {
-                true => (&mut sum.fresh, StageState::Fresh),
-                false => (&mut sum.restored, StageState::Restored),
-            };
-            *count += 1;
-            sum.verified += usize::from(*verified);
-            sum.saved_ms += (*saved_ms).max(0) as u64;
-            (state, Some(*key), None)
+            (fresh_counts(restored.is_empty(), *verified, *saved_ms, sum), Some(*key), None)
         }
         Done::Ran { duration, key, reason, .. } => {
             row.duration_ms = Some(duration.as_millis() as i64);

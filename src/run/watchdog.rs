@@ -37,7 +37,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The hidden first argument that makes the binary a watchdog (dispatched in `main.rs`, before clap).
-pub const ARG: &str = "__kkpipe-watchdog";
+pub(crate) const ARG: &str = "__kkpipe-watchdog";
 
 const POLL: Duration = Duration::from_millis(50);
 
@@ -49,7 +49,7 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(7);
 static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
 
 /// The variable that marks every process a stage starts (see the module docs).
-pub const TAG_VAR: &str = "KKPIPE_PROCESS_TAG";
+pub(crate) const TAG_VAR: &str = "KKPIPE_PROCESS_TAG";
 
 /// The stage shells kkpipe waits for itself (never reaped or stopped as orphans), by pid.
 static OWN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
@@ -66,7 +66,10 @@ static EARLIER: OnceLock<Vec<i32>> = OnceLock::new();
 static SPAWNING: Mutex<()> = Mutex::new(());
 
 /// Spawn a stage shell with `spawn` and own it at once (see [`SPAWNING`]).
-pub fn spawn_owned<T>(spawn: impl FnOnce() -> std::io::Result<T>, pid: impl Fn(&T) -> u32) -> std::io::Result<T> {
+pub(crate) fn spawn_owned<T>(
+    spawn: impl FnOnce() -> std::io::Result<T>,
+    pid: impl Fn(&T) -> u32,
+) -> std::io::Result<T> {
     let _held = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
     let child = spawn()?;
     own(pid(&child) as i32);
@@ -78,7 +81,7 @@ fn own(pid: i32) {
     OWN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
 }
 
-pub fn disown(pid: i32) {
+pub(crate) fn disown(pid: i32) {
     OWN.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pid);
 }
 
@@ -130,7 +133,7 @@ fn readable_env(pid: Pid) -> bool {
 }
 
 /// Stop every orphan kkpipe still has: at the end of a run nothing a stage started may be left.
-pub fn stop_orphans() {
+pub(crate) fn stop_orphans() {
     if WATCHDOG.get().is_none() {
         return; // no stage ran: kkpipe is no subreaper, and a no-op run pays for no scan
     }
@@ -176,7 +179,7 @@ fn run_tag() -> &'static str {
 }
 
 /// The tag of job `job`'s processes.
-pub fn tag(job: usize) -> String {
+pub(crate) fn tag(job: usize) -> String {
     format!("{}.{job}", run_tag())
 }
 
@@ -204,7 +207,7 @@ fn tagged(tag: &str, prefix: bool) -> Vec<Pid> {
 /// Stop what a finished stage left behind: the rest of its process group (a background job with closed
 /// pipes) and every process that still carries its tag (one that left the group: `setsid`, `ssh -f`).
 /// SIGTERM, up to a second to go, then SIGKILL. Returns how many processes were left.
-pub fn stop_leftovers(pgid: i32, tag: &str) -> usize {
+pub(crate) fn stop_leftovers(pgid: i32, tag: &str) -> usize {
     reap_orphans();
     let group = || killpg(Pid::from_raw(pgid), None).is_ok();
     let mut left = tagged(tag, false);
@@ -245,12 +248,12 @@ fn alive(p: Pid) -> bool {
 }
 
 /// The file the watchdog holds locked while it lives, in the cache directory.
-pub const LOCK_NAME: &str = "stages.lock";
+pub(crate) const LOCK_NAME: &str = "stages.lock";
 
 /// Start the watchdog for the cache in `cache_dir` if it is not running yet. Called before the first stage
 /// is spawned, so a stage is unwatched only between its spawn and its `+PGID` line, and a run with nothing
 /// to run starts no process.
-pub fn start(cache_dir: &Path, grace: Duration) {
+pub(crate) fn start(cache_dir: &Path, grace: Duration) {
     WATCHDOG.get_or_init(|| {
         // Orphans of the stages become kkpipe's children (see the module docs); the children it already had
         // are not theirs. A thread reaps those that exit while stages run.
@@ -280,7 +283,7 @@ fn launch_watchdog(cache_dir: &Path, grace: Duration) -> Option<Mutex<ChildStdin
 
 /// Whether this process runs a watchdog: then `stages.lock` is held by our own, for our own stages (a process
 /// that runs several pipelines in turn, like `kkpipe demo`, must not wait for itself).
-pub fn ours() -> bool {
+pub(crate) fn ours() -> bool {
     pipe().is_some()
 }
 
@@ -320,13 +323,13 @@ fn launch(lock: &Path, grace: Duration) -> std::io::Result<ChildStdin> {
 
 /// A stage's process group, registered with the watchdog until dropped.
 #[must_use = "the group is unregistered when the guard is dropped"]
-pub struct Watch {
+pub(crate) struct Watch {
     pgid: i32,
 }
 
 /// Register `pgid` with the watchdog (starting it if needed); dropping the guard unregisters it. Drop the
 /// guard only once the group is fully finished, leftovers killed.
-pub fn watch(pgid: i32) -> Watch {
+pub(crate) fn watch(pgid: i32) -> Watch {
     send('+', pgid);
     Watch { pgid }
 }
@@ -350,7 +353,7 @@ fn send(op: char, pgid: i32) {
 /// The watchdog process (`kkpipe __kkpipe-watchdog LOCKFILE GRACE_MS RUN_TAG`): lock LOCKFILE, say so on
 /// stdout, read `+PGID` / `-PGID` lines until EOF, then stop the groups still registered and every process
 /// tagged with RUN_TAG, and exit (releasing the lock).
-pub fn serve() -> ExitCode {
+pub(crate) fn serve() -> ExitCode {
     let Some(path) = std::env::args_os().nth(2) else {
         return ExitCode::FAILURE;
     };

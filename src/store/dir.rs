@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-pub struct Dir {
+pub(super) struct Dir {
     root: PathBuf,
 }
 
@@ -39,7 +39,7 @@ fn temp_beside(p: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
 }
 
 impl Dir {
-    pub fn open(url: &url::Url) -> std::result::Result<Dir, String> {
+    pub(super) fn open(url: &url::Url) -> std::result::Result<Dir, String> {
         Ok(Dir { root: url.to_file_path().map_err(|_| format!("`{url}` is not a local path"))? })
     }
 }

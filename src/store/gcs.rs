@@ -25,7 +25,7 @@ const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(200), Duration::from_
 
 const DEFAULT_BASE: &str = "https://storage.googleapis.com";
 
-pub struct Gcs {
+pub(super) struct Gcs {
     http: reqwest::Client,
     rt: tokio::runtime::Runtime,
     /// `https://storage.googleapis.com`, or `GOOGLE_BASE_URL` (an emulator, a private endpoint).
@@ -57,7 +57,7 @@ struct Answer {
 }
 
 impl Gcs {
-    pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Gcs, String> {
+    pub(super) fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Gcs, String> {
         let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?.to_string();
         let base = env.get("GOOGLE_BASE_URL").map(String::as_str).unwrap_or(DEFAULT_BASE);
         let base = url::Url::parse(base).map_err(|e| format!("GOOGLE_BASE_URL `{base}`: {e}"))?;

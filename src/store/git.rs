@@ -32,7 +32,7 @@ const MAX_HELD: usize = 1 << 20;
 /// One git command, network included, never takes longer.
 const LIMIT: Duration = Duration::from_secs(30);
 
-pub struct Git {
+pub(super) struct Git {
     /// The remote's URL (or path), as git takes it, to fetch from and to push to.
     url: String,
     push_url: String,
@@ -274,7 +274,7 @@ fn failure(what: &str, out: &std::process::Output) -> Error {
 
 impl Git {
     /// The store behind `git:SPEC` for the repository at `root`; its objects are kept in `.kkpipe/git-store`.
-    pub fn open(url: &url::Url, o: &super::Opening) -> std::result::Result<Git, String> {
+    pub(super) fn open(url: &url::Url, o: &super::Opening) -> std::result::Result<Git, String> {
         let spec = url.as_str().strip_prefix("git:").unwrap_or_default();
         let (url, push_url) = remote_urls(spec, o.root)?;
         let local = o.root.join(".kkpipe").join("git-store");

@@ -11,7 +11,7 @@ use std::time::Duration;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub struct Client {
+pub(super) struct Client {
     store: Arc<dyn object_store::ObjectStore>,
     rt: tokio::runtime::Runtime,
     /// The URL's path: every name lives below it.
@@ -34,7 +34,7 @@ fn store_vars<'a, K: std::str::FromStr>(env: &'a HashMap<String, String>, prefix
 }
 
 impl Client {
-    pub fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
+    pub(super) fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Client, String> {
         // Plain HTTP only when asked, with S3's own switch.
         let allow_http = env.get("AWS_ALLOW_HTTP").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let client = object_store::ClientOptions::new()
