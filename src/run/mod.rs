@@ -5,6 +5,7 @@ pub(crate) mod exec;
 pub(crate) mod lock;
 mod queue;
 mod scheduler;
+mod transition;
 pub(crate) mod watchdog;
 
 use crate::cache::Cache;

@@ -13,6 +13,7 @@ mod consent;
 
 use super::exec::{self, Exit};
 use super::queue::{self, Phase, Shortfall, Verdict};
+use super::transition::{self, AfterCommand, AfterHit, AfterProbe, AfterRegenerateFailed, CommandEnd};
 use super::watchdog;
 use super::{Env, Error, Msg, Options, Outcome};
 use crate::cache::outputs::{self, Disk, NotRestored};
@@ -869,10 +870,7 @@ impl<'a> Scheduler<'a, '_> {
         restore: Vec<OutputRecord>,
         materialize: bool,
     ) -> Result<(), Error> {
-        let probes = {
-            let stage = &self.cx.pipeline.stages[i];
-            stage.is_deploy() && self.opts.verify && stage.verify.is_some()
-        };
+        let probes = transition::probe_of(&self.cx.pipeline.stages[i], self.opts.verify).is_some();
         // A probe reads what its needs made (a kubeconfig): those in no cache are made first, or a fresh runner
         // would take their absence for drift. The stage waits for them and is decided again, before it has
         // restored anything (what it restores is then reported once).
@@ -895,21 +893,22 @@ impl<'a> Scheduler<'a, '_> {
         for o in &hit.outputs {
             self.mask_output(o);
         }
-        let stage = self.cx.pipeline.stages[i].clone();
-        if materialize && !hit.unavailable.is_empty() {
-            let first = hit.unavailable[0].path.display();
-            let Some(script) = regenerate_script(&stage, &hit.unavailable) else {
-                return self.run_after_all(i, keyed, Reason::OutputMissing { path: first });
-            };
-            let outputs = hit.unavailable.iter().map(|o| o.path.display()).collect();
-            self.sink.event(&Event::Notice(Notice::Regenerating { stage: stage.name.clone(), outputs }));
-            return self.spawn(i, script, Job::Regenerate { hit }, keyed, restored);
+        let stage = &self.cx.pipeline.stages[i];
+        match transition::after_hit(stage, self.opts.verify, materialize, &hit.unavailable) {
+            AfterHit::Regenerate(script) => {
+                let outputs = hit.unavailable.iter().map(|o| o.path.display()).collect();
+                self.sink.event(&Event::Notice(Notice::Regenerating { stage: stage.name.clone(), outputs }));
+                self.spawn(i, script, Job::Regenerate { hit }, keyed, restored)
+            }
+            AfterHit::RunAfterAll(reason) => self.run_after_all(i, keyed, reason),
+            AfterHit::Probe(probe) => self.probe(i, probe, hit, keyed, restored),
+            AfterHit::Fresh => self.finish_fresh(i, &keyed, hit, restored, false),
         }
-        if probes && let Some(probe) = stage.verify.clone() {
-            self.sink.event(&Event::Probing { stage: stage.name.clone() });
-            return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
-        }
-        self.finish_fresh(i, &keyed, hit, restored, false)
+    }
+
+    fn probe(&mut self, i: usize, probe: String, hit: Hit, keyed: Keyed, restored: Vec<String>) -> Result<(), Error> {
+        self.sink.event(&Event::Probing { stage: self.name(i) });
+        self.spawn(i, probe, Job::Probe { hit }, keyed, restored)
     }
 
     fn finish_fresh(
@@ -967,7 +966,8 @@ impl<'a> Scheduler<'a, '_> {
         for j in self.cx.graph.needs[i].clone() {
             if let Slot::Done(Done::Fresh { unavailable, .. }) = &self.slots[j]
                 && !unavailable.is_empty()
-                && (!only_regenerable || regenerate_script(&self.cx.pipeline.stages[j], unavailable).is_some())
+                && (!only_regenerable
+                    || transition::regenerate_script(&self.cx.pipeline.stages[j], unavailable).is_some())
             {
                 self.slots[j] = Slot::Waiting(Queued { must_run: None, materialize: true });
                 ok = false;
@@ -1211,40 +1211,36 @@ impl<'a> Scheduler<'a, '_> {
         self.mask_declared(i);
         let log = exit.log.masked(&self.env.masker.read().expect("masker"));
         let ended = Ended { row, duration: exit.duration, code: exit.code, log, outputs: Vec::new() };
-        // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that reached
-        // kkpipe and the stage together (a CI cancel, systemd stopping a cgroup) may let the stage exit 0 first.
-        if signalled || self.interrupt.signal().is_some() {
-            // Stopped by a signal, whatever its exit code: its outputs may be partial.
-            self.conclude(i, &keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
-            self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
-            return Ok(());
-        }
-        if ended.code == Some(0) {
-            return self.stage_succeeded(i, keyed, reason, ended, &exit);
-        }
-        let detail = match (exit.code, exit.signal, &exit.spawn_error) {
-            (_, _, Some(e)) => e.clone(),
-            (Some(c), _, _) => format!("exit code {c}"),
-            (None, Some(s), _) => format!("killed by signal {s}"),
-            _ => "failed".into(),
-        };
         // Masked before it is cut: a secret cut in two would not be recognised.
         let note = exit.note.as_deref().map(|n| self.env.masker.read().expect("masker").mask_str(n));
-        let detail = match note.as_deref().and_then(exec::note_summary) {
-            Some(n) => format!("{detail}: {n}"),
-            None => detail,
+        let note = note.as_deref().and_then(exec::note_summary);
+        let stage = &self.cx.pipeline.stages[i];
+        let end = CommandEnd {
+            code: exit.code,
+            signal: exit.signal,
+            spawn_error: exit.spawn_error.as_deref(),
+            // A signal kkpipe has seen by now counts, even one the loop has not acted on yet: a SIGTERM that
+            // reached kkpipe and the stage together (a CI cancel, systemd stopping a cgroup) may let the stage
+            // exit 0 first.
+            stopped: signalled || self.interrupt.signal().is_some(),
+            note: note.as_deref(),
+            log: &ended.log,
+            retry_needs_if: stage.retry_needs_if.as_deref(),
+            retried: self.retried.contains(&i),
         };
-        if self.retry_needs(i, &ended.log, &reason) {
-            let pattern = self.cx.pipeline.stages[i].retry_needs_if.clone().unwrap_or_default();
-            return self.conclude(
-                i,
-                &keyed,
-                State::Failed,
-                ended,
-                StageEnd::Failed { detail: format!("{detail}; output says \"{pattern}\"") },
-            );
+        match transition::after_command(&end) {
+            AfterCommand::Interrupted => {
+                self.conclude(i, &keyed, State::Interrupted, ended, StageEnd::Interrupted)?;
+                self.slots[i] = Slot::Done(Done::Interrupted { key, reason });
+                Ok(())
+            }
+            AfterCommand::Succeeded => self.stage_succeeded(i, keyed, reason, ended, &exit),
+            AfterCommand::RetryNeeds { detail } => {
+                self.send_needs_back(i, &reason);
+                self.conclude(i, &keyed, State::Failed, ended, StageEnd::Failed { detail })
+            }
+            AfterCommand::Failed { detail } => self.fail(i, &keyed, reason, ended, detail),
         }
-        self.fail(i, &keyed, reason, ended, detail)
     }
 
     /// Exit code 0: collect and record the outputs. A result made while its inputs moved is no success to reuse
@@ -1286,17 +1282,14 @@ impl<'a> Scheduler<'a, '_> {
         Ok(())
     }
 
-    /// `retry_needs_if`: when the failed stage's log says so (terraform's "Saved plan is stale"), rerun its
-    /// needs and then the stage, once. Returns whether that was arranged.
-    fn retry_needs(&mut self, i: usize, log: &[u8], reason: &Reason) -> bool {
+    /// `retry_needs_if` matched the failed stage's log (terraform's "Saved plan is stale"): its needs run
+    /// again and then the stage, once.
+    fn send_needs_back(&mut self, i: usize, reason: &Reason) {
         let stage = self.cx.pipeline.stages[i].clone();
-        let Some(pattern) = stage.retry_needs_if.clone() else { return false };
-        if self.retried.contains(&i) || !String::from_utf8_lossy(log).contains(&pattern) {
-            return false;
-        }
         self.retried.insert(i);
         let needs = self.cx.graph.needs[i].clone();
         let names = needs.iter().map(|&j| self.name(j)).collect();
+        let pattern = stage.retry_needs_if.clone().unwrap_or_default();
         self.sink.event(&Event::Notice(Notice::Retrying { stage: stage.name.clone(), pattern, needs: names }));
         for j in needs {
             let must_run = Some(Reason::PlanStale { stage: stage.name.clone() });
@@ -1304,7 +1297,6 @@ impl<'a> Scheduler<'a, '_> {
         }
         // It runs again for the reason it ran (drift stays drift), once its needs did.
         self.slots[i] = Slot::Waiting(Queued { must_run: Some(reason.clone()), materialize: false });
-        true
     }
 
     /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
@@ -1348,22 +1340,28 @@ impl<'a> Scheduler<'a, '_> {
         restored: Vec<String>,
         exit: Exit,
     ) -> Result<(), Error> {
-        if self.interrupt.signal().is_some() {
-            // A probe the stop cut short says nothing about the live system (one may exit 0 on the signal): no
-            // drift to report, nothing to keep.
-            self.skip(i, "run interrupted".into());
-            return Ok(());
+        let stopped = self.interrupt.signal().is_some();
+        let on_drift = self.cx.pipeline.stages[i].on_drift;
+        match transition::after_probe(stopped, exit.success(), self.opts.probe_only, on_drift) {
+            AfterProbe::Skip => {
+                // No drift to report, nothing to keep.
+                self.skip(i, "run interrupted".into());
+                Ok(())
+            }
+            AfterProbe::InSync => {
+                self.probed(i, None)?;
+                self.finish_fresh(i, &keyed, hit, restored, true)
+            }
+            AfterProbe::Drifted => {
+                let output = self.probed(i, Some(&exit))?;
+                self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
+                Ok(())
+            }
+            AfterProbe::Redeploy => {
+                let output = self.probed(i, Some(&exit))?;
+                self.run_after_all(i, keyed, Reason::Drift { output })
+            }
         }
-        if exit.success() {
-            self.probed(i, None)?;
-            return self.finish_fresh(i, &keyed, hit, restored, true);
-        }
-        let output = self.probed(i, Some(&exit))?;
-        if self.opts.probe_only || self.cx.pipeline.stages[i].on_drift == crate::pipeline::OnDrift::Fail {
-            self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
-            return Ok(());
-        }
-        self.run_after_all(i, keyed, Reason::Drift { output })
     }
 
     /// The drift probe of stage `i` (on a hit: it compared the live system with its last deploy) ended: in sync
@@ -1400,13 +1398,15 @@ impl<'a> Scheduler<'a, '_> {
     ) -> Result<(), Error> {
         let regenerated: Vec<OutputRecord> = std::mem::take(&mut hit.unavailable);
         if !exit.success() {
-            // The command may read outputs of the stages it needs that are not there either (a kubeconfig is
-            // made from terraform's output): materialize those, then try once more.
-            if self.regenerate_retried.insert(i) && !self.needs_available(i, true) {
-                return Ok(());
-            }
-            let path = regenerated.first().map(|o| o.path.display()).unwrap_or_default();
-            return self.run_after_all(i, keyed, Reason::OutputMissing { path });
+            let first_time = self.regenerate_retried.insert(i);
+            return match transition::after_regenerate_failed(first_time, &regenerated) {
+                AfterRegenerateFailed::MakeNeedsFirst if !self.needs_available(i, true) => Ok(()),
+                // Every output of its needs is there: remaking them cannot help, so the stage runs.
+                AfterRegenerateFailed::MakeNeedsFirst => {
+                    self.run_after_all(i, keyed, transition::output_missing(&regenerated))
+                }
+                AfterRegenerateFailed::RunAfterAll(reason) => self.run_after_all(i, keyed, reason),
+            };
         }
         for o in &regenerated {
             outputs::set_recorded_mode(&self.cx.pipeline.root, o);
@@ -1417,14 +1417,10 @@ impl<'a> Scheduler<'a, '_> {
             self.mask_output(o);
         }
         restored.extend(regenerated.iter().map(|o| o.path.display()));
-        let stage = self.cx.pipeline.stages[i].clone();
-        if stage.is_deploy()
-            && self.opts.verify
-            && let Some(probe) = stage.verify.clone()
-        {
-            return self.spawn(i, probe, Job::Probe { hit }, keyed, restored);
+        match transition::after_outputs(&self.cx.pipeline.stages[i], self.opts.verify) {
+            AfterHit::Probe(probe) => self.spawn(i, probe, Job::Probe { hit }, keyed, restored),
+            _ => self.finish_fresh(i, &keyed, hit, restored, false),
         }
-        self.finish_fresh(i, &keyed, hit, restored, false)
     }
 
     /// Add what is on disk now at stage `i`'s declared sensitive outputs to the masker (files up to 1 MiB, the
@@ -1572,23 +1568,6 @@ fn plan_check_line(
     }
     line.push_str(&format!(" --allow-destroy {} {})", q(allow_destroy), q(&plan.to_string_lossy())));
     line
-}
-
-/// One script recreating all `missing` outputs of a stage, when every one has a `regenerate` command.
-fn regenerate_script(stage: &crate::pipeline::Stage, missing: &[OutputRecord]) -> Option<String> {
-    script_of(missing.iter().map(|o| fresh::regenerate_command(stage, o)))
-}
-
-/// The `regenerate` commands, each once, as one script; `None` when one of them is missing.
-fn script_of<'s>(commands: impl Iterator<Item = Option<&'s str>>) -> Option<String> {
-    let mut cmds: Vec<&str> = Vec::new();
-    for cmd in commands {
-        let cmd = cmd?;
-        if !cmds.contains(&cmd) {
-            cmds.push(cmd);
-        }
-    }
-    Some(cmds.join("\n"))
 }
 
 /// Write each plan stage's review where `plan-check --reviewed` reads it, or remove what an earlier run left

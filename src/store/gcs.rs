@@ -17,11 +17,13 @@ use object_store::gcp::GcpCredentialProvider;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// How long one request may take; a connection, how long it may take to open.
+/// How long one request may take, its retries and getting a token included (as the S3 backend: 20 s, and 3 s
+/// for a connection to open).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pauses before the retries of a request the store did not answer (as `object_store` retries twice).
-const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(200), Duration::from_millis(800)];
+/// Pauses before the two retries of a request the store did not answer: Google's guidance is exponential
+/// backoff from 1 s ("Retry strategy", cloud.google.com/storage/docs/retry-strategy).
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
 
 const DEFAULT_BASE: &str = "https://storage.googleapis.com";
 
@@ -46,6 +48,9 @@ enum Auth {
     Providers {
         env: HashMap<String, String>,
         ready: std::sync::OnceLock<std::result::Result<GcpCredentialProvider, String>>,
+        /// The first failure to get a token: every later request fails at once with it, rather than asking
+        /// the metadata server again.
+        failed: std::sync::Mutex<Option<String>>,
     },
 }
 
@@ -54,21 +59,34 @@ struct Answer {
     status: u16,
     generation: Option<String>,
     body: Vec<u8>,
+    /// An earlier attempt of this request got no answer, or a 5xx: it may have been carried out.
+    retried: bool,
+}
+
+/// `1`, `true`, `on`, `yes`, `y` (any case): what `object_store` takes for true.
+fn truthy(v: &str) -> bool {
+    ["1", "true", "on", "yes", "y"].iter().any(|t| v.eq_ignore_ascii_case(t))
 }
 
 impl Gcs {
     pub(super) fn open(url: &url::Url, env: &HashMap<String, String>) -> std::result::Result<Gcs, String> {
         let bucket = url.host_str().ok_or_else(|| format!("`{url}` names no bucket"))?.to_string();
+        // An empty variable is an unset one (a CI expression that gave nothing).
+        let env: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, v)| k.starts_with("GOOGLE_") && !v.trim().is_empty())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let base = env.get("GOOGLE_BASE_URL").map(String::as_str).unwrap_or(DEFAULT_BASE);
-        let base = url::Url::parse(base).map_err(|e| format!("GOOGLE_BASE_URL `{base}`: {e}"))?;
-        let skip = env.get("GOOGLE_SKIP_SIGNATURE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let base = url::Url::parse(base)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| format!("GOOGLE_BASE_URL `{base}` is no http(s) URL (such as `http://127.0.0.1:4443`)"))?;
+        let skip = env.get("GOOGLE_SKIP_SIGNATURE").is_some_and(|v| truthy(v));
         let auth = match (skip, env.get("GOOGLE_BEARER_TOKEN")) {
             (true, _) => Auth::Anonymous,
-            (false, Some(t)) => Auth::Token(t.clone()),
-            (false, None) => {
-                let env = env.iter().filter(|(k, _)| k.starts_with("GOOGLE_")).map(|(k, v)| (k.clone(), v.clone()));
-                Auth::Providers { env: env.collect(), ready: Default::default() }
-            }
+            (false, Some(t)) => Auth::Token(t.trim().to_string()),
+            (false, None) => Auth::Providers { env, ready: Default::default(), failed: Default::default() },
         };
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
@@ -78,7 +96,7 @@ impl Gcs {
             .build()
             .map_err(|e| format!("cannot set up HTTP: {e}"))?;
         let rt = super::runtime()?;
-        Ok(Gcs { http, rt, base, bucket, prefix: url.path().trim_matches('/').to_string(), auth })
+        Ok(Gcs { http, rt, base, bucket, prefix: super::prefix_of(url), auth })
     }
 
     fn key(&self, name: &str) -> String {
@@ -106,49 +124,84 @@ impl Gcs {
         u
     }
 
-    /// One request, retried when the store did not answer (no connection, a timeout, 429 or 5xx). A retried
-    /// upload is safe: it carries its precondition, so one that landed the first time answers 412 (the caller
-    /// then reads the object, as after any lost race).
+    /// One request, retried when the store did not answer (no connection, a timeout, 408, 429 or 5xx), all
+    /// within one deadline. A retried upload is safe: it carries its precondition, so one that landed the first
+    /// time answers 412, and `put_if` then checks whether the object is its own (`Answer::retried`).
     fn send(&self, method: reqwest::Method, url: url::Url, body: Option<(String, Vec<u8>)>) -> Result<Answer> {
+        let deadline = std::time::Instant::now() + REQUEST_TIMEOUT + CONNECT_TIMEOUT;
         let mut pauses = RETRY_PAUSES.iter();
+        let mut retried = false;
         loop {
-            match self.rt.block_on(self.once(method.clone(), url.clone(), body.clone())) {
-                Err(Error::Unreachable(e)) => match pauses.next() {
-                    Some(p) => std::thread::sleep(*p),
-                    None => return Err(Error::Unreachable(e)),
-                },
-                Ok(a) if a.status == 429 || a.status >= 500 => match pauses.next() {
-                    Some(p) => std::thread::sleep(*p),
-                    None => return Err(Error::Unreachable(self.failure(&a))),
-                },
-                r => return r,
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let attempt = self.once(method.clone(), url.clone(), body.clone());
+            let answer = match self.rt.block_on(async { tokio::time::timeout(left, attempt).await }) {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unreachable(format!(
+                    "gs://{}: no answer within {} s",
+                    self.bucket,
+                    REQUEST_TIMEOUT.as_secs()
+                ))),
+            };
+            let failed = match answer {
+                Ok(a) if matches!(a.status, 408 | 429) || a.status >= 500 => Error::Unreachable(self.failure(&a)),
+                Ok(a) => return Ok(Answer { retried, ..a }),
+                Err(Error::Unreachable(e)) => Error::Unreachable(e),
+                Err(e) => return Err(e),
+            };
+            match pauses.next().filter(|p| deadline > std::time::Instant::now() + **p) {
+                Some(p) => std::thread::sleep(*p),
+                None => return Err(failed),
             }
+            retried = true;
         }
     }
 
     async fn once(&self, method: reqwest::Method, url: url::Url, body: Option<(String, Vec<u8>)>) -> Result<Answer> {
         let mut req = self.http.request(method, url);
-        let no_credentials =
-            |e: String| Error::Refused(format!("cannot get Google credentials for gs://{}: {e}", self.bucket));
         match &self.auth {
             Auth::Anonymous => {}
             Auth::Token(t) => req = req.bearer_auth(t),
-            Auth::Providers { env, ready } => {
-                let providers = ready.get_or_init(|| credentials(env, &self.bucket)).clone().map_err(no_credentials)?;
-                let token = providers.get_credential().await.map_err(|e| no_credentials(e.to_string()))?;
-                req = req.bearer_auth(&token.bearer);
-            }
+            Auth::Providers { env, ready, failed } => req = req.bearer_auth(self.token(env, ready, failed).await?),
         }
         if let Some((content_type, bytes)) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, content_type).body(bytes);
         }
-        let unreachable =
-            |e: reqwest::Error| Error::Unreachable(format!("gs://{}: {}", self.bucket, super::http_error(&e)));
+        let unreachable = |e: reqwest::Error| match e.is_builder() {
+            // Not the store's doing: a header value it cannot send (a token with a line break).
+            true => Error::Refused(format!("gs://{}: cannot make the request: {}", self.bucket, super::http_error(&e))),
+            false => Error::Unreachable(format!("gs://{}: {}", self.bucket, super::http_error(&e))),
+        };
         let r = req.send().await.map_err(unreachable)?;
         let generation = r.headers().get("x-goog-generation").and_then(|v| v.to_str().ok()).map(str::to_string);
         let status = r.status().as_u16();
         let body = r.bytes().await.map_err(unreachable)?.to_vec();
-        Ok(Answer { status, generation, body })
+        Ok(Answer { status, generation, body, retried: false })
+    }
+
+    /// A bearer token from `object_store`'s providers; their first failure stands for the rest of the run.
+    async fn token(
+        &self,
+        env: &HashMap<String, String>,
+        ready: &std::sync::OnceLock<std::result::Result<GcpCredentialProvider, String>>,
+        failed: &std::sync::Mutex<Option<String>>,
+    ) -> Result<String> {
+        let refused = |e: &str| {
+            Error::Refused(format!(
+                "cannot get Google credentials for gs://{}: {e} (docs/remote.md, \"GCS\", lists what kkpipe reads)",
+                self.bucket
+            ))
+        };
+        if let Some(e) = failed.lock().expect("credentials").as_deref() {
+            return Err(refused(e));
+        }
+        let got = match ready.get_or_init(|| credentials(env, &self.bucket)) {
+            Ok(providers) => providers.get_credential().await.map(|t| t.bearer.clone()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        got.map_err(|e| {
+            *failed.lock().expect("credentials") = Some(e.clone());
+            refused(&e)
+        })
     }
 
     /// An unexpected answer, with GCS's own message (`{"error": {"message": ...}}`).
@@ -173,13 +226,17 @@ fn credentials(env: &HashMap<String, String>, bucket: &str) -> std::result::Resu
             b = b.with_config(key, v);
         }
     }
-    match terraforms_credentials(env) {
+    match terraforms_credentials(env)? {
         Some(Terraforms::Key(k)) => b = b.with_service_account_key(k),
         Some(Terraforms::Path(p)) => b = b.with_service_account_path(p),
         None => {}
     }
-    let store = b.with_bucket_name(bucket).build().map_err(|e| e.to_string())?;
-    Ok(store.credentials().clone())
+    // A token request (the metadata server, Google's token endpoint) within kkpipe's limits, not
+    // object_store's default of ten retries in three minutes.
+    let client = object_store::ClientOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(CONNECT_TIMEOUT);
+    let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: REQUEST_TIMEOUT, ..Default::default() };
+    let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
+    Ok(b.build().map_err(|e| e.to_string())?.credentials().clone())
 }
 
 #[derive(Debug, PartialEq)]
@@ -191,7 +248,8 @@ enum Terraforms<'a> {
 /// `GOOGLE_CREDENTIALS`, when no variable of `object_store`'s own names credentials: what terraform's google
 /// provider and `gcs` backend read (a service account key's JSON, or the path of its file), and how the KKP
 /// wizard's CI passes the service account; the state bucket's own credentials then reach its `kkpipe/` prefix.
-fn terraforms_credentials(env: &HashMap<String, String>) -> Option<Terraforms<'_>> {
+/// Its value is never shown: one that is neither is an error naming the variable only.
+fn terraforms_credentials(env: &HashMap<String, String>) -> std::result::Result<Option<Terraforms<'_>>, String> {
     const OWN: [&str; 5] = [
         "GOOGLE_SERVICE_ACCOUNT",
         "GOOGLE_SERVICE_ACCOUNT_PATH",
@@ -199,11 +257,22 @@ fn terraforms_credentials(env: &HashMap<String, String>) -> Option<Terraforms<'_
         "GOOGLE_APPLICATION_CREDENTIALS",
         "GOOGLE_BEARER_TOKEN",
     ];
-    if OWN.iter().any(|k| env.get(*k).is_some_and(|v| !v.is_empty())) {
-        return None;
+    if OWN.iter().any(|k| env.get(*k).is_some_and(|v| !v.trim().is_empty())) {
+        return Ok(None);
     }
-    let c = env.get("GOOGLE_CREDENTIALS").map(|c| c.trim()).filter(|c| !c.is_empty())?;
-    Some(if c.starts_with('{') { Terraforms::Key(c) } else { Terraforms::Path(c) })
+    let Some(c) = env.get("GOOGLE_CREDENTIALS").map(|c| c.trim_start_matches('\u{feff}').trim()) else {
+        return Ok(None);
+    };
+    if c.is_empty() {
+        return Ok(None);
+    }
+    if c.starts_with('{') {
+        return Ok(Some(Terraforms::Key(c)));
+    }
+    match !c.contains('\n') && std::path::Path::new(c).is_file() {
+        true => Ok(Some(Terraforms::Path(c))),
+        false => Err("GOOGLE_CREDENTIALS is neither a service account key's JSON nor the path of a file".into()),
+    }
 }
 
 /// A `multipart/related` upload body: the object's metadata, then its bytes. The boundary is the bytes' own
@@ -270,13 +339,23 @@ impl ObjectStore for Gcs {
                     .ok_or_else(|| Error::Refused(format!("gs://{}: an upload answered no generation", self.bucket)))?;
                 Ok(Some(Version { e_tag: None, version: Some(g) }))
             }
+            // A retry's 412 may be this very upload, landed the first time: it is ours if the object holds
+            // these bytes (a lease's holder id, a record's signature: no other writer's are the same).
+            412 if a.retried => match self.get(name)? {
+                Some((now, v)) if now == bytes => Ok(Some(v)),
+                _ => Ok(None),
+            },
             412 => Ok(None),
             _ => Err(self.refused(&a)),
         }
     }
 
     fn list(&self, under: &str) -> Result<Vec<Listed>> {
-        let prefix = self.key(under);
+        // Below `under` as a directory: `history/prod/` must not list `history/prod-eu/`.
+        let prefix = match under.trim_matches('/') {
+            "" => self.key(""),
+            u => format!("{}/", self.key(u)),
+        };
         let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
         let mut out = Vec::new();
         let mut page: Option<String> = None;
@@ -362,13 +441,19 @@ mod tests {
         let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
             pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
         };
-        let key = env(&[("GOOGLE_CREDENTIALS", " {\"type\": \"service_account\"}\n")]);
-        assert_eq!(terraforms_credentials(&key), Some(Terraforms::Key("{\"type\": \"service_account\"}")));
-        let path = env(&[("GOOGLE_CREDENTIALS", "/run/sa.json")]);
-        assert_eq!(terraforms_credentials(&path), Some(Terraforms::Path("/run/sa.json")));
-        let own = env(&[("GOOGLE_CREDENTIALS", "/run/sa.json"), ("GOOGLE_APPLICATION_CREDENTIALS", "/adc.json")]);
-        assert_eq!(terraforms_credentials(&own), None);
-        assert_eq!(terraforms_credentials(&env(&[("GOOGLE_CREDENTIALS", "")])), None);
+        let key = env(&[("GOOGLE_CREDENTIALS", "\u{feff} {\"type\": \"service_account\"}\n")]);
+        assert_eq!(terraforms_credentials(&key), Ok(Some(Terraforms::Key("{\"type\": \"service_account\"}"))));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_str().unwrap();
+        assert_eq!(terraforms_credentials(&env(&[("GOOGLE_CREDENTIALS", path)])), Ok(Some(Terraforms::Path(path))));
+        let own = env(&[("GOOGLE_CREDENTIALS", path), ("GOOGLE_APPLICATION_CREDENTIALS", "/adc.json")]);
+        assert_eq!(terraforms_credentials(&own), Ok(None));
+        assert_eq!(terraforms_credentials(&env(&[("GOOGLE_CREDENTIALS", "")])), Ok(None));
+        // Neither JSON nor a file (a base64 key, a PEM): an error that never shows the value.
+        for secret in ["LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0t", "-----BEGIN PRIVATE KEY-----\nMIIEv\n"] {
+            let e = terraforms_credentials(&env(&[("GOOGLE_CREDENTIALS", secret)])).unwrap_err();
+            assert!(e.contains("GOOGLE_CREDENTIALS") && !e.contains("LS0t") && !e.contains("MIIE"), "{e}");
+        }
     }
 
     /// Credentials that cannot be used are a refusal naming the bucket, before any request is sent.
@@ -432,6 +517,95 @@ mod tests {
         assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some("RS256"), Some("k1")), "{header}");
         assert_eq!(claims["iss"], "kkpipe@project.iam.gserviceaccount.com", "{claims}");
         assert_eq!(claims["scope"], "https://www.googleapis.com/auth/cloud-platform", "{claims}");
+    }
+
+    /// A server that answers each request with the next of `answers` and hands back what it was asked.
+    fn scripted(answers: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", server.local_addr().unwrap());
+        let asked = std::thread::spawn(move || {
+            let mut asked = Vec::new();
+            for answer in answers {
+                let (mut conn, _) = server.accept().unwrap();
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let (mut first, mut length) = (String::new(), 0);
+                reader.read_line(&mut first).unwrap();
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                reader.read_exact(&mut vec![0; length]).unwrap();
+                asked.push(first.trim().to_string());
+                conn.write_all(answer.as_bytes()).unwrap();
+            }
+            asked
+        });
+        (base, asked)
+    }
+
+    fn answer(status: &str, headers: &str, body: &str) -> String {
+        format!("HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+    }
+
+    /// An upload that landed but whose answer was lost (a 503) is retried, answered 412 by its own precondition,
+    /// and found to be this writer's: a win, not a lost race (a lease would otherwise wait for itself).
+    #[test]
+    fn a_retried_upload_that_had_landed_is_a_win() {
+        let (base, asked) = scripted(vec![
+            answer("503 Service Unavailable", "", ""),
+            answer("412 Precondition Failed", "", "{}"),
+            answer("200 OK", "x-goog-generation: 7\r\n", "lease-of-runner-a"),
+        ]);
+        let g = anonymous("gs://b/p", &base);
+        let won = g.put_if("leases/default/deploy", b"lease-of-runner-a".to_vec(), None).unwrap();
+        assert_eq!(won, Some(Version { e_tag: None, version: Some("7".into()) }));
+        let asked = asked.join().unwrap();
+        assert!(
+            asked[0].starts_with("POST /upload/storage/v1/b/b/o?uploadType=multipart&ifGenerationMatch=0"),
+            "{asked:?}"
+        );
+        assert!(asked[2].starts_with("GET /storage/v1/b/b/o/p%2Fleases%2Fdefault%2Fdeploy?alt=media"), "{asked:?}");
+        // Another writer's bytes there: a lost race.
+        let (base, _) = scripted(vec![
+            answer("503 Service Unavailable", "", ""),
+            answer("412 Precondition Failed", "", "{}"),
+            answer("200 OK", "x-goog-generation: 8\r\n", "lease-of-runner-b"),
+        ]);
+        let lost = anonymous("gs://b/p", &base).put_if("leases/default/deploy", b"lease-of-runner-a".to_vec(), None);
+        assert_eq!(lost.unwrap(), None);
+    }
+
+    /// Listing `history/prod` is listing a directory: `history/prod-eu/...` is not below it.
+    #[test]
+    fn a_listing_is_below_the_name_as_a_directory() {
+        let (base, asked) =
+            scripted(vec![answer("200 OK", "", "{\"items\": [{\"name\": \"p/history/prod/1\", \"size\": \"3\"}]}")]);
+        let listed = anonymous("gs://b/p", &base).list("history/prod").unwrap();
+        assert_eq!(listed.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["history/prod/1"]);
+        assert!(asked.join().unwrap()[0].contains("prefix=p%2Fhistory%2Fprod%2F&"));
+    }
+
+    /// What the environment says is checked when the store is opened, and an empty variable is an unset one.
+    #[test]
+    fn the_environment_is_checked_when_the_store_is_opened() {
+        let open = |pairs: &[(&str, &str)]| {
+            let env: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Gcs::open(&url::Url::parse("gs://b/p").unwrap(), &env)
+        };
+        let e = open(&[("GOOGLE_BASE_URL", "localhost:4443")]).err().unwrap();
+        assert!(e.contains("GOOGLE_BASE_URL `localhost:4443` is no http(s) URL"), "{e}");
+        let g = open(&[("GOOGLE_BEARER_TOKEN", ""), ("GOOGLE_SKIP_SIGNATURE", "1")]).unwrap();
+        assert!(matches!(g.auth, Auth::Anonymous));
+        let g = open(&[("GOOGLE_BEARER_TOKEN", "ya29.token\n"), ("GOOGLE_SKIP_SIGNATURE", "no")]).unwrap();
+        assert!(matches!(&g.auth, Auth::Token(t) if t == "ya29.token"));
+        assert_eq!(open(&[("GOOGLE_BASE_URL", "")]).unwrap().base.as_str(), "https://storage.googleapis.com/");
     }
 
     /// A version another backend made never matches: the put is a lost race, not an upload without a

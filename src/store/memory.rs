@@ -79,8 +79,12 @@ pub(crate) mod tests {
         assert!(s.put_if("ledger/prod/apply", b"three".to_vec(), Some(&v1)).unwrap().is_none(), "stale version");
         assert_eq!(s.get("ledger/prod/apply").unwrap().unwrap(), (b"two".to_vec(), v2));
         s.put_if("blobs/ab", b"x".to_vec(), None).unwrap().unwrap();
+        s.put_if("ledger/prod-eu/apply", b"x".to_vec(), None).unwrap().unwrap();
         let mut names: Vec<String> = s.list("ledger").unwrap().into_iter().map(|l| l.name).collect();
         names.sort();
+        assert_eq!(names, ["ledger/prod-eu/apply", "ledger/prod/apply"]);
+        // Below a name as a directory: not whatever starts with the same text.
+        let names: Vec<String> = s.list("ledger/prod").unwrap().into_iter().map(|l| l.name).collect();
         assert_eq!(names, ["ledger/prod/apply"]);
         assert!(s.exists("blobs/ab").unwrap());
         s.delete("blobs/ab").unwrap();

@@ -126,6 +126,12 @@ fn open_object(_: &url::Url, _: &Opening) -> std::result::Result<Arc<dyn ObjectS
 #[cfg(not(feature = "s3-gcs"))]
 use open_object as open_gcs;
 
+/// The prefix a bucket URL keeps its objects under: its path, percent-decoded, without slashes around it
+/// (`s3://b/team%20a/` -> `team a`), so that it is the prefix an IAM policy names.
+fn prefix_of(url: &url::Url) -> String {
+    percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy().trim_matches('/').to_string()
+}
+
 /// The small runtime an HTTP backend drives its requests on, one worker.
 #[cfg(feature = "s3-gcs")]
 fn runtime() -> std::result::Result<tokio::runtime::Runtime, String> {
@@ -248,6 +254,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_prefix_is_the_path_as_typed() {
+        let p = |u: &str| prefix_of(&url::Url::parse(u).unwrap());
+        assert_eq!(p("gs://b/team a/kkpipé/"), "team a/kkpipé");
+        assert_eq!(p("s3://b/kkpipe?region=eu-central-1"), "kkpipe");
+        assert_eq!(p("s3://b"), "");
+    }
 
     #[test]
     fn the_scheme_list_names_every_scheme_once() {

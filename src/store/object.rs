@@ -55,7 +55,7 @@ impl Client {
         let b = b.with_bucket_name(bucket).with_client_options(client).with_retry(retry);
         let store: Arc<dyn object_store::ObjectStore> = Arc::new(b.build().map_err(|e| e.to_string())?);
         let rt = super::runtime()?;
-        Ok(Client { store, rt, prefix: url.path().trim_matches('/').to_string() })
+        Ok(Client { store, rt, prefix: super::prefix_of(url) })
     }
 
     fn key(&self, name: &str) -> Path {

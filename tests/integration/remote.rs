@@ -440,6 +440,24 @@ fn a_failed_deploy_on_one_runner_makes_the_next_runner_redeploy(kind: Kind) {
     assert_eq!((rec["state"].as_str(), rec["trusted"].as_bool()), (Some("success"), Some(true)), "{status:#}");
 }
 
+/// Helper 16: a store that listed `history/default/deploy` as a text prefix also returned `deploy-eu`'s
+/// history, took it for a planted record and deployed `deploy` again on every run. Stages whose names share a
+/// prefix stay deployed, and a fresh clone deploys neither.
+fn deploy_stages_whose_names_share_a_prefix_stay_deployed(kind: Kind) {
+    let store = Store::new(kind);
+    let k = keygen();
+    let stages = "[stages.deploy]\nkind = \"deploy\"\nrun = \"echo deploy >> ../ran.log\"\n\n\
+                  [stages.deploy-eu]\nkind = \"deploy\"\nrun = \"echo deploy-eu >> ../ran.log\"\n";
+    let a = runner(&store, stages, &[&k.public], Some(&k.private), "");
+    assert_eq!(a.run(&[]).ok().ran(), ["deploy", "deploy-eu"]);
+    let again = a.run(&[]).ok();
+    assert!(again.ran().is_empty(), "{kind:?}: {}", again.stderr);
+    assert!(warnings(&again).is_empty(), "{kind:?}: {}", again.stderr);
+    let fresh_clone = runner(&store, stages, &[&k.public], Some(&k.private), "");
+    let r = fresh_clone.run(&[]).ok();
+    assert!(r.ran().is_empty(), "{kind:?}: {}", r.stderr);
+}
+
 /// A deploy that takes a while and logs when it starts and ends, to one file shared by the runners.
 fn slow_deploy(seconds: f64) -> String {
     format!(
@@ -663,6 +681,9 @@ fn the_store_keeps_its_contract_when_writers_race(kind: Kind) {
     assert_eq!(v2, swapped[0], "{kind:?}");
     s.put_if("blobs/ab", b"x".to_vec(), None).unwrap().unwrap();
     assert_eq!(store.names("ledger"), [name], "{kind:?}");
+    // Below a name as a directory: `history/prod` is not `history/prod-eu`.
+    s.put_if("ledger/prod-eu/contract", b"x".to_vec(), None).unwrap().unwrap();
+    assert_eq!(store.names("ledger/prod"), [name], "{kind:?}");
     assert!(s.exists("blobs/ab").unwrap());
     s.delete("blobs/ab").unwrap();
     s.delete("blobs/ab").unwrap();
@@ -875,6 +896,7 @@ on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, gcs: Gcs, git: Git; [
     a_lease_whose_holder_was_killed_expires_and_the_next_run_deploys,
     eight_concurrent_publishers_of_one_key_leave_one_valid_entry,
     the_store_keeps_its_contract_when_writers_race,
+    deploy_stages_whose_names_share_a_prefix_stay_deployed,
 ]);
 
 #[test]

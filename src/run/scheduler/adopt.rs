@@ -56,7 +56,7 @@ impl Scheduler<'_, '_> {
     /// output without one has no source but a deploy.
     fn adopt_outputs(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         let stage = self.cx.pipeline.stages[i].clone();
-        let Some(script) = super::script_of(stage.outputs.iter().map(|o| o.regenerate.as_deref())) else {
+        let Some(script) = super::transition::script_of(stage.outputs.iter().map(|o| o.regenerate.as_deref())) else {
             let o = stage.outputs.iter().find(|o| o.regenerate.is_none()).expect("one has none");
             let why = format!("its output `{}` has no `regenerate` command: only a deploy makes it", o.path);
             return self.cannot_adopt(i, keyed, reason, why);
