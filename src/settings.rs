@@ -41,11 +41,7 @@ impl Settings {
                     && (std::io::stdout().is_terminal() || provider.is_some())
             }
         };
-        let style = match provider {
-            Some(Provider::Github) => Style::Github,
-            Some(Provider::Gitlab) => Style::Gitlab,
-            _ => Style::Plain,
-        };
+        let style = provider.map_or(Style::Plain, |p| p.conventions().style);
         // `CI` as the CI services set it (`true`); empty, `0` and `false` (any case) say "not CI".
         let ci_var = |v: &String| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false");
         let in_ci = provider.is_some() || caller_env.get("CI").is_some_and(ci_var);

@@ -310,9 +310,10 @@ fn execute(
     check_versions(settings, o)?;
     let json = output != Output::Human;
     let live = settings.interactive && !json;
-    let summary_file = (settings.provider == Some(crate::ci::Provider::Github))
-        .then(|| settings.caller_env.get("GITHUB_STEP_SUMMARY").filter(|f| !f.is_empty()).map(PathBuf::from))
-        .flatten();
+    let summary_file = settings
+        .provider
+        .and_then(|p| p.conventions().summary_file)
+        .and_then(|var| settings.caller_env.get(var).filter(|f| !f.is_empty()).map(PathBuf::from));
     let human = human(settings, json, &o.pipeline).with_live_progress(live).with_step_summary(summary_file, o.title());
     let mut reporters: Vec<Box<dyn Sink>> = vec![Box::new(human)];
     match output {
