@@ -178,39 +178,80 @@ fn exit_code(o: Option<&run::Outcome>) -> u8 {
 /// `kkpipe run`: `None` when nothing was selected or for a dry run.
 pub(crate) fn run_outcome(settings: &Settings, args: &RunArgs) -> Result<Option<run::Outcome>, Error> {
     let o = Opened::open(settings, &args.selection)?;
-    let force = match (args.force, args.stages.is_empty()) {
-        (false, _) => Force::No,
-        (true, true) => Force::All,
-        (true, false) => Force::Stages(args.stages.clone()),
-    };
+    let rs = RunSettings::resolve(settings, args)?;
     if args.dry_run {
         let selected = o.cx().select(&args.stages)?;
         if !nothing_selected(&o, &selected) {
-            status::dry_run(settings, &o, &selected, &force, args.json)?;
+            status::dry_run(settings, &o, &selected, &rs.opts.force, args.json)?;
         }
         return Ok(None);
     }
-    let opts = Options {
-        targets: args.stages.clone(),
-        force,
-        jobs: args.jobs.unwrap_or_else(available_cpus),
-        fail_fast: args.fail_fast,
-        verify: !args.no_verify,
-        replay: args.replay,
-        probe_only: false,
-        lock_timeout: Duration::from_secs(args.lock_timeout),
-        stop_grace: settings.stop_grace()?,
-        deploys: crate::run::Deploys::Run,
-        consent: settings.consent(args.yes),
-        allow_dirty: args.allow_dirty,
-        in_ci: settings.in_ci,
-    };
-    let output = match (args.json, args.json_lines) {
-        (true, _) => Output::Json,
-        (_, true) => Output::JsonLines,
-        _ => Output::Human,
-    };
-    execute(settings, &o, &opts, output, args.lock_timeout)
+    execute(settings, &o, &rs)
+}
+
+/// How one `run`, `verify` or `adopt` goes: its flags and the settings of the environment, resolved once before
+/// anything runs.
+struct RunSettings {
+    opts: Options,
+    output: Output,
+}
+
+impl RunSettings {
+    fn resolve(settings: &Settings, args: &RunArgs) -> Result<RunSettings, Error> {
+        let force = match (args.force, args.stages.is_empty()) {
+            (false, _) => Force::No,
+            (true, true) => Force::All,
+            (true, false) => Force::Stages(args.stages.clone()),
+        };
+        let opts = Options {
+            targets: args.stages.clone(),
+            force,
+            jobs: args.jobs.unwrap_or_else(available_cpus),
+            fail_fast: args.fail_fast,
+            verify: !args.no_verify,
+            replay: args.replay,
+            probe_only: false,
+            lock_timeout: Duration::from_secs(args.lock_timeout),
+            stop_grace: settings.stop_grace()?,
+            deploys: crate::run::Deploys::Run,
+            consent: settings.consent(args.yes),
+            allow_dirty: args.allow_dirty,
+            in_ci: settings.in_ci,
+        };
+        let output = match (args.json, args.json_lines) {
+            (true, _) => Output::Json,
+            (_, true) => Output::JsonLines,
+            _ => Output::Human,
+        };
+        Ok(RunSettings { opts, output })
+    }
+
+    /// `verify` (`probe_only`) and `adopt`, which probe and never deploy: nothing to consent to.
+    fn deploying_nothing(
+        settings: &Settings,
+        stages: &[String],
+        lock_timeout: u64,
+        deploys: crate::run::Deploys,
+        probe_only: bool,
+        json: bool,
+    ) -> Result<RunSettings, Error> {
+        let opts = Options {
+            targets: stages.to_vec(),
+            force: Force::No,
+            jobs: available_cpus(),
+            fail_fast: false,
+            verify: true,
+            replay: false,
+            probe_only,
+            lock_timeout: Duration::from_secs(lock_timeout),
+            stop_grace: settings.stop_grace()?,
+            deploys,
+            consent: crate::run::Consent::Refused,
+            allow_dirty: false,
+            in_ci: settings.in_ci,
+        };
+        Ok(RunSettings { opts, output: if json { Output::Json } else { Output::Human } })
+    }
 }
 
 /// What stdout carries: human output, one JSON report at the end, or each event as a line of JSON. With
@@ -294,13 +335,8 @@ fn check_versions(settings: &Settings, o: &Opened) -> Result<(), Error> {
 }
 
 /// Run (or probe) the selected stages under the repository's run lock.
-fn execute(
-    settings: &Settings,
-    o: &Opened,
-    opts: &Options,
-    output: Output,
-    lock_timeout: u64,
-) -> Result<Option<run::Outcome>, Error> {
+fn execute(settings: &Settings, o: &Opened, rs: &RunSettings) -> Result<Option<run::Outcome>, Error> {
+    let (opts, output) = (&rs.opts, rs.output);
     let selected = o.cx().select(&opts.targets)?;
     if nothing_selected(o, &selected) {
         return Ok(None);
@@ -323,7 +359,7 @@ fn execute(
     }
     let mut sink = Fanout(reporters);
     let command = if opts.probe_only { "verify" } else { "run" };
-    let _lock = lock(&o.cache, command, lock_timeout)?;
+    let _lock = lock(&o.cache, command, opts.lock_timeout.as_secs())?;
     let interrupt = Interrupt::install();
     if let Some(e) = &o.event {
         sink.event(&Event::Notice(Notice::Selecting { ci_event: e.to_string(), env: o.env.clone() }));
@@ -355,36 +391,11 @@ pub(crate) fn lock(cache: &Cache, command: &str, timeout_secs: u64) -> Result<ru
     Ok(lock)
 }
 
-/// The options of `verify` (`probe_only`) and `adopt`, which probe and never deploy: nothing to consent to.
-fn deploying_nothing(
-    settings: &Settings,
-    stages: &[String],
-    lock_timeout: u64,
-    deploys: crate::run::Deploys,
-    probe_only: bool,
-) -> Result<Options, Error> {
-    Ok(Options {
-        targets: stages.to_vec(),
-        force: Force::No,
-        jobs: available_cpus(),
-        fail_fast: false,
-        verify: true,
-        replay: false,
-        probe_only,
-        lock_timeout: Duration::from_secs(lock_timeout),
-        stop_grace: settings.stop_grace()?,
-        deploys,
-        consent: crate::run::Consent::Refused,
-        allow_dirty: false,
-        in_ci: settings.in_ci,
-    })
-}
-
 fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
     let o = Opened::open(settings, &args.selection)?;
-    let opts = deploying_nothing(settings, &args.stages, args.lock_timeout, crate::run::Deploys::Run, true)?;
-    let output = if args.json { Output::Json } else { Output::Human };
-    let outcome = execute(settings, &o, &opts, output, args.lock_timeout)?;
+    let rs =
+        RunSettings::deploying_nothing(settings, &args.stages, args.lock_timeout, run::Deploys::Run, true, args.json)?;
+    let outcome = execute(settings, &o, &rs)?;
     let code = exit_code(outcome.as_ref());
     // Drift (1) and interrupts outrank it; a check that checked nothing must not pass for "in sync".
     if code != exit::OK || outcome.as_ref().is_some_and(|r| r.summary.verified > 0) {
@@ -399,9 +410,8 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
 fn adopt_cmd(settings: &Settings, args: &AdoptArgs) -> Result<u8, Error> {
     let o = Opened::open(settings, &args.selection)?;
     let deploys = crate::run::Deploys::Adopt { assume_deployed: args.assume_deployed };
-    let opts = deploying_nothing(settings, &args.stages, args.lock_timeout, deploys, false)?;
-    let output = if args.json { Output::Json } else { Output::Human };
-    let outcome = execute(settings, &o, &opts, output, args.lock_timeout)?;
+    let rs = RunSettings::deploying_nothing(settings, &args.stages, args.lock_timeout, deploys, false, args.json)?;
+    let outcome = execute(settings, &o, &rs)?;
     let code = exit_code(outcome.as_ref());
     use crate::report::StageState as S;
     let settled = |s: S| matches!(s, S::Fresh | S::Restored | S::Ran | S::Adopted | S::SkippedByEvent);
