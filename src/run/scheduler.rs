@@ -118,6 +118,17 @@ enum Slot {
     Done(Done),
 }
 
+/// Each retry a stage gets once per run, used or not. Kept apart from its [`Slot`], which a retry replaces.
+#[derive(Clone, Copy, Default)]
+struct SecondChances {
+    /// `retry_needs_if` sent its needs back.
+    needs_sent_back: bool,
+    /// Its `regenerate` commands failed and it waited for its needs' outputs.
+    regenerated_after_needs: bool,
+    /// Its inputs moved during its adoption probe: the next time, it is not adopted.
+    adopted_again: bool,
+}
+
 /// What a waiting stage does when it starts.
 #[derive(Default)]
 struct Queued {
@@ -173,11 +184,10 @@ struct Scheduler<'a, 's> {
     tx: mpsc::Sender<Msg>,
     /// A stage ran or outputs were restored: inputs must be walked again before the next manifest.
     workspace_changed: bool,
-    retried: HashSet<usize>,
+    /// What each stage used up of its one second chance in this run.
+    second_chances: Vec<SecondChances>,
     stopping: Option<String>,
 
-    /// Stages whose regenerate command failed once (and waited for their needs' outputs).
-    regenerate_retried: HashSet<usize>,
     /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
     /// store did not answer and the deploy goes on under the local run lock, as without a remote).
     leases: HashMap<usize, LeaseGuard>,
@@ -193,8 +203,6 @@ struct Scheduler<'a, 's> {
     audit: crate::fresh::Audit,
     /// The deploy stages someone consented to before the run (outside CI without `--yes`): no other deploys.
     consented: HashSet<usize>,
-    /// Stages whose inputs moved during their adoption probe once already: the next time, they are not adopted.
-    adopt_retried: HashSet<usize>,
     /// `git status` when the first deploy was checked: a path a stage of this run changed since is the
     /// pipeline's doing (terraform's lock file), not an uncommitted edit.
     uncommitted_at_start: Option<Result<Option<Vec<String>>, String>>,
@@ -254,9 +262,8 @@ pub(super) fn run(
         jobs: HashMap::new(),
         tx,
         workspace_changed: false,
-        retried: HashSet::new(),
+        second_chances: vec![SecondChances::default(); cx.pipeline.stages.len()],
         stopping: None,
-        regenerate_retried: HashSet::new(),
         leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
@@ -264,7 +271,6 @@ pub(super) fn run(
         ledger_read: Instant::now(),
         audit,
         consented: HashSet::new(),
-        adopt_retried: HashSet::new(),
         uncommitted_at_start: None,
     };
     if let Some(remote) = sch.remote() {
@@ -1226,7 +1232,7 @@ impl<'a> Scheduler<'a, '_> {
             note: note.as_deref(),
             log: &ended.log,
             retry_needs_if: stage.retry_needs_if.as_deref(),
-            retried: self.retried.contains(&i),
+            retried: self.second_chances[i].needs_sent_back,
         };
         match transition::after_command(&end) {
             AfterCommand::Interrupted => {
@@ -1286,7 +1292,7 @@ impl<'a> Scheduler<'a, '_> {
     /// again and then the stage, once.
     fn send_needs_back(&mut self, i: usize, reason: &Reason) {
         let stage = self.cx.pipeline.stages[i].clone();
-        self.retried.insert(i);
+        self.second_chances[i].needs_sent_back = true;
         let needs = self.cx.graph.needs[i].clone();
         let names = needs.iter().map(|&j| self.name(j)).collect();
         let pattern = stage.retry_needs_if.clone().unwrap_or_default();
@@ -1398,7 +1404,7 @@ impl<'a> Scheduler<'a, '_> {
     ) -> Result<(), Error> {
         let regenerated: Vec<OutputRecord> = std::mem::take(&mut hit.unavailable);
         if !exit.success() {
-            let first_time = self.regenerate_retried.insert(i);
+            let first_time = !std::mem::replace(&mut self.second_chances[i].regenerated_after_needs, true);
             return match transition::after_regenerate_failed(first_time, &regenerated) {
                 AfterRegenerateFailed::MakeNeedsFirst if !self.needs_available(i, true) => Ok(()),
                 // Every output of its needs is there: remaking them cannot help, so the stage runs.

@@ -124,7 +124,7 @@ impl Scheduler<'_, '_> {
     fn record_adopted(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
         // What the probe compared the live system with must still be the inputs: else decide again.
         if let Some(why) = self.changed_while_running(i, &keyed) {
-            if !self.adopt_retried.insert(i) {
+            if std::mem::replace(&mut self.second_chances[i].adopted_again, true) {
                 let why = format!("{why} (its probe), twice: something writes into its inputs");
                 return self.cannot_adopt(i, keyed, reason, why);
             }
