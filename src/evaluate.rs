@@ -86,13 +86,15 @@ pub(crate) fn stage(
         Err(reason) => {
             let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
             let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Err(reason), must_run, stale_upstream };
-            let Decision::Run(first) = fresh::decide(&q, cache, &disk)? else { unreachable!("no key, no hit") };
+            let Decision::Run(first) = cache.reading(|| fresh::decide(&q, cache, &disk))? else {
+                unreachable!("no key, no hit")
+            };
             return Ok(Step::NoManifest(first));
         }
     };
     let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
     let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Ok(&keyed), must_run, stale_upstream };
-    let decision = fresh::decide(&q, cache, &disk)?;
+    let decision = cache.reading(|| fresh::decide(&q, cache, &disk))?;
     Ok(Step::Decided(keyed, decision))
 }
 

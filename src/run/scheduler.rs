@@ -477,6 +477,9 @@ impl<'a> Scheduler<'a, '_> {
 
     fn start_ready_pass(&mut self) -> Result<bool, Error> {
         let mut progress = false;
+        // Counted once a pass, not once a ready stage (a chain of a thousand fresh stages is one pass): nothing
+        // busy ends during a pass, only messages end jobs.
+        let mut free = queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs);
         for i in self.cx.graph.order.clone() {
             if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
@@ -488,13 +491,15 @@ impl<'a> Scheduler<'a, '_> {
                 }
                 Verdict::Wait => {}
                 Verdict::Ready => {
-                    if queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs) == 0 {
+                    if free == 0 {
                         continue;
                     }
                     let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else {
                         unreachable!()
                     };
                     self.start(i, q, true)?;
+                    // A fresh stage is done at once; one that runs (or asks the remote) holds a place.
+                    free -= usize::from(self.phase(i) == Phase::Busy);
                     progress = true;
                     if self.stopping.is_some() {
                         return Ok(false);
@@ -1424,7 +1429,7 @@ impl<'a> Scheduler<'a, '_> {
         }
         restored.extend(regenerated.iter().map(|o| o.path.display()));
         match transition::after_outputs(&self.cx.pipeline.stages[i], self.opts.verify) {
-            AfterHit::Probe(probe) => self.spawn(i, probe, Job::Probe { hit }, keyed, restored),
+            AfterHit::Probe(probe) => self.probe(i, probe, hit, keyed, restored),
             _ => self.finish_fresh(i, &keyed, hit, restored, false),
         }
     }

@@ -48,11 +48,41 @@ enum Auth {
     Providers {
         env: HashMap<String, String>,
         ready: std::sync::OnceLock<std::result::Result<GcpCredentialProvider, String>>,
-        /// The first failure to get a token: every later request fails at once with it, rather than asking
-        /// the metadata server again.
-        failed: std::sync::Mutex<Option<String>>,
+        /// The last token, or the failure to get any: see [`Gcs::token`].
+        last: std::sync::Mutex<Last>,
     },
 }
+
+/// What the token providers gave last.
+#[derive(Default)]
+enum Last {
+    #[default]
+    Nothing,
+    Token(String),
+    /// No token was ever got: every later request fails at once with this, rather than asking again.
+    Failed(String),
+}
+
+impl Last {
+    /// What a request sends after asking the providers for a token: the new one, or after a failed refresh
+    /// the last one; the first failure without any token stays.
+    fn then(&mut self, got: std::result::Result<String, String>) -> std::result::Result<String, String> {
+        match (got, &*self) {
+            (Ok(t), _) => {
+                *self = Last::Token(t.clone());
+                Ok(t)
+            }
+            (Err(_), Last::Token(t)) => Ok(t.clone()),
+            (Err(e), _) => {
+                *self = Last::Failed(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// How long getting a token may take (object_store tries the metadata server's name and then its address).
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What came back: the status, the headers that matter, the body.
 struct Answer {
@@ -75,7 +105,7 @@ impl Gcs {
         let env: HashMap<String, String> = env
             .iter()
             .filter(|(k, v)| k.starts_with("GOOGLE_") && !v.trim().is_empty())
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), v.trim().to_string()))
             .collect();
         let base = env.get("GOOGLE_BASE_URL").map(String::as_str).unwrap_or(DEFAULT_BASE);
         let base = url::Url::parse(base)
@@ -86,7 +116,7 @@ impl Gcs {
         let auth = match (skip, env.get("GOOGLE_BEARER_TOKEN")) {
             (true, _) => Auth::Anonymous,
             (false, Some(t)) => Auth::Token(t.trim().to_string()),
-            (false, None) => Auth::Providers { env, ready: Default::default(), failed: Default::default() },
+            (false, None) => Auth::Providers { env, ready: Default::default(), last: Default::default() },
         };
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
@@ -139,7 +169,7 @@ impl Gcs {
                 Err(_) => Err(Error::Unreachable(format!(
                     "gs://{}: no answer within {} s",
                     self.bucket,
-                    REQUEST_TIMEOUT.as_secs()
+                    (REQUEST_TIMEOUT + CONNECT_TIMEOUT).as_secs()
                 ))),
             };
             let failed = match answer {
@@ -161,7 +191,7 @@ impl Gcs {
         match &self.auth {
             Auth::Anonymous => {}
             Auth::Token(t) => req = req.bearer_auth(t),
-            Auth::Providers { env, ready, failed } => req = req.bearer_auth(self.token(env, ready, failed).await?),
+            Auth::Providers { env, ready, last } => req = req.bearer_auth(self.token(env, ready, last).await?),
         }
         if let Some((content_type, bytes)) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, content_type).body(bytes);
@@ -178,12 +208,14 @@ impl Gcs {
         Ok(Answer { status, generation, body, retried: false })
     }
 
-    /// A bearer token from `object_store`'s providers; their first failure stands for the rest of the run.
+    /// A bearer token from `object_store`'s providers (which cache it and ask for a new one four minutes before
+    /// it expires). Before any token was got, the first failure stands for the rest of the run; after, a failed
+    /// refresh keeps the last token, which is still valid then (a lease held through a deploy keeps renewing).
     async fn token(
         &self,
         env: &HashMap<String, String>,
         ready: &std::sync::OnceLock<std::result::Result<GcpCredentialProvider, String>>,
-        failed: &std::sync::Mutex<Option<String>>,
+        last: &std::sync::Mutex<Last>,
     ) -> Result<String> {
         let refused = |e: &str| {
             Error::Refused(format!(
@@ -191,17 +223,18 @@ impl Gcs {
                 self.bucket
             ))
         };
-        if let Some(e) = failed.lock().expect("credentials").as_deref() {
+        if let Last::Failed(e) = &*last.lock().expect("credentials") {
             return Err(refused(e));
         }
         let got = match ready.get_or_init(|| credentials(env, &self.bucket)) {
-            Ok(providers) => providers.get_credential().await.map(|t| t.bearer.clone()).map_err(|e| e.to_string()),
+            Ok(providers) => match tokio::time::timeout(TOKEN_TIMEOUT, providers.get_credential()).await {
+                Ok(t) => t.map(|t| t.bearer.clone()).map_err(|e| e.to_string()),
+                Err(_) => Err(format!("the token source did not answer within {} s", TOKEN_TIMEOUT.as_secs())),
+            },
             Err(e) => Err(e.clone()),
         };
-        got.map_err(|e| {
-            *failed.lock().expect("credentials") = Some(e.clone());
-            refused(&e)
-        })
+        let mut last = last.lock().expect("credentials");
+        last.then(got).map_err(|e| refused(&e))
     }
 
     /// An unexpected answer, with GCS's own message (`{"error": {"message": ...}}`).
@@ -606,6 +639,19 @@ mod tests {
         let g = open(&[("GOOGLE_BEARER_TOKEN", "ya29.token\n"), ("GOOGLE_SKIP_SIGNATURE", "no")]).unwrap();
         assert!(matches!(&g.auth, Auth::Token(t) if t == "ya29.token"));
         assert_eq!(open(&[("GOOGLE_BASE_URL", "")]).unwrap().base.as_str(), "https://storage.googleapis.com/");
+    }
+
+    /// A refresh that fails keeps the last token (still valid: object_store refreshes four minutes early); a
+    /// failure before any token stays for the run.
+    #[test]
+    fn a_failed_refresh_keeps_the_last_token_and_a_first_failure_stays() {
+        let mut last = Last::Nothing;
+        assert_eq!(last.then(Ok("t1".into())), Ok("t1".into()));
+        assert_eq!(last.then(Err("metadata server: 500".into())), Ok("t1".into()));
+        assert_eq!(last.then(Ok("t2".into())), Ok("t2".into()));
+        let mut never = Last::Nothing;
+        assert_eq!(never.then(Err("no credentials".into())), Err("no credentials".into()));
+        assert!(matches!(never, Last::Failed(_)));
     }
 
     /// A version another backend made never matches: the put is a lost race, not an upload without a

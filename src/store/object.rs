@@ -119,7 +119,8 @@ impl ObjectStore for Client {
 
     fn list(&self, under: &str) -> Result<Vec<Listed>> {
         let key = self.key(under);
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        // Names as object_store keeps them: the prefix with the characters it escapes escaped (`~` is `%7E`).
+        let strip = if self.prefix.is_empty() { 0 } else { Path::from(self.prefix.as_str()).as_ref().len() + 1 };
         self.block(async {
             let mut out = Vec::new();
             let mut s = self.store.list(Some(&key));

@@ -458,6 +458,24 @@ fn deploy_stages_whose_names_share_a_prefix_stay_deployed(kind: Kind) {
     assert!(r.ran().is_empty(), "{kind:?}: {}", r.stderr);
 }
 
+/// Helper 17: a bucket prefix with characters the S3 client escapes (`~`, a space, `é`) was cut at the wrong
+/// place when its objects were listed: no ledger record was found and every run deployed again.
+fn a_prefix_with_characters_a_store_escapes_keeps_its_ledger(kind: Kind) {
+    let store = Store::new(kind);
+    let (url, _) = store.url.split_once("//").unwrap();
+    let tail = &store.url[url.len() + 2..];
+    let store = Store { url: format!("{url}//{tail}~team%20%C3%A9/kkpipe"), ..store };
+    let k = keygen();
+    let stages = "[stages.deploy]\nkind = \"deploy\"\nrun = \"echo deploy >> ../ran.log\"\n";
+    let a = runner(&store, stages, &[&k.public], Some(&k.private), "");
+    assert_eq!(a.run(&[]).ok().ran(), ["deploy"]);
+    let fresh_clone = runner(&store, stages, &[&k.public], Some(&k.private), "");
+    let r = fresh_clone.run(&[]).ok();
+    assert!(r.ran().is_empty() && warnings(&r).is_empty(), "{kind:?}: {}", r.stderr);
+    let status = fresh_clone.kk(&["remote", "status", "--json"]).ok().json();
+    assert_eq!(status["ledger"].as_array().map(Vec::len), Some(1), "{kind:?}: {status:#}");
+}
+
 /// A deploy that takes a while and logs when it starts and ends, to one file shared by the runners.
 fn slow_deploy(seconds: f64) -> String {
     format!(
@@ -898,6 +916,21 @@ on_stores!(file: File, seaweedfs: Seaweed, moto: Moto, gcs: Gcs, git: Git; [
     the_store_keeps_its_contract_when_writers_race,
     deploy_stages_whose_names_share_a_prefix_stay_deployed,
 ]);
+
+#[test]
+fn an_escaped_prefix_keeps_its_ledger_on_seaweedfs() {
+    a_prefix_with_characters_a_store_escapes_keeps_its_ledger(Kind::Seaweed);
+}
+
+#[test]
+fn an_escaped_prefix_keeps_its_ledger_on_moto() {
+    a_prefix_with_characters_a_store_escapes_keeps_its_ledger(Kind::Moto);
+}
+
+#[test]
+fn an_escaped_prefix_keeps_its_ledger_on_gcs() {
+    a_prefix_with_characters_a_store_escapes_keeps_its_ledger(Kind::Gcs);
+}
 
 #[test]
 fn a_seaweedfs_store_killed_mid_run_gives_one_warning_and_the_deploy_fails_closed() {
