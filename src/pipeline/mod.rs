@@ -300,6 +300,9 @@ fn with_line(e: Error, text: &str) -> Error {
 
 /// A NUL character (`\u0000` in a TOML string) can reach no process, environment or path: refused at its line,
 /// with its key, before anything is run or recorded.
+/// The escapes that write a NUL in a TOML string (`\x00` is TOML 1.1's, which the parser takes).
+const NUL_ESCAPES: [&str; 3] = ["\\u0000", "\\U00000000", "\\x00"];
+
 fn refuse_nul(file: &Path, text: &str) -> Result<(), Error> {
     fn find(v: &toml::Value, path: &str) -> Option<String> {
         match v {
@@ -314,11 +317,16 @@ fn refuse_nul(file: &Path, text: &str) -> Result<(), Error> {
             _ => None,
         }
     }
+    // Only an escape makes a NUL (a raw one is a syntax error; `\x00` is TOML 1.1's): without one, no second
+    // parse of the file.
+    if !NUL_ESCAPES.iter().any(|e| text.contains(e)) {
+        return Ok(());
+    }
     let Ok(table) = text.parse::<toml::Table>() else { return Ok(()) };
     let Some(key) = find(&toml::Value::Table(table), "") else { return Ok(()) };
     let message = format!("`{key}` holds a NUL character, which no command, variable or path can carry; remove it");
     // Where it is written: the first escape that makes one.
-    let at = ["\\u0000", "\\U00000000"].iter().filter_map(|e| text.find(e)).min();
+    let at = NUL_ESCAPES.iter().filter_map(|e| text.find(e)).min();
     match at {
         Some(at) => {
             let before = &text[..at];

@@ -230,9 +230,12 @@ fn an_empty_or_odd_environment_name_is_refused_before_anything_is_recorded() {
 /// failed at spawn with no file or line, and a failed attempt was recorded. Now it is refused at its line.
 #[test]
 fn a_nul_character_in_pipeline_toml_is_a_load_error_at_its_line() {
-    for (field, value) in
-        [("env", r#"{ MODE = "a\u0000b" }"#), ("run", r#""echo \u0000""#), ("tools", r#"["terra\U00000000form"]"#)]
-    {
+    for (field, value) in [
+        ("env", r#"{ MODE = "a\u0000b" }"#),
+        ("run", r#""echo \u0000""#),
+        ("tools", r#"["terra\U00000000form"]"#),
+        ("run", r#""echo \x00""#),
+    ] {
         let repo = Repo::empty();
         let run = if field == "run" { "" } else { "run = \"true\"\n" };
         repo.write("pipeline.toml", &format!("[stages.one]\nrun = \"true\"\n\n[stages.two]\n{field} = {value}\n{run}"));
