@@ -202,6 +202,13 @@ pub(crate) struct VerifyArgs {
     #[arg(value_name = "STAGE")]
     pub stages: Vec<String>,
 
+    #[command(flatten)]
+    pub probing: Probing,
+}
+
+/// What `verify` and `adopt` share: they probe deploy stages and deploy none.
+#[derive(Debug, Args)]
+pub(crate) struct Probing {
     /// Print a JSON report (schema kkpipe.run.v1) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -224,16 +231,8 @@ pub(crate) struct AdoptArgs {
     #[arg(long)]
     pub assume_deployed: bool,
 
-    /// Print a JSON report (schema kkpipe.run.v1) on stdout.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Seconds to wait for another kkpipe run on this repository before giving up.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub lock_timeout: u64,
-
     #[command(flatten)]
-    pub selection: Selection,
+    pub probing: Probing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

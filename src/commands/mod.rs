@@ -230,10 +230,9 @@ impl RunSettings {
     fn deploying_nothing(
         settings: &Settings,
         stages: &[String],
-        lock_timeout: u64,
+        probing: &crate::cli::Probing,
         deploys: crate::run::Deploys,
         probe_only: bool,
-        json: bool,
     ) -> Result<RunSettings, Error> {
         let opts = Options {
             targets: stages.to_vec(),
@@ -243,14 +242,14 @@ impl RunSettings {
             verify: true,
             replay: false,
             probe_only,
-            lock_timeout: Duration::from_secs(lock_timeout),
+            lock_timeout: Duration::from_secs(probing.lock_timeout),
             stop_grace: settings.stop_grace()?,
             deploys,
             consent: crate::run::Consent::Refused,
             allow_dirty: false,
             in_ci: settings.in_ci,
         };
-        Ok(RunSettings { opts, output: if json { Output::Json } else { Output::Human } })
+        Ok(RunSettings { opts, output: if probing.json { Output::Json } else { Output::Human } })
     }
 }
 
@@ -392,9 +391,8 @@ pub(crate) fn lock(cache: &Cache, command: &str, timeout_secs: u64) -> Result<ru
 }
 
 fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
-    let o = Opened::open(settings, &args.selection)?;
-    let rs =
-        RunSettings::deploying_nothing(settings, &args.stages, args.lock_timeout, run::Deploys::Run, true, args.json)?;
+    let o = Opened::open(settings, &args.probing.selection)?;
+    let rs = RunSettings::deploying_nothing(settings, &args.stages, &args.probing, run::Deploys::Run, true)?;
     let outcome = execute(settings, &o, &rs)?;
     let code = exit_code(outcome.as_ref());
     // Drift (1) and interrupts outrank it; a check that checked nothing must not pass for "in sync".
@@ -408,9 +406,9 @@ fn verify_cmd(settings: &Settings, args: &VerifyArgs) -> Result<u8, Error> {
 /// `kkpipe adopt`: run what must run, but adopt deploy stages instead of deploying them. Exit 1 unless every
 /// selected stage ended fresh, ran or adopted.
 fn adopt_cmd(settings: &Settings, args: &AdoptArgs) -> Result<u8, Error> {
-    let o = Opened::open(settings, &args.selection)?;
+    let o = Opened::open(settings, &args.probing.selection)?;
     let deploys = crate::run::Deploys::Adopt { assume_deployed: args.assume_deployed };
-    let rs = RunSettings::deploying_nothing(settings, &args.stages, args.lock_timeout, deploys, false, args.json)?;
+    let rs = RunSettings::deploying_nothing(settings, &args.stages, &args.probing, deploys, false)?;
     let outcome = execute(settings, &o, &rs)?;
     let code = exit_code(outcome.as_ref());
     use crate::report::StageState as S;
