@@ -23,14 +23,7 @@ impl Hash {
     }
 
     pub fn to_hex(self) -> String {
-        // By table, not `format!` per byte: keys are printed for every stage of every run.
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(DIGITS[usize::from(b >> 4)] as char);
-            s.push(DIGITS[usize::from(b & 0xf)] as char);
-        }
-        s
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
 
     pub fn short(&self) -> String {

@@ -1296,14 +1296,14 @@ impl<'a> Scheduler<'a, '_> {
     /// `retry_needs_if` matched the failed stage's log (terraform's "Saved plan is stale"): its needs run
     /// again and then the stage, once.
     fn send_needs_back(&mut self, i: usize, reason: &Reason) {
-        let stage = self.cx.pipeline.stages[i].clone();
+        let stage = &self.cx.pipeline.stages[i];
+        let (name, pattern) = (stage.name.clone(), stage.retry_needs_if.clone().unwrap_or_default());
         self.second_chances[i].needs_sent_back = true;
         let needs = self.cx.graph.needs[i].clone();
         let names = needs.iter().map(|&j| self.name(j)).collect();
-        let pattern = stage.retry_needs_if.clone().unwrap_or_default();
-        self.sink.event(&Event::Notice(Notice::Retrying { stage: stage.name.clone(), pattern, needs: names }));
+        self.sink.event(&Event::Notice(Notice::Retrying { stage: name.clone(), pattern, needs: names }));
         for j in needs {
-            let must_run = Some(Reason::PlanStale { stage: stage.name.clone() });
+            let must_run = Some(Reason::PlanStale { stage: name.clone() });
             self.slots[j] = Slot::Waiting(Queued { must_run, materialize: false });
         }
         // It runs again for the reason it ran (drift stays drift), once its needs did.
@@ -1428,9 +1428,9 @@ impl<'a> Scheduler<'a, '_> {
             self.mask_output(o);
         }
         restored.extend(regenerated.iter().map(|o| o.path.display()));
-        match transition::after_outputs(&self.cx.pipeline.stages[i], self.opts.verify) {
-            AfterHit::Probe(probe) => self.probe(i, probe, hit, keyed, restored),
-            _ => self.finish_fresh(i, &keyed, hit, restored, false),
+        match transition::probe_of(&self.cx.pipeline.stages[i], self.opts.verify) {
+            Some(probe) => self.probe(i, probe.to_string(), hit, keyed, restored),
+            None => self.finish_fresh(i, &keyed, hit, restored, false),
         }
     }
 

@@ -91,7 +91,7 @@ pub(super) fn after_hit(stage: &Stage, verify: bool, materialize: bool, unavaila
 }
 
 /// Every output is in place (restored or regenerated): probe, or fresh.
-pub(super) fn after_outputs(stage: &Stage, verify: bool) -> AfterHit {
+fn after_outputs(stage: &Stage, verify: bool) -> AfterHit {
     match probe_of(stage, verify) {
         Some(p) => AfterHit::Probe(p.to_string()),
         None => AfterHit::Fresh,

@@ -115,7 +115,7 @@ impl Gcs {
         let skip = env.get("GOOGLE_SKIP_SIGNATURE").is_some_and(|v| truthy(v));
         let auth = match (skip, env.get("GOOGLE_BEARER_TOKEN")) {
             (true, _) => Auth::Anonymous,
-            (false, Some(t)) => Auth::Token(t.trim().to_string()),
+            (false, Some(t)) => Auth::Token(t.clone()),
             (false, None) => Auth::Providers { env, ready: Default::default(), last: Default::default() },
         };
         let http = reqwest::Client::builder()
@@ -157,7 +157,7 @@ impl Gcs {
     /// One request, retried when the store did not answer (no connection, a timeout, 408, 429 or 5xx), all
     /// within one deadline. A retried upload is safe: it carries its precondition, so one that landed the first
     /// time answers 412, and `put_if` then checks whether the object is its own (`Answer::retried`).
-    fn send(&self, method: reqwest::Method, url: url::Url, body: Option<(String, Vec<u8>)>) -> Result<Answer> {
+    fn send(&self, method: reqwest::Method, url: url::Url, body: Option<(String, bytes::Bytes)>) -> Result<Answer> {
         let deadline = std::time::Instant::now() + REQUEST_TIMEOUT + CONNECT_TIMEOUT;
         let mut pauses = RETRY_PAUSES.iter();
         let mut retried = false;
@@ -186,7 +186,12 @@ impl Gcs {
         }
     }
 
-    async fn once(&self, method: reqwest::Method, url: url::Url, body: Option<(String, Vec<u8>)>) -> Result<Answer> {
+    async fn once(
+        &self,
+        method: reqwest::Method,
+        url: url::Url,
+        body: Option<(String, bytes::Bytes)>,
+    ) -> Result<Answer> {
         let mut req = self.http.request(method, url);
         match &self.auth {
             Auth::Anonymous => {}
@@ -290,7 +295,7 @@ fn terraforms_credentials(env: &HashMap<String, String>) -> std::result::Result<
         "GOOGLE_APPLICATION_CREDENTIALS",
         "GOOGLE_BEARER_TOKEN",
     ];
-    if OWN.iter().any(|k| env.get(*k).is_some_and(|v| !v.trim().is_empty())) {
+    if OWN.iter().any(|k| env.get(*k).is_some_and(|v| !v.is_empty())) {
         return Ok(None);
     }
     let Some(c) = env.get("GOOGLE_CREDENTIALS").map(|c| c.trim_start_matches('\u{feff}').trim()) else {
@@ -310,7 +315,7 @@ fn terraforms_credentials(env: &HashMap<String, String>) -> std::result::Result<
 
 /// A `multipart/related` upload body: the object's metadata, then its bytes. The boundary is the bytes' own
 /// BLAKE3 digest, which they cannot contain.
-fn multipart(key: &str, bytes: &[u8]) -> (String, Vec<u8>) {
+fn multipart(key: &str, bytes: &[u8]) -> (String, bytes::Bytes) {
     let boundary = format!("kkpipe-{}", blake3::hash(bytes).to_hex());
     let meta = serde_json::json!({ "name": key }).to_string();
     let mut body = Vec::with_capacity(bytes.len() + 400);
@@ -319,11 +324,11 @@ fn multipart(key: &str, bytes: &[u8]) -> (String, Vec<u8>) {
     body.extend_from_slice(format!("\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
     body.extend_from_slice(bytes);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/related; boundary={boundary}"), body)
+    (format!("multipart/related; boundary={boundary}"), body.into())
 }
 
-/// A generation as the API writes it: a string of digits (some servers write a number).
-fn generation(v: &serde_json::Value) -> Option<String> {
+/// A number as the API writes it (a generation, a size): a string of digits (some servers write a number).
+fn number(v: &serde_json::Value) -> Option<String> {
     v.as_str().map(str::to_string).or_else(|| v.as_i64().map(|n| n.to_string()))
 }
 
@@ -368,7 +373,7 @@ impl ObjectStore for Gcs {
         match a.status {
             200 => {
                 let j: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
-                let g = generation(&j["generation"])
+                let g = number(&j["generation"])
                     .ok_or_else(|| Error::Refused(format!("gs://{}: an upload answered no generation", self.bucket)))?;
                 Ok(Some(Version { e_tag: None, version: Some(g) }))
             }
@@ -389,7 +394,7 @@ impl ObjectStore for Gcs {
             "" => self.key(""),
             u => format!("{}/", self.key(u)),
         };
-        let strip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let root = self.key("");
         let mut out = Vec::new();
         let mut page: Option<String> = None;
         loop {
@@ -407,12 +412,12 @@ impl ObjectStore for Gcs {
             let j: serde_json::Value = serde_json::from_slice(&a.body)
                 .map_err(|e| Error::Refused(format!("gs://{}: a listing that is not JSON: {e}", self.bucket)))?;
             for item in j["items"].as_array().into_iter().flatten() {
-                let Some(name) = item["name"].as_str().filter(|n| n.len() >= strip) else { continue };
+                let Some(name) = item["name"].as_str().and_then(|n| n.strip_prefix(&root)) else { continue };
                 let modified = item["updated"].as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok());
                 out.push(Listed {
-                    name: name[strip..].to_string(),
+                    name: name.to_string(),
                     modified_ms: modified.map_or(0, |t| t.as_millisecond()),
-                    size: generation(&item["size"]).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    size: number(&item["size"]).and_then(|s| s.parse().ok()).unwrap_or(0),
                 });
             }
             match j["nextPageToken"].as_str() {

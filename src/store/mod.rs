@@ -128,6 +128,7 @@ use open_object as open_gcs;
 
 /// The prefix a bucket URL keeps its objects under: its path, percent-decoded, without slashes around it
 /// (`s3://b/team%20a/` -> `team a`), so that it is the prefix an IAM policy names.
+#[cfg(feature = "s3-gcs")]
 fn prefix_of(url: &url::Url) -> String {
     percent_encoding::percent_decode_str(url.path()).decode_utf8_lossy().trim_matches('/').to_string()
 }
@@ -255,6 +256,7 @@ impl Store {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "s3-gcs")]
     #[test]
     fn a_bucket_prefix_is_the_path_as_typed() {
         let p = |u: &str| prefix_of(&url::Url::parse(u).unwrap());
