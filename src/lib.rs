@@ -36,6 +36,7 @@
 
 mod audit;
 mod cache;
+mod children;
 mod ci;
 mod cli;
 mod clock;

@@ -160,7 +160,7 @@ fn command(cmd: &Spec, tag: &str) -> Command {
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
     let tag = watchdog::tag(job);
-    let mut child = match watchdog::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id) {
+    let mut child = match crate::children::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id) {
         Ok(ch) => ch,
         Err(e) => return Exit::not_started(format!("cannot start `{}`: {e}", SHELL[0]), start),
     };
@@ -191,7 +191,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     .collect();
     drop(done_tx);
     let status = child.wait();
-    watchdog::disown(pgid);
+    crate::children::disown(pgid);
 
     drain(readers, &done_rx, pgid);
     // Nothing a stage started outlives it: the group and whatever left it are stopped, and only then is the

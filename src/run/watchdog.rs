@@ -51,9 +51,6 @@ static WATCHDOG: OnceLock<Option<Mutex<ChildStdin>>> = OnceLock::new();
 /// The variable that marks every process a stage starts (see the module docs).
 pub(crate) const TAG_VAR: &str = "KKPIPE_PROCESS_TAG";
 
-/// The stage shells kkpipe waits for itself (never reaped or stopped as orphans), by pid.
-static OWN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-
 /// The watchdog's pid: a child of kkpipe in a group of its own, never an orphan.
 static WATCHDOG_PID: OnceLock<i32> = OnceLock::new();
 
@@ -61,36 +58,13 @@ static WATCHDOG_PID: OnceLock<i32> = OnceLock::new();
 /// never orphans of its stages.
 static EARLIER: OnceLock<Vec<i32>> = OnceLock::new();
 
-/// Held while a stage shell is spawned and until it is [`own`]ed, and while orphans are reaped: a shell that
-/// failed to exec is a zombie std waits for itself, never an orphan to reap.
-static SPAWNING: Mutex<()> = Mutex::new(());
-
-/// Spawn a stage shell with `spawn` and own it at once (see [`SPAWNING`]).
-pub(crate) fn spawn_owned<T>(
-    spawn: impl FnOnce() -> std::io::Result<T>,
-    pid: impl Fn(&T) -> u32,
-) -> std::io::Result<T> {
-    let _held = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
-    let child = spawn()?;
-    own(pid(&child) as i32);
-    Ok(child)
-}
-
-/// A stage shell kkpipe spawned and will wait for; [`disown`] once waited for.
-fn own(pid: i32) {
-    OWN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
-}
-
-pub(crate) fn disown(pid: i32) {
-    OWN.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pid);
-}
-
-/// kkpipe's children that it did not spawn as stages: orphans of its stages (a subreaper inherits them), with
-/// whether they are zombies. Children in kkpipe's own process group (a `git` it runs and waits for) are not.
-fn orphans() -> Vec<(Pid, bool)> {
+/// kkpipe's children that it does not wait for itself ([`crate::children`]): orphans of its stages (a subreaper
+/// inherits them), with whether they are zombies. Children in kkpipe's own process group (a `terraform` it runs
+/// and waits for) are not either.
+pub(crate) fn orphans() -> Vec<(Pid, bool)> {
     let me = std::process::id() as i32;
     let my_group = nix::unistd::getpgrp().as_raw();
-    let own = OWN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let own = crate::children::owned();
     let watchdog = WATCHDOG_PID.get().copied();
     let earlier = EARLIER.get().map(Vec::as_slice).unwrap_or_default();
     let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -119,7 +93,7 @@ fn children_now() -> Vec<i32> {
 /// Reap the orphans that have exited (a subreaper must, or they stay zombies in their groups and count against
 /// the user's process limit).
 fn reap_orphans() {
-    let _held = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let _held = crate::children::spawning();
     for (pid, zombie) in orphans() {
         if zombie {
             let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
@@ -211,9 +185,9 @@ pub(crate) fn stop_leftovers(pgid: i32, tag: &str) -> usize {
     reap_orphans();
     let group = || killpg(Pid::from_raw(pgid), None).is_ok();
     let mut left = tagged(tag, false);
-    // Orphans whose environment cannot be read are this stage's if no other stage is running; else they wait
-    // for the end of the run.
-    if OWN.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+    // Orphans whose environment cannot be read are this stage's if kkpipe waits for no other child (a stage, a
+    // `git`); else they wait for the end of the run.
+    if crate::children::none_owned() {
         let unreadable = orphans().into_iter().filter(|&(p, zombie)| !zombie && !readable_env(p));
         left.extend(unreadable.map(|(p, _)| p).filter(|p| !left.contains(p)).collect::<Vec<_>>());
     }
@@ -262,7 +236,7 @@ pub(crate) fn start(cache_dir: &Path, grace: Duration) {
         let _ = std::thread::Builder::new().name("reaper".into()).spawn(|| {
             loop {
                 std::thread::sleep(Duration::from_millis(100));
-                if !OWN.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                if !crate::children::none_owned() {
                     reap_orphans();
                 }
             }

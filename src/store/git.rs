@@ -216,7 +216,11 @@ fn output_limited(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> st
     cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     // A group of its own: git's helpers (`git-remote-https`, `ssh`) hold its pipes, and go with it.
     cmd.process_group(0);
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Owned: kkpipe is a subreaper while stages run, and this child must never be reaped as a stage's orphan.
+    let mut child = crate::children::spawn_owned(
+        || cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn(),
+        std::process::Child::id,
+    )?;
     // Written from a thread of its own: git may answer (`cat-file --batch`) before it has read everything, and
     // a full stdout pipe must not wait for a full stdin pipe.
     let writer = match (stdin, child.stdin.take()) {
@@ -234,6 +238,7 @@ fn output_limited(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> st
         }
     });
     let out = child.wait_with_output();
+    crate::children::disown(pid.as_raw());
     let _ = done.send(());
     let _ = killer.join();
     if let Some(Ok(Err(e))) = writer.map(|w| w.join()) {
@@ -594,6 +599,50 @@ mod message_tests {
         let out = output_limited(c, None, Duration::from_millis(300)).unwrap();
         assert!(out.status.code().is_none(), "killed");
         assert!(started.elapsed() < Duration::from_secs(10), "returned after {:?}", started.elapsed());
+    }
+
+    /// While stages run, kkpipe is a subreaper and reaps (or, at the run's end, stops) every child outside its own
+    /// process group that it does not wait for itself: a `git` of the remote is one it waits for, so its exit
+    /// status is never taken from the thread waiting for it.
+    #[test]
+    fn a_git_command_is_never_taken_for_a_stages_orphan() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "sleep 0.4; exit 3"]);
+        let running = std::thread::spawn(move || output_limited(c, None, Duration::from_secs(30)));
+        let me = std::process::id() as i32;
+        let mut seen_running = false;
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            // Our `sh` is a child of this process in a group of its own, running or a zombie waiting for its wait.
+            let ours: Vec<i32> = children_in_own_group(me);
+            seen_running |= !ours.is_empty();
+            let orphans: Vec<i32> = crate::run::watchdog::orphans().iter().map(|(p, _)| p.as_raw()).collect();
+            assert!(ours.iter().all(|p| !orphans.contains(p)), "{ours:?} taken for orphans");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(seen_running, "the command was seen while it ran");
+        let out = running.join().unwrap().expect("its exit status, waited for by its own thread");
+        assert_eq!(out.status.code(), Some(3));
+    }
+
+    /// This process's children in a process group of their own that run `sh -c 'sleep 0.4; exit 3'`.
+    fn children_in_own_group(me: i32) -> Vec<i32> {
+        let all: Vec<i32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        all.into_iter()
+            .filter(|p| {
+                let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let fields: Vec<&str> =
+                    stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+                cmdline.windows(9).any(|w| w == b"sleep 0.4")
+                    && fields.get(1).and_then(|f| f.parse::<i32>().ok()) == Some(me)
+                    && fields.get(2).and_then(|f| f.parse::<i32>().ok()) == Some(*p)
+            })
+            .collect()
     }
 
     #[test]
