@@ -55,6 +55,8 @@ struct Active {
     restored: Vec<String>,
     /// A signal asked us to stop while this job ran: even a clean exit is then an interrupted run.
     signalled: bool,
+    /// A deploy's lease, held through its probe, regeneration or command until its end is recorded.
+    lease: Option<LeaseGuard>,
 }
 
 #[derive(Clone)]
@@ -108,9 +110,14 @@ enum Done {
     },
 }
 
+/// Where a stage of this run is. A deploy lease lives in the two places a deploy can hold one, so a stage that
+/// waits behind others or is done cannot hold one.
 enum Slot {
     Idle,
     Waiting(Queued),
+    /// The scheduler is acting on it now (deciding, restoring, recording how a job ended), with the deploy lease
+    /// it holds: never seen between two messages, as each path ends in another state.
+    Deciding(Option<LeaseGuard>),
     Active(Box<Active>),
     /// A stage that must run, waiting for the remote on a job thread of its own (its deploy lease, or a lookup
     /// of its result): every stage that does not need it goes on meanwhile.
@@ -179,7 +186,6 @@ struct Scheduler<'a, 's> {
     sink: &'a mut dyn Sink,
     slots: Vec<Slot>,
     run_id: i64,
-    next_job: usize,
     jobs: HashMap<usize, usize>,
     tx: mpsc::Sender<Msg>,
     /// A stage ran or outputs were restored: inputs must be walked again before the next manifest.
@@ -188,9 +194,6 @@ struct Scheduler<'a, 's> {
     second_chances: Vec<SecondChances>,
     stopping: Option<String>,
 
-    /// Deploy leases on the remote, held from the decision to deploy until the deploy is recorded (`None`: the
-    /// store did not answer and the deploy goes on under the local run lock, as without a remote).
-    leases: HashMap<usize, LeaseGuard>,
     /// Set when the scheduler goes away: lease waits still running stop.
     cancel: Arc<AtomicBool>,
     interrupt: super::Interrupt,
@@ -258,13 +261,11 @@ pub(super) fn run(
         sink,
         slots,
         run_id,
-        next_job: 0,
         jobs: HashMap::new(),
         tx,
         workspace_changed: false,
         second_chances: vec![SecondChances::default(); cx.pipeline.stages.len()],
         stopping: None,
-        leases: HashMap::new(),
         cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
         locked_out: false,
@@ -351,7 +352,7 @@ impl<'a> Scheduler<'a, '_> {
         match &self.slots[j] {
             Slot::Idle => Phase::NotSelected,
             Slot::Waiting(_) => Phase::Waiting,
-            Slot::Active(_) | Slot::Asking(_) => Phase::Busy,
+            Slot::Deciding(_) | Slot::Active(_) | Slot::Asking(_) => Phase::Busy,
             Slot::Done(Done::Fresh { .. } | Done::Ran { .. } | Done::Adopted { .. }) => Phase::Succeeded,
             Slot::Done(Done::Failed { .. }) => Phase::Ended(Shortfall::Failed),
             Slot::Done(Done::Interrupted { .. }) => Phase::Ended(Shortfall::Interrupted),
@@ -435,7 +436,8 @@ impl<'a> Scheduler<'a, '_> {
         }
         let why = self.stopping.clone().unwrap_or_default();
         for i in 0..self.slots.len() {
-            if matches!(self.slots[i], Slot::Waiting(_)) {
+            debug_assert!(!matches!(self.slots[i], Slot::Deciding(_)), "a path left `{}` deciding", self.name(i));
+            if matches!(self.slots[i], Slot::Waiting(_) | Slot::Deciding(_)) {
                 self.skip(i, why.clone());
             }
         }
@@ -494,7 +496,7 @@ impl<'a> Scheduler<'a, '_> {
                     if free == 0 {
                         continue;
                     }
-                    let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else {
+                    let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::Deciding(None)) else {
                         unreachable!()
                     };
                     self.start(i, q, true)?;
@@ -637,11 +639,13 @@ impl<'a> Scheduler<'a, '_> {
     /// stage may not go on it is done, and why was shown.
     fn take_lease(&mut self, i: usize, keyed: &Keyed, reason: &Reason, resume: Resume) -> Taken {
         let Some(remote) = self.env.remote.clone() else { return Taken::Go };
-        match self.leases.get(&i) {
-            // Another runner took it over while this one waited to go on: take it again.
-            Some(held) if held.lost() => drop(self.leases.remove(&i)),
-            Some(_) => return Taken::Go,
-            None => {}
+        if let Slot::Deciding(held) = &mut self.slots[i] {
+            match held {
+                // Another runner took it over while this one went on: take it again.
+                Some(lease) if lease.lost() => *held = None,
+                Some(_) => return Taken::Go,
+                None => {}
+            }
         }
         if !remote.writable() {
             let detail = format!(
@@ -711,14 +715,13 @@ impl<'a> Scheduler<'a, '_> {
                 return Ok(());
             }
         };
-        self.leases.insert(i, lease);
+        self.slots[i] = Slot::Deciding(Some(lease));
         if let Some(remote) = self.remote() {
             remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
             self.remote_warnings();
         }
         // What it needs may have been sent back meanwhile (a retry of its needs): wait for them again.
         if queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) != Verdict::Ready {
-            self.leases.remove(&i);
             self.slots[i] = Slot::waiting();
             return Ok(());
         }
@@ -748,8 +751,11 @@ impl<'a> Scheduler<'a, '_> {
 
     /// A job of stage `i` now: its number, counted until it reports its end.
     fn new_job(&mut self, i: usize) -> usize {
-        let job = self.next_job;
-        self.next_job += 1;
+        // Numbered for the whole process, not the run: a job's number is in the tag its processes carry, and the
+        // leftovers of a finished job are found by it (a process that runs pipelines in turn, like `kkpipe demo`,
+        // must never take another run's processes for them).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let job = NEXT.fetch_add(1, Ordering::Relaxed);
         self.jobs.insert(job, i);
         job
     }
@@ -781,7 +787,7 @@ impl<'a> Scheduler<'a, '_> {
         if !matches!(self.slots[i], Slot::Asking(_)) {
             return None;
         }
-        match std::mem::replace(&mut self.slots[i], Slot::waiting()) {
+        match std::mem::replace(&mut self.slots[i], Slot::Deciding(None)) {
             Slot::Asking(a) => Some((i, *a)),
             _ => None,
         }
@@ -814,14 +820,12 @@ impl<'a> Scheduler<'a, '_> {
 
     /// Stage `i` will not start: a need did not succeed, or the run is stopping. A lease it holds goes at once.
     fn skip(&mut self, i: usize, because: String) {
-        self.leases.remove(&i);
         self.slots[i] = Slot::Done(Done::Skipped(because.clone()));
         self.sink.event(&Event::Skipped { stage: self.name(i), because });
     }
 
     /// A stage that will not start after all (no attempt is recorded): shown as failed, with why.
     fn not_started(&mut self, i: usize, key: Option<Key>, reason: Reason, detail: String) {
-        self.leases.remove(&i);
         let end = StageEnd::NotStarted { detail: detail.clone() };
         self.sink.event(&Event::Finished { stage: self.name(i), end, duration: Duration::ZERO, log: Vec::new() });
         let detail = format!("not started: {detail}");
@@ -842,7 +846,11 @@ impl<'a> Scheduler<'a, '_> {
         } else {
             remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
-        if self.leases.remove(&i).is_some_and(|l| l.lost()) {
+        let lease = match &mut self.slots[i] {
+            Slot::Deciding(held) => held.take(),
+            _ => None,
+        };
+        if lease.is_some_and(|l| l.lost()) {
             self.sink.event(&Event::Warning {
                 message: format!(
                     "the deploy lease of `{}` in `{}` could not be renewed in time and another runner took it over: it \
@@ -930,7 +938,6 @@ impl<'a> Scheduler<'a, '_> {
         restored: Vec<String>,
         verified: bool,
     ) -> Result<(), Error> {
-        self.leases.remove(&i);
         let stage = self.name(i);
         let saved_ms = hit.record.duration_ms.unwrap_or(0);
         if self.opts.replay
@@ -1140,7 +1147,11 @@ impl<'a> Scheduler<'a, '_> {
         let spec = exec::Spec { script, cwd: stage.dir.under(&self.cx.pipeline.root), env, note };
         watchdog::start(self.env.cache.dir(), self.opts.stop_grace);
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
-        let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false };
+        let lease = match std::mem::replace(&mut self.slots[i], Slot::Idle) {
+            Slot::Deciding(lease) => lease,
+            _ => None,
+        };
+        let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false, lease };
         self.slots[i] = Slot::Active(Box::new(active));
         Ok(())
     }
@@ -1192,8 +1203,9 @@ impl<'a> Scheduler<'a, '_> {
         if !matches!(self.slots[i], Slot::Active(_)) {
             return Ok(());
         }
-        let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::waiting()) else { unreachable!() };
-        let a = *a;
+        let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::Idle) else { unreachable!() };
+        let mut a = *a;
+        self.slots[i] = Slot::Deciding(a.lease.take());
         match a.job {
             Job::Stage { row, reason } => {
                 self.workspace_changed = true;
@@ -1247,8 +1259,12 @@ impl<'a> Scheduler<'a, '_> {
             }
             AfterCommand::Succeeded => self.stage_succeeded(i, keyed, reason, ended, &exit),
             AfterCommand::RetryNeeds { detail } => {
-                self.send_needs_back(i, &reason);
-                self.conclude(i, &keyed, State::Failed, ended, StageEnd::Failed { detail })
+                self.send_needs_back(i);
+                // Recorded (a deploy's on the shared ledger, with its lease held) before it goes back to wait.
+                self.conclude(i, &keyed, State::Failed, ended, StageEnd::Failed { detail })?;
+                // It runs again for the reason it ran (drift stays drift), once its needs did.
+                self.slots[i] = Slot::Waiting(Queued { must_run: Some(reason), materialize: false });
+                Ok(())
             }
             AfterCommand::Failed { detail } => self.fail(i, &keyed, reason, ended, detail),
         }
@@ -1294,8 +1310,8 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     /// `retry_needs_if` matched the failed stage's log (terraform's "Saved plan is stale"): its needs run
-    /// again and then the stage, once.
-    fn send_needs_back(&mut self, i: usize, reason: &Reason) {
+    /// again (and then the stage, once: the caller sends it back to wait).
+    fn send_needs_back(&mut self, i: usize) {
         let stage = &self.cx.pipeline.stages[i];
         let (name, pattern) = (stage.name.clone(), stage.retry_needs_if.clone().unwrap_or_default());
         self.second_chances[i].needs_sent_back = true;
@@ -1306,8 +1322,6 @@ impl<'a> Scheduler<'a, '_> {
             let must_run = Some(Reason::PlanStale { stage: name.clone() });
             self.slots[j] = Slot::Waiting(Queued { must_run, materialize: false });
         }
-        // It runs again for the reason it ran (drift stays drift), once its needs did.
-        self.slots[i] = Slot::Waiting(Queued { must_run: Some(reason.clone()), materialize: false });
     }
 
     /// Record how a stage run ended (one transaction: state, log, outputs) and announce it. A failure's
@@ -1599,3 +1613,6 @@ fn fetch_reviews(remote: &crate::remote::Remote, env: &str, reviews: &[(String, 
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

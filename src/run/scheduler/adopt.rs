@@ -98,7 +98,6 @@ impl Scheduler<'_, '_> {
             // Drift is no reason to adopt: it deploys as any stale deploy does (its lease, fail-fast, consent).
             Deploys::Run => self.launch_stage(i, keyed, Reason::Drift { output }),
             Deploys::Adopt { .. } => {
-                self.leases.remove(&i);
                 self.slots[i] = Slot::Done(Done::Drifted { key: keyed.key, output });
                 Ok(())
             }

@@ -1,0 +1,272 @@
+//! The scheduler driven in-process: a repository in a temporary directory, real stage processes, and the shared
+//! remote on the in-memory store, so what the loop does while a job is out (a lease wait, a stage sent back to
+//! wait) is seen event by event and on the store itself.
+
+use super::*;
+use crate::cache::Cache;
+use crate::fresh::History;
+use crate::graph::Graph;
+use crate::pipeline::Pipeline;
+use crate::remote::Remote;
+use crate::remote::protocol::{self, Lease};
+use crate::store::ObjectStore;
+use crate::store::memory::Memory;
+use std::sync::RwLock;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A repository with `pipeline.toml` and its cache.
+struct Repo {
+    dir: tempfile::TempDir,
+    pipeline: Pipeline,
+    graph: Graph,
+    cache: Cache,
+    caller_env: HashMap<String, String>,
+}
+
+fn repo(toml: &str) -> Repo {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pipeline.toml"), toml).unwrap();
+    let pipeline = crate::pipeline::load(dir.path()).unwrap();
+    let graph = Graph::build(&pipeline).unwrap();
+    let cache = Cache::open(dir.path()).unwrap();
+    let caller_env = std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME").collect();
+    Repo { dir, pipeline, graph, cache, caller_env }
+}
+
+impl Repo {
+    /// Run every stage in environment `prod` (`-j 2`, consent given, dirty trees allowed) on a thread of its own,
+    /// sending each event as it happens; the repository comes back when the run ends.
+    fn start(self, remote: Arc<Remote>) -> (std::path::PathBuf, Seen, std::thread::JoinHandle<Repo>) {
+        self.start_with(remote, super::super::Interrupt::default())
+    }
+
+    fn start_with(
+        self,
+        remote: Arc<Remote>,
+        interrupt: super::super::Interrupt,
+    ) -> (std::path::PathBuf, Seen, std::thread::JoinHandle<Repo>) {
+        let root = self.dir.path().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        let running = std::thread::spawn(move || {
+            self.run(Some(remote), &interrupt, tx);
+            self
+        });
+        (root, Seen { rx, all: Vec::new() }, running)
+    }
+
+    fn run(&self, remote: Option<Arc<Remote>>, interrupt: &super::super::Interrupt, events: mpsc::Sender<Event>) {
+        let cx = Context { pipeline: &self.pipeline, graph: &self.graph, event: None, env: "prod" };
+        let mut session = Session::new(&self.pipeline, &self.caller_env, "prod", Vec::new(), None, false);
+        let masker = Arc::new(RwLock::new(crate::mask::Masker::for_pipeline(&self.pipeline, &self.caller_env)));
+        let env = Env { cache: &self.cache, caller_env: &self.caller_env, masker, remote };
+        let mut sink = Forward(events);
+        run(cx, &mut session, &env, &options(), &mut sink, interrupt).expect("the run ends");
+    }
+}
+
+fn options() -> Options {
+    Options {
+        targets: Vec::new(),
+        force: super::super::Force::No,
+        jobs: 2,
+        fail_fast: false,
+        verify: false,
+        replay: false,
+        probe_only: false,
+        lock_timeout: WAIT,
+        stop_grace: Duration::from_secs(5),
+        deploys: super::super::Deploys::Run,
+        consent: super::super::Consent::Given,
+        allow_dirty: true,
+        in_ci: false,
+    }
+}
+
+struct Forward(mpsc::Sender<Event>);
+
+impl Sink for Forward {
+    fn event(&mut self, e: &Event) {
+        let _ = self.0.send(e.clone());
+    }
+}
+
+/// A runner of the team (all sign with one key) on the shared in-memory store, with the machine's clock: leases
+/// are renewed for real.
+fn runner(store: &Arc<Memory>, who: &str) -> Arc<Remote> {
+    static TEAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let key = TEAM.get_or_init(|| crate::sign::PrivateKey::generate().to_text());
+    let key = crate::sign::PrivateKey::parse(key).expect("the team's key");
+    Arc::new(Remote::for_tests(store.clone(), Arc::new(crate::clock::System), WAIT, who).signing_with(&key))
+}
+
+/// The events of a run, read as they come.
+struct Seen {
+    rx: mpsc::Receiver<Event>,
+    all: Vec<Event>,
+}
+
+impl Seen {
+    /// Read events until one matches (panics after [`WAIT`]); returns its position.
+    fn until(&mut self, what: &str, matches: impl Fn(&Event) -> bool) -> usize {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(at) = self.all.iter().position(&matches) {
+                return at;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(e) => self.all.push(e),
+                Err(_) => panic!("no {what} within {WAIT:?}; events: {:#?}", self.all),
+            }
+        }
+    }
+
+    fn rest(mut self) -> Vec<Event> {
+        self.all.extend(self.rx.iter());
+        self.all
+    }
+}
+
+fn finished(stage: &'static str) -> impl Fn(&Event) -> bool {
+    move |e| matches!(e, Event::Finished { stage: s, .. } if s == stage)
+}
+
+fn started(stage: &'static str) -> impl Fn(&Event) -> bool {
+    move |e| matches!(e, Event::Started { stage: s, .. } if s == stage)
+}
+
+fn lease_wait(e: &Event) -> bool {
+    matches!(e, Event::Notice(Notice::LeaseWait { .. }))
+}
+
+/// The deploy lease of `stage` in `prod` as the store holds it.
+fn lease_on(store: &Memory, stage: &str) -> Option<Lease> {
+    let (bytes, _) = store.get(&protocol::lease("prod", stage)).unwrap()?;
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+/// Wait until `path` exists (a stage's command, held until the test lets it go; at most 30 s).
+fn hold_until(path: &str) -> String {
+    format!("n=0; while [ ! -e {path} ] && [ $n -lt 1500 ]; do sleep 0.02; n=$((n+1)); done")
+}
+
+const ROLLOUT_AND_SIDE: &str = r#"
+[stages.rollout]
+kind = "deploy"
+run = "echo rolled out"
+
+[stages.side]
+run = "echo side says hello"
+
+[stages.after]
+needs = ["side"]
+run = "echo after"
+"#;
+
+#[test]
+fn while_a_deploy_waits_for_its_lease_every_other_stage_runs_and_streams() {
+    let repo = repo(ROLLOUT_AND_SIDE);
+    let store = Arc::new(Memory::default());
+    // Another runner is deploying `rollout` to `prod`.
+    let other = runner(&store, "other@ci");
+    let held = other.acquire("rollout", "prod", WAIT, &mut |_| {}, &|| false).expect("the other runner's lease");
+    let (_, mut seen, running) = repo.start(runner(&store, "me@laptop"));
+    let waiting = seen.until("lease wait", lease_wait);
+    let after = seen.until("`after` finished", finished("after"));
+    let line = seen.until("`side`'s output", |e| matches!(e, Event::Line { stage, .. } if stage == "side"));
+    // All of this while the other runner still holds the lease: the wait held back only its own deploy.
+    assert!(lease_on(&store, "rollout").is_some_and(|l| !l.released && l.who == "other@ci"));
+    assert!(!seen.all.iter().any(started("rollout")), "{:#?}", seen.all);
+    drop(held);
+    let all = seen.rest();
+    let rollout = all.iter().position(started("rollout")).expect("rollout deployed once the lease was free");
+    assert!(waiting < after && line < after && after < rollout, "{all:#?}");
+    running.join().unwrap();
+    let mine = lease_on(&store, "rollout").expect("the lease object stays");
+    assert!(mine.released && mine.who == "me@laptop", "released by this run at its end: {mine:?}");
+}
+
+#[test]
+fn a_deploy_holds_its_lease_while_it_runs_and_not_while_it_waits_for_its_needs_again() {
+    // The first apply finds its plan stale: the plan runs again (held until the test lets it go), then the apply.
+    let toml = format!(
+        r#"
+[stages.plan]
+run = "if [ -e planned ]; then {hold}; fi; touch planned"
+
+[stages.apply]
+kind = "deploy"
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e applied-once ]; then {hold_apply}; echo applied; else touch applied-once; echo 'Saved plan is stale'; exit 1; fi"
+"#,
+        hold = hold_until("replan-go"),
+        hold_apply = hold_until("apply-go"),
+    );
+    let repo = repo(&toml);
+    let store = Arc::new(Memory::default());
+    let (root, mut seen, running) = repo.start(runner(&store, "me@laptop"));
+    seen.until("the retry", |e| matches!(e, Event::Notice(Notice::Retrying { .. })));
+    let replan = |e: &Event| matches!(e, Event::Started { stage, reason } if stage == "plan" && matches!(reason, Reason::PlanStale { .. }));
+    seen.until("the plan running again", replan);
+    // The apply's failed attempt is recorded and it waits behind its need: it holds no lease meanwhile.
+    assert!(lease_on(&store, "apply").is_some_and(|l| l.released), "{:?}", lease_on(&store, "apply"));
+    std::fs::write(root.join("replan-go"), "").unwrap();
+    // Running again (held until the test lets it go), it holds the lease.
+    let deadline = Instant::now() + WAIT;
+    while lease_on(&store, "apply").is_none_or(|l| l.released) {
+        assert!(Instant::now() < deadline, "the apply never took its lease again");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(root.join("apply-go"), "").unwrap();
+    let all = seen.rest();
+    assert_eq!(all.iter().filter(|e| started("apply")(e)).count(), 2, "{all:#?}");
+    let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == "apply");
+    assert!(all.iter().any(ok), "{all:#?}");
+    running.join().unwrap();
+    assert!(lease_on(&store, "apply").is_some_and(|l| l.released));
+}
+
+#[test]
+fn an_interrupt_ends_a_lease_wait_and_the_stages_running_beside_it() {
+    let repo = repo(&ROLLOUT_AND_SIDE.replace("echo side says hello", "echo side started; sleep 20"));
+    let store = Arc::new(Memory::default());
+    let other = runner(&store, "other@ci");
+    let _held = other.acquire("rollout", "prod", WAIT, &mut |_| {}, &|| false).expect("the other runner's lease");
+    let interrupt = super::super::Interrupt::default();
+    let (_, mut seen, running) = repo.start_with(runner(&store, "me@laptop"), interrupt.clone());
+    seen.until("lease wait", lease_wait);
+    seen.until("`side` running", |e| matches!(e, Event::Line { stage, .. } if stage == "side"));
+    let asked = Instant::now();
+    interrupt.0.store(signal_hook::consts::SIGINT as usize, std::sync::atomic::Ordering::SeqCst);
+    let repo = running.join().unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(10), "the run ended {:?} after the signal", asked.elapsed());
+    let all = seen.rest();
+    let skipped = |e: &Event| matches!(e, Event::Skipped { stage, because } if stage == "rollout" && because == "run interrupted");
+    assert!(all.iter().any(skipped), "{all:#?}");
+    let stopped = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Interrupted, .. } if stage == "side");
+    assert!(all.iter().any(stopped), "{all:#?}");
+    assert!(!all.iter().any(started("after")), "nothing new starts once stopping: {all:#?}");
+    assert!(lease_on(&store, "rollout").is_some_and(|l| !l.released && l.who == "other@ci"), "not ours to touch");
+    assert_eq!(repo.cache.latest_attempt("rollout", Some("prod")).unwrap().map(|a| a.state), None);
+}
+
+#[test]
+fn a_deploy_that_waited_for_a_runner_deploying_the_same_inputs_is_not_deployed_again() {
+    let toml = format!("[stages.rollout]\nkind = \"deploy\"\nrun = \"{}; echo rolled out\"\n", hold_until("go"));
+    let store = Arc::new(Memory::default());
+    let (first_root, mut first, first_running) = repo(&toml).start(runner(&store, "other@ci"));
+    first.until("the other runner deploying", started("rollout"));
+    let (_, mut second, second_running) = repo(&toml).start(runner(&store, "me@laptop"));
+    second.until("lease wait", lease_wait);
+    std::fs::write(first_root.join("go"), "").unwrap();
+    first_running.join().unwrap();
+    let repo = second_running.join().unwrap();
+    let all = second.rest();
+    assert!(!all.iter().any(started("rollout")), "deployed twice: {all:#?}");
+    assert!(all.iter().any(|e| matches!(e, Event::Fresh { stage, .. } if stage == "rollout")), "{all:#?}");
+    let learned = repo.cache.latest_attempt("rollout", Some("prod")).unwrap().expect("the other runner's record");
+    assert_eq!(learned.state, State::Success);
+    assert!(lease_on(&store, "rollout").is_some_and(|l| l.released && l.who == "me@laptop"));
+}
