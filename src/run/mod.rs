@@ -8,11 +8,11 @@ mod scheduler;
 mod transition;
 pub(crate) mod watchdog;
 
+pub(crate) use scheduler::run;
+
 use crate::cache::Cache;
-use crate::evaluate::Context;
 use crate::mask::Masker;
-use crate::report::{Sink, StageRow, Summary};
-use crate::session::Session;
+use crate::report::{StageRow, Summary};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -223,16 +223,4 @@ pub(crate) struct Env<'a> {
     pub masker: Arc<RwLock<Masker>>,
     /// The shared cache and deploy ledger, when one is configured and not off.
     pub remote: Option<Arc<crate::remote::Remote>>,
-}
-
-/// Run the selected stages. The caller holds the run lock.
-pub(crate) fn run(
-    cx: Context<'_>,
-    session: &mut Session<'_>,
-    env: &Env<'_>,
-    opts: &Options,
-    sink: &mut dyn Sink,
-    interrupt: &Interrupt,
-) -> Result<Outcome, Error> {
-    scheduler::run(cx, session, env, opts, sink, interrupt)
 }

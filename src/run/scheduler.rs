@@ -230,7 +230,7 @@ enum Asked {
 }
 
 /// Run the selected stages. The caller holds the run lock.
-pub(super) fn run(
+pub(crate) fn run(
     cx: Context<'_>,
     s: &mut Session<'_>,
     env: &Env<'_>,
