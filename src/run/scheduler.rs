@@ -47,9 +47,12 @@ enum Job {
 }
 
 struct Active {
+    /// Its job: a message of another job of the stage (one it no longer waits for) is never taken for this one's.
+    job: usize,
     started: Instant,
     pgid: Option<i32>,
-    job: Job,
+    /// What the job does (a command, a probe, a regeneration, an adoption).
+    work: Job,
     keyed: Keyed,
     /// Outputs already put back from the store before a probe or regeneration started.
     restored: Vec<String>,
@@ -153,6 +156,8 @@ impl Slot {
 
 /// A stage's question to the remote, with what it goes on with when the answer comes.
 struct Asking {
+    /// The job that asks it (see [`Active::job`]).
+    job: usize,
     keyed: Keyed,
     reason: Reason,
     wait: Wait,
@@ -173,8 +178,8 @@ enum Wait {
 enum Resume {
     /// Decide again, with what the shared ledger says now.
     Decide,
-    /// Run the stage (the decision to run was made after the ledger was read), unless someone deployed
-    /// while it waited.
+    /// Run the stage (the decision to run was made after the ledger was read, or it must run whatever the ledger
+    /// says), unless another runner held the lease meanwhile: then decide again, as it may have deployed.
     Launch,
 }
 
@@ -316,7 +321,7 @@ impl Drop for Scheduler<'_, '_> {
             .slots
             .iter()
             .filter_map(|s| match s {
-                Slot::Active(a) => Some((a.pgid, if let Job::Stage { row, .. } = a.job { Some(row) } else { None })),
+                Slot::Active(a) => Some((a.pgid, if let Job::Stage { row, .. } = a.work { Some(row) } else { None })),
                 _ => None,
             })
             .collect();
@@ -625,7 +630,10 @@ impl<'a> Scheduler<'a, '_> {
                 }
             }
         } else {
-            match self.take_lease(i, keyed, reason, Resume::Decide) {
+            // One that must run whatever its record says (a retry, `--force`) goes on for its own reason when the
+            // lease is free at once; after a wait it is decided again, as another runner may have deployed.
+            let resume = if forced { Resume::Launch } else { Resume::Decide };
+            match self.take_lease(i, keyed, reason, resume) {
                 Taken::Go => Asked::Again,
                 Taken::Pending | Taken::Stop => Asked::Done,
             }
@@ -662,9 +670,8 @@ impl<'a> Scheduler<'a, '_> {
         let (name, env, timeout) = (self.name(i), self.cx.env.to_string(), self.opts.lock_timeout);
         let (interrupt, cancel) = (self.interrupt.clone(), self.cancel.clone());
         let reviews = self.reviews_to_fetch(i);
-        let asking =
-            Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lease { resume, waited: false } };
-        self.ask(i, asking, "lease", move |job, tx| {
+        let wait = Wait::Lease { resume, waited: false };
+        self.ask(i, (keyed, reason, wait), "lease", move |job, tx| {
             let mut waiting = |holder: &str| {
                 let _ = tx.send(Msg::LeaseHeld { job, holder: holder.to_string() });
             };
@@ -742,8 +749,7 @@ impl<'a> Scheduler<'a, '_> {
     fn look_up(&mut self, i: usize, keyed: &Keyed, reason: &Reason) {
         let Some(remote) = self.env.remote.clone() else { return };
         let (stage, key, blobs) = (self.cx.pipeline.stages[i].clone(), keyed.key, self.env.cache.blobs.clone());
-        let asking = Asking { keyed: keyed.clone(), reason: reason.clone(), wait: Wait::Lookup };
-        self.ask(i, asking, "lookup", move |job, _| {
+        self.ask(i, (keyed, reason, Wait::Lookup), "lookup", move |job, _| {
             let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| remote.fetch(&blobs, &stage, &key)));
             Msg::LookedUp { job, found: fetched.ok().flatten() }
         });
@@ -765,11 +771,12 @@ impl<'a> Scheduler<'a, '_> {
     fn ask(
         &mut self,
         i: usize,
-        asking: Asking,
+        (keyed, reason, wait): (&Keyed, &Reason, Wait),
         what: &str,
         work: impl FnOnce(usize, &mpsc::Sender<Msg>) -> Msg + Send + 'static,
     ) {
         let job = self.new_job(i);
+        let asking = Asking { job, keyed: keyed.clone(), reason: reason.clone(), wait };
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name(format!("{what}-{job}"))
@@ -784,7 +791,7 @@ impl<'a> Scheduler<'a, '_> {
     /// The question of job `job` was answered: its stage, and what it asked, if it still waits for the answer.
     fn answered(&mut self, job: usize) -> Option<(usize, Asking)> {
         let i = self.jobs.remove(&job)?;
-        if !matches!(self.slots[i], Slot::Asking(_)) {
+        if !matches!(&self.slots[i], Slot::Asking(a) if a.job == job) {
             return None;
         }
         match std::mem::replace(&mut self.slots[i], Slot::Deciding(None)) {
@@ -1151,7 +1158,16 @@ impl<'a> Scheduler<'a, '_> {
             Slot::Deciding(lease) => lease,
             _ => None,
         };
-        let active = Active { started: Instant::now(), pgid: None, job, keyed, restored, signalled: false, lease };
+        let active = Active {
+            job: id,
+            started: Instant::now(),
+            pgid: None,
+            work: job,
+            keyed,
+            restored,
+            signalled: false,
+            lease,
+        };
         self.slots[i] = Slot::Active(Box::new(active));
         Ok(())
     }
@@ -1161,6 +1177,7 @@ impl<'a> Scheduler<'a, '_> {
             Msg::Spawned { job, pgid } => {
                 if let Some(&i) = self.jobs.get(&job)
                     && let Slot::Active(a) = &mut self.slots[i]
+                    && a.job == job
                 {
                     a.pgid = Some(pgid);
                 }
@@ -1168,7 +1185,7 @@ impl<'a> Scheduler<'a, '_> {
             Msg::Line { job, line } => {
                 // Probe and regenerate output is kept for the drift report, not streamed.
                 if let Some(&i) = self.jobs.get(&job)
-                    && matches!(&self.slots[i], Slot::Active(a) if matches!(a.job, Job::Stage { .. }))
+                    && matches!(&self.slots[i], Slot::Active(a) if a.job == job && matches!(a.work, Job::Stage { .. }))
                 {
                     self.sink.event(&Event::Line { stage: self.name(i), line });
                 }
@@ -1176,6 +1193,7 @@ impl<'a> Scheduler<'a, '_> {
             Msg::LeaseHeld { job, holder } => {
                 if let Some(&i) = self.jobs.get(&job)
                     && let Slot::Asking(a) = &mut self.slots[i]
+                    && a.job == job
                     && let Wait::Lease { waited, .. } = &mut a.wait
                 {
                     *waited = true;
@@ -1200,13 +1218,13 @@ impl<'a> Scheduler<'a, '_> {
     /// A job's process ended: what happens next depends on what the job was.
     fn exited(&mut self, job: usize, result: Exit) -> Result<(), Error> {
         let Some(i) = self.jobs.remove(&job) else { return Ok(()) };
-        if !matches!(self.slots[i], Slot::Active(_)) {
+        if !matches!(&self.slots[i], Slot::Active(a) if a.job == job) {
             return Ok(());
         }
         let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::Idle) else { unreachable!() };
         let mut a = *a;
         self.slots[i] = Slot::Deciding(a.lease.take());
-        match a.job {
+        match a.work {
             Job::Stage { row, reason } => {
                 self.workspace_changed = true;
                 self.stage_exited(i, row, a.keyed, reason, result, a.signalled)
@@ -1319,8 +1337,17 @@ impl<'a> Scheduler<'a, '_> {
         let names = needs.iter().map(|&j| self.name(j)).collect();
         self.sink.event(&Event::Notice(Notice::Retrying { stage: name.clone(), pattern, needs: names }));
         for j in needs {
-            let must_run = Some(Reason::PlanStale { stage: name.clone() });
-            self.slots[j] = Slot::Waiting(Queued { must_run, materialize: false });
+            let stale = Reason::PlanStale { stage: name.clone() };
+            match &mut self.slots[j] {
+                Slot::Done(_) => self.slots[j] = Slot::Waiting(Queued { must_run: Some(stale), materialize: false }),
+                // Sent back already (another stage's retry, or to make its outputs): it runs when it starts.
+                Slot::Waiting(q) => {
+                    q.must_run.get_or_insert(stale);
+                }
+                // Running again already, for another stage's retry: the stage waits for that run. Starting it a
+                // second time beside it would run it twice at once (a deploy need, once under its lease).
+                Slot::Idle | Slot::Deciding(_) | Slot::Active(_) | Slot::Asking(_) => {}
+            }
         }
     }
 

@@ -38,18 +38,18 @@ impl Repo {
     /// Run every stage in environment `prod` (`-j 2`, consent given, dirty trees allowed) on a thread of its own,
     /// sending each event as it happens; the repository comes back when the run ends.
     fn start(self, remote: Arc<Remote>) -> (std::path::PathBuf, Seen, std::thread::JoinHandle<Repo>) {
-        self.start_with(remote, super::super::Interrupt::default())
+        self.start_with(Some(remote), super::super::Interrupt::default())
     }
 
     fn start_with(
         self,
-        remote: Arc<Remote>,
+        remote: Option<Arc<Remote>>,
         interrupt: super::super::Interrupt,
     ) -> (std::path::PathBuf, Seen, std::thread::JoinHandle<Repo>) {
         let root = self.dir.path().to_path_buf();
         let (tx, rx) = mpsc::channel();
         let running = std::thread::spawn(move || {
-            self.run(Some(remote), &interrupt, tx);
+            self.run(remote, &interrupt, tx);
             self
         });
         (root, Seen { rx, all: Vec::new() }, running)
@@ -221,7 +221,15 @@ run = "if [ -e applied-once ]; then {hold_apply}; echo applied; else touch appli
     }
     std::fs::write(root.join("apply-go"), "").unwrap();
     let all = seen.rest();
-    assert_eq!(all.iter().filter(|e| started("apply")(e)).count(), 2, "{all:#?}");
+    let reasons: Vec<&Reason> = all
+        .iter()
+        .filter_map(|e| match e {
+            Event::Started { stage, reason } if stage == "apply" => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{all:#?}");
+    assert_eq!(reasons[0], reasons[1], "it runs again for the reason it ran, its lease taken again");
     let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == "apply");
     assert!(all.iter().any(ok), "{all:#?}");
     running.join().unwrap();
@@ -235,7 +243,7 @@ fn an_interrupt_ends_a_lease_wait_and_the_stages_running_beside_it() {
     let other = runner(&store, "other@ci");
     let _held = other.acquire("rollout", "prod", WAIT, &mut |_| {}, &|| false).expect("the other runner's lease");
     let interrupt = super::super::Interrupt::default();
-    let (_, mut seen, running) = repo.start_with(runner(&store, "me@laptop"), interrupt.clone());
+    let (_, mut seen, running) = repo.start_with(Some(runner(&store, "me@laptop")), interrupt.clone());
     seen.until("lease wait", lease_wait);
     seen.until("`side` running", |e| matches!(e, Event::Line { stage, .. } if stage == "side"));
     let asked = Instant::now();
@@ -269,4 +277,42 @@ fn a_deploy_that_waited_for_a_runner_deploying_the_same_inputs_is_not_deployed_a
     let learned = repo.cache.latest_attempt("rollout", Some("prod")).unwrap().expect("the other runner's record");
     assert_eq!(learned.state, State::Success);
     assert!(lease_on(&store, "rollout").is_some_and(|l| l.released && l.who == "me@laptop"));
+}
+
+#[test]
+fn a_need_two_stages_send_back_runs_once_more_not_twice_at_once() {
+    // Both applies find the plan stale on their first run; the second finds it while the plan already runs again
+    // for the first (the replan holds until the test lets it go, the second apply fails only once it has begun).
+    let toml = format!(
+        r#"
+[stages.plan]
+run = "mkdir running || touch overlapped; echo run >> runs; if [ -e planned ]; then touch replanning; {hold}; fi; touch planned; rmdir running"
+
+[stages.apply-a]
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan is stale'; exit 1; fi"
+
+[stages.apply-b]
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e b-once ]; then echo applied; else touch b-once; {wait_replan}; echo 'Saved plan is stale'; exit 1; fi"
+"#,
+        hold = hold_until("go"),
+        wait_replan = hold_until("replanning"),
+    );
+    let (root, mut seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
+    let b_failed =
+        |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Failed { .. }, .. } if stage == "apply-b");
+    seen.until("apply-b's stale plan", b_failed);
+    std::fs::write(root.join("go"), "").unwrap();
+    let _repo = running.join().unwrap();
+    let all = seen.rest();
+    assert!(!root.join("overlapped").exists(), "the plan ran twice at once: {all:#?}");
+    // Once, and once more for both retries (a plan started again beside the replan would be a third run).
+    assert_eq!(std::fs::read_to_string(root.join("runs")).unwrap().lines().count(), 2, "{all:#?}");
+    for apply in ["apply-a", "apply-b"] {
+        let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == apply);
+        assert!(all.iter().any(ok), "{apply} applied on its second try: {all:#?}");
+    }
 }
