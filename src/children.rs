@@ -12,19 +12,31 @@ static OWN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 /// exec is a zombie std waits for itself, never an orphan to reap.
 static SPAWNING: Mutex<()> = Mutex::new(());
 
-/// Spawn a child with `spawn` and own it at once; [`disown`] it once waited for.
+/// Spawn a child with `spawn` and own it at once, until the [`Owned`] guard is dropped: once it was waited for
+/// (or its waiting thread unwound: a pid owned for good would shield a later orphan that reuses it).
 pub(crate) fn spawn_owned<T>(
     spawn: impl FnOnce() -> std::io::Result<T>,
     pid: impl Fn(&T) -> u32,
-) -> std::io::Result<T> {
+) -> std::io::Result<(T, Owned)> {
     let _held = spawning();
     let child = spawn()?;
-    own().push(pid(&child) as i32);
-    Ok(child)
+    let pid = pid(&child) as i32;
+    own().push(pid);
+    Ok((child, Owned(pid)))
 }
 
-pub(crate) fn disown(pid: i32) {
-    own().retain(|&p| p != pid);
+/// A child kkpipe waits for itself, owned until dropped.
+#[must_use = "the child is disowned when the guard is dropped"]
+pub(crate) struct Owned(i32);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let mut own = own();
+        // One entry: the same pid, reused by a newer child, may be owned again already.
+        if let Some(at) = own.iter().position(|&p| p == self.0) {
+            own.swap_remove(at);
+        }
+    }
 }
 
 /// The children owned now.

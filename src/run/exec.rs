@@ -160,8 +160,9 @@ fn command(cmd: &Spec, tag: &str) -> Command {
 fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg>) -> Exit {
     let start = Instant::now();
     let tag = watchdog::tag(job);
-    let mut child = match crate::children::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id) {
-        Ok(ch) => ch,
+    let (mut child, owned) = match crate::children::spawn_owned(|| command(cmd, &tag).spawn(), std::process::Child::id)
+    {
+        Ok(spawned) => spawned,
         Err(e) => return Exit::not_started(format!("cannot start `{}`: {e}", SHELL[0]), start),
     };
     let pgid = child.id() as i32;
@@ -191,7 +192,7 @@ fn execute(job: usize, cmd: &Spec, masker: &Arc<RwLock<Masker>>, tx: &Sender<Msg
     .collect();
     drop(done_tx);
     let status = child.wait();
-    crate::children::disown(pgid);
+    drop(owned);
 
     drain(readers, &done_rx, pgid);
     // Nothing a stage started outlives it: the group and whatever left it are stopped, and only then is the

@@ -123,19 +123,26 @@ pub(crate) fn stop_orphans() {
 
 /// SIGTERM, up to [`LEFTOVER_GRACE`] to go (reaping what exits), then SIGKILL.
 fn stop_processes(mut left: Vec<Pid>) {
-    for &p in &left {
-        let _ = nix::sys::signal::kill(p, Signal::SIGTERM);
-    }
+    signal_orphans(&left, Signal::SIGTERM);
     let deadline = Instant::now() + LEFTOVER_GRACE;
     while !left.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
         reap_orphans();
         left.retain(|&p| alive(p));
     }
-    for p in left {
-        let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
-    }
+    signal_orphans(&left, Signal::SIGKILL);
     reap_orphans();
+}
+
+/// Signal those of `pids` that are orphans still, holding the spawn lock: never a child kkpipe has just spawned
+/// and is about to own (a `git` of the remote while the run ends), nor a newer child that reuses the pid of an
+/// orphan reaped since it was listed.
+fn signal_orphans(pids: &[Pid], sig: Signal) {
+    let _held = crate::children::spawning();
+    let now: Vec<Pid> = orphans().into_iter().filter(|(_, zombie)| !zombie).map(|(p, _)| p).collect();
+    for p in pids.iter().filter(|p| now.contains(p)) {
+        let _ = nix::sys::signal::kill(*p, sig);
+    }
 }
 
 /// How long leftovers of a finished stage get between SIGTERM and SIGKILL.

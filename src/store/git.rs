@@ -217,7 +217,7 @@ fn output_limited(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> st
     // A group of its own: git's helpers (`git-remote-https`, `ssh`) hold its pipes, and go with it.
     cmd.process_group(0);
     // Owned: kkpipe is a subreaper while stages run, and this child must never be reaped as a stage's orphan.
-    let mut child = crate::children::spawn_owned(
+    let (mut child, owned) = crate::children::spawn_owned(
         || cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn(),
         std::process::Child::id,
     )?;
@@ -238,7 +238,7 @@ fn output_limited(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> st
         }
     });
     let out = child.wait_with_output();
-    crate::children::disown(pid.as_raw());
+    drop(owned);
     let _ = done.send(());
     let _ = killer.join();
     if let Some(Ok(Err(e))) = writer.map(|w| w.join()) {
@@ -613,10 +613,13 @@ mod message_tests {
         let mut seen_running = false;
         let deadline = Instant::now() + Duration::from_millis(300);
         while Instant::now() < deadline {
-            // Our `sh` is a child of this process in a group of its own, running or a zombie waiting for its wait.
+            // Our `sh` while it runs: a child of this process in a group of its own. Listed as the reaper lists,
+            // holding the spawn lock (a child is owned before that lock is let go).
+            let held = crate::children::spawning();
             let ours: Vec<i32> = children_in_own_group(me);
             seen_running |= !ours.is_empty();
             let orphans: Vec<i32> = crate::run::watchdog::orphans().iter().map(|(p, _)| p.as_raw()).collect();
+            drop(held);
             assert!(ours.iter().all(|p| !orphans.contains(p)), "{ours:?} taken for orphans");
             std::thread::sleep(Duration::from_millis(10));
         }
