@@ -518,11 +518,7 @@ fn hash_file(abs: &Path, seen: Stat) -> Result<(Hash, Stat), HashFailure> {
     for _ in 0..3 {
         // Links are followed: the walk only hands over in-repository links to regular files (see `walk`).
         // Non-blocking, so a file swapped for a FIFO since the walk cannot hang the open; checked below.
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(abs)
-            .map_err(HashFailure::Io)?;
+        let f = open_to_hash(abs).map_err(HashFailure::Io)?;
         let mut hasher = blake3::Hasher::new();
         if before.size >= BIG_FILE {
             // A big file is read in full: make sure first that it still is one (not a device swapped in).
@@ -542,6 +538,19 @@ fn hash_file(abs: &Path, seen: Stat) -> Result<(Hash, Stat), HashFailure> {
         before = after;
     }
     Err(HashFailure::Unstable)
+}
+
+/// Open a file to hash it: non-blocking, and without updating its access time where the kernel lets us (the
+/// file's owner): reading a tree that was just checked out or touched would otherwise write every inode back
+/// (relatime updates an access time older than the change), a tenth of the work of hashing small files.
+fn open_to_hash(abs: &Path) -> std::io::Result<fs::File> {
+    use nix::fcntl::OFlag;
+    let open = |flags: OFlag| fs::OpenOptions::new().read(true).custom_flags(flags.bits()).open(abs);
+    match open(OFlag::O_NONBLOCK | OFlag::O_NOATIME) {
+        // Not the file's owner: O_NOATIME is refused, not ignored.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(OFlag::O_NONBLOCK),
+        opened => opened,
+    }
 }
 
 /// The metadata of an open file, which must be a regular file.

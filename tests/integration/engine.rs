@@ -1,6 +1,7 @@
 //! The core engine: make-like runs, content keys, the cache, early cutoff, failures, bad input.
 
 use crate::harness::*;
+use std::path::PathBuf;
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -44,6 +45,37 @@ fn touching_every_file_reruns_nothing() {
     repo.touch_all(5);
     let r = repo.run(&[]).ok();
     assert!(r.ran().is_empty(), "{}", r.stderr);
+}
+
+/// Hashing reads every file of a fresh checkout; it leaves their access times alone (as `tar --atime-preserve`
+/// and `rsync --noatime` do), so a tree's reads by its people and tools stay what `find -atime` sees.
+#[test]
+fn hashing_leaves_access_times_as_they_were() {
+    let repo = Repo::fixture("tiny");
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    let files: Vec<PathBuf> = ["terraform/main.tf", "terraform/vars.tfvars", "docs/README.md"]
+        .iter()
+        .map(|f| repo.path(f))
+        .chain([repo.path("control.txt")])
+        .collect();
+    repo.write("control.txt", "read by cat, not by kkpipe\n");
+    let accessed = |f: &PathBuf| std::fs::metadata(f).unwrap().accessed().unwrap();
+    for f in &files {
+        let file = std::fs::File::options().write(true).open(f).unwrap();
+        file.set_times(std::fs::FileTimes::new().set_accessed(old)).unwrap();
+    }
+    // The control: on this filesystem, a plain read of a file whose access time is older than its change does
+    // update it (relatime).
+    let control = &files[3];
+    assert!(std::process::Command::new("cat").arg(control).output().unwrap().status.success());
+    if accessed(control) == old {
+        eprintln!("this filesystem does not update access times on read: nothing to compare");
+        return;
+    }
+    repo.kk(&["status"]).ok();
+    for f in &files[..3] {
+        assert_eq!(accessed(f), old, "{} was hashed and its access time moved", f.display());
+    }
 }
 
 #[test]
