@@ -778,14 +778,21 @@ mod tests {
         }
     }
 
+    /// Runner a deploys twice; then someone with write access puts the first record back as the head (a
+    /// replay). Returns the first deploy's key.
+    fn head_replayed(store: &Arc<Memory>, key: &PrivateKey, stage: &Stage) -> Key {
+        let a = runner(store, key, "a@ci");
+        let k1 = a.deployed(stage, b"manifest one");
+        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
+        a.deployed(stage, b"manifest two");
+        store.plant(&protocol::ledger("prod", "apply"), &old);
+        k1
+    }
+
     #[test]
     fn a_history_that_cannot_be_listed_never_vouches_for_a_head() {
         let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
-        let a = runner(&store, &key, "a@ci");
-        let k1 = a.deployed(&stage, b"manifest one");
-        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
-        a.deployed(&stage, b"manifest two");
-        store.plant(&protocol::ledger("prod", "apply"), &old);
+        let k1 = head_replayed(&store, &key, &stage);
         let dir = tempfile::tempdir().unwrap();
         let unlisted = Arc::new(HistoryUnlisted(store.clone()));
         let remote =
@@ -798,12 +805,8 @@ mod tests {
     #[test]
     fn a_number_taken_in_the_history_is_never_tried_again() {
         let (store, key, stage) = (Arc::new(Memory::default()), PrivateKey::generate(), deploy_stage());
-        let a = runner(&store, &key, "a@ci");
-        a.deployed(&stage, b"manifest one");
-        let old = store.get(&protocol::ledger("prod", "apply")).unwrap().unwrap().0;
-        a.deployed(&stage, b"manifest two");
-        // The head replayed, and junk where the next number would go.
-        store.plant(&protocol::ledger("prod", "apply"), &old);
+        head_replayed(&store, &key, &stage);
+        // And junk where the next number would go.
         store.plant(&protocol::history("prod", "apply", 3), b"junk");
         let b = runner(&store, &key, "b@laptop");
         let k3 = b.deployed(&stage, b"manifest three");
