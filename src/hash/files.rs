@@ -542,7 +542,9 @@ fn hash_file(abs: &Path, seen: Stat) -> Result<(Hash, Stat), HashFailure> {
 
 /// Open a file to hash it: non-blocking, and without updating its access time where the kernel lets us (the
 /// file's owner): reading a tree that was just checked out or touched would otherwise write every inode back
-/// (relatime updates an access time older than the change), a tenth of the work of hashing small files.
+/// (relatime updates an access time older than the change), a tenth of the work of hashing small files. (A big
+/// file's map is of a second open, through `/dev/fd/N`, which sets its access time once: reading it instead
+/// of mapping it costs more than that.)
 fn open_to_hash(abs: &Path) -> std::io::Result<fs::File> {
     use nix::fcntl::OFlag;
     let open = |flags: OFlag| fs::OpenOptions::new().read(true).custom_flags(flags.bits()).open(abs);

@@ -47,21 +47,24 @@ impl Shortfall {
 pub(super) enum Verdict {
     /// Every stage it needs succeeded: it may start (when a place under `-j` is free).
     Ready,
-    /// Some stage it needs has not ended yet.
+    /// Some stage it needs has not ended yet, or one that needs it still runs on its outputs (it is to run again).
     Wait,
     /// A stage it needs (the first, in `needs` order) ended without outputs: it never starts.
     Blocked { need: usize, because: Shortfall },
 }
 
-/// The verdict on a stage that needs `needs`, given every stage's phase.
-pub(super) fn verdict(needs: &[usize], phase: &dyn Fn(usize) -> Phase) -> Verdict {
+/// The verdict on a stage that needs `needs` and is needed by `dependents`, given every stage's phase. A stage
+/// sent back to run again (a retry's stale plan) waits while a stage that needs it runs: its outputs are not
+/// rewritten under a command reading them.
+pub(super) fn verdict(needs: &[usize], dependents: &[usize], phase: &dyn Fn(usize) -> Phase) -> Verdict {
     if let Some((need, because)) = needs.iter().find_map(|&j| match phase(j) {
         Phase::Ended(s) => Some((j, s)),
         _ => None,
     }) {
         return Verdict::Blocked { need, because };
     }
-    match needs.iter().all(|&j| phase(j) == Phase::Succeeded) {
+    let in_use = dependents.iter().any(|&d| phase(d) == Phase::Busy);
+    match needs.iter().all(|&j| phase(j) == Phase::Succeeded) && !in_use {
         true => Verdict::Ready,
         false => Verdict::Wait,
     }
@@ -83,22 +86,33 @@ mod tests {
     #[test]
     fn a_stage_is_ready_once_every_need_succeeded() {
         let p = [Phase::Succeeded, Phase::Succeeded, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Ready);
-        assert_eq!(verdict(&[], &phases(&p)), Verdict::Ready, "no needs: ready at once");
+        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Ready);
+        assert_eq!(verdict(&[], &[], &phases(&p)), Verdict::Ready, "no needs: ready at once");
         let p = [Phase::Succeeded, Phase::Busy, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Wait);
+        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Wait);
         let p = [Phase::Succeeded, Phase::Waiting, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Wait);
+        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_stage_to_run_again_waits_while_a_stage_that_needs_it_runs() {
+        // 0 is the plan sent back by 2's retry; 1 needs it too and still runs on its outputs.
+        let p = [Phase::Waiting, Phase::Busy, Phase::Waiting];
+        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Wait);
+        let p = [Phase::Waiting, Phase::Succeeded, Phase::Waiting];
+        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Ready, "once it is done, the plan runs again");
+        let p = [Phase::Waiting, Phase::Ended(Shortfall::Failed), Phase::Waiting];
+        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Ready);
     }
 
     #[test]
     fn a_need_that_ended_without_outputs_blocks_and_is_named() {
         let p = [Phase::Busy, Phase::Ended(Shortfall::Failed), Phase::Ended(Shortfall::Drifted)];
-        assert_eq!(verdict(&[0, 1, 2], &phases(&p)), Verdict::Blocked { need: 1, because: Shortfall::Failed });
+        assert_eq!(verdict(&[0, 1, 2], &[], &phases(&p)), Verdict::Blocked { need: 1, because: Shortfall::Failed });
         // Blocked even while another need still runs: it can never start.
-        assert_eq!(verdict(&[2, 0], &phases(&p)), Verdict::Blocked { need: 2, because: Shortfall::Drifted });
+        assert_eq!(verdict(&[2, 0], &[], &phases(&p)), Verdict::Blocked { need: 2, because: Shortfall::Drifted });
         let p = [Phase::Ended(Shortfall::Skipped)];
-        let Verdict::Blocked { because, .. } = verdict(&[0], &phases(&p)) else { panic!() };
+        let Verdict::Blocked { because, .. } = verdict(&[0], &[], &phases(&p)) else { panic!() };
         assert_eq!(because.words(), "did not run");
     }
 

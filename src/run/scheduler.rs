@@ -178,9 +178,12 @@ enum Wait {
 enum Resume {
     /// Decide again, with what the shared ledger says now.
     Decide,
-    /// Run the stage (the decision to run was made after the ledger was read, or it must run whatever the ledger
-    /// says), unless another runner held the lease meanwhile: then decide again, as it may have deployed.
+    /// Run the stage (the decision to run was made after the ledger was read), unless another runner held the
+    /// lease meanwhile: then decide again, as it may have deployed.
     Launch,
+    /// As `Launch`, for a stage that must run whatever its record says (a retry, a need a retry sent back,
+    /// `--force`): sent back to wait meanwhile, it still must.
+    Forced,
 }
 
 struct Scheduler<'a, 's> {
@@ -491,7 +494,7 @@ impl<'a> Scheduler<'a, '_> {
             if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
             }
-            match queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) {
+            match queue::verdict(&self.cx.graph.needs[i], &self.cx.graph.dependents[i], &|j| self.phase(j)) {
                 Verdict::Blocked { need, because } => {
                     let why = format!("needs `{}`, which {}", self.name(need), because.words());
                     self.skip(i, why);
@@ -632,7 +635,7 @@ impl<'a> Scheduler<'a, '_> {
         } else {
             // One that must run whatever its record says (a retry, `--force`) goes on for its own reason when the
             // lease is free at once; after a wait it is decided again, as another runner may have deployed.
-            let resume = if forced { Resume::Launch } else { Resume::Decide };
+            let resume = if forced { Resume::Forced } else { Resume::Decide };
             match self.take_lease(i, keyed, reason, resume) {
                 Taken::Go => Asked::Again,
                 Taken::Pending | Taken::Stop => Asked::Done,
@@ -728,13 +731,15 @@ impl<'a> Scheduler<'a, '_> {
             self.remote_warnings();
         }
         // What it needs may have been sent back meanwhile (a retry of its needs): wait for them again.
-        if queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) != Verdict::Ready {
-            self.slots[i] = Slot::waiting();
+        let Wait::Lease { resume, waited } = l.wait else { unreachable!("a lookup takes no lease") };
+        if queue::verdict(&self.cx.graph.needs[i], &self.cx.graph.dependents[i], &|j| self.phase(j)) != Verdict::Ready {
+            let must_run = (resume == Resume::Forced).then_some(l.reason);
+            self.slots[i] = Slot::Waiting(Queued { must_run, materialize: false });
             return Ok(());
         }
-        match l.wait {
-            Wait::Lease { resume: Resume::Launch, waited: false } => self.launch_stage(i, l.keyed, l.reason),
-            _ => self.start(i, Queued::default(), true),
+        match (resume, waited) {
+            (Resume::Launch | Resume::Forced, false) => self.launch_stage(i, l.keyed, l.reason),
+            (Resume::Decide, _) | (_, true) => self.start(i, Queued::default(), true),
         }
     }
 
@@ -1344,8 +1349,9 @@ impl<'a> Scheduler<'a, '_> {
                 Slot::Waiting(q) => {
                     q.must_run.get_or_insert(stale);
                 }
-                // Running again already, for another stage's retry: the stage waits for that run. Starting it a
-                // second time beside it would run it twice at once (a deploy need, once under its lease).
+                // Busy: it runs again already, and the stage waits for that run (starting it a second time beside it
+                // would run it twice at once). The queue never starts a need while a stage that needs it runs, so
+                // no stage ends while its need is busy: this arm only keeps that so.
                 Slot::Idle | Slot::Deciding(_) | Slot::Active(_) | Slot::Asking(_) => {}
             }
         }

@@ -280,13 +280,12 @@ fn a_deploy_that_waited_for_a_runner_deploying_the_same_inputs_is_not_deployed_a
 }
 
 #[test]
-fn a_need_two_stages_send_back_runs_once_more_not_twice_at_once() {
-    // Both applies find the plan stale on their first run; the second finds it while the plan already runs again
-    // for the first (the replan holds until the test lets it go, the second apply fails only once it has begun).
+fn a_need_two_stages_send_back_runs_once_more_for_both() {
+    // Both applies find the plan stale: the second once the first has (and the plan waits for it to end).
     let toml = format!(
         r#"
 [stages.plan]
-run = "mkdir running || touch overlapped; echo run >> runs; if [ -e planned ]; then touch replanning; {hold}; fi; touch planned; rmdir running"
+run = "mkdir running || touch overlapped; echo run >> runs; rmdir running"
 
 [stages.apply-a]
 needs = ["plan"]
@@ -296,23 +295,53 @@ run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan 
 [stages.apply-b]
 needs = ["plan"]
 retry_needs_if = "Saved plan is stale"
-run = "if [ -e b-once ]; then echo applied; else touch b-once; {wait_replan}; echo 'Saved plan is stale'; exit 1; fi"
+run = "if [ -e b-once ]; then echo applied; else touch b-once; {after_a}; echo 'Saved plan is stale'; exit 1; fi"
 "#,
-        hold = hold_until("go"),
-        wait_replan = hold_until("replanning"),
+        after_a = hold_until("a-once"),
     );
-    let (root, mut seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
-    let b_failed =
-        |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Failed { .. }, .. } if stage == "apply-b");
-    seen.until("apply-b's stale plan", b_failed);
-    std::fs::write(root.join("go"), "").unwrap();
+    let (root, seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
     let _repo = running.join().unwrap();
     let all = seen.rest();
     assert!(!root.join("overlapped").exists(), "the plan ran twice at once: {all:#?}");
-    // Once, and once more for both retries (a plan started again beside the replan would be a third run).
+    // Once, and once more for both retries.
     assert_eq!(std::fs::read_to_string(root.join("runs")).unwrap().lines().count(), 2, "{all:#?}");
+    let retries = all.iter().filter(|e| matches!(e, Event::Notice(Notice::Retrying { .. }))).count();
+    assert_eq!(retries, 2, "{all:#?}");
     for apply in ["apply-a", "apply-b"] {
         let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == apply);
         assert!(all.iter().any(ok), "{apply} applied on its second try: {all:#?}");
     }
+}
+
+#[test]
+fn a_need_sent_back_waits_for_the_stages_still_running_on_its_outputs() {
+    // apply-a finds the plan stale at once; apply-b still applies the plan (until the test lets it go): the plan
+    // must not be made again under it.
+    let toml = format!(
+        r#"
+[stages.plan]
+run = "echo run >> runs"
+
+[stages.apply-a]
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan is stale'; exit 1; fi"
+
+[stages.apply-b]
+needs = ["plan"]
+run = "{hold}; echo applied"
+"#,
+        hold = hold_until("go"),
+    );
+    let (root, mut seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
+    seen.until("apply-a's retry", |e| matches!(e, Event::Notice(Notice::Retrying { .. })));
+    std::fs::write(root.join("go"), "").unwrap();
+    let _repo = running.join().unwrap();
+    let all = seen.rest();
+    let plans: Vec<usize> = all.iter().enumerate().filter(|(_, e)| started("plan")(e)).map(|(at, _)| at).collect();
+    let b_done = all.iter().position(finished("apply-b")).expect("apply-b ends");
+    assert_eq!(plans.len(), 2, "{all:#?}");
+    assert!(plans[1] > b_done, "the plan ran again while apply-b still applied it: {all:#?}");
+    let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == "apply-a");
+    assert!(all.iter().any(ok), "{all:#?}");
 }
