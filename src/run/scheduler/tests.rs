@@ -279,6 +279,13 @@ fn a_deploy_that_waited_for_a_runner_deploying_the_same_inputs_is_not_deployed_a
     assert!(lease_on(&store, "rollout").is_some_and(|l| l.released && l.who == "me@laptop"));
 }
 
+/// A stage that finds the plan stale on its first run (and applies on its second).
+const APPLY_A: &str = r#"[stages.apply-a]
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan is stale'; exit 1; fi"
+"#;
+
 #[test]
 fn a_need_two_stages_send_back_runs_once_more_for_both() {
     // Both applies find the plan stale: the second once the first has (and the plan waits for it to end).
@@ -287,11 +294,7 @@ fn a_need_two_stages_send_back_runs_once_more_for_both() {
 [stages.plan]
 run = "mkdir running || touch overlapped; echo run >> runs; rmdir running"
 
-[stages.apply-a]
-needs = ["plan"]
-retry_needs_if = "Saved plan is stale"
-run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan is stale'; exit 1; fi"
-
+{APPLY_A}
 [stages.apply-b]
 needs = ["plan"]
 retry_needs_if = "Saved plan is stale"
@@ -322,11 +325,7 @@ fn a_need_sent_back_waits_for_the_stages_still_running_on_its_outputs() {
 [stages.plan]
 run = "echo run >> runs"
 
-[stages.apply-a]
-needs = ["plan"]
-retry_needs_if = "Saved plan is stale"
-run = "if [ -e a-once ]; then echo applied; else touch a-once; echo 'Saved plan is stale'; exit 1; fi"
-
+{APPLY_A}
 [stages.apply-b]
 needs = ["plan"]
 run = "{hold}; echo applied"
