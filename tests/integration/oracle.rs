@@ -16,9 +16,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Each stage begins by marking itself running (`$ORACLE_CTL/running/STAGE`), and notes in `$ORACLE_CTL/overlaps`
+/// if it starts while it already runs, or while a stage it needs or that needs it runs: the order of a run is an
+/// invariant of its own, whatever the outputs.
 const PIPELINE: &str = r#"
 [stages.index]
 run = '''
+. "$ORACLE_CTL/running.sh" index summary
 if [ -e "$ORACLE_CTL/trap" ]; then trap 'exit 0' INT TERM; fi
 rm -rf build && mkdir -p build/bin build/empty
 echo "flavor=$FLAVOR" > build/index.txt
@@ -45,20 +49,27 @@ pass_env = ["ORACLE_CTL"]
 
 [stages.summary]
 run = '''
+. "$ORACLE_CTL/running.sh" summary index deploy deploy-blind
 rm -rf report && mkdir report
 { wc -l < build/index.txt; cksum build/index.txt build/bin/run.sh; readlink build/latest; ls -A build/empty; } > report/summary.txt
 '''
 needs = ["index"]
 outputs = ["report"]
+pass_env = ["ORACLE_CTL"]
 
 [stages.deploy]
 kind = "deploy"
 run = '''
+. "$ORACLE_CTL/running.sh" deploy summary
+if [ -e "$ORACLE_CTL/stale" ] && [ ! -e "$ORACLE_CTL/stale-deploy" ]; then
+  touch "$ORACLE_CTL/stale-deploy"; echo 'Saved plan is stale'; exit 1
+fi
 { cat report/summary.txt; echo "level=$LEVEL"; cat deploy/config.txt; } > "$LIVE/state"
 '''
 verify = '''{ cat report/summary.txt; echo "level=$LEVEL"; cat deploy/config.txt; } | cmp -s - "$LIVE/state"'''
 inputs = ["deploy"]
 needs = ["summary"]
+retry_needs_if = "Saved plan is stale"
 env = { LEVEL = "1" }
 pass_env = ["ORACLE_CTL", "LIVE"]
 
@@ -66,12 +77,28 @@ pass_env = ["ORACLE_CTL", "LIVE"]
 [stages.deploy-blind]
 kind = "deploy"
 run = '''
+. "$ORACLE_CTL/running.sh" deploy-blind summary
+if [ -e "$ORACLE_CTL/stale" ] && [ ! -e "$ORACLE_CTL/stale-deploy-blind" ]; then
+  # Slower than `deploy` to find it: its plan must not be made again under it meanwhile.
+  touch "$ORACLE_CTL/stale-deploy-blind"; sleep 0.3; echo 'Saved plan is stale'; exit 1
+fi
 if [ -e "$ORACLE_CTL/flaky" ]; then echo partial > "$LIVE/blind"; exit 1; fi
 { cat report/summary.txt; cat deploy/config.txt; } > "$LIVE/blind"
 '''
 inputs = ["deploy"]
 needs = ["summary"]
+retry_needs_if = "Saved plan is stale"
 pass_env = ["ORACLE_CTL", "LIVE"]
+"#;
+
+/// Sourced by each stage: `running.sh STAGE NEIGHBOURS...` (see [`PIPELINE`]).
+const RUNNING_SH: &str = r#"me=$1; shift
+mkdir -p "$ORACLE_CTL/running"
+for n in "$@"; do
+  if [ -d "$ORACLE_CTL/running/$n" ]; then echo "$me started while $n ran" >> "$ORACLE_CTL/overlaps"; fi
+done
+mkdir "$ORACLE_CTL/running/$me" 2>/dev/null || echo "$me started while it ran" >> "$ORACLE_CTL/overlaps"
+trap 'rmdir "$ORACLE_CTL/running/$me" 2>/dev/null' EXIT
 "#;
 
 /// What the repository holds besides outputs and the cache: copied to make a from-scratch checkout.
@@ -137,6 +164,9 @@ enum Op {
     MoveRunner,
     /// A new runner with an empty cache (only in a world with a remote: it has what the remote holds).
     FreshRunner,
+    /// Both deploys find their plan stale on their first try (`retry_needs_if`), one later than the other: the
+    /// summary runs once more for both, never under a deploy still running on it.
+    StalePlan,
     GitClean,
 }
 
@@ -173,6 +203,7 @@ const OPS: &[Op] = &[
     Op::EnvEdit,
     Op::MoveRunner,
     Op::GitClean,
+    Op::StalePlan,
 ];
 
 /// With a shared remote, runners also start over with an empty cache.
@@ -272,6 +303,7 @@ impl World {
         for d in [&work, &ctl, &live] {
             std::fs::create_dir_all(d).unwrap();
         }
+        std::fs::write(ctl.join("running.sh"), RUNNING_SH).unwrap();
         let mut w = World { top, work, ctl, live, runners: 0, n: 0, log: Vec::new(), key: None, nested: None };
         let mut pipeline = PIPELINE.to_string();
         if remote {
@@ -504,6 +536,7 @@ impl World {
                 }
             }
             Op::SetsidChild => self.setsid_child(rng),
+            Op::StalePlan => self.stale_plan(),
             Op::MoveRunner => self.move_runner(),
             Op::FreshRunner if self.key.is_some() => {
                 self.runners += 1;
@@ -561,6 +594,8 @@ impl World {
         for f in ["slow", "trap", "started", "pid"] {
             let _ = std::fs::remove_file(self.ctl.join(f));
         }
+        // A stage killed outright leaves its running mark.
+        let _ = std::fs::remove_dir_all(self.ctl.join("running"));
         self.note(format!(
             "interrupt mid-stage with {sig:?}{}{}",
             if trap { " (the stage traps it and exits 0)" } else { "" },
@@ -626,6 +661,21 @@ impl World {
         assert_eq!(r.code, 1, "the flaky deploy failed: {}", r.all());
         assert_eq!(std::fs::read_to_string(self.live.join("blind")).unwrap(), "partial\n");
         self.note(format!("a deploy failed half-applied{}", if forced { " (forced, same inputs)" } else { "" }));
+    }
+
+    /// Both deploys run (their config changes) and find their plan stale once; the run retries them and ends well.
+    fn stale_plan(&mut self) {
+        let replicas = self.fresh_name("stale");
+        self.write("deploy/config.txt", &format!("replicas={replicas}\n"));
+        std::fs::write(self.ctl.join("stale"), "").unwrap();
+        let r = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
+        let retried = ["stale-deploy", "stale-deploy-blind"].map(|f| self.ctl.join(f).exists());
+        for f in ["stale", "stale-deploy", "stale-deploy-blind"] {
+            let _ = std::fs::remove_file(self.ctl.join(f));
+        }
+        assert_eq!(r.code, 0, "both deploys succeed on their second try: {}", r.all());
+        assert_eq!(retried, [true, true], "both found the plan stale: {}", r.all());
+        self.note(format!("both deploys found the plan stale once (replicas={replicas})"));
     }
 
     /// Export, check the sources out afresh elsewhere (new inodes and mtimes, no outputs), import.
@@ -702,6 +752,9 @@ impl World {
                     inc.all()
                 ),
             );
+        }
+        if let Ok(overlaps) = std::fs::read_to_string(self.ctl.join("overlaps")) {
+            fail(self, format!("stages ran against the order of the run:\n{overlaps}"));
         }
         let again = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
         let busy: Vec<String> = ["ran", "restored", "failed"].iter().flat_map(|s| again.with_state(s)).collect();
