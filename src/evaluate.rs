@@ -92,10 +92,24 @@ pub(crate) fn stage(
             return Ok(Step::NoManifest(first));
         }
     };
-    let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
-    let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Ok(&keyed), must_run, stale_upstream };
-    let decision = cache.reading(|| fresh::decide(&q, cache, &disk))?;
+    let decision = decide(cx, session, cache, i, &keyed, must_run, stale_upstream)?;
     Ok(Step::Decided(keyed, decision))
+}
+
+/// Decide stage `i` with its manifest made: also what the scheduler asks again when something seen while
+/// acting on a hit (drift, an output that cannot be put back) means it must run after all.
+pub(crate) fn decide(
+    cx: Context<'_>,
+    session: &Session<'_>,
+    cache: &Cache,
+    i: usize,
+    keyed: &Keyed,
+    must_run: Option<Reason>,
+    stale_upstream: Option<&str>,
+) -> Result<Decision, crate::cache::Error> {
+    let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
+    let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Ok(keyed), must_run, stale_upstream };
+    cache.reading(|| fresh::decide(&q, cache, &disk))
 }
 
 /// The outputs a stage is known to produce when it is not fresh now: those of its latest success.

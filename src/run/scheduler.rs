@@ -18,10 +18,10 @@ use super::queue::{self, Phase, Shortfall, Verdict};
 use super::transition::{self, AfterCommand, AfterHit, AfterProbe, AfterRegenerateFailed, CommandEnd};
 use super::watchdog;
 use super::{Env, Error, Msg, Options, Outcome};
-use crate::cache::outputs::{self, Disk, NotRestored};
+use crate::cache::outputs::{self, NotRestored};
 use crate::cache::{End, RunCounts, RunMeta, RunOutcome};
 use crate::evaluate::{self, Context};
-use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Query, Reason, State};
+use crate::fresh::{self, Decision, Hit, OutputRecord, Present, Reason, State};
 use crate::graph::Selected;
 use crate::hash::key::{Key, Keyed};
 use crate::remote::LeaseGuard;
@@ -574,15 +574,7 @@ impl<'a> Scheduler<'a, '_> {
     /// Something observed while acting on a hit (drift, an output that could not be restored or
     /// regenerated) means the stage must run after all: asked of the decision like everything else.
     fn run_after_all(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
-        let disk = Disk { root: &self.cx.pipeline.root, hasher: self.s.hasher(), blobs: &self.env.cache.blobs };
-        let q = Query {
-            stage: &self.cx.pipeline.stages[i],
-            env: self.cx.env,
-            inputs: Ok(&keyed),
-            must_run: Some(reason),
-            stale_upstream: None,
-        };
-        match fresh::decide(&q, self.env.cache, &disk)? {
+        match evaluate::decide(self.cx, self.s, self.env.cache, i, &keyed, Some(reason), None)? {
             Decision::Run(reason) => self.launch_stage(i, keyed, reason),
             Decision::Fresh(hit) | Decision::Restore(hit, _) => self.finish_fresh(i, &keyed, hit, Vec::new(), false),
         }
