@@ -96,9 +96,8 @@ pub(crate) fn stage(
     Ok(Step::Decided(keyed, decision))
 }
 
-/// Decide stage `i` with its manifest made: also what the scheduler asks again when something seen while
-/// acting on a hit (drift, an output that cannot be put back) means it must run after all.
-pub(crate) fn decide(
+/// Decide stage `i` with its manifest made.
+fn decide(
     cx: Context<'_>,
     session: &Session<'_>,
     cache: &Cache,

@@ -47,27 +47,58 @@ impl Shortfall {
 pub(super) enum Verdict {
     /// Every stage it needs succeeded: it may start (when a place under `-j` is free).
     Ready,
-    /// Some stage it needs has not ended yet, or one that needs it still runs on its outputs (it is to run again).
+    /// Some stage it needs has not ended yet.
     Wait,
     /// A stage it needs (the first, in `needs` order) ended without outputs: it never starts.
     Blocked { need: usize, because: Shortfall },
 }
 
-/// The verdict on a stage that needs `needs` and is needed by `dependents`, given every stage's phase. A stage
-/// sent back to run again (a retry's stale plan) waits while a stage that needs it runs: its outputs are not
-/// rewritten under a command reading them.
-pub(super) fn verdict(needs: &[usize], dependents: &[usize], phase: &dyn Fn(usize) -> Phase) -> Verdict {
+/// The verdict on a stage that needs `needs`, given every stage's phase.
+pub(super) fn verdict(needs: &[usize], phase: &dyn Fn(usize) -> Phase) -> Verdict {
     if let Some((need, because)) = needs.iter().find_map(|&j| match phase(j) {
         Phase::Ended(s) => Some((j, s)),
         _ => None,
     }) {
         return Verdict::Blocked { need, because };
     }
-    let in_use = dependents.iter().any(|&d| phase(d) == Phase::Busy);
-    match needs.iter().all(|&j| phase(j) == Phase::Succeeded) && !in_use {
+    match needs.iter().all(|&j| phase(j) == Phase::Succeeded) {
         true => Verdict::Ready,
         false => Verdict::Wait,
     }
+}
+
+/// The stages sent back to run again in this run (`again`: a retry's stale plan, until it has) and the graph,
+/// for [`held_back`].
+pub(super) struct Again<'a> {
+    pub(super) stages: &'a [usize],
+    pub(super) needs: &'a [Vec<usize>],
+    pub(super) dependents: &'a [Vec<usize>],
+}
+
+/// Whether stage `i`, ready by its needs, is held back by a stage sent back to run again: that stage starts only
+/// once nothing downstream of it runs (its outputs are never rewritten under a command reading them), and
+/// nothing downstream of it starts before it has run. Downstream through check stages too: a deploy applies the
+/// plans it reaches through them. Costs nothing while no stage is sent back.
+pub(super) fn held_back(i: usize, again: &Again<'_>, phase: &dyn Fn(usize) -> Phase) -> bool {
+    if again.stages.is_empty() {
+        return false;
+    }
+    if again.stages.contains(&i) && reach(i, again.dependents).iter().any(|&d| phase(d) == Phase::Busy) {
+        return true;
+    }
+    let upstream = reach(i, again.needs);
+    again.stages.iter().any(|k| upstream.contains(k))
+}
+
+/// Every stage reachable from `i` along `edges` (not `i` itself).
+fn reach(i: usize, edges: &[Vec<usize>]) -> Vec<usize> {
+    let (mut seen, mut stack) = (vec![false; edges.len()], edges[i].clone());
+    while let Some(j) = stack.pop() {
+        if !std::mem::replace(&mut seen[j], true) {
+            stack.extend(&edges[j]);
+        }
+    }
+    (0..edges.len()).filter(|&j| seen[j] && j != i).collect()
 }
 
 /// How many more stages may start under `-j jobs`, with `phases` as they are.
@@ -86,33 +117,54 @@ mod tests {
     #[test]
     fn a_stage_is_ready_once_every_need_succeeded() {
         let p = [Phase::Succeeded, Phase::Succeeded, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Ready);
-        assert_eq!(verdict(&[], &[], &phases(&p)), Verdict::Ready, "no needs: ready at once");
+        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Ready);
+        assert_eq!(verdict(&[], &phases(&p)), Verdict::Ready, "no needs: ready at once");
         let p = [Phase::Succeeded, Phase::Busy, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Wait);
+        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Wait);
         let p = [Phase::Succeeded, Phase::Waiting, Phase::Waiting];
-        assert_eq!(verdict(&[0, 1], &[], &phases(&p)), Verdict::Wait);
+        assert_eq!(verdict(&[0, 1], &phases(&p)), Verdict::Wait);
+    }
+
+    /// plan (0) -> policy (1) -> apply-b (2), and apply-a (3) needs plan too; a gate (4) that apply-c (5) needs
+    /// beside policy.
+    fn graph() -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+        let needs = vec![vec![], vec![0], vec![1], vec![0], vec![], vec![1, 4]];
+        let mut dependents = vec![Vec::new(); needs.len()];
+        for (i, n) in needs.iter().enumerate() {
+            for &j in n {
+                dependents[j].push(i);
+            }
+        }
+        (needs, dependents)
     }
 
     #[test]
-    fn a_stage_to_run_again_waits_while_a_stage_that_needs_it_runs() {
-        // 0 is the plan sent back by 2's retry; 1 needs it too and still runs on its outputs.
-        let p = [Phase::Waiting, Phase::Busy, Phase::Waiting];
-        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Wait);
-        let p = [Phase::Waiting, Phase::Succeeded, Phase::Waiting];
-        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Ready, "once it is done, the plan runs again");
-        let p = [Phase::Waiting, Phase::Ended(Shortfall::Failed), Phase::Waiting];
-        assert_eq!(verdict(&[], &[1, 2], &phases(&p)), Verdict::Ready);
+    fn a_stage_sent_back_waits_while_anything_downstream_of_it_runs() {
+        let (needs, dependents) = graph();
+        let again = Again { stages: &[0], needs: &needs, dependents: &dependents };
+        use Phase::{Busy, Succeeded, Waiting};
+        // apply-a's retry sent the plan back while apply-b, through the policy, still applies it.
+        let p = [Waiting, Succeeded, Busy, Waiting, Succeeded, Succeeded];
+        assert!(held_back(0, &again, &phases(&p)));
+        let p = [Waiting, Succeeded, Succeeded, Waiting, Succeeded, Succeeded];
+        assert!(!held_back(0, &again, &phases(&p)), "once it is done, the plan runs again");
+        // Nothing downstream of the plan starts before it has run again, however far (apply-c via the policy).
+        assert!(held_back(5, &again, &phases(&p)));
+        assert!(held_back(3, &again, &phases(&p)));
+        assert!(!held_back(4, &again, &phases(&p)), "the gate does not need the plan");
+        let none = Again { stages: &[], needs: &needs, dependents: &dependents };
+        let p = [Waiting, Succeeded, Busy, Waiting, Succeeded, Succeeded];
+        assert!(!held_back(0, &none, &phases(&p)), "no stage sent back: no stage held");
     }
 
     #[test]
     fn a_need_that_ended_without_outputs_blocks_and_is_named() {
         let p = [Phase::Busy, Phase::Ended(Shortfall::Failed), Phase::Ended(Shortfall::Drifted)];
-        assert_eq!(verdict(&[0, 1, 2], &[], &phases(&p)), Verdict::Blocked { need: 1, because: Shortfall::Failed });
+        assert_eq!(verdict(&[0, 1, 2], &phases(&p)), Verdict::Blocked { need: 1, because: Shortfall::Failed });
         // Blocked even while another need still runs: it can never start.
-        assert_eq!(verdict(&[2, 0], &[], &phases(&p)), Verdict::Blocked { need: 2, because: Shortfall::Drifted });
+        assert_eq!(verdict(&[2, 0], &phases(&p)), Verdict::Blocked { need: 2, because: Shortfall::Drifted });
         let p = [Phase::Ended(Shortfall::Skipped)];
-        let Verdict::Blocked { because, .. } = verdict(&[0], &[], &phases(&p)) else { panic!() };
+        let Verdict::Blocked { because, .. } = verdict(&[0], &phases(&p)) else { panic!() };
         assert_eq!(because.words(), "did not run");
     }
 

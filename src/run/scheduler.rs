@@ -121,14 +121,24 @@ enum Done {
 enum Slot {
     Idle,
     Waiting(Queued),
-    /// The scheduler is acting on it now (deciding, restoring, recording how a job ended), with the deploy lease
-    /// it holds: never seen between two messages, as each path ends in another state.
-    Deciding(Option<LeaseGuard>),
+    /// The scheduler is acting on it now (deciding, restoring, recording how a job ended): never seen between two
+    /// messages, as each path ends in another state.
+    Deciding(Acting),
     Active(Box<Active>),
     /// A stage that must run, waiting for the remote on a job thread of its own (its deploy lease, or a lookup
     /// of its result): every stage that does not need it goes on meanwhile.
     Asking(Box<Asking>),
     Done(Done),
+}
+
+/// What the scheduler holds of a stage it acts on now.
+#[derive(Default)]
+struct Acting {
+    /// Its deploy lease, if it holds one.
+    lease: Option<LeaseGuard>,
+    /// Why it must run whatever its record says (a retry, a need a retry sent back): sent back to wait for its
+    /// needs meanwhile, it still must.
+    must_run: Option<Reason>,
 }
 
 /// Each retry a stage gets once per run, used or not. Kept apart from its [`Slot`], which a retry replaces.
@@ -171,6 +181,8 @@ struct Scheduler<'a, 's> {
     workspace_changed: bool,
     /// What each stage used up of its one second chance in this run.
     second_chances: Vec<SecondChances>,
+    /// The stages a retry sent back to run again, until they have (see `queue::held_back`).
+    again: Vec<usize>,
     stopping: Option<String>,
 
     /// Set when the scheduler goes away: lease waits still running stop.
@@ -226,6 +238,7 @@ pub(crate) fn run(
         tx,
         workspace_changed: false,
         second_chances: vec![SecondChances::default(); cx.pipeline.stages.len()],
+        again: Vec::new(),
         stopping: None,
         cancel: Arc::new(AtomicBool::new(false)),
         interrupt: interrupt.clone(),
@@ -443,21 +456,24 @@ impl<'a> Scheduler<'a, '_> {
         // Counted once a pass, not once a ready stage (a chain of a thousand fresh stages is one pass): nothing
         // busy ends during a pass, only messages end jobs.
         let mut free = queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs);
+        let slots = &self.slots;
+        self.again.retain(|&j| matches!(slots[j], Slot::Waiting(_) | Slot::Active(_) | Slot::Asking(_)));
         for i in self.cx.graph.order.clone() {
             if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
             }
-            match queue::verdict(&self.cx.graph.needs[i], &self.cx.graph.dependents[i], &|j| self.phase(j)) {
+            match queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) {
                 Verdict::Blocked { need, because } => {
                     let why = format!("needs `{}`, which {}", self.name(need), because.words());
                     self.skip(i, why);
                 }
                 Verdict::Wait => {}
                 Verdict::Ready => {
-                    if free == 0 {
+                    if free == 0 || self.held_back(i) {
                         continue;
                     }
-                    let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::Deciding(None)) else {
+                    let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::Deciding(Acting::default()))
+                    else {
                         unreachable!()
                     };
                     self.start(i, q, true)?;
@@ -478,6 +494,9 @@ impl<'a> Scheduler<'a, '_> {
     fn start(&mut self, i: usize, q: Queued, ask: bool) -> Result<(), Error> {
         if self.workspace_changed {
             self.s.rewalk(i)?;
+        }
+        if let Slot::Deciding(acting) = &mut self.slots[i] {
+            acting.must_run = q.must_run.clone();
         }
         let needs = self.needs_outputs(i);
         let must_run =
@@ -510,6 +529,18 @@ impl<'a> Scheduler<'a, '_> {
                 self.on_hit(i, keyed, hit, restore, q.materialize)
             }
         }
+    }
+
+    /// Whether stage `i` waits for a stage a retry sent back to run again (`queue::held_back`).
+    fn held_back(&self, i: usize) -> bool {
+        let graph = &self.cx.graph;
+        let again = queue::Again { stages: &self.again, needs: &graph.needs, dependents: &graph.dependents };
+        queue::held_back(i, &again, &|j| self.phase(j))
+    }
+
+    /// Whether stage `i` may go on now: every need succeeded, and no stage sent back to run again holds it.
+    fn ready(&self, i: usize) -> bool {
+        queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) == Verdict::Ready && !self.held_back(i)
     }
 
     /// The outputs of the stages `i` needs, as its manifest names them.
@@ -572,12 +603,9 @@ impl<'a> Scheduler<'a, '_> {
     }
 
     /// Something observed while acting on a hit (drift, an output that could not be restored or
-    /// regenerated) means the stage must run after all: asked of the decision like everything else.
+    /// regenerated) means the stage must run after all (the decision says `Run(reason)` to a stage that must).
     fn run_after_all(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
-        match evaluate::decide(self.cx, self.s, self.env.cache, i, &keyed, Some(reason), None)? {
-            Decision::Run(reason) => self.launch_stage(i, keyed, reason),
-            Decision::Fresh(hit) | Decision::Restore(hit, _) => self.finish_fresh(i, &keyed, hit, Vec::new(), false),
-        }
+        self.launch_stage(i, keyed, reason)
     }
 
     /// A hit: restore outputs, probe deploys for drift, or finish. Outputs that are in no cache are made
@@ -693,9 +721,18 @@ impl<'a> Scheduler<'a, '_> {
             }
         }
         if !ok {
-            self.slots[i] = Slot::Waiting(Queued { must_run: None, materialize });
+            self.back_to_wait(i, materialize);
         }
         ok
+    }
+
+    /// Stage `i`, acted on now, waits for its needs again; one that must run still must.
+    fn back_to_wait(&mut self, i: usize, materialize: bool) {
+        let must_run = match &mut self.slots[i] {
+            Slot::Deciding(acting) => acting.must_run.take(),
+            _ => None,
+        };
+        self.slots[i] = Slot::Waiting(Queued { must_run, materialize });
     }
 
     fn launch_stage(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
@@ -838,7 +875,7 @@ impl<'a> Scheduler<'a, '_> {
         watchdog::start(self.env.cache.dir(), self.opts.stop_grace);
         exec::spawn(id, spec, self.env.masker.clone(), self.tx.clone());
         let lease = match std::mem::replace(&mut self.slots[i], Slot::Idle) {
-            Slot::Deciding(lease) => lease,
+            Slot::Deciding(acting) => acting.lease,
             _ => None,
         };
         let active = Active {
@@ -906,7 +943,7 @@ impl<'a> Scheduler<'a, '_> {
         }
         let Slot::Active(a) = std::mem::replace(&mut self.slots[i], Slot::Idle) else { unreachable!() };
         let mut a = *a;
-        self.slots[i] = Slot::Deciding(a.lease.take());
+        self.slots[i] = Slot::Deciding(Acting { lease: a.lease.take(), must_run: None });
         match a.work {
             Job::Stage { row, reason } => {
                 self.workspace_changed = true;
@@ -1028,9 +1065,12 @@ impl<'a> Scheduler<'a, '_> {
                     q.must_run.get_or_insert(stale);
                 }
                 // Busy: it runs again already, and the stage waits for that run (starting it a second time beside it
-                // would run it twice at once). The queue never starts a need while a stage that needs it runs, so
+                // would run it twice at once). A stage sent back never starts while one downstream of it runs, so
                 // no stage ends while its need is busy: this arm only keeps that so.
                 Slot::Idle | Slot::Deciding(_) | Slot::Active(_) | Slot::Asking(_) => {}
+            }
+            if !self.again.contains(&j) {
+                self.again.push(j);
             }
         }
     }

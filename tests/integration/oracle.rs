@@ -22,7 +22,7 @@ use std::time::Duration;
 const PIPELINE: &str = r#"
 [stages.index]
 run = '''
-. "$ORACLE_CTL/running.sh" index summary
+. "$ORACLE_CTL/running.sh" index summary deploy deploy-blind
 if [ -e "$ORACLE_CTL/trap" ]; then trap 'exit 0' INT TERM; fi
 rm -rf build && mkdir -p build/bin build/empty
 echo "flavor=$FLAVOR" > build/index.txt
@@ -60,7 +60,7 @@ pass_env = ["ORACLE_CTL"]
 [stages.deploy]
 kind = "deploy"
 run = '''
-. "$ORACLE_CTL/running.sh" deploy summary
+. "$ORACLE_CTL/running.sh" deploy summary index
 if [ -e "$ORACLE_CTL/stale" ] && [ ! -e "$ORACLE_CTL/stale-deploy" ]; then
   touch "$ORACLE_CTL/stale-deploy"; echo 'Saved plan is stale'; exit 1
 fi
@@ -77,7 +77,7 @@ pass_env = ["ORACLE_CTL", "LIVE"]
 [stages.deploy-blind]
 kind = "deploy"
 run = '''
-. "$ORACLE_CTL/running.sh" deploy-blind summary
+. "$ORACLE_CTL/running.sh" deploy-blind summary index
 if [ -e "$ORACLE_CTL/stale" ] && [ ! -e "$ORACLE_CTL/stale-deploy-blind" ]; then
   # Slower than `deploy` to find it: its plan must not be made again under it meanwhile.
   touch "$ORACLE_CTL/stale-deploy-blind"; sleep 0.3; echo 'Saved plan is stale'; exit 1
@@ -92,13 +92,15 @@ pass_env = ["ORACLE_CTL", "LIVE"]
 "#;
 
 /// Sourced by each stage: `running.sh STAGE NEIGHBOURS...` (see [`PIPELINE`]).
+/// Its own mark first, then the neighbours' (up- and downstream, however far): of two stages starting at once,
+/// the second sees the first.
 const RUNNING_SH: &str = r#"me=$1; shift
 mkdir -p "$ORACLE_CTL/running"
+mkdir "$ORACLE_CTL/running/$me" 2>/dev/null || echo "$me started while it ran" >> "$ORACLE_CTL/overlaps"
+trap 'rmdir "$ORACLE_CTL/running/$me" 2>/dev/null' EXIT
 for n in "$@"; do
   if [ -d "$ORACLE_CTL/running/$n" ]; then echo "$me started while $n ran" >> "$ORACLE_CTL/overlaps"; fi
 done
-mkdir "$ORACLE_CTL/running/$me" 2>/dev/null || echo "$me started while it ran" >> "$ORACLE_CTL/overlaps"
-trap 'rmdir "$ORACLE_CTL/running/$me" 2>/dev/null' EXIT
 "#;
 
 /// What the repository holds besides outputs and the cache: copied to make a from-scratch checkout.
@@ -594,7 +596,7 @@ impl World {
         for f in ["slow", "trap", "started", "pid"] {
             let _ = std::fs::remove_file(self.ctl.join(f));
         }
-        // A stage killed outright leaves its running mark.
+        // A stage killed outright (SIGKILL to the watchdog's group) leaves its running mark.
         let _ = std::fs::remove_dir_all(self.ctl.join("running"));
         self.note(format!(
             "interrupt mid-stage with {sig:?}{}{}",
@@ -668,7 +670,8 @@ impl World {
         let replicas = self.fresh_name("stale");
         self.write("deploy/config.txt", &format!("replicas={replicas}\n"));
         std::fs::write(self.ctl.join("stale"), "").unwrap();
-        let r = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &[]);
+        // Two at a time whatever the machine: the deploys find their plans stale side by side.
+        let r = run_ok(&self.work, &self.live, &self.ctl, self.key.as_deref(), &["-j", "2"]);
         let retried = ["stale-deploy", "stale-deploy-blind"].map(|f| self.ctl.join(f).exists());
         for f in ["stale", "stale-deploy", "stale-deploy-blind"] {
             let _ = std::fs::remove_file(self.ctl.join(f));

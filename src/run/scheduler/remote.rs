@@ -4,7 +4,7 @@
 //! ends, its success is shared and a deploy's attempt recorded on the shared ledger. In a run without a remote,
 //! each of these returns at once.
 
-use super::{Done, Error, Msg, Queued, Scheduler, Slot, Verdict, queue};
+use super::{Acting, Done, Error, Msg, Queued, Scheduler, Slot};
 use crate::evaluate;
 use crate::fresh::{Decision, OutputRecord, Reason, State};
 use crate::hash::key::{Key, Keyed};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// A stage's question to the remote, with what it goes on with when the answer comes.
 pub(super) struct Asking {
-    /// The job that asks it (see [`Active::job`]).
+    /// The job that asks it (a message of a job the stage no longer waits for is never taken for this one's).
     pub(super) job: usize,
     pub(super) keyed: Keyed,
     pub(super) reason: Reason,
@@ -128,10 +128,10 @@ impl<'a> Scheduler<'a, '_> {
     /// stage may not go on it is done, and why was shown.
     pub(super) fn take_lease(&mut self, i: usize, keyed: &Keyed, reason: &Reason, resume: Resume) -> Taken {
         let Some(remote) = self.env.remote.clone() else { return Taken::Go };
-        if let Slot::Deciding(held) = &mut self.slots[i] {
-            match held {
+        if let Slot::Deciding(acting) = &mut self.slots[i] {
+            match &acting.lease {
                 // Another runner took it over while this one went on: take it again.
-                Some(lease) if lease.lost() => *held = None,
+                Some(lease) if lease.lost() => acting.lease = None,
                 Some(_) => return Taken::Go,
                 None => {}
             }
@@ -203,16 +203,17 @@ impl<'a> Scheduler<'a, '_> {
                 return Ok(());
             }
         };
-        self.slots[i] = Slot::Deciding(Some(lease));
+        let Wait::Lease { resume, waited } = l.wait else { unreachable!("a lookup takes no lease") };
+        // A stage that must run still must, unless another runner held the lease: it may have deployed.
+        let must_run = (resume == Resume::Forced && !waited).then(|| l.reason.clone());
+        self.slots[i] = Slot::Deciding(Acting { lease: Some(lease), must_run });
         if let Some(remote) = self.remote() {
             remote.learn_ledger(self.env.cache, &[&self.cx.pipeline.stages[i]], self.cx.env);
             self.remote_warnings();
         }
         // What it needs may have been sent back meanwhile (a retry of its needs): wait for them again.
-        let Wait::Lease { resume, waited } = l.wait else { unreachable!("a lookup takes no lease") };
-        if queue::verdict(&self.cx.graph.needs[i], &self.cx.graph.dependents[i], &|j| self.phase(j)) != Verdict::Ready {
-            let must_run = (resume == Resume::Forced).then_some(l.reason);
-            self.slots[i] = Slot::Waiting(Queued { must_run, materialize: false });
+        if !self.ready(i) {
+            self.back_to_wait(i, false);
             return Ok(());
         }
         match (resume, waited) {
@@ -260,7 +261,7 @@ impl<'a> Scheduler<'a, '_> {
         if !matches!(&self.slots[i], Slot::Asking(a) if a.job == job) {
             return None;
         }
-        match std::mem::replace(&mut self.slots[i], Slot::Deciding(None)) {
+        match std::mem::replace(&mut self.slots[i], Slot::Deciding(Acting::default())) {
             Slot::Asking(a) => Some((i, *a)),
             _ => None,
         }
@@ -318,7 +319,7 @@ impl<'a> Scheduler<'a, '_> {
             remote.record(self.env.cache, stage, self.cx.env, &keyed.key, &manifest, Some((state, outputs, ms)));
         }
         let lease = match &mut self.slots[i] {
-            Slot::Deciding(held) => held.take(),
+            Slot::Deciding(acting) => acting.lease.take(),
             _ => None,
         };
         if lease.is_some_and(|l| l.lost()) {

@@ -316,6 +316,21 @@ run = "if [ -e b-once ]; then echo applied; else touch b-once; {after_a}; echo '
     }
 }
 
+/// Run `toml`, where apply-a finds the plan stale at once and apply-b applies it until the test lets it go (once
+/// apply-a's retry is announced): the plan runs twice, the second time only once apply-b has ended.
+fn plan_made_again_after_apply_b(toml: &str) -> Vec<Event> {
+    let (root, mut seen, running) = repo(toml).start_with(None, super::super::Interrupt::default());
+    seen.until("apply-a's retry", |e| matches!(e, Event::Notice(Notice::Retrying { .. })));
+    std::fs::write(root.join("go"), "").unwrap();
+    let _repo = running.join().unwrap();
+    let all = seen.rest();
+    let plans: Vec<usize> = all.iter().enumerate().filter(|(_, e)| started("plan")(e)).map(|(at, _)| at).collect();
+    let b_done = all.iter().position(finished("apply-b")).expect("apply-b ends");
+    assert_eq!(plans.len(), 2, "{all:#?}");
+    assert!(plans[1] > b_done, "the plan ran again while apply-b still applied it: {all:#?}");
+    all
+}
+
 #[test]
 fn a_need_sent_back_waits_for_the_stages_still_running_on_its_outputs() {
     // apply-a finds the plan stale at once; apply-b still applies the plan (until the test lets it go): the plan
@@ -332,15 +347,70 @@ run = "{hold}; echo applied"
 "#,
         hold = hold_until("go"),
     );
-    let (root, mut seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
-    seen.until("apply-a's retry", |e| matches!(e, Event::Notice(Notice::Retrying { .. })));
-    std::fs::write(root.join("go"), "").unwrap();
-    let _repo = running.join().unwrap();
-    let all = seen.rest();
-    let plans: Vec<usize> = all.iter().enumerate().filter(|(_, e)| started("plan")(e)).map(|(at, _)| at).collect();
-    let b_done = all.iter().position(finished("apply-b")).expect("apply-b ends");
-    assert_eq!(plans.len(), 2, "{all:#?}");
-    assert!(plans[1] > b_done, "the plan ran again while apply-b still applied it: {all:#?}");
+    let all = plan_made_again_after_apply_b(&toml);
     let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == "apply-a");
     assert!(all.iter().any(ok), "{all:#?}");
+}
+
+#[test]
+fn a_need_sent_back_by_a_retry_runs_even_when_its_own_need_is_made_again_first() {
+    // i's retry sends j back; j's need h has an output in no cache (gone from disk and from the blob store, made
+    // again by its `regenerate` command), so j first waits for h to make it, and still runs afterwards.
+    let repo = repo(
+        r#"
+[stages.h]
+run = "echo config > h.out"
+outputs = [{ path = "h.out", regenerate = "echo config > h.out" }]
+
+[stages.j]
+needs = ["h"]
+run = "echo run >> j.runs; cat h.out > j.out"
+outputs = ["j.out"]
+
+[stages.i]
+needs = ["j"]
+inputs = ["i.txt"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e stale-now ] && [ ! -e i-once ]; then touch i-once; echo 'Saved plan is stale'; exit 1; fi; echo applied"
+"#,
+    );
+    let root = repo.dir.path().to_path_buf();
+    std::fs::write(root.join("i.txt"), "one").unwrap();
+    let (tx, _rx) = mpsc::channel();
+    repo.run(None, &super::super::Interrupt::default(), tx);
+    std::fs::remove_file(root.join("h.out")).unwrap();
+    std::fs::remove_dir_all(root.join(".kkpipe/blobs")).unwrap();
+    std::fs::write(root.join("i.txt"), "two").unwrap();
+    std::fs::write(root.join("stale-now"), "").unwrap();
+    let (tx, rx) = mpsc::channel();
+    repo.run(None, &super::super::Interrupt::default(), tx);
+    let all: Vec<Event> = rx.try_iter().collect();
+    assert!(all.iter().any(|e| matches!(e, Event::Notice(Notice::Retrying { .. }))), "{all:#?}");
+    let runs = std::fs::read_to_string(root.join("j.runs")).unwrap();
+    assert_eq!(runs.lines().count(), 2, "j ran for the retry (once in each run): {all:#?}");
+    let ok = |e: &Event| matches!(e, Event::Finished { stage, end: StageEnd::Ok, .. } if stage == "i");
+    assert!(all.iter().any(ok), "{all:#?}");
+}
+
+#[test]
+fn a_plan_sent_back_waits_for_an_apply_reading_it_through_a_check_stage() {
+    // plan -> policy -> apply-b (which applies the plan through the policy, held until the test lets it go), and
+    // apply-a needs the plan directly and finds it stale at once.
+    let toml = format!(
+        r#"
+[stages.plan]
+run = "echo run >> runs"
+
+[stages.policy]
+needs = ["plan"]
+run = "echo checked"
+
+[stages.apply-b]
+needs = ["policy"]
+run = "{hold}; echo applied"
+
+{APPLY_A}"#,
+        hold = hold_until("go"),
+    );
+    plan_made_again_after_apply_b(&toml);
 }
