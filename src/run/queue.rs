@@ -75,19 +75,27 @@ pub(super) struct Again<'a> {
     pub(super) dependents: &'a [Vec<usize>],
 }
 
-/// Whether stage `i`, ready by its needs, is held back by a stage sent back to run again: that stage starts only
+/// The verdict on stage `i`, ready by its needs, from the stages sent back to run again: such a stage starts only
 /// once nothing downstream of it runs (its outputs are never rewritten under a command reading them), and
-/// nothing downstream of it starts before it has run. Downstream through check stages too: a deploy applies the
-/// plans it reaches through them. Costs nothing while no stage is sent back.
-pub(super) fn held_back(i: usize, again: &Again<'_>, phase: &dyn Fn(usize) -> Phase) -> bool {
+/// nothing downstream of it starts before it has run, or ever, if it ends without outputs. Downstream through
+/// check stages too: a deploy applies the plans it reaches through them. Costs nothing while no stage is sent
+/// back.
+pub(super) fn again_verdict(i: usize, again: &Again<'_>, phase: &dyn Fn(usize) -> Phase) -> Verdict {
     if again.stages.is_empty() {
-        return false;
-    }
-    if again.stages.contains(&i) && reach(i, again.dependents).iter().any(|&d| phase(d) == Phase::Busy) {
-        return true;
+        return Verdict::Ready;
     }
     let upstream = reach(i, again.needs);
-    again.stages.iter().any(|k| upstream.contains(k))
+    for &k in again.stages.iter().filter(|k| upstream.contains(k)) {
+        match phase(k) {
+            Phase::Ended(because) => return Verdict::Blocked { need: k, because },
+            Phase::Succeeded | Phase::NotSelected => {}
+            Phase::Waiting | Phase::Busy => return Verdict::Wait,
+        }
+    }
+    if again.stages.contains(&i) && reach(i, again.dependents).iter().any(|&d| phase(d) == Phase::Busy) {
+        return Verdict::Wait;
+    }
+    Verdict::Ready
 }
 
 /// Every stage reachable from `i` along `edges` (not `i` itself).
@@ -142,19 +150,23 @@ mod tests {
     fn a_stage_sent_back_waits_while_anything_downstream_of_it_runs() {
         let (needs, dependents) = graph();
         let again = Again { stages: &[0], needs: &needs, dependents: &dependents };
-        use Phase::{Busy, Succeeded, Waiting};
+        use Phase::{Busy, Ended, Succeeded, Waiting};
+        use Verdict::{Blocked, Ready, Wait};
         // apply-a's retry sent the plan back while apply-b, through the policy, still applies it.
         let p = [Waiting, Succeeded, Busy, Waiting, Succeeded, Succeeded];
-        assert!(held_back(0, &again, &phases(&p)));
+        assert_eq!(again_verdict(0, &again, &phases(&p)), Wait);
         let p = [Waiting, Succeeded, Succeeded, Waiting, Succeeded, Succeeded];
-        assert!(!held_back(0, &again, &phases(&p)), "once it is done, the plan runs again");
+        assert_eq!(again_verdict(0, &again, &phases(&p)), Ready, "once it is done, the plan runs again");
         // Nothing downstream of the plan starts before it has run again, however far (apply-c via the policy).
-        assert!(held_back(5, &again, &phases(&p)));
-        assert!(held_back(3, &again, &phases(&p)));
-        assert!(!held_back(4, &again, &phases(&p)), "the gate does not need the plan");
+        assert_eq!(again_verdict(5, &again, &phases(&p)), Wait);
+        assert_eq!(again_verdict(3, &again, &phases(&p)), Wait);
+        assert_eq!(again_verdict(4, &again, &phases(&p)), Ready, "the gate does not need the plan");
+        // Nor ever, when it fails: named as the stage it waited for.
+        let p = [Ended(Shortfall::Failed), Succeeded, Waiting, Waiting, Succeeded, Waiting];
+        assert_eq!(again_verdict(5, &again, &phases(&p)), Blocked { need: 0, because: Shortfall::Failed });
         let none = Again { stages: &[], needs: &needs, dependents: &dependents };
         let p = [Waiting, Succeeded, Busy, Waiting, Succeeded, Succeeded];
-        assert!(!held_back(0, &none, &phases(&p)), "no stage sent back: no stage held");
+        assert_eq!(again_verdict(0, &none, &phases(&p)), Ready, "no stage sent back: none held");
     }
 
     #[test]

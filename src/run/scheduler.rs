@@ -456,20 +456,23 @@ impl<'a> Scheduler<'a, '_> {
         // Counted once a pass, not once a ready stage (a chain of a thousand fresh stages is one pass): nothing
         // busy ends during a pass, only messages end jobs.
         let mut free = queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs);
+        // Kept once it ended without outputs: what is downstream of it is skipped, however far.
         let slots = &self.slots;
-        self.again.retain(|&j| matches!(slots[j], Slot::Waiting(_) | Slot::Active(_) | Slot::Asking(_)));
+        self.again
+            .retain(|&j| !matches!(slots[j], Slot::Done(Done::Fresh { .. } | Done::Ran { .. } | Done::Adopted { .. })));
         for i in self.cx.graph.order.clone() {
             if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
             }
-            match queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) {
+            match self.verdict(i) {
                 Verdict::Blocked { need, because } => {
                     let why = format!("needs `{}`, which {}", self.name(need), because.words());
                     self.skip(i, why);
+                    progress = true;
                 }
                 Verdict::Wait => {}
                 Verdict::Ready => {
-                    if free == 0 || self.held_back(i) {
+                    if free == 0 {
                         continue;
                     }
                     let Slot::Waiting(q) = std::mem::replace(&mut self.slots[i], Slot::Deciding(Acting::default()))
@@ -531,16 +534,21 @@ impl<'a> Scheduler<'a, '_> {
         }
     }
 
-    /// Whether stage `i` waits for a stage a retry sent back to run again (`queue::held_back`).
-    fn held_back(&self, i: usize) -> bool {
+    /// The queue's verdict on stage `i`: its needs, then the stages a retry sent back to run again.
+    fn verdict(&self, i: usize) -> Verdict {
         let graph = &self.cx.graph;
-        let again = queue::Again { stages: &self.again, needs: &graph.needs, dependents: &graph.dependents };
-        queue::held_back(i, &again, &|j| self.phase(j))
+        match queue::verdict(&graph.needs[i], &|j| self.phase(j)) {
+            Verdict::Ready => {
+                let again = queue::Again { stages: &self.again, needs: &graph.needs, dependents: &graph.dependents };
+                queue::again_verdict(i, &again, &|j| self.phase(j))
+            }
+            other => other,
+        }
     }
 
-    /// Whether stage `i` may go on now: every need succeeded, and no stage sent back to run again holds it.
+    /// Whether stage `i` may go on now (see [`Self::verdict`]).
     fn ready(&self, i: usize) -> bool {
-        queue::verdict(&self.cx.graph.needs[i], &|j| self.phase(j)) == Verdict::Ready && !self.held_back(i)
+        self.verdict(i) == Verdict::Ready
     }
 
     /// The outputs of the stages `i` needs, as its manifest names them.
@@ -605,6 +613,10 @@ impl<'a> Scheduler<'a, '_> {
     /// Something observed while acting on a hit (drift, an output that could not be restored or
     /// regenerated) means the stage must run after all (the decision says `Run(reason)` to a stage that must).
     fn run_after_all(&mut self, i: usize, keyed: Keyed, reason: Reason) -> Result<(), Error> {
+        // Sent back to wait for its needs meanwhile, it still must (and says why).
+        if let Slot::Deciding(acting) = &mut self.slots[i] {
+            acting.must_run = Some(reason.clone());
+        }
         self.launch_stage(i, keyed, reason)
     }
 
@@ -752,6 +764,12 @@ impl<'a> Scheduler<'a, '_> {
         if self.opts.probe_only {
             self.sink.event(&Event::Skipped { stage: stage.name.clone(), because: format!("not verified: {reason}") });
             self.slots[i] = Slot::Done(Done::NotVerified { key: keyed.key, reason });
+            return Ok(());
+        }
+        // Also after a probe, a regeneration or a lookup: a need may have been sent back meanwhile (a retry's
+        // stale plan, outputs to make again), and what it makes next is what this stage must work on.
+        if !self.ready(i) {
+            self.back_to_wait(i, false);
             return Ok(());
         }
         if !self.needs_available(i, false) {

@@ -287,6 +287,11 @@ impl<'a> Scheduler<'a, '_> {
             _ => false,
         };
         self.remote_warnings();
+        // A need sent back meanwhile: decided again once it has run (what was learned stays in the cache).
+        if !self.ready(i) {
+            self.back_to_wait(i, false);
+            return Ok(());
+        }
         if !learned {
             return self.launch_stage(i, a.keyed, a.reason);
         }

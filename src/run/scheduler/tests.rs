@@ -407,10 +407,45 @@ run = "echo checked"
 
 [stages.apply-b]
 needs = ["policy"]
-run = "{hold}; echo applied"
+run = "touch b-started; {hold}; echo applied"
+
+[stages.apply-a]
+needs = ["plan"]
+retry_needs_if = "Saved plan is stale"
+run = "if [ -e a-once ]; then echo applied; else touch a-once; {after_b}; echo 'Saved plan is stale'; exit 1; fi"
+"#,
+        hold = hold_until("go"),
+        after_b = hold_until("b-started"),
+    );
+    plan_made_again_after_apply_b(&toml);
+}
+
+#[test]
+fn a_plan_sent_back_that_fails_again_skips_what_applies_it_through_a_check_stage() {
+    // The policy holds until apply-a's retry has sent the plan back; the plan then fails: apply-b, which applies
+    // it through the policy, must not run.
+    let toml = format!(
+        r#"
+[stages.plan]
+run = "if [ -e planned ]; then exit 1; fi; touch planned"
+
+[stages.policy]
+needs = ["plan"]
+run = "{hold}; echo checked"
+
+[stages.apply-b]
+needs = ["policy"]
+run = "echo applied"
 
 {APPLY_A}"#,
         hold = hold_until("go"),
     );
-    plan_made_again_after_apply_b(&toml);
+    let (root, mut seen, running) = repo(&toml).start_with(None, super::super::Interrupt::default());
+    seen.until("apply-a's retry", |e| matches!(e, Event::Notice(Notice::Retrying { .. })));
+    std::fs::write(root.join("go"), "").unwrap();
+    let _repo = running.join().unwrap();
+    let all = seen.rest();
+    assert!(!all.iter().any(started("apply-b")), "{all:#?}");
+    let skipped = |e: &Event| matches!(e, Event::Skipped { stage, because } if stage == "apply-b" && because == "needs `plan`, which failed");
+    assert!(all.iter().any(skipped), "{all:#?}");
 }
