@@ -80,35 +80,17 @@ pub(crate) fn stage(
     must_run: Option<Reason>,
     stale_upstream: Option<&str>,
 ) -> Result<Step, session::Error> {
-    let keyed = match session.manifest(i, needs)? {
-        Ok(k) => k,
-        // Asked of the decision too: a stage that never ran says so first.
-        Err(reason) => {
-            let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
-            let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Err(reason), must_run, stale_upstream };
-            let Decision::Run(first) = cache.reading(|| fresh::decide(&q, cache, &disk))? else {
-                unreachable!("no key, no hit")
-            };
-            return Ok(Step::NoManifest(first));
-        }
-    };
-    let decision = decide(cx, session, cache, i, &keyed, must_run, stale_upstream)?;
-    Ok(Step::Decided(keyed, decision))
-}
-
-/// Decide stage `i` with its manifest made.
-fn decide(
-    cx: Context<'_>,
-    session: &Session<'_>,
-    cache: &Cache,
-    i: usize,
-    keyed: &Keyed,
-    must_run: Option<Reason>,
-    stale_upstream: Option<&str>,
-) -> Result<Decision, crate::cache::Error> {
+    let manifest = session.manifest(i, needs)?;
     let disk = Disk { root: &cx.pipeline.root, hasher: session.hasher(), blobs: &cache.blobs };
-    let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs: Ok(keyed), must_run, stale_upstream };
-    cache.reading(|| fresh::decide(&q, cache, &disk))
+    // A stage that cannot be keyed is asked of the decision too: one that never ran says so first.
+    let inputs = manifest.as_ref().map_err(Clone::clone);
+    let q = Query { stage: &cx.pipeline.stages[i], env: cx.env, inputs, must_run, stale_upstream };
+    let decision = cache.reading(|| fresh::decide(&q, cache, &disk))?;
+    Ok(match (manifest, decision) {
+        (Ok(keyed), decision) => Step::Decided(keyed, decision),
+        (Err(_), Decision::Run(first)) => Step::NoManifest(first),
+        (Err(_), _) => unreachable!("no key, no hit"),
+    })
 }
 
 /// The outputs a stage is known to produce when it is not fresh now: those of its latest success.

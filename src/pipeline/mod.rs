@@ -298,11 +298,11 @@ fn with_line(e: Error, text: &str) -> Error {
     Error::Invalid { file, line, place: Some(place), message }
 }
 
-/// A NUL character (`\u0000` in a TOML string) can reach no process, environment or path: refused at its line,
-/// with its key, before anything is run or recorded.
 /// The escapes that write a NUL in a TOML string (`\x00` is TOML 1.1's, which the parser takes).
 const NUL_ESCAPES: [&str; 3] = ["\\u0000", "\\U00000000", "\\x00"];
 
+/// A NUL character (`\u0000` in a TOML string) can reach no process, environment or path: refused at its line,
+/// with its key, before anything is run or recorded.
 fn refuse_nul(file: &Path, text: &str) -> Result<(), Error> {
     fn find(v: &toml::Value, path: &str) -> Option<String> {
         match v {

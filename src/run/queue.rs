@@ -68,7 +68,7 @@ pub(super) fn verdict(needs: &[usize], phase: &dyn Fn(usize) -> Phase) -> Verdic
 }
 
 /// The stages sent back to run again in this run (`again`: a retry's stale plan, until it has) and the graph,
-/// for [`held_back`].
+/// for [`again_verdict`].
 pub(super) struct Again<'a> {
     pub(super) stages: &'a [usize],
     pub(super) needs: &'a [Vec<usize>],

@@ -181,7 +181,7 @@ struct Scheduler<'a, 's> {
     workspace_changed: bool,
     /// What each stage used up of its one second chance in this run.
     second_chances: Vec<SecondChances>,
-    /// The stages a retry sent back to run again, until they have (see `queue::held_back`).
+    /// The stages a retry sent back to run again, until they have (see `queue::again_verdict`).
     again: Vec<usize>,
     stopping: Option<String>,
 
@@ -457,9 +457,8 @@ impl<'a> Scheduler<'a, '_> {
         // busy ends during a pass, only messages end jobs.
         let mut free = queue::free_places((0..self.slots.len()).map(|j| self.phase(j)), self.opts.jobs);
         // Kept once it ended without outputs: what is downstream of it is skipped, however far.
-        let slots = &self.slots;
-        self.again
-            .retain(|&j| !matches!(slots[j], Slot::Done(Done::Fresh { .. } | Done::Ran { .. } | Done::Adopted { .. })));
+        let again = std::mem::take(&mut self.again);
+        self.again = again.into_iter().filter(|&j| self.phase(j) != Phase::Succeeded).collect();
         for i in self.cx.graph.order.clone() {
             if !matches!(self.slots[i], Slot::Waiting(_)) {
                 continue;
@@ -577,6 +576,12 @@ impl<'a> Scheduler<'a, '_> {
         }
         let first = fresh::Diff::between(&keyed.manifest, &now.manifest).first_reason();
         Some(first.map_or_else(|| "its inputs changed while it ran".to_string(), |r| format!("{r} while it ran")))
+    }
+
+    /// Why nothing new starts now, if it does not: the run is stopping, or a signal reached kkpipe before the loop
+    /// saw it (the loop stops everything else next).
+    fn stopping_now(&self) -> Option<String> {
+        self.stopping.clone().or_else(|| self.interrupt.signal().map(|_| "run interrupted".to_string()))
     }
 
     /// Start nothing new, and end the lease waits (they would only be skipped when they end).
@@ -755,8 +760,7 @@ impl<'a> Scheduler<'a, '_> {
     /// adoption failed) or its command.
     fn launch(&mut self, i: usize, keyed: Keyed, reason: Reason, may_adopt: bool) -> Result<(), Error> {
         // Also after a probe or a regeneration that a signal cut short: nothing new starts once stopping.
-        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
-        if let Some(why) = self.stopping.clone().or(interrupted) {
+        if let Some(why) = self.stopping_now() {
             self.skip(i, why);
             return Ok(());
         }

@@ -187,9 +187,7 @@ impl<'a> Scheduler<'a, '_> {
         result: Result<LeaseGuard, crate::remote::LeaseError>,
     ) -> Result<(), Error> {
         self.remote_warnings();
-        // A signal may have reached the wait before the loop saw it (the loop stops everything else next).
-        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
-        if let Some(why) = self.stopping.clone().or(interrupted) {
+        if let Some(why) = self.stopping_now() {
             drop(result);
             self.skip(i, why);
             return Ok(());
@@ -276,8 +274,7 @@ impl<'a> Scheduler<'a, '_> {
         found: Option<crate::remote::Fetched>,
     ) -> Result<(), Error> {
         self.remote_warnings();
-        let interrupted = self.interrupt.signal().map(|_| "run interrupted".to_string());
-        if let Some(why) = self.stopping.clone().or(interrupted) {
+        if let Some(why) = self.stopping_now() {
             self.skip(i, why);
             return Ok(());
         }
